@@ -1,0 +1,410 @@
+"""Wan DiT checkpoints: original (Wan-AI / DiffSynth) key layout <-> Diffusers ``WanTransformer3DModel`` layout.
+
+The key map is a table of module-path pairs (:data:`TOP_LEVEL_KEY_MAP`, :data:`BLOCK_KEY_MAP`): a key is renamed
+by its longest matching table prefix, the parameter suffix (``.weight`` / ``.bias``) is kept, and no tensor is
+reshaped, so ``export_dit_state_dict(convert_dit_state_dict(sd)) == sd`` exactly.
+
+Configs are read from the weights (shapes decide widths, in/out channels, layers, CLIP width, FLF2V position
+embedding) plus the release ``config.json`` for what shapes cannot tell (``num_heads``, ``eps``, ``text_len``).
+Anything that does not fit is a :class:`~diffusers_wan_ext.utils.ConversionError` naming the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..utils.io import ConversionError, _format_keys, load_state_dict, strip_known_prefixes
+
+__all__ = [
+    "TOP_LEVEL_KEY_MAP",
+    "BLOCK_KEY_MAP",
+    "DitInfo",
+    "convert_dit_state_dict",
+    "export_dit_state_dict",
+    "dit_config_from_state_dict",
+    "load_dit_from_original",
+    "find_dit_files",
+]
+
+# (original module path, diffusers module path); matched on whole path components.
+TOP_LEVEL_KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("patch_embedding", "patch_embedding"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    ("img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed"),
+    ("head.head", "proj_out"),
+    ("head.modulation", "scale_shift_table"),
+)
+
+# Inside ``blocks.N.``.  The original ``norm3`` (affine, before cross-attention) is Diffusers' ``norm2``; the
+# original ``norm1`` / ``norm2`` and Diffusers' ``norm1`` / ``norm3`` have no parameters.
+BLOCK_KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("modulation", "scale_shift_table"),
+    ("self_attn.q", "attn1.to_q"),
+    ("self_attn.k", "attn1.to_k"),
+    ("self_attn.v", "attn1.to_v"),
+    ("self_attn.o", "attn1.to_out.0"),
+    ("self_attn.norm_q", "attn1.norm_q"),
+    ("self_attn.norm_k", "attn1.norm_k"),
+    ("cross_attn.q", "attn2.to_q"),
+    ("cross_attn.k", "attn2.to_k"),
+    ("cross_attn.v", "attn2.to_v"),
+    ("cross_attn.o", "attn2.to_out.0"),
+    ("cross_attn.norm_q", "attn2.norm_q"),
+    ("cross_attn.norm_k", "attn2.norm_k"),
+    ("cross_attn.k_img", "attn2.add_k_proj"),
+    ("cross_attn.v_img", "attn2.add_v_proj"),
+    ("cross_attn.norm_k_img", "attn2.norm_added_k"),
+    ("norm3", "norm2"),
+    ("ffn.0", "ffn.net.0.proj"),
+    ("ffn.2", "ffn.net.2"),
+)
+
+# Key families of Wan checkpoints that other converters handle (key fragment -> what it is / where it lands).
+KNOWN_EXTENSION_KEYS: tuple[tuple[str, str], ...] = (
+    ("vace_", "VACE (conditioning-variants issue)"),
+    ("ref_conv", "Fun V1.1 reference-image conv (conditioning-variants issue)"),
+    ("control_adapter", "Fun camera control adapter (conditioning-variants issue)"),
+    ("face_", "Wan2.2-Animate adapter"),
+    ("motion_encoder", "Wan2.2-Animate adapter"),
+    ("pose_patch_embedding", "Wan2.2-Animate adapter"),
+    ("_mot_ref", "Video-As-Prompt reference stream"),
+    ("audio_", "Wan2.2-S2V audio injection"),
+    ("casual_audio_encoder", "Wan2.2-S2V audio encoder"),
+    ("cond_encoder", "Wan2.2-S2V pose condition"),
+    ("frame_packer", "Wan2.2-S2V motion frames"),
+)
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+REQUIRED_KEYS = (
+    "patch_embedding.weight",
+    "text_embedding.0.weight",
+    "time_embedding.0.weight",
+    "time_projection.1.weight",
+    "head.head.weight",
+    "head.modulation",
+    "blocks.0.self_attn.q.weight",
+)
+RELEASE_HEAD_DIM = 128
+
+
+def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
+    best = None
+    for src, dst in table:
+        if (key == src or key.startswith(src + ".")) and (best is None or len(src) > len(best[0])):
+            best = (src, dst)
+    if best is None:
+        return None
+    return best[1] + key[len(best[0]):]
+
+
+def _convert(sd: Mapping[str, torch.Tensor], reverse: bool) -> dict[str, torch.Tensor]:
+    top = tuple((b, a) for a, b in TOP_LEVEL_KEY_MAP) if reverse else TOP_LEVEL_KEY_MAP
+    blk = tuple((b, a) for a, b in BLOCK_KEY_MAP) if reverse else BLOCK_KEY_MAP
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        m = _BLOCK_RE.match(key)
+        new = None
+        if m:
+            local = _rename(m.group(2), blk)
+            new = None if local is None else f"blocks.{m.group(1)}.{local}"
+        else:
+            new = _rename(key, top)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise ConversionError(_unknown_keys_message(unknown, "Diffusers" if reverse else "original Wan"))
+    return out
+
+
+def _unknown_keys_message(keys: list[str], layout: str) -> str:
+    families = sorted({what for k in keys for frag, what in KNOWN_EXTENSION_KEYS if frag in k})
+    msg = f"{len(keys)} key(s) do not belong to a Wan DiT in the {layout} layout: {_format_keys(keys)}"
+    if families:
+        msg += f". They look like: {'; '.join(families)} - not handled by the base Wan DiT converter."
+    return msg
+
+
+def convert_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an original-layout Wan DiT state dict to Diffusers' ``WanTransformer3DModel`` names.
+
+    Wrapper prefixes (``model.`` as in krea's file, ``model.diffusion_model.`` / ``diffusion_model.`` as in ComfyUI
+    files) are stripped first.  Unknown keys raise :class:`ConversionError` naming them.
+
+    Example:
+        >>> from safetensors.torch import load_file  # doctest: +SKIP
+        >>> diffusers_sd = convert_dit_state_dict(load_file("diffusion_pytorch_model.safetensors"))  # doctest: +SKIP
+    """
+    return _convert(strip_known_prefixes(dict(sd), "blocks."), reverse=False)
+
+
+def export_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reverse of :func:`convert_dit_state_dict`: Diffusers names back to the original Wan release layout.
+
+    This is the layout ComfyUI and the original Wan code load (add ``model.diffusion_model.`` for ComfyUI
+    single-file checkpoints if wanted).
+    """
+    return _convert(dict(sd), reverse=True)
+
+
+@dataclass
+class DitInfo:
+    """What the weights say about a DiT: its architecture and the Diffusers config to build it."""
+
+    arch: str  # t2v | i2v | i2v-noclip | flf2v | ti2v
+    config: dict[str, Any]  # WanTransformer3DModel config
+    text_len: int
+    model_type: str | None = None  # as stated by the release config.json, if any
+
+    @property
+    def needs_text_len_processor(self) -> bool:
+        # stock WanAttnProcessor splits image tokens at a hard-coded 512 text tokens
+        return self.config.get("added_kv_proj_dim") is not None and self.text_len != 512
+
+
+def _block_indices(sd: Mapping[str, torch.Tensor]) -> list[int]:
+    return sorted({int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k))})
+
+
+def dit_config_from_state_dict(
+    sd: Mapping[str, torch.Tensor], original_config: Mapping[str, Any] | None = None
+) -> DitInfo:
+    """Read the architecture and Diffusers config from an ORIGINAL-layout DiT state dict.
+
+    ``original_config`` is the release ``config.json`` (``dim``, ``num_heads``, ``in_dim``, ``text_len`` ...); its
+    values must agree with the shapes.  ``num_heads`` defaults to ``dim // 128`` (every Wan release uses head dim
+    128) when the config does not give it.
+    """
+    cfg = dict(original_config or {})
+    sd = strip_known_prefixes(dict(sd), "blocks.")
+    missing = [k for k in REQUIRED_KEYS if k not in sd]
+    if missing:
+        raise ConversionError(
+            f"not a Wan DiT in the original layout: missing key(s) {_format_keys(missing)}"
+            + (f" (found e.g. {_format_keys(list(sd)[:5], 5)})" if sd else " (the state dict is empty)")
+        )
+    blocks = _block_indices(sd)
+    num_layers = len(blocks)
+    if blocks != list(range(num_layers)):
+        gaps = sorted(set(range(max(blocks) + 1)) - set(blocks))
+        raise ConversionError(f"DiT blocks are not contiguous: blocks.{gaps[0]}.* missing (have {num_layers} blocks)")
+    # every block must have the same keys as block 0
+    local0 = {k.split(".", 2)[2] for k in sd if k.startswith("blocks.0.")}
+    for i in blocks[1:]:
+        local = {k.split(".", 2)[2] for k in sd if k.startswith(f"blocks.{i}.")}
+        if local != local0:
+            diff = sorted((local0 - local) | (local - local0))
+            raise ConversionError(
+                f"blocks.{i} differs from blocks.0: inconsistent key(s) {_format_keys(f'blocks.{i}.{d}' for d in diff)}"
+            )
+
+    pe = sd["patch_embedding.weight"]
+    if pe.ndim != 5:
+        raise ConversionError(f"patch_embedding.weight must be a Conv3d weight [dim, in, pt, ph, pw], got {tuple(pe.shape)}")
+    dim, in_dim = pe.shape[0], pe.shape[1]
+    patch_size = tuple(int(s) for s in pe.shape[2:])
+    head_out = sd["head.head.weight"].shape[0]
+    if head_out % math.prod(patch_size):
+        raise ConversionError(f"head.head.weight has {head_out} outputs, not a multiple of the patch volume {patch_size}")
+    out_dim = head_out // math.prod(patch_size)
+    text_dim = sd["text_embedding.0.weight"].shape[1]
+    freq_dim = sd["time_embedding.0.weight"].shape[1]
+    ffn_dim = sd["blocks.0.ffn.0.weight"].shape[0] if "blocks.0.ffn.0.weight" in sd else None
+    if ffn_dim is None:
+        raise ConversionError("missing key blocks.0.ffn.0.weight")
+
+    has_img = "img_emb.proj.0.weight" in sd
+    has_img_kv = "blocks.0.cross_attn.k_img.weight" in sd
+    if has_img != has_img_kv:
+        present, absent = ("img_emb.proj.*", "blocks.N.cross_attn.k_img/v_img") if has_img else (
+            "blocks.N.cross_attn.k_img/v_img", "img_emb.proj.*")
+        raise ConversionError(f"inconsistent image branch: {present} present but {absent} missing")
+    clip_dim = sd["img_emb.proj.0.weight"].shape[0] if has_img else None
+    pos_len = sd["img_emb.emb_pos"].shape[1] if "img_emb.emb_pos" in sd else None
+
+    for k, v in (("dim", dim), ("in_dim", in_dim), ("out_dim", out_dim), ("ffn_dim", ffn_dim), ("freq_dim", freq_dim),
+                 ("num_layers", num_layers), ("text_dim", text_dim)):
+        if k in cfg and int(cfg[k]) != int(v):
+            raise ConversionError(
+                f"config.json says {k}={cfg[k]} but the weights have {k}={v} "
+                f"(from {'patch_embedding.weight' if k in ('dim', 'in_dim') else 'the weight shapes'})"
+            )
+    num_heads = int(cfg.get("num_heads") or max(1, dim // RELEASE_HEAD_DIM))
+    if dim % num_heads:
+        raise ConversionError(f"dim {dim} is not divisible by num_heads {num_heads}")
+    text_len = int(cfg.get("text_len", 512))
+    eps = float(cfg.get("eps", 1e-6))
+
+    if pos_len is not None:
+        arch = "flf2v"
+    elif has_img:
+        arch = "i2v"
+    elif in_dim == out_dim:
+        arch = "ti2v" if (in_dim == 48 or cfg.get("model_type") == "ti2v") else "t2v"
+    elif in_dim == out_dim + 20:
+        arch = "i2v-noclip"
+    else:
+        raise ConversionError(
+            f"unknown DiT layout: in_dim {in_dim} (patch_embedding.weight) with out_dim {out_dim} (head.head.weight) "
+            "matches no Wan2.1/2.2 base variant (t2v 16/16, i2v 36/16, ti2v 48/48); Fun/VACE variants are converted "
+            "by their own converters"
+        )
+    if arch == "t2v" and in_dim != 16 and cfg.get("model_type") not in (None, "t2v"):
+        raise ConversionError(f"config model_type {cfg.get('model_type')!r} does not match t2v weights")
+
+    config = dict(
+        patch_size=list(patch_size),
+        num_attention_heads=num_heads,
+        attention_head_dim=dim // num_heads,
+        in_channels=int(in_dim),
+        out_channels=int(out_dim),
+        text_dim=int(text_dim),
+        freq_dim=int(freq_dim),
+        ffn_dim=int(ffn_dim),
+        num_layers=num_layers,
+        cross_attn_norm="blocks.0.norm3.weight" in sd,
+        qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in sd else None,
+        eps=eps,
+        image_dim=int(clip_dim) if has_img else None,
+        added_kv_proj_dim=int(dim) if has_img else None,
+        rope_max_seq_len=1024,
+        pos_embed_seq_len=int(pos_len) if pos_len is not None else None,
+    )
+    return DitInfo(arch=arch, config=config, text_len=text_len, model_type=cfg.get("model_type"))
+
+
+def check_shapes(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """Compare a converted state dict with a model's parameters; raise naming missing/unexpected/mis-shaped keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k].shape)})"
+             for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing key(s): {_format_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected key(s): {_format_keys(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shape(s): {_format_keys(wrong)}")
+    if problems:
+        raise ConversionError(f"{type(model).__name__}: " + "; ".join(problems))
+
+
+def cast_state_dict(
+    sd: dict[str, torch.Tensor], torch_dtype: torch.dtype | None, keep_in_fp32: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Cast floating tensors to ``torch_dtype``; modules named in ``keep_in_fp32`` stay float32 for fp16/bf16."""
+    if torch_dtype is None:
+        return sd
+    keep = set(keep_in_fp32 or ()) if torch_dtype in (torch.float16, torch.bfloat16) else set()
+    out = {}
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            out[k] = v
+        elif keep and keep.intersection(k.split(".")):
+            out[k] = v.to(torch.float32)
+        else:
+            out[k] = v.to(torch_dtype)
+    return out
+
+
+def build_transformer(info: DitInfo):
+    """Instantiate the Diffusers transformer class for ``info`` (stock where stock covers it), parameters on meta."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    from ..models.transformer_wan_ext import WanExtTransformer3DModel
+
+    with init_empty_weights():  # parameters on meta, buffers (RoPE tables) real
+        if info.needs_text_len_processor:
+            model = WanExtTransformer3DModel(**info.config, text_len=info.text_len)
+        else:
+            model = WanTransformer3DModel(**info.config)
+    return model
+
+
+def load_dit_from_original(
+    sd_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
+    original_config: Mapping[str, Any] | None = None,
+    torch_dtype: torch.dtype | None = None,
+):
+    """Build a Diffusers Wan transformer from original-layout weights (a state dict, a file or a release folder).
+
+    The class is stock ``WanTransformer3DModel`` whenever stock covers the weights; a DiT with a CLIP branch and a
+    ``text_len`` other than 512 (tiny test models) uses :class:`WanExtTransformer3DModel`, whose image/text split
+    follows ``text_len``.  ``torch_dtype`` casts floating weights (``None`` keeps the file's dtype); modules in
+    ``_keep_in_fp32_modules`` stay float32 as Diffusers does.
+
+    Example:
+        >>> transformer = load_dit_from_original("Wan2.1-T2V-1.3B", torch_dtype=torch.bfloat16)  # doctest: +SKIP
+    """
+    if isinstance(sd_or_path, (str, os.PathLike)):
+        sd, cfg = read_dit_folder_or_file(sd_or_path)
+        original_config = original_config or cfg
+    else:
+        sd = dict(sd_or_path)
+    sd = strip_known_prefixes(sd, "blocks.")
+    info = dit_config_from_state_dict(sd, original_config)
+    converted = convert_dit_state_dict(sd)
+    model = build_transformer(info)
+    check_shapes(model, converted)
+    converted = cast_state_dict(converted, torch_dtype, getattr(model, "_keep_in_fp32_modules", None))
+    model.load_state_dict(converted, strict=True, assign=True)
+    model.eval()
+    return model
+
+
+DIT_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors")
+
+
+def find_dit_files(folder: str | os.PathLike) -> Path | None:
+    """The DiT weights of an original release folder: the shard index, the single file, or ``None``."""
+    folder = Path(folder)
+    for name in DIT_WEIGHT_NAMES:
+        if (folder / name).exists():
+            return folder / name
+    shards = sorted(folder.glob("diffusion_pytorch_model-*-of-*.safetensors"))
+    if shards:
+        raise ConversionError(
+            f"{folder}: found {len(shards)} DiT shard(s) but no diffusion_pytorch_model.safetensors.index.json"
+        )
+    return None
+
+
+def read_dit_folder_or_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load DiT weights and the release ``config.json`` (if any) from a folder, a file or a shard index."""
+    path = Path(path)
+    cfg: dict[str, Any] = {}
+    if path.is_dir():
+        weights = find_dit_files(path)
+        if weights is None:
+            raise ConversionError(f"{path}: no DiT weights (diffusion_pytorch_model*.safetensors) in this folder")
+        cfg_path = path / "config.json"
+    else:
+        weights = path
+        cfg_path = path.parent / "config.json"
+    if cfg_path.exists():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{cfg_path}: invalid JSON ({e})") from e
+    return load_state_dict(weights), cfg

@@ -1,0 +1,93 @@
+"""The Wan releases this package converts, as data.
+
+Each :class:`WanVariant` row states how a release is recognised (architecture from key names, release widths from
+shapes) and what a converted Diffusers folder needs (pipeline class, VAE, image encoder, experts, sampling
+defaults taken from the original configs).  Detection (:func:`detect_variant`) never guesses between rows that the
+weights cannot tell apart (e.g. I2V 480P vs 720P): it picks the first row of the architecture and the ``--variant``
+flag chooses another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["WanVariant", "VARIANTS", "ARCHITECTURES", "get_variant", "variants_for_arch"]
+
+
+@dataclass(frozen=True)
+class WanVariant:
+    """One release: how it is recognised and what its converted folder contains."""
+
+    name: str
+    arch: str  # t2v | i2v | flf2v | ti2v  (what the DiT keys say)
+    release: str  # Hub id of the original release
+    dim: int | None = None  # release width (None: any width, e.g. tiny test models)
+    num_layers: int | None = None
+    experts: int = 1  # 2 = high_noise_model/ + low_noise_model/
+    vae: str = "wan2.1"
+    image_encoder: bool = False
+    pipeline: str = "WanPipeline"
+    boundary_ratio: float | None = None
+    expand_timesteps: bool = False
+    # sampling defaults of the original code (generate.py / configs)
+    flow_shift: float = 5.0
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    guidance_scale_2: float | None = None  # low-noise expert (Wan2.2 A14B)
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    fps: int = 16
+    notes: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+VARIANTS: tuple[WanVariant, ...] = (
+    WanVariant("wan2.1-t2v-1.3b", "t2v", "Wan-AI/Wan2.1-T2V-1.3B", dim=1536, num_layers=30),
+    WanVariant("wan2.1-t2v-14b", "t2v", "Wan-AI/Wan2.1-T2V-14B", dim=5120, num_layers=40, height=720, width=1280),
+    WanVariant(
+        "wan2.1-i2v-14b-480p", "i2v", "Wan-AI/Wan2.1-I2V-14B-480P", dim=5120, num_layers=40, image_encoder=True,
+        pipeline="WanImageToVideoPipeline", flow_shift=3.0, num_inference_steps=40,
+    ),
+    WanVariant(
+        "wan2.1-i2v-14b-720p", "i2v", "Wan-AI/Wan2.1-I2V-14B-720P", dim=5120, num_layers=40, image_encoder=True,
+        pipeline="WanImageToVideoPipeline", flow_shift=5.0, num_inference_steps=40, height=720, width=1280,
+    ),
+    WanVariant(
+        "wan2.1-flf2v-14b-720p", "flf2v", "Wan-AI/Wan2.1-FLF2V-14B-720P", dim=5120, num_layers=40,
+        image_encoder=True, pipeline="WanImageToVideoPipeline", flow_shift=16.0, height=720, width=1280,
+    ),
+    WanVariant(
+        "wan2.2-t2v-a14b", "t2v", "Wan-AI/Wan2.2-T2V-A14B", dim=5120, num_layers=40, experts=2,
+        boundary_ratio=0.875, flow_shift=12.0, num_inference_steps=40, guidance_scale=4.0, guidance_scale_2=3.0,
+        height=720, width=1280,
+    ),
+    WanVariant(
+        "wan2.2-i2v-a14b", "i2v-noclip", "Wan-AI/Wan2.2-I2V-A14B", dim=5120, num_layers=40, experts=2,
+        pipeline="WanImageToVideoPipeline", boundary_ratio=0.9, flow_shift=5.0, num_inference_steps=40,
+        guidance_scale=3.5, guidance_scale_2=3.5, height=720, width=1280,
+    ),
+    WanVariant(
+        "wan2.2-ti2v-5b", "ti2v", "Wan-AI/Wan2.2-TI2V-5B", dim=3072, num_layers=30, vae="wan2.2",
+        expand_timesteps=True, flow_shift=5.0, height=704, width=1280, num_frames=121, fps=24,
+    ),
+    WanVariant(
+        "krea-realtime-video", "t2v", "krea/krea-realtime-video", dim=5120, num_layers=40,
+        flow_shift=20.0, num_inference_steps=6, guidance_scale=1.0,
+        notes="distilled Wan2.1-T2V-14B (single file, 'model.' prefix); few steps, no CFG",
+    ),
+)
+
+ARCHITECTURES = ("t2v", "i2v", "i2v-noclip", "flf2v", "ti2v")
+
+
+def get_variant(name: str) -> WanVariant:
+    key = name.lower()
+    for v in VARIANTS:
+        if key == v.name or key in v.aliases:
+            return v
+    raise ValueError(f"unknown variant {name!r}; choose one of: {', '.join(v.name for v in VARIANTS)}")
+
+
+def variants_for_arch(arch: str, experts: int) -> list[WanVariant]:
+    return [v for v in VARIANTS if v.arch == arch and v.experts == experts]

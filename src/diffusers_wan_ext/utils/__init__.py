@@ -1,0 +1,15 @@
+from .io import (
+    ConversionError,
+    atomic_output_dir,
+    load_state_dict,
+    load_state_dict_files,
+    strip_known_prefixes,
+)
+
+__all__ = [
+    "ConversionError",
+    "atomic_output_dir",
+    "load_state_dict",
+    "load_state_dict_files",
+    "strip_known_prefixes",
+]

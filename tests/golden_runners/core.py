@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file
+
+GOLDENS_DIR = Path(os.environ.get("WAN_GOLDENS_DIR", Path(__file__).resolve().parents[2] / ".." / "shared" / "goldens"))
+
+RUNNERS: dict[str, Callable[["GoldenCase", Path], dict[str, Any]]] = {}
+
+# Cases we know about but do not support yet: case name -> reason (the issue that will add them).
+UNSUPPORTED: dict[str, str] = {
+    "dit_fun_control": "Fun-Control transformer lands with the conditioning-variants issue (#3)",
+    "dit_fun_v11_control_ref": "Fun V1.1 ref_conv lands with the conditioning-variants issue (#3)",
+    "dit_fun_v11_camera": "Fun camera control_adapter lands with the conditioning-variants issue (#3)",
+    "dit_wan22_fun_control": "Wan2.2-Fun control lands with the conditioning-variants issue (#3)",
+    "dit_vace": "VACE conversion lands with the conditioning-variants issue (#3)",
+    "dit_speedcontrol": "speed-control motion controller lands with the conditioning-variants issue (#3)",
+    "fun_condition": "Fun conditioning pipelines land with the conditioning-variants issue (#3)",
+    "dit_s2v": "Wan2.2-S2V lands with the audio/motion-driven issue (#7)",
+    "dit_animate": "Wan2.2-Animate conversion lands with the audio/motion-driven issue (#7)",
+    "dit_vap": "Video-As-Prompt lands with issue #8",
+    "dit_longcat": "LongCat-Video lands with issue #8",
+    "teacache": "TeaCache lands with the single-GPU runtime issue (#4)",
+}
+
+
+def runner(*case_names: str):
+    """Register a function as the runner of the named cases."""
+
+    def deco(fn):
+        for name in case_names:
+            RUNNERS[name] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class GoldenCase:
+    name: str
+    dir: Path
+    manifest: dict
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    variants: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def config(self) -> dict:
+        return self.manifest.get("original_config", {})
+
+    def value(self, name: str) -> Any:
+        """A non-tensor input (``{"value": ...}``) from the manifest."""
+        return self.manifest["inputs"][name]["value"]
+
+    def weight_paths(self, role: str | None = None) -> list[Path]:
+        """Release-layout weight files: for DiT cases those of ``role``; otherwise all files of ``weights``."""
+        w = self.manifest["weights"]
+        if "weight_files" in self.manifest:
+            rels = w[role or "dit"]
+            rels = [rels] if isinstance(rels, str) else rels
+        else:
+            rels = list(w) if role is None else [role]
+        return [Path(os.path.normpath(self.dir / r)) for r in rels]
+
+    def weights(self, role: str | None = None) -> dict[str, torch.Tensor]:
+        sd: dict[str, torch.Tensor] = {}
+        for p in self.weight_paths(role):
+            sd.update(load_file(str(p)))
+        return sd
+
+
+def discover_cases() -> list[str]:
+    if not GOLDENS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in GOLDENS_DIR.iterdir() if (p / "manifest.json").is_file())
+
+
+def load_case(name: str) -> GoldenCase:
+    d = GOLDENS_DIR / name
+    m = json.loads((d / "manifest.json").read_text())
+    t = load_file(str(d / "tensors.safetensors"))
+    case = GoldenCase(name=name, dir=d, manifest=m)
+    for k, v in t.items():
+        kind, _, key = k.partition(".")
+        {"input": case.inputs, "output": case.outputs, "variant": case.variants}.get(kind, {})[key] = v
+    return case
+
+
+def compare_outputs(case: GoldenCase, ours: dict[str, Any]) -> list[str]:
+    """Compare every manifest output with ours; return a list of human-readable failures."""
+    tol = case.manifest["tolerance"]
+    rtol, atol = float(tol["rtol"]), float(tol["atol"])
+    failures = []
+    for name, spec in case.manifest["outputs"].items():
+        if name not in ours:
+            failures.append(f"{name}: not produced by our runner")
+            continue
+        got = ours[name]
+        if "key" in spec:
+            want = case.outputs[spec["key"].split(".", 1)[1]]
+            got = torch.as_tensor(got)
+            if tuple(got.shape) != tuple(want.shape):
+                failures.append(f"{name}: shape {tuple(got.shape)} != golden {tuple(want.shape)}")
+                continue
+            if want.dtype in (torch.int64, torch.int32, torch.uint8, torch.bool):
+                if not torch.equal(got.to(want.dtype), want):
+                    failures.append(f"{name}: integer tensor differs")
+                continue
+            got = got.detach().float().cpu()
+            if not torch.allclose(got, want, rtol=rtol, atol=atol):
+                err = (got - want).abs().max().item()
+                failures.append(f"{name}: max abs err {err:.3e} (rtol {rtol}, atol {atol})")
+        else:
+            if not _values_equal(got, spec["value"], rtol, atol):
+                failures.append(f"{name}: {got!r} != golden {spec['value']!r}")
+    return failures
+
+
+def _values_equal(a: Any, b: Any, rtol: float, atol: float) -> bool:
+    if isinstance(b, (list, tuple)):
+        return isinstance(a, (list, tuple)) and len(a) == len(b) and all(
+            _values_equal(x, y, rtol, atol) for x, y in zip(a, b)
+        )
+    if isinstance(b, dict):
+        return isinstance(a, dict) and a.keys() == b.keys() and all(_values_equal(a[k], b[k], rtol, atol) for k in b)
+    if isinstance(b, bool) or b is None or isinstance(b, str):
+        return a == b
+    if isinstance(b, (int, float)):
+        try:
+            return abs(float(a) - float(b)) <= atol + rtol * abs(float(b))
+        except (TypeError, ValueError):
+            return False
+    return a == b
