@@ -12,12 +12,13 @@ from diffusers import ModelMixin  # noqa: F401  (Diffusers' loader looks up load
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
+from .._registration import ShimSaveMixin
 from .attention_processor import WanTextLenAttnProcessor
 
 __all__ = ["WanExtTransformer3DModel"]
 
 
-class WanExtTransformer3DModel(WanTransformer3DModel):
+class WanExtTransformer3DModel(ShimSaveMixin, WanTransformer3DModel):
     r"""
     Wan transformer with a configurable text-context length for the image/text split of I2V cross-attention.
 

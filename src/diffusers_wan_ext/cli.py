@@ -1,0 +1,219 @@
+"""``diffusers-wan``: convert original Wan releases, export DiTs back, run the demo, generate videos.
+
+Examples::
+
+    diffusers-wan demo --output outputs/demo.mp4
+    diffusers-wan convert /ckpt/Wan2.1-T2V-1.3B /ckpt/Wan2.1-T2V-1.3B-diffusers --dtype bf16
+    diffusers-wan convert - /ckpt/Wan2.2-TI2V-5B-diffusers --model-id Wan-AI/Wan2.2-TI2V-5B
+    diffusers-wan export-dit /ckpt/Wan2.1-T2V-1.3B-diffusers/transformer wan_t2v_1.3b.safetensors
+    diffusers-wan generate --model /ckpt/Wan2.1-T2V-1.3B-diffusers --prompt "a cat surfing" --output cat.mp4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="original Wan release (folder or files) -> Diffusers pipeline folder")
+    p.add_argument("src", help="release folder or DiT file ('-' with --model-id)")
+    p.add_argument("dst", help="output folder (written atomically)")
+    p.add_argument("--variant", help="release name (see `diffusers-wan variants`); detected when omitted")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--scheduler", default="unipc", choices=["unipc", "euler", "diffsynth", "original-unipc"])
+    p.add_argument("--transformer", help="DiT file / folder (overrides what SRC contains)")
+    p.add_argument("--transformer-2", help="second expert (Wan2.2 A14B low-noise model)")
+    p.add_argument("--text-encoder", help="models_t5_umt5-xxl-enc-bf16.pth")
+    p.add_argument("--tokenizer", help="google/umt5-xxl tokenizer folder")
+    p.add_argument("--vae", help="Wan2.1_VAE.pth or Wan2.2_VAE.pth")
+    p.add_argument("--image-encoder", help="models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    p.add_argument("--image-encoder-heads", type=int, help="CLIP heads (only for non-release widths)")
+    p.add_argument("--transformer-only", action="store_true", help="write only the transformer model folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--model-id", help="fetch the original release first (ModelScope if installed, else the Hub)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the converted folder with a model card")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
+
+
+def _fetch_release(model_id: str, cache_dir: str | None = None) -> str:
+    try:
+        from modelscope import snapshot_download as ms_download  # type: ignore
+
+        return ms_download(model_id, cache_dir=cache_dir)
+    except ImportError:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_id, cache_dir=cache_dir)
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False) -> str:
+    """Upload a converted folder (it already carries a model card) to the Hub and return the repo URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload Wan model converted with diffusers_wan_ext")
+    return str(url)
+
+
+def cmd_convert(args) -> int:
+    from .conversion.pipeline import convert_release
+
+    src = args.src
+    if args.model_id:
+        src = _fetch_release(args.model_id)
+    elif src == "-":
+        raise SystemExit("convert: SRC '-' needs --model-id")
+    out = convert_release(
+        src, args.dst, variant=args.variant, dtype=args.dtype, scheduler=args.scheduler,
+        transformer=args.transformer, transformer_2=args.transformer_2, text_encoder=args.text_encoder,
+        tokenizer=args.tokenizer, vae=args.vae, image_encoder=args.image_encoder,
+        image_encoder_heads=args.image_encoder_heads, transformer_only=args.transformer_only,
+        overwrite=args.overwrite,
+    )
+    print(f"converted -> {out}")
+    if args.push_to_hub:
+        print(f"uploaded -> {push_folder(out, args.push_to_hub, private=args.private)}")
+    return 0
+
+
+def cmd_export_dit(args) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from .conversion.dit import export_dit_state_dict
+    from .utils.io import load_state_dict
+
+    src = Path(args.src)
+    if src.is_dir():
+        from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+        index = src / (SAFETENSORS_WEIGHTS_NAME + ".index.json")
+        sd = load_state_dict(index if index.exists() else src / SAFETENSORS_WEIGHTS_NAME)
+    else:
+        sd = load_state_dict(src)
+    out = export_dit_state_dict(sd)
+    if args.prefix:
+        out = {args.prefix + k: v for k, v in out.items()}
+    if args.dtype:
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}
+    Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(args.dst) + ".partial")
+    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
+    os.replace(tmp, args.dst)
+    print(f"exported {len(out)} tensors -> {args.dst}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    path = run_demo(args.output, workdir=args.workdir, steps=args.steps, seed=args.seed)
+    print(path)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import load_image
+
+    from .demo import write_video
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, trust_remote_code=args.trust_remote_code)
+    defaults = {}
+    rec = Path(args.model) / "wan_variant.json"
+    if rec.exists():
+        defaults = json.loads(rec.read_text())
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.offload and device == "cuda":
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+    kw = dict(
+        prompt=args.prompt, negative_prompt=args.negative_prompt,
+        height=args.height or defaults.get("height", 480), width=args.width or defaults.get("width", 832),
+        num_frames=args.num_frames or defaults.get("num_frames", 81),
+        num_inference_steps=args.steps or defaults.get("num_inference_steps", 50),
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.get("guidance_scale", 5.0),
+        generator=torch.Generator(device="cpu").manual_seed(args.seed),
+    )
+    if args.image:
+        kw["image"] = load_image(args.image)
+    if args.last_image:
+        kw["last_image"] = load_image(args.last_image)
+    frames = pipe(**kw).frames[0]
+    out = write_video(frames, args.output, fps=args.fps or defaults.get("fps", 16))
+    print(out.resolve())
+    return 0
+
+
+def cmd_variants(args) -> int:
+    from .conversion.variants import VARIANTS
+
+    for v in VARIANTS:
+        print(f"{v.name:24s} {v.arch:10s} {v.pipeline:24s} {v.release}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusers-wan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    p = sub.add_parser("export-dit", help="Diffusers transformer -> original Wan key layout (ComfyUI / LoRA interop)")
+    p.add_argument("src", help="transformer folder or safetensors file in the Diffusers layout")
+    p.add_argument("dst", help="output .safetensors")
+    p.add_argument("--prefix", default="", help="key prefix, e.g. 'model.diffusion_model.' for ComfyUI")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    p = sub.add_parser("demo", help="tiny release -> converter -> DiffusionPipeline -> mp4 (no downloads)")
+    p.add_argument("--output", default="outputs/demo.mp4")
+    p.add_argument("--workdir", help="keep the tiny release and converted folder here")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("generate", help="render a video with a converted model folder or Hub repo")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--image", help="first frame (I2V / FLF2V / TI2V)")
+    p.add_argument("--last-image", help="last frame (FLF2V)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-frames", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--fps", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--device")
+    p.add_argument("--offload", action="store_true", help="model CPU offload (CUDA)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--output", default="outputs/video.mp4")
+    sub.add_parser("variants", help="list the releases the converter knows")
+    return parser
+
+
+COMMANDS = {"convert": cmd_convert, "export-dit": cmd_export_dit, "demo": cmd_demo, "generate": cmd_generate,
+            "variants": cmd_variants}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .utils.io import ConversionError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

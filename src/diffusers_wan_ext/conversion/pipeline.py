@@ -1,0 +1,406 @@
+"""Convert an original Wan release (folder or individual files) into a complete Diffusers pipeline folder.
+
+Nothing is written until every component has been found and validated; the result is assembled in a temporary
+folder next to the destination and moved into place only when complete (:func:`~diffusers_wan_ext.utils.atomic_output_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..utils.io import ConversionError, _format_keys, atomic_output_dir, load_state_dict, strip_known_prefixes
+from .dit import DitInfo, build_transformer, cast_state_dict, check_shapes, convert_dit_state_dict, dit_config_from_state_dict, find_dit_files
+from .variants import VARIANTS, WanVariant, get_variant, variants_for_arch
+
+__all__ = ["ReleaseFiles", "find_release_files", "convert_release", "DTYPES", "SCHEDULERS", "write_model_card"]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Original release file names (Wan2.1 / Wan2.2 configs).
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+VAE_FILES = {"wan2.1": "Wan2.1_VAE.pth", "wan2.2": "Wan2.2_VAE.pth"}
+TOKENIZER_DIR = "google/umt5-xxl"
+EXPERT_DIRS = ("high_noise_model", "low_noise_model")  # -> transformer, transformer_2
+# File-name hints for single-file DiTs whose weights alone do not name the release.
+FILENAME_HINTS = (("krea", "krea-realtime-video"),)
+
+
+def _scheduler_factory(kind: str, shift: float):
+    if kind == "unipc":  # what the Wan-AI *-Diffusers repos ship
+        from diffusers import UniPCMultistepScheduler
+
+        return UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=shift
+        )
+    if kind == "euler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(shift=shift)
+    if kind == "diffsynth":
+        from ..schedulers import WanFlowMatchScheduler
+
+        return WanFlowMatchScheduler(shift=shift)
+    if kind == "original-unipc":
+        from ..schedulers import WanFlowUniPCScheduler
+
+        return WanFlowUniPCScheduler(shift=shift)
+    raise ConversionError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+SCHEDULERS = ("unipc", "euler", "diffsynth", "original-unipc")
+
+
+@dataclass
+class ReleaseFiles:
+    """Where each component of an original release lives."""
+
+    dit: list[Path] = field(default_factory=list)  # one per expert: high-noise first
+    dit_config: list[dict] = field(default_factory=list)
+    text_encoder: Path | None = None
+    tokenizer: Path | None = None
+    vae: Path | None = None
+    image_encoder: Path | None = None
+    name_hint: str | None = None
+
+
+def _first_existing(*paths: Path) -> Path | None:
+    for p in paths:
+        if p is not None and p.exists():
+            return p
+    return None
+
+
+def find_release_files(
+    src: str | os.PathLike,
+    *,
+    transformer: str | os.PathLike | None = None,
+    transformer_2: str | os.PathLike | None = None,
+    text_encoder: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    image_encoder: str | os.PathLike | None = None,
+) -> ReleaseFiles:
+    """Locate the components of a release folder (or a single DiT file plus explicitly given component files)."""
+    src = Path(src)
+    if not src.exists():
+        raise ConversionError(f"{src}: no such file or folder")
+    files = ReleaseFiles()
+    root = src if src.is_dir() else src.parent
+    lname = src.name.lower()
+    for frag, name in FILENAME_HINTS:
+        if frag in lname:
+            files.name_hint = name
+
+    def dit_entry(p: Path) -> tuple[Path, dict]:
+        if p.is_dir():
+            w = find_dit_files(p)
+            if w is None:
+                raise ConversionError(f"{p}: no diffusion_pytorch_model*.safetensors in this folder")
+            cfg_path = p / "config.json"
+        else:
+            w, cfg_path = p, p.parent / "config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        return w, cfg
+
+    explicit = [Path(t) for t in (transformer, transformer_2) if t is not None]
+    if explicit:
+        entries = [dit_entry(p) for p in explicit]
+    elif src.is_file():
+        entries = [dit_entry(src)]
+    elif all((src / d).is_dir() for d in EXPERT_DIRS):
+        entries = [dit_entry(src / d) for d in EXPERT_DIRS]
+    else:
+        w = find_dit_files(src)
+        if w is None:
+            singles = [p for p in src.glob("*.safetensors")]
+            if len(singles) == 1:
+                w = singles[0]
+                for frag, name in FILENAME_HINTS:
+                    if frag in w.name.lower():
+                        files.name_hint = name
+            else:
+                raise ConversionError(
+                    f"{src}: no DiT weights found (expected diffusion_pytorch_model*.safetensors, "
+                    f"{'/ '.join(EXPERT_DIRS)} sub-folders, or pass --transformer FILE)"
+                )
+        entries = [dit_entry(w if w.name.endswith(".json") else w)]
+        if w.parent == src and (src / "config.json").exists():
+            entries = [(w, json.loads((src / "config.json").read_text()))]
+    files.dit = [e[0] for e in entries]
+    files.dit_config = [e[1] for e in entries]
+
+    files.text_encoder = Path(text_encoder) if text_encoder else _first_existing(root / T5_FILE)
+    files.tokenizer = Path(tokenizer) if tokenizer else _first_existing(root / TOKENIZER_DIR, root / "tokenizer")
+    files.vae = Path(vae) if vae else _first_existing(*(root / f for f in VAE_FILES.values()))
+    files.image_encoder = Path(image_encoder) if image_encoder else _first_existing(root / CLIP_FILE)
+    return files
+
+
+def choose_variant(info: DitInfo, experts: int, name: str | None, hint: str | None) -> WanVariant:
+    """The release row for these weights: ``name`` (``--variant``) if given and consistent, else detected."""
+    if name:
+        v = get_variant(name)
+        if v.arch != info.arch or v.experts != experts:
+            raise ConversionError(
+                f"--variant {v.name} expects a {v.arch} DiT with {v.experts} expert(s), but the weights are "
+                f"{info.arch} with {experts} expert(s) (patch_embedding.weight in_dim {info.config['in_channels']}, "
+                f"img_emb.* {'present' if info.config.get('image_dim') else 'absent'})"
+            )
+        return v
+    if hint:
+        v = get_variant(hint)
+        if v.arch == info.arch and v.experts == experts:
+            return v
+    candidates = variants_for_arch(info.arch, experts)
+    if not candidates:
+        raise ConversionError(
+            f"no Wan release has a {info.arch} DiT with {experts} expert(s); pass --variant "
+            f"({', '.join(v.name for v in VARIANTS)})"
+        )
+    width = info.config["num_attention_heads"] * info.config["attention_head_dim"]
+    exact = [v for v in candidates if v.dim == width and v.num_layers == info.config["num_layers"]]
+    if exact:
+        return exact[0]
+    # not a release width (tiny or custom model): keep the architecture's defaults, mark the size as custom
+    base = candidates[0]
+    return replace(base, name=f"{base.name.rsplit('-', 1)[0]}-custom", dim=None, num_layers=None)
+
+
+def write_model_card(folder: Path, variant: WanVariant, pipeline_class: str, source: str) -> None:
+    text = f"""---
+library_name: diffusers
+tags:
+- video-generation
+- wan
+- diffusers_wan_ext
+base_model: {variant.release}
+---
+
+# {variant.release} (Diffusers format)
+
+Converted with [diffusers_wan_ext](https://pypi.org/project/diffusers_wan_ext) from `{source}`.
+Variant `{variant.name}`; pipeline `{pipeline_class}`.
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("<this repo>", torch_dtype=torch.bfloat16, trust_remote_code=True)
+video = pipe(prompt="a cat surfing a wave", height={variant.height}, width={variant.width},
+             num_frames={variant.num_frames}, num_inference_steps={variant.num_inference_steps},
+             guidance_scale={variant.guidance_scale}).frames[0]
+```
+
+Sampling defaults of the original release: flow shift {variant.flow_shift}, {variant.num_inference_steps} steps,
+guidance {variant.guidance_scale}{f' / {variant.guidance_scale_2} (low-noise expert)' if variant.guidance_scale_2 else ''},
+{variant.num_frames} frames at {variant.fps} fps.
+"""
+    (folder / "README.md").write_text(text)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="converting", unit="component", disable=not enabled)
+
+
+def convert_release(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    dtype: str = "bf16",
+    scheduler: str = "unipc",
+    transformer: str | os.PathLike | None = None,
+    transformer_2: str | os.PathLike | None = None,
+    text_encoder: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    image_encoder: str | os.PathLike | None = None,
+    image_encoder_heads: int | None = None,
+    transformer_only: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Convert an original Wan release to a Diffusers pipeline folder and return its path.
+
+    Args:
+        src: release folder (``diffusion_pytorch_model*.safetensors`` or ``high_noise_model/`` + ``low_noise_model/``,
+            ``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.x_VAE.pth``, ``google/umt5-xxl/``, CLIP ``.pth`` for I2V /
+            FLF2V) or a single DiT file (e.g. krea's).
+        dst: output folder; must not exist unless ``overwrite``.
+        variant: release name (``diffusers-wan variants`` lists them); detected from the weights when omitted.
+        dtype: storage dtype of the transformer(s), text and image encoders (``bf16``, ``fp16``, ``fp32``); the VAE is
+            kept in float32.
+        scheduler: ``unipc`` (stock, as the Wan-AI Diffusers repos), ``euler`` (stock flow-match Euler),
+            ``diffsynth`` (DiffSynth-exact Euler) or ``original-unipc`` (original Wan FlowUniPC schedule).
+        transformer_only: write only a transformer model folder (no other component needed).
+
+    Example:
+        >>> convert_release("Wan2.1-T2V-1.3B", "Wan2.1-T2V-1.3B-diffusers")  # doctest: +SKIP
+    """
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if scheduler not in SCHEDULERS:
+        raise ConversionError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    torch_dtype = DTYPES[dtype]
+    files = find_release_files(
+        src, transformer=transformer, transformer_2=transformer_2, text_encoder=text_encoder,
+        tokenizer=tokenizer, vae=vae, image_encoder=image_encoder,
+    )
+    # --- DiT(s): read, detect, validate ----------------------------------------------------------------------
+    dit_sds, infos = [], []
+    for path, cfg in zip(files.dit, files.dit_config):
+        sd = strip_known_prefixes(load_state_dict(path), "blocks.")
+        try:
+            infos.append(dit_config_from_state_dict(sd, cfg))
+        except ConversionError as e:
+            raise ConversionError(f"{path}: {e}") from e
+        dit_sds.append(sd)
+    if len(infos) == 2 and (infos[0].config != infos[1].config):
+        diff = sorted(k for k in infos[0].config if infos[0].config[k] != infos[1].config[k])
+        raise ConversionError(f"the two experts differ in {', '.join(diff)} ({files.dit[0]} vs {files.dit[1]})")
+    info = infos[0]
+    var = choose_variant(info, len(infos), variant, files.name_hint)
+
+    needed = {"transformer": files.dit[0]}
+    if not transformer_only:
+        needed.update(text_encoder=files.text_encoder, tokenizer=files.tokenizer, vae=files.vae)
+        if var.image_encoder:
+            needed["image_encoder"] = files.image_encoder
+    missing = [k for k, v in needed.items() if v is None]
+    if missing:
+        flags = ", ".join(f"--{k.replace('_', '-')} PATH" for k in missing)
+        raise ConversionError(
+            f"{src}: missing component(s) for {var.name}: {', '.join(missing)}. Put the original files next to the DiT "
+            f"({T5_FILE}, {TOKENIZER_DIR}/, {VAE_FILES[var.vae]}"
+            f"{', ' + CLIP_FILE if var.image_encoder else ''}) or pass {flags} (or --transformer-only)."
+        )
+
+    # --- Load & validate every component before writing anything ----------------------------------------------
+    steps = len(infos) + (0 if transformer_only else 4 + (1 if var.image_encoder else 0))
+    bar = _progress(steps, progress)
+    transformers_ = []
+    for path, sd, inf in zip(files.dit, dit_sds, infos):
+        bar.set_postfix_str(f"transformer {path.name}")
+        converted = convert_dit_state_dict(sd)
+        model = build_transformer(inf)
+        try:
+            check_shapes(model, converted)
+        except ConversionError as e:
+            raise ConversionError(f"{path}: {e}") from e
+        converted = cast_state_dict(converted, torch_dtype, getattr(model, "_keep_in_fp32_modules", None))
+        model.load_state_dict(converted, strict=True, assign=True)
+        transformers_.append(model)
+        bar.update()
+    components: dict[str, Any] = {}
+    if not transformer_only:
+        from .image_encoder import load_clip_from_original, make_clip_image_processor
+        from .text_encoder import load_t5_from_original
+        from .tokenizer import load_umt5_tokenizer
+        from .vae import detect_vae_version, load_vae_from_original
+
+        bar.set_postfix_str("text encoder")
+        components["text_encoder"] = _wrap(files.text_encoder, lambda: load_t5_from_original(files.text_encoder, torch_dtype=torch_dtype))
+        bar.update()
+        bar.set_postfix_str("tokenizer")
+        components["tokenizer"] = _wrap(files.tokenizer, lambda: load_umt5_tokenizer(files.tokenizer))
+        bar.update()
+        bar.set_postfix_str("vae")
+        vae_sd = _wrap(files.vae, lambda: load_state_dict(files.vae))
+        version = _wrap(files.vae, lambda: detect_vae_version(vae_sd))
+        if version != var.vae:
+            raise ConversionError(
+                f"{files.vae}: a {version} VAE, but {var.name} needs the {var.vae} VAE ({VAE_FILES[var.vae]})"
+            )
+        components["vae"] = _wrap(files.vae, lambda: load_vae_from_original(vae_sd, torch_dtype=torch.float32))
+        z_dim = components["vae"].config.z_dim
+        if z_dim != info.config["out_channels"]:
+            raise ConversionError(
+                f"{files.vae}: VAE latent channels {z_dim} do not match the DiT's out channels "
+                f"{info.config['out_channels']} (head.head.weight)"
+            )
+        bar.update()
+        if var.image_encoder:
+            bar.set_postfix_str("image encoder")
+            components["image_encoder"] = _wrap(
+                files.image_encoder,
+                lambda: load_clip_from_original(files.image_encoder, num_heads=image_encoder_heads, torch_dtype=torch_dtype),
+            )
+            clip_width = components["image_encoder"].config.hidden_size
+            if clip_width != info.config["image_dim"]:
+                raise ConversionError(
+                    f"{files.image_encoder}: CLIP width {clip_width} does not match the DiT's img_emb.proj.0 width "
+                    f"{info.config['image_dim']}"
+                )
+            components["image_processor"] = make_clip_image_processor(components["image_encoder"].config.image_size)
+            bar.update()
+        components["scheduler"] = _scheduler_factory(scheduler, var.flow_shift)
+        bar.update()
+
+    # --- Write ----------------------------------------------------------------------------------------------------
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        if transformer_only:
+            transformers_[0].save_pretrained(tmp, max_shard_size=max_shard_size)
+            if len(transformers_) == 2:
+                transformers_[1].save_pretrained(tmp / "transformer_2", max_shard_size=max_shard_size)
+        else:
+            pipeline_class = var.pipeline
+            index: dict[str, Any] = {"_class_name": pipeline_class}
+            names = ["transformer", "transformer_2"]
+            for name, model in zip(names, transformers_):
+                model.save_pretrained(tmp / name, max_shard_size=max_shard_size)
+                index[name] = _library_of(model)
+            for name, comp in components.items():
+                comp.save_pretrained(tmp / name)
+                index[name] = _library_of(comp)
+            import diffusers
+
+            pipe_cls = getattr(diffusers, pipeline_class)
+            expected, _ = pipe_cls._get_signature_keys(pipe_cls)
+            for name in sorted(expected):
+                index.setdefault(name, [None, None])  # optional component not part of this release
+            init_params = set(pipe_cls.__init__.__code__.co_varnames)
+            if "boundary_ratio" in init_params:
+                index["boundary_ratio"] = var.boundary_ratio
+            if "expand_timesteps" in init_params:
+                index["expand_timesteps"] = var.expand_timesteps
+            import diffusers
+
+            index["_diffusers_version"] = diffusers.__version__
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            write_model_card(tmp, var, pipeline_class, str(src))
+            (tmp / "wan_variant.json").write_text(json.dumps(_variant_record(var), indent=2) + "\n")
+        bar.close()
+    return Path(dst)
+
+
+def _variant_record(v: WanVariant) -> dict:
+    from dataclasses import asdict
+
+    rec = asdict(v)
+    rec.pop("aliases", None)
+    return rec
+
+
+def _library_of(obj) -> list[str]:
+    from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+
+    library, cls = _fetch_class_library_tuple(obj)
+    return [library, cls]
+
+
+def _wrap(path, fn: Callable):
+    try:
+        return fn()
+    except ConversionError as e:
+        msg = str(e)
+        raise ConversionError(msg if str(path) in msg else f"{path}: {msg}") from e

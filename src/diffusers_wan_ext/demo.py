@@ -1,0 +1,171 @@
+"""Tiny original-layout Wan releases with random weights, and the ``diffusers-wan demo`` job.
+
+No weights can be downloaded in CI, so the demo builds a release folder exactly as Wan-AI ships one -- DiT
+safetensors + ``config.json`` in the original key layout, ``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.1_VAE.pth``
+(or ``Wan2.2_VAE.pth``), the ``google/umt5-xxl`` tokenizer folder and, for I2V / FLF2V, the CLIP ``.pth`` -- only
+tiny.  It then runs the real converter, loads the result with ``DiffusionPipeline.from_pretrained`` and renders an mp4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = ["TINY", "make_tiny_release", "run_demo"]
+
+# Widths of the tiny releases (structure is real: depths, patching, RoPE split, token counts).
+TINY = dict(
+    dim=48, num_heads=2, ffn_dim=96, num_layers=2, freq_dim=32, text_dim=32, clip_dim=32, clip_layers=3,
+    clip_heads=2, clip_image=28, t5_vocab=256, vae_dim=8,
+)
+
+ARCH_CONFIG = {  # original config.json fields per architecture
+    "t2v": dict(model_type="t2v", in_dim=16, out_dim=16),
+    "i2v": dict(model_type="i2v", in_dim=36, out_dim=16),
+    "i2v-noclip": dict(model_type="i2v", in_dim=36, out_dim=16),
+    "flf2v": dict(model_type="flf2v", in_dim=36, out_dim=16),
+    "ti2v": dict(model_type="ti2v", in_dim=48, out_dim=48),
+}
+
+
+def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator) -> tuple[dict, dict]:
+    from diffusers import WanTransformer3DModel
+
+    from .conversion.dit import export_dit_state_dict
+
+    a = ARCH_CONFIG[arch]
+    clip = arch in ("i2v", "flf2v")
+    model = WanTransformer3DModel(
+        num_attention_heads=TINY["num_heads"], attention_head_dim=TINY["dim"] // TINY["num_heads"],
+        in_channels=a["in_dim"], out_channels=a["out_dim"], text_dim=TINY["text_dim"], freq_dim=TINY["freq_dim"],
+        ffn_dim=TINY["ffn_dim"], num_layers=TINY["num_layers"], image_dim=TINY["clip_dim"] if clip else None,
+        added_kv_proj_dim=TINY["dim"] if clip else None, pos_embed_seq_len=2 * 257 if arch == "flf2v" else None,
+    )
+    sd = {}
+    for k, v in model.state_dict().items():
+        std = 0.02 if v.ndim > 1 else 0.01
+        sd[k] = (torch.randn(v.shape, generator=generator) * std + (1.0 if "norm" in k and "weight" in k else 0.0))
+    config = {
+        "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": TINY["dim"], "eps": 1e-6,
+        "ffn_dim": TINY["ffn_dim"], "freq_dim": TINY["freq_dim"], "in_dim": a["in_dim"], "model_type": a["model_type"],
+        "num_heads": TINY["num_heads"], "num_layers": TINY["num_layers"], "out_dim": a["out_dim"], "text_len": text_len,
+    }
+    return export_dit_state_dict(sd), config
+
+
+def make_tiny_release(
+    folder: str | os.PathLike,
+    arch: str = "t2v",
+    experts: int = 1,
+    seed: int = 0,
+    text_len: int = 512,
+    with_image_encoder: bool | None = None,
+) -> Path:
+    """Write a tiny original-layout Wan release into ``folder`` and return it.
+
+    Args:
+        arch: ``t2v``, ``i2v``, ``flf2v``, ``ti2v`` (Wan2.2 VAE) or ``i2v-noclip`` (Wan2.2 I2V-A14B style).
+        experts: 2 writes ``high_noise_model/`` + ``low_noise_model/`` (Wan2.2 A14B layout).
+        text_len: the DiT's ``text_len`` (releases: 512).
+
+    Example:
+        >>> from diffusers_wan_ext.demo import make_tiny_release
+        >>> path = make_tiny_release("/tmp/tiny-wan", arch="t2v")  # doctest: +SKIP
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+    from diffusers import AutoencoderKLWan
+
+    from .conversion.image_encoder import export_clip_state_dict
+    from .conversion.text_encoder import export_t5_state_dict
+    from .conversion.tokenizer import make_tiny_umt5_tokenizer
+    from .conversion.vae import export_vae_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    dits = [folder] if experts == 1 else [folder / "high_noise_model", folder / "low_noise_model"]
+    for d in dits:
+        d.mkdir(parents=True, exist_ok=True)
+        sd, cfg = _tiny_dit_state_dict(arch, text_len, g)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "diffusion_pytorch_model.safetensors"))
+        (d / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    t5 = UMT5EncoderModel(UMT5Config(
+        vocab_size=TINY["t5_vocab"], d_model=TINY["text_dim"], d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dense_act_fn="gelu_new", is_gated_act=True, tie_word_embeddings=False,
+    ))
+    torch.save(export_t5_state_dict(t5.state_dict()), folder / "models_t5_umt5-xxl-enc-bf16.pth")
+    make_tiny_umt5_tokenizer(folder / "google" / "umt5-xxl", vocab_size=TINY["t5_vocab"])
+
+    if arch == "ti2v":
+        vae = AutoencoderKLWan(
+            base_dim=TINY["vae_dim"], decoder_base_dim=TINY["vae_dim"], z_dim=48, dim_mult=[1, 2, 4, 4],
+            num_res_blocks=2, temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+            out_channels=12, patch_size=2, scale_factor_spatial=16,
+        )
+        vae_name = "Wan2.2_VAE.pth"
+    else:
+        vae = AutoencoderKLWan(base_dim=TINY["vae_dim"], z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                               temperal_downsample=[False, True, True])
+        vae_name = "Wan2.1_VAE.pth"
+    torch.save(export_vae_state_dict(vae.state_dict()), folder / vae_name)
+
+    if with_image_encoder if with_image_encoder is not None else arch in ("i2v", "flf2v"):
+        clip = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=TINY["clip_dim"], intermediate_size=4 * TINY["clip_dim"], num_hidden_layers=TINY["clip_layers"],
+            num_attention_heads=TINY["clip_heads"], image_size=TINY["clip_image"], patch_size=14, hidden_act="gelu",
+            layer_norm_eps=1e-5, projection_dim=16,
+        ))
+        torch.save(export_clip_state_dict(clip.state_dict()), folder / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    return folder
+
+
+def write_video(frames, path: str | os.PathLike, fps: int = 16) -> Path:
+    """Write frames (list of PIL images, or a float array [F, H, W, 3] in [0, 1]) to an H.264 mp4 via imageio-ffmpeg."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrs = []
+    for f in frames:
+        a = np.asarray(f)
+        if a.dtype != np.uint8:
+            a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+        arrs.append(a)
+    with imageio.get_writer(str(path), fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                            ffmpeg_log_level="error") as w:
+        for a in arrs:
+            w.append_data(a)
+    return path
+
+
+def run_demo(output: str | os.PathLike = "outputs/demo.mp4", workdir: str | os.PathLike | None = None,
+             steps: int = 4, seed: int = 0) -> Path:
+    """The main job on the built-in default: tiny release -> converter -> ``DiffusionPipeline`` -> mp4."""
+    import tempfile
+
+    from diffusers import DiffusionPipeline
+
+    from .conversion.pipeline import convert_release
+
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="diffusers-wan-demo-"))
+    release = make_tiny_release(work / "Wan2.1-T2V-tiny", arch="t2v", seed=seed)
+    print(f"built a tiny original-layout Wan2.1 T2V release at {release}")
+    converted = convert_release(release, work / "Wan2.1-T2V-tiny-diffusers", dtype="fp32", overwrite=True)
+    print(f"converted it to a Diffusers folder at {converted}")
+    pipe = DiffusionPipeline.from_pretrained(str(converted), torch_dtype=torch.float32)
+    print(f"loaded {type(pipe).__name__} with DiffusionPipeline.from_pretrained")
+    result = pipe(
+        prompt="a tiny red fox running through snow", negative_prompt="blurry", height=64, width=64, num_frames=9,
+        num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
+        max_sequence_length=64,
+    )
+    out = write_video(result.frames[0], output, fps=16)
+    return out.resolve()
