@@ -128,7 +128,7 @@ def cmd_generate(args) -> int:
     from .demo import write_video
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, trust_remote_code=args.trust_remote_code)
+    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     defaults = {}
     rec = Path(args.model) / "wan_variant.json"
     if rec.exists():

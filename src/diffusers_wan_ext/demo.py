@@ -160,7 +160,7 @@ def run_demo(output: str | os.PathLike = "outputs/demo.mp4", workdir: str | os.P
     print(f"built a tiny original-layout Wan2.1 T2V release at {release}")
     converted = convert_release(release, work / "Wan2.1-T2V-tiny-diffusers", dtype="fp32", overwrite=True)
     print(f"converted it to a Diffusers folder at {converted}")
-    pipe = DiffusionPipeline.from_pretrained(str(converted), torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(str(converted), dtype=torch.float32)
     print(f"loaded {type(pipe).__name__} with DiffusionPipeline.from_pretrained")
     result = pipe(
         prompt="a tiny red fox running through snow", negative_prompt="blurry", height=64, width=64, num_frames=9,
