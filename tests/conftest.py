@@ -10,3 +10,40 @@ if str(ROOT / "src") not in sys.path and not os.environ.get("DWE_NO_SRC_PATH"):
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory):
+    """Factory: ``tiny_release(arch, experts=1, text_len=512)`` -> path of a tiny original-layout release (cached)."""
+    from diffusers_wan_ext.demo import make_tiny_release
+
+    cache = {}
+
+    def make(arch="t2v", experts=1, text_len=512):
+        key = (arch, experts, text_len)
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"release-{arch}-{experts}-{text_len}")
+            cache[key] = make_tiny_release(d / "release", arch=arch, experts=experts, text_len=text_len)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_release, tmp_path_factory):
+    """Factory: converted Diffusers folder of a tiny release (fp32, cached)."""
+    from diffusers_wan_ext.conversion.pipeline import convert_release
+
+    cache = {}
+
+    def make(arch="t2v", experts=1, text_len=512, scheduler="unipc"):
+        key = (arch, experts, text_len, scheduler)
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"converted-{arch}-{experts}-{text_len}-{scheduler}")
+            cache[key] = convert_release(tiny_release(arch, experts, text_len), d / "out", dtype="fp32",
+                                         scheduler=scheduler, progress=False)
+        return cache[key]
+
+    return make
