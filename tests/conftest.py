@@ -42,8 +42,10 @@ def converted(tiny_release, tmp_path_factory):
         key = (arch, experts, text_len, scheduler)
         if key not in cache:
             d = tmp_path_factory.mktemp(f"converted-{arch}-{experts}-{text_len}-{scheduler}")
+            from diffusers_wan_ext.demo import TINY
+
             cache[key] = convert_release(tiny_release(arch, experts, text_len), d / "out", dtype="fp32",
-                                         scheduler=scheduler, progress=False)
+                                         scheduler=scheduler, progress=False, image_encoder_heads=TINY["clip_heads"])
         return cache[key]
 
     return make

@@ -37,7 +37,8 @@ TINY_CONFIGS = {
     "wan2.1-odd": dict(base_dim=3, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, False],
                        scale_factor_temporal=2, scale_factor_spatial=4),
     "wan2.2": dict(base_dim=4, decoder_base_dim=6, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
-                   patch_size=2, scale_factor_spatial=16),
+                   patch_size=2, scale_factor_spatial=16, latents_mean=list(LATENTS_MEAN_STD["wan2.2"][0]),
+                   latents_std=list(LATENTS_MEAN_STD["wan2.2"][1])),
 }
 
 
@@ -90,18 +91,22 @@ def test_tiny_round_trip_is_identity(tiny):
 
 
 def test_tiny_loaded_model_matches(tiny, tmp_path):
-    _, model = tiny
+    name, model = tiny
     original = export_vae_state_dict(model)
     torch.save(original, tmp_path / "vae.pth")
     torch.save({"model_state": original}, tmp_path / "wrapped.pth")
     f = model.config.scale_factor_spatial
-    video = torch.rand(1, 3, 5, 2 * f, 3 * f) * 2 - 1
+    video = torch.rand(1, 3, 5, f, 2 * f) * 2 - 1
+    for src in (str(tmp_path / "wrapped.pth"), {"model." + k: v for k, v in original.items()}):
+        _assert_same(load_vae_from_original(src).state_dict(), model.state_dict())
+    ours = load_vae_from_original(tmp_path / "vae.pth")
+    assert {k: v for k, v in ours.config.items() if k in TINY_CONFIGS[name]} == TINY_CONFIGS[name]
     with torch.no_grad():
         want = model.encode(video).latent_dist.mode()
-        for src in (tmp_path / "vae.pth", str(tmp_path / "wrapped.pth"), {"model." + k: v for k, v in original.items()}):
-            ours = load_vae_from_original(src)
-            assert torch.equal(ours.encode(video).latent_dist.mode(), want)
-            assert torch.equal(ours.decode(want).sample, model.decode(want).sample)
+        assert torch.equal(ours.encode(video).latent_dist.mode(), want)
+        assert torch.equal(ours.decode(want).sample, model.decode(want).sample)
+    half = load_vae_from_original(tmp_path / "vae.pth", torch_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
 
 
 def test_wan21_matches_stock_single_file_converter():

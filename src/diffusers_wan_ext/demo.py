@@ -20,7 +20,7 @@ __all__ = ["TINY", "make_tiny_release", "run_demo"]
 # Widths of the tiny releases (structure is real: depths, patching, RoPE split, token counts).
 TINY = dict(
     dim=48, num_heads=2, ffn_dim=96, num_layers=2, freq_dim=32, text_dim=32, clip_dim=32, clip_layers=3,
-    clip_heads=2, clip_image=28, t5_vocab=256, vae_dim=8,
+    clip_heads=2, clip_image=224, t5_vocab=256, vae_dim=8,
 )
 
 ARCH_CONFIG = {  # original config.json fields per architecture

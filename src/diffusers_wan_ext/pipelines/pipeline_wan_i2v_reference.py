@@ -1,0 +1,297 @@
+"""``WanImageToVideoReferencePipeline``: stock ``WanImageToVideoPipeline`` with pre-encoded image latents and the
+reference first-frame pinning of Wan2.2 TI2V-5B.
+
+Stock ``WanImageToVideoPipeline`` with ``expand_timesteps=True`` (Wan2.2 TI2V-5B image-to-video) already follows the
+original Wan2.2 code and DiffSynth-Studio where the model is concerned: latent frame 0 of the model input is the
+image latent, and its tokens get timestep 0 (``(first_frame_mask[0][0][:, ::2, ::2] * t).flatten()``).  It differs
+in what it keeps between steps: the references pin the state after every step (original
+``latent = (1 - mask2) * z + mask2 * latent``; DiffSynth ``latents[:, :, 0:1] = first_frame_latents``), while stock
+steps frame 0 of its state like any other frame and only replaces it in the model input and after the loop.  The
+model outputs, the other frames and the final latents are the same (the Euler and UniPC updates act per element);
+the state a ``callback_on_step_end`` sees (and may edit) is not -- its frame 0 is drifting noise in stock.
+
+This subclass
+
+* pins frame 0 after every step, before the user's callback runs, so per-step latents equal the references';
+* takes ``image_latents`` -- normalized VAE latents of the conditioning frames -- in place of ``image``, so a caller
+  that already has them (or a test that only has them) runs the stock denoising loop without the VAE encoder.
+
+Everything else is the stock pipeline and its denoising loop, unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
+from diffusers.models import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+
+from .._registration import ShimPipelineMixin
+from ..schedulers import WanFlowMatchScheduler
+
+__all__ = ["WanImageToVideoReferencePipeline"]
+
+
+class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanImageToVideoPipeline):
+    r"""
+    Wan image-to-video (Wan2.1 I2V / FLF2V, Wan2.2 I2V-A14B, Wan2.2 TI2V-5B with ``expand_timesteps=True``) with
+    reference first-frame pinning and optional pre-encoded image latents.
+
+    Components and config are those of :class:`diffusers.WanImageToVideoPipeline`.  Differences:
+
+    * With ``expand_timesteps=True`` (TI2V-5B) the latents are pinned to the image latent after every scheduler step
+      (``latents = (1 - first_frame_mask) * condition + first_frame_mask * latents``), before
+      ``callback_on_step_end`` sees them -- the original Wan2.2 / DiffSynth-Studio state.  Model inputs and outputs
+      and the final latents are unchanged.
+    * ``__call__`` accepts ``image_latents`` instead of ``image`` (see there); the VAE encoder is then not run.  The
+      VAE must still be given: the pipeline reads its ``z_dim`` and scale factors.
+
+    Args:
+        tokenizer ([`AutoTokenizer`]): umT5 tokenizer (may be ``None`` when only ``prompt_embeds`` are passed).
+        text_encoder ([`UMT5EncoderModel`]): umT5 encoder (may be ``None`` when only ``prompt_embeds`` are passed).
+        vae ([`AutoencoderKLWan`]): Wan VAE (its config gives ``z_dim`` and the scale factors).
+        scheduler ([`FlowMatchEulerDiscreteScheduler`] or another flow scheduler): e.g.
+            :class:`~diffusers_wan_ext.schedulers.WanFlowMatchScheduler` (DiffSynth) or
+            :class:`~diffusers_wan_ext.schedulers.WanFlowUniPCScheduler` (original Wan code).
+        image_processor ([`CLIPImageProcessor`], *optional*): CLIP preprocessing (Wan2.1 I2V / FLF2V only).
+        image_encoder ([`CLIPVisionModel`], *optional*): CLIP vision tower (Wan2.1 I2V / FLF2V only).
+        transformer ([`WanTransformer3DModel`], *optional*): the (high-noise) DiT.
+        transformer_2 ([`WanTransformer3DModel`], *optional*): the low-noise expert of Wan2.2 A14B.
+        boundary_ratio (`float`, *optional*): expert switch at ``boundary_ratio * num_train_timesteps``.
+        expand_timesteps (`bool`, defaults to `False`): Wan2.2 TI2V-5B mode (first frame = image latent).
+
+    Example:
+        >>> import torch
+        >>> from diffusers_wan_ext.pipelines import WanImageToVideoReferencePipeline
+        >>> from diffusers_wan_ext.schedulers import WanFlowMatchScheduler
+        >>> pipe = WanImageToVideoReferencePipeline.from_pretrained(  # doctest: +SKIP
+        ...     "Wan2.2-TI2V-5B-Diffusers", scheduler=WanFlowMatchScheduler(shift=5.0), torch_dtype=torch.bfloat16
+        ... )
+        >>> video = pipe(image=image, prompt="a cat surfing", height=704, width=1280, num_frames=121).frames[0]  # doctest: +SKIP
+        >>> # or with latents encoded beforehand ([1, 48, 1, 44, 80] for TI2V-5B at 704x1280):
+        >>> video = pipe(image_latents=z, prompt="a cat surfing", height=704, width=1280).frames[0]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        vae: AutoencoderKLWan,
+        scheduler: FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler | WanFlowMatchScheduler,
+        image_processor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModel | None = None,
+        transformer: WanTransformer3DModel | None = None,
+        transformer_2: WanTransformer3DModel | None = None,
+        boundary_ratio: float | None = None,
+        expand_timesteps: bool = False,
+    ) -> None:
+        super().__init__(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=scheduler,
+            image_processor=image_processor,
+            image_encoder=image_encoder,
+            transformer=transformer,
+            transformer_2=transformer_2,
+            boundary_ratio=boundary_ratio,
+            expand_timesteps=expand_timesteps,
+        )
+        self._reference_call: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------- overrides
+    def prepare_latents(
+        self,
+        image: PipelineImageInput,
+        batch_size: int,
+        num_channels_latents: int = 16,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        last_image: torch.Tensor | None = None,
+    ):
+        """Stock preparation, or -- with ``image_latents`` -- the same outputs from the given latents (no VAE).
+
+        Also records ``condition`` / ``first_frame_mask`` for the per-step pinning of ``expand_timesteps`` mode.
+        """
+        state = self._reference_call if self._reference_call is not None else {}
+        given = state.get("image_latents")
+        if given is None:
+            out = super().prepare_latents(
+                image, batch_size, num_channels_latents, height, width, num_frames, dtype, device, generator,
+                latents, last_image,
+            )
+        else:
+            out = self._prepare_from_image_latents(
+                given, batch_size, num_channels_latents, height, width, num_frames, dtype, device, generator, latents,
+                last_image is not None,
+            )
+        if self.config.expand_timesteps:
+            state["pin"] = (out[1], out[2])  # condition, first_frame_mask
+        return out
+
+    def _prepare_from_image_latents(
+        self, image_latents, batch_size, num_channels_latents, height, width, num_frames, dtype, device, generator,
+        latents, has_last_image,
+    ):
+        num_latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        latent_height = height // self.vae_scale_factor_spatial
+        latent_width = width // self.vae_scale_factor_spatial
+        shape = (batch_size, num_channels_latents, num_latent_frames, latent_height, latent_width)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for an effective batch size of {batch_size}")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+
+        condition = image_latents.to(device=device, dtype=dtype)
+        frames = 1 if self.config.expand_timesteps else num_latent_frames
+        expected = (num_channels_latents, frames, latent_height, latent_width)
+        if condition.ndim != 5 or tuple(condition.shape[1:]) != expected:
+            what = "the first latent frame" if self.config.expand_timesteps else "the whole conditioning video"
+            raise ValueError(
+                f"image_latents must be [B, {', '.join(map(str, expected))}] ({what}), got {tuple(condition.shape)}"
+            )
+        if condition.shape[0] != batch_size:
+            if condition.shape[0] != 1:
+                raise ValueError(f"image_latents has batch {condition.shape[0]}, expected 1 or {batch_size}")
+            condition = condition.repeat(batch_size, 1, 1, 1, 1)
+
+        if self.config.expand_timesteps:
+            first_frame_mask = torch.ones(1, 1, num_latent_frames, latent_height, latent_width, dtype=dtype, device=device)
+            first_frame_mask[:, :, 0] = 0
+            return latents, condition, first_frame_mask
+
+        # Wan2.1 I2V / FLF2V mask (as stock): pixel frames 0 (and the last one with an end image) are known; frame 0
+        # repeated vae_scale_factor_temporal times, folded into vae_scale_factor_temporal mask channels.
+        mask = torch.ones(batch_size, 1, num_frames, latent_height, latent_width)
+        if has_last_image:
+            mask[:, :, 1 : num_frames - 1] = 0
+        else:
+            mask[:, :, 1:] = 0
+        first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=self.vae_scale_factor_temporal)
+        mask = torch.cat([first, mask[:, :, 1:]], dim=2)
+        mask = mask.view(batch_size, -1, self.vae_scale_factor_temporal, latent_height, latent_width).transpose(1, 2)
+        mask = mask.to(condition.device)
+        return latents, torch.cat([mask, condition], dim=1)
+
+    def _pinning_callback(self, callback, tensor_inputs: list[str]):
+        """Wrap the user's step-end callback: pin frame 0 of ``latents`` first, then call it."""
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            user_inputs = list(callback.tensor_inputs)
+        else:
+            user_inputs = list(tensor_inputs or [])
+        inputs = user_inputs + ([] if "latents" in user_inputs else ["latents"])
+        state = self._reference_call
+
+        def pin_then_callback(pipe, step_index, timestep, callback_kwargs):
+            condition, first_frame_mask = state["pin"]
+            latents = (1 - first_frame_mask) * condition + first_frame_mask * callback_kwargs["latents"]
+            callback_kwargs["latents"] = latents
+            outputs = {"latents": latents}
+            if callback is not None:
+                user_kwargs = {k: callback_kwargs[k] for k in user_inputs}
+                outputs.update(callback(pipe, step_index, timestep, user_kwargs) or {})
+            return outputs
+
+        return pin_then_callback, inputs
+
+    # ----------------------------------------------------------------------------------------------- call
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: PipelineImageInput | None = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        guidance_scale_2: float | None = None,
+        num_videos_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        last_image: torch.Tensor | None = None,
+        output_type: str | None = "np",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = 512,
+        image_latents: torch.Tensor | None = None,
+    ) -> WanPipelineOutput | tuple:
+        r"""
+        Image-to-video generation; the arguments of :meth:`diffusers.WanImageToVideoPipeline.__call__` plus:
+
+        Args:
+            image_latents (`torch.Tensor`, *optional*):
+                Normalized VAE latents of the conditioning frames (``(vae.encode(x).mode - latents_mean) /
+                latents_std``), used instead of encoding ``image`` (and ``last_image``):
+
+                * ``expand_timesteps=True`` (TI2V-5B): the image latent ``[B, z_dim, 1, h, w]``;
+                * otherwise: the latents of the whole conditioning video ``[image, zeros..., (last_image)]``,
+                  ``[B, z_dim, T_lat, h, w]`` (the frame mask is built here as in stock).
+
+                ``image`` may then be omitted unless the transformer has a CLIP branch and no ``image_embeds`` are
+                given (CLIP still needs the pixels).
+
+        Examples:
+            >>> out = pipe(image_latents=z, latents=noise, prompt_embeds=ctx, negative_prompt_embeds=neg,  # doctest: +SKIP
+            ...            height=704, width=1280, num_frames=121, output_type="latent")
+        """
+        if image is None and image_latents is None:
+            raise ValueError("pass `image` or `image_latents`")
+        if image_latents is not None and image is None:
+            needs_clip = self.transformer is not None and self.transformer.config.image_dim is not None
+            if needs_clip and image_embeds is None:
+                raise ValueError("this transformer has a CLIP branch: with `image_latents` pass `image` or `image_embeds`")
+            # stock preprocesses `image` unconditionally; its pixels are not used (no VAE encode, no CLIP)
+            image = torch.zeros(1, 3, height, width)
+        self._reference_call = {"image_latents": image_latents}
+        if self.config.expand_timesteps:
+            callback_on_step_end, callback_on_step_end_tensor_inputs = self._pinning_callback(
+                callback_on_step_end, callback_on_step_end_tensor_inputs
+            )
+        try:
+            return super().__call__(
+                image=image,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                guidance_scale_2=guidance_scale_2,
+                num_videos_per_prompt=num_videos_per_prompt,
+                generator=generator,
+                latents=latents,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                image_embeds=image_embeds,
+                last_image=last_image,
+                output_type=output_type,
+                return_dict=return_dict,
+                attention_kwargs=attention_kwargs,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                max_sequence_length=max_sequence_length,
+            )
+        finally:
+            self._reference_call = None

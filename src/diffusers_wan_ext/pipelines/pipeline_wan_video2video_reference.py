@@ -1,0 +1,256 @@
+"""``WanVideoToVideoReferencePipeline``: stock ``WanVideoToVideoPipeline`` plus DiffSynth's ``denoising_strength``.
+
+Two video-to-video rules exist for Wan:
+
+* **Stock Diffusers** (``strength``, img2img style): the scheduler's full ``N``-step schedule is built and its first
+  ``N - int(N * strength)`` steps are dropped; the input latents are noised at the first remaining timestep.  The
+  loop runs ``int(N * strength)`` steps.
+* **DiffSynth-Studio** (``denoising_strength``, ``WanVideoPipeline`` with ``input_video``): the schedule itself is
+  rebuilt as ``linspace(strength, 0, N + 1)[:N]`` (then shifted), so **all N steps run**, starting at
+  ``sigma_0 = shift(strength)``; the input latents are noised to that sigma, ``(1 - sigma_0) * x0 + sigma_0 * noise``.
+
+For the same ``N`` and strength the two give different timesteps and a different number of steps (N = 4, strength
+0.6, shift 5: stock runs 2 steps, ``[833.3, 625.0]`` -- the tail of the Wan schedule ``[1000, 937.5, 833.3, 625]``
+--, DiffSynth runs 4 steps at ``[882.4, 803.6, 681.8, 468.8]``).  A scheduler cannot express DiffSynth's rule through the stock pipeline, which always truncates the
+schedule, hence this subclass.  It reuses the stock denoising loop unchanged and only overrides how the timesteps
+and the start latents are prepared.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from diffusers.pipelines.wan.pipeline_wan_video2video import WanVideoToVideoPipeline, retrieve_latents
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from .._registration import ShimPipelineMixin
+from ..schedulers import WanFlowMatchScheduler
+
+__all__ = ["WanVideoToVideoReferencePipeline"]
+
+
+class WanVideoToVideoReferencePipeline(ShimPipelineMixin, WanVideoToVideoPipeline):
+    r"""
+    Wan video-to-video with DiffSynth-Studio's ``denoising_strength`` and optional pre-encoded input latents.
+
+    Everything of :class:`diffusers.WanVideoToVideoPipeline` is unchanged (components, ``strength``, callbacks,
+    offloading, LoRA loading); three call arguments are added:
+
+    * ``denoising_strength`` -- DiffSynth's rule: all ``num_inference_steps`` steps on the schedule that starts at
+      ``shift(denoising_strength)``.  The scheduler must either take ``set_timesteps(..., denoising_strength=)``
+      (:class:`~diffusers_wan_ext.schedulers.WanFlowMatchScheduler`, exact DiffSynth schedule) or be a flow
+      scheduler that shifts custom ``sigmas`` (``FlowMatchEulerDiscreteScheduler`` without dynamic shifting, UniPC
+      with ``use_flow_sigmas``, :class:`~diffusers_wan_ext.schedulers.WanFlowUniPCScheduler`); those get
+      ``sigmas=linspace(denoising_strength, 0, N + 1)[:N]``.  ``strength`` is ignored when it is given.
+    * ``video_latents`` -- the clean, normalized latents of the input video (what ``vae.encode`` followed by the
+      ``latents_mean`` / ``latents_std`` normalization returns), instead of ``video``; the VAE encoder is skipped.
+    * ``noise`` -- the Gaussian noise mixed into the input latents (default: drawn with ``generator``, as stock does).
+
+    Args:
+        tokenizer ([`AutoTokenizer`]): umT5 tokenizer (may be ``None`` when only ``prompt_embeds`` are passed).
+        text_encoder ([`UMT5EncoderModel`]): umT5 encoder (may be ``None`` when only ``prompt_embeds`` are passed).
+        transformer ([`WanTransformer3DModel`]): the Wan DiT.
+        vae ([`AutoencoderKLWan`]): Wan VAE (may be ``None`` with ``video_latents`` and ``output_type="latent"``).
+        scheduler ([`FlowMatchEulerDiscreteScheduler`] or any flow scheduler): e.g.
+            :class:`~diffusers_wan_ext.schedulers.WanFlowMatchScheduler` for DiffSynth-exact sampling.
+
+    Example:
+        >>> import torch
+        >>> from diffusers_wan_ext.pipelines import WanVideoToVideoReferencePipeline
+        >>> from diffusers_wan_ext.schedulers import WanFlowMatchScheduler
+        >>> pipe = WanVideoToVideoReferencePipeline.from_pretrained(  # doctest: +SKIP
+        ...     "Wan2.1-T2V-1.3B-Diffusers", scheduler=WanFlowMatchScheduler(shift=5.0), torch_dtype=torch.bfloat16
+        ... )
+        >>> video = pipe(video=frames, prompt="a cat surfing", denoising_strength=0.6,  # doctest: +SKIP
+        ...              num_inference_steps=50).frames[0]
+    """
+
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        transformer: WanTransformer3DModel,
+        vae: AutoencoderKLWan,
+        scheduler: FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler | WanFlowMatchScheduler,
+    ) -> None:
+        super().__init__(
+            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
+        )
+        self._reference_call: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------- overrides
+    def get_timesteps(self, num_inference_steps: int, timesteps: torch.Tensor, strength: float, device):
+        """Stock truncation by ``strength``, or -- with ``denoising_strength`` -- DiffSynth's full ``N``-step schedule
+        starting at ``shift(denoising_strength)``."""
+        state = self._reference_call or {}
+        strength_ds = state.get("denoising_strength")
+        if strength_ds is None:
+            return super().get_timesteps(num_inference_steps, timesteps, strength, device)
+        set_strength_schedule(self.scheduler, num_inference_steps, strength_ds, device)
+        return self.scheduler.timesteps, len(self.scheduler.timesteps)
+
+    def prepare_latents(
+        self,
+        video: torch.Tensor | None = None,
+        batch_size: int = 1,
+        num_channels_latents: int = 16,
+        height: int = 480,
+        width: int = 832,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Stock start latents, plus the ``video_latents`` / ``noise`` inputs of :meth:`__call__`."""
+        state = self._reference_call or {}
+        clean, noise = state.get("video_latents"), state.get("noise")
+        if clean is None and noise is None:
+            return super().prepare_latents(
+                video, batch_size, num_channels_latents, height, width, dtype, device, generator, latents, timestep
+            )
+        if clean is None:  # explicit noise with a pixel video: encode as stock does
+            clean = self.encode_video_latents(video, device=device, dtype=dtype)
+        clean = clean.to(device=device, dtype=dtype)
+        if clean.shape[0] != batch_size:
+            if clean.shape[0] != 1:
+                raise ValueError(f"video_latents has batch {clean.shape[0]}, expected 1 or {batch_size}")
+            clean = clean.expand(batch_size, *clean.shape[1:])
+        if noise is None:
+            noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=dtype)
+        else:
+            noise = noise.to(device=device, dtype=dtype)
+            if tuple(noise.shape) != tuple(clean.shape):
+                raise ValueError(f"noise has shape {tuple(noise.shape)}, the input latents {tuple(clean.shape)}")
+        if hasattr(self.scheduler, "add_noise"):
+            return self.scheduler.add_noise(clean, noise, timestep)
+        return self.scheduler.scale_noise(clean, timestep, noise)
+
+    def encode_video_latents(
+        self, video: torch.Tensor, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Normalized VAE latents of a preprocessed video ``[B, 3, F, H, W]`` in ``[-1, 1]`` (stock's encoding)."""
+        video = video.to(device=device, dtype=self.vae.dtype)
+        init = torch.cat([retrieve_latents(self.vae.encode(v.unsqueeze(0)), sample_mode="argmax") for v in video])
+        init = init.to(dtype)
+        z = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(init.device, init.dtype)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(init.device, init.dtype)
+        return (init - mean) * inv_std
+
+    # ----------------------------------------------------------------------------------------------- call
+    @torch.no_grad()
+    def __call__(
+        self,
+        video: list[Image.Image] | None = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int = 480,
+        width: int = 832,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 5.0,
+        strength: float = 0.8,
+        num_videos_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str | None = "np",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = 512,
+        denoising_strength: float | None = None,
+        video_latents: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> WanPipelineOutput | tuple:
+        r"""
+        Video-to-video generation; the arguments of :meth:`diffusers.WanVideoToVideoPipeline.__call__` plus:
+
+        Args:
+            denoising_strength (`float`, *optional*):
+                DiffSynth-Studio's strength in ``[0, 1]``: all ``num_inference_steps`` steps run on the schedule
+                ``linspace(denoising_strength, 0, N + 1)[:N]`` (shifted by the scheduler), and the input latents are
+                noised to its first sigma.  ``None`` keeps stock's ``strength`` rule.
+            video_latents (`torch.Tensor`, *optional*):
+                Clean normalized latents ``[B, C, T, h, w]`` of the input video, instead of ``video`` (the VAE
+                encoder is not run).  Mutually exclusive with ``video`` and ``latents``.
+            noise (`torch.Tensor`, *optional*):
+                Noise of the same shape as the input latents, mixed in as ``(1 - sigma_0) * x0 + sigma_0 * noise``
+                (default: drawn with ``generator``).  Not used together with ``latents`` (already noised start
+                latents, used as given as in stock).
+
+        Examples:
+            >>> out = pipe(video_latents=x0, noise=eps, denoising_strength=0.6, num_inference_steps=4,  # doctest: +SKIP
+            ...            prompt_embeds=ctx, negative_prompt_embeds=neg, height=480, width=832, output_type="latent")
+        """
+        if video_latents is not None and (video is not None or latents is not None):
+            raise ValueError("pass only one of `video`, `video_latents` and `latents`")
+        if noise is not None and latents is not None:
+            raise ValueError("`latents` are already-noised start latents; `noise` applies to `video` / `video_latents`")
+        if denoising_strength is not None:
+            if not 0.0 <= float(denoising_strength) <= 1.0:
+                raise ValueError(f"`denoising_strength` must be in [0, 1], got {denoising_strength}")
+            if timesteps is not None:
+                raise ValueError("`denoising_strength` builds its own schedule; do not pass `timesteps`")
+        self._reference_call = {"denoising_strength": denoising_strength, "video_latents": video_latents, "noise": noise}
+        try:
+            return super().__call__(
+                video=video,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                timesteps=timesteps,
+                guidance_scale=guidance_scale,
+                strength=strength,
+                num_videos_per_prompt=num_videos_per_prompt,
+                generator=generator,
+                # stock skips the pixel preprocessing when `latents` is set; our prepare_latents noises them
+                latents=video_latents if video_latents is not None else latents,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                output_type=output_type,
+                return_dict=return_dict,
+                attention_kwargs=attention_kwargs,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                max_sequence_length=max_sequence_length,
+            )
+        finally:
+            self._reference_call = None
+
+
+def set_strength_schedule(scheduler, num_inference_steps: int, denoising_strength: float, device=None) -> None:
+    """Set DiffSynth's ``denoising_strength`` schedule on ``scheduler``: ``N`` steps from ``shift(strength)`` to 0.
+
+    Schedulers with a ``denoising_strength`` argument (``WanFlowMatchScheduler``) build it themselves; flow schedulers
+    that shift custom sigmas get ``sigmas = linspace(strength, 0, N + 1)[:N]``.  Anything else raises.
+    """
+    params = inspect.signature(scheduler.set_timesteps).parameters
+    if "denoising_strength" in params:
+        scheduler.set_timesteps(num_inference_steps, device=device, denoising_strength=denoising_strength)
+        return
+    cfg = scheduler.config
+    shifts_sigmas = (
+        isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or bool(cfg.get("use_flow_sigmas", False))
+    ) and not cfg.get("use_dynamic_shifting", False)
+    if "sigmas" not in params or not shifts_sigmas:
+        raise ValueError(
+            f"{type(scheduler).__name__} cannot run DiffSynth's `denoising_strength` schedule: use "
+            "WanFlowMatchScheduler, or a flow scheduler with a fixed shift that shifts custom `sigmas`"
+        )
+    sigmas = np.linspace(float(denoising_strength), 0.0, num_inference_steps + 1)[:-1]
+    scheduler.set_timesteps(sigmas=sigmas, device=device)
