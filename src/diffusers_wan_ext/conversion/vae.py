@@ -230,34 +230,27 @@ def _unwrap(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _known_key_patterns(version: str) -> list[re.Pattern]:
-    """Regexes of every key the original layout of ``version`` may contain, derived from the key-map tables."""
-    pats = []
-    templates = [(m, leaf) for m, _, leaf in FIXED_MODULE_MAP]
-    templates += [(m, leaf) for m, _, leaf in STAGE_MODULE_MAP[version].values()]
-    for module, leaf in templates:
-        mod_re = re.escape(module)
-        for ph in ("{n}", "{stage}", "{j}"):
-            mod_re = mod_re.replace(re.escape(ph), r"\d+")
-        for src, _ in LEAF_MAPS[leaf]:
-            pats.append(re.compile(f"^{mod_re}\\.{re.escape(src)}$"))
-    # attention blocks inside the down / up stages (attn_scales): recognised so that they are reported as unsupported
-    for module, _, _ in STAGE_MODULE_MAP[version].values():
-        mod_re = re.escape(module)
-        for ph in ("{n}", "{stage}", "{j}"):
-            mod_re = mod_re.replace(re.escape(ph), r"\d+")
-        for src, _ in LEAF_MAPS["attention"]:
-            pats.append(re.compile(f"^{mod_re}\\.{re.escape(src)}$"))
-    return pats
-
-
 @functools.lru_cache(maxsize=None)
-def _known_key_patterns_cached(version: str) -> tuple[re.Pattern, ...]:
-    return tuple(_known_key_patterns(version))
+def _known_key_patterns(version: str) -> tuple[re.Pattern, ...]:
+    """Regexes of every key the original layout of ``version`` may contain, derived from the key-map tables.
+
+    Attention blocks inside the down / up stages (``attn_scales``) are recognised here so that they are reported as
+    unsupported by :func:`vae_config_from_state_dict` rather than as unknown keys.
+    """
+    entries = [(m, leaf) for m, _, leaf in FIXED_MODULE_MAP]
+    entries += [(m, leaf) for m, _, leaf in STAGE_MODULE_MAP[version].values()]
+    entries += [(m, "attention") for m, _, _ in STAGE_MODULE_MAP[version].values()]
+    pats = []
+    for module, leaf in entries:
+        mod_re = re.escape(module)
+        for ph in ("{n}", "{stage}", "{j}"):
+            mod_re = mod_re.replace(re.escape(ph), r"\d+")
+        pats += [re.compile(f"^{mod_re}\\.{re.escape(src)}$") for src, _ in LEAF_MAPS[leaf]]
+    return tuple(pats)
 
 
 def _unknown_keys(keys, version: str) -> list[str]:
-    pats = _known_key_patterns_cached(version)
+    pats = _known_key_patterns(version)
     return [k for k in keys if not any(p.match(k) for p in pats)]
 
 
@@ -528,8 +521,8 @@ def vae_key_table(config: Mapping[str, Any]) -> dict[str, str]:
     return dict(_key_table_cached(json.dumps(_clean_config(config), sort_keys=True)))
 
 
-def _rename_checked(sd: Mapping[str, torch.Tensor], table: Mapping[str, str], shapes: Mapping[str, tuple],
-                    target_shape_of, src_layout: str, version: str) -> dict[str, torch.Tensor]:
+def _rename_checked(sd: Mapping[str, torch.Tensor], table: Mapping[str, str], target_shape_of, src_layout: str,
+                    version: str) -> dict[str, torch.Tensor]:
     unexpected = [k for k in sd if k not in table]
     missing = [k for k in table if k not in sd]
     problems = []
@@ -576,7 +569,7 @@ def convert_vae_state_dict(sd: Mapping[str, torch.Tensor], config: Mapping[str, 
         raise ConversionError(f"config is_residual={config.get('is_residual')} does not match the {version} layout")
     table = vae_key_table(config)
     shapes = _target_shapes(config)
-    return _rename_checked(sd, table, shapes, lambda old, new: shapes[new], "original", version)
+    return _rename_checked(sd, table, lambda old, new: shapes[new], "original", version)
 
 
 def export_vae_state_dict(sd: Mapping[str, torch.Tensor] | Any, config: Mapping[str, Any] | None = None
@@ -597,7 +590,7 @@ def export_vae_state_dict(sd: Mapping[str, torch.Tensor] | Any, config: Mapping[
     version = WAN22 if config.get("is_residual") else WAN21
     inverse = {d: o for o, d in vae_key_table(config).items()}
     shapes = _target_shapes(config)
-    return _rename_checked(sd, inverse, shapes, lambda old, new: shapes[old], "diffusers", version)
+    return _rename_checked(sd, inverse, lambda old, new: shapes[old], "diffusers", version)
 
 
 def _read_original(path: str | os.PathLike) -> dict[str, torch.Tensor]:
