@@ -4,7 +4,6 @@ stock-pipeline compatibility, config round trips.  Tiny random models only; runs
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest

@@ -146,6 +146,13 @@ def cmd_generate(args) -> int:
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.get("guidance_scale", 5.0),
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
     )
+    from .utils.validation import validate_video_size
+
+    validate_video_size(
+        kw["height"], kw["width"], kw["num_frames"],
+        spatial_factor=getattr(pipe, "vae_scale_factor_spatial", 8), temporal_factor=getattr(pipe, "vae_scale_factor_temporal", 4),
+        patch=pipe.transformer.config.patch_size[1] if getattr(pipe, "transformer", None) is not None else 2,
+    )
     if args.image:
         kw["image"] = load_image(args.image)
     if args.last_image:
@@ -210,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ConversionError as e:
+    except (ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -66,8 +66,10 @@ class LoopRecorder:
             names = ("hidden_states", "timestep", "encoder_hidden_states")
             vals = {n: kwargs[n] if n in kwargs else args[i] for i, n in enumerate(names)}
             out = output[0] if isinstance(output, (tuple, list)) else output.sample
-            self._pending.calls.append(_Call(label, vals["hidden_states"].detach().clone(), vals["timestep"].detach().clone(),
-                                             vals["encoder_hidden_states"], out.detach().clone()))
+            self._pending.calls.append(_Call(
+                label, vals["hidden_states"].detach().clone(), vals["timestep"].detach().clone(),
+                vals["encoder_hidden_states"], out.detach().clone(),
+            ))
 
         return hook
 
@@ -211,9 +213,9 @@ def run_v2v(case: GoldenCase, tmp_path) -> dict:
     x = case.inputs
     dit = _single_dit(case)
     scheduler = WanFlowMatchScheduler(shift=float(case.value("sigma_shift")))
-    pipe = _no_progress(
-        WanVideoToVideoReferencePipeline(tokenizer=None, text_encoder=None, transformer=dit, vae=None, scheduler=scheduler)
-    )
+    pipe = _no_progress(WanVideoToVideoReferencePipeline(
+        tokenizer=None, text_encoder=None, transformer=dit, vae=None, scheduler=scheduler
+    ))
     with LoopRecorder(pipe, {"dit": dit}, x["context_posi"], x["context_nega"]) as rec:
         final = pipe(video_latents=x["input_latents"], noise=x["noise"],
                      denoising_strength=float(case.value("denoising_strength")),

@@ -74,7 +74,8 @@ class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanImageToVideoPipelin
         >>> pipe = WanImageToVideoReferencePipeline.from_pretrained(  # doctest: +SKIP
         ...     "Wan2.2-TI2V-5B-Diffusers", scheduler=WanFlowMatchScheduler(shift=5.0), torch_dtype=torch.bfloat16
         ... )
-        >>> video = pipe(image=image, prompt="a cat surfing", height=704, width=1280, num_frames=121).frames[0]  # doctest: +SKIP
+        >>> video = pipe(image=image, prompt="a cat surfing", height=704, width=1280,  # doctest: +SKIP
+        ...              num_frames=121).frames[0]
         >>> # or with latents encoded beforehand ([1, 48, 1, 44, 80] for TI2V-5B at 704x1280):
         >>> video = pipe(image_latents=z, prompt="a cat surfing", height=704, width=1280).frames[0]  # doctest: +SKIP
     """
@@ -170,7 +171,9 @@ class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanImageToVideoPipelin
             condition = condition.repeat(batch_size, 1, 1, 1, 1)
 
         if self.config.expand_timesteps:
-            first_frame_mask = torch.ones(1, 1, num_latent_frames, latent_height, latent_width, dtype=dtype, device=device)
+            first_frame_mask = torch.ones(
+                1, 1, num_latent_frames, latent_height, latent_width, dtype=dtype, device=device
+            )
             first_frame_mask[:, :, 0] = 0
             return latents, condition, first_frame_mask
 
@@ -252,15 +255,17 @@ class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanImageToVideoPipelin
                 given (CLIP still needs the pixels).
 
         Examples:
-            >>> out = pipe(image_latents=z, latents=noise, prompt_embeds=ctx, negative_prompt_embeds=neg,  # doctest: +SKIP
-            ...            height=704, width=1280, num_frames=121, output_type="latent")
+            >>> out = pipe(image_latents=z, latents=noise, prompt_embeds=ctx,  # doctest: +SKIP
+            ...            negative_prompt_embeds=neg, height=704, width=1280, num_frames=121, output_type="latent")
         """
         if image is None and image_latents is None:
             raise ValueError("pass `image` or `image_latents`")
         if image_latents is not None and image is None:
             needs_clip = self.transformer is not None and self.transformer.config.image_dim is not None
             if needs_clip and image_embeds is None:
-                raise ValueError("this transformer has a CLIP branch: with `image_latents` pass `image` or `image_embeds`")
+                raise ValueError(
+                    "this transformer has a CLIP branch: with `image_latents` pass `image` or `image_embeds`"
+                )
             # stock preprocesses `image` unconditionally; its pixels are not used (no VAE encode, no CLIP)
             image = torch.zeros(1, 3, height, width)
         self._reference_call = {"image_latents": image_latents}

@@ -11,9 +11,10 @@ Two video-to-video rules exist for Wan:
 
 For the same ``N`` and strength the two give different timesteps and a different number of steps (N = 4, strength
 0.6, shift 5: stock runs 2 steps, ``[833.3, 625.0]`` -- the tail of the Wan schedule ``[1000, 937.5, 833.3, 625]``
---, DiffSynth runs 4 steps at ``[882.4, 803.6, 681.8, 468.8]``).  A scheduler cannot express DiffSynth's rule through the stock pipeline, which always truncates the
-schedule, hence this subclass.  It reuses the stock denoising loop unchanged and only overrides how the timesteps
-and the start latents are prepared.
+--, DiffSynth runs 4 steps at ``[882.4, 803.6, 681.8, 468.8]``).  The stock pipeline asks the scheduler for the
+full ``N``-step schedule and then truncates it by ``strength``, so a scheduler alone cannot give DiffSynth's rule;
+this subclass reuses the stock denoising loop unchanged and only overrides how the timesteps and the start latents
+are prepared.
 """
 
 from __future__ import annotations
@@ -204,7 +205,9 @@ class WanVideoToVideoReferencePipeline(ShimPipelineMixin, WanVideoToVideoPipelin
                 raise ValueError(f"`denoising_strength` must be in [0, 1], got {denoising_strength}")
             if timesteps is not None:
                 raise ValueError("`denoising_strength` builds its own schedule; do not pass `timesteps`")
-        self._reference_call = {"denoising_strength": denoising_strength, "video_latents": video_latents, "noise": noise}
+        self._reference_call = {
+            "denoising_strength": denoising_strength, "video_latents": video_latents, "noise": noise
+        }
         try:
             return super().__call__(
                 video=video,

@@ -237,7 +237,9 @@ class WanFlowMatchScheduler(ShimSaveMixin, SchedulerMixin, ConfigMixin):
         sigma = self.sigmas[indices].to(device=sample.device, dtype=sample.dtype)
         return sigma.reshape(-1, *([1] * (sample.ndim - 1)))
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: float | torch.Tensor) -> torch.Tensor:
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: float | torch.Tensor
+    ) -> torch.Tensor:
         """``(1 - sigma) * original_samples + sigma * noise`` at the schedule sigma of each timestep (per batch row or
         one for all); argument order of ``DDPMScheduler.add_noise``, as ``WanVideoToVideoPipeline`` calls it."""
         sigma = self._sigmas_for(timesteps, original_samples)
