@@ -40,3 +40,34 @@ def test_variants_lists_releases(capsys):
     out = capsys.readouterr().out
     for name in ("wan2.1-t2v-1.3b", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "krea-realtime-video"):
         assert name in out
+
+
+def test_convert_model_id_and_push_to_hub_use_the_hub_clients(tiny_release, tmp_path, monkeypatch):
+    """--model-id fetches the release (ModelScope, else the Hub) and --push-to-hub uploads the converted folder;
+    both clients are replaced by local fakes here (no network), the conversion itself is real."""
+    import sys
+    import types
+
+    import huggingface_hub
+
+    calls = {}
+    monkeypatch.setitem(sys.modules, "modelscope", None)  # not installed -> the Hub client is used
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, cache_dir=None: calls.setdefault("download", repo_id) and str(tiny_release("t2v")))
+
+    class FakeApi:
+        def create_repo(self, repo_id, private=False, exist_ok=True):
+            calls["create"] = (repo_id, private)
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, repo_id, commit_message=""):
+            from pathlib import Path
+
+            calls["uploaded"] = sorted(p.name for p in Path(folder_path).iterdir())
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    dst = tmp_path / "out"
+    assert main(["convert", "-", str(dst), "--model-id", "Wan-AI/Wan2.1-T2V-1.3B", "--dtype", "fp32",
+                 "--push-to-hub", "me/wan-tiny"]) == 0
+    assert calls["download"] == "Wan-AI/Wan2.1-T2V-1.3B" and calls["create"] == ("me/wan-tiny", False)
+    assert "model_index.json" in calls["uploaded"] and "README.md" in calls["uploaded"]
