@@ -172,3 +172,20 @@ def test_cli_convert(tiny_release, tmp_path, capsys):
     assert main(["convert", str(tiny_release("t2v")), str(tmp_path / "out2"), "--variant", "wan2.2-ti2v-5b"]) == 2
     assert "wan2.2-ti2v-5b" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("scheduler,cls", [("euler", "FlowMatchEulerDiscreteScheduler"),
+                                           ("diffsynth", "WanFlowMatchScheduler"),
+                                           ("original-unipc", "WanFlowUniPCScheduler")])
+def test_scheduler_options(converted, scheduler, cls):
+    import diffusers_wan_ext  # noqa: F401  (our schedulers)
+
+    folder = converted("t2v", 1, 512, scheduler)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["scheduler"][1] == cls
+    if cls.startswith("Wan"):
+        assert index["scheduler"][0] == "diffusers_wan_ext"
+        assert (folder / "scheduler" / "diffusers_wan_ext.py").exists()  # shim for trust_remote_code loading
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    assert type(pipe.scheduler).__name__ == cls
+    assert torch.isfinite(_run(pipe)).all()

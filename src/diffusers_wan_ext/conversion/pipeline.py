@@ -50,7 +50,7 @@ def _scheduler_factory(kind: str, shift: float):
     if kind == "original-unipc":
         from ..schedulers import WanFlowUniPCScheduler
 
-        return WanFlowUniPCScheduler(shift=shift)
+        return WanFlowUniPCScheduler(flow_shift=shift)
     raise ConversionError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
