@@ -390,21 +390,26 @@ def find_dit_files(folder: str | os.PathLike) -> Path | None:
     return None
 
 
-def read_dit_folder_or_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load DiT weights and the release ``config.json`` (if any) from a folder, a file or a shard index."""
+def locate_dit(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The DiT weights (file or shard index) of a folder or file, and the release ``config.json`` beside them."""
     path = Path(path)
-    cfg: dict[str, Any] = {}
     if path.is_dir():
         weights = find_dit_files(path)
         if weights is None:
             raise ConversionError(f"{path}: no DiT weights (diffusion_pytorch_model*.safetensors) in this folder")
-        cfg_path = path / "config.json"
     else:
         weights = path
-        cfg_path = path.parent / "config.json"
+    cfg_path = weights.parent / "config.json"
+    cfg: dict[str, Any] = {}
     if cfg_path.exists():
         try:
             cfg = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ConversionError(f"{cfg_path}: invalid JSON ({e})") from e
+    return weights, cfg
+
+
+def read_dit_folder_or_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load DiT weights and the release ``config.json`` (if any) from a folder, a file or a shard index."""
+    weights, cfg = locate_dit(path)
     return load_state_dict(weights), cfg

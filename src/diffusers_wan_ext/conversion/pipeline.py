@@ -15,7 +15,16 @@ from typing import Any, Callable
 import torch
 
 from ..utils.io import ConversionError, _format_keys, atomic_output_dir, load_state_dict, strip_known_prefixes
-from .dit import DitInfo, build_transformer, cast_state_dict, check_shapes, convert_dit_state_dict, dit_config_from_state_dict, find_dit_files
+from .dit import (
+    DitInfo,
+    build_transformer,
+    cast_state_dict,
+    check_shapes,
+    convert_dit_state_dict,
+    dit_config_from_state_dict,
+    find_dit_files,
+    locate_dit,
+)
 from .variants import VARIANTS, WanVariant, get_variant, variants_for_arch
 
 __all__ = ["ReleaseFiles", "find_release_files", "convert_release", "DTYPES", "SCHEDULERS", "write_model_card"]
@@ -98,24 +107,13 @@ def find_release_files(
         if frag in lname:
             files.name_hint = name
 
-    def dit_entry(p: Path) -> tuple[Path, dict]:
-        if p.is_dir():
-            w = find_dit_files(p)
-            if w is None:
-                raise ConversionError(f"{p}: no diffusion_pytorch_model*.safetensors in this folder")
-            cfg_path = p / "config.json"
-        else:
-            w, cfg_path = p, p.parent / "config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        return w, cfg
-
     explicit = [Path(t) for t in (transformer, transformer_2) if t is not None]
     if explicit:
-        entries = [dit_entry(p) for p in explicit]
+        entries = [locate_dit(p) for p in explicit]
     elif src.is_file():
-        entries = [dit_entry(src)]
+        entries = [locate_dit(src)]
     elif all((src / d).is_dir() for d in EXPERT_DIRS):
-        entries = [dit_entry(src / d) for d in EXPERT_DIRS]
+        entries = [locate_dit(src / d) for d in EXPERT_DIRS]
     else:
         w = find_dit_files(src)
         if w is None:
@@ -130,9 +128,7 @@ def find_release_files(
                     f"{src}: no DiT weights found (expected diffusion_pytorch_model*.safetensors, "
                     f"{'/ '.join(EXPERT_DIRS)} sub-folders, or pass --transformer FILE)"
                 )
-        entries = [dit_entry(w if w.name.endswith(".json") else w)]
-        if w.parent == src and (src / "config.json").exists():
-            entries = [(w, json.loads((src / "config.json").read_text()))]
+        entries = [locate_dit(w)]
     files.dit = [e[0] for e in entries]
     files.dit_config = [e[1] for e in entries]
 
