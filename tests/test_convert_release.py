@@ -189,3 +189,20 @@ def test_scheduler_options(converted, scheduler, cls):
     pipe = DiffusionPipeline.from_pretrained(str(folder))
     assert type(pipe.scheduler).__name__ == cls
     assert torch.isfinite(_run(pipe)).all()
+
+
+def test_reference_i2v_pipeline_uses_reference_clip_preprocessing(converted):
+    """WanImageToVideoReferencePipeline: CLIP features = wan_clip_preprocess (torch bicubic to 224, no crop)."""
+    from diffusers_wan_ext.conversion.image_encoder import clip_image_features, wan_clip_preprocess
+    from diffusers_wan_ext.pipelines import WanImageToVideoReferencePipeline
+
+    pipe = WanImageToVideoReferencePipeline.from_pretrained(str(converted("i2v")))
+    img = _image(seed=3)
+    pipe._reference_call = {"height": 32, "width": 32}
+    feats = pipe.encode_image(img)
+    x = pipe.video_processor.preprocess(img, height=32, width=32)
+    want = clip_image_features(pipe.image_encoder, wan_clip_preprocess(x, pipe.image_encoder.config.image_size))
+    assert torch.equal(feats, want) and feats.shape[1] == 257
+    pipe._reference_call = None
+    frames = _run(pipe, image=img)
+    assert torch.isfinite(frames).all()

@@ -108,6 +108,27 @@ class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanImageToVideoPipelin
         self._reference_call: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------- overrides
+    def encode_image(self, image: PipelineImageInput, device: torch.device | None = None) -> torch.Tensor:
+        """CLIP features with the references' preprocessing (original Wan2.1 ``clip.visual`` / DiffSynth).
+
+        Each image is resized to the video size and mapped to ``[-1, 1]`` (the pipeline's own video preprocessing),
+        then :func:`~diffusers_wan_ext.conversion.image_encoder.wan_clip_preprocess` resizes it with torch bicubic
+        interpolation straight to the encoder's input size (no crop, no antialias) and normalises it; the feature is
+        the output of all blocks but the last (``hidden_states[-2]``).  FLF2V passes ``[image, last_image]`` and gets
+        both images' tokens.  Stock uses ``CLIPImageProcessor`` (PIL resize of the shortest side + center crop).
+        """
+        from ..conversion.image_encoder import clip_image_features, wan_clip_preprocess
+
+        device = device or self._execution_device
+        call = self._reference_call or {}
+        images = image if isinstance(image, (list, tuple)) else [image]
+        size = self.image_encoder.config.image_size
+        pixels = []
+        for im in images:
+            x = self.video_processor.preprocess(im, height=call.get("height"), width=call.get("width"))
+            pixels.append(wan_clip_preprocess(x.float(), size))
+        return clip_image_features(self.image_encoder, torch.cat(pixels)).to(device)
+
     def prepare_latents(
         self,
         image: PipelineImageInput,
@@ -268,7 +289,7 @@ class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanImageToVideoPipelin
                 )
             # stock preprocesses `image` unconditionally; its pixels are not used (no VAE encode, no CLIP)
             image = torch.zeros(1, 3, height, width)
-        self._reference_call = {"image_latents": image_latents}
+        self._reference_call = {"image_latents": image_latents, "height": height, "width": width}
         if self.config.expand_timesteps:
             callback_on_step_end, callback_on_step_end_tensor_inputs = self._pinning_callback(
                 callback_on_step_end, callback_on_step_end_tensor_inputs
