@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   if "$PY" -m pip download -q --no-deps --no-index -d "$(mktemp -d)" "torch==2.13.0+cpu" >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index "torch==2.13.0+cpu"
+    # the exact local build (a "+cpu" version exists only there); its dependencies come from the package index
+    "$PY" -m pip install -q "torch==2.13.0+cpu"
   else
-    "$PY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    "$PY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
   fi
 fi
 extras=${DWE_EXTRAS:-test}
