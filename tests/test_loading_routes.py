@@ -89,3 +89,22 @@ def test_other_custom_code_still_needs_trust(ext_folder, tmp_path):
     r = run_python(f"import diffusers_wan_ext\nfrom diffusers import DiffusionPipeline\n"
                    f"DiffusionPipeline.from_pretrained({str(folder)!r})")
     assert r.returncode != 0 and "trust_remote_code" in r.stderr
+
+
+def test_our_pipeline_class_round_trips_through_both_routes(converted, tmp_path):
+    """A folder saved by one of our pipeline classes names it ["diffusers_wan_ext", Class] with a root shim."""
+    code = f"""
+from diffusers_wan_ext import WanVideoToVideoReferencePipeline, WanFlowMatchScheduler
+pipe = WanVideoToVideoReferencePipeline.from_pretrained({str(converted('t2v'))!r}, scheduler=WanFlowMatchScheduler())
+pipe.save_pretrained({str(tmp_path / 'ours')!r})
+"""
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr[-3000:]
+    index = json.loads((tmp_path / "ours" / "model_index.json").read_text())
+    assert index["_class_name"] == ["diffusers_wan_ext", "WanVideoToVideoReferencePipeline"]
+    assert index["scheduler"] == ["diffusers_wan_ext", "WanFlowMatchScheduler"]
+    assert (tmp_path / "ours" / "diffusers_wan_ext.py").exists()
+    assert _route(tmp_path / "ours", kwargs=", trust_remote_code=True", expect_ours_imported=True).startswith(
+        "WanVideoToVideoReferencePipeline")
+    assert _route(tmp_path / "ours", imports="import diffusers_wan_ext\nfrom diffusers import DiffusionPipeline",
+                  expect_ours_imported=True).startswith("WanVideoToVideoReferencePipeline")
