@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..utils.io import ConversionError, _format_keys, load_state_dict, strip_known_prefixes
+from ..utils.io import ConversionError, _format_keys, load_state_dict, raise_for_key_problems, strip_known_prefixes
 
 __all__ = [
     "TOP_LEVEL_KEY_MAP",
@@ -298,15 +298,7 @@ def check_shapes(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None
     unexpected = sorted(set(sd) - set(expected))
     wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k].shape)})"
              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing key(s): {_format_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected key(s): {_format_keys(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shape(s): {_format_keys(wrong)}")
-    if problems:
-        raise ConversionError(f"{type(model).__name__}: " + "; ".join(problems))
+    raise_for_key_problems(type(model).__name__, missing, unexpected, wrong)
 
 
 def cast_state_dict(

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..utils.io import ConversionError, _format_keys, atomic_output_dir, load_state_dict, strip_known_prefixes
+from ..utils.io import ConversionError, atomic_output_dir, load_state_dict, strip_known_prefixes
 from .dit import (
     DitInfo,
     build_transformer,

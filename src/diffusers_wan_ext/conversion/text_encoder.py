@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from ..utils import ConversionError, load_state_dict, strip_known_prefixes
+from ..utils import ConversionError, load_state_dict, raise_for_key_problems, strip_known_prefixes
+from ..utils.io import _format_keys
 
 __all__ = [
     "KeyRule",
@@ -95,11 +96,6 @@ def _forward(rule: KeyRule, key: str, t: torch.Tensor) -> tuple[torch.Tensor, ..
             raise ConversionError(f"{key}: shape {tuple(t.shape)} cannot be split into {n} equal parts along dim 0")
         return tuple(t.chunk(n, dim=0))
     return TRANSFORMS[rule.kind][0](t)
-
-
-def _format_keys(keys: Iterable[str], limit: int = 12) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def _is_dropped(key: str, dropped: Iterable[str]) -> bool:
@@ -342,17 +338,10 @@ def _load_strict(model, sd: dict[str, torch.Tensor], torch_dtype: torch.dtype, a
     expected = set(model.state_dict())
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key(s): {_format_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected key(s): {_format_keys(unexpected)}")
-        raise ConversionError(f"{what}: " + "; ".join(parts))
+    raise_for_key_problems(what, missing, unexpected)
     ref = model.state_dict()
     bad = [f"{k} {tuple(v.shape)} != model {tuple(ref[k].shape)}" for k, v in sd.items() if v.shape != ref[k].shape]
-    if bad:
-        raise ConversionError(f"{what}: shape mismatch: " + "; ".join(bad[:8]))
+    raise_for_key_problems(what, wrong_shapes=bad)
     cast = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(cast, strict=True, assign=assign)
     model.to(torch_dtype)

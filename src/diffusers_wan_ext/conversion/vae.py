@@ -43,13 +43,12 @@ import math
 import os
 import re
 import warnings
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 
 from ..utils import ConversionError
-from ..utils.io import _format_keys, load_state_dict, strip_known_prefixes
+from ..utils.io import _format_keys, load_state_dict, raise_for_key_problems, strip_known_prefixes
 
 __all__ = [
     "FIXED_MODULE_MAP",
@@ -523,25 +522,16 @@ def vae_key_table(config: Mapping[str, Any]) -> dict[str, str]:
 
 def _rename_checked(sd: Mapping[str, torch.Tensor], table: Mapping[str, str], target_shape_of, src_layout: str,
                     version: str) -> dict[str, torch.Tensor]:
-    unexpected = [k for k in sd if k not in table]
-    missing = [k for k in table if k not in sd]
-    problems = []
-    if unexpected:
-        problems.append(f"unexpected keys {_format_keys(unexpected)}")
-    if missing:
-        problems.append(f"missing keys {_format_keys(missing)}")
-    if problems:
-        raise ConversionError(f"{version} VAE ({src_layout} layout): " + "; ".join(problems))
+    what = f"{version} VAE ({src_layout} layout)"
+    raise_for_key_problems(what, missing=[k for k in table if k not in sd], unexpected=[k for k in sd if k not in table])
     out, bad = {}, []
     for k, v in sd.items():
         new = table[k]
         want = target_shape_of(k, new)
         if tuple(v.shape) != want:
-            bad.append(f"{k}: {tuple(v.shape)} (expected {want})")
+            bad.append(f"{k} {tuple(v.shape)} (expected {want})")
         out[new] = v
-    if bad:
-        raise ConversionError(f"{version} VAE ({src_layout} layout): shape mismatch vs. the inferred config: "
-                              + "; ".join(bad[:12]) + (f" (+{len(bad) - 12} more)" if len(bad) > 12 else ""))
+    raise_for_key_problems(f"{what} vs. the inferred config", wrong_shapes=bad)
     return out
 
 

@@ -9,7 +9,6 @@ hard-coded 512 text tokens (``image_context_length = S - 512``).  That is right 
 
 from __future__ import annotations
 
-import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import (
     WanAttnProcessor,

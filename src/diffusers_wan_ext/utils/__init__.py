@@ -3,6 +3,7 @@ from .io import (
     atomic_output_dir,
     load_state_dict,
     load_state_dict_files,
+    raise_for_key_problems,
     strip_known_prefixes,
 )
 
@@ -11,5 +12,6 @@ __all__ = [
     "atomic_output_dir",
     "load_state_dict",
     "load_state_dict_files",
+    "raise_for_key_problems",
     "strip_known_prefixes",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "atomic_output_dir",
     "load_state_dict",
     "load_state_dict_files",
+    "raise_for_key_problems",
     "strip_known_prefixes",
 ]
 
@@ -38,6 +39,22 @@ def _format_keys(keys: Iterable[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return shown + more
+
+
+def raise_for_key_problems(
+    what: str, missing: Iterable[str] = (), unexpected: Iterable[str] = (), wrong_shapes: Iterable[str] = ()
+) -> None:
+    """Raise one :class:`ConversionError` naming every missing / unexpected / mis-shaped key (none: no error)."""
+    missing, unexpected, wrong_shapes = list(missing), list(unexpected), list(wrong_shapes)
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_format_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_format_keys(unexpected)}")
+    if wrong_shapes:
+        problems.append(f"shape mismatch: {_format_keys(wrong_shapes)}")
+    if problems:
+        raise ConversionError(f"{what}: " + "; ".join(problems))
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
