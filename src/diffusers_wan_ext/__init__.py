@@ -11,7 +11,12 @@ Example:
 
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # loadable bases, looked up by Diffusers
 
-from .models import WanExtTransformer3DModel, WanTextLenAttnProcessor
+from .models import (
+    WanExtTransformer3DModel,
+    WanFunTransformer3DModel,
+    WanMotionControllerModel,
+    WanTextLenAttnProcessor,
+)
 from .pipelines import WanImageToVideoReferencePipeline, WanVideoToVideoReferencePipeline
 from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
 
@@ -21,7 +26,9 @@ __all__ = [
     "WanExtTransformer3DModel",
     "WanFlowMatchScheduler",
     "WanFlowUniPCScheduler",
+    "WanFunTransformer3DModel",
     "WanImageToVideoReferencePipeline",
+    "WanMotionControllerModel",
     "WanTextLenAttnProcessor",
     "WanVideoToVideoReferencePipeline",
 ]

@@ -1,4 +1,15 @@
 from .attention_processor import WanTextLenAttnProcessor
+from .camera_adapter import WanCameraControlAdapter
+from .motion_controller import MotionControlHook, WanMotionControllerModel, apply_motion_control
 from .transformer_wan_ext import WanExtTransformer3DModel
+from .transformer_wan_fun import WanFunTransformer3DModel
 
-__all__ = ["WanExtTransformer3DModel", "WanTextLenAttnProcessor"]
+__all__ = [
+    "MotionControlHook",
+    "WanCameraControlAdapter",
+    "WanExtTransformer3DModel",
+    "WanFunTransformer3DModel",
+    "WanMotionControllerModel",
+    "WanTextLenAttnProcessor",
+    "apply_motion_control",
+]
