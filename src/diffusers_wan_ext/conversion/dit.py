@@ -11,6 +11,7 @@ Anything that does not fit is a :class:`~diffusers_wan_ext.utils.ConversionError
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -49,6 +50,11 @@ TOP_LEVEL_KEY_MAP: tuple[tuple[str, str], ...] = (
     ("img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed"),
     ("head.head", "proj_out"),
     ("head.modulation", "scale_shift_table"),
+    # Wan-Fun additions (WanFunTransformer3DModel keeps the release names)
+    ("ref_conv", "ref_conv"),
+    ("control_adapter", "control_adapter"),
+    # VACE (stock WanVACETransformer3DModel)
+    ("vace_patch_embedding", "vace_patch_embedding"),
 )
 
 # Inside ``blocks.N.``.  The original ``norm3`` (affine, before cross-attention) is Diffusers' ``norm2``; the
@@ -75,11 +81,15 @@ BLOCK_KEY_MAP: tuple[tuple[str, str], ...] = (
     ("ffn.2", "ffn.net.2"),
 )
 
+# Inside ``vace_blocks.N.``: a full DiT block plus the hint projections (stock ``WanVACETransformerBlock``).
+VACE_BLOCK_KEY_MAP: tuple[tuple[str, str], ...] = BLOCK_KEY_MAP + (
+    ("before_proj", "proj_in"),
+    ("after_proj", "proj_out"),
+)
+BLOCK_TABLES = {"blocks": BLOCK_KEY_MAP, "vace_blocks": VACE_BLOCK_KEY_MAP}
+
 # Key families of Wan checkpoints that other converters handle (key fragment -> what it is / where it lands).
 KNOWN_EXTENSION_KEYS: tuple[tuple[str, str], ...] = (
-    ("vace_", "VACE (conditioning-variants issue)"),
-    ("ref_conv", "Fun V1.1 reference-image conv (conditioning-variants issue)"),
-    ("control_adapter", "Fun camera control adapter (conditioning-variants issue)"),
     ("face_", "Wan2.2-Animate adapter"),
     ("motion_encoder", "Wan2.2-Animate adapter"),
     ("pose_patch_embedding", "Wan2.2-Animate adapter"),
@@ -91,6 +101,7 @@ KNOWN_EXTENSION_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_ANY_BLOCK_RE = re.compile(r"^(blocks|vace_blocks)\.(\d+)\.(.+)$")
 REQUIRED_KEYS = (
     "patch_embedding.weight",
     "text_embedding.0.weight",
@@ -114,16 +125,18 @@ def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
 
 
 def _convert(sd: Mapping[str, torch.Tensor], reverse: bool) -> dict[str, torch.Tensor]:
-    top = tuple((b, a) for a, b in TOP_LEVEL_KEY_MAP) if reverse else TOP_LEVEL_KEY_MAP
-    blk = tuple((b, a) for a, b in BLOCK_KEY_MAP) if reverse else BLOCK_KEY_MAP
+    def flip(table):
+        return tuple((b, a) for a, b in table) if reverse else table
+
+    top = flip(TOP_LEVEL_KEY_MAP)
+    blocks = {name: flip(table) for name, table in BLOCK_TABLES.items()}
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in sd.items():
-        m = _BLOCK_RE.match(key)
-        new = None
+        m = _ANY_BLOCK_RE.match(key)
         if m:
-            local = _rename(m.group(2), blk)
-            new = None if local is None else f"blocks.{m.group(1)}.{local}"
+            local = _rename(m.group(3), blocks[m.group(1)])
+            new = None if local is None else f"{m.group(1)}.{m.group(2)}.{local}"
         else:
             new = _rename(key, top)
         if new is None:
@@ -169,8 +182,8 @@ def export_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 class DitInfo:
     """What the weights say about a DiT: its architecture and the Diffusers config to build it."""
 
-    arch: str  # t2v | i2v | i2v-noclip | flf2v | ti2v
-    config: dict[str, Any]  # WanTransformer3DModel config
+    arch: str  # one of ARCHITECTURES
+    config: dict[str, Any]  # config of :attr:`model_class`
     text_len: int
     model_type: str | None = None  # as stated by the release config.json, if any
 
@@ -178,6 +191,30 @@ class DitInfo:
     def needs_text_len_processor(self) -> bool:
         # stock WanAttnProcessor splits image tokens at a hard-coded 512 text tokens
         return self.config.get("added_kv_proj_dim") is not None and self.text_len != 512
+
+    @property
+    def model_class(self) -> str:
+        """The Diffusers class that holds these weights: stock wherever stock can represent them."""
+        if "vace_layers" in self.config:
+            return "WanVACETransformer3DModel"
+        if self.config.get("ref_conv_in_channels") or self.config.get("control_adapter_in_channels"):
+            return "WanFunTransformer3DModel"
+        return "WanExtTransformer3DModel" if self.needs_text_len_processor else "WanTransformer3DModel"
+
+
+# What the DiT weights say about the release family (see :data:`diffusers_wan_ext.conversion.variants.VARIANTS`).
+ARCHITECTURES = (
+    "t2v", "i2v", "i2v-noclip", "flf2v", "ti2v", "fun-control", "fun-control-ref", "fun-camera", "vace",
+)
+# in_dim - out_dim -> architecture, for DiTs without extension modules (``ref_conv``, ``control_adapter``, VACE).
+# 20 = 4 mask + 16 image latents; 32 = 16 control + 16 image latents (Wan2.1 Fun-Control);
+# 36 = 16 control + 20 (Wan2.2 Fun-Control); 16 = image latents without mask (Wan2.1 Fun-Camera).
+EXTRA_CHANNELS_ARCH: dict[tuple[int, bool], str] = {
+    (20, True): "i2v",
+    (20, False): "i2v-noclip",
+    (32, True): "fun-control",
+    (36, False): "fun-control",
+}
 
 
 def _block_indices(sd: Mapping[str, torch.Tensor]) -> list[int]:
@@ -253,19 +290,31 @@ def dit_config_from_state_dict(
     text_len = int(cfg.get("text_len", 512))
     eps = float(cfg.get("eps", 1e-6))
 
-    if pos_len is not None:
+    ext = _extension_config(sd, cfg, dim, patch_size, num_layers)
+    extra = int(in_dim) - int(out_dim)
+    if "vace_layers" in ext:
+        if has_img or extra:
+            raise ConversionError(
+                f"VACE weights (vace_blocks.*) on a DiT with in_dim {in_dim} / img_emb {'present' if has_img else 'absent'}: "
+                "only text-to-video VACE DiTs (in_dim == out_dim, no CLIP branch) exist"
+            )
+        arch = "vace"
+    elif "control_adapter_in_channels" in ext:
+        arch = "fun-camera"
+    elif "ref_conv_in_channels" in ext:
+        arch = "fun-control-ref"
+    elif pos_len is not None:
         arch = "flf2v"
-    elif has_img:
-        arch = "i2v"
-    elif in_dim == out_dim:
+    elif extra == 0:
         arch = "ti2v" if (in_dim == 48 or cfg.get("model_type") == "ti2v") else "t2v"
-    elif in_dim == out_dim + 20:
-        arch = "i2v-noclip"
+    elif (extra, has_img) in EXTRA_CHANNELS_ARCH:
+        arch = EXTRA_CHANNELS_ARCH[(extra, has_img)]
     else:
         raise ConversionError(
             f"unknown DiT layout: in_dim {in_dim} (patch_embedding.weight) with out_dim {out_dim} (head.head.weight) "
-            "matches no Wan2.1/2.2 base variant (t2v 16/16, i2v 36/16, ti2v 48/48); Fun/VACE variants are converted "
-            "by their own converters"
+            f"and {'a' if has_img else 'no'} CLIP branch (img_emb.*) matches no Wan release (t2v 16/16, i2v / Fun-InP "
+            "36/16, Fun-Control 48/16 with CLIP or 52/16 without, Fun-Camera 32 or 36 + control_adapter.*, "
+            "ti2v 48/48, VACE 16/16 + vace_blocks.*)"
         )
     if arch == "t2v" and in_dim != 16 and cfg.get("model_type") not in (None, "t2v"):
         raise ConversionError(f"config model_type {cfg.get('model_type')!r} does not match t2v weights")
@@ -288,7 +337,69 @@ def dit_config_from_state_dict(
         rope_max_seq_len=1024,
         pos_embed_seq_len=int(pos_len) if pos_len is not None else None,
     )
+    config.update(ext)
     return DitInfo(arch=arch, config=config, text_len=text_len, model_type=cfg.get("model_type"))
+
+
+def _indices(sd: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
+    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in sd if (m := pat.match(k))})
+
+
+def _extension_config(
+    sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], dim: int, patch_size: tuple[int, ...], num_layers: int
+) -> dict[str, Any]:
+    """Config entries of the Fun (``ref_conv``, camera ``control_adapter``) and VACE modules found in ``sd``."""
+    ext: dict[str, Any] = {}
+    if "ref_conv.weight" in sd:
+        w = sd["ref_conv.weight"]
+        if w.ndim != 4 or w.shape[0] != dim or tuple(w.shape[2:]) != tuple(patch_size[1:]):
+            raise ConversionError(
+                f"ref_conv.weight {tuple(w.shape)}: expected [{dim}, C, {patch_size[1]}, {patch_size[2]}] "
+                "(a Conv2d with the DiT's spatial patch)"
+            )
+        ext["ref_conv_in_channels"] = int(w.shape[1])
+    if "control_adapter.conv.weight" in sd:
+        w = sd["control_adapter.conv.weight"]
+        in_ch = int(cfg.get("in_dim_control_adapter", 24))
+        packed = int(w.shape[1]) if w.ndim == 4 else -1
+        factor = int(round(math.sqrt(packed / in_ch))) if packed > 0 else 0
+        if w.ndim != 4 or w.shape[0] != dim or factor * factor * in_ch != packed:
+            raise ConversionError(
+                f"control_adapter.conv.weight {tuple(w.shape)}: expected [{dim}, {in_ch} * f * f, kh, kw] "
+                f"(camera adapter on a {in_ch}-channel Plücker map, pixel-unshuffle factor f)"
+            )
+        blocks = _indices(sd, "control_adapter.residual_blocks")
+        if blocks != [0]:
+            raise ConversionError(
+                f"control_adapter has residual blocks {blocks}; every Fun Control-Camera release has exactly one "
+                "(control_adapter.residual_blocks.0.*)"
+            )
+        ext["control_adapter_in_channels"] = in_ch
+        ext["control_adapter_downscale_factor"] = int(cfg.get("downscale_factor_control_adapter", factor))
+    if "vace_patch_embedding.weight" in sd:
+        w = sd["vace_patch_embedding.weight"]
+        n = _indices(sd, "vace_blocks")
+        if not n or n != list(range(len(n))):
+            raise ConversionError(f"VACE blocks are not contiguous (found vace_blocks indices {n})")
+        if "vace_blocks.0.before_proj.weight" not in sd:
+            raise ConversionError("missing key vace_blocks.0.before_proj.weight (the first VACE block's input projection)")
+        missing = [f"vace_blocks.{i}.after_proj.weight" for i in n if f"vace_blocks.{i}.after_proj.weight" not in sd]
+        if missing:
+            raise ConversionError(f"missing VACE hint projection(s): {_format_keys(missing)}")
+        if "vace_layers" in cfg:
+            layers = [int(i) for i in cfg["vace_layers"]]
+        else:  # releases: every 2nd (1.3B, 15 of 30) or every 5th block (14B, 8 of 40), starting at 0
+            step = math.ceil(num_layers / len(n))
+            layers = list(range(0, num_layers, step))
+        if len(layers) != len(n) or layers[0] != 0 or max(layers) >= num_layers:
+            raise ConversionError(
+                f"{len(n)} VACE blocks (vace_blocks.*) but vace_layers {layers} for {num_layers} DiT blocks: give "
+                "vace_layers in config.json (the DiT block indices after which each VACE hint is added, starting at 0)"
+            )
+        ext["vace_layers"] = layers
+        ext["vace_in_channels"] = int(w.shape[1])
+    return ext
 
 
 def check_shapes(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
@@ -322,15 +433,17 @@ def cast_state_dict(
 def build_transformer(info: DitInfo):
     """Instantiate the Diffusers transformer class for ``info`` (stock where stock covers it), parameters on meta."""
     from accelerate import init_empty_weights
-    from diffusers import WanTransformer3DModel
 
-    from ..models.transformer_wan_ext import WanExtTransformer3DModel
+    import diffusers
 
+    import diffusers_wan_ext
+
+    cls = getattr(diffusers_wan_ext, info.model_class, None) or getattr(diffusers, info.model_class)
+    kwargs = dict(info.config)
+    if "text_len" in inspect.signature(cls.__init__).parameters:
+        kwargs["text_len"] = info.text_len
     with init_empty_weights():  # parameters on meta, buffers (RoPE tables) real
-        if info.needs_text_len_processor:
-            model = WanExtTransformer3DModel(**info.config, text_len=info.text_len)
-        else:
-            model = WanTransformer3DModel(**info.config)
+        model = cls(**kwargs)
     return model
 
 

@@ -38,7 +38,21 @@ VAE_FILES = {"wan2.1": "Wan2.1_VAE.pth", "wan2.2": "Wan2.2_VAE.pth"}
 TOKENIZER_DIR = "google/umt5-xxl"
 EXPERT_DIRS = ("high_noise_model", "low_noise_model")  # -> transformer, transformer_2
 # File-name hints for single-file DiTs whose weights alone do not name the release.
-FILENAME_HINTS = (("krea", "krea-realtime-video"),)
+# (fragments that must all occur in the lower-cased name, variant) -- first match wins.
+FILENAME_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("krea",), "krea-realtime-video"),
+    (("fun", "1.3b", "inp"), "wan2.1-fun-1.3b-inp"),
+    (("wan2.2", "fun", "inp"), "wan2.2-fun-a14b-inp"),
+    (("fun", "inp"), "wan2.1-fun-14b-inp"),
+)
+
+
+def _name_hint(name: str) -> str | None:
+    name = name.lower()
+    for frags, variant in FILENAME_HINTS:
+        if all(f in name for f in frags):
+            return variant
+    return None
 
 
 def _scheduler_factory(kind: str, shift: float):
@@ -102,10 +116,7 @@ def find_release_files(
         raise ConversionError(f"{src}: no such file or folder")
     files = ReleaseFiles()
     root = src if src.is_dir() else src.parent
-    lname = src.name.lower()
-    for frag, name in FILENAME_HINTS:
-        if frag in lname:
-            files.name_hint = name
+    files.name_hint = _name_hint(src.name)
 
     explicit = [Path(t) for t in (transformer, transformer_2) if t is not None]
     if explicit:
@@ -120,9 +131,7 @@ def find_release_files(
             singles = [p for p in src.glob("*.safetensors")]
             if len(singles) == 1:
                 w = singles[0]
-                for frag, name in FILENAME_HINTS:
-                    if frag in w.name.lower():
-                        files.name_hint = name
+                files.name_hint = _name_hint(w.name) or files.name_hint
             else:
                 raise ConversionError(
                     f"{src}: no DiT weights found (expected diffusion_pytorch_model*.safetensors, "
@@ -150,9 +159,10 @@ def choose_variant(info: DitInfo, experts: int, name: str | None, hint: str | No
                 f"img_emb.* {'present' if info.config.get('image_dim') else 'absent'})"
             )
         return v
+    width = info.config["num_attention_heads"] * info.config["attention_head_dim"]
     if hint:
         v = get_variant(hint)
-        if v.arch == info.arch and v.experts == experts:
+        if v.arch == info.arch and v.experts == experts and v.dim in (None, width):
             return v
     candidates = variants_for_arch(info.arch, experts)
     if not candidates:
@@ -160,7 +170,6 @@ def choose_variant(info: DitInfo, experts: int, name: str | None, hint: str | No
             f"no Wan release has a {info.arch} DiT with {experts} expert(s); pass --variant "
             f"({', '.join(v.name for v in VARIANTS)})"
         )
-    width = info.config["num_attention_heads"] * info.config["attention_head_dim"]
     exact = [v for v in candidates if v.dim == width and v.num_layers == info.config["num_layers"]]
     if exact:
         return exact[0]

@@ -19,7 +19,7 @@ class WanVariant:
     """One release: how it is recognised and what its converted folder contains."""
 
     name: str
-    arch: str  # t2v | i2v | flf2v | ti2v  (what the DiT keys say)
+    arch: str  # one of dit.ARCHITECTURES (what the DiT keys say)
     release: str  # Hub id of the original release
     dim: int | None = None  # release width (None: any width, e.g. tiny test models)
     num_layers: int | None = None
@@ -71,6 +71,69 @@ VARIANTS: tuple[WanVariant, ...] = (
         "wan2.2-ti2v-5b", "ti2v", "Wan-AI/Wan2.2-TI2V-5B", dim=3072, num_layers=30, vae="wan2.2",
         expand_timesteps=True, flow_shift=5.0, height=704, width=1280, num_frames=121, fps=24,
     ),
+    # --- Wan-Fun (PAI / VideoX-Fun): sampling defaults of VideoX-Fun's predict_* examples -----------------------
+    WanVariant(
+        "wan2.1-fun-1.3b-inp", "i2v", "PAI/Wan2.1-Fun-1.3B-InP", dim=1536, num_layers=30, image_encoder=True,
+        pipeline="WanFunInpaintPipeline", flow_shift=3.0, guidance_scale=6.0,
+        aliases=("wan2.1-fun-v1.1-1.3b-inp",), notes="V1.1-1.3B-InP has the same layout: --variant picks the name",
+    ),
+    WanVariant(
+        "wan2.1-fun-14b-inp", "i2v", "PAI/Wan2.1-Fun-14B-InP", dim=5120, num_layers=40, image_encoder=True,
+        pipeline="WanFunInpaintPipeline", flow_shift=3.0, guidance_scale=6.0, aliases=("wan2.1-fun-v1.1-14b-inp",),
+        notes="same layout as Wan2.1-I2V-14B: detected from a folder name containing 'Fun' or chosen by --variant",
+    ),
+    WanVariant(
+        "wan2.1-fun-1.3b-control", "fun-control", "PAI/Wan2.1-Fun-1.3B-Control", dim=1536, num_layers=30,
+        image_encoder=True, pipeline="WanFunControlPipeline", flow_shift=3.0, guidance_scale=6.0,
+    ),
+    WanVariant(
+        "wan2.1-fun-14b-control", "fun-control", "PAI/Wan2.1-Fun-14B-Control", dim=5120, num_layers=40,
+        image_encoder=True, pipeline="WanFunControlPipeline", flow_shift=3.0, guidance_scale=6.0,
+    ),
+    WanVariant(
+        "wan2.1-fun-v1.1-1.3b-control", "fun-control-ref", "PAI/Wan2.1-Fun-V1.1-1.3B-Control", dim=1536,
+        num_layers=30, image_encoder=True, pipeline="WanFunControlPipeline", flow_shift=3.0, guidance_scale=6.0,
+    ),
+    WanVariant(
+        "wan2.1-fun-v1.1-14b-control", "fun-control-ref", "PAI/Wan2.1-Fun-V1.1-14B-Control", dim=5120,
+        num_layers=40, image_encoder=True, pipeline="WanFunControlPipeline", flow_shift=3.0, guidance_scale=6.0,
+    ),
+    WanVariant(
+        "wan2.1-fun-v1.1-1.3b-control-camera", "fun-camera", "PAI/Wan2.1-Fun-V1.1-1.3B-Control-Camera", dim=1536,
+        num_layers=30, image_encoder=True, pipeline="WanFunCameraControlPipeline", flow_shift=3.0, guidance_scale=6.0,
+    ),
+    WanVariant(
+        "wan2.1-fun-v1.1-14b-control-camera", "fun-camera", "PAI/Wan2.1-Fun-V1.1-14B-Control-Camera", dim=5120,
+        num_layers=40, image_encoder=True, pipeline="WanFunCameraControlPipeline", flow_shift=3.0,
+        guidance_scale=6.0,
+    ),
+    WanVariant(
+        "wan2.2-fun-a14b-inp", "i2v-noclip", "PAI/Wan2.2-Fun-A14B-InP", dim=5120, num_layers=40, experts=2,
+        pipeline="WanFunInpaintPipeline", boundary_ratio=0.9, flow_shift=5.0, guidance_scale=6.0,
+        notes="same layout as Wan2.2-I2V-A14B: detected from a folder name containing 'Fun' or chosen by --variant",
+    ),
+    WanVariant(
+        "wan2.2-fun-a14b-control", "fun-control-ref", "PAI/Wan2.2-Fun-A14B-Control", dim=5120, num_layers=40,
+        experts=2, pipeline="WanFunControlPipeline", boundary_ratio=0.9, flow_shift=5.0, guidance_scale=6.0,
+    ),
+    WanVariant(
+        "wan2.2-fun-a14b-control-camera", "fun-camera", "PAI/Wan2.2-Fun-A14B-Control-Camera", dim=5120,
+        num_layers=40, experts=2, pipeline="WanFunCameraControlPipeline", boundary_ratio=0.9, flow_shift=5.0,
+        guidance_scale=6.0,
+    ),
+    # --- VACE: stock WanVACEPipeline ---------------------------------------------------------------------------
+    WanVariant(
+        "wan2.1-vace-1.3b", "vace", "Wan-AI/Wan2.1-VACE-1.3B", dim=1536, num_layers=30, pipeline="WanVACEPipeline",
+        aliases=("vace-wan2.1-1.3b-preview",), notes="iic/VACE-Wan2.1-1.3B-Preview has the same layout",
+    ),
+    WanVariant(
+        "wan2.1-vace-14b", "vace", "Wan-AI/Wan2.1-VACE-14B", dim=5120, num_layers=40, pipeline="WanVACEPipeline",
+        height=720, width=1280,
+    ),
+    WanVariant(
+        "wan2.2-vace-fun-a14b", "vace", "PAI/Wan2.2-VACE-Fun-A14B", dim=5120, num_layers=40, experts=2,
+        pipeline="WanVACEPipeline", boundary_ratio=0.875, flow_shift=5.0, guidance_scale=5.0,
+    ),
     WanVariant(
         "krea-realtime-video", "t2v", "krea/krea-realtime-video", dim=5120, num_layers=40,
         flow_shift=20.0, num_inference_steps=6, guidance_scale=1.0,
@@ -78,7 +141,7 @@ VARIANTS: tuple[WanVariant, ...] = (
     ),
 )
 
-ARCHITECTURES = ("t2v", "i2v", "i2v-noclip", "flf2v", "ti2v")
+from .dit import ARCHITECTURES  # noqa: E402  (what the DiT weights can say)
 
 
 def get_variant(name: str) -> WanVariant:
