@@ -59,9 +59,18 @@ def test_unknown_key_is_named(tiny_release):
 
 def test_extension_keys_are_recognised(tiny_release):
     sd = load_file(str(tiny_release("t2v") / "diffusion_pytorch_model.safetensors"))
-    sd["vace_blocks.0.before_proj.weight"] = torch.zeros(2)
-    with pytest.raises(ConversionError, match="VACE"):
+    sd["face_adapter.fuser_blocks.0.linear1_kv.weight"] = torch.zeros(2)
+    with pytest.raises(ConversionError, match="Animate"):
         convert_dit_state_dict(sd)
+
+
+def test_partial_vace_weights_are_named(tiny_release):
+    from diffusers_wan_ext.conversion.dit import load_dit_from_original
+
+    sd = load_file(str(tiny_release("t2v") / "diffusion_pytorch_model.safetensors"))
+    sd["vace_blocks.0.before_proj.weight"] = torch.zeros(48, 48)  # VACE block without vace_patch_embedding
+    with pytest.raises(ConversionError, match=r"vace_blocks\.0\.proj_in\.weight"):
+        load_dit_from_original(sd)
 
 
 def test_inconsistent_blocks_are_named(tiny_release):

@@ -34,6 +34,9 @@ def _add_convert(sub):
     p.add_argument("--vae", help="Wan2.1_VAE.pth or Wan2.2_VAE.pth")
     p.add_argument("--image-encoder", help="models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
     p.add_argument("--image-encoder-heads", type=int, help="CLIP heads (only for non-release widths)")
+    p.add_argument("--motion-controller", metavar="FILE",
+                   help="speed-control model.safetensors (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1) to add as a "
+                        "component of a Wan2.1 T2V folder (-> WanSpeedControlPipeline)")
     p.add_argument("--transformer-only", action="store_true", help="write only the transformer model folder")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--model-id", help="fetch the original release first (ModelScope if installed, else the Hub)")
@@ -74,12 +77,20 @@ def cmd_convert(args) -> int:
         src, args.dst, variant=args.variant, dtype=args.dtype, scheduler=args.scheduler,
         transformer=args.transformer, transformer_2=args.transformer_2, text_encoder=args.text_encoder,
         tokenizer=args.tokenizer, vae=args.vae, image_encoder=args.image_encoder,
-        image_encoder_heads=args.image_encoder_heads, transformer_only=args.transformer_only,
-        overwrite=args.overwrite,
+        image_encoder_heads=args.image_encoder_heads, motion_controller=args.motion_controller,
+        transformer_only=args.transformer_only, overwrite=args.overwrite,
     )
     print(f"converted -> {out}")
     if args.push_to_hub:
         print(f"uploaded -> {push_folder(out, args.push_to_hub, private=args.private)}")
+    return 0
+
+
+def cmd_add_motion_controller(args) -> int:
+    from .conversion.pipeline import add_motion_controller
+
+    out = add_motion_controller(args.folder, args.motion_controller, dtype=args.dtype)
+    print(f"added motion_controller -> {out} (now a WanSpeedControlPipeline)")
     return 0
 
 
@@ -175,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-wan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
+    p = sub.add_parser("add-motion-controller",
+                       help="add the speed-control module to a converted Wan2.1-T2V-1.3B folder")
+    p.add_argument("folder", help="converted Diffusers folder (Wan2.1 T2V)")
+    p.add_argument("motion_controller", help="speed-control model.safetensors")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the transformer's storage dtype")
     p = sub.add_parser("export-dit", help="Diffusers transformer -> original Wan key layout (ComfyUI / LoRA interop)")
     p.add_argument("src", help="transformer folder or safetensors file in the Diffusers layout")
     p.add_argument("dst", help="output .safetensors")
@@ -207,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"convert": cmd_convert, "export-dit": cmd_export_dit, "demo": cmd_demo, "generate": cmd_generate,
+COMMANDS = {"convert": cmd_convert, "add-motion-controller": cmd_add_motion_controller, "export-dit": cmd_export_dit, "demo": cmd_demo, "generate": cmd_generate,
             "variants": cmd_variants}
 
 

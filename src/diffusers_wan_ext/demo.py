@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["TINY", "make_tiny_release", "run_demo"]
+__all__ = ["TINY", "make_tiny_release", "make_tiny_motion_controller", "run_demo"]
 
 # Widths of the tiny releases (structure is real: depths, patching, RoPE split, token counts).
 TINY = dict(
@@ -23,28 +23,55 @@ TINY = dict(
     clip_heads=2, clip_image=224, t5_vocab=256, vae_dim=8,
 )
 
-ARCH_CONFIG = {  # original config.json fields per architecture
+ARCH_CONFIG = {  # original config.json fields per architecture (+ which extension modules the DiT has)
     "t2v": dict(model_type="t2v", in_dim=16, out_dim=16),
-    "i2v": dict(model_type="i2v", in_dim=36, out_dim=16),
+    "i2v": dict(model_type="i2v", in_dim=36, out_dim=16, clip=True),
     "i2v-noclip": dict(model_type="i2v", in_dim=36, out_dim=16),
-    "flf2v": dict(model_type="flf2v", in_dim=36, out_dim=16),
+    "flf2v": dict(model_type="flf2v", in_dim=36, out_dim=16, clip=True),
     "ti2v": dict(model_type="ti2v", in_dim=48, out_dim=48),
+    "fun-control": dict(model_type="i2v", in_dim=48, out_dim=16, clip=True),
+    "fun-control-ref": dict(model_type="i2v", in_dim=48, out_dim=16, clip=True, ref=True),
+    "fun-camera": dict(model_type="i2v", in_dim=32, out_dim=16, clip=True, camera=True),
+    "vace": dict(model_type="vace", in_dim=16, out_dim=16, vace=True),
+}
+# Wan2.2-Fun A14B (two experts): no CLIP branch, 20-channel mask + image condition
+WAN22_FUN = {
+    "fun-control-ref": dict(in_dim=52, clip=False),
+    "fun-camera": dict(in_dim=36, clip=False),
 }
 
 
-def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator) -> tuple[dict, dict]:
-    from diffusers import WanTransformer3DModel
+def _arch_config(arch: str, experts: int) -> dict:
+    a = dict(ARCH_CONFIG[arch])
+    if experts == 2:
+        a.update(WAN22_FUN.get(arch, {}))
+    return a
+
+
+def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator, experts: int = 1) -> tuple[dict, dict]:
+    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
     from .conversion.dit import export_dit_state_dict
+    from .models.transformer_wan_fun import WanFunTransformer3DModel
 
-    a = ARCH_CONFIG[arch]
-    clip = arch in ("i2v", "flf2v")
-    model = WanTransformer3DModel(
+    a = _arch_config(arch, experts)
+    clip = a.get("clip", False)
+    kwargs = dict(
         num_attention_heads=TINY["num_heads"], attention_head_dim=TINY["dim"] // TINY["num_heads"],
         in_channels=a["in_dim"], out_channels=a["out_dim"], text_dim=TINY["text_dim"], freq_dim=TINY["freq_dim"],
         ffn_dim=TINY["ffn_dim"], num_layers=TINY["num_layers"], image_dim=TINY["clip_dim"] if clip else None,
         added_kv_proj_dim=TINY["dim"] if clip else None, pos_embed_seq_len=2 * 257 if arch == "flf2v" else None,
     )
+    vace_layers = list(range(TINY["num_layers"]))
+    if a.get("vace"):
+        model = WanVACETransformer3DModel(**kwargs, vace_layers=vace_layers, vace_in_channels=96)
+    elif a.get("ref") or a.get("camera"):
+        model = WanFunTransformer3DModel(
+            **kwargs, ref_conv_in_channels=16 if a.get("ref") else None,
+            control_adapter_in_channels=24 if a.get("camera") else None,
+        )
+    else:
+        model = WanTransformer3DModel(**kwargs)
     sd = {}
     for k, v in model.state_dict().items():
         std = 0.02 if v.ndim > 1 else 0.01
@@ -54,7 +81,23 @@ def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator) -
         "ffn_dim": TINY["ffn_dim"], "freq_dim": TINY["freq_dim"], "in_dim": a["in_dim"], "model_type": a["model_type"],
         "num_heads": TINY["num_heads"], "num_layers": TINY["num_layers"], "out_dim": a["out_dim"], "text_len": text_len,
     }
+    if a.get("vace"):
+        config.update(vace_layers=vace_layers, vace_in_dim=96)
+    if a.get("camera"):
+        config.update(add_control_adapter=True, in_dim_control_adapter=24)
     return export_dit_state_dict(sd), config
+
+
+def make_tiny_motion_controller(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny speed-control ``model.safetensors`` (release layout ``linear.{0,2,4}.*``) for the tiny T2V DiT."""
+    from .models.motion_controller import WanMotionControllerModel
+
+    torch.manual_seed(seed)
+    mc = WanMotionControllerModel(freq_dim=TINY["freq_dim"], dim=TINY["dim"])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in mc.state_dict().items()}, str(path))
+    return path
 
 
 def make_tiny_release(
@@ -68,7 +111,10 @@ def make_tiny_release(
     """Write a tiny original-layout Wan release into ``folder`` and return it.
 
     Args:
-        arch: ``t2v``, ``i2v``, ``flf2v``, ``ti2v`` (Wan2.2 VAE) or ``i2v-noclip`` (Wan2.2 I2V-A14B style).
+        arch: ``t2v``, ``i2v``, ``flf2v``, ``ti2v`` (Wan2.2 VAE), ``i2v-noclip`` (Wan2.2 I2V-A14B style), or a
+            conditioning variant: ``fun-control`` (Wan2.1 Fun-Control), ``fun-control-ref`` (Fun-V1.1-Control;
+            with ``experts=2`` Wan2.2-Fun-A14B-Control), ``fun-camera`` (Fun-V1.1-Control-Camera; with
+            ``experts=2`` Wan2.2-Fun-A14B-Control-Camera), ``vace`` (Wan2.1-VACE; ``experts=2``: Wan2.2-VACE-Fun).
         experts: 2 writes ``high_noise_model/`` + ``low_noise_model/`` (Wan2.2 A14B layout).
         text_len: the DiT's ``text_len`` (releases: 512).
 
@@ -91,7 +137,7 @@ def make_tiny_release(
     dits = [folder] if experts == 1 else [folder / "high_noise_model", folder / "low_noise_model"]
     for d in dits:
         d.mkdir(parents=True, exist_ok=True)
-        sd, cfg = _tiny_dit_state_dict(arch, text_len, g)
+        sd, cfg = _tiny_dit_state_dict(arch, text_len, g, experts)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "diffusion_pytorch_model.safetensors"))
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
 
@@ -116,7 +162,7 @@ def make_tiny_release(
         vae_name = "Wan2.1_VAE.pth"
     torch.save(export_vae_state_dict(vae.state_dict()), folder / vae_name)
 
-    if with_image_encoder if with_image_encoder is not None else arch in ("i2v", "flf2v"):
+    if with_image_encoder if with_image_encoder is not None else _arch_config(arch, experts).get("clip", False):
         clip = CLIPVisionModel(CLIPVisionConfig(
             hidden_size=TINY["clip_dim"], intermediate_size=4 * TINY["clip_dim"], num_hidden_layers=TINY["clip_layers"],
             num_attention_heads=TINY["clip_heads"], image_size=TINY["clip_image"], patch_size=14, hidden_act="gelu",

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from .._registration import rewrite_model_index_for_shims
 from ..utils.io import ConversionError, atomic_output_dir, load_state_dict, strip_known_prefixes
 from .dit import (
     DitInfo,
@@ -27,7 +28,7 @@ from .dit import (
 )
 from .variants import VARIANTS, WanVariant, get_variant, variants_for_arch
 
-__all__ = ["ReleaseFiles", "find_release_files", "convert_release", "DTYPES", "SCHEDULERS", "write_model_card"]
+__all__ = ["ReleaseFiles", "find_release_files", "convert_release", "add_motion_controller", "DTYPES", "SCHEDULERS", "write_model_card"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -230,6 +231,7 @@ def convert_release(
     vae: str | os.PathLike | None = None,
     image_encoder: str | os.PathLike | None = None,
     image_encoder_heads: int | None = None,
+    motion_controller: str | os.PathLike | None = None,
     transformer_only: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -247,6 +249,9 @@ def convert_release(
             kept in float32.
         scheduler: ``unipc`` (stock, as the Wan-AI Diffusers repos), ``euler`` (stock flow-match Euler),
             ``diffsynth`` (DiffSynth-exact Euler) or ``original-unipc`` (original Wan FlowUniPC schedule).
+        motion_controller: the speed-control module (``DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1``
+            ``model.safetensors``) to add as a ``motion_controller`` component; the folder then loads as
+            :class:`~diffusers_wan_ext.WanSpeedControlPipeline` (text-to-video DiTs only).
         transformer_only: write only a transformer model folder (no other component needed).
 
     Example:
@@ -289,6 +294,11 @@ def convert_release(
             f"({T5_FILE}, {TOKENIZER_DIR}/, {VAE_FILES[var.vae]}"
             f"{', ' + CLIP_FILE if var.image_encoder else ''}) or pass {flags} (or --transformer-only)."
         )
+
+    mc_model = None
+    if motion_controller is not None:
+        mc_model = _load_motion_controller_for(motion_controller, info, torch_dtype)
+        var = replace(var, pipeline="WanSpeedControlPipeline")
 
     # --- Load & validate every component before writing anything ----------------------------------------------
     steps = len(infos) + (0 if transformer_only else 4 + (1 if var.image_encoder else 0))
@@ -348,6 +358,8 @@ def convert_release(
                 )
             components["image_processor"] = make_clip_image_processor(components["image_encoder"].config.image_size)
             bar.update()
+        if mc_model is not None:
+            components["motion_controller"] = mc_model
         components["scheduler"] = _scheduler_factory(scheduler, var.flow_shift)
         bar.update()
 
@@ -382,10 +394,82 @@ def convert_release(
 
             index["_diffusers_version"] = diffusers.__version__
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            rewrite_model_index_for_shims(tmp)  # our pipeline classes: shim route for fresh interpreters
             write_model_card(tmp, var, pipeline_class, str(src))
             (tmp / "wan_variant.json").write_text(json.dumps(_variant_record(var), indent=2) + "\n")
         bar.close()
     return Path(dst)
+
+
+def _load_motion_controller_for(path: str | os.PathLike, info: DitInfo, torch_dtype: torch.dtype):
+    from .motion_controller import load_motion_controller_from_original
+
+    if info.arch != "t2v":
+        raise ConversionError(
+            f"{path}: the speed-control motion controller belongs on a Wan2.1 text-to-video DiT, not a {info.arch} DiT"
+        )
+    model = _wrap(path, lambda: load_motion_controller_from_original(path, torch_dtype=torch_dtype))
+    width = info.config["num_attention_heads"] * info.config["attention_head_dim"]
+    if model.config.dim != width or model.config.freq_dim != info.config["freq_dim"]:
+        raise ConversionError(
+            f"{path}: motion controller for dim {model.config.dim} / freq_dim {model.config.freq_dim}, but the DiT has "
+            f"dim {width} / freq_dim {info.config['freq_dim']} (the speed-control model fits Wan2.1-T2V-1.3B)"
+        )
+    return model
+
+
+def add_motion_controller(folder: str | os.PathLike, motion_controller: str | os.PathLike, dtype: str | None = None) -> Path:
+    """Add the speed-control module to an already converted Wan2.1 T2V folder (it becomes a
+    :class:`~diffusers_wan_ext.WanSpeedControlPipeline`).  The folder is only changed once everything is written.
+
+    Example:
+        >>> add_motion_controller("Wan2.1-T2V-1.3B-diffusers", "Wan2.1-1.3b-speedcontrol-v1/model.safetensors")  # doctest: +SKIP
+    """
+    import shutil
+
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ConversionError(f"{folder}: not a converted pipeline folder (no model_index.json)")
+    tcfg_path = folder / "transformer" / "config.json"
+    if not tcfg_path.is_file():
+        raise ConversionError(f"{folder}: no transformer/config.json")
+    tcfg = json.loads(tcfg_path.read_text())
+    info = DitInfo(
+        arch="t2v" if tcfg.get("in_channels") == tcfg.get("out_channels", 16) and not tcfg.get("image_dim")
+        and "vace_layers" not in tcfg else "other",
+        config=tcfg, text_len=512,
+    )
+    torch_dtype = DTYPES[dtype] if dtype else None
+    model = _load_motion_controller_for(motion_controller, info, torch_dtype or torch.float32)
+    if torch_dtype is None:  # match the transformer's storage dtype
+        torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(_stored_dtype(folder / "transformer"), torch.float32)
+        model = model.to(torch_dtype)
+    index = json.loads(index_path.read_text())
+    tmp = folder / ".motion_controller.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        if (folder / "motion_controller").exists():
+            shutil.rmtree(folder / "motion_controller")
+        tmp.rename(folder / "motion_controller")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    index["_class_name"] = "WanSpeedControlPipeline"
+    index["motion_controller"] = _library_of(model)
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    rewrite_model_index_for_shims(folder)
+    return folder
+
+
+def _stored_dtype(model_folder: Path) -> str | None:
+    from safetensors import safe_open
+
+    for f in sorted(model_folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                return str(h.get_slice(k).get_dtype()).lower().replace("bf16", "bfloat16").replace("f16", "float16")
+    return None
 
 
 def _variant_record(v: WanVariant) -> dict:
