@@ -139,5 +139,45 @@ def register() -> None:
 
 
 def _register_hooks() -> None:
-    """Tell Diffusers' hook registries about block classes we add (none yet beyond the stock Wan block)."""
-    return None
+    """Tell Diffusers' hook registries about the block and processor classes Wan models use, so cache, layer-skip
+    and offload hooks find them in our transformers and in stock VACE:
+
+    * ``WanVACETransformerBlock`` (stock has no entry): returns ``(hint, control_hidden_states)`` and carries its
+      stream in ``control_hidden_states``;
+    * ``WanAttnProcessor`` (stock registers only the deprecated ``WanAttnProcessor2_0`` alias, whose ``__new__``
+      returns a ``WanAttnProcessor``) and our :class:`~diffusers_wan_ext.WanTextLenAttnProcessor`.
+
+    Our Fun transformer reuses stock ``WanTransformerBlock`` (already registered), so it needs no entry.
+    """
+    from diffusers.hooks._helpers import (
+        AttentionProcessorMetadata,
+        AttentionProcessorRegistry,
+        TransformerBlockMetadata,
+        TransformerBlockRegistry,
+    )
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    from diffusers.models.transformers.transformer_wan_vace import WanVACETransformerBlock
+
+    from .models.attention_processor import WanTextLenAttnProcessor
+
+    TransformerBlockRegistry._register()
+    if WanVACETransformerBlock not in TransformerBlockRegistry._registry:
+        TransformerBlockRegistry.register(
+            WanVACETransformerBlock,
+            TransformerBlockMetadata(
+                return_hidden_states_index=1,
+                return_encoder_hidden_states_index=None,
+                hidden_states_argument_name="control_hidden_states",
+            ),
+        )
+    AttentionProcessorRegistry._register()
+    for processor in (WanAttnProcessor, WanTextLenAttnProcessor):
+        if processor not in AttentionProcessorRegistry._registry:
+            AttentionProcessorRegistry.register(
+                processor, AttentionProcessorMetadata(skip_processor_output_fn=_skip_attention_output)
+            )
+
+
+def _skip_attention_output(attn, hidden_states, *args, **kwargs):
+    """Layer skip of a Wan attention: the processor's output is its input ``hidden_states``."""
+    return hidden_states
