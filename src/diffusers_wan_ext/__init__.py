@@ -17,7 +17,14 @@ from .models import (
     WanMotionControllerModel,
     WanTextLenAttnProcessor,
 )
-from .pipelines import WanImageToVideoReferencePipeline, WanVideoToVideoReferencePipeline
+from .pipelines import (
+    WanFunCameraControlPipeline,
+    WanFunControlPipeline,
+    WanFunInpaintPipeline,
+    WanImageToVideoReferencePipeline,
+    WanSpeedControlPipeline,
+    WanVideoToVideoReferencePipeline,
+)
 from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
 
 __version__ = "0.1.0"
@@ -26,9 +33,13 @@ __all__ = [
     "WanExtTransformer3DModel",
     "WanFlowMatchScheduler",
     "WanFlowUniPCScheduler",
+    "WanFunCameraControlPipeline",
+    "WanFunControlPipeline",
+    "WanFunInpaintPipeline",
     "WanFunTransformer3DModel",
     "WanImageToVideoReferencePipeline",
     "WanMotionControllerModel",
+    "WanSpeedControlPipeline",
     "WanTextLenAttnProcessor",
     "WanVideoToVideoReferencePipeline",
 ]

@@ -5,13 +5,34 @@
   ``video_latents`` / explicit ``noise``.
 * :class:`WanImageToVideoReferencePipeline` -- ``WanImageToVideoPipeline`` with the original / DiffSynth per-step
   first-frame pinning of Wan2.2 TI2V-5B and pre-encoded ``image_latents``.
+* :class:`WanFunInpaintPipeline` -- Wan-Fun InP (Wan2.1 Fun-InP, Wan2.2-Fun-A14B-InP): first frame, optional end frame.
+* :class:`WanFunControlPipeline` -- Wan-Fun Control (Wan2.1 Fun-Control, Fun-V1.1-Control with ``reference_image``,
+  Wan2.2-Fun-A14B-Control): control video, optional start frame and reference image.
+* :class:`WanFunCameraControlPipeline` -- Wan-Fun Control-Camera (Wan2.1 Fun-V1.1, Wan2.2-Fun-A14B): first frame and
+  a camera direction or explicit per-frame poses.
+* :class:`WanSpeedControlPipeline` -- ``WanPipeline`` with the Wan2.1 speed-control ``motion_controller``
+  (``motion_bucket_id``).
+
+The three Wan-Fun pipelines share one core, :class:`~.pipeline_wan_fun_base.WanFunPipelineBase` (a
+``WanImageToVideoPipeline`` subclass with the stock two-expert loop); each variant only builds its conditioning.
 
 Text-to-video, including Wan2.2 A14B's two experts with either one guidance scale (DiffSynth-Studio) or the original
 ``(low, high)`` pair (``guidance_scale`` = high, ``guidance_scale_2`` = low), needs no subclass: stock ``WanPipeline``
 with a reference scheduler (:mod:`diffusers_wan_ext.schedulers`) reproduces it.
 """
 
+from .pipeline_wan_fun_camera import WanFunCameraControlPipeline
+from .pipeline_wan_fun_control import WanFunControlPipeline
+from .pipeline_wan_fun_inpaint import WanFunInpaintPipeline
 from .pipeline_wan_i2v_reference import WanImageToVideoReferencePipeline
+from .pipeline_wan_speed_control import WanSpeedControlPipeline
 from .pipeline_wan_video2video_reference import WanVideoToVideoReferencePipeline
 
-__all__ = ["WanImageToVideoReferencePipeline", "WanVideoToVideoReferencePipeline"]
+__all__ = [
+    "WanFunCameraControlPipeline",
+    "WanFunControlPipeline",
+    "WanFunInpaintPipeline",
+    "WanImageToVideoReferencePipeline",
+    "WanSpeedControlPipeline",
+    "WanVideoToVideoReferencePipeline",
+]
