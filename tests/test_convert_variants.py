@@ -200,3 +200,29 @@ def test_vace_folders_run_in_stock_diffusers(converted, experts):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rec == {"boundary_ratio": 0.875 if experts == 2 else None, "two": experts == 2}
+
+
+def test_add_motion_controller_cli_turns_a_t2v_folder_into_speed_control(converted, tmp_path):
+    import shutil
+
+    from diffusers_wan_ext.cli import main
+    from diffusers_wan_ext.demo import make_tiny_motion_controller
+
+    folder = tmp_path / "t2v"
+    shutil.copytree(converted("t2v"), folder)
+    mc = make_tiny_motion_controller(tmp_path / "model.safetensors")
+    assert main(["add-motion-controller", str(folder), str(mc)]) == 0
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["diffusers_wan_ext", "WanSpeedControlPipeline"]
+    assert index["motion_controller"] == ["diffusers_wan_ext", "WanMotionControllerModel"]
+    assert (folder / "motion_controller" / "diffusers_wan_ext.py").is_file()
+    import diffusers_wan_ext  # noqa: F401
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    assert type(pipe).__name__ == "WanSpeedControlPipeline" and pipe.motion_controller is not None
+    # a folder that is not text-to-video is refused, untouched
+    other = converted("fun-control")
+    before = (other / "model_index.json").read_text()
+    assert main(["add-motion-controller", str(other), str(mc)]) == 2
+    assert (other / "model_index.json").read_text() == before and not (other / "motion_controller").exists()
