@@ -15,13 +15,6 @@ RUNNERS: dict[str, Callable[["GoldenCase", Path], dict[str, Any]]] = {}
 
 # Cases we know about but do not support yet: case name -> reason (the issue that will add them).
 UNSUPPORTED: dict[str, str] = {
-    "dit_fun_control": "Fun-Control transformer lands with the conditioning-variants issue (#3)",
-    "dit_fun_v11_control_ref": "Fun V1.1 ref_conv lands with the conditioning-variants issue (#3)",
-    "dit_fun_v11_camera": "Fun camera control_adapter lands with the conditioning-variants issue (#3)",
-    "dit_wan22_fun_control": "Wan2.2-Fun control lands with the conditioning-variants issue (#3)",
-    "dit_vace": "VACE conversion lands with the conditioning-variants issue (#3)",
-    "dit_speedcontrol": "speed-control motion controller lands with the conditioning-variants issue (#3)",
-    "fun_condition": "Fun conditioning pipelines land with the conditioning-variants issue (#3)",
     "dit_s2v": "Wan2.2-S2V lands with the audio/motion-driven issue (#7)",
     "dit_animate": "Wan2.2-Animate conversion lands with the audio/motion-driven issue (#7)",
     "dit_vap": "Video-As-Prompt lands with issue #8",
