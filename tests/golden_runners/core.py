@@ -19,7 +19,6 @@ UNSUPPORTED: dict[str, str] = {
     "dit_animate": "Wan2.2-Animate conversion lands with the audio/motion-driven issue (#7)",
     "dit_vap": "Video-As-Prompt lands with issue #8",
     "dit_longcat": "LongCat-Video lands with issue #8",
-    "teacache": "TeaCache lands with the single-GPU runtime issue (#4)",
 }
 
 

@@ -449,7 +449,11 @@ class WanFunPipelineBase(ShimPipelineMixin, WanImageToVideoPipeline):
 
                 model_input = torch.cat([latents, y], dim=1).to(transformer_dtype)
                 timestep = t.expand(latents.shape[0])
-                with model.cache_context("cond"):
+                # where the loop is, for step-caching hooks (as stock Wan pipelines pass it)
+                sigmas = getattr(self.scheduler, "sigmas", None)
+                sigma = float(sigmas[i]) if sigmas is not None and i < len(sigmas) else None
+                ctx = dict(step_index=i, sigma=sigma, num_inference_steps=len(timesteps))
+                with model.cache_context("cond", **ctx):
                     noise_pred = model(
                         hidden_states=model_input,
                         timestep=timestep,
@@ -460,7 +464,7 @@ class WanFunPipelineBase(ShimPipelineMixin, WanImageToVideoPipeline):
                         **extra,
                     )[0]
                 if self.do_classifier_free_guidance:
-                    with model.cache_context("uncond"):
+                    with model.cache_context("uncond", **ctx):
                         noise_uncond = model(
                             hidden_states=model_input,
                             timestep=timestep,
