@@ -171,6 +171,11 @@ class WanFunPipelineBase(ShimPipelineMixin, WanImageToVideoPipeline):
             experts.append(self.transformer_2)
         return [t for t in experts if t is not None]
 
+    def _experts_have(self, config_key: str) -> bool:
+        """Whether every transformer in use has a non-empty ``config_key`` (an optional Fun module)."""
+        experts = self._transformers()
+        return bool(experts) and all(getattr(t.config, config_key, None) for t in experts)
+
     @property
     def has_clip_branch(self) -> bool:
         """Whether the transformer takes CLIP image features (Wan2.1 Fun; Wan2.2-Fun has no CLIP branch)."""

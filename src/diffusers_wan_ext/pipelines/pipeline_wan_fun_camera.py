@@ -60,8 +60,7 @@ class WanFunCameraControlPipeline(WanFunPipelineBase):
     @property
     def has_camera_adapter(self) -> bool:
         """Whether the transformer(s) have the camera ``control_adapter`` (Fun Control-Camera checkpoints)."""
-        experts = self._transformers()
-        return bool(experts) and all(getattr(t.config, "control_adapter_in_channels", None) for t in experts)
+        return self._experts_have("control_adapter_in_channels")
 
     def prepare_condition(
         self,

@@ -68,8 +68,7 @@ class WanFunControlPipeline(WanFunPipelineBase):
     @property
     def has_ref_conv(self) -> bool:
         """Whether the transformer(s) take a reference image (``ref_conv``: Fun-V1.1 / Wan2.2-Fun Control)."""
-        experts = self._transformers()
-        return bool(experts) and all(getattr(t.config, "ref_conv_in_channels", None) for t in experts)
+        return self._experts_have("ref_conv_in_channels")
 
     def prepare_condition(
         self,
