@@ -18,6 +18,7 @@ from .models import (
     WanTextLenAttnProcessor,
 )
 from .pipelines import (
+    WanExtPipeline,
     WanFunCameraControlPipeline,
     WanFunControlPipeline,
     WanFunInpaintPipeline,
@@ -30,6 +31,7 @@ from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
 __version__ = "0.1.0"
 
 __all__ = [
+    "WanExtPipeline",
     "WanExtTransformer3DModel",
     "WanFlowMatchScheduler",
     "WanFlowUniPCScheduler",

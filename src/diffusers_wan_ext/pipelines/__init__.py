@@ -12,15 +12,21 @@
   a camera direction or explicit per-frame poses.
 * :class:`WanSpeedControlPipeline` -- ``WanPipeline`` with the Wan2.1 speed-control ``motion_controller``
   (``motion_bucket_id``).
+* :class:`WanExtPipeline` -- ``WanPipeline`` with CFG batching (cond + uncond in one transformer forward).
+
+All of them have the runtime options of :class:`~.runtime_mixin.WanRuntimeMixin` (``set_attention_backend``,
+``enable_vram_management``, ``enable_teacache``); see ``docs/runtime.md``.
 
 The three Wan-Fun pipelines share one core, :class:`~.pipeline_wan_fun_base.WanFunPipelineBase` (a
 ``WanImageToVideoPipeline`` subclass with the stock two-expert loop); each variant only builds its conditioning.
 
 Text-to-video, including Wan2.2 A14B's two experts with either one guidance scale (DiffSynth-Studio) or the original
 ``(low, high)`` pair (``guidance_scale`` = high, ``guidance_scale_2`` = low), needs no subclass: stock ``WanPipeline``
-with a reference scheduler (:mod:`diffusers_wan_ext.schedulers`) reproduces it.
+with a reference scheduler (:mod:`diffusers_wan_ext.schedulers`) reproduces it (``WanExtPipeline`` adds only speed
+and runtime options).
 """
 
+from .pipeline_wan_ext import WanExtPipeline
 from .pipeline_wan_fun_camera import WanFunCameraControlPipeline
 from .pipeline_wan_fun_control import WanFunControlPipeline
 from .pipeline_wan_fun_inpaint import WanFunInpaintPipeline
@@ -29,6 +35,7 @@ from .pipeline_wan_speed_control import WanSpeedControlPipeline
 from .pipeline_wan_video2video_reference import WanVideoToVideoReferencePipeline
 
 __all__ = [
+    "WanExtPipeline",
     "WanFunCameraControlPipeline",
     "WanFunControlPipeline",
     "WanFunInpaintPipeline",

@@ -9,7 +9,11 @@ for the camera ``control_adapter``).  This module holds what they share:
 * CLIP image features when the transformer has a CLIP branch (Wan2.1 Fun), with the reference preprocessing
   (:func:`~diffusers_wan_ext.conversion.image_encoder.wan_clip_preprocess`, the penultimate block's output);
 * the noise latents, the stock two-expert (``boundary_ratio``) denoising loop with classifier-free guidance
-  (``guidance_scale``, ``guidance_scale_2``), step-end callbacks, ``output_type`` / ``return_dict``;
+  (``guidance_scale``, ``guidance_scale_2``), step-end callbacks, ``output_type`` / ``return_dict`` -- the loop is
+  :meth:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin._denoising_loop`, shared with
+  :class:`~diffusers_wan_ext.WanExtPipeline`, with optional CFG batching (``pipe.cfg_batching = True``);
+* the runtime options of :class:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin`
+  (``set_attention_backend``, ``enable_vram_management``, ``enable_teacache``);
 * input validation: ``height`` / ``width`` multiples of 16, ``num_frames = 4n + 1``, and ``y`` channels equal to the
   transformer's ``in_channels - 16`` (the error names the checkpoint kind the transformer belongs to).
 
@@ -40,6 +44,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT
 
 from .._registration import ShimPipelineMixin
 from ..schedulers import WanFlowMatchScheduler
+from .runtime_mixin import WanRuntimeMixin
 
 __all__ = ["CHECKPOINT_KINDS", "WanFunCondition", "WanFunPipelineBase"]
 
@@ -93,7 +98,7 @@ def _match_batch(t: torch.Tensor, batch_size: int, name: str, expand: bool = Tru
     raise ValueError(f"{name} has batch {t.shape[0]}, expected 1 or {batch_size}")
 
 
-class WanFunPipelineBase(ShimPipelineMixin, WanImageToVideoPipeline):
+class WanFunPipelineBase(ShimPipelineMixin, WanRuntimeMixin, WanImageToVideoPipeline):
     r"""
     Shared core of the Wan-Fun pipelines (not used directly): stock Wan image-to-video sampling with a
     variant-specific conditioning ``y`` and optional extra transformer inputs.
@@ -129,6 +134,10 @@ class WanFunPipelineBase(ShimPipelineMixin, WanImageToVideoPipeline):
     model_cpu_offload_seq = "text_encoder->image_encoder->transformer->transformer_2->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _optional_components = ["transformer", "transformer_2", "image_encoder", "image_processor"]
+
+    #: Run cond + uncond as one batched transformer forward (``pipe.cfg_batching = True``); see
+    #: :meth:`generate`.  Off by default here: the variants' ``__call__`` keep two forwards per step unless set.
+    cfg_batching: bool = False
 
     #: ``in_channels - 16`` values this pipeline builds ``y`` for (subclasses set it).
     _supported_y_channels: tuple[int, ...] = ()
@@ -356,9 +365,14 @@ class WanFunPipelineBase(ShimPipelineMixin, WanImageToVideoPipeline):
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
+        cfg_batching: bool | None = None,
     ) -> WanPipelineOutput | tuple:
         """The shared routine; ``condition_inputs`` go to :meth:`prepare_condition`.  Inputs are checked already
-        (the variant's ``__call__`` runs :meth:`check_fun_inputs` and its own checks first)."""
+        (the variant's ``__call__`` runs :meth:`check_fun_inputs` and its own checks first).
+
+        ``cfg_batching``: run the conditional and unconditional pass as one transformer forward of batch ``2 x B``
+        (see :meth:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin._denoising_loop`); ``None``: the
+        pipeline's :attr:`cfg_batching` setting."""
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if self.config.boundary_ratio is not None and guidance_scale_2 is None:
@@ -435,70 +449,27 @@ class WanFunPipelineBase(ShimPipelineMixin, WanImageToVideoPipeline):
             if value is not None
         }
 
-        # 5. denoising loop (stock two-expert loop; extra inputs on both passes)
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        self._num_timesteps = len(timesteps)
-        boundary_timestep = None
-        if self.config.boundary_ratio is not None:
-            boundary_timestep = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
-
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                self._current_timestep = t
-                if boundary_timestep is None or t >= boundary_timestep:
-                    model, scale = self.transformer, guidance_scale
-                else:
-                    model, scale = self.transformer_2, guidance_scale_2
-
-                model_input = torch.cat([latents, y], dim=1).to(transformer_dtype)
-                timestep = t.expand(latents.shape[0])
-                # where the loop is, for step-caching hooks (as stock Wan pipelines pass it)
-                sigmas = getattr(self.scheduler, "sigmas", None)
-                sigma = float(sigmas[i]) if sigmas is not None and i < len(sigmas) else None
-                ctx = dict(step_index=i, sigma=sigma, num_inference_steps=len(timesteps))
-                with model.cache_context("cond", **ctx):
-                    noise_pred = model(
-                        hidden_states=model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=prompt_embeds,
-                        encoder_hidden_states_image=image_embeds,
-                        attention_kwargs=attention_kwargs,
-                        return_dict=False,
-                        **extra,
-                    )[0]
-                if self.do_classifier_free_guidance:
-                    with model.cache_context("uncond", **ctx):
-                        noise_uncond = model(
-                            hidden_states=model_input,
-                            timestep=timestep,
-                            encoder_hidden_states=negative_prompt_embeds,
-                            encoder_hidden_states_image=image_embeds,
-                            attention_kwargs=attention_kwargs,
-                            return_dict=False,
-                            **extra,
-                        )[0]
-                    noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
-
-                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-
-                if callback_on_step_end is not None:
-                    available = {
-                        "latents": latents,
-                        "prompt_embeds": prompt_embeds,
-                        "negative_prompt_embeds": negative_prompt_embeds,
-                    }
-                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
-
-        self._current_timestep = None
+        # 5. denoising loop (stock two-expert loop, shared with WanExtPipeline; extra inputs on both passes)
+        if cfg_batching is None:
+            cfg_batching = self.cfg_batching
+        latents = self._denoising_loop(
+            latents,
+            timesteps,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2,
+            num_inference_steps=num_inference_steps,
+            transformer_dtype=transformer_dtype,
+            attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cfg_batching=cfg_batching,
+            model_input=lambda x: torch.cat([x, y], dim=1),
+            transformer_kwargs={"encoder_hidden_states_image": image_embeds, **extra},
+            # WanFunTransformer3DModel repeats a batch-1 (or batch-B) reference / camera map to the latent batch
+            broadcast_kwargs=tuple(extra),
+        )
 
         # 6. decode
         if output_type == "latent":

@@ -28,14 +28,16 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from .._registration import ShimPipelineMixin
 from ..models.motion_controller import WanMotionControllerModel, apply_motion_control
 from ..schedulers import WanFlowMatchScheduler
+from .runtime_mixin import WanRuntimeMixin
 
 __all__ = ["WanSpeedControlPipeline"]
 
 
-class WanSpeedControlPipeline(ShimPipelineMixin, WanPipeline):
+class WanSpeedControlPipeline(ShimPipelineMixin, WanRuntimeMixin, WanPipeline):
     r"""
     Text-to-video with speed control (``motion_bucket_id``): stock :class:`diffusers.WanPipeline` plus the optional
-    ``motion_controller`` component.
+    ``motion_controller`` component, and the runtime options of
+    :class:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin` (``set_attention_backend``, ...).
 
     Args:
         tokenizer ([`AutoTokenizer`]): umT5 tokenizer (may be ``None`` when only ``prompt_embeds`` are passed).

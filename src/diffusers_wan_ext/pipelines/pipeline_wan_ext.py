@@ -1,0 +1,246 @@
+"""``WanExtPipeline``: stock ``WanPipeline`` (text-to-video) with CFG batching and the runtime options.
+
+Everything stock ``WanPipeline`` does is kept -- Wan2.2 A14B's two experts (``transformer`` / ``transformer_2`` at
+``boundary_ratio``, ``guidance_scale_2``), TI2V-5B's ``expand_timesteps``, callbacks, ``attention_kwargs`` (LoRA
+scale), ``interrupt``, ``output_type`` / ``return_dict`` -- plus:
+
+* ``cfg_batching=True`` (call argument): with classifier-free guidance (``guidance_scale > 1``) the conditional and
+  the unconditional pass run as **one** transformer forward of batch ``2 x B`` (latents and timesteps repeated,
+  ``[prompt_embeds; negative_prompt_embeds]``), and the output is split.  The result equals the two-forward loop
+  within float rounding; on a GPU the larger batch usually runs faster, at the cost of the activation memory of the
+  second half.  The forward runs under ``transformer.cache_context("cond_uncond")``: step-caching hooks (our
+  TeaCache, Diffusers' FirstBlockCache) see one context and make one joint decision for both halves (for TeaCache
+  this changes nothing: its indicator, the timestep modulation, is the same in both halves).
+  ``cfg_batching=False`` is exactly stock's loop (``"cond"`` / ``"uncond"`` contexts).
+* :class:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin`: ``pipe.set_attention_backend("auto")``,
+  ``pipe.enable_vram_management(...)``, ``pipe.enable_teacache(...)``.
+
+Components and config are stock ``WanPipeline``'s, so a stock text-to-video folder loads with
+``WanExtPipeline.from_pretrained(folder)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from .._registration import ShimPipelineMixin
+from .runtime_mixin import WanRuntimeMixin
+
+__all__ = ["WanExtPipeline"]
+
+logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
+
+
+class WanExtPipeline(ShimPipelineMixin, WanRuntimeMixin, WanPipeline):
+    r"""
+    Text-to-video: stock :class:`diffusers.WanPipeline` plus ``cfg_batching`` and the runtime options of
+    :class:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin`.
+
+    Components (``tokenizer``, ``text_encoder``, ``vae``, ``scheduler``, ``transformer``, ``transformer_2``) and
+    config (``boundary_ratio``, ``expand_timesteps``) are those of :class:`diffusers.WanPipeline`.
+
+    Example:
+        >>> import torch
+        >>> from diffusers_wan_ext import WanExtPipeline
+        >>> pipe = WanExtPipeline.from_pretrained(  # doctest: +SKIP
+        ...     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", dtype=torch.bfloat16
+        ... ).to("cuda")
+        >>> pipe.set_attention_backend()  # doctest: +SKIP  (fastest installed kernel)
+        >>> video = pipe(prompt="a cat surfing a wave", guidance_scale=5.0).frames[0]  # doctest: +SKIP
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        negative_prompt: str | list[str] = None,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        guidance_scale_2: float | None = None,
+        num_videos_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str | None = "np",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = 512,
+        cfg_batching: bool = True,
+    ) -> WanPipelineOutput | tuple:
+        r"""
+        Text-to-video; the arguments of :meth:`diffusers.WanPipeline.__call__` plus:
+
+        Args:
+            cfg_batching (`bool`, defaults to `True`):
+                With classifier-free guidance (``guidance_scale > 1``), run the conditional and the unconditional
+                pass as one transformer forward of batch ``2 x B`` under ``cache_context("cond_uncond")``.
+                ``False``: stock's two forwards per step.  Without guidance there is one forward either way.
+
+        Examples:
+            >>> video = pipe(prompt="waves on a beach", num_frames=81).frames[0]  # doctest: +SKIP
+            >>> video = pipe(prompt="waves on a beach", cfg_batching=False).frames[0]  # doctest: +SKIP
+
+        Returns:
+            [`WanPipelineOutput`] with ``frames``, or a tuple ``(frames,)`` when ``return_dict=False``.
+        """
+        # Steps 1-5 and the decode are stock WanPipeline.__call__ (diffusers 0.42); the loop is the shared one.
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. check inputs
+        self.check_inputs(
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            prompt_embeds,
+            negative_prompt_embeds,
+            callback_on_step_end_tensor_inputs,
+            guidance_scale_2,
+        )
+
+        if num_frames % self.vae_scale_factor_temporal != 1:
+            logger.warning(
+                f"`num_frames - 1` has to be divisible by {self.vae_scale_factor_temporal}. Rounding to the nearest "
+                "number."
+            )
+            num_frames = num_frames // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
+        num_frames = max(num_frames, 1)
+
+        patch_size = (
+            self.transformer.config.patch_size
+            if self.transformer is not None
+            else self.transformer_2.config.patch_size
+        )
+        h_multiple_of = self.vae_scale_factor_spatial * patch_size[1]
+        w_multiple_of = self.vae_scale_factor_spatial * patch_size[2]
+        calc_height = height // h_multiple_of * h_multiple_of
+        calc_width = width // w_multiple_of * w_multiple_of
+        if height != calc_height or width != calc_width:
+            logger.warning(
+                f"`height` and `width` must be multiples of ({h_multiple_of}, {w_multiple_of}) for proper "
+                f"patchification. Adjusting ({height}, {width}) -> ({calc_height}, {calc_width})."
+            )
+            height, width = calc_height, calc_width
+
+        if self.config.boundary_ratio is not None and guidance_scale_2 is None:
+            guidance_scale_2 = guidance_scale
+
+        self._guidance_scale = guidance_scale
+        self._guidance_scale_2 = guidance_scale_2
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+
+        device = self._execution_device
+
+        # 2. batch size
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+
+        # 3. text
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            num_videos_per_prompt=num_videos_per_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
+        transformer_dtype = self.transformer.dtype if self.transformer is not None else self.transformer_2.dtype
+        prompt_embeds = prompt_embeds.to(transformer_dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+
+        # 4. timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+
+        # 5. latents
+        num_channels_latents = (
+            self.transformer.config.in_channels
+            if self.transformer is not None
+            else self.transformer_2.config.in_channels
+        )
+        latents = self.prepare_latents(
+            batch_size * num_videos_per_prompt,
+            num_channels_latents,
+            height,
+            width,
+            num_frames,
+            torch.float32,
+            device,
+            generator,
+            latents,
+        )
+
+        timestep_of = None
+        if self.config.expand_timesteps:
+            mask = torch.ones(latents.shape, dtype=torch.float32, device=device)
+
+            def per_token_timesteps(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                # Wan2.2 TI2V-5B: [batch, num_latent_frames * (H/2) * (W/2)]
+                temp_ts = (mask[0][0][:, ::2, ::2] * t).flatten()
+                return temp_ts.unsqueeze(0).expand(x.shape[0], -1)
+
+            timestep_of = per_token_timesteps
+
+        # 6. denoising loop (stock's, with optional CFG batching)
+        self.scheduler.set_begin_index(0)  # as stock: no device-to-host sync for the step index
+        latents = self._denoising_loop(
+            latents,
+            timesteps,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2,
+            num_inference_steps=num_inference_steps,
+            transformer_dtype=transformer_dtype,
+            attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cfg_batching=cfg_batching,
+            timestep_of=timestep_of,
+        )
+
+        # 7. decode (stock)
+        if not output_type == "latent":
+            latents = latents.to(get_module_execution_device(self.vae), dtype=self.vae.dtype)
+            latents_mean = (
+                torch.tensor(self.vae.config.latents_mean)
+                .view(1, self.vae.config.z_dim, 1, 1, 1)
+                .to(latents.device, latents.dtype)
+            )
+            latents_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, self.vae.config.z_dim, 1, 1, 1).to(
+                latents.device, latents.dtype
+            )
+            latents = latents / latents_std + latents_mean
+            video = self.vae.decode(latents, return_dict=False)[0]
+            video = self.video_processor.postprocess_video(video, output_type=output_type)
+        else:
+            video = latents
+
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (video,)
+        return WanPipelineOutput(frames=video)
