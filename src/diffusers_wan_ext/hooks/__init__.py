@@ -1,5 +1,17 @@
 """Diffusers hooks for Wan transformers (step caching)."""
 
 from .teacache import TEACACHE_COEFFICIENTS, TeaCacheConfig, apply_teacache, enable_teacache, remove_teacache, teacache_log
+from .vram import (
+    STRATEGIES,
+    VRAM_PRESETS,
+    ComponentPlan,
+    VramPlan,
+    disable_vram_management,
+    enable_vram_management,
+    plan_vram,
+    resolve_vram_limit,
+)
 
-__all__ = ["TEACACHE_COEFFICIENTS", "TeaCacheConfig", "apply_teacache", "enable_teacache", "remove_teacache", "teacache_log"]
+__all__ = ["TEACACHE_COEFFICIENTS", "TeaCacheConfig", "apply_teacache", "enable_teacache", "remove_teacache", "teacache_log",
+           "STRATEGIES", "VRAM_PRESETS", "ComponentPlan", "VramPlan", "disable_vram_management",
+           "enable_vram_management", "plan_vram", "resolve_vram_limit"]
