@@ -45,9 +45,20 @@ def fake_cuda(monkeypatch):
 
 
 def test_preference_table():
-    assert [c.backend for c in ATTENTION_PREFERENCE] == ["_flash_3", "flash", "sage", "_native_cudnn", "native"]
+    assert [c.backend for c in ATTENTION_PREFERENCE] == [
+        "_flash_3", "flash_4_hub", "flash", "sage", "_native_cudnn", "native"]
     valid = {b.value for b in AttentionBackendName}
-    assert all(c.backend in valid and not c.backend.endswith("_hub") for c in ATTENTION_PREFERENCE)
+    assert all(c.backend in valid for c in ATTENTION_PREFERENCE)
+    # the only Hub name is served by the locally installed flash-attn 4 package, never by a download
+    assert [c.label for c in ATTENTION_PREFERENCE if c.backend.endswith("_hub")] == ["flash-attn 4 (local)"]
+
+
+def test_flash4_local_needs_the_package_and_cuda():
+    from diffusers_wan_ext.runtime.flash4 import flash4_unavailable_reason
+
+    assert "CUDA" in flash4_unavailable_reason("cpu")
+    report = rt.attention_backend_report("cpu", torch.bfloat16)
+    assert report["flash_4_hub"] is not None and select_attention_backend("cpu") == "native"
 
 
 def test_cpu_auto_is_native():

@@ -1,4 +1,5 @@
-"""Runtime options for Wan pipelines: attention backend selection (:mod:`.attention`)."""
+"""Runtime options for Wan pipelines: attention backend selection (:mod:`.attention`, :mod:`.flash4`) and the
+fast defaults (:mod:`.speed`)."""
 
 from .attention import (
     ATTENTION_PREFERENCE,
@@ -9,8 +10,13 @@ from .attention import (
     select_attention_backend,
     set_attention_backend,
 )
+from .speed import optimize_transformer
+from .vae import optimize_vae, restore_vae
 
 __all__ = [
+    "optimize_transformer",
+    "optimize_vae",
+    "restore_vae",
     "ATTENTION_PREFERENCE",
     "AttentionChoice",
     "attention_backend_report",

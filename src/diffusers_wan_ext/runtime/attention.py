@@ -38,6 +38,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from diffusers.utils import logging
 
+from .flash4 import FLASH4_BACKEND, flash4_unavailable_reason, register_local_flash4
+
 __all__ = [
     "ATTENTION_PREFERENCE",
     "AttentionChoice",
@@ -166,6 +168,25 @@ def _always(device: torch.device, dtype: torch.dtype | None) -> str | None:
     return None
 
 
+def _flash4_local(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """The locally installed flash-attn 4 package (CuTe DSL), run through Diffusers' ``flash_4_hub`` slot."""
+    return _cuda_reason(device) or flash4_unavailable_reason(device, dtype)
+
+
+def _set_local_flash4(model: torch.nn.Module) -> None:
+    """Points every attention processor of ``model`` at the local flash-attn 4 kernel (see :mod:`.flash4`).
+
+    ``ModelMixin.set_attention_backend`` would insist on the ``kernels`` package for ``flash_4_hub``; the local
+    package needs no download, so the processors are set directly, as that method does after its checks."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    register_local_flash4()
+    for module in model.modules():
+        if isinstance(module, AttentionModuleMixin) and hasattr(module.processor, "_attention_backend"):
+            module.processor._attention_backend = AttentionBackendName.FLASH_4_HUB
+
+
 class AttentionChoice(NamedTuple):
     """One row of :data:`ATTENTION_PREFERENCE`.
 
@@ -184,6 +205,7 @@ class AttentionChoice(NamedTuple):
 #: Backends in order of preference; :func:`select_attention_backend` takes the first whose condition holds.
 ATTENTION_PREFERENCE: tuple[AttentionChoice, ...] = (
     AttentionChoice("_flash_3", _package_backend("_flash_3"), "flash-attn 3"),
+    AttentionChoice(FLASH4_BACKEND, _flash4_local, "flash-attn 4 (local)"),
     AttentionChoice("flash", _package_backend("flash"), "flash-attn 2"),
     AttentionChoice("sage", _package_backend("sage"), "sage"),
     AttentionChoice("_native_cudnn", _cudnn_sdpa, "cuDNN SDPA"),
@@ -315,6 +337,8 @@ def _normalize(backend: Any) -> str:
 
 
 def _explicit_reason(name: str, device: torch.device) -> str | None:
+    if name == FLASH4_BACKEND and _flash4_local(device, None) is None:
+        return None  # the local package serves the Hub backend's slot
     reason = _requirement_reason(name)
     if reason is None and _needs_cuda(name):
         reason = _cuda_reason(device)
@@ -413,7 +437,10 @@ def set_attention_backend(
     previous = _AttentionBackendRegistry._active_backend
     try:
         for _, model in models:
-            model.set_attention_backend(name)
+            if name == FLASH4_BACKEND and _flash4_local(target, dtype) is None:
+                _set_local_flash4(model)
+            else:
+                model.set_attention_backend(name)
     finally:
         # ModelMixin.set_attention_backend also makes `name` Diffusers' global default; keep the choice per model
         _AttentionBackendRegistry.set_active_backend(previous)

@@ -1,0 +1,114 @@
+"""Full Wan2.1-T2V-1.3B generation (480x832x81, 50 steps, CFG 5): stock Diffusers against ours, in the same run.
+
+Random weights at release sizes (umT5-XXL encoder, 1.3B transformer, Wan2.1 VAE); timing does not depend on their
+values. The tokenizer is a tiny offline one (ids fit the 256k vocabulary). Variants:
+  * stock            -- ``diffusers.WanPipeline`` as shipped, everything on the GPU
+  * ours             -- ``WanExtPipeline``: fast defaults (optimize_transformer + optimize_vae), CFG batching
+  * ours+teacache    -- + TeaCache (threshold 0.08, the reference's fast setting for 1.3B)
+  * ours@24gb / @8gb -- + ``enable_vram_management`` with the 24 / 8 GiB presets (components start on the CPU)
+Reports wall seconds, peak allocated GiB over the whole call (text encoder included) and the speedup vs stock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import tempfile
+import time
+
+import torch
+
+from _common import env_info, table, write_json
+
+H, W, F, STEPS = 480, 832, 81, 50
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                dense_act_fn="gelu_new", is_gated_act=True, tie_word_embeddings=False)
+
+
+def build_components(device="cuda"):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from _common import DIT_CONFIGS
+    from diffusers_wan_ext.conversion.tokenizer import make_tiny_umt5_tokenizer
+
+    tokenizer = make_tiny_umt5_tokenizer(tempfile.mkdtemp(), vocab_size=256)
+    torch.manual_seed(0)
+    with torch.device(device):
+        text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16).eval()
+        transformer = WanTransformer3DModel(**DIT_CONFIGS["1.3b"]).to(torch.bfloat16).eval()
+        vae = AutoencoderKLWan().to(torch.bfloat16).eval()
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+
+
+def run(pipe, **kw):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    out = pipe(prompt="a corgi running on the beach at sunset", negative_prompt="blurry, low quality",
+               height=H, width=W, num_frames=F, num_inference_steps=kw.pop("steps", STEPS), guidance_scale=5.0,
+               generator=torch.Generator("cuda").manual_seed(0), output_type="pt", **kw).frames
+    torch.cuda.synchronize()
+    return out, time.time() - t0, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="stock,ours,ours+teacache,ours@24gb,ours@8gb")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    args = parser.parse_args()
+    from diffusers import WanPipeline
+
+    from diffusers_wan_ext import WanExtPipeline
+    from diffusers_wan_ext.runtime import optimize_transformer, optimize_vae
+
+    env = env_info()
+    print(env, flush=True)
+    comps = build_components()
+    rows, ref, base = [], None, None
+    for variant in args.variants.split(","):
+        kw = {"steps": args.steps}
+        if variant == "stock":
+            pipe = WanPipeline(**comps)
+        else:
+            pipe = WanExtPipeline(**comps)
+            if "@" in variant:
+                pipe.to("cpu")
+                torch.cuda.empty_cache()
+                plan = pipe.enable_vram_management(variant.split("@")[1], device="cuda", verbose=False)
+                print(plan, flush=True)
+            if not getattr(comps["transformer"], "_bench_optimized", False):
+                optimize_transformer(pipe)
+                optimize_vae(pipe.vae)
+                comps["transformer"]._bench_optimized = True
+            if variant.endswith("teacache"):
+                pipe.enable_teacache(0.08)
+        # warm-up (compilation, cuDNN autotune) on a 2-step run, not timed
+        run(pipe, steps=2)
+        frames, sec, peak = run(pipe, **kw)
+        frames = frames.float()
+        if ref is None:
+            ref = frames
+        err = ((frames - ref).norm() / ref.norm()).item()
+        if variant == "stock":
+            base = sec
+        rows.append(dict(variant=variant, s=round(sec, 1), peak_gib=round(peak, 2), speedup=round(base / sec, 2) if base else "",
+                         err_vs_stock=f"{err:.1e}"))
+        print(rows[-1], flush=True)
+        if "@" in variant:
+            pipe.disable_vram_management()
+            pipe.to("cuda")
+        if variant.endswith("teacache"):
+            pipe.disable_teacache()
+        del pipe
+        gc.collect()
+        torch.cuda.empty_cache()
+    write_json("bench_pipeline.json", {"env": env, "rows": rows})
+    print(f"\n{env.get('gpu')} | torch {env['torch']} | {H}x{W}x{F}, {args.steps} steps, CFG 5")
+    print(table(rows, ["variant", "s", "peak_gib", "speedup", "err_vs_stock"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Custom GPU kernels (Triton), used only when CUDA and Triton are present."""

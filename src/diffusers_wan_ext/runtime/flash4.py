@@ -1,0 +1,87 @@
+"""flash-attn 4 (the CuTe-DSL ``flash-attn-4`` package) as a local kernel behind Diffusers' attention dispatch.
+
+Diffusers 0.42 knows flash-attn 4 only as the Hub backend ``flash_4_hub`` (downloaded through ``kernels``). When the
+``flash-attn-4`` package is installed locally (``pip install flash-attn-4``; it brings ``nvidia-cutlass-dsl``), we
+hand its ``flash_attn_func`` to that backend's registry slot, so processors set to ``flash_4_hub`` run the local
+kernel through ``dispatch_attention_fn`` without any download. The call goes through a ``torch.library`` custom op,
+so ``torch.compile(fullgraph=True)`` treats it as one opaque node.
+
+flash-attn 4 has forward kernels for Hopper (sm90) and Blackwell (sm100); :func:`flash4_unavailable_reason` says
+why it cannot be used here, or returns None.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+FLASH4_BACKEND = "flash_4_hub"
+_INSTALL_HINT = "pip install flash-attn-4 (CuTe-DSL kernels; needs nvidia-cutlass-dsl and a Hopper/Blackwell GPU)"
+
+
+#: Forward tile (BLOCK_M, BLOCK_N) per head dim on Hopper; None keeps the package's default (128x128 for hdim 128).
+#: Measured on H100/H200 at Wan's shapes (32760 and 75600 tokens): see docs/benchmarks.md.
+SM90_TILES: dict[int, tuple[int, int] | None] = {128: None}
+
+
+@functools.lru_cache(maxsize=1)
+def _flash4_import():
+    try:
+        from flash_attn.cute import interface  # type: ignore[import-not-found]
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not usable"
+        return None, f"not installed ({type(exc).__name__}: {str(exc)[:80]}); {_INSTALL_HINT}"
+    fwd = getattr(interface, "_flash_attn_fwd", None)
+    if fwd is None:
+        return (lambda q, k, v, softmax_scale, causal, tile: interface.flash_attn_func(
+            q, k, v, softmax_scale=softmax_scale, causal=causal)), None
+    return (lambda q, k, v, softmax_scale, causal, tile: fwd(
+        q, k, v, softmax_scale=softmax_scale, causal=causal, tile_mn=tile)), None
+
+
+def flash4_unavailable_reason(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str | None:
+    """None when the local flash-attn 4 kernels can run on ``device`` with ``dtype``; otherwise the reason."""
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    if device.type != "cuda":
+        return f"needs a CUDA device (got {device})"
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"needs fp16/bf16 (got {dtype})"
+    major = torch.cuda.get_device_capability(device)[0]
+    if major not in (9, 10):
+        return f"has kernels for sm90/sm100 only (this GPU is sm{major}x)"
+    _, reason = _flash4_import()
+    return reason
+
+
+if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
+
+    @torch.library.custom_op("diffusers_wan_ext::flash_attn4", mutates_args=())
+    def flash_attn4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
+                    causal: bool = False) -> torch.Tensor:
+        """flash-attn 4 forward on ``(batch, seq, heads, head_dim)`` tensors (output in the same layout)."""
+        func, reason = _flash4_import()
+        if func is None:
+            raise RuntimeError(f"flash-attn 4 is {reason}")
+        tile = SM90_TILES.get(q.shape[-1]) if torch.cuda.get_device_capability(q.device)[0] == 9 else None
+        out = func(q, k, v, softmax_scale, causal, tile)
+        return out[0] if isinstance(out, tuple) else out
+
+    @flash_attn4.register_fake
+    def _(q, k, v, softmax_scale=None, causal=False):
+        return q.new_empty(q.shape)
+
+
+def _kernel_fn(q, k, v, softmax_scale=None, causal=False, **unused):
+    if unused:
+        raise ValueError(f"flash-attn 4 (local): unsupported arguments {sorted(unused)}")
+    return flash_attn4(q, k, v, softmax_scale, causal)
+
+
+def register_local_flash4() -> None:
+    """Points Diffusers' ``flash_4_hub`` backend at the local flash-attn 4 package (no download)."""
+    from diffusers.models import attention_dispatch as ad
+
+    config = ad._HUB_KERNELS_REGISTRY[ad.AttentionBackendName.FLASH_4_HUB]
+    config.kernel_fn = _kernel_fn

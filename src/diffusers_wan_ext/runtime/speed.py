@@ -1,0 +1,118 @@
+"""One call that puts a Wan transformer (or a pipeline's transformers) in our fastest exact configuration.
+
+:func:`optimize_transformer` does, in order:
+
+1. **attention** -- the fastest installed exact kernel through Diffusers' dispatch
+   (:func:`~diffusers_wan_ext.runtime.attention.set_attention_backend`, ``"auto"``);
+2. **fp8** (opt-in) -- float8 GEMMs via torchao for the blocks' linear layers (dynamic per-row activation scales);
+   this changes numerics, so it is never a default; the benchmark reports its error against bf16;
+3. **compile** -- regional ``torch.compile`` of the repeated blocks (``compile_repeated_blocks(fullgraph=True)``):
+   one compiled block reused by every layer, so compile time stays short and hooks on the model (step caching,
+   motion control, offloading) keep working around the compiled blocks.
+
+Example:
+    >>> from diffusers_wan_ext.runtime import optimize_transformer
+    >>> optimize_transformer(pipe)  # doctest: +SKIP
+    {'attention_backend': '_native_cudnn', 'compiled': ['transformer'], 'fp8': False}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .attention import _attention_models, set_attention_backend
+
+
+def _fp8_linears(model: torch.nn.Module) -> int:
+    """Swaps the blocks' nn.Linear layers to torchao float8 training-free inference (dynamic activation scaling)."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as exc:
+        raise ImportError("fp8=True needs torchao (pip install torchao) and a GPU with float8 support (sm89+)") from exc
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no `blocks`; fp8 applies to the transformer blocks")
+    quantize_(blocks, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m.in_features % 16 == 0)
+    return sum(1 for m in blocks.modules() if isinstance(m, torch.nn.Linear))
+
+
+def optimize_transformer(
+    pipe_or_model: Any,
+    *,
+    attention: str = "auto",
+    compile: bool = True,
+    fullgraph: bool = True,
+    fp8: bool = False,
+    fused_gelu: bool = True,
+    verbose: bool = True,
+) -> dict:
+    """Apply the fast defaults to every transformer of a pipeline (``transformer``, ``transformer_2``) or to one model.
+
+    Args:
+        pipe_or_model: a Wan pipeline or transformer (ours or stock Diffusers').
+        attention: ``"auto"`` or a Diffusers backend name (see :mod:`diffusers_wan_ext.runtime.attention`).
+        compile: regional ``torch.compile`` of the repeated blocks (needs a working compiler; off on CPU tests).
+        fullgraph: passed to ``compile_repeated_blocks``.
+        fp8: float8 GEMMs through torchao (Hopper/Ada); changes numerics.
+        fused_gelu: FFN first linear + tanh-GELU as one GEMM with a GELU epilogue (:func:`fuse_ffn_gelu`).
+        verbose: log the attention choice.
+
+    Returns:
+        A report: ``attention_backend``, ``compiled`` (component names) and ``fp8``.
+    """
+    backend = set_attention_backend(pipe_or_model, attention, verbose=verbose)
+    compiled = []
+    for name, model in _attention_models(pipe_or_model):
+        if fp8:
+            _fp8_linears(model)
+        elif fused_gelu:
+            fuse_ffn_gelu(model)
+        if compile:
+            if not getattr(model, "_repeated_blocks", None):
+                raise ValueError(f"{type(model).__name__} declares no _repeated_blocks; use torch.compile(model)")
+            model.compile_repeated_blocks(fullgraph=fullgraph)
+            compiled.append(name)
+    return {"attention_backend": backend, "compiled": compiled, "fp8": fp8, "fused_gelu": fused_gelu and not fp8}
+
+
+if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
+
+    @torch.library.custom_op("diffusers_wan_ext::linear_gelu_tanh", mutates_args=())
+    def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``gelu_tanh(x @ weight.T + bias)`` with the GELU in the cuBLASLt epilogue (one pass instead of two)."""
+        out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @linear_gelu_tanh.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _fused_gelu_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    proj = self.proj
+    # only a plain, un-hooked nn.Linear in the activation dtype (LoRA layers, offloading or casting hooks: stock path)
+    if (type(proj) is torch.nn.Linear and "forward" not in vars(proj) and proj.bias is not None
+            and hidden_states.is_cuda and proj.weight.dtype == hidden_states.dtype):
+        return linear_gelu_tanh(hidden_states, proj.weight, proj.bias)
+    return type(self).forward(self, hidden_states)
+
+
+def fuse_ffn_gelu(model: torch.nn.Module) -> int:
+    """Run each FFN's first linear + tanh-GELU as one cuBLASLt GEMM with a GELU epilogue; returns how many.
+
+    Applies to Diffusers ``GELU(approximate="tanh")`` activation modules (Wan's FFN). The stock forward is kept as the
+    fallback for LoRA-wrapped or hooked layers, so adapters, offloading and casting keep working."""
+    import types
+
+    from diffusers.models.activations import GELU
+
+    count = 0
+    for m in model.modules():
+        if isinstance(m, GELU) and m.approximate == "tanh":
+            m.forward = types.MethodType(_fused_gelu_forward, m)
+            count += 1
+    return count
