@@ -22,7 +22,24 @@ from typing import Any
 
 import torch
 
+from diffusers.utils import logging
+
 from .attention import _attention_models, set_attention_backend
+
+logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
+
+#: Diffusers hooks that move or cast weights inside forward: Dynamo cannot trace them (``module.to`` builds new
+#: Parameters), so regional compile is skipped on models that carry them (VRAM management, layerwise casting).
+_UNCOMPILABLE_HOOKS = ("layerwise_casting", "group_offloading", "lazy_prefetch_group_offloading")
+
+
+def _weight_moving_hooks(model: torch.nn.Module) -> list[str]:
+    found = set()
+    for m in model.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        if registry is not None:
+            found.update(name for name in _UNCOMPILABLE_HOOKS if registry.get_hook(name) is not None)
+    return sorted(found)
 
 
 def _fp8_linears(model: torch.nn.Module) -> int:
@@ -48,6 +65,7 @@ def optimize_transformer(
     fullgraph: bool = True,
     fp8: bool = False,
     fused_gelu: bool = True,
+    fuse_qkv: bool = True,
     verbose: bool = True,
 ) -> dict:
     """Apply the fast defaults to every transformer of a pipeline (``transformer``, ``transformer_2``) or to one model.
@@ -59,6 +77,9 @@ def optimize_transformer(
         fullgraph: passed to ``compile_repeated_blocks``.
         fp8: float8 GEMMs through torchao (Hopper/Ada); changes numerics.
         fused_gelu: FFN first linear + tanh-GELU as one GEMM with a GELU epilogue (:func:`fuse_ffn_gelu`).
+        fuse_qkv: Diffusers' ``fuse_projections`` on every attention (one QKV GEMM for self-attention, one KV GEMM
+            for cross-attention). Costs the fused copies' memory (Diffusers keeps the unfused layers); load LoRAs
+            before calling this.
         verbose: log the attention choice.
 
     Returns:
@@ -71,12 +92,21 @@ def optimize_transformer(
             _fp8_linears(model)
         elif fused_gelu:
             fuse_ffn_gelu(model)
-        if compile:
+        if fuse_qkv:
+            for m in model.modules():
+                if hasattr(m, "fuse_projections") and not getattr(m, "fused_projections", False):
+                    m.fuse_projections()
+        hooks = _weight_moving_hooks(model) if compile else []
+        if hooks:
+            logger.warning(f"optimize_transformer: not compiling {name}: it carries {', '.join(hooks)} hooks "
+                           "(VRAM management / layerwise casting), which torch.compile cannot trace")
+        elif compile:
             if not getattr(model, "_repeated_blocks", None):
                 raise ValueError(f"{type(model).__name__} declares no _repeated_blocks; use torch.compile(model)")
             model.compile_repeated_blocks(fullgraph=fullgraph)
             compiled.append(name)
-    return {"attention_backend": backend, "compiled": compiled, "fp8": fp8, "fused_gelu": fused_gelu and not fp8}
+    return {"attention_backend": backend, "compiled": compiled, "fp8": fp8, "fused_gelu": fused_gelu and not fp8,
+            "fused_qkv": fuse_qkv}
 
 
 if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
