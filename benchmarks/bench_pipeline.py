@@ -59,18 +59,13 @@ def main() -> None:
     parser.add_argument("--variants", default="stock,ours,ours+teacache,ours@24gb,ours@8gb")
     parser.add_argument("--steps", type=int, default=STEPS)
     args = parser.parse_args()
-    from diffusers import WanPipeline
-
-    from diffusers_wan_ext import WanExtPipeline
-    from diffusers_wan_ext.runtime import optimize_transformer, optimize_vae
-
     env = env_info()
     print(env, flush=True)
     comps = build_components()
     rows, ref, base = [], None, None
     for variant in args.variants.split(","):
         try:
-            rows.append(one_variant(variant, comps, args, WanPipeline, WanExtPipeline, optimize_transformer, optimize_vae))
+            rows.append(one_variant(variant, comps, args.steps))
             if variant == "stock":
                 base = rows[-1]["s"]
                 ref = rows[-1].pop("_frames")
@@ -92,40 +87,45 @@ def main() -> None:
     print(table(rows, ["variant", "s", "peak_gib", "speedup", "err_vs_stock"]))
 
 
-def one_variant(variant, comps, args, WanPipeline, WanExtPipeline, optimize_transformer, optimize_vae):
-    if True:
-        kw = {"steps": args.steps}
-        if variant == "stock":
-            pipe = WanPipeline(**comps)
-        else:
-            pipe = WanExtPipeline(**comps)
-            if "@" in variant:
-                pipe.to("cpu")
-                torch.cuda.empty_cache()
-                # tight budgets plan for two CFG forwards (batched CFG doubles the transformer's activations)
-                tight = variant.endswith("@8gb")
-                if tight:
-                    kw["cfg_batching"] = False
-                plan = pipe.enable_vram_management(variant.split("@")[1], device="cuda", verbose=False,
-                                                   cfg_batched=not tight)
-                print(plan, flush=True)
-            if not getattr(comps["transformer"], "_bench_optimized", False):
-                # under a VRAM plan, keep the unfused projections only (the fused copies would cost memory)
-                optimize_transformer(pipe, fuse_qkv="@" not in variant)
-                optimize_vae(pipe.vae)
-                comps["transformer"]._bench_optimized = True
-            if variant.endswith("teacache"):
-                pipe.enable_teacache(0.08)
-        # warm-up (compilation, cuDNN autotune) on a 2-step run, not timed
-        run(pipe, steps=2, **{k: v for k, v in kw.items() if k != "steps"})
-        frames, sec, peak = run(pipe, **kw)
-        row = dict(variant=variant, s=round(sec, 1), peak_gib=round(peak, 2), _frames=frames.float().cpu())
+def one_variant(variant: str, comps: dict, steps: int) -> dict:
+    """Build the pipeline of one variant on the shared components, warm it up, time one generation."""
+    from diffusers import WanPipeline
+
+    from diffusers_wan_ext import WanExtPipeline
+    from diffusers_wan_ext.runtime import optimize_transformer, optimize_vae
+
+    kw = {"steps": steps}
+    if variant == "stock":
+        pipe = WanPipeline(**comps)
+    else:
+        pipe = WanExtPipeline(**comps)
         if "@" in variant:
-            pipe.disable_vram_management()
-            pipe.to("cuda")
+            pipe.to("cpu")
+            torch.cuda.empty_cache()
+            # tight budgets plan for two CFG forwards (batched CFG doubles the transformer's activations)
+            tight = variant.endswith("@8gb")
+            if tight:
+                kw["cfg_batching"] = False
+            plan = pipe.enable_vram_management(variant.split("@")[1], device="cuda", verbose=False,
+                                               cfg_batched=not tight)
+            print(plan, flush=True)
+        if not getattr(comps["transformer"], "_bench_optimized", False):
+            # under a VRAM plan, keep the unfused projections only (the fused copies would cost memory)
+            optimize_transformer(pipe, fuse_qkv="@" not in variant)
+            optimize_vae(pipe.vae)
+            comps["transformer"]._bench_optimized = True
         if variant.endswith("teacache"):
-            pipe.disable_teacache()
-        return row
+            pipe.enable_teacache(0.08)
+    # warm-up (compilation, cuDNN autotune) on a 2-step run, not timed
+    run(pipe, steps=2, **{k: v for k, v in kw.items() if k != "steps"})
+    frames, sec, peak = run(pipe, **kw)
+    row = dict(variant=variant, s=round(sec, 1), peak_gib=round(peak, 2), _frames=frames.float().cpu())
+    if "@" in variant:
+        pipe.disable_vram_management()
+        pipe.to("cuda")
+    if variant.endswith("teacache"):
+        pipe.disable_teacache()
+    return row
 
 
 if __name__ == "__main__":

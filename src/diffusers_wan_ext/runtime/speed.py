@@ -24,13 +24,14 @@ import torch
 
 from diffusers.utils import logging
 
+from ..hooks.vram import _CASTING_HOOKS, _GROUP_OFFLOAD_HOOKS
 from .attention import _attention_models, set_attention_backend
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
-#: Diffusers hooks that move or cast weights inside forward: Dynamo cannot trace them (``module.to`` builds new
-#: Parameters), so regional compile is skipped on models that carry them (VRAM management, layerwise casting).
-_UNCOMPILABLE_HOOKS = ("layerwise_casting", "group_offloading", "lazy_prefetch_group_offloading")
+#: Diffusers hooks that move or cast weights inside forward (the ones VRAM management installs): Dynamo cannot
+#: trace them (``module.to`` builds new Parameters), so regional compile is skipped on models that carry them.
+_UNCOMPILABLE_HOOKS = _GROUP_OFFLOAD_HOOKS + _CASTING_HOOKS
 
 
 def _weight_moving_hooks(model: torch.nn.Module) -> list[str]:
