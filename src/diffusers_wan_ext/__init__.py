@@ -12,6 +12,7 @@ Example:
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # loadable bases, looked up by Diffusers
 
 from .models import (
+    WanAnimateExtTransformer3DModel,
     WanExtTransformer3DModel,
     WanFunTransformer3DModel,
     WanMotionControllerModel,
@@ -31,6 +32,7 @@ from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
 __version__ = "0.1.0"
 
 __all__ = [
+    "WanAnimateExtTransformer3DModel",
     "WanExtPipeline",
     "WanExtTransformer3DModel",
     "WanFlowMatchScheduler",
