@@ -11,15 +11,17 @@ shared tables of :mod:`diffusers_wan_ext.conversion.dit`) *and* the Animate adap
   latent frame;
 * ``face_adapter.fuser_blocks.N`` -- per-latent-frame cross-attention to the face tokens after DiT block ``5 N``.
 
-:data:`ANIMATE_KEY_MAP` is that layout as a table.  Each row is ``(original, diffusers, op)`` with placeholders
-``{n}`` (an index kept as is), ``{res}`` (a motion-encoder residual block: original ``convs.{res}`` is Diffusers'
-``res_blocks.{res - 1}``), ``{last}`` (the final conv, ``convs.{number of residual blocks + 1}``) and ``{p}``
-(``weight`` / ``bias``).  ``op`` says what happens to the tensor besides the rename:
+:data:`ANIMATE_KEY_RULES` (fixed modules) and :data:`RES_BLOCK_RULES` (one motion-encoder residual block, repeated
+by :func:`animate_key_rules` for the number of blocks the weights have) are that layout as a table of
+:class:`~diffusers_wan_ext.conversion.text_encoder.KeyRule` rows, run by the shared table engine
+(:func:`~diffusers_wan_ext.conversion.text_encoder.convert_with_rules` / ``export_with_rules``).  Besides renames:
 
-* ``"bias"`` -- FusedLeakyReLU biases are stored ``[1, C, 1, 1]`` in the release and ``[C]`` in Diffusers;
-* ``"split"`` -- ``linear1_kv`` is the concatenation ``[to_k; to_v]`` (the Diffusers side names both);
-* ``"blur"`` -- the constant blur kernels (buffers of the original code, saved in the release): checked against
-  their canonical value and dropped; re-created on export.
+* FusedLeakyReLU biases are stored ``[1, C, 1, 1]`` in the release and ``[C]`` in Diffusers (kind ``"squeeze_1c11"``);
+* ``linear1_kv`` is the concatenation ``[to_k; to_v]`` (kind ``"split"``);
+* residual block ``convs.N`` of the release is Diffusers' ``res_blocks.{N - 1}``, the final conv ``convs.{blocks + 1}``
+  is ``conv_out``;
+* the blur kernels (``conv2.0.kernel`` / ``skip.0.kernel``: buffers of the original code, saved in the release) are
+  checked against their fixed value and dropped; :func:`export_animate_state_dict` re-creates them.
 
 Widths are read from the shapes (:func:`animate_config_from_state_dict`): nothing assumes the 14B release values, so
 tiny test models and other widths convert the same way.  Unknown adapter keys raise
@@ -32,7 +34,6 @@ rank = alpha = 128) converts with :func:`convert_relighting_lora` to a Diffusers
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,11 +41,14 @@ from typing import Any, Mapping
 import torch
 
 from ..utils.io import ConversionError, _format_keys, load_state_dict
+from .text_encoder import KeyRule, convert_with_rules, export_with_rules
 
 __all__ = [
-    "ANIMATE_KEY_MAP",
+    "ANIMATE_KEY_RULES",
     "ANIMATE_PREFIXES",
+    "RES_BLOCK_RULES",
     "animate_config_from_state_dict",
+    "animate_key_rules",
     "convert_animate_state_dict",
     "convert_relighting_lora",
     "export_animate_state_dict",
@@ -58,63 +62,61 @@ ANIMATE_PREFIXES = ("pose_patch_embedding", "motion_encoder", "face_encoder", "f
 
 _ME = "motion_encoder.enc.net_app.convs"
 
-#: (original key, Diffusers key(s), op) -- see the module docstring for placeholders and ops.
-ANIMATE_KEY_MAP: tuple[tuple[str, str | tuple[str, ...] | None, str | None], ...] = (
-    ("pose_patch_embedding.{p}", "pose_patch_embedding.{p}", None),
-    # motion encoder: appearance convs
-    (f"{_ME}.0.0.weight", "motion_encoder.conv_in.weight", None),
-    (f"{_ME}.0.1.bias", "motion_encoder.conv_in.act_fn.bias", "bias"),
-    (f"{_ME}.{{res}}.conv1.0.weight", "motion_encoder.res_blocks.{res}.conv1.weight", None),
-    (f"{_ME}.{{res}}.conv1.1.bias", "motion_encoder.res_blocks.{res}.conv1.act_fn.bias", "bias"),
-    (f"{_ME}.{{res}}.conv2.0.kernel", None, "blur"),
-    (f"{_ME}.{{res}}.conv2.1.weight", "motion_encoder.res_blocks.{res}.conv2.weight", None),
-    (f"{_ME}.{{res}}.conv2.2.bias", "motion_encoder.res_blocks.{res}.conv2.act_fn.bias", "bias"),
-    (f"{_ME}.{{res}}.skip.0.kernel", None, "blur"),
-    (f"{_ME}.{{res}}.skip.1.weight", "motion_encoder.res_blocks.{res}.conv_skip.weight", None),
-    (f"{_ME}.{{last}}.weight", "motion_encoder.conv_out.weight", None),
-    # motion encoder: MLP and the linear motion decomposition basis
-    ("motion_encoder.enc.fc.{n}.{p}", "motion_encoder.motion_network.{n}.{p}", None),
-    ("motion_encoder.dec.direction.weight", "motion_encoder.motion_synthesis_weight", None),
-    # face encoder (the original wraps each Conv1d in a CausalConv1d module: ``.conv``)
-    ("face_encoder.conv1_local.conv.{p}", "face_encoder.conv1_local.{p}", None),
-    ("face_encoder.conv2.conv.{p}", "face_encoder.conv2.{p}", None),
-    ("face_encoder.conv3.conv.{p}", "face_encoder.conv3.{p}", None),
-    ("face_encoder.out_proj.{p}", "face_encoder.out_proj.{p}", None),
-    ("face_encoder.padding_tokens", "face_encoder.padding_tokens", None),
-    # face blocks
-    ("face_adapter.fuser_blocks.{n}.linear1_q.{p}", "face_adapter.{n}.to_q.{p}", None),
-    ("face_adapter.fuser_blocks.{n}.linear1_kv.{p}", ("face_adapter.{n}.to_k.{p}", "face_adapter.{n}.to_v.{p}"), "split"),
-    ("face_adapter.fuser_blocks.{n}.linear2.{p}", "face_adapter.{n}.to_out.{p}", None),
-    ("face_adapter.fuser_blocks.{n}.q_norm.weight", "face_adapter.{n}.norm_q.weight", None),
-    ("face_adapter.fuser_blocks.{n}.k_norm.weight", "face_adapter.{n}.norm_k.weight", None),
+
+def _weight_bias(original: str, ours: str, kind: str = "copy") -> tuple[KeyRule, KeyRule]:
+    return tuple(KeyRule(f"{original}.{p}", (f"{ours}.{p}",), kind=kind) for p in ("weight", "bias"))
+
+
+#: Original key -> stock ``WanAnimateTransformer3DModel`` key(s); ``{i}``: a face block / MLP layer index.
+ANIMATE_KEY_RULES: tuple[KeyRule, ...] = (
+    *_weight_bias("pose_patch_embedding", "pose_patch_embedding"),
+    # motion encoder (LIA): 1x1 input conv with fused leaky ReLU, MLP, linear motion decomposition basis
+    KeyRule(f"{_ME}.0.0.weight", ("motion_encoder.conv_in.weight",)),
+    KeyRule(f"{_ME}.0.1.bias", ("motion_encoder.conv_in.act_fn.bias",), kind="squeeze_1c11"),
+    *_weight_bias("motion_encoder.enc.fc.{i}", "motion_encoder.motion_network.{i}"),
+    KeyRule("motion_encoder.dec.direction.weight", ("motion_encoder.motion_synthesis_weight",)),
+    # face encoder (the original wraps each Conv1d in a CausalConv1d: ``.conv``)
+    *_weight_bias("face_encoder.conv1_local.conv", "face_encoder.conv1_local"),
+    *_weight_bias("face_encoder.conv2.conv", "face_encoder.conv2"),
+    *_weight_bias("face_encoder.conv3.conv", "face_encoder.conv3"),
+    *_weight_bias("face_encoder.out_proj", "face_encoder.out_proj"),
+    KeyRule("face_encoder.padding_tokens", ("face_encoder.padding_tokens",)),
+    # face blocks: per-latent-frame cross-attention to the face tokens
+    *_weight_bias("face_adapter.fuser_blocks.{i}.linear1_q", "face_adapter.{i}.to_q"),
+    *(KeyRule(f"face_adapter.fuser_blocks.{{i}}.linear1_kv.{p}", (f"face_adapter.{{i}}.to_k.{p}",
+                                                                  f"face_adapter.{{i}}.to_v.{p}"), kind="split")
+      for p in ("weight", "bias")),
+    *_weight_bias("face_adapter.fuser_blocks.{i}.linear2", "face_adapter.{i}.to_out"),
+    KeyRule("face_adapter.fuser_blocks.{i}.q_norm.weight", ("face_adapter.{i}.norm_q.weight",)),
+    KeyRule("face_adapter.fuser_blocks.{i}.k_norm.weight", ("face_adapter.{i}.norm_k.weight",)),
 )
 
-#: The blur FIR of the motion encoder's down-sampling blocks (``Blur([1, 3, 3, 1])``: outer product, sum 1).
+#: One motion-encoder residual block: (key under release ``convs.N.``, key under Diffusers ``res_blocks.{N-1}.``, kind).
+RES_BLOCK_RULES: tuple[tuple[str, str, str], ...] = (
+    ("conv1.0.weight", "conv1.weight", "copy"),
+    ("conv1.1.bias", "conv1.act_fn.bias", "squeeze_1c11"),
+    ("conv2.1.weight", "conv2.weight", "copy"),
+    ("conv2.2.bias", "conv2.act_fn.bias", "squeeze_1c11"),
+    ("skip.1.weight", "conv_skip.weight", "copy"),
+)
+#: Constant blur FIR buffers of a residual block (not parameters in Diffusers).
+BLUR_KERNEL_KEYS = ("conv2.0.kernel", "skip.0.kernel")
+#: The blur FIR of the down-sampling blocks (``Blur([1, 3, 3, 1])``: outer product, normalised to sum 1).
 BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
 #: The original code applies a face block after every 5th DiT block (``block_idx % 5 == 0``).
 FACE_BLOCK_EVERY = 5
 
-_PLACEHOLDER = {"n": r"(?P<n>\d+)", "res": r"(?P<res>\d+)", "last": r"(?P<last>\d+)", "p": r"(?P<p>weight|bias)"}
-# index offset original - diffusers per placeholder
-_OFFSET = {"n": 0, "res": 1, "last": 0}
 
-
-def _compile(template: str) -> re.Pattern:
-    parts = re.split(r"\{(\w+)\}", template)
-    out = []
-    for i, part in enumerate(parts):
-        out.append(_PLACEHOLDER[part] if i % 2 else re.escape(part))
-    return re.compile("^" + "".join(out) + "$")
-
-
-def _targets(diffusers: str | tuple[str, ...] | None) -> tuple[str, ...]:
-    if diffusers is None:
-        return ()
-    return (diffusers,) if isinstance(diffusers, str) else tuple(diffusers)
-
-
-_ROWS = [(orig, _compile(orig), _targets(diff), [_compile(t) for t in _targets(diff)], op)
-         for orig, diff, op in ANIMATE_KEY_MAP]
+def animate_key_rules(num_res_blocks: int) -> tuple[KeyRule, ...]:
+    """The full Animate adapter table for a motion encoder with ``num_res_blocks`` residual blocks (release: 7, for
+    512 x 512 face crops): :data:`ANIMATE_KEY_RULES` plus :data:`RES_BLOCK_RULES` per block and the final conv."""
+    res = tuple(
+        KeyRule(f"{_ME}.{n}.{orig}", (f"motion_encoder.res_blocks.{n - 1}.{ours}",), kind=kind)
+        for n in range(1, num_res_blocks + 1)
+        for orig, ours, kind in RES_BLOCK_RULES
+    )
+    final = KeyRule(f"{_ME}.{num_res_blocks + 1}.weight", ("motion_encoder.conv_out.weight",))
+    return ANIMATE_KEY_RULES + res + (final,)
 
 
 def is_animate_key(key: str) -> bool:
@@ -128,18 +130,6 @@ def _blur_kernel() -> torch.Tensor:
     return k / k.sum()
 
 
-def _fill(template: str, groups: Mapping[str, str], to_original: bool) -> str:
-    values = {}
-    for name, value in groups.items():
-        if value is None:
-            continue
-        if name in _OFFSET:
-            values[name] = str(int(value) + (_OFFSET[name] if to_original else -_OFFSET[name]))
-        else:
-            values[name] = value
-    return template.format(**values)
-
-
 def _num_res_blocks(keys, layout: str) -> int:
     pat = re.compile(rf"^{re.escape(_ME)}\.(\d+)\.conv1\." if layout == "original" else r"^motion_encoder\.res_blocks\.(\d+)\.")
     idx = sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
@@ -148,49 +138,6 @@ def _num_res_blocks(keys, layout: str) -> int:
         where = f"{_ME}.N" if layout == "original" else "motion_encoder.res_blocks.N"
         raise ConversionError(f"motion encoder residual blocks are not contiguous ({where} indices {idx})")
     return len(idx)
-
-
-def convert_animate_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Animate adapter keys of the original release -> stock ``WanAnimateTransformer3DModel`` names.
-
-    ``sd`` holds only adapter keys (:func:`is_animate_key`); the DiT keys go through
-    :func:`~diffusers_wan_ext.conversion.dit.convert_dit_state_dict`, which calls this for the adapter part.
-
-    Example:
-        >>> import torch
-        >>> convert_animate_state_dict({"face_adapter.fuser_blocks.0.linear1_kv.weight": torch.zeros(8, 4)}).keys()
-        dict_keys(['face_adapter.0.to_k.weight', 'face_adapter.0.to_v.weight'])
-    """
-    n_res = _num_res_blocks(sd, "original")
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in sd.items():
-        for _orig, pattern, targets, _tpats, op in _ROWS:
-            m = pattern.match(key)
-            if m is None:
-                continue
-            groups = m.groupdict()
-            if groups.get("last") is not None and int(groups["last"]) != n_res + 1:
-                continue  # ``convs.K.weight`` is the final conv only for K = residual blocks + 1
-            if op == "blur":
-                _check_blur(key, value)
-            elif op == "split":
-                if value.shape[0] % len(targets):
-                    raise ConversionError(f"{key}: first dimension {value.shape[0]} is not divisible by {len(targets)}")
-                for t, part in zip(targets, value.chunk(len(targets), dim=0)):
-                    out[_fill(t, groups, to_original=False)] = part.clone()
-            elif op == "bias":
-                out[_fill(targets[0], groups, to_original=False)] = value.reshape(-1)
-            else:
-                out[_fill(targets[0], groups, to_original=False)] = value
-            break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ConversionError(
-            f"{len(unknown)} key(s) are not part of the Wan2.2-Animate adapter layout: {_format_keys(unknown)}"
-        )
-    return out
 
 
 def _check_blur(key: str, value: torch.Tensor) -> None:
@@ -203,56 +150,33 @@ def _check_blur(key: str, value: torch.Tensor) -> None:
         )
 
 
-def _match_diffusers(key: str):
-    """The row, match and target index of a Diffusers-layout adapter key (``None`` if no row names it)."""
-    for row in _ROWS:
-        for i, pattern in enumerate(row[3]):
-            m = pattern.match(key)
-            if m is not None:
-                return row, m, i
-    return None, None, None
+def convert_animate_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Animate adapter keys of the original release -> stock ``WanAnimateTransformer3DModel`` names.
+
+    ``sd`` holds only adapter keys (:func:`is_animate_key`); the DiT keys go through
+    :func:`~diffusers_wan_ext.conversion.dit.convert_dit_state_dict`, which calls this for the adapter part.
+
+    Example:
+        >>> import torch
+        >>> sorted(convert_animate_state_dict({"face_adapter.fuser_blocks.0.linear1_kv.weight": torch.zeros(8, 4)}))
+        ['face_adapter.0.to_k.weight', 'face_adapter.0.to_v.weight']
+    """
+    n_res = _num_res_blocks(sd, "original")
+    blur = [f"{_ME}.{n}.{k}" for n in range(1, n_res + 1) for k in BLUR_KERNEL_KEYS]
+    for key in blur:
+        if key in sd:
+            _check_blur(key, sd[key])
+    return convert_with_rules(sd, animate_key_rules(n_res), dropped=blur, what="Wan2.2-Animate adapter")
 
 
 def export_animate_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The reverse of :func:`convert_animate_state_dict` (Diffusers names -> the original release layout), blur
     kernels included, so ``export(convert(sd)) == sd``."""
     n_res = _num_res_blocks(sd, "diffusers")
-    out: dict[str, torch.Tensor] = {}
-    partners, consumed, unknown = set(), set(), []
-    for key, value in sd.items():
-        row, m, i = _match_diffusers(key)
-        if row is None:
-            unknown.append(key)
-            continue
-        if i > 0:  # second half of a split row (``to_v``): written with its first half
-            partners.add(key)
-            continue
-        orig, _pattern, targets, _tpats, op = row
-        groups = {k: v for k, v in m.groupdict().items() if v is not None}
-        name = _fill(orig.replace("{last}", str(n_res + 1)), groups, to_original=True)
-        if op == "split":
-            parts = [value]
-            for t in targets[1:]:
-                k = t.format(**groups)
-                if k not in sd:
-                    raise ConversionError(f"{key} has no partner {k} (both are needed for {name})")
-                parts.append(sd[k])
-                consumed.add(k)
-            out[name] = torch.cat(parts, dim=0)
-        elif op == "bias":
-            out[name] = value.reshape(1, -1, 1, 1)
-        else:
-            out[name] = value
-    unknown += sorted(partners - consumed)
-    if unknown:
-        raise ConversionError(
-            f"{len(unknown)} key(s) are not part of Diffusers' WanAnimateTransformer3DModel adapter layout: "
-            f"{_format_keys(unknown)}"
-        )
-    blur_rows = [orig for orig, _d, op in ANIMATE_KEY_MAP if op == "blur"]
-    for i in range(1, n_res + 1):
-        for orig in blur_rows:
-            out[orig.format(res=i)] = _blur_kernel()
+    out = export_with_rules(sd, animate_key_rules(n_res), what="WanAnimateTransformer3DModel adapter")
+    for n in range(1, n_res + 1):
+        for k in BLUR_KERNEL_KEYS:
+            out[f"{_ME}.{n}.{k}"] = _blur_kernel().to(sd[f"motion_encoder.res_blocks.{n - 1}.conv2.weight"].dtype)
     return out
 
 
