@@ -19,6 +19,7 @@ from .models import (
     WanTextLenAttnProcessor,
 )
 from .pipelines import (
+    WanAnimateExtPipeline,
     WanExtPipeline,
     WanFunCameraControlPipeline,
     WanFunControlPipeline,
@@ -32,6 +33,7 @@ from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
 __version__ = "0.1.0"
 
 __all__ = [
+    "WanAnimateExtPipeline",
     "WanAnimateExtTransformer3DModel",
     "WanExtPipeline",
     "WanExtTransformer3DModel",

@@ -49,6 +49,7 @@ __all__ = [
     "RES_BLOCK_RULES",
     "animate_config_from_state_dict",
     "animate_key_rules",
+    "check_lora_fits",
     "convert_animate_state_dict",
     "convert_relighting_lora",
     "export_animate_state_dict",
@@ -401,3 +402,21 @@ def save_relighting_lora(lora: Mapping[str, torch.Tensor], folder: str | Path, d
     path = folder / DIFFUSERS_LORA_FILE
     save_file({k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in lora.items()}, str(path))
     return path
+
+
+def check_lora_fits(transformer: torch.nn.Module, lora: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`ConversionError` unless every ``transformer.<module>.lora_A/B.weight`` of a converted LoRA names a
+    Linear of ``transformer`` with matching in / out features (so ``load_lora_weights`` cannot fail later)."""
+    modules = dict(transformer.named_modules())
+    bad = []
+    for key, value in lora.items():
+        m = _LORA_SUFFIX.match(key.removeprefix("transformer."))
+        module = modules.get(m.group("module")) if m else None
+        if not isinstance(module, torch.nn.Linear):
+            bad.append(f"{key} (no Linear {m.group('module') if m else key} in the transformer)")
+        elif m.group("ab") == "lora_A" and value.shape[1] != module.in_features:
+            bad.append(f"{key} {tuple(value.shape)} (module in_features {module.in_features})")
+        elif m.group("ab") == "lora_B" and value.shape[0] != module.out_features:
+            bad.append(f"{key} {tuple(value.shape)} (module out_features {module.out_features})")
+    if bad:
+        raise ConversionError(f"the LoRA does not fit {type(transformer).__name__}: {_format_keys(bad)}")
