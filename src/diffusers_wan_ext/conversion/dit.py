@@ -248,7 +248,7 @@ def dit_config_from_state_dict(
 
     ``original_config`` is the release ``config.json`` (``dim``, ``num_heads``, ``in_dim``, ``text_len`` ...); its
     values must agree with the shapes.  ``num_heads`` defaults to ``dim // 128`` (every Wan release uses head dim
-    128) when the config does not give it.
+    128) when the config does not give it (Wan2.2-Animate weights state the head dim in their face blocks).
     """
     cfg = dict(original_config or {})
     sd = strip_known_prefixes(dict(sd), "blocks.")
@@ -304,7 +304,9 @@ def dit_config_from_state_dict(
                 f"config.json says {k}={cfg[k]} but the weights have {k}={v} "
                 f"(from {'patch_embedding.weight' if k in ('dim', 'in_dim') else 'the weight shapes'})"
             )
-    num_heads = int(cfg.get("num_heads") or max(1, dim // RELEASE_HEAD_DIM))
+    face_norm = sd.get("face_adapter.fuser_blocks.0.q_norm.weight")  # Animate face blocks: per-head RMSNorm
+    default_heads = dim // face_norm.shape[0] if face_norm is not None and face_norm.shape[0] else dim // RELEASE_HEAD_DIM
+    num_heads = int(cfg.get("num_heads") or max(1, default_heads))
     if dim % num_heads:
         raise ConversionError(f"dim {dim} is not divisible by num_heads {num_heads}")
     text_len = int(cfg.get("text_len", 512))
