@@ -298,3 +298,17 @@ def test_example_script_replaces_with_relighting(folder, media, tmp_path):
     from diffusers.utils import load_video
 
     assert len(load_video(str(out))) == N_FRAMES
+
+
+def test_cli_generate_animates_from_files(folder, media, tmp_path):
+    from diffusers.utils import load_video
+
+    from diffusers_wan_ext.cli import main
+
+    d, paths, _ = media
+    out = tmp_path / "animate.mp4"
+    assert main(["generate", "--model", str(folder), "--prompt", "a dancer", "--image", str(d / "src_ref.png"),
+                 "--pose-video", str(paths["pose"]), "--face-video", str(paths["face"]), "--height", str(H),
+                 "--width", str(W), "--num-frames", str(SEGMENT), "--steps", "1", "--dtype", "fp32",
+                 "--device", "cpu", "--output", str(out)]) == 0
+    assert len(load_video(str(out))) == N_FRAMES

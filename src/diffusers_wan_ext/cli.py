@@ -143,6 +143,10 @@ def cmd_demo(args) -> int:
     return 0
 
 
+#: ``generate`` arguments of Wan2.2-Animate (passed to :class:`~diffusers_wan_ext.WanAnimateExtPipeline` as they are).
+ANIMATE_VIDEO_ARGS = ("pose_video", "face_video", "background_video", "mask_video")
+
+
 def cmd_generate(args) -> int:
     import torch
     from diffusers import DiffusionPipeline
@@ -152,6 +156,11 @@ def cmd_generate(args) -> int:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    animate = type(pipe).__name__ in ("WanAnimatePipeline", "WanAnimateExtPipeline")
+    if animate:
+        from .pipelines import WanAnimateExtPipeline
+
+        pipe = WanAnimateExtPipeline(**pipe.components)  # video-file inputs and input checks
     defaults = {}
     rec = Path(args.model) / "wan_variant.json"
     if rec.exists():
@@ -180,6 +189,14 @@ def cmd_generate(args) -> int:
         kw["image"] = load_image(args.image)
     if args.last_image:
         kw["last_image"] = load_image(args.last_image)
+    animate_inputs = {k: getattr(args, k) for k in ANIMATE_VIDEO_ARGS if getattr(args, k)}
+    if animate:
+        if args.relighting_lora:
+            pipe.load_relighting_lora(args.model if args.relighting_lora == "auto" else args.relighting_lora)
+        kw.update(animate_inputs, segment_frame_length=kw.pop("num_frames"))
+    elif animate_inputs or args.relighting_lora:
+        raise SystemExit(f"generate: --{'/--'.join(a.replace('_', '-') for a in animate_inputs) or 'relighting-lora'} "
+                         f"is for Wan2.2-Animate folders; {args.model} is a {type(pipe).__name__}")
     frames = pipe(**kw).frames[0]
     out = write_video(frames, args.output, fps=args.fps or defaults.get("fps", 16))
     print(out.resolve())
@@ -224,9 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--image", help="first frame (I2V / FLF2V / TI2V)")
     p.add_argument("--last-image", help="last frame (FLF2V)")
+    p.add_argument("--pose-video", help="Wan2.2-Animate: driving pose video (src_pose.mp4); --image = the character")
+    p.add_argument("--face-video", help="Wan2.2-Animate: driving face crops (src_face.mp4)")
+    p.add_argument("--background-video", help="Wan2.2-Animate replacement: background (src_bg.mp4)")
+    p.add_argument("--mask-video", help="Wan2.2-Animate replacement: person mask (src_mask.mp4)")
+    p.add_argument("--relighting-lora", nargs="?", const="auto",
+                   help="Wan2.2-Animate: load the relighting LoRA (default: MODEL/relighting_lora)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--num-frames", type=int)
+    p.add_argument("--num-frames", type=int, help="4n + 1 (Wan2.2-Animate: frames per segment)")
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--fps", type=int)
