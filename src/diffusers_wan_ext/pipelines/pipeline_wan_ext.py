@@ -31,6 +31,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from .._registration import ShimPipelineMixin
+from ..lora.loader import WanLoraInteropMixin
 from .runtime_mixin import WanRuntimeMixin
 
 __all__ = ["WanExtPipeline"]
@@ -38,7 +39,7 @@ __all__ = ["WanExtPipeline"]
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 
-class WanExtPipeline(ShimPipelineMixin, WanRuntimeMixin, WanPipeline):
+class WanExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin, WanPipeline):
     r"""
     Text-to-video: stock :class:`diffusers.WanPipeline` plus ``cfg_batching`` and the runtime options of
     :class:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin`.
