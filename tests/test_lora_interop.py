@@ -463,6 +463,9 @@ def test_adapter_metadata_alpha(t2v_parts, tmp_path):
     torch.testing.assert_close(run(ours), with_peft, rtol=0, atol=1e-6)
     folded = load_lora_file(tmp_path)  # scale 4 folded into the factors
     assert_same(folded, peft_lora_state_dict(pipe.transformer))
+    paths = export_lora(get_peft_model_state_dict(pipe.transformer), tmp_path / "raw", formats=["diffusers"],
+                        adapter_config=config)  # raw PEFT tensors + their config: the same fold
+    assert_same(load_file(str(paths["diffusers"])), folded)
     plain = make_pipe(WanPipeline, t2v_parts)
     plain.load_lora_weights(convert_lora_state_dict(folded, "original"))
     torch.testing.assert_close(run(plain), with_peft, rtol=1e-5, atol=1e-5)

@@ -560,6 +560,7 @@ def export_lora(
     formats: Sequence[str] = LORA_FORMATS,
     *,
     metadata: Mapping[str, str] | None = None,
+    adapter_config: Mapping | None = None,
 ) -> dict[str, Path]:
     """Write a Diffusers-format LoRA in several formats into ``out_dir``; return ``{name: path}``.
 
@@ -572,7 +573,10 @@ def export_lora(
       ``lora_<format>_<component>.safetensors`` (key ``<format>_<component>``) for each other component -- these
       formats hold one model each (ComfyUI / DiffSynth load Wan2.2's high- and low-noise LoRAs separately).
 
-    Every file is written atomically.  ``metadata`` goes into each safetensors header.
+    Every file is written atomically.  ``metadata`` goes into each safetensors header.  ``adapter_config``: the
+    PEFT config of raw ``get_peft_model_state_dict`` tensors (``LoraConfig.to_dict()``, or Diffusers' packed
+    ``{"transformer.lora_alpha": ...}`` metadata) whose ``lora_alpha / r`` (patterns, rsLoRA) is then folded into
+    the factors; not needed for :func:`peft_lora_state_dict` output, which is folded already.
 
     Example:
         >>> from peft.utils import get_peft_model_state_dict  # doctest: +SKIP
@@ -583,6 +587,8 @@ def export_lora(
     for name in formats:
         _check_format(name, "export format")
     sd = convert_lora_state_dict(diffusers_state_dict, "diffusers", source="diffusers")
+    if adapter_config:
+        sd = _fold_adapter_metadata(sd, adapter_config)
     parts = split_lora_components(sd)
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
