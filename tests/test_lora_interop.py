@@ -20,6 +20,7 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 from diffusers_wan_ext import (  # noqa: E402
+    WanAnimateExtPipeline,
     WanExtPipeline,
     WanFunCameraControlPipeline,
     WanFunControlPipeline,
@@ -128,7 +129,7 @@ def run(pipe, **kw):
 
 
 def test_our_pipelines_load_every_format():
-    for cls in (WanExtPipeline, WanFunInpaintPipeline, WanFunControlPipeline, WanFunCameraControlPipeline,
+    for cls in (WanExtPipeline, WanAnimateExtPipeline, WanFunInpaintPipeline, WanFunControlPipeline, WanFunCameraControlPipeline,
                 WanSpeedControlPipeline, WanImageToVideoReferencePipeline, WanVideoToVideoReferencePipeline):
         assert issubclass(cls, WanLoraInteropMixin), cls
         assert cls.load_lora_weights is WanLoraInteropMixin.load_lora_weights, cls
