@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel, WanVACETransformer3DModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig  # noqa: E402
@@ -41,7 +41,6 @@ from diffusers_wan_ext.lora import (  # noqa: E402
     detect_lora_format,
     export_lora,
     load_lora_file,
-    lora_info,
     map_lora_target_modules,
     peft_lora_state_dict,
     save_lora_file,
@@ -92,8 +91,9 @@ def forward(model, seed=0, **extra):
 
 
 ALL_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "ffn.net.0.proj", "ffn.net.2",
-               "proj_out", "patch_embedding", "condition_embedder.time_proj", "condition_embedder.time_embedder.linear_1",
-               "condition_embedder.text_embedder.linear_2", "condition_embedder.image_embedder.ff.net.0.proj"]
+               "proj_out", "patch_embedding", "condition_embedder.time_proj",
+               "condition_embedder.time_embedder.linear_1", "condition_embedder.text_embedder.linear_2",
+               "condition_embedder.image_embedder.ff.net.0.proj"]
 
 
 # ------------------------------------------------------------------------------------------------- pipelines
@@ -119,8 +119,8 @@ def make_pipe(cls, parts, transformer=None, transformer_2=None, boundary_ratio=N
 
 def run(pipe, **kw):
     pipe.set_progress_bar_config(disable=True)
-    args = dict(prompt_embeds=pipe.test_embeds[0], negative_prompt_embeds=pipe.test_embeds[1], height=32, width=32, num_frames=5,
-                num_inference_steps=2, guidance_scale=4.0, output_type="latent",
+    args = dict(prompt_embeds=pipe.test_embeds[0], negative_prompt_embeds=pipe.test_embeds[1], height=32, width=32,
+                num_frames=5, num_inference_steps=2, guidance_scale=4.0, output_type="latent",
                 generator=torch.Generator().manual_seed(0))
     if isinstance(pipe, WanExtPipeline):
         args["cfg_batching"] = False  # stock's loop, so outputs compare bit for bit with stock WanPipeline
@@ -129,8 +129,9 @@ def run(pipe, **kw):
 
 
 def test_our_pipelines_load_every_format():
-    for cls in (WanExtPipeline, WanAnimateExtPipeline, WanFunInpaintPipeline, WanFunControlPipeline, WanFunCameraControlPipeline,
-                WanSpeedControlPipeline, WanImageToVideoReferencePipeline, WanVideoToVideoReferencePipeline):
+    for cls in (WanExtPipeline, WanAnimateExtPipeline, WanFunInpaintPipeline, WanFunControlPipeline,
+                WanFunCameraControlPipeline, WanSpeedControlPipeline, WanImageToVideoReferencePipeline,
+                WanVideoToVideoReferencePipeline):
         assert issubclass(cls, WanLoraInteropMixin), cls
         assert cls.load_lora_weights is WanLoraInteropMixin.load_lora_weights, cls
 
@@ -354,7 +355,8 @@ def test_two_experts(t2v_parts, tmp_path):
     add_lora(pipe.transformer, ["to_q", "ffn.net.2"], seed=1)
     add_lora(pipe.transformer_2, ["to_v", "proj_out"], seed=2, r=2)
     with_peft = run(pipe)
-    sd = {**peft_lora_state_dict(pipe.transformer), **peft_lora_state_dict(pipe.transformer_2, component="transformer_2")}
+    sd = {**peft_lora_state_dict(pipe.transformer),
+          **peft_lora_state_dict(pipe.transformer_2, component="transformer_2")}
     paths = export_lora(sd, tmp_path)
     assert set(paths) == {"diffusers", "diffusers_transformer_2", "original", "original_transformer_2", "kohya",
                           "kohya_transformer_2", "diffsynth", "diffsynth_transformer_2"}
@@ -516,7 +518,8 @@ def test_cli_convert_info_export(tmp_path, capsys):
                                                                     "lora_original.safetensors"]
     with pytest.raises(SystemExit):  # exists
         cli_main(["lora", "convert", str(src), str(tmp_path / "c.safetensors"), "--to", "original"])
-    bad = save_lora_file({"blocks.0.self_attn.q.lora_A.default.weight": torch.zeros(2, DIM)}, tmp_path / "bad.safetensors")
+    bad = save_lora_file({"blocks.0.self_attn.q.lora_A.default.weight": torch.zeros(2, DIM)},
+                         tmp_path / "bad.safetensors")
     assert cli_main(["lora", "convert", str(bad), str(tmp_path / "x.safetensors"), "--to", "original"]) == 2
     assert "only the down" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()

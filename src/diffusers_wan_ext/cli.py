@@ -244,10 +244,12 @@ def cmd_lora(args) -> int:
 def _add_lora(sub):
     from .lora.formats import LORA_FORMATS
 
-    p = sub.add_parser("lora", help="convert / inspect / export Wan LoRAs (Diffusers, original/ComfyUI, Kohya, DiffSynth)")
+    p = sub.add_parser("lora", help="convert / inspect / export Wan LoRAs (Diffusers, original/ComfyUI, Kohya, "
+                                     "DiffSynth)")
     lsub = p.add_subparsers(dest="lora_command", required=True)
     c = lsub.add_parser("convert", help="one LoRA file -> another format")
-    c.add_argument("src", help="LoRA file (.safetensors / .pt / .bin) or a folder with pytorch_lora_weights.safetensors")
+    c.add_argument("src", help="LoRA file (.safetensors / .pt / .bin) or a folder with "
+                               "pytorch_lora_weights.safetensors")
     c.add_argument("dst", help="output file (.safetensors), written atomically")
     c.add_argument("--to", required=True, choices=LORA_FORMATS)
     c.add_argument("--from", dest="from_format", choices=LORA_FORMATS, help="source format (detected when omitted)")

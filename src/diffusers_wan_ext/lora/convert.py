@@ -172,7 +172,8 @@ def _check_entries(entries: Entries) -> None:
             problems.append(f"{name} has only the {'down (lora_A)' if DOWN in e else 'up (lora_B)'} factor")
         elif DOWN in e:
             down, up = e[DOWN], e[UP]
-            if down.ndim < 2 or up.ndim != down.ndim or up.shape[1] != down.shape[0] or any(s != 1 for s in up.shape[2:]):
+            pointwise_up = all(s == 1 for s in up.shape[2:])
+            if down.ndim < 2 or up.ndim != down.ndim or up.shape[1] != down.shape[0] or not pointwise_up:
                 problems.append(f"{name}: factors {tuple(down.shape)} / {tuple(up.shape)} do not form B @ A")
             if DIFF in e:
                 problems.append(f"{name} has both a LoRA and a full-weight diff (not supported)")
@@ -181,7 +182,8 @@ def _check_entries(entries: Entries) -> None:
         if ALPHA in e and (DOWN not in e or e[ALPHA].numel() != 1):
             problems.append(f"{name}: alpha needs LoRA factors and must be a single number")
     if problems:
-        raise ConversionError("invalid LoRA: " + "; ".join(problems[:12]) + (f" (+{len(problems) - 12} more)" if len(problems) > 12 else ""))
+        more = f" (+{len(problems) - 12} more)" if len(problems) > 12 else ""
+        raise ConversionError("invalid LoRA: " + "; ".join(problems[:12]) + more)
 
 
 # ---------------------------------------------------------------------------------------------------- tensor ops
@@ -429,7 +431,8 @@ def lora_info(state_dict: Mapping[str, torch.Tensor], source: str | None = None)
     entries = _parse(state_dict, _check_format(source, "source format"), "transformer")
     comps: dict[str, dict] = {}
     for (comp, module), e in entries.items():
-        c = comps.setdefault(comp, {"modules": 0, "ranks": set(), "alphas": set(), "bias": 0, "diff": 0, "targets": set()})
+        c = comps.setdefault(comp, {"modules": 0, "ranks": set(), "alphas": set(), "bias": 0, "diff": 0,
+                                    "targets": set(), "dtypes": set()})
         c["modules"] += 1
         if DOWN in e:
             c["ranks"].add(int(e[DOWN].shape[0]))
@@ -438,7 +441,7 @@ def lora_info(state_dict: Mapping[str, torch.Tensor], source: str | None = None)
         c["bias"] += BIAS in e
         c["diff"] += DIFF in e
         c["targets"].add(re.sub(r"(^|\.)(blocks|vace_blocks)\.\d+\.", r"\1\2.N.", module))
-        c.setdefault("dtypes", set()).update(str(t.dtype).replace("torch.", "") for t in e.values())
+        c["dtypes"].update(str(t.dtype).replace("torch.", "") for t in e.values())
     for c in comps.values():
         for k in ("ranks", "alphas", "targets", "dtypes"):
             c[k] = sorted(c[k])

@@ -61,8 +61,8 @@ def _expected_shapes(layer: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
         return {"lora_A.weight": (rank, layer.in_features), "lora_B.weight": (layer.out_features, rank),
                 "lora_B.bias": (layer.out_features,)}
     ones = (1,) * (layer.weight.ndim - 2)
-    return {"lora_A.weight": (rank, layer.in_channels, *layer.kernel_size), "lora_B.weight": (layer.out_channels, rank, *ones),
-            "lora_B.bias": (layer.out_channels,)}
+    return {"lora_A.weight": (rank, layer.in_channels, *layer.kernel_size),
+            "lora_B.weight": (layer.out_channels, rank, *ones), "lora_B.bias": (layer.out_channels,)}
 
 
 def check_lora_state_dict(
