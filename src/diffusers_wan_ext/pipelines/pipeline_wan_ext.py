@@ -30,6 +30,7 @@ from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 from diffusers.utils import logging
 
 from .._registration import ShimPipelineMixin
+from ..lora.loader import WanLoraInteropMixin
 from .runtime_mixin import WanRuntimeMixin
 
 __all__ = ["WanExtPipeline"]
@@ -37,7 +38,7 @@ __all__ = ["WanExtPipeline"]
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 
-class WanExtPipeline(ShimPipelineMixin, WanRuntimeMixin, WanPipeline):
+class WanExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin, WanPipeline):
     r"""
     Text-to-video: stock :class:`diffusers.WanPipeline` plus ``cfg_batching`` and the runtime options of
     :class:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin`.

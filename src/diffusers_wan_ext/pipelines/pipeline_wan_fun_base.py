@@ -43,6 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
 from .._registration import ShimPipelineMixin
+from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
 from .runtime_mixin import WanRuntimeMixin
 
@@ -98,7 +99,7 @@ def _match_batch(t: torch.Tensor, batch_size: int, name: str, expand: bool = Tru
     raise ValueError(f"{name} has batch {t.shape[0]}, expected 1 or {batch_size}")
 
 
-class WanFunPipelineBase(ShimPipelineMixin, WanRuntimeMixin, WanImageToVideoPipeline):
+class WanFunPipelineBase(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin, WanImageToVideoPipeline):
     r"""
     Shared core of the Wan-Fun pipelines (not used directly): stock Wan image-to-video sampling with a
     variant-specific conditioning ``y`` and optional extra transformer inputs.
