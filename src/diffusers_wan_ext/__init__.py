@@ -12,12 +12,15 @@ Example:
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # loadable bases, looked up by Diffusers
 
 from .models import (
+    LongCatKVCache,
+    LongCatVideoTransformer3DModel,
     WanExtTransformer3DModel,
     WanFunTransformer3DModel,
     WanMotionControllerModel,
     WanTextLenAttnProcessor,
 )
 from .pipelines import (
+    LongCatVideoPipeline,
     WanExtPipeline,
     WanFunCameraControlPipeline,
     WanFunControlPipeline,
@@ -31,6 +34,9 @@ from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
 __version__ = "0.1.0"
 
 __all__ = [
+    "LongCatKVCache",
+    "LongCatVideoPipeline",
+    "LongCatVideoTransformer3DModel",
     "WanExtPipeline",
     "WanExtTransformer3DModel",
     "WanFlowMatchScheduler",
