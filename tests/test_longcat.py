@@ -393,3 +393,60 @@ def test_context_parallel_ulysses_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     err = float(r.stdout.split("ERR")[1].split()[0])
     assert err < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------- LoRA
+
+
+def _merge_original_lora(dit_sd: dict, lora_sd: dict) -> dict:
+    """Reference: apply an original-format LoRA the way lora_utils.LoRAModule does (down -> per-chunk up blocks),
+    merged into the original-layout weights."""
+    from diffusers_wan_ext.conversion.longcat import LORA_HYPHEN, LORA_PREFIX
+
+    out = dict(dit_sd)
+    for name in {k.split(".", 1)[0] for k in lora_sd}:
+        module = name[len(LORA_PREFIX):].replace(LORA_HYPHEN, ".")
+        down = lora_sd[f"{name}.lora_down.weight"]
+        ups = [v for k, v in sorted(lora_sd.items()) if k.startswith(f"{name}.lora_up.blocks.")]
+        ups = ups or [lora_sd[f"{name}.lora_up.weight"]]
+        r = down.shape[0] // len(ups)
+        delta = torch.cat([up @ down[i * r:(i + 1) * r] for i, up in enumerate(ups)], dim=0)
+        out[module + ".weight"] = out[module + ".weight"] + float(lora_sd[f"{name}.alpha_scale"]) * delta
+    return out
+
+
+@pytest.mark.parametrize("fused_single_up", [False, True])
+def test_original_lora_loads_and_matches_merged_weights(release, fused_single_up):
+    from diffusers_wan_ext.demo import make_tiny_longcat_lora
+    from diffusers_wan_ext.pipelines.pipeline_longcat_video import LongCatVideoLoraLoaderMixin
+
+    dit_sd = _dit_sd(release)
+    lora = make_tiny_longcat_lora(dit_sd, seed=5, fused_single_up=fused_single_up)
+    reference = load_longcat_transformer_from_original(_merge_original_lora(dit_sd, lora))
+    model = load_longcat_transformer_from_original(dit_sd)
+    peft_sd = LongCatVideoLoraLoaderMixin.lora_state_dict(lora)
+    assert all(".lora_A." in k or ".lora_B." in k for k in peft_sd)
+    model.load_lora_adapter(peft_sd, adapter_name="distill")
+    x, ctx, t = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 5, 32), torch.tensor([500.0])
+    with torch.no_grad():
+        want = reference(x, t, ctx, num_cond_latents=1).sample
+        got = model(x, t, ctx, num_cond_latents=1).sample
+        base = load_longcat_transformer_from_original(dit_sd)(x, t, ctx, num_cond_latents=1).sample
+    assert (want - base).abs().max() > 1e-3  # the LoRA does something
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_pipeline_load_lora_weights_from_release_and_converted_folder(pipe, release, folder):
+    kw = dict(num_frames=5, output_type="latent", **GEN)
+    base = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).frames
+    pipe.load_lora_weights(str(release / "lora"), weight_name="cfg_step_lora.safetensors", adapter_name="orig")
+    orig = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).frames
+    pipe.delete_adapters("orig")
+    assert (folder / "lora" / "cfg_step_lora.safetensors").is_file()  # converted by the release converter
+    pipe.load_lora_weights(str(folder / "lora"), weight_name="cfg_step_lora.safetensors", adapter_name="conv")
+    conv = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).frames
+    pipe.delete_adapters("conv")
+    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).frames
+    assert (orig - base).abs().max() > 1e-4
+    torch.testing.assert_close(orig, conv)
+    torch.testing.assert_close(after, base)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["TINY", "TINY_LONGCAT", "make_tiny_longcat_release", "make_tiny_release", "make_tiny_motion_controller",
+__all__ = ["TINY", "TINY_LONGCAT", "make_tiny_longcat_lora", "make_tiny_longcat_release", "make_tiny_release", "make_tiny_motion_controller",
            "run_demo"]
 
 # Widths of the tiny releases (structure is real: depths, patching, RoPE split, token counts).
@@ -129,13 +129,48 @@ TINY_LONGCAT = dict(
 )
 
 
+#: Modules of the tiny original-format LoRA (module, number of up blocks: the fused projections get one per part).
+TINY_LONGCAT_LORA_TARGETS = (
+    ("blocks.{i}.attn.qkv", 3), ("blocks.{i}.attn.proj", 1), ("blocks.{i}.cross_attn.kv_linear", 2),
+    ("blocks.{i}.cross_attn.q_linear", 1), ("blocks.{i}.ffn.w1", 1), ("blocks.{i}.ffn.w2", 1),
+    ("blocks.{i}.adaLN_modulation.1", 1), ("final_layer.linear", 1),
+)
+
+
+def make_tiny_longcat_lora(dit_state_dict: dict, rank: int = 4, seed: int = 0, alpha_scale: float = 0.5,
+                           fused_single_up: bool = False) -> dict:
+    """A LoRA in the original LongCat-Video format (``lora_utils.LoRANetwork`` state dict) for an original-layout
+    DiT state dict: ``lora_down`` / ``lora_up`` (or ``lora_up.blocks.N`` for fused projections) and
+    ``alpha_scale``.  ``fused_single_up`` gives fused projections one up matrix instead of one block per part."""
+    from .conversion.longcat import LORA_HYPHEN, LORA_PREFIX
+
+    g = torch.Generator().manual_seed(seed)
+    depth = len({k.split(".")[1] for k in dit_state_dict if k.startswith("blocks.")})
+    out = {}
+    for template, parts in TINY_LONGCAT_LORA_TARGETS:
+        for i in range(depth) if "{i}" in template else [None]:
+            module = template.format(i=i)
+            w = dit_state_dict[module + ".weight"]
+            name = LORA_PREFIX + module.replace(".", LORA_HYPHEN)
+            n = 1 if fused_single_up else parts
+            out[f"{name}.lora_down.weight"] = torch.randn(n * rank, w.shape[1], generator=g) * 0.1
+            if n == 1:
+                out[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.1
+            else:
+                for b in range(n):
+                    out[f"{name}.lora_up.blocks.{b}.weight"] = torch.randn(w.shape[0] // n, rank, generator=g) * 0.1
+            out[f"{name}.alpha_scale"] = torch.tensor(alpha_scale)
+    return out
+
+
 def make_tiny_longcat_release(folder: str | os.PathLike, seed: int = 0, layout: str = "release",
                               shards: int = 1) -> Path:
     """Write a tiny meituan-longcat/LongCat-Video release (original ``dit/`` key layout) into ``folder``.
 
     Args:
         layout: ``"release"`` -- the Hub folders ``dit/``, ``vae/`` (Diffusers), ``text_encoder/`` (Transformers),
-            ``tokenizer/``, ``scheduler/``; ``"wan"`` -- ``dit/`` with the Wan2.1 files DiffSynth-Studio pairs it
+            ``tokenizer/``, ``scheduler/``, ``lora/cfg_step_lora.safetensors`` (original LoRA format); ``"wan"`` --
+            ``dit/`` with the Wan2.1 files DiffSynth-Studio pairs it
             with (``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.1_VAE.pth``, ``google/umt5-xxl/``).
         shards: split the DiT into this many safetensors shards plus an index, as the release does.
 
@@ -191,6 +226,8 @@ def make_tiny_longcat_release(folder: str | os.PathLike, seed: int = 0, layout: 
         vae.save_pretrained(folder / "vae")
         make_tiny_umt5_tokenizer(folder / "tokenizer", vocab_size=TINY["t5_vocab"])
         FlowMatchEulerDiscreteScheduler(shift=12.0).save_pretrained(folder / "scheduler")
+        (folder / "lora").mkdir(exist_ok=True)
+        save_file(make_tiny_longcat_lora(sd, seed=seed + 1), str(folder / "lora" / "cfg_step_lora.safetensors"))
     else:
         torch.save(export_t5_state_dict(t5.state_dict()), folder / "models_t5_umt5-xxl-enc-bf16.pth")
         torch.save(export_vae_state_dict(vae.state_dict()), folder / "Wan2.1_VAE.pth")

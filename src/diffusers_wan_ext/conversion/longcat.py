@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import save_file
 
 from ..utils.io import ConversionError, _format_keys, atomic_output_dir, load_state_dict, strip_known_prefixes
 from .dit import _rename, cast_state_dict, check_shapes, locate_dit
@@ -29,12 +30,15 @@ __all__ = [
     "BLOCK_KEY_MAP",
     "BLOCK_SPLITS",
     "TOP_LEVEL_KEY_MAP",
+    "convert_longcat_lora_state_dict",
     "convert_longcat_release",
     "convert_longcat_state_dict",
     "export_longcat_state_dict",
     "find_longcat_dit",
+    "is_longcat_lora_state_dict",
     "is_longcat_state_dict",
     "load_longcat_transformer_from_original",
+    "longcat_target_modules",
     "longcat_config_from_state_dict",
 ]
 
@@ -90,11 +94,19 @@ def is_longcat_state_dict(sd: Mapping[str, Any]) -> bool:
     return "x_embedder.proj.weight" in keys and "blocks.0.attn.qkv.weight" in keys
 
 
-def _split_of(local: str) -> tuple[str, tuple[str, ...], str] | None:
+def longcat_target_modules(module: str) -> tuple[str, ...] | None:
+    """The Diffusers module(s) holding an original module (``blocks.3.attn.qkv`` -> its ``to_q``, ``to_k``,
+    ``to_v``), or ``None`` for a module the LongCat-Video DiT does not have."""
+    m = _BLOCK_RE.match(module)
+    if m is None:
+        new = _rename(module, TOP_LEVEL_KEY_MAP)
+        return None if new is None else (new,)
+    prefix, local = f"blocks.{m.group(1)}.", m.group(2)
     for src, parts in BLOCK_SPLITS:
-        if local.startswith(src + "."):
-            return src, parts, local[len(src):]
-    return None
+        if local == src:
+            return tuple(prefix + part for part in parts)
+    new = _rename(local, BLOCK_KEY_MAP)
+    return None if new is None else (prefix + new,)
 
 
 def convert_longcat_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -112,28 +124,15 @@ def convert_longcat_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torc
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in sd.items():
-        m = _BLOCK_RE.match(key)
-        if m is None:
-            new = _rename(key, TOP_LEVEL_KEY_MAP)
-            if new is None:
-                unknown.append(key)
-            else:
-                out[new] = value
-            continue
-        prefix, local = f"blocks.{m.group(1)}.", m.group(2)
-        split = _split_of(local)
-        if split is not None:
-            _, parts, suffix = split
-            if value.shape[0] % len(parts):
-                raise ConversionError(f"{key}: {value.shape[0]} outputs cannot be split into {len(parts)} projections")
-            for part, chunk in zip(parts, value.chunk(len(parts), dim=0)):
-                out[prefix + part + suffix] = chunk.contiguous()
-            continue
-        new = _rename(local, BLOCK_KEY_MAP)
-        if new is None:
+        module, _, param = key.rpartition(".")
+        targets = longcat_target_modules(module)
+        if targets is None:
             unknown.append(key)
-        else:
-            out[prefix + new] = value
+            continue
+        if len(targets) > 1 and value.shape[0] % len(targets):
+            raise ConversionError(f"{key}: {value.shape[0]} outputs cannot be split into {len(targets)} projections")
+        for target, chunk in zip(targets, value.chunk(len(targets), dim=0) if len(targets) > 1 else [value]):
+            out[f"{target}.{param}"] = chunk.contiguous() if len(targets) > 1 else chunk
     if unknown:
         raise ConversionError(
             f"{len(unknown)} key(s) do not belong to a LongCat-Video DiT in the original layout: {_format_keys(unknown)}"
@@ -148,37 +147,33 @@ def export_longcat_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch
     block = tuple((b, a) for a, b in BLOCK_KEY_MAP)
     part_of = {part: (src, i, len(parts)) for src, parts in BLOCK_SPLITS for i, part in enumerate(parts)}
     out: dict[str, torch.Tensor] = {}
-    pending: dict[str, dict[int, torch.Tensor]] = {}
+    pending: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
     unknown = []
     for key, value in sd.items():
         m = _BLOCK_RE.match(key)
         if m is None:
             new = _rename(key, top)
-            if new is None:
-                unknown.append(key)
-            else:
-                out[new] = value
-            continue
-        prefix, local = f"blocks.{m.group(1)}.", m.group(2)
-        module, _, suffix = local.rpartition(".")
-        if module in part_of:
-            src, i, n = part_of[module]
-            pending.setdefault(f"{prefix}{src}.{suffix}|{n}", {})[i] = value
-            continue
-        new = _rename(local, block)
+        else:
+            prefix, local = f"blocks.{m.group(1)}.", m.group(2)
+            module, _, param = local.rpartition(".")
+            if module in part_of:
+                src, i, n = part_of[module]
+                pending.setdefault((f"{prefix}{src}.{param}", n), {})[i] = value
+                continue
+            new = _rename(local, block)
+            new = None if new is None else prefix + new
         if new is None:
             unknown.append(key)
         else:
-            out[prefix + new] = value
+            out[new] = value
     if unknown:
         raise ConversionError(
             f"{len(unknown)} key(s) are not LongCatVideoTransformer3DModel parameters: {_format_keys(unknown)}"
         )
-    for tag, chunks in pending.items():
-        name, n = tag.split("|")
-        if sorted(chunks) != list(range(int(n))):
+    for (name, n), chunks in pending.items():
+        if sorted(chunks) != list(range(n)):
             raise ConversionError(f"{name}: only {len(chunks)} of its {n} projections are in the state dict")
-        out[name] = torch.cat([chunks[i] for i in range(int(n))], dim=0)
+        out[name] = torch.cat([chunks[i] for i in range(n)], dim=0)
     return out
 
 
@@ -300,6 +295,68 @@ def load_longcat_transformer_from_original(
     return model.eval()
 
 
+
+# ------------------------------------------------------------------------------------------------ LoRA
+
+#: The original LoRA network's module-name encoding (``lora_utils.LoRANetwork``): ``lora___lorahyphen___`` +
+#: the module path with ``.`` written as ``___lorahyphen___``.
+LORA_PREFIX, LORA_HYPHEN = "lora___lorahyphen___", "___lorahyphen___"
+#: alpha / rank of the original ``load_lora`` defaults (network dim 128, alpha 64), used when a file has no
+#: ``alpha_scale`` buffer.
+DEFAULT_LORA_ALPHA = 64.0
+
+
+def is_longcat_lora_state_dict(sd: Mapping[str, Any]) -> bool:
+    """True for a LoRA in the original LongCat-Video format (``lora/cfg_step_lora.safetensors`` of the release)."""
+    return any(k.startswith(LORA_PREFIX) for k in sd)
+
+
+def convert_longcat_lora_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "transformer.") -> dict[str, torch.Tensor]:
+    """An original-format LongCat-Video LoRA -> Diffusers / PEFT keys (``transformer.<module>.lora_A/B.weight``).
+
+    Original modules are ``lora_down`` ``[n * r, in]`` and ``lora_up`` ``[out, r]`` (or ``n`` blocks ``[out / n,
+    r]`` acting on the ``n`` chunks of the down projection, for the fused ``qkv`` / ``kv_linear``) with a scale
+    ``alpha_scale``.  A fused target becomes one LoRA per Diffusers projection (``to_q`` / ``to_k`` / ``to_v``);
+    ``alpha_scale`` is folded into ``lora_B`` so the result loads with ``lora_alpha == rank``.
+
+    Example:
+        >>> sd = {"lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___ffn___lorahyphen___w1.lora_down.weight":
+        ...       torch.ones(4, 8), "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___ffn___lorahyphen___w1"
+        ...       ".lora_up.weight": torch.ones(16, 4)}
+        >>> sorted(convert_longcat_lora_state_dict(sd))
+        ['transformer.blocks.0.ffn.w1.lora_A.weight', 'transformer.blocks.0.ffn.w1.lora_B.weight']
+    """
+    names = sorted({k.split(".", 1)[0] for k in sd})
+    bad = [n for n in names if not n.startswith(LORA_PREFIX)]
+    if bad:
+        raise ConversionError(f"not an original LongCat-Video LoRA: unexpected key(s) {_format_keys(bad)}")
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        module = name[len(LORA_PREFIX):].replace(LORA_HYPHEN, ".")
+        targets = longcat_target_modules(module)
+        if targets is None:
+            raise ConversionError(f"{name}: LoRA on {module!r}, which the LongCat-Video DiT does not have")
+        down = sd.get(f"{name}.lora_down.weight")
+        if down is None:
+            raise ConversionError(f"{name}: missing {name}.lora_down.weight")
+        blocks = sorted(int(k.split(".")[3]) for k in sd if k.startswith(f"{name}.lora_up.blocks."))
+        ups = [sd[f"{name}.lora_up.blocks.{i}.weight"] for i in blocks] if blocks else [sd.get(f"{name}.lora_up.weight")]
+        if ups[0] is None:
+            raise ConversionError(f"{name}: missing {name}.lora_up.weight (or lora_up.blocks.N.weight)")
+        rank = down.shape[0] // len(ups)
+        scale = sd.get(f"{name}.alpha_scale")
+        scale = float(scale) if scale is not None else DEFAULT_LORA_ALPHA / rank
+        if len(ups) == len(targets):  # one up block per projection, each on its own rank-r chunk of the down output
+            pairs = [(down[i * rank:(i + 1) * rank], up) for i, up in enumerate(ups)]
+        elif len(ups) == 1:  # one up projection for the fused output: split its rows
+            pairs = [(down, up) for up in ups[0].chunk(len(targets), dim=0)]
+        else:
+            raise ConversionError(f"{name}: {len(ups)} up blocks for {len(targets)} projections of {module!r}")
+        for target, (a, b) in zip(targets, pairs):
+            out[f"{prefix}{target}.lora_A.weight"] = a.contiguous()
+            out[f"{prefix}{target}.lora_B.weight"] = (b.float() * scale).to(b.dtype).contiguous()
+    return out
+
 # ------------------------------------------------------------------------------------------------ release folders
 
 #: The release's sampling scheduler (``scheduler/scheduler_config.json`` of meituan-longcat/LongCat-Video).
@@ -403,7 +460,8 @@ def convert_longcat_release(
 
     Args:
         src: the release folder: ``dit/`` (original DiT layout, converted), ``vae/`` (Diffusers ``AutoencoderKLWan``),
-            ``text_encoder/`` (``UMT5EncoderModel``), ``tokenizer/`` and ``scheduler/`` (kept as they are).  The
+            ``text_encoder/`` (``UMT5EncoderModel``), ``tokenizer/`` and ``scheduler/`` (kept as they are), and
+            ``lora/*.safetensors`` (original LoRA format, written to ``dst/lora/`` in the Diffusers format).  The
             Wan2.1 files DiffSynth-Studio pairs with ``dit/`` work as well (``models_t5_umt5-xxl-enc-bf16.pth``,
             ``Wan2.1_VAE.pth``, ``google/umt5-xxl/``), next to it or passed explicitly.
         dst: output folder, written atomically (must not exist unless ``overwrite``).
@@ -481,6 +539,12 @@ def convert_longcat_release(
             from ..pipelines.pipeline_longcat_video import LongCatVideoPipeline
 
             LongCatVideoPipeline(**components).save_pretrained(tmp, max_shard_size=max_shard_size)
+            for lora in sorted((root / "lora").glob("*.safetensors")) if (root / "lora").is_dir() else []:
+                sd = _wrap(lora, lambda: load_state_dict(lora))
+                if is_longcat_lora_state_dict(sd):
+                    sd = _wrap(lora, lambda: convert_longcat_lora_state_dict(sd))
+                (tmp / "lora").mkdir(exist_ok=True)
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "lora" / lora.name))
             var = get_variant("longcat-video")
             write_model_card(tmp, var, "LongCatVideoPipeline", str(src))
             (tmp / "wan_variant.json").write_text(json.dumps(_variant_record(var), indent=2) + "\n")

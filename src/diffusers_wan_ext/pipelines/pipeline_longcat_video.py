@@ -38,6 +38,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import LTXVideoLoraLoaderMixin
 from diffusers.models import AutoencoderKLWan
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
@@ -49,13 +50,14 @@ from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from .._registration import ShimPipelineMixin
+from ..conversion.longcat import convert_longcat_lora_state_dict, is_longcat_lora_state_dict
 from ..conversion.text_encoder import encode_prompt_context
 from ..models.transformer_longcat import LongCatVideoTransformer3DModel
 from ..utils.validation import validate_video_size
 from .fun_conditioning import _read_video_file, _video_to_tensor, encode_video, load_image
 from .runtime_mixin import WanRuntimeMixin
 
-__all__ = ["LongCatVideoPipeline", "longcat_sigmas"]
+__all__ = ["LongCatVideoLoraLoaderMixin", "LongCatVideoPipeline", "longcat_sigmas"]
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -115,7 +117,29 @@ def _load_condition_video(video: Any, height: int, width: int) -> torch.Tensor:
     return t
 
 
-class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, DiffusionPipeline):
+class LongCatVideoLoraLoaderMixin(LTXVideoLoraLoaderMixin):
+    """``load_lora_weights`` / ``save_lora_weights`` / ``fuse_lora`` for the single ``transformer`` (Diffusers'
+    single-transformer LoRA loader), reading Diffusers / PEFT files and the original LongCat-Video format (the
+    release's ``lora/cfg_step_lora.safetensors`` and ``lora/refinement_lora.safetensors``), which is converted by
+    :func:`~diffusers_wan_ext.conversion.longcat.convert_longcat_lora_state_dict`.
+
+    Example:
+        >>> pipe.load_lora_weights("LongCat-Video/lora", weight_name="cfg_step_lora.safetensors",  # doctest: +SKIP
+        ...                        adapter_name="distill")
+        >>> video = pipe(prompt, num_inference_steps=16, guidance_scale=1.0, use_distill=True).frames[0]  # doctest: +SKIP
+    """
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
+        with_metadata = kwargs.get("return_lora_metadata", False)
+        out = super().lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        state_dict, metadata = out if with_metadata else (out, None)
+        if is_longcat_lora_state_dict(state_dict):
+            state_dict = convert_longcat_lora_state_dict(state_dict)
+        return (state_dict, metadata) if with_metadata else state_dict
+
+
+class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, LongCatVideoLoraLoaderMixin, DiffusionPipeline):
     r"""
     LongCat-Video: text-to-video, video continuation (``video``) and image-to-video (``image``).
 
@@ -125,6 +149,9 @@ class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, DiffusionPipeline
         vae (`AutoencoderKLWan`): the Wan2.1 VAE.
         scheduler (`FlowMatchEulerDiscreteScheduler`): flow-matching Euler (``shift`` 12 in the release).
         transformer (`LongCatVideoTransformer3DModel`): the LongCat-Video DiT.
+
+    LoRA: :class:`LongCatVideoLoraLoaderMixin` (Diffusers / PEFT files and the original LongCat format, e.g. the
+    released distillation LoRA: ``use_distill=True``, 16 steps, ``guidance_scale=1``).
 
     Example:
         >>> import torch
