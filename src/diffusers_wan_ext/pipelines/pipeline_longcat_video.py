@@ -412,7 +412,8 @@ class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, LongCatVideoLoraL
             guidance_scale (`float`): classifier-free guidance; ``<= 1`` disables it (the distilled LoRA uses 1).
             cfg_zero_star (`bool`): CFG-Zero* rescaling of the unconditional prediction (the original); ``False``:
                 plain CFG (DiffSynth-Studio).
-            enhance_hf (`bool`, *optional*): the original continuation schedule; default: on with ``video``.
+            enhance_hf (`bool`, *optional*): the original continuation schedule; default: on with ``video`` (unless
+                ``use_distill``).
             use_distill (`bool`): the schedule of the released ``cfg_step_lora`` (load it first; use 16 steps,
                 ``guidance_scale=1``).
             use_kv_cache (`bool`): compute the conditioning frames once into a KV cache (the original's
@@ -475,7 +476,7 @@ class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, LongCatVideoLoraL
 
         # 3. schedule
         if enhance_hf is None:
-            enhance_hf = video is not None
+            enhance_hf = video is not None and not use_distill
         sigmas = longcat_sigmas(num_inference_steps, float(self.scheduler.config.shift), enhance_hf=enhance_hf,
                                 use_distill=use_distill)
         timesteps = self._set_schedule(sigmas, device)
