@@ -450,3 +450,19 @@ def test_pipeline_load_lora_weights_from_release_and_converted_folder(pipe, rele
     assert (orig - base).abs().max() > 1e-4
     torch.testing.assert_close(orig, conv)
     torch.testing.assert_close(after, base)
+
+
+def test_example_script_runs_tiny(tmp_path):
+    import importlib.util
+
+    from diffusers.utils import load_video
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("longcat_example", ROOT / "examples" / "longcat_video.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--tiny", "--segments", "2", "--output", str(tmp_path / "a.mp4")])
+    assert len(load_video(str(tmp_path / "a.mp4"))) == 9 + (9 - 5)
+    example.main(["--tiny", "--video", str(tmp_path / "a.mp4"), "--distill", "--output", str(tmp_path / "b.mp4")])
+    assert len(load_video(str(tmp_path / "b.mp4"))) == 13 + (9 - 5)
