@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..utils.io import ConversionError, _format_keys, atomic_output_dir, load_state_dict, strip_known_prefixes
-from .dit import _rename, cast_state_dict, check_shapes, locate_dit
+from .dit import _rename, check_block_layout, load_converted_state_dict, read_original_dit
 
 __all__ = [
     "BLOCK_KEY_MAP",
@@ -177,10 +177,6 @@ def export_longcat_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def _block_indices(sd: Mapping[str, torch.Tensor]) -> list[int]:
-    return sorted({int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k))})
-
-
 def longcat_config_from_state_dict(
     sd: Mapping[str, torch.Tensor], original_config: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -193,24 +189,7 @@ def longcat_config_from_state_dict(
 
     cfg = dict(original_config or {})
     sd = strip_known_prefixes(dict(sd), "blocks.")
-    missing = [k for k in REQUIRED_KEYS if k not in sd]
-    if missing:
-        raise ConversionError(
-            f"not a LongCat-Video DiT in the original layout: missing key(s) {_format_keys(missing)}"
-            + (f" (found e.g. {_format_keys(list(sd)[:5], 5)})" if sd else " (the state dict is empty)")
-        )
-    blocks = _block_indices(sd)
-    if blocks != list(range(len(blocks))):
-        gaps = sorted(set(range(max(blocks) + 1)) - set(blocks))
-        raise ConversionError(f"DiT blocks are not contiguous: blocks.{gaps[0]}.* missing (have {len(blocks)} blocks)")
-    local0 = {k.split(".", 2)[2] for k in sd if k.startswith("blocks.0.")}
-    for i in blocks[1:]:
-        local = {k.split(".", 2)[2] for k in sd if k.startswith(f"blocks.{i}.")}
-        if local != local0:
-            diff = sorted((local0 - local) | (local - local0))
-            raise ConversionError(
-                f"blocks.{i} differs from blocks.0: inconsistent key(s) {_format_keys(f'blocks.{i}.{d}' for d in diff)}"
-            )
+    blocks = check_block_layout(sd, REQUIRED_KEYS, "a LongCat-Video DiT")
 
     pe = sd["x_embedder.proj.weight"]
     if pe.ndim != 5:
@@ -278,21 +257,11 @@ def load_longcat_transformer_from_original(
 
     from ..models.transformer_longcat import LongCatVideoTransformer3DModel
 
-    if isinstance(sd_or_path, (str, os.PathLike)):
-        weights, cfg = locate_dit(sd_or_path)
-        sd = load_state_dict(weights)
-        original_config = original_config or cfg
-    else:
-        sd = dict(sd_or_path)
-    sd = strip_known_prefixes(sd, "blocks.")
+    sd, original_config = read_original_dit(sd_or_path, original_config)
     config = longcat_config_from_state_dict(sd, original_config)
-    converted = convert_longcat_state_dict(sd)
     with init_empty_weights():
         model = LongCatVideoTransformer3DModel(**config)
-    check_shapes(model, converted)
-    converted = cast_state_dict(converted, torch_dtype, model._keep_in_fp32_modules)
-    model.load_state_dict(converted, strict=True, assign=True)
-    return model.eval()
+    return load_converted_state_dict(model, convert_longcat_state_dict(sd), torch_dtype)
 
 
 
