@@ -145,7 +145,8 @@ def _register_hooks() -> None:
     * ``WanVACETransformerBlock`` (stock has no entry): returns ``(hint, control_hidden_states)`` and carries its
       stream in ``control_hidden_states``;
     * ``WanAttnProcessor`` (stock registers only the deprecated ``WanAttnProcessor2_0`` alias, whose ``__new__``
-      returns a ``WanAttnProcessor``) and our :class:`~diffusers_wan_ext.WanTextLenAttnProcessor`.
+      returns a ``WanAttnProcessor``) and our :class:`~diffusers_wan_ext.WanTextLenAttnProcessor`;
+    * LongCat-Video's ``LongCatVideoTransformerBlock`` and ``LongCatVideoAttnProcessor``.
 
     Our Fun transformer reuses stock ``WanTransformerBlock`` (already registered), so it needs no entry.
     """
@@ -159,8 +160,14 @@ def _register_hooks() -> None:
     from diffusers.models.transformers.transformer_wan_vace import WanVACETransformerBlock
 
     from .models.attention_processor import WanTextLenAttnProcessor
+    from .models.transformer_longcat import LongCatVideoAttnProcessor, LongCatVideoTransformerBlock
 
     TransformerBlockRegistry._register()
+    if LongCatVideoTransformerBlock not in TransformerBlockRegistry._registry:
+        TransformerBlockRegistry.register(
+            LongCatVideoTransformerBlock,
+            TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None),
+        )
     if WanVACETransformerBlock not in TransformerBlockRegistry._registry:
         TransformerBlockRegistry.register(
             WanVACETransformerBlock,
@@ -171,7 +178,7 @@ def _register_hooks() -> None:
             ),
         )
     AttentionProcessorRegistry._register()
-    for processor in (WanAttnProcessor, WanTextLenAttnProcessor):
+    for processor in (WanAttnProcessor, WanTextLenAttnProcessor, LongCatVideoAttnProcessor):
         if processor not in AttentionProcessorRegistry._registry:
             AttentionProcessorRegistry.register(
                 processor, AttentionProcessorMetadata(skip_processor_output_fn=_skip_attention_output)
