@@ -365,10 +365,13 @@ def convert_release(
         model.load_state_dict(converted, strict=True, assign=True)
         transformers_.append(model)
         bar.update()
-    if lora is not None:
-        from .animate import check_lora_fits
+    if lora is not None:  # the LoRA must load into the converted transformer (named keys otherwise)
+        from ..lora.loader import check_lora_state_dict
 
-        _wrap(files.relighting_lora, lambda: check_lora_fits(transformers_[0], lora))
+        try:
+            check_lora_state_dict(transformers_[0], lora)
+        except ValueError as e:
+            raise ConversionError(f"{files.relighting_lora}: {e}") from e
     components: dict[str, Any] = {}
     if not transformer_only:
         from .image_encoder import load_clip_from_original, make_clip_image_processor
