@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["TINY", "make_tiny_dataset", "make_tiny_release", "make_tiny_motion_controller", "run_demo"]
+__all__ = ["TINY", "make_tiny_dataset", "prepare_training_demo", "make_tiny_release", "make_tiny_motion_controller", "run_demo"]
 
 # Widths of the tiny releases (structure is real: depths, patching, RoPE split, token counts).
 TINY = dict(
@@ -266,6 +266,22 @@ def make_tiny_dataset(
             writer.writeheader()
             writer.writerows(rows)
     return path
+
+
+def prepare_training_demo(folder: str | os.PathLike) -> tuple[Path, Path]:
+    """A tiny converted Wan2.1 T2V folder and a tiny dataset for ``scripts/train_demo.sh``; returns both paths.
+
+    Example:
+        >>> model, data = prepare_training_demo("/tmp/train-demo")  # doctest: +SKIP
+    """
+    from .conversion.pipeline import convert_release
+
+    folder = Path(folder)
+    release = make_tiny_release(folder / "Wan2.1-T2V-tiny", arch="t2v")
+    model = convert_release(release, folder / "Wan2.1-T2V-tiny-diffusers", dtype="fp32", overwrite=True,
+                            progress=False)
+    metadata = make_tiny_dataset(folder / "data")
+    return model, metadata.parent
 
 
 def run_demo(output: str | os.PathLike = "outputs/demo.mp4", workdir: str | os.PathLike | None = None,

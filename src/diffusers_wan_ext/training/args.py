@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="data order, LoRA init, timesteps and noise")
     g.add_argument("--trainable_models", default=None,
                    help="full fine-tuning of these components: transformer (dit), transformer_2 (dit2), "
-                        "motion_controller")
+                        "motion_controller, or vace (only the VACE blocks of a VACE transformer)")
     g.add_argument("--find_unused_parameters", action="store_true", help="DDP find_unused_parameters")
     g.add_argument("--use_gradient_checkpointing", action="store_true")
     g.add_argument("--use_gradient_checkpointing_offload", action="store_true",
@@ -186,7 +186,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     def fail(msg: str):
         parser.error(msg)
 
-    args.trainable_models = _components(args.trainable_models, TRAINABLE, "--trainable_models")
+    # VACE: DiffSynth-Studio's ``vace`` model is the VACE blocks of our (stock) VACE transformer
+    names = [n.strip() for n in (args.trainable_models or "").split(",") if n.strip()]
+    args.trainable_scope = "vace" if "vace" in names else None
+    names = ["transformer" if n == "vace" else n for n in names]
+    args.trainable_models = _components(",".join(names), TRAINABLE, "--trainable_models")
     args.fp8_models = _components(args.fp8_models, FP8_CAPABLE, "--fp8_models")
     # VACE: DiffSynth-Studio's ``vace`` LoRA covers the VACE blocks, its ``dit`` LoRA the main blocks
     args.lora_scope = "vace" if args.lora_base_model == "vace" else "dit"

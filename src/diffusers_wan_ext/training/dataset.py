@@ -34,7 +34,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -374,7 +374,7 @@ class VideoDataset(torch.utils.data.Dataset):
             raise DatasetRowError(
                 f"{row.label}: column {self.video_column!r}: {row.values[self.video_column]} has {got} frame(s), "
                 f"fewer than --num_frames {self.num_frames}; pass --min_num_frames {_largest_4n1(got) or 1} to "
-                f"train on shorter clips (cut to 4n+1 frames)" + self._skip_hint
+                f"train on shorter clips (cut to 4n+1 frames)"
             )
         return _largest_4n1(got)
 
@@ -435,7 +435,9 @@ class VideoDataset(torch.utils.data.Dataset):
                 sample = self.load_row(row)
             except DatasetRowError as e:
                 if not self.skip_bad_rows:
-                    raise
+                    if self._skip_hint in str(e):
+                        raise
+                    raise DatasetRowError(str(e) + self._skip_hint) from e
                 skipped.append({"row": row.label, "reason": str(e)})
                 continue
             sample["skipped"] = skipped

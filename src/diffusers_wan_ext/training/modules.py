@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
 from typing import Any
 

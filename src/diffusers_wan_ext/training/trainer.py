@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -47,7 +46,6 @@ from .modules import (
     enable_gradient_checkpointing,
     load_lora_into,
     lora_metadata,
-    lora_state_dict,
     store_frozen_weights_in_fp8,
     training_loss,
 )
@@ -125,16 +123,13 @@ class CachedDataset(torch.utils.data.Dataset):
 def _report_to(args) -> str | None:
     if args.report_to == "none":
         return None
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        try:
-            import tensorboardX  # noqa: F401
-        except ImportError:
-            if args.report_to == "tensorboard":
-                raise SystemExit("--report_to tensorboard: TensorBoard is not installed (pip install tensorboard)")
-            return None
-    return "tensorboard"
+    from accelerate.utils import is_tensorboard_available
+
+    if is_tensorboard_available():
+        return "tensorboard"
+    if args.report_to == "tensorboard":
+        raise SystemExit("--report_to tensorboard: TensorBoard is not installed (pip install tensorboard)")
+    return None
 
 
 def _make_accelerator(args):
@@ -168,8 +163,12 @@ def _loader(dataset, sampler, num_workers: int):
                                        collate_fn=collate_single, persistent_workers=False)
 
 
-def _move_encoders(components: WanTrainingComponents, device: torch.device, fp8: list[str], dtype: torch.dtype):
+def _move_encoders(components: WanTrainingComponents, device: torch.device, fp8: list[str]):
+    """Frozen encoders to ``device``; those in ``fp8`` with their weights stored in float8 (Diffusers' layerwise
+    casting, with the skip patterns the VRAM manager uses: norms, embeddings, ``_keep_in_fp32_modules``)."""
     from diffusers.hooks import apply_layerwise_casting
+
+    from ..hooks.vram import _fp8_skip_patterns
 
     for name in ("vae", "text_encoder", "image_encoder"):
         module = getattr(components, name)
@@ -177,9 +176,8 @@ def _move_encoders(components: WanTrainingComponents, device: torch.device, fp8:
             continue
         module.requires_grad_(False).eval()
         if name in fp8:
-            compute = dtype if name != "vae" else module.dtype
-            apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute,
-                                    skip_modules_pattern=("norm", "embed", "shared", "conv_in", "conv_out"))
+            apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=module.dtype,
+                                    skip_modules_pattern=_fp8_skip_patterns(module))
         module.to(device)
 
 
@@ -240,7 +238,7 @@ class WanTrainer:
         self.dataset = _dataset(args, self.components, args.dataset_repeat)
         self.builder = None
         if args.task != "sft:train":
-            _move_encoders(self.components, acc.device, args.fp8_models, self.dtype)
+            _move_encoders(self.components, acc.device, args.fp8_models)
             self.builder = WanInputBuilder(self.components, args.extra_inputs, acc.device, args.max_sequence_length)
         self.schedule = _timestep_schedule(args, self.components, acc)
         self.module, self.params = self._trainable_module()
@@ -260,8 +258,13 @@ class WanTrainer:
                 load_lora_into(transformer, _load_lora_file(args.lora_checkpoint), f"--lora_checkpoint "
                                                                                    f"{args.lora_checkpoint}")
         elif c.expert in args.trainable_models:
-            transformer.to(self.trainable_dtype).requires_grad_(True)
-            params += list(transformer.parameters())
+            for name, p in transformer.named_parameters():
+                if args.trainable_scope != "vace" or name.startswith("vace_"):
+                    p.data = p.data.to(self.trainable_dtype)
+                    p.requires_grad_(True)
+                    params.append(p)
+            if not params:
+                raise ValueError("--trainable_models vace: this transformer has no VACE blocks")
         motion_controller = None
         if c.motion_controller is not None and ("motion_bucket_id" in args.extra_inputs
                                                 or "motion_controller" in args.trainable_models):
@@ -286,8 +289,15 @@ class WanTrainer:
         from diffusers.optimization import get_scheduler
 
         args, acc = self.args, self.accelerator
-        optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                      weight_decay=args.weight_decay, eps=args.adam_epsilon)
+        optimizer_cls = torch.optim.AdamW
+        ds = acc.state.deepspeed_plugin
+        if ds is not None and ds.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}).get(
+                "device") == "cpu":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload needs DeepSpeed's CPU Adam
+
+            optimizer_cls = DeepSpeedCPUAdam
+        optimizer = optimizer_cls(self.params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, eps=args.adam_epsilon)
         scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                   num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
                                   num_training_steps=max(total_steps, 1) * acc.num_processes)
@@ -321,15 +331,18 @@ class WanTrainer:
             export_lora({prefix + k: v for k, v in sd.items()}, folder, formats=tuple(exports))
 
     def _save_full(self, folder: Path, name: str, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        """A Diffusers model folder from ``state`` (``<name>.``-prefixed keys) in ``dtype``."""
+        """A Diffusers model folder from ``state`` (``<name>.``-prefixed keys) in ``dtype`` (Diffusers' fp32 modules
+        stay float32, as the converter stores them)."""
         from accelerate import init_empty_weights
 
         from ..utils.io import atomic_output_dir
 
+        from ..conversion.dit import cast_state_dict
+
         model = getattr(self._unwrapped(), name)
         prefix = name + "."
-        sd = {k[len(prefix):]: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype)
-              for k, v in state.items() if k.startswith(prefix)}
+        sd = {k[len(prefix):]: v.detach().to("cpu") for k, v in state.items() if k.startswith(prefix)}
+        sd = cast_state_dict(sd, dtype, getattr(model, "_keep_in_fp32_modules", None))  # as the converter stores it
         with init_empty_weights():
             fresh = type(model).from_config(model.config)
         fresh.load_state_dict(sd, strict=True, assign=True)
@@ -553,7 +566,7 @@ def run_data_process(args) -> Path:
         progress=acc.is_main_process,
     )
     dataset = _dataset(args, components, repeat=1)
-    _move_encoders(components, acc.device, args.fp8_models, dtype)
+    _move_encoders(components, acc.device, args.fp8_models)
     builder = WanInputBuilder(components, args.extra_inputs, acc.device, args.max_sequence_length)
     sampler = ResumableSampler(len(dataset), shuffle=False, num_replicas=acc.num_processes, rank=acc.process_index)
     out = Path(args.output_path) / str(acc.process_index)
