@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/ensure_env.sh
 PY=${PYTHON:-python3}
 WORK=${1:-outputs/train_demo}
+[ $# -gt 0 ] && shift   # the rest goes to train.py
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 read -r MODEL DATA < <("$PY" -c "
 from diffusers_wan_ext.demo import prepare_training_demo
