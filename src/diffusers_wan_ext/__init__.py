@@ -12,12 +12,14 @@ Example:
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # loadable bases, looked up by Diffusers
 
 from .models import (
+    WanAnimateExtTransformer3DModel,
     WanExtTransformer3DModel,
     WanFunTransformer3DModel,
     WanMotionControllerModel,
     WanTextLenAttnProcessor,
 )
 from .pipelines import (
+    WanAnimateExtPipeline,
     WanExtPipeline,
     WanFunCameraControlPipeline,
     WanFunControlPipeline,
@@ -31,6 +33,8 @@ from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
 __version__ = "0.1.0"
 
 __all__ = [
+    "WanAnimateExtPipeline",
+    "WanAnimateExtTransformer3DModel",
     "WanExtPipeline",
     "WanExtTransformer3DModel",
     "WanFlowMatchScheduler",

@@ -30,6 +30,7 @@ __all__ = [
     "DitInfo",
     "convert_dit_state_dict",
     "export_dit_state_dict",
+    "rename_dit_key",
     "dit_config_from_state_dict",
     "load_dit_from_original",
     "find_dit_files",
@@ -90,9 +91,6 @@ BLOCK_TABLES = {"blocks": BLOCK_KEY_MAP, "vace_blocks": VACE_BLOCK_KEY_MAP}
 
 # Key families of Wan checkpoints that other converters handle (key fragment -> what it is / where it lands).
 KNOWN_EXTENSION_KEYS: tuple[tuple[str, str], ...] = (
-    ("face_", "Wan2.2-Animate adapter"),
-    ("motion_encoder", "Wan2.2-Animate adapter"),
-    ("pose_patch_embedding", "Wan2.2-Animate adapter"),
     ("_mot_ref", "Video-As-Prompt reference stream"),
     ("audio_", "Wan2.2-S2V audio injection"),
     ("casual_audio_encoder", "Wan2.2-S2V audio encoder"),
@@ -124,21 +122,38 @@ def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
     return best[1] + key[len(best[0]):]
 
 
-def _convert(sd: Mapping[str, torch.Tensor], reverse: bool) -> dict[str, torch.Tensor]:
-    def flip(table):
-        return tuple((b, a) for a, b in table) if reverse else table
+def _flip(table: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((b, a) for a, b in table)
 
-    top = flip(TOP_LEVEL_KEY_MAP)
-    blocks = {name: flip(table) for name, table in BLOCK_TABLES.items()}
+
+_TABLES = {
+    False: (TOP_LEVEL_KEY_MAP, BLOCK_TABLES),
+    True: (_flip(TOP_LEVEL_KEY_MAP), {name: _flip(table) for name, table in BLOCK_TABLES.items()}),
+}
+
+
+def rename_dit_key(key: str, reverse: bool = False) -> str | None:
+    """One DiT key or module path, original -> Diffusers (``reverse``: Diffusers -> original); ``None`` if unknown.
+
+    Example:
+        >>> rename_dit_key("blocks.3.self_attn.q.weight")
+        'blocks.3.attn1.to_q.weight'
+        >>> rename_dit_key("vace_blocks.0.proj_out", reverse=True)
+        'vace_blocks.0.after_proj'
+    """
+    top, blocks = _TABLES[reverse]
+    m = _ANY_BLOCK_RE.match(key)
+    if m:
+        local = _rename(m.group(3), blocks[m.group(1)])
+        return None if local is None else f"{m.group(1)}.{m.group(2)}.{local}"
+    return _rename(key, top)
+
+
+def _convert(sd: Mapping[str, torch.Tensor], reverse: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in sd.items():
-        m = _ANY_BLOCK_RE.match(key)
-        if m:
-            local = _rename(m.group(3), blocks[m.group(1)])
-            new = None if local is None else f"{m.group(1)}.{m.group(2)}.{local}"
-        else:
-            new = _rename(key, top)
+        new = rename_dit_key(key, reverse)
         if new is None:
             unknown.append(key)
         else:
@@ -166,7 +181,14 @@ def convert_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         >>> from safetensors.torch import load_file  # doctest: +SKIP
         >>> diffusers_sd = convert_dit_state_dict(load_file("diffusion_pytorch_model.safetensors"))  # doctest: +SKIP
     """
-    return _convert(strip_known_prefixes(dict(sd), "blocks."), reverse=False)
+    sd = strip_known_prefixes(dict(sd), "blocks.")
+    base, adapter = _split_animate(sd)
+    out = _convert(base, reverse=False)
+    if adapter:  # Wan2.2-Animate: adapter keys live in the DiT file
+        from .animate import convert_animate_state_dict
+
+        out.update(convert_animate_state_dict(adapter))
+    return out
 
 
 def export_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -175,7 +197,21 @@ def export_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     This is the layout ComfyUI and the original Wan code load (add ``model.diffusion_model.`` for ComfyUI
     single-file checkpoints if wanted).
     """
-    return _convert(dict(sd), reverse=True)
+    base, adapter = _split_animate(dict(sd))
+    out = _convert(base, reverse=True)
+    if adapter:
+        from .animate import export_animate_state_dict
+
+        out.update(export_animate_state_dict(adapter))
+    return out
+
+
+def _split_animate(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(DiT keys, Wan2.2-Animate adapter keys) of a state dict in either layout."""
+    from .animate import is_animate_key
+
+    adapter = {k: v for k, v in sd.items() if is_animate_key(k)}
+    return ({k: v for k, v in sd.items() if k not in adapter}, adapter) if adapter else (sd, {})
 
 
 @dataclass
@@ -197,6 +233,8 @@ class DitInfo:
         """The Diffusers class that holds these weights: stock wherever stock can represent them."""
         if "vace_layers" in self.config:
             return "WanVACETransformer3DModel"
+        if "motion_encoder_dim" in self.config:  # Wan2.2-Animate
+            return "WanAnimateExtTransformer3DModel" if self.needs_text_len_processor else "WanAnimateTransformer3DModel"
         if self.config.get("ref_conv_in_channels") or self.config.get("control_adapter_in_channels"):
             return "WanFunTransformer3DModel"
         return "WanExtTransformer3DModel" if self.needs_text_len_processor else "WanTransformer3DModel"
@@ -204,7 +242,7 @@ class DitInfo:
 
 # What the DiT weights say about the release family (see :data:`diffusers_wan_ext.conversion.variants.VARIANTS`).
 ARCHITECTURES = (
-    "t2v", "i2v", "i2v-noclip", "flf2v", "ti2v", "fun-control", "fun-control-ref", "fun-camera", "vace",
+    "t2v", "i2v", "i2v-noclip", "flf2v", "ti2v", "fun-control", "fun-control-ref", "fun-camera", "vace", "animate",
 )
 # in_dim - out_dim -> architecture, for DiTs without extension modules (``ref_conv``, ``control_adapter``, VACE).
 # 20 = 4 mask + 16 image latents; 32 = 16 control + 16 image latents (Wan2.1 Fun-Control);
@@ -228,7 +266,7 @@ def dit_config_from_state_dict(
 
     ``original_config`` is the release ``config.json`` (``dim``, ``num_heads``, ``in_dim``, ``text_len`` ...); its
     values must agree with the shapes.  ``num_heads`` defaults to ``dim // 128`` (every Wan release uses head dim
-    128) when the config does not give it.
+    128) when the config does not give it (Wan2.2-Animate weights state the head dim in their face blocks).
     """
     cfg = dict(original_config or {})
     sd = strip_known_prefixes(dict(sd), "blocks.")
@@ -284,7 +322,9 @@ def dit_config_from_state_dict(
                 f"config.json says {k}={cfg[k]} but the weights have {k}={v} "
                 f"(from {'patch_embedding.weight' if k in ('dim', 'in_dim') else 'the weight shapes'})"
             )
-    num_heads = int(cfg.get("num_heads") or max(1, dim // RELEASE_HEAD_DIM))
+    face_norm = sd.get("face_adapter.fuser_blocks.0.q_norm.weight")  # Animate face blocks: per-head RMSNorm
+    default_heads = dim // face_norm.shape[0] if face_norm is not None and face_norm.shape[0] else dim // RELEASE_HEAD_DIM
+    num_heads = int(cfg.get("num_heads") or max(1, default_heads))
     if dim % num_heads:
         raise ConversionError(f"dim {dim} is not divisible by num_heads {num_heads}")
     text_len = int(cfg.get("text_len", 512))
@@ -292,7 +332,16 @@ def dit_config_from_state_dict(
 
     ext = _extension_config(sd, cfg, dim, patch_size, num_layers)
     extra = int(in_dim) - int(out_dim)
-    if "vace_layers" in ext:
+    if _split_animate(sd)[1]:  # Wan2.2-Animate adapter keys (pose / motion / face modules)
+        from .animate import animate_config_from_state_dict
+
+        ext.update(animate_config_from_state_dict(sd, cfg, dim=int(dim), in_dim=int(in_dim), num_layers=num_layers,
+                                                  num_heads=num_heads))
+        if not has_img:
+            raise ConversionError("Wan2.2-Animate adapter (pose_patch_embedding, motion_encoder, face_*) on a DiT "
+                                  "without the CLIP image branch (img_emb.*): the Animate DiT is an I2V DiT with CLIP")
+        arch = "animate"
+    elif "vace_layers" in ext:
         if has_img or extra:
             raise ConversionError(
                 f"VACE weights (vace_blocks.*) on a DiT with in_dim {in_dim} / img_emb {'present' if has_img else 'absent'}: "
