@@ -33,10 +33,7 @@ TRAIN = ROOT / "examples" / "training" / "train.py"
 SIZE = ["--height", "32", "--width", "32", "--num_frames", "9"]
 COMMON = [*SIZE, "--max_sequence_length", "32", "--dtype", "fp32", "--report_to", "none", "--lora_rank", "4"]
 
-try:  # the LoRA interop module (format export) is optional here
-    from diffusers_wan_ext.lora import LORA_FORMATS
-except ImportError:  # pragma: no cover - until it is merged
-    LORA_FORMATS = ()
+from diffusers_wan_ext.lora import EXPORT_FILE_NAMES, LORA_FORMATS
 
 
 # ------------------------------------------------------------------------------------------------------- fixtures
@@ -196,6 +193,10 @@ def test_arguments_accept_diffsynth_names_and_reject_bad_combinations():
     assert args.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
     assert args.fp8_models == ["transformer", "text_encoder"] and args.dataset_num_workers == 2
     assert parse_args(base + ["--trainable_models", "dit"]).trainable_models == ["transformer"]
+    vace = parse_args(base + ["--lora_base_model", "vace2"])
+    assert (vace.lora_base_model, vace.lora_scope, vace.expert) == ("transformer_2", "vace", "transformer_2")
+    vace = parse_args(base + ["--trainable_models", "vace"])
+    assert (vace.trainable_models, vace.trainable_scope) == (["transformer"], "vace")
     for bad in (["--num_frames", "8", "--lora_base_model", "dit"], [],
                 ["--trainable_models", "dit,dit2"], ["--trainable_models", "dit", "--fp8_models", "dit"],
                 ["--lora_base_model", "vae"]):
@@ -209,7 +210,7 @@ def test_arguments_accept_diffsynth_names_and_reject_bad_combinations():
 @pytest.mark.slow  # ~40-60 s on 2 shared cores: accelerate launch + two fresh interpreters
 def test_accelerate_launch_trains_a_lora_that_stock_diffusers_loads(t2v, data, tmp_path):
     out = tmp_path / "lora"
-    exports = ["--export_format", ",".join(f for f in LORA_FORMATS if f != "diffusers")] if LORA_FORMATS else []
+    exports = ["--export_format", ",".join(f for f in LORA_FORMATS if f != "diffusers")]
     cmd = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--cpu", str(TRAIN), "--dataset_base_path", str(data),
            "--dataset_metadata_path", str(data / "metadata.csv"), "--model_path", str(t2v), *COMMON,
@@ -224,6 +225,7 @@ def test_accelerate_launch_trains_a_lora_that_stock_diffusers_loads(t2v, data, t
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
     assert keys and all(k.startswith("transformer.blocks.") and ".lora_" in k for k in keys)
     assert meta["transformer.r"] == 4 and meta["transformer.lora_alpha"] == 4.0
+    assert all((out / EXPORT_FILE_NAMES[f]).is_file() for f in LORA_FORMATS)
     # a fresh interpreter with stock Diffusers only: the LoRA loads and changes the output
     code = f"""
 import sys, torch
@@ -332,6 +334,27 @@ def test_resume_from_a_checkpoint_reproduces_the_next_losses_exactly(t2v, cache,
     a = load_file(str(full / "pytorch_lora_weights.safetensors"))
     b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exported_formats_continue_training_with_the_same_lora(t2v, cache, tmp_path):
+    """--export_format writes every layout; --lora_checkpoint reads any of them back into an adapter that applies the
+    same delta (rank 4, alpha 8: the PEFT scale 2 is folded on export and undone on load)."""
+    from diffusers_wan_ext.training.trainer import WanTrainer
+
+    args = ["--task", "sft:train", "--dataset_base_path", cache, "--model_path", t2v, *COMMON, "--lora_alpha", "8",
+            "--lora_base_model", "dit", "--learning_rate", "1e-2", "--max_train_steps", "2"]
+    out = train(*args, "--export_format", "original,kohya,diffsynth", "--output_path", tmp_path / "a")
+    trained = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    name = "transformer.blocks.0.attn1.to_q"
+    delta = 2.0 * trained[f"{name}.lora_B.weight"] @ trained[f"{name}.lora_A.weight"]
+    assert delta.abs().max() > 0
+    for fmt in LORA_FORMATS:
+        ckpt = out / EXPORT_FILE_NAMES[fmt]
+        trainer = WanTrainer(parse_args([str(a) for a in args] + ["--lora_checkpoint", str(ckpt), "--output_path",
+                                                                  str(tmp_path / fmt)]))
+        q = trainer.module.transformer.blocks[0].attn1.to_q
+        again = q.scaling["default"] * q.lora_B["default"].weight @ q.lora_A["default"].weight
+        torch.testing.assert_close(again, delta, rtol=1e-5, atol=1e-7, msg=fmt)
 
 
 def test_gradient_checkpointing_and_its_offload_do_not_change_the_losses(t2v, cache, tmp_path):

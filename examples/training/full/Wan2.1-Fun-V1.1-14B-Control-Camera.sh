@@ -1,16 +1,5 @@
 #!/usr/bin/env bash
-# Full fine-tuning of Wan2.1-Fun-V1.1-14B-Control-Camera (DiffSynth-Studio's examples/wanvideo/model_training/full/Wan2.1-Fun-V1.1-14B-Control-Camera.sh, same hyper-parameters).
-set -euo pipefail
+# Full fine-tuning of Wan2.1-Fun-V1.1-14B-Control-Camera: DiffSynth-Studio's model_training/full/Wan2.1-Fun-V1.1-14B-Control-Camera.sh (deepspeed zero2 offload).
 source "$(dirname "$0")/../common.sh"
-MODEL=${MODEL:-./models/Wan2.1-Fun-V1.1-14B-Control-Camera-diffusers}
-
-# 8 GPUs, DeepSpeed ZeRO-2 with CPU offload; for ZeRO-3 without offload use the deepspeed_zero3 config (pip install deepspeed).
-launch deepspeed_zero2_offload \
-  $(dataset Wan2.1-Fun-V1.1-14B-Control-Camera) \
-  --height 480 --width 832 --num_frames 81 --dataset_repeat 100 \
-  --model_path "$MODEL" \
-  --learning_rate 1e-5 --num_epochs 2 \
-  --trainable_models dit \
-  --extra_inputs "input_image,camera_control_direction,camera_control_speed" \
-  --use_gradient_checkpointing \
-  --output_path "$OUT/Wan2.1-Fun-V1.1-14B-Control-Camera_full" "$@"
+# 8 GPUs; ZeRO-3 without offload: change the config to deepspeed_zero3 (pip install deepspeed)
+full deepspeed_zero2_offload Wan2.1-Fun-V1.1-14B-Control-Camera "" --extra_inputs "input_image,camera_control_direction,camera_control_speed" "$@"

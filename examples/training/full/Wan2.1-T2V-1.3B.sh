@@ -1,14 +1,4 @@
 #!/usr/bin/env bash
-# Full fine-tuning of Wan2.1-T2V-1.3B (DiffSynth-Studio's examples/wanvideo/model_training/full/Wan2.1-T2V-1.3B.sh, same hyper-parameters).
-set -euo pipefail
+# Full fine-tuning of Wan2.1-T2V-1.3B: DiffSynth-Studio's model_training/full/Wan2.1-T2V-1.3B.sh (multi gpu).
 source "$(dirname "$0")/../common.sh"
-MODEL=${MODEL:-./models/Wan2.1-T2V-1.3B-diffusers}
-
-launch multi_gpu \
-  $(dataset Wan2.1-T2V-1.3B) \
-  --height 480 --width 832 --num_frames 81 --dataset_repeat 100 \
-  --model_path "$MODEL" \
-  --learning_rate 1e-5 --num_epochs 2 \
-  --trainable_models dit \
-  --use_gradient_checkpointing \
-  --output_path "$OUT/Wan2.1-T2V-1.3B_full" "$@"
+full multi_gpu Wan2.1-T2V-1.3B "" "$@"

@@ -1,32 +1,6 @@
 #!/usr/bin/env bash
-# Full fine-tuning of Wan2.2-VACE-Fun-A14B (DiffSynth-Studio's examples/wanvideo/model_training/full/Wan2.2-VACE-Fun-A14B.sh, same hyper-parameters).
-set -euo pipefail
+# Full fine-tuning of Wan2.2-VACE-Fun-A14B: DiffSynth-Studio's model_training/full/Wan2.2-VACE-Fun-A14B.sh (deepspeed zero2 offload).
 source "$(dirname "$0")/../common.sh"
-MODEL=${MODEL:-./models/Wan2.2-VACE-Fun-A14B-diffusers}
-
-# 8 GPUs, DeepSpeed ZeRO-2 with CPU offload; for ZeRO-3 without offload use the deepspeed_zero3 config (pip install deepspeed).
-# high-noise expert (transformer): timestep boundaries [0, 0.417) of the 1000-step grid (t >= 875); the trainer derives them from boundary_ratio when omitted
-launch deepspeed_zero2_offload \
-  $(dataset Wan2.2-VACE-Fun-A14B) \
-  --data_file_keys "video,vace_video,vace_reference_image" \
-  --height 480 --width 832 --num_frames 49 --dataset_repeat 100 \
-  --model_path "$MODEL" \
-  --learning_rate 5e-5 --num_epochs 2 \
-  --trainable_models vace \
-  --extra_inputs "vace_video,vace_reference_image" \
-  --min_timestep_boundary 0 --max_timestep_boundary 0.417 \
-  --use_gradient_checkpointing \
-  --output_path "$OUT/Wan2.2-VACE-Fun-A14B_high_noise_full" "$@"
-
-# low-noise expert (transformer_2): timestep boundaries [0.417, 1) of the 1000-step grid (t < 875); the trainer derives them from boundary_ratio when omitted
-launch deepspeed_zero2_offload \
-  $(dataset Wan2.2-VACE-Fun-A14B) \
-  --data_file_keys "video,vace_video,vace_reference_image" \
-  --height 480 --width 832 --num_frames 49 --dataset_repeat 100 \
-  --model_path "$MODEL" \
-  --learning_rate 5e-5 --num_epochs 2 \
-  --trainable_models vace \
-  --extra_inputs "vace_video,vace_reference_image" \
-  --min_timestep_boundary 0.417 --max_timestep_boundary 1 \
-  --use_gradient_checkpointing \
-  --output_path "$OUT/Wan2.2-VACE-Fun-A14B_low_noise_full" "$@"
+# 8 GPUs; ZeRO-3 without offload: change the config to deepspeed_zero3 (pip install deepspeed)
+full deepspeed_zero2_offload Wan2.2-VACE-Fun-A14B _high_noise --extra_inputs "vace_video,vace_reference_image" --num_frames 49 --learning_rate 5e-5 --trainable_models vace "${HIGH_NOISE[@]}" "$@"
+full deepspeed_zero2_offload Wan2.2-VACE-Fun-A14B _low_noise --extra_inputs "vace_video,vace_reference_image" --num_frames 49 --learning_rate 5e-5 --trainable_models vace2 "${LOW_NOISE[@]}" "$@"

@@ -1,29 +1,5 @@
 #!/usr/bin/env bash
-# LoRA of Wan2.2-I2V-A14B (DiffSynth-Studio's examples/wanvideo/model_training/lora/Wan2.2-I2V-A14B.sh, same hyper-parameters).
-set -euo pipefail
+# LoRA of Wan2.2-I2V-A14B: DiffSynth-Studio's model_training/lora/Wan2.2-I2V-A14B.sh (one GPU).
 source "$(dirname "$0")/../common.sh"
-MODEL=${MODEL:-./models/Wan2.2-I2V-A14B-diffusers}
-
-# high-noise expert (transformer): timestep boundaries [0, 0.417) of the 1000-step grid (t >= 875); the trainer derives them from boundary_ratio when omitted
-launch single_gpu \
-  $(dataset Wan2.2-I2V-A14B) \
-  --height 480 --width 832 --num_frames 49 --dataset_repeat 100 \
-  --model_path "$MODEL" \
-  --learning_rate 1e-4 --num_epochs 5 \
-  --lora_base_model dit --lora_target_modules "q,k,v,o,ffn.0,ffn.2" --lora_rank 32 \
-  --extra_inputs "input_image" \
-  --min_timestep_boundary 0 --max_timestep_boundary 0.417 \
-  --use_gradient_checkpointing \
-  --output_path "$OUT/Wan2.2-I2V-A14B_high_noise_lora" "$@"
-
-# low-noise expert (transformer_2): timestep boundaries [0.417, 1) of the 1000-step grid (t < 875); the trainer derives them from boundary_ratio when omitted
-launch single_gpu \
-  $(dataset Wan2.2-I2V-A14B) \
-  --height 480 --width 832 --num_frames 49 --dataset_repeat 100 \
-  --model_path "$MODEL" \
-  --learning_rate 1e-4 --num_epochs 5 \
-  --lora_base_model dit2 --lora_target_modules "q,k,v,o,ffn.0,ffn.2" --lora_rank 32 \
-  --extra_inputs "input_image" \
-  --min_timestep_boundary 0.417 --max_timestep_boundary 1 \
-  --use_gradient_checkpointing \
-  --output_path "$OUT/Wan2.2-I2V-A14B_low_noise_lora" "$@"
+lora Wan2.2-I2V-A14B _high_noise --extra_inputs "input_image" --num_frames 49 --lora_base_model dit "${HIGH_NOISE[@]}" "$@"
+lora Wan2.2-I2V-A14B _low_noise --extra_inputs "input_image" --num_frames 49 --lora_base_model dit2 "${LOW_NOISE[@]}" "$@"

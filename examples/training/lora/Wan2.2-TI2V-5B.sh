@@ -1,15 +1,4 @@
 #!/usr/bin/env bash
-# LoRA of Wan2.2-TI2V-5B (DiffSynth-Studio's examples/wanvideo/model_training/lora/Wan2.2-TI2V-5B.sh, same hyper-parameters).
-set -euo pipefail
+# LoRA of Wan2.2-TI2V-5B: DiffSynth-Studio's model_training/lora/Wan2.2-TI2V-5B.sh (one GPU).
 source "$(dirname "$0")/../common.sh"
-MODEL=${MODEL:-./models/Wan2.2-TI2V-5B-diffusers}
-
-launch single_gpu \
-  $(dataset Wan2.2-TI2V-5B) \
-  --height 480 --width 832 --num_frames 49 --dataset_repeat 100 \
-  --model_path "$MODEL" \
-  --learning_rate 1e-4 --num_epochs 5 \
-  --lora_base_model dit --lora_target_modules "q,k,v,o,ffn.0,ffn.2" --lora_rank 32 \
-  --extra_inputs "input_image" \
-  --use_gradient_checkpointing \
-  --output_path "$OUT/Wan2.2-TI2V-5B_lora" "$@"
+lora Wan2.2-TI2V-5B "" --extra_inputs "input_image" --num_frames 49 "$@"

@@ -1,14 +1,4 @@
 #!/usr/bin/env bash
-# LoRA of krea-realtime-video (DiffSynth-Studio's examples/wanvideo/model_training/lora/krea-realtime-video.sh, same hyper-parameters).
-set -euo pipefail
+# LoRA of krea-realtime-video: DiffSynth-Studio's model_training/lora/krea-realtime-video.sh (one GPU).
 source "$(dirname "$0")/../common.sh"
-MODEL=${MODEL:-./models/krea-realtime-video-diffusers}
-
-launch single_gpu \
-  $(dataset krea-realtime-video) \
-  --height 480 --width 832 --num_frames 81 --dataset_repeat 100 \
-  --model_path "$MODEL" \
-  --learning_rate 1e-4 --num_epochs 5 \
-  --lora_base_model dit --lora_target_modules "q,k,v,o,ffn.0,ffn.2" --lora_rank 32 \
-  --use_gradient_checkpointing \
-  --output_path "$OUT/krea-realtime-video_lora" "$@"
+lora krea-realtime-video "" "$@"

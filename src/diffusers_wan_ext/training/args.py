@@ -30,6 +30,8 @@ COMPONENT_ALIASES: dict[str, str] = {
     "image_encoder": "image_encoder",
     "motion_controller": "motion_controller",
 }
+#: DiffSynth-Studio's VACE models -> the transformer whose ``vace_blocks`` they are
+VACE_ALIASES = {"vace": "transformer", "vace2": "transformer_2"}
 TRAINABLE = ("transformer", "transformer_2", "motion_controller")
 FP8_CAPABLE = ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder")
 #: ``--task``: one-stage training, or DiffSynth-Studio's split training (cache inputs, then train from the cache).
@@ -46,15 +48,6 @@ def resolve_component(name: str, allowed: Sequence[str], option: str) -> str:
         accepted = sorted({k for k, v in COMPONENT_ALIASES.items() if v in allowed})
         raise SystemExit(f"{option}: unknown or unsupported component {name!r}; accepted: {', '.join(accepted)}")
     return ours
-
-
-def _map_target_modules(names: list[str]) -> list[str]:
-    try:
-        from ..lora import map_lora_target_modules
-    except ImportError:  # TEMPORARY until the LoRA interop module (diffusers_wan_ext.lora) lands
-        table = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
-        return list(dict.fromkeys(table.get(n, n) for n in names))
-    return map_lora_target_modules(names)
 
 
 def _components(value: str | None, allowed: Sequence[str], option: str) -> list[str]:
@@ -133,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="data order, LoRA init, timesteps and noise")
     g.add_argument("--trainable_models", default=None,
                    help="full fine-tuning of these components: transformer (dit), transformer_2 (dit2), "
-                        "motion_controller, or vace (only the VACE blocks of a VACE transformer)")
+                        "motion_controller, or vace / vace2 (only the VACE blocks of a VACE transformer / transformer_2)")
     g.add_argument("--find_unused_parameters", action="store_true", help="DDP find_unused_parameters")
     g.add_argument("--use_gradient_checkpointing", action="store_true")
     g.add_argument("--use_gradient_checkpointing_offload", action="store_true",
@@ -147,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_base_model", default=None,
-                   help="component that gets the LoRA: transformer (dit), transformer_2 (dit2), or vace (the VACE "
-                        "blocks of a VACE transformer; dit/transformer then mean its main blocks)")
+                   help="component that gets the LoRA: transformer (dit), transformer_2 (dit2), or vace / vace2 (the "
+                        "VACE blocks of a VACE transformer / transformer_2; dit/dit2 then mean its main blocks)")
     g.add_argument("--lora_target_modules", default=DEFAULT_TARGETS,
                    help="comma-separated module names in our layout (to_q,...,ffn.net.2); DiffSynth names "
                         "q,k,v,o,ffn.0,ffn.2 are mapped")
@@ -186,16 +179,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     def fail(msg: str):
         parser.error(msg)
 
-    # VACE: DiffSynth-Studio's ``vace`` model is the VACE blocks of our (stock) VACE transformer
+    # VACE: DiffSynth-Studio's ``vace`` / ``vace2`` models are the VACE blocks of our (stock) VACE transformers
     names = [n.strip() for n in (args.trainable_models or "").split(",") if n.strip()]
-    args.trainable_scope = "vace" if "vace" in names else None
-    names = ["transformer" if n == "vace" else n for n in names]
+    args.trainable_scope = "vace" if {"vace", "vace2"} & set(names) else None
+    names = [VACE_ALIASES.get(n, n) for n in names]
     args.trainable_models = _components(",".join(names), TRAINABLE, "--trainable_models")
     args.fp8_models = _components(args.fp8_models, FP8_CAPABLE, "--fp8_models")
     # VACE: DiffSynth-Studio's ``vace`` LoRA covers the VACE blocks, its ``dit`` LoRA the main blocks
-    args.lora_scope = "vace" if args.lora_base_model == "vace" else "dit"
-    if args.lora_base_model == "vace":
-        args.lora_base_model = "transformer"
+    args.lora_scope = "vace" if args.lora_base_model in VACE_ALIASES else "dit"
+    args.lora_base_model = VACE_ALIASES.get(args.lora_base_model, args.lora_base_model)
     if args.lora_base_model is not None:
         args.lora_base_model = resolve_component(args.lora_base_model, ("transformer", "transformer_2"),
                                                  "--lora_base_model")
@@ -222,9 +214,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.data_file_keys is not None:
         args.data_file_keys = [s.strip() for s in args.data_file_keys.split(",") if s.strip()]
 
-    args.lora_target_modules = _map_target_modules(
-        [s.strip() for s in args.lora_target_modules.split(",") if s.strip()]
-    )
+    from ..lora import LORA_FORMATS, map_lora_target_modules
+
+    try:
+        args.lora_target_modules = map_lora_target_modules(args.lora_target_modules)
+    except ValueError as e:
+        fail(f"--lora_target_modules: {e}")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.lora_rank)
     if args.lora_rank < 1:
@@ -233,10 +228,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.export_format = [s.strip() for s in (args.export_format or "").split(",") if s.strip() and
                           s.strip() != "diffusers"]
     if args.export_format:
-        try:
-            from ..lora import LORA_FORMATS
-        except ImportError:
-            fail("--export_format needs diffusers_wan_ext.lora (the LoRA interop module), which is not installed")
         bad = [f for f in args.export_format if f not in LORA_FORMATS]
         if bad:
             fail(f"--export_format: unknown {bad}; choose from {', '.join(LORA_FORMATS)}")

@@ -109,12 +109,22 @@ def lora_metadata(transformer: nn.Module) -> dict[str, Any]:
             "target_modules": targets if isinstance(targets, str) else sorted(targets)}
 
 
-def load_lora_into(transformer: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+def load_lora_into(transformer: nn.Module, state_dict: dict[str, torch.Tensor], what: str,
+                   scaled: bool = True) -> None:
     """Set the ``default`` adapter from Diffusers-layout LoRA weights (``transformer.`` prefix optional); every key
-    must land on the adapter and the shapes must match."""
+    must land on the adapter and the shapes must match.
+
+    ``scaled``: the weights mean ``W + B @ A`` (what :mod:`diffusers_wan_ext.lora` returns); ``lora_B`` is divided by
+    the adapter's ``lora_alpha / r`` so that the adapter reproduces exactly that.  ``False``: raw factors of an
+    adapter with the same rank and alpha.
+    """
     from peft.utils import set_peft_model_state_dict
 
     sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in state_dict.items()}
+    config = transformer.peft_config[ADAPTER]
+    factor = float(config.lora_alpha) / float(config.r)
+    if scaled and factor != 1.0:
+        sd = {k: v / factor if ".lora_B." in k else v for k, v in sd.items()}
     own = lora_state_dict(transformer)
     unexpected = sorted(set(sd) - set(own))
     missing = sorted(set(own) - set(sd))

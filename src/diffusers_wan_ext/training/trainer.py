@@ -197,21 +197,11 @@ def _expert_dir(args, expert: str) -> Path:
 
 
 def _load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A LoRA file in any supported layout, as Diffusers PEFT weights (``transformer.`` prefix)."""
-    from safetensors.torch import load_file
+    """A LoRA file (or folder) in any layout :mod:`diffusers_wan_ext.lora` reads, as Diffusers keys meaning
+    ``W + B @ A`` (alpha folded in)."""
+    from ..lora import convert_lora_state_dict, load_lora_file
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / LORA_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA checkpoint {path} not found")
-    sd = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(str(path), map_location="cpu",
-                                                                            weights_only=True)
-    try:
-        from ..lora import convert_lora_state_dict
-    except ImportError:  # until the LoRA interop module lands: Diffusers PEFT layout only
-        return {k.replace(".default.", "."): v for k, v in sd.items()}
-    return convert_lora_state_dict(sd, "diffusers")
+    return convert_lora_state_dict(load_lora_file(path), "diffusers")
 
 
 # ---------------------------------------------------------------------------------------------------- the trainer
@@ -328,7 +318,7 @@ class WanTrainer:
         if exports:
             from ..lora import export_lora
 
-            export_lora({prefix + k: v for k, v in sd.items()}, folder, formats=tuple(exports))
+            export_lora({prefix + k: v for k, v in sd.items()}, folder, formats=tuple(exports), adapter_config=meta)
 
     def _save_full(self, folder: Path, name: str, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """A Diffusers model folder from ``state`` (``<name>.``-prefixed keys) in ``dtype`` (Diffusers' fp32 modules
