@@ -6,7 +6,8 @@
     # Wan2.2 A14B: one LoRA per expert
     python examples/training/validate.py --model_path ./models/Wan2.2-T2V-A14B-diffusers \\
         --lora ./models/train/Wan2.2-T2V-A14B_high_noise_lora \\
-        --lora_2 ./models/train/Wan2.2-T2V-A14B_low_noise_lora/transformer_2 --num_frames 49 --prompt "..."
+        --lora_2 ./models/train/Wan2.2-T2V-A14B_low_noise_lora/pytorch_lora_weights_transformer_2.safetensors \\
+        --num_frames 49 --prompt "..."
     # full fine-tuning: the saved transformer folder replaces the pipeline's
     python examples/training/validate.py --model_path ./models/Wan2.1-T2V-1.3B-diffusers \\
         --transformer ./models/train/Wan2.1-T2V-1.3B_full/transformer --prompt "..."

@@ -101,8 +101,7 @@ def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_metadata(transformer: nn.Module) -> dict[str, Any]:
-    """What Diffusers stores of the adapter's ``LoraConfig`` in ``pytorch_lora_weights.safetensors``: only rank,
-    alpha and targets, so that any PEFT version can rebuild the config (the rest are defaults)."""
+    """Rank, alpha and targets of the adapter's ``LoraConfig`` (what folding its scale into the factors needs)."""
     config = transformer.peft_config[ADAPTER]
     targets = config.target_modules
     return {"r": int(config.r), "lora_alpha": float(config.lora_alpha),

@@ -13,10 +13,12 @@ data position) continues with exactly the losses of the uninterrupted run.
 
 Outputs (``--output_path``):
 
-* LoRA: ``pytorch_lora_weights.safetensors`` (Diffusers PEFT keys, ``transformer.`` prefix, rank/alpha in the
-  metadata) -- ``WanPipeline.load_lora_weights(output_path)``; a LoRA of a Wan2.2 low-noise expert goes to
-  ``transformer_2/pytorch_lora_weights.safetensors`` -- ``load_lora_weights(output_path / "transformer_2",
-  load_into_transformer_2=True)``; ``--export_format`` adds the other layouts next to it.
+* LoRA: ``pytorch_lora_weights.safetensors`` (Diffusers PEFT keys with the ``transformer.`` prefix, the LoRA scale
+  folded into the factors) -- ``WanPipeline.load_lora_weights(output_path)``; for a Wan2.2 low-noise expert its keys
+  are ``transformer_2.`` (our pipelines load it into ``transformer_2``) and
+  ``pytorch_lora_weights_transformer_2.safetensors`` holds the same under ``transformer.`` for stock
+  ``load_lora_weights(output_path, weight_name=..., load_into_transformer_2=True)``; ``--export_format`` adds the
+  original/ComfyUI, kohya and DiffSynth layouts (:func:`diffusers_wan_ext.lora.export_lora` names).
 * full fine-tuning: a Diffusers model folder ``transformer/`` (or ``transformer_2/``) in ``--save_dtype``.
 * ``checkpoint-N/``: resumable training state (its ``pytorch_lora_weights.safetensors`` loads like the final one).
 * ``logs/losses.jsonl``: one line per optimizer step (loss averaged over accumulation and ranks, learning rate).
@@ -55,7 +57,6 @@ __all__ = ["CACHE_FORMAT", "CachedDataset", "TrainingProgress", "main", "run_tra
 logger = logging.getLogger("diffusers_wan_ext.training")
 
 CACHE_FORMAT = "diffusers_wan_ext.training-cache.v1"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
 STATE_FILE = "training_state.json"
 
@@ -190,12 +191,6 @@ def _timestep_schedule(args, components: WanTrainingComponents, accelerator) -> 
     return FlowMatchTrainingSchedule(args.timestep_shift, 1000, 0.0 if lo is None else lo, 1.0 if hi is None else hi)
 
 
-def _expert_dir(args, expert: str) -> Path:
-    """Where the final weights of ``expert`` go: the output folder, or its ``transformer_2`` sub-folder."""
-    out = Path(args.output_path)
-    return out / "transformer_2" if expert == "transformer_2" else out
-
-
 def _load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A LoRA file (or folder) in any layout :mod:`diffusers_wan_ext.lora` reads, as Diffusers keys meaning
     ``W + B @ A`` (alpha folded in)."""
@@ -304,21 +299,19 @@ class WanTrainer:
         return {k: v for k, v in sd.items() if k in names} if sd is not None else {}
 
     def _save_lora(self, folder: Path, state: dict[str, torch.Tensor], exports: Sequence[str] = ()) -> None:
-        from diffusers import WanPipeline
+        """The LoRA as :func:`diffusers_wan_ext.lora.export_lora` writes it (PEFT scale folded into the factors):
+        ``pytorch_lora_weights.safetensors`` with ``<expert>.`` keys (for ``transformer_2`` also
+        ``pytorch_lora_weights_transformer_2.safetensors`` under ``transformer.``, for stock
+        ``load_lora_weights(..., load_into_transformer_2=True)``), plus the ``exports`` layouts."""
+        from ..lora import export_lora
 
-        prefix = "transformer."
-        sd = {k[len(prefix):].replace(f".{ADAPTER}.", "."): v.detach().cpu().contiguous()
-              for k, v in state.items() if k.startswith(prefix) and "lora_" in k}
+        comp = self.components.expert
+        sd = {f"{comp}.{k[len('transformer.'):].replace(f'.{ADAPTER}.', '.')}": v.detach().cpu().contiguous()
+              for k, v in state.items() if k.startswith("transformer.") and "lora_" in k}
         if not sd:
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = lora_metadata(self._unwrapped().transformer)
-        WanPipeline.save_lora_weights(folder, transformer_lora_layers=sd, transformer_lora_adapter_metadata=meta,
-                                      weight_name=LORA_WEIGHTS)
-        if exports:
-            from ..lora import export_lora
-
-            export_lora({prefix + k: v for k, v in sd.items()}, folder, formats=tuple(exports), adapter_config=meta)
+        meta = {f"{comp}.{k}": v for k, v in lora_metadata(self._unwrapped().transformer).items()}
+        export_lora(sd, folder, formats=("diffusers", *exports), adapter_config=meta)
 
     def _save_full(self, folder: Path, name: str, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """A Diffusers model folder from ``state`` (``<name>.``-prefixed keys) in ``dtype`` (Diffusers' fp32 modules
@@ -369,7 +362,7 @@ class WanTrainer:
     def save_final(self) -> Path:
         acc, args, c = self.accelerator, self.args, self.components
         state = self._trainable_state()
-        out = _expert_dir(args, c.expert)
+        out = Path(args.output_path)
         if acc.is_main_process:
             if self.is_lora:
                 self._save_lora(out, state, args.export_format)
