@@ -247,6 +247,30 @@ print("DIFF", float(abs(a - b).max()))
     assert diff > 1e-6
 
 
+@pytest.mark.slow  # four processes start (two runs of two ranks)
+def test_two_process_ddp_splits_the_data_and_resumes_exactly(t2v, cache, tmp_path):
+    """DDP over two CPU ranks (gloo): each rank takes its share of the clips, the logged loss is the mean over the
+    ranks, and a mid-epoch checkpoint resumes both ranks exactly."""
+    args = ["--task", "sft:train", "--dataset_base_path", str(cache), "--model_path", str(t2v), *COMMON,
+            "--lora_base_model", "dit", "--learning_rate", "1e-3", "--num_epochs", "4",
+            "--gradient_accumulation_steps", "3", "--save_steps", "1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1")
+
+    def run(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(TRAIN), *args,
+               "--output_path", str(out), *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return out
+
+    full = run(tmp_path / "full")
+    assert sorted(losses(full)) == [1, 2]  # 3 clips -> 2 per rank per epoch, 8 micro-steps / 3 = 2 steps
+    state = json.loads((full / "checkpoint-1" / "training_state.json").read_text())
+    assert state["world_size"] == 2 and state["progress"] == {"step": 1, "micro_step": 3, "epoch": 1, "position": 1}
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", str(full / "checkpoint-1"))
+    assert losses(resumed) == {2: losses(full)[2]}
+
+
 def _eval_loss(t2v: Path, cache: Path, lora: Path | None) -> float:
     """Mean training loss over fixed (entry, timestep, noise) draws, base transformer (+ a trained LoRA)."""
     from diffusers import WanTransformer3DModel
