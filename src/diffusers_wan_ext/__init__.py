@@ -15,6 +15,7 @@ from .models import (
     WanExtTransformer3DModel,
     WanFunTransformer3DModel,
     WanMotionControllerModel,
+    WanS2VTransformer3DModel,
     WanTextLenAttnProcessor,
 )
 from .pipelines import (
@@ -41,6 +42,7 @@ __all__ = [
     "WanFunTransformer3DModel",
     "WanImageToVideoReferencePipeline",
     "WanMotionControllerModel",
+    "WanS2VTransformer3DModel",
     "WanSpeedControlPipeline",
     "WanTextLenAttnProcessor",
     "WanVideoToVideoReferencePipeline",

@@ -3,6 +3,7 @@ from .camera_adapter import WanCameraControlAdapter
 from .motion_controller import MotionControlHook, WanMotionControllerModel, apply_motion_control
 from .transformer_wan_ext import WanExtTransformer3DModel
 from .transformer_wan_fun import WanFunTransformer3DModel
+from .transformer_wan_s2v import WanS2VTransformer3DModel
 
 __all__ = [
     "MotionControlHook",
@@ -10,6 +11,7 @@ __all__ = [
     "WanExtTransformer3DModel",
     "WanFunTransformer3DModel",
     "WanMotionControllerModel",
+    "WanS2VTransformer3DModel",
     "WanTextLenAttnProcessor",
     "apply_motion_control",
 ]
