@@ -25,6 +25,7 @@ from .pipelines import (
     WanFunInpaintPipeline,
     WanImageToVideoReferencePipeline,
     WanSpeedControlPipeline,
+    WanSpeechToVideoPipeline,
     WanVideoToVideoReferencePipeline,
 )
 from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
@@ -44,6 +45,7 @@ __all__ = [
     "WanMotionControllerModel",
     "WanS2VTransformer3DModel",
     "WanSpeedControlPipeline",
+    "WanSpeechToVideoPipeline",
     "WanTextLenAttnProcessor",
     "WanVideoToVideoReferencePipeline",
 ]

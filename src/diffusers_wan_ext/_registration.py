@@ -147,7 +147,8 @@ def _register_hooks() -> None:
     * ``WanAttnProcessor`` (stock registers only the deprecated ``WanAttnProcessor2_0`` alias, whose ``__new__``
       returns a ``WanAttnProcessor``) and our :class:`~diffusers_wan_ext.WanTextLenAttnProcessor`.
 
-    Our Fun transformer reuses stock ``WanTransformerBlock`` (already registered), so it needs no entry.
+    Our Fun transformer reuses stock ``WanTransformerBlock`` (already registered), so it needs no entry; the S2V
+    block (a ``WanTransformerBlock`` subclass with two modulation segments) gets the stock block's metadata.
     """
     from diffusers.hooks._helpers import (
         AttentionProcessorMetadata,
@@ -159,8 +160,14 @@ def _register_hooks() -> None:
     from diffusers.models.transformers.transformer_wan_vace import WanVACETransformerBlock
 
     from .models.attention_processor import WanTextLenAttnProcessor
+    from .models.transformer_wan_s2v import WanS2VTransformerBlock
 
     TransformerBlockRegistry._register()
+    if WanS2VTransformerBlock not in TransformerBlockRegistry._registry:
+        TransformerBlockRegistry.register(
+            WanS2VTransformerBlock,
+            TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None),
+        )
     if WanVACETransformerBlock not in TransformerBlockRegistry._registry:
         TransformerBlockRegistry.register(
             WanVACETransformerBlock,

@@ -34,6 +34,7 @@ def _add_convert(sub):
     p.add_argument("--vae", help="Wan2.1_VAE.pth or Wan2.2_VAE.pth")
     p.add_argument("--image-encoder", help="models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
     p.add_argument("--image-encoder-heads", type=int, help="CLIP heads (only for non-release widths)")
+    p.add_argument("--audio-encoder", help="Wan2.2-S2V wav2vec2-large-xlsr-53-english folder (model + processor)")
     p.add_argument("--motion-controller", metavar="FILE",
                    help="speed-control model.safetensors (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1) to add as a "
                         "component of a Wan2.1 T2V folder (-> WanSpeedControlPipeline)")
@@ -77,7 +78,8 @@ def cmd_convert(args) -> int:
         src, args.dst, variant=args.variant, dtype=args.dtype, scheduler=args.scheduler,
         transformer=args.transformer, transformer_2=args.transformer_2, text_encoder=args.text_encoder,
         tokenizer=args.tokenizer, vae=args.vae, image_encoder=args.image_encoder,
-        image_encoder_heads=args.image_encoder_heads, motion_controller=args.motion_controller,
+        image_encoder_heads=args.image_encoder_heads, audio_encoder=args.audio_encoder,
+        motion_controller=args.motion_controller,
         transformer_only=args.transformer_only, overwrite=args.overwrite,
     )
     print(f"converted -> {out}")

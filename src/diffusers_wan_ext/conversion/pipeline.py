@@ -26,6 +26,7 @@ from .dit import (
     find_dit_files,
     locate_dit,
 )
+from .audio_encoder import WAV2VEC_DIR
 from .variants import VARIANTS, WanVariant, get_variant, variants_for_arch
 
 __all__ = ["ReleaseFiles", "find_release_files", "convert_release", "add_motion_controller", "DTYPES", "SCHEDULERS", "write_model_card"]
@@ -91,6 +92,7 @@ class ReleaseFiles:
     tokenizer: Path | None = None
     vae: Path | None = None
     image_encoder: Path | None = None
+    audio_encoder: Path | None = None  # Wan2.2-S2V: the wav2vec2 folder (model + processor)
     name_hint: str | None = None
 
 
@@ -110,6 +112,7 @@ def find_release_files(
     tokenizer: str | os.PathLike | None = None,
     vae: str | os.PathLike | None = None,
     image_encoder: str | os.PathLike | None = None,
+    audio_encoder: str | os.PathLike | None = None,
 ) -> ReleaseFiles:
     """Locate the components of a release folder (or a single DiT file plus explicitly given component files)."""
     src = Path(src)
@@ -146,6 +149,7 @@ def find_release_files(
     files.tokenizer = Path(tokenizer) if tokenizer else _first_existing(root / TOKENIZER_DIR, root / "tokenizer")
     files.vae = Path(vae) if vae else _first_existing(*(root / f for f in VAE_FILES.values()))
     files.image_encoder = Path(image_encoder) if image_encoder else _first_existing(root / CLIP_FILE)
+    files.audio_encoder = Path(audio_encoder) if audio_encoder else _first_existing(root / WAV2VEC_DIR)
     return files
 
 
@@ -179,6 +183,17 @@ def choose_variant(info: DitInfo, experts: int, name: str | None, hint: str | No
     return replace(base, name=f"{base.name.rsplit('-', 1)[0]}-custom", dim=None, num_layers=None)
 
 
+def _usage_call(variant: WanVariant) -> str:
+    """The pipeline call of the model card's example."""
+    sampling = f"num_inference_steps={variant.num_inference_steps}, guidance_scale={variant.guidance_scale}"
+    if variant.audio_encoder:  # speech-to-video: image + audio, frames per clip; the clips follow the audio
+        return (f'video = pipe(image=load_image("person.png"), audio="speech.wav", prompt="a person is talking",\n'
+                f'             height={variant.height}, width={variant.width}, num_frames_per_clip={variant.num_frames}, '
+                f'{sampling}).frames[0]')
+    return (f'video = pipe(prompt="a cat surfing a wave", height={variant.height}, width={variant.width},\n'
+            f'             num_frames={variant.num_frames}, {sampling}).frames[0]')
+
+
 def write_model_card(folder: Path, variant: WanVariant, pipeline_class: str, source: str) -> None:
     text = f"""---
 library_name: diffusers
@@ -197,16 +212,14 @@ Variant `{variant.name}`; pipeline `{pipeline_class}`.
 ```python
 import torch
 from diffusers import DiffusionPipeline
-
+{"from diffusers.utils import load_image" + chr(10) if variant.audio_encoder else ""}
 pipe = DiffusionPipeline.from_pretrained("<this repo>", torch_dtype=torch.bfloat16, trust_remote_code=True)
-video = pipe(prompt="a cat surfing a wave", height={variant.height}, width={variant.width},
-             num_frames={variant.num_frames}, num_inference_steps={variant.num_inference_steps},
-             guidance_scale={variant.guidance_scale}).frames[0]
+{_usage_call(variant)}
 ```
 
 Sampling defaults of the original release: flow shift {variant.flow_shift}, {variant.num_inference_steps} steps,
 guidance {variant.guidance_scale}{f' / {variant.guidance_scale_2} (low-noise expert)' if variant.guidance_scale_2 else ''},
-{variant.num_frames} frames at {variant.fps} fps.
+{variant.num_frames} frames{" per clip" if variant.audio_encoder else ""} at {variant.fps} fps.
 """
     (folder / "README.md").write_text(text)
 
@@ -231,6 +244,7 @@ def convert_release(
     vae: str | os.PathLike | None = None,
     image_encoder: str | os.PathLike | None = None,
     image_encoder_heads: int | None = None,
+    audio_encoder: str | os.PathLike | None = None,
     motion_controller: str | os.PathLike | None = None,
     transformer_only: bool = False,
     overwrite: bool = False,
@@ -242,13 +256,15 @@ def convert_release(
     Args:
         src: release folder (``diffusion_pytorch_model*.safetensors`` or ``high_noise_model/`` + ``low_noise_model/``,
             ``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.x_VAE.pth``, ``google/umt5-xxl/``, CLIP ``.pth`` for I2V /
-            FLF2V) or a single DiT file (e.g. krea's).
+            FLF2V, ``wav2vec2-large-xlsr-53-english/`` for S2V) or a single DiT file (e.g. krea's).
         dst: output folder; must not exist unless ``overwrite``.
         variant: release name (``diffusers-wan variants`` lists them); detected from the weights when omitted.
         dtype: storage dtype of the transformer(s), text and image encoders (``bf16``, ``fp16``, ``fp32``); the VAE is
             kept in float32.
         scheduler: ``unipc`` (stock, as the Wan-AI Diffusers repos), ``euler`` (stock flow-match Euler),
             ``diffsynth`` (DiffSynth-exact Euler) or ``original-unipc`` (original Wan FlowUniPC schedule).
+        audio_encoder: the S2V audio encoder folder (default: ``wav2vec2-large-xlsr-53-english/`` next to the DiT);
+            it becomes ``audio_encoder`` (``Wav2Vec2Model``, float32) and ``audio_processor``.
         motion_controller: the speed-control module (``DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1``
             ``model.safetensors``) to add as a ``motion_controller`` component; the folder then loads as
             :class:`~diffusers_wan_ext.WanSpeedControlPipeline` (text-to-video DiTs only).
@@ -264,7 +280,7 @@ def convert_release(
     torch_dtype = DTYPES[dtype]
     files = find_release_files(
         src, transformer=transformer, transformer_2=transformer_2, text_encoder=text_encoder,
-        tokenizer=tokenizer, vae=vae, image_encoder=image_encoder,
+        tokenizer=tokenizer, vae=vae, image_encoder=image_encoder, audio_encoder=audio_encoder,
     )
     # --- DiT(s): read, detect, validate ----------------------------------------------------------------------
     dit_sds, infos = [], []
@@ -286,13 +302,16 @@ def convert_release(
         needed.update(text_encoder=files.text_encoder, tokenizer=files.tokenizer, vae=files.vae)
         if var.image_encoder:
             needed["image_encoder"] = files.image_encoder
+        if var.audio_encoder:
+            needed["audio_encoder"] = files.audio_encoder
     missing = [k for k, v in needed.items() if v is None]
     if missing:
         flags = ", ".join(f"--{k.replace('_', '-')} PATH" for k in missing)
         raise ConversionError(
             f"{src}: missing component(s) for {var.name}: {', '.join(missing)}. Put the original files next to the DiT "
             f"({T5_FILE}, {TOKENIZER_DIR}/, {VAE_FILES[var.vae]}"
-            f"{', ' + CLIP_FILE if var.image_encoder else ''}) or pass {flags} (or --transformer-only)."
+            f"{', ' + CLIP_FILE if var.image_encoder else ''}{', ' + WAV2VEC_DIR + '/' if var.audio_encoder else ''}) "
+            f"or pass {flags} (or --transformer-only)."
         )
 
     mc_model = None
@@ -301,7 +320,7 @@ def convert_release(
         var = replace(var, pipeline="WanSpeedControlPipeline")
 
     # --- Load & validate every component before writing anything ----------------------------------------------
-    steps = len(infos) + (0 if transformer_only else 4 + (1 if var.image_encoder else 0))
+    steps = len(infos) + (0 if transformer_only else 4 + int(var.image_encoder) + int(var.audio_encoder))
     bar = _progress(steps, progress)
     transformers_ = []
     for path, sd, inf in zip(files.dit, dit_sds, infos):
@@ -358,6 +377,10 @@ def convert_release(
                 )
             components["image_processor"] = make_clip_image_processor(components["image_encoder"].config.image_size)
             bar.update()
+        if var.audio_encoder:
+            bar.set_postfix_str("audio encoder")
+            components.update(_load_audio_encoder_for(files.audio_encoder, info))
+            bar.update()
         if mc_model is not None:
             components["motion_controller"] = mc_model
         components["scheduler"] = _scheduler_factory(scheduler, var.flow_shift)
@@ -399,6 +422,21 @@ def convert_release(
             (tmp / "wan_variant.json").write_text(json.dumps(_variant_record(var), indent=2) + "\n")
         bar.close()
     return Path(dst)
+
+
+def _load_audio_encoder_for(folder: Path, info: DitInfo) -> dict[str, Any]:
+    """The S2V ``audio_encoder`` (float32, as the original runs it) and ``audio_processor``, checked against the DiT."""
+    from .audio_encoder import load_audio_encoder_from_release, load_audio_processor_from_release
+
+    encoder = _wrap(folder, lambda: load_audio_encoder_from_release(folder))
+    processor = _wrap(folder, lambda: load_audio_processor_from_release(folder))
+    width, layers = encoder.config.hidden_size, encoder.config.num_hidden_layers + 1
+    if (width, layers) != (info.config["audio_dim"], info.config["audio_num_layers"]):
+        raise ConversionError(
+            f"{folder}: Wav2Vec2 with hidden size {width} and {layers} hidden states, but the DiT's audio encoder takes "
+            f"{info.config['audio_dim']} x {info.config['audio_num_layers']} (casual_audio_encoder.*)"
+        )
+    return {"audio_encoder": encoder, "audio_processor": processor}
 
 
 def _load_motion_controller_for(path: str | os.PathLike, info: DitInfo, torch_dtype: torch.dtype):

@@ -26,6 +26,7 @@ class WanVariant:
     experts: int = 1  # 2 = high_noise_model/ + low_noise_model/
     vae: str = "wan2.1"
     image_encoder: bool = False
+    audio_encoder: bool = False  # Wan2.2-S2V: wav2vec2 audio encoder + processor
     pipeline: str = "WanPipeline"
     boundary_ratio: float | None = None
     expand_timesteps: bool = False
@@ -133,6 +134,13 @@ VARIANTS: tuple[WanVariant, ...] = (
     WanVariant(
         "wan2.2-vace-fun-a14b", "vace", "PAI/Wan2.2-VACE-Fun-A14B", dim=5120, num_layers=40, experts=2,
         pipeline="WanVACEPipeline", boundary_ratio=0.875, flow_shift=5.0, guidance_scale=5.0,
+    ),
+    # --- Wan2.2-S2V: speech-to-video (num_frames = frames per clip; clips follow the audio) ----------------------
+    WanVariant(
+        "wan2.2-s2v-14b", "s2v", "Wan-AI/Wan2.2-S2V-14B", dim=5120, num_layers=40, audio_encoder=True,
+        pipeline="WanSpeechToVideoPipeline", flow_shift=3.0, num_inference_steps=40, guidance_scale=4.5,
+        height=448, width=832, num_frames=80, fps=16,
+        notes="num_frames is per clip (4n); the pipeline generates as many clips as the audio spans",
     ),
     WanVariant(
         "krea-realtime-video", "t2v", "krea/krea-realtime-video", dim=5120, num_layers=40,

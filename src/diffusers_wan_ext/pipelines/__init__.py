@@ -13,6 +13,8 @@
 * :class:`WanSpeedControlPipeline` -- ``WanPipeline`` with the Wan2.1 speed-control ``motion_controller``
   (``motion_bucket_id``).
 * :class:`WanExtPipeline` -- ``WanPipeline`` with CFG batching (cond + uncond in one transformer forward).
+* :class:`WanSpeechToVideoPipeline` -- Wan2.2-S2V-14B: reference image + audio (+ pose video), multi-clip with
+  motion history, as long as the audio.
 
 All of them have the runtime options of :class:`~.runtime_mixin.WanRuntimeMixin` (``set_attention_backend``,
 ``enable_vram_management``, ``enable_teacache``); see ``docs/runtime.md``.
@@ -31,6 +33,7 @@ from .pipeline_wan_fun_camera import WanFunCameraControlPipeline
 from .pipeline_wan_fun_control import WanFunControlPipeline
 from .pipeline_wan_fun_inpaint import WanFunInpaintPipeline
 from .pipeline_wan_i2v_reference import WanImageToVideoReferencePipeline
+from .pipeline_wan_s2v import WanSpeechToVideoPipeline
 from .pipeline_wan_speed_control import WanSpeedControlPipeline
 from .pipeline_wan_video2video_reference import WanVideoToVideoReferencePipeline
 
@@ -41,5 +44,6 @@ __all__ = [
     "WanFunInpaintPipeline",
     "WanImageToVideoReferencePipeline",
     "WanSpeedControlPipeline",
+    "WanSpeechToVideoPipeline",
     "WanVideoToVideoReferencePipeline",
 ]

@@ -145,6 +145,7 @@ class WanRuntimeMixin:
         timestep_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         transformer_kwargs: dict[str, Any] | None = None,
         broadcast_kwargs: Collection[str] = (),
+        negative_transformer_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Stock Wan's denoising loop (expert switch at ``boundary_ratio``, CFG, callbacks, interrupt); the latents.
 
@@ -157,13 +158,17 @@ class WanRuntimeMixin:
             transformer_kwargs: extra transformer inputs given to both passes.  With CFG batching, a tensor of batch
                 ``B`` is concatenated with itself, except the names in ``broadcast_kwargs``, which are passed as
                 they are (the transformer broadcasts them, e.g. Fun's ``reference_latents``).
+            negative_transformer_kwargs: inputs that differ in the unconditional pass (S2V: zero audio); they
+                replace the same names of ``transformer_kwargs`` there (batched: ``[cond; uncond]``, same batch).
         """
         transformer_kwargs = dict(transformer_kwargs or {})
+        negative_kwargs = {**transformer_kwargs, **(negative_transformer_kwargs or {})}
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
         boundary_timestep = None
-        if self.config.boundary_ratio is not None:
-            boundary_timestep = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
+        boundary_ratio = getattr(self.config, "boundary_ratio", None)  # pipelines without experts lack it
+        if boundary_ratio is not None:
+            boundary_timestep = boundary_ratio * self.scheduler.config.num_train_timesteps
         sigmas = getattr(self.scheduler, "sigmas", None)
         batched_logged = False
 
@@ -200,6 +205,8 @@ class WanRuntimeMixin:
                     extra = {
                         k: (v if k in broadcast_kwargs else _twice(v, b)) for k, v in transformer_kwargs.items()
                     }
+                    for k, neg in (negative_transformer_kwargs or {}).items():
+                        extra[k] = torch.cat([transformer_kwargs[k], neg])
                     with model.cache_context(CFG_BATCH_CONTEXT, **ctx):
                         both = model(
                             hidden_states=torch.cat([hidden_states, hidden_states]),
@@ -229,7 +236,7 @@ class WanRuntimeMixin:
                                 encoder_hidden_states=negative_prompt_embeds,
                                 attention_kwargs=attention_kwargs,
                                 return_dict=False,
-                                **transformer_kwargs,
+                                **negative_kwargs,
                             )[0]
                         noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
 
