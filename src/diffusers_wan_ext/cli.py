@@ -38,6 +38,8 @@ def _add_convert(sub):
     p.add_argument("--motion-controller", metavar="FILE",
                    help="speed-control model.safetensors (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1) to add as a "
                         "component of a Wan2.1 T2V folder (-> WanSpeedControlPipeline)")
+    p.add_argument("--relighting-lora", metavar="FILE",
+                   help="Wan2.2-Animate relighting_lora.ckpt (found next to the DiT when omitted) -> relighting_lora/")
     p.add_argument("--transformer-only", action="store_true", help="write only the transformer model folder")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--model-id", help="fetch the original release first (ModelScope if installed, else the Hub)")
@@ -79,12 +81,22 @@ def cmd_convert(args) -> int:
         transformer=args.transformer, transformer_2=args.transformer_2, text_encoder=args.text_encoder,
         tokenizer=args.tokenizer, vae=args.vae, image_encoder=args.image_encoder,
         image_encoder_heads=args.image_encoder_heads, audio_encoder=args.audio_encoder,
-        motion_controller=args.motion_controller,
+        motion_controller=args.motion_controller, relighting_lora=args.relighting_lora,
         transformer_only=args.transformer_only, overwrite=args.overwrite,
     )
     print(f"converted -> {out}")
     if args.push_to_hub:
         print(f"uploaded -> {push_folder(out, args.push_to_hub, private=args.private)}")
+    return 0
+
+
+def cmd_relighting_lora(args) -> int:
+    from .conversion.animate import convert_relighting_lora, save_relighting_lora
+    from .conversion.pipeline import DTYPES
+
+    lora = convert_relighting_lora(args.src)
+    path = save_relighting_lora(lora, args.dst, dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(f"converted {len(lora) // 2} LoRA pairs -> {path} (pipe.load_lora_weights({str(args.dst)!r}))")
     return 0
 
 
@@ -193,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="converted Diffusers folder (Wan2.1 T2V)")
     p.add_argument("motion_controller", help="speed-control model.safetensors")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the transformer's storage dtype")
+    p = sub.add_parser("relighting-lora",
+                       help="Wan2.2-Animate relighting_lora.ckpt -> Diffusers LoRA folder (load_lora_weights)")
+    p.add_argument("src", help="relighting_lora.ckpt (PEFT state dict on the original module names)")
+    p.add_argument("dst", help="output folder (pytorch_lora_weights.safetensors)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: as stored")
     p = sub.add_parser("export-dit", help="Diffusers transformer -> original Wan key layout (ComfyUI / LoRA interop)")
     p.add_argument("src", help="transformer folder or safetensors file in the Diffusers layout")
     p.add_argument("dst", help="output .safetensors")
@@ -226,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"convert": cmd_convert, "add-motion-controller": cmd_add_motion_controller, "export-dit": cmd_export_dit, "demo": cmd_demo, "generate": cmd_generate,
-            "variants": cmd_variants}
+            "variants": cmd_variants, "relighting-lora": cmd_relighting_lora}
 
 
 def main(argv: list[str] | None = None) -> int:

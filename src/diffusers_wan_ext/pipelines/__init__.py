@@ -13,6 +13,8 @@
 * :class:`WanSpeedControlPipeline` -- ``WanPipeline`` with the Wan2.1 speed-control ``motion_controller``
   (``motion_bucket_id``).
 * :class:`WanExtPipeline` -- ``WanPipeline`` with CFG batching (cond + uncond in one transformer forward).
+* :class:`WanAnimateExtPipeline` -- ``WanAnimatePipeline`` (Wan2.2-Animate) with video-file / array inputs, strict
+  validation and the relighting LoRA.
 * :class:`WanSpeechToVideoPipeline` -- Wan2.2-S2V-14B: reference image + audio (+ pose video), multi-clip with
   motion history, as long as the audio.
 
@@ -28,6 +30,7 @@ with a reference scheduler (:mod:`diffusers_wan_ext.schedulers`) reproduces it (
 and runtime options).
 """
 
+from .pipeline_wan_animate_ext import WanAnimateExtPipeline
 from .pipeline_wan_ext import WanExtPipeline
 from .pipeline_wan_fun_camera import WanFunCameraControlPipeline
 from .pipeline_wan_fun_control import WanFunControlPipeline
@@ -38,6 +41,7 @@ from .pipeline_wan_speed_control import WanSpeedControlPipeline
 from .pipeline_wan_video2video_reference import WanVideoToVideoReferencePipeline
 
 __all__ = [
+    "WanAnimateExtPipeline",
     "WanExtPipeline",
     "WanFunCameraControlPipeline",
     "WanFunControlPipeline",
