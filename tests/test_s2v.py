@@ -396,3 +396,26 @@ def test_pipeline_bad_inputs_give_clear_errors(pipe, tmp_path):
                                     scheduler=pipe.scheduler, transformer=pipe.transformer)
     with pytest.raises(ValueError, match="needs the pipeline's `audio_encoder`"):
         bare(image=image, audio=str(long_wav), **call_kwargs())
+
+
+def test_example_script_writes_a_video_with_the_audio(folder, tmp_path):
+    """examples/speech_to_video.py on real files: wav + png in, mp4 with the audio muxed out."""
+    import importlib.util
+    import subprocess
+
+    import imageio_ffmpeg
+    from diffusers.utils import load_video
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("s2v_example", ROOT / "examples" / "speech_to_video.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    wav, _ = write_wav(tmp_path / "speech.wav", 0.6)
+    out = tmp_path / "s2v.mp4"
+    example.main([str(folder), str(write_png(tmp_path / "ref.png")), str(wav), "a person is singing",
+                  "--output", str(out), "--height", str(H), "--width", str(W), "--frames-per-clip", str(CLIP),
+                  "--num-clips", "1", "--steps", "1", "--dtype", "fp32"])
+    assert len(load_video(str(out))) == CLIP - 3
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(out)], capture_output=True, text=True)
+    assert "Audio:" in probe.stderr and "Video:" in probe.stderr
