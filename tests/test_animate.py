@@ -298,3 +298,45 @@ def test_example_script_replaces_with_relighting(folder, media, tmp_path):
     from diffusers.utils import load_video
 
     assert len(load_video(str(out))) == N_FRAMES
+
+
+def test_cli_generate_animates_from_files(folder, media, tmp_path):
+    from diffusers.utils import load_video
+
+    from diffusers_wan_ext.cli import main
+
+    d, paths, _ = media
+    out = tmp_path / "animate.mp4"
+    assert main(["generate", "--model", str(folder), "--prompt", "a dancer", "--image", str(d / "src_ref.png"),
+                 "--pose-video", str(paths["pose"]), "--face-video", str(paths["face"]), "--height", str(H),
+                 "--width", str(W), "--num-frames", str(SEGMENT), "--steps", "1", "--dtype", "fp32",
+                 "--device", "cpu", "--output", str(out)]) == 0
+    assert len(load_video(str(out))) == N_FRAMES
+
+
+def test_other_adapter_widths_convert_from_shapes():
+    """Nothing assumes the release (or the tiny release's) widths: a model with other heads, depth, face size, channel
+    table and encoder widths exported to the original layout converts back to the same config and forward."""
+    from diffusers import WanAnimateTransformer3DModel
+
+    from diffusers_wan_ext.conversion.dit import export_dit_state_dict, load_dit_from_original
+
+    torch.manual_seed(0)
+    cfg = dict(num_attention_heads=4, attention_head_dim=16, in_channels=36, latent_channels=16, out_channels=16,
+               text_dim=24, freq_dim=16, ffn_dim=80, num_layers=10, image_dim=20, added_kv_proj_dim=64,
+               motion_encoder_channel_sizes={"32": 4, "16": 8, "8": 8, "4": 12}, motion_encoder_size=32,
+               motion_style_dim=12, motion_dim=6, motion_encoder_dim=10, face_encoder_hidden_dim=8,
+               face_encoder_num_heads=3)
+    ref = WanAnimateTransformer3DModel(**cfg).eval()
+    for p in ref.parameters():  # stock initialises some modules to zero: make every path live
+        p.data.normal_(0, 0.2)
+    model = load_dit_from_original(export_dit_state_dict(ref.state_dict()))
+    for k in ("motion_encoder_size", "motion_style_dim", "motion_dim", "motion_encoder_dim", "face_encoder_hidden_dim",
+              "face_encoder_num_heads", "num_attention_heads", "num_layers", "image_dim"):
+        assert model.config[k] == cfg[k], k
+    assert {k: int(v) for k, v in model.config.motion_encoder_channel_sizes.items()} == cfg["motion_encoder_channel_sizes"]
+    x = dict(hidden_states=torch.randn(1, 36, 3, 4, 4), timestep=torch.tensor([500.0]),
+             encoder_hidden_states=torch.randn(1, 512, 24), encoder_hidden_states_image=torch.randn(1, 257, 20),
+             pose_hidden_states=torch.randn(1, 16, 2, 4, 4), face_pixel_values=torch.randn(1, 3, 5, 32, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).sample, ref(**x).sample)
