@@ -12,6 +12,8 @@ Example:
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # loadable bases, looked up by Diffusers
 
 from .models import (
+    LongCatKVCache,
+    LongCatVideoTransformer3DModel,
     WanAnimateExtTransformer3DModel,
     WanExtTransformer3DModel,
     WanFunTransformer3DModel,
@@ -20,6 +22,7 @@ from .models import (
     WanTextLenAttnProcessor,
 )
 from .pipelines import (
+    LongCatVideoPipeline,
     WanAnimateExtPipeline,
     WanExtPipeline,
     WanFunCameraControlPipeline,
@@ -35,6 +38,9 @@ from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
 __version__ = "0.1.0"
 
 __all__ = [
+    "LongCatKVCache",
+    "LongCatVideoPipeline",
+    "LongCatVideoTransformer3DModel",
     "WanAnimateExtPipeline",
     "WanAnimateExtTransformer3DModel",
     "WanExtPipeline",

@@ -145,7 +145,8 @@ def _register_hooks() -> None:
     * ``WanVACETransformerBlock`` (stock has no entry): returns ``(hint, control_hidden_states)`` and carries its
       stream in ``control_hidden_states``;
     * ``WanAttnProcessor`` (stock registers only the deprecated ``WanAttnProcessor2_0`` alias, whose ``__new__``
-      returns a ``WanAttnProcessor``) and our :class:`~diffusers_wan_ext.WanTextLenAttnProcessor`.
+      returns a ``WanAttnProcessor``) and our :class:`~diffusers_wan_ext.WanTextLenAttnProcessor`;
+    * LongCat-Video's ``LongCatVideoTransformerBlock`` and ``LongCatVideoAttnProcessor``.
 
     Our Fun transformer reuses stock ``WanTransformerBlock`` (already registered), so it needs no entry; the S2V
     block (a ``WanTransformerBlock`` subclass with two modulation segments) gets the stock block's metadata.
@@ -160,12 +161,15 @@ def _register_hooks() -> None:
     from diffusers.models.transformers.transformer_wan_vace import WanVACETransformerBlock
 
     from .models.attention_processor import WanTextLenAttnProcessor
+    from .models.transformer_longcat import LongCatVideoAttnProcessor, LongCatVideoTransformerBlock
     from .models.transformer_wan_s2v import WanS2VTransformerBlock
 
     TransformerBlockRegistry._register()
-    if WanS2VTransformerBlock not in TransformerBlockRegistry._registry:
+    for block in (LongCatVideoTransformerBlock, WanS2VTransformerBlock):
+        if block in TransformerBlockRegistry._registry:
+            continue
         TransformerBlockRegistry.register(
-            WanS2VTransformerBlock,
+            block,
             TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None),
         )
     if WanVACETransformerBlock not in TransformerBlockRegistry._registry:
@@ -178,7 +182,7 @@ def _register_hooks() -> None:
             ),
         )
     AttentionProcessorRegistry._register()
-    for processor in (WanAttnProcessor, WanTextLenAttnProcessor):
+    for processor in (WanAttnProcessor, WanTextLenAttnProcessor, LongCatVideoAttnProcessor):
         if processor not in AttentionProcessorRegistry._registry:
             AttentionProcessorRegistry.register(
                 processor, AttentionProcessorMetadata(skip_processor_output_fn=_skip_attention_output)

@@ -49,7 +49,6 @@ __all__ = [
     "RES_BLOCK_RULES",
     "animate_config_from_state_dict",
     "animate_key_rules",
-    "check_lora_fits",
     "convert_animate_state_dict",
     "convert_relighting_lora",
     "export_animate_state_dict",
@@ -307,7 +306,6 @@ def animate_config_from_state_dict(
 
 #: Where releases keep the relighting LoRA (upstream ``wan_animate_14B.py``: ``lora_checkpoint``).
 RELIGHTING_LORA_NAMES = ("relighting_lora.ckpt", "relighting_lora.safetensors", "relighting_lora")
-_LORA_SUFFIX = re.compile(r"^(?P<module>.+)\.(?P<ab>lora_A|lora_B)(?:\.default)?\.weight$")
 _LORA_WRAPPERS = ("base_model.model.", "diffusion_model.", "model.")
 #: Diffusers' file name for a pipeline LoRA (``save_lora_weights`` / ``load_lora_weights`` default).
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -338,56 +336,33 @@ def convert_relighting_lora(
     """The release's relighting LoRA (PEFT ``lora_A`` / ``lora_B`` on the original module names, e.g.
     ``blocks.0.self_attn.q.lora_A.weight``) -> a Diffusers pipeline LoRA (``transformer.blocks.0.attn1.to_q.lora_A.weight``).
 
-    Module names go through the DiT key table of :mod:`~diffusers_wan_ext.conversion.dit` (the relighting LoRA
-    targets every Linear of the DiT blocks: self / cross attention incl. ``k_img`` / ``v_img``, FFN).  ``alpha``:
-    the LoRA alpha when it differs from the rank (upstream uses rank = alpha = 128, i.e. scale 1); a scale other
-    than 1 is folded into ``lora_B`` so the result loads with Diffusers' default (alpha = rank).
+    The keys are those of a DiffSynth-style LoRA, so this is :func:`diffusers_wan_ext.lora.convert_lora_state_dict`
+    (``source="diffsynth"``; module names from the DiT key tables) after stripping PEFT / ComfyUI wrappers.  The
+    relighting LoRA targets every Linear of the DiT blocks (self / cross attention incl. ``k_img`` / ``v_img``, FFN).
+    ``alpha``: the LoRA alpha when it differs from the rank (upstream uses rank = alpha = 128, i.e. scale 1); a scale
+    other than 1 is folded into ``lora_B`` so the result loads with Diffusers' default (alpha = rank).
 
     Example:
         >>> lora = convert_relighting_lora("Wan2.2-Animate-14B/relighting_lora.ckpt")  # doctest: +SKIP
         >>> pipe.load_lora_weights(lora, adapter_name="relighting")  # doctest: +SKIP
     """
-    from .dit import BLOCK_KEY_MAP, _rename
+    from ..lora.convert import convert_lora_state_dict
 
-    if isinstance(sd_or_path, (str, Path)):
-        sd = load_state_dict(sd_or_path)
-    else:
-        sd = dict(sd_or_path)
-    for prefix in _LORA_WRAPPERS:
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    ranks = {}
-    for key, value in sd.items():
-        m = _LORA_SUFFIX.match(key)
-        block = re.match(r"^blocks\.(\d+)\.(.+)$", m.group("module")) if m else None
-        local = _rename(block.group(2), BLOCK_KEY_MAP) if block else None
-        if local is None:
-            unknown.append(key)
-            continue
-        name = f"transformer.blocks.{block.group(1)}.{local}.{m.group('ab')}.weight"
-        if m.group("ab") == "lora_A":
-            ranks[name] = int(value.shape[0])
-        out[name] = value
-    if unknown:
-        raise ConversionError(
-            f"{len(unknown)} key(s) are not LoRA weights on Wan DiT block modules (expected e.g. "
-            f"blocks.0.self_attn.q.lora_A.weight): {_format_keys(unknown)}"
-        )
-    if not out:
+    sd = load_state_dict(sd_or_path) if isinstance(sd_or_path, (str, Path)) else dict(sd_or_path)
+    if not sd:
         raise ConversionError("the relighting LoRA state dict is empty")
-    def partner(k: str) -> str:
-        return k.replace(".lora_A.", ".lora_B.") if ".lora_A." in k else k.replace(".lora_B.", ".lora_A.")
-
-    unpaired = sorted(k for k in out if partner(k) not in out)
-    if unpaired:
-        raise ConversionError(f"LoRA weights without their lora_A / lora_B partner: {_format_keys(unpaired)}")
+    for prefix in _LORA_WRAPPERS:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    try:
+        out = convert_lora_state_dict(sd, target="diffusers", source="diffsynth")
+    except ConversionError as e:
+        raise ConversionError(f"relighting LoRA: {e}") from e
     if alpha is not None:
-        for a_key, rank in ranks.items():
-            scale = float(alpha) / rank
+        for key in [k for k in out if k.endswith(".lora_A.weight")]:
+            scale = float(alpha) / out[key].shape[0]
             if scale != 1.0:
-                b_key = a_key.replace(".lora_A.", ".lora_B.")
+                b_key = key.replace(".lora_A.", ".lora_B.")
                 out[b_key] = out[b_key] * scale
     return out
 
@@ -403,20 +378,3 @@ def save_relighting_lora(lora: Mapping[str, torch.Tensor], folder: str | Path, d
     save_file({k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in lora.items()}, str(path))
     return path
 
-
-def check_lora_fits(transformer: torch.nn.Module, lora: Mapping[str, torch.Tensor]) -> None:
-    """Raise :class:`ConversionError` unless every ``transformer.<module>.lora_A/B.weight`` of a converted LoRA names a
-    Linear of ``transformer`` with matching in / out features (so ``load_lora_weights`` cannot fail later)."""
-    modules = dict(transformer.named_modules())
-    bad = []
-    for key, value in lora.items():
-        m = _LORA_SUFFIX.match(key.removeprefix("transformer."))
-        module = modules.get(m.group("module")) if m else None
-        if not isinstance(module, torch.nn.Linear):
-            bad.append(f"{key} (no Linear {m.group('module') if m else key} in the transformer)")
-        elif m.group("ab") == "lora_A" and value.shape[1] != module.in_features:
-            bad.append(f"{key} {tuple(value.shape)} (module in_features {module.in_features})")
-        elif m.group("ab") == "lora_B" and value.shape[0] != module.out_features:
-            bad.append(f"{key} {tuple(value.shape)} (module out_features {module.out_features})")
-    if bad:
-        raise ConversionError(f"the LoRA does not fit {type(transformer).__name__}: {_format_keys(bad)}")

@@ -277,6 +277,31 @@ def _block_indices(sd: Mapping[str, torch.Tensor]) -> list[int]:
     return sorted({int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k))})
 
 
+def check_block_layout(sd: Mapping[str, torch.Tensor], required: tuple[str, ...] = (), what: str = "a DiT") -> list[int]:
+    """The indices of the ``blocks.N.*`` of an original-layout DiT; raises :class:`ConversionError` unless every
+    ``required`` key is present, the blocks are ``0 .. n-1`` and every block has block 0's keys (the error names the
+    keys)."""
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise ConversionError(
+            f"not {what} in the original layout: missing key(s) {_format_keys(missing)}"
+            + (f" (found e.g. {_format_keys(list(sd)[:5], 5)})" if sd else " (the state dict is empty)")
+        )
+    blocks = _block_indices(sd)
+    if blocks != list(range(len(blocks))):
+        gaps = sorted(set(range(max(blocks) + 1)) - set(blocks))
+        raise ConversionError(f"DiT blocks are not contiguous: blocks.{gaps[0]}.* missing (have {len(blocks)} blocks)")
+    local0 = {k.split(".", 2)[2] for k in sd if k.startswith("blocks.0.")}
+    for i in blocks[1:]:
+        local = {k.split(".", 2)[2] for k in sd if k.startswith(f"blocks.{i}.")}
+        if local != local0:
+            diff = sorted((local0 - local) | (local - local0))
+            raise ConversionError(
+                f"blocks.{i} differs from blocks.0: inconsistent key(s) {_format_keys(f'blocks.{i}.{d}' for d in diff)}"
+            )
+    return blocks
+
+
 def dit_config_from_state_dict(
     sd: Mapping[str, torch.Tensor], original_config: Mapping[str, Any] | None = None
 ) -> DitInfo:
@@ -288,26 +313,7 @@ def dit_config_from_state_dict(
     """
     cfg = dict(original_config or {})
     sd = strip_known_prefixes(dict(sd), "blocks.")
-    missing = [k for k in REQUIRED_KEYS if k not in sd]
-    if missing:
-        raise ConversionError(
-            f"not a Wan DiT in the original layout: missing key(s) {_format_keys(missing)}"
-            + (f" (found e.g. {_format_keys(list(sd)[:5], 5)})" if sd else " (the state dict is empty)")
-        )
-    blocks = _block_indices(sd)
-    num_layers = len(blocks)
-    if blocks != list(range(num_layers)):
-        gaps = sorted(set(range(max(blocks) + 1)) - set(blocks))
-        raise ConversionError(f"DiT blocks are not contiguous: blocks.{gaps[0]}.* missing (have {num_layers} blocks)")
-    # every block must have the same keys as block 0
-    local0 = {k.split(".", 2)[2] for k in sd if k.startswith("blocks.0.")}
-    for i in blocks[1:]:
-        local = {k.split(".", 2)[2] for k in sd if k.startswith(f"blocks.{i}.")}
-        if local != local0:
-            diff = sorted((local0 - local) | (local - local0))
-            raise ConversionError(
-                f"blocks.{i} differs from blocks.0: inconsistent key(s) {_format_keys(f'blocks.{i}.{d}' for d in diff)}"
-            )
+    num_layers = len(check_block_layout(sd, REQUIRED_KEYS, "a Wan DiT"))
 
     pe = sd["patch_embedding.weight"]
     if pe.ndim != 5:
@@ -615,20 +621,19 @@ def load_dit_from_original(
     Example:
         >>> transformer = load_dit_from_original("Wan2.1-T2V-1.3B", torch_dtype=torch.bfloat16)  # doctest: +SKIP
     """
-    if isinstance(sd_or_path, (str, os.PathLike)):
-        sd, cfg = read_dit_folder_or_file(sd_or_path)
-        original_config = original_config or cfg
-    else:
-        sd = dict(sd_or_path)
-    sd = strip_known_prefixes(sd, "blocks.")
+    sd, original_config = read_original_dit(sd_or_path, original_config)
     info = dit_config_from_state_dict(sd, original_config)
     converted = convert_dit_state_dict(sd)
-    model = build_transformer(info)
+    return load_converted_state_dict(build_transformer(info), converted, torch_dtype)
+
+
+def load_converted_state_dict(model: torch.nn.Module, converted: dict[str, torch.Tensor], torch_dtype: torch.dtype | None):
+    """Check shapes (errors name the keys), cast (``_keep_in_fp32_modules`` stay float32) and assign a converted
+    state dict to a model built on the meta device; returns the model in eval mode."""
     check_shapes(model, converted)
     converted = cast_state_dict(converted, torch_dtype, getattr(model, "_keep_in_fp32_modules", None))
     model.load_state_dict(converted, strict=True, assign=True)
-    model.eval()
-    return model
+    return model.eval()
 
 
 DIT_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors")
@@ -665,6 +670,19 @@ def locate_dit(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ConversionError(f"{cfg_path}: invalid JSON ({e})") from e
     return weights, cfg
+
+
+def read_original_dit(
+    sd_or_path: Mapping[str, torch.Tensor] | str | os.PathLike, original_config: Mapping[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], Mapping[str, Any] | None]:
+    """An original-layout DiT state dict (wrapper prefixes stripped) and its config: ``original_config`` if given,
+    else the ``config.json`` beside the weights when ``sd_or_path`` is a folder / file."""
+    if isinstance(sd_or_path, (str, os.PathLike)):
+        sd, cfg = read_dit_folder_or_file(sd_or_path)
+        original_config = original_config or cfg
+    else:
+        sd = dict(sd_or_path)
+    return strip_known_prefixes(sd, "blocks."), original_config
 
 
 def read_dit_folder_or_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

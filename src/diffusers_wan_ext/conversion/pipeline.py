@@ -281,7 +281,9 @@ def convert_release(
     Args:
         src: release folder (``diffusion_pytorch_model*.safetensors`` or ``high_noise_model/`` + ``low_noise_model/``,
             ``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.x_VAE.pth``, ``google/umt5-xxl/``, CLIP ``.pth`` for I2V /
-            FLF2V, ``wav2vec2-large-xlsr-53-english/`` for S2V) or a single DiT file (e.g. krea's).
+            FLF2V, ``wav2vec2-large-xlsr-53-english/`` for S2V) or a single DiT file (e.g. krea's).  A LongCat-Video release (``dit/``, ``vae/``,
+            ``text_encoder/``, ``tokenizer/``, ``scheduler/``) is recognised by its DiT keys and converted by
+            :func:`~diffusers_wan_ext.conversion.longcat.convert_longcat_release`.
         dst: output folder; must not exist unless ``overwrite``.
         variant: release name (``diffusers-wan variants`` lists them); detected from the weights when omitted.
         dtype: storage dtype of the transformer(s), text and image encoders (``bf16``, ``fp16``, ``fp32``); the VAE is
@@ -301,6 +303,13 @@ def convert_release(
     Example:
         >>> convert_release("Wan2.1-T2V-1.3B", "Wan2.1-T2V-1.3B-diffusers")  # doctest: +SKIP
     """
+    from .longcat import convert_longcat_release, find_longcat_dit
+
+    if (variant or "").lower() == "longcat-video" or find_longcat_dit(src, transformer) is not None:
+        return convert_longcat_release(  # its own DiT and pipeline; scheduler / CLIP / motion options do not apply
+            src, dst, dtype=dtype, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
+            transformer_only=transformer_only, overwrite=overwrite, progress=progress, max_shard_size=max_shard_size,
+        )
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if scheduler not in SCHEDULERS:
@@ -372,10 +381,13 @@ def convert_release(
         model.load_state_dict(converted, strict=True, assign=True)
         transformers_.append(model)
         bar.update()
-    if lora is not None:
-        from .animate import check_lora_fits
+    if lora is not None:  # the LoRA must load into the converted transformer (named keys otherwise)
+        from ..lora.loader import check_lora_state_dict
 
-        _wrap(files.relighting_lora, lambda: check_lora_fits(transformers_[0], lora))
+        try:
+            check_lora_state_dict(transformers_[0], lora)
+        except ValueError as e:
+            raise ConversionError(f"{files.relighting_lora}: {e}") from e
     components: dict[str, Any] = {}
     if not transformer_only:
         from .image_encoder import load_clip_from_original, make_clip_image_processor

@@ -19,7 +19,7 @@ class WanVariant:
     """One release: how it is recognised and what its converted folder contains."""
 
     name: str
-    arch: str  # one of dit.ARCHITECTURES (what the DiT keys say)
+    arch: str  # one of dit.ARCHITECTURES (what the DiT keys say), or "longcat" (its own DiT, conversion.longcat)
     release: str  # Hub id of the original release
     dim: int | None = None  # release width (None: any width, e.g. tiny test models)
     num_layers: int | None = None
@@ -153,6 +153,14 @@ VARIANTS: tuple[WanVariant, ...] = (
         "krea-realtime-video", "t2v", "krea/krea-realtime-video", dim=5120, num_layers=40,
         flow_shift=20.0, num_inference_steps=6, guidance_scale=1.0,
         notes="distilled Wan2.1-T2V-14B (single file, 'model.' prefix); few steps, no CFG",
+    ),
+    # --- LongCat-Video: its own DiT with the Wan2.1 VAE and umT5 (conversion.longcat) ----------------------------
+    WanVariant(
+        "longcat-video", "longcat", "meituan-longcat/LongCat-Video", dim=4096, num_layers=48,
+        pipeline="LongCatVideoPipeline", flow_shift=12.0, num_inference_steps=50, guidance_scale=4.0,
+        height=480, width=832, num_frames=93, fps=15,
+        notes="LongCatVideoTransformer3DModel; dit/ converted, vae/ text_encoder/ tokenizer/ scheduler/ kept; "
+        "text-to-video and continuation (video=, num_cond_frames=13)",
     ),
 )
 

@@ -1,12 +1,15 @@
 from .attention_processor import WanTextLenAttnProcessor
 from .camera_adapter import WanCameraControlAdapter
 from .motion_controller import MotionControlHook, WanMotionControllerModel, apply_motion_control
+from .transformer_longcat import LongCatKVCache, LongCatVideoTransformer3DModel
 from .transformer_wan_animate_ext import WanAnimateExtTransformer3DModel
 from .transformer_wan_ext import WanExtTransformer3DModel
 from .transformer_wan_fun import WanFunTransformer3DModel
 from .transformer_wan_s2v import WanS2VTransformer3DModel
 
 __all__ = [
+    "LongCatKVCache",
+    "LongCatVideoTransformer3DModel",
     "MotionControlHook",
     "WanAnimateExtTransformer3DModel",
     "WanCameraControlAdapter",

@@ -28,8 +28,13 @@ Text-to-video, including Wan2.2 A14B's two experts with either one guidance scal
 ``(low, high)`` pair (``guidance_scale`` = high, ``guidance_scale_2`` = low), needs no subclass: stock ``WanPipeline``
 with a reference scheduler (:mod:`diffusers_wan_ext.schedulers`) reproduces it (``WanExtPipeline`` adds only speed
 and runtime options).
+
+:class:`LongCatVideoPipeline` runs meituan-longcat/LongCat-Video (its own DiT,
+:class:`~diffusers_wan_ext.LongCatVideoTransformer3DModel`, with the Wan2.1 VAE and umT5): text-to-video, video
+continuation and image-to-video.
 """
 
+from .pipeline_longcat_video import LongCatVideoPipeline
 from .pipeline_wan_animate_ext import WanAnimateExtPipeline
 from .pipeline_wan_ext import WanExtPipeline
 from .pipeline_wan_fun_camera import WanFunCameraControlPipeline
@@ -41,6 +46,7 @@ from .pipeline_wan_speed_control import WanSpeedControlPipeline
 from .pipeline_wan_video2video_reference import WanVideoToVideoReferencePipeline
 
 __all__ = [
+    "LongCatVideoPipeline",
     "WanAnimateExtPipeline",
     "WanExtPipeline",
     "WanFunCameraControlPipeline",
