@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["TINY", "TINY_LONGCAT", "make_tiny_longcat_lora", "make_tiny_longcat_release", "make_tiny_release",
-           "make_tiny_motion_controller", "make_tiny_relighting_lora", "make_tiny_wav2vec", "run_demo"]
+__all__ = [
+    "TINY", "TINY_LONGCAT", "make_tiny_dataset", "make_tiny_longcat_lora", "make_tiny_longcat_release",
+    "make_tiny_motion_controller", "make_tiny_release", "make_tiny_relighting_lora", "make_tiny_wav2vec",
+    "prepare_training_demo", "run_demo",
+]
 
 # Widths of the tiny releases (structure is real: depths, patching, RoPE split, token counts).
 TINY = dict(
@@ -424,6 +427,98 @@ def write_video(frames, path: str | os.PathLike, fps: int = 16) -> Path:
         for a in arrs:
             w.append_data(a)
     return path
+
+
+def make_tiny_dataset(
+    folder: str | os.PathLike,
+    num_videos: int = 2,
+    num_images: int = 1,
+    num_frames: int = 9,
+    size: tuple[int, int] = (32, 32),
+    control: bool = False,
+    metadata: str = "metadata.csv",
+    seed: int = 0,
+) -> Path:
+    """Write a tiny training dataset in DiffSynth-Studio's layout and return the metadata path.
+
+    ``num_videos`` H.264 mp4 clips (a colored square moving over a gradient, ``num_frames`` frames of
+    ``size = (height, width)``) and ``num_images`` png images, listed in ``metadata`` (``.csv``, ``.json`` or
+    ``.jsonl``) with ``video,prompt`` columns; ``control=True`` adds ``control_video`` (the clip inverted) and
+    ``reference_image`` (a png) columns.
+
+    Example:
+        >>> from diffusers_wan_ext.demo import make_tiny_dataset
+        >>> meta = make_tiny_dataset("/tmp/tiny-data")  # doctest: +SKIP
+    """
+    import csv
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    rows = []
+    colors = ["red", "green", "blue", "yellow", "purple", "orange"]
+    for i in range(num_videos + num_images):
+        base = np.stack([xx / max(w - 1, 1), yy / max(h - 1, 1), np.full_like(xx, 0.3, dtype=float)], -1)
+        color = rng.uniform(0.2, 1.0, 3)
+        frames = []
+        for f in range(num_frames if i < num_videos else 1):
+            img = base.copy()
+            x0 = (2 * f + 3 * i) % max(w - h // 3, 1)
+            img[h // 3: 2 * h // 3, x0: x0 + h // 3] = color
+            frames.append(img)
+        name = colors[i % len(colors)]
+        row = {"prompt": f"a {name} square sliding over a gradient"}
+        if i < num_videos:
+            row["video"] = f"videos/clip_{i}.mp4"
+            write_video(frames, folder / row["video"], fps=8)
+            if control:
+                row["control_video"] = f"control/clip_{i}.mp4"
+                write_video([1.0 - fr for fr in frames], folder / row["control_video"], fps=8)
+        else:
+            row["video"] = f"images/image_{i}.png"
+            (folder / "images").mkdir(exist_ok=True)
+            Image.fromarray((frames[0] * 255).round().astype(np.uint8)).save(folder / row["video"])
+            if control:
+                row["control_video"] = f"control/image_{i}.png"
+                (folder / "control").mkdir(exist_ok=True)
+                Image.fromarray(((1 - frames[0]) * 255).round().astype(np.uint8)).save(folder / row["control_video"])
+        if control:
+            row["reference_image"] = "reference.png"
+        rows.append(row)
+    if control:
+        Image.fromarray((rng.uniform(0, 1, (h, w, 3)) * 255).astype(np.uint8)).save(folder / "reference.png")
+    path = folder / metadata
+    columns = ["video", "prompt"] + (["control_video", "reference_image"] if control else [])
+    if metadata.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif metadata.endswith(".json"):
+        path.write_text(json.dumps(rows, indent=2))
+    else:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+def prepare_training_demo(folder: str | os.PathLike) -> tuple[Path, Path]:
+    """A tiny converted Wan2.1 T2V folder and a tiny dataset for ``scripts/train_demo.sh``; returns both paths.
+
+    Example:
+        >>> model, data = prepare_training_demo("/tmp/train-demo")  # doctest: +SKIP
+    """
+    from .conversion.pipeline import convert_release
+
+    folder = Path(folder)
+    release = make_tiny_release(folder / "Wan2.1-T2V-tiny", arch="t2v")
+    model = convert_release(release, folder / "Wan2.1-T2V-tiny-diffusers", dtype="fp32", overwrite=True,
+                            progress=False)
+    metadata = make_tiny_dataset(folder / "data")
+    return model, metadata.parent
 
 
 def run_demo(output: str | os.PathLike = "outputs/demo.mp4", workdir: str | os.PathLike | None = None,

@@ -29,7 +29,7 @@ from .dit import (
 from .audio_encoder import WAV2VEC_DIR
 from .variants import VARIANTS, WanVariant, get_variant, variants_for_arch
 
-__all__ = ["ReleaseFiles", "find_release_files", "convert_release", "add_motion_controller", "DTYPES", "SCHEDULERS", "write_model_card"]
+__all__ = ["LoadedRelease", "ReleaseFiles", "find_release_files", "load_release", "convert_release", "add_motion_controller", "DTYPES", "SCHEDULERS", "write_model_card"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -254,9 +254,30 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="converting", unit="component", disable=not enabled)
 
 
-def convert_release(
+@dataclass
+class LoadedRelease:
+    """Every component of an original release, loaded and validated (what :func:`load_release` returns).
+
+    Attributes:
+        variant: the release row (:data:`~diffusers_wan_ext.conversion.variants.VARIANTS`).
+        transformers: the DiT(s), high-noise expert first.
+        components: ``text_encoder``, ``tokenizer``, ``vae``, ``scheduler`` (+ ``image_encoder``,
+            ``image_processor``, ``motion_controller``); empty with ``transformer_only``.
+        relighting_lora: Wan2.2-Animate's relighting LoRA (Diffusers layout), if the release has one.
+    """
+
+    variant: WanVariant
+    transformers: list
+    components: dict[str, Any]
+    relighting_lora: Any = None  # Wan2.2-Animate: the converted relighting LoRA (written by convert_release)
+
+    @property
+    def pipeline_class(self) -> str:
+        return self.variant.pipeline
+
+
+def load_release(
     src: str | os.PathLike,
-    dst: str | os.PathLike,
     *,
     variant: str | None = None,
     dtype: str = "bf16",
@@ -272,44 +293,22 @@ def convert_release(
     motion_controller: str | os.PathLike | None = None,
     relighting_lora: str | os.PathLike | None = None,
     transformer_only: bool = False,
-    overwrite: bool = False,
     progress: bool = True,
-    max_shard_size: str = "5GB",
-) -> Path:
-    """Convert an original Wan release to a Diffusers pipeline folder and return its path.
+) -> LoadedRelease:
+    """Load and validate every component of an original Wan release in memory (nothing is written).
 
-    Args:
-        src: release folder (``diffusion_pytorch_model*.safetensors`` or ``high_noise_model/`` + ``low_noise_model/``,
-            ``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.x_VAE.pth``, ``google/umt5-xxl/``, CLIP ``.pth`` for I2V /
-            FLF2V, ``wav2vec2-large-xlsr-53-english/`` for S2V) or a single DiT file (e.g. krea's).  A LongCat-Video release (``dit/``, ``vae/``,
-            ``text_encoder/``, ``tokenizer/``, ``scheduler/``) is recognised by its DiT keys and converted by
-            :func:`~diffusers_wan_ext.conversion.longcat.convert_longcat_release`.
-        dst: output folder; must not exist unless ``overwrite``.
-        variant: release name (``diffusers-wan variants`` lists them); detected from the weights when omitted.
-        dtype: storage dtype of the transformer(s), text and image encoders (``bf16``, ``fp16``, ``fp32``); the VAE is
-            kept in float32.
-        scheduler: ``unipc`` (stock, as the Wan-AI Diffusers repos), ``euler`` (stock flow-match Euler),
-            ``diffsynth`` (DiffSynth-exact Euler) or ``original-unipc`` (original Wan FlowUniPC schedule).
-        audio_encoder: the S2V audio encoder folder (default: ``wav2vec2-large-xlsr-53-english/`` next to the DiT);
-            it becomes ``audio_encoder`` (``Wav2Vec2Model``, float32) and ``audio_processor``.
-        motion_controller: the speed-control module (``DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1``
-            ``model.safetensors``) to add as a ``motion_controller`` component; the folder then loads as
-            :class:`~diffusers_wan_ext.WanSpeedControlPipeline` (text-to-video DiTs only).
-        relighting_lora: Wan2.2-Animate's relighting LoRA (``relighting_lora.ckpt``; found next to the DiT when
-            omitted); written as a Diffusers LoRA to ``relighting_lora/pytorch_lora_weights.safetensors`` in the
-            output (``pipe.load_lora_weights(dst, subfolder="relighting_lora")``).
-        transformer_only: write only a transformer model folder (no other component needed).
+    Arguments as :func:`convert_release`.  The trainer uses this to train from original files directly.
 
     Example:
-        >>> convert_release("Wan2.1-T2V-1.3B", "Wan2.1-T2V-1.3B-diffusers")  # doctest: +SKIP
+        >>> release = load_release("Wan2.1-T2V-1.3B", dtype="bf16")  # doctest: +SKIP
+        >>> release.variant.pipeline, type(release.transformers[0]).__name__  # doctest: +SKIP
+        ('WanPipeline', 'WanTransformer3DModel')
     """
-    from .longcat import convert_longcat_release, find_longcat_dit
+    from .longcat import find_longcat_dit
 
     if (variant or "").lower() == "longcat-video" or find_longcat_dit(src, transformer) is not None:
-        return convert_longcat_release(  # its own DiT and pipeline; scheduler / CLIP / motion options do not apply
-            src, dst, dtype=dtype, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
-            transformer_only=transformer_only, overwrite=overwrite, progress=progress, max_shard_size=max_shard_size,
-        )
+        raise ConversionError(f"{src}: a LongCat-Video release, which has its own converter: convert it with "
+                              f"convert_release / `diffusers-wan convert` and use the converted folder")
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if scheduler not in SCHEDULERS:
@@ -438,6 +437,74 @@ def convert_release(
             components["motion_controller"] = mc_model
         components["scheduler"] = _scheduler_factory(scheduler, var.flow_shift)
         bar.update()
+    bar.close()
+    return LoadedRelease(var, transformers_, components, relighting_lora=lora)
+
+
+def convert_release(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    dtype: str = "bf16",
+    scheduler: str = "unipc",
+    transformer: str | os.PathLike | None = None,
+    transformer_2: str | os.PathLike | None = None,
+    text_encoder: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    image_encoder: str | os.PathLike | None = None,
+    image_encoder_heads: int | None = None,
+    audio_encoder: str | os.PathLike | None = None,
+    motion_controller: str | os.PathLike | None = None,
+    relighting_lora: str | os.PathLike | None = None,
+    transformer_only: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Convert an original Wan release to a Diffusers pipeline folder and return its path.
+
+    Args:
+        src: release folder (``diffusion_pytorch_model*.safetensors`` or ``high_noise_model/`` + ``low_noise_model/``,
+            ``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.x_VAE.pth``, ``google/umt5-xxl/``, CLIP ``.pth`` for I2V /
+            FLF2V, ``wav2vec2-large-xlsr-53-english/`` for S2V) or a single DiT file (e.g. krea's).  A LongCat-Video release (``dit/``, ``vae/``,
+            ``text_encoder/``, ``tokenizer/``, ``scheduler/``) is recognised by its DiT keys and converted by
+            :func:`~diffusers_wan_ext.conversion.longcat.convert_longcat_release`.
+        dst: output folder; must not exist unless ``overwrite``.
+        variant: release name (``diffusers-wan variants`` lists them); detected from the weights when omitted.
+        dtype: storage dtype of the transformer(s), text and image encoders (``bf16``, ``fp16``, ``fp32``); the VAE is
+            kept in float32.
+        scheduler: ``unipc`` (stock, as the Wan-AI Diffusers repos), ``euler`` (stock flow-match Euler),
+            ``diffsynth`` (DiffSynth-exact Euler) or ``original-unipc`` (original Wan FlowUniPC schedule).
+        audio_encoder: the S2V audio encoder folder (default: ``wav2vec2-large-xlsr-53-english/`` next to the DiT);
+            it becomes ``audio_encoder`` (``Wav2Vec2Model``, float32) and ``audio_processor``.
+        motion_controller: the speed-control module (``DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1``
+            ``model.safetensors``) to add as a ``motion_controller`` component; the folder then loads as
+            :class:`~diffusers_wan_ext.WanSpeedControlPipeline` (text-to-video DiTs only).
+        relighting_lora: Wan2.2-Animate's relighting LoRA (``relighting_lora.ckpt``; found next to the DiT when
+            omitted); written as a Diffusers LoRA to ``relighting_lora/pytorch_lora_weights.safetensors`` in the
+            output (``pipe.load_lora_weights(dst, subfolder="relighting_lora")``).
+        transformer_only: write only a transformer model folder (no other component needed).
+
+    Example:
+        >>> convert_release("Wan2.1-T2V-1.3B", "Wan2.1-T2V-1.3B-diffusers")  # doctest: +SKIP
+    """
+    from .longcat import convert_longcat_release, find_longcat_dit
+
+    if (variant or "").lower() == "longcat-video" or find_longcat_dit(src, transformer) is not None:
+        return convert_longcat_release(  # its own DiT and pipeline; scheduler / CLIP / motion options do not apply
+            src, dst, dtype=dtype, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
+            transformer_only=transformer_only, overwrite=overwrite, progress=progress, max_shard_size=max_shard_size,
+        )
+    release = load_release(
+        src, variant=variant, dtype=dtype, scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
+        text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, image_encoder=image_encoder,
+        image_encoder_heads=image_encoder_heads, audio_encoder=audio_encoder, motion_controller=motion_controller,
+        relighting_lora=relighting_lora, transformer_only=transformer_only, progress=progress,
+    )
+    var, transformers_, components = release.variant, release.transformers, release.components
+    lora, torch_dtype = release.relighting_lora, DTYPES[dtype]
 
     # --- Write ----------------------------------------------------------------------------------------------------
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
@@ -477,7 +544,6 @@ def convert_release(
             rewrite_model_index_for_shims(tmp)  # our pipeline classes: shim route for fresh interpreters
             write_model_card(tmp, var, pipeline_class, str(src))
             (tmp / "wan_variant.json").write_text(json.dumps(_variant_record(var), indent=2) + "\n")
-        bar.close()
     return Path(dst)
 
 

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Full fine-tuning of Wan2.1-Fun-1.3B-InP: DiffSynth-Studio's model_training/full/Wan2.1-Fun-1.3B-InP.sh (multi gpu).
+source "$(dirname "$0")/../common.sh"
+full multi_gpu Wan2.1-Fun-1.3B-InP "" --extra_inputs "input_image,end_image" "$@"

@@ -1,0 +1,27 @@
+"""Training Wan models with PEFT + accelerate (``examples/training/train.py``, ``docs/training.md``).
+
+* :mod:`.args` -- the command line (DiffSynth-Studio's argument names);
+* :mod:`.dataset` -- metadata (csv / json / jsonl) datasets with row-naming errors;
+* :mod:`.components` -- loading a converted folder or an original release;
+* :mod:`.inputs` -- conditioning through the pipelines' own code;
+* :mod:`.flow_match` -- DiffSynth-Studio's timestep sampling and loss weighting;
+* :mod:`.modules` -- LoRA / full fine-tuning, fp8 storage, gradient checkpointing, the loss;
+* :mod:`.trainer` -- the accelerate loop, checkpoints and exact resume, the two-stage cache.
+"""
+
+from .args import parse_args
+from .dataset import EXTRA_INPUTS, DatasetRowError, VideoDataset
+from .flow_match import FlowMatchTrainingSchedule, expert_timestep_boundaries
+from .trainer import CachedDataset, main, run_training
+
+__all__ = [
+    "EXTRA_INPUTS",
+    "CachedDataset",
+    "DatasetRowError",
+    "FlowMatchTrainingSchedule",
+    "VideoDataset",
+    "expert_timestep_boundaries",
+    "main",
+    "parse_args",
+    "run_training",
+]

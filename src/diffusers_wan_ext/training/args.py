@@ -1,0 +1,260 @@
+"""Command-line arguments of the Wan trainer (``examples/training/train.py``).
+
+The names follow DiffSynth-Studio's ``examples/wanvideo/model_training/train.py`` wherever it has the option, so its
+scripts translate one to one (see ``docs/training.md`` for the table); component names may be given in either
+layout (``dit`` = ``transformer``, ``dit2`` = ``transformer_2``).  Options DiffSynth-Studio does not have (exact
+resume, LoRA export formats, bad-row handling, learning-rate schedules) use Diffusers' training-script names.
+
+Example:
+    >>> args = parse_args(["--dataset_base_path", "data", "--dataset_metadata_path", "data/metadata.csv",
+    ...                    "--model_path", "Wan2.1-T2V-1.3B-diffusers", "--lora_base_model", "dit"])
+    >>> args.lora_base_model, args.lora_target_modules[:2], args.task
+    ('transformer', ['to_q', 'to_k'], 'sft')
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+__all__ = ["COMPONENT_ALIASES", "DTYPE_NAMES", "TASKS", "build_parser", "parse_args", "resolve_component"]
+
+#: DiffSynth-Studio component names -> ours (pipeline attribute names).
+COMPONENT_ALIASES: dict[str, str] = {
+    "dit": "transformer",
+    "dit2": "transformer_2",
+    "transformer": "transformer",
+    "transformer_2": "transformer_2",
+    "vae": "vae",
+    "text_encoder": "text_encoder",
+    "image_encoder": "image_encoder",
+    "motion_controller": "motion_controller",
+}
+#: DiffSynth-Studio's VACE models -> the transformer whose ``vace_blocks`` they are
+VACE_ALIASES = {"vace": "transformer", "vace2": "transformer_2"}
+TRAINABLE = ("transformer", "transformer_2", "motion_controller")
+FP8_CAPABLE = ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder")
+#: ``--task``: one-stage training, or DiffSynth-Studio's split training (cache inputs, then train from the cache).
+TASKS = ("sft", "sft:data_process", "sft:train")
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+DEFAULT_TARGETS = "q,k,v,o,ffn.0,ffn.2"
+
+
+def resolve_component(name: str, allowed: Sequence[str], option: str) -> str:
+    """Our component name for ``name`` (either layout); an error names the option and the accepted values."""
+    ours = COMPONENT_ALIASES.get(name.strip())
+    if ours is None or ours not in allowed:
+        accepted = sorted({k for k, v in COMPONENT_ALIASES.items() if v in allowed})
+        raise SystemExit(f"{option}: unknown or unsupported component {name!r}; accepted: {', '.join(accepted)}")
+    return ours
+
+
+def _components(value: str | None, allowed: Sequence[str], option: str) -> list[str]:
+    if not value:
+        return []
+    out = []
+    for part in value.split(","):
+        if part.strip():
+            c = resolve_component(part, allowed, option)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train Wan LoRAs or full transformers (PEFT + accelerate); launch with `accelerate launch`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("dataset (DiffSynth-Studio layout)")
+    g.add_argument("--dataset_base_path", required=True,
+                   help="folder the metadata's file columns are relative to (with --task sft:train: the cache folder)")
+    g.add_argument("--dataset_metadata_path", default=None,
+                   help="metadata .csv / .json / .jsonl with columns video,prompt (+ extra input columns)")
+    g.add_argument("--dataset_repeat", type=int, default=1, help="repeat the dataset this many times per epoch")
+    g.add_argument("--dataset_num_workers", "--num_workers", dest="dataset_num_workers", type=int, default=0,
+                   help="DataLoader worker processes")
+    g.add_argument("--data_file_keys", default=None,
+                   help="comma-separated file columns (default: video + the file-valued extra inputs)")
+    g.add_argument("--height", type=int, default=None, help="fixed frame height (with --width); none: dynamic")
+    g.add_argument("--width", type=int, default=None, help="fixed frame width (with --height); none: dynamic")
+    g.add_argument("--max_pixels", type=int, default=1024 * 1024, help="pixel budget of the dynamic resolution")
+    g.add_argument("--num_frames", type=int, default=81, help="frames per clip (4n+1), from the start of the video")
+    g.add_argument("--min_num_frames", type=int, default=None,
+                   help="accept clips this short (cut to 4n+1 frames); default --num_frames (DiffSynth: 1)")
+    g.add_argument("--skip_bad_rows", action="store_true",
+                   help="skip and count bad rows (missing file/column, unreadable, too few frames) instead of failing")
+    g.add_argument("--prompt_column", default="prompt")
+    g.add_argument("--video_column", default="video")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model_path", "--pretrained_model_name_or_path", dest="model_path", required=True,
+                   help="a converted Diffusers folder (model_index.json) or an original Wan release folder")
+    g.add_argument("--transformer_path", default=None,
+                   help="replace the trained transformer: a Diffusers transformer folder or original DiT file/folder")
+    g.add_argument("--extra_inputs", default=None,
+                   help="comma-separated conditioning inputs: input_image, end_image, control_video, reference_image, "
+                        "vace_video, vace_video_mask, vace_reference_image, motion_bucket_id, camera_control_*")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16", help="dtype of the frozen weights and compute")
+    g.add_argument("--vae_dtype", choices=DTYPE_NAMES, default=None, help="VAE dtype (default --dtype)")
+    g.add_argument("--trainable_dtype", choices=DTYPE_NAMES, default="fp32",
+                   help="dtype of trained parameters (LoRA / fine-tuned weights); DiffSynth-Studio trains in bf16")
+    g.add_argument("--fp8_models", default=None,
+                   help="frozen components stored in float8_e4m3fn (computed in --dtype): transformer (dit), vae, "
+                        "text_encoder, image_encoder")
+    g.add_argument("--max_sequence_length", type=int, default=512, help="umT5 context length")
+    g.add_argument("--image_encoder_heads", type=int, default=None,
+                   help="CLIP heads when loading an original release whose CLIP width is not a release width")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--task", choices=TASKS, default="sft",
+                   help="sft: train; sft:data_process: cache VAE latents / text embeddings into --output_path; "
+                        "sft:train: train from such a cache (--dataset_base_path = cache folder)")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=None, help="clip gradients (DiffSynth-Studio: none)")
+    g.add_argument("--lr_scheduler", default="constant",
+                   help="Diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ...")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--num_epochs", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0, help="data order, LoRA init, timesteps and noise")
+    g.add_argument("--trainable_models", default=None,
+                   help="full fine-tuning of these components: transformer (dit), transformer_2 (dit2), "
+                        "motion_controller, or vace / vace2 (only the VACE blocks of a VACE transformer / transformer_2)")
+    g.add_argument("--find_unused_parameters", action="store_true", help="DDP find_unused_parameters")
+    g.add_argument("--use_gradient_checkpointing", action="store_true")
+    g.add_argument("--use_gradient_checkpointing_offload", action="store_true",
+                   help="gradient checkpointing with the saved activations offloaded to CPU memory")
+    g.add_argument("--min_timestep_boundary", type=float, default=None,
+                   help="lower bound of the sampled timestep index, fraction of 1000 (0 = most noise); "
+                        "default 0, or the expert's share of a two-expert model")
+    g.add_argument("--max_timestep_boundary", type=float, default=None,
+                   help="upper bound (exclusive) of the sampled timestep index; default 1, or the expert's share")
+    g.add_argument("--timestep_shift", type=float, default=5.0, help="shift of the training timestep grid")
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora_base_model", default=None,
+                   help="component that gets the LoRA: transformer (dit), transformer_2 (dit2), or vace / vace2 (the "
+                        "VACE blocks of a VACE transformer / transformer_2; dit/dit2 then mean its main blocks)")
+    g.add_argument("--lora_target_modules", default=DEFAULT_TARGETS,
+                   help="comma-separated module names in our layout (to_q,...,ffn.net.2); DiffSynth names "
+                        "q,k,v,o,ffn.0,ffn.2 are mapped")
+    g.add_argument("--lora_rank", type=int, default=32)
+    g.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1, as DiffSynth-Studio)")
+    g.add_argument("--lora_checkpoint", default=None,
+                   help="initialize the LoRA from this file (any supported LoRA format) and continue training")
+    g.add_argument("--export_format", "--export-format", dest="export_format", default=None,
+                   help="also write the final LoRA in these formats: original (ComfyUI, diffusion_model.), kohya, "
+                        "diffsynth (comma-separated; diffusers is always written)")
+
+    g = p.add_argument_group("output and checkpoints")
+    g.add_argument("--output_path", default="./models")
+    g.add_argument("--save_steps", type=int, default=None,
+                   help="write a checkpoint every N optimizer steps (default: at the end of every epoch)")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="a checkpoint-N folder (exact resume: weights, optimizer, scheduler, RNG, data position), "
+                        "'latest' (newest in --output_path), or a weights file (weights only, as DiffSynth-Studio)")
+    g.add_argument("--save_dtype", choices=DTYPE_NAMES, default="bf16", help="dtype of a fully fine-tuned folder")
+    g.add_argument("--report_to", default="auto",
+                   help="tensorboard, none, or auto (TensorBoard when installed)")
+    g.add_argument("--enable_tensorboard_log", action="store_true", help="DiffSynth-Studio name for --report_to tensorboard")
+    g.add_argument("--logging_dir", default=None, help="default: <output_path>/logs")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the arguments; component names are normalized to ours, lists are split."""
+    from .dataset import EXTRA_INPUTS
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def fail(msg: str):
+        parser.error(msg)
+
+    # VACE: DiffSynth-Studio's ``vace`` / ``vace2`` models are the VACE blocks of our (stock) VACE transformers
+    names = [n.strip() for n in (args.trainable_models or "").split(",") if n.strip()]
+    args.trainable_scope = "vace" if {"vace", "vace2"} & set(names) else None
+    names = [VACE_ALIASES.get(n, n) for n in names]
+    args.trainable_models = _components(",".join(names), TRAINABLE, "--trainable_models")
+    args.fp8_models = _components(args.fp8_models, FP8_CAPABLE, "--fp8_models")
+    # VACE: DiffSynth-Studio's ``vace`` LoRA covers the VACE blocks, its ``dit`` LoRA the main blocks
+    args.lora_scope = "vace" if args.lora_base_model in VACE_ALIASES else "dit"
+    args.lora_base_model = VACE_ALIASES.get(args.lora_base_model, args.lora_base_model)
+    if args.lora_base_model is not None:
+        args.lora_base_model = resolve_component(args.lora_base_model, ("transformer", "transformer_2"),
+                                                 "--lora_base_model")
+    if args.task != "sft:data_process" and not args.trainable_models and args.lora_base_model is None:
+        fail("nothing to train: pass --lora_base_model transformer (LoRA) or --trainable_models transformer "
+             "(full fine-tuning)")
+    experts = {c for c in args.trainable_models if c.startswith("transformer")}
+    if args.lora_base_model:
+        experts.add(args.lora_base_model)
+    if len(experts) > 1:
+        fail(f"train one expert per run (got {sorted(experts)}); train transformer and transformer_2 separately "
+             f"with their timestep boundaries, as DiffSynth-Studio does")
+    if args.lora_base_model and args.lora_base_model in args.trainable_models:
+        fail(f"{args.lora_base_model} is both fully trained (--trainable_models) and given a LoRA; choose one")
+    frozen_fp8 = [c for c in args.fp8_models if c in args.trainable_models]
+    if frozen_fp8:
+        fail(f"--fp8_models {frozen_fp8}: fp8 storage is for frozen weights only, not for --trainable_models")
+    args.expert = next(iter(experts), "transformer")
+
+    args.extra_inputs = [s.strip() for s in (args.extra_inputs or "").split(",") if s.strip()]
+    unknown = [n for n in args.extra_inputs if n not in EXTRA_INPUTS]
+    if unknown:
+        fail(f"--extra_inputs: unknown {unknown}; known: {', '.join(EXTRA_INPUTS)}")
+    if args.data_file_keys is not None:
+        args.data_file_keys = [s.strip() for s in args.data_file_keys.split(",") if s.strip()]
+
+    from ..lora import LORA_FORMATS, map_lora_target_modules
+
+    try:
+        args.lora_target_modules = map_lora_target_modules(args.lora_target_modules)
+    except ValueError as e:
+        fail(f"--lora_target_modules: {e}")
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.lora_rank)
+    if args.lora_rank < 1:
+        fail(f"--lora_rank must be >= 1, got {args.lora_rank}")
+
+    args.export_format = [s.strip() for s in (args.export_format or "").split(",") if s.strip() and
+                          s.strip() != "diffusers"]
+    if args.export_format:
+        bad = [f for f in args.export_format if f not in LORA_FORMATS]
+        if bad:
+            fail(f"--export_format: unknown {bad}; choose from {', '.join(LORA_FORMATS)}")
+        if args.lora_base_model is None:
+            fail("--export_format applies to LoRA training (--lora_base_model)")
+
+    if (args.height is None) != (args.width is None):
+        fail("pass both --height and --width (fixed size) or neither (dynamic size from --max_pixels)")
+    if args.num_frames < 1 or (args.num_frames - 1) % 4:
+        lo = max(1, (args.num_frames - 1) // 4 * 4 + 1)
+        fail(f"--num_frames {args.num_frames} is not 4n+1 (the Wan VAE encodes 1 + 4n frames); pass {lo} or {lo + 4}")
+    if args.task != "sft:train" and args.dataset_metadata_path is None:
+        fail("--dataset_metadata_path is required (omit it only with --task sft:train, which reads the cache in "
+             "--dataset_base_path)")
+    if args.task == "sft:train" and args.dataset_metadata_path is not None:
+        fail("--task sft:train reads the cache written by --task sft:data_process from --dataset_base_path; "
+             "leave --dataset_metadata_path out")
+    for name in ("min_timestep_boundary", "max_timestep_boundary"):
+        v = getattr(args, name)
+        if v is not None and not 0.0 <= v <= 1.0:
+            fail(f"--{name} must be in [0, 1] (fraction of the 1000 training timesteps), got {v}")
+    if args.gradient_accumulation_steps < 1 or args.num_epochs < 1:
+        fail("--gradient_accumulation_steps and --num_epochs must be >= 1")
+    if args.save_steps is not None and args.save_steps < 1:
+        fail("--save_steps must be >= 1")
+    if args.vae_dtype is None:
+        args.vae_dtype = args.dtype
+    if args.enable_tensorboard_log:
+        args.report_to = "tensorboard"
+    return args

@@ -1,0 +1,163 @@
+"""Load what training needs from a converted Diffusers folder or an original Wan release.
+
+Only the expert being trained is kept (Wan2.2 A14B trains ``transformer`` and ``transformer_2`` in separate runs),
+and the encoders are skipped when training from a cache (``--task sft:train``).
+
+Example:
+    >>> c = load_training_components("Wan2.1-T2V-1.3B-diffusers", dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> c.pipeline_class, c.spatial_multiple  # doctest: +SKIP
+    ('WanPipeline', 16)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["DTYPES", "WanTrainingComponents", "load_training_components", "load_transformer"]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ENCODERS = ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor")
+
+
+@dataclass
+class WanTrainingComponents:
+    """The pieces of a Wan pipeline that training uses.
+
+    Attributes:
+        pipeline_class: the folder's pipeline class name (``WanPipeline``, ``WanFunControlPipeline`` ...).
+        expert: ``"transformer"`` or ``"transformer_2"`` (the expert being trained; for one-expert models
+            ``"transformer"``).
+        transformer: that expert.
+        boundary_ratio: the two-expert switch (``None`` for one expert).
+        expand_timesteps: Wan2.2 TI2V-5B's per-token timesteps / first-frame mode.
+        vae, text_encoder, tokenizer, image_encoder, motion_controller: the other components (``None`` if absent
+            or not loaded).
+    """
+
+    pipeline_class: str
+    expert: str
+    transformer: Any
+    boundary_ratio: float | None = None
+    expand_timesteps: bool = False
+    has_two_experts: bool = False
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+    image_encoder: Any = None
+    motion_controller: Any = None
+
+    @property
+    def spatial_multiple(self) -> int | None:
+        """Frame sizes must be multiples of this: VAE spatial factor x patch size (16 for Wan2.1, 32 for TI2V-5B);
+        ``None`` without a VAE (training from a cache)."""
+        if self.vae is None:
+            return None
+        factor = int(getattr(self.vae.config, "scale_factor_spatial", None) or 8)
+        return factor * int(self.transformer.config.patch_size[1])
+
+
+def _read_index(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "model_index.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / 'model_index.json'}: invalid JSON ({e})") from e
+
+
+def load_transformer(path: str | os.PathLike, dtype: torch.dtype):
+    """A transformer from a Diffusers model folder (``config.json`` + weights) or original DiT weights."""
+    path = Path(path)
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()) if path.is_dir() and config_file.is_file() else {}
+    if config.get("_class_name", "WanModel") != "WanModel":  # a Diffusers model folder (originals say WanModel)
+        import diffusers
+
+        import diffusers_wan_ext  # noqa: F401  (registers our classes with AutoModel)
+
+        return diffusers.AutoModel.from_pretrained(str(path), dtype=dtype)
+    from ..conversion.dit import load_dit_from_original
+
+    return load_dit_from_original(path, torch_dtype=dtype)
+
+
+def load_training_components(
+    model_path: str | os.PathLike,
+    *,
+    expert: str = "transformer",
+    dtype: torch.dtype = torch.bfloat16,
+    vae_dtype: torch.dtype | None = None,
+    load_encoders: bool = True,
+    transformer_path: str | os.PathLike | None = None,
+    image_encoder_heads: int | None = None,
+    progress: bool = False,
+) -> WanTrainingComponents:
+    """Load the trained expert (+ the encoders) from a Diffusers folder or an original release folder.
+
+    Args:
+        model_path: converted Diffusers pipeline folder (``model_index.json``) or original release folder.
+        expert: ``"transformer"`` or ``"transformer_2"``.
+        dtype: dtype of the transformer and the text / image encoders; ``vae_dtype`` of the VAE (default ``dtype``).
+        load_encoders: ``False`` skips text encoder, tokenizer, VAE and CLIP (training from a cache).
+        transformer_path: load the expert from here instead (Diffusers transformer folder or original DiT).
+    """
+    import diffusers
+
+    import diffusers_wan_ext  # noqa: F401  (registers our pipeline / model classes)
+
+    model_path = Path(model_path)
+    vae_dtype = vae_dtype or dtype
+    other = "transformer_2" if expert == "transformer" else "transformer"
+    if (model_path / "model_index.json").is_file():
+        index = _read_index(model_path)
+        pipeline_class = index["_class_name"] if isinstance(index["_class_name"], str) else index["_class_name"][1]
+        has_two = bool(index.get("transformer_2", [None, None])[0]) and index.get("boundary_ratio") is not None
+        if expert == "transformer_2" and not has_two:
+            raise ValueError(f"{model_path} has one transformer; transformer_2 exists only in two-expert (Wan2.2 "
+                             f"A14B) folders: train --lora_base_model transformer")
+        overrides: dict[str, Any] = {other: None}
+        if not load_encoders:
+            overrides.update({name: None for name in ENCODERS if name in index})
+        if transformer_path is not None:
+            overrides[expert] = load_transformer(transformer_path, dtype)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            str(model_path), dtype={"default": dtype, "vae": vae_dtype}, **overrides
+        )
+        parts = {name: getattr(pipe, name, None) for name in
+                 ("vae", "text_encoder", "tokenizer", "image_encoder", "motion_controller")}
+        transformer = getattr(pipe, expert)
+        boundary_ratio = pipe.config.get("boundary_ratio") if has_two else None
+        expand = bool(pipe.config.get("expand_timesteps", False))
+    elif model_path.exists():
+        from ..conversion.pipeline import load_release
+
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+        release = load_release(model_path, dtype=name, transformer_only=not load_encoders,
+                               image_encoder_heads=image_encoder_heads, progress=progress)
+        pipeline_class = release.pipeline_class
+        has_two = len(release.transformers) == 2
+        if expert == "transformer_2" and not has_two:
+            raise ValueError(f"{model_path} has one DiT; transformer_2 exists only in two-expert (Wan2.2 A14B) "
+                             f"releases (high_noise_model/ + low_noise_model/)")
+        transformer = release.transformers[1 if expert == "transformer_2" else 0]
+        if transformer_path is not None:
+            transformer = load_transformer(transformer_path, dtype)
+        parts = {name: release.components.get(name) for name in
+                 ("vae", "text_encoder", "tokenizer", "image_encoder", "motion_controller")}
+        if parts["vae"] is not None:
+            parts["vae"] = parts["vae"].to(vae_dtype)
+        boundary_ratio = release.variant.boundary_ratio if has_two else None
+        expand = bool(release.variant.expand_timesteps)
+    else:
+        raise FileNotFoundError(f"--model_path {model_path}: no such folder; pass a converted Diffusers folder "
+                                f"(model_index.json) or an original Wan release folder")
+    if transformer is None:
+        raise ValueError(f"{model_path}: the pipeline has no {expert}")
+    return WanTrainingComponents(
+        pipeline_class=pipeline_class, expert=expert, transformer=transformer, boundary_ratio=boundary_ratio,
+        expand_timesteps=expand, has_two_experts=has_two, **parts,
+    )

@@ -1,0 +1,280 @@
+"""The trained module: LoRA (PEFT) or full fine-tuning of a Wan transformer, fp8 storage of frozen weights,
+gradient checkpointing, and the forward / loss of one training step.
+
+LoRA goes in with Diffusers' own ``add_adapter`` (a PEFT ``LoraConfig``), so the saved weights are plain Diffusers
+PEFT weights that ``WanPipeline.load_lora_weights`` loads.  Frozen linear weights can be stored in
+``float8_e4m3fn`` (``--fp8_models transformer``) and are cast to the compute dtype on use.
+
+Example:
+    >>> add_lora(transformer, rank=32, alpha=32, target_modules=["to_q", "to_k", "to_v", "to_out.0"])  # doctest: +SKIP
+    >>> module = WanTrainingModule(transformer)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .flow_match import FlowMatchTrainingSchedule, TimestepSample
+from .inputs import ModelInputs
+
+__all__ = [
+    "WanTrainingModule",
+    "add_lora",
+    "enable_gradient_checkpointing",
+    "lora_state_dict",
+    "load_lora_into",
+    "store_frozen_weights_in_fp8",
+    "training_loss",
+]
+
+ADAPTER = "default"
+FP8 = torch.float8_e4m3fn
+
+
+# ------------------------------------------------------------------------------------------------------------- LoRA
+
+
+def _lora_target_regex(module: nn.Module, names: list[str], scope: str | None) -> str | list[str]:
+    """PEFT ``target_modules``: the suffixes as given, or (VACE) a regex limited to / excluding ``vace_blocks``."""
+    if scope is None or not hasattr(module, "vace_blocks"):
+        return list(names)
+    alternatives = "|".join(re.escape(n) for n in names)
+    if scope == "vace":
+        return rf"^vace_blocks\.\d+\.(?:.*\.)?(?:{alternatives})$"
+    return rf"^blocks\.\d+\.(?:.*\.)?(?:{alternatives})$"
+
+
+def add_lora(
+    transformer: nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    dtype: torch.dtype = torch.float32,
+    scope: str | None = None,
+) -> list[nn.Parameter]:
+    """Add a trainable LoRA adapter (``default``) to ``transformer`` and freeze everything else.
+
+    ``target_modules`` are module-name suffixes in our (Diffusers) layout.  ``scope`` matters for VACE
+    transformers: ``"vace"`` limits the LoRA to ``vace_blocks`` (DiffSynth-Studio's ``--lora_base_model vace``),
+    anything else to the main ``blocks`` (its ``dit``).  LoRA weights are kept in ``dtype``.  Returns the trainable
+    parameters.
+
+    Example:
+        >>> from diffusers import WanTransformer3DModel
+        >>> t = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, text_dim=16, freq_dim=16,
+        ...                           ffn_dim=32, num_layers=1)
+        >>> params = add_lora(t, rank=4, alpha=4, target_modules=["to_q", "to_out.0"])
+        >>> len(params)  # attn1 + attn2, to_q + to_out.0, A + B
+        8
+    """
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    config = LoraConfig(r=int(rank), lora_alpha=float(alpha), init_lora_weights=True,
+                        target_modules=_lora_target_regex(transformer, target_modules, scope))
+    try:
+        transformer.add_adapter(config, adapter_name=ADAPTER)
+    except ValueError as e:
+        raise ValueError(f"--lora_target_modules {','.join(target_modules)}: {e}. Module names are in the Diffusers "
+                         f"layout (to_q, to_k, to_v, to_out.0, add_k_proj, add_v_proj, ffn.net.0.proj, ffn.net.2)"
+                         ) from e
+    params = []
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(dtype)
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights with Diffusers PEFT names (``blocks.0.attn1.to_q.lora_A.weight``), no prefix."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+
+
+def lora_metadata(transformer: nn.Module) -> dict[str, Any]:
+    """What Diffusers stores of the adapter's ``LoraConfig`` in ``pytorch_lora_weights.safetensors``: only rank,
+    alpha and targets, so that any PEFT version can rebuild the config (the rest are defaults)."""
+    config = transformer.peft_config[ADAPTER]
+    targets = config.target_modules
+    return {"r": int(config.r), "lora_alpha": float(config.lora_alpha),
+            "target_modules": targets if isinstance(targets, str) else sorted(targets)}
+
+
+def load_lora_into(transformer: nn.Module, state_dict: dict[str, torch.Tensor], what: str,
+                   scaled: bool = True) -> None:
+    """Set the ``default`` adapter from Diffusers-layout LoRA weights (``transformer.`` prefix optional); every key
+    must land on the adapter and the shapes must match.
+
+    ``scaled``: the weights mean ``W + B @ A`` (what :mod:`diffusers_wan_ext.lora` returns); ``lora_B`` is divided by
+    the adapter's ``lora_alpha / r`` so that the adapter reproduces exactly that.  ``False``: raw factors of an
+    adapter with the same rank and alpha.
+    """
+    from peft.utils import set_peft_model_state_dict
+
+    sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in state_dict.items()}
+    config = transformer.peft_config[ADAPTER]
+    factor = float(config.lora_alpha) / float(config.r)
+    if scaled and factor != 1.0:
+        sd = {k: v / factor if ".lora_B." in k else v for k, v in sd.items()}
+    own = lora_state_dict(transformer)
+    unexpected = sorted(set(sd) - set(own))
+    missing = sorted(set(own) - set(sd))
+    wrong = sorted(k for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape))
+    if unexpected or wrong:
+        detail = []
+        if unexpected:
+            detail.append(f"keys the adapter does not have: {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        if wrong:
+            detail.append(f"shape mismatch (rank?): {wrong[:6]}")
+        raise ValueError(f"{what}: " + "; ".join(detail) + ". Pass the same --lora_rank / --lora_target_modules "
+                         "the LoRA was trained with")
+    if missing:
+        raise ValueError(f"{what}: misses {len(missing)} adapter keys (e.g. {missing[:4]}); it was trained with other "
+                         f"--lora_target_modules")
+    result = set_peft_model_state_dict(transformer, sd, adapter_name=ADAPTER)
+    bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if bad:
+        raise ValueError(f"{what}: PEFT did not load {bad[:4]}")
+
+
+# -------------------------------------------------------------------------------------------------------- fp8 / ckpt
+
+
+class _CastWeight(nn.Module):
+    """Parametrization: the stored (fp8) weight, cast to the compute dtype on every use."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.to(self.dtype)
+
+
+def store_frozen_weights_in_fp8(module: nn.Module, compute_dtype: torch.dtype) -> int:
+    """Store the weights of frozen ``nn.Linear`` layers inside the transformer blocks in ``float8_e4m3fn``; they
+    are cast to ``compute_dtype`` on use (gradients still flow to the inputs and to LoRA layers).  Returns the
+    number of layers converted.
+
+    Only linears under ``blocks`` / ``vace_blocks`` are converted (embedders, norms and the head stay as they are,
+    as Diffusers' layerwise casting skips them).
+    """
+    count = 0
+    for name, sub in module.named_modules():
+        if not isinstance(sub, nn.Linear) or "lora_" in name or not re.search(r"(^|\.)(vace_)?blocks\.\d+\.", name):
+            continue
+        if parametrize.is_parametrized(sub, "weight") or sub.weight.requires_grad:
+            continue
+        sub.weight = nn.Parameter(sub.weight.detach().to(FP8), requires_grad=False)
+        parametrize.register_parametrization(sub, "weight", _CastWeight(compute_dtype), unsafe=True)
+        count += 1
+    return count
+
+
+def _checkpoint_with_offload(function, *args):
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return torch.utils.checkpoint.checkpoint(function.__call__, *args, use_reentrant=False)
+
+
+def enable_gradient_checkpointing(transformer: nn.Module, offload: bool = False) -> None:
+    """Diffusers' per-block gradient checkpointing; ``offload`` keeps the checkpointed block inputs in CPU memory
+    (DiffSynth-Studio's ``--use_gradient_checkpointing_offload``)."""
+    transformer.enable_gradient_checkpointing(_checkpoint_with_offload if offload else None)
+
+
+# ----------------------------------------------------------------------------------------------------- the module
+
+
+class WanTrainingModule(nn.Module):
+    r"""
+    What ``accelerator.prepare`` wraps: the trained transformer (and the speed-control ``motion_controller``).
+
+    ``forward`` runs one prediction; :func:`training_loss` builds its inputs and the loss.
+
+    Args:
+        transformer: a Wan transformer (stock ``WanTransformer3DModel``, ``WanVACETransformer3DModel`` or ours).
+        motion_controller (*optional*): adds the speed-control offset to the block modulation.
+    """
+
+    def __init__(self, transformer: nn.Module, motion_controller: nn.Module | None = None) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.motion_controller = motion_controller
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        motion_bucket_id: torch.Tensor | None = None,
+        **transformer_kwargs: torch.Tensor,
+    ) -> torch.Tensor:
+        context = contextlib.nullcontext()
+        if motion_bucket_id is not None:
+            from ..models.motion_controller import apply_motion_control
+
+            offset = self.motion_controller(motion_bucket_id)
+            context = apply_motion_control(self.transformer, offset)
+        kwargs = dict(transformer_kwargs)
+        if encoder_hidden_states_image is not None:
+            kwargs["encoder_hidden_states_image"] = encoder_hidden_states_image
+        with context:
+            return self.transformer(hidden_states, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+
+
+def _per_token_timesteps(t: torch.Tensor, latents: torch.Tensor, patch_size) -> torch.Tensor:
+    """Wan2.2 TI2V: timestep 0 for the tokens of latent frame 0, ``t`` elsewhere (``[1, tokens]``)."""
+    _, _, frames, h, w = latents.shape
+    mask = torch.ones(frames, h // patch_size[1], w // patch_size[2], device=latents.device)
+    mask[0] = 0
+    return (mask * t).flatten().unsqueeze(0)
+
+
+def training_loss(
+    module: nn.Module,
+    inputs: ModelInputs,
+    schedule: FlowMatchTrainingSchedule,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    patch_size: tuple[int, int, int] = (1, 2, 2),
+) -> tuple[torch.Tensor, TimestepSample]:
+    """One flow-matching loss (DiffSynth-Studio's ``FlowMatchSFTLoss``) for batch-1 ``inputs``.
+
+    The timestep and the noise come from ``generator`` (CPU): timestep first, then ``randn`` of the latents'
+    shape.  ``dtype`` is the compute dtype of the transformer inputs (and the rounding of the timestep).
+    """
+    device = inputs.latents.device
+    sample = schedule.sample(generator, timestep_dtype=dtype)
+    x0 = inputs.latents.float()
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+    noisy = schedule.add_noise(x0, noise, sample.sigma)
+    target = schedule.target(x0, noise)
+    t = sample.timestep.to(device)
+    if inputs.first_frame_latents is not None:
+        noisy[:, :, :1] = inputs.first_frame_latents.float()
+        timestep = _per_token_timesteps(t, noisy, patch_size)
+    else:
+        timestep = t.reshape(1)
+    model_input = noisy if inputs.y is None else torch.cat([noisy, inputs.y.float()], dim=1)
+    kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.transformer_kwargs.items()}
+    prediction = module(
+        model_input.to(dtype),
+        timestep,
+        inputs.prompt_embeds.to(dtype),
+        None if inputs.image_embeds is None else inputs.image_embeds.to(dtype),
+        motion_bucket_id=inputs.motion_bucket_id,
+        **kwargs,
+    )
+    if inputs.first_frame_latents is not None:
+        prediction, target = prediction[:, :, 1:], target[:, :, 1:]
+    return schedule.loss(prediction, target, sample.weight), sample

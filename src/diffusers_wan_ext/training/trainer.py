@@ -1,0 +1,597 @@
+"""The Wan trainer: PEFT LoRA or full fine-tuning with accelerate, DiffSynth-Studio's objective, exact resume.
+
+Run it with ``accelerate launch examples/training/train.py ARGS`` (arguments: :mod:`.args`, ``docs/training.md``).
+
+* ``--task sft`` (default): load the pipeline, encode every clip with the frozen VAE / umT5 / CLIP, train.
+* ``--task sft:data_process``: encode every clip once and write ``<output_path>/<rank>/<row>.safetensors``.
+* ``--task sft:train``: train from such a cache (``--dataset_base_path`` = the cache folder); the encoders are not
+  loaded.  With the same seed this gives the same losses as ``sft``.
+
+Per micro-step the timestep and noise come from a generator seeded by ``(seed, micro_step, rank)`` and the data
+order from ``(seed, epoch)``, so a run resumed from ``checkpoint-N`` (weights, optimizer, LR schedule, RNG states,
+data position) continues with exactly the losses of the uninterrupted run.
+
+Outputs (``--output_path``):
+
+* LoRA: ``pytorch_lora_weights.safetensors`` (Diffusers PEFT keys, ``transformer.`` prefix, rank/alpha in the
+  metadata) -- ``WanPipeline.load_lora_weights(output_path)``; a LoRA of a Wan2.2 low-noise expert goes to
+  ``transformer_2/pytorch_lora_weights.safetensors`` -- ``load_lora_weights(output_path / "transformer_2",
+  load_into_transformer_2=True)``; ``--export_format`` adds the other layouts next to it.
+* full fine-tuning: a Diffusers model folder ``transformer/`` (or ``transformer_2/``) in ``--save_dtype``.
+* ``checkpoint-N/``: resumable training state (its ``pytorch_lora_weights.safetensors`` loads like the final one).
+* ``logs/losses.jsonl``: one line per optimizer step (loss averaged over accumulation and ranks, learning rate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .args import parse_args
+from .components import DTYPES, WanTrainingComponents, load_training_components
+from .dataset import ResumableSampler, VideoDataset, collate_single
+from .flow_match import FlowMatchTrainingSchedule, expert_timestep_boundaries
+from .inputs import ModelInputs, WanInputBuilder
+from .modules import (
+    ADAPTER,
+    WanTrainingModule,
+    add_lora,
+    enable_gradient_checkpointing,
+    load_lora_into,
+    lora_metadata,
+    store_frozen_weights_in_fp8,
+    training_loss,
+)
+
+__all__ = ["CACHE_FORMAT", "CachedDataset", "TrainingProgress", "main", "run_training"]
+
+logger = logging.getLogger("diffusers_wan_ext.training")
+
+CACHE_FORMAT = "diffusers_wan_ext.training-cache.v1"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
+STATE_FILE = "training_state.json"
+
+
+# ------------------------------------------------------------------------------------------------------ utilities
+
+
+class TrainingProgress:
+    """Where training stands; saved in every checkpoint (``accelerator.register_for_checkpointing``)."""
+
+    def __init__(self) -> None:
+        self.step = 0  # optimizer steps
+        self.micro_step = 0  # micro-batches (this rank)
+        self.epoch = 0
+        self.position = 0  # micro-batches of this epoch already consumed (this rank)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "micro_step": self.micro_step, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def step_seed(seed: int, micro_step: int, rank: int) -> int:
+    """Seed of the timestep / noise generator of one micro-step (independent of resumes and worker timing)."""
+    return (seed * 1_000_003 + micro_step) * 1_009 + rank & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """The entries written by ``--task sft:data_process`` (``<cache>/<rank>/<row>.safetensors``), sorted by row."""
+
+    def __init__(self, folder: str | os.PathLike, repeat: int = 1) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        files = sorted(self.folder.rglob("*.safetensors"))
+        entries = []
+        for f in files:
+            with safe_open(str(f), "pt") as h:
+                meta = h.metadata() or {}
+            if meta.get("format") != CACHE_FORMAT:
+                continue
+            entries.append((int(meta["row"]), f))
+        if not entries:
+            raise FileNotFoundError(f"{self.folder}: no training cache entries (*.safetensors written by "
+                                    f"--task sft:data_process); pass the data_process --output_path")
+        self.files = [f for _, f in sorted(entries)]
+        self.repeat = int(repeat)
+
+    def __len__(self) -> int:
+        return len(self.files) * self.repeat
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = self.files[index % len(self.files)]
+        with safe_open(str(path), "pt") as h:
+            meta = h.metadata()
+        return {"cached": load_file(str(path)), "prompt": meta.get("prompt", ""), "row": int(meta["row"]),
+                "skipped": []}
+
+
+def _report_to(args) -> str | None:
+    if args.report_to == "none":
+        return None
+    from accelerate.utils import is_tensorboard_available
+
+    if is_tensorboard_available():
+        return "tensorboard"
+    if args.report_to == "tensorboard":
+        raise SystemExit("--report_to tensorboard: TensorBoard is not installed (pip install tensorboard)")
+    return None
+
+
+def _make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    logging_dir = Path(args.logging_dir or Path(args.output_path) / "logs")
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=_report_to(args),
+        project_config=ProjectConfiguration(project_dir=str(args.output_path), logging_dir=str(logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
+    )
+
+
+def _dataset(args, components: WanTrainingComponents | None, repeat: int):
+    if args.task == "sft:train":
+        return CachedDataset(args.dataset_base_path, repeat=repeat)
+    return VideoDataset(
+        args.dataset_base_path, args.dataset_metadata_path, num_frames=args.num_frames, height=args.height,
+        width=args.width, max_pixels=args.max_pixels,
+        size_multiple=components.spatial_multiple if components is not None else 16,
+        min_num_frames=args.min_num_frames, extra_inputs=args.extra_inputs, data_file_keys=args.data_file_keys,
+        repeat=repeat, skip_bad_rows=args.skip_bad_rows, prompt_column=args.prompt_column,
+        video_column=args.video_column,
+    )
+
+
+def _loader(dataset, sampler, num_workers: int):
+    return torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=num_workers,
+                                       collate_fn=collate_single, persistent_workers=False)
+
+
+def _move_encoders(components: WanTrainingComponents, device: torch.device, fp8: list[str]):
+    """Frozen encoders to ``device``; those in ``fp8`` with their weights stored in float8 (Diffusers' layerwise
+    casting, with the skip patterns the VRAM manager uses: norms, embeddings, ``_keep_in_fp32_modules``)."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    from ..hooks.vram import _fp8_skip_patterns
+
+    for name in ("vae", "text_encoder", "image_encoder"):
+        module = getattr(components, name)
+        if module is None:
+            continue
+        module.requires_grad_(False).eval()
+        if name in fp8:
+            apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=module.dtype,
+                                    skip_modules_pattern=_fp8_skip_patterns(module))
+        module.to(device)
+
+
+def _timestep_schedule(args, components: WanTrainingComponents, accelerator) -> FlowMatchTrainingSchedule:
+    lo, hi = args.min_timestep_boundary, args.max_timestep_boundary
+    if components.has_two_experts and lo is None and hi is None:
+        lo, hi = expert_timestep_boundaries(components.boundary_ratio, components.expert, args.timestep_shift)
+        accelerator.print(f"training {components.expert} of a two-expert model (boundary_ratio "
+                          f"{components.boundary_ratio}): timestep boundaries [{lo}, {hi})")
+    return FlowMatchTrainingSchedule(args.timestep_shift, 1000, 0.0 if lo is None else lo, 1.0 if hi is None else hi)
+
+
+def _expert_dir(args, expert: str) -> Path:
+    """Where the final weights of ``expert`` go: the output folder, or its ``transformer_2`` sub-folder."""
+    out = Path(args.output_path)
+    return out / "transformer_2" if expert == "transformer_2" else out
+
+
+def _load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A LoRA file (or folder) in any layout :mod:`diffusers_wan_ext.lora` reads, as Diffusers keys meaning
+    ``W + B @ A`` (alpha folded in)."""
+    from ..lora import convert_lora_state_dict, load_lora_file
+
+    return convert_lora_state_dict(load_lora_file(path), "diffusers")
+
+
+# ---------------------------------------------------------------------------------------------------- the trainer
+
+
+class WanTrainer:
+    """Holds the state of one run; :meth:`train` runs it (see :func:`run_training`)."""
+
+    def __init__(self, args) -> None:
+        from accelerate.utils import set_seed
+
+        self.args = args
+        self.accelerator = _make_accelerator(args)
+        self.dtype = DTYPES[args.dtype]
+        self.trainable_dtype = DTYPES[args.trainable_dtype]
+        set_seed(args.seed)
+        self.is_lora = args.lora_base_model is not None
+        acc = self.accelerator
+        self.components = load_training_components(
+            args.model_path, expert=args.expert, dtype=self.dtype, vae_dtype=DTYPES[args.vae_dtype],
+            load_encoders=args.task != "sft:train", transformer_path=args.transformer_path,
+            image_encoder_heads=args.image_encoder_heads, progress=acc.is_main_process,
+        )
+        self.dataset = _dataset(args, self.components, args.dataset_repeat)
+        self.builder = None
+        if args.task != "sft:train":
+            _move_encoders(self.components, acc.device, args.fp8_models)
+            self.builder = WanInputBuilder(self.components, args.extra_inputs, acc.device, args.max_sequence_length)
+        self.schedule = _timestep_schedule(args, self.components, acc)
+        self.module, self.params = self._trainable_module()
+        self.progress = TrainingProgress()
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def _trainable_module(self) -> tuple[WanTrainingModule, list[torch.nn.Parameter]]:
+        args, c = self.args, self.components
+        transformer = c.transformer
+        transformer.requires_grad_(False)
+        params: list[torch.nn.Parameter] = []
+        if self.is_lora:
+            torch.manual_seed(args.seed)  # LoRA A init
+            params += add_lora(transformer, args.lora_rank, args.lora_alpha, args.lora_target_modules,
+                               dtype=self.trainable_dtype, scope=args.lora_scope)
+            if args.lora_checkpoint:
+                load_lora_into(transformer, _load_lora_file(args.lora_checkpoint), f"--lora_checkpoint "
+                                                                                   f"{args.lora_checkpoint}")
+        elif c.expert in args.trainable_models:
+            for name, p in transformer.named_parameters():
+                if args.trainable_scope != "vace" or name.startswith("vace_"):
+                    p.data = p.data.to(self.trainable_dtype)
+                    p.requires_grad_(True)
+                    params.append(p)
+            if not params:
+                raise ValueError("--trainable_models vace: this transformer has no VACE blocks")
+        motion_controller = None
+        if c.motion_controller is not None and ("motion_bucket_id" in args.extra_inputs
+                                                or "motion_controller" in args.trainable_models):
+            motion_controller = c.motion_controller
+            trainable = "motion_controller" in args.trainable_models
+            motion_controller.to(self.trainable_dtype if trainable else self.dtype).requires_grad_(trainable)
+            if trainable:
+                params += list(motion_controller.parameters())
+        elif "motion_controller" in args.trainable_models:
+            raise ValueError("--trainable_models motion_controller: the model folder has no motion_controller")
+        if "transformer" in args.fp8_models or "transformer_2" in args.fp8_models:
+            n = store_frozen_weights_in_fp8(transformer, self.dtype)
+            self.accelerator.print(f"stored {n} frozen linear weights of {c.expert} in float8_e4m3fn")
+        if args.use_gradient_checkpointing or args.use_gradient_checkpointing_offload:
+            enable_gradient_checkpointing(transformer, offload=args.use_gradient_checkpointing_offload)
+        transformer.train()
+        if not params:
+            raise ValueError("no trainable parameters")
+        return WanTrainingModule(transformer, motion_controller), params
+
+    def _optimizer(self, total_steps: int):
+        from diffusers.optimization import get_scheduler
+
+        args, acc = self.args, self.accelerator
+        optimizer_cls = torch.optim.AdamW
+        ds = acc.state.deepspeed_plugin
+        if ds is not None and ds.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}).get(
+                "device") == "cpu":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload needs DeepSpeed's CPU Adam
+
+            optimizer_cls = DeepSpeedCPUAdam
+        optimizer = optimizer_cls(self.params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, eps=args.adam_epsilon)
+        scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                  num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
+                                  num_training_steps=max(total_steps, 1) * acc.num_processes)
+        return optimizer, scheduler
+
+    # ------------------------------------------------------------------------------------------- saving
+    def _unwrapped(self) -> WanTrainingModule:
+        return self.accelerator.unwrap_model(self.module)
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors by module name (collective under DeepSpeed ZeRO-3)."""
+        sd = self.accelerator.get_state_dict(self.module)
+        names = {n for n, p in self._unwrapped().named_parameters() if p.requires_grad}
+        return {k: v for k, v in sd.items() if k in names} if sd is not None else {}
+
+    def _save_lora(self, folder: Path, state: dict[str, torch.Tensor], exports: Sequence[str] = ()) -> None:
+        from diffusers import WanPipeline
+
+        prefix = "transformer."
+        sd = {k[len(prefix):].replace(f".{ADAPTER}.", "."): v.detach().cpu().contiguous()
+              for k, v in state.items() if k.startswith(prefix) and "lora_" in k}
+        if not sd:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = lora_metadata(self._unwrapped().transformer)
+        WanPipeline.save_lora_weights(folder, transformer_lora_layers=sd, transformer_lora_adapter_metadata=meta,
+                                      weight_name=LORA_WEIGHTS)
+        if exports:
+            from ..lora import export_lora
+
+            export_lora({prefix + k: v for k, v in sd.items()}, folder, formats=tuple(exports), adapter_config=meta)
+
+    def _save_full(self, folder: Path, name: str, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """A Diffusers model folder from ``state`` (``<name>.``-prefixed keys) in ``dtype`` (Diffusers' fp32 modules
+        stay float32, as the converter stores them)."""
+        from accelerate import init_empty_weights
+
+        from ..utils.io import atomic_output_dir
+
+        from ..conversion.dit import cast_state_dict
+
+        model = getattr(self._unwrapped(), name)
+        prefix = name + "."
+        sd = {k[len(prefix):]: v.detach().to("cpu") for k, v in state.items() if k.startswith(prefix)}
+        sd = cast_state_dict(sd, dtype, getattr(model, "_keep_in_fp32_modules", None))  # as the converter stores it
+        with init_empty_weights():
+            fresh = type(model).from_config(model.config)
+        fresh.load_state_dict(sd, strict=True, assign=True)
+        with atomic_output_dir(folder, overwrite=True) as tmp:
+            fresh.save_pretrained(tmp)
+
+    def save_checkpoint(self) -> Path:
+        acc, args = self.accelerator, self.args
+        path = Path(args.output_path) / f"checkpoint-{self.progress.step}"
+        acc.save_state(str(path))
+        state = self._trainable_state()
+        if acc.is_main_process:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / TRAINABLE_WEIGHTS))
+            if self.is_lora:
+                self._save_lora(path, state)
+            record = {"progress": self.progress.state_dict(), "world_size": acc.num_processes,
+                      "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list,
+                                                                                      type(None)))}}
+            (path / STATE_FILE).write_text(json.dumps(record, indent=2))
+            self._prune_checkpoints()
+        acc.wait_for_everyone()
+        return path
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.args.checkpoints_total_limit
+        if not limit:
+            return
+        ckpts = sorted(Path(self.args.output_path).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in ckpts[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def save_final(self) -> Path:
+        acc, args, c = self.accelerator, self.args, self.components
+        state = self._trainable_state()
+        out = _expert_dir(args, c.expert)
+        if acc.is_main_process:
+            if self.is_lora:
+                self._save_lora(out, state, args.export_format)
+            elif c.expert in args.trainable_models:
+                self._save_full(Path(args.output_path) / c.expert, "transformer", state, DTYPES[args.save_dtype])
+            if "motion_controller" in args.trainable_models:
+                self._save_full(Path(args.output_path) / "motion_controller", "motion_controller", state,
+                                DTYPES[args.save_dtype])
+        acc.wait_for_everyone()
+        return out
+
+    def _register_hooks(self) -> None:
+        def drop_model_weights(models, weights, output_dir):  # trainable weights are written by save_checkpoint
+            while weights:
+                weights.pop()
+
+        def skip_model_loading(models, input_dir):
+            while models:
+                models.pop()
+
+        self.accelerator.register_save_state_pre_hook(drop_model_weights)
+        self.accelerator.register_load_state_pre_hook(skip_model_loading)
+        self.accelerator.register_for_checkpointing(self.progress)
+
+    def resume(self, checkpoint: str) -> None:
+        acc, args = self.accelerator, self.args
+        path = Path(checkpoint)
+        if checkpoint == "latest":
+            ckpts = sorted(Path(args.output_path).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            if not ckpts:
+                acc.print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_path}; starting fresh")
+                return
+            path = ckpts[-1]
+        if path.is_file():  # DiffSynth-Studio semantics: a weights file, nothing else
+            if self.is_lora:
+                load_lora_into(self._unwrapped().transformer, _load_lora_file(path), str(path))
+            else:
+                self._load_trainable_file(path)
+            acc.print(f"loaded weights from {path} (weights only; optimizer and data position start fresh)")
+            return
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no {STATE_FILE})")
+        record = json.loads((path / STATE_FILE).read_text())
+        if record["world_size"] != acc.num_processes:
+            raise ValueError(f"{path} was written by {record['world_size']} process(es), this run has "
+                             f"{acc.num_processes}: resume with the same number of processes for an exact resume")
+        acc.load_state(str(path))
+        if acc.state.deepspeed_plugin is None:
+            self._load_trainable_file(path / TRAINABLE_WEIGHTS)
+        acc.step = self.progress.micro_step
+        acc.print(f"resumed from {path} at step {self.progress.step} (epoch {self.progress.epoch}, "
+                  f"position {self.progress.position})")
+
+    def _load_trainable_file(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+        module = self._unwrapped()
+        params = dict(module.named_parameters())
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        if not any(k.startswith("transformer.") or k.startswith("motion_controller.") for k in sd):
+            sd = {"transformer." + k: v for k, v in sd.items()}  # a bare transformer state dict
+        unexpected = sorted(set(sd) - set(params))
+        missing = sorted(trainable - set(sd))
+        if unexpected or missing:
+            raise ValueError(f"{path}: does not match the trained parameters (missing {missing[:4]}, unexpected "
+                             f"{unexpected[:4]})")
+        with torch.no_grad():
+            for k, v in sd.items():
+                params[k].copy_(v)
+
+    # ------------------------------------------------------------------------------------------- training
+    def _inputs(self, sample: dict[str, Any]) -> ModelInputs:
+        device = self.accelerator.device
+        if "cached" in sample:
+            return ModelInputs.from_tensors(sample["cached"], sample["prompt"]).to(device)
+        return self.builder(sample).to(device)
+
+    def train(self) -> Path:
+        args, acc = self.args, self.accelerator
+        sampler = ResumableSampler(len(self.dataset), shuffle=True, seed=args.seed, num_replicas=acc.num_processes,
+                                   rank=acc.process_index)
+        per_epoch = len(sampler)
+        total_micro = per_epoch * args.num_epochs
+        total_steps = total_micro // args.gradient_accumulation_steps
+        if args.max_train_steps:
+            total_steps = min(total_steps, args.max_train_steps)
+        if total_steps < 1:
+            raise ValueError(f"{len(self.dataset)} clip(s) x {args.num_epochs} epoch(s) make no optimizer step with "
+                             f"--gradient_accumulation_steps {args.gradient_accumulation_steps}")
+        optimizer, scheduler = self._optimizer(total_steps)
+        if acc.state.deepspeed_plugin is not None:
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+        self.module, optimizer, scheduler = acc.prepare(self.module, optimizer, scheduler)
+        self._register_hooks()
+        if args.resume_from_checkpoint:
+            self.resume(args.resume_from_checkpoint)
+        if acc.is_main_process:
+            Path(args.output_path).mkdir(parents=True, exist_ok=True)
+            (Path(args.output_path) / "training_args.json").write_text(
+                json.dumps(vars(args), indent=2, default=str))
+            if acc.log_with:
+                acc.init_trackers("wan-training", config={k: v for k, v in vars(args).items()
+                                                          if isinstance(v, (int, float, str, bool))})
+        log_path = Path(args.logging_dir or Path(args.output_path) / "logs") / "losses.jsonl"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=self.progress.step, disable=not acc.is_main_process, desc="steps")
+        patch = tuple(self.components.transformer.config.patch_size)
+        window: list[torch.Tensor] = []
+        skipped = 0
+        started = time.perf_counter()
+        done = self.progress.step >= total_steps
+        while not done and self.progress.epoch < args.num_epochs:
+            sampler.set_position(self.progress.epoch, self.progress.position)
+            for sample in _loader(self.dataset, sampler, args.dataset_num_workers):
+                skipped += len(sample.get("skipped", ()))
+                for s in sample.get("skipped", ()):
+                    logger.warning("skipped %s: %s", s["row"], s["reason"])
+                inputs = self._inputs(sample)
+                generator = torch.Generator().manual_seed(step_seed(args.seed, self.progress.micro_step,
+                                                                    acc.process_index))
+                with acc.accumulate(self.module):
+                    loss, _ = training_loss(self.module, inputs, self.schedule, generator, self.dtype, patch)
+                    acc.backward(loss)
+                    if acc.sync_gradients and args.max_grad_norm:
+                        acc.clip_grad_norm_(self.params, args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                self.progress.micro_step += 1
+                self.progress.position += 1
+                window.append(loss.detach().float())
+                if acc.sync_gradients:
+                    self.progress.step += 1
+                    step_loss = acc.reduce(torch.stack(window).mean(), reduction="mean")
+                    window.clear()
+                    lr = scheduler.get_last_lr()[0]
+                    if acc.is_main_process:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps({"step": self.progress.step, "loss": float(step_loss), "lr": lr,
+                                                "epoch": self.progress.epoch}) + "\n")
+                    acc.log({"loss": float(step_loss), "lr": lr}, step=self.progress.step)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(step_loss):.4f}", lr=f"{lr:.2e}")
+                    if args.save_steps and self.progress.step % args.save_steps == 0:
+                        self.save_checkpoint()
+                    if self.progress.step >= total_steps:
+                        done = True
+                        break
+            else:
+                self.progress.epoch += 1
+                self.progress.position = 0
+                if not args.save_steps:
+                    self.save_checkpoint()
+        bar.close()
+        out = self.save_final()
+        if skipped:
+            acc.print(f"skipped {skipped} bad row load(s) this run (see the warnings above)")
+        skipped_static = getattr(self.dataset, "skipped", [])
+        if skipped_static:
+            acc.print(f"skipped {len(skipped_static)} bad metadata row(s): "
+                      + "; ".join(f"{s.row}: {s.reason}" for s in skipped_static[:5]))
+        acc.print(f"done: {self.progress.step} steps in {time.perf_counter() - started:.1f}s; weights in {out}")
+        acc.end_training()
+        return out
+
+
+# --------------------------------------------------------------------------------------------------- data process
+
+
+def run_data_process(args) -> Path:
+    """``--task sft:data_process``: encode every row once into ``<output_path>/<rank>/<row>.safetensors``."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    acc = _make_accelerator(args)
+    dtype = DTYPES[args.dtype]
+    components = load_training_components(
+        args.model_path, expert=args.expert, dtype=dtype, vae_dtype=DTYPES[args.vae_dtype], load_encoders=True,
+        transformer_path=args.transformer_path, image_encoder_heads=args.image_encoder_heads,
+        progress=acc.is_main_process,
+    )
+    dataset = _dataset(args, components, repeat=1)
+    _move_encoders(components, acc.device, args.fp8_models)
+    builder = WanInputBuilder(components, args.extra_inputs, acc.device, args.max_sequence_length)
+    sampler = ResumableSampler(len(dataset), shuffle=False, num_replicas=acc.num_processes, rank=acc.process_index)
+    out = Path(args.output_path) / str(acc.process_index)
+    out.mkdir(parents=True, exist_ok=True)
+    written = set()
+    for sample in tqdm(_loader(dataset, sampler, args.dataset_num_workers), disable=not acc.is_main_process,
+                       desc="caching"):
+        row = int(sample["row"])
+        if row in written:  # the padding of the last rank's share repeats rows
+            continue
+        written.add(row)
+        tensors = builder(sample).to_tensors()
+        meta = {"format": CACHE_FORMAT, "row": str(row), "prompt": sample["prompt"]}
+        save_file(tensors, str(out / f"{row:08d}.safetensors"), metadata=meta)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        info = {"format": CACHE_FORMAT, "model_path": str(args.model_path), "expert": args.expert,
+                "pipeline_class": components.pipeline_class, "extra_inputs": args.extra_inputs,
+                "num_frames": args.num_frames, "height": args.height, "width": args.width}
+        (Path(args.output_path) / "cache_info.json").write_text(json.dumps(info, indent=2))
+        acc.print(f"cached {len(dataset)} row(s) into {args.output_path}; train with --task sft:train "
+                  f"--dataset_base_path {args.output_path}")
+    acc.end_training()
+    return Path(args.output_path)
+
+
+def run_training(args) -> Path:
+    """Run the task of parsed ``args`` (:func:`~diffusers_wan_ext.training.args.parse_args`)."""
+    if args.task == "sft:data_process":
+        return run_data_process(args)
+    return WanTrainer(args).train()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``examples/training/train.py``."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_training(parse_args(argv))
