@@ -16,6 +16,7 @@ from .models import (
     WanFunTransformer3DModel,
     WanMotionControllerModel,
     WanTextLenAttnProcessor,
+    WanVideoAsPromptTransformer3DModel,
 )
 from .pipelines import (
     WanExtPipeline,
@@ -43,6 +44,7 @@ __all__ = [
     "WanMotionControllerModel",
     "WanSpeedControlPipeline",
     "WanTextLenAttnProcessor",
+    "WanVideoAsPromptTransformer3DModel",
     "WanVideoToVideoReferencePipeline",
 ]
 

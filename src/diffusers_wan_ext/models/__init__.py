@@ -3,6 +3,7 @@ from .camera_adapter import WanCameraControlAdapter
 from .motion_controller import MotionControlHook, WanMotionControllerModel, apply_motion_control
 from .transformer_wan_ext import WanExtTransformer3DModel
 from .transformer_wan_fun import WanFunTransformer3DModel
+from .transformer_wan_vap import WanVideoAsPromptTransformer3DModel
 
 __all__ = [
     "MotionControlHook",
@@ -11,5 +12,6 @@ __all__ = [
     "WanFunTransformer3DModel",
     "WanMotionControllerModel",
     "WanTextLenAttnProcessor",
+    "WanVideoAsPromptTransformer3DModel",
     "apply_motion_control",
 ]
