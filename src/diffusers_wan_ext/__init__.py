@@ -25,6 +25,7 @@ from .pipelines import (
     WanFunInpaintPipeline,
     WanImageToVideoReferencePipeline,
     WanSpeedControlPipeline,
+    WanVideoAsPromptPipeline,
     WanVideoToVideoReferencePipeline,
 )
 from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
@@ -44,6 +45,7 @@ __all__ = [
     "WanMotionControllerModel",
     "WanSpeedControlPipeline",
     "WanTextLenAttnProcessor",
+    "WanVideoAsPromptPipeline",
     "WanVideoAsPromptTransformer3DModel",
     "WanVideoToVideoReferencePipeline",
 ]

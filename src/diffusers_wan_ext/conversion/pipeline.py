@@ -241,6 +241,7 @@ def convert_release(
 
     Args:
         src: release folder (``diffusion_pytorch_model*.safetensors`` or ``high_noise_model/`` + ``low_noise_model/``,
+            or the Diffusers-format ByteDance Video-As-Prompt release, see :mod:`~diffusers_wan_ext.conversion.vap`,
             ``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.x_VAE.pth``, ``google/umt5-xxl/``, CLIP ``.pth`` for I2V /
             FLF2V) or a single DiT file (e.g. krea's).
         dst: output folder; must not exist unless ``overwrite``.
@@ -257,6 +258,10 @@ def convert_release(
     Example:
         >>> convert_release("Wan2.1-T2V-1.3B", "Wan2.1-T2V-1.3B-diffusers")  # doctest: +SKIP
     """
+    from .vap import convert_vap_release, is_vap_release
+
+    if Path(src).is_dir() and is_vap_release(src):  # a Diffusers-format release: only the transformer converts
+        return convert_vap_release(src, dst, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size)
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if scheduler not in SCHEDULERS:

@@ -12,6 +12,8 @@
   a camera direction or explicit per-frame poses.
 * :class:`WanSpeedControlPipeline` -- ``WanPipeline`` with the Wan2.1 speed-control ``motion_controller``
   (``motion_bucket_id``).
+* :class:`WanVideoAsPromptPipeline` -- ByteDance Video-As-Prompt: image-to-video following a reference video
+  (``vap_video``, ``vap_prompt``) through the mixture-of-transformers reference stream.
 * :class:`WanExtPipeline` -- ``WanPipeline`` with CFG batching (cond + uncond in one transformer forward).
 
 All of them have the runtime options of :class:`~.runtime_mixin.WanRuntimeMixin` (``set_attention_backend``,
@@ -33,6 +35,7 @@ from .pipeline_wan_fun_inpaint import WanFunInpaintPipeline
 from .pipeline_wan_i2v_reference import WanImageToVideoReferencePipeline
 from .pipeline_wan_speed_control import WanSpeedControlPipeline
 from .pipeline_wan_video2video_reference import WanVideoToVideoReferencePipeline
+from .pipeline_wan_video_as_prompt import WanVideoAsPromptPipeline
 
 __all__ = [
     "WanExtPipeline",
@@ -41,5 +44,6 @@ __all__ = [
     "WanFunInpaintPipeline",
     "WanImageToVideoReferencePipeline",
     "WanSpeedControlPipeline",
+    "WanVideoAsPromptPipeline",
     "WanVideoToVideoReferencePipeline",
 ]
