@@ -25,6 +25,7 @@ from .pipelines import (
     WanFunInpaintPipeline,
     WanImageToVideoReferencePipeline,
     WanSpeedControlPipeline,
+    WanStreamingPipeline,
     WanVideoAsPromptPipeline,
     WanVideoToVideoReferencePipeline,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "WanImageToVideoReferencePipeline",
     "WanMotionControllerModel",
     "WanSpeedControlPipeline",
+    "WanStreamingPipeline",
     "WanTextLenAttnProcessor",
     "WanVideoAsPromptPipeline",
     "WanVideoAsPromptTransformer3DModel",
