@@ -12,6 +12,7 @@ Example:
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # loadable bases, looked up by Diffusers
 
 from .models import (
+    WanAnimateExtTransformer3DModel,
     WanExtTransformer3DModel,
     WanFunTransformer3DModel,
     WanMotionControllerModel,
@@ -19,6 +20,7 @@ from .models import (
     WanVideoAsPromptTransformer3DModel,
 )
 from .pipelines import (
+    WanAnimateExtPipeline,
     WanExtPipeline,
     WanFunCameraControlPipeline,
     WanFunControlPipeline,
@@ -34,6 +36,8 @@ from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
 __version__ = "0.1.0"
 
 __all__ = [
+    "WanAnimateExtPipeline",
+    "WanAnimateExtTransformer3DModel",
     "WanExtPipeline",
     "WanExtTransformer3DModel",
     "WanFlowMatchScheduler",

@@ -37,6 +37,8 @@ def _add_convert(sub):
     p.add_argument("--motion-controller", metavar="FILE",
                    help="speed-control model.safetensors (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1) to add as a "
                         "component of a Wan2.1 T2V folder (-> WanSpeedControlPipeline)")
+    p.add_argument("--relighting-lora", metavar="FILE",
+                   help="Wan2.2-Animate relighting_lora.ckpt (found next to the DiT when omitted) -> relighting_lora/")
     p.add_argument("--transformer-only", action="store_true", help="write only the transformer model folder")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--model-id", help="fetch the original release first (ModelScope if installed, else the Hub)")
@@ -78,11 +80,21 @@ def cmd_convert(args) -> int:
         transformer=args.transformer, transformer_2=args.transformer_2, text_encoder=args.text_encoder,
         tokenizer=args.tokenizer, vae=args.vae, image_encoder=args.image_encoder,
         image_encoder_heads=args.image_encoder_heads, motion_controller=args.motion_controller,
-        transformer_only=args.transformer_only, overwrite=args.overwrite,
+        relighting_lora=args.relighting_lora, transformer_only=args.transformer_only, overwrite=args.overwrite,
     )
     print(f"converted -> {out}")
     if args.push_to_hub:
         print(f"uploaded -> {push_folder(out, args.push_to_hub, private=args.private)}")
+    return 0
+
+
+def cmd_relighting_lora(args) -> int:
+    from .conversion.animate import convert_relighting_lora, save_relighting_lora
+    from .conversion.pipeline import DTYPES
+
+    lora = convert_relighting_lora(args.src)
+    path = save_relighting_lora(lora, args.dst, dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(f"converted {len(lora) // 2} LoRA pairs -> {path} (pipe.load_lora_weights({str(args.dst)!r}))")
     return 0
 
 
@@ -131,6 +143,10 @@ def cmd_demo(args) -> int:
     return 0
 
 
+#: ``generate`` arguments of Wan2.2-Animate (passed to :class:`~diffusers_wan_ext.WanAnimateExtPipeline` as they are).
+ANIMATE_VIDEO_ARGS = ("pose_video", "face_video", "background_video", "mask_video")
+
+
 def cmd_generate(args) -> int:
     import torch
     from diffusers import DiffusionPipeline
@@ -140,6 +156,11 @@ def cmd_generate(args) -> int:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    animate = type(pipe).__name__ in ("WanAnimatePipeline", "WanAnimateExtPipeline")
+    if animate:
+        from .pipelines import WanAnimateExtPipeline
+
+        pipe = WanAnimateExtPipeline(**pipe.components)  # video-file inputs and input checks
     defaults = {}
     rec = Path(args.model) / "wan_variant.json"
     if rec.exists():
@@ -168,6 +189,14 @@ def cmd_generate(args) -> int:
         kw["image"] = load_image(args.image)
     if args.last_image:
         kw["last_image"] = load_image(args.last_image)
+    animate_inputs = {k: getattr(args, k) for k in ANIMATE_VIDEO_ARGS if getattr(args, k)}
+    if animate:
+        if args.relighting_lora:
+            pipe.load_relighting_lora(args.model if args.relighting_lora == "auto" else args.relighting_lora)
+        kw.update(animate_inputs, segment_frame_length=kw.pop("num_frames"))
+    elif animate_inputs or args.relighting_lora:
+        raise SystemExit(f"generate: --{'/--'.join(a.replace('_', '-') for a in animate_inputs) or 'relighting-lora'} "
+                         f"is for Wan2.2-Animate folders; {args.model} is a {type(pipe).__name__}")
     frames = pipe(**kw).frames[0]
     out = write_video(frames, args.output, fps=args.fps or defaults.get("fps", 16))
     print(out.resolve())
@@ -191,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="converted Diffusers folder (Wan2.1 T2V)")
     p.add_argument("motion_controller", help="speed-control model.safetensors")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the transformer's storage dtype")
+    p = sub.add_parser("relighting-lora",
+                       help="Wan2.2-Animate relighting_lora.ckpt -> Diffusers LoRA folder (load_lora_weights)")
+    p.add_argument("src", help="relighting_lora.ckpt (PEFT state dict on the original module names)")
+    p.add_argument("dst", help="output folder (pytorch_lora_weights.safetensors)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: as stored")
     p = sub.add_parser("export-dit", help="Diffusers transformer -> original Wan key layout (ComfyUI / LoRA interop)")
     p.add_argument("src", help="transformer folder or safetensors file in the Diffusers layout")
     p.add_argument("dst", help="output .safetensors")
@@ -207,9 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--image", help="first frame (I2V / FLF2V / TI2V)")
     p.add_argument("--last-image", help="last frame (FLF2V)")
+    p.add_argument("--pose-video", help="Wan2.2-Animate: driving pose video (src_pose.mp4); --image = the character")
+    p.add_argument("--face-video", help="Wan2.2-Animate: driving face crops (src_face.mp4)")
+    p.add_argument("--background-video", help="Wan2.2-Animate replacement: background (src_bg.mp4)")
+    p.add_argument("--mask-video", help="Wan2.2-Animate replacement: person mask (src_mask.mp4)")
+    p.add_argument("--relighting-lora", nargs="?", const="auto",
+                   help="Wan2.2-Animate: load the relighting LoRA (default: MODEL/relighting_lora)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--num-frames", type=int)
+    p.add_argument("--num-frames", type=int, help="4n + 1 (Wan2.2-Animate: frames per segment)")
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--fps", type=int)
@@ -224,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"convert": cmd_convert, "add-motion-controller": cmd_add_motion_controller, "export-dit": cmd_export_dit, "demo": cmd_demo, "generate": cmd_generate,
-            "variants": cmd_variants}
+            "variants": cmd_variants, "relighting-lora": cmd_relighting_lora}
 
 
 def main(argv: list[str] | None = None) -> int:

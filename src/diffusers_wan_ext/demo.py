@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["TINY", "make_tiny_release", "make_tiny_motion_controller", "run_demo"]
+__all__ = ["TINY", "make_tiny_release", "make_tiny_motion_controller", "make_tiny_relighting_lora", "run_demo"]
 
 # Widths of the tiny releases (structure is real: depths, patching, RoPE split, token counts).
 TINY = dict(
@@ -33,7 +33,20 @@ ARCH_CONFIG = {  # original config.json fields per architecture (+ which extensi
     "fun-control-ref": dict(model_type="i2v", in_dim=48, out_dim=16, clip=True, ref=True),
     "fun-camera": dict(model_type="i2v", in_dim=32, out_dim=16, clip=True, camera=True),
     "vace": dict(model_type="vace", in_dim=16, out_dim=16, vace=True),
+    "animate": dict(model_type="animate", in_dim=36, out_dim=16, clip=True, animate=True),
 }
+# Wan2.2-Animate: tiny adapter widths (stock WanAnimateTransformer3DModel config names) and 5 DiT blocks, so that
+# one face block exists (the original applies one after every 5th block).
+TINY_ANIMATE = dict(
+    num_layers=5, motion_encoder_size=16, motion_encoder_channel_sizes={"4": 32, "8": 16, "16": 8},
+    motion_style_dim=32, motion_dim=8, motion_encoder_dim=32, face_encoder_hidden_dim=16, face_encoder_num_heads=4,
+)
+#: Modules of every DiT block that the relighting LoRA adapts (upstream ``get_loraconfig``: all Linears of
+#: ``blocks.*`` except face / modulation), in the original names.
+RELIGHTING_LORA_MODULES = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v",
+    "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
+)
 # Wan2.2-Fun A14B (two experts): no CLIP branch, 20-channel mask + image condition
 WAN22_FUN = {
     "fun-control-ref": dict(in_dim=52, clip=False),
@@ -63,7 +76,12 @@ def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator, e
         added_kv_proj_dim=TINY["dim"] if clip else None, pos_embed_seq_len=2 * 257 if arch == "flf2v" else None,
     )
     vace_layers = list(range(TINY["num_layers"]))
-    if a.get("vace"):
+    if a.get("animate"):
+        from diffusers import WanAnimateTransformer3DModel
+
+        kwargs.update({k: v for k, v in TINY_ANIMATE.items() if k != "num_layers"}, num_layers=TINY_ANIMATE["num_layers"])
+        model = WanAnimateTransformer3DModel(**kwargs, latent_channels=16)
+    elif a.get("vace"):
         model = WanVACETransformer3DModel(**kwargs, vace_layers=vace_layers, vace_in_channels=96)
     elif a.get("ref") or a.get("camera"):
         model = WanFunTransformer3DModel(
@@ -75,17 +93,39 @@ def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator, e
     sd = {}
     for k, v in model.state_dict().items():
         std = 0.02 if v.ndim > 1 else 0.01
+        if k.startswith("motion_encoder.") and v.ndim > 1:
+            std = 1.0  # equalized-lr convs / linears scale by 1/sqrt(fan_in) at run time
         sd[k] = (torch.randn(v.shape, generator=generator) * std + (1.0 if "norm" in k and "weight" in k else 0.0))
     config = {
         "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": TINY["dim"], "eps": 1e-6,
         "ffn_dim": TINY["ffn_dim"], "freq_dim": TINY["freq_dim"], "in_dim": a["in_dim"], "model_type": a["model_type"],
-        "num_heads": TINY["num_heads"], "num_layers": TINY["num_layers"], "out_dim": a["out_dim"], "text_len": text_len,
+        "num_heads": TINY["num_heads"], "num_layers": model.config.num_layers, "out_dim": a["out_dim"],
+        "text_len": text_len,
     }
+    if a.get("animate"):  # upstream WanAnimateModel config.json fields
+        config.update(_class_name="WanAnimateModel", motion_encoder_dim=TINY_ANIMATE["motion_encoder_dim"],
+                      use_img_emb=True)
     if a.get("vace"):
         config.update(vace_layers=vace_layers, vace_in_dim=96)
     if a.get("camera"):
         config.update(add_control_adapter=True, in_dim_control_adapter=24)
     return export_dit_state_dict(sd), config
+
+
+def make_tiny_relighting_lora(path: str | os.PathLike, dit_state_dict: dict, rank: int = 4, seed: int = 0) -> Path:
+    """Write a tiny ``relighting_lora.ckpt`` as the Animate release ships it: ``torch.save({"state_dict": sd})`` of
+    a PEFT state dict (``blocks.N.<module>.lora_A/B.weight``, original module names) for ``dit_state_dict``."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = sorted({int(k.split(".")[1]) for k in dit_state_dict if k.startswith("blocks.")})
+    sd = {}
+    for i in blocks:
+        for mod in RELIGHTING_LORA_MODULES:
+            out_f, in_f = dit_state_dict[f"blocks.{i}.{mod}.weight"].shape
+            sd[f"blocks.{i}.{mod}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.1
+            sd[f"blocks.{i}.{mod}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.1
+    path = Path(path)
+    torch.save({"state_dict": sd}, path)
+    return path
 
 
 def make_tiny_motion_controller(path: str | os.PathLike, seed: int = 0) -> Path:
@@ -114,7 +154,8 @@ def make_tiny_release(
         arch: ``t2v``, ``i2v``, ``flf2v``, ``ti2v`` (Wan2.2 VAE), ``i2v-noclip`` (Wan2.2 I2V-A14B style), or a
             conditioning variant: ``fun-control`` (Wan2.1 Fun-Control), ``fun-control-ref`` (Fun-V1.1-Control;
             with ``experts=2`` Wan2.2-Fun-A14B-Control), ``fun-camera`` (Fun-V1.1-Control-Camera; with
-            ``experts=2`` Wan2.2-Fun-A14B-Control-Camera), ``vace`` (Wan2.1-VACE; ``experts=2``: Wan2.2-VACE-Fun).
+            ``experts=2`` Wan2.2-Fun-A14B-Control-Camera), ``vace`` (Wan2.1-VACE; ``experts=2``: Wan2.2-VACE-Fun),
+            ``animate`` (Wan2.2-Animate-14B: DiT + Animate adapter in one file, CLIP, ``relighting_lora.ckpt``).
         experts: 2 writes ``high_noise_model/`` + ``low_noise_model/`` (Wan2.2 A14B layout).
         text_len: the DiT's ``text_len`` (releases: 512).
 
@@ -140,6 +181,8 @@ def make_tiny_release(
         sd, cfg = _tiny_dit_state_dict(arch, text_len, g, experts)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "diffusion_pytorch_model.safetensors"))
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
+        if arch == "animate":
+            make_tiny_relighting_lora(d / "relighting_lora.ckpt", sd, seed=seed)
 
     t5 = UMT5EncoderModel(UMT5Config(
         vocab_size=TINY["t5_vocab"], d_model=TINY["text_dim"], d_kv=16, d_ff=64, num_layers=2, num_heads=2,

@@ -12,7 +12,8 @@ a registered runner takes precedence over that list.
 from .core import RUNNERS, UNSUPPORTED, GoldenCase, compare_outputs, discover_cases, load_case, runner  # noqa: F401
 from . import dit  # noqa: F401,E402
 
-for _optional in ("encoders", "vae", "loops", "conditioning", "fun_condition", "variants_dit", "teacache", "vap"):
+for _optional in ("encoders", "vae", "loops", "conditioning", "fun_condition", "variants_dit", "teacache", "animate",
+                  "vap"):
     try:
         __import__(f"{__name__}.{_optional}")
     except ModuleNotFoundError as e:  # module not written yet

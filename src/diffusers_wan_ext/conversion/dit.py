@@ -90,9 +90,6 @@ BLOCK_TABLES = {"blocks": BLOCK_KEY_MAP, "vace_blocks": VACE_BLOCK_KEY_MAP}
 
 # Key families of Wan checkpoints that other converters handle (key fragment -> what it is / where it lands).
 KNOWN_EXTENSION_KEYS: tuple[tuple[str, str], ...] = (
-    ("face_", "Wan2.2-Animate adapter"),
-    ("motion_encoder", "Wan2.2-Animate adapter"),
-    ("pose_patch_embedding", "Wan2.2-Animate adapter"),
     ("_mot_ref", "Video-As-Prompt reference stream"),
     ("audio_", "Wan2.2-S2V audio injection"),
     ("casual_audio_encoder", "Wan2.2-S2V audio encoder"),
@@ -166,7 +163,14 @@ def convert_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         >>> from safetensors.torch import load_file  # doctest: +SKIP
         >>> diffusers_sd = convert_dit_state_dict(load_file("diffusion_pytorch_model.safetensors"))  # doctest: +SKIP
     """
-    return _convert(strip_known_prefixes(dict(sd), "blocks."), reverse=False)
+    sd = strip_known_prefixes(dict(sd), "blocks.")
+    base, adapter = _split_animate(sd)
+    out = _convert(base, reverse=False)
+    if adapter:  # Wan2.2-Animate: adapter keys live in the DiT file
+        from .animate import convert_animate_state_dict
+
+        out.update(convert_animate_state_dict(adapter))
+    return out
 
 
 def export_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -175,7 +179,21 @@ def export_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     This is the layout ComfyUI and the original Wan code load (add ``model.diffusion_model.`` for ComfyUI
     single-file checkpoints if wanted).
     """
-    return _convert(dict(sd), reverse=True)
+    base, adapter = _split_animate(dict(sd))
+    out = _convert(base, reverse=True)
+    if adapter:
+        from .animate import export_animate_state_dict
+
+        out.update(export_animate_state_dict(adapter))
+    return out
+
+
+def _split_animate(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(DiT keys, Wan2.2-Animate adapter keys) of a state dict in either layout."""
+    from .animate import is_animate_key
+
+    adapter = {k: v for k, v in sd.items() if is_animate_key(k)}
+    return ({k: v for k, v in sd.items() if k not in adapter}, adapter) if adapter else (sd, {})
 
 
 @dataclass
@@ -197,6 +215,8 @@ class DitInfo:
         """The Diffusers class that holds these weights: stock wherever stock can represent them."""
         if "vace_layers" in self.config:
             return "WanVACETransformer3DModel"
+        if "motion_encoder_dim" in self.config:  # Wan2.2-Animate
+            return "WanAnimateExtTransformer3DModel" if self.needs_text_len_processor else "WanAnimateTransformer3DModel"
         if self.config.get("ref_conv_in_channels") or self.config.get("control_adapter_in_channels"):
             return "WanFunTransformer3DModel"
         return "WanExtTransformer3DModel" if self.needs_text_len_processor else "WanTransformer3DModel"
@@ -204,7 +224,7 @@ class DitInfo:
 
 # What the DiT weights say about the release family (see :data:`diffusers_wan_ext.conversion.variants.VARIANTS`).
 ARCHITECTURES = (
-    "t2v", "i2v", "i2v-noclip", "flf2v", "ti2v", "fun-control", "fun-control-ref", "fun-camera", "vace",
+    "t2v", "i2v", "i2v-noclip", "flf2v", "ti2v", "fun-control", "fun-control-ref", "fun-camera", "vace", "animate",
 )
 # in_dim - out_dim -> architecture, for DiTs without extension modules (``ref_conv``, ``control_adapter``, VACE).
 # 20 = 4 mask + 16 image latents; 32 = 16 control + 16 image latents (Wan2.1 Fun-Control);
@@ -228,7 +248,7 @@ def dit_config_from_state_dict(
 
     ``original_config`` is the release ``config.json`` (``dim``, ``num_heads``, ``in_dim``, ``text_len`` ...); its
     values must agree with the shapes.  ``num_heads`` defaults to ``dim // 128`` (every Wan release uses head dim
-    128) when the config does not give it.
+    128) when the config does not give it (Wan2.2-Animate weights state the head dim in their face blocks).
     """
     cfg = dict(original_config or {})
     sd = strip_known_prefixes(dict(sd), "blocks.")
@@ -284,7 +304,9 @@ def dit_config_from_state_dict(
                 f"config.json says {k}={cfg[k]} but the weights have {k}={v} "
                 f"(from {'patch_embedding.weight' if k in ('dim', 'in_dim') else 'the weight shapes'})"
             )
-    num_heads = int(cfg.get("num_heads") or max(1, dim // RELEASE_HEAD_DIM))
+    face_norm = sd.get("face_adapter.fuser_blocks.0.q_norm.weight")  # Animate face blocks: per-head RMSNorm
+    default_heads = dim // face_norm.shape[0] if face_norm is not None and face_norm.shape[0] else dim // RELEASE_HEAD_DIM
+    num_heads = int(cfg.get("num_heads") or max(1, default_heads))
     if dim % num_heads:
         raise ConversionError(f"dim {dim} is not divisible by num_heads {num_heads}")
     text_len = int(cfg.get("text_len", 512))
@@ -292,7 +314,16 @@ def dit_config_from_state_dict(
 
     ext = _extension_config(sd, cfg, dim, patch_size, num_layers)
     extra = int(in_dim) - int(out_dim)
-    if "vace_layers" in ext:
+    if _split_animate(sd)[1]:  # Wan2.2-Animate adapter keys (pose / motion / face modules)
+        from .animate import animate_config_from_state_dict
+
+        ext.update(animate_config_from_state_dict(sd, cfg, dim=int(dim), in_dim=int(in_dim), num_layers=num_layers,
+                                                  num_heads=num_heads))
+        if not has_img:
+            raise ConversionError("Wan2.2-Animate adapter (pose_patch_embedding, motion_encoder, face_*) on a DiT "
+                                  "without the CLIP image branch (img_emb.*): the Animate DiT is an I2V DiT with CLIP")
+        arch = "animate"
+    elif "vace_layers" in ext:
         if has_img or extra:
             raise ConversionError(
                 f"VACE weights (vace_blocks.*) on a DiT with in_dim {in_dim} / img_emb {'present' if has_img else 'absent'}: "

@@ -91,6 +91,7 @@ class ReleaseFiles:
     tokenizer: Path | None = None
     vae: Path | None = None
     image_encoder: Path | None = None
+    relighting_lora: Path | None = None  # Wan2.2-Animate
     name_hint: str | None = None
 
 
@@ -110,6 +111,7 @@ def find_release_files(
     tokenizer: str | os.PathLike | None = None,
     vae: str | os.PathLike | None = None,
     image_encoder: str | os.PathLike | None = None,
+    relighting_lora: str | os.PathLike | None = None,
 ) -> ReleaseFiles:
     """Locate the components of a release folder (or a single DiT file plus explicitly given component files)."""
     src = Path(src)
@@ -146,6 +148,9 @@ def find_release_files(
     files.tokenizer = Path(tokenizer) if tokenizer else _first_existing(root / TOKENIZER_DIR, root / "tokenizer")
     files.vae = Path(vae) if vae else _first_existing(*(root / f for f in VAE_FILES.values()))
     files.image_encoder = Path(image_encoder) if image_encoder else _first_existing(root / CLIP_FILE)
+    from .animate import find_relighting_lora
+
+    files.relighting_lora = Path(relighting_lora) if relighting_lora else find_relighting_lora(root)
     return files
 
 
@@ -179,7 +184,32 @@ def choose_variant(info: DitInfo, experts: int, name: str | None, hint: str | No
     return replace(base, name=f"{base.name.rsplit('-', 1)[0]}-custom", dim=None, num_layers=None)
 
 
+#: Example call of the model card per pipeline class (default: text to video).
+CARD_CALLS = {
+    "WanAnimatePipeline": (
+        'image=load_image("character.png"), pose_video=load_video("src_pose.mp4"),\n'
+        '             face_video=load_video("src_face.mp4"), prompt="a person dancing", mode="animate",\n'
+        "             height={height}, width={width}, segment_frame_length={num_frames}, "
+        "num_inference_steps={num_inference_steps},\n             guidance_scale={guidance_scale}"
+    ),
+}
+_DEFAULT_CARD_CALL = (
+    'prompt="a cat surfing a wave", height={height}, width={width},\n'
+    "             num_frames={num_frames}, num_inference_steps={num_inference_steps},\n"
+    "             guidance_scale={guidance_scale}"
+)
+
+
 def write_model_card(folder: Path, variant: WanVariant, pipeline_class: str, source: str) -> None:
+    call = CARD_CALLS.get(pipeline_class, _DEFAULT_CARD_CALL).format(
+        height=variant.height, width=variant.width, num_frames=variant.num_frames,
+        num_inference_steps=variant.num_inference_steps, guidance_scale=variant.guidance_scale,
+    )
+    imports = "from diffusers.utils import load_image, load_video\n" if pipeline_class in CARD_CALLS else ""
+    extra = ""
+    if (folder / "relighting_lora").is_dir():
+        extra = ("\nThe release's relighting LoRA (for `mode=\"replace\"`) is in `relighting_lora/` as a Diffusers LoRA:\n"
+                 "`pipe.load_lora_weights(\"<this repo>\", subfolder=\"relighting_lora\")`.\n")
     text = f"""---
 library_name: diffusers
 tags:
@@ -197,13 +227,11 @@ Variant `{variant.name}`; pipeline `{pipeline_class}`.
 ```python
 import torch
 from diffusers import DiffusionPipeline
-
+{imports}
 pipe = DiffusionPipeline.from_pretrained("<this repo>", torch_dtype=torch.bfloat16, trust_remote_code=True)
-video = pipe(prompt="a cat surfing a wave", height={variant.height}, width={variant.width},
-             num_frames={variant.num_frames}, num_inference_steps={variant.num_inference_steps},
-             guidance_scale={variant.guidance_scale}).frames[0]
+video = pipe({call}).frames[0]
 ```
-
+{extra}
 Sampling defaults of the original release: flow shift {variant.flow_shift}, {variant.num_inference_steps} steps,
 guidance {variant.guidance_scale}{f' / {variant.guidance_scale_2} (low-noise expert)' if variant.guidance_scale_2 else ''},
 {variant.num_frames} frames at {variant.fps} fps.
@@ -232,6 +260,7 @@ def convert_release(
     image_encoder: str | os.PathLike | None = None,
     image_encoder_heads: int | None = None,
     motion_controller: str | os.PathLike | None = None,
+    relighting_lora: str | os.PathLike | None = None,
     transformer_only: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -253,6 +282,9 @@ def convert_release(
         motion_controller: the speed-control module (``DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1``
             ``model.safetensors``) to add as a ``motion_controller`` component; the folder then loads as
             :class:`~diffusers_wan_ext.WanSpeedControlPipeline` (text-to-video DiTs only).
+        relighting_lora: Wan2.2-Animate's relighting LoRA (``relighting_lora.ckpt``; found next to the DiT when
+            omitted); written as a Diffusers LoRA to ``relighting_lora/pytorch_lora_weights.safetensors`` in the
+            output (``pipe.load_lora_weights(dst, subfolder="relighting_lora")``).
         transformer_only: write only a transformer model folder (no other component needed).
 
     Example:
@@ -269,7 +301,7 @@ def convert_release(
     torch_dtype = DTYPES[dtype]
     files = find_release_files(
         src, transformer=transformer, transformer_2=transformer_2, text_encoder=text_encoder,
-        tokenizer=tokenizer, vae=vae, image_encoder=image_encoder,
+        tokenizer=tokenizer, vae=vae, image_encoder=image_encoder, relighting_lora=relighting_lora,
     )
     # --- DiT(s): read, detect, validate ----------------------------------------------------------------------
     dit_sds, infos = [], []
@@ -300,6 +332,14 @@ def convert_release(
             f"{', ' + CLIP_FILE if var.image_encoder else ''}) or pass {flags} (or --transformer-only)."
         )
 
+    lora = None
+    if relighting_lora is not None and info.arch != "animate":
+        raise ConversionError(f"{relighting_lora}: the relighting LoRA belongs to Wan2.2-Animate, not a {info.arch} DiT")
+    if info.arch == "animate" and files.relighting_lora is not None and not transformer_only:
+        from .animate import convert_relighting_lora
+
+        lora = _wrap(files.relighting_lora, lambda: convert_relighting_lora(files.relighting_lora))
+
     mc_model = None
     if motion_controller is not None:
         mc_model = _load_motion_controller_for(motion_controller, info, torch_dtype)
@@ -321,6 +361,10 @@ def convert_release(
         model.load_state_dict(converted, strict=True, assign=True)
         transformers_.append(model)
         bar.update()
+    if lora is not None:
+        from .animate import check_lora_fits
+
+        _wrap(files.relighting_lora, lambda: check_lora_fits(transformers_[0], lora))
     components: dict[str, Any] = {}
     if not transformer_only:
         from .image_encoder import load_clip_from_original, make_clip_image_processor
@@ -399,6 +443,10 @@ def convert_release(
 
             index["_diffusers_version"] = diffusers.__version__
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            if lora is not None:
+                from .animate import save_relighting_lora
+
+                save_relighting_lora(lora, tmp / "relighting_lora", dtype=torch_dtype)
             rewrite_model_index_for_shims(tmp)  # our pipeline classes: shim route for fresh interpreters
             write_model_card(tmp, var, pipeline_class, str(src))
             (tmp / "wan_variant.json").write_text(json.dumps(_variant_record(var), indent=2) + "\n")

@@ -56,6 +56,8 @@ TRANSFORMS: dict[str, tuple[Callable[[torch.Tensor], tuple], Callable[[tuple], t
     "flatten_1x1": (lambda t: (t.reshape(t.shape[-1]),), lambda ts: ts[0].reshape(1, 1, -1)),
     # [1, N, D] parameter -> [N, D] embedding table (open-clip ``pos_embedding`` -> ``position_embedding.weight``)
     "drop_batch_dim": (lambda t: (t.reshape(t.shape[1:]),), lambda ts: ts[0].reshape(1, *ts[0].shape)),
+    # [1, C, 1, 1] per-channel bias -> [C] (Wan2.2-Animate motion encoder: FusedLeakyReLU biases)
+    "squeeze_1c11": (lambda t: (t.reshape(-1),), lambda ts: ts[0].reshape(1, -1, 1, 1)),
 }
 
 

@@ -134,6 +134,13 @@ VARIANTS: tuple[WanVariant, ...] = (
         "wan2.2-vace-fun-a14b", "vace", "PAI/Wan2.2-VACE-Fun-A14B", dim=5120, num_layers=40, experts=2,
         pipeline="WanVACEPipeline", boundary_ratio=0.875, flow_shift=5.0, guidance_scale=5.0,
     ),
+    # --- Wan2.2-Animate: stock WanAnimatePipeline (sampling defaults of wan_animate_14B.py / generate.py) -------
+    WanVariant(
+        "wan2.2-animate-14b", "animate", "Wan-AI/Wan2.2-Animate-14B", dim=5120, num_layers=40, image_encoder=True,
+        pipeline="WanAnimatePipeline", flow_shift=5.0, num_inference_steps=20, guidance_scale=1.0, height=720,
+        width=1280, num_frames=77, fps=30,
+        notes="num_frames = frames per segment (clip_len); relighting_lora.ckpt -> relighting_lora/ (Diffusers LoRA)",
+    ),
     WanVariant(
         "krea-realtime-video", "t2v", "krea/krea-realtime-video", dim=5120, num_layers=40,
         flow_shift=20.0, num_inference_steps=6, guidance_scale=1.0,

@@ -1,12 +1,14 @@
 from .attention_processor import WanTextLenAttnProcessor
 from .camera_adapter import WanCameraControlAdapter
 from .motion_controller import MotionControlHook, WanMotionControllerModel, apply_motion_control
+from .transformer_wan_animate_ext import WanAnimateExtTransformer3DModel
 from .transformer_wan_ext import WanExtTransformer3DModel
 from .transformer_wan_fun import WanFunTransformer3DModel
 from .transformer_wan_vap import WanVideoAsPromptTransformer3DModel
 
 __all__ = [
     "MotionControlHook",
+    "WanAnimateExtTransformer3DModel",
     "WanCameraControlAdapter",
     "WanExtTransformer3DModel",
     "WanFunTransformer3DModel",

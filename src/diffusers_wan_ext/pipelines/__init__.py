@@ -17,6 +17,8 @@
 * :class:`WanStreamingPipeline` -- streaming text-to-video for Self-Forcing-distilled models (krea realtime):
   block-causal attention with a KV cache, few-step blocks, each block decoded and yielded as soon as it is ready.
 * :class:`WanExtPipeline` -- ``WanPipeline`` with CFG batching (cond + uncond in one transformer forward).
+* :class:`WanAnimateExtPipeline` -- ``WanAnimatePipeline`` (Wan2.2-Animate) with video-file / array inputs, strict
+  validation and the relighting LoRA.
 
 All of them have the runtime options of :class:`~.runtime_mixin.WanRuntimeMixin` (``set_attention_backend``,
 ``enable_vram_management``, ``enable_teacache``); see ``docs/runtime.md``.
@@ -30,6 +32,7 @@ with a reference scheduler (:mod:`diffusers_wan_ext.schedulers`) reproduces it (
 and runtime options).
 """
 
+from .pipeline_wan_animate_ext import WanAnimateExtPipeline
 from .pipeline_wan_ext import WanExtPipeline
 from .pipeline_wan_fun_camera import WanFunCameraControlPipeline
 from .pipeline_wan_fun_control import WanFunControlPipeline
@@ -41,6 +44,7 @@ from .pipeline_wan_video2video_reference import WanVideoToVideoReferencePipeline
 from .pipeline_wan_video_as_prompt import WanVideoAsPromptPipeline
 
 __all__ = [
+    "WanAnimateExtPipeline",
     "WanExtPipeline",
     "WanFunCameraControlPipeline",
     "WanFunControlPipeline",
