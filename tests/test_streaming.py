@@ -57,10 +57,10 @@ class MaskedSelfAttention(WanAttnProcessor):
 def test_kv_cache_equals_full_forward_with_block_causal_mask(window):
     model = tiny_transformer()
     g = torch.Generator().manual_seed(0)
-    blocks, per_block = 3, 2
+    blocks, per_block = 4, 2  # with a window, the key / value buffer is compacted twice on the way
     x = torch.randn(1, 16, blocks * per_block, 4, 4, generator=g)
     ctx = torch.randn(1, 12, 32, generator=g)
-    t_blocks = [0.0, 250.0, 0.0]  # the commit pass of each block (any timestep works)
+    t_blocks = [0.0, 250.0, 0.0, 100.0]  # the commit pass of each block (any timestep works)
 
     # one forward over all frames: stock processors + explicit block-causal mask, per-token timesteps
     mask = block_causal_mask(blocks * per_block, 4, per_block, max_context_frames=window)

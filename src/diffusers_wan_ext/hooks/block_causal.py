@@ -44,7 +44,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-from ..models.attention_processor import wan_self_attention_qkv
+from ..models.attention_processor import wan_attention_output, wan_self_attention_qkv
 
 __all__ = [
     "WanBlockCausalAttnProcessor",
@@ -62,19 +62,24 @@ ROPE_HOOK = "wan_block_causal_rope"
 class WanKVCache:
     """Keys / values of the committed blocks, per layer, and where the next block sits.
 
+    Per layer the keys and values live in one preallocated buffer ``[B, capacity, heads, head_dim]``: the committed
+    tokens first, then the current block's, written in place (no concatenation per forward; the buffer grows by
+    doubling, or is compacted to the window when it is full).  A forward attends to ``buffer[:, start:end]``.
+
     Attributes:
         num_layers: transformer blocks.
-        max_context_frames: keep at most this many committed latent frames (a sliding attention window); ``None``
-            keeps all (global block-causal attention, the reference's default).
+        max_context_frames: attend to at most this many committed latent frames (a sliding window); ``None``: all
+            (global block-causal attention, the reference's default).
         num_frames: latent frames committed so far; the next forward's first frame has this RoPE position.
         frame_seqlen: tokens per latent frame (set by the RoPE hook from the latest forward).
+        reserve_tokens: capacity to allocate on first use (e.g. the whole stream's tokens), to avoid regrowth.
     """
 
     num_layers: int
     max_context_frames: int | None = None
     num_frames: int = 0
     frame_seqlen: int = 0
-    self_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    reserve_tokens: int = 0
     cross_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     storing: bool = False
     _forward_frames: int = 0
@@ -86,16 +91,24 @@ class WanKVCache:
 
     def reset(self) -> None:
         """Forget every committed block and the text keys / values (a new video)."""
-        self.self_kv = [None] * self.num_layers
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
+        self._lengths = [0] * self.num_layers
         self.cross_kv = [None] * self.num_layers
         self.num_frames = 0
         self.storing = False
 
     @property
+    def window_tokens(self) -> int | None:
+        return None if self.max_context_frames is None else self.max_context_frames * self.frame_seqlen
+
+    @property
     def cached_frames(self) -> int:
-        """Latent frames whose keys / values are currently held (``<= max_context_frames``)."""
-        kv = self.self_kv[0]
-        return 0 if kv is None or not self.frame_seqlen else kv[0].shape[1] // self.frame_seqlen
+        """Committed latent frames the next block attends to (``<= max_context_frames``)."""
+        if not self.frame_seqlen:
+            return 0
+        keep = self.window_tokens
+        length = self._lengths[0] if keep is None else min(self._lengths[0], keep)
+        return length // self.frame_seqlen
 
     @contextlib.contextmanager
     def committing(self) -> Iterator["WanKVCache"]:
@@ -108,14 +121,36 @@ class WanKVCache:
             self.storing = False
         self.num_frames += self._forward_frames
 
-    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        past = self.self_kv[layer]
-        if past is not None:
-            key, value = torch.cat([past[0], key], dim=1), torch.cat([past[1], value], dim=1)
-        if self.max_context_frames is not None:
-            keep = self.max_context_frames * self.frame_seqlen
-            key, value = key[:, -keep:], value[:, -keep:]
-        self.self_kv[layer] = (key, value)
+    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the current block's keys / values after the committed ones (committing them when
+        :attr:`storing`) and return the keys / values it attends to: the (windowed) committed ones and its own."""
+        n, length, keep = key.shape[1], self._lengths[layer], self.window_tokens
+        buf = self._buffers[layer]
+        if buf is not None and (buf[0].shape[0] != key.shape[0] or buf[0].dtype != key.dtype
+                                or buf[0].device != key.device or buf[0].shape[2:] != key.shape[2:]):
+            raise ValueError(
+                f"the block-causal cache holds batch {buf[0].shape[0]} {buf[0].dtype} keys on {buf[0].device}; this "
+                f"forward has batch {key.shape[0]} {key.dtype} on {key.device}: reset the cache for a new stream"
+            )
+        if buf is not None and length + n > buf[0].shape[1] and keep is not None and length > keep:
+            # full: keep only the window's tokens, moved to the front
+            buf[0][:, :keep] = buf[0][:, length - keep:length].clone()
+            buf[1][:, :keep] = buf[1][:, length - keep:length].clone()
+            length = self._lengths[layer] = keep
+        if buf is None or length + n > buf[0].shape[1]:
+            capacity = max(length + n, self.reserve_tokens, 2 * buf[0].shape[1] if buf is not None else 0)
+            if keep is not None:
+                capacity = min(capacity, max(length + n, 2 * (keep + n)))
+            new = tuple(key.new_empty((key.shape[0], capacity, *key.shape[2:])) for _ in range(2))
+            if buf is not None and length:
+                new[0][:, :length], new[1][:, :length] = buf[0][:, :length], buf[1][:, :length]
+            buf = self._buffers[layer] = new
+        buf[0][:, length:length + n] = key
+        buf[1][:, length:length + n] = value
+        start = 0 if keep is None else max(0, length - keep)
+        if self.storing:
+            self._lengths[layer] = length + n
+        return buf[0][:, start:length + n], buf[1][:, start:length + n]
 
 
 def block_causal_mask(num_frames: int, frame_seqlen: int, frames_per_block: int, max_context_frames: int | None = None,
@@ -156,15 +191,10 @@ class WanBlockCausalAttnProcessor(WanAttnProcessor):
         if encoder_hidden_states is not None:
             raise ValueError("WanBlockCausalAttnProcessor is a self-attention processor (attn1)")
         query, key, value = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
-        past = self.cache.self_kv[self.layer]
-        keys, values = (key, value) if past is None else (
-            torch.cat([past[0], key], dim=1), torch.cat([past[1], value], dim=1))
+        keys, values = self.cache.attend(self.layer, key, value)
         out = dispatch_attention_fn(query, keys, values, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend)
-        if self.cache.storing:
-            self.cache.append(self.layer, key, value)
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        return wan_attention_output(attn, out, query)
 
 
 class WanCachedCrossAttnProcessor(WanAttnProcessor):
@@ -192,8 +222,7 @@ class WanCachedCrossAttnProcessor(WanAttnProcessor):
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         out = dispatch_attention_fn(query, kv[0], kv[1], attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend)
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        return wan_attention_output(attn, out, query)
 
 
 class _RopeFrameOffsetHook(ModelHook):
@@ -219,11 +248,13 @@ class _RopeFrameOffsetHook(ModelHook):
         return cos[:, start * per_frame:], sin[:, start * per_frame:]
 
 
-def enable_block_causal_cache(transformer, max_context_frames: int | None = None) -> WanKVCache:
+def enable_block_causal_cache(transformer, max_context_frames: int | None = None, reserve_tokens: int = 0
+                              ) -> WanKVCache:
     """Install the block-causal KV cache on a Wan transformer and return the (empty) cache.
 
     Every block's ``attn1`` gets :class:`WanBlockCausalAttnProcessor`, ``attn2`` :class:`WanCachedCrossAttnProcessor`
-    (keeping the attention backend chosen before), and ``rope`` a frame-offset hook.  Undo with
+    (keeping the attention backend chosen before), and ``rope`` a frame-offset hook.  ``reserve_tokens``: key / value
+    buffer capacity per layer to allocate up front (the stream's total tokens).  Undo with
     :func:`disable_block_causal_cache`.
     """
     if getattr(transformer, "_wan_block_causal", None) is not None:
@@ -238,7 +269,7 @@ def enable_block_causal_cache(transformer, max_context_frames: int | None = None
         )
     if transformer.config.patch_size[0] != 1:
         raise ValueError(f"block-causal streaming needs a temporal patch size of 1, got {transformer.config.patch_size}")
-    cache = WanKVCache(num_layers=len(blocks), max_context_frames=max_context_frames)
+    cache = WanKVCache(num_layers=len(blocks), max_context_frames=max_context_frames, reserve_tokens=reserve_tokens)
     saved = []
     for i, block in enumerate(blocks):
         for attn, cls in ((block.attn1, WanBlockCausalAttnProcessor), (block.attn2, WanCachedCrossAttnProcessor)):

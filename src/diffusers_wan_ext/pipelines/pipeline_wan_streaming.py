@@ -266,7 +266,10 @@ class WanStreamingPipeline(ShimPipelineMixin, WanRuntimeMixin, WanPipeline):
         shape = (batch, self.vae.config.z_dim, num_frames_per_block,
                  height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
 
-        cache = enable_block_causal_cache(transformer, max_context_frames=max_context_frames)
+        tokens_per_block = num_frames_per_block * (shape[3] // transformer.config.patch_size[1]) * (
+            shape[4] // transformer.config.patch_size[2])
+        cache = enable_block_causal_cache(transformer, max_context_frames=max_context_frames,
+                                          reserve_tokens=tokens_per_block * num_blocks if num_blocks else 0)
         decoder = WanStreamingVAEDecoder(self.vae) if output_type != "latent" else None
         context_t = torch.full((batch,), float(context_timestep), device=device)
         frame_index, block = 0, 0
