@@ -330,3 +330,24 @@ def test_convert_vap_release_errors(tmp_path, release):
     with pytest.raises(ConversionError, match="missing component folder"):
         convert_vap_release(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_converted_folder_in_a_fresh_interpreter(converted, media):
+    """An interpreter that never imported the package loads the folder through its shim (trust_remote_code)."""
+    from helpers import run_python
+
+    image_path, video_path = media
+    code = f"""
+import numpy as np, torch
+from PIL import Image
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({str(converted)!r}, trust_remote_code=True)
+assert type(pipe).__name__ == "WanVideoAsPromptPipeline", type(pipe).__name__
+assert type(pipe.transformer).__name__ == "WanVideoAsPromptTransformer3DModel"
+out = pipe(image=Image.open({str(image_path)!r}), prompt="a fox", vap_video={str(video_path)!r}, vap_prompt="a shoe",
+           height={H}, width={W}, num_frames={F}, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).frames
+assert out.shape == (1, {F}, {H}, {W}, 3) and np.isfinite(out).all()
+print("ok")
+"""
+    result = run_python(code)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
