@@ -144,6 +144,24 @@ def test_reference_stream_semantics():
     torch.testing.assert_close(rope_cos[0, :per_frame, 0, t:], main_cos[0, :per_frame, 0, t:])
 
 
+def test_every_block_runs_its_own_forward():
+    """The joint attention lives in attention processors, so every block (main and reference) runs through its
+    stock forward: block-level hooks (group offloading, step caches, regional compile) see all of them."""
+    model = tiny_model(text_len=16)
+    calls = []
+    named = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+    named += [(f"vap_blocks.{k}", b) for k, b in enumerate(model.vap_blocks)]
+    handles = [b.register_forward_pre_hook(lambda m, a, name=name: calls.append(name)) for name, b in named]
+    with torch.no_grad():
+        model(**inputs())
+    for h in handles:
+        h.remove()
+    assert calls == ["blocks.0", "vap_blocks.0", "blocks.1", "blocks.2", "vap_blocks.1"]
+    with pytest.raises(RuntimeError, match="inside its DiT layer"):
+        model.vap_blocks[0](torch.randn(1, 4, 48), torch.randn(1, 273, 48), torch.randn(1, 6, 48),
+                            model.vap_rotary_emb(torch.zeros(1, 36, 1, 4, 4)))
+
+
 def test_model_input_errors():
     model = tiny_model(text_len=16)
     x = inputs()
@@ -155,6 +173,11 @@ def test_model_input_errors():
         model(**{**x, "vap_encoder_hidden_states_image": None})
     with pytest.raises(ValueError, match="without vap_hidden_states"):
         model(**{**x, "vap_hidden_states": None})
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model.set_attn_processor(WanAttnProcessor())
+    with pytest.raises(ValueError, match="MoT layers \\[0, 2\\] were replaced"):
+        model(**x)
     with pytest.raises(ValueError, match="vap_layers"):
         WanVideoAsPromptTransformer3DModel(num_attention_heads=2, attention_head_dim=24, num_layers=3,
                                            vap_layers=[0, 4])

@@ -16,8 +16,11 @@ that runs next to the main stream:
   other layer is a plain Wan block on the main stream, and the reference stream passes through unchanged;
 * the output head uses the main stream only, modulated with the main timestep embedding.
 
-Everything of the main stream keeps stock :class:`diffusers.WanTransformer3DModel` names (LoRAs, hooks, offloading
-and attention backends apply).  The reference stream's modules are stock modules as well, under ``vap_`` names in
+The forward is stock :class:`diffusers.WanTransformer3DModel`'s: the joint attention lives in the ``attn1``
+processors of the MoT layers (:class:`WanVideoAsPromptJointAttnProcessor`, which runs the reference block's stock
+forward, whose own ``attn1`` -- :class:`WanVideoAsPromptReferenceAttnProcessor` -- does the joint attention), so every
+block runs through its ``forward`` and block-level hooks (group offloading, step caches, regional compile) see both
+streams.  Everything of the main stream keeps stock names (LoRAs, hooks, offloading and attention backends apply).  The reference stream's modules are stock modules as well, under ``vap_`` names in
 the style of stock ``WanVACETransformer3DModel`` (``vace_patch_embedding`` / ``vace_blocks``):
 ``vap_patch_embedding``, ``vap_condition_embedder`` (a stock ``WanTimeTextImageEmbedding``) and ``vap_blocks.k``
 (stock ``WanTransformerBlock``; ``k`` = position in ``vap_layers``).  The release's ``*_mot_ref`` key layout is
@@ -30,6 +33,7 @@ the output head (a variable-shadowing bug, see the ``dit_vap`` golden); we follo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,32 +42,122 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding, WanTransformerBlock
-from diffusers.utils.peft_utils import apply_lora_scale
+from diffusers.models.transformers.transformer_wan import (
+    WanAttnProcessor,
+    WanTimeTextImageEmbedding,
+    WanTransformerBlock,
+)
 from torch import nn
 
 from .attention_processor import WanTextLenAttnProcessor, wan_attention_output, wan_self_attention_qkv
 from .transformer_wan_ext import WanExtTransformer3DModel
 
-__all__ = ["RELEASE_VAP_LAYERS", "WanVideoAsPromptTransformer3DModel"]
+__all__ = [
+    "RELEASE_VAP_LAYERS",
+    "WanVideoAsPromptJointAttnProcessor",
+    "WanVideoAsPromptReferenceAttnProcessor",
+    "WanVideoAsPromptTransformer3DModel",
+]
 
 #: ``block_idx_with_mot_ref`` of ByteDance/Video-As-Prompt-Wan2.1-14B (DiffSynth's ``mot_layers``).
 RELEASE_VAP_LAYERS: tuple[int, ...] = (0, 4, 8, 12, 16, 20, 24, 28, 32, 36)
 
 
-def _block_modulation(block: WanTransformerBlock, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The six modulation vectors of a Wan block for a ``[B, 6, D]`` time projection (as stock computes them)."""
-    return (block.scale_shift_table + temb.float()).chunk(6, dim=1)
+@dataclass(eq=False)
+class _ReferenceStream:
+    """The reference stream during one forward: its inputs (embedded on first use, inside the forward) and state."""
+
+    model: "WanVideoAsPromptTransformer3DModel" = field(repr=False)
+    hidden_states: torch.Tensor | None = None  # raw [B, C, F, H, W], then the stream's tokens [B, S, D]
+    context: torch.Tensor | None = None
+    context_image: torch.Tensor | None = None
+    timestep: torch.Tensor | None = None
+    temb: torch.Tensor | None = None
+    rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None
+    main_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    main_out: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.hidden_states is not None
+
+    def embed(self, batch_size: int) -> None:
+        """Patch / condition embeddings and RoPE of the reference (once per forward, on the first MoT layer)."""
+        if self.temb is not None:
+            return
+        m = self.model
+        x = _match_batch(self.hidden_states, batch_size, "vap_hidden_states")
+        self.rotary_emb = m.vap_rotary_emb(x)
+        x = m.vap_patch_embedding(x.to(m.vap_patch_embedding.weight.dtype))
+        self.hidden_states = x.flatten(2).transpose(1, 2).contiguous()
+        context = _match_batch(self.context, batch_size, "vap_encoder_hidden_states")
+        image = None if self.context_image is None else _match_batch(
+            self.context_image, batch_size, "vap_encoder_hidden_states_image")
+        _, proj, context, image = m.vap_condition_embedder(self.timestep.expand(batch_size), context, image)
+        self.temb = proj.unflatten(1, (6, -1))
+        self.context = context if image is None else torch.concat([image, context], dim=1)
+
+    def clear(self) -> None:
+        for name in ("hidden_states", "context", "context_image", "timestep", "temb", "rotary_emb", "main_qkv",
+                     "main_out"):
+            setattr(self, name, None)
 
 
-def _block_after_self_attention(block: WanTransformerBlock, hidden_states, context, modulation) -> torch.Tensor:
-    """Steps 2-3 of stock ``WanTransformerBlock.forward``: cross-attention and the modulated FFN."""
-    _, _, _, c_shift, c_scale, c_gate = modulation
-    norm = block.norm2(hidden_states.float()).type_as(hidden_states)
-    hidden_states = hidden_states + block.attn2(norm, context, None, None)
-    norm = (block.norm3(hidden_states.float()) * (1 + c_scale) + c_shift).type_as(hidden_states)
-    ff = block.ffn(norm)
-    return (hidden_states.float() + ff.float() * c_gate).type_as(hidden_states)
+def _match_batch(t: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
+    if t.shape[0] == batch_size:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch_size, *t.shape[1:])
+    raise ValueError(f"{name} has batch {t.shape[0]}, expected 1 or {batch_size} (the latent batch)")
+
+
+class WanVideoAsPromptJointAttnProcessor(WanAttnProcessor):
+    """``attn1`` of a MoT layer (main stream).  Without a reference it is stock ``WanAttnProcessor``; with one it
+    computes the main queries / keys / values, runs the reference block (stock ``WanTransformerBlock.forward``, whose
+    ``attn1`` -- :class:`WanVideoAsPromptReferenceAttnProcessor` -- performs the joint attention) and returns the main
+    stream's share of the joint attention.  The rest of both blocks is stock code."""
+
+    def __init__(self, stream: _ReferenceStream, vap_block: WanTransformerBlock):
+        super().__init__()
+        self.stream = stream
+        self.vap_block = vap_block
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        stream = self.stream
+        if not stream.active:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        stream.embed(hidden_states.shape[0])
+        query, key, value = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
+        stream.main_qkv = (query, key, value)
+        stream.hidden_states = self.vap_block(stream.hidden_states, stream.context, stream.temb, stream.rotary_emb)
+        out, stream.main_qkv, stream.main_out = stream.main_out, None, None
+        return wan_attention_output(attn, out, query)
+
+
+class WanVideoAsPromptReferenceAttnProcessor(WanAttnProcessor):
+    """``attn1`` of a reference-stream block: one attention over the concatenated main and reference tokens (the
+    main stream's queries / keys / values come from :class:`WanVideoAsPromptJointAttnProcessor`); returns the
+    reference's share and hands the main stream's share back."""
+
+    def __init__(self, stream: _ReferenceStream):
+        super().__init__()
+        self.stream = stream
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        stream = self.stream
+        if stream.main_qkv is None:
+            raise RuntimeError(
+                "a Video-As-Prompt reference block runs inside its DiT layer's joint attention; call the "
+                "WanVideoAsPromptTransformer3DModel with vap_hidden_states instead of the block alone"
+            )
+        q, k, v = stream.main_qkv
+        qv, kv, vv = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
+        joint = dispatch_attention_fn(
+            torch.cat([q, qv], dim=1), torch.cat([k, kv], dim=1), torch.cat([v, vv], dim=1),
+            attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend,
+        )
+        stream.main_out, out = joint.split([q.shape[1], qv.shape[1]], dim=1)
+        return wan_attention_output(attn, out, qv)
 
 
 class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
@@ -167,7 +261,11 @@ class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
         if added_kv_proj_dim is not None:
             for block in self.vap_blocks:
                 block.attn2.set_processor(WanTextLenAttnProcessor(text_len))
-        self._vap_index = {layer: k for k, layer in enumerate(layers)}
+        # the joint attention lives in the processors: every block (main and reference) runs its stock forward
+        self._reference = _ReferenceStream(self)
+        for layer, vap_block in zip(layers, self.vap_blocks):
+            self.blocks[layer].attn1.set_processor(WanVideoAsPromptJointAttnProcessor(self._reference, vap_block))
+            vap_block.attn1.set_processor(WanVideoAsPromptReferenceAttnProcessor(self._reference))
 
     # ------------------------------------------------------------------------------------------------ helpers
     def vap_rotary_emb(self, vap_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,26 +290,7 @@ class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
             ], dim=-1).reshape(1, ppf * pph * ppw, 1, -1))
         return out[0], out[1]
 
-    def _joint_block(self, block, vap_block, x, context, temb, rope, xv, context_v, temb_v, rope_v):
-        """One MoT layer: joint self-attention of both streams, then each stream's cross-attention and FFN."""
-        mod = _block_modulation(block, temb)
-        mod_v = _block_modulation(vap_block, temb_v)
-        nx = (block.norm1(x.float()) * (1 + mod[1]) + mod[0]).type_as(x)
-        nxv = (vap_block.norm1(xv.float()) * (1 + mod_v[1]) + mod_v[0]).type_as(xv)
-        q, k, v = wan_self_attention_qkv(block.attn1, nx, rope)
-        qv, kv, vv = wan_self_attention_qkv(vap_block.attn1, nxv, rope_v)
-        joint = dispatch_attention_fn(
-            torch.cat([q, qv], dim=1), torch.cat([k, kv], dim=1), torch.cat([v, vv], dim=1),
-            attn_mask=None, dropout_p=0.0, is_causal=False, backend=block.attn1.processor._attention_backend,
-        )
-        out, out_v = joint.split([q.shape[1], qv.shape[1]], dim=1)
-        x = (x.float() + wan_attention_output(block.attn1, out, q) * mod[2]).type_as(x)
-        xv = (xv.float() + wan_attention_output(vap_block.attn1, out_v, qv) * mod_v[2]).type_as(xv)
-        x = _block_after_self_attention(block, x, context, mod)
-        xv = _block_after_self_attention(vap_block, xv, context_v, mod_v)
-        return x, xv
-
-    def _check_vap_inputs(self, hidden_states, vap_hidden_states, vap_encoder_hidden_states,
+    def _check_vap_inputs(self, hidden_states, timestep, vap_hidden_states, vap_encoder_hidden_states,
                           vap_encoder_hidden_states_image) -> None:
         cfg = self.config
         if vap_hidden_states.ndim != 5 or vap_hidden_states.shape[1] != cfg.in_channels:
@@ -231,17 +310,23 @@ class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
                 "vap_hidden_states needs vap_encoder_hidden_states_image (CLIP features of the reference video's first "
                 "frame): this transformer has a CLIP branch"
             )
-
-    @staticmethod
-    def _match_batch(t: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
-        if t.shape[0] == batch_size:
-            return t
-        if t.shape[0] == 1:
-            return t.expand(batch_size, *t.shape[1:])
-        raise ValueError(f"{name} has batch {t.shape[0]}, expected 1 or {batch_size} (the latent batch)")
+        if timestep.ndim != 1:
+            raise ValueError("Video-As-Prompt takes one timestep per sample (shape [B]); per-token timesteps are TI2V's")
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            raise ValueError(
+                "gradient checkpointing is not supported with the reference stream (its state crosses the "
+                "checkpointed blocks); disable_gradient_checkpointing() or train without vap_hidden_states"
+            )
+        foreign = [i for i in self.config.vap_layers
+                   if not isinstance(self.blocks[i].attn1.processor, WanVideoAsPromptJointAttnProcessor)]
+        if foreign:
+            raise ValueError(
+                f"the self-attention processors of the MoT layers {foreign} were replaced "
+                f"({type(self.blocks[foreign[0]].attn1.processor).__name__}); the joint attention needs "
+                "WanVideoAsPromptJointAttnProcessor there (use set_attention_backend to change the kernel)"
+            )
 
     # ------------------------------------------------------------------------------------------------ forward
-    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -271,7 +356,8 @@ class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
                 CLIP features of the reference video's first frame.
             vap_timestep (`torch.Tensor` of shape `(B,)`, *optional*):
                 Timestep of the reference stream; default 1 (the clean reference, as the release does).
-            return_dict, attention_kwargs: as in :meth:`diffusers.WanTransformer3DModel.forward`.
+            return_dict, attention_kwargs: as in :meth:`diffusers.WanTransformer3DModel.forward` (the whole forward,
+                reference stream included, runs inside it).
         """
         if vap_hidden_states is None:
             if vap_encoder_hidden_states is not None or vap_encoder_hidden_states_image is not None:
@@ -279,59 +365,15 @@ class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
                     "vap_encoder_hidden_states / vap_encoder_hidden_states_image given without vap_hidden_states: "
                     "pass the reference video's latents as vap_hidden_states"
                 )
-            return super().forward(
-                hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
-                return_dict=return_dict, attention_kwargs=attention_kwargs,
-            )
-        if timestep.ndim != 1:
-            raise ValueError("Video-As-Prompt takes one timestep per sample (shape [B]); per-token timesteps are TI2V's")
-        self._check_vap_inputs(hidden_states, vap_hidden_states, vap_encoder_hidden_states,
-                               vap_encoder_hidden_states_image)
-        batch_size, _, num_frames, height, width = hidden_states.shape
-        p_t, p_h, p_w = self.config.patch_size
-        grid = (num_frames // p_t, height // p_h, width // p_w)
-
-        # main stream (stock prologue)
-        rotary_emb = self.rope(hidden_states)
-        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
-        temb, timestep_proj, context, context_image = self.condition_embedder(
-            timestep, encoder_hidden_states, encoder_hidden_states_image
-        )
-        timestep_proj = timestep_proj.unflatten(1, (6, -1))
-        if context_image is not None:
-            context = torch.concat([context_image, context], dim=1)
-
-        # reference stream: clean timestep, negative frame positions, own prompt and CLIP features
-        vap_hidden_states = self._match_batch(vap_hidden_states, batch_size, "vap_hidden_states")
-        vap_context = self._match_batch(vap_encoder_hidden_states, batch_size, "vap_encoder_hidden_states")
-        vap_image = vap_encoder_hidden_states_image
-        if vap_image is not None:
-            vap_image = self._match_batch(vap_image, batch_size, "vap_encoder_hidden_states_image")
-        if vap_timestep is None:
-            vap_timestep = torch.ones_like(timestep)
-        vap_rotary_emb = self.vap_rotary_emb(vap_hidden_states)
-        xv = self.vap_patch_embedding(vap_hidden_states.to(self.vap_patch_embedding.weight.dtype))
-        xv = xv.flatten(2).transpose(1, 2).contiguous()
-        _, vap_proj, vap_context, vap_context_image = self.vap_condition_embedder(
-            vap_timestep.expand(batch_size), vap_context, vap_image
-        )
-        vap_proj = vap_proj.unflatten(1, (6, -1))
-        if vap_context_image is not None:
-            vap_context = torch.concat([vap_context_image, vap_context], dim=1)
-
-        checkpoint = torch.is_grad_enabled() and self.gradient_checkpointing
-        for index, block in enumerate(self.blocks):
-            k = self._vap_index.get(index)
-            if k is None:
-                args = (block, x, context, timestep_proj, rotary_emb)
-                x = self._gradient_checkpointing_func(*args) if checkpoint else block(*args[1:])
-            else:
-                args = (block, self.vap_blocks[k], x, context, timestep_proj, rotary_emb,
-                        xv, vap_context, vap_proj, vap_rotary_emb)
-                x, xv = self._gradient_checkpointing_func(self._joint_block, *args) if checkpoint else \
-                    self._joint_block(*args)
-
-        output = self._output_projection(x, temb, batch_size, grid)
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+        else:
+            self._check_vap_inputs(hidden_states, timestep, vap_hidden_states, vap_encoder_hidden_states,
+                                   vap_encoder_hidden_states_image)
+            ref = self._reference
+            ref.hidden_states, ref.context, ref.context_image = (
+                vap_hidden_states, vap_encoder_hidden_states, vap_encoder_hidden_states_image)
+            ref.timestep = torch.ones_like(timestep) if vap_timestep is None else vap_timestep
+        try:
+            return super().forward(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                                   return_dict=return_dict, attention_kwargs=attention_kwargs)
+        finally:
+            self._reference.clear()
