@@ -32,11 +32,13 @@ DIT_CONFIGS = {
     "14b": dict(_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=16, out_channels=16),
     "ti2v-5b": dict(_COMMON, num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48, out_channels=48),
 }
+DIT_CONFIGS["1.3b-odd"] = DIT_CONFIGS["1.3b"]
 # (latent channels, latent frames, latent height, latent width) of the benchmark resolutions.
 DIT_SHAPES = {
     "1.3b": (16, 21, 60, 104),      # 480x832x81, Wan2.1 VAE (4x8x8)
     "14b": (16, 21, 90, 160),       # 1280x720x81
     "ti2v-5b": (48, 31, 44, 80),    # 1280x704x121, Wan2.2 VAE (4x16x16)
+    "1.3b-odd": (16, 21, 58, 102),  # 464x816x81: 31059 tokens, odd (context-parallel padding check)
 }
 TEXT_LEN = 512
 PEAK_BF16_TFLOPS = 790.0

@@ -50,3 +50,15 @@ def test_fused_gelu_gemm_matches_stock():
     ref = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate="tanh")
     out = linear_gelu_tanh(x, w, b).float()
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ CUDA GPUs")
+def test_parallel_ring_and_hybrid(tmp_path):
+    """Ring (and, on 4+ GPUs, Ulysses x Ring) context parallel over NCCL equals the one-GPU bf16 output."""
+    from test_parallel import launch
+
+    n = 4 if torch.cuda.device_count() >= 4 else 2
+    for r, res in enumerate(launch("gpu_layouts", n, tmp_path)):
+        assert {"ring", "ulysses_padded"} <= set(res), res
+        for name, d in res.items():
+            assert d < 3e-2, f"rank {r}: {name} differs from the one-GPU output by {d}"

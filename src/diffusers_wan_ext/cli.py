@@ -7,6 +7,8 @@ Examples::
     diffusers-wan convert - /ckpt/Wan2.2-TI2V-5B-diffusers --model-id Wan-AI/Wan2.2-TI2V-5B
     diffusers-wan export-dit /ckpt/Wan2.1-T2V-1.3B-diffusers/transformer wan_t2v_1.3b.safetensors
     diffusers-wan generate --model /ckpt/Wan2.1-T2V-1.3B-diffusers --prompt "a cat surfing" --output cat.mp4
+    diffusers-wan lora convert comfyui_lora.safetensors pytorch_lora_weights.safetensors --to diffusers
+    diffusers-wan lora info my_lora.safetensors
 """
 
 from __future__ import annotations
@@ -203,6 +205,70 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_lora(args) -> int:
+    from .lora import convert_lora_state_dict, export_lora, load_lora_file, lora_info, save_lora_file
+
+    if args.lora_command == "info":
+        info = lora_info(load_lora_file(args.file), source=args.from_format)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        print(f"format: {info['format']} ({info['tensors']} tensors)")
+        for comp, c in info["components"].items():
+            alphas = ", ".join(f"{a:g}" for a in c["alphas"]) or "none (scale 1)"
+            print(f"{comp}: {c['modules']} modules, rank {', '.join(map(str, c['ranks'])) or '-'}, alpha {alphas}, "
+                  f"{c['bias']} bias deltas, {c['diff']} full-weight diffs, dtype {', '.join(c['dtypes'])}")
+            print("  targets: " + ", ".join(c["targets"]))
+        return 0
+    sd = load_lora_file(args.src)
+    if args.lora_command == "export":
+        paths = export_lora(convert_lora_state_dict(sd, "diffusers", source=args.from_format), args.dst,
+                            formats=args.formats)
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return 0
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise SystemExit(f"lora convert: {dst} exists; pass --overwrite to replace it")
+    out = convert_lora_state_dict(sd, args.to, source=args.from_format, transformer_name=args.component)
+    if args.dtype:
+        import torch
+
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}
+    save_lora_file(out, dst)
+    print(f"converted {len(sd)} -> {len(out)} tensors ({args.to}) -> {dst}")
+    return 0
+
+
+def _add_lora(sub):
+    from .lora.formats import LORA_FORMATS
+
+    p = sub.add_parser("lora", help="convert / inspect / export Wan LoRAs (Diffusers, original/ComfyUI, Kohya, "
+                                     "DiffSynth)")
+    lsub = p.add_subparsers(dest="lora_command", required=True)
+    c = lsub.add_parser("convert", help="one LoRA file -> another format")
+    c.add_argument("src", help="LoRA file (.safetensors / .pt / .bin) or a folder with "
+                               "pytorch_lora_weights.safetensors")
+    c.add_argument("dst", help="output file (.safetensors), written atomically")
+    c.add_argument("--to", required=True, choices=LORA_FORMATS)
+    c.add_argument("--from", dest="from_format", choices=LORA_FORMATS, help="source format (detected when omitted)")
+    c.add_argument("--component", default="transformer", choices=["transformer", "transformer_2", "motion_controller"],
+                   help="the pipeline component a single-model file (original/kohya/diffsynth) stands for; "
+                        "transformer_2 = Wan2.2 A14B low-noise expert")
+    c.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast the tensors (default: keep)")
+    c.add_argument("--overwrite", action="store_true")
+    i = lsub.add_parser("info", help="detected format, components, ranks, alphas and target modules of a LoRA")
+    i.add_argument("file")
+    i.add_argument("--from", dest="from_format", choices=LORA_FORMATS)
+    i.add_argument("--json", action="store_true")
+    e = lsub.add_parser("export", help="one LoRA -> a folder with every format (one file per component)")
+    e.add_argument("src")
+    e.add_argument("dst", help="output folder")
+    e.add_argument("--from", dest="from_format", choices=LORA_FORMATS)
+    e.add_argument("--formats", nargs="+", default=list(LORA_FORMATS), choices=LORA_FORMATS)
+
+
 def cmd_variants(args) -> int:
     from .conversion.variants import VARIANTS
 
@@ -260,11 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--output", default="outputs/video.mp4")
     sub.add_parser("variants", help="list the releases the converter knows")
+    _add_lora(sub)
     return parser
 
 
 COMMANDS = {"convert": cmd_convert, "add-motion-controller": cmd_add_motion_controller, "export-dit": cmd_export_dit, "demo": cmd_demo, "generate": cmd_generate,
-            "variants": cmd_variants, "relighting-lora": cmd_relighting_lora}
+            "variants": cmd_variants, "relighting-lora": cmd_relighting_lora, "lora": cmd_lora}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "DitInfo",
     "convert_dit_state_dict",
     "export_dit_state_dict",
+    "rename_dit_key",
     "dit_config_from_state_dict",
     "load_dit_from_original",
     "find_dit_files",
@@ -121,21 +122,38 @@ def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
     return best[1] + key[len(best[0]):]
 
 
-def _convert(sd: Mapping[str, torch.Tensor], reverse: bool) -> dict[str, torch.Tensor]:
-    def flip(table):
-        return tuple((b, a) for a, b in table) if reverse else table
+def _flip(table: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((b, a) for a, b in table)
 
-    top = flip(TOP_LEVEL_KEY_MAP)
-    blocks = {name: flip(table) for name, table in BLOCK_TABLES.items()}
+
+_TABLES = {
+    False: (TOP_LEVEL_KEY_MAP, BLOCK_TABLES),
+    True: (_flip(TOP_LEVEL_KEY_MAP), {name: _flip(table) for name, table in BLOCK_TABLES.items()}),
+}
+
+
+def rename_dit_key(key: str, reverse: bool = False) -> str | None:
+    """One DiT key or module path, original -> Diffusers (``reverse``: Diffusers -> original); ``None`` if unknown.
+
+    Example:
+        >>> rename_dit_key("blocks.3.self_attn.q.weight")
+        'blocks.3.attn1.to_q.weight'
+        >>> rename_dit_key("vace_blocks.0.proj_out", reverse=True)
+        'vace_blocks.0.after_proj'
+    """
+    top, blocks = _TABLES[reverse]
+    m = _ANY_BLOCK_RE.match(key)
+    if m:
+        local = _rename(m.group(3), blocks[m.group(1)])
+        return None if local is None else f"{m.group(1)}.{m.group(2)}.{local}"
+    return _rename(key, top)
+
+
+def _convert(sd: Mapping[str, torch.Tensor], reverse: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in sd.items():
-        m = _ANY_BLOCK_RE.match(key)
-        if m:
-            local = _rename(m.group(3), blocks[m.group(1)])
-            new = None if local is None else f"{m.group(1)}.{m.group(2)}.{local}"
-        else:
-            new = _rename(key, top)
+        new = rename_dit_key(key, reverse)
         if new is None:
             unknown.append(key)
         else:

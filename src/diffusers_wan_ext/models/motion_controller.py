@@ -18,6 +18,7 @@ from torch import nn
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.loaders import PeftAdapterMixin
 
 from .._registration import ShimSaveMixin
 
@@ -34,7 +35,7 @@ def motion_sinusoid(values: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
-class WanMotionControllerModel(ShimSaveMixin, ModelMixin, ConfigMixin):
+class WanMotionControllerModel(ShimSaveMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     Motion-bucket embedding of the Wan2.1 speed-control model.
 
@@ -42,7 +43,8 @@ class WanMotionControllerModel(ShimSaveMixin, ModelMixin, ConfigMixin):
         freq_dim (`int`, defaults to 256): width of the sinusoidal embedding of ``10 * motion_bucket_id``.
         dim (`int`, defaults to 1536): transformer width; the output has ``6 * dim`` values.
 
-    Parameter names are the release's (``linear.0`` / ``linear.2`` / ``linear.4``).
+    Parameter names are the release's (``linear.0`` / ``linear.2`` / ``linear.4``).  LoRA adapters load as on the
+    transformers (``PeftAdapterMixin``; ``motion_controller.*`` keys of ``WanSpeedControlPipeline.load_lora_weights``).
 
     Example:
         >>> import torch

@@ -40,6 +40,7 @@ from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.pipelines.wan.pipeline_wan_animate import WanAnimatePipeline
 
 from .._registration import ShimPipelineMixin
+from ..lora.loader import WanLoraInteropMixin
 from ..utils.validation import validate_video_size
 from .fun_conditioning import _read_video_file, _video_to_tensor
 from .runtime_mixin import WanRuntimeMixin
@@ -105,7 +106,7 @@ def _as_image(image: Any, name: str = "image") -> PIL.Image.Image | torch.Tensor
     )
 
 
-class WanAnimateExtPipeline(ShimPipelineMixin, WanRuntimeMixin, WanAnimatePipeline):
+class WanAnimateExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin, WanAnimatePipeline):
     r"""
     Wan2.2-Animate: character animation and replacement -- stock :class:`diffusers.WanAnimatePipeline` plus file /
     array inputs, strict input validation, the relighting LoRA and our runtime options (see the module docstring).

@@ -28,9 +28,9 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 from diffusers.utils import logging
-from diffusers.utils.torch_utils import get_module_execution_device
 
 from .._registration import ShimPipelineMixin
+from ..lora.loader import WanLoraInteropMixin
 from .runtime_mixin import WanRuntimeMixin
 
 __all__ = ["WanExtPipeline"]
@@ -38,7 +38,7 @@ __all__ = ["WanExtPipeline"]
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 
-class WanExtPipeline(ShimPipelineMixin, WanRuntimeMixin, WanPipeline):
+class WanExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin, WanPipeline):
     r"""
     Text-to-video: stock :class:`diffusers.WanPipeline` plus ``cfg_batching`` and the runtime options of
     :class:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin`.
@@ -222,22 +222,8 @@ class WanExtPipeline(ShimPipelineMixin, WanRuntimeMixin, WanPipeline):
             timestep_of=timestep_of,
         )
 
-        # 7. decode (stock)
-        if not output_type == "latent":
-            latents = latents.to(get_module_execution_device(self.vae), dtype=self.vae.dtype)
-            latents_mean = (
-                torch.tensor(self.vae.config.latents_mean)
-                .view(1, self.vae.config.z_dim, 1, 1, 1)
-                .to(latents.device, latents.dtype)
-            )
-            latents_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, self.vae.config.z_dim, 1, 1, 1).to(
-                latents.device, latents.dtype
-            )
-            latents = latents / latents_std + latents_mean
-            video = self.vae.decode(latents, return_dict=False)[0]
-            video = self.video_processor.postprocess_video(video, output_type=output_type)
-        else:
-            video = latents
+        # 7. decode (stock; only rank 0 under enable_parallelism)
+        video = self.decode_latents(latents, output_type)
 
         self.maybe_free_model_hooks()
 

@@ -39,10 +39,11 @@ from diffusers.models import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
-from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
 from .._registration import ShimPipelineMixin
+from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
 from .runtime_mixin import WanRuntimeMixin
 
@@ -101,7 +102,7 @@ def _match_batch(t: torch.Tensor, batch_size: int, name: str, expand: bool = Tru
     raise ValueError(f"{name} has batch {t.shape[0]}, expected 1 or {batch_size}")
 
 
-class WanFunPipelineBase(ShimPipelineMixin, WanRuntimeMixin, WanImageToVideoPipeline):
+class WanFunPipelineBase(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin, WanImageToVideoPipeline):
     r"""
     Shared core of the Wan-Fun pipelines (not used directly): stock Wan image-to-video sampling with a
     variant-specific conditioning ``y`` and optional extra transformer inputs.
@@ -482,23 +483,10 @@ class WanFunPipelineBase(ShimPipelineMixin, WanRuntimeMixin, WanImageToVideoPipe
             uncond_transformer_kwargs=uncond_extra,
         )
 
-        # 6. decode
-        if output_type == "latent":
-            video = latents
-        else:
-            video = self.decode_latents(latents, output_type)
+        # 6. decode (only rank 0 under enable_parallelism)
+        video = self.decode_latents(latents, output_type)
 
         self.maybe_free_model_hooks()
         if not return_dict:
             return (video,)
         return WanPipelineOutput(frames=video)
-
-    def decode_latents(self, latents: torch.Tensor, output_type: str = "np"):
-        """Un-normalize (``latents_mean`` / ``latents_std``), VAE-decode and post-process, as stock does."""
-        vae_device = get_module_execution_device(self.vae)
-        latents = latents.to(device=vae_device, dtype=self.vae.dtype)
-        z = self.vae.config.z_dim
-        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
-        std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
-        video = self.vae.decode(latents * std + mean, return_dict=False)[0]
-        return self.video_processor.postprocess_video(video, output_type=output_type)

@@ -34,12 +34,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
 from .._registration import ShimPipelineMixin
+from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
 
 __all__ = ["WanImageToVideoReferencePipeline"]
 
 
-class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanImageToVideoPipeline):
+class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, WanImageToVideoPipeline):
     r"""
     Wan image-to-video (Wan2.1 I2V / FLF2V, Wan2.2 I2V-A14B, Wan2.2 TI2V-5B with ``expand_timesteps=True``) with
     reference first-frame pinning and optional pre-encoded image latents.

@@ -26,6 +26,7 @@ from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistep
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from .._registration import ShimPipelineMixin
+from ..lora.loader import WanLoraInteropMixin
 from ..models.motion_controller import WanMotionControllerModel, apply_motion_control
 from ..schedulers import WanFlowMatchScheduler
 from .runtime_mixin import WanRuntimeMixin
@@ -33,7 +34,7 @@ from .runtime_mixin import WanRuntimeMixin
 __all__ = ["WanSpeedControlPipeline"]
 
 
-class WanSpeedControlPipeline(ShimPipelineMixin, WanRuntimeMixin, WanPipeline):
+class WanSpeedControlPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin, WanPipeline):
     r"""
     Text-to-video with speed control (``motion_bucket_id``): stock :class:`diffusers.WanPipeline` plus the optional
     ``motion_controller`` component, and the runtime options of
@@ -68,6 +69,8 @@ class WanSpeedControlPipeline(ShimPipelineMixin, WanRuntimeMixin, WanPipeline):
     model_cpu_offload_seq = "text_encoder->motion_controller->transformer->transformer_2->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _optional_components = ["transformer", "transformer_2", "motion_controller"]
+    #: ``load_lora_weights`` also accepts ``motion_controller.*`` LoRA keys (Diffusers format).
+    _lora_loadable_modules = ["transformer", "transformer_2", "motion_controller"]
 
     def __init__(
         self,

@@ -34,12 +34,13 @@ from PIL import Image
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from .._registration import ShimPipelineMixin
+from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
 
 __all__ = ["WanVideoToVideoReferencePipeline"]
 
 
-class WanVideoToVideoReferencePipeline(ShimPipelineMixin, WanVideoToVideoPipeline):
+class WanVideoToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, WanVideoToVideoPipeline):
     r"""
     Wan video-to-video with DiffSynth-Studio's ``denoising_strength`` and optional pre-encoded input latents.
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Collection
 
 import torch
 from diffusers.utils import is_torch_xla_available, logging
+from diffusers.utils.torch_utils import get_module_execution_device
 
 if is_torch_xla_available():
     import torch_xla.core.xla_model as xm
@@ -129,6 +130,45 @@ class WanRuntimeMixin:
             if model is not None:
                 remove_teacache(model)
 
+    # ------------------------------------------------------------------------------------ multi-GPU
+    def enable_parallelism(
+        self,
+        *,
+        ulysses_degree: int | None = None,
+        ring_degree: int | None = None,
+        cfg_parallel: bool | None = None,
+        decode_on_all_ranks: bool = False,
+    ):
+        """Spread this pipeline over the ``torch.distributed`` world (sequence parallel and CFG parallel); see
+        :func:`diffusers_wan_ext.parallel.enable_parallelism` (returns its ``ParallelState``).
+
+        Example:
+            >>> # torchrun --nproc_per_node=4 my_script.py
+            >>> pipe.to(device).enable_parallelism()  # doctest: +SKIP
+        """
+        from ..parallel import enable_parallelism
+
+        return enable_parallelism(
+            self, ulysses_degree=ulysses_degree, ring_degree=ring_degree, cfg_parallel=cfg_parallel,
+            decode_on_all_ranks=decode_on_all_ranks,
+        )
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "np"):
+        """Un-normalize (``latents_mean`` / ``latents_std``), VAE-decode and post-process, as stock Wan does.
+
+        With ``output_type="latent"``, or on a rank that does not decode under :meth:`enable_parallelism`, the
+        latents are returned as they are.
+        """
+        parallel = getattr(self, "_wan_parallel", None)
+        if output_type == "latent" or (parallel is not None and not parallel.decodes):
+            return latents
+        latents = latents.to(get_module_execution_device(self.vae), dtype=self.vae.dtype)
+        z = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        return self.video_processor.postprocess_video(video, output_type=output_type)
+
     # ----------------------------------------------------------------------------------- denoising loop
     def _denoising_loop(
         self,
@@ -207,7 +247,22 @@ class WanRuntimeMixin:
                     logger.info("cfg_batching: prompt and negative embeddings differ in shape; two forwards per step")
                     batched_logged = True
 
-                if batch:
+                parallel = getattr(self, "_wan_parallel", None)
+                if cfg and parallel is not None and parallel.cfg_degree > 1:
+                    # CFG parallel: this rank's half of the mesh runs one branch; one all-gather per step
+                    branch = parallel.cfg_rank
+                    with model.cache_context("cond" if branch == 0 else "uncond", **ctx):
+                        mine = model(
+                            hidden_states=hidden_states,
+                            timestep=timestep,
+                            encoder_hidden_states=prompt_embeds if branch == 0 else negative_prompt_embeds,
+                            attention_kwargs=attention_kwargs,
+                            return_dict=False,
+                            **transformer_kwargs,
+                        )[0]
+                    noise_pred, noise_uncond = parallel.gather_cfg(mine)
+                    noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
+                elif batch:
                     b = hidden_states.shape[0]
                     extra = {
                         k: (v if k in broadcast_kwargs else _twice(v, b)) for k, v in transformer_kwargs.items()

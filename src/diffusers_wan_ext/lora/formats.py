@@ -1,0 +1,207 @@
+"""Wan LoRA file formats as data: key grammar per format, module-name tables per pipeline component.
+
+A LoRA key is ``<prefix><module path><joiner-joined>.<suffix>``; a format fixes the prefix, the layout of the module
+path (Diffusers names or the original Wan / DiffSynth names), how path components are joined, and which suffix holds
+which *role* of a module's delta:
+
+=============  ==================================  ===================================  ================================
+role           meaning                             Diffusers PEFT                       original / ComfyUI, Kohya
+=============  ==================================  ===================================  ================================
+``down``       ``A`` ``[rank, in, *kernel]``        ``lora_A.weight``                    ``lora_down.weight``
+``up``         ``B`` ``[out, rank, 1...]``          ``lora_B.weight``                    ``lora_up.weight``
+``alpha``      scale ``alpha / rank`` of ``B @ A``  (none: always 1, folded in)          ``alpha``
+``bias``       bias delta ``[out]``                 ``lora_B.bias`` (PEFT ``lora_bias``) ``diff_b``
+``diff``       full weight delta                    (none: an exact full-rank LoRA)      ``diff``
+=============  ==================================  ===================================  ================================
+
+Module names are never tabulated here: the original <-> Diffusers names of the DiT are the full-weight converter's
+tables (:data:`~diffusers_wan_ext.conversion.dit.TOP_LEVEL_KEY_MAP`, ``BLOCK_KEY_MAP``, ``VACE_BLOCK_KEY_MAP``, via
+:func:`~diffusers_wan_ext.conversion.dit.rename_dit_key`), and the speed-control motion controller's are
+:data:`~diffusers_wan_ext.conversion.motion_controller.MOTION_CONTROLLER_KEY_MAP`.  A module the full-weight
+converter knows (VACE blocks, Fun ``ref_conv`` / ``control_adapter``, ``img_emb``, ...) is therefore known here too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from ..conversion.dit import BLOCK_TABLES, TOP_LEVEL_KEY_MAP, rename_dit_key
+from ..conversion.motion_controller import MOTION_CONTROLLER_KEY_MAP
+
+__all__ = [
+    "LORA_FORMATS",
+    "LoraFormat",
+    "FORMATS",
+    "COMPONENT_RENAMERS",
+    "NON_LORA_MODULE_RE",
+    "KOHYA_COMPOUND_WORDS",
+    "DIFFSYNTH_TARGET_MODULES",
+    "DIFFUSERS_WEIGHT_NAME",
+    "EXPORT_FILE_NAMES",
+]
+
+LORA_FORMATS = ("diffusers", "original", "kohya", "diffsynth")
+
+DOWN, UP, ALPHA, BIAS, DIFF = "down", "up", "alpha", "bias", "diff"
+ROLES = (DOWN, UP, ALPHA, BIAS, DIFF)
+
+# Suffixes every non-Diffusers reader accepts (the union of what ComfyUI, musubi-tuner, DiffSynth-Studio,
+# diffusion-pipe / ai-toolkit and LightX2V write).
+FOREIGN_READ_SUFFIXES: Mapping[str, str] = {
+    "lora_down.weight": DOWN,
+    "lora_A.weight": DOWN,
+    "lora_A.default.weight": DOWN,
+    "lora_up.weight": UP,
+    "lora_B.weight": UP,
+    "lora_B.default.weight": UP,
+    "alpha": ALPHA,
+    "diff_b": BIAS,
+    "lora_B.bias": BIAS,
+    "diff": DIFF,
+}
+
+
+# What original / ComfyUI and Kohya files write (ComfyUI reads diff / diff_b in both).
+KOHYA_STYLE_SUFFIXES: Mapping[str, str] = {
+    DOWN: "lora_down.weight", UP: "lora_up.weight", ALPHA: "alpha", BIAS: "diff_b", DIFF: "diff",
+}
+
+
+@dataclass(frozen=True)
+class LoraFormat:
+    """Key grammar of one LoRA file format.
+
+    Args:
+        name: one of :data:`LORA_FORMATS`.
+        description: who writes / reads it.
+        prefixes: key prefixes, the first one written; ``"{component}."`` stands for the pipeline component
+            (``transformer.``, ``transformer_2.``); ``""`` accepts bare keys on reading.
+        layout: module names in ``"diffusers"`` or ``"original"`` (Wan release / DiffSynth / ComfyUI) layout.
+        joiner: between module path components (``"_"`` for Kohya: ``blocks_0_self_attn_q``).
+        write_suffixes: role -> suffix written.
+        read_suffixes: suffix -> role accepted on reading.
+    """
+
+    name: str
+    description: str
+    prefixes: tuple[str, ...]
+    layout: str
+    joiner: str
+    write_suffixes: Mapping[str, str]
+    read_suffixes: Mapping[str, str] = field(default_factory=lambda: FOREIGN_READ_SUFFIXES)
+
+    @property
+    def has_alpha(self) -> bool:
+        """Stores ``alpha``; otherwise ``alpha / rank`` is folded into the factors on writing."""
+        return ALPHA in self.write_suffixes
+
+    @property
+    def has_bias(self) -> bool:
+        return BIAS in self.write_suffixes
+
+    @property
+    def has_diff(self) -> bool:
+        """Stores full-weight deltas as such; otherwise they become an exact full-rank LoRA."""
+        return DIFF in self.write_suffixes
+
+
+FORMATS: dict[str, LoraFormat] = {
+    "diffusers": LoraFormat(
+        name="diffusers",
+        description="Diffusers PEFT (pytorch_lora_weights.safetensors; WanPipeline.load_lora_weights, "
+                    "save_lora_weights)",
+        prefixes=("{component}.", ""),
+        layout="diffusers",
+        joiner=".",
+        write_suffixes={DOWN: "lora_A.weight", UP: "lora_B.weight", BIAS: "lora_B.bias"},
+        read_suffixes={"lora_A.weight": DOWN, "lora_B.weight": UP, "lora_B.bias": BIAS},
+    ),
+    "original": LoraFormat(
+        name="original",
+        description="original Wan names under diffusion_model. (ComfyUI, kijai's WanVideoWrapper, LightX2V, "
+                    "diffusion-pipe)",
+        prefixes=("diffusion_model.", ""),
+        layout="original",
+        joiner=".",
+        write_suffixes=KOHYA_STYLE_SUFFIXES,
+    ),
+    "kohya": LoraFormat(
+        name="kohya",
+        description="Kohya / musubi-tuner (lora_unet_blocks_0_self_attn_q.lora_down.weight + alpha)",
+        prefixes=("lora_unet_",),
+        layout="original",
+        joiner="_",
+        write_suffixes=KOHYA_STYLE_SUFFIXES,
+    ),
+    "diffsynth": LoraFormat(
+        name="diffsynth",
+        description="DiffSynth-Studio (blocks.0.self_attn.q.lora_A.default.weight, no prefix, no alpha)",
+        prefixes=("",),
+        layout="original",
+        joiner=".",
+        write_suffixes={DOWN: "lora_A.default.weight", UP: "lora_B.default.weight"},
+    ),
+}
+
+# ------------------------------------------------------------------------------------------------ module names
+MOTION_CONTROLLER_MODULES = frozenset(k.rsplit(".", 1)[0] for k, _ in MOTION_CONTROLLER_KEY_MAP)
+
+
+def rename_motion_controller_module(path: str, reverse: bool = False) -> str | None:
+    """Motion-controller module names are the release's in both layouts (``linear.0``, ``linear.2``, ``linear.4``)."""
+    return path if path in MOTION_CONTROLLER_MODULES else None
+
+
+#: Pipeline components a LoRA can target -> ``rename(module_path, reverse)`` between the original layout and
+#: Diffusers' (``reverse=True``: Diffusers -> original); ``None`` for an unknown module.
+COMPONENT_RENAMERS: dict[str, Callable[[str, bool], str | None]] = {
+    "transformer": rename_dit_key,
+    "transformer_2": rename_dit_key,
+    "motion_controller": rename_motion_controller_module,
+}
+
+#: Diffusers module paths that PEFT cannot wrap (norms, bare parameters such as ``scale_shift_table``): only
+#: original-layout ``diff`` / ``diff_b`` keys reach them.
+NON_LORA_MODULE_RE = re.compile(r"(^|\.)(norm\w*|scale_shift_table|pos_embed)$")
+
+# Kohya joins module path components with "_"; reading back needs the names that contain "_" themselves.  They are
+# the components of the original-layout table entries, plus the sub-module names inside table entries that cover a
+# whole module (``control_adapter`` -> ``residual_blocks.N.conv1``).
+_TABLE_NAMES = (
+    [src for src, _ in TOP_LEVEL_KEY_MAP]
+    + [src for table in BLOCK_TABLES.values() for src, _ in table]
+    + list(BLOCK_TABLES)
+    + sorted(MOTION_CONTROLLER_MODULES)
+    + ["residual_blocks"]
+)
+KOHYA_COMPOUND_WORDS: tuple[str, ...] = tuple(
+    sorted({part for name in _TABLE_NAMES for part in name.split(".") if "_" in part}, key=lambda w: (-w.count("_"), w))
+)
+
+# ----------------------------------------------------------------------------------------------- target modules
+#: DiffSynth-Studio's ``--lora_target_modules`` names (PEFT suffixes on its DiT) -> the equivalent PEFT suffixes on
+#: Diffusers' Wan transformer.  DiffSynth's ``q`` matches ``self_attn.q`` and ``cross_attn.q``; ``to_q`` matches
+#: ``attn1.to_q`` and ``attn2.to_q``; neither matches the image-branch ``k_img`` / ``add_k_proj``.
+DIFFSYNTH_TARGET_MODULES: dict[str, str] = {
+    "q": "to_q",
+    "k": "to_k",
+    "v": "to_v",
+    "o": "to_out.0",
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+    "k_img": "add_k_proj",
+    "v_img": "add_v_proj",
+}
+
+# ------------------------------------------------------------------------------------------------- file names
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # Diffusers' LORA_WEIGHT_NAME_SAFE
+#: File written by :func:`~diffusers_wan_ext.lora.export_lora` per format (component ``transformer``; other
+#: components add ``_<component>`` before the extension).
+EXPORT_FILE_NAMES: dict[str, str] = {
+    "diffusers": DIFFUSERS_WEIGHT_NAME,
+    "original": "lora_original.safetensors",
+    "kohya": "lora_kohya.safetensors",
+    "diffsynth": "lora_diffsynth.safetensors",
+}

@@ -1,0 +1,26 @@
+"""Multi-GPU inference for Wan pipelines: sequence parallel (Diffusers' Ulysses / Ring context parallelism) and CFG
+parallel.  See :func:`enable_parallelism` and docs/parallel.md.
+
+Example:
+    >>> # torchrun --nproc_per_node=4 examples/parallel/generate.py --model converted/Wan2.1-T2V-1.3B
+    >>> from diffusers_wan_ext.parallel import enable_parallelism, init_distributed  # doctest: +SKIP
+"""
+
+from .context import ParallelState, choose_degrees, enable_parallelism, init_distributed
+from .padding import TokenPadState, apply_token_padding, remove_token_padding
+from .plans import CP_PLANS, SELF_ATTENTION_MODULES, WAN_VACE_CP_PLAN, cp_plan_for, self_attention_patterns
+
+__all__ = [
+    "CP_PLANS",
+    "ParallelState",
+    "SELF_ATTENTION_MODULES",
+    "TokenPadState",
+    "WAN_VACE_CP_PLAN",
+    "apply_token_padding",
+    "choose_degrees",
+    "cp_plan_for",
+    "enable_parallelism",
+    "init_distributed",
+    "remove_token_padding",
+    "self_attention_patterns",
+]

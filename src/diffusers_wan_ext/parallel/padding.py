@@ -1,0 +1,193 @@
+"""Token padding for context parallelism when the token count does not divide by the degree.
+
+Diffusers' context-parallel hooks split every planned tensor into equal shards (and assert divisibility).  We add
+hooks around them, driven by the same plan, that make any token count work exactly:
+
+* before a split, the tensor is zero-padded along the token dimension to a multiple of the degree (RoPE tables and
+  per-token timesteps too);
+* every self-attention layer gets a key-padding mask for its local shard, so the padded tokens are never attended
+  to (Ulysses all-gathers the local mask to the full sequence);
+* after the gather (``proj_out``), the padding is cut off again.
+
+Padded query rows compute garbage that is dropped; the real tokens' outputs equal the unpadded computation.  When the
+token count divides (every released resolution at degrees up to 8), no padding and no mask are used.  Masks are
+supported by Ulysses attention only: ring or hybrid degrees with an indivisible token count raise, naming the degrees
+to use instead.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models._modeling_parallel import ContextParallelConfig, ContextParallelInput, ContextParallelOutput
+
+__all__ = ["TokenPadState", "apply_token_padding", "remove_token_padding"]
+
+_PREFIX = "wan_ext_cp_pad"
+
+
+class TokenPadState:
+    """The padding of the current forward: true token count and pad length, shared by a model's pad hooks."""
+
+    def __init__(self, cp_config: ContextParallelConfig):
+        self.cp_config = cp_config
+        self.degree = cp_config.ring_degree * cp_config.ulysses_degree
+        self.valid_len: int | None = None
+        self.pad = 0
+
+    def pad_tokens(self, x: torch.Tensor, dim: int, value: float = 0.0) -> torch.Tensor:
+        """Record the true length of ``x`` along ``dim`` and zero-pad it to a multiple of the degree."""
+        length = x.shape[dim]
+        pad = (-length) % self.degree
+        self.valid_len, self.pad = length, pad
+        if pad == 0:
+            return x
+        if self.cp_config.ring_degree > 1:
+            raise ValueError(
+                f"{length} tokens do not divide by the context-parallel degree {self.degree}, and ring attention "
+                "cannot mask padding: use a token count divisible by it, or Ulysses only "
+                f"(ulysses_degree={self.degree}, ring_degree=1)"
+            )
+        widths = [0, 0] * (x.ndim - dim - 1) + [0, pad]
+        return F.pad(x, widths, value=value)
+
+    def key_mask(self, batch: int, local_len: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean key mask ``(B, 1, 1, local_len)`` of this rank's shard (``True``: a real token); None: no pad."""
+        if not self.pad:
+            return None
+        rank = self.cp_config._flattened_mesh.get_local_rank()
+        positions = torch.arange(rank * local_len, (rank + 1) * local_len, device=device)
+        return (positions < self.valid_len).view(1, 1, 1, local_len).expand(batch, 1, 1, local_len)
+
+
+def _arg_index(module: torch.nn.Module, name: str) -> int | None:
+    params = list(inspect.signature(type(module).forward).parameters)[1:]
+    return params.index(name) if name in params else None
+
+
+class _PadInputsHook(ModelHook):
+    """Outer pre-forward hook: pads the planned inputs before Diffusers' split hook shards them."""
+
+    def __init__(self, state: TokenPadState, inputs: dict[str, ContextParallelInput]):
+        super().__init__()
+        self.state, self.inputs = state, inputs
+
+    def pre_forward(self, module, *args, **kwargs):
+        args = list(args)
+        for name, spec in self.inputs.items():
+            index = _arg_index(module, name)
+            in_kwargs = name in kwargs
+            value = kwargs.get(name) if in_kwargs else (args[index] if index is not None and index < len(args) else None)
+            if not torch.is_tensor(value) or (spec.expected_dims is not None and value.ndim != spec.expected_dims):
+                continue
+            value = self.state.pad_tokens(value, spec.split_dim)
+            if in_kwargs:
+                kwargs[name] = value
+            else:
+                args[index] = value
+        return tuple(args), kwargs
+
+
+class _PadOutputsHook(ModelHook):
+    """Inner post-forward hook: pads outputs (RoPE tables) before Diffusers' hook splits them."""
+
+    def __init__(self, state: TokenPadState, outputs: dict[int, ContextParallelInput]):
+        super().__init__()
+        self.state, self.outputs = state, outputs
+
+    def post_forward(self, module, output):
+        single = torch.is_tensor(output)
+        items = [output] if single else list(output)
+        for index, spec in self.outputs.items():
+            if index < len(items) and (spec.expected_dims is None or items[index].ndim == spec.expected_dims):
+                items[index] = self.state.pad_tokens(items[index], spec.split_dim)
+        return items[0] if single else type(output)(items)
+
+
+class _StripHook(ModelHook):
+    """Outer post-forward hook: cuts the padding off the gathered outputs."""
+
+    def __init__(self, state: TokenPadState, outputs: list[ContextParallelOutput]):
+        super().__init__()
+        self.state, self.outputs = state, outputs
+
+    def post_forward(self, module, output):
+        if not self.state.pad:
+            return output
+        single = torch.is_tensor(output)
+        items = [output] if single else list(output)
+        for i, spec in enumerate(self.outputs):
+            if spec is not None:
+                items[i] = items[i].narrow(spec.gather_dim, 0, self.state.valid_len)
+        return items[0] if single else type(output)(items)
+
+
+class _KeyMaskHook(ModelHook):
+    """Pre-forward hook on a self-attention module: passes the shard's key-padding mask as ``attention_mask``."""
+
+    def __init__(self, state: TokenPadState):
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module, *args, **kwargs):
+        if not self.state.pad:
+            return args, kwargs
+        hidden = args[0] if args else kwargs["hidden_states"]
+        mask = self.state.key_mask(hidden.shape[0], hidden.shape[1], hidden.device)
+        args = list(args)
+        if len(args) > 2:
+            args[2] = mask
+        else:
+            kwargs["attention_mask"] = mask
+        return tuple(args), kwargs
+
+
+def _modules(model: torch.nn.Module, pattern: str) -> list[torch.nn.Module]:
+    if "*" not in pattern:
+        return [model.get_submodule(pattern)] if pattern else [model]
+    return [m for n, m in model.named_modules() if fnmatch.fnmatchcase(n, pattern)]
+
+
+def _register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+
+def apply_token_padding(model: torch.nn.Module, plan: dict, state: TokenPadState, *, stage: str,
+                        attention: tuple[str, ...] = ()) -> None:
+    """Register the padding hooks of ``plan`` on ``model``.
+
+    ``stage="inner"`` (before Diffusers' ``apply_context_parallel``) adds the output padding of ``split_output``
+    entries; ``stage="outer"`` (after it) adds the input padding, the strip after gathers and the key masks on the
+    ``attention`` module patterns.
+    """
+    for module_id, spec in plan.items():
+        if isinstance(spec, dict):
+            outputs = {k: v for k, v in spec.items() if isinstance(v, ContextParallelInput) and v.split_output}
+            inputs = {k: v for k, v in spec.items() if isinstance(v, ContextParallelInput) and not v.split_output}
+            chosen = outputs if stage == "inner" else inputs
+            cls = _PadOutputsHook if stage == "inner" else _PadInputsHook
+            if chosen:
+                for m in _modules(model, module_id):
+                    _register(m, cls(state, chosen), f"{_PREFIX}_{stage}_{module_id}")
+        elif stage == "outer":
+            specs = [spec] if isinstance(spec, ContextParallelOutput) else list(spec)
+            for m in _modules(model, module_id):
+                _register(m, _StripHook(state, specs), f"{_PREFIX}_strip_{module_id}")
+    if stage == "outer":
+        for pattern in attention:
+            for m in _modules(model, pattern):
+                _register(m, _KeyMaskHook(state), f"{_PREFIX}_mask")
+
+
+def remove_token_padding(model: torch.nn.Module) -> None:
+    """Remove every padding hook of :func:`apply_token_padding` from ``model``."""
+    for m in model.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        for name in [n for n in registry.hooks if n.startswith(_PREFIX)]:
+            registry.remove_hook(name, recurse=False)
