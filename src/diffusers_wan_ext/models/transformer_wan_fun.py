@@ -236,7 +236,7 @@ class WanFunTransformer3DModel(WanExtTransformer3DModel):
             else:
                 hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
 
-        output = self._output_projection(hidden_states[:, num_ref_tokens:], temb, batch_size, (ppf, pph, ppw))
+        output = self._output_projection(hidden_states, temb, batch_size, (ppf, pph, ppw), skip_tokens=num_ref_tokens)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)

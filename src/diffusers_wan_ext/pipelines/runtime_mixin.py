@@ -258,7 +258,7 @@ class WanRuntimeMixin:
                             encoder_hidden_states=prompt_embeds if branch == 0 else negative_prompt_embeds,
                             attention_kwargs=attention_kwargs,
                             return_dict=False,
-                            **transformer_kwargs,
+                            **(transformer_kwargs if branch == 0 else uncond_kwargs),
                         )[0]
                     noise_pred, noise_uncond = parallel.gather_cfg(mine)
                     noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
