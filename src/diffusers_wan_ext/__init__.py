@@ -19,6 +19,7 @@ from .models import (
     WanFunTransformer3DModel,
     WanMotionControllerModel,
     WanTextLenAttnProcessor,
+    WanVideoAsPromptTransformer3DModel,
 )
 from .pipelines import (
     LongCatVideoPipeline,
@@ -29,6 +30,8 @@ from .pipelines import (
     WanFunInpaintPipeline,
     WanImageToVideoReferencePipeline,
     WanSpeedControlPipeline,
+    WanStreamingPipeline,
+    WanVideoAsPromptPipeline,
     WanVideoToVideoReferencePipeline,
 )
 from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
@@ -52,7 +55,10 @@ __all__ = [
     "WanImageToVideoReferencePipeline",
     "WanMotionControllerModel",
     "WanSpeedControlPipeline",
+    "WanStreamingPipeline",
     "WanTextLenAttnProcessor",
+    "WanVideoAsPromptPipeline",
+    "WanVideoAsPromptTransformer3DModel",
     "WanVideoToVideoReferencePipeline",
 ]
 

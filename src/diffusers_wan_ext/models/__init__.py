@@ -5,6 +5,7 @@ from .transformer_longcat import LongCatKVCache, LongCatVideoTransformer3DModel
 from .transformer_wan_animate_ext import WanAnimateExtTransformer3DModel
 from .transformer_wan_ext import WanExtTransformer3DModel
 from .transformer_wan_fun import WanFunTransformer3DModel
+from .transformer_wan_vap import WanVideoAsPromptTransformer3DModel
 
 __all__ = [
     "LongCatKVCache",
@@ -16,5 +17,6 @@ __all__ = [
     "WanFunTransformer3DModel",
     "WanMotionControllerModel",
     "WanTextLenAttnProcessor",
+    "WanVideoAsPromptTransformer3DModel",
     "apply_motion_control",
 ]
