@@ -20,6 +20,7 @@ from .models import (
     WanMotionControllerModel,
     WanS2VTransformer3DModel,
     WanTextLenAttnProcessor,
+    WanVideoAsPromptTransformer3DModel,
 )
 from .pipelines import (
     LongCatVideoPipeline,
@@ -31,6 +32,8 @@ from .pipelines import (
     WanImageToVideoReferencePipeline,
     WanSpeedControlPipeline,
     WanSpeechToVideoPipeline,
+    WanStreamingPipeline,
+    WanVideoAsPromptPipeline,
     WanVideoToVideoReferencePipeline,
 )
 from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
@@ -56,7 +59,10 @@ __all__ = [
     "WanS2VTransformer3DModel",
     "WanSpeedControlPipeline",
     "WanSpeechToVideoPipeline",
+    "WanStreamingPipeline",
     "WanTextLenAttnProcessor",
+    "WanVideoAsPromptPipeline",
+    "WanVideoAsPromptTransformer3DModel",
     "WanVideoToVideoReferencePipeline",
 ]
 

@@ -15,7 +15,6 @@ RUNNERS: dict[str, Callable[["GoldenCase", Path], dict[str, Any]]] = {}
 
 # Cases we know about but do not support yet: case name -> reason (the issue that will add them).
 UNSUPPORTED: dict[str, str] = {
-    "dit_vap": "Video-As-Prompt lands with issue #8",
 }
 
 

@@ -309,6 +309,11 @@ def load_release(
     if (variant or "").lower() == "longcat-video" or find_longcat_dit(src, transformer) is not None:
         raise ConversionError(f"{src}: a LongCat-Video release, which has its own converter: convert it with "
                               f"convert_release / `diffusers-wan convert` and use the converted folder")
+    from .vap import is_vap_release
+
+    if Path(src).is_dir() and is_vap_release(src):
+        raise ConversionError(f"{src}: a Video-As-Prompt release (Diffusers format), which has its own converter: "
+                              f"convert it with convert_release / `diffusers-wan convert` and use the converted folder")
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if scheduler not in SCHEDULERS:
@@ -470,7 +475,9 @@ def convert_release(
             ``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.x_VAE.pth``, ``google/umt5-xxl/``, CLIP ``.pth`` for I2V /
             FLF2V, ``wav2vec2-large-xlsr-53-english/`` for S2V) or a single DiT file (e.g. krea's).  A LongCat-Video release (``dit/``, ``vae/``,
             ``text_encoder/``, ``tokenizer/``, ``scheduler/``) is recognised by its DiT keys and converted by
-            :func:`~diffusers_wan_ext.conversion.longcat.convert_longcat_release`.
+            :func:`~diffusers_wan_ext.conversion.longcat.convert_longcat_release`; the Diffusers-format ByteDance
+            Video-As-Prompt release (``transformer/config.json`` class ``WanTransformer3DMOTModel``) by
+            :func:`~diffusers_wan_ext.conversion.vap.convert_vap_release` (only its transformer changes).
         dst: output folder; must not exist unless ``overwrite``.
         variant: release name (``diffusers-wan variants`` lists them); detected from the weights when omitted.
         dtype: storage dtype of the transformer(s), text and image encoders (``bf16``, ``fp16``, ``fp32``); the VAE is
@@ -497,6 +504,10 @@ def convert_release(
             src, dst, dtype=dtype, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
             transformer_only=transformer_only, overwrite=overwrite, progress=progress, max_shard_size=max_shard_size,
         )
+    from .vap import convert_vap_release, is_vap_release
+
+    if Path(src).is_dir() and is_vap_release(src):  # a Diffusers-format release: only the transformer converts
+        return convert_vap_release(src, dst, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size)
     release = load_release(
         src, variant=variant, dtype=dtype, scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
         text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, image_encoder=image_encoder,

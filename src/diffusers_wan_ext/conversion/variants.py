@@ -152,7 +152,8 @@ VARIANTS: tuple[WanVariant, ...] = (
     WanVariant(
         "krea-realtime-video", "t2v", "krea/krea-realtime-video", dim=5120, num_layers=40,
         flow_shift=20.0, num_inference_steps=6, guidance_scale=1.0,
-        notes="distilled Wan2.1-T2V-14B (single file, 'model.' prefix); few steps, no CFG",
+        notes="distilled Wan2.1-T2V-14B (single file, 'model.' prefix); few steps, no CFG; block-by-block streaming "
+              "with WanStreamingPipeline (same folder)",
     ),
     # --- LongCat-Video: its own DiT with the Wan2.1 VAE and umT5 (conversion.longcat) ----------------------------
     WanVariant(

@@ -6,6 +6,7 @@ from .transformer_wan_animate_ext import WanAnimateExtTransformer3DModel
 from .transformer_wan_ext import WanExtTransformer3DModel
 from .transformer_wan_fun import WanFunTransformer3DModel
 from .transformer_wan_s2v import WanS2VTransformer3DModel
+from .transformer_wan_vap import WanVideoAsPromptTransformer3DModel
 
 __all__ = [
     "LongCatKVCache",
@@ -18,5 +19,6 @@ __all__ = [
     "WanMotionControllerModel",
     "WanS2VTransformer3DModel",
     "WanTextLenAttnProcessor",
+    "WanVideoAsPromptTransformer3DModel",
     "apply_motion_control",
 ]

@@ -12,6 +12,10 @@
   a camera direction or explicit per-frame poses.
 * :class:`WanSpeedControlPipeline` -- ``WanPipeline`` with the Wan2.1 speed-control ``motion_controller``
   (``motion_bucket_id``).
+* :class:`WanVideoAsPromptPipeline` -- ByteDance Video-As-Prompt: image-to-video following a reference video
+  (``vap_video``, ``vap_prompt``) through the mixture-of-transformers reference stream.
+* :class:`WanStreamingPipeline` -- streaming text-to-video for Self-Forcing-distilled models (krea realtime):
+  block-causal attention with a KV cache, few-step blocks, each block decoded and yielded as soon as it is ready.
 * :class:`WanExtPipeline` -- ``WanPipeline`` with CFG batching (cond + uncond in one transformer forward).
 * :class:`WanAnimateExtPipeline` -- ``WanAnimatePipeline`` (Wan2.2-Animate) with video-file / array inputs, strict
   validation and the relighting LoRA.
@@ -43,7 +47,9 @@ from .pipeline_wan_fun_inpaint import WanFunInpaintPipeline
 from .pipeline_wan_i2v_reference import WanImageToVideoReferencePipeline
 from .pipeline_wan_s2v import WanSpeechToVideoPipeline
 from .pipeline_wan_speed_control import WanSpeedControlPipeline
+from .pipeline_wan_streaming import WanStreamChunk, WanStreamingPipeline, self_forcing_schedule
 from .pipeline_wan_video2video_reference import WanVideoToVideoReferencePipeline
+from .pipeline_wan_video_as_prompt import WanVideoAsPromptPipeline
 
 __all__ = [
     "LongCatVideoPipeline",
@@ -55,5 +61,9 @@ __all__ = [
     "WanImageToVideoReferencePipeline",
     "WanSpeedControlPipeline",
     "WanSpeechToVideoPipeline",
+    "WanStreamChunk",
+    "WanStreamingPipeline",
+    "WanVideoAsPromptPipeline",
     "WanVideoToVideoReferencePipeline",
+    "self_forcing_schedule",
 ]

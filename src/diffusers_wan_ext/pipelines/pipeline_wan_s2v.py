@@ -432,7 +432,7 @@ class WanSpeechToVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, DiffusionPipe
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                 cfg_batching=cfg_batching,
                 transformer_kwargs=kwargs,
-                negative_transformer_kwargs={"audio_embeds": torch.zeros_like(clip_audio)},
+                uncond_transformer_kwargs={"audio_embeds": torch.zeros_like(clip_audio)},
                 broadcast_kwargs=("image_latents", "pose_latents", "motion_latents"),
             )
             latents_out.append(latents)
