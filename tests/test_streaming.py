@@ -219,7 +219,7 @@ def test_stream_input_errors(pipe):
         first(num_blocks=0)
     with pytest.raises(ValueError, match="num_frames_per_block"):
         first(num_frames_per_block=0)
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(ValueError, match="multiple of 16"):
         first(height=40)
     with pytest.raises(ValueError, match="exactly one of `prompt`"):
         first(prompt_embeds=torch.zeros(1, 512, 32))

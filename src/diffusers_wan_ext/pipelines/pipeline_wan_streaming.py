@@ -44,6 +44,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from .._registration import ShimPipelineMixin
 from ..hooks.block_causal import disable_block_causal_cache, enable_block_causal_cache
 from ..models.vae_streaming import WanStreamingVAEDecoder
+from ..utils.validation import validate_video_size
 from .runtime_mixin import WanRuntimeMixin
 
 __all__ = ["WanStreamChunk", "WanStreamingPipeline", "self_forcing_schedule"]
@@ -180,13 +181,8 @@ class WanStreamingPipeline(ShimPipelineMixin, WanRuntimeMixin, WanPipeline):
             raise ValueError(f"num_blocks must be a positive integer (or None for an endless stream), got {num_blocks!r}")
         if not isinstance(num_frames_per_block, int) or num_frames_per_block < 1:
             raise ValueError(f"num_frames_per_block must be a positive integer (krea: 3), got {num_frames_per_block!r}")
-        multiple = self.vae_scale_factor_spatial * t.config.patch_size[1]
-        if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise ValueError(
-                f"height and width must be positive multiples of {multiple} (VAE factor x patch size), got "
-                f"{height}x{width}; e.g. pass height={max(multiple, height // multiple * multiple)}, "
-                f"width={max(multiple, width // multiple * multiple)}"
-            )
+        validate_video_size(height, width, 1, spatial_factor=self.vae_scale_factor_spatial,
+                            temporal_factor=self.vae_scale_factor_temporal, patch=t.config.patch_size[1])
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if max_context_frames is not None and (not isinstance(max_context_frames, int) or max_context_frames < 1):
