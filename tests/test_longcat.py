@@ -139,12 +139,21 @@ def test_converter_errors_write_nothing(release, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
-def test_cli_convert(release, tmp_path, capsys):
+def test_cli_convert_generate_and_continue(release, tmp_path, capsys):
+    from diffusers.utils import load_video
+
     from diffusers_wan_ext.cli import main
 
     assert main(["convert", str(release), str(tmp_path / "cli"), "--dtype", "fp32"]) == 0
     assert "converted" in capsys.readouterr().out
-    assert (tmp_path / "cli" / "transformer" / "config.json").is_file()
+    gen = ["generate", "--model", str(tmp_path / "cli"), "--prompt", "a fox", "--height", "32", "--width", "32",
+           "--steps", "1", "--dtype", "fp32"]
+    assert main(gen + ["--num-frames", "9", "--output", str(tmp_path / "a.mp4")]) == 0
+    assert main(gen + ["--num-frames", "13", "--video", str(tmp_path / "a.mp4"), "--num-cond-frames", "5",
+                       "--output", str(tmp_path / "b.mp4")]) == 0
+    assert len(load_video(str(tmp_path / "b.mp4"))) == 13
+    assert main(gen + ["--num-frames", "13", "--video", str(tmp_path / "a.mp4"), "--num-cond-frames", "4"]) == 2
+    assert "num_cond_frames=4 must be 4n+1" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline

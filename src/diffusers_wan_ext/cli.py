@@ -193,6 +193,10 @@ def cmd_generate(args) -> int:
         kw["image"] = load_image(args.image)
     if args.last_image:
         kw["last_image"] = load_image(args.last_image)
+    if args.video:  # LongCat-Video continuation: the video file is read (and resized) by the pipeline
+        kw["video"] = args.video
+        if args.num_cond_frames:
+            kw["num_cond_frames"] = args.num_cond_frames
     animate_inputs = {k: getattr(args, k) for k in ANIMATE_VIDEO_ARGS if getattr(args, k)}
     if animate:
         if args.relighting_lora:
@@ -309,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--image", help="first frame (I2V / FLF2V / TI2V)")
     p.add_argument("--last-image", help="last frame (FLF2V)")
+    p.add_argument("--video", help="video to continue (LongCat-Video); the output includes its conditioning frames")
+    p.add_argument("--num-cond-frames", type=int, help="with --video: condition on its last N frames (4n+1)")
     p.add_argument("--pose-video", help="Wan2.2-Animate: driving pose video (src_pose.mp4); --image = the character")
     p.add_argument("--face-video", help="Wan2.2-Animate: driving face crops (src_face.mp4)")
     p.add_argument("--background-video", help="Wan2.2-Animate replacement: background (src_bg.mp4)")
