@@ -28,10 +28,12 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def check_model(name, model, inputs, **parallel):
+def check_model(name, model, inputs, compile_backend=None, **parallel):
     with torch.no_grad():
         ref = model(**inputs, return_dict=False)[0]
     enable_parallelism(model, cfg_parallel=False, **parallel)
+    if compile_backend:
+        model.compile_repeated_blocks(fullgraph=True, backend=compile_backend)
     with torch.no_grad():
         out = model(**inputs, return_dict=False)[0]
         out_again = model(**{**inputs}, return_dict=False)[0]  # hooks keep working on a second call
@@ -56,6 +58,11 @@ if CASE == "models":
     for label, size in (("t2v_even", 8), ("t2v_padded", 6)):
         check_model(label, tiny(), dict(hidden_states=randn(1, 16, 3, size, size), timestep=t,
                                         encoder_hidden_states=text))
+    # regional torch.compile (fullgraph) through the context-parallel and padding hooks (Dynamo tracing only here:
+    # Inductor's CPU codegen is slow on 2 cores; the GPU benchmark compiles with Inductor)
+    model = tiny()
+    check_model("t2v_padded_compiled", model, dict(hidden_states=randn(1, 16, 3, 6, 6), timestep=t,
+                                                   encoder_hidden_states=text), compile_backend="eager")
     # Wan2.2 TI2V: per-token timesteps, padded
     x = randn(1, 16, 3, 6, 6)
     per_token = torch.linspace(0, 900, 27, device=device).view(1, 27)

@@ -18,7 +18,9 @@ from .models import (
     WanExtTransformer3DModel,
     WanFunTransformer3DModel,
     WanMotionControllerModel,
+    WanS2VTransformer3DModel,
     WanTextLenAttnProcessor,
+    WanVideoAsPromptTransformer3DModel,
 )
 from .pipelines import (
     LongCatVideoPipeline,
@@ -29,6 +31,9 @@ from .pipelines import (
     WanFunInpaintPipeline,
     WanImageToVideoReferencePipeline,
     WanSpeedControlPipeline,
+    WanSpeechToVideoPipeline,
+    WanStreamingPipeline,
+    WanVideoAsPromptPipeline,
     WanVideoToVideoReferencePipeline,
 )
 from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
@@ -51,8 +56,13 @@ __all__ = [
     "WanFunTransformer3DModel",
     "WanImageToVideoReferencePipeline",
     "WanMotionControllerModel",
+    "WanS2VTransformer3DModel",
     "WanSpeedControlPipeline",
+    "WanSpeechToVideoPipeline",
+    "WanStreamingPipeline",
     "WanTextLenAttnProcessor",
+    "WanVideoAsPromptPipeline",
+    "WanVideoAsPromptTransformer3DModel",
     "WanVideoToVideoReferencePipeline",
 ]
 

@@ -148,7 +148,8 @@ def _register_hooks() -> None:
       returns a ``WanAttnProcessor``) and our :class:`~diffusers_wan_ext.WanTextLenAttnProcessor`;
     * LongCat-Video's ``LongCatVideoTransformerBlock`` and ``LongCatVideoAttnProcessor``.
 
-    Our Fun transformer reuses stock ``WanTransformerBlock`` (already registered), so it needs no entry.
+    Our Fun transformer reuses stock ``WanTransformerBlock`` (already registered), so it needs no entry; the S2V
+    block (a ``WanTransformerBlock`` subclass with two modulation segments) gets the stock block's metadata.
     """
     from diffusers.hooks._helpers import (
         AttentionProcessorMetadata,
@@ -161,11 +162,14 @@ def _register_hooks() -> None:
 
     from .models.attention_processor import WanTextLenAttnProcessor
     from .models.transformer_longcat import LongCatVideoAttnProcessor, LongCatVideoTransformerBlock
+    from .models.transformer_wan_s2v import WanS2VTransformerBlock
 
     TransformerBlockRegistry._register()
-    if LongCatVideoTransformerBlock not in TransformerBlockRegistry._registry:
+    for block in (LongCatVideoTransformerBlock, WanS2VTransformerBlock):
+        if block in TransformerBlockRegistry._registry:
+            continue
         TransformerBlockRegistry.register(
-            LongCatVideoTransformerBlock,
+            block,
             TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None),
         )
     if WanVACETransformerBlock not in TransformerBlockRegistry._registry:

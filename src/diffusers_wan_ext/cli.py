@@ -36,6 +36,7 @@ def _add_convert(sub):
     p.add_argument("--vae", help="Wan2.1_VAE.pth or Wan2.2_VAE.pth")
     p.add_argument("--image-encoder", help="models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
     p.add_argument("--image-encoder-heads", type=int, help="CLIP heads (only for non-release widths)")
+    p.add_argument("--audio-encoder", help="Wan2.2-S2V wav2vec2-large-xlsr-53-english folder (model + processor)")
     p.add_argument("--motion-controller", metavar="FILE",
                    help="speed-control model.safetensors (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1) to add as a "
                         "component of a Wan2.1 T2V folder (-> WanSpeedControlPipeline)")
@@ -81,8 +82,9 @@ def cmd_convert(args) -> int:
         src, args.dst, variant=args.variant, dtype=args.dtype, scheduler=args.scheduler,
         transformer=args.transformer, transformer_2=args.transformer_2, text_encoder=args.text_encoder,
         tokenizer=args.tokenizer, vae=args.vae, image_encoder=args.image_encoder,
-        image_encoder_heads=args.image_encoder_heads, motion_controller=args.motion_controller,
-        relighting_lora=args.relighting_lora, transformer_only=args.transformer_only, overwrite=args.overwrite,
+        image_encoder_heads=args.image_encoder_heads, audio_encoder=args.audio_encoder,
+        motion_controller=args.motion_controller, relighting_lora=args.relighting_lora,
+        transformer_only=args.transformer_only, overwrite=args.overwrite,
     )
     print(f"converted -> {out}")
     if args.push_to_hub:
@@ -191,6 +193,10 @@ def cmd_generate(args) -> int:
         kw["image"] = load_image(args.image)
     if args.last_image:
         kw["last_image"] = load_image(args.last_image)
+    if args.video:  # LongCat-Video continuation: the video file is read (and resized) by the pipeline
+        kw["video"] = args.video
+        if args.num_cond_frames:
+            kw["num_cond_frames"] = args.num_cond_frames
     animate_inputs = {k: getattr(args, k) for k in ANIMATE_VIDEO_ARGS if getattr(args, k)}
     if animate:
         if args.relighting_lora:
@@ -307,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--image", help="first frame (I2V / FLF2V / TI2V)")
     p.add_argument("--last-image", help="last frame (FLF2V)")
+    p.add_argument("--video", help="video to continue (LongCat-Video); the output includes its conditioning frames")
+    p.add_argument("--num-cond-frames", type=int, help="with --video: condition on its last N frames (4n+1)")
     p.add_argument("--pose-video", help="Wan2.2-Animate: driving pose video (src_pose.mp4); --image = the character")
     p.add_argument("--face-video", help="Wan2.2-Animate: driving face crops (src_face.mp4)")
     p.add_argument("--background-video", help="Wan2.2-Animate replacement: background (src_bg.mp4)")

@@ -17,13 +17,23 @@ from safetensors.torch import save_file
 
 __all__ = [
     "TINY", "TINY_LONGCAT", "make_tiny_dataset", "make_tiny_longcat_lora", "make_tiny_longcat_release",
-    "make_tiny_motion_controller", "make_tiny_release", "make_tiny_relighting_lora", "prepare_training_demo", "run_demo",
+    "make_tiny_motion_controller", "make_tiny_release", "make_tiny_relighting_lora", "make_tiny_wav2vec",
+    "prepare_training_demo", "run_demo",
 ]
 
 # Widths of the tiny releases (structure is real: depths, patching, RoPE split, token counts).
 TINY = dict(
     dim=48, num_heads=2, ffn_dim=96, num_layers=2, freq_dim=32, text_dim=32, clip_dim=32, clip_layers=3,
-    clip_heads=2, clip_image=224, t5_vocab=256, vae_dim=8,
+    clip_heads=2, clip_image=224, t5_vocab=256, vae_dim=8, wav2vec_dim=32, wav2vec_layers=2,
+)
+# Wan2.2-S2V: the audio encoder folder of the release (transformers Wav2Vec2ForCTC layout) and the DiT's options.
+# motion_frames is tiny too (release: 73): the history is VAE-encoded once per clip, 73 frames take the CPU tests
+# far longer than the rest (the dit_s2v golden covers the release's 73 frames).
+WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
+S2V_CONFIG = dict(
+    enable_adain=True, adain_mode="attn_norm", audio_inject_layers=[0, 1], zero_init=True, zero_timestep=True,
+    enable_motioner=False, add_last_motion=True, trainable_token=False, enable_tsm=False, enable_framepack=True,
+    framepack_drop_mode="padd", motion_frames=9, cond_dim=16,
 )
 
 ARCH_CONFIG = {  # original config.json fields per architecture (+ which extension modules the DiT has)
@@ -37,6 +47,7 @@ ARCH_CONFIG = {  # original config.json fields per architecture (+ which extensi
     "fun-camera": dict(model_type="i2v", in_dim=32, out_dim=16, clip=True, camera=True),
     "vace": dict(model_type="vace", in_dim=16, out_dim=16, vace=True),
     "animate": dict(model_type="animate", in_dim=36, out_dim=16, clip=True, animate=True),
+    "s2v": dict(model_type="s2v", in_dim=16, out_dim=16, s2v=True),
 }
 # Wan2.2-Animate: tiny adapter widths (stock WanAnimateTransformer3DModel config names) and 5 DiT blocks, so that
 # one face block exists (the original applies one after every 5th block).
@@ -69,6 +80,7 @@ def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator, e
 
     from .conversion.dit import export_dit_state_dict
     from .models.transformer_wan_fun import WanFunTransformer3DModel
+    from .models.transformer_wan_s2v import WanS2VTransformer3DModel
 
     a = _arch_config(arch, experts)
     clip = a.get("clip", False)
@@ -86,6 +98,13 @@ def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator, e
         model = WanAnimateTransformer3DModel(**kwargs, latent_channels=16)
     elif a.get("vace"):
         model = WanVACETransformer3DModel(**kwargs, vace_layers=vace_layers, vace_in_channels=96)
+    elif a.get("s2v"):
+        for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+            kwargs.pop(key)
+        model = WanS2VTransformer3DModel(
+            **kwargs, audio_dim=TINY["wav2vec_dim"], audio_num_layers=TINY["wav2vec_layers"] + 1,
+            audio_inject_layers=S2V_CONFIG["audio_inject_layers"], pose_dim=S2V_CONFIG["cond_dim"],
+        )
     elif a.get("ref") or a.get("camera"):
         model = WanFunTransformer3DModel(
             **kwargs, ref_conv_in_channels=16 if a.get("ref") else None,
@@ -112,7 +131,47 @@ def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator, e
         config.update(vace_layers=vace_layers, vace_in_dim=96)
     if a.get("camera"):
         config.update(add_control_adapter=True, in_dim_control_adapter=24)
+    if a.get("s2v"):
+        config.update(S2V_CONFIG, _class_name="WanModel_S2V", audio_dim=TINY["wav2vec_dim"])
     return export_dit_state_dict(sd), config
+
+
+def make_tiny_wav2vec(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny ``wav2vec2-large-xlsr-53-english`` folder as the S2V release ships it: ``Wav2Vec2ForCTC`` config,
+    ``model.safetensors`` with the legacy ``weight_g`` / ``weight_v`` names of the positional conv, and the
+    ``Wav2Vec2Processor`` files (feature extractor at 16 kHz + CTC vocabulary)."""
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    cfg = Wav2Vec2Config(
+        vocab_size=8, hidden_size=TINY["wav2vec_dim"], num_hidden_layers=TINY["wav2vec_layers"], num_attention_heads=2,
+        intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        do_stable_layer_norm=True, feat_extract_norm="layer", mask_time_prob=0.05, architectures=["Wav2Vec2ForCTC"],
+    )
+    model = Wav2Vec2ForCTC(cfg)
+    legacy = {
+        k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v"):
+        v.contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_file(legacy, str(folder / "model.safetensors"))
+    cfg.save_pretrained(folder)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "A": 5, "B": 6, "C": 7}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(folder / "vocab.json"))
+    extractor = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    )
+    extractor.save_pretrained(folder)  # preprocessor_config.json, as the release (saved by transformers 4.x)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def make_tiny_relighting_lora(path: str | os.PathLike, dit_state_dict: dict, rank: int = 4, seed: int = 0) -> Path:
@@ -292,7 +351,8 @@ def make_tiny_release(
             conditioning variant: ``fun-control`` (Wan2.1 Fun-Control), ``fun-control-ref`` (Fun-V1.1-Control;
             with ``experts=2`` Wan2.2-Fun-A14B-Control), ``fun-camera`` (Fun-V1.1-Control-Camera; with
             ``experts=2`` Wan2.2-Fun-A14B-Control-Camera), ``vace`` (Wan2.1-VACE; ``experts=2``: Wan2.2-VACE-Fun),
-            ``animate`` (Wan2.2-Animate-14B: DiT + Animate adapter in one file, CLIP, ``relighting_lora.ckpt``).
+            ``animate`` (Wan2.2-Animate-14B: DiT + Animate adapter in one file, CLIP, ``relighting_lora.ckpt``),
+            ``s2v`` (Wan2.2-S2V-14B, with its ``wav2vec2-large-xlsr-53-english/`` audio encoder folder).
         experts: 2 writes ``high_noise_model/`` + ``low_noise_model/`` (Wan2.2 A14B layout).
         text_len: the DiT's ``text_len`` (releases: 512).
 
@@ -344,6 +404,8 @@ def make_tiny_release(
             layer_norm_eps=1e-5, projection_dim=16,
         ))
         torch.save(export_clip_state_dict(clip.state_dict()), folder / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    if arch == "s2v":
+        make_tiny_wav2vec(folder / WAV2VEC_DIR, seed=seed)
     return folder
 
 

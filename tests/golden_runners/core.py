@@ -15,8 +15,6 @@ RUNNERS: dict[str, Callable[["GoldenCase", Path], dict[str, Any]]] = {}
 
 # Cases we know about but do not support yet: case name -> reason (the issue that will add them).
 UNSUPPORTED: dict[str, str] = {
-    "dit_s2v": "Wan2.2-S2V lands with the audio/motion-driven issue (#7)",
-    "dit_vap": "Video-As-Prompt lands with issue #8",
 }
 
 

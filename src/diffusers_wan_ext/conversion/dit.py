@@ -56,6 +56,12 @@ TOP_LEVEL_KEY_MAP: tuple[tuple[str, str], ...] = (
     ("control_adapter", "control_adapter"),
     # VACE (stock WanVACETransformer3DModel)
     ("vace_patch_embedding", "vace_patch_embedding"),
+    # Wan2.2-S2V (WanS2VTransformer3DModel; names of the Diffusers S2V port)
+    ("cond_encoder", "condition_embedder.pose_embedder"),
+    ("casual_audio_encoder", "condition_embedder.causal_audio_encoder"),
+    ("trainable_cond_mask", "trainable_condition_mask"),
+    ("frame_packer", "frame_packer"),
+    ("audio_injector.injector_adain_layers", "audio_injector.injector_adain_layers"),
 )
 
 # Inside ``blocks.N.``.  The original ``norm3`` (affine, before cross-attention) is Diffusers' ``norm2``; the
@@ -87,19 +93,28 @@ VACE_BLOCK_KEY_MAP: tuple[tuple[str, str], ...] = BLOCK_KEY_MAP + (
     ("before_proj", "proj_in"),
     ("after_proj", "proj_out"),
 )
-BLOCK_TABLES = {"blocks": BLOCK_KEY_MAP, "vace_blocks": VACE_BLOCK_KEY_MAP}
+# Inside ``audio_injector.injector.N.`` (Wan2.2-S2V audio cross-attention; stock ``WanAttention`` names).
+AUDIO_INJECTOR_KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("q", "to_q"),
+    ("k", "to_k"),
+    ("v", "to_v"),
+    ("o", "to_out.0"),
+    ("norm_q", "norm_q"),
+    ("norm_k", "norm_k"),
+)
+BLOCK_TABLES = {
+    "blocks": BLOCK_KEY_MAP,
+    "vace_blocks": VACE_BLOCK_KEY_MAP,
+    "audio_injector.injector": AUDIO_INJECTOR_KEY_MAP,
+}
 
 # Key families of Wan checkpoints that other converters handle (key fragment -> what it is / where it lands).
 KNOWN_EXTENSION_KEYS: tuple[tuple[str, str], ...] = (
     ("_mot_ref", "Video-As-Prompt reference stream"),
-    ("audio_", "Wan2.2-S2V audio injection"),
-    ("casual_audio_encoder", "Wan2.2-S2V audio encoder"),
-    ("cond_encoder", "Wan2.2-S2V pose condition"),
-    ("frame_packer", "Wan2.2-S2V motion frames"),
 )
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_ANY_BLOCK_RE = re.compile(r"^(blocks|vace_blocks)\.(\d+)\.(.+)$")
+_ANY_BLOCK_RE = re.compile(rf"^({'|'.join(re.escape(k) for k in BLOCK_TABLES)})\.(\d+)\.(.+)$")
 REQUIRED_KEYS = (
     "patch_embedding.weight",
     "text_embedding.0.weight",
@@ -235,6 +250,8 @@ class DitInfo:
             return "WanVACETransformer3DModel"
         if "motion_encoder_dim" in self.config:  # Wan2.2-Animate
             return "WanAnimateExtTransformer3DModel" if self.needs_text_len_processor else "WanAnimateTransformer3DModel"
+        if "audio_inject_layers" in self.config:
+            return "WanS2VTransformer3DModel"
         if self.config.get("ref_conv_in_channels") or self.config.get("control_adapter_in_channels"):
             return "WanFunTransformer3DModel"
         return "WanExtTransformer3DModel" if self.needs_text_len_processor else "WanTransformer3DModel"
@@ -243,6 +260,7 @@ class DitInfo:
 # What the DiT weights say about the release family (see :data:`diffusers_wan_ext.conversion.variants.VARIANTS`).
 ARCHITECTURES = (
     "t2v", "i2v", "i2v-noclip", "flf2v", "ti2v", "fun-control", "fun-control-ref", "fun-camera", "vace", "animate",
+    "s2v",
 )
 # in_dim - out_dim -> architecture, for DiTs without extension modules (``ref_conv``, ``control_adapter``, VACE).
 # 20 = 4 mask + 16 image latents; 32 = 16 control + 16 image latents (Wan2.1 Fun-Control);
@@ -354,6 +372,13 @@ def dit_config_from_state_dict(
                 "only text-to-video VACE DiTs (in_dim == out_dim, no CLIP branch) exist"
             )
         arch = "vace"
+    elif "audio_inject_layers" in ext:
+        if has_img or extra:
+            raise ConversionError(
+                f"Wan2.2-S2V weights (casual_audio_encoder.*) on a DiT with in_dim {in_dim} / out_dim {out_dim} / "
+                f"img_emb {'present' if has_img else 'absent'}: the S2V DiT takes 16 latent channels and no CLIP"
+            )
+        arch = "s2v"
     elif "control_adapter_in_channels" in ext:
         arch = "fun-camera"
     elif "ref_conv_in_channels" in ext:
@@ -392,6 +417,9 @@ def dit_config_from_state_dict(
         rope_max_seq_len=1024,
         pos_embed_seq_len=int(pos_len) if pos_len is not None else None,
     )
+    if arch == "s2v":  # no CLIP branch: WanS2VTransformer3DModel has no image arguments
+        for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+            config.pop(key)
     config.update(ext)
     return DitInfo(arch=arch, config=config, text_len=text_len, model_type=cfg.get("model_type"))
 
@@ -454,7 +482,83 @@ def _extension_config(
             )
         ext["vace_layers"] = layers
         ext["vace_in_channels"] = int(w.shape[1])
+    if any(k.startswith(S2V_KEY_PREFIXES) for k in sd):
+        ext.update(_s2v_config(sd, cfg, dim, num_layers))
     return ext
+
+
+# Key families of the Wan2.2-S2V DiT.
+S2V_KEY_PREFIXES = ("casual_audio_encoder.", "audio_injector.", "frame_packer.", "cond_encoder.", "trainable_cond_mask.")
+# S2V options of the release config.json and the values of the release (used when config.json lacks them).
+S2V_RELEASE_OPTIONS = dict(
+    motion_frames=73, zero_timestep=True, add_last_motion=True, framepack_drop_mode="padd",
+)
+
+
+def _s2v_config(sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], dim: int, num_layers: int) -> dict[str, Any]:
+    """Config entries of a Wan2.2-S2V DiT (``WanModel_S2V``), from the shapes and the release ``config.json``."""
+    from ..models.transformer_wan_s2v import RELEASE_AUDIO_INJECT_LAYERS, audio_injector_layout
+
+    required = ("casual_audio_encoder.weights", "casual_audio_encoder.encoder.conv1_local.conv.weight",
+                "frame_packer.proj.weight", "trainable_cond_mask.weight", "audio_injector.injector.0.q.weight")
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise ConversionError(
+            f"incomplete Wan2.2-S2V DiT: missing key(s) {_format_keys(missing)} (only the released S2V layout with "
+            "FramePack motion frames is supported)"
+        )
+    unsupported = [f"{k}={cfg[k]!r}" for k, ok in (("enable_motioner", False), ("enable_framepack", True),
+                                                   ("adain_mode", "attn_norm"), ("enable_tsm", False))
+                   if k in cfg and cfg[k] != ok]
+    if unsupported:
+        raise ConversionError(
+            f"config.json has {', '.join(unsupported)}: only the released S2V configuration (FramePack motion frames, "
+            "AdaLN 'attn_norm' audio injection, no motioner transformer) is supported"
+        )
+    layers_w = sd["casual_audio_encoder.weights"]
+    conv1 = sd["casual_audio_encoder.encoder.conv1_local.conv.weight"]
+    quarter = dim // 4
+    if layers_w.ndim != 4 or conv1.ndim != 3 or conv1.shape[0] % quarter:
+        raise ConversionError(
+            f"casual_audio_encoder: weights {tuple(layers_w.shape)} / encoder.conv1_local.conv.weight "
+            f"{tuple(conv1.shape)} do not fit a {dim}-wide S2V DiT (expected [1, layers, 1, 1] and "
+            f"[{quarter} * tokens, audio_dim, 3])"
+        )
+    enable_adain = "casual_audio_encoder.encoder.conv1_global.conv.weight" in sd
+    has_adain_layers = "audio_injector.injector_adain_layers.0.linear.weight" in sd
+    if has_adain_layers != enable_adain or ("enable_adain" in cfg and bool(cfg["enable_adain"]) != enable_adain):
+        raise ConversionError(
+            f"inconsistent AdaLN audio injection: casual_audio_encoder.encoder.conv1_global "
+            f"{'present' if enable_adain else 'absent'}, audio_injector.injector_adain_layers "
+            f"{'present' if has_adain_layers else 'absent'}, config enable_adain={cfg.get('enable_adain', '(unset)')}"
+        )
+    injectors = _indices(sd, "audio_injector.injector")
+    if injectors != list(range(len(injectors))):
+        raise ConversionError(f"audio injectors are not contiguous (found audio_injector.injector indices {injectors})")
+    if "audio_inject_layers" in cfg:
+        layers = [int(i) for i in cfg["audio_inject_layers"]]
+    else:
+        layers = list(RELEASE_AUDIO_INJECT_LAYERS)
+    count, _ = audio_injector_layout(num_layers, layers)
+    if count != len(injectors):
+        raise ConversionError(
+            f"{len(injectors)} audio injectors (audio_injector.injector.*) but audio_inject_layers {layers} with "
+            f"{num_layers} DiT blocks give {count}: give audio_inject_layers in config.json (the release lists "
+            f"{list(RELEASE_AUDIO_INJECT_LAYERS)} for 40 blocks)"
+        )
+    options = {k: cfg.get(k, v) for k, v in S2V_RELEASE_OPTIONS.items()}
+    return dict(
+        audio_dim=int(conv1.shape[1]),
+        audio_num_layers=int(layers_w.shape[1]),
+        num_audio_tokens=int(conv1.shape[0]) // quarter,
+        audio_inject_layers=layers,
+        enable_adain=enable_adain,
+        pose_dim=int(sd["cond_encoder.weight"].shape[1]) if "cond_encoder.weight" in sd else 0,
+        motion_frames=int(options["motion_frames"]),
+        zero_timestep=bool(options["zero_timestep"]),
+        add_last_motion=bool(options["add_last_motion"]),
+        framepack_drop_mode=str(options["framepack_drop_mode"]),
+    )
 
 
 def check_shapes(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:

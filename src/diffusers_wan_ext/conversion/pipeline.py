@@ -26,6 +26,7 @@ from .dit import (
     find_dit_files,
     locate_dit,
 )
+from .audio_encoder import WAV2VEC_DIR
 from .variants import VARIANTS, WanVariant, get_variant, variants_for_arch
 
 __all__ = ["LoadedRelease", "ReleaseFiles", "find_release_files", "load_release", "convert_release", "add_motion_controller", "DTYPES", "SCHEDULERS", "write_model_card"]
@@ -91,6 +92,7 @@ class ReleaseFiles:
     tokenizer: Path | None = None
     vae: Path | None = None
     image_encoder: Path | None = None
+    audio_encoder: Path | None = None  # Wan2.2-S2V: the wav2vec2 folder (model + processor)
     relighting_lora: Path | None = None  # Wan2.2-Animate
     name_hint: str | None = None
 
@@ -111,6 +113,7 @@ def find_release_files(
     tokenizer: str | os.PathLike | None = None,
     vae: str | os.PathLike | None = None,
     image_encoder: str | os.PathLike | None = None,
+    audio_encoder: str | os.PathLike | None = None,
     relighting_lora: str | os.PathLike | None = None,
 ) -> ReleaseFiles:
     """Locate the components of a release folder (or a single DiT file plus explicitly given component files)."""
@@ -148,6 +151,7 @@ def find_release_files(
     files.tokenizer = Path(tokenizer) if tokenizer else _first_existing(root / TOKENIZER_DIR, root / "tokenizer")
     files.vae = Path(vae) if vae else _first_existing(*(root / f for f in VAE_FILES.values()))
     files.image_encoder = Path(image_encoder) if image_encoder else _first_existing(root / CLIP_FILE)
+    files.audio_encoder = Path(audio_encoder) if audio_encoder else _first_existing(root / WAV2VEC_DIR)
     from .animate import find_relighting_lora
 
     files.relighting_lora = Path(relighting_lora) if relighting_lora else find_relighting_lora(root)
@@ -192,6 +196,11 @@ CARD_CALLS = {
         "             height={height}, width={width}, segment_frame_length={num_frames}, "
         "num_inference_steps={num_inference_steps},\n             guidance_scale={guidance_scale}"
     ),
+    "WanSpeechToVideoPipeline": (  # num_frames: frames per clip; the clips follow the audio
+        'image=load_image("person.png"), audio="speech.wav", prompt="a person is talking",\n'
+        "             height={height}, width={width}, num_frames_per_clip={num_frames}, "
+        "num_inference_steps={num_inference_steps},\n             guidance_scale={guidance_scale}"
+    ),
 }
 _DEFAULT_CARD_CALL = (
     'prompt="a cat surfing a wave", height={height}, width={width},\n'
@@ -234,7 +243,7 @@ video = pipe({call}).frames[0]
 {extra}
 Sampling defaults of the original release: flow shift {variant.flow_shift}, {variant.num_inference_steps} steps,
 guidance {variant.guidance_scale}{f' / {variant.guidance_scale_2} (low-noise expert)' if variant.guidance_scale_2 else ''},
-{variant.num_frames} frames at {variant.fps} fps.
+{variant.num_frames} frames{" per clip" if variant.audio_encoder else ""} at {variant.fps} fps.
 """
     (folder / "README.md").write_text(text)
 
@@ -280,6 +289,7 @@ def load_release(
     vae: str | os.PathLike | None = None,
     image_encoder: str | os.PathLike | None = None,
     image_encoder_heads: int | None = None,
+    audio_encoder: str | os.PathLike | None = None,
     motion_controller: str | os.PathLike | None = None,
     relighting_lora: str | os.PathLike | None = None,
     transformer_only: bool = False,
@@ -299,6 +309,11 @@ def load_release(
     if (variant or "").lower() == "longcat-video" or find_longcat_dit(src, transformer) is not None:
         raise ConversionError(f"{src}: a LongCat-Video release, which has its own converter: convert it with "
                               f"convert_release / `diffusers-wan convert` and use the converted folder")
+    from .vap import is_vap_release
+
+    if Path(src).is_dir() and is_vap_release(src):
+        raise ConversionError(f"{src}: a Video-As-Prompt release (Diffusers format), which has its own converter: "
+                              f"convert it with convert_release / `diffusers-wan convert` and use the converted folder")
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if scheduler not in SCHEDULERS:
@@ -306,7 +321,8 @@ def load_release(
     torch_dtype = DTYPES[dtype]
     files = find_release_files(
         src, transformer=transformer, transformer_2=transformer_2, text_encoder=text_encoder,
-        tokenizer=tokenizer, vae=vae, image_encoder=image_encoder, relighting_lora=relighting_lora,
+        tokenizer=tokenizer, vae=vae, image_encoder=image_encoder, audio_encoder=audio_encoder,
+        relighting_lora=relighting_lora,
     )
     # --- DiT(s): read, detect, validate ----------------------------------------------------------------------
     dit_sds, infos = [], []
@@ -328,13 +344,16 @@ def load_release(
         needed.update(text_encoder=files.text_encoder, tokenizer=files.tokenizer, vae=files.vae)
         if var.image_encoder:
             needed["image_encoder"] = files.image_encoder
+        if var.audio_encoder:
+            needed["audio_encoder"] = files.audio_encoder
     missing = [k for k, v in needed.items() if v is None]
     if missing:
         flags = ", ".join(f"--{k.replace('_', '-')} PATH" for k in missing)
         raise ConversionError(
             f"{src}: missing component(s) for {var.name}: {', '.join(missing)}. Put the original files next to the DiT "
             f"({T5_FILE}, {TOKENIZER_DIR}/, {VAE_FILES[var.vae]}"
-            f"{', ' + CLIP_FILE if var.image_encoder else ''}) or pass {flags} (or --transformer-only)."
+            f"{', ' + CLIP_FILE if var.image_encoder else ''}{', ' + WAV2VEC_DIR + '/' if var.audio_encoder else ''}) "
+            f"or pass {flags} (or --transformer-only)."
         )
 
     lora = None
@@ -351,7 +370,7 @@ def load_release(
         var = replace(var, pipeline="WanSpeedControlPipeline")
 
     # --- Load & validate every component before writing anything ----------------------------------------------
-    steps = len(infos) + (0 if transformer_only else 4 + (1 if var.image_encoder else 0))
+    steps = len(infos) + (0 if transformer_only else 4 + int(var.image_encoder) + int(var.audio_encoder))
     bar = _progress(steps, progress)
     transformers_ = []
     for path, sd, inf in zip(files.dit, dit_sds, infos):
@@ -415,6 +434,10 @@ def load_release(
                 )
             components["image_processor"] = make_clip_image_processor(components["image_encoder"].config.image_size)
             bar.update()
+        if var.audio_encoder:
+            bar.set_postfix_str("audio encoder")
+            components.update(_load_audio_encoder_for(files.audio_encoder, info))
+            bar.update()
         if mc_model is not None:
             components["motion_controller"] = mc_model
         components["scheduler"] = _scheduler_factory(scheduler, var.flow_shift)
@@ -437,6 +460,7 @@ def convert_release(
     vae: str | os.PathLike | None = None,
     image_encoder: str | os.PathLike | None = None,
     image_encoder_heads: int | None = None,
+    audio_encoder: str | os.PathLike | None = None,
     motion_controller: str | os.PathLike | None = None,
     relighting_lora: str | os.PathLike | None = None,
     transformer_only: bool = False,
@@ -449,15 +473,19 @@ def convert_release(
     Args:
         src: release folder (``diffusion_pytorch_model*.safetensors`` or ``high_noise_model/`` + ``low_noise_model/``,
             ``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.x_VAE.pth``, ``google/umt5-xxl/``, CLIP ``.pth`` for I2V /
-            FLF2V) or a single DiT file (e.g. krea's).  A LongCat-Video release (``dit/``, ``vae/``,
+            FLF2V, ``wav2vec2-large-xlsr-53-english/`` for S2V) or a single DiT file (e.g. krea's).  A LongCat-Video release (``dit/``, ``vae/``,
             ``text_encoder/``, ``tokenizer/``, ``scheduler/``) is recognised by its DiT keys and converted by
-            :func:`~diffusers_wan_ext.conversion.longcat.convert_longcat_release`.
+            :func:`~diffusers_wan_ext.conversion.longcat.convert_longcat_release`; the Diffusers-format ByteDance
+            Video-As-Prompt release (``transformer/config.json`` class ``WanTransformer3DMOTModel``) by
+            :func:`~diffusers_wan_ext.conversion.vap.convert_vap_release` (only its transformer changes).
         dst: output folder; must not exist unless ``overwrite``.
         variant: release name (``diffusers-wan variants`` lists them); detected from the weights when omitted.
         dtype: storage dtype of the transformer(s), text and image encoders (``bf16``, ``fp16``, ``fp32``); the VAE is
             kept in float32.
         scheduler: ``unipc`` (stock, as the Wan-AI Diffusers repos), ``euler`` (stock flow-match Euler),
             ``diffsynth`` (DiffSynth-exact Euler) or ``original-unipc`` (original Wan FlowUniPC schedule).
+        audio_encoder: the S2V audio encoder folder (default: ``wav2vec2-large-xlsr-53-english/`` next to the DiT);
+            it becomes ``audio_encoder`` (``Wav2Vec2Model``, float32) and ``audio_processor``.
         motion_controller: the speed-control module (``DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1``
             ``model.safetensors``) to add as a ``motion_controller`` component; the folder then loads as
             :class:`~diffusers_wan_ext.WanSpeedControlPipeline` (text-to-video DiTs only).
@@ -476,11 +504,15 @@ def convert_release(
             src, dst, dtype=dtype, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
             transformer_only=transformer_only, overwrite=overwrite, progress=progress, max_shard_size=max_shard_size,
         )
+    from .vap import convert_vap_release, is_vap_release
+
+    if Path(src).is_dir() and is_vap_release(src):  # a Diffusers-format release: only the transformer converts
+        return convert_vap_release(src, dst, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size)
     release = load_release(
         src, variant=variant, dtype=dtype, scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
         text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, image_encoder=image_encoder,
-        image_encoder_heads=image_encoder_heads, motion_controller=motion_controller, relighting_lora=relighting_lora,
-        transformer_only=transformer_only, progress=progress,
+        image_encoder_heads=image_encoder_heads, audio_encoder=audio_encoder, motion_controller=motion_controller,
+        relighting_lora=relighting_lora, transformer_only=transformer_only, progress=progress,
     )
     var, transformers_, components = release.variant, release.transformers, release.components
     lora, torch_dtype = release.relighting_lora, DTYPES[dtype]
@@ -524,6 +556,21 @@ def convert_release(
             write_model_card(tmp, var, pipeline_class, str(src))
             (tmp / "wan_variant.json").write_text(json.dumps(_variant_record(var), indent=2) + "\n")
     return Path(dst)
+
+
+def _load_audio_encoder_for(folder: Path, info: DitInfo) -> dict[str, Any]:
+    """The S2V ``audio_encoder`` (float32, as the original runs it) and ``audio_processor``, checked against the DiT."""
+    from .audio_encoder import load_audio_encoder_from_release, load_audio_processor_from_release
+
+    encoder = _wrap(folder, lambda: load_audio_encoder_from_release(folder))
+    processor = _wrap(folder, lambda: load_audio_processor_from_release(folder))
+    width, layers = encoder.config.hidden_size, encoder.config.num_hidden_layers + 1
+    if (width, layers) != (info.config["audio_dim"], info.config["audio_num_layers"]):
+        raise ConversionError(
+            f"{folder}: Wav2Vec2 with hidden size {width} and {layers} hidden states, but the DiT's audio encoder takes "
+            f"{info.config['audio_dim']} x {info.config['audio_num_layers']} (casual_audio_encoder.*)"
+        )
+    return {"audio_encoder": encoder, "audio_processor": processor}
 
 
 def _load_motion_controller_for(path: str | os.PathLike, info: DitInfo, torch_dtype: torch.dtype):

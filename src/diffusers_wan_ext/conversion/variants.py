@@ -26,6 +26,7 @@ class WanVariant:
     experts: int = 1  # 2 = high_noise_model/ + low_noise_model/
     vae: str = "wan2.1"
     image_encoder: bool = False
+    audio_encoder: bool = False  # Wan2.2-S2V: wav2vec2 audio encoder + processor
     pipeline: str = "WanPipeline"
     boundary_ratio: float | None = None
     expand_timesteps: bool = False
@@ -141,10 +142,18 @@ VARIANTS: tuple[WanVariant, ...] = (
         width=1280, num_frames=77, fps=30,
         notes="num_frames = frames per segment (clip_len); relighting_lora.ckpt -> relighting_lora/ (Diffusers LoRA)",
     ),
+    # --- Wan2.2-S2V: speech-to-video (num_frames = frames per clip; clips follow the audio) ----------------------
+    WanVariant(
+        "wan2.2-s2v-14b", "s2v", "Wan-AI/Wan2.2-S2V-14B", dim=5120, num_layers=40, audio_encoder=True,
+        pipeline="WanSpeechToVideoPipeline", flow_shift=3.0, num_inference_steps=40, guidance_scale=4.5,
+        height=448, width=832, num_frames=80, fps=16,
+        notes="num_frames is per clip (4n); the pipeline generates as many clips as the audio spans",
+    ),
     WanVariant(
         "krea-realtime-video", "t2v", "krea/krea-realtime-video", dim=5120, num_layers=40,
         flow_shift=20.0, num_inference_steps=6, guidance_scale=1.0,
-        notes="distilled Wan2.1-T2V-14B (single file, 'model.' prefix); few steps, no CFG",
+        notes="distilled Wan2.1-T2V-14B (single file, 'model.' prefix); few steps, no CFG; block-by-block streaming "
+              "with WanStreamingPipeline (same folder)",
     ),
     # --- LongCat-Video: its own DiT with the Wan2.1 VAE and umT5 (conversion.longcat) ----------------------------
     WanVariant(

@@ -1,4 +1,13 @@
-"""Diffusers hooks for Wan transformers (step caching)."""
+"""Diffusers hooks for Wan transformers (step caching, VRAM management, block-causal KV cache for streaming)."""
+
+from .block_causal import (
+    WanBlockCausalAttnProcessor,
+    WanCachedCrossAttnProcessor,
+    WanKVCache,
+    block_causal_mask,
+    disable_block_causal_cache,
+    enable_block_causal_cache,
+)
 
 from .teacache import TEACACHE_COEFFICIENTS, TeaCacheConfig, apply_teacache, enable_teacache, remove_teacache, teacache_log
 from .vram import (
@@ -14,4 +23,6 @@ from .vram import (
 
 __all__ = ["TEACACHE_COEFFICIENTS", "TeaCacheConfig", "apply_teacache", "enable_teacache", "remove_teacache", "teacache_log",
            "STRATEGIES", "VRAM_PRESETS", "ComponentPlan", "VramPlan", "disable_vram_management",
-           "enable_vram_management", "plan_vram", "resolve_vram_limit"]
+           "enable_vram_management", "plan_vram", "resolve_vram_limit",
+           "WanBlockCausalAttnProcessor", "WanCachedCrossAttnProcessor", "WanKVCache", "block_causal_mask",
+           "disable_block_causal_cache", "enable_block_causal_cache"]

@@ -5,6 +5,8 @@ from .transformer_longcat import LongCatKVCache, LongCatVideoTransformer3DModel
 from .transformer_wan_animate_ext import WanAnimateExtTransformer3DModel
 from .transformer_wan_ext import WanExtTransformer3DModel
 from .transformer_wan_fun import WanFunTransformer3DModel
+from .transformer_wan_s2v import WanS2VTransformer3DModel
+from .transformer_wan_vap import WanVideoAsPromptTransformer3DModel
 
 __all__ = [
     "LongCatKVCache",
@@ -15,6 +17,8 @@ __all__ = [
     "WanExtTransformer3DModel",
     "WanFunTransformer3DModel",
     "WanMotionControllerModel",
+    "WanS2VTransformer3DModel",
     "WanTextLenAttnProcessor",
+    "WanVideoAsPromptTransformer3DModel",
     "apply_motion_control",
 ]

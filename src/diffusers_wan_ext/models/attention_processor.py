@@ -16,7 +16,7 @@ from diffusers.models.transformers.transformer_wan import (
     _get_qkv_projections,
 )
 
-__all__ = ["WanTextLenAttnProcessor"]
+__all__ = ["WanTextLenAttnProcessor", "apply_wan_rotary_emb", "wan_attention_output", "wan_self_attention_qkv"]
 
 
 class WanTextLenAttnProcessor(WanAttnProcessor):
@@ -65,3 +65,38 @@ class WanTextLenAttnProcessor(WanAttnProcessor):
         hidden_states = out + out_img
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
+
+
+def apply_wan_rotary_emb(hidden_states, freqs_cos, freqs_sin):
+    """Wan's RoPE on ``[B, S, heads, head_dim]`` (interleaved pairs), the same math as stock ``WanAttnProcessor``.
+
+    ``freqs_cos`` / ``freqs_sin`` are ``[1, S, 1, head_dim]`` as :class:`diffusers.models.transformers.
+    transformer_wan.WanRotaryPosEmbed` returns them (each angle repeated for its pair).
+    """
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = hidden_states.new_empty(hidden_states.shape)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
+def wan_self_attention_qkv(attn, hidden_states, rotary_emb=None):
+    """Query, key and value ``[B, S, heads, head_dim]`` of a Wan self-attention (``attn1``): projections (fused or
+    not), RMS q/k norms and RoPE, exactly as stock ``WanAttnProcessor`` prepares them before the attention kernel."""
+    query, key, value = _get_qkv_projections(attn, hidden_states, None)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        query = apply_wan_rotary_emb(query, *rotary_emb)
+        key = apply_wan_rotary_emb(key, *rotary_emb)
+    return query, key, value
+
+
+def wan_attention_output(attn, hidden_states, like):
+    """``attn.to_out`` on the attention kernel's ``[B, S, heads, head_dim]`` output (cast like ``like``)."""
+    hidden_states = hidden_states.flatten(2, 3).type_as(like)
+    hidden_states = attn.to_out[0](hidden_states)
+    return attn.to_out[1](hidden_states)

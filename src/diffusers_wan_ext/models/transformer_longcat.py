@@ -177,7 +177,13 @@ class LongCatVideoAttnProcessor:
         parallel = None if is_cross else self._parallel_config
         mask = None
         if attention_mask is not None:
-            mask = attention_mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, L] over the keys
+            if not is_cross:
+                raise ValueError(
+                    "LongCat-Video self-attention takes no key mask: under context parallelism the tokens of one "
+                    "latent frame ((height / 16) * (width / 16)) must divide by the degree (480x832 and 720x1280 do "
+                    "for degrees 2-6 and 8), so that no padding is needed"
+                )
+            mask = attention_mask.to(torch.bool)[:, None, None, :]  # caption padding: [B, 1, 1, L] over the keys
 
         def attend(q, k, v, m=None):
             return dispatch_attention_fn(

@@ -8,6 +8,7 @@ image branch with ``text_len != 512``); every release converts to the stock clas
 
 from __future__ import annotations
 
+import torch
 from diffusers import ModelMixin  # noqa: F401  (Diffusers' loader looks up loadable bases in this module)
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
@@ -83,3 +84,24 @@ class WanExtTransformer3DModel(ShimSaveMixin, WanTransformer3DModel):
         if added_kv_proj_dim is not None:
             for block in self.blocks:
                 block.attn2.set_processor(WanTextLenAttnProcessor(text_len))
+
+    def _output_projection(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor, batch_size: int, grid: tuple[int, int, int],
+        skip_tokens: int = 0,
+    ) -> torch.Tensor:
+        """Stock's last step: output norm modulated by ``temb`` (``[B, D]``, or ``[B, S, D]`` per token), projection
+        and unpatchify of ``hidden_states`` ``[B, skip_tokens + F*H*W, D]`` to ``[B, out_channels, F*pt, H*ph, W*pw]``
+        (``grid`` = patches per axis).  The first ``skip_tokens`` tokens (e.g. reference-image tokens) are dropped
+        after ``proj_out``, whose output is where context parallelism gathers the sequence."""
+        if temb.ndim == 3:
+            shift, scale = (self.scale_shift_table.unsqueeze(0).to(temb.device) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        shift, scale = shift.to(hidden_states.device), scale.to(hidden_states.device)
+        hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        hidden_states = self.proj_out(hidden_states)[:, skip_tokens:]
+        p_t, p_h, p_w = self.config.patch_size
+        hidden_states = hidden_states.reshape(batch_size, *grid, p_t, p_h, p_w, -1)
+        hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)

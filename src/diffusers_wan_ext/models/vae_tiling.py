@@ -95,16 +95,9 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     (``first_chunk`` on frame 0), then the 2x2 un-patchify for Wan2.2.  ``vae.decode(z).sample`` equals this clamped
     to ``[-1, 1]``.
     """
-    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+    from .vae_streaming import WanStreamingVAEDecoder
 
-    x = vae.post_quant_conv(z)
-    cache = [None] * _conv_count(vae.decoder)
-    outs = []
-    for i in range(x.shape[2]):
-        outs.append(vae.decoder(x[:, :, i: i + 1], feat_cache=cache, feat_idx=[0], first_chunk=(i == 0)))
-    out = torch.cat(outs, dim=2)
-    p = _patch_size(vae)
-    return unpatchify(out, patch_size=p) if p else out
+    return WanStreamingVAEDecoder(vae, clamp=False).decode(z, normalized=False)
 
 
 def latent_stats(vae, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,

@@ -23,6 +23,7 @@ working and needs no second copy of the model code.  See docs/parallel.md.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -185,6 +186,23 @@ def _cpu_device_count():
         torch.accelerator.device_count = original
 
 
+def _prime_split_hooks(model: torch.nn.Module) -> None:
+    """Resolve the argument positions of Diffusers' context-parallel split hooks now.
+
+    Diffusers 0.42 looks them up with ``inspect.signature`` on the first call, which torch.compile cannot trace when
+    the hooked module (``blocks.0``) is inside a regionally compiled block; the cache it fills is primed here.
+    """
+    from diffusers.hooks.context_parallel import ContextParallelSplitHook
+
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in (registry.hooks.values() if registry is not None else ()):
+            meta = getattr(hook, "module_forward_metadata", None)
+            if isinstance(hook, ContextParallelSplitHook) and meta is not None and meta._cls is not None:
+                names = list(inspect.signature(meta._cls.forward).parameters)[1:]
+                meta.cached_parameter_indices = {name: i for i, name in enumerate(names)}
+
+
 def _transformers(pipe_or_model: Any) -> list[tuple[str, torch.nn.Module]]:
     if isinstance(pipe_or_model, torch.nn.Module):
         return [("transformer", pipe_or_model)]
@@ -272,6 +290,7 @@ def enable_parallelism(
             with _cpu_device_count():
                 model.enable_parallelism(config=cp_config, cp_plan=plan)
             apply_token_padding(model, plan, pad, stage="outer", attention=self_attention_patterns(model))
+            _prime_split_hooks(model)
             state.pad_states[name] = pad
     if is_pipeline:
         pipe_or_model._wan_parallel = state

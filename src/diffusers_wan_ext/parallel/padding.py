@@ -5,8 +5,8 @@ hooks around them, driven by the same plan, that make any token count work exact
 
 * before a split, the tensor is zero-padded along the token dimension to a multiple of the degree (RoPE tables and
   per-token timesteps too);
-* every self-attention layer gets a key-padding mask for its local shard, so the padded tokens are never attended
-  to (Ulysses all-gathers the local mask to the full sequence);
+* every self-attention layer gets an additive key-padding mask (0 / -inf) for its local shard, so the padded tokens
+  are never attended to (Ulysses all-gathers the local mask to the full sequence);
 * after the gather (``proj_out``), the padding is cut off again.
 
 Padded query rows compute garbage that is dropped; the real tokens' outputs equal the unpadded computation.  When the
@@ -38,12 +38,16 @@ class TokenPadState:
         self.degree = cp_config.ring_degree * cp_config.ulysses_degree
         self.valid_len: int | None = None
         self.pad = 0
+        self.mask: torch.Tensor | None = None
 
     def pad_tokens(self, x: torch.Tensor, dim: int, value: float = 0.0) -> torch.Tensor:
         """Record the true length of ``x`` along ``dim`` and zero-pad it to a multiple of the degree."""
         length = x.shape[dim]
         pad = (-length) % self.degree
-        self.valid_len, self.pad = length, pad
+        if (length, pad) != (self.valid_len, self.pad) or (pad and self.mask is None):
+            self.valid_len, self.pad = length, pad
+            # built here, outside the (possibly compiled) attention blocks
+            self.mask = self._key_mask((length + pad) // self.degree, x.device) if pad else None
         if pad == 0:
             return x
         if self.cp_config.ring_degree > 1:
@@ -55,13 +59,14 @@ class TokenPadState:
         widths = [0, 0] * (x.ndim - dim - 1) + [0, pad]
         return F.pad(x, widths, value=value)
 
-    def key_mask(self, batch: int, local_len: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean key mask ``(B, 1, 1, local_len)`` of this rank's shard (``True``: a real token); None: no pad."""
-        if not self.pad:
-            return None
+    def _key_mask(self, local_len: int, device: torch.device) -> torch.Tensor:
+        """Additive key mask ``(1, 1, 1, local_len)`` of this rank's shard: 0 for real tokens, -inf for padding.
+
+        Additive (not boolean), so that no select has to be generated inside compiled attention blocks."""
         rank = self.cp_config._flattened_mesh.get_local_rank()
         positions = torch.arange(rank * local_len, (rank + 1) * local_len, device=device)
-        return (positions < self.valid_len).view(1, 1, 1, local_len).expand(batch, 1, 1, local_len)
+        mask = torch.zeros(1, 1, 1, local_len, device=device)
+        return mask.masked_fill_((positions >= self.valid_len).view(1, 1, 1, local_len), float("-inf"))
 
 
 def _arg_index(module: torch.nn.Module, name: str) -> int | None:
@@ -75,11 +80,17 @@ class _PadInputsHook(ModelHook):
     def __init__(self, state: TokenPadState, inputs: dict[str, ContextParallelInput]):
         super().__init__()
         self.state, self.inputs = state, inputs
+        self.indices: dict[str, int | None] = {}
+
+    def initialize_hook(self, module):
+        # resolved once here: torch.compile cannot trace inspect.signature inside the forward
+        self.indices = {name: _arg_index(module, name) for name in self.inputs}
+        return module
 
     def pre_forward(self, module, *args, **kwargs):
         args = list(args)
         for name, spec in self.inputs.items():
-            index = _arg_index(module, name)
+            index = self.indices[name]
             in_kwargs = name in kwargs
             value = kwargs.get(name) if in_kwargs else (args[index] if index is not None and index < len(args) else None)
             if not torch.is_tensor(value) or (spec.expected_dims is not None and value.ndim != spec.expected_dims):
@@ -137,7 +148,7 @@ class _KeyMaskHook(ModelHook):
         if not self.state.pad:
             return args, kwargs
         hidden = args[0] if args else kwargs["hidden_states"]
-        mask = self.state.key_mask(hidden.shape[0], hidden.shape[1], hidden.device)
+        mask = self.state.mask.to(hidden.dtype)  # SDPA takes a float mask of the query's dtype
         args = list(args)
         if len(args) > 2:
             args[2] = mask

@@ -48,6 +48,8 @@ CP_PLANS: dict[str, dict | None] = {
 #: key-padding mask when the token count is padded to a multiple of the degree.
 SELF_ATTENTION_MODULES: dict[str, tuple[str, ...]] = {
     "WanTransformer3DModel": ("blocks.*.attn1",),
+    # its own _cp_plan splits the tokens within each frame; a padded frame is refused by its processor
+    "LongCatVideoTransformer3DModel": ("blocks.*.attn1",),
     "WanVACETransformer3DModel": ("blocks.*.attn1", "vace_blocks.*.attn1"),
 }
 

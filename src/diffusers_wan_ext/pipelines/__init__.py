@@ -12,9 +12,15 @@
   a camera direction or explicit per-frame poses.
 * :class:`WanSpeedControlPipeline` -- ``WanPipeline`` with the Wan2.1 speed-control ``motion_controller``
   (``motion_bucket_id``).
+* :class:`WanVideoAsPromptPipeline` -- ByteDance Video-As-Prompt: image-to-video following a reference video
+  (``vap_video``, ``vap_prompt``) through the mixture-of-transformers reference stream.
+* :class:`WanStreamingPipeline` -- streaming text-to-video for Self-Forcing-distilled models (krea realtime):
+  block-causal attention with a KV cache, few-step blocks, each block decoded and yielded as soon as it is ready.
 * :class:`WanExtPipeline` -- ``WanPipeline`` with CFG batching (cond + uncond in one transformer forward).
 * :class:`WanAnimateExtPipeline` -- ``WanAnimatePipeline`` (Wan2.2-Animate) with video-file / array inputs, strict
   validation and the relighting LoRA.
+* :class:`WanSpeechToVideoPipeline` -- Wan2.2-S2V-14B: reference image + audio (+ pose video), multi-clip with
+  motion history, as long as the audio.
 
 All of them have the runtime options of :class:`~.runtime_mixin.WanRuntimeMixin` (``set_attention_backend``,
 ``enable_vram_management``, ``enable_teacache``); see ``docs/runtime.md``.
@@ -39,8 +45,11 @@ from .pipeline_wan_fun_camera import WanFunCameraControlPipeline
 from .pipeline_wan_fun_control import WanFunControlPipeline
 from .pipeline_wan_fun_inpaint import WanFunInpaintPipeline
 from .pipeline_wan_i2v_reference import WanImageToVideoReferencePipeline
+from .pipeline_wan_s2v import WanSpeechToVideoPipeline
 from .pipeline_wan_speed_control import WanSpeedControlPipeline
+from .pipeline_wan_streaming import WanStreamChunk, WanStreamingPipeline, self_forcing_schedule
 from .pipeline_wan_video2video_reference import WanVideoToVideoReferencePipeline
+from .pipeline_wan_video_as_prompt import WanVideoAsPromptPipeline
 
 __all__ = [
     "LongCatVideoPipeline",
@@ -51,5 +60,10 @@ __all__ = [
     "WanFunInpaintPipeline",
     "WanImageToVideoReferencePipeline",
     "WanSpeedControlPipeline",
+    "WanSpeechToVideoPipeline",
+    "WanStreamChunk",
+    "WanStreamingPipeline",
+    "WanVideoAsPromptPipeline",
     "WanVideoToVideoReferencePipeline",
+    "self_forcing_schedule",
 ]

@@ -45,7 +45,7 @@ from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import logging
-from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -121,7 +121,8 @@ class LongCatVideoLoraLoaderMixin(LTXVideoLoraLoaderMixin):
     """``load_lora_weights`` / ``save_lora_weights`` / ``fuse_lora`` for the single ``transformer`` (Diffusers'
     single-transformer LoRA loader), reading Diffusers / PEFT files and the original LongCat-Video format (the
     release's ``lora/cfg_step_lora.safetensors`` and ``lora/refinement_lora.safetensors``), which is converted by
-    :func:`~diffusers_wan_ext.conversion.longcat.convert_longcat_lora_state_dict`.
+    :func:`~diffusers_wan_ext.conversion.longcat.convert_longcat_lora_state_dict`.  Every key is checked against
+    the transformer first (:func:`~diffusers_wan_ext.lora.loader.check_lora_state_dict`): none is dropped.
 
     Example:
         >>> pipe.load_lora_weights("LongCat-Video/lora", weight_name="cfg_step_lora.safetensors",  # doctest: +SKIP
@@ -137,6 +138,15 @@ class LongCatVideoLoraLoaderMixin(LTXVideoLoraLoaderMixin):
         if is_longcat_lora_state_dict(state_dict):
             state_dict = convert_longcat_lora_state_dict(state_dict)
         return (state_dict, metadata) if with_metadata else state_dict
+
+    @classmethod
+    def load_lora_into_transformer(cls, state_dict, transformer, *args, **kwargs):
+        """Stock loading, after checking every key against the transformer: keys that match no layer, or whose
+        shapes do not fit it, raise a ``ValueError`` naming them (stock would log and drop them)."""
+        from ..lora.loader import check_lora_state_dict
+
+        state_dict = check_lora_state_dict(transformer, state_dict, prefix=cls.transformer_name)
+        return super().load_lora_into_transformer(state_dict, transformer, *args, **kwargs)
 
 
 class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, LongCatVideoLoraLoaderMixin, DiffusionPipeline):
@@ -342,15 +352,6 @@ class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, LongCatVideoLoraL
         )
         return self.scheduler.timesteps
 
-    def decode_latents(self, latents: torch.Tensor, output_type: str = "np"):
-        """Un-normalize (``latents_mean`` / ``latents_std``), VAE-decode and post-process."""
-        latents = latents.to(device=get_module_execution_device(self.vae), dtype=self.vae.dtype)
-        z = self.vae.config.z_dim
-        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
-        std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
-        video = self.vae.decode(latents * std + mean, return_dict=False)[0]
-        return self.video_processor.postprocess_video(video, output_type=output_type)
-
     @staticmethod
     def _guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, zero_star: bool) -> torch.Tensor:
         """CFG, with CFG-Zero*'s per-sample rescale of the unconditional prediction (the original's
@@ -487,6 +488,7 @@ class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, LongCatVideoLoraL
         if k and use_kv_cache:
             kv_cache = self.transformer.build_kv_cache(cond[:1].to(transformer_dtype), attention_kwargs=attention_kwargs)
         cfg = self.do_classifier_free_guidance
+        parallel = getattr(self, "_wan_parallel", None)
         context = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg else prompt_embeds
         context_mask = torch.cat([prompt_mask, negative_mask]) if cfg else prompt_mask
 
@@ -501,15 +503,23 @@ class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, LongCatVideoLoraL
                 timestep = t.expand(hidden.shape[0]).to(transformer_dtype)
                 if cfg:
                     hidden, timestep = torch.cat([hidden, hidden]), torch.cat([timestep, timestep])
-                with self.transformer.cache_context("cond_uncond" if cfg else "cond"):
+                branch = None  # CFG parallel (enable_parallelism): this rank runs one branch, one all-gather
+                if cfg and parallel is not None and parallel.cfg_degree > 1:
+                    branch = parallel.cfg_rank
+                    hidden, timestep = hidden[: hidden.shape[0] // 2], timestep[: timestep.shape[0] // 2]
+                    enc, enc_mask = context.chunk(2)[branch], context_mask.chunk(2)[branch]
+                else:
+                    enc, enc_mask = context, context_mask
+                name = "cond_uncond" if cfg and branch is None else ("uncond" if branch == 1 else "cond")
+                with self.transformer.cache_context(name):
                     out = self.transformer(
-                        hidden_states=hidden, timestep=timestep, encoder_hidden_states=context,
-                        encoder_attention_mask=context_mask, num_cond_latents=0 if kv_cache is not None else k,
+                        hidden_states=hidden, timestep=timestep, encoder_hidden_states=enc,
+                        encoder_attention_mask=enc_mask, num_cond_latents=0 if kv_cache is not None else k,
                         kv_cache=kv_cache, attention_kwargs=attention_kwargs, return_dict=False,
                     )[0]
                 out = out[:, :, out.shape[2] - (latents.shape[2] - k):]  # the noisy frames' predictions
                 if cfg:
-                    out_cond, out_uncond = out.chunk(2)
+                    out_cond, out_uncond = parallel.gather_cfg(out) if branch is not None else out.chunk(2)
                     out = self._guide(out_cond, out_uncond, guidance_scale, cfg_zero_star)
                 velocity = -out  # LongCat predicts the negated flow velocity
                 stepped = self.scheduler.step(velocity, t, latents[:, :, k:], return_dict=False)[0]
@@ -526,7 +536,7 @@ class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, LongCatVideoLoraL
                 progress_bar.update()
 
         self._current_timestep = None
-        video_out = latents if output_type == "latent" else self.decode_latents(latents, output_type)
+        video_out = self.decode_latents(latents, output_type)  # (only the decoding ranks under enable_parallelism)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (video_out,)

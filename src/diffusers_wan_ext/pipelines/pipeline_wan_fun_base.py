@@ -83,11 +83,14 @@ class WanFunCondition:
             as DiffSynth-Studio).
         transformer_kwargs (`dict`): extra transformer inputs (``reference_latents``, ``control_camera_latents``),
             given to the conditional and the unconditional pass.
+        negative_transformer_kwargs (`dict`): inputs that differ in the unconditional pass (they replace the same
+            names of ``transformer_kwargs`` there, e.g. Video-As-Prompt's negative reference prompt).
     """
 
     y: torch.Tensor
     clip_image: torch.Tensor | None = None
     transformer_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+    negative_transformer_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _match_batch(t: torch.Tensor, batch_size: int, name: str, expand: bool = True) -> torch.Tensor:
@@ -449,6 +452,13 @@ class WanFunPipelineBase(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin
             for name, value in condition.transformer_kwargs.items()
             if value is not None
         }
+        # per-pass inputs (cond in `extra`, uncond here) are expanded to the batch: CFG batching concatenates them
+        uncond_extra = {}
+        for name, value in condition.negative_transformer_kwargs.items():
+            if value is None or extra.get(name) is None:
+                raise ValueError(f"negative_transformer_kwargs[{name!r}] needs a conditional value of the same name")
+            extra[name] = _match_batch(extra[name], total, name)
+            uncond_extra[name] = _match_batch(value.to(device=device, dtype=transformer_dtype), total, name)
 
         # 5. denoising loop (stock two-expert loop, shared with WanExtPipeline; extra inputs on both passes)
         if cfg_batching is None:
@@ -469,7 +479,8 @@ class WanFunPipelineBase(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin
             model_input=lambda x: torch.cat([x, y], dim=1),
             transformer_kwargs={"encoder_hidden_states_image": image_embeds, **extra},
             # WanFunTransformer3DModel repeats a batch-1 (or batch-B) reference / camera map to the latent batch
-            broadcast_kwargs=tuple(extra),
+            broadcast_kwargs=tuple(k for k in extra if k not in uncond_extra),
+            uncond_transformer_kwargs=uncond_extra,
         )
 
         # 6. decode (only rank 0 under enable_parallelism)

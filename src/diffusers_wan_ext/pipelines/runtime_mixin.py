@@ -61,6 +61,10 @@ def _twice(value: Any, batch_size: int) -> Any:
     return value
 
 
+def _same_shape(a: Any, b: Any) -> bool:
+    return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
+
+
 class WanRuntimeMixin:
     """Runtime options of our Wan pipelines (attention backend, VRAM management, TeaCache) and the shared loop.
 
@@ -185,6 +189,7 @@ class WanRuntimeMixin:
         timestep_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         transformer_kwargs: dict[str, Any] | None = None,
         broadcast_kwargs: Collection[str] = (),
+        uncond_transformer_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Stock Wan's denoising loop (expert switch at ``boundary_ratio``, CFG, callbacks, interrupt); the latents.
 
@@ -197,13 +202,20 @@ class WanRuntimeMixin:
             transformer_kwargs: extra transformer inputs given to both passes.  With CFG batching, a tensor of batch
                 ``B`` is concatenated with itself, except the names in ``broadcast_kwargs``, which are passed as
                 they are (the transformer broadcasts them, e.g. Fun's ``reference_latents``).
+            uncond_transformer_kwargs: inputs that differ in the unconditional pass (they replace the same names of
+                ``transformer_kwargs`` there; e.g. Video-As-Prompt's ``negative_vap_prompt`` context, S2V's zero audio).  With CFG
+                batching they are concatenated with their conditional counterparts (two forwards when the shapes
+                differ).
         """
         transformer_kwargs = dict(transformer_kwargs or {})
+        uncond_kwargs = {**transformer_kwargs, **(uncond_transformer_kwargs or {})}
+        paired = tuple(uncond_transformer_kwargs or ())
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
         boundary_timestep = None
-        if self.config.boundary_ratio is not None:
-            boundary_timestep = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
+        boundary_ratio = getattr(self.config, "boundary_ratio", None)  # pipelines without experts lack it
+        if boundary_ratio is not None:
+            boundary_timestep = boundary_ratio * self.scheduler.config.num_train_timesteps
         sigmas = getattr(self.scheduler, "sigmas", None)
         batched_logged = False
 
@@ -230,6 +242,7 @@ class WanRuntimeMixin:
                     and negative_prompt_embeds is not None
                     and negative_prompt_embeds.shape == prompt_embeds.shape
                     and prompt_embeds.shape[0] == hidden_states.shape[0]
+                    and all(_same_shape(transformer_kwargs.get(k), uncond_kwargs[k]) for k in paired)
                 )
                 if cfg and cfg_batching and not batch and not batched_logged:
                     logger.info("cfg_batching: prompt and negative embeddings differ in shape; two forwards per step")
@@ -246,7 +259,7 @@ class WanRuntimeMixin:
                             encoder_hidden_states=prompt_embeds if branch == 0 else negative_prompt_embeds,
                             attention_kwargs=attention_kwargs,
                             return_dict=False,
-                            **transformer_kwargs,
+                            **(transformer_kwargs if branch == 0 else uncond_kwargs),
                         )[0]
                     noise_pred, noise_uncond = parallel.gather_cfg(mine)
                     noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
@@ -255,6 +268,7 @@ class WanRuntimeMixin:
                     extra = {
                         k: (v if k in broadcast_kwargs else _twice(v, b)) for k, v in transformer_kwargs.items()
                     }
+                    extra.update({k: torch.cat([transformer_kwargs[k], uncond_kwargs[k]]) for k in paired})
                     with model.cache_context(CFG_BATCH_CONTEXT, **ctx):
                         both = model(
                             hidden_states=torch.cat([hidden_states, hidden_states]),
@@ -284,7 +298,7 @@ class WanRuntimeMixin:
                                 encoder_hidden_states=negative_prompt_embeds,
                                 attention_kwargs=attention_kwargs,
                                 return_dict=False,
-                                **transformer_kwargs,
+                                **uncond_kwargs,
                             )[0]
                         noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
 
