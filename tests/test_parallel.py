@@ -81,6 +81,9 @@ def test_cp_plans_for_every_transformer_class():
     assert set(vace["vace_blocks.0"]) == {"hidden_states", "control_hidden_states"}
     with pytest.raises(ValueError, match="no context-parallel plan for Linear"):
         cp_plan_for(torch.nn.Linear(2, 2))
+    for name in ("WanVideoAsPromptTransformer3DModel", "WanS2VTransformer3DModel"):
+        with pytest.raises(ValueError, match=f"not supported for {name}.*CFG parallel only"):
+            cp_plan_for(type(name, (torch.nn.Module,), {})())
 
 
 def test_enable_parallelism_needs_distributed():

@@ -8,10 +8,11 @@ Example:
 
 from .context import ParallelState, choose_degrees, enable_parallelism, init_distributed
 from .padding import TokenPadState, apply_token_padding, remove_token_padding
-from .plans import CP_PLANS, SELF_ATTENTION_MODULES, WAN_VACE_CP_PLAN, cp_plan_for, self_attention_patterns
+from .plans import CP_PLANS, CP_UNSUPPORTED, SELF_ATTENTION_MODULES, WAN_VACE_CP_PLAN, cp_plan_for, self_attention_patterns
 
 __all__ = [
     "CP_PLANS",
+    "CP_UNSUPPORTED",
     "ParallelState",
     "SELF_ATTENTION_MODULES",
     "TokenPadState",

@@ -285,11 +285,11 @@ def enable_parallelism(
                 set_attention_backend(model, backend, verbose=False)
             cp_config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, mesh=mesh["ring", "ulysses"])
             plan = cp_plan_for(model)
-            pad = TokenPadState(cp_config)
+            pad = TokenPadState(cp_config, model, self_attention_patterns(model))
             apply_token_padding(model, plan, pad, stage="inner")
             with _cpu_device_count():
                 model.enable_parallelism(config=cp_config, cp_plan=plan)
-            apply_token_padding(model, plan, pad, stage="outer", attention=self_attention_patterns(model))
+            apply_token_padding(model, plan, pad, stage="outer")
             _prime_split_hooks(model)
             state.pad_states[name] = pad
     if is_pipeline:

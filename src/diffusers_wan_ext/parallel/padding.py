@@ -33,8 +33,11 @@ _PREFIX = "wan_ext_cp_pad"
 class TokenPadState:
     """The padding of the current forward: true token count and pad length, shared by a model's pad hooks."""
 
-    def __init__(self, cp_config: ContextParallelConfig):
+    def __init__(self, cp_config: ContextParallelConfig, model: torch.nn.Module | None = None,
+                 attention: tuple[str, ...] = ()):
         self.cp_config = cp_config
+        self.model, self.attention = model, attention
+        self.masked = False
         self.degree = cp_config.ring_degree * cp_config.ulysses_degree
         self.valid_len: int | None = None
         self.pad = 0
@@ -48,6 +51,7 @@ class TokenPadState:
             self.valid_len, self.pad = length, pad
             # built here, outside the (possibly compiled) attention blocks
             self.mask = self._key_mask((length + pad) // self.degree, x.device) if pad else None
+            self._sync_mask_hooks()
         if pad == 0:
             return x
         if self.cp_config.ring_degree > 1:
@@ -58,6 +62,20 @@ class TokenPadState:
             )
         widths = [0, 0] * (x.ndim - dim - 1) + [0, pad]
         return F.pad(x, widths, value=value)
+
+    def _sync_mask_hooks(self) -> None:
+        """Key-mask hooks on the self-attention layers only while a padded token count is in use: with no hooks
+        there, regionally compiled blocks stay identical and compile once (as without padding)."""
+        if self.model is None or bool(self.pad) == self.masked:
+            return
+        hook = _KeyMaskHook(self)  # one instance for every layer
+        for pattern in self.attention:
+            for m in _modules(self.model, pattern):
+                if self.pad:
+                    _register(m, hook, f"{_PREFIX}_mask")
+                else:
+                    m._diffusers_hook.remove_hook(f"{_PREFIX}_mask", recurse=False)
+        self.masked = bool(self.pad)
 
     def _key_mask(self, local_len: int, device: torch.device) -> torch.Tensor:
         """Additive key mask ``(1, 1, 1, local_len)`` of this rank's shard: 0 for real tokens, -inf for padding.
@@ -167,13 +185,12 @@ def _register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
 
 
-def apply_token_padding(model: torch.nn.Module, plan: dict, state: TokenPadState, *, stage: str,
-                        attention: tuple[str, ...] = ()) -> None:
+def apply_token_padding(model: torch.nn.Module, plan: dict, state: TokenPadState, *, stage: str) -> None:
     """Register the padding hooks of ``plan`` on ``model``.
 
     ``stage="inner"`` (before Diffusers' ``apply_context_parallel``) adds the output padding of ``split_output``
-    entries; ``stage="outer"`` (after it) adds the input padding, the strip after gathers and the key masks on the
-    ``attention`` module patterns.
+    entries; ``stage="outer"`` (after it) adds the input padding and the strip after gathers.  The key masks of the
+    state's self-attention layers are added while a padded token count is in use.
     """
     for module_id, spec in plan.items():
         if isinstance(spec, dict):
@@ -188,10 +205,6 @@ def apply_token_padding(model: torch.nn.Module, plan: dict, state: TokenPadState
             specs = [spec] if isinstance(spec, ContextParallelOutput) else list(spec)
             for m in _modules(model, module_id):
                 _register(m, _StripHook(state, specs), f"{_PREFIX}_strip_{module_id}")
-    if stage == "outer":
-        for pattern in attention:
-            for m in _modules(model, pattern):
-                _register(m, _KeyMaskHook(state), f"{_PREFIX}_mask")
 
 
 def remove_token_padding(model: torch.nn.Module) -> None:

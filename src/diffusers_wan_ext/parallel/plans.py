@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
-__all__ = ["CP_PLANS", "SELF_ATTENTION_MODULES", "WAN_VACE_CP_PLAN", "cp_plan_for", "self_attention_patterns"]
+__all__ = ["CP_PLANS", "CP_UNSUPPORTED", "SELF_ATTENTION_MODULES", "WAN_VACE_CP_PLAN", "cp_plan_for", "self_attention_patterns"]
 
 _TOKENS = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
 _ROPE = {
@@ -44,6 +44,13 @@ CP_PLANS: dict[str, dict | None] = {
     "WanVACETransformer3DModel": WAN_VACE_CP_PLAN,
 }
 
+#: class name -> why sequence parallel is refused (CFG parallel still works): checked before any plan.
+CP_UNSUPPORTED: dict[str, str] = {
+    "WanVideoAsPromptTransformer3DModel": "its joint attention between the reference and the main stream needs "
+    "both streams' full token sequences",
+    "WanS2VTransformer3DModel": "its audio injection and FramePack motion tokens need the full token sequence",
+}
+
 #: class name -> the self-attention modules (glob over the module tree, ``*`` = every index), which get the
 #: key-padding mask when the token count is padded to a multiple of the degree.
 SELF_ATTENTION_MODULES: dict[str, tuple[str, ...]] = {
@@ -65,7 +72,7 @@ def cp_plan_for(model: torch.nn.Module) -> dict:
     """The context-parallel plan for ``model`` (its class's own ``_cp_plan`` first, then :data:`CP_PLANS`).
 
     Raises:
-        ValueError: naming the class when no plan is known.
+        ValueError: naming the class when no plan is known, or why it cannot be split (:data:`CP_UNSUPPORTED`).
 
     Example:
         >>> from diffusers import WanVACETransformer3DModel
@@ -74,6 +81,12 @@ def cp_plan_for(model: torch.nn.Module) -> dict:
         ...     attention_head_dim=8, ffn_dim=16, text_dim=16, freq_dim=16, vace_in_channels=8)))
         ['blocks.0', 'proj_out', 'rope', 'vace_blocks.0']
     """
+    name, reason = _lookup(model, CP_UNSUPPORTED)
+    if name is not None:
+        raise ValueError(
+            f"context (sequence) parallel is not supported for {type(model).__name__}: {reason}; use CFG parallel "
+            "only (enable_parallelism(pipe, cfg_parallel=True) on 2 ranks)"
+        )
     own = type(model).__dict__.get("_cp_plan")
     if own is not None:
         return own
