@@ -188,19 +188,40 @@ class _TeaCacheBlockHook(ModelHook):
         return module
 
 
+class _TeaCacheVaceHook(ModelHook):
+    """On each VACE block: on skip steps the block is not run and its hint is zero, so the model's hint additions
+    between DiT blocks add nothing -- the cached residual (last block out - first block in) already holds them,
+    as the reference skips the hint additions with the blocks."""
+
+    _is_stateful = True
+
+    def __init__(self, state_manager: StateManager):
+        super().__init__()
+        self.state_manager = state_manager
+
+    def new_forward(self, module: nn.Module, hidden_states, encoder_hidden_states, control_hidden_states, *args,
+                    **kwargs):
+        state: _TeaCacheState = self.state_manager.get_state()
+        if state.skip:
+            hint = torch.zeros_like(hidden_states) if module.proj_out is not None else None
+            return hint, control_hidden_states
+        return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, control_hidden_states, *args,
+                                            **kwargs)
+
+    def reset_state(self, module):
+        self.state_manager.reset()
+        return module
+
+
 def apply_teacache(transformer: nn.Module, config: TeaCacheConfig | None = None) -> None:
-    """Register TeaCache hooks on one Wan transformer (stock ``WanTransformer3DModel`` or ours).
+    """Register TeaCache hooks on one Wan transformer (stock ``WanTransformer3DModel``, ``WanVACETransformer3DModel``
+    or ours).
 
     The denoiser calls must run inside ``transformer.cache_context(name, ...)`` (stock Wan pipelines and ours do).
-    VACE transformers are refused: their hints are added between blocks, outside what a block-residual cache skips.
+    On VACE transformers a skip step also skips the VACE blocks and their hints (:class:`_TeaCacheVaceHook`).
     """
     config = config or TeaCacheConfig()
     config.polynomial()  # validate early
-    if hasattr(transformer, "vace_blocks"):
-        raise NotImplementedError(
-            "TeaCache on VACE transformers is not supported: VACE adds hints between DiT blocks, so a cached block "
-            "residual would count them twice. Use FirstBlockCache / MagCache (enable_cache) instead."
-        )
     if not hasattr(transformer, "condition_embedder") or not hasattr(transformer, "blocks"):
         raise TypeError(f"{type(transformer).__name__} is not a Wan transformer (needs condition_embedder and blocks)")
     remove_teacache(transformer)
@@ -213,6 +234,8 @@ def apply_teacache(transformer: nn.Module, config: TeaCacheConfig | None = None)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(
             _TeaCacheBlockHook(manager, first=i == 0, last=i == n - 1), BLOCK_HOOK
         )
+    for block in getattr(transformer, "vace_blocks", []):
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_TeaCacheVaceHook(manager), BLOCK_HOOK)
     transformer._teacache_state_manager = manager
     # cache_context() reaches stateful hooks through a cached list of child registries: refresh it
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
@@ -223,7 +246,8 @@ def apply_teacache(transformer: nn.Module, config: TeaCacheConfig | None = None)
 
 def remove_teacache(transformer: nn.Module) -> None:
     """Remove the TeaCache hooks of :func:`apply_teacache` (no-op if there are none)."""
-    for module in [getattr(transformer, "condition_embedder", None), *getattr(transformer, "blocks", [])]:
+    for module in [getattr(transformer, "condition_embedder", None), *getattr(transformer, "blocks", []),
+                   *getattr(transformer, "vace_blocks", [])]:
         if module is None or not hasattr(module, "_diffusers_hook"):
             continue
         registry = HookRegistry.check_if_exists_or_initialize(module)
