@@ -23,7 +23,6 @@ working and needs no second copy of the model code.  See docs/parallel.md.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from diffusers.models._modeling_parallel import ContextParallelConfig
 from diffusers.utils import logging
 
 from ..runtime.attention import set_attention_backend
-from .padding import TokenPadState, apply_token_padding
+from .padding import TokenPadState, apply_token_padding, forward_parameters
 from .plans import cp_plan_for, self_attention_patterns
 
 __all__ = ["ParallelState", "choose_degrees", "enable_parallelism", "init_distributed"]
@@ -199,8 +198,7 @@ def _prime_split_hooks(model: torch.nn.Module) -> None:
         for hook in (registry.hooks.values() if registry is not None else ()):
             meta = getattr(hook, "module_forward_metadata", None)
             if isinstance(hook, ContextParallelSplitHook) and meta is not None and meta._cls is not None:
-                names = list(inspect.signature(meta._cls.forward).parameters)[1:]
-                meta.cached_parameter_indices = {name: i for i, name in enumerate(names)}
+                meta.cached_parameter_indices = {n: i for i, n in enumerate(forward_parameters(meta._cls))}
 
 
 def _transformers(pipe_or_model: Any) -> list[tuple[str, torch.nn.Module]]:

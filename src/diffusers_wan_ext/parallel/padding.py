@@ -87,8 +87,13 @@ class TokenPadState:
         return mask.masked_fill_((positions >= self.valid_len).view(1, 1, 1, local_len), float("-inf"))
 
 
+def forward_parameters(cls: type) -> list[str]:
+    """Names of ``cls.forward``'s parameters after ``self`` (positions of positional arguments)."""
+    return list(inspect.signature(cls.forward).parameters)[1:]
+
+
 def _arg_index(module: torch.nn.Module, name: str) -> int | None:
-    params = list(inspect.signature(type(module).forward).parameters)[1:]
+    params = forward_parameters(type(module))
     return params.index(name) if name in params else None
 
 
