@@ -1,4 +1,4 @@
-from .attention_processor import WanTextLenAttnProcessor
+from .attention_processor import WanFusedQKRopeAttnProcessor, WanTextLenAttnProcessor
 from .camera_adapter import WanCameraControlAdapter
 from .motion_controller import MotionControlHook, WanMotionControllerModel, apply_motion_control
 from .transformer_longcat import LongCatKVCache, LongCatVideoTransformer3DModel
@@ -16,6 +16,7 @@ __all__ = [
     "WanCameraControlAdapter",
     "WanExtTransformer3DModel",
     "WanFunTransformer3DModel",
+    "WanFusedQKRopeAttnProcessor",
     "WanMotionControllerModel",
     "WanS2VTransformer3DModel",
     "WanTextLenAttnProcessor",

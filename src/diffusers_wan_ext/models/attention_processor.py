@@ -9,6 +9,8 @@ hard-coded 512 text tokens (``image_context_length = S - 512``).  That is right 
 
 from __future__ import annotations
 
+import torch
+
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import (
     WanAttnProcessor,
@@ -16,7 +18,13 @@ from diffusers.models.transformers.transformer_wan import (
     _get_qkv_projections,
 )
 
-__all__ = ["WanTextLenAttnProcessor", "apply_wan_rotary_emb", "wan_attention_output", "wan_self_attention_qkv"]
+__all__ = [
+    "WanFusedQKRopeAttnProcessor",
+    "WanTextLenAttnProcessor",
+    "apply_wan_rotary_emb",
+    "wan_attention_output",
+    "wan_self_attention_qkv",
+]
 
 
 class WanTextLenAttnProcessor(WanAttnProcessor):
@@ -100,3 +108,53 @@ def wan_attention_output(attn, hidden_states, like):
     hidden_states = hidden_states.flatten(2, 3).type_as(like)
     hidden_states = attn.to_out[0](hidden_states)
     return attn.to_out[1](hidden_states)
+
+
+def _fused_qk_rope_ready(attn, hidden_states, rotary_emb) -> bool:
+    """Whether :func:`~diffusers_wan_ext.ops.qk_norm_rope.qk_norm_rope` can replace the stock q/k norm + RoPE."""
+    from torch import nn
+
+    from ..ops.qk_norm_rope import _interpreting, triton_available
+
+    norm_q, norm_k = attn.norm_q, attn.norm_k
+    return (
+        triton_available()
+        and (hidden_states.is_cuda or _interpreting())
+        and getattr(attn, "fused_projections", False)
+        and getattr(attn, "to_qkv", None) is not None
+        and isinstance(norm_q, nn.RMSNorm) and isinstance(norm_k, nn.RMSNorm)
+        and norm_q.weight is not None and norm_k.weight is not None and norm_q.eps == norm_k.eps
+        and isinstance(rotary_emb, (tuple, list)) and len(rotary_emb) == 2
+        and rotary_emb[0].is_floating_point() and rotary_emb[0].ndim == 4
+    )
+
+
+class WanFusedQKRopeAttnProcessor(WanAttnProcessor):
+    """Self-attention processor that runs the q/k RMSNorm and RoPE as one Triton kernel.
+
+    Same inputs, outputs and attention dispatch (backend, context-parallel config) as stock ``WanAttnProcessor``; on
+    a self-attention with fused QKV projections (``attn.fuse_projections()``) on CUDA, the q/k normalisation and
+    rotation run in :func:`~diffusers_wan_ext.ops.qk_norm_rope.qk_norm_rope`. Anything else (cross-attention,
+    unfused projections, CPU, no Triton, LayerNorm q/k norms) takes the stock path.
+    :func:`~diffusers_wan_ext.runtime.optimize_transformer` installs it on ``attn1`` layers (``fused_qk_rope=True``).
+
+    Example:
+        >>> for block in transformer.blocks:  # doctest: +SKIP
+        ...     block.attn1.fuse_projections()
+        ...     block.attn1.set_processor(WanFusedQKRopeAttnProcessor())
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None or not _fused_qk_rope_ready(attn, hidden_states, rotary_emb):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        from ..ops.qk_norm_rope import qk_norm_rope
+
+        qkv = attn.to_qkv(hidden_states)
+        eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(qkv.dtype).eps
+        query, key = qk_norm_rope(qkv, attn.norm_q.weight, attn.norm_k.weight, *rotary_emb, eps, attn.heads)
+        value = qkv[..., 2 * (qkv.shape[-1] // 3):].unflatten(2, (attn.heads, -1))
+        out = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
+        return wan_attention_output(attn, out, query)

@@ -67,6 +67,7 @@ def optimize_transformer(
     fp8: bool = False,
     fused_gelu: bool = True,
     fuse_qkv: bool = True,
+    fused_qk_rope: bool = True,
     verbose: bool = True,
 ) -> dict:
     """Apply the fast defaults to every transformer of a pipeline (``transformer``, ``transformer_2``) or to one model.
@@ -81,13 +82,16 @@ def optimize_transformer(
         fuse_qkv: Diffusers' ``fuse_projections`` on every attention (one QKV GEMM for self-attention, one KV GEMM
             for cross-attention). Costs the fused copies' memory (Diffusers keeps the unfused layers); load LoRAs
             before calling this.
+        fused_qk_rope: run each self-attention's q/k RMSNorm + RoPE as one Triton kernel
+            (:class:`~diffusers_wan_ext.WanFusedQKRopeAttnProcessor`; needs ``fuse_qkv``; layers whose processor is
+            not stock ``WanAttnProcessor`` keep theirs).
         verbose: log the attention choice.
 
     Returns:
         A report: ``attention_backend``, ``compiled`` (component names) and ``fp8``.
     """
     backend = set_attention_backend(pipe_or_model, attention, verbose=verbose)
-    compiled = []
+    compiled, n_fused_qk = [], 0
     for name, model in _attention_models(pipe_or_model):
         if fp8:
             _fp8_linears(model)
@@ -97,6 +101,8 @@ def optimize_transformer(
             for m in model.modules():
                 if hasattr(m, "fuse_projections") and not getattr(m, "fused_projections", False):
                     m.fuse_projections()
+        if fuse_qkv and fused_qk_rope:
+            n_fused_qk += _use_fused_qk_rope(model)
         hooks = _weight_moving_hooks(model) if compile else []
         if hooks:
             logger.warning(f"optimize_transformer: not compiling {name}: it carries {', '.join(hooks)} hooks "
@@ -107,7 +113,28 @@ def optimize_transformer(
             model.compile_repeated_blocks(fullgraph=fullgraph)
             compiled.append(name)
     return {"attention_backend": backend, "compiled": compiled, "fp8": fp8, "fused_gelu": fused_gelu and not fp8,
-            "fused_qkv": fuse_qkv}
+            "fused_qkv": fuse_qkv, "fused_qk_rope": n_fused_qk}
+
+
+def _use_fused_qk_rope(model: torch.nn.Module) -> int:
+    """Swap stock ``WanAttnProcessor`` on self-attention layers for the fused q/k norm + RoPE processor (keeping
+    the attention backend and context-parallel config); returns how many layers use it."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from ..models.attention_processor import WanFusedQKRopeAttnProcessor
+
+    count = 0
+    for m in model.modules():
+        proc = getattr(m, "processor", None)
+        if type(proc) is WanFusedQKRopeAttnProcessor:
+            count += 1
+        elif type(proc) is WanAttnProcessor and not getattr(m, "is_cross_attention", True):
+            new = WanFusedQKRopeAttnProcessor()
+            new._attention_backend = proc._attention_backend
+            new._parallel_config = proc._parallel_config
+            m.processor = new
+            count += 1
+    return count
 
 
 if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
