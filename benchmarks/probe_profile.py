@@ -34,7 +34,7 @@ def dit(name):
     with torch.device("cuda"):
         model = WanTransformer3DModel(**DIT_CONFIGS[name]).to(torch.bfloat16).eval().requires_grad_(False)
     inputs = make_dit_inputs(name)
-    for variant in ("ours", "ours+fusedqk") if name != "14b" else ("ours+fusedqk",):
+    for variant in ("ours+fusedqk",):
         rep = optimize_transformer(model, fused_qk_rope=variant.endswith("fusedqk"))
         with torch.no_grad():
             t0 = time.time()
@@ -92,7 +92,7 @@ def vae():
 
 
 def kernels():
-    from diffusers_wan_ext.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
+    from diffusers_wan_ext.ops.qk_norm_rope import _autotuned, qk_norm_rope, qk_norm_rope_reference
 
     for name, heads, dim in (("1.3b", 12, 1536), ("14b", 40, 5120), ("ti2v-5b", 24, 3072)):
         n = {"1.3b": 32760, "14b": 75600, "ti2v-5b": 27280}[name]
@@ -105,22 +105,114 @@ def kernels():
         sin = torch.sin(ang).repeat_interleave(2, -1)
         ref_fn = torch.compile(qk_norm_rope_reference, fullgraph=True)
         ref = ref_fn(qkv, wq, wk, cos, sin, 1e-6, heads)
-        out = qk_norm_rope(qkv, wq, wk, cos, sin, 1e-6, heads)
-        err = max(((o.float() - r.float()).norm() / r.float().norm()).item() for o, r in zip(out, ref))
-        maxd = max((o.float() - r.float()).abs().max().item() for o, r in zip(out, ref))
+        row = {"model": name}
         nbytes = 4 * n * dim * 2
-        row = {"model": name, "err": err, "max_abs": maxd}
-        for label, fn in (("compiled stock expr", lambda: ref_fn(qkv, wq, wk, cos, sin, 1e-6, heads)),
-                          ("triton", lambda: qk_norm_rope(qkv, wq, wk, cos, sin, 1e-6, heads))):
-            t = cuda_time(fn, warmup=3, iters=20)["median_s"]
-            row[label] = dict(ms=round(t * 1e3, 4), tbps=round(nbytes / t / 1e12, 2))
+        t = cuda_time(lambda: ref_fn(qkv, wq, wk, cos, sin, 1e-6, heads), warmup=3, iters=20)["median_s"]
+        row["compiled stock expr"] = dict(ms=round(t * 1e3, 4), tbps=round(nbytes / t / 1e12, 2))
+        for hf, padded in ((False, False), (True, False), (False, True), (True, True)):
+            import diffusers_wan_ext.ops.qk_norm_rope as qmod
+
+            qmod.PADDED_HEADS = padded
+            if padded:
+                qmod._autotuned.cache.clear()
+            out = qk_norm_rope(qkv, wq, wk, cos, sin, 1e-6, heads, heads_first=hf)
+            row[f"err hf={hf}"] = max(((o.float() - r.float()).norm() / r.float().norm()).item()
+                                      for o, r in zip(out, ref))
+            t = cuda_time(lambda: qk_norm_rope(qkv, wq, wk, cos, sin, 1e-6, heads, heads_first=hf),
+                          warmup=3, iters=20)["median_s"]
+            b = nbytes * (1.5 if hf else 1.0)
+            row[f"triton hf={hf} padded={padded}"] = dict(ms=round(t * 1e3, 4), tbps=round(b / t / 1e12, 2),
+                                          best=str(_autotuned.best_config))
+        qmod.PADDED_HEADS = False
+        qmod._autotuned.cache.clear()
         res[f"qk_{name}"] = row
         print("qk_norm_rope", row, flush=True)
 
 
+def opts():
+    """Regional-compile Inductor options on ours (1.3B, then 14B with the options that won on 1.3B)."""
+    from diffusers import WanTransformer3DModel
+
+    from diffusers_wan_ext.runtime import optimize_transformer
+
+    variants = {"default": {}, "multi_kernel": {"triton.multi_kernel": 1},
+                "coord": {"coordinate_descent_tuning": True},
+                "multi+coord": {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}}
+    best = {}
+    for name in ("1.3b", "14b"):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = WanTransformer3DModel(**DIT_CONFIGS[name]).to(torch.bfloat16).eval().requires_grad_(False)
+        inputs = make_dit_inputs(name)
+        todo = variants if name == "1.3b" else {k: variants[k] for k in ["default"] + sorted(best, key=best.get)[:1]}
+        for label, options in todo.items():
+            torch._dynamo.reset()
+            optimize_transformer(model, compile_options=options, verbose=False)
+            with torch.no_grad():
+                t0 = time.time()
+                model(**inputs)
+                torch.cuda.synchronize()
+                setup = time.time() - t0
+                t = cuda_time(lambda: model(**inputs), warmup=1, iters=10 if name == "1.3b" else 2)
+            if name == "1.3b" and label != "default":
+                best[label] = t["median_s"]
+            res[f"opts {name} {label}"] = dict(setup_s=round(setup, 1), **t)
+            print(f"opts {name} {label}: median {t['median_s']:.4f} min {t['min_s']:.4f} setup {setup:.0f}s",
+                  flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def cross():
+    """Cross-attention (512 text keys) and self-attention kernels at the benchmark shapes, per backend/tile."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from diffusers_wan_ext.runtime.flash4 import _flash4_import
+
+    fa4, reason = _flash4_import()
+    print("fa4:", reason or "ok", flush=True)
+    for name, n, heads in (("1.3b", 32760, 12), ("14b", 75600, 40)):
+        for kind, nk in (("cross", 512), ("self", n)):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(1, n, heads, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+            k = torch.randn(1, nk, heads, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+            v = torch.randn(1, nk, heads, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+            flops = 4 * n * nk * 128 * heads
+            cases = {"cudnn": lambda: _sdpa(F, sdpa_kernel, SDPBackend.CUDNN_ATTENTION, q, k, v)}
+            if fa4 is not None:
+                tiles = [None] + ([(128, 64), (128, 96), (128, 176), (64, 128)] if kind == "cross" else [])
+                for tile in tiles:
+                    cases[f"fa4 {tile}"] = (lambda tile=tile: fa4(q, k, v, None, False, tile))
+                if kind == "self":
+                    for rs, ol in ((False, True), (True, False)):
+                        cases[f"fa4 rs={rs} ol={ol}"] = (lambda rs=rs, ol=ol: _fa4_flags(q, k, v, rs, ol))
+            for label, fn in cases.items():
+                try:
+                    t = cuda_time(fn, warmup=2, iters=10 if kind == "cross" else 5)["median_s"]
+                    row = dict(ms=round(t * 1e3, 3), tflops=round(flops / t / 1e12))
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    row = dict(error=repr(exc)[:160])
+                res[f"attn {name} {kind} {label}"] = row
+                print(f"attn {name} {kind} {label}: {row}", flush=True)
+
+
+def _sdpa(F, sdpa_kernel, backend, q, k, v):
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+
+def _fa4_flags(q, k, v, rs, ol):
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    return _flash_attn_fwd(q, k, v, mma_pv_is_rs=rs, intra_wg_overlap=ol)
+
+
 for s in sections:
     try:
-        {"dit13": lambda: dit("1.3b"), "dit14": lambda: dit("14b"), "vae": vae, "kernels": kernels}[s]()
+        {"dit13": lambda: dit("1.3b"), "dit14": lambda: dit("14b"), "vae": vae, "kernels": kernels,
+         "cross": cross, "opts": opts}[s]()
     except Exception as exc:  # keep going: one probe run per device call
         import traceback
 

@@ -151,8 +151,11 @@ class WanFusedQKRopeAttnProcessor(WanAttnProcessor):
 
         qkv = attn.to_qkv(hidden_states)
         eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(qkv.dtype).eps
-        query, key = qk_norm_rope(qkv, attn.norm_q.weight, attn.norm_k.weight, *rotary_emb, eps, attn.heads)
-        value = qkv[..., 2 * (qkv.shape[-1] // 3):].unflatten(2, (attn.heads, -1))
+        backend = getattr(self._attention_backend, "value", self._attention_backend)
+        # SDPA kernels read (B, heads, N, D) memory; flash-attn style kernels read (B, N, heads, D)
+        heads_first = backend is None or str(backend).startswith(("native", "_native"))
+        query, key, value = qk_norm_rope(qkv, attn.norm_q.weight, attn.norm_k.weight, *rotary_emb, eps, attn.heads,
+                                         heads_first=heads_first)
         out = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
             backend=self._attention_backend, parallel_config=self._parallel_config,

@@ -54,64 +54,135 @@ def qk_norm_rope_reference(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: 
     return _rope(q, cos, sin), _rope(k, cos, sin)
 
 
+#: cover the heads with one padded power-of-two group instead of up to three exact ones (benchmark switch)
+PADDED_HEADS = False
+
+_CONFIGS = [(rows, warps) for rows in (1, 2, 4) for warps in (4, 8, 16)]
+
+
 if triton is not None:
 
     @triton.jit
-    def _qk_norm_rope_kernel(qkv_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, tokens, row_stride, dim,
-                             out_sel_stride, cos_batch_stride, cos_token_stride, head_half, eps,
-                             BLOCK: tl.constexpr, ROWS: tl.constexpr):
-        pid = tl.program_id(0)
-        sel = tl.program_id(1)  # 0: query, 1: key
-        rows = pid * ROWS + tl.arange(0, ROWS)
-        pairs = tl.arange(0, BLOCK)
-        two = tl.arange(0, 2)
-        half = dim // 2
-        mask2 = (pairs < half)[:, None] & (two < 2)[None, :]
-        mask3 = (rows < n_rows)[:, None, None] & mask2[None, :, :]
-        cols = (2 * pairs[:, None] + two[None, :])[None, :, :]
-        rows64 = rows.to(tl.int64)
+    def _group_offsets(rows, batch, token, row_stride, out_b, out_n, out_h, heads, n_rows,
+                       H0: tl.constexpr, HG: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Source/destination offsets and mask of the head group [H0, H0 + HG) as [ROWS, HG, HEAD_DIM]."""
+        h = H0 + tl.arange(0, HG)
+        d = tl.arange(0, HEAD_DIM)
+        mask = (rows < n_rows)[:, None, None] & (h < heads)[None, :, None] & (d < HEAD_DIM)[None, None, :]
+        src = rows[:, None, None] * row_stride + h[None, :, None] * HEAD_DIM + d[None, None, :]
+        dst = (batch * out_b + token * out_n)[:, None, None] + h[None, :, None] * out_h + d[None, None, :]
+        return src, dst, mask
 
-        x = tl.load(qkv_ptr + rows64[:, None, None] * row_stride + sel * dim + cols, mask=mask3, other=0.0)
-        x = x.to(tl.float32)
-        sumsq = tl.sum(tl.sum(x * x, axis=2), axis=1)
-        rstd = 1.0 / tl.sqrt(sumsq / dim + eps)
-        w = tl.load(w_ptr + sel * dim + 2 * pairs[:, None] + two[None, :], mask=mask2, other=0.0).to(tl.float32)
-        y = (x * rstd[:, None, None] * w[None, :, :]).to(out_ptr.dtype.element_ty).to(tl.float32)
-        y1, y2 = tl.split(y)
+    @triton.jit
+    def _norm_rope_group(x, rstd, w_ptr, c, s, heads, out_dtype: tl.constexpr,
+                         ROWS: tl.constexpr, H0: tl.constexpr, HG: tl.constexpr, HEAD_DIM: tl.constexpr):
+        h = H0 + tl.arange(0, HG)
+        d = tl.arange(0, HEAD_DIM)
+        w = tl.load(w_ptr + h[:, None] * HEAD_DIM + d[None, :], mask=(h < heads)[:, None], other=0.0)
+        y = (x * rstd[:, None, None] * w.to(tl.float32)[None, :, :]).to(out_dtype).to(tl.float32)
+        y1, y2 = tl.split(tl.reshape(y, (ROWS, HG, HEAD_DIM // 2, 2)))
+        return tl.reshape(tl.join(y1 * c - y2 * s, y1 * s + y2 * c), (ROWS, HG, HEAD_DIM)).to(out_dtype)
 
-        batch = rows64 // tokens
-        token = rows64 % tokens
-        freq = 2 * (pairs % head_half)
-        fmask = (rows < n_rows)[:, None] & (pairs < half)[None, :]
-        base = (batch * cos_batch_stride + token * cos_token_stride)[:, None] + freq[None, :]
-        c = tl.load(cos_ptr + base, mask=fmask, other=0.0)
-        s = tl.load(sin_ptr + base + 1, mask=fmask, other=0.0)
-        out = tl.join(y1 * c - y2 * s, y1 * s + y2 * c).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + sel * out_sel_stride + rows64[:, None, None] * dim + cols, out, mask=mask3)
+    @triton.jit
+    def _qk_norm_rope_kernel(qkv_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, tokens, heads, dim, row_stride,
+                             out_sel, out_b, out_n, out_h, cos_b, cos_n, eps,
+                             HA: tl.constexpr, HB: tl.constexpr, HC: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             ROWS: tl.constexpr):
+        """One program: ``ROWS`` tokens of q (axis 1 = 0), k (1) or v (2, plain copy).
+
+        The heads are covered by up to three power-of-two groups (HA + HB + HC >= heads; HB/HC may be 0), so a
+        row such as 40 heads = 32 + 8 runs without masked lanes."""
+        sel = tl.program_id(1)
+        rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        batch = rows // tokens
+        token = rows % tokens
+        src_ptr = qkv_ptr + sel * dim
+        dst_ptr = out_ptr + sel * out_sel
+        out_dtype = out_ptr.dtype.element_ty
+        sa, da, ma = _group_offsets(rows, batch, token, row_stride, out_b, out_n, out_h, heads, n_rows,
+                                    0, HA, HEAD_DIM)
+        xa = tl.load(src_ptr + sa, mask=ma, other=0.0)
+        if HB > 0:
+            sb, db, mb = _group_offsets(rows, batch, token, row_stride, out_b, out_n, out_h, heads, n_rows,
+                                        HA, HB, HEAD_DIM)
+            xb = tl.load(src_ptr + sb, mask=mb, other=0.0)
+        if HC > 0:
+            sc, dc, mc = _group_offsets(rows, batch, token, row_stride, out_b, out_n, out_h, heads, n_rows,
+                                        HA + HB, HC, HEAD_DIM)
+            xc = tl.load(src_ptr + sc, mask=mc, other=0.0)
+        if sel == 2:
+            tl.store(dst_ptr + da, xa, mask=ma)
+            if HB > 0:
+                tl.store(dst_ptr + db, xb, mask=mb)
+            if HC > 0:
+                tl.store(dst_ptr + dc, xc, mask=mc)
+        else:
+            fa = xa.to(tl.float32)
+            sumsq = tl.sum(tl.sum(fa * fa, axis=2), axis=1)
+            if HB > 0:
+                fb = xb.to(tl.float32)
+                sumsq += tl.sum(tl.sum(fb * fb, axis=2), axis=1)
+            if HC > 0:
+                fc = xc.to(tl.float32)
+                sumsq += tl.sum(tl.sum(fc * fc, axis=2), axis=1)
+            rstd = 1.0 / tl.sqrt(sumsq / dim + eps)
+            f = tl.arange(0, HEAD_DIM // 2)
+            foff = (batch * cos_b + token * cos_n)[:, None] + 2 * f[None, :]
+            fmask = (rows < n_rows)[:, None]
+            c = tl.load(cos_ptr + foff, mask=fmask, other=0.0)[:, None, :]
+            s = tl.load(sin_ptr + foff + 1, mask=fmask, other=0.0)[:, None, :]
+            wp = w_ptr + sel * dim
+            tl.store(dst_ptr + da, _norm_rope_group(fa, rstd, wp, c, s, heads, out_dtype, ROWS, 0, HA, HEAD_DIM),
+                     mask=ma)
+            if HB > 0:
+                tl.store(dst_ptr + db, _norm_rope_group(fb, rstd, wp, c, s, heads, out_dtype, ROWS, HA, HB,
+                                                        HEAD_DIM), mask=mb)
+            if HC > 0:
+                tl.store(dst_ptr + dc, _norm_rope_group(fc, rstd, wp, c, s, heads, out_dtype, ROWS, HA + HB, HC,
+                                                        HEAD_DIM), mask=mc)
+
+    _autotuned = triton.autotune(
+        configs=[triton.Config({"ROWS": r}, num_warps=w) for r, w in _CONFIGS],
+        key=["heads", "dim", "HEAD_DIM"],
+    )(_qk_norm_rope_kernel)
+
+
+def _head_groups(heads: int) -> tuple[int, int, int]:
+    """Up to three power-of-two head groups covering ``heads`` (40 -> 32, 8, 0); one padded group otherwise."""
+    groups = [1 << b for b in range(heads.bit_length() - 1, -1, -1) if heads >> b & 1]
+    if len(groups) > 3 or PADDED_HEADS:
+        return triton.next_power_of_2(heads), 0, 0
+    return tuple(groups + [0] * (3 - len(groups)))
 
 
 def _launch(qkv: torch.Tensor, weights: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
-            heads: int) -> torch.Tensor:
+            heads: int, heads_first: bool) -> torch.Tensor:
     batch, tokens, three_dim = qkv.shape
     dim = three_dim // 3
     head_dim = dim // heads
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    cos = cos.float().expand(-1, tokens, 1, head_dim) if cos.shape[1] == 1 else cos.float()
-    sin = sin.float().expand(-1, tokens, 1, head_dim) if sin.shape[1] == 1 else sin.float()
+    cos, sin = cos.float(), sin.float()
+    if cos.shape[1] == 1 and tokens > 1:
+        cos, sin = cos.expand(-1, tokens, -1, -1), sin.expand(-1, tokens, -1, -1)
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    out = torch.empty(2, batch, tokens, dim, device=qkv.device, dtype=qkv.dtype)
+    planes = 3 if heads_first else 2
+    if heads_first:  # (planes, B, H, N, D) memory, returned as a (planes, B, N, H, D) view
+        out = torch.empty(planes, batch, heads, tokens, head_dim, device=qkv.device, dtype=qkv.dtype)
+        out = out.permute(0, 1, 3, 2, 4)
+    else:
+        out = torch.empty(planes, batch, tokens, heads, head_dim, device=qkv.device, dtype=qkv.dtype)
     n_rows = batch * tokens
-    block = triton.next_power_of_2(dim // 2)
-    rows = max(1, min(8, 4096 // (2 * block)))
-    warps = 16 if block >= 2048 else (8 if block >= 512 else 4)
-    grid = (triton.cdiv(n_rows, rows), 2)
-    # a batch dimension of 1 in cos/sin broadcasts over the batch (stride 0)
-    cos_batch_stride = cos.stride(0) if cos.shape[0] > 1 else 0
-    _qk_norm_rope_kernel[grid](qkv, weights, cos, sin, out, n_rows, tokens, qkv.stride(1), dim, out.stride(0),
-                               cos_batch_stride, cos.stride(1), head_dim // 2, eps, BLOCK=block, ROWS=rows,
-                               num_warps=warps)
+    cos_b = cos.stride(0) if cos.shape[0] > 1 else 0  # a batch dimension of 1 broadcasts
+    args = (qkv, weights, cos, sin, out, n_rows, tokens, heads, dim, qkv.stride(1), out.stride(0), out.stride(1),
+            out.stride(2), out.stride(3), cos_b, cos.stride(1), eps)
+    ha, hb, hc = _head_groups(heads)
+    meta = dict(HA=ha, HB=hb, HC=hc, HEAD_DIM=head_dim)
+    if _interpreting():
+        _qk_norm_rope_kernel[(triton.cdiv(n_rows, 2), planes)](*args, ROWS=2, **meta)
+    else:
+        _autotuned[lambda m: (triton.cdiv(n_rows, m["ROWS"]), planes)](*args, **meta)
     return out
 
 
@@ -119,21 +190,25 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
 
     @torch.library.custom_op("diffusers_wan_ext::qk_norm_rope", mutates_args=())
     def _qk_norm_rope_op(qkv: torch.Tensor, weights: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
-                         heads: int) -> torch.Tensor:
-        return _launch(qkv, weights, cos, sin, eps, heads)
+                         heads: int, heads_first: bool) -> torch.Tensor:
+        return _launch(qkv, weights, cos, sin, eps, heads, heads_first)
 
     @_qk_norm_rope_op.register_fake
-    def _(qkv, weights, cos, sin, eps, heads):
+    def _(qkv, weights, cos, sin, eps, heads, heads_first):
         batch, tokens, three_dim = qkv.shape
-        return qkv.new_empty(2, batch, tokens, three_dim // 3)
+        head_dim = three_dim // 3 // heads
+        if heads_first:
+            return qkv.new_empty(3, batch, heads, tokens, head_dim).permute(0, 1, 3, 2, 4)
+        return qkv.new_empty(2, batch, tokens, heads, head_dim)
 
 else:  # pragma: no cover - very old torch
     _qk_norm_rope_op = _launch
 
 
 def qk_norm_rope(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, eps: float, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised, rotated ``q`` and ``k`` (each (B, N, heads, head_dim), contiguous) from a fused QKV output.
+                 sin: torch.Tensor, eps: float, heads: int, heads_first: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised, rotated ``q`` and ``k`` and the ``v`` heads, each (B, N, heads, head_dim), from a fused QKV output.
 
     Args:
         qkv: (B, N, 3 * dim) output of the fused QKV projection (last dim contiguous).
@@ -142,6 +217,10 @@ def qk_norm_rope(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tens
             them.
         eps: the RMSNorm epsilon.
         heads: number of attention heads.
+        heads_first: lay q, k and v out as (B, heads, N, head_dim) in memory (returned as (B, N, heads, head_dim)
+            views), which is what SDPA kernels read without a copy; ``v`` is then written by the same launch. When
+            False, q and k are contiguous (B, N, heads, head_dim) (what flash-attn reads) and ``v`` is a view of
+            ``qkv``.
 
     Runs the Triton kernel on CUDA (or under ``TRITON_INTERPRET=1``); otherwise the stock expression.
     """
@@ -149,12 +228,14 @@ def qk_norm_rope(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tens
     if qkv.ndim != 3 or qkv.shape[-1] != 3 * dim or dim % heads or (dim // heads) % 2:
         raise ValueError(f"qk_norm_rope expects qkv (batch, tokens, 3 * dim) with dim divisible into {heads} heads "
                          f"of even size, got {tuple(qkv.shape)}")
-    if triton is None or not (qkv.is_cuda or _interpreting()):
-        return qk_norm_rope_reference(qkv, weight_q, weight_k, cos, sin, eps, heads)
+    head_dim = dim // heads
+    if (triton is None or not (qkv.is_cuda or _interpreting()) or head_dim & (head_dim - 1)):
+        q, k = qk_norm_rope_reference(qkv, weight_q, weight_k, cos, sin, eps, heads)
+        return q, k, qkv[..., 2 * dim:].unflatten(2, (heads, -1))
     weights = torch.stack([weight_q.to(qkv.dtype), weight_k.to(qkv.dtype)])
-    out = _qk_norm_rope_op(qkv, weights, cos, sin, float(eps), int(heads))
-    batch, tokens = qkv.shape[:2]
-    return out[0].view(batch, tokens, heads, -1), out[1].view(batch, tokens, heads, -1)
+    out = _qk_norm_rope_op(qkv, weights, cos, sin, float(eps), int(heads), bool(heads_first))
+    v = out[2] if heads_first else qkv[..., 2 * dim:].unflatten(2, (heads, -1))
+    return out[0], out[1], v
 
 
 def _interpreting() -> bool:

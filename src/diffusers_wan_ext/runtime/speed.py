@@ -34,6 +34,10 @@ logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 _UNCOMPILABLE_HOOKS = _GROUP_OFFLOAD_HOOKS + _CASTING_HOOKS
 
 
+#: Inductor options of the regional compile (measured in ``benchmarks/probe_profile.py``, section ``opts``).
+COMPILE_OPTIONS: dict = {}
+
+
 def _weight_moving_hooks(model: torch.nn.Module) -> list[str]:
     found = set()
     for m in model.modules():
@@ -68,6 +72,7 @@ def optimize_transformer(
     fused_gelu: bool = True,
     fuse_qkv: bool = True,
     fused_qk_rope: bool = True,
+    compile_options: dict | None = None,
     verbose: bool = True,
 ) -> dict:
     """Apply the fast defaults to every transformer of a pipeline (``transformer``, ``transformer_2``) or to one model.
@@ -85,6 +90,8 @@ def optimize_transformer(
         fused_qk_rope: run each self-attention's q/k RMSNorm + RoPE as one Triton kernel
             (:class:`~diffusers_wan_ext.WanFusedQKRopeAttnProcessor`; needs ``fuse_qkv``; layers whose processor is
             not stock ``WanAttnProcessor`` keep theirs).
+        compile_options: Inductor options for the regional compile (``torch.compile(options=...)``); default
+            :data:`COMPILE_OPTIONS`.
         verbose: log the attention choice.
 
     Returns:
@@ -110,7 +117,8 @@ def optimize_transformer(
         elif compile:
             if not getattr(model, "_repeated_blocks", None):
                 raise ValueError(f"{type(model).__name__} declares no _repeated_blocks; use torch.compile(model)")
-            model.compile_repeated_blocks(fullgraph=fullgraph)
+            options = COMPILE_OPTIONS if compile_options is None else compile_options
+            model.compile_repeated_blocks(fullgraph=fullgraph, **({"options": dict(options)} if options else {}))
             compiled.append(name)
     return {"attention_backend": backend, "compiled": compiled, "fp8": fp8, "fused_gelu": fused_gelu and not fp8,
             "fused_qkv": fuse_qkv, "fused_qk_rope": n_fused_qk}
