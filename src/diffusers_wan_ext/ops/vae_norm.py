@@ -145,6 +145,8 @@ def rms_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"weight / bias must have {x.shape[1]} elements (the channels of x {tuple(x.shape)})")
     if out is not None and out.shape != x.shape:
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(x.shape)}")
+    if x.device.type == "meta":  # shape-only runs (memory estimates): the kernel allocates nothing but ``out``
+        return torch.empty_like(x) if out is None else out
     if not uses_triton(x):
         return rms_norm_act_reference(x, weight, bias, silu=silu, eps=eps, out=out)
     if out is None:
