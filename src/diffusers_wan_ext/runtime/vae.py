@@ -221,6 +221,10 @@ class WanDecodeSession:
     cache per causal conv (made on first use, at the video's size) and reads the weights of the VAE's modules at
     each step. Use it under ``torch.no_grad()``.
 
+    The decoder is run as a flat plan of ``(step, module)`` pairs over one activation slot (``self._x``): each step
+    takes the activation out of the slot and puts its result back, so no caller keeps a block's input alive
+    while the block runs (each full-resolution activation of Wan2.1 is 0.29 GiB at 480x832x4 in bf16).
+
     Args:
         vae: a stock ``AutoencoderKLWan``.
         channels_last: run activations channels-last (default: whatever :func:`optimize_vae` chose, else True).
@@ -234,15 +238,39 @@ class WanDecodeSession:
         self.fmt5 = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.fmt4 = torch.channels_last if channels_last else torch.contiguous_format
         self.frames = 0  # latent frames decoded so far
+        self._first = True
+        self._x: torch.Tensor | None = None  # the activation between plan steps
+        self._x_in: torch.Tensor | None = None  # a residual up block's input, for its DupUp3D shortcut
         self._cache: dict[nn.Module, torch.Tensor] = {}
         self._norm: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._started: set[nn.Module] = set()  # upsample3d resamples past their first chunk
+        self._plan = self._make_plan()
+
+    def _make_plan(self) -> list[tuple[Callable[[nn.Module], None], nn.Module]]:
         wan = _wan()
-        self._runners: dict[type, Callable] = {
-            wan.WanMidBlock: self._mid_block,
-            wan.WanUpBlock: self._up_block,
-            wan.WanResidualUpBlock: self._residual_up_block,
+        dec = self.decoder
+        mid = dec.mid_block
+        plan = [(self._conv_in, dec.conv_in), (self._resnet, mid.resnets[0])]
+        for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+            plan += [(self._attention, attn)] if attn is not None else []
+            plan.append((self._resnet, resnet))
+        # per up-block kind: (upsampler, DupUp3D shortcut or None)
+        parts: dict[type, Callable[[nn.Module], tuple[nn.Module | None, nn.Module | None]]] = {
+            wan.WanUpBlock: lambda b: (b.upsamplers[0] if b.upsamplers is not None else None, None),
+            wan.WanResidualUpBlock: lambda b: (b.upsampler, b.avg_shortcut),
         }
+        for block in dec.up_blocks:
+            upsampler, dup = parts[type(block)](block)
+            plan += [(self._keep_input, block)] if dup is not None else []
+            plan += [(self._resnet, resnet) for resnet in block.resnets]
+            plan += [(self._resample, upsampler)] if upsampler is not None else []
+            plan += [(self._dup_up_add, dup)] if dup is not None else []
+        plan.append((self._head, dec))
+        return plan
+
+    def _take(self) -> torch.Tensor:
+        x, self._x = self._x, None
+        return x
 
     # -- building blocks -----------------------------------------------------------------------------------------
 
@@ -283,24 +311,31 @@ class WanDecodeSession:
         cache.copy_(buf[:, :, -CACHE_T:])
         return out
 
-    def _causal_conv(self, conv: nn.Module, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+    # -- plan steps (each takes self._x and puts its result back) -----------------------------------------------
+
+    def _conv_in(self, conv: nn.Module) -> None:
+        x = self._take()
         buf, new = self._conv_input(conv, x)
-        self._norm_into(norm, x, new)
-        del new
-        return self._conv_run(conv, buf)
+        new.copy_(x)
+        del x, new
+        self._x = self._conv_run(conv, buf)
 
-    # -- stock modules --------------------------------------------------------------------------------------------
-
-    def _resnet(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _resnet(self, block: nn.Module) -> None:
+        x = self._take()
         shortcut = block.conv_shortcut
         h = x if isinstance(shortcut, nn.Identity) else _pointwise_conv(shortcut, x)
-        y = self._causal_conv(block.conv1, x, block.norm1)
+        buf, new = self._conv_input(block.conv1, x)
+        self._norm_into(block.norm1, x, new)
+        del x, new  # an identity shortcut keeps it as h
+        y = self._conv_run(block.conv1, buf)
+        del buf  # the next conv's buffer takes its place
         buf, new = self._conv_input(block.conv2, y)
         self._norm_into(block.norm2, y, new)
         del y, new  # conv1's output is dead before conv2 allocates its own
-        return self._conv_run(block.conv2, buf).add_(h)
+        self._x = self._conv_run(block.conv2, buf).add_(h)
 
-    def _attention(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _attention(self, attn: nn.Module) -> None:
+        x = self._take()
         b, c, t, h, w = x.shape
         xn = torch.empty_like(x, memory_format=self.fmt5)
         self._norm_into(attn.norm, x, xn, silu=False)
@@ -312,28 +347,38 @@ class WanDecodeSession:
         o = F.scaled_dot_product_attention(q, k, v)
         del q, k, v, qkv
         o = o.squeeze(1).transpose(1, 2).unflatten(2, (h, w))
-        return _to_5d(F.conv2d(o, attn.proj.weight, attn.proj.bias), b).add_(x)
+        self._x = _to_5d(F.conv2d(o, attn.proj.weight, attn.proj.bias), b).add_(x)
 
-    def _resample(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _resample(self, m: nn.Module) -> None:
+        x = self._take()
         b, c, t, h, w = x.shape
         if m.mode == "upsample3d" and m in self._started:
-            y = self._causal_conv(m.time_conv, x)  # (B, 2C, T, H, W); channel block j is output frame 2t + j
+            buf, new = self._conv_input(m.time_conv, x)
+            new.copy_(x)
+            del x, new
+            y = self._conv_run(m.time_conv, buf)  # (B, 2C, T, H, W); channel block j is output frame 2t + j
+            del buf
             src = y.unflatten(1, (2, c)).permute(0, 3, 1, 2, 4, 5)
         else:  # upsample2d, or the first chunk of upsample3d (stock "Rep": no time conv)
             if m.mode == "upsample3d":
                 self._started.add(m)
             src = x.transpose(1, 2).unsqueeze(2)
+            del x
         t_out = src.shape[1] * src.shape[2]
         # time interleave + nearest 2x upsample, one copy into the conv2d's channels-last input
-        up = torch.empty((b * t_out, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=self.fmt4)
+        up = torch.empty((b * t_out, c, 2 * h, 2 * w), dtype=src.dtype, device=src.device, memory_format=self.fmt4)
         up.unflatten(0, src.shape[:3]).unflatten(4, (h, 2)).unflatten(6, (w, 2)).copy_(src[:, :, :, :, :, None, :, None])
         del src
         conv = m.resample[1]
         out = F.conv2d(up, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return _to_5d(out, b)
+        self._x = _to_5d(out, b)
 
-    def _dup_up_add(self, dup: nn.Module, x: torch.Tensor, x_in: torch.Tensor, first: bool) -> torch.Tensor:
+    def _keep_input(self, block: nn.Module) -> None:
+        self._x_in = self._x
+
+    def _dup_up_add(self, dup: nn.Module) -> None:
         """``x += DupUp3D(x_in)`` with the repeated channels as a broadcast view where the layout allows."""
+        x, x_in, self._x_in = self._take(), self._x_in, None
         b, c_in, t, h, w = x_in.shape
         ft, fs, reps, c_out = dup.factor_t, dup.factor_s, dup.repeats, dup.out_channels
         if dup.factor % reps == 0:  # channel k = c * reps + r of the repeat is (o, dt, a, b) of the view
@@ -341,37 +386,21 @@ class WanDecodeSession:
             src = x_in.unflatten(1, (c_out, per)).unsqueeze(3).expand(b, c_out, per, reps, t, h, w)
         else:
             src = x_in.repeat_interleave(reps, dim=1)
+        del x_in
         src = src.reshape(b, c_out, ft, fs, fs, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, O, T, ft, H, fs, W, fs)
-        if first and ft > 1:  # stock drops the first ft - 1 frames of the first chunk
+        if self._first and ft > 1:  # stock drops the first ft - 1 frames of the first chunk
             src = src.flatten(2, 3)[:, :, ft - 1:].unsqueeze(3)
         target = x.unflatten(2, (src.shape[2], src.shape[3])).unflatten(4, (h, fs)).unflatten(6, (w, fs))
         target.add_(src)
-        return x
+        del target, src
+        self._x = x
 
-    def _up_block(self, block: nn.Module, x: torch.Tensor, first: bool) -> torch.Tensor:
-        for resnet in block.resnets:
-            x = self._resnet(resnet, x)
-        if block.upsamplers is not None:
-            x = self._resample(block.upsamplers[0], x)
-        return x
-
-    def _residual_up_block(self, block: nn.Module, x: torch.Tensor, first: bool) -> torch.Tensor:
-        x_in = x
-        for resnet in block.resnets:
-            x = self._resnet(resnet, x)
-        if block.upsampler is not None:
-            x = self._resample(block.upsampler, x)
-        if block.avg_shortcut is not None:
-            x = self._dup_up_add(block.avg_shortcut, x, x_in, first)
-        return x
-
-    def _mid_block(self, mid: nn.Module, x: torch.Tensor, first: bool) -> torch.Tensor:
-        x = self._resnet(mid.resnets[0], x)
-        for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
-            if attn is not None:
-                x = self._attention(attn, x)
-            x = self._resnet(resnet, x)
-        return x
+    def _head(self, dec: nn.Module) -> None:
+        x = self._take()
+        buf, new = self._conv_input(dec.conv_out, x)
+        self._norm_into(dec.norm_out, x, new)
+        del x, new
+        self._x = self._conv_run(dec.conv_out, buf)
 
     # -- one latent frame -----------------------------------------------------------------------------------------
 
@@ -379,18 +408,16 @@ class WanDecodeSession:
         """Decoder output of the next latent frame ``x`` (B, z_dim, 1, h, w) (already through ``post_quant_conv``)."""
         if x.ndim != 5 or x.shape[2] != 1:
             raise ValueError(f"step takes one latent frame (B, C, 1, h, w), got {tuple(x.shape)}")
-        dec = self.decoder
-        first = self.frames == 0
-        x = self._causal_conv(dec.conv_in, x)
-        x = self._mid_block(dec.mid_block, x, first)
-        for block in dec.up_blocks:
-            x = self._runners[type(block)](block, x, first)
-        buf, new = self._conv_input(dec.conv_out, x)
-        self._norm_into(dec.norm_out, x, new)
-        del x, new
-        out = self._conv_run(dec.conv_out, buf)
-        self.frames += 1
-        return out
+        self._first = self.frames == 0
+        self._x = x
+        del x
+        try:
+            for run, module in self._plan:
+                run(module)
+            return self._take()
+        finally:
+            self._x = self._x_in = None
+            self.frames += 1
 
 
 def _write_chunk(video: torch.Tensor, y: torch.Tensor, start: int, patch: int | None) -> None:
