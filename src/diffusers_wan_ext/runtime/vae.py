@@ -26,13 +26,14 @@ Wan2.2 one of ``WanResidualUpBlock`` s with ``DupUp3D`` shortcuts and ``patch_si
   an ``upsample3d`` resample skips its time conv on the first chunk and starts its history there (stock's
   ``"Rep"``); ``DupUp3D`` drops its first ``factor_t - 1`` frames on the first chunk.
 
-Peak memory (what is alive at the peak): the decode's peak is inside a full-resolution residual block of a later
-chunk (4 frames): the output video, the 2-frame caches of every causal conv (at 480x832 bf16 for Wan2.1: 7 convs of
-96 channels at full resolution, 1.07 GiB; 1.76 GiB over all levels), the block input, the conv output of the first
-conv, and one 6-frame conv input buffer (0.43 GiB), plus the weights and cuDNN's workspace. Stock has, on top of
-that, the ``cat`` and ``F.pad`` copies of the conv input (0.43 GiB each), the cache clones and, at the end, two
-copies of the video. :func:`estimate_decode_peak` counts it for any VAE and latent shape, on the meta device,
-without a GPU (stock or fast path).
+Peak memory (what is alive at the peak): the fast decode's peak is inside a full-resolution residual block of a
+later chunk (4 frames). For Wan2.1 at 480x832x81 in bf16: the output video (0.18 GiB), the 2-frame caches of all 32
+causal convs (1.76 GiB; 1.0 of it for the 7 convs at full resolution -- stock keeps the same), the block input
+(0.29), the first conv's output (0.29) and one 6-frame conv input buffer (0.43), plus the weights (0.24) and cuDNN's
+workspace: 3.18 GiB counted. Stock has, on top of that, the ``cat`` and ``F.pad`` copies of each conv input (0.43
+GiB each), fp32 temporaries of the norm (0.57 GiB each), the cache clones and, at the end, two copies of the video:
+4.19 GiB counted. :func:`estimate_decode_peak` counts it for any VAE and latent shape on the meta device, without a
+GPU (stock or fast path).
 
 The fast decode steps aside for the stock one (same results, stock speed) when ``vae.use_tiling`` applies to the
 latent, when the decoder's modules carry hooks (group offloading, layerwise casting, accelerate's sequential
