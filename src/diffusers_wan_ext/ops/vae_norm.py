@@ -73,7 +73,9 @@ def rms_norm_act_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 if triton is not None:
 
-    @triton.jit
+    # sizes change with every chunk and level: not specialised (one compile per layout); the strides are, so that
+    # channels-last rows (channel stride 1, pixel stride a multiple of 16) load as vectors
+    @triton.jit(do_not_specialize=["n_pix", "T", "H", "W"])
     def _rms_norm_act_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n_pix, C, T, H, W,
                              xs_b, xs_c, xs_t, xs_h, xs_w, os_b, os_c, os_t, os_h, os_w, eps,
                              HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,

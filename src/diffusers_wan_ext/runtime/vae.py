@@ -29,8 +29,8 @@ Wan2.2 one of ``WanResidualUpBlock`` s with ``DupUp3D`` shortcuts and ``patch_si
 Peak memory (what is alive at the peak): the fast decode's peak is inside a full-resolution residual block of a
 later chunk (4 frames). For Wan2.1 at 480x832x81 in bf16: the output video (0.18 GiB), the 2-frame caches of all 32
 causal convs (1.76 GiB; 1.0 of it for the 7 convs at full resolution -- stock keeps the same), the block input
-(0.29), the first conv's output (0.29) and one 6-frame conv input buffer (0.43), plus the weights (0.24) and cuDNN's
-workspace: 3.18 GiB counted. Stock has, on top of that, the ``cat`` and ``F.pad`` copies of each conv input (0.43
+(0.29), the first conv's output (0.29) and one 6-frame conv input buffer (0.43), plus the weights (0.24): 3.18 GiB
+counted (cuDNN's workspace comes on top). Stock has, on top of that, the ``cat`` and ``F.pad`` copies of each conv input (0.43
 GiB each), fp32 temporaries of the norm (0.57 GiB each), the cache clones and, at the end, two copies of the video:
 4.19 GiB counted. :func:`estimate_decode_peak` counts it for any VAE and latent shape on the meta device, without a
 GPU (stock or fast path).
@@ -97,7 +97,7 @@ def _norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _cached_conv(conv: nn.Module, x: torch.Tensor, feat_cache, feat_idx) -> torch.Tensor:
-    """Stock causal-cache step around one ``WanCausalConv3d`` (keep the last CACHE_T input frames for the next chunk)."""
+    """Stock causal-cache step around one ``WanCausalConv3d`` (keeps the last CACHE_T input frames for later)."""
     if feat_cache is None:
         return conv(x)
     idx = feat_idx[0]
@@ -368,7 +368,9 @@ class WanDecodeSession:
         t_out = src.shape[1] * src.shape[2]
         # time interleave + nearest 2x upsample, one copy into the conv2d's channels-last input
         up = torch.empty((b * t_out, c, 2 * h, 2 * w), dtype=src.dtype, device=src.device, memory_format=self.fmt4)
-        up.unflatten(0, src.shape[:3]).unflatten(4, (h, 2)).unflatten(6, (w, 2)).copy_(src[:, :, :, :, :, None, :, None])
+        dst = up.unflatten(0, src.shape[:3]).unflatten(4, (h, 2)).unflatten(6, (w, 2))  # (B, T, J, C, H, 2, W, 2)
+        dst.copy_(src[:, :, :, :, :, None, :, None])
+        del dst
         del src
         conv = m.resample[1]
         out = F.conv2d(up, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -590,7 +592,7 @@ def estimate_decode_peak(vae: nn.Module, latent_shape: tuple[int, ...], dtype: t
     """
     dtype = dtype or next(vae.parameters()).dtype
     with torch.device("meta"):
-        meta = type(vae).from_config(vae.config).to(dtype).eval()
+        meta = nn.Module.to(type(vae).from_config(vae.config), dtype).eval()  # (ModelMixin.to warns on casts)
         z = torch.empty(latent_shape, dtype=dtype)
     if fast:
         optimize_vae(meta, fuse_norm_act=False)
