@@ -64,7 +64,8 @@ def test_optimize_vae_matches_stock_and_restores():
         ref = vae.decode(z).sample
         report = optimize_vae(vae)
         out = vae.decode(z).sample
-        assert report == {"channels_last": True, "fused_blocks": 24, "compiled": False}
+        assert {k: report[k] for k in ("channels_last", "fused_blocks", "compiled", "fast_decode")} == {
+            "channels_last": True, "fused_blocks": 24, "compiled": False, "fast_decode": True}
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
         restore_vae(vae)
         assert not any("forward" in vars(m) for m in vae.modules())

@@ -30,6 +30,11 @@ class WanStreamingVAEDecoder:
         clamp: clamp the frames to ``[-1, 1]`` as ``vae.decode`` does.
 
     Not tiled: the whole frame goes through the decoder (``vae.use_tiling`` is ignored).
+
+    With the fast decode of :func:`diffusers_wan_ext.runtime.optimize_vae` installed when a video starts (first
+    block after construction or :meth:`reset`), that video runs on a
+    :class:`~diffusers_wan_ext.runtime.vae.WanDecodeSession` (same frames, its own cache); otherwise on the stock
+    ``vae.decoder`` with a stock feature-cache list. A video keeps the path it started on.
     """
 
     def __init__(self, vae, clamp: bool = True) -> None:
@@ -40,6 +45,7 @@ class WanStreamingVAEDecoder:
     def reset(self) -> None:
         """Start a new video (empty feature cache; the next latent frame is frame 0)."""
         self._cache = [None] * _conv_count(self.vae.decoder)
+        self._session = None  # fast decode session, chosen on the video's first block
         self.latent_frames = 0
 
     @torch.no_grad()
@@ -57,11 +63,18 @@ class WanStreamingVAEDecoder:
         z = latents.to(device=vae.post_quant_conv.weight.device, dtype=vae.dtype)
         if normalized:
             z = denormalize_latents(vae, z)
+        if self.latent_frames == 0:
+            from ..runtime.vae import fast_decode_session
+
+            self._session = fast_decode_session(vae, z)
         x = vae.post_quant_conv(z)
         outs = []
         for i in range(x.shape[2]):
             first = self.latent_frames == 0
-            outs.append(vae.decoder(x[:, :, i: i + 1], feat_cache=self._cache, feat_idx=[0], first_chunk=first))
+            if self._session is not None:
+                outs.append(self._session.step(x[:, :, i: i + 1]))
+            else:
+                outs.append(vae.decoder(x[:, :, i: i + 1], feat_cache=self._cache, feat_idx=[0], first_chunk=first))
             self.latent_frames += 1
         out = torch.cat(outs, dim=2)
         p = _patch_size(vae)
