@@ -7,7 +7,10 @@ Configurations timed per model (random weights, bf16, batch 1, 512 text tokens):
                           attention through Diffusers' dispatch, regional compile)
   * ours fp8 (--fp8)   -- + torchao float8 dynamic-activation GEMMs; reported separately with its error vs bf16
 
-Usage (GPU machine):  python benchmarks/bench_dit.py --models 1.3b,ti2v-5b   (then --models 14b)
+"stock compiled" and "ours" are resident together and timed alternately (one forward each per round), so clock
+and temperature drift hits both alike; the other variants are timed alone.
+
+Usage (GPU machine):  python benchmarks/bench_dit.py --models 1.3b,14b --variants "stock compiled,ours"
 Prints a table (seconds, TFLOP/s, fraction of the ideal bf16 bound, peak GiB, ratio vs stock compiled, error vs
 stock eager) and writes bench_dit.json under $OUT.
 """
@@ -16,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 
 import torch
 
-from _common import (DIT_CONFIGS, PEAK_BF16_TFLOPS, cuda_time, dit_flops, env_info, make_dit_inputs, peak_memory,
+from _common import (DIT_CONFIGS, PEAK_BF16_TFLOPS, dit_flops, env_info, make_dit_inputs, peak_memory,
                      table, write_json)
 
 
@@ -45,49 +49,84 @@ def configure(model, variant: str) -> str:
     return report["attention_backend"]
 
 
+def _weight_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (fused projections share storage)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def _timed_once(model, inputs) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    model(**inputs)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="1.3b,ti2v-5b,14b")
     parser.add_argument("--variants", default="stock eager,stock compiled,ours")
     parser.add_argument("--fp8", action="store_true", help="also time ours with float8 GEMMs (needs torchao)")
-    parser.add_argument("--iters", type=int, default=0, help="timed forwards (default: 5, 2 for 14b)")
+    parser.add_argument("--iters", type=int, default=0, help="timed forwards per variant (default: 10, 3 for 14b)")
     args = parser.parse_args()
     variants = args.variants.split(",") + (["ours fp8"] if args.fp8 else [])
     env = env_info()
     print(env, flush=True)
-    rows, full = [], {"env": env, "results": []}
+    rows, full = [], {"env": env, "results": [], "method": (
+        "'stock compiled' and 'ours' are resident together and timed in alternating order (one forward each per "
+        "round, CUDA events, median); other variants are timed alone. peak_gib: peak allocated during the "
+        "variant's forward minus the other resident model's weights.")}
     for name in args.models.split(","):
         inputs = make_dit_inputs(name)
         flops = dit_flops(name)
         ideal = flops / (PEAK_BF16_TFLOPS * 1e12)
-        iters = args.iters or (2 if name == "14b" else 5)
-        ref, base = None, None
-        for variant in variants:
-            model = build(name)
-            t0 = time.time()
-            backend = configure(model, variant)
+        iters = args.iters or (3 if name == "14b" else 10)
+        paired = [v for v in ("stock compiled", "ours") if v in variants]
+        groups = [[v] for v in variants if v not in paired]
+        groups.insert(min(1, len(groups)), paired)  # stock eager first, then the alternating pair, then fp8
+        ref, base, results = None, None, {}
+        for group in (g for g in groups if g):
+            models, info = {}, {}
+            for variant in group:
+                model = build(name)
+                t0 = time.time()
+                backend = configure(model, variant)
+                models[variant] = model
+                info[variant] = dict(backend=backend, t0=t0)
             with torch.no_grad():
-                out = model(**inputs)[0].float()  # compiles here
-                setup_s = time.time() - t0
-                if ref is None:
-                    ref = out
-                err = ((out - ref).norm() / ref.norm()).item()
-                with peak_memory() as pm:
-                    t = cuda_time(lambda: model(**inputs), warmup=1, iters=iters)
-            sec = t["median_s"]
-            if variant == "stock compiled":
-                base = sec
-            row = dict(model=name, variant=variant, attention=backend, s=round(sec, 4),
-                       tflops=round(flops / sec / 1e12), ideal_frac=round(ideal / sec, 3),
-                       peak_gib=round(pm["peak_gib"], 2), err=f"{err:.1e}", setup_s=round(setup_s, 1),
-                       vs_stock_compiled=round(base / sec, 3) if base else "")
-            rows.append(row)
-            full["results"].append(dict(row, runs=t["runs"]))
-            print(row, flush=True)
-            del model, out
+                for variant, model in models.items():  # first call compiles; then one more warm-up call
+                    out = model(**inputs)[0].float()
+                    info[variant]["setup_s"] = time.time() - info[variant]["t0"]
+                    ref = out if ref is None else ref
+                    info[variant]["err"] = ((out - ref).norm() / ref.norm()).item()
+                    del out
+                    others = sum(_weight_bytes(m) for v, m in models.items() if v != variant)
+                    with peak_memory() as pm:
+                        model(**inputs)
+                    info[variant]["peak_gib"] = pm["peak_gib"] - others / 2**30
+                runs = {v: [] for v in models}
+                for _ in range(iters):
+                    for variant, model in models.items():
+                        runs[variant].append(_timed_once(model, inputs))
+            for variant in group:
+                results[variant] = dict(info[variant], runs=runs[variant], median_s=statistics.median(runs[variant]))
+            del models, model
             gc.collect()
             torch.cuda.empty_cache()
             torch._dynamo.reset()
+        base = results.get("stock compiled", {}).get("median_s")
+        for variant in variants:
+            r = results[variant]
+            sec = r["median_s"]
+            row = dict(model=name, variant=variant, attention=r["backend"], s=round(sec, 4),
+                       tflops=round(flops / sec / 1e12), ideal_frac=round(ideal / sec, 3),
+                       peak_gib=round(r["peak_gib"], 2), err=f"{r['err']:.1e}", setup_s=round(r["setup_s"], 1),
+                       vs_stock_compiled=round(base / sec, 3) if base else "")
+            rows.append(row)
+            full["results"].append(dict(row, runs=r["runs"]))
+            print(row, flush=True)
         del inputs, ref
     write_json("bench_dit.json", full)
     print(f"\n{env.get('gpu')} | torch {env['torch']} | diffusers {env.get('diffusers')} | ideal bound at "

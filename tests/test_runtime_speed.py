@@ -30,7 +30,7 @@ def test_optimize_transformer_keeps_outputs_and_reports():
         report = optimize_transformer(model, compile=False, verbose=False)
         out = model(x, t, e).sample
     assert report == {"attention_backend": "native", "compiled": [], "fp8": False, "fused_gelu": True,
-                      "fused_qkv": True}
+                      "fused_qkv": True, "fused_qk_rope": len(model.blocks)}
     assert all(blk.attn1.fused_projections for blk in model.blocks)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -75,3 +75,25 @@ def test_optimize_vae_matches_stock_and_restores():
 def test_flash4_unavailable_without_cuda():
     reason = flash4_unavailable_reason("cpu", torch.bfloat16)
     assert reason is not None and "CUDA" in reason
+
+
+def _unique_storage_bytes(model):
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
+
+
+def test_fused_projections_share_storage_with_the_separate_layers():
+    model = _tiny_dit()
+    x, t, e = _inputs()
+    with torch.no_grad():
+        ref = model(x, t, e).sample
+        before = _unique_storage_bytes(model)
+        optimize_transformer(model, compile=False, verbose=False)
+        attn1, attn2 = model.blocks[0].attn1, model.blocks[0].attn2
+        assert attn1.to_k.weight.untyped_storage().data_ptr() == attn1.to_qkv.weight.untyped_storage().data_ptr()
+        assert attn2.to_v.bias.untyped_storage().data_ptr() == attn2.to_kv.bias.untyped_storage().data_ptr()
+        assert _unique_storage_bytes(model) == before  # no second copy of the projections
+        torch.testing.assert_close(model(x, t, e).sample, ref, rtol=1e-5, atol=1e-5)
+        for blk in model.blocks:  # the separate layers still compute the same projections after unfusing
+            blk.attn1.unfuse_projections()
+            blk.attn2.unfuse_projections()
+        torch.testing.assert_close(model(x, t, e).sample, ref, rtol=1e-5, atol=1e-5)

@@ -108,6 +108,7 @@ def optimize_transformer(
             for m in model.modules():
                 if hasattr(m, "fuse_projections") and not getattr(m, "fused_projections", False):
                     m.fuse_projections()
+                    share_fused_storage(m)
         if fuse_qkv and fused_qk_rope:
             n_fused_qk += _use_fused_qk_rope(model)
         hooks = _weight_moving_hooks(model) if compile else []
@@ -122,6 +123,44 @@ def optimize_transformer(
             compiled.append(name)
     return {"attention_backend": backend, "compiled": compiled, "fp8": fp8, "fused_gelu": fused_gelu and not fp8,
             "fused_qkv": fuse_qkv, "fused_qk_rope": n_fused_qk}
+
+
+#: fused projection -> the layers it concatenates (Diffusers' ``WanAttention.fuse_projections``), in row order
+FUSED_PROJECTIONS = {
+    "to_qkv": ("to_q", "to_k", "to_v"),
+    "to_kv": ("to_k", "to_v"),
+    "to_added_kv": ("add_k_proj", "add_v_proj"),
+}
+
+
+@torch.no_grad()
+def share_fused_storage(attn: torch.nn.Module) -> int:
+    """Point the separate q/k/v layers' weights at row slices of their fused copy; returns how many layers.
+
+    Diffusers' ``fuse_projections`` keeps the separate layers (for ``unfuse_projections``), which costs a second
+    copy of every attention input projection (10 GiB on Wan 14B). Views keep both paths valid with one copy.
+    Layers that are not plain ``nn.Linear`` (LoRA-wrapped, hooked) or differ in device/dtype keep their own copy.
+    """
+    shared = 0
+    for fused_name, part_names in FUSED_PROJECTIONS.items():
+        fused = getattr(attn, fused_name, None)
+        if not isinstance(fused, torch.nn.Linear):
+            continue
+        parts = [getattr(attn, name, None) for name in part_names]
+        if not all(type(p) is torch.nn.Linear and p.weight.device == fused.weight.device
+                   and p.weight.dtype == fused.weight.dtype and (p.bias is None) == (fused.bias is None)
+                   for p in parts):
+            continue
+        if sum(p.out_features for p in parts) != fused.out_features:
+            continue
+        row = 0
+        for p in parts:
+            p.weight.data = fused.weight.data[row:row + p.out_features]
+            if p.bias is not None:
+                p.bias.data = fused.bias.data[row:row + p.out_features]
+            row += p.out_features
+            shared += 1
+    return shared
 
 
 def _use_fused_qk_rope(model: torch.nn.Module) -> int:
