@@ -164,6 +164,131 @@ def opts():
         torch.cuda.empty_cache()
 
 
+def vaemem():
+    """Where the fast decode's peak comes from: per-conv peak deltas, a conv3d microbenchmark, cudnn.benchmark."""
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKLWan
+
+    from diffusers_wan_ext.runtime import optimize_vae
+
+    shape = (1, 96, 6, 480, 832)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last_3d)
+    w = torch.randn(96, 96, 3, 3, 3, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last_3d)
+    xc, wc = x.contiguous(), w.contiguous()
+    cases = {"cl pad(0,1,1)": lambda: F.conv3d(x, w, None, 1, (0, 1, 1)),
+             "cl F.pad + pad0": lambda: F.conv3d(F.pad(x, (1, 1, 1, 1)), w),
+             "contig pad(0,1,1)": lambda: F.conv3d(xc, wc, None, 1, (0, 1, 1)),
+             "contig F.pad + pad0": lambda: F.conv3d(F.pad(xc, (1, 1, 1, 1)), wc)}
+    for bench in (False, True):
+        torch.backends.cudnn.benchmark = bench
+        for label, fn in cases.items():
+            with torch.no_grad():
+                fn()
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                t = cuda_time(fn, warmup=1, iters=5)["median_s"]
+                extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+            res[f"conv {label} bench={bench}"] = dict(ms=round(t * 1e3, 2), extra_gib=round(extra, 2))
+            print(f"conv {label} bench={bench}: {t * 1e3:.2f} ms, extra {extra:.2f} GiB", flush=True)
+    torch.backends.cudnn.benchmark = False
+    del x, w, xc, wc
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        vae = AutoencoderKLWan().to(torch.bfloat16).eval()
+    optimize_vae(vae)
+    z = torch.randn(1, 16, 21, 60, 104, device="cuda", dtype=torch.bfloat16)
+    records = []
+    orig = F.conv3d
+
+    def traced(inp, weight, *a, **k):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = orig(inp, weight, *a, **k)
+        torch.cuda.synchronize()
+        records.append((tuple(inp.shape), tuple(weight.shape), str(a[1:2] or k.get("padding")),
+                        round(base / 2**30, 2), round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)))
+        return out
+
+    with torch.no_grad():
+        vae.decode(z, return_dict=False)
+        torch.nn.functional.conv3d = traced
+        try:
+            vae.decode(z, return_dict=False)
+        finally:
+            torch.nn.functional.conv3d = orig
+    top = sorted(records, key=lambda r: -(r[3] + r[4]))[:12]
+    res["vae conv peaks"] = top
+    for r in top:
+        print("vae conv", r, flush=True)
+    for bench in (True,):
+        torch.backends.cudnn.benchmark = bench
+        with torch.no_grad():
+            vae.decode(z, return_dict=False)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t = cuda_time(lambda: vae.decode(z, return_dict=False), warmup=0, iters=2)["median_s"]
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        res[f"vae ours cudnn.benchmark={bench}"] = dict(s=t, peak=peak)
+        print(f"vae ours cudnn.benchmark={bench}: {t:.3f}s peak {peak:.2f}", flush=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def gaps():
+    """GPU idle time inside one compiled forward of ours (1.3B), and the same forward replayed as a CUDA graph."""
+    from torch.profiler import ProfilerActivity, profile
+    from diffusers import WanTransformer3DModel
+
+    from diffusers_wan_ext.runtime import optimize_transformer
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = WanTransformer3DModel(**DIT_CONFIGS["1.3b"]).to(torch.bfloat16).eval().requires_grad_(False)
+    inputs = make_dit_inputs("1.3b")
+    optimize_transformer(model, verbose=False)
+    with torch.no_grad():
+        for _ in range(2):
+            model(**inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            model(**inputs)
+            torch.cuda.synchronize()
+        kern = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+        idle, big = 0.0, []
+        for a, b in zip(kern, kern[1:]):
+            gap = b.time_range.start - a.time_range.end
+            if gap > 0:
+                idle += gap
+                if gap > 200:
+                    big.append((round(gap), a.name[:50], b.name[:50]))
+        span = kern[-1].time_range.end - kern[0].time_range.start
+        syncs = [e.name for e in prof.events() if "ynchronize" in e.name or "Memcpy" in e.name]
+        res["gaps"] = dict(idle_ms=idle / 1e3, span_ms=span / 1e3, big=big[:20], syncs=syncs[:20])
+        print(f"gaps: idle {idle / 1e3:.1f} ms of {span / 1e3:.1f} ms; big gaps {big[:8]}; syncs {syncs[:6]}",
+              flush=True)
+        t_eager = cuda_time(lambda: model(**inputs), warmup=1, iters=10)
+        try:
+            static = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    model(**static)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model(**static)
+            t_graph = cuda_time(graph.replay, warmup=1, iters=10)
+            res["cuda graph"] = dict(eager=t_eager, graph=t_graph)
+            print(f"cuda graph: {t_graph['median_s']:.4f} s vs {t_eager['median_s']:.4f} s", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            res["cuda graph"] = repr(exc)[:300]
+            print("cuda graph failed:", repr(exc)[:300], flush=True)
+
+
 def cross():
     """Cross-attention (512 text keys) and self-attention kernels at the benchmark shapes, per backend/tile."""
     import torch.nn.functional as F
@@ -212,7 +337,8 @@ def _fa4_flags(q, k, v, rs, ol):
 for s in sections:
     try:
         {"dit13": lambda: dit("1.3b"), "dit14": lambda: dit("14b"), "vae": vae, "kernels": kernels,
-         "cross": cross, "opts": opts}[s]()
+         "cross": cross, "opts": opts,
+         "vaemem": vaemem, "gaps": gaps}[s]()
     except Exception as exc:  # keep going: one probe run per device call
         import traceback
 
