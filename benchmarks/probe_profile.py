@@ -236,6 +236,48 @@ def vaemem():
     torch.backends.cudnn.benchmark = False
 
 
+def vaetrace():
+    """Every aten op of one fast decode with the allocated memory before it and its peak increase (top 12)."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from diffusers import AutoencoderKLWan
+
+    from diffusers_wan_ext.runtime import optimize_vae
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        vae = AutoencoderKLWan().to(torch.bfloat16).eval()
+    optimize_vae(vae)
+    z = torch.randn(1, 16, 21, 60, 104, device="cuda", dtype=torch.bfloat16)
+    records = []
+
+    class Trace(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            out = func(*args, **(kwargs or {}))
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            if peak > 5 * 2**30:
+                where = [f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_stack()
+                         if "diffusers" in f.filename][-3:]
+                shapes = [tuple(a.shape) for a in args if torch.is_tensor(a)][:3]
+                records.append((round(peak / 2**30, 2), round(base / 2**30, 2), str(func), shapes, where))
+            return out
+
+    with torch.no_grad():
+        vae.decode(z, return_dict=False)
+        with Trace():
+            vae.decode(z, return_dict=False)
+    top = sorted(records, key=lambda r: -r[0])[:12]
+    res["vae trace"] = top
+    print(f"vae trace: {len(records)} ops above 5 GiB", flush=True)
+    for r in top:
+        print("  ", r, flush=True)
+
+
 def gaps():
     """GPU idle time inside one compiled forward of ours (1.3B), and the same forward replayed as a CUDA graph."""
     from torch.profiler import ProfilerActivity, profile
@@ -338,7 +380,8 @@ for s in sections:
     try:
         {"dit13": lambda: dit("1.3b"), "dit14": lambda: dit("14b"), "vae": vae, "kernels": kernels,
          "cross": cross, "opts": opts,
-         "vaemem": vaemem, "gaps": gaps}[s]()
+         "vaemem": vaemem, "gaps": gaps,
+         "vaetrace": vaetrace}[s]()
     except Exception as exc:  # keep going: one probe run per device call
         import traceback
 

@@ -247,14 +247,17 @@ class WanDecodeSession:
         self._started: set[nn.Module] = set()  # upsample3d resamples past their first chunk
         self._plan = self._make_plan()
 
-    def _make_plan(self) -> list[tuple[Callable[[nn.Module], None], nn.Module]]:
+    def _make_plan(self) -> list[tuple[Callable[..., None], nn.Module]]:
+        # plain functions, not bound methods: a plan of bound methods is a reference cycle (session -> plan ->
+        # method -> session) that keeps every conv cache alive until the garbage collector runs
+        cls = type(self)
         wan = _wan()
         dec = self.decoder
         mid = dec.mid_block
-        plan = [(self._conv_in, dec.conv_in), (self._resnet, mid.resnets[0])]
+        plan = [(cls._conv_in, dec.conv_in), (cls._resnet, mid.resnets[0])]
         for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
-            plan += [(self._attention, attn)] if attn is not None else []
-            plan.append((self._resnet, resnet))
+            plan += [(cls._attention, attn)] if attn is not None else []
+            plan.append((cls._resnet, resnet))
         # per up-block kind: (upsampler, DupUp3D shortcut or None)
         parts: dict[type, Callable[[nn.Module], tuple[nn.Module | None, nn.Module | None]]] = {
             wan.WanUpBlock: lambda b: (b.upsamplers[0] if b.upsamplers is not None else None, None),
@@ -262,11 +265,11 @@ class WanDecodeSession:
         }
         for block in dec.up_blocks:
             upsampler, dup = parts[type(block)](block)
-            plan += [(self._keep_input, block)] if dup is not None else []
-            plan += [(self._resnet, resnet) for resnet in block.resnets]
-            plan += [(self._resample, upsampler)] if upsampler is not None else []
-            plan += [(self._dup_up_add, dup)] if dup is not None else []
-        plan.append((self._head, dec))
+            plan += [(cls._keep_input, block)] if dup is not None else []
+            plan += [(cls._resnet, resnet) for resnet in block.resnets]
+            plan += [(cls._resample, upsampler)] if upsampler is not None else []
+            plan += [(cls._dup_up_add, dup)] if dup is not None else []
+        plan.append((cls._head, dec))
         return plan
 
     def _take(self) -> torch.Tensor:
@@ -416,11 +419,18 @@ class WanDecodeSession:
         del x
         try:
             for run, module in self._plan:
-                run(module)
+                run(self, module)
             return self._take()
         finally:
             self._x = self._x_in = None
             self.frames += 1
+
+
+    def release(self) -> None:
+        """Free the causal caches and buffers now (the session cannot continue afterwards)."""
+        self._cache.clear()
+        self._norm.clear()
+        self._x = self._x_in = None
 
 
 def _write_chunk(video: torch.Tensor, y: torch.Tensor, start: int, patch: int | None) -> None:
@@ -462,6 +472,7 @@ def _decode_video(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
         _write_chunk(video, y, start, patch)
         start += y.shape[2]
         del y
+    session.release()
     return video
 
 
