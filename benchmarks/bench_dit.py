@@ -107,8 +107,9 @@ def main() -> None:
         ideal = flops / (PEAK_BF16_TFLOPS * 1e12)
         iters = args.iters or (3 if name == "14b" else 10)
         paired = [v for v in ("stock compiled", "ours", "ours tuned") if v in variants]
-        groups = [[v] for v in variants if v not in paired]
-        groups.insert(min(1, len(groups)), paired)  # stock eager first, then the alternating pair, then fp8
+        # stock eager alone first (the error reference), then the alternating group, then the rest (fp8) alone
+        groups = ([["stock eager"]] if "stock eager" in variants else []) + [paired] + [
+            [v] for v in variants if v not in paired and v != "stock eager"]
         ref, base, results = None, None, {}
         for group in (g for g in groups if g):
             models, info = {}, {}
