@@ -1,5 +1,6 @@
 """GPU checks of the runtime kernels (skipped without CUDA): the Triton attention and flash-attn 4 (when installed)
-against fp32 SDPA, and the fused GELU GEMM against the stock FFN."""
+against fp32 SDPA, the fused GELU GEMM against the stock FFN, the fused q/k norm + RoPE kernel and the VAE norm
+kernel against their PyTorch references, and the fast VAE decode against stock."""
 
 from __future__ import annotations
 
@@ -50,6 +51,43 @@ def test_fused_gelu_gemm_matches_stock():
     ref = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate="tanh")
     out = linear_gelu_tanh(x, w, b).float()
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_qk_norm_rope_kernel_matches_reference():
+    pytest.importorskip("triton")
+    from diffusers_wan_ext.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for heads in (12, 40, 15):
+        dim = heads * 128
+        qkv = torch.randn(2, 301, 3 * dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        wq, wk = (torch.rand(dim, device="cuda", generator=g).bfloat16() + 0.5 for _ in range(2))
+        ang = torch.rand(1, 301, 1, 64, device="cuda", generator=g) * 6
+        cos, sin = torch.cos(ang).repeat_interleave(2, -1), torch.sin(ang).repeat_interleave(2, -1)
+        rq, rk = qk_norm_rope_reference(qkv.float(), wq.float(), wk.float(), cos, sin, 1e-6, heads)
+        for heads_first in (False, True):
+            q, k, v = qk_norm_rope(qkv, wq, wk, cos, sin, 1e-6, heads, heads_first=heads_first)
+            for got, want in ((q, rq), (k, rk)):
+                assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+            assert torch.equal(v, qkv[..., 2 * dim:].unflatten(2, (heads, -1)))
+
+
+def test_fast_vae_decode_matches_stock():
+    pytest.importorskip("triton")
+    from diffusers import AutoencoderKLWan
+
+    from diffusers_wan_ext.runtime import optimize_vae
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                           temperal_downsample=[False, True, True]).cuda().eval()
+    z = torch.randn(1, 16, 4, 12, 16, device="cuda")
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+        report = optimize_vae(vae)
+        out = vae.decode(z).sample
+    assert report["fast_decode"] and report["norm_kernel"] == "triton", report
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ CUDA GPUs")
