@@ -6,14 +6,17 @@
    (:func:`~diffusers_wan_ext.runtime.attention.set_attention_backend`, ``"auto"``);
 2. **fp8** (opt-in) -- float8 GEMMs via torchao for the blocks' linear layers (dynamic per-row activation scales);
    this changes numerics, so it is never a default; the benchmark reports its error against bf16;
-3. **compile** -- regional ``torch.compile`` of the repeated blocks (``compile_repeated_blocks(fullgraph=True)``):
-   one compiled block reused by every layer, so compile time stays short and hooks on the model (step caching,
-   motion control, offloading) keep working around the compiled blocks.
+3. **fusions** -- FFN GELU in the GEMM epilogue, fused QKV / KV projections (one copy of the weights), and the
+   self-attention q/k RMSNorm + RoPE as one Triton kernel (:mod:`diffusers_wan_ext.ops.qk_norm_rope`);
+4. **compile** -- regional ``torch.compile`` of the repeated blocks (``compile_repeated_blocks(fullgraph=True)``
+   with :data:`COMPILE_OPTIONS`): one compiled block reused by every layer, so compile time stays short and hooks
+   on the model (step caching, motion control, offloading) keep working around the compiled blocks.
 
 Example:
     >>> from diffusers_wan_ext.runtime import optimize_transformer
     >>> optimize_transformer(pipe)  # doctest: +SKIP
-    {'attention_backend': '_native_cudnn', 'compiled': ['transformer'], 'fp8': False}
+    {'attention_backend': 'flash_4_hub', 'compiled': ['transformer'], 'fp8': False, 'fused_gelu': True,
+     'fused_qkv': True, 'fused_qk_rope': 30}
 """
 
 from __future__ import annotations
@@ -88,8 +91,10 @@ def optimize_transformer(
         fp8: float8 GEMMs through torchao (Hopper/Ada); changes numerics.
         fused_gelu: FFN first linear + tanh-GELU as one GEMM with a GELU epilogue (:func:`fuse_ffn_gelu`).
         fuse_qkv: Diffusers' ``fuse_projections`` on every attention (one QKV GEMM for self-attention, one KV GEMM
-            for cross-attention). Costs the fused copies' memory (Diffusers keeps the unfused layers); load LoRAs
-            before calling this.
+            for cross-attention); the separate layers' weights then become row views of the fused weight
+            (:func:`share_fused_storage`), so there is still one copy. Load LoRAs before calling this (the fused
+            layers do not see adapters added later). An optimized model shares storage between layers: save the
+            un-optimized one.
         fused_qk_rope: run each self-attention's q/k RMSNorm + RoPE as one Triton kernel
             (:class:`~diffusers_wan_ext.WanFusedQKRopeAttnProcessor`; needs ``fuse_qkv``; layers whose processor is
             not stock ``WanAttnProcessor`` keep theirs).
@@ -98,7 +103,8 @@ def optimize_transformer(
         verbose: log the attention choice.
 
     Returns:
-        A report: ``attention_backend``, ``compiled`` (component names) and ``fp8``.
+        A report: ``attention_backend``, ``compiled`` (component names), ``fp8``, ``fused_gelu``, ``fused_qkv`` and
+        ``fused_qk_rope`` (how many self-attention layers use the fused q/k kernel).
     """
     backend = set_attention_backend(pipe_or_model, attention, verbose=verbose)
     compiled, n_fused_qk = [], 0
