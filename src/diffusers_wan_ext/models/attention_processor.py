@@ -119,6 +119,7 @@ def _fused_qk_rope_ready(attn, hidden_states, rotary_emb) -> bool:
     norm_q, norm_k = attn.norm_q, attn.norm_k
     return (
         triton_available()
+        and not torch.is_grad_enabled()  # the kernel has no backward: training takes the stock path
         and (hidden_states.is_cuda or _interpreting())
         and getattr(attn, "fused_projections", False)
         and getattr(attn, "to_qkv", None) is not None
@@ -135,7 +136,7 @@ class WanFusedQKRopeAttnProcessor(WanAttnProcessor):
     Same inputs, outputs and attention dispatch (backend, context-parallel config) as stock ``WanAttnProcessor``; on
     a self-attention with fused QKV projections (``attn.fuse_projections()``) on CUDA, the q/k normalisation and
     rotation run in :func:`~diffusers_wan_ext.ops.qk_norm_rope.qk_norm_rope`. Anything else (cross-attention,
-    unfused projections, CPU, no Triton, LayerNorm q/k norms) takes the stock path.
+    unfused projections, CPU, no Triton, LayerNorm q/k norms, gradient mode) takes the stock path.
     :func:`~diffusers_wan_ext.runtime.optimize_transformer` installs it on ``attn1`` layers (``fused_qk_rope=True``).
 
     Example:

@@ -209,7 +209,9 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
 def _fused_gelu_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     proj = self.proj
     # only a plain, un-hooked nn.Linear in the activation dtype (LoRA layers, offloading or casting hooks: stock path)
+    # (the fused op has no backward: with gradients recorded, the stock path)
     if (type(proj) is torch.nn.Linear and "forward" not in vars(proj) and proj.bias is not None
+            and not torch.is_grad_enabled()
             and hidden_states.is_cuda and proj.weight.dtype == hidden_states.dtype):
         return linear_gelu_tanh(hidden_states, proj.weight, proj.bias)
     return type(self).forward(self, hidden_states)
