@@ -46,6 +46,11 @@ for batch, tokens, heads, head_dim, cos_batch in ((1, 37, 12, 16, 1), (2, 9, 3, 
         torch.testing.assert_close(v, rv, rtol=0, atol=0)
         cases += 1
 
+import diffusers_wan_ext.ops.qk_norm_rope as qk_mod
+
+launches = []
+_launch = qk_mod._launch
+qk_mod._launch = lambda *a: launches.append(1) or _launch(*a)  # the processor must really run the kernel
 torch.manual_seed(0)
 model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=16, in_channels=4,
                               out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
@@ -59,10 +64,11 @@ with torch.no_grad():
         out = model(x, t, ctx, return_dict=False)[0]
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
         cases += 1
+assert len(launches) == 4, launches  # 2 layers x 2 backends
 # with gradients recorded the processor takes the stock path (the kernel has no backward): training still works
 out = model(x, t, ctx, return_dict=False)[0]
 out.float().pow(2).mean().backward()
-assert model.blocks[0].attn1.to_qkv.weight.grad is not None
+assert model.blocks[0].attn1.to_qkv.weight.grad is not None and len(launches) == 4
 print("ok", cases)
 """
 

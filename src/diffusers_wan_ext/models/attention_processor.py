@@ -126,7 +126,10 @@ def _fused_qk_rope_ready(attn, hidden_states, rotary_emb) -> bool:
         and isinstance(norm_q, nn.RMSNorm) and isinstance(norm_k, nn.RMSNorm)
         and norm_q.weight is not None and norm_k.weight is not None and norm_q.eps == norm_k.eps
         and isinstance(rotary_emb, (tuple, list)) and len(rotary_emb) == 2
-        and rotary_emb[0].is_floating_point() and rotary_emb[0].ndim == 4
+        and all(torch.is_tensor(r) and r.is_floating_point() and r.ndim == 4 for r in rotary_emb)
+        and rotary_emb[0].shape == rotary_emb[1].shape
+        and rotary_emb[0].shape[1] in (1, hidden_states.shape[1])
+        and rotary_emb[0].shape[-1] * attn.heads == norm_q.weight.numel()
     )
 
 
