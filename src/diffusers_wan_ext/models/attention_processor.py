@@ -114,13 +114,12 @@ def _fused_qk_rope_ready(attn, hidden_states, rotary_emb) -> bool:
     """Whether :func:`~diffusers_wan_ext.ops.qk_norm_rope.qk_norm_rope` can replace the stock q/k norm + RoPE."""
     from torch import nn
 
-    from ..ops.qk_norm_rope import _interpreting, triton_available
+    from ..ops._triton import uses_triton
 
     norm_q, norm_k = attn.norm_q, attn.norm_k
     return (
-        triton_available()
+        uses_triton(hidden_states)
         and not torch.is_grad_enabled()  # the kernel has no backward: training takes the stock path
-        and (hidden_states.is_cuda or _interpreting())
         and getattr(attn, "fused_projections", False)
         and getattr(attn, "to_qkv", None) is not None
         and isinstance(norm_q, nn.RMSNorm) and isinstance(norm_k, nn.RMSNorm)

@@ -15,13 +15,9 @@ import math
 
 import torch
 
-try:  # Triton is optional: CPU installs don't have it.
-    import triton
-    import triton.language as tl
+from ._triton import tl, triton  # noqa: F401 - tl is used inside the kernel
 
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised on CPU machines
-    _HAS_TRITON = False
+_HAS_TRITON = triton is not None
 
 # Launch configuration per head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 DEFAULT_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 2)}

@@ -23,18 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:  # Triton ships with CUDA builds of PyTorch; CPU builds run the reference expression
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from ._triton import interpreting as _interpreting
+from ._triton import tl, triton, triton_available, uses_triton
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_reference", "triton_available"]
-
-
-def triton_available() -> bool:
-    """True when the Triton kernel can run (Triton importable; CUDA tensors, or ``TRITON_INTERPRET=1`` on CPU)."""
-    return triton is not None
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -234,16 +226,10 @@ def qk_norm_rope(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tens
         raise ValueError(f"qk_norm_rope expects qkv (batch, tokens, 3 * dim) with dim divisible into {heads} heads "
                          f"of even size, got {tuple(qkv.shape)}")
     head_dim = dim // heads
-    if (triton is None or not (qkv.is_cuda or _interpreting()) or head_dim & (head_dim - 1)):
+    if not uses_triton(qkv) or head_dim & (head_dim - 1):
         q, k = qk_norm_rope_reference(qkv, weight_q, weight_k, cos, sin, eps, heads)
         return q, k, qkv[..., 2 * dim:].unflatten(2, (heads, -1))
     weights = torch.stack([weight_q.to(qkv.dtype), weight_k.to(qkv.dtype)])
     out = _qk_norm_rope_op(qkv, weights, cos, sin, float(eps), int(heads), bool(heads_first))
     v = out[2] if heads_first else qkv[..., 2 * dim:].unflatten(2, (heads, -1))
     return out[0], out[1], v
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -19,34 +19,14 @@ channel counts and layouts); the kernel is specialised by Triton only on the cha
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-try:  # Triton ships with CUDA builds of PyTorch; CPU builds run the reference expression
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from ._triton import tl, triton, triton_available, uses_triton
 
 __all__ = ["rms_norm_act", "rms_norm_act_reference", "triton_available", "uses_triton", "wan_norm_weight"]
 
 EPS = 1e-12  # F.normalize's default, as WanRMS_norm uses it
-
-
-def triton_available() -> bool:
-    """True when Triton is importable (the kernel then runs on CUDA tensors, or on CPU under ``TRITON_INTERPRET=1``)."""
-    return triton is not None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def uses_triton(x: torch.Tensor) -> bool:
-    """True when :func:`rms_norm_act` runs the Triton kernel for tensors on ``x``'s device."""
-    return triton is not None and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))
 
 
 def _as_5d(t: torch.Tensor) -> torch.Tensor:
