@@ -6,9 +6,10 @@ Configurations timed per model (random weights, bf16, batch 1, 512 text tokens):
   * ours               -- ``diffusers_wan_ext.runtime.optimize_transformer`` defaults (fastest installed exact
                           attention through Diffusers' dispatch, regional compile)
   * ours tuned         -- ours + Inductor multi-kernel reductions and coordinate-descent tuning (longer compile)
+  * ours cublas        -- ours without the quack Hopper GEMMs (cuBLAS for every linear layer)
   * ours fp8 (--fp8)   -- + torchao float8 dynamic-activation GEMMs; reported separately with its error vs bf16
 
-"stock compiled" and "ours" share one set of weights and are timed alternately (one forward each per round), so clock
+"stock compiled", "ours" (and "ours tuned" / "ours cublas") share one set of weights and are timed alternately (one forward each per round), so clock
 and temperature drift hits both alike; the other variants are timed alone.
 
 Usage (GPU machine):  python benchmarks/bench_dit.py --models 1.3b,14b --variants "stock compiled,ours"
@@ -47,7 +48,8 @@ def configure(model, variant: str) -> str:
     from diffusers_wan_ext.runtime import optimize_transformer
 
     options = {"triton.multi_kernel": 1, "coordinate_descent_tuning": True} if variant == "ours tuned" else None
-    report = optimize_transformer(model, fp8=variant.endswith("fp8"), compile_options=options)
+    report = optimize_transformer(model, fp8=variant.endswith("fp8"), compile_options=options,
+                                  hopper_gemm=variant != "ours cublas")
     return report["attention_backend"]
 
 
@@ -106,7 +108,7 @@ def main() -> None:
         flops = dit_flops(name)
         ideal = flops / (PEAK_BF16_TFLOPS * 1e12)
         iters = args.iters or (3 if name == "14b" else 10)
-        paired = [v for v in ("stock compiled", "ours", "ours tuned") if v in variants]
+        paired = [v for v in ("stock compiled", "ours", "ours tuned", "ours cublas") if v in variants]
         # stock eager alone first (the error reference), then the alternating group, then the rest (fp8) alone
         groups = ([["stock eager"]] if "stock eager" in variants else []) + [paired] + [
             [v] for v in variants if v not in paired and v != "stock eager"]

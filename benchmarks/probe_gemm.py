@@ -19,7 +19,8 @@ from _common import cuda_time, env_info, write_json
 
 res = {"env": env_info()}
 print(res["env"], flush=True)
-sections = sys.argv[1:] or ["gemm", "norm"]
+sections = [a for a in sys.argv[1:] if not a.startswith("--")] or ["gemm", "norm"]
+ONLY = next((a.split("=", 1)[1].split(",") for a in sys.argv[1:] if a.startswith("--only=")), None)
 DEV = "cuda"
 BF = torch.bfloat16
 
@@ -94,6 +95,82 @@ def gemm():
             torch.cuda.empty_cache()
 
 
+def gemmrr():
+    """Round-robin timing (one burst of each candidate per round) so clock drift hits every candidate alike."""
+    import statistics
+
+    from quack.gemm_config import GemmConfig
+    from quack.gemm_interface import gemm as qgemm
+    from quack.gemm_interface import gemm_act, gemm_tuned
+
+    def cfg(tm, tn, pp=False, cl=(2, 1)):
+        return GemmConfig(tile_m=tm, tile_n=tn, pingpong=pp, cluster_m=cl[0], cluster_n=cl[1], swap_ab=False,
+                          device_capacity=9, is_dynamic_persistent=False)
+
+    configs = {"256x192": cfg(256, 192), "256x160": cfg(256, 160), "256x208": cfg(256, 208),
+               "256x192c12": cfg(256, 192, cl=(1, 2)), "128x256": cfg(128, 256), "128x208pp": cfg(128, 208, True)}
+    for model in ("14b", "1.3b"):
+        for tag, m, k, n in SHAPES[model]:
+            if ONLY and tag not in ONLY:
+                continue
+            a = torch.randn(m, k, device=DEV, dtype=BF)
+            w = torch.randn(n, k, device=DEV, dtype=BF) / k ** 0.5
+            wt = w.t()
+            b = torch.randn(n, device=DEV, dtype=BF)
+            out = torch.empty(m, n, device=DEV, dtype=BF)
+            flop = 2 * m * n * k
+            cases = {"cublas linear+bias": lambda: F.linear(a, w, b), "cublas mm": lambda: a @ wt,
+                     "quack default+bias": lambda: qgemm(a, wt, out=out, bias=b, tuned=False)}
+            for cname, c in configs.items():
+                cases[f"quack {cname}+bias"] = lambda c=c: gemm_tuned.fn(a, wt, out, None, bias=b, config=c)
+            if tag == "ffn1":
+                cases["cublas gelu epi"] = lambda: torch._addmm_activation(b, a, wt, use_gelu=True)
+                cases["quack gelu default"] = lambda: gemm_act(a, wt, bias=b, activation="gelu_tanh_approx",
+                                                               postact_out=out, store_preact=False, tuned=False)
+                for cname in ("256x192", "256x192c12", "128x256", "128x208pp"):
+                    cases[f"quack gelu {cname}"] = lambda c=configs[cname]: gemm_act(
+                        a, wt, bias=b, activation="gelu_tanh_approx", postact_out=out, store_preact=False,
+                        tuned=False, config=c)
+            ok = {}
+            for name, fn in cases.items():
+                try:
+                    fn()
+                    torch.cuda.synchronize()
+                    ok[name] = fn
+                except Exception as exc:  # noqa: BLE001
+                    print(f"rr {model} {tag} {name}: FAILED {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+            if ok:  # correctness of the quack paths against cuBLAS on this shape
+                ref = F.linear(a, w, b)
+                checks = [("quack 128x256+bias", ref)]
+                if tag == "ffn1":
+                    checks.append(("quack gelu 256x192", F.gelu(ref.float(), approximate="tanh")))
+                for cname, want in checks:
+                    if cname in ok:
+                        ok[cname]()
+                        err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+                        print(f"rr {model} {tag} {cname}: rel err vs cuBLAS {err:.2e}", flush=True)
+                        res[f"rr {model} {tag} {cname} err"] = err
+            times = {name: [] for name in ok}
+            burst = 5 if model == "14b" else 20
+            for _ in range(8):
+                for name, fn in ok.items():
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(burst):
+                        fn()
+                    end.record()
+                    torch.cuda.synchronize()
+                    times[name].append(start.elapsed_time(end) / 1e3 / burst)
+            base = statistics.median(times["cublas linear+bias"])
+            for name, ts in times.items():
+                s = statistics.median(ts)
+                res[f"rr {model} {tag} {name}"] = dict(s=s, tflops=flop / s / 1e12, runs=ts)
+                print(f"rr {model:4s} {tag:5s} {name:26s} {s * 1e3:8.3f} ms {flop / s / 1e12:6.1f} TFLOP/s "
+                      f"x{base / s:5.3f}", flush=True)
+            del a, w, b, out
+            torch.cuda.empty_cache()
+
+
 def norm():
     from diffusers_wan_ext.runtime.speed import COMPILE_OPTIONS
 
@@ -156,5 +233,5 @@ def norm():
 
 
 for sec in sections:
-    {"gemm": gemm, "norm": norm}[sec]()
+    {"gemm": gemm, "gemmrr": gemmrr, "norm": norm}[sec]()
 write_json("probe_gemm", res)
