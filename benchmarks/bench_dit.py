@@ -47,7 +47,8 @@ def configure(model, variant: str) -> str:
         return "native"
     from diffusers_wan_ext.runtime import optimize_transformer
 
-    options = {"triton.multi_kernel": 1, "coordinate_descent_tuning": True} if variant == "ours tuned" else None
+    options = ({"triton.multi_kernel": 1, "coordinate_descent_tuning": True, "fx_graph_cache": False}
+               if variant == "ours tuned" else None)  # multi-kernel graphs fail to load from the FX cache
     report = optimize_transformer(model, fp8=variant.endswith("fp8"), compile_options=options,
                                   hopper_gemm=variant != "ours cublas")
     return report["attention_backend"]

@@ -37,11 +37,12 @@ logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 _UNCOMPILABLE_HOOKS = _GROUP_OFFLOAD_HOOKS + _CASTING_HOOKS
 
 
-#: Inductor options of the regional compile: multi-kernel reductions (Inductor benchmarks a persistent and a looped
-#: variant of each LayerNorm-sized reduction and keeps the faster) and coordinate-descent tuning of the generated
-#: kernels' block sizes. Measured on an H100 (``bench_dit.py``, "ours tuned" against "ours", same run): 0.2-0.6%
-#: faster forwards for ~15-30 s more compile time.
-COMPILE_OPTIONS: dict = {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}
+#: Inductor options of the regional compile: coordinate-descent tuning of the generated kernels' block sizes (the
+#: LayerNorm + modulation kernels of a 14B block go from 2.2-2.8 to 2.7-2.9 TB/s on an H100; ~15-30 s more compile).
+#: Not ``triton.multi_kernel``: with torch 2.11 / Triton 3.6 a multi-kernel graph loaded back from Inductor's on-disk
+#: FX graph cache fails (``MultiKernelCall.load_cache`` -> ``JITFunction.cache_key``: ``_hash_lock`` is None), so the
+#: second process that compiles the same model would crash.
+COMPILE_OPTIONS: dict = {"coordinate_descent_tuning": True}
 
 
 def _weight_moving_hooks(model: torch.nn.Module) -> list[str]:
