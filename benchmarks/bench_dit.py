@@ -116,8 +116,9 @@ def main() -> None:
         ref, base, results = None, None, {}
         for group in (g for g in groups if g):
             models, info = {}, {}
-            for variant in group:  # the pair shares one set of weights
-                model = build(name) if not models else sibling(next(iter(models.values())), name)
+            raw = [build(name)]  # the group shares one set of weights: siblings are made before any is optimized
+            raw += [sibling(raw[0], name) for _ in group[1:]]
+            for variant, model in zip(group, raw):
                 t0 = time.time()
                 try:
                     backend = configure(model, variant)
@@ -146,7 +147,7 @@ def main() -> None:
                         runs[variant].append(_timed_once(model, inputs))
             for variant in group:
                 results[variant] = dict(info[variant], runs=runs[variant], median_s=statistics.median(runs[variant]))
-            del models, model
+            del models, model, raw
             gc.collect()
             torch.cuda.empty_cache()
             torch._dynamo.reset()
