@@ -6,10 +6,10 @@ Configurations timed per model (random weights, bf16, batch 1, 512 text tokens):
   * ours               -- ``diffusers_wan_ext.runtime.optimize_transformer`` defaults (fastest installed exact
                           attention through Diffusers' dispatch, regional compile)
   * ours tuned         -- ours + Inductor multi-kernel reductions and coordinate-descent tuning (longer compile)
-  * ours cublas        -- ours without the quack Hopper GEMMs (cuBLAS for every linear layer)
+  * ours -NAME         -- ours with ``optimize_transformer(NAME=False)`` (A/B of one option, e.g. "ours -fused_norms")
   * ours fp8 (--fp8)   -- + torchao float8 dynamic-activation GEMMs; reported separately with its error vs bf16
 
-"stock compiled", "ours" (and "ours tuned" / "ours cublas") share one set of weights and are timed alternately (one forward each per round), so clock
+"stock compiled", "ours" (and "ours tuned" / "ours -NAME") share one set of weights and are timed alternately (one forward each per round), so clock
 and temperature drift hits both alike; the other variants are timed alone.
 
 Usage (GPU machine):  python benchmarks/bench_dit.py --models 1.3b,14b --variants "stock compiled,ours"
@@ -49,8 +49,9 @@ def configure(model, variant: str) -> str:
 
     options = ({"triton.multi_kernel": 1, "coordinate_descent_tuning": True, "fx_graph_cache": False}
                if variant == "ours tuned" else None)  # multi-kernel graphs fail to load from the FX cache
-    report = optimize_transformer(model, fp8=variant.endswith("fp8"), compile_options=options,
-                                  hopper_gemm=variant != "ours cublas")
+    # "ours -name": ours with optimize_transformer(name=False), e.g. "ours -fused_qk_rope" (an A/B of one option)
+    off = {variant.split(" -", 1)[1]: False} if " -" in variant else {}
+    report = optimize_transformer(model, fp8=variant.endswith("fp8"), compile_options=options, **off)
     return report["attention_backend"]
 
 
@@ -109,7 +110,7 @@ def main() -> None:
         flops = dit_flops(name)
         ideal = flops / (PEAK_BF16_TFLOPS * 1e12)
         iters = args.iters or (3 if name == "14b" else 10)
-        paired = [v for v in ("stock compiled", "ours", "ours tuned", "ours cublas") if v in variants]
+        paired = [v for v in variants if v in ("stock compiled", "ours", "ours tuned") or v.startswith("ours -")]
         # stock eager alone first (the error reference), then the alternating group, then the rest (fp8) alone
         groups = ([["stock eager"]] if "stock eager" in variants else []) + [paired] + [
             [v] for v in variants if v not in paired and v != "stock eager"]

@@ -30,8 +30,7 @@ def test_optimize_transformer_keeps_outputs_and_reports():
         report = optimize_transformer(model, compile=False, verbose=False)
         out = model(x, t, e).sample
     assert report == {"attention_backend": "native", "compiled": [], "fp8": False, "fused_gelu": True,
-                      "fused_qkv": True, "fused_qk_rope": len(model.blocks),
-                      "hopper_gemm": "model is not on a CUDA device"}
+                      "fused_qkv": True, "fused_qk_rope": len(model.blocks)}
     assert all(blk.attn1.fused_projections for blk in model.blocks)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -99,53 +98,3 @@ def test_fused_projections_share_storage_with_the_separate_layers():
             blk.attn2.unfuse_projections()
         torch.testing.assert_close(model(x, t, e).sample, ref, rtol=1e-5, atol=1e-5)
 
-
-def test_hopper_gemm_patches_table_shapes_and_falls_back_off_gpu(monkeypatch):
-    """Layers whose shape has a measured config get the quack forward (the FFN GELU keeps its fused epilogue and gets
-    the GELU config); off CUDA and with gradients recorded the patched layers compute exactly nn.Linear."""
-    from diffusers.models.activations import GELU
-
-    from diffusers_wan_ext.ops import hopper_gemm
-    from diffusers_wan_ext.runtime.speed import use_hopper_gemm
-
-    monkeypatch.setattr(hopper_gemm, "HOPPER_GEMM_CONFIGS", {
-        (16, 16, None): (128, 256, 2, 1, False), (16, 48, None): (256, 192, 1, 2, False),
-        (16, 32, "gelu_tanh_approx"): (128, 192, 2, 1, True)})
-    model = _tiny_dit()
-    x, t, e = _inputs()
-    with torch.no_grad():
-        ref = model(x, t, e).sample
-    optimize_transformer(model, compile=False, verbose=False, hopper_gemm=False)
-    # per block: attn1 qkv + its q/k/v views + out, attn2 q/k/v + out, the FFN GELU; not the (16 -> 32) text KV
-    assert use_hopper_gemm(model) == 2 * (5 + 4 + 1)
-    blk = model.blocks[0]
-    assert blk.attn1.to_qkv._wan_hopper_gemm == (256, 192, 1, 2, False)
-    assert blk.attn1.to_out[0]._wan_hopper_gemm == (128, 256, 2, 1, False)
-    gelu = next(m for m in blk.ffn.modules() if isinstance(m, GELU))
-    assert gelu._wan_hopper_gemm == (128, 192, 2, 1, True) and "forward" not in vars(gelu.proj)
-    assert "forward" not in vars(blk.attn2.to_kv) and "forward" not in vars(blk.ffn.net[2])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, t, e).sample, ref, rtol=1e-5, atol=1e-5)
-    model(x, t, e).sample.sum().backward()  # gradient mode: stock path, autograd works
-
-
-def test_hopper_linear_without_cuda_is_the_pytorch_expression():
-    from diffusers_wan_ext.ops.hopper_gemm import hopper_gemm_unavailable_reason, hopper_linear, hopper_linear_op
-
-    x, w, b = torch.randn(3, 5, 16), torch.randn(24, 16), torch.randn(24)
-    assert hopper_gemm_unavailable_reason() is not None
-    torch.testing.assert_close(hopper_linear(x, w, b, config=(128, 192, 2, 1, True)), torch.nn.functional.linear(x, w, b))
-    torch.testing.assert_close(hopper_linear(x, w, b, "gelu_tanh_approx"),
-                               torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh"))
-    try:
-        hopper_linear(x, w, b, "relu")
-    except ValueError as exc:
-        assert "activation" in str(exc)
-    else:
-        raise AssertionError("unknown activation accepted")
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():  # the op's fake lets torch.compile trace through it
-        out = hopper_linear_op(torch.empty(3, 5, 16, dtype=torch.bfloat16), torch.empty(24, 16, dtype=torch.bfloat16),
-                               None, None, 128, 192, 2, 1, True)
-    assert out.shape == (3, 5, 24) and out.dtype == torch.bfloat16

@@ -79,7 +79,6 @@ def optimize_transformer(
     fused_gelu: bool = True,
     fuse_qkv: bool = True,
     fused_qk_rope: bool = True,
-    hopper_gemm: bool = True,
     compile_options: dict | None = None,
     verbose: bool = True,
 ) -> dict:
@@ -100,20 +99,16 @@ def optimize_transformer(
         fused_qk_rope: run each self-attention's q/k RMSNorm + RoPE as one Triton kernel
             (:class:`~diffusers_wan_ext.WanFusedQKRopeAttnProcessor`; needs ``fuse_qkv``; layers whose processor is
             not stock ``WanAttnProcessor`` keep theirs).
-        hopper_gemm: on Hopper GPUs with quack installed (it comes with flash-attn 4), run the blocks' linear layers
-            whose shape has a measured config in :data:`~diffusers_wan_ext.ops.hopper_gemm.HOPPER_GEMM_CONFIGS` with
-            that quack GEMM instead of cuBLAS (:func:`use_hopper_gemm`); other shapes and GPUs keep cuBLAS.
         compile_options: Inductor options for the regional compile (``torch.compile(options=...)``); default
             :data:`COMPILE_OPTIONS`.
         verbose: log the attention choice.
 
     Returns:
-        A report: ``attention_backend``, ``compiled`` (component names), ``fp8``, ``fused_gelu``, ``fused_qkv``,
-        ``fused_qk_rope`` (how many self-attention layers use the fused q/k kernel) and ``hopper_gemm`` (how many
-        linear layers run quack GEMMs, or why none do).
+        A report: ``attention_backend``, ``compiled`` (component names), ``fp8``, ``fused_gelu``, ``fused_qkv`` and
+        ``fused_qk_rope`` (how many self-attention layers use the fused q/k kernel).
     """
     backend = set_attention_backend(pipe_or_model, attention, verbose=verbose)
-    compiled, n_fused_qk, n_hopper, hopper_reason = [], 0, 0, None
+    compiled, n_fused_qk = [], 0
     for name, model in _attention_models(pipe_or_model):
         if fp8:
             _fp8_linears(model)
@@ -126,9 +121,6 @@ def optimize_transformer(
                     share_fused_storage(m)
         if fuse_qkv and fused_qk_rope:
             n_fused_qk += _use_fused_qk_rope(model)
-        if hopper_gemm and not fp8:
-            hopper_reason = _hopper_reason(model)
-            n_hopper += use_hopper_gemm(model) if hopper_reason is None else 0
         hooks = _weight_moving_hooks(model) if compile else []
         if hooks:
             logger.warning(f"optimize_transformer: not compiling {name}: it carries {', '.join(hooks)} hooks "
@@ -140,8 +132,7 @@ def optimize_transformer(
             model.compile_repeated_blocks(fullgraph=fullgraph, **({"options": dict(options)} if options else {}))
             compiled.append(name)
     return {"attention_backend": backend, "compiled": compiled, "fp8": fp8, "fused_gelu": fused_gelu and not fp8,
-            "fused_qkv": fuse_qkv, "fused_qk_rope": n_fused_qk,
-            "hopper_gemm": n_hopper if hopper_reason is None else (hopper_reason if hopper_gemm and not fp8 else 0)}
+            "fused_qkv": fuse_qkv, "fused_qk_rope": n_fused_qk}
 
 
 #: fused projection -> the layers it concatenates (Diffusers' ``WanAttention.fuse_projections``), in row order
@@ -223,11 +214,6 @@ def _fused_gelu_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if (type(proj) is torch.nn.Linear and "forward" not in vars(proj) and proj.bias is not None
             and not torch.is_grad_enabled()
             and hidden_states.is_cuda and proj.weight.dtype == hidden_states.dtype):
-        config = getattr(self, "_wan_hopper_gemm", None)
-        if config is not None:
-            from ..ops.hopper_gemm import hopper_linear_op
-
-            return hopper_linear_op(hidden_states, proj.weight, proj.bias, "gelu_tanh_approx", *config)
         return linear_gelu_tanh(hidden_states, proj.weight, proj.bias)
     return type(self).forward(self, hidden_states)
 
@@ -246,58 +232,4 @@ def fuse_ffn_gelu(model: torch.nn.Module) -> int:
         if isinstance(m, GELU) and m.approximate == "tanh":
             m.forward = types.MethodType(_fused_gelu_forward, m)
             count += 1
-    return count
-
-
-def _hopper_reason(model: torch.nn.Module) -> str | None:
-    """Why the quack Hopper GEMMs cannot run on ``model``'s device, or None."""
-    from ..ops.hopper_gemm import hopper_gemm_unavailable_reason
-
-    param = next(model.parameters(), None)
-    if param is None or param.device.type != "cuda":
-        return "model is not on a CUDA device"
-    return hopper_gemm_unavailable_reason(param.device)
-
-
-def _hopper_linear_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    # inference only, activation dtype only; anything else (training, autocast mixes, CPU copies): cuBLAS
-    if not torch.is_grad_enabled() and hidden_states.is_cuda and self.weight.dtype == hidden_states.dtype:
-        from ..ops.hopper_gemm import hopper_linear_op
-
-        return hopper_linear_op(hidden_states, self.weight, self.bias, None, *self._wan_hopper_gemm)
-    return torch.nn.Linear.forward(self, hidden_states)
-
-
-def use_hopper_gemm(model: torch.nn.Module) -> int:
-    """Run the blocks' linear layers that have a measured Hopper config with quack GEMMs; returns how many.
-
-    Plain ``nn.Linear`` layers inside ``model.blocks`` whose (in, out) shape is in
-    :data:`~diffusers_wan_ext.ops.hopper_gemm.HOPPER_GEMM_CONFIGS` get a forward that calls
-    :func:`~diffusers_wan_ext.ops.hopper_gemm.hopper_linear_op`; FFN GELU modules patched by :func:`fuse_ffn_gelu`
-    get the GELU-epilogue config of their shape. Layers already wrapped (LoRA) or hooked keep cuBLAS, and with
-    gradients recorded every layer takes the stock path. Call it only where :func:`_hopper_reason` is None.
-    """
-    import types
-
-    from diffusers.models.activations import GELU
-
-    from ..ops.hopper_gemm import hopper_config
-
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        return 0
-    count = 0
-    gelu_projs = {id(m.proj) for m in blocks.modules() if isinstance(m, GELU)}
-    for m in blocks.modules():
-        if isinstance(m, GELU) and "forward" in vars(m):  # fused GELU epilogue (fuse_ffn_gelu)
-            cfg = hopper_config(m.proj.in_features, m.proj.out_features, "gelu_tanh_approx")
-            if cfg is not None and type(m.proj) is torch.nn.Linear:
-                m._wan_hopper_gemm = cfg
-                count += 1
-        elif type(m) is torch.nn.Linear and "forward" not in vars(m) and id(m) not in gelu_projs:
-            cfg = hopper_config(m.in_features, m.out_features)
-            if cfg is not None:
-                m._wan_hopper_gemm = cfg
-                m.forward = types.MethodType(_hopper_linear_forward, m)
-                count += 1
     return count
