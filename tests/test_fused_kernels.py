@@ -1,5 +1,6 @@
-"""Our Triton kernels off the GPU: the fused q/k RMSNorm + RoPE (``ops.qk_norm_rope``) against the stock expression
-under ``TRITON_INTERPRET=1`` (subprocess), the processor that uses it inside a Wan transformer, and a full Triton
+"""Our Triton kernels off the GPU: the fused q/k RMSNorm + RoPE (``ops.qk_norm_rope``) and the residual + LayerNorm +
+modulation kernel (``ops.layer_norm_mod``) against the stock expressions under ``TRITON_INTERPRET=1`` (subprocess),
+the processor / block forward that use them inside a Wan transformer, and a full Triton
 compile of every kernel to sm_90 machine code (the interpreter does not type-check like the compiler does).
 Skipped, with the reason, when Triton is not importable."""
 
@@ -12,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from diffusers_wan_ext.ops import layer_norm_mod
 from diffusers_wan_ext.ops import qk_norm_rope as qk_mod
 from diffusers_wan_ext.ops import vae_norm
 
@@ -82,6 +84,83 @@ def test_qk_norm_rope_kernel_and_processor_under_interpreter():
     assert "ok 10" in proc.stdout, proc.stdout
 
 
+_LN_SCRIPT = r"""
+import torch
+from diffusers import WanTransformer3DModel
+import diffusers_wan_ext.ops.layer_norm_mod as L
+from diffusers_wan_ext.runtime import optimize_transformer
+
+assert L._column_groups(5120) == (4096, 1024, 0) and L._column_groups(1536) == (1024, 512, 0)
+assert L._column_groups(3072) == (2048, 1024, 0) and L._column_groups(15) is None
+cases = 0
+for batch, tokens, channels in ((1, 7, 5120), (2, 5, 48), (2, 3, 1536)):
+    g = torch.Generator().manual_seed(cases)
+    x = (torch.randn(batch, tokens, channels, generator=g) * 3 + 1).bfloat16()
+    r = torch.randn(batch, tokens, channels, generator=g).bfloat16()
+    table = torch.randn(batch, 6, channels, generator=g)  # modulation chunks are strided views, as in the block
+    per_token = torch.randn(batch, tokens, 6, channels, generator=g)
+    w, b = torch.randn(channels, generator=g).bfloat16(), torch.randn(channels, generator=g).bfloat16()
+    for args in ((None, None, table[:, 1:2], table[:, 0:1], None, None),
+                 (r, table[:, 2:3], None, None, w, b),
+                 (r, None, table[:, 4:5], table[:, 3:4], None, None),
+                 (r, per_token[:, :, 2], per_token[:, :, 1], per_token[:, :, 0], w, b)):
+        got = L.ln_modulate(x, *args, 1e-6)
+        want = L.ln_modulate_reference(x, *args, 1e-6)
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        for u, v in zip(got, want):
+            assert u.shape == v.shape and u.dtype == v.dtype and u.is_contiguous()
+            # the interpreter rounds fp32 -> bf16 by truncation: a new residual one bf16 ulp off moves its
+            # normalised row by up to ~ulp(x) / std; on average the outputs agree to far below that
+            torch.testing.assert_close(u.float(), v.float(), rtol=2 ** -7, atol=0.1)
+            assert (u.float() - v.float()).abs().mean() < 2 ** -8 * v.float().abs().mean()
+        cases += 1
+
+launches = []
+_launch = L._launch
+L._launch = lambda *a: launches.append(1) or _launch(*a)  # the block must really run the kernel
+torch.manual_seed(0)
+model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=16, in_channels=4,
+                              out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+                              rope_max_seq_len=64).eval().to(torch.bfloat16)
+x, ctx = torch.randn(2, 4, 3, 8, 8).bfloat16(), torch.randn(2, 7, 32).bfloat16()
+with torch.no_grad():
+    for t in (torch.tensor([500.0, 20.0]), torch.rand(2, 48) * 1000):  # per-sample, then per-token (TI2V) timesteps
+        ref = model(x, t, ctx, return_dict=False)[0]
+        report = optimize_transformer(model, compile=False, verbose=False)
+        assert report["fused_norms"] == 2, report
+        out = model(x, t, ctx, return_dict=False)[0]
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
+        cases += 1
+        for blk in model.blocks:
+            del blk.forward
+assert len(launches) == 12, launches  # 3 per block, 2 blocks, 2 timestep layouts
+out = model(x, torch.tensor([500.0, 20.0]), ctx, return_dict=False)[0]  # stock again after removing the patch
+assert len(launches) == 12
+print("ok", cases)
+"""
+
+
+@needs_triton
+def test_layer_norm_mod_kernel_and_block_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.join(ROOT, "src"))
+    proc = subprocess.run([sys.executable, "-c", _LN_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ok 14" in proc.stdout, proc.stdout
+
+
+def test_layer_norm_mod_falls_back_on_cpu_and_validates():
+    x, r = torch.randn(1, 4, 24), torch.randn(1, 4, 24)
+    sc, sh = torch.randn(1, 1, 24), torch.randn(1, 1, 24)
+    out = layer_norm_mod.ln_modulate(x, r, None, sc, sh, None, None, 1e-6)  # CPU, no interpreter: the reference
+    want = layer_norm_mod.ln_modulate_reference(x, r, None, sc, sh, None, None, 1e-6)
+    assert all(torch.equal(u, v) for u, v in zip(out, want))
+    with pytest.raises(ValueError, match="scale and shift"):
+        layer_norm_mod.ln_modulate(x, None, None, sc, None, None, None, 1e-6)
+    with pytest.raises(ValueError, match="gate needs a residual"):
+        layer_norm_mod.ln_modulate(x, None, sc, None, None, None, None, 1e-6)
+
+
 def test_qk_norm_rope_falls_back_on_cpu_and_validates():
     """Off CUDA (no interpreter) the stock expression runs; bad shapes are refused with what was passed."""
     qkv = torch.randn(1, 5, 3 * 24)
@@ -125,4 +204,21 @@ def test_vae_norm_kernel_compiles_for_hopper(silu, bias):
     consts = {"HAS_BIAS": bias, "SILU": silu, "BLOCK_P": 64, "BLOCK_C": 128}
     sig.update({k: "constexpr" for k in consts})
     kernel = _compile_sm90(vae_norm._rms_norm_act_kernel, sig, consts)
+    assert "cubin" in kernel.asm
+
+
+@needs_triton
+@pytest.mark.parametrize("flags", [(False, False, True, False), (True, True, False, True), (True, False, True, False),
+                                   (True, True, True, True)])
+@pytest.mark.parametrize("groups", [(4096, 1024, 0), (1024, 512, 0), (2048, 1024, 256)])
+def test_layer_norm_mod_kernel_compiles_for_hopper(flags, groups):
+    ints = ["n_rows", "tokens", "C", "g_sb", "g_sn", "m_sb", "m_sn"]
+    ptrs = {"x_ptr": "*bf16", "r_ptr": "*bf16", "g_ptr": "*fp32", "sc_ptr": "*fp32", "sh_ptr": "*fp32",
+            "w_ptr": "*bf16", "b_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16"}
+    sig = {**ptrs, **{n: "i32" for n in ints}, "eps": "fp32"}
+    res, gate, mod, affine = flags
+    consts = {"CA": groups[0], "CB": groups[1], "CC": groups[2], "HAS_RES": res, "HAS_GATE": gate, "HAS_MOD": mod,
+              "HAS_AFFINE": affine, "ROWS": 2}
+    sig.update({k: "constexpr" for k in consts})
+    kernel = _compile_sm90(layer_norm_mod._ln_mod_kernel, sig, consts)
     assert "cubin" in kernel.asm

@@ -1,5 +1,5 @@
 """GPU checks of the runtime kernels (skipped without CUDA): the Triton attention and flash-attn 4 (when installed)
-against fp32 SDPA, the fused GELU GEMM against the stock FFN, the fused q/k norm + RoPE kernel and the VAE norm
+against fp32 SDPA, the fused GELU GEMM against the stock FFN, the fused q/k norm + RoPE kernel, the residual + LayerNorm + modulation kernel and the VAE norm
 kernel against their PyTorch references, and the fast VAE decode against stock."""
 
 from __future__ import annotations
@@ -70,6 +70,25 @@ def test_qk_norm_rope_kernel_matches_reference():
             for got, want in ((q, rq), (k, rk)):
                 assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
             assert torch.equal(v, qkv[..., 2 * dim:].unflatten(2, (heads, -1)))
+
+
+def test_layer_norm_mod_kernel_matches_reference():
+    """On the GPU the kernel rounds like PyTorch: equal to the stock expression up to fp32 summation order."""
+    pytest.importorskip("triton")
+    from diffusers_wan_ext.ops.layer_norm_mod import ln_modulate, ln_modulate_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for channels in (5120, 1536, 3072):
+        x = torch.randn(2, 301, channels, device="cuda", generator=g).mul(4).add(1).bfloat16()
+        r = torch.randn(2, 301, channels, device="cuda", generator=g).bfloat16()
+        mods = torch.randn(2, 6, channels, device="cuda", generator=g)
+        w, b = (torch.randn(channels, device="cuda", generator=g).bfloat16() for _ in range(2))
+        for args in ((None, None, mods[:, 1:2], mods[:, 0:1], None, None), (r, mods[:, 2:3], None, None, w, b),
+                     (r, None, mods[:, 4:5], mods[:, 3:4], None, None)):
+            got, want = ln_modulate(x, *args, 1e-6), ln_modulate_reference(x, *args, 1e-6)
+            got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+            for u, v in zip(got, want):
+                assert ((u.float() - v.float()).norm() / v.float().norm()).item() < 4e-3
 
 
 def test_fast_vae_decode_matches_stock():

@@ -30,7 +30,7 @@ def test_optimize_transformer_keeps_outputs_and_reports():
         report = optimize_transformer(model, compile=False, verbose=False)
         out = model(x, t, e).sample
     assert report == {"attention_backend": "native", "compiled": [], "fp8": False, "fused_gelu": True,
-                      "fused_qkv": True, "fused_qk_rope": len(model.blocks)}
+                      "fused_qkv": True, "fused_qk_rope": len(model.blocks), "fused_norms": len(model.blocks)}
     assert all(blk.attn1.fused_projections for blk in model.blocks)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 

@@ -79,6 +79,7 @@ def optimize_transformer(
     fused_gelu: bool = True,
     fuse_qkv: bool = True,
     fused_qk_rope: bool = True,
+    fused_norms: bool = True,
     compile_options: dict | None = None,
     verbose: bool = True,
 ) -> dict:
@@ -99,16 +100,20 @@ def optimize_transformer(
         fused_qk_rope: run each self-attention's q/k RMSNorm + RoPE as one Triton kernel
             (:class:`~diffusers_wan_ext.WanFusedQKRopeAttnProcessor`; needs ``fuse_qkv``; layers whose processor is
             not stock ``WanAttnProcessor`` keep theirs).
+        fused_norms: run each block's residual adds + LayerNorms + adaLN modulation as three Triton kernels
+            (:func:`fuse_block_norms`, :mod:`diffusers_wan_ext.ops.layer_norm_mod`); blocks of other classes keep
+            their forward.
         compile_options: Inductor options for the regional compile (``torch.compile(options=...)``); default
             :data:`COMPILE_OPTIONS`.
         verbose: log the attention choice.
 
     Returns:
         A report: ``attention_backend``, ``compiled`` (component names), ``fp8``, ``fused_gelu``, ``fused_qkv`` and
-        ``fused_qk_rope`` (how many self-attention layers use the fused q/k kernel).
+        ``fused_qk_rope`` (how many self-attention layers use the fused q/k kernel) and ``fused_norms`` (how many
+        blocks use the fused norm kernels).
     """
     backend = set_attention_backend(pipe_or_model, attention, verbose=verbose)
-    compiled, n_fused_qk = [], 0
+    compiled, n_fused_qk, n_norms = [], 0, 0
     for name, model in _attention_models(pipe_or_model):
         if fp8:
             _fp8_linears(model)
@@ -121,6 +126,8 @@ def optimize_transformer(
                     share_fused_storage(m)
         if fuse_qkv and fused_qk_rope:
             n_fused_qk += _use_fused_qk_rope(model)
+        if fused_norms:
+            n_norms += fuse_block_norms(model)
         hooks = _weight_moving_hooks(model) if compile else []
         if hooks:
             logger.warning(f"optimize_transformer: not compiling {name}: it carries {', '.join(hooks)} hooks "
@@ -132,7 +139,7 @@ def optimize_transformer(
             model.compile_repeated_blocks(fullgraph=fullgraph, **({"options": dict(options)} if options else {}))
             compiled.append(name)
     return {"attention_backend": backend, "compiled": compiled, "fp8": fp8, "fused_gelu": fused_gelu and not fp8,
-            "fused_qkv": fuse_qkv, "fused_qk_rope": n_fused_qk}
+            "fused_qkv": fuse_qkv, "fused_qk_rope": n_fused_qk, "fused_norms": n_norms}
 
 
 #: fused projection -> the layers it concatenates (Diffusers' ``WanAttention.fuse_projections``), in row order
@@ -232,4 +239,62 @@ def fuse_ffn_gelu(model: torch.nn.Module) -> int:
         if isinstance(m, GELU) and m.approximate == "tanh":
             m.forward = types.MethodType(_fused_gelu_forward, m)
             count += 1
+    return count
+
+
+def _fusable_norm(norm: torch.nn.Module, channels: int) -> bool:
+    """A LayerNorm over the last ``channels`` with both or neither affine parameters (FP32LayerNorm included)."""
+    return (isinstance(norm, torch.nn.LayerNorm) and tuple(norm.normalized_shape) == (channels,)
+            and (norm.weight is None) == (norm.bias is None))
+
+
+def _fused_norm_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                              temb: torch.Tensor, rotary_emb: Any) -> torch.Tensor:
+    """Stock ``WanTransformerBlock.forward`` with each residual add + LayerNorm + modulation as one kernel."""
+    from ..ops.layer_norm_mod import ln_modulate, ln_modulate_supported
+
+    channels = hidden_states.shape[-1]
+    if (torch.is_grad_enabled() or temb.ndim not in (3, 4) or not ln_modulate_supported(hidden_states)
+            or not (_fusable_norm(self.norm1, channels) and _fusable_norm(self.norm3, channels)
+                    and (_fusable_norm(self.norm2, channels) or isinstance(self.norm2, torch.nn.Identity)))):
+        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
+    if temb.ndim == 4:  # per-token modulation (Wan2.2 TI2V): (B, N, 6, C)
+        mods = [m.squeeze(2) for m in (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)]
+    else:
+        mods = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
+    shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
+    n1, n2, n3 = self.norm1, self.norm2, self.norm3
+
+    x = hidden_states
+    y = ln_modulate(x, None, None, scale_msa, shift_msa, n1.weight, n1.bias, n1.eps)
+    attn_output = self.attn1(y, None, None, rotary_emb)
+    if isinstance(n2, torch.nn.Identity):
+        x = y = (x.float() + attn_output * gate_msa).type_as(x)
+    else:
+        x, y = ln_modulate(x, attn_output, gate_msa, None, None, n2.weight, n2.bias, n2.eps)
+    attn_output = self.attn2(y, encoder_hidden_states, None, None)
+    x, y = ln_modulate(x, attn_output, None, c_scale_msa, c_shift_msa, n3.weight, n3.bias, n3.eps)
+    ff_output = self.ffn(y)
+    return (x.float() + ff_output.float() * c_gate_msa).type_as(x)
+
+
+def fuse_block_norms(model: torch.nn.Module) -> int:
+    """Give every stock ``WanTransformerBlock`` of ``model`` the fused-norm forward; returns how many blocks.
+
+    Per block, the three "residual add + LayerNorm (fp32) + adaLN modulation" steps each become one
+    :func:`~diffusers_wan_ext.ops.layer_norm_mod.ln_modulate` launch that reads the residual stream once. Same
+    numerics as stock (fp32 statistics, one rounding per output). Blocks whose class overrides ``forward`` keep
+    theirs; with gradients recorded, off CUDA (without the Triton interpreter) or with other norm layers, the
+    patched forward runs the stock one.
+    """
+    import types
+
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    count = 0
+    for m in model.modules():
+        if isinstance(m, WanTransformerBlock) and type(m).forward is WanTransformerBlock.forward:
+            if "forward" not in vars(m):
+                m.forward = types.MethodType(_fused_norm_block_forward, m)
+            count += getattr(vars(m)["forward"], "__func__", None) is _fused_norm_block_forward
     return count
