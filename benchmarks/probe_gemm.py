@@ -234,4 +234,4 @@ def norm():
 
 for sec in sections:
     {"gemm": gemm, "gemmrr": gemmrr, "norm": norm}[sec]()
-write_json("probe_gemm", res)
+write_json("probe_gemm.json", res)
