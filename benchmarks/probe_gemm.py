@@ -171,6 +171,41 @@ def gemmrr():
             torch.cuda.empty_cache()
 
 
+def bias():
+    """cuBLAS with the bias in its epilogue against the plain GEMM, round-robin, 16 rounds: does deferring the bias
+    to the kernel that reads the output pay?"""
+    import statistics
+
+    for model in ("14b", "1.3b"):
+        for tag, m, k, n in SHAPES[model]:
+            a = torch.randn(m, k, device=DEV, dtype=BF)
+            w = torch.randn(n, k, device=DEV, dtype=BF) / k ** 0.5
+            b = torch.randn(n, device=DEV, dtype=BF)
+            cases = {"linear+bias": lambda: F.linear(a, w, b), "mm": lambda: F.linear(a, w)}
+            if tag == "ffn1":
+                cases["gelu+bias epi"] = lambda: torch._addmm_activation(b, a, w.t(), use_gelu=True)
+            times = {name: [] for name in cases}
+            burst = 4 if model == "14b" else 16
+            for fn in cases.values():
+                fn()
+            for _ in range(16):
+                for name, fn in cases.items():
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(burst):
+                        fn()
+                    end.record()
+                    torch.cuda.synchronize()
+                    times[name].append(start.elapsed_time(end) / 1e3 / burst)
+            med = {name: statistics.median(ts) for name, ts in times.items()}
+            wins = sum(x < y for x, y in zip(times["mm"], times["linear+bias"]))
+            res[f"bias {model} {tag}"] = dict(med, runs=times)
+            print(f"bias {model:4s} {tag:5s} " + " ".join(f"{k} {v * 1e3:.3f}ms" for k, v in med.items())
+                  + f" | mm/bias {med['linear+bias'] / med['mm']:.3f}x, mm faster in {wins}/16 rounds", flush=True)
+            del a, w, b
+            torch.cuda.empty_cache()
+
+
 def norm():
     from diffusers_wan_ext.runtime.speed import COMPILE_OPTIONS
 
@@ -233,5 +268,5 @@ def norm():
 
 
 for sec in sections:
-    {"gemm": gemm, "gemmrr": gemmrr, "norm": norm}[sec]()
+    {"gemm": gemm, "gemmrr": gemmrr, "bias": bias, "norm": norm}[sec]()
 write_json("probe_gemm.json", res)
