@@ -38,6 +38,21 @@ def sustained(fn, reps=10, iters=3):
     return t["median_s"] / reps
 
 
+def round_robin(cases: dict, rounds: int, burst: int) -> dict:
+    """Per case, the seconds per call of each round: one burst of every case per round, so clock drift hits all."""
+    times = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(burst):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3 / burst)
+    return times
+
+
 def gemm():
     try:
         from quack.gemm_config import GemmConfig
@@ -150,17 +165,7 @@ def gemmrr():
                         err = ((out.float() - want.float()).norm() / want.float().norm()).item()
                         print(f"rr {model} {tag} {cname}: rel err vs cuBLAS {err:.2e}", flush=True)
                         res[f"rr {model} {tag} {cname} err"] = err
-            times = {name: [] for name in ok}
-            burst = 5 if model == "14b" else 20
-            for _ in range(8):
-                for name, fn in ok.items():
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(burst):
-                        fn()
-                    end.record()
-                    torch.cuda.synchronize()
-                    times[name].append(start.elapsed_time(end) / 1e3 / burst)
+            times = round_robin(ok, 8, 5 if model == "14b" else 20)
             base = statistics.median(times["cublas linear+bias"])
             for name, ts in times.items():
                 s = statistics.median(ts)
@@ -184,19 +189,9 @@ def bias():
             cases = {"linear+bias": lambda: F.linear(a, w, b), "mm": lambda: F.linear(a, w)}
             if tag == "ffn1":
                 cases["gelu+bias epi"] = lambda: torch._addmm_activation(b, a, w.t(), use_gelu=True)
-            times = {name: [] for name in cases}
-            burst = 4 if model == "14b" else 16
             for fn in cases.values():
                 fn()
-            for _ in range(16):
-                for name, fn in cases.items():
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(burst):
-                        fn()
-                    end.record()
-                    torch.cuda.synchronize()
-                    times[name].append(start.elapsed_time(end) / 1e3 / burst)
+            times = round_robin(cases, 16, 4 if model == "14b" else 16)
             med = {name: statistics.median(ts) for name, ts in times.items()}
             wins = sum(x < y for x, y in zip(times["mm"], times["linear+bias"]))
             res[f"bias {model} {tag}"] = dict(med, runs=times)

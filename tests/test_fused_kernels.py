@@ -75,13 +75,18 @@ print("ok", cases)
 """
 
 
-@needs_triton
-def test_qk_norm_rope_kernel_and_processor_under_interpreter():
+def _run_interpreted(script: str, expect: str) -> None:
+    """Run ``script`` in a fresh interpreter with ``TRITON_INTERPRET=1`` (set before Triton is imported)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.join(ROOT, "src"))
-    proc = subprocess.run([sys.executable, "-c", _QK_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "ok 10" in proc.stdout, proc.stdout
+    assert expect in proc.stdout, proc.stdout
+
+
+@needs_triton
+def test_qk_norm_rope_kernel_and_processor_under_interpreter():
+    _run_interpreted(_QK_SCRIPT, "ok 10")
 
 
 _LN_SCRIPT = r"""
@@ -142,11 +147,7 @@ print("ok", cases)
 
 @needs_triton
 def test_layer_norm_mod_kernel_and_block_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.join(ROOT, "src"))
-    proc = subprocess.run([sys.executable, "-c", _LN_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "ok 14" in proc.stdout, proc.stdout
+    _run_interpreted(_LN_SCRIPT, "ok 14")
 
 
 def test_layer_norm_mod_falls_back_on_cpu_and_validates():
