@@ -108,7 +108,8 @@ for batch, tokens, channels in ((1, 7, 5120), (2, 5, 48), (2, 3, 1536)):
     for args in ((None, None, table[:, 1:2], table[:, 0:1], None, None),
                  (r, table[:, 2:3], None, None, w, b),
                  (r, None, table[:, 4:5], table[:, 3:4], None, None),
-                 (r, per_token[:, :, 2], per_token[:, :, 1], per_token[:, :, 0], w, b)):
+                 (r, per_token[:, :, 2], per_token[:, :, 1], per_token[:, :, 0], w, b),
+                 (None, None, per_token[:, :, 1].bfloat16(), table[:, 0:1], None, None)):  # mixed shapes / dtypes
         got = L.ln_modulate(x, *args, 1e-6)
         want = L.ln_modulate_reference(x, *args, 1e-6)
         got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
@@ -147,7 +148,7 @@ print("ok", cases)
 
 @needs_triton
 def test_layer_norm_mod_kernel_and_block_under_interpreter():
-    _run_interpreted(_LN_SCRIPT, "ok 14")
+    _run_interpreted(_LN_SCRIPT, "ok 17")
 
 
 def test_layer_norm_mod_falls_back_on_cpu_and_validates():

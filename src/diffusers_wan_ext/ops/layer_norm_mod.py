@@ -153,11 +153,10 @@ def _launch(x, residual, gate, scale, shift, weight, bias, eps):
     batch, tokens, channels = x.shape
     groups = _column_groups(channels)
     g_sb, g_sn = _bsn_strides(gate, batch, tokens, channels, "gate")
+    if scale is not None and (shift.shape != scale.shape or shift.stride() != scale.stride()):
+        shape = torch.broadcast_shapes(scale.shape, shift.shape)  # one set of strides serves both
+        scale, shift = scale.expand(shape).contiguous(), shift.expand(shape).contiguous()
     m_sb, m_sn = _bsn_strides(scale, batch, tokens, channels, "scale")
-    if scale is not None and (shift is None or shift.shape != scale.shape or shift.stride() != scale.stride()):
-        shift = shift.expand(scale.shape).contiguous()
-        scale = scale.contiguous()
-        m_sb, m_sn = _bsn_strides(scale, batch, tokens, channels, "scale")
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
     y = torch.empty_like(x)
@@ -240,6 +239,9 @@ def ln_modulate(x: torch.Tensor, residual: torch.Tensor | None, gate: torch.Tens
         raise ValueError("gate needs a residual")
     if not ln_modulate_supported(x) or (residual is not None and residual.shape != x.shape):
         return ln_modulate_reference(x, residual, gate, scale, shift, weight, bias, eps)
+    # the kernel reads modulation vectors as fp32 with a unit channel stride
+    gate, scale, shift = (None if t is None else t if t.dtype == torch.float32 and t.stride(-1) == 1
+                          else t.float().contiguous() for t in (gate, scale, shift))
     if residual is None:
         return _ln_modulate_op(x, scale, shift, weight, bias, float(eps))
     return _residual_ln_modulate_op(x, residual, gate, scale, shift, weight, bias, float(eps))
