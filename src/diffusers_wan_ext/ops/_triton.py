@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
 
-__all__ = ["interpreting", "tl", "triton", "triton_available", "uses_triton"]
+__all__ = ["interpreting", "pow2_groups", "tl", "triton", "triton_available", "uses_triton"]
 
 
 def triton_available() -> bool:
@@ -34,3 +34,10 @@ def interpreting() -> bool:
 def uses_triton(x: torch.Tensor) -> bool:
     """True when our Triton kernels run for tensors on ``x``'s device."""
     return triton is not None and (x.is_cuda or (x.device.type == "cpu" and interpreting()))
+
+
+def pow2_groups(n: int, most: int = 3) -> tuple[int, ...] | None:
+    """``n`` as at most ``most`` power-of-two parts, largest first, padded with zeros (40 -> (32, 8, 0)); None when
+    it needs more. Our kernels cover a row with such groups so that no lanes are masked."""
+    groups = [1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1]
+    return tuple(groups + [0] * (most - len(groups))) if len(groups) <= most else None

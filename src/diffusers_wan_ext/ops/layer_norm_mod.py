@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import interpreting as _interpreting
-from ._triton import tl, triton, uses_triton
+from ._triton import pow2_groups, tl, triton, uses_triton
 
 __all__ = ["ln_modulate", "ln_modulate_reference"]
 
@@ -134,8 +134,7 @@ if triton is not None:
 
 def _column_groups(channels: int) -> tuple[int, int, int] | None:
     """``channels`` as up to three power-of-two groups (5120 -> 4096, 1024, 0); None when it needs more."""
-    groups = [1 << b for b in range(channels.bit_length() - 1, -1, -1) if channels >> b & 1]
-    return tuple(groups + [0] * (3 - len(groups))) if len(groups) <= 3 else None
+    return pow2_groups(channels)
 
 
 def _bsn_strides(t: torch.Tensor | None, batch: int, tokens: int, channels: int, name: str) -> tuple[int, int]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import interpreting as _interpreting
-from ._triton import tl, triton, triton_available, uses_triton
+from ._triton import pow2_groups, tl, triton, triton_available, uses_triton
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_reference", "triton_available"]
 
@@ -143,10 +143,10 @@ if triton is not None:
 
 def _head_groups(heads: int) -> tuple[int, int, int]:
     """Up to three power-of-two head groups covering ``heads`` (40 -> 32, 8, 0); one padded group otherwise."""
-    groups = [1 << b for b in range(heads.bit_length() - 1, -1, -1) if heads >> b & 1]
-    if len(groups) > 3 or PADDED_HEADS:
+    groups = pow2_groups(heads)
+    if groups is None or PADDED_HEADS:
         return triton.next_power_of_2(heads), 0, 0
-    return tuple(groups + [0] * (3 - len(groups)))
+    return groups
 
 
 def _launch(qkv: torch.Tensor, weights: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
