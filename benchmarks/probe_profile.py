@@ -351,7 +351,7 @@ def cross():
             if fa4 is not None:
                 tiles = [None] + ([(128, 64), (128, 96), (128, 176), (64, 128)] if kind == "cross" else [])
                 for tile in tiles:
-                    cases[f"fa4 {tile}"] = (lambda tile=tile: fa4(q, k, v, None, False, tile))
+                    cases[f"fa4 {tile}"] = (lambda tile=tile: fa4(q, k, v, None, False, tile and (*tile, True, True)))
                 if kind == "self":
                     for rs, ol in ((False, True), (True, False)):
                         cases[f"fa4 rs={rs} ol={ol}"] = (lambda rs=rs, ol=ol: _fa4_flags(q, k, v, rs, ol))

@@ -41,6 +41,24 @@ def test_flash4_matches_fp32_when_installed():
     assert ((flash_attn4(q, k, v).float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+def test_flash4_sm90_config_matches_package_default():
+    """The tuned Hopper configuration (192-row tiles, three consumer warpgroups) changes the schedule, not the math:
+    same key tiles, so the output equals the package default's bit for bit, for self- and cross-attention lengths."""
+    from diffusers_wan_ext.runtime.flash4 import SM90_CONFIGS, _flash4_import, flash4_unavailable_reason
+
+    reason = flash4_unavailable_reason("cuda", torch.bfloat16)
+    if reason or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip(f"flash-attn 4 {reason or 'SM90 configuration: needs a Hopper GPU'}")
+    func = _flash4_import()[0]
+    for sq, sk in ((1037, 1037), (777, 512)):
+        q = _qkv(sq)[0]
+        k, v = _qkv(sk)[1:]
+        tuned = func(q, k, v, None, False, SM90_CONFIGS[128])
+        default = func(q, k, v, None, False, None)
+        tuned, default = (o[0] if isinstance(o, tuple) else o for o in (tuned, default))
+        assert torch.equal(tuned, default)
+
+
 def test_fused_gelu_gemm_matches_stock():
     from diffusers_wan_ext.runtime.speed import linear_gelu_tanh
 

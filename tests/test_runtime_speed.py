@@ -98,3 +98,34 @@ def test_fused_projections_share_storage_with_the_separate_layers():
             blk.attn2.unfuse_projections()
         torch.testing.assert_close(model(x, t, e).sample, ref, rtol=1e-5, atol=1e-5)
 
+
+
+def test_flash4_passes_the_sm90_config_knobs(monkeypatch):
+    """The per-head-dim Hopper configuration reaches flash-attn 4's forward as its keyword knobs (a stand-in module
+    records them: the package needs CUDA)."""
+    import sys
+    import types
+
+    from diffusers_wan_ext.runtime import flash4
+
+    seen = []
+    fake = types.ModuleType("flash_attn.cute.interface")
+    fake._flash_attn_fwd = lambda q, k, v, **kw: seen.append(kw) or (q,)
+    for name, mod in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", types.ModuleType("c")),
+                      ("flash_attn.cute.interface", fake)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    sys.modules["flash_attn.cute"].interface = fake
+    sys.modules["flash_attn"].cute = sys.modules["flash_attn.cute"]
+    flash4._flash4_import.cache_clear()
+    try:
+        func, reason = flash4._flash4_import()
+        assert reason is None
+        q = torch.zeros(1, 4, 2, 128)
+        func(q, q, q, 0.5, False, flash4.SM90_CONFIGS[128])
+        func(q, q, q, 0.5, False, None)
+    finally:
+        flash4._flash4_import.cache_clear()
+    tile_m, tile_n, rs, overlap = flash4.SM90_CONFIGS[128]
+    assert seen[0] == dict(softmax_scale=0.5, causal=False, tile_mn=(tile_m, tile_n), mma_pv_is_rs=rs,
+                           intra_wg_overlap=overlap)
+    assert seen[1] == dict(softmax_scale=0.5, causal=False)

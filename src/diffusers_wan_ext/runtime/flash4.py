@@ -20,9 +20,15 @@ FLASH4_BACKEND = "flash_4_hub"
 _INSTALL_HINT = "pip install flash-attn-4 (CuTe-DSL kernels; needs nvidia-cutlass-dsl and a Hopper/Blackwell GPU)"
 
 
-#: Forward tile (BLOCK_M, BLOCK_N) per head dim on Hopper; None keeps the package's default (128x128 for hdim 128).
-#: Measured on H100/H200 at Wan's shapes (32760 and 75600 tokens): see docs/benchmarks.md.
-SM90_TILES: dict[int, tuple[int, int] | None] = {128: None}
+#: Forward configuration on Hopper per head dim: (tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap), the knobs of
+#: flash-attn 4's ``_flash_attn_fwd``; a head dim not listed keeps the package's choice (128x128, P in registers,
+#: intra-warpgroup overlap for hdim 128). For hdim 128 the 192-row tile runs three consumer warpgroups (P in registers,
+#: no overlap: the 128-register budget of three warpgroups has no room for it). Measured on an H100 at Wan's shapes,
+#: sustained, with the board at its 700 W limit (~1.45 GHz): 692 vs 670 TFLOP/s (40 heads x 75600 tokens) and 679 vs
+#: 671 (12 x 32760); each query tile reads the whole K/V once, so 1.5x taller tiles move a third less K/V from L2
+#: per FLOP, which is what a power-limited GPU rewards. Same results bit for bit (the key tile is unchanged).
+#: See docs/benchmarks.md.
+SM90_CONFIGS: dict[int, tuple[int, int, bool, bool]] = {128: (192, 128, True, False)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -33,10 +39,15 @@ def _flash4_import():
         return None, f"not installed ({type(exc).__name__}: {str(exc)[:80]}); {_INSTALL_HINT}"
     fwd = getattr(interface, "_flash_attn_fwd", None)
     if fwd is None:
-        return (lambda q, k, v, softmax_scale, causal, tile: interface.flash_attn_func(
+        return (lambda q, k, v, softmax_scale, causal, config: interface.flash_attn_func(
             q, k, v, softmax_scale=softmax_scale, causal=causal)), None
-    return (lambda q, k, v, softmax_scale, causal, tile: fwd(
-        q, k, v, softmax_scale=softmax_scale, causal=causal, tile_mn=tile)), None
+
+    def call(q, k, v, softmax_scale, causal, config):
+        knobs = {} if config is None else dict(
+            tile_mn=tuple(config[:2]), mma_pv_is_rs=config[2], intra_wg_overlap=config[3])
+        return fwd(q, k, v, softmax_scale=softmax_scale, causal=causal, **knobs)
+
+    return call, None
 
 
 def flash4_unavailable_reason(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str | None:
@@ -64,8 +75,9 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
         func, reason = _flash4_import()
         if func is None:
             raise RuntimeError(f"flash-attn 4 is {reason}")
-        tile = SM90_TILES.get(q.shape[-1]) if torch.cuda.get_device_capability(q.device)[0] == 9 else None
-        out = func(q, k, v, softmax_scale, causal, tile)
+        sm90 = torch.cuda.get_device_capability(q.device)[0] == 9
+        config = SM90_CONFIGS.get(q.shape[-1]) if sm90 and not causal else None
+        out = func(q, k, v, softmax_scale, causal, config)
         return out[0] if isinstance(out, tuple) else out
 
     @flash_attn4.register_fake
