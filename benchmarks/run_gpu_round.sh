@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/sp/site-packages:$PWD/src
 if [ -d .fa4b ] && [ -f /tmp/fa4/cu13part.aa ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/sp/site-packages .fa4b/*.whl &&
-    cat /tmp/fa4/cu13part.aa .fa4b/cu13part.ab | xz -d -T8 | tar -x -C /tmp/sp/site-packages &&
+    cat /tmp/fa4/cu13part.aa .fa4b/cu13part.a* | xz -d -T8 | tar -x -C /tmp/sp/site-packages &&
     export PYTHONPATH=$PYTHONPATH:/tmp/sp/site-packages/nvidia_cutlass_dsl/dsl_packages
 fi
 cd benchmarks
