@@ -44,6 +44,17 @@ def test_models_ulysses_two_ranks_equal_single_process(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_local_flash4_backend_runs_ulysses_and_ring(tmp_path):
+    """Our flash_4_hub backend stays selected under context parallelism (Diffusers 0.42's own refuses it) and gives
+    the single-process result with Ulysses and with Ring (log-sum-exp merge), on a stand-in kernel."""
+    ranks = launch("flash4_cp", 2, tmp_path)
+    for r, res in enumerate(ranks):
+        assert res["flash4_ulysses_kept"] and res["flash4_ring_kept"], (r, res)
+        for name in ("flash4_ulysses", "flash4_ring"):
+            assert res[name] < TOL, f"rank {r}: {name} differs from the single-process output by {res[name]}"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_pipeline_cfg_parallel_times_ulysses_four_ranks(tmp_path):
     ranks = launch("pipeline", 4, tmp_path)
     for r, res in enumerate(ranks):

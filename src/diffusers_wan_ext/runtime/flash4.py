@@ -39,12 +39,14 @@ def _flash4_import():
         return None, f"not installed ({type(exc).__name__}: {str(exc)[:80]}); {_INSTALL_HINT}"
     fwd = getattr(interface, "_flash_attn_fwd", None)
     if fwd is None:
-        return (lambda q, k, v, softmax_scale, causal, config: interface.flash_attn_func(
-            q, k, v, softmax_scale=softmax_scale, causal=causal)), None
+        return (lambda q, k, v, softmax_scale, causal, config, return_lse=False: interface.flash_attn_func(
+            q, k, v, softmax_scale=softmax_scale, causal=causal, **({"return_lse": True} if return_lse else {}))), None
 
-    def call(q, k, v, softmax_scale, causal, config):
+    def call(q, k, v, softmax_scale, causal, config, return_lse=False):
         knobs = {} if config is None else dict(
             tile_mn=tuple(config[:2]), mma_pv_is_rs=config[2], intra_wg_overlap=config[3])
+        if return_lse:
+            knobs["return_lse"] = True
         return fwd(q, k, v, softmax_scale=softmax_scale, causal=causal, **knobs)
 
     return call, None
@@ -68,21 +70,35 @@ def flash4_unavailable_reason(device: torch.device | str | None = None, dtype: t
 
 if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
 
+    def _run(q, k, v, softmax_scale, causal, return_lse):
+        func, reason = _flash4_import()
+        if func is None:
+            raise RuntimeError(f"flash-attn 4 is {reason}")
+        sm90 = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+        config = SM90_CONFIGS.get(q.shape[-1]) if sm90 and not causal else None
+        out = func(q, k, v, softmax_scale, causal, config, return_lse)
+        return out if isinstance(out, tuple) else (out, None)
+
     @torch.library.custom_op("diffusers_wan_ext::flash_attn4", mutates_args=())
     def flash_attn4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
                     causal: bool = False) -> torch.Tensor:
         """flash-attn 4 forward on ``(batch, seq, heads, head_dim)`` tensors (output in the same layout)."""
-        func, reason = _flash4_import()
-        if func is None:
-            raise RuntimeError(f"flash-attn 4 is {reason}")
-        sm90 = torch.cuda.get_device_capability(q.device)[0] == 9
-        config = SM90_CONFIGS.get(q.shape[-1]) if sm90 and not causal else None
-        out = func(q, k, v, softmax_scale, causal, config)
-        return out[0] if isinstance(out, tuple) else out
+        return _run(q, k, v, softmax_scale, causal, False)[0]
 
     @flash_attn4.register_fake
     def _(q, k, v, softmax_scale=None, causal=False):
         return q.new_empty(q.shape)
+
+    @torch.library.custom_op("diffusers_wan_ext::flash_attn4_lse", mutates_args=())
+    def flash_attn4_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
+                        causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`flash_attn4` that also returns the softmax log-sum-exp, fp32 ``(batch, heads, seq)``."""
+        out, lse = _run(q, k, v, softmax_scale, causal, True)[:2]
+        return out, lse.contiguous()
+
+    @flash_attn4_lse.register_fake
+    def _(q, k, v, softmax_scale=None, causal=False):
+        return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 def _kernel_fn(q, k, v, softmax_scale=None, causal=False, **unused):
@@ -91,9 +107,52 @@ def _kernel_fn(q, k, v, softmax_scale=None, causal=False, **unused):
     return flash_attn4(q, k, v, softmax_scale, causal)
 
 
+def _cp_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    """The per-rank attention of Diffusers' templated context parallelism (Ulysses / Ring / both): out, and the
+    log-sum-exp as ``(batch, seq, heads)`` when the ring merge asks for it. Inference only (nothing is saved)."""
+    if attn_mask is not None or dropout_p or enable_gqa:
+        raise ValueError("flash-attn 4 (local): attention masks, dropout and GQA are not supported")
+    if return_lse:
+        out, lse = flash_attn4_lse(query, key, value, scale, is_causal)
+        return out, lse.transpose(1, 2)
+    return flash_attn4(query, key, value, scale, is_causal)
+
+
+def _cp_backward_op(ctx, grad_out, *args, **kwargs):
+    raise NotImplementedError(
+        "flash-attn 4 (local) runs the forward only; for training under context parallelism use a backend with a "
+        "backward (set_attention_backend(model, '_native_cudnn') or 'flash')"
+    )
+
+
+def _flash4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attn_mask: torch.Tensor | None = None, scale: float | None = None, is_causal: bool = False,
+                      return_lse: bool = False, _parallel_config=None):
+    """Diffusers' ``flash_4_hub`` backend function on the local package, with context parallelism: under a
+    ``ParallelConfig`` the call goes through Diffusers' templated Ulysses / Ring attention with :func:`_cp_forward_op`
+    on every rank (the stock 0.42 function refuses context parallelism)."""
+    if attn_mask is not None:
+        raise ValueError("`attn_mask` is not supported for flash-attn 4.")
+    if _parallel_config is not None:
+        from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
+        return _templated_context_parallel_attention(
+            query, key, value, None, 0.0, is_causal, scale, False, return_lse,
+            forward_op=_cp_forward_op, backward_op=_cp_backward_op, _parallel_config=_parallel_config)
+    if return_lse:
+        return flash_attn4_lse(query, key, value, scale, is_causal)
+    return flash_attn4(query, key, value, scale, is_causal)
+
+
 def register_local_flash4() -> None:
-    """Points Diffusers' ``flash_4_hub`` backend at the local flash-attn 4 package (no download)."""
+    """Points Diffusers' ``flash_4_hub`` backend at the local flash-attn 4 package (no download), and registers it
+    as able to run context parallel (Ulysses / Ring through Diffusers' templated attention)."""
     from diffusers.models import attention_dispatch as ad
 
-    config = ad._HUB_KERNELS_REGISTRY[ad.AttentionBackendName.FLASH_4_HUB]
-    config.kernel_fn = _kernel_fn
+    name = ad.AttentionBackendName.FLASH_4_HUB
+    ad._HUB_KERNELS_REGISTRY[name].kernel_fn = _kernel_fn
+    registry = ad._AttentionBackendRegistry
+    if registry._backends.get(name) is not _flash4_attention:
+        registry.register(name, constraints=registry._constraints.get(name), supports_context_parallel=True)(
+            _flash4_attention)
