@@ -3,11 +3,13 @@
 For every GPU count N the driver launches ``torchrun --nproc_per_node=N`` on this script (``--worker``); each worker
 builds the random-weight transformer (same seed on every rank), spreads it with
 ``diffusers_wan_ext.parallel.enable_parallelism`` (Diffusers' context parallelism over NCCL; degrees from
-``choose_degrees`` unless a layout is named) and times one forward.  The N=1 output is kept and every N>1 output is
+``choose_degrees`` unless a layout is named) and times one forward: stock Diffusers' model with ``--attention``
+(default cuDNN) and regional compile, or with ``--ours`` our ``optimize_transformer`` defaults (flash-attn 4 runs
+Ulysses / Ring through Diffusers' templated attention).  The N=1 output is kept and every N>1 output is
 compared with it (max abs and relative error), so the speedup is measured on a result that is proven equal.
 
 Usage (GPU machine):
-    python benchmarks/bench_parallel.py --gpus 1,2,4 --models 1.3b,14b [--layouts 1.3b:4=u2r2,1.3b:2=r2]
+    python benchmarks/bench_parallel.py --gpus 1,2,4 --models 1.3b,14b [--layouts 1.3b:4=u2r2,1.3b:2=r2] [--ours]
 Layout names: ``u4`` (Ulysses 4), ``r2`` (Ring 2), ``u2r2`` (Ulysses 2 x Ring 2).  Prints a table (seconds,
 speedup and scaling efficiency over N=1, fraction of the ideal bf16 bound, peak GiB, error vs N=1) and writes
 bench_parallel.json under $OUT.
@@ -52,14 +54,19 @@ def worker(args) -> None:
     with torch.device(device):
         model = WanTransformer3DModel(**DIT_CONFIGS[args.model])
     model = model.to(torch.bfloat16).eval().requires_grad_(False)
-    model.set_attention_backend(args.attention)
+    if args.ours:  # our defaults (fastest exact attention, fused kernels, regional compile) before the CP hooks
+        from diffusers_wan_ext.runtime import optimize_transformer
+
+        optimize_transformer(model, compile=args.compile, verbose=rank == 0)
+    else:
+        model.set_attention_backend(args.attention)
     layout = "1 GPU"
     if world > 1:
         ulysses, ring = parse_layout(args.layout)
         state = enable_parallelism(model, ulysses_degree=ulysses, ring_degree=ring, cfg_parallel=False)
         layout = f"U{state.ulysses_degree}xR{state.ring_degree}"
-    compiled = False
-    if args.compile:
+    compiled = args.ours and args.compile
+    if args.compile and not args.ours:
         try:
             model.compile_repeated_blocks(fullgraph=True)
             compiled = True
@@ -83,7 +90,9 @@ def worker(args) -> None:
             ref = torch.load(ref_path).to(out.device, torch.float32)
             diff = (out.float() - ref).abs()
             err = {"max_abs": diff.max().item(), "rel_l2": (diff.norm() / ref.norm()).item()}
-        result = dict(model=args.model, gpus=world, layout=layout, compiled=compiled, attention=args.attention,
+        attention = next((str(m.processor._attention_backend) for m in model.modules()
+                          if getattr(getattr(m, "processor", None), "_attention_backend", None)), args.attention)
+        result = dict(model=args.model, gpus=world, layout=layout, compiled=compiled, attention=attention,
                       seconds=max(t for t, _ in times), peak_gib=max(p for _, p in times), runs=timing["runs"],
                       error_vs_1gpu=err)
         Path(args.workdir, f"res_{args.model}_{world}_{args.layout or 'auto'}.json").write_text(json.dumps(result))
@@ -112,7 +121,8 @@ def driver(args) -> None:
                     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--standalone",
                            str(Path(__file__).resolve()), "--worker", "--model", model, "--layout", layout,
                            "--workdir", str(workdir), "--attention", args.attention, "--warmup", str(args.warmup),
-                           "--iters", str(args.iters)] + ([] if attempt_compile else ["--no-compile"])
+                           "--iters", str(args.iters)] + ([] if attempt_compile else ["--no-compile"]) + (
+                               ["--ours"] if args.ours else [])
                     proc = subprocess.run(cmd, capture_output=True, text=True)
                     if proc.returncode == 0 and path.exists():
                         break
@@ -130,7 +140,8 @@ def driver(args) -> None:
                 results.append(res)
                 err = res["error_vs_1gpu"]
                 rows.append({
-                    "model": model, "GPUs": n, "layout": res["layout"], "compiled": res["compiled"],
+                    "model": model, "GPUs": n, "layout": res["layout"], "attention": res["attention"],
+                    "compiled": res["compiled"],
                     "s/forward": f"{res['seconds']:.4f}",
                     "speedup": f"{res['speedup']:.2f}x" if res["speedup"] else "",
                     "efficiency": f"{res['efficiency']:.0%}" if res["efficiency"] else "",
@@ -141,7 +152,8 @@ def driver(args) -> None:
     print()
     if rows:
         print(table(rows, list(rows[0])))
-    write_json("bench_parallel.json", {"env": env_info(), "attention": args.attention, "results": results})
+    write_json("bench_parallel.json", {"env": env_info(), "attention": "ours" if args.ours else args.attention,
+                                       "results": results})
 
 
 def main() -> None:
@@ -150,6 +162,8 @@ def main() -> None:
     p.add_argument("--gpus", default="1,2,4")
     p.add_argument("--layouts", default="", help="extra layouts per model:GPUs, e.g. 1.3b:4=u2r2,1.3b:2=r2")
     p.add_argument("--attention", default="_native_cudnn", help="Diffusers attention backend (context-parallel)")
+    p.add_argument("--ours", action="store_true",
+                   help="optimize_transformer defaults (flash-attn 4 when installed, fused kernels) instead of stock")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
