@@ -26,7 +26,9 @@ TOL = 2e-5
 
 
 def launch(case: str, nproc: int, out: Path) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    # keep the caller's PYTHONPATH (on the GPU machine Diffusers is installed into a folder named there)
+    path = os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            str(HERE / "parallel_worker.py"), case, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
