@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=4 examples/parallel/generate.py --model /ckpt/Wan2.1-T2V-14B-diffusers \
         --prompt "a cat surfing a wave" --height 720 --width 1280 --output out.mp4
-    # explicit degrees: --ulysses 2 --ring 2 --no-cfg-parallel
+    # explicit degrees: --ulysses 2 --ring 2 --no-cfg-parallel; fastest: --fast (optimize_transformer + optimize_vae)
 
 Every rank loads the pipeline and runs the same call (same seed); rank 0 decodes and writes the video.  Without
 ``--model`` a tiny original-layout checkpoint is built and converted first (CPU-friendly smoke test; gloo on CPU).
@@ -29,8 +29,8 @@ def tiny_model(folder: Path) -> Path:
     from diffusers_wan_ext.demo import make_tiny_release
 
     dst = folder / "converted"
-    if dist.get_rank() == 0:
-        convert_release(make_tiny_release(folder / "release"), dst, dtype="fp32")
+    if dist.get_rank() == 0 and not (dst / "model_index.json").exists():  # a finished earlier conversion is reused
+        convert_release(make_tiny_release(folder / "release"), dst, dtype="fp32", overwrite=True)
     dist.barrier()
     return dst
 
@@ -50,6 +50,9 @@ def main() -> None:
     p.add_argument("--ring", type=int, default=None)
     p.add_argument("--no-cfg-parallel", dest="cfg_parallel", action="store_false", default=None)
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks")
+    p.add_argument("--fast", action="store_true",
+                   help="our runtime defaults on CUDA: optimize_transformer (flash-attn 4 when installed, fused "
+                        "kernels, regional compile) and optimize_vae, applied before the parallel hooks")
     p.add_argument("--output", default="parallel.mp4")
     args = p.parse_args()
 
@@ -58,10 +61,16 @@ def main() -> None:
     model = args.model or tiny_model(Path(tempfile.gettempdir()) / "dwe-parallel-tiny")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe = WanExtPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
-    if device.type == "cuda":
+    fast = args.fast and device.type == "cuda"
+    if fast:
+        from diffusers_wan_ext.runtime import optimize_transformer, optimize_vae
+
+        optimize_transformer(pipe, verbose=rank == 0)
+        optimize_vae(pipe.vae)
+    elif device.type == "cuda":
         pipe.set_attention_backend("auto", verbose=rank == 0)
     state = pipe.enable_parallelism(ulysses_degree=args.ulysses, ring_degree=args.ring, cfg_parallel=args.cfg_parallel)
-    if args.compile:
+    if args.compile and not fast:
         for name in ("transformer", "transformer_2"):
             if getattr(pipe, name, None) is not None:
                 getattr(pipe, name).compile_repeated_blocks(fullgraph=True)
