@@ -26,7 +26,7 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
                 dense_act_fn="gelu_new", is_gated_act=True, tie_word_embeddings=False)
 
 
-def build_components(device="cuda"):
+def build_components(device="cuda", model: str = "1.3b"):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -37,7 +37,7 @@ def build_components(device="cuda"):
     torch.manual_seed(0)
     with torch.device(device):
         text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16).eval()
-        transformer = WanTransformer3DModel(**DIT_CONFIGS["1.3b"]).to(torch.bfloat16).eval()
+        transformer = WanTransformer3DModel(**DIT_CONFIGS[model]).to(torch.bfloat16).eval()
         vae = AutoencoderKLWan().to(torch.bfloat16).eval()
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
