@@ -7,7 +7,10 @@ kernel through ``dispatch_attention_fn`` without any download. The call goes thr
 so ``torch.compile(fullgraph=True)`` treats it as one opaque node.
 
 flash-attn 4 has forward kernels for Hopper (sm90) and Blackwell (sm100); :func:`flash4_unavailable_reason` says
-why it cannot be used here, or returns None.
+why it cannot be used here, or returns None. On Hopper the call passes our measured configuration
+(:data:`SM90_CONFIGS`). :func:`register_local_flash4` also registers the backend as context-parallel capable: under
+Diffusers' context parallelism (Ulysses / Ring) each rank runs the kernel inside Diffusers' templated attention,
+with a twin op that returns the log-sum-exp for the ring merge (forward only).
 """
 
 from __future__ import annotations
