@@ -123,20 +123,16 @@ elif CASE == "gpu_layouts":  # ring and hybrid need a kernel returning the log-s
 elif CASE == "flash4_cp":
     # our flash_4_hub backend (the local flash-attn 4 package) under Ulysses and Ring: flash-attn 4 needs a Hopper
     # GPU, so a stand-in module with its interface (fp32 attention + log-sum-exp (B, H, S)) takes its place here
-    import types
-
     from diffusers_wan_ext.runtime import flash4
     from diffusers_wan_ext.runtime.attention import _set_local_flash4
+    from helpers import flash4_stand_in_modules
 
     def stand_in_fwd(q, k, v, softmax_scale=None, causal=False, return_lse=False, **knobs):
         scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * (softmax_scale or q.shape[-1] ** -0.5)
         out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.float()).to(q.dtype)
         return out, (torch.logsumexp(scores, -1) if return_lse else None)
 
-    package, cute, interface = (types.ModuleType(n) for n in ("flash_attn", "flash_attn.cute",
-                                                                "flash_attn.cute.interface"))
-    interface._flash_attn_fwd, cute.interface, package.cute = stand_in_fwd, interface, cute
-    sys.modules.update({"flash_attn": package, "flash_attn.cute": cute, "flash_attn.cute.interface": interface})
+    sys.modules.update(flash4_stand_in_modules(stand_in_fwd))
     flash4._flash4_import.cache_clear()
     inputs = dict(hidden_states=randn(1, 16, 2, 8, 8), timestep=t, encoder_hidden_states=text)
     for label, ulysses, ring in (("flash4_ulysses", world, 1), ("flash4_ring", 1, world)):

@@ -6,9 +6,6 @@ Skipped, with the reason, when Triton is not importable."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,8 +13,8 @@ import torch
 from diffusers_wan_ext.ops import layer_norm_mod
 from diffusers_wan_ext.ops import qk_norm_rope as qk_mod
 from diffusers_wan_ext.ops import vae_norm
+from helpers import run_interpreted
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_triton = pytest.mark.skipif(qk_mod.triton is None, reason="triton is not importable")
 
 _QK_SCRIPT = r"""
@@ -75,18 +72,9 @@ print("ok", cases)
 """
 
 
-def _run_interpreted(script: str, expect: str) -> None:
-    """Run ``script`` in a fresh interpreter with ``TRITON_INTERPRET=1`` (set before Triton is imported)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.join(ROOT, "src"))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert expect in proc.stdout, proc.stdout
-
-
 @needs_triton
 def test_qk_norm_rope_kernel_and_processor_under_interpreter():
-    _run_interpreted(_QK_SCRIPT, "ok 10")
+    run_interpreted(_QK_SCRIPT, "ok 10")
 
 
 _LN_SCRIPT = r"""
@@ -148,7 +136,7 @@ print("ok", cases)
 
 @needs_triton
 def test_layer_norm_mod_kernel_and_block_under_interpreter():
-    _run_interpreted(_LN_SCRIPT, "ok 17")
+    run_interpreted(_LN_SCRIPT, "ok 17")
 
 
 def test_layer_norm_mod_falls_back_on_cpu_and_validates():

@@ -4,7 +4,6 @@ out), save / from_pretrained, KV cache, Diffusers features of the transformer, a
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 
 import numpy as np
@@ -410,10 +409,10 @@ def test_enable_parallelism_two_ranks(folder, tmp_path):
     import subprocess
     import sys
 
-    from helpers import ROOT
+    from helpers import src_env
 
     (tmp_path / "worker.py").write_text(_PARALLEL_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = src_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            str(tmp_path / "worker.py"), str(folder), str(tmp_path)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

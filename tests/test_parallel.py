@@ -11,7 +11,6 @@ returns the log-sum-exp, which Diffusers has only on CUDA: ring and hybrid degre
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,15 +19,14 @@ import pytest
 import torch
 
 from diffusers_wan_ext.parallel import choose_degrees, cp_plan_for
+from helpers import src_env
 
 HERE = Path(__file__).resolve().parent
 TOL = 2e-5
 
 
 def launch(case: str, nproc: int, out: Path) -> list[dict]:
-    # keep the caller's PYTHONPATH (on the GPU machine Diffusers is installed into a folder named there)
-    path = os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env = src_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            str(HERE / "parallel_worker.py"), case, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -104,18 +104,13 @@ def test_flash4_passes_the_sm90_config_knobs(monkeypatch):
     """The per-head-dim Hopper configuration reaches flash-attn 4's forward as its keyword knobs (a stand-in module
     records them: the package needs CUDA)."""
     import sys
-    import types
 
     from diffusers_wan_ext.runtime import flash4
+    from helpers import flash4_stand_in_modules
 
     seen = []
-    fake = types.ModuleType("flash_attn.cute.interface")
-    fake._flash_attn_fwd = lambda q, k, v, **kw: seen.append(kw) or (q,)
-    for name, mod in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", types.ModuleType("c")),
-                      ("flash_attn.cute.interface", fake)):
+    for name, mod in flash4_stand_in_modules(lambda q, k, v, **kw: seen.append(kw) or (q,)).items():
         monkeypatch.setitem(sys.modules, name, mod)
-    sys.modules["flash_attn.cute"].interface = fake
-    sys.modules["flash_attn"].cute = sys.modules["flash_attn.cute"]
     flash4._flash4_import.cache_clear()
     try:
         func, reason = flash4._flash4_import()

@@ -34,6 +34,7 @@ SIZE = ["--height", "32", "--width", "32", "--num_frames", "9"]
 COMMON = [*SIZE, "--max_sequence_length", "32", "--dtype", "fp32", "--report_to", "none", "--lora_rank", "4"]
 
 from diffusers_wan_ext.lora import EXPORT_FILE_NAMES, LORA_FORMATS
+from helpers import src_env
 
 
 # ------------------------------------------------------------------------------------------------------- fixtures
@@ -216,7 +217,7 @@ def test_accelerate_launch_trains_a_lora_that_stock_diffusers_loads(t2v, data, t
            "--dataset_metadata_path", str(data / "metadata.csv"), "--model_path", str(t2v), *COMMON,
            "--lora_base_model", "dit", "--learning_rate", "1e-3", "--max_train_steps", "2", "--output_path", str(out),
            *exports]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
+    env = src_env(HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(losses(out)) == [1, 2]
@@ -254,7 +255,7 @@ def test_two_process_ddp_splits_the_data_and_resumes_exactly(t2v, cache, tmp_pat
     args = ["--task", "sft:train", "--dataset_base_path", str(cache), "--model_path", str(t2v), *COMMON,
             "--lora_base_model", "dit", "--learning_rate", "1e-3", "--num_epochs", "4",
             "--gradient_accumulation_steps", "3", "--save_steps", "1"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1")
+    env = src_env(HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1")
 
     def run(out, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(TRAIN), *args,

@@ -9,9 +9,6 @@
 * the meta-device peak estimate: the fast decode's peak at 480x832x81 (Wan2.1, bf16) is well below stock's.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,8 +18,8 @@ from diffusers_wan_ext.models.vae_streaming import WanStreamingVAEDecoder
 from diffusers_wan_ext.ops import vae_norm
 from diffusers_wan_ext.runtime import optimize_vae, restore_vae
 from diffusers_wan_ext.runtime.vae import WanDecodeSession, estimate_decode_peak
+from helpers import run_interpreted
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = {
     "wan2.1": dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
@@ -251,11 +248,7 @@ print("ok", cases)
 
 @pytest.mark.skipif(not vae_norm.triton_available(), reason="triton is not importable")
 def test_triton_kernel_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.join(ROOT, "src"))
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "ok 38" in proc.stdout
+    run_interpreted(_INTERPRETER_SCRIPT, "ok 38")
 
 
 def test_decode_session_is_freed_without_the_garbage_collector():
