@@ -1,7 +1,7 @@
 """diffusers_wan_ext: the Wan video-generation family, first-class in Hugging Face Diffusers.
 
 Importing the package registers its classes with Diffusers, so ``DiffusionPipeline.from_pretrained`` and
-``AutoModel.from_pretrained`` resolve them (see :mod:`diffusers_wan_ext._registration`).
+``AutoModel.from_pretrained`` resolve them (see :mod:`diffusers_wan_ext.registration`).
 
 Example:
     >>> import diffusers_wan_ext  # doctest: +SKIP
@@ -68,6 +68,6 @@ __all__ = [
     "WanVideoToVideoReferencePipeline",
 ]
 
-from ._registration import register as _register  # noqa: E402
+from .registration import register  # noqa: E402
 
-_register()
+register({name: globals()[name] for name in __all__})

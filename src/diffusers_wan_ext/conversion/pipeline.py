@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .._registration import rewrite_model_index_for_shims
+from ..utils.shims import rewrite_model_index_for_shims
 from ..utils.io import ConversionError, atomic_output_dir, load_state_dict, strip_known_prefixes
 from .dit import (
     DitInfo,

@@ -272,7 +272,7 @@ def convert_vap_release(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
     """
     import diffusers
 
-    from .._registration import rewrite_model_index_for_shims
+    from ..utils.shims import rewrite_model_index_for_shims
     from .pipeline import DTYPES
 
     src = Path(src)

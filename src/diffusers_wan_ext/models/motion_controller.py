@@ -20,7 +20,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.loaders import PeftAdapterMixin
 
-from .._registration import ShimSaveMixin
+from ..utils.shims import ShimSaveMixin
 
 __all__ = ["WanMotionControllerModel", "MotionControlHook", "apply_motion_control", "motion_sinusoid"]
 

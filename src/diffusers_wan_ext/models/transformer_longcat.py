@@ -38,7 +38,7 @@ from diffusers.models.normalization import FP32LayerNorm, RMSNorm
 from diffusers.utils import apply_lora_scale
 from diffusers.utils.torch_utils import maybe_allow_in_graph
 
-from .._registration import ShimSaveMixin
+from ..utils.shims import ShimSaveMixin
 
 __all__ = [
     "LongCatKVCache",

@@ -13,7 +13,7 @@ from diffusers import ModelMixin  # noqa: F401  (Diffusers' loader looks up load
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
-from .._registration import ShimSaveMixin
+from ..utils.shims import ShimSaveMixin
 from .attention_processor import WanTextLenAttnProcessor
 
 __all__ = ["WanExtTransformer3DModel"]

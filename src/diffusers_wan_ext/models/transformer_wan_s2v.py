@@ -61,7 +61,7 @@ from diffusers.models.transformers.transformer_wan import (
 )
 from diffusers.utils.peft_utils import apply_lora_scale
 
-from .._registration import ShimSaveMixin
+from ..utils.shims import ShimSaveMixin
 
 __all__ = [
     "FRAMEPACK_BUCKETS",

@@ -49,7 +49,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from .._registration import ShimPipelineMixin
+from ..utils.shims import ShimPipelineMixin
 from ..conversion.longcat import convert_longcat_lora_state_dict, is_longcat_lora_state_dict
 from ..conversion.text_encoder import encode_prompt_context
 from ..models.transformer_longcat import LongCatVideoTransformer3DModel

@@ -39,7 +39,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.pipelines.wan.pipeline_wan_animate import WanAnimatePipeline
 
-from .._registration import ShimPipelineMixin
+from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..utils.validation import validate_video_size
 from .fun_conditioning import _read_video_file, _video_to_tensor

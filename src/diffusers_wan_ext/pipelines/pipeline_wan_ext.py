@@ -29,7 +29,7 @@ from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 from diffusers.utils import logging
 
-from .._registration import ShimPipelineMixin
+from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from .runtime_mixin import WanRuntimeMixin
 

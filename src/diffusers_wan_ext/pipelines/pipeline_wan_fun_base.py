@@ -42,7 +42,7 @@ from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistep
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
-from .._registration import ShimPipelineMixin
+from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
 from .runtime_mixin import WanRuntimeMixin

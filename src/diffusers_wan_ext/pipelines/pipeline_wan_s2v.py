@@ -45,7 +45,7 @@ from transformers import (
     Wav2Vec2Processor,
 )
 
-from .._registration import ShimPipelineMixin
+from ..utils.shims import ShimPipelineMixin
 from ..models.transformer_wan_s2v import WanS2VTransformer3DModel
 from ..schedulers import WanFlowMatchScheduler
 from .fun_conditioning import encode_video, load_image

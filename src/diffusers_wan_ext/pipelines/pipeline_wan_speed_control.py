@@ -25,7 +25,7 @@ from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from .._registration import ShimPipelineMixin
+from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..models.motion_controller import WanMotionControllerModel, apply_motion_control
 from ..schedulers import WanFlowMatchScheduler

@@ -41,7 +41,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from .._registration import ShimPipelineMixin
+from ..utils.shims import ShimPipelineMixin
 from ..hooks.block_causal import disable_block_causal_cache, enable_block_causal_cache
 from ..models.vae_streaming import WanStreamingVAEDecoder
 from ..utils.validation import validate_video_size

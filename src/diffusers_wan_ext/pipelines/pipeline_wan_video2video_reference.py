@@ -33,7 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from .._registration import ShimPipelineMixin
+from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
 

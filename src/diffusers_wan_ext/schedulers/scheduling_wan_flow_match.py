@@ -35,7 +35,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .._registration import ShimSaveMixin
+from ..utils.shims import ShimSaveMixin
 
 __all__ = ["WanFlowMatchScheduler", "WanFlowMatchSchedulerOutput"]
 

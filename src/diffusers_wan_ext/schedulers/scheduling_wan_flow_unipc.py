@@ -32,7 +32,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .._registration import ShimSaveMixin
+from ..utils.shims import ShimSaveMixin
 
 __all__ = ["WanFlowUniPCScheduler"]
 
