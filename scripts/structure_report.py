@@ -129,7 +129,11 @@ def discover(src: Path) -> tuple[str, dict[str, Module]]:
             path = Path(dirpath) / fn
             name = pkg if fn == "__init__.py" else f"{pkg}.{fn[:-3]}"
             text = path.read_text(encoding="utf-8")
-            modules[name] = Module(name, path, _rel(path, src), fn == "__init__.py", ast.parse(text, str(path)), text)
+            try:
+                tree = ast.parse(text, str(path))
+            except SyntaxError as e:  # a half-edited file: listed, its imports unknown
+                tree, text = None, f"{e.msg} (line {e.lineno})"
+            modules[name] = Module(name, path, _rel(path, src), fn == "__init__.py", tree, text)
     return root, modules
 
 
@@ -387,6 +391,10 @@ def _layer_of(unit: str) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------------------- metrics
+#: tokens the family regexes look at: identifiers and strings (Python 3.12+ splits f-strings into parts)
+_FAMILY_TOKENS = {tokenize.NAME, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
+
+
 def _family_hits(module: Module, patterns: dict[str, re.Pattern]) -> dict[str, list[str]]:
     """Family -> matched tokens of the module (identifiers and non-docstring strings; comments dropped)."""
     doc_starts = set()
@@ -398,7 +406,7 @@ def _family_hits(module: Module, patterns: dict[str, re.Pattern]) -> dict[str, l
                 doc_starts.add((first.value.lineno, first.value.col_offset))
     hits: dict[str, list[str]] = {}
     for tok in tokenize.generate_tokens(io.StringIO(module.text).readline):
-        if tok.type not in (tokenize.NAME, tokenize.STRING):
+        if tok.type not in _FAMILY_TOKENS:
             continue
         if tok.type == tokenize.STRING and tok.start in doc_starts:
             continue
@@ -513,7 +521,7 @@ def collect(src: str | os.PathLike = DEFAULT_SRC, allow: str | os.PathLike | Non
         "package": root,
         "src": str(src),
         "modules": sum(1 for m in modules.values() if m.tree is not None),
-        "lines": sum(len(m.text.splitlines()) for m in modules.values()),
+        "lines": sum(len(m.text.splitlines()) for m in modules.values() if m.tree is not None),
         "cycles_explicit": _cycles(imports, modules, implicit=False),
         "cycles_implicit": _cycles(imports, modules, implicit=True),
         "function_level_imports": function_imports,
@@ -527,13 +535,15 @@ def collect(src: str | os.PathLike = DEFAULT_SRC, allow: str | os.PathLike | Non
         "upward_imports": layers,
         "unlayered_units": sorted(unlayered),
         "unresolved_imports": [{"where": i.where(), "target": i.target} for i in imports if not i.known],
+        "unparsed_files": [{"file": m.rel, "error": m.text} for m in modules.values()
+                           if m.tree is None and not m.path.is_dir()],
     }
     return report
 
 
 def violations(report: dict) -> list[str]:
     """The lines ``--check`` fails on (empty when the tree is clean)."""
-    out = []
+    out = [f"cannot parse: {u['file']}: {u['error']}" for u in report["unparsed_files"]]
     for comp in report["cycles_explicit"]["sccs"]:
         out.append(f"import cycle ({len(comp['modules'])} modules): {', '.join(comp['modules'])}")
         out += [f"    {e}" for e in comp["edges"]]
@@ -634,6 +644,8 @@ def render(report: dict, top: int = 25) -> str:
         for u in report["unresolved_imports"]:
             w(f"    {u['where']} -> {u['target']}")
 
+    for u in report["unparsed_files"]:
+        w(f"cannot parse: {u['file']}: {u['error']}")
     w("\nsummary: " + ", ".join(f"{k}={v}" for k, v in summary(report).items()))
     return "\n".join(lines)
 
