@@ -459,6 +459,31 @@ def _allowed(imp: Import, allow: list[tuple[str, str | None]]) -> bool:
     return False
 
 
+def _private_modules(imports: list[Import]) -> list[dict]:
+    """Imports of private modules (``ops/_triton.py``), and whether the importer sits in the same subpackage."""
+    out = []
+    for i in imports:
+        parent = _private_module_parent(i.target)
+        if parent is not None:
+            same_subpackage = i.importer.startswith(parent + ".") or i.importer == parent
+            out.append({"where": i.where(), "importer": i.importer, "target": i.target,
+                        "same_subpackage": same_subpackage})
+    return out
+
+
+def _upward_imports(imports: list[Import], root: str) -> tuple[list[dict], list[str]]:
+    """Imports from a lower layer of :data:`LAYERS` into a higher one; the units the table does not name."""
+    upward, unlayered = [], set()
+    for i in imports:
+        a, b = _unit(i.importer, root), _unit(i.target, root)
+        la, lb = _layer_of(a), _layer_of(b)
+        unlayered.update(u for u, lu in ((a, la), (b, lb)) if lu is None)
+        if la is not None and lb is not None and la < lb:
+            upward.append({"where": i.where(), "importer": i.importer, "target": i.target, "from": a, "to": b,
+                           "function": i.function, "type_checking": i.type_checking})
+    return upward, sorted(unlayered)
+
+
 def collect(src: str | os.PathLike = DEFAULT_SRC, allow: str | os.PathLike | None = DEFAULT_ALLOW) -> dict:
     """All the numbers of the report, as a JSON-ready dict."""
     src = Path(src)
@@ -497,25 +522,7 @@ def collect(src: str | os.PathLike = DEFAULT_SRC, allow: str | os.PathLike | Non
          "why": "binds the root (import pkg.sub without as)" if i.binds_root and i.target != root else "root"}
         for i in imports if i.importer != root and (i.target == root or i.binds_root)
     ]
-    private_modules = []
-    for i in imports:
-        parent = _private_module_parent(i.target)
-        if parent is None:
-            continue
-        same_subpackage = i.importer.startswith(parent + ".") or i.importer == parent
-        private_modules.append({"where": i.where(), "importer": i.importer, "target": i.target,
-                                "same_subpackage": same_subpackage})
-    layers = []
-    unlayered = set()
-    for i in imports:
-        a, b = _unit(i.importer, root), _unit(i.target, root)
-        la, lb = _layer_of(a), _layer_of(b)
-        for u, lu in ((a, la), (b, lb)):
-            if lu is None:
-                unlayered.add(u)
-        if la is not None and lb is not None and la < lb:
-            layers.append({"where": i.where(), "importer": i.importer, "target": i.target, "from": a, "to": b,
-                           "function": i.function, "type_checking": i.type_checking})
+    layers, unlayered = _upward_imports(imports, root)
     functions.sort(key=lambda f: -f["lines"])
     report = {
         "package": root,
@@ -527,13 +534,13 @@ def collect(src: str | os.PathLike = DEFAULT_SRC, allow: str | os.PathLike | Non
         "function_level_imports": function_imports,
         "root_imports": root_imports,
         "private_names": private_names,
-        "private_modules": private_modules,
+        "private_modules": _private_modules(imports),
         "importlib_uses": importlib_uses,
         "functions_over": {str(n): [f for f in functions if f["lines"] > n] for n in LONG_FUNCTION_LINES},
         "files_over": sorted(long_files, key=lambda f: -f["lines"]),
         "families": {f: dict(sorted(files.items())) for f, files in families.items()},
         "upward_imports": layers,
-        "unlayered_units": sorted(unlayered),
+        "unlayered_units": unlayered,
         "unresolved_imports": [{"where": i.where(), "target": i.target} for i in imports if not i.known],
         "unparsed_files": [{"file": m.rel, "error": m.text} for m in modules.values()
                            if m.tree is None and not m.path.is_dir()],
@@ -574,9 +581,19 @@ def check(src: str | os.PathLike = DEFAULT_SRC, allow: str | os.PathLike | None 
 
 # ----------------------------------------------------------------------------------------------------------- text
 def render(report: dict, top: int = 25) -> str:
+    """The report as text: sections 1 to 9, then the summary line."""
     lines = [f"structure of {report['package']} ({report['src']}): {report['modules']} modules, "
              f"{report['lines']} lines"]
-    w = lines.append
+    _render_imports(report, lines.append)
+    _render_sizes(report, lines.append, top)
+    for u in report["unparsed_files"]:
+        lines.append(f"cannot parse: {u['file']}: {u['error']}")
+    lines.append("\nsummary: " + ", ".join(f"{k}={v}" for k, v in summary(report).items()))
+    return "\n".join(lines)
+
+
+def _render_imports(report: dict, w) -> None:
+    """Sections 1 to 5 (imports)."""
 
     def cycles(title: str, c: dict) -> None:
         w(f"  {title}: {c['modules_in_cycles']} modules in {len(c['sccs'])} cycles (SCCs of size > 1)")
@@ -614,6 +631,9 @@ def render(report: dict, top: int = 25) -> str:
     for u in iu:
         w(f"    {u['file']}:{u['line']} {u['what']}{'  (metadata)' if u['metadata_only'] else ''}")
 
+
+def _render_sizes(report: dict, w, top: int) -> None:
+    """Sections 6 to 9 (sizes, families, layers)."""
     w("\n6. long functions (decorators included)")
     for n in LONG_FUNCTION_LINES:
         fs = report["functions_over"][str(n)]
@@ -643,11 +663,6 @@ def render(report: dict, top: int = 25) -> str:
         w(f"\nunresolved own imports: {len(report['unresolved_imports'])}")
         for u in report["unresolved_imports"]:
             w(f"    {u['where']} -> {u['target']}")
-
-    for u in report["unparsed_files"]:
-        w(f"cannot parse: {u['file']}: {u['error']}")
-    w("\nsummary: " + ", ".join(f"{k}={v}" for k, v in summary(report).items()))
-    return "\n".join(lines)
 
 
 def summary(report: dict) -> dict[str, int]:
