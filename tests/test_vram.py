@@ -141,6 +141,35 @@ def test_tiny_budget_raises_and_says_what_to_change(release):
         plan_vram(_wan21(release, "14b"), "24gb", height=720, width=1280, cfg_batched=True)
 
 
+class _DeclaresCfgBatching:
+    """Like our pipelines: batched CFG declared as the class attribute ``cfg_batching``."""
+
+    cfg_batching = True
+
+    def __init__(self, components):
+        self.components = components
+
+
+class _CfgBatchingArgumentOnly:
+    """A ``cfg_batching`` call argument is not a declaration: the planner reads the attribute only."""
+
+    def __init__(self, components):
+        self.components = components
+
+    def __call__(self, prompt=None, cfg_batching=True):
+        raise NotImplementedError
+
+
+def test_cfg_batching_is_read_from_the_declared_attribute(release):
+    comps = _wan21(release)
+    declared = plan_vram(_DeclaresCfgBatching(comps), "80gb")
+    undeclared = plan_vram(_CfgBatchingArgumentOnly(comps), "80gb")
+    assert declared.cfg_batched and not undeclared.cfg_batched and not plan_vram(comps, "80gb").cfg_batched
+    assert not plan_vram(_DeclaresCfgBatching(comps), "80gb", cfg_batched=False).cfg_batched  # explicit wins
+    doubled = declared.components["transformer"].activations_gib
+    assert doubled == pytest.approx(2 * undeclared.components["transformer"].activations_gib)
+
+
 def test_fp32_vae_needs_tiling_on_8gb(release):
     vae = _meta_vae(torch.float32)
     with pytest.raises(ValueError, match="bfloat16"):

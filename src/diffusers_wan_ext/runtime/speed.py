@@ -27,14 +27,14 @@ import torch
 
 from diffusers.utils import logging
 
-from ..hooks.vram import _CASTING_HOOKS, _GROUP_OFFLOAD_HOOKS
+from ..hooks.vram import CASTING_HOOKS, GROUP_OFFLOAD_HOOKS
 from .attention import _attention_models, set_attention_backend
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 #: Diffusers hooks that move or cast weights inside forward (the ones VRAM management installs): Dynamo cannot
 #: trace them (``module.to`` builds new Parameters), so regional compile is skipped on models that carry them.
-_UNCOMPILABLE_HOOKS = _GROUP_OFFLOAD_HOOKS + _CASTING_HOOKS
+_UNCOMPILABLE_HOOKS = GROUP_OFFLOAD_HOOKS + CASTING_HOOKS
 
 
 #: Inductor options of the regional compile: coordinate-descent tuning of the generated kernels' block sizes (the

@@ -169,7 +169,7 @@ def _move_encoders(components: WanTrainingComponents, device: torch.device, fp8:
     casting, with the skip patterns the VRAM manager uses: norms, embeddings, ``_keep_in_fp32_modules``)."""
     from diffusers.hooks import apply_layerwise_casting
 
-    from ..hooks.vram import _fp8_skip_patterns
+    from ..hooks.vram import fp8_skip_patterns
 
     for name in ("vae", "text_encoder", "image_encoder"):
         module = getattr(components, name)
@@ -178,7 +178,7 @@ def _move_encoders(components: WanTrainingComponents, device: torch.device, fp8:
         module.requires_grad_(False).eval()
         if name in fp8:
             apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=module.dtype,
-                                    skip_modules_pattern=_fp8_skip_patterns(module))
+                                    skip_modules_pattern=fp8_skip_patterns(module))
         module.to(device)
 
 
