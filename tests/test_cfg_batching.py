@@ -8,10 +8,7 @@ guidance.
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -26,7 +23,9 @@ from diffusers_wan_ext import (
 )
 from diffusers_wan_ext.hooks import teacache_log
 from diffusers_wan_ext.pipelines.fun_conditioning import load_image
-from diffusers_wan_ext.pipelines.runtime_mixin import WanRuntimeMixin
+from diffusers_wan_ext.pipelines import runtime_options
+from diffusers_wan_ext.pipelines.denoising import WanDenoisingMixin
+from diffusers_wan_ext.pipelines.runtime_options import WanRuntimeOptionsMixin
 from test_fun_pipelines import (
     H,
     W,
@@ -286,38 +285,23 @@ def test_fun_two_experts_generate_argument(parts):  # noqa: F811
 # ----------------------------------------------------------------------------------------- runtime mixin
 @pytest.mark.parametrize("cls", [WanExtPipeline, WanSpeedControlPipeline, WanFunInpaintPipeline])
 def test_mixin_on_our_pipelines(cls):
-    assert issubclass(cls, WanRuntimeMixin)
+    assert issubclass(cls, WanRuntimeOptionsMixin) and issubclass(cls, WanDenoisingMixin)
     for name in ("set_attention_backend", "reset_attention_backend", "enable_vram_management",
                  "disable_vram_management", "enable_teacache", "disable_teacache"):
-        assert getattr(cls, name) is getattr(WanRuntimeMixin, name)
+        assert getattr(cls, name) is getattr(WanRuntimeOptionsMixin, name)
+    assert cls.denoise is WanDenoisingMixin.denoise
 
 
 def test_vram_management_delegates(text, monkeypatch):
     pipe = t2v(text)
     seen = []
-    fake = types.ModuleType("diffusers_wan_ext.hooks.vram")
-    fake.enable_vram_management = lambda p, limit, **kw: seen.append(("on", p, limit, kw)) or "plan"
-    fake.disable_vram_management = lambda p: seen.append(("off", p))
-    monkeypatch.setitem(sys.modules, "diffusers_wan_ext.hooks.vram", fake)
+    monkeypatch.setattr(
+        runtime_options, "enable_vram_management", lambda p, limit, **kw: seen.append(("on", p, limit, kw)) or "plan"
+    )
+    monkeypatch.setattr(runtime_options, "disable_vram_management", lambda p: seen.append(("off", p)))
     assert pipe.enable_vram_management(12.5, offload="cpu") == "plan"
     pipe.disable_vram_management()
     assert seen == [("on", pipe, 12.5, {"offload": "cpu"}), ("off", pipe)]
-
-
-def test_vram_management_missing_module_message(text, monkeypatch):
-    pipe = t2v(text)
-    real_import = importlib.import_module
-
-    def no_vram(name, *args):
-        if name == "diffusers_wan_ext.hooks.vram":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real_import(name, *args)
-
-    monkeypatch.setattr(importlib, "import_module", no_vram)
-    with pytest.raises(ImportError, match="VRAM management needs diffusers_wan_ext.hooks.vram"):
-        pipe.enable_vram_management(8)
-    with pytest.raises(ImportError, match="VRAM management needs"):
-        pipe.disable_vram_management()
 
 
 def test_enable_teacache_arguments(text):

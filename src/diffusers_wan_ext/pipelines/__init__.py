@@ -22,7 +22,7 @@
 * :class:`WanSpeechToVideoPipeline` -- Wan2.2-S2V-14B: reference image + audio (+ pose video), multi-clip with
   motion history, as long as the audio.
 
-All of them have the runtime options of :class:`~.runtime_mixin.WanRuntimeMixin` (``set_attention_backend``,
+All of them have the runtime options of :class:`~.runtime_options.WanRuntimeOptionsMixin` (``set_attention_backend``,
 ``enable_vram_management``, ``enable_teacache``); see ``docs/runtime.md``.
 
 The three Wan-Fun pipelines share one core, :class:`~.pipeline_wan_fun_base.WanFunPipelineBase` (a

@@ -55,7 +55,8 @@ from ..conversion.text_encoder import encode_prompt_context
 from ..models.transformer_longcat import LongCatVideoTransformer3DModel
 from ..utils.validation import validate_video_size
 from .fun_conditioning import _read_video_file, _video_to_tensor, encode_video, load_image
-from .runtime_mixin import WanRuntimeMixin
+from .denoising import WanDenoisingMixin
+from .runtime_options import WanRuntimeOptionsMixin
 
 __all__ = ["LongCatVideoLoraLoaderMixin", "LongCatVideoPipeline", "longcat_sigmas"]
 
@@ -149,7 +150,7 @@ class LongCatVideoLoraLoaderMixin(LTXVideoLoraLoaderMixin):
         return super().load_lora_into_transformer(state_dict, transformer, *args, **kwargs)
 
 
-class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, LongCatVideoLoraLoaderMixin, DiffusionPipeline):
+class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, LongCatVideoLoraLoaderMixin, DiffusionPipeline):
     r"""
     LongCat-Video: text-to-video, video continuation (``video``) and image-to-video (``image``).
 

@@ -19,7 +19,7 @@ unconditional branch with blanked faces.  This subclass only adds what stock lac
   :class:`~diffusers_wan_ext.WanAnimateExtTransformer3DModel`), 512 for stock;
 * :meth:`WanAnimateExtPipeline.load_relighting_lora` -- the release's relighting LoRA (original ``.ckpt`` or a
   converted folder), recommended for replacement mode;
-* the runtime options of :class:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin`
+* the runtime options of :class:`~diffusers_wan_ext.pipelines.runtime_options.WanRuntimeOptionsMixin`
   (``set_attention_backend``, ``enable_vram_management``; TeaCache is refused: the face blocks sit between the DiT
   blocks and the reference has no coefficients for this model).
 
@@ -43,7 +43,8 @@ from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..utils.validation import validate_video_size
 from .fun_conditioning import _read_video_file, _video_to_tensor
-from .runtime_mixin import WanRuntimeMixin
+from .denoising import WanDenoisingMixin
+from .runtime_options import WanRuntimeOptionsMixin
 
 __all__ = ["WanAnimateExtPipeline"]
 
@@ -106,7 +107,7 @@ def _as_image(image: Any, name: str = "image") -> PIL.Image.Image | torch.Tensor
     )
 
 
-class WanAnimateExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin, WanAnimatePipeline):
+class WanAnimateExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, WanAnimatePipeline):
     r"""
     Wan2.2-Animate: character animation and replacement -- stock :class:`diffusers.WanAnimatePipeline` plus file /
     array inputs, strict input validation, the relighting LoRA and our runtime options (see the module docstring).

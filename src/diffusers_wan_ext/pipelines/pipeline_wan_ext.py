@@ -12,7 +12,7 @@ scale), ``interrupt``, ``output_type`` / ``return_dict`` -- plus:
   TeaCache, Diffusers' FirstBlockCache) see one context and make one joint decision for both halves (for TeaCache
   this changes nothing: its indicator, the timestep modulation, is the same in both halves).
   ``cfg_batching=False`` is exactly stock's loop (``"cond"`` / ``"uncond"`` contexts).
-* :class:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin`: ``pipe.set_attention_backend("auto")``,
+* :class:`~diffusers_wan_ext.pipelines.runtime_options.WanRuntimeOptionsMixin`: ``pipe.set_attention_backend("auto")``,
   ``pipe.enable_vram_management(...)``, ``pipe.enable_teacache(...)``.
 
 Components and config are stock ``WanPipeline``'s, so a stock text-to-video folder loads with
@@ -31,17 +31,18 @@ from diffusers.utils import logging
 
 from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
-from .runtime_mixin import WanRuntimeMixin
+from .denoising import WanDenoisingMixin
+from .runtime_options import WanRuntimeOptionsMixin
 
 __all__ = ["WanExtPipeline"]
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 
-class WanExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin, WanPipeline):
+class WanExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, WanPipeline):
     r"""
     Text-to-video: stock :class:`diffusers.WanPipeline` plus ``cfg_batching`` and the runtime options of
-    :class:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin`.
+    :class:`~diffusers_wan_ext.pipelines.runtime_options.WanRuntimeOptionsMixin`.
 
     Components (``tokenizer``, ``text_encoder``, ``vae``, ``scheduler``, ``transformer``, ``transformer_2``) and
     config (``boundary_ratio``, ``expand_timesteps``) are those of :class:`diffusers.WanPipeline`.
@@ -206,7 +207,7 @@ class WanExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin, Wa
 
         # 6. denoising loop (stock's, with optional CFG batching)
         self.scheduler.set_begin_index(0)  # as stock: no device-to-host sync for the step index
-        latents = self._denoising_loop(
+        latents = self.denoise(
             latents,
             timesteps,
             prompt_embeds=prompt_embeds,

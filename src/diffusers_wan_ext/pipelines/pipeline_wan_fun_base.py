@@ -10,9 +10,9 @@ for the camera ``control_adapter``).  This module holds what they share:
   (:func:`~diffusers_wan_ext.conversion.image_encoder.wan_clip_preprocess`, the penultimate block's output);
 * the noise latents, the stock two-expert (``boundary_ratio``) denoising loop with classifier-free guidance
   (``guidance_scale``, ``guidance_scale_2``), step-end callbacks, ``output_type`` / ``return_dict`` -- the loop is
-  :meth:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin._denoising_loop`, shared with
+  :meth:`~diffusers_wan_ext.pipelines.denoising.WanDenoisingMixin.denoise`, shared with
   :class:`~diffusers_wan_ext.WanExtPipeline`, with optional CFG batching (``pipe.cfg_batching = True``);
-* the runtime options of :class:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin`
+* the runtime options of :class:`~diffusers_wan_ext.pipelines.runtime_options.WanRuntimeOptionsMixin`
   (``set_attention_backend``, ``enable_vram_management``, ``enable_teacache``);
 * input validation: ``height`` / ``width`` multiples of 16, ``num_frames = 4n + 1``, and ``y`` channels equal to the
   transformer's ``in_channels - 16`` (the error names the checkpoint kind the transformer belongs to).
@@ -45,7 +45,8 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT
 from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
-from .runtime_mixin import WanRuntimeMixin
+from .denoising import WanDenoisingMixin
+from .runtime_options import WanRuntimeOptionsMixin
 
 __all__ = ["CHECKPOINT_KINDS", "WanFunCondition", "WanFunPipelineBase"]
 
@@ -102,7 +103,7 @@ def _match_batch(t: torch.Tensor, batch_size: int, name: str, expand: bool = Tru
     raise ValueError(f"{name} has batch {t.shape[0]}, expected 1 or {batch_size}")
 
 
-class WanFunPipelineBase(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin, WanImageToVideoPipeline):
+class WanFunPipelineBase(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, WanImageToVideoPipeline):
     r"""
     Shared core of the Wan-Fun pipelines (not used directly): stock Wan image-to-video sampling with a
     variant-specific conditioning ``y`` and optional extra transformer inputs.
@@ -375,7 +376,7 @@ class WanFunPipelineBase(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin
         (the variant's ``__call__`` runs :meth:`check_fun_inputs` and its own checks first).
 
         ``cfg_batching``: run the conditional and unconditional pass as one transformer forward of batch ``2 x B``
-        (see :meth:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin._denoising_loop`); ``None``: the
+        (see :meth:`~diffusers_wan_ext.pipelines.denoising.WanDenoisingMixin.denoise`); ``None``: the
         pipeline's :attr:`cfg_batching` setting."""
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -463,7 +464,7 @@ class WanFunPipelineBase(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin
         # 5. denoising loop (stock two-expert loop, shared with WanExtPipeline; extra inputs on both passes)
         if cfg_batching is None:
             cfg_batching = self.cfg_batching
-        latents = self._denoising_loop(
+        latents = self.denoise(
             latents,
             timesteps,
             prompt_embeds=prompt_embeds,

@@ -49,7 +49,8 @@ from ..utils.shims import ShimPipelineMixin
 from ..models.transformer_wan_s2v import WanS2VTransformer3DModel
 from ..schedulers import WanFlowMatchScheduler
 from .fun_conditioning import encode_video, load_image
-from .runtime_mixin import WanRuntimeMixin
+from .denoising import WanDenoisingMixin
+from .runtime_options import WanRuntimeOptionsMixin
 from .s2v_conditioning import (
     audio_embeds_per_clip,
     load_audio,
@@ -64,7 +65,7 @@ __all__ = ["WanSpeechToVideoPipeline"]
 FIRST_CLIP_TRIM = 3
 
 
-class WanSpeechToVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, DiffusionPipeline):
+class WanSpeechToVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, DiffusionPipeline):
     r"""
     Speech-to-video with Wan2.2-S2V-14B: a reference image speaks / sings an audio track, clip after clip.
 
@@ -418,7 +419,7 @@ class WanSpeechToVideoPipeline(ShimPipelineMixin, WanRuntimeMixin, DiffusionPipe
                 motion_latents=motion_latents.to(transformer_dtype),
                 drop_motion_frames=drop,
             )
-            latents = self._denoising_loop(
+            latents = self.denoise(
                 latents,
                 self.scheduler.timesteps,
                 prompt_embeds=prompt_embeds,

@@ -29,16 +29,17 @@ from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..models.motion_controller import WanMotionControllerModel, apply_motion_control
 from ..schedulers import WanFlowMatchScheduler
-from .runtime_mixin import WanRuntimeMixin
+from .denoising import WanDenoisingMixin
+from .runtime_options import WanRuntimeOptionsMixin
 
 __all__ = ["WanSpeedControlPipeline"]
 
 
-class WanSpeedControlPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeMixin, WanPipeline):
+class WanSpeedControlPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, WanPipeline):
     r"""
     Text-to-video with speed control (``motion_bucket_id``): stock :class:`diffusers.WanPipeline` plus the optional
     ``motion_controller`` component, and the runtime options of
-    :class:`~diffusers_wan_ext.pipelines.runtime_mixin.WanRuntimeMixin` (``set_attention_backend``, ...).
+    :class:`~diffusers_wan_ext.pipelines.runtime_options.WanRuntimeOptionsMixin` (``set_attention_backend``, ...).
 
     Args:
         tokenizer ([`AutoTokenizer`]): umT5 tokenizer (may be ``None`` when only ``prompt_embeds`` are passed).
@@ -120,7 +121,7 @@ class WanSpeedControlPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntime
                     f"the motion controller is for a {width}-wide transformer but `{name}` is {inner} wide: it "
                     "belongs to another checkpoint (speed control ships for Wan2.1-T2V-1.3B, width 1536)"
                 )
-        return self.motion_controller(ids.reshape(1))
+        return self.motion_controller(ids.reshape(1), return_dict=False)[0]
 
     @torch.no_grad()
     def __call__(

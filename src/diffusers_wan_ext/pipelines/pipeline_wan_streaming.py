@@ -45,7 +45,8 @@ from ..utils.shims import ShimPipelineMixin
 from ..hooks.block_causal import disable_block_causal_cache, enable_block_causal_cache
 from ..models.vae_streaming import WanStreamingVAEDecoder
 from ..utils.validation import validate_video_size
-from .runtime_mixin import WanRuntimeMixin
+from .denoising import WanDenoisingMixin
+from .runtime_options import WanRuntimeOptionsMixin
 
 __all__ = ["WanStreamChunk", "WanStreamingPipeline", "self_forcing_schedule"]
 
@@ -104,7 +105,7 @@ class WanStreamChunk(BaseOutput):
     elapsed: float
 
 
-class WanStreamingPipeline(ShimPipelineMixin, WanRuntimeMixin, WanPipeline):
+class WanStreamingPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, WanPipeline):
     r"""
     Streaming (autoregressive, block-causal) text-to-video for Self-Forcing-distilled Wan models such as
     krea/krea-realtime-video.
