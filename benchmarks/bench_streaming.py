@@ -100,7 +100,7 @@ def run_stream(pipe, args, prompt_embeds, device) -> dict:
 @torch.no_grad()
 def run_baseline(pipe, args, prompt_embeds, device) -> dict:
     """Non-causal few-step generation of the same latent length in one go (full attention, one decode)."""
-    from diffusers_wan_ext.models.vae_tiling import denormalize_latents
+    from diffusers_wan_ext.vae import denormalize_latents
     from diffusers_wan_ext.pipelines.pipeline_wan_streaming import self_forcing_schedule
 
     t = pipe.transformer

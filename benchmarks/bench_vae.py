@@ -30,7 +30,7 @@ def main() -> None:
     from diffusers import AutoencoderKLWan
 
     from diffusers_wan_ext.runtime import optimize_vae
-    from diffusers_wan_ext.runtime.vae import estimate_decode_peak
+    from diffusers_wan_ext.vae import estimate_decode_peak
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="wan2.1")

@@ -12,7 +12,7 @@ import torch
 
 from diffusers_wan_ext.ops import layer_norm_mod
 from diffusers_wan_ext.ops import qk_norm_rope as qk_mod
-from diffusers_wan_ext.ops import vae_norm
+from diffusers_wan_ext.vae import norm_kernel as vae_norm
 from helpers import run_interpreted
 
 needs_triton = pytest.mark.skipif(qk_mod.triton is None, reason="triton is not importable")

@@ -23,8 +23,7 @@ from diffusers_wan_ext.hooks.block_causal import (
     disable_block_causal_cache,
     enable_block_causal_cache,
 )
-from diffusers_wan_ext.models.vae_streaming import WanStreamingVAEDecoder
-from diffusers_wan_ext.models.vae_tiling import denormalize_latents
+from diffusers_wan_ext.vae import WanStreamingVAEDecoder, denormalize_latents
 from diffusers_wan_ext.pipelines.pipeline_wan_streaming import self_forcing_schedule
 from test_fun_pipelines import Spy, make_text_parts, make_vae
 

@@ -18,7 +18,7 @@ from diffusers_wan_ext.conversion.vae import (
     load_vae_from_original,
     vae_config_from_state_dict,
 )
-from diffusers_wan_ext.models.vae_tiling import (
+from diffusers_wan_ext.vae import (
     decode_unclamped,
     encode_mean,
     normalize_latents,

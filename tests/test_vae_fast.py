@@ -4,7 +4,7 @@
   tiny Wan2.1 and Wan2.2 (``is_residual``, ``patch_size=2``) VAEs, odd sizes, batch > 1, one latent frame;
 * ``restore_vae`` gives back the stock model; repeated decodes of other sizes work; slicing and tiling still work;
 * the streaming decoder runs on a session when the fast decode is installed and gives the same frames;
-* the Triton kernel (``ops.vae_norm``) under ``TRITON_INTERPRET=1`` matches its PyTorch reference, and a whole
+* the Triton kernel (``vae.norm_kernel``) under ``TRITON_INTERPRET=1`` matches its PyTorch reference, and a whole
   decode through it matches stock (subprocess; skipped without Triton);
 * the meta-device peak estimate: the fast decode's peak at 480x832x81 (Wan2.1, bf16) is well below stock's.
 """
@@ -14,10 +14,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from diffusers_wan_ext.models.vae_streaming import WanStreamingVAEDecoder
-from diffusers_wan_ext.ops import vae_norm
 from diffusers_wan_ext.runtime import optimize_vae, restore_vae
-from diffusers_wan_ext.runtime.vae import WanDecodeSession, estimate_decode_peak
+from diffusers_wan_ext.vae import WanDecodeSession, WanStreamingVAEDecoder, estimate_decode_peak, norm_kernel
 from helpers import run_interpreted
 
 
@@ -187,11 +185,11 @@ def test_norm_reference_matches_stock_rms_norm():
     with torch.no_grad():
         norm.gamma.uniform_(0.5, 1.5)
     x = torch.randn(2, 12, 3, 4, 5).to(memory_format=torch.channels_last_3d)
-    weight, bias = vae_norm.wan_norm_weight(norm)
+    weight, bias = norm_kernel.wan_norm_weight(norm)
     out = torch.empty(2, 12, 5, 4, 5)[:, :, 2:]
-    vae_norm.rms_norm_act(x, weight, bias, silu=True, out=out)
+    norm_kernel.rms_norm_act(x, weight, bias, silu=True, out=out)
     torch.testing.assert_close(out, torch.nn.functional.silu(norm(x)), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(vae_norm.rms_norm_act(x, weight, silu=False), norm(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(norm_kernel.rms_norm_act(x, weight, silu=False), norm(x), rtol=1e-6, atol=1e-6)
 
 
 def test_estimated_peak_well_below_stock():
@@ -207,7 +205,7 @@ def test_estimated_peak_well_below_stock():
 _INTERPRETER_SCRIPT = r"""
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers_wan_ext.ops.vae_norm import rms_norm_act, rms_norm_act_reference, uses_triton
+from diffusers_wan_ext.vae.norm_kernel import rms_norm_act, rms_norm_act_reference, uses_triton
 from diffusers_wan_ext.runtime import optimize_vae
 
 torch.manual_seed(0)
@@ -246,7 +244,7 @@ print("ok", cases)
 """
 
 
-@pytest.mark.skipif(not vae_norm.triton_available(), reason="triton is not importable")
+@pytest.mark.skipif(not norm_kernel.triton_available(), reason="triton is not importable")
 def test_triton_kernel_under_interpreter():
     run_interpreted(_INTERPRETER_SCRIPT, "ok 38")
 
@@ -256,8 +254,6 @@ def test_decode_session_is_freed_without_the_garbage_collector():
     on a real VAE until the cyclic GC ran, doubling the measured peak of back-to-back decodes)."""
     import gc
     import weakref
-
-    from diffusers_wan_ext.runtime.vae import WanDecodeSession
 
     vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                            temperal_downsample=[False, True, True]).eval()

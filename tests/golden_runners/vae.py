@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from diffusers_wan_ext.conversion.vae import load_vae_from_original
-from diffusers_wan_ext.models.vae_tiling import (
+from diffusers_wan_ext.vae import (
     decode_unclamped,
     denormalize_latents,
     normalize_latents,

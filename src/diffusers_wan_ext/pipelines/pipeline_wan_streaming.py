@@ -12,7 +12,7 @@ How a video is made (krea's ``CausalInferencePipeline`` / realtime server, on st
       next step's ``sigma``: ``x = (1 - sigma') x0 + sigma' eps``.  Self-attention is *block-causal*: the block
       attends to itself and to the cached keys / values of the blocks before it
       (:mod:`diffusers_wan_ext.hooks.block_causal`);
-   b. the clean block is decoded by :class:`~diffusers_wan_ext.models.vae_streaming.WanStreamingVAEDecoder`, which
+   b. the clean block is decoded by :class:`~diffusers_wan_ext.vae.streaming.WanStreamingVAEDecoder`, which
       keeps the VAE's causal feature cache across blocks (nothing is decoded twice) -- and yielded;
    c. the clean block is run once more at the clean timestep (``context_timestep``, 0) to put its keys / values into
       the cache for the next blocks (the reference's "rerun with timestep zero to update KV cache").
@@ -43,7 +43,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..utils.shims import ShimPipelineMixin
 from ..hooks.block_causal import disable_block_causal_cache, enable_block_causal_cache
-from ..models.vae_streaming import WanStreamingVAEDecoder
+from ..vae import WanStreamingVAEDecoder
 from ..utils.validation import validate_video_size
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin

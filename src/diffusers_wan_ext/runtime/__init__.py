@@ -1,5 +1,6 @@
 """Runtime options for Wan pipelines: attention backend selection (:mod:`.attention`, :mod:`.flash4`) and the
-fast defaults (:mod:`.speed`)."""
+fast defaults (:mod:`.speed`); :func:`optimize_vae` / :func:`restore_vae` are re-exported from
+:mod:`diffusers_wan_ext.vae.fast_decode`."""
 
 from .attention import (
     ATTENTION_PREFERENCE,
@@ -11,7 +12,7 @@ from .attention import (
     set_attention_backend,
 )
 from .speed import optimize_transformer
-from .vae import optimize_vae, restore_vae
+from ..vae import optimize_vae, restore_vae
 
 __all__ = [
     "optimize_transformer",

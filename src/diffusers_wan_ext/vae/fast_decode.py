@@ -10,7 +10,7 @@ Wan2.2 one of ``WanResidualUpBlock`` s with ``DupUp3D`` shortcuts and ``patch_si
 
   - every causal 3D conv runs ``F.conv3d(buf, weight, bias, padding=(0, ph, pw))`` on one input buffer
     ``[2 cached frames | new frames]`` (cuDNN pads H / W implicitly). The producer of the new frames -- the fused
-    RMS norm + SiLU kernel (``ops.vae_norm``) -- writes straight into the buffer, and the last two frames are then
+    RMS norm + SiLU kernel (:mod:`.norm_kernel`) -- writes straight into the buffer, and the last two frames are then
     copied into the conv's persistent 2-frame cache. Stock builds the same input with ``torch.cat([cache, x])``
     and ``F.pad`` (two full copies) and keeps ``x[:, :, -2:].clone()`` caches;
   - the norm (+ SiLU) of the residual blocks, of the decoder head (``norm_out``) and of the mid attention block is
@@ -32,14 +32,14 @@ causal convs (1.76 GiB; 1.0 of it for the 7 convs at full resolution -- stock ke
 (0.29), the first conv's output (0.29) and one 6-frame conv input buffer (0.43), plus the weights (0.24): 3.18 GiB
 counted (cuDNN's workspace comes on top). Stock has, on top of that, the ``cat`` and ``F.pad`` copies of each conv input (0.43
 GiB each), fp32 temporaries of the norm (0.57 GiB each), the cache clones and, at the end, two copies of the video:
-4.19 GiB counted. :func:`estimate_decode_peak` counts it for any VAE and latent shape on the meta device, without a
+4.19 GiB counted. :func:`~.peak_memory.estimate_decode_peak` counts it for any VAE and latent shape on the meta device, without a
 GPU (stock or fast path).
 
 The fast decode steps aside for the stock one (same results, stock speed) when ``vae.use_tiling`` applies to the
 latent, when the decoder's modules carry hooks (group offloading, layerwise casting, accelerate's sequential
 offload), while gradients are being recorded (the kernel has no backward), or when the latent is not on the
 decoder's device. ``enable_slicing`` works (stock ``decode`` calls the replaced ``_decode`` per slice), and
-:class:`~diffusers_wan_ext.models.vae_streaming.WanStreamingVAEDecoder` uses a :class:`WanDecodeSession` when the
+:class:`~diffusers_wan_ext.vae.streaming.WanStreamingVAEDecoder` uses a :class:`WanDecodeSession` when the
 fast decode is installed (its cache lives between calls, as the stock one does).
 
 Residual blocks outside the fast decode (the encoder, stock fallbacks) get the fused norm + SiLU in their stock
@@ -62,21 +62,28 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import torch.utils._python_dispatch
-import torch.utils._pytree
+from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    DupUp3D,
+    WanAttentionBlock,
+    WanCausalConv3d,
+    WanDecoder3d,
+    WanMidBlock,
+    WanResample,
+    WanResidualBlock,
+    WanResidualUpBlock,
+    WanRMS_norm,
+    WanUpBlock,
+    WanUpsample,
+)
+from diffusers.models.autoencoders.vae import DecoderOutput
 from torch import nn
 
-from ..ops.vae_norm import rms_norm_act, uses_triton, wan_norm_weight
+from .latents import patch_size
+from .norm_kernel import rms_norm_act, uses_triton, wan_norm_weight
 
-__all__ = ["WanDecodeSession", "estimate_decode_peak", "fast_decode_session", "optimize_vae", "restore_vae"]
+__all__ = ["WanDecodeSession", "fast_decode_session", "fast_decode_unsupported", "optimize_vae", "restore_vae"]
 
 CACHE_T = 2  # frames of causal context kept per conv (as in the stock VAE)
-
-
-def _wan():
-    from diffusers.models.autoencoders import autoencoder_kl_wan
-
-    return autoencoder_kl_wan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,20 +167,19 @@ def _check_dup(name: str, m: nn.Module) -> str | None:
 
 def fast_decode_unsupported(vae: nn.Module) -> str | None:
     """Why the fast decode cannot run this VAE's decoder (``None``: it can)."""
-    wan = _wan()
     decoder = getattr(vae, "decoder", None)
-    if not isinstance(decoder, wan.WanDecoder3d):
+    if not isinstance(decoder, WanDecoder3d):
         return "not a Diffusers WanDecoder3d"
     if not isinstance(decoder.nonlinearity, nn.SiLU):
         return "decoder head activation is not SiLU"
     checks: dict[type, Callable[[str, nn.Module], str | None]] = {
-        wan.WanCausalConv3d: _check_causal_conv,
-        wan.WanResample: _check_resample,
-        wan.DupUp3D: _check_dup,
-        wan.WanResidualBlock: lambda n, m: None if _fusable(m) else f"{n}: activation is not SiLU",
+        WanCausalConv3d: _check_causal_conv,
+        WanResample: _check_resample,
+        DupUp3D: _check_dup,
+        WanResidualBlock: lambda n, m: None if _fusable(m) else f"{n}: activation is not SiLU",
     }
-    known = (wan.WanDecoder3d, wan.WanMidBlock, wan.WanAttentionBlock, wan.WanUpBlock, wan.WanResidualUpBlock,
-             wan.WanRMS_norm, wan.WanUpsample, nn.Conv2d, nn.Dropout, nn.Identity, nn.SiLU, nn.ModuleList,
+    known = (WanDecoder3d, WanMidBlock, WanAttentionBlock, WanUpBlock, WanResidualUpBlock,
+             WanRMS_norm, WanUpsample, nn.Conv2d, nn.Dropout, nn.Identity, nn.SiLU, nn.ModuleList,
              nn.Sequential, *checks)
     for name, m in decoder.named_modules():
         if type(m) not in known:
@@ -251,7 +257,6 @@ class WanDecodeSession:
         # plain functions, not bound methods: a plan of bound methods is a reference cycle (session -> plan ->
         # method -> session) that keeps every conv cache alive until the garbage collector runs
         cls = type(self)
-        wan = _wan()
         dec = self.decoder
         mid = dec.mid_block
         plan = [(cls._conv_in, dec.conv_in), (cls._resnet, mid.resnets[0])]
@@ -260,8 +265,8 @@ class WanDecodeSession:
             plan.append((cls._resnet, resnet))
         # per up-block kind: (upsampler, DupUp3D shortcut or None)
         parts: dict[type, Callable[[nn.Module], tuple[nn.Module | None, nn.Module | None]]] = {
-            wan.WanUpBlock: lambda b: (b.upsamplers[0] if b.upsamplers is not None else None, None),
-            wan.WanResidualUpBlock: lambda b: (b.upsampler, b.avg_shortcut),
+            WanUpBlock: lambda b: (b.upsamplers[0] if b.upsamplers is not None else None, None),
+            WanResidualUpBlock: lambda b: (b.upsampler, b.avg_shortcut),
         }
         for block in dec.up_blocks:
             upsampler, dup = parts[type(block)](block)
@@ -425,7 +430,6 @@ class WanDecodeSession:
             self._x = self._x_in = None
             self.frames += 1
 
-
     def release(self) -> None:
         """Free the causal caches and buffers now (the session cannot continue afterwards)."""
         self._cache.clear()
@@ -450,7 +454,7 @@ def _decode_video(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Fast ``_decode`` body: post_quant_conv, the session frame by frame, the video written in place."""
     x = _pointwise_conv(vae.post_quant_conv, z)
     session = WanDecodeSession(vae)
-    patch = vae.config.patch_size if vae.config.patch_size not in (None, 1) else None
+    patch = patch_size(vae)
     frames = z.shape[2]
     video, first_out, start = None, None, 0
     for i in range(frames):
@@ -483,8 +487,6 @@ def _fast_decode(self, z: torch.Tensor, return_dict: bool = True):
     out = _decode_video(self, z)
     if not return_dict:
         return (out,)
-    from diffusers.models.autoencoders.vae import DecoderOutput
-
     return DecoderOutput(sample=out)
 
 
@@ -520,7 +522,6 @@ def optimize_vae(vae: nn.Module, *, channels_last: bool = True, fuse_norm_act: b
     (why not, or None), "decoder" ("wan2.1" / "wan2.2"), "norm_kernel" ("triton" on CUDA, else "torch")}``.
     :func:`restore_vae` undoes it (weights keep their values in either layout).
     """
-    wan = _wan()
     weight = next(vae.parameters())
     if channels_last:
         for m in vae.modules():
@@ -530,7 +531,7 @@ def optimize_vae(vae: nn.Module, *, channels_last: bool = True, fuse_norm_act: b
     fused = 0
     if fuse_norm_act:
         for m in vae.modules():
-            if isinstance(m, wan.WanResidualBlock) and _fusable(m):
+            if isinstance(m, WanResidualBlock) and _fusable(m):
                 m._wan_norm_silu = True
                 m.forward = types.MethodType(_fused_residual_forward, m)
                 fused += 1
@@ -556,62 +557,3 @@ def restore_vae(vae: nn.Module) -> None:
         del vae._decode
     vars(vae).pop("_wan_fast_decode", None)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Peak-memory estimate (meta device, no GPU)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the bytes of the storages that ops allocate and that are still alive, and their peak."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        self._ref = StorageWeakRef
-        self.live: dict[int, tuple[object, int]] = {}
-        self.peak = 0
-
-    def _sweep(self) -> int:
-        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
-        return sum(n for _, n in self.live.values())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self.live or self.live[key][0].expired():
-                    self.live[key] = (self._ref(storage), storage.nbytes())
-        self.peak = max(self.peak, self._sweep())
-        return out
-
-
-@torch.no_grad()
-def estimate_decode_peak(vae: nn.Module, latent_shape: tuple[int, ...], dtype: torch.dtype | None = None,
-                         fast: bool = True) -> dict:
-    """Peak memory of ``vae.decode`` on a latent of ``latent_shape`` (B, z_dim, T, h, w), counted on the meta device.
-
-    Builds a meta copy of the VAE from its config (no weights are read or copied), runs the decode (the fast one of
-    :func:`optimize_vae` when ``fast``, else stock) and counts every storage the ops allocate while it is alive.
-    Returns ``{"peak_gib", "activations_gib", "weights_gib"}``: ``peak = weights + input latent + the activations'
-    peak``. Not counted: cuDNN / attention workspaces and the caching allocator's rounding, so a GPU's
-    ``max_memory_allocated`` is somewhat higher. The Triton norm is counted as writing its output only (no
-    temporaries), as on CUDA.
-    """
-    dtype = dtype or next(vae.parameters()).dtype
-    with torch.device("meta"):
-        meta = nn.Module.to(type(vae).from_config(vae.config), dtype).eval()  # (ModelMixin.to warns on casts)
-        z = torch.empty(latent_shape, dtype=dtype)
-    if fast:
-        optimize_vae(meta, fuse_norm_act=False)
-    weights = sum(p.numel() * p.element_size() for p in meta.parameters())
-    with _LiveBytes() as counter:
-        out = meta.decode(z, return_dict=False)[0]
-    del out
-    gib = 1024 ** 3
-    activations = counter.peak + z.numel() * z.element_size()
-    return {"peak_gib": (weights + activations) / gib, "activations_gib": activations / gib,
-            "weights_gib": weights / gib}

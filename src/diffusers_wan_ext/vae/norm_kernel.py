@@ -7,7 +7,7 @@ The Wan VAE normalises every pixel over its channels (``WanRMS_norm``)::
 Eager PyTorch runs this as a norm reduction, an fp32 cast, three or four elementwise passes and a cast back;
 :func:`rms_norm_act` reads ``x`` once and writes the result once. It reads any strides (channels-last or contiguous
 NCDHW) and writes into any strided output -- in the fast decode that output is the "new frames" part of a causal
-convolution's input buffer (see ``runtime/vae.py``), so no separate copy is needed.
+convolution's input buffer (see :mod:`.fast_decode`), so no separate copy is needed.
 
 Numerics: the norm, the scale and the SiLU are computed in fp32 and rounded once to the output dtype (stock rounds
 after the normalisation and again after the SiLU, so bf16 results differ by about one bf16 ulp; fp32 is the same up
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton, triton_available, uses_triton
+from ..ops._triton import tl, triton, triton_available, uses_triton
 
 __all__ = ["rms_norm_act", "rms_norm_act_reference", "triton_available", "uses_triton", "wan_norm_weight"]
 

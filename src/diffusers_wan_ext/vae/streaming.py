@@ -16,8 +16,10 @@ Example:
 from __future__ import annotations
 
 import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
-from .vae_tiling import _conv_count, _patch_size, denormalize_latents
+from .fast_decode import fast_decode_session
+from .latents import causal_conv_count, denormalize_latents, patch_size
 
 __all__ = ["WanStreamingVAEDecoder"]
 
@@ -31,9 +33,9 @@ class WanStreamingVAEDecoder:
 
     Not tiled: the whole frame goes through the decoder (``vae.use_tiling`` is ignored).
 
-    With the fast decode of :func:`diffusers_wan_ext.runtime.optimize_vae` installed when a video starts (first
-    block after construction or :meth:`reset`), that video runs on a
-    :class:`~diffusers_wan_ext.runtime.vae.WanDecodeSession` (same frames, its own cache); otherwise on the stock
+    With the fast decode of :func:`~diffusers_wan_ext.vae.fast_decode.optimize_vae` installed when a video starts
+    (first block after construction or :meth:`reset`), that video runs on a
+    :class:`~diffusers_wan_ext.vae.fast_decode.WanDecodeSession` (same frames, its own cache); otherwise on the stock
     ``vae.decoder`` with a stock feature-cache list. A video keeps the path it started on.
     """
 
@@ -44,7 +46,7 @@ class WanStreamingVAEDecoder:
 
     def reset(self) -> None:
         """Start a new video (empty feature cache; the next latent frame is frame 0)."""
-        self._cache = [None] * _conv_count(self.vae.decoder)
+        self._cache = [None] * causal_conv_count(self.vae.decoder)
         self._session = None  # fast decode session, chosen on the video's first block
         self.latent_frames = 0
 
@@ -64,8 +66,6 @@ class WanStreamingVAEDecoder:
         if normalized:
             z = denormalize_latents(vae, z)
         if self.latent_frames == 0:
-            from ..runtime.vae import fast_decode_session
-
             self._session = fast_decode_session(vae, z)
         x = vae.post_quant_conv(z)
         outs = []
@@ -77,9 +77,7 @@ class WanStreamingVAEDecoder:
                 outs.append(vae.decoder(x[:, :, i: i + 1], feat_cache=self._cache, feat_idx=[0], first_chunk=first))
             self.latent_frames += 1
         out = torch.cat(outs, dim=2)
-        p = _patch_size(vae)
+        p = patch_size(vae)
         if p:
-            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
             out = unpatchify(out, patch_size=p)
         return out.clamp(-1.0, 1.0) if self.clamp else out

@@ -1,5 +1,8 @@
-"""Wan VAE helpers on a stock Diffusers ``AutoencoderKLWan``: latent normalisation, un-clamped decode and the
-DiffSynth-Studio tiled encode / decode.
+"""DiffSynth-Studio tiled encode / decode on a stock Diffusers ``AutoencoderKLWan``, and the untiled building blocks
+they run per tile (:func:`encode_mean`, :func:`decode_unclamped`).
+
+The latent normalisation they apply per tile is :mod:`.latents`; the untiled decode is one pass of the
+:class:`~.streaming.WanStreamingVAEDecoder` over the whole latent.
 
 Why our own tiling
 ------------------
@@ -36,13 +39,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
+from .latents import causal_conv_count, denormalize_latents, normalize_latents, patch_size
+from .streaming import WanStreamingVAEDecoder
 
 __all__ = [
     "decode_unclamped",
-    "denormalize_latents",
     "encode_mean",
-    "latent_stats",
-    "normalize_latents",
     "tile_layout",
     "tiled_decode",
     "tiled_encode",
@@ -50,19 +54,8 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Untiled building blocks on the stock modules
+# Untiled encode / decode on the stock modules
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _conv_count(module: torch.nn.Module) -> int:
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-    return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
-
-
-def _patch_size(vae) -> int | None:
-    p = vae.config.patch_size
-    return None if p in (None, 1) else int(p)
 
 
 @torch.no_grad()
@@ -73,11 +66,9 @@ def encode_mean(vae, video: torch.Tensor) -> torch.Tensor:
     alone then chunks of 4 frames through the encoder with a causal feature cache, ``quant_conv``, first ``z_dim``
     channels.
     """
-    from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
-
-    p = _patch_size(vae)
+    p = patch_size(vae)
     x = patchify(video, patch_size=p) if p else video
-    cache = [None] * _conv_count(vae.encoder)
+    cache = [None] * causal_conv_count(vae.encoder)
     outs = []
     n_chunks = 1 + (x.shape[2] - 1) // 4
     for i in range(n_chunks):
@@ -95,32 +86,7 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     (``first_chunk`` on frame 0), then the 2x2 un-patchify for Wan2.2.  ``vae.decode(z).sample`` equals this clamped
     to ``[-1, 1]``.
     """
-    from .vae_streaming import WanStreamingVAEDecoder
-
     return WanStreamingVAEDecoder(vae, clamp=False).decode(z, normalized=False)
-
-
-def latent_stats(vae, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, 1 / std)`` as ``[1, z, 1, 1, 1]`` tensors (``1 / std`` computed in fp32, as the Wan code does)."""
-    mean = vae.config.latents_mean if mean is None else mean
-    std = vae.config.latents_std if std is None else std
-    m = torch.tensor(list(mean), dtype=torch.float32)
-    inv = 1.0 / torch.tensor(list(std), dtype=torch.float32)
-    shape = (1, len(m), 1, 1, 1)
-    return m.view(shape).to(device=device, dtype=dtype), inv.view(shape).to(device=device, dtype=dtype)
-
-
-def normalize_latents(vae, mu: torch.Tensor, mean=None, std=None) -> torch.Tensor:
-    """Pipeline latent from the raw mean: ``(mu - mean) * (1 / std)``."""
-    m, inv = latent_stats(vae, mean, std, device=mu.device, dtype=mu.dtype)
-    return (mu - m) * inv
-
-
-def denormalize_latents(vae, z: torch.Tensor, mean=None, std=None) -> torch.Tensor:
-    """Raw latent from the pipeline latent: ``z / (1 / std) + mean``."""
-    m, inv = latent_stats(vae, mean, std, device=z.device, dtype=z.dtype)
-    return z / inv + m
 
 
 # ----------------------------------------------------------------------------------------------------------------
