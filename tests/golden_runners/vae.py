@@ -2,7 +2,7 @@
 
 Outputs (see the manifests): the raw encoder mean, the pipeline-normalised latent ``(mu - mean) * (1 / std)``, the
 decode of a normalised latent (clamped and un-clamped) and DiffSynth-Studio's tiled encode / decode with its blend
-ramps (:mod:`diffusers_wan_ext.models.vae_tiling`).  Every shape, tile size and stride comes from the manifest and the
+ramps (:mod:`diffusers_wan_ext.vae.tiling`).  Every shape, tile size and stride comes from the manifest and the
 tensors.
 """
 
