@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call: install the carried wheels (diffusers etc. in .whl, optional flash-attn 4 in .fa4b + /tmp/fa4) into a
 # folder named site-packages (quack's kernel cache fingerprints the source of every function outside one, and fails on
-# CUTLASS internals), then run the commands given as arguments from benchmarks/. Usage: bash benchmarks/run_gpu_round.sh "python3 x.py" ...
+# CUTLASS internals), then run the commands given as arguments from benchmarks/ (the exploratory probes are under
+# probes/). Usage: bash benchmarks/run_gpu_round.sh "python3 bench_dit.py" "python3 probes/probe_profile.py dit13" ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sp/site-packages \

@@ -4,11 +4,14 @@ optimize_vae against stock decode."""
 import gc
 import math
 import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _common import DIT_CONFIGS, cuda_time, dit_flops, env_info, make_dit_inputs, peak_memory, table, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common.py
+from _common import DIT_CONFIGS, cuda_time, dit_flops, env_info, make_dit_inputs, peak_memory, table, write_json  # noqa: E402
 from diffusers_wan_ext.runtime import flash4, optimize_transformer, optimize_vae
 
 rows, res = [], {"env": env_info()}

@@ -7,12 +7,14 @@ breakdown, and the stock VAE decode under a few settings. Prints a short table; 
 import gc
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from _common import (DIT_CONFIGS, cuda_time, dit_flops, env_info, kernel_breakdown, make_dit_inputs, peak_memory,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common.py
+from _common import (DIT_CONFIGS, cuda_time, dit_flops, env_info, kernel_breakdown, make_dit_inputs, peak_memory,  # noqa: E402
                      table, write_json)
 
 res = {"env": env_info()}

@@ -5,12 +5,15 @@ import gc
 import math
 import time
 import traceback
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from _common import DIT_CONFIGS, cuda_time, dit_flops, env_info, kernel_breakdown, make_dit_inputs, peak_memory, table, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common.py
+from _common import DIT_CONFIGS, cuda_time, dit_flops, env_info, kernel_breakdown, make_dit_inputs, peak_memory, table, write_json  # noqa: E402
 
 rows, res = [], {"env": env_info()}
 print(res["env"], flush=True)

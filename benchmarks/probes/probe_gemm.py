@@ -11,11 +11,13 @@ Prints TFLOP/s and TB/s per case; JSON under $OUT.
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _common import cuda_time, env_info, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common.py
+from _common import cuda_time, env_info, write_json  # noqa: E402
 
 res = {"env": env_info()}
 print(res["env"], flush=True)

@@ -1,9 +1,13 @@
 """GPU check of the fused block norms (issue 4): kernel against the stock expression per case, and a 2-layer model
 with 14B widths, eager, stock vs fused-norm forward, both against an fp32 copy. Prints relative errors."""
 
+import sys
+from pathlib import Path
+
 import torch
 
-from _common import DIT_CONFIGS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common.py
+from _common import DIT_CONFIGS  # noqa: E402
 
 from diffusers_wan_ext.ops.layer_norm_mod import ln_modulate, ln_modulate_reference
 from diffusers_wan_ext.runtime.speed import fuse_block_norms

@@ -7,10 +7,12 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from _common import cuda_time, env_info, table, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common.py
+from _common import cuda_time, env_info, table, write_json  # noqa: E402
 
 res = {"env": env_info()}
 print(res["env"], flush=True)

@@ -9,10 +9,12 @@ Prints short tables; JSON under $OUT.
 import gc
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from _common import DIT_CONFIGS, cuda_time, env_info, kernel_breakdown, make_dit_inputs, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common.py
+from _common import DIT_CONFIGS, cuda_time, env_info, kernel_breakdown, make_dit_inputs, write_json  # noqa: E402
 
 res = {"env": env_info()}
 print(res["env"], flush=True)
