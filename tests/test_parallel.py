@@ -11,6 +11,7 @@ returns the log-sum-exp, which Diffusers has only on CUDA: ring and hybrid degre
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_wan_ext.parallel import choose_degrees, cp_plan_for
+from diffusers_wan_ext.parallel import (
+    choose_degrees,
+    cp_plan_for,
+    register_cp_plan,
+    self_attention_patterns,
+    supports_cfg_parallel,
+)
 from helpers import src_env
 
 HERE = Path(__file__).resolve().parent
@@ -82,19 +89,68 @@ def test_choose_degrees():
 def test_cp_plans_for_every_transformer_class():
     from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
-    from diffusers_wan_ext import WanExtTransformer3DModel, WanFunTransformer3DModel
+    from diffusers_wan_ext import (
+        WanExtTransformer3DModel,
+        WanFunTransformer3DModel,
+        WanS2VTransformer3DModel,
+        WanVideoAsPromptTransformer3DModel,
+    )
 
     small = dict(num_attention_heads=2, attention_head_dim=8, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1)
     stock = cp_plan_for(WanTransformer3DModel(**small))
     assert cp_plan_for(WanExtTransformer3DModel(**small)) is stock
     assert cp_plan_for(WanFunTransformer3DModel(**small, in_channels=16)) is stock
-    vace = cp_plan_for(WanVACETransformer3DModel(**small, vace_layers=[0], vace_in_channels=8))
-    assert set(vace["vace_blocks.0"]) == {"hidden_states", "control_hidden_states"}
+    vace = WanVACETransformer3DModel(**small, vace_layers=[0], vace_in_channels=8)
+    assert set(cp_plan_for(vace)["vace_blocks.0"]) == {"hidden_states", "control_hidden_states"}
+    assert self_attention_patterns(vace) == ("blocks.*.attn1", "vace_blocks.*.attn1")  # registered stock class
+    assert self_attention_patterns(WanTransformer3DModel(**small)) == ("blocks.*.attn1",)
     with pytest.raises(ValueError, match="no context-parallel plan for Linear"):
         cp_plan_for(torch.nn.Linear(2, 2))
-    for name in ("WanVideoAsPromptTransformer3DModel", "WanS2VTransformer3DModel"):
-        with pytest.raises(ValueError, match=f"not supported for {name}.*CFG parallel only"):
-            cp_plan_for(type(name, (torch.nn.Module,), {})())
+    for cls in (WanVideoAsPromptTransformer3DModel, WanS2VTransformer3DModel):  # the reason is the class's own
+        with pytest.raises(ValueError, match=f"not supported for {cls.__name__}: "
+                           f"{re.escape(cls._cp_unsupported_reason)}.*CFG parallel only"):
+            cp_plan_for(cls.__new__(cls))
+    assert "vap_blocks.*.attn1" in self_attention_patterns(WanVideoAsPromptTransformer3DModel.__new__(
+        WanVideoAsPromptTransformer3DModel))
+
+
+def test_plans_come_from_the_classes_and_registrations():
+    plan = {"blocks.0": {}}
+
+    class Unsplittable(torch.nn.Module):
+        _cp_plan = None
+        _cp_unsupported_reason = "its tokens talk to a global state"
+
+    class Splittable(Unsplittable):  # a subclass's own declaration wins over its parent's
+        _cp_plan = plan
+        _cp_self_attention_modules = ("layers.*.self_attn",)
+
+    class Plain(Splittable):
+        pass
+
+    class Stock(torch.nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match="not supported for Unsplittable: its tokens talk to a global state"):
+        cp_plan_for(Unsplittable())
+    assert cp_plan_for(Splittable()) is plan and cp_plan_for(Plain()) is plan
+    assert self_attention_patterns(Plain()) == ("layers.*.self_attn",)
+    with pytest.raises(ValueError, match="no context-parallel plan for Stock.*register_cp_plan"):
+        cp_plan_for(Stock())
+    register_cp_plan(Stock, plan, self_attention_modules=("blocks.*.attn1", "extra.*.attn1"))
+    assert cp_plan_for(Stock()) == plan and self_attention_patterns(Stock()) == ("blocks.*.attn1", "extra.*.attn1")
+    assert cp_plan_for(type("StockChild", (Stock,), {})()) == plan  # subclasses of a registered class inherit
+
+
+def test_cfg_parallel_is_what_the_pipeline_declares():
+    from diffusers import WanPipeline
+
+    from diffusers_wan_ext import WanExtPipeline, WanStreamingPipeline
+
+    assert supports_cfg_parallel(WanExtPipeline.__new__(WanExtPipeline))
+    assert not supports_cfg_parallel(WanStreamingPipeline.__new__(WanStreamingPipeline))
+    assert not supports_cfg_parallel(WanPipeline.__new__(WanPipeline))  # stock: sequence parallel only
+    assert not supports_cfg_parallel(torch.nn.Linear(2, 2))
 
 
 def test_enable_parallelism_needs_distributed():

@@ -6,15 +6,22 @@ Example:
     >>> from diffusers_wan_ext.parallel import enable_parallelism, init_distributed  # doctest: +SKIP
 """
 
-from .context import ParallelState, choose_degrees, enable_parallelism, init_distributed
+from .context import ParallelState, choose_degrees, enable_parallelism, init_distributed, supports_cfg_parallel
 from .padding import TokenPadState, apply_token_padding, remove_token_padding
-from .plans import CP_PLANS, CP_UNSUPPORTED, SELF_ATTENTION_MODULES, WAN_VACE_CP_PLAN, cp_plan_for, self_attention_patterns
+from .plans import (
+    DEFAULT_SELF_ATTENTION_MODULES,
+    WAN_VACE_CP_PLAN,
+    cp_plan_for,
+    register_cp_plan,
+    register_stock_plans,
+    self_attention_patterns,
+)
+
+register_stock_plans()
 
 __all__ = [
-    "CP_PLANS",
-    "CP_UNSUPPORTED",
+    "DEFAULT_SELF_ATTENTION_MODULES",
     "ParallelState",
-    "SELF_ATTENTION_MODULES",
     "TokenPadState",
     "WAN_VACE_CP_PLAN",
     "apply_token_padding",
@@ -22,6 +29,9 @@ __all__ = [
     "cp_plan_for",
     "enable_parallelism",
     "init_distributed",
+    "register_cp_plan",
+    "register_stock_plans",
     "remove_token_padding",
     "self_attention_patterns",
+    "supports_cfg_parallel",
 ]

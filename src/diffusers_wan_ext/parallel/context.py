@@ -30,14 +30,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from diffusers.hooks.context_parallel import ContextParallelSplitHook
 from diffusers.models._modeling_parallel import ContextParallelConfig
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 from diffusers.utils import logging
 
-from ..runtime.attention import set_attention_backend
+from ..runtime.attention import available_attention_backends, set_attention_backend
 from .padding import TokenPadState, apply_token_padding, forward_parameters
 from .plans import cp_plan_for, self_attention_patterns
 
-__all__ = ["ParallelState", "choose_degrees", "enable_parallelism", "init_distributed"]
+__all__ = ["ParallelState", "choose_degrees", "enable_parallelism", "init_distributed", "supports_cfg_parallel"]
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -151,10 +153,6 @@ class ParallelState:
 def _cp_capable_backend(model: torch.nn.Module, device: torch.device) -> str | None:
     """The model's attention backend if Diffusers' context parallelism supports it, else the fastest one that does
     (and can run here); None when the model uses no dispatch backend."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
-    from ..runtime.attention import available_attention_backends
-
     current = None
     for module in model.modules():
         processor = getattr(module, "processor", None)
@@ -191,8 +189,6 @@ def _prime_split_hooks(model: torch.nn.Module) -> None:
     Diffusers 0.42 looks them up with ``inspect.signature`` on the first call, which torch.compile cannot trace when
     the hooked module (``blocks.0``) is inside a regionally compiled block; the cache it fills is primed here.
     """
-    from diffusers.hooks.context_parallel import ContextParallelSplitHook
-
     for module in model.modules():
         registry = getattr(module, "_diffusers_hook", None)
         for hook in (registry.hooks.values() if registry is not None else ()):
@@ -209,6 +205,13 @@ def _transformers(pipe_or_model: Any) -> list[tuple[str, torch.nn.Module]]:
     if not found:
         raise ValueError(f"{type(pipe_or_model).__name__} has no `transformer` to parallelize")
     return found
+
+
+def supports_cfg_parallel(pipe_or_model: Any) -> bool:
+    """Whether ``pipe_or_model`` can run CFG parallel: its class declares ``supports_cfg_parallel = True`` (our
+    pipelines' shared denoising loop does, except where there is no classifier-free guidance).  Stock Diffusers
+    pipelines and single models lack the attribute: sequence parallel only."""
+    return bool(getattr(type(pipe_or_model), "supports_cfg_parallel", False))
 
 
 def enable_parallelism(
@@ -230,8 +233,9 @@ def enable_parallelism(
         ulysses_degree, ring_degree: sequence-parallel degrees (default: :func:`choose_degrees`).  Their product is
             the world size (half of it with CFG parallel).
         cfg_parallel: run the conditional and unconditional passes on different halves of the ranks.  Default:
-            on when the world size is even and the pipeline runs our shared loop (``WanExtPipeline``, the Fun
-            pipelines); stock Diffusers pipelines get sequence parallel only.
+            on when the world size is even and the pipeline's class declares ``supports_cfg_parallel`` (our
+            pipelines with classifier-free guidance); stock Diffusers pipelines get sequence parallel only, and
+            asking for CFG parallel on a pipeline that does not declare it raises ``ValueError``.
         decode_on_all_ranks: every rank VAE-decodes (default: only rank 0; the others return latents).
 
     Returns:
@@ -252,14 +256,13 @@ def enable_parallelism(
     rank, world = dist.get_rank(), dist.get_world_size()
     models = _transformers(pipe_or_model)
     is_pipeline = not isinstance(pipe_or_model, torch.nn.Module)
-    supports_cfg = is_pipeline and hasattr(pipe_or_model, "_denoising_loop")
+    supported = supports_cfg_parallel(pipe_or_model)
     if cfg_parallel is None:
-        cfg_parallel = supports_cfg and world % 2 == 0
-    elif cfg_parallel and not supports_cfg:
+        cfg_parallel = supported and world % 2 == 0
+    elif cfg_parallel and not supported:
         raise ValueError(
-            f"CFG parallel needs one of our pipelines (WanExtPipeline, the Fun pipelines), not "
-            f"{type(pipe_or_model).__name__}: load the folder with WanExtPipeline.from_pretrained, or pass "
-            "cfg_parallel=False"
+            f"CFG parallel is not supported by {type(pipe_or_model).__name__} (it does not declare "
+            "supports_cfg_parallel): pass cfg_parallel=False for sequence parallel only"
         )
     heads = models[0][1].config.num_attention_heads
     cfg, ulysses, ring = choose_degrees(

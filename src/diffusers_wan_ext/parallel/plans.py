@@ -1,26 +1,43 @@
-"""Context-parallel plans (Diffusers ``_cp_plan`` format) for every Wan transformer class we ship or load.
+"""Context-parallel plans (Diffusers ``_cp_plan`` format): read from the model classes.
 
 A plan names, per submodule, the inputs or outputs that Diffusers' context-parallel hooks split along the token
-dimension (``ContextParallelInput``) or gather back (``ContextParallelOutput``).  Stock ``WanTransformer3DModel``
-carries one; our subclasses (``WanExtTransformer3DModel``, ``WanFunTransformer3DModel``) inherit it, because their
-extra inputs become tokens *before* ``blocks.0``: Fun reference-image tokens are prepended and the camera-adapter
-features are added to the patch embeddings, so splitting ``blocks.0``'s ``hidden_states`` and the RoPE table (built
-for the same ``F+1`` frames) shards them with the video tokens.  Per-token timesteps (Wan2.2 TI2V) are split at the
-model input by the stock entry ``"": {"timestep": ...}``.
+dimension (``ContextParallelInput``) or gather back (``ContextParallelOutput``).  Every transformer class declares
+what it supports, as class attributes:
 
-Stock ``WanVACETransformer3DModel`` has no plan: :data:`WAN_VACE_CP_PLAN` adds the control tokens, which enter at
-``vace_blocks.0`` beside the video tokens, and whose hints are added back to the (then local) video tokens.
+* ``_cp_plan`` -- its plan.  Stock ``WanTransformer3DModel`` carries one; our subclasses (``WanExtTransformer3DModel``,
+  ``WanFunTransformer3DModel``) inherit it, because their extra inputs become tokens *before* ``blocks.0``: Fun
+  reference-image tokens are prepended and the camera-adapter features are added to the patch embeddings, so
+  splitting ``blocks.0``'s ``hidden_states`` and the RoPE table (built for the same ``F+1`` frames) shards them with
+  the video tokens.  Per-token timesteps (Wan2.2 TI2V) are split at the model input by the stock entry
+  ``"": {"timestep": ...}``.
+* ``_cp_plan = None`` with ``_cp_unsupported_reason`` -- why sequence parallel is refused (CFG parallel still works).
+* ``_cp_self_attention_modules`` -- the self-attention modules (glob over the module tree, ``*`` = every index) that
+  get the key-padding mask when the token count is padded to a multiple of the degree (default ``blocks.*.attn1``).
 
-Plans are looked up by class name along the MRO (:func:`cp_plan_for`), so a subclass of a listed class gets its
-parent's plan unless it defines its own ``_cp_plan``.
+Stock Diffusers classes that lack a plan get one with :func:`register_cp_plan` (keyed by the class itself).  The
+first class along the model's MRO that declares something (or is registered) decides, so a subclass inherits its
+parent's plan unless it declares its own.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from diffusers import WanVACETransformer3DModel
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
-__all__ = ["CP_PLANS", "CP_UNSUPPORTED", "SELF_ATTENTION_MODULES", "WAN_VACE_CP_PLAN", "cp_plan_for", "self_attention_patterns"]
+__all__ = [
+    "DEFAULT_SELF_ATTENTION_MODULES",
+    "WAN_VACE_CP_PLAN",
+    "cp_plan_for",
+    "register_cp_plan",
+    "register_stock_plans",
+    "self_attention_patterns",
+]
+
+#: Self-attention modules of a Wan DiT (every block's ``attn1``): the default of a class that declares none.
+DEFAULT_SELF_ATTENTION_MODULES: tuple[str, ...] = ("blocks.*.attn1",)
 
 _TOKENS = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
 _ROPE = {
@@ -38,41 +55,62 @@ WAN_VACE_CP_PLAN = {
     "proj_out": _GATHER_TOKENS,
 }
 
-#: class name -> plan.  ``None``: the class's own ``_cp_plan`` (stock Wan and its subclasses).
-CP_PLANS: dict[str, dict | None] = {
-    "WanTransformer3DModel": None,
-    "WanVACETransformer3DModel": WAN_VACE_CP_PLAN,
-}
 
-#: class name -> why sequence parallel is refused (CFG parallel still works): checked before any plan.
-CP_UNSUPPORTED: dict[str, str] = {
-    "WanVideoAsPromptTransformer3DModel": "its joint attention between the reference and the main stream needs "
-    "both streams' full token sequences",
-    "WanS2VTransformer3DModel": "its audio injection and FramePack motion tokens need the full token sequence",
-}
-
-#: class name -> the self-attention modules (glob over the module tree, ``*`` = every index), which get the
-#: key-padding mask when the token count is padded to a multiple of the degree.
-SELF_ATTENTION_MODULES: dict[str, tuple[str, ...]] = {
-    "WanTransformer3DModel": ("blocks.*.attn1",),
-    # its own _cp_plan splits the tokens within each frame; a padded frame is refused by its processor
-    "LongCatVideoTransformer3DModel": ("blocks.*.attn1",),
-    "WanVACETransformer3DModel": ("blocks.*.attn1", "vace_blocks.*.attn1"),
-}
+@dataclass(frozen=True)
+class _Registered:
+    plan: dict
+    self_attention_modules: tuple[str, ...]
 
 
-def _lookup(model: torch.nn.Module, table: dict):
+#: stock class (the class object, not its name) -> the plan registered for it
+_REGISTERED: dict[type, _Registered] = {}
+
+
+def register_cp_plan(
+    cls: type, plan: dict, *, self_attention_modules: tuple[str, ...] = DEFAULT_SELF_ATTENTION_MODULES
+) -> None:
+    """Give a stock class without a ``_cp_plan`` (e.g. Diffusers' ``WanVACETransformer3DModel``) a context-parallel
+    plan and its self-attention modules.  Our own classes declare ``_cp_plan`` instead.
+
+    Example:
+        >>> from diffusers import WanVACETransformer3DModel
+        >>> from diffusers_wan_ext.parallel import WAN_VACE_CP_PLAN, register_cp_plan
+        >>> register_cp_plan(WanVACETransformer3DModel, WAN_VACE_CP_PLAN,
+        ...                  self_attention_modules=("blocks.*.attn1", "vace_blocks.*.attn1"))
+    """
+    if not isinstance(cls, type):
+        raise TypeError(f"register_cp_plan takes a class, got {type(cls).__name__}")
+    _REGISTERED[cls] = _Registered(dict(plan), tuple(self_attention_modules))
+
+
+def register_stock_plans() -> None:
+    """Plans of the stock Diffusers classes that have none (called when :mod:`diffusers_wan_ext.parallel` is
+    imported).
+
+    Stock ``WanVACETransformer3DModel``: :data:`WAN_VACE_CP_PLAN` adds the control tokens, which enter at
+    ``vace_blocks.0`` beside the video tokens, and whose hints are added back to the (then local) video tokens.
+    """
+    # --- VACE family (to move into the VACE family declaration) ---
+    register_cp_plan(
+        WanVACETransformer3DModel, WAN_VACE_CP_PLAN, self_attention_modules=("blocks.*.attn1", "vace_blocks.*.attn1")
+    )
+
+
+def _declaring_class(model: torch.nn.Module) -> type | None:
+    """The first class along ``model``'s MRO that is registered or declares a plan / an unsupported reason."""
     for cls in type(model).__mro__:
-        if cls.__name__ in table:
-            return cls.__name__, table[cls.__name__]
-    return None, None
+        own = cls.__dict__
+        if cls in _REGISTERED or own.get("_cp_plan") is not None or own.get("_cp_unsupported_reason"):
+            return cls
+    return None
 
 
 def cp_plan_for(model: torch.nn.Module) -> dict:
-    """The context-parallel plan for ``model`` (its class's own ``_cp_plan`` first, then :data:`CP_PLANS`).
+    """The context-parallel plan of ``model``'s class (its ``_cp_plan``, or one given by :func:`register_cp_plan`).
 
     Raises:
-        ValueError: naming the class when no plan is known, or why it cannot be split (:data:`CP_UNSUPPORTED`).
+        ValueError: naming the class when it declares why it cannot be split (``_cp_unsupported_reason``), or when
+            no plan is known.
 
     Example:
         >>> from diffusers import WanVACETransformer3DModel
@@ -81,29 +119,28 @@ def cp_plan_for(model: torch.nn.Module) -> dict:
         ...     attention_head_dim=8, ffn_dim=16, text_dim=16, freq_dim=16, vace_in_channels=8)))
         ['blocks.0', 'proj_out', 'rope', 'vace_blocks.0']
     """
-    name, reason = _lookup(model, CP_UNSUPPORTED)
-    if name is not None:
+    cls = _declaring_class(model)
+    if cls is None:
+        raise ValueError(
+            f"no context-parallel plan for {type(model).__name__}: give the class a `_cp_plan`, or register one "
+            "with diffusers_wan_ext.parallel.register_cp_plan"
+        )
+    if cls in _REGISTERED:
+        return _REGISTERED[cls].plan
+    reason = cls.__dict__.get("_cp_unsupported_reason")
+    if reason and cls.__dict__.get("_cp_plan") is None:
         raise ValueError(
             f"context (sequence) parallel is not supported for {type(model).__name__}: {reason}; use CFG parallel "
             "only (enable_parallelism(pipe, cfg_parallel=True) on 2 ranks)"
         )
-    own = type(model).__dict__.get("_cp_plan")
-    if own is not None:
-        return own
-    name, plan = _lookup(model, CP_PLANS)
-    if name is None:
-        plan = getattr(model, "_cp_plan", None)
-        if plan is None:
-            raise ValueError(
-                f"no context-parallel plan for {type(model).__name__}: add it to "
-                "diffusers_wan_ext.parallel.plans.CP_PLANS or give the class a `_cp_plan`"
-            )
-        return plan
-    return plan if plan is not None else model._cp_plan
+    return cls.__dict__["_cp_plan"]
 
 
 def self_attention_patterns(model: torch.nn.Module) -> tuple[str, ...]:
     """Module-name patterns of ``model``'s self-attention layers (``blocks.*.attn1`` for Wan)."""
-    _, patterns = _lookup(model, SELF_ATTENTION_MODULES)
-    return patterns or ("blocks.*.attn1",)
-
+    for cls in type(model).__mro__:
+        if cls in _REGISTERED:
+            return _REGISTERED[cls].self_attention_modules
+        if "_cp_self_attention_modules" in cls.__dict__:
+            return tuple(cls.__dict__["_cp_self_attention_modules"])
+    return DEFAULT_SELF_ATTENTION_MODULES
