@@ -18,6 +18,8 @@ from diffusers_wan_ext.hooks import (
     plan_vram,
     resolve_vram_limit,
 )
+from diffusers_wan_ext.hooks.vram import pipeline_cfg_batching
+from diffusers_wan_ext.pipelines import WanExtPipeline
 
 # ----------------------------------------------------------------------------------------- release sizes on meta
 WAN21_1P3B = dict(
@@ -168,6 +170,12 @@ def test_cfg_batching_is_read_from_the_declared_attribute(release):
     assert not plan_vram(_DeclaresCfgBatching(comps), "80gb", cfg_batched=False).cfg_batched  # explicit wins
     doubled = declared.components["transformer"].activations_gib
     assert doubled == pytest.approx(2 * undeclared.components["transformer"].activations_gib)
+
+
+def test_our_pipelines_declare_cfg_batching_and_stock_ones_do_not():
+    assert WanExtPipeline.cfg_batching is True  # a class attribute: cond + uncond in one transformer forward
+    assert pipeline_cfg_batching(object.__new__(WanExtPipeline)) is True
+    assert not hasattr(WanPipeline, "cfg_batching") and pipeline_cfg_batching(object.__new__(WanPipeline)) is False
 
 
 def test_fp32_vae_needs_tiling_on_8gb(release):
