@@ -29,7 +29,7 @@ import diffusers_wan_ext  # noqa: F401  (registers LongCatVideoPipeline with Dif
 
 
 def _tiny_folder() -> str:
-    from diffusers_wan_ext.conversion.pipeline import convert_release
+    from diffusers_wan_ext.release_converter import convert_release
     from diffusers_wan_ext.demo import make_tiny_longcat_release
 
     work = Path(tempfile.mkdtemp(prefix="longcat-tiny-"))

@@ -34,7 +34,7 @@ def tiny_release(tmp_path_factory):
 @pytest.fixture(scope="session")
 def converted(tiny_release, tmp_path_factory):
     """Factory: converted Diffusers folder of a tiny release (fp32, cached)."""
-    from diffusers_wan_ext.conversion.pipeline import convert_release
+    from diffusers_wan_ext.release_converter import convert_release
 
     cache = {}
 

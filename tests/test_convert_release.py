@@ -8,7 +8,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffusers_wan_ext.conversion.dit import convert_dit_state_dict
-from diffusers_wan_ext.conversion.pipeline import convert_release
+from diffusers_wan_ext.release_converter import convert_release
 from diffusers_wan_ext.utils import ConversionError
 
 GEN = dict(height=32, width=32, num_frames=5, num_inference_steps=2, max_sequence_length=16, output_type="pt")

@@ -15,7 +15,7 @@ from diffusers_wan_ext.conversion.dit import (
     export_dit_state_dict,
     load_dit_from_original,
 )
-from diffusers_wan_ext.conversion.pipeline import choose_variant, convert_release
+from diffusers_wan_ext.release_converter import choose_variant, convert_release
 from diffusers_wan_ext.utils.io import ConversionError
 
 from helpers import run_python

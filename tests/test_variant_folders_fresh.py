@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from diffusers_wan_ext.conversion.pipeline import convert_release
+from diffusers_wan_ext.release_converter import convert_release
 
 from helpers import run_python
 

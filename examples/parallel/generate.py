@@ -25,7 +25,7 @@ from diffusers_wan_ext.parallel import init_distributed
 
 
 def tiny_model(folder: Path) -> Path:
-    from diffusers_wan_ext.conversion.pipeline import convert_release
+    from diffusers_wan_ext.release_converter import convert_release
     from diffusers_wan_ext.demo import make_tiny_release
 
     dst = folder / "converted"

@@ -71,7 +71,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False) 
 
 
 def cmd_convert(args) -> int:
-    from .conversion.pipeline import convert_release
+    from .release_converter import convert_release
 
     src = args.src
     if args.model_id:
@@ -94,7 +94,7 @@ def cmd_convert(args) -> int:
 
 def cmd_relighting_lora(args) -> int:
     from .conversion.animate import convert_relighting_lora, save_relighting_lora
-    from .conversion.pipeline import DTYPES
+    from .conversion.release_io import DTYPES
 
     lora = convert_relighting_lora(args.src)
     path = save_relighting_lora(lora, args.dst, dtype=DTYPES[args.dtype] if args.dtype else None)
@@ -103,7 +103,7 @@ def cmd_relighting_lora(args) -> int:
 
 
 def cmd_add_motion_controller(args) -> int:
-    from .conversion.pipeline import add_motion_controller
+    from .families.speed_control import add_motion_controller
 
     out = add_motion_controller(args.folder, args.motion_controller, dtype=args.dtype)
     print(f"added motion_controller -> {out} (now a WanSpeedControlPipeline)")
@@ -147,8 +147,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
-#: ``generate`` arguments of Wan2.2-Animate (passed to :class:`~diffusers_wan_ext.WanAnimateExtPipeline` as they are).
-ANIMATE_VIDEO_ARGS = ("pose_video", "face_video", "background_video", "mask_video")
+def _add_family_inputs(args, pipe, kw: dict) -> None:
+    """The families' own ``generate`` options, checked against the loaded pipeline (e.g. Wan2.2-Animate's videos)."""
+    from .families import FAMILIES
+
+    for family in FAMILIES:
+        given = {i.argument: getattr(args, i.argument) for i in family.generate_inputs
+                 if getattr(args, i.argument, None) is not None}
+        ours = any(isinstance(pipe, cls) for cls in family.pipeline_classes)
+        if given and not ours:
+            flags = "/".join(i.flag for i in family.generate_inputs if i.argument in given)
+            raise SystemExit(f"generate: {flags} is for {family.title} folders; {args.model} is a "
+                             f"{type(pipe).__name__}")
+        if ours:
+            family.prepare_generate(pipe, args.model, given, kw)
 
 
 def cmd_generate(args) -> int:
@@ -158,13 +170,14 @@ def cmd_generate(args) -> int:
 
     from .demo import write_video
 
+    from .families import FAMILIES
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    animate = type(pipe).__name__ in ("WanAnimatePipeline", "WanAnimateExtPipeline")
-    if animate:
-        from .pipelines import WanAnimateExtPipeline
-
-        pipe = WanAnimateExtPipeline(**pipe.components)  # video-file inputs and input checks
+    upgrade = next((f.generate_pipeline[type(pipe).__name__] for f in FAMILIES
+                    if type(pipe).__name__ in f.generate_pipeline), None)
+    if upgrade is not None and not isinstance(pipe, upgrade):
+        pipe = upgrade(**pipe.components)  # the family's pipeline for file inputs and input checks
     defaults = {}
     rec = Path(args.model) / "wan_variant.json"
     if rec.exists():
@@ -193,18 +206,7 @@ def cmd_generate(args) -> int:
         kw["image"] = load_image(args.image)
     if args.last_image:
         kw["last_image"] = load_image(args.last_image)
-    if args.video:  # LongCat-Video continuation: the video file is read (and resized) by the pipeline
-        kw["video"] = args.video
-        if args.num_cond_frames:
-            kw["num_cond_frames"] = args.num_cond_frames
-    animate_inputs = {k: getattr(args, k) for k in ANIMATE_VIDEO_ARGS if getattr(args, k)}
-    if animate:
-        if args.relighting_lora:
-            pipe.load_relighting_lora(args.model if args.relighting_lora == "auto" else args.relighting_lora)
-        kw.update(animate_inputs, segment_frame_length=kw.pop("num_frames"))
-    elif animate_inputs or args.relighting_lora:
-        raise SystemExit(f"generate: --{'/--'.join(a.replace('_', '-') for a in animate_inputs) or 'relighting-lora'} "
-                         f"is for Wan2.2-Animate folders; {args.model} is a {type(pipe).__name__}")
+    _add_family_inputs(args, pipe, kw)
     frames = pipe(**kw).frames[0]
     out = write_video(frames, args.output, fps=args.fps or defaults.get("fps", 16))
     print(out.resolve())
@@ -276,11 +278,23 @@ def _add_lora(sub):
 
 
 def cmd_variants(args) -> int:
-    from .conversion.variants import VARIANTS
+    from .families import FAMILIES
 
-    for v in VARIANTS:
-        print(f"{v.name:24s} {v.arch:10s} {v.pipeline:24s} {v.release}")
+    for family in FAMILIES:
+        for v in family.variants:
+            print(f"{v.name:24s} {v.arch:10s} {v.pipeline:24s} {v.release}")
     return 0
+
+
+def _add_family_generate_options(p) -> None:
+    from .families import FAMILIES
+
+    for family in FAMILIES:
+        for i in family.generate_inputs:
+            if i.kind == "optional-path":  # a flag alone means the model folder's own file
+                p.add_argument(i.flag, dest=i.argument, nargs="?", const="auto", help=i.help)
+            else:
+                p.add_argument(i.flag, dest=i.argument, type=int if i.kind == "int" else None, help=i.help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,14 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--image", help="first frame (I2V / FLF2V / TI2V)")
     p.add_argument("--last-image", help="last frame (FLF2V)")
-    p.add_argument("--video", help="video to continue (LongCat-Video); the output includes its conditioning frames")
-    p.add_argument("--num-cond-frames", type=int, help="with --video: condition on its last N frames (4n+1)")
-    p.add_argument("--pose-video", help="Wan2.2-Animate: driving pose video (src_pose.mp4); --image = the character")
-    p.add_argument("--face-video", help="Wan2.2-Animate: driving face crops (src_face.mp4)")
-    p.add_argument("--background-video", help="Wan2.2-Animate replacement: background (src_bg.mp4)")
-    p.add_argument("--mask-video", help="Wan2.2-Animate replacement: person mask (src_mask.mp4)")
-    p.add_argument("--relighting-lora", nargs="?", const="auto",
-                   help="Wan2.2-Animate: load the relighting LoRA (default: MODEL/relighting_lora)")
+    _add_family_generate_options(p)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--num-frames", type=int, help="4n + 1 (Wan2.2-Animate: frames per segment)")

@@ -13,10 +13,26 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+from .conversion.audio_encoder import WAV2VEC_DIR
+from .conversion.dit import export_dit_state_dict
+from .conversion.image_encoder import export_clip_state_dict
+from .conversion.longcat import LORA_HYPHEN, LORA_PREFIX, export_longcat_state_dict
+from .conversion.text_encoder import export_t5_state_dict
+from .conversion.tokenizer import make_tiny_umt5_tokenizer
+from .conversion.vae import export_vae_state_dict
+from .families import family_of_arch
+from .families.animate import make_tiny_relighting_lora
+from .families.s2v import make_tiny_wav2vec
+from .families.speed_control import make_tiny_motion_controller
+from .models.transformer_longcat import LongCatVideoTransformer3DModel, longcat_ffn_dim
+from .release_converter import convert_release
 
 __all__ = [
-    "TINY", "TINY_LONGCAT", "make_tiny_dataset", "make_tiny_longcat_lora", "make_tiny_longcat_release",
+    "WAV2VEC_DIR", "TINY", "TINY_LONGCAT", "make_tiny_dataset", "make_tiny_longcat_lora", "make_tiny_longcat_release",
     "make_tiny_motion_controller", "make_tiny_release", "make_tiny_relighting_lora", "make_tiny_wav2vec",
     "prepare_training_demo", "run_demo",
 ]
@@ -24,94 +40,22 @@ __all__ = [
 # Widths of the tiny releases (structure is real: depths, patching, RoPE split, token counts).
 TINY = dict(
     dim=48, num_heads=2, ffn_dim=96, num_layers=2, freq_dim=32, text_dim=32, clip_dim=32, clip_layers=3,
-    clip_heads=2, clip_image=224, t5_vocab=256, vae_dim=8, wav2vec_dim=32, wav2vec_layers=2,
-)
-# Wan2.2-S2V: the audio encoder folder of the release (transformers Wav2Vec2ForCTC layout) and the DiT's options.
-# motion_frames is tiny too (release: 73): the history is VAE-encoded once per clip, 73 frames take the CPU tests
-# far longer than the rest (the dit_s2v golden covers the release's 73 frames).
-WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
-S2V_CONFIG = dict(
-    enable_adain=True, adain_mode="attn_norm", audio_inject_layers=[0, 1], zero_init=True, zero_timestep=True,
-    enable_motioner=False, add_last_motion=True, trainable_token=False, enable_tsm=False, enable_framepack=True,
-    framepack_drop_mode="padd", motion_frames=9, cond_dim=16,
+    clip_heads=2, clip_image=224, t5_vocab=256, vae_dim=8,
 )
 
-ARCH_CONFIG = {  # original config.json fields per architecture (+ which extension modules the DiT has)
-    "t2v": dict(model_type="t2v", in_dim=16, out_dim=16),
-    "i2v": dict(model_type="i2v", in_dim=36, out_dim=16, clip=True),
-    "i2v-noclip": dict(model_type="i2v", in_dim=36, out_dim=16),
-    "flf2v": dict(model_type="flf2v", in_dim=36, out_dim=16, clip=True),
-    "ti2v": dict(model_type="ti2v", in_dim=48, out_dim=48),
-    "fun-control": dict(model_type="i2v", in_dim=48, out_dim=16, clip=True),
-    "fun-control-ref": dict(model_type="i2v", in_dim=48, out_dim=16, clip=True, ref=True),
-    "fun-camera": dict(model_type="i2v", in_dim=32, out_dim=16, clip=True, camera=True),
-    "vace": dict(model_type="vace", in_dim=16, out_dim=16, vace=True),
-    "animate": dict(model_type="animate", in_dim=36, out_dim=16, clip=True, animate=True),
-    "s2v": dict(model_type="s2v", in_dim=16, out_dim=16, s2v=True),
-}
-# Wan2.2-Animate: tiny adapter widths (stock WanAnimateTransformer3DModel config names) and 5 DiT blocks, so that
-# one face block exists (the original applies one after every 5th block).
-TINY_ANIMATE = dict(
-    num_layers=5, motion_encoder_size=16, motion_encoder_channel_sizes={"4": 32, "8": 16, "16": 8},
-    motion_style_dim=32, motion_dim=8, motion_encoder_dim=32, face_encoder_hidden_dim=16, face_encoder_num_heads=4,
-)
-#: Modules of every DiT block that the relighting LoRA adapts (upstream ``get_loraconfig``: all Linears of
-#: ``blocks.*`` except face / modulation), in the original names.
-RELIGHTING_LORA_MODULES = (
-    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v",
-    "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
-)
-# Wan2.2-Fun A14B (two experts): no CLIP branch, 20-channel mask + image condition
-WAN22_FUN = {
-    "fun-control-ref": dict(in_dim=52, clip=False),
-    "fun-camera": dict(in_dim=36, clip=False),
-}
 
-
-def _arch_config(arch: str, experts: int) -> dict:
-    a = dict(ARCH_CONFIG[arch])
-    if experts == 2:
-        a.update(WAN22_FUN.get(arch, {}))
-    return a
-
-
-def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator, experts: int = 1) -> tuple[dict, dict]:
-    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
-
-    from .conversion.dit import export_dit_state_dict
-    from .models.transformer_wan_fun import WanFunTransformer3DModel
-    from .models.transformer_wan_s2v import WanS2VTransformer3DModel
-
-    a = _arch_config(arch, experts)
-    clip = a.get("clip", False)
+def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator, experts: int = 1):
+    """A tiny original-layout DiT of ``arch`` (its family builds the model), its original ``config.json`` and the
+    family."""
+    fam = family_of_arch(arch)
+    a = fam.tiny_arch(arch, experts)
     kwargs = dict(
         num_attention_heads=TINY["num_heads"], attention_head_dim=TINY["dim"] // TINY["num_heads"],
-        in_channels=a["in_dim"], out_channels=a["out_dim"], text_dim=TINY["text_dim"], freq_dim=TINY["freq_dim"],
-        ffn_dim=TINY["ffn_dim"], num_layers=TINY["num_layers"], image_dim=TINY["clip_dim"] if clip else None,
-        added_kv_proj_dim=TINY["dim"] if clip else None, pos_embed_seq_len=2 * 257 if arch == "flf2v" else None,
+        in_channels=a.in_dim, out_channels=a.out_dim, text_dim=TINY["text_dim"], freq_dim=TINY["freq_dim"],
+        ffn_dim=TINY["ffn_dim"], num_layers=TINY["num_layers"], image_dim=TINY["clip_dim"] if a.clip else None,
+        added_kv_proj_dim=TINY["dim"] if a.clip else None,
     )
-    vace_layers = list(range(TINY["num_layers"]))
-    if a.get("animate"):
-        from diffusers import WanAnimateTransformer3DModel
-
-        kwargs.update({k: v for k, v in TINY_ANIMATE.items() if k != "num_layers"}, num_layers=TINY_ANIMATE["num_layers"])
-        model = WanAnimateTransformer3DModel(**kwargs, latent_channels=16)
-    elif a.get("vace"):
-        model = WanVACETransformer3DModel(**kwargs, vace_layers=vace_layers, vace_in_channels=96)
-    elif a.get("s2v"):
-        for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
-            kwargs.pop(key)
-        model = WanS2VTransformer3DModel(
-            **kwargs, audio_dim=TINY["wav2vec_dim"], audio_num_layers=TINY["wav2vec_layers"] + 1,
-            audio_inject_layers=S2V_CONFIG["audio_inject_layers"], pose_dim=S2V_CONFIG["cond_dim"],
-        )
-    elif a.get("ref") or a.get("camera"):
-        model = WanFunTransformer3DModel(
-            **kwargs, ref_conv_in_channels=16 if a.get("ref") else None,
-            control_adapter_in_channels=24 if a.get("camera") else None,
-        )
-    else:
-        model = WanTransformer3DModel(**kwargs)
+    model, extra_config = fam.tiny_dit_model(arch, experts, kwargs)
     sd = {}
     for k, v in model.state_dict().items():
         std = 0.02 if v.ndim > 1 else 0.01
@@ -120,92 +64,15 @@ def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator, e
         sd[k] = (torch.randn(v.shape, generator=generator) * std + (1.0 if "norm" in k and "weight" in k else 0.0))
     config = {
         "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": TINY["dim"], "eps": 1e-6,
-        "ffn_dim": TINY["ffn_dim"], "freq_dim": TINY["freq_dim"], "in_dim": a["in_dim"], "model_type": a["model_type"],
-        "num_heads": TINY["num_heads"], "num_layers": model.config.num_layers, "out_dim": a["out_dim"],
-        "text_len": text_len,
+        "ffn_dim": TINY["ffn_dim"], "freq_dim": TINY["freq_dim"], "in_dim": a.in_dim, "model_type": a.model_type,
+        "num_heads": TINY["num_heads"], "num_layers": model.config.num_layers, "out_dim": a.out_dim,
+        "text_len": text_len, **extra_config,
     }
-    if a.get("animate"):  # upstream WanAnimateModel config.json fields
-        config.update(_class_name="WanAnimateModel", motion_encoder_dim=TINY_ANIMATE["motion_encoder_dim"],
-                      use_img_emb=True)
-    if a.get("vace"):
-        config.update(vace_layers=vace_layers, vace_in_dim=96)
-    if a.get("camera"):
-        config.update(add_control_adapter=True, in_dim_control_adapter=24)
-    if a.get("s2v"):
-        config.update(S2V_CONFIG, _class_name="WanModel_S2V", audio_dim=TINY["wav2vec_dim"])
-    return export_dit_state_dict(sd), config
-
-
-def make_tiny_wav2vec(folder: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny ``wav2vec2-large-xlsr-53-english`` folder as the S2V release ships it: ``Wav2Vec2ForCTC`` config,
-    ``model.safetensors`` with the legacy ``weight_g`` / ``weight_v`` names of the positional conv, and the
-    ``Wav2Vec2Processor`` files (feature extractor at 16 kHz + CTC vocabulary)."""
-    from transformers import (
-        Wav2Vec2Config,
-        Wav2Vec2CTCTokenizer,
-        Wav2Vec2FeatureExtractor,
-        Wav2Vec2ForCTC,
-    )
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    cfg = Wav2Vec2Config(
-        vocab_size=8, hidden_size=TINY["wav2vec_dim"], num_hidden_layers=TINY["wav2vec_layers"], num_attention_heads=2,
-        intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-        do_stable_layer_norm=True, feat_extract_norm="layer", mask_time_prob=0.05, architectures=["Wav2Vec2ForCTC"],
-    )
-    model = Wav2Vec2ForCTC(cfg)
-    legacy = {
-        k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v"):
-        v.contiguous()
-        for k, v in model.state_dict().items()
-    }
-    save_file(legacy, str(folder / "model.safetensors"))
-    cfg.save_pretrained(folder)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "A": 5, "B": 6, "C": 7}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    tokenizer = Wav2Vec2CTCTokenizer(str(folder / "vocab.json"))
-    extractor = Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
-    )
-    extractor.save_pretrained(folder)  # preprocessor_config.json, as the release (saved by transformers 4.x)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def make_tiny_relighting_lora(path: str | os.PathLike, dit_state_dict: dict, rank: int = 4, seed: int = 0) -> Path:
-    """Write a tiny ``relighting_lora.ckpt`` as the Animate release ships it: ``torch.save({"state_dict": sd})`` of
-    a PEFT state dict (``blocks.N.<module>.lora_A/B.weight``, original module names) for ``dit_state_dict``."""
-    g = torch.Generator().manual_seed(seed)
-    blocks = sorted({int(k.split(".")[1]) for k in dit_state_dict if k.startswith("blocks.")})
-    sd = {}
-    for i in blocks:
-        for mod in RELIGHTING_LORA_MODULES:
-            out_f, in_f = dit_state_dict[f"blocks.{i}.{mod}.weight"].shape
-            sd[f"blocks.{i}.{mod}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.1
-            sd[f"blocks.{i}.{mod}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.1
-    path = Path(path)
-    torch.save({"state_dict": sd}, path)
-    return path
-
-
-def make_tiny_motion_controller(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny speed-control ``model.safetensors`` (release layout ``linear.{0,2,4}.*``) for the tiny T2V DiT."""
-    from .models.motion_controller import WanMotionControllerModel
-
-    torch.manual_seed(seed)
-    mc = WanMotionControllerModel(freq_dim=TINY["freq_dim"], dim=TINY["dim"])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in mc.state_dict().items()}, str(path))
-    return path
+    return export_dit_state_dict(sd), config, fam
 
 
 def _tiny_t5():
     """A tiny umT5 encoder (width ``TINY["text_dim"]``, vocabulary ``TINY["t5_vocab"]``)."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
     return UMT5EncoderModel(UMT5Config(
         vocab_size=TINY["t5_vocab"], d_model=TINY["text_dim"], d_kv=16, d_ff=64, num_layers=2, num_heads=2,
         relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
@@ -215,8 +82,6 @@ def _tiny_t5():
 
 def _tiny_vae21():
     """A tiny Wan2.1 VAE (real structure and latent statistics, width ``TINY["vae_dim"]``)."""
-    from diffusers import AutoencoderKLWan
-
     return AutoencoderKLWan(base_dim=TINY["vae_dim"], z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                             temperal_downsample=[False, True, True]).eval()
 
@@ -243,8 +108,6 @@ def make_tiny_longcat_lora(dit_state_dict: dict, rank: int = 4, seed: int = 0, a
     """A LoRA in the original LongCat-Video format (``lora_utils.LoRANetwork`` state dict) for an original-layout
     DiT state dict: ``lora_down`` / ``lora_up`` (or ``lora_up.blocks.N`` for fused projections) and
     ``alpha_scale``.  ``fused_single_up`` gives fused projections one up matrix instead of one block per part."""
-    from .conversion.longcat import LORA_HYPHEN, LORA_PREFIX
-
     g = torch.Generator().manual_seed(seed)
     depth = len({k.split(".")[1] for k in dit_state_dict if k.startswith("blocks.")})
     out = {}
@@ -278,14 +141,6 @@ def make_tiny_longcat_release(folder: str | os.PathLike, seed: int = 0, layout: 
     Example:
         >>> path = make_tiny_longcat_release("/tmp/tiny-longcat")  # doctest: +SKIP
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from .conversion.longcat import export_longcat_state_dict
-    from .conversion.text_encoder import export_t5_state_dict
-    from .conversion.tokenizer import make_tiny_umt5_tokenizer
-    from .conversion.vae import export_vae_state_dict
-    from .models.transformer_longcat import LongCatVideoTransformer3DModel, longcat_ffn_dim
-
     if layout not in ("release", "wan"):
         raise ValueError(f"layout must be 'release' or 'wan'; got {layout!r}")
     folder = Path(folder)
@@ -360,14 +215,6 @@ def make_tiny_release(
         >>> from diffusers_wan_ext.demo import make_tiny_release
         >>> path = make_tiny_release("/tmp/tiny-wan", arch="t2v")  # doctest: +SKIP
     """
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-    from diffusers import AutoencoderKLWan
-
-    from .conversion.image_encoder import export_clip_state_dict
-    from .conversion.text_encoder import export_t5_state_dict
-    from .conversion.tokenizer import make_tiny_umt5_tokenizer
-    from .conversion.vae import export_vae_state_dict
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -375,17 +222,17 @@ def make_tiny_release(
     dits = [folder] if experts == 1 else [folder / "high_noise_model", folder / "low_noise_model"]
     for d in dits:
         d.mkdir(parents=True, exist_ok=True)
-        sd, cfg = _tiny_dit_state_dict(arch, text_len, g, experts)
+        sd, cfg, fam = _tiny_dit_state_dict(arch, text_len, g, experts)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "diffusion_pytorch_model.safetensors"))
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
-        if arch == "animate":
-            make_tiny_relighting_lora(d / "relighting_lora.ckpt", sd, seed=seed)
+        fam.tiny_release_files(folder, d, arch, sd, seed)
 
     t5 = _tiny_t5()
     torch.save(export_t5_state_dict(t5.state_dict()), folder / "models_t5_umt5-xxl-enc-bf16.pth")
     make_tiny_umt5_tokenizer(folder / "google" / "umt5-xxl", vocab_size=TINY["t5_vocab"])
 
-    if arch == "ti2v":
+    tiny = family_of_arch(arch).tiny_arch(arch, experts)
+    if tiny.vae == "wan2.2":
         vae = AutoencoderKLWan(
             base_dim=TINY["vae_dim"], decoder_base_dim=TINY["vae_dim"], z_dim=48, dim_mult=[1, 2, 4, 4],
             num_res_blocks=2, temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
@@ -397,15 +244,13 @@ def make_tiny_release(
         vae_name = "Wan2.1_VAE.pth"
     torch.save(export_vae_state_dict(vae.state_dict()), folder / vae_name)
 
-    if with_image_encoder if with_image_encoder is not None else _arch_config(arch, experts).get("clip", False):
+    if with_image_encoder if with_image_encoder is not None else tiny.clip:
         clip = CLIPVisionModel(CLIPVisionConfig(
             hidden_size=TINY["clip_dim"], intermediate_size=4 * TINY["clip_dim"], num_hidden_layers=TINY["clip_layers"],
             num_attention_heads=TINY["clip_heads"], image_size=TINY["clip_image"], patch_size=14, hidden_act="gelu",
             layer_norm_eps=1e-5, projection_dim=16,
         ))
         torch.save(export_clip_state_dict(clip.state_dict()), folder / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
-    if arch == "s2v":
-        make_tiny_wav2vec(folder / WAV2VEC_DIR, seed=seed)
     return folder
 
 
@@ -511,8 +356,6 @@ def prepare_training_demo(folder: str | os.PathLike) -> tuple[Path, Path]:
     Example:
         >>> model, data = prepare_training_demo("/tmp/train-demo")  # doctest: +SKIP
     """
-    from .conversion.pipeline import convert_release
-
     folder = Path(folder)
     release = make_tiny_release(folder / "Wan2.1-T2V-tiny", arch="t2v")
     model = convert_release(release, folder / "Wan2.1-T2V-tiny-diffusers", dtype="fp32", overwrite=True,
@@ -525,10 +368,6 @@ def run_demo(output: str | os.PathLike = "outputs/demo.mp4", workdir: str | os.P
              steps: int = 4, seed: int = 0) -> Path:
     """The main job on the built-in default: tiny release -> converter -> ``DiffusionPipeline`` -> mp4."""
     import tempfile
-
-    from diffusers import DiffusionPipeline
-
-    from .conversion.pipeline import convert_release
 
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="diffusers-wan-demo-"))
     release = make_tiny_release(work / "Wan2.1-T2V-tiny", arch="t2v", seed=seed)

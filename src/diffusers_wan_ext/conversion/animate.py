@@ -39,8 +39,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import save_file
 
-from ..utils.io import ConversionError, _format_keys, load_state_dict
+from ..lora.convert import convert_lora_state_dict
+from ..utils.io import ConversionError, format_keys, load_state_dict
+from .dit import block_indices
 from .text_encoder import KeyRule, convert_with_rules, export_with_rules
 
 __all__ = [
@@ -202,11 +205,6 @@ REQUIRED_ANIMATE_KEYS = (
 )
 
 
-def _indices(sd: Mapping[str, Any], prefix: str) -> list[int]:
-    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    return sorted({int(m.group(1)) for k in sd if (m := pat.match(k))})
-
-
 def animate_config_from_state_dict(
     sd: Mapping[str, torch.Tensor],
     original_config: Mapping[str, Any] | None = None,
@@ -228,8 +226,8 @@ def animate_config_from_state_dict(
     missing = [k for k in REQUIRED_ANIMATE_KEYS if k not in sd]
     if missing:
         raise ConversionError(
-            f"incomplete Wan2.2-Animate adapter: missing key(s) {_format_keys(missing)} (found "
-            f"{_format_keys([k for k in sd if is_animate_key(k)], 6)})"
+            f"incomplete Wan2.2-Animate adapter: missing key(s) {format_keys(missing)} (found "
+            f"{format_keys([k for k in sd if is_animate_key(k)], 6)})"
         )
     pose = sd["pose_patch_embedding.weight"]
     latent = int(pose.shape[1])
@@ -252,7 +250,7 @@ def animate_config_from_state_dict(
     if last not in sd:
         raise ConversionError(f"missing key {last} (the motion encoder's final conv after {n_res} residual blocks)")
     style = int(sd[last].shape[0])
-    fc = _indices(sd, "motion_encoder.enc.fc")
+    fc = block_indices(sd, "motion_encoder.enc.fc")
     if fc != list(range(MOTION_BLOCKS)):
         raise ConversionError(
             f"motion_encoder.enc.fc has layers {fc}; the Animate motion encoder has exactly {MOTION_BLOCKS} "
@@ -267,7 +265,7 @@ def animate_config_from_state_dict(
             f"face_encoder.conv1_local.conv.weight has {local_out} output channels, not a multiple of the face "
             f"encoder width {face_hidden} (face_encoder.conv2.conv.weight)"
         )
-    face_blocks = _indices(sd, "face_adapter.fuser_blocks")
+    face_blocks = block_indices(sd, "face_adapter.fuser_blocks")
     every = int(cfg.get("inject_face_latents_blocks", FACE_BLOCK_EVERY))
     if face_blocks != list(range(num_layers // every)):
         raise ConversionError(
@@ -346,8 +344,6 @@ def convert_relighting_lora(
         >>> lora = convert_relighting_lora("Wan2.2-Animate-14B/relighting_lora.ckpt")  # doctest: +SKIP
         >>> pipe.load_lora_weights(lora, adapter_name="relighting")  # doctest: +SKIP
     """
-    from ..lora.convert import convert_lora_state_dict
-
     sd = load_state_dict(sd_or_path) if isinstance(sd_or_path, (str, Path)) else dict(sd_or_path)
     if not sd:
         raise ConversionError("the relighting LoRA state dict is empty")
@@ -370,8 +366,6 @@ def convert_relighting_lora(
 def save_relighting_lora(lora: Mapping[str, torch.Tensor], folder: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write a converted relighting LoRA as ``folder/pytorch_lora_weights.safetensors`` (what
     ``pipe.load_lora_weights(folder)`` reads); returns the file."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / DIFFUSERS_LORA_FILE

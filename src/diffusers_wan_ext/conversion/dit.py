@@ -4,6 +4,12 @@ The key map is a table of module-path pairs (:data:`TOP_LEVEL_KEY_MAP`, :data:`B
 by its longest matching table prefix, the parameter suffix (``.weight`` / ``.bias``) is kept, and no tensor is
 reshaped, so ``export_dit_state_dict(convert_dit_state_dict(sd)) == sd`` exactly.
 
+This module is the engine for the Wan DiT file layout; it names no model family.  A family whose DiT adds modules
+(Fun's ``ref_conv``, VACE's ``vace_blocks``, S2V's audio modules, Animate's adapter ...) declares them in its
+declaration module (:mod:`diffusers_wan_ext.families`) as a :class:`DitExtension` -- its key tables, how its config
+is read from the shapes, how its weights are recognised and which model class holds them -- and registers it with
+:func:`register_dit_extension`.  Importing ``diffusers_wan_ext`` registers every family.
+
 Configs are read from the weights (shapes decide widths, in/out channels, layers, CLIP width, FLF2V position
 embedding) plus the release ``config.json`` for what shapes cannot tell (``num_heads``, ``eps``, ``text_len``).
 Anything that does not fit is a :class:`~diffusers_wan_ext.utils.ConversionError` naming the keys.
@@ -16,28 +22,38 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
+from accelerate import init_empty_weights
 
-from ..utils.io import ConversionError, _format_keys, load_state_dict, raise_for_key_problems, strip_known_prefixes
+from ..utils.io import ConversionError, format_keys, load_state_dict, raise_for_key_problems, strip_known_prefixes
 
 __all__ = [
     "TOP_LEVEL_KEY_MAP",
     "BLOCK_KEY_MAP",
+    "DitExtension",
     "DitInfo",
+    "DitShape",
+    "block_indices",
     "convert_dit_state_dict",
+    "dit_extensions",
+    "dit_key_tables",
     "export_dit_state_dict",
+    "register_dit_extension",
+    "rename_by_table",
     "rename_dit_key",
     "dit_config_from_state_dict",
     "load_dit_from_original",
     "find_dit_files",
 ]
 
+KeyTable = tuple[tuple[str, str], ...]
+
 # (original module path, diffusers module path); matched on whole path components.
-TOP_LEVEL_KEY_MAP: tuple[tuple[str, str], ...] = (
+TOP_LEVEL_KEY_MAP: KeyTable = (
     ("patch_embedding", "patch_embedding"),
     ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
     ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
@@ -51,22 +67,11 @@ TOP_LEVEL_KEY_MAP: tuple[tuple[str, str], ...] = (
     ("img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed"),
     ("head.head", "proj_out"),
     ("head.modulation", "scale_shift_table"),
-    # Wan-Fun additions (WanFunTransformer3DModel keeps the release names)
-    ("ref_conv", "ref_conv"),
-    ("control_adapter", "control_adapter"),
-    # VACE (stock WanVACETransformer3DModel)
-    ("vace_patch_embedding", "vace_patch_embedding"),
-    # Wan2.2-S2V (WanS2VTransformer3DModel; names of the Diffusers S2V port)
-    ("cond_encoder", "condition_embedder.pose_embedder"),
-    ("casual_audio_encoder", "condition_embedder.causal_audio_encoder"),
-    ("trainable_cond_mask", "trainable_condition_mask"),
-    ("frame_packer", "frame_packer"),
-    ("audio_injector.injector_adain_layers", "audio_injector.injector_adain_layers"),
 )
 
 # Inside ``blocks.N.``.  The original ``norm3`` (affine, before cross-attention) is Diffusers' ``norm2``; the
 # original ``norm1`` / ``norm2`` and Diffusers' ``norm1`` / ``norm3`` have no parameters.
-BLOCK_KEY_MAP: tuple[tuple[str, str], ...] = (
+BLOCK_KEY_MAP: KeyTable = (
     ("modulation", "scale_shift_table"),
     ("self_attn.q", "attn1.to_q"),
     ("self_attn.k", "attn1.to_k"),
@@ -88,33 +93,6 @@ BLOCK_KEY_MAP: tuple[tuple[str, str], ...] = (
     ("ffn.2", "ffn.net.2"),
 )
 
-# Inside ``vace_blocks.N.``: a full DiT block plus the hint projections (stock ``WanVACETransformerBlock``).
-VACE_BLOCK_KEY_MAP: tuple[tuple[str, str], ...] = BLOCK_KEY_MAP + (
-    ("before_proj", "proj_in"),
-    ("after_proj", "proj_out"),
-)
-# Inside ``audio_injector.injector.N.`` (Wan2.2-S2V audio cross-attention; stock ``WanAttention`` names).
-AUDIO_INJECTOR_KEY_MAP: tuple[tuple[str, str], ...] = (
-    ("q", "to_q"),
-    ("k", "to_k"),
-    ("v", "to_v"),
-    ("o", "to_out.0"),
-    ("norm_q", "norm_q"),
-    ("norm_k", "norm_k"),
-)
-BLOCK_TABLES = {
-    "blocks": BLOCK_KEY_MAP,
-    "vace_blocks": VACE_BLOCK_KEY_MAP,
-    "audio_injector.injector": AUDIO_INJECTOR_KEY_MAP,
-}
-
-# Key families of Wan checkpoints that other converters handle (key fragment -> what it is / where it lands).
-KNOWN_EXTENSION_KEYS: tuple[tuple[str, str], ...] = (
-    ("_mot_ref", "Video-As-Prompt reference stream"),
-)
-
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_ANY_BLOCK_RE = re.compile(rf"^({'|'.join(re.escape(k) for k in BLOCK_TABLES)})\.(\d+)\.(.+)$")
 REQUIRED_KEYS = (
     "patch_embedding.weight",
     "text_embedding.0.weight",
@@ -125,9 +103,116 @@ REQUIRED_KEYS = (
     "blocks.0.self_attn.q.weight",
 )
 RELEASE_HEAD_DIM = 128
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
+# ------------------------------------------------------------------------------------------ extensions
+
+
+@dataclass
+class DitShape:
+    """What the base Wan DiT keys say (before any family looks at its own modules)."""
+
+    sd: Mapping[str, torch.Tensor]  # original layout, wrapper prefixes stripped
+    cfg: Mapping[str, Any]  # the release config.json (may be empty)
+    dim: int
+    in_dim: int
+    out_dim: int
+    patch_size: tuple[int, ...]
+    num_layers: int
+    text_dim: int
+    freq_dim: int
+    ffn_dim: int
+    has_img: bool
+    clip_dim: int | None
+    pos_len: int | None
+    num_heads: int
+    text_len: int
+    eps: float
+
+    @property
+    def extra_channels(self) -> int:
+        """Conditioning channels concatenated to the latents (``in_dim - out_dim``)."""
+        return self.in_dim - self.out_dim
+
+
+@dataclass(frozen=True)
+class DitExtension:
+    """What one model family adds to the Wan DiT file layout (declared in its family module).
+
+    Attributes:
+        name: the family.
+        arches: the architectures (``DitInfo.arch``) it can detect, e.g. ``("vace",)``.
+        layouts: a short description of the layouts, for the "unknown layout" message.
+        top_level_keys: extra ``(original, diffusers)`` module pairs outside the blocks.
+        block_tables: repeated module groups ``{"vace_blocks": table}`` (``<group>.N.<local>``), renamed by ``table``.
+        foreign_keys: ``(fragment, what)`` of keys a separate converter handles (named in errors).
+        adapter_keys / convert_adapter / export_adapter: modules converted by rules rather than tables (Animate).
+        head_dim: head dim the family's own keys state (used when ``config.json`` gives no ``num_heads``).
+        config: ``(shape) -> config entries`` of its modules ({} when the weights lack them).
+        detect: ``(shape, config) -> arch | None``; raises :class:`ConversionError` for an inconsistent layout.
+        model_class: ``(info) -> class`` for the arches it detects.
+        drop_config_keys: base config entries its model class does not take.
+        priority: detection order (lower first).
+    """
+
+    name: str
+    arches: tuple[str, ...] = ()
+    layouts: str = ""
+    top_level_keys: KeyTable = ()
+    block_tables: Mapping[str, KeyTable] = field(default_factory=dict)
+    foreign_keys: KeyTable = ()
+    adapter_keys: Callable[[str], bool] | None = None
+    convert_adapter: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    export_adapter: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    head_dim: Callable[[Mapping[str, torch.Tensor]], int | None] | None = None
+    config: Callable[[DitShape], dict[str, Any]] | None = None
+    detect: Callable[[DitShape, dict[str, Any]], str | None] | None = None
+    model_class: Callable[["DitInfo"], type] | None = None
+    drop_config_keys: tuple[str, ...] = ()
+    priority: int = 50
+
+
+_EXTENSIONS: dict[str, DitExtension] = {}
+_TABLE_CACHE: dict[bool, tuple[KeyTable, dict[str, KeyTable], re.Pattern]] = {}
+
+
+def register_dit_extension(extension: DitExtension) -> None:
+    """Add (or replace, by name) a family's DiT modules; called by the family declaration modules."""
+    _EXTENSIONS[extension.name] = extension
+    _TABLE_CACHE.clear()
+
+
+def dit_extensions() -> list[DitExtension]:
+    """The registered extensions in detection order."""
+    return sorted(_EXTENSIONS.values(), key=lambda e: (e.priority, e.name))
+
+
+def _tables(reverse: bool) -> tuple[KeyTable, dict[str, KeyTable], re.Pattern]:
+    if reverse not in _TABLE_CACHE:
+        top = TOP_LEVEL_KEY_MAP + tuple(p for e in dit_extensions() for p in e.top_level_keys)
+        groups: dict[str, KeyTable] = {"blocks": BLOCK_KEY_MAP}
+        for e in dit_extensions():
+            groups.update(e.block_tables)
+        if reverse:
+            top = flip_table(top)
+            groups = {name: flip_table(table) for name, table in groups.items()}
+        pattern = re.compile(rf"^({'|'.join(re.escape(k) for k in groups)})\.(\d+)\.(.+)$")
+        _TABLE_CACHE[reverse] = (top, groups, pattern)
+    return _TABLE_CACHE[reverse]
+
+
+def dit_key_tables() -> tuple[KeyTable, dict[str, KeyTable]]:
+    """The whole original -> Diffusers DiT key map: top-level pairs and the block groups, every family included."""
+    top, groups, _ = _tables(False)
+    return top, dict(groups)
+
+
+# ---------------------------------------------------------------------------------------------- renaming
+
+
+def rename_by_table(key: str, table: KeyTable) -> str | None:
+    """Rename a key or module path by the longest matching ``(source, target)`` prefix of ``table``; ``None`` if none."""
     best = None
     for src, dst in table:
         if (key == src or key.startswith(src + ".")) and (best is None or len(src) > len(best[0])):
@@ -137,14 +222,9 @@ def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
     return best[1] + key[len(best[0]):]
 
 
-def _flip(table: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+def flip_table(table: KeyTable) -> KeyTable:
+    """The reverse direction of a key table."""
     return tuple((b, a) for a, b in table)
-
-
-_TABLES = {
-    False: (TOP_LEVEL_KEY_MAP, BLOCK_TABLES),
-    True: (_flip(TOP_LEVEL_KEY_MAP), {name: _flip(table) for name, table in BLOCK_TABLES.items()}),
-}
 
 
 def rename_dit_key(key: str, reverse: bool = False) -> str | None:
@@ -156,12 +236,12 @@ def rename_dit_key(key: str, reverse: bool = False) -> str | None:
         >>> rename_dit_key("vace_blocks.0.proj_out", reverse=True)
         'vace_blocks.0.after_proj'
     """
-    top, blocks = _TABLES[reverse]
-    m = _ANY_BLOCK_RE.match(key)
+    top, groups, pattern = _tables(reverse)
+    m = pattern.match(key)
     if m:
-        local = _rename(m.group(3), blocks[m.group(1)])
+        local = rename_by_table(m.group(3), groups[m.group(1)])
         return None if local is None else f"{m.group(1)}.{m.group(2)}.{local}"
-    return _rename(key, top)
+    return rename_by_table(key, top)
 
 
 def _convert(sd: Mapping[str, torch.Tensor], reverse: bool) -> dict[str, torch.Tensor]:
@@ -179,11 +259,26 @@ def _convert(sd: Mapping[str, torch.Tensor], reverse: bool) -> dict[str, torch.T
 
 
 def _unknown_keys_message(keys: list[str], layout: str) -> str:
-    families = sorted({what for k in keys for frag, what in KNOWN_EXTENSION_KEYS if frag in k})
-    msg = f"{len(keys)} key(s) do not belong to a Wan DiT in the {layout} layout: {_format_keys(keys)}"
+    known = [pair for e in dit_extensions() for pair in e.foreign_keys]
+    families = sorted({what for k in keys for frag, what in known if frag in k})
+    msg = f"{len(keys)} key(s) do not belong to a Wan DiT in the {layout} layout: {format_keys(keys)}"
     if families:
         msg += f". They look like: {'; '.join(families)} - not handled by the base Wan DiT converter."
     return msg
+
+
+def _split_adapters(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[tuple[DitExtension, dict]]]:
+    """(table-renamed keys, [(extension, its adapter keys)]) of a state dict in either layout."""
+    rest = dict(sd)
+    parts = []
+    for e in dit_extensions():
+        if e.adapter_keys is None:
+            continue
+        mine = {k: v for k, v in rest.items() if e.adapter_keys(k)}
+        if mine:
+            parts.append((e, mine))
+            rest = {k: v for k, v in rest.items() if k not in mine}
+    return rest, parts
 
 
 def convert_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -196,13 +291,10 @@ def convert_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         >>> from safetensors.torch import load_file  # doctest: +SKIP
         >>> diffusers_sd = convert_dit_state_dict(load_file("diffusion_pytorch_model.safetensors"))  # doctest: +SKIP
     """
-    sd = strip_known_prefixes(dict(sd), "blocks.")
-    base, adapter = _split_animate(sd)
+    base, adapters = _split_adapters(strip_known_prefixes(dict(sd), "blocks."))
     out = _convert(base, reverse=False)
-    if adapter:  # Wan2.2-Animate: adapter keys live in the DiT file
-        from .animate import convert_animate_state_dict
-
-        out.update(convert_animate_state_dict(adapter))
+    for extension, keys in adapters:
+        out.update(extension.convert_adapter(keys))
     return out
 
 
@@ -212,31 +304,26 @@ def export_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     This is the layout ComfyUI and the original Wan code load (add ``model.diffusion_model.`` for ComfyUI
     single-file checkpoints if wanted).
     """
-    base, adapter = _split_animate(dict(sd))
+    base, adapters = _split_adapters(dict(sd))
     out = _convert(base, reverse=True)
-    if adapter:
-        from .animate import export_animate_state_dict
-
-        out.update(export_animate_state_dict(adapter))
+    for extension, keys in adapters:
+        out.update(extension.export_adapter(keys))
     return out
 
 
-def _split_animate(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(DiT keys, Wan2.2-Animate adapter keys) of a state dict in either layout."""
-    from .animate import is_animate_key
-
-    adapter = {k: v for k, v in sd.items() if is_animate_key(k)}
-    return ({k: v for k, v in sd.items() if k not in adapter}, adapter) if adapter else (sd, {})
+# ---------------------------------------------------------------------------------------- config reading
 
 
 @dataclass
 class DitInfo:
     """What the weights say about a DiT: its architecture and the Diffusers config to build it."""
 
-    arch: str  # one of ARCHITECTURES
-    config: dict[str, Any]  # config of :attr:`model_class`
+    arch: str  # what the DiT weights say (an arch some family's DitExtension detects)
+    config: dict[str, Any]  # config of :attr:`model_cls`
     text_len: int
     model_type: str | None = None  # as stated by the release config.json, if any
+    model_cls: type | None = None  # the Diffusers class that holds these weights (stock wherever stock can)
+    family: str | None = None  # the family whose extension detected the architecture
 
     @property
     def needs_text_len_processor(self) -> bool:
@@ -245,36 +332,14 @@ class DitInfo:
 
     @property
     def model_class(self) -> str:
-        """The Diffusers class that holds these weights: stock wherever stock can represent them."""
-        if "vace_layers" in self.config:
-            return "WanVACETransformer3DModel"
-        if "motion_encoder_dim" in self.config:  # Wan2.2-Animate
-            return "WanAnimateExtTransformer3DModel" if self.needs_text_len_processor else "WanAnimateTransformer3DModel"
-        if "audio_inject_layers" in self.config:
-            return "WanS2VTransformer3DModel"
-        if self.config.get("ref_conv_in_channels") or self.config.get("control_adapter_in_channels"):
-            return "WanFunTransformer3DModel"
-        return "WanExtTransformer3DModel" if self.needs_text_len_processor else "WanTransformer3DModel"
+        """The name of :attr:`model_cls`."""
+        return self.model_cls.__name__ if self.model_cls is not None else "WanTransformer3DModel"
 
 
-# What the DiT weights say about the release family (see :data:`diffusers_wan_ext.conversion.variants.VARIANTS`).
-ARCHITECTURES = (
-    "t2v", "i2v", "i2v-noclip", "flf2v", "ti2v", "fun-control", "fun-control-ref", "fun-camera", "vace", "animate",
-    "s2v",
-)
-# in_dim - out_dim -> architecture, for DiTs without extension modules (``ref_conv``, ``control_adapter``, VACE).
-# 20 = 4 mask + 16 image latents; 32 = 16 control + 16 image latents (Wan2.1 Fun-Control);
-# 36 = 16 control + 20 (Wan2.2 Fun-Control); 16 = image latents without mask (Wan2.1 Fun-Camera).
-EXTRA_CHANNELS_ARCH: dict[tuple[int, bool], str] = {
-    (20, True): "i2v",
-    (20, False): "i2v-noclip",
-    (32, True): "fun-control",
-    (36, False): "fun-control",
-}
-
-
-def _block_indices(sd: Mapping[str, torch.Tensor]) -> list[int]:
-    return sorted({int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k))})
+def block_indices(sd: Mapping[str, Any], prefix: str = "blocks") -> list[int]:
+    """The sorted indices ``N`` of the ``<prefix>.N.*`` keys of a state dict."""
+    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in sd if (m := pat.match(k))})
 
 
 def check_block_layout(sd: Mapping[str, torch.Tensor], required: tuple[str, ...] = (), what: str = "a DiT") -> list[int]:
@@ -284,10 +349,10 @@ def check_block_layout(sd: Mapping[str, torch.Tensor], required: tuple[str, ...]
     missing = [k for k in required if k not in sd]
     if missing:
         raise ConversionError(
-            f"not {what} in the original layout: missing key(s) {_format_keys(missing)}"
-            + (f" (found e.g. {_format_keys(list(sd)[:5], 5)})" if sd else " (the state dict is empty)")
+            f"not {what} in the original layout: missing key(s) {format_keys(missing)}"
+            + (f" (found e.g. {format_keys(list(sd)[:5], 5)})" if sd else " (the state dict is empty)")
         )
-    blocks = _block_indices(sd)
+    blocks = block_indices(sd)
     if blocks != list(range(len(blocks))):
         gaps = sorted(set(range(max(blocks) + 1)) - set(blocks))
         raise ConversionError(f"DiT blocks are not contiguous: blocks.{gaps[0]}.* missing (have {len(blocks)} blocks)")
@@ -297,9 +362,86 @@ def check_block_layout(sd: Mapping[str, torch.Tensor], required: tuple[str, ...]
         if local != local0:
             diff = sorted((local0 - local) | (local - local0))
             raise ConversionError(
-                f"blocks.{i} differs from blocks.0: inconsistent key(s) {_format_keys(f'blocks.{i}.{d}' for d in diff)}"
+                f"blocks.{i} differs from blocks.0: inconsistent key(s) {format_keys(f'blocks.{i}.{d}' for d in diff)}"
             )
     return blocks
+
+
+def _image_branch(sd: Mapping[str, torch.Tensor]) -> tuple[bool, int | None, int | None]:
+    has_img = "img_emb.proj.0.weight" in sd
+    has_img_kv = "blocks.0.cross_attn.k_img.weight" in sd
+    if has_img != has_img_kv:
+        present, absent = ("img_emb.proj.*", "blocks.N.cross_attn.k_img/v_img") if has_img else (
+            "blocks.N.cross_attn.k_img/v_img", "img_emb.proj.*")
+        raise ConversionError(f"inconsistent image branch: {present} present but {absent} missing")
+    clip_dim = int(sd["img_emb.proj.0.weight"].shape[0]) if has_img else None
+    pos_len = int(sd["img_emb.emb_pos"].shape[1]) if "img_emb.emb_pos" in sd else None
+    return has_img, clip_dim, pos_len
+
+
+def _num_heads(sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], dim: int) -> int:
+    """``num_heads`` of the config, else the head dim a family's keys state, else the release head dim 128."""
+    head_dim = next((h for e in dit_extensions() if e.head_dim is not None and (h := e.head_dim(sd))), None)
+    default_heads = dim // head_dim if head_dim else dim // RELEASE_HEAD_DIM
+    num_heads = int(cfg.get("num_heads") or max(1, default_heads))
+    if dim % num_heads:
+        raise ConversionError(f"dim {dim} is not divisible by num_heads {num_heads}")
+    return num_heads
+
+
+def read_dit_shape(sd: Mapping[str, torch.Tensor], original_config: Mapping[str, Any] | None = None) -> DitShape:
+    """The base Wan DiT widths of an ORIGINAL-layout state dict, checked against the release ``config.json``."""
+    cfg = dict(original_config or {})
+    sd = strip_known_prefixes(dict(sd), "blocks.")
+    num_layers = len(check_block_layout(sd, REQUIRED_KEYS, "a Wan DiT"))
+    pe = sd["patch_embedding.weight"]
+    if pe.ndim != 5:
+        raise ConversionError(f"patch_embedding.weight must be a Conv3d weight [dim, in, pt, ph, pw], got {tuple(pe.shape)}")
+    dim, in_dim = int(pe.shape[0]), int(pe.shape[1])
+    patch_size = tuple(int(s) for s in pe.shape[2:])
+    head_out = sd["head.head.weight"].shape[0]
+    if head_out % math.prod(patch_size):
+        raise ConversionError(f"head.head.weight has {head_out} outputs, not a multiple of the patch volume {patch_size}")
+    out_dim = int(head_out // math.prod(patch_size))
+    if "blocks.0.ffn.0.weight" not in sd:
+        raise ConversionError("missing key blocks.0.ffn.0.weight")
+    widths = dict(dim=dim, in_dim=in_dim, out_dim=out_dim, ffn_dim=int(sd["blocks.0.ffn.0.weight"].shape[0]),
+                  freq_dim=int(sd["time_embedding.0.weight"].shape[1]), num_layers=num_layers,
+                  text_dim=int(sd["text_embedding.0.weight"].shape[1]))
+    for k, v in widths.items():
+        if k in cfg and int(cfg[k]) != int(v):
+            raise ConversionError(
+                f"config.json says {k}={cfg[k]} but the weights have {k}={v} "
+                f"(from {'patch_embedding.weight' if k in ('dim', 'in_dim') else 'the weight shapes'})"
+            )
+    has_img, clip_dim, pos_len = _image_branch(sd)
+    return DitShape(
+        sd=sd, cfg=cfg, patch_size=patch_size, has_img=has_img, clip_dim=clip_dim, pos_len=pos_len,
+        num_heads=_num_heads(sd, cfg, dim), text_len=int(cfg.get("text_len", 512)), eps=float(cfg.get("eps", 1e-6)),
+        **widths,
+    )
+
+
+def _base_config(shape: DitShape) -> dict[str, Any]:
+    sd = shape.sd
+    return dict(
+        patch_size=list(shape.patch_size),
+        num_attention_heads=shape.num_heads,
+        attention_head_dim=shape.dim // shape.num_heads,
+        in_channels=shape.in_dim,
+        out_channels=shape.out_dim,
+        text_dim=shape.text_dim,
+        freq_dim=shape.freq_dim,
+        ffn_dim=shape.ffn_dim,
+        num_layers=shape.num_layers,
+        cross_attn_norm="blocks.0.norm3.weight" in sd,
+        qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in sd else None,
+        eps=shape.eps,
+        image_dim=shape.clip_dim if shape.has_img else None,
+        added_kv_proj_dim=shape.dim if shape.has_img else None,
+        rope_max_seq_len=1024,
+        pos_embed_seq_len=shape.pos_len,
+    )
 
 
 def dit_config_from_state_dict(
@@ -309,256 +451,35 @@ def dit_config_from_state_dict(
 
     ``original_config`` is the release ``config.json`` (``dim``, ``num_heads``, ``in_dim``, ``text_len`` ...); its
     values must agree with the shapes.  ``num_heads`` defaults to ``dim // 128`` (every Wan release uses head dim
-    128) when the config does not give it (Wan2.2-Animate weights state the head dim in their face blocks).
+    128) when the config does not give it (a family whose keys state the head dim says so).  Each registered family
+    (:func:`dit_extensions`) adds the config entries of its modules and, in order, may claim the architecture.
     """
-    cfg = dict(original_config or {})
-    sd = strip_known_prefixes(dict(sd), "blocks.")
-    num_layers = len(check_block_layout(sd, REQUIRED_KEYS, "a Wan DiT"))
-
-    pe = sd["patch_embedding.weight"]
-    if pe.ndim != 5:
-        raise ConversionError(f"patch_embedding.weight must be a Conv3d weight [dim, in, pt, ph, pw], got {tuple(pe.shape)}")
-    dim, in_dim = pe.shape[0], pe.shape[1]
-    patch_size = tuple(int(s) for s in pe.shape[2:])
-    head_out = sd["head.head.weight"].shape[0]
-    if head_out % math.prod(patch_size):
-        raise ConversionError(f"head.head.weight has {head_out} outputs, not a multiple of the patch volume {patch_size}")
-    out_dim = head_out // math.prod(patch_size)
-    text_dim = sd["text_embedding.0.weight"].shape[1]
-    freq_dim = sd["time_embedding.0.weight"].shape[1]
-    ffn_dim = sd["blocks.0.ffn.0.weight"].shape[0] if "blocks.0.ffn.0.weight" in sd else None
-    if ffn_dim is None:
-        raise ConversionError("missing key blocks.0.ffn.0.weight")
-
-    has_img = "img_emb.proj.0.weight" in sd
-    has_img_kv = "blocks.0.cross_attn.k_img.weight" in sd
-    if has_img != has_img_kv:
-        present, absent = ("img_emb.proj.*", "blocks.N.cross_attn.k_img/v_img") if has_img else (
-            "blocks.N.cross_attn.k_img/v_img", "img_emb.proj.*")
-        raise ConversionError(f"inconsistent image branch: {present} present but {absent} missing")
-    clip_dim = sd["img_emb.proj.0.weight"].shape[0] if has_img else None
-    pos_len = sd["img_emb.emb_pos"].shape[1] if "img_emb.emb_pos" in sd else None
-
-    for k, v in (("dim", dim), ("in_dim", in_dim), ("out_dim", out_dim), ("ffn_dim", ffn_dim), ("freq_dim", freq_dim),
-                 ("num_layers", num_layers), ("text_dim", text_dim)):
-        if k in cfg and int(cfg[k]) != int(v):
-            raise ConversionError(
-                f"config.json says {k}={cfg[k]} but the weights have {k}={v} "
-                f"(from {'patch_embedding.weight' if k in ('dim', 'in_dim') else 'the weight shapes'})"
-            )
-    face_norm = sd.get("face_adapter.fuser_blocks.0.q_norm.weight")  # Animate face blocks: per-head RMSNorm
-    default_heads = dim // face_norm.shape[0] if face_norm is not None and face_norm.shape[0] else dim // RELEASE_HEAD_DIM
-    num_heads = int(cfg.get("num_heads") or max(1, default_heads))
-    if dim % num_heads:
-        raise ConversionError(f"dim {dim} is not divisible by num_heads {num_heads}")
-    text_len = int(cfg.get("text_len", 512))
-    eps = float(cfg.get("eps", 1e-6))
-
-    ext = _extension_config(sd, cfg, dim, patch_size, num_layers)
-    extra = int(in_dim) - int(out_dim)
-    if _split_animate(sd)[1]:  # Wan2.2-Animate adapter keys (pose / motion / face modules)
-        from .animate import animate_config_from_state_dict
-
-        ext.update(animate_config_from_state_dict(sd, cfg, dim=int(dim), in_dim=int(in_dim), num_layers=num_layers,
-                                                  num_heads=num_heads))
-        if not has_img:
-            raise ConversionError("Wan2.2-Animate adapter (pose_patch_embedding, motion_encoder, face_*) on a DiT "
-                                  "without the CLIP image branch (img_emb.*): the Animate DiT is an I2V DiT with CLIP")
-        arch = "animate"
-    elif "vace_layers" in ext:
-        if has_img or extra:
-            raise ConversionError(
-                f"VACE weights (vace_blocks.*) on a DiT with in_dim {in_dim} / img_emb {'present' if has_img else 'absent'}: "
-                "only text-to-video VACE DiTs (in_dim == out_dim, no CLIP branch) exist"
-            )
-        arch = "vace"
-    elif "audio_inject_layers" in ext:
-        if has_img or extra:
-            raise ConversionError(
-                f"Wan2.2-S2V weights (casual_audio_encoder.*) on a DiT with in_dim {in_dim} / out_dim {out_dim} / "
-                f"img_emb {'present' if has_img else 'absent'}: the S2V DiT takes 16 latent channels and no CLIP"
-            )
-        arch = "s2v"
-    elif "control_adapter_in_channels" in ext:
-        arch = "fun-camera"
-    elif "ref_conv_in_channels" in ext:
-        arch = "fun-control-ref"
-    elif pos_len is not None:
-        arch = "flf2v"
-    elif extra == 0:
-        arch = "ti2v" if (in_dim == 48 or cfg.get("model_type") == "ti2v") else "t2v"
-    elif (extra, has_img) in EXTRA_CHANNELS_ARCH:
-        arch = EXTRA_CHANNELS_ARCH[(extra, has_img)]
-    else:
-        raise ConversionError(
-            f"unknown DiT layout: in_dim {in_dim} (patch_embedding.weight) with out_dim {out_dim} (head.head.weight) "
-            f"and {'a' if has_img else 'no'} CLIP branch (img_emb.*) matches no Wan release (t2v 16/16, i2v / Fun-InP "
-            "36/16, Fun-Control 48/16 with CLIP or 52/16 without, Fun-Camera 32 or 36 + control_adapter.*, "
-            "ti2v 48/48, VACE 16/16 + vace_blocks.*)"
-        )
-    if arch == "t2v" and in_dim != 16 and cfg.get("model_type") not in (None, "t2v"):
-        raise ConversionError(f"config model_type {cfg.get('model_type')!r} does not match t2v weights")
-
-    config = dict(
-        patch_size=list(patch_size),
-        num_attention_heads=num_heads,
-        attention_head_dim=dim // num_heads,
-        in_channels=int(in_dim),
-        out_channels=int(out_dim),
-        text_dim=int(text_dim),
-        freq_dim=int(freq_dim),
-        ffn_dim=int(ffn_dim),
-        num_layers=num_layers,
-        cross_attn_norm="blocks.0.norm3.weight" in sd,
-        qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in sd else None,
-        eps=eps,
-        image_dim=int(clip_dim) if has_img else None,
-        added_kv_proj_dim=int(dim) if has_img else None,
-        rope_max_seq_len=1024,
-        pos_embed_seq_len=int(pos_len) if pos_len is not None else None,
-    )
-    if arch == "s2v":  # no CLIP branch: WanS2VTransformer3DModel has no image arguments
-        for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
-            config.pop(key)
-    config.update(ext)
-    return DitInfo(arch=arch, config=config, text_len=text_len, model_type=cfg.get("model_type"))
-
-
-def _indices(sd: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
-    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    return sorted({int(m.group(1)) for k in sd if (m := pat.match(k))})
-
-
-def _extension_config(
-    sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], dim: int, patch_size: tuple[int, ...], num_layers: int
-) -> dict[str, Any]:
-    """Config entries of the Fun (``ref_conv``, camera ``control_adapter``) and VACE modules found in ``sd``."""
+    shape = read_dit_shape(sd, original_config)
     ext: dict[str, Any] = {}
-    if "ref_conv.weight" in sd:
-        w = sd["ref_conv.weight"]
-        if w.ndim != 4 or w.shape[0] != dim or tuple(w.shape[2:]) != tuple(patch_size[1:]):
-            raise ConversionError(
-                f"ref_conv.weight {tuple(w.shape)}: expected [{dim}, C, {patch_size[1]}, {patch_size[2]}] "
-                "(a Conv2d with the DiT's spatial patch)"
-            )
-        ext["ref_conv_in_channels"] = int(w.shape[1])
-    if "control_adapter.conv.weight" in sd:
-        w = sd["control_adapter.conv.weight"]
-        in_ch = int(cfg.get("in_dim_control_adapter", 24))
-        packed = int(w.shape[1]) if w.ndim == 4 else -1
-        factor = int(round(math.sqrt(packed / in_ch))) if packed > 0 else 0
-        if w.ndim != 4 or w.shape[0] != dim or factor * factor * in_ch != packed:
-            raise ConversionError(
-                f"control_adapter.conv.weight {tuple(w.shape)}: expected [{dim}, {in_ch} * f * f, kh, kw] "
-                f"(camera adapter on a {in_ch}-channel Plücker map, pixel-unshuffle factor f)"
-            )
-        blocks = _indices(sd, "control_adapter.residual_blocks")
-        if blocks != [0]:
-            raise ConversionError(
-                f"control_adapter has residual blocks {blocks}; every Fun Control-Camera release has exactly one "
-                "(control_adapter.residual_blocks.0.*)"
-            )
-        ext["control_adapter_in_channels"] = in_ch
-        ext["control_adapter_downscale_factor"] = int(cfg.get("downscale_factor_control_adapter", factor))
-    if "vace_patch_embedding.weight" in sd:
-        w = sd["vace_patch_embedding.weight"]
-        n = _indices(sd, "vace_blocks")
-        if not n or n != list(range(len(n))):
-            raise ConversionError(f"VACE blocks are not contiguous (found vace_blocks indices {n})")
-        if "vace_blocks.0.before_proj.weight" not in sd:
-            raise ConversionError("missing key vace_blocks.0.before_proj.weight (the first VACE block's input projection)")
-        missing = [f"vace_blocks.{i}.after_proj.weight" for i in n if f"vace_blocks.{i}.after_proj.weight" not in sd]
-        if missing:
-            raise ConversionError(f"missing VACE hint projection(s): {_format_keys(missing)}")
-        if "vace_layers" in cfg:
-            layers = [int(i) for i in cfg["vace_layers"]]
-        else:  # releases: every 2nd (1.3B, 15 of 30) or every 5th block (14B, 8 of 40), starting at 0
-            step = math.ceil(num_layers / len(n))
-            layers = list(range(0, num_layers, step))
-        if len(layers) != len(n) or layers[0] != 0 or max(layers) >= num_layers:
-            raise ConversionError(
-                f"{len(n)} VACE blocks (vace_blocks.*) but vace_layers {layers} for {num_layers} DiT blocks: give "
-                "vace_layers in config.json (the DiT block indices after which each VACE hint is added, starting at 0)"
-            )
-        ext["vace_layers"] = layers
-        ext["vace_in_channels"] = int(w.shape[1])
-    if any(k.startswith(S2V_KEY_PREFIXES) for k in sd):
-        ext.update(_s2v_config(sd, cfg, dim, num_layers))
-    return ext
-
-
-# Key families of the Wan2.2-S2V DiT.
-S2V_KEY_PREFIXES = ("casual_audio_encoder.", "audio_injector.", "frame_packer.", "cond_encoder.", "trainable_cond_mask.")
-# S2V options of the release config.json and the values of the release (used when config.json lacks them).
-S2V_RELEASE_OPTIONS = dict(
-    motion_frames=73, zero_timestep=True, add_last_motion=True, framepack_drop_mode="padd",
-)
-
-
-def _s2v_config(sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], dim: int, num_layers: int) -> dict[str, Any]:
-    """Config entries of a Wan2.2-S2V DiT (``WanModel_S2V``), from the shapes and the release ``config.json``."""
-    from ..models.transformer_wan_s2v import RELEASE_AUDIO_INJECT_LAYERS, audio_injector_layout
-
-    required = ("casual_audio_encoder.weights", "casual_audio_encoder.encoder.conv1_local.conv.weight",
-                "frame_packer.proj.weight", "trainable_cond_mask.weight", "audio_injector.injector.0.q.weight")
-    missing = [k for k in required if k not in sd]
-    if missing:
+    for extension in dit_extensions():
+        if extension.config is not None:
+            ext.update(extension.config(shape))
+    owner, arch = None, None
+    for extension in dit_extensions():
+        arch = extension.detect(shape, ext) if extension.detect is not None else None
+        if arch is not None:
+            owner = extension
+            break
+    if owner is None:
+        layouts = "; ".join(e.layouts for e in dit_extensions() if e.layouts)
         raise ConversionError(
-            f"incomplete Wan2.2-S2V DiT: missing key(s) {_format_keys(missing)} (only the released S2V layout with "
-            "FramePack motion frames is supported)"
+            f"unknown DiT layout: in_dim {shape.in_dim} (patch_embedding.weight) with out_dim {shape.out_dim} "
+            f"(head.head.weight) and {'a' if shape.has_img else 'no'} CLIP branch (img_emb.*) matches no Wan release "
+            f"({layouts})"
         )
-    unsupported = [f"{k}={cfg[k]!r}" for k, ok in (("enable_motioner", False), ("enable_framepack", True),
-                                                   ("adain_mode", "attn_norm"), ("enable_tsm", False))
-                   if k in cfg and cfg[k] != ok]
-    if unsupported:
-        raise ConversionError(
-            f"config.json has {', '.join(unsupported)}: only the released S2V configuration (FramePack motion frames, "
-            "AdaLN 'attn_norm' audio injection, no motioner transformer) is supported"
-        )
-    layers_w = sd["casual_audio_encoder.weights"]
-    conv1 = sd["casual_audio_encoder.encoder.conv1_local.conv.weight"]
-    quarter = dim // 4
-    if layers_w.ndim != 4 or conv1.ndim != 3 or conv1.shape[0] % quarter:
-        raise ConversionError(
-            f"casual_audio_encoder: weights {tuple(layers_w.shape)} / encoder.conv1_local.conv.weight "
-            f"{tuple(conv1.shape)} do not fit a {dim}-wide S2V DiT (expected [1, layers, 1, 1] and "
-            f"[{quarter} * tokens, audio_dim, 3])"
-        )
-    enable_adain = "casual_audio_encoder.encoder.conv1_global.conv.weight" in sd
-    has_adain_layers = "audio_injector.injector_adain_layers.0.linear.weight" in sd
-    if has_adain_layers != enable_adain or ("enable_adain" in cfg and bool(cfg["enable_adain"]) != enable_adain):
-        raise ConversionError(
-            f"inconsistent AdaLN audio injection: casual_audio_encoder.encoder.conv1_global "
-            f"{'present' if enable_adain else 'absent'}, audio_injector.injector_adain_layers "
-            f"{'present' if has_adain_layers else 'absent'}, config enable_adain={cfg.get('enable_adain', '(unset)')}"
-        )
-    injectors = _indices(sd, "audio_injector.injector")
-    if injectors != list(range(len(injectors))):
-        raise ConversionError(f"audio injectors are not contiguous (found audio_injector.injector indices {injectors})")
-    if "audio_inject_layers" in cfg:
-        layers = [int(i) for i in cfg["audio_inject_layers"]]
-    else:
-        layers = list(RELEASE_AUDIO_INJECT_LAYERS)
-    count, _ = audio_injector_layout(num_layers, layers)
-    if count != len(injectors):
-        raise ConversionError(
-            f"{len(injectors)} audio injectors (audio_injector.injector.*) but audio_inject_layers {layers} with "
-            f"{num_layers} DiT blocks give {count}: give audio_inject_layers in config.json (the release lists "
-            f"{list(RELEASE_AUDIO_INJECT_LAYERS)} for 40 blocks)"
-        )
-    options = {k: cfg.get(k, v) for k, v in S2V_RELEASE_OPTIONS.items()}
-    return dict(
-        audio_dim=int(conv1.shape[1]),
-        audio_num_layers=int(layers_w.shape[1]),
-        num_audio_tokens=int(conv1.shape[0]) // quarter,
-        audio_inject_layers=layers,
-        enable_adain=enable_adain,
-        pose_dim=int(sd["cond_encoder.weight"].shape[1]) if "cond_encoder.weight" in sd else 0,
-        motion_frames=int(options["motion_frames"]),
-        zero_timestep=bool(options["zero_timestep"]),
-        add_last_motion=bool(options["add_last_motion"]),
-        framepack_drop_mode=str(options["framepack_drop_mode"]),
-    )
+    config = _base_config(shape)
+    for key in owner.drop_config_keys:
+        config.pop(key, None)
+    config.update(ext)
+    info = DitInfo(arch=arch, config=config, text_len=shape.text_len, model_type=shape.cfg.get("model_type"),
+                   family=owner.name)
+    info.model_cls = owner.model_class(info)
+    return info
 
 
 def check_shapes(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
@@ -591,18 +512,11 @@ def cast_state_dict(
 
 def build_transformer(info: DitInfo):
     """Instantiate the Diffusers transformer class for ``info`` (stock where stock covers it), parameters on meta."""
-    from accelerate import init_empty_weights
-
-    import diffusers
-
-    import diffusers_wan_ext
-
-    cls = getattr(diffusers_wan_ext, info.model_class, None) or getattr(diffusers, info.model_class)
     kwargs = dict(info.config)
-    if "text_len" in inspect.signature(cls.__init__).parameters:
+    if "text_len" in inspect.signature(info.model_cls.__init__).parameters:
         kwargs["text_len"] = info.text_len
     with init_empty_weights():  # parameters on meta, buffers (RoPE tables) real
-        model = cls(**kwargs)
+        model = info.model_cls(**kwargs)
     return model
 
 

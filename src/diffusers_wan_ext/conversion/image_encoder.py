@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils import ConversionError, strip_known_prefixes
-from .text_encoder import KeyRule, _as_state_dict, _block_indices, _empty_model, _load_strict, _require
+from .text_encoder import KeyRule, as_state_dict, block_indices, empty_model, load_strict, require
 from .text_encoder import convert_with_rules, export_with_rules
 
 __all__ = [
@@ -121,13 +121,13 @@ def clip_vision_config_from_state_dict(
 
     sd = _clip_sd(sd)
     what = "open-clip vision tower state dict"
-    patch = _require(sd, "visual.patch_embedding.weight", what)
-    pos = _require(sd, "visual.pos_embedding", what)
-    _require(sd, "visual.pre_norm.weight", what)  # Wan's tower is pre-norm; a tower without it is not supported
-    layers = _block_indices(sd, "visual.transformer.")
+    patch = require(sd, "visual.patch_embedding.weight", what)
+    pos = require(sd, "visual.pos_embedding", what)
+    require(sd, "visual.pre_norm.weight", what)  # Wan's tower is pre-norm; a tower without it is not supported
+    layers = block_indices(sd, "visual.transformer.")
     if not layers or layers != list(range(len(layers))):
         raise ConversionError(f"{what}: 'visual.transformer.<i>.*' blocks missing or not contiguous: {layers}")
-    fc1 = _require(sd, "visual.transformer.0.mlp.0.weight", what)
+    fc1 = require(sd, "visual.transformer.0.mlp.0.weight", what)
     hidden, channels, ph, pw = patch.shape
     if ph != pw:
         raise ConversionError(f"{what}: non-square patch {ph}x{pw} is not supported")
@@ -220,14 +220,14 @@ def load_clip_from_original(
     """
     from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
 
-    sd = _as_state_dict(sd_or_path, _ANCHOR)
+    sd = as_state_dict(sd_or_path, _ANCHOR)
     config = clip_vision_config_from_state_dict(sd, num_heads=num_heads)
     if with_projection and "visual.head" not in sd:
         raise ConversionError("open-clip CLIP: with_projection=True but the file has no visual.head")
     ours = convert_clip_state_dict(sd, with_projection=with_projection)
     cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
-    model, assign = _empty_model(cls, config, torch_dtype)
-    return _load_strict(model, _to_module_names(model, ours), torch_dtype, assign, f"CLIP vision tower ({cls.__name__})")
+    model, assign = empty_model(cls, config, torch_dtype)
+    return load_strict(model, _to_module_names(model, ours), torch_dtype, assign, f"CLIP vision tower ({cls.__name__})")
 
 
 def wan_clip_preprocess(

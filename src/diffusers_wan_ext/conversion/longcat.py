@@ -13,28 +13,25 @@ The config comes from the weights (widths, depth, head dim from the per-head ``q
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import save_file
+from accelerate import init_empty_weights
 
-from ..utils.io import ConversionError, _format_keys, atomic_output_dir, load_state_dict, strip_known_prefixes
-from .dit import _rename, check_block_layout, load_converted_state_dict, read_original_dit
+from ..models.transformer_longcat import LongCatVideoTransformer3DModel, longcat_ffn_dim
+from ..utils.io import ConversionError, format_keys, strip_known_prefixes
+from .dit import check_block_layout, load_converted_state_dict, read_original_dit, rename_by_table
 
 __all__ = [
     "BLOCK_KEY_MAP",
     "BLOCK_SPLITS",
     "TOP_LEVEL_KEY_MAP",
     "convert_longcat_lora_state_dict",
-    "convert_longcat_release",
     "convert_longcat_state_dict",
     "export_longcat_state_dict",
-    "find_longcat_dit",
     "is_longcat_lora_state_dict",
     "is_longcat_state_dict",
     "load_longcat_transformer_from_original",
@@ -99,13 +96,13 @@ def longcat_target_modules(module: str) -> tuple[str, ...] | None:
     ``to_v``), or ``None`` for a module the LongCat-Video DiT does not have."""
     m = _BLOCK_RE.match(module)
     if m is None:
-        new = _rename(module, TOP_LEVEL_KEY_MAP)
+        new = rename_by_table(module, TOP_LEVEL_KEY_MAP)
         return None if new is None else (new,)
     prefix, local = f"blocks.{m.group(1)}.", m.group(2)
     for src, parts in BLOCK_SPLITS:
         if local == src:
             return tuple(prefix + part for part in parts)
-    new = _rename(local, BLOCK_KEY_MAP)
+    new = rename_by_table(local, BLOCK_KEY_MAP)
     return None if new is None else (prefix + new,)
 
 
@@ -135,7 +132,7 @@ def convert_longcat_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torc
             out[f"{target}.{param}"] = chunk.contiguous() if len(targets) > 1 else chunk
     if unknown:
         raise ConversionError(
-            f"{len(unknown)} key(s) do not belong to a LongCat-Video DiT in the original layout: {_format_keys(unknown)}"
+            f"{len(unknown)} key(s) do not belong to a LongCat-Video DiT in the original layout: {format_keys(unknown)}"
         )
     return out
 
@@ -152,7 +149,7 @@ def export_longcat_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch
     for key, value in sd.items():
         m = _BLOCK_RE.match(key)
         if m is None:
-            new = _rename(key, top)
+            new = rename_by_table(key, top)
         else:
             prefix, local = f"blocks.{m.group(1)}.", m.group(2)
             module, _, param = local.rpartition(".")
@@ -160,7 +157,7 @@ def export_longcat_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch
                 src, i, n = part_of[module]
                 pending.setdefault((f"{prefix}{src}.{param}", n), {})[i] = value
                 continue
-            new = _rename(local, block)
+            new = rename_by_table(local, block)
             new = None if new is None else prefix + new
         if new is None:
             unknown.append(key)
@@ -168,7 +165,7 @@ def export_longcat_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch
             out[new] = value
     if unknown:
         raise ConversionError(
-            f"{len(unknown)} key(s) are not LongCatVideoTransformer3DModel parameters: {_format_keys(unknown)}"
+            f"{len(unknown)} key(s) are not LongCatVideoTransformer3DModel parameters: {format_keys(unknown)}"
         )
     for (name, n), chunks in pending.items():
         if sorted(chunks) != list(range(n)):
@@ -185,8 +182,6 @@ def longcat_config_from_state_dict(
     ``original_config`` is the release ``dit/config.json`` (or DiffSynth's constructor arguments); every width it
     states must match the weights.  ``text_tokens_zero_pad`` defaults to ``True`` (the release value).
     """
-    from ..models.transformer_longcat import longcat_ffn_dim
-
     cfg = dict(original_config or {})
     sd = strip_known_prefixes(dict(sd), "blocks.")
     blocks = check_block_layout(sd, REQUIRED_KEYS, "a LongCat-Video DiT")
@@ -253,10 +248,6 @@ def load_longcat_transformer_from_original(
     Example:
         >>> transformer = load_longcat_transformer_from_original("LongCat-Video/dit", torch_dtype=torch.bfloat16)  # doctest: +SKIP
     """
-    from accelerate import init_empty_weights
-
-    from ..models.transformer_longcat import LongCatVideoTransformer3DModel
-
     sd, original_config = read_original_dit(sd_or_path, original_config)
     config = longcat_config_from_state_dict(sd, original_config)
     with init_empty_weights():
@@ -298,7 +289,7 @@ def convert_longcat_lora_state_dict(sd: Mapping[str, torch.Tensor], prefix: str 
     names = sorted({k.split(".", 1)[0] for k in sd})
     bad = [n for n in names if not n.startswith(LORA_PREFIX)]
     if bad:
-        raise ConversionError(f"not an original LongCat-Video LoRA: unexpected key(s) {_format_keys(bad)}")
+        raise ConversionError(f"not an original LongCat-Video LoRA: unexpected key(s) {format_keys(bad)}")
     out: dict[str, torch.Tensor] = {}
     for name in names:
         module = name[len(LORA_PREFIX):].replace(LORA_HYPHEN, ".")
@@ -325,197 +316,3 @@ def convert_longcat_lora_state_dict(sd: Mapping[str, torch.Tensor], prefix: str 
             out[f"{prefix}{target}.lora_A.weight"] = a.contiguous()
             out[f"{prefix}{target}.lora_B.weight"] = (b.float() * scale).to(b.dtype).contiguous()
     return out
-
-# ------------------------------------------------------------------------------------------------ release folders
-
-#: The release's sampling scheduler (``scheduler/scheduler_config.json`` of meituan-longcat/LongCat-Video).
-RELEASE_SCHEDULER_SHIFT = 12.0
-#: Original file names of the Wan2.1 components DiffSynth-Studio pairs with LongCat's ``dit/``.
-WAN_T5_FILE, WAN_VAE_FILE, WAN_TOKENIZER_DIR = "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth", "google/umt5-xxl"
-
-
-def _peek_keys(path: Path) -> list[str]:
-    """Key names of a safetensors file or shard index, without reading tensors ([] for anything else)."""
-    from safetensors import safe_open
-
-    try:
-        if path.name.endswith(".index.json"):
-            return list(json.loads(path.read_text()).get("weight_map", {}))
-        if path.name.endswith(".safetensors"):
-            with safe_open(str(path), "pt") as f:
-                return list(f.keys())
-    except Exception:  # noqa: BLE001 - unreadable files are reported by the real loader
-        return []
-    return []
-
-
-def find_longcat_dit(src: str | os.PathLike, transformer: str | os.PathLike | None = None) -> Path | None:
-    """The LongCat-Video DiT of a release (``dit/`` folder, a DiT folder or file, or ``transformer``), else ``None``."""
-    from .dit import find_dit_files
-
-    for cand in [transformer] if transformer is not None else [src, Path(src) / "dit"]:
-        p = Path(cand)
-        try:
-            weights = find_dit_files(p) if p.is_dir() else (p if p.is_file() else None)
-        except ConversionError:
-            weights = None
-        if weights is not None and is_longcat_state_dict(dict.fromkeys(_peek_keys(weights))):
-            return p
-    return None
-
-
-def _first(*paths: Path) -> Path | None:
-    return next((p for p in paths if p is not None and p.exists()), None)
-
-
-def _load_text_encoder(path: Path, torch_dtype: torch.dtype):
-    """umT5 encoder from a Transformers folder (the LongCat release's ``text_encoder/``) or the Wan ``.pth``."""
-    if path.is_dir() and (path / "config.json").is_file():
-        from transformers import UMT5EncoderModel
-
-        try:
-            return UMT5EncoderModel.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True).eval()
-        except Exception as e:  # noqa: BLE001
-            raise ConversionError(f"{path}: cannot load a UMT5EncoderModel ({type(e).__name__}: {e})") from e
-    from .text_encoder import load_t5_from_original
-
-    return load_t5_from_original(path / WAN_T5_FILE if path.is_dir() else path, torch_dtype=torch_dtype)
-
-
-def _load_vae(path: Path):
-    """Wan2.1 VAE from a Diffusers folder (the LongCat release's ``vae/``) or ``Wan2.1_VAE.pth``, in float32."""
-    if path.is_dir() and (path / "config.json").is_file():
-        from diffusers import AutoencoderKLWan
-
-        try:
-            return AutoencoderKLWan.from_pretrained(str(path), dtype=torch.float32).eval()
-        except Exception as e:  # noqa: BLE001
-            raise ConversionError(f"{path}: cannot load an AutoencoderKLWan ({type(e).__name__}: {e})") from e
-    from .vae import detect_vae_version, load_vae_from_original
-
-    sd = load_state_dict(path / WAN_VAE_FILE if path.is_dir() else path)
-    if detect_vae_version(sd) != "wan2.1":
-        raise ConversionError(f"{path}: a {detect_vae_version(sd)} VAE, but LongCat-Video uses the Wan2.1 VAE ({WAN_VAE_FILE})")
-    return load_vae_from_original(sd, torch_dtype=torch.float32)
-
-
-def _load_scheduler(root: Path):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    cfg = root / "scheduler" / "scheduler_config.json"
-    if cfg.is_file():
-        try:
-            return FlowMatchEulerDiscreteScheduler.from_pretrained(str(cfg.parent))
-        except Exception as e:  # noqa: BLE001
-            raise ConversionError(f"{cfg}: not a FlowMatchEulerDiscreteScheduler config ({type(e).__name__}: {e})") from e
-    return FlowMatchEulerDiscreteScheduler(shift=RELEASE_SCHEDULER_SHIFT)
-
-
-def convert_longcat_release(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    dtype: str = "bf16",
-    transformer: str | os.PathLike | None = None,
-    text_encoder: str | os.PathLike | None = None,
-    tokenizer: str | os.PathLike | None = None,
-    vae: str | os.PathLike | None = None,
-    transformer_only: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    max_shard_size: str = "5GB",
-) -> Path:
-    """Convert meituan-longcat/LongCat-Video into a :class:`~diffusers_wan_ext.LongCatVideoPipeline` folder.
-
-    Args:
-        src: the release folder: ``dit/`` (original DiT layout, converted), ``vae/`` (Diffusers ``AutoencoderKLWan``),
-            ``text_encoder/`` (``UMT5EncoderModel``), ``tokenizer/`` and ``scheduler/`` (kept as they are), and
-            ``lora/*.safetensors`` (original LoRA format, written to ``dst/lora/`` in the Diffusers format).  The
-            Wan2.1 files DiffSynth-Studio pairs with ``dit/`` work as well (``models_t5_umt5-xxl-enc-bf16.pth``,
-            ``Wan2.1_VAE.pth``, ``google/umt5-xxl/``), next to it or passed explicitly.
-        dst: output folder, written atomically (must not exist unless ``overwrite``).
-        dtype: storage dtype of the transformer and text encoder (``bf16``, ``fp16``, ``fp32``); the VAE stays
-            float32, and so do the transformer's float32 modules (timestep embedder, adaLN, output projection).
-        transformer, text_encoder, tokenizer, vae: explicit component paths (override what ``src`` holds).
-        transformer_only: write only the transformer model folder.
-
-    Example:
-        >>> convert_longcat_release("LongCat-Video", "LongCat-Video-diffusers")  # doctest: +SKIP
-    """
-    from .pipeline import DTYPES, _progress, _variant_record, _wrap, write_model_card
-    from .tokenizer import load_umt5_tokenizer
-    from .variants import get_variant
-
-    if dtype not in DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
-    src = Path(src)
-    if not src.exists():
-        raise ConversionError(f"{src}: no such file or folder")
-    root = src if src.is_dir() else src.parent
-    dit = find_longcat_dit(src, transformer)
-    if dit is None:
-        raise ConversionError(
-            f"{transformer or src}: no LongCat-Video DiT found (expected dit/diffusion_pytorch_model*.safetensors with "
-            "x_embedder.* and blocks.N.attn.qkv.* keys, or pass --transformer)"
-        )
-    paths = {
-        "text_encoder": Path(text_encoder) if text_encoder else _first(root / "text_encoder", root / WAN_T5_FILE),
-        "tokenizer": Path(tokenizer) if tokenizer else _first(root / "tokenizer", root / WAN_TOKENIZER_DIR),
-        "vae": Path(vae) if vae else _first(root / "vae", root / WAN_VAE_FILE),
-    }
-    missing = [] if transformer_only else [k for k, v in paths.items() if v is None]
-    if missing:
-        flags = ", ".join(f"--{k.replace('_', '-')} PATH" for k in missing)
-        raise ConversionError(
-            f"{src}: missing component(s) for LongCat-Video: {', '.join(missing)}. Keep the release's text_encoder/, "
-            f"tokenizer/, vae/ folders next to dit/ (or the Wan2.1 {WAN_T5_FILE}, {WAN_TOKENIZER_DIR}/, "
-            f"{WAN_VAE_FILE}), or pass {flags} (or --transformer-only)."
-        )
-
-    bar = _progress(1 if transformer_only else 5, progress)
-    bar.set_postfix_str("transformer")
-    model = _wrap(dit, lambda: load_longcat_transformer_from_original(dit, torch_dtype=torch_dtype))
-    bar.update()
-    components: dict[str, Any] = {"transformer": model}
-    if not transformer_only:
-        bar.set_postfix_str("text encoder")
-        te = _wrap(paths["text_encoder"], lambda: _load_text_encoder(paths["text_encoder"], torch_dtype))
-        if te.config.d_model != model.config.text_dim:
-            raise ConversionError(
-                f"{paths['text_encoder']}: text encoder width {te.config.d_model} does not match the DiT's caption "
-                f"width {model.config.text_dim} (y_embedder.y_proj.0.weight)"
-            )
-        bar.update()
-        bar.set_postfix_str("tokenizer")
-        components["tokenizer"] = _wrap(paths["tokenizer"], lambda: load_umt5_tokenizer(paths["tokenizer"]))
-        bar.update()
-        bar.set_postfix_str("vae")
-        vae_model = _wrap(paths["vae"], lambda: _load_vae(paths["vae"]))
-        if vae_model.config.z_dim != model.config.in_channels or vae_model.config.z_dim != model.config.out_channels:
-            raise ConversionError(
-                f"{paths['vae']}: VAE latent channels {vae_model.config.z_dim} do not match the DiT's "
-                f"{model.config.in_channels} in / {model.config.out_channels} out channels"
-            )
-        bar.update()
-        components.update(text_encoder=te, vae=vae_model, scheduler=_load_scheduler(root))
-        bar.update()
-
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-        if transformer_only:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        else:
-            from ..pipelines.pipeline_longcat_video import LongCatVideoPipeline
-
-            LongCatVideoPipeline(**components).save_pretrained(tmp, max_shard_size=max_shard_size)
-            for lora in sorted((root / "lora").glob("*.safetensors")) if (root / "lora").is_dir() else []:
-                sd = _wrap(lora, lambda: load_state_dict(lora))
-                if is_longcat_lora_state_dict(sd):
-                    sd = _wrap(lora, lambda: convert_longcat_lora_state_dict(sd))
-                (tmp / "lora").mkdir(exist_ok=True)
-                save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "lora" / lora.name))
-            var = get_variant("longcat-video")
-            write_model_card(tmp, var, "LongCatVideoPipeline", str(src))
-            (tmp / "wan_variant.json").write_text(json.dumps(_variant_record(var), indent=2) + "\n")
-        bar.close()
-    return Path(dst)

@@ -12,6 +12,7 @@ from typing import Mapping
 
 import torch
 
+from ..models.motion_controller import WanMotionControllerModel
 from ..utils.io import ConversionError, load_state_dict, raise_for_key_problems, strip_known_prefixes
 
 __all__ = ["MOTION_CONTROLLER_KEY_MAP", "motion_controller_config_from_state_dict", "load_motion_controller_from_original"]
@@ -48,8 +49,6 @@ def load_motion_controller_from_original(
     Example:
         >>> mc = load_motion_controller_from_original("Wan2.1-1.3b-speedcontrol-v1/model.safetensors")  # doctest: +SKIP
     """
-    from ..models.motion_controller import WanMotionControllerModel
-
     sd = load_state_dict(sd_or_path) if isinstance(sd_or_path, (str, os.PathLike)) else dict(sd_or_path)
     sd = strip_known_prefixes(sd, "linear.")
     config = motion_controller_config_from_state_dict(sd)

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..utils import ConversionError, load_state_dict, raise_for_key_problems, strip_known_prefixes
-from ..utils.io import _format_keys
+from ..utils.io import format_keys
 
 __all__ = [
     "KeyRule",
@@ -135,7 +135,7 @@ def convert_with_rules(
             if not _is_dropped(key, dropped):
                 unknown.append(key)
     if unknown:
-        raise ConversionError(f"{what}: unexpected key(s) that no conversion rule knows: {_format_keys(unknown)}")
+        raise ConversionError(f"{what}: unexpected key(s) that no conversion rule knows: {format_keys(unknown)}")
     return out
 
 
@@ -178,7 +178,7 @@ def export_with_rules(
             if not _is_dropped(key, ignored):
                 unknown.append(key)
     if unknown:
-        raise ConversionError(f"{what}: unexpected key(s) with no original counterpart: {_format_keys(unknown)}")
+        raise ConversionError(f"{what}: unexpected key(s) with no original counterpart: {format_keys(unknown)}")
     out: dict[str, torch.Tensor] = {}
     incomplete = []
     for (rid, idx), parts in groups.items():
@@ -189,7 +189,7 @@ def export_with_rules(
             continue
         out[_fill(rule.original, gd)] = TRANSFORMS[rule.kind][1](tuple(parts[p] for p in range(len(rule.ours))))
     if incomplete:
-        raise ConversionError(f"{what}: missing key(s) needed to rebuild fused original tensors: {_format_keys(incomplete)}")
+        raise ConversionError(f"{what}: missing key(s) needed to rebuild fused original tensors: {format_keys(incomplete)}")
     for rule, gd, key, t in aliases:
         primary = _fill(rule.ours[0], gd)
         if primary in sd:
@@ -229,7 +229,7 @@ T5_KEY_RULES: tuple[KeyRule, ...] = (
 _T5_ANCHOR = "blocks."
 
 
-def _as_state_dict(sd_or_path, anchor: str) -> dict[str, torch.Tensor]:
+def as_state_dict(sd_or_path, anchor: str) -> dict[str, torch.Tensor]:
     if isinstance(sd_or_path, (str, os.PathLike)):
         sd = load_state_dict(sd_or_path)
     elif isinstance(sd_or_path, Mapping):
@@ -239,12 +239,12 @@ def _as_state_dict(sd_or_path, anchor: str) -> dict[str, torch.Tensor]:
     return strip_known_prefixes(sd, anchor)
 
 
-def _block_indices(sd: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
+def block_indices(sd: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
     rx = re.compile("^" + re.escape(prefix) + r"(\d+)\.")
     return sorted({int(m.group(1)) for k in sd if (m := rx.match(k))})
 
 
-def _require(sd: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+def require(sd: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
     if key not in sd:
         raise ConversionError(f"{what}: required key {key} is missing (is this the right file?)")
     return sd[key]
@@ -263,15 +263,15 @@ def t5_config_from_state_dict(sd: Mapping[str, torch.Tensor], num_heads: int | N
 
     sd = strip_known_prefixes(dict(sd), _T5_ANCHOR)
     what = "umT5 encoder state dict"
-    emb = _require(sd, "token_embedding.weight", what)
-    layers = _block_indices(sd, "blocks.")
+    emb = require(sd, "token_embedding.weight", what)
+    layers = block_indices(sd, "blocks.")
     if not layers:
         raise ConversionError(f"{what}: no 'blocks.<i>.*' keys found")
     if layers != list(range(len(layers))):
         raise ConversionError(f"{what}: block indices are not contiguous from 0: {layers}")
-    q = _require(sd, "blocks.0.attn.q.weight", what)
-    fc1 = _require(sd, "blocks.0.ffn.fc1.weight", what)
-    pos = _require(sd, "blocks.0.pos_embedding.embedding.weight", what)
+    q = require(sd, "blocks.0.attn.q.weight", what)
+    fc1 = require(sd, "blocks.0.ffn.fc1.weight", what)
+    pos = require(sd, "blocks.0.pos_embedding.embedding.weight", what)
     vocab, d_model = emb.shape
     dim_attn = q.shape[0]
     num_buckets, heads = pos.shape
@@ -324,7 +324,7 @@ def export_t5_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return export_with_rules(sd, T5_KEY_RULES, what="UMT5EncoderModel state dict")
 
 
-def _empty_model(model_cls, config, torch_dtype: torch.dtype):
+def empty_model(model_cls, config, torch_dtype: torch.dtype):
     """Instantiate without allocating / initialising parameters (meta params, real buffers) when accelerate exists."""
     try:
         from accelerate import init_empty_weights
@@ -336,7 +336,7 @@ def _empty_model(model_cls, config, torch_dtype: torch.dtype):
     return model, True
 
 
-def _load_strict(model, sd: dict[str, torch.Tensor], torch_dtype: torch.dtype, assign: bool, what: str):
+def load_strict(model, sd: dict[str, torch.Tensor], torch_dtype: torch.dtype, assign: bool, what: str):
     expected = set(model.state_dict())
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - expected)
@@ -358,11 +358,11 @@ def load_t5_from_original(sd_or_path, torch_dtype: torch.dtype = torch.float32, 
     """
     from transformers import UMT5EncoderModel
 
-    sd = _as_state_dict(sd_or_path, _T5_ANCHOR)
+    sd = as_state_dict(sd_or_path, _T5_ANCHOR)
     config = t5_config_from_state_dict(sd, num_heads=num_heads)
     ours = convert_t5_state_dict(sd)
-    model, assign = _empty_model(UMT5EncoderModel, config, torch_dtype)
-    model = _load_strict(model, ours, torch_dtype, assign, "umT5 encoder")
+    model, assign = empty_model(UMT5EncoderModel, config, torch_dtype)
+    model = load_strict(model, ours, torch_dtype, assign, "umT5 encoder")
     # keep the input embedding tied to `shared` (assign=True replaces parameters one by one)
     model.encoder.embed_tokens = model.shared
     return model

@@ -48,7 +48,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..utils import ConversionError
-from ..utils.io import _format_keys, load_state_dict, raise_for_key_problems, strip_known_prefixes
+from ..utils.io import format_keys, load_state_dict, raise_for_key_problems, strip_known_prefixes
 
 __all__ = [
     "FIXED_MODULE_MAP",
@@ -220,7 +220,7 @@ def _unwrap(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         sd = sd["model_state"]
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ConversionError(f"VAE state dict: values that are not tensors under keys {_format_keys(bad)}")
+        raise ConversionError(f"VAE state dict: values that are not tensors under keys {format_keys(bad)}")
     sd = dict(sd)
     for anchor in ("encoder.", "decoder."):
         stripped = strip_known_prefixes(sd, anchor)
@@ -274,7 +274,7 @@ def detect_vae_version(sd: Mapping[str, torch.Tensor]) -> str:
     if all(k in sd for k in REQUIRED_DIFFUSERS_KEYS) and not any(k in sd for k in REQUIRED_ORIGINAL_KEYS):
         raise ConversionError(
             "VAE state dict is already in the Diffusers AutoencoderKLWan layout (keys "
-            f"{_format_keys(REQUIRED_DIFFUSERS_KEYS, 3)}); load it with AutoencoderKLWan directly or use "
+            f"{format_keys(REQUIRED_DIFFUSERS_KEYS, 3)}); load it with AutoencoderKLWan directly or use "
             "export_vae_state_dict to go back to the original layout"
         )
     missing = [k for k in REQUIRED_ORIGINAL_KEYS if k not in sd]
@@ -282,11 +282,11 @@ def detect_vae_version(sd: Mapping[str, torch.Tensor]) -> str:
     flat = [k for k in keys if _WAN21_MARK.match(k)]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_format_keys(missing)}")
+        problems.append(f"missing keys: {format_keys(missing)}")
     if nested and flat:
         problems.append(
             "mixes the Wan2.2 nested layout (e.g. "
-            f"{_format_keys(nested, 3)}) with the Wan2.1 flat layout: unexpected keys {_format_keys(flat)}"
+            f"{format_keys(nested, 3)}) with the Wan2.1 flat layout: unexpected keys {format_keys(flat)}"
         )
         version = None
     elif nested:
@@ -299,7 +299,7 @@ def detect_vae_version(sd: Mapping[str, torch.Tensor]) -> str:
     if version is not None:
         unknown = _unknown_keys(keys, version)
         if unknown:
-            problems.append(f"unexpected keys for the {version} layout: {_format_keys(unknown)}")
+            problems.append(f"unexpected keys for the {version} layout: {format_keys(unknown)}")
     if problems:
         raise ConversionError("not an original Wan VAE state dict (Wan2.1_VAE.pth / Wan2.2_VAE.pth layout): "
                               + "; ".join(problems))
@@ -436,7 +436,7 @@ def vae_config_from_state_dict(sd: Mapping[str, torch.Tensor], version: str | No
 def _config_from_diffusers_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:
     missing = [k for k in REQUIRED_DIFFUSERS_KEYS if k not in sd]
     if missing:
-        raise ConversionError(f"not a Diffusers AutoencoderKLWan state dict: missing keys {_format_keys(missing)}")
+        raise ConversionError(f"not a Diffusers AutoencoderKLWan state dict: missing keys {format_keys(missing)}")
     version = WAN22 if any(re.match(r"^encoder\.down_blocks\.\d+\.resnets\.", k) for k in sd) else WAN21
     where = f"Diffusers AutoencoderKLWan ({version})"
     base_dim = int(sd["encoder.conv_in.weight"].shape[0])
@@ -511,7 +511,7 @@ def _key_table_cached(config_json: str) -> tuple[tuple[str, str], ...]:
                 table.append((f"{o_mod}.{o_leaf}", d_key))
     uncovered = set(shapes) - {d for _, d in table}
     if uncovered:  # the tables do not describe this diffusers version's AutoencoderKLWan
-        raise ConversionError(f"VAE key map does not cover AutoencoderKLWan parameters {_format_keys(uncovered)}")
+        raise ConversionError(f"VAE key map does not cover AutoencoderKLWan parameters {format_keys(uncovered)}")
     return tuple(table)
 
 
@@ -631,9 +631,9 @@ def load_vae_from_original(sd_or_path: Mapping[str, torch.Tensor] | str | os.Pat
     result = model.load_state_dict(converted, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise ConversionError(f"{where}: loading into AutoencoderKLWan failed: missing keys "
-                              f"{_format_keys(result.missing_keys)}; unexpected keys "
-                              f"{_format_keys(result.unexpected_keys)}")
+                              f"{format_keys(result.missing_keys)}; unexpected keys "
+                              f"{format_keys(result.unexpected_keys)}")
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
-        raise ConversionError(f"{where}: parameters left uninitialised: {_format_keys(still_meta)}")
+        raise ConversionError(f"{where}: parameters left uninitialised: {format_keys(still_meta)}")
     return model.eval()

@@ -30,10 +30,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+import diffusers
 import torch
+from accelerate import init_empty_weights
 
-from ..utils.io import ConversionError, _format_keys, atomic_output_dir, load_state_dict, raise_for_key_problems
+from ..models.transformer_wan_vap import WanVideoAsPromptTransformer3DModel
+from ..utils.shims import rewrite_model_index_for_shims
+from ..utils.io import ConversionError, format_keys, atomic_output_dir, load_state_dict, raise_for_key_problems
 from .dit import cast_state_dict, dit_config_from_state_dict, export_dit_state_dict
+from .release_io import DTYPES
 
 __all__ = [
     "RELEASE_TRANSFORMER_CLASS",
@@ -98,7 +103,7 @@ def convert_vap_state_dict(sd: Mapping[str, torch.Tensor], vap_layers: list[int]
     unsupported = sorted(k for k in sd if any(frag in k for frag, _ in UNSUPPORTED_RELEASE_KEYS))
     if unsupported:
         what = sorted({w for k in unsupported for frag, w in UNSUPPORTED_RELEASE_KEYS if frag in k})
-        raise ConversionError(f"unsupported Video-As-Prompt option ({'; '.join(what)}): keys {_format_keys(unsupported)}")
+        raise ConversionError(f"unsupported Video-As-Prompt option ({'; '.join(what)}): keys {format_keys(unsupported)}")
     out, unknown, stray = {}, [], []
 
     def to_ours(groups):
@@ -124,7 +129,7 @@ def convert_vap_state_dict(sd: Mapping[str, torch.Tensor], vap_layers: list[int]
             "(config block_idx_with_mot_ref): the config and the weights disagree"
         )
     if unknown:
-        raise ConversionError(f"{len(unknown)} Video-As-Prompt key(s) of no known module: {_format_keys(unknown)}")
+        raise ConversionError(f"{len(unknown)} Video-As-Prompt key(s) of no known module: {format_keys(unknown)}")
     return out
 
 
@@ -200,10 +205,6 @@ def load_vap_transformer(
     Example:
         >>> model = load_vap_transformer("Video-As-Prompt-Wan2.1-14B/transformer", torch_dtype=torch.bfloat16)  # doctest: +SKIP
     """
-    from accelerate import init_empty_weights
-
-    from ..models.transformer_wan_vap import WanVideoAsPromptTransformer3DModel
-
     if isinstance(sd_or_path, (str, os.PathLike)):
         sd, cfg = read_vap_transformer(sd_or_path)
         release_config = release_config or cfg
@@ -270,11 +271,6 @@ def convert_vap_release(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
     Example:
         >>> convert_vap_release("Video-As-Prompt-Wan2.1-14B", "Video-As-Prompt-Wan2.1-14B-ext")  # doctest: +SKIP
     """
-    import diffusers
-
-    from ..utils.shims import rewrite_model_index_for_shims
-    from .pipeline import DTYPES
-
     src = Path(src)
     if not is_vap_release(src):
         raise ConversionError(

@@ -37,7 +37,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from ..utils.io import ConversionError, _format_keys, load_state_dict
+from ..conversion.dit import BLOCK_KEY_MAP, TOP_LEVEL_KEY_MAP, rename_dit_key
+from ..utils.io import ConversionError, format_keys, load_state_dict
 from .formats import (
     ALPHA,
     BIAS,
@@ -48,7 +49,7 @@ from .formats import (
     DOWN,
     EXPORT_FILE_NAMES,
     FORMATS,
-    KOHYA_COMPOUND_WORDS,
+    kohya_compound_words,
     LORA_FORMATS,
     NON_LORA_MODULE_RE,
     ROLES,
@@ -88,9 +89,10 @@ def _component_of(key: str) -> tuple[str, str] | None:
 def _kohya_to_dotted(name: str) -> str:
     """``blocks_0_cross_attn_k_img`` -> ``blocks.0.cross_attn.k_img`` (longest compound word first)."""
     tokens = name.split("_")
+    words = kohya_compound_words()
     parts, i = [], 0
     while i < len(tokens):
-        for word in KOHYA_COMPOUND_WORDS:
+        for word in words:
             n = word.count("_") + 1
             if "_".join(tokens[i:i + n]) == word:
                 parts.append(word)
@@ -151,11 +153,11 @@ def _parse(state_dict: Mapping[str, torch.Tensor], fmt: LoraFormat, component: s
     if unknown:
         raise ConversionError(
             f"{len(unknown)} key(s) fit no {fmt.name} LoRA key of a Wan {component} ({fmt.description}): "
-            f"{_format_keys(unknown)}"
+            f"{format_keys(unknown)}"
         )
     if duplicate:
         raise ConversionError(f"two keys give the same tensor of one module (e.g. lora_A and lora_down): "
-                              f"{_format_keys(duplicate)}")
+                              f"{format_keys(duplicate)}")
     _check_entries(entries)
     return entries
 
@@ -308,7 +310,7 @@ def _write(entries: Entries, fmt: LoraFormat, component: str) -> dict[str, torch
     if unknown:
         raise ConversionError(
             f"{len(unknown)} module(s) have no name in the {fmt.name} layout (not in the Wan key tables): "
-            f"{_format_keys(unknown)}"
+            f"{format_keys(unknown)}"
         )
     return out
 
@@ -351,15 +353,15 @@ def detect_lora_format(state_dict: Mapping[str, torch.Tensor], *, transformer_na
     if not modules:
         raise ValueError(
             f"not a Wan LoRA in a known format ({', '.join(LORA_FORMATS)}): no lora_A/lora_B/lora_down/lora_up keys "
-            f"in e.g. {_format_keys(keys[:6], 6)}"
+            f"in e.g. {format_keys(keys[:6], 6)}"
         )
     rename = COMPONENT_RENAMERS.get(transformer_name, COMPONENT_RENAMERS["transformer"])
     original = {m for m in modules if rename(m, False) is not None and rename(m, True) is None}
     diffusers = {m for m in modules if rename(m, True) is not None and rename(m, False) is None}
     if original and diffusers:
         raise ValueError(
-            f"LoRA mixes original module names ({_format_keys(original, 3)}) and Diffusers names "
-            f"({_format_keys(diffusers, 3)})"
+            f"LoRA mixes original module names ({format_keys(original, 3)}) and Diffusers names "
+            f"({format_keys(diffusers, 3)})"
         )
     return "diffsynth" if original else "diffusers"
 
@@ -628,8 +630,6 @@ def map_lora_target_modules(names: str | Iterable[str]) -> list[str]:
         >>> map_lora_target_modules(["self_attn.q", "attn2.to_k", "blocks.0.cross_attn.k_img"])
         ['attn1.to_q', 'attn2.to_k', 'blocks.0.attn2.add_k_proj']
     """
-    from ..conversion.dit import BLOCK_KEY_MAP, TOP_LEVEL_KEY_MAP, rename_dit_key
-
     if isinstance(names, str):
         names = [n for n in names.split(",")]
     local = dict(BLOCK_KEY_MAP)

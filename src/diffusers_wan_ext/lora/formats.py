@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from ..conversion.dit import BLOCK_TABLES, TOP_LEVEL_KEY_MAP, rename_dit_key
+from ..conversion.dit import dit_key_tables, rename_dit_key
 from ..conversion.motion_controller import MOTION_CONTROLLER_KEY_MAP
 
 __all__ = [
@@ -36,7 +36,7 @@ __all__ = [
     "FORMATS",
     "COMPONENT_RENAMERS",
     "NON_LORA_MODULE_RE",
-    "KOHYA_COMPOUND_WORDS",
+    "kohya_compound_words",
     "DIFFSYNTH_TARGET_MODULES",
     "DIFFUSERS_WEIGHT_NAME",
     "EXPORT_FILE_NAMES",
@@ -166,19 +166,19 @@ COMPONENT_RENAMERS: dict[str, Callable[[str, bool], str | None]] = {
 #: original-layout ``diff`` / ``diff_b`` keys reach them.
 NON_LORA_MODULE_RE = re.compile(r"(^|\.)(norm\w*|scale_shift_table|pos_embed)$")
 
-# Kohya joins module path components with "_"; reading back needs the names that contain "_" themselves.  They are
-# the components of the original-layout table entries, plus the sub-module names inside table entries that cover a
-# whole module (``control_adapter`` -> ``residual_blocks.N.conv1``).
-_TABLE_NAMES = (
-    [src for src, _ in TOP_LEVEL_KEY_MAP]
-    + [src for table in BLOCK_TABLES.values() for src, _ in table]
-    + list(BLOCK_TABLES)
-    + sorted(MOTION_CONTROLLER_MODULES)
-    + ["residual_blocks"]
-)
-KOHYA_COMPOUND_WORDS: tuple[str, ...] = tuple(
-    sorted({part for name in _TABLE_NAMES for part in name.split(".") if "_" in part}, key=lambda w: (-w.count("_"), w))
-)
+def kohya_compound_words() -> tuple[str, ...]:
+    """Module-name parts that contain ``_`` themselves, longest first.
+
+    Kohya joins module path components with "_"; reading back needs these.  They are the components of the
+    original-layout DiT table entries of every registered family, plus the sub-module names inside table entries that
+    cover a whole module (``control_adapter`` -> ``residual_blocks.N.conv1``).
+    """
+    top, groups = dit_key_tables()
+    names = ([src for src, _ in top] + [src for table in groups.values() for src, _ in table] + list(groups)
+             + sorted(MOTION_CONTROLLER_MODULES) + ["residual_blocks"])
+    return tuple(sorted({part for name in names for part in name.split(".") if "_" in part},
+                        key=lambda w: (-w.count("_"), w)))
+
 
 # ----------------------------------------------------------------------------------------------- target modules
 #: DiffSynth-Studio's ``--lora_target_modules`` names (PEFT suffixes on its DiT) -> the equivalent PEFT suffixes on

@@ -26,7 +26,7 @@ from diffusers.utils import require_peft_backend
 from huggingface_hub.utils import validate_hf_hub_args
 from torch import nn
 
-from ..utils.io import _format_keys
+from ..utils.io import format_keys
 from .convert import convert_lora_state_dict, detect_lora_format, split_lora_components
 
 __all__ = ["WanLoraInteropMixin", "check_lora_state_dict"]
@@ -108,10 +108,10 @@ def check_lora_state_dict(
         if unmatched:
             problems.append(
                 f"{len(unmatched)} key(s) match no LoRA-able layer of {name} ({type(model).__name__}): "
-                f"{_format_keys(unmatched)}"
+                f"{format_keys(unmatched)}"
             )
         if wrong:
-            problems.append(f"shapes that do not fit {name}: {_format_keys(wrong)}")
+            problems.append(f"shapes that do not fit {name}: {format_keys(wrong)}")
         raise ValueError(
             "; ".join(problems) + ". The LoRA was probably made for another Wan model (size, T2V vs I2V / VACE / "
             "Fun variant) or another expert."
@@ -216,7 +216,7 @@ class WanLoraInteropMixin(WanLoraLoaderMixin):
             model = getattr(self, comp, None)
             if comp not in self._lora_loadable_modules or model is None:
                 raise ValueError(
-                    f"the LoRA has {len(part)} key(s) for {comp} (e.g. {_format_keys(list(part)[:3], 3)}) but "
+                    f"the LoRA has {len(part)} key(s) for {comp} (e.g. {format_keys(list(part)[:3], 3)}) but "
                     f"{type(self).__name__} has no {comp} to load them into"
                     + (" (a Wan2.1 pipeline has one transformer)" if comp == "transformer_2" else "")
                 )

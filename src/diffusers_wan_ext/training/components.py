@@ -133,7 +133,7 @@ def load_training_components(
         boundary_ratio = pipe.config.get("boundary_ratio") if has_two else None
         expand = bool(pipe.config.get("expand_timesteps", False))
     elif model_path.exists():
-        from ..conversion.pipeline import load_release
+        from ..release_converter import load_release
 
         name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
         release = load_release(model_path, dtype=name, transformer_only=not load_encoders,

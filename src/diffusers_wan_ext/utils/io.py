@@ -34,7 +34,7 @@ class ConversionError(ValueError):
     """Raised for any checkpoint that cannot be converted; the message names the file and keys involved."""
 
 
-def _format_keys(keys: Iterable[str], limit: int = 12) -> str:
+def format_keys(keys: Iterable[str], limit: int = 12) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
@@ -48,11 +48,11 @@ def raise_for_key_problems(
     missing, unexpected, wrong_shapes = list(missing), list(unexpected), list(wrong_shapes)
     problems = []
     if missing:
-        problems.append(f"missing keys {_format_keys(missing)}")
+        problems.append(f"missing keys {format_keys(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys {_format_keys(unexpected)}")
+        problems.append(f"unexpected keys {format_keys(unexpected)}")
     if wrong_shapes:
-        problems.append(f"shape mismatch: {_format_keys(wrong_shapes)}")
+        problems.append(f"shape mismatch: {format_keys(wrong_shapes)}")
     if problems:
         raise ConversionError(f"{what}: " + "; ".join(problems))
 
@@ -114,7 +114,7 @@ def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         sd.update(load_state_dict(index_path.parent / shard))
     absent = set(weight_map) - set(sd)
     if absent:
-        raise ConversionError(f"{index_path}: keys listed in the index are not in any shard: {_format_keys(absent)}")
+        raise ConversionError(f"{index_path}: keys listed in the index are not in any shard: {format_keys(absent)}")
     return sd
 
 
@@ -125,7 +125,7 @@ def load_state_dict_files(paths: Iterable[str | os.PathLike]) -> dict[str, torch
         part = load_state_dict(p)
         dup = set(part) & set(sd)
         if dup:
-            raise ConversionError(f"{p}: keys already loaded from another file: {_format_keys(dup)}")
+            raise ConversionError(f"{p}: keys already loaded from another file: {format_keys(dup)}")
         sd.update(part)
     return sd
 

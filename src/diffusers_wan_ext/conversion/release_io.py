@@ -1,0 +1,86 @@
+"""Helpers shared by the release converters: storage dtypes, progress, error context, model cards, class records."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple as fetch_class_library_tuple
+from tqdm.auto import tqdm
+
+from ..utils.io import ConversionError
+
+__all__ = ["DTYPES", "library_of", "progress_bar", "with_path", "write_model_card"]
+
+#: ``--dtype`` names -> torch dtypes
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+_DEFAULT_CARD_CALL = (
+    'prompt="a cat surfing a wave", height={height}, width={width},\n'
+    "             num_frames={num_frames}, num_inference_steps={num_inference_steps},\n"
+    "             guidance_scale={guidance_scale}"
+)
+
+
+def progress_bar(total: int, enabled: bool):
+    """The converter's progress bar (one step per component)."""
+    return tqdm(total=total, desc="converting", unit="component", disable=not enabled)
+
+
+def with_path(path: str | os.PathLike | None, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; a :class:`ConversionError` it raises names ``path`` (once)."""
+    try:
+        return fn()
+    except ConversionError as e:
+        msg = str(e)
+        raise ConversionError(msg if str(path) in msg else f"{path}: {msg}") from e
+
+
+def library_of(obj) -> list[str]:
+    """``[library, class]`` of a component, as ``model_index.json`` records it."""
+    library, cls = fetch_class_library_tuple(obj)
+    return [library, cls]
+
+
+def write_model_card(folder: Path, variant, pipeline_class: str, source: str, call: str | None = None,
+                     extra: str = "") -> None:
+    """The converted folder's ``README.md``: where it comes from, how to load it, the release's sampling defaults.
+
+    ``call`` is the example call's arguments (``str.format`` fields: the variant's sampling defaults; default: text to
+    video); ``extra`` is appended after the example.
+    """
+    text_call = (call or _DEFAULT_CARD_CALL).format(
+        height=variant.height, width=variant.width, num_frames=variant.num_frames,
+        num_inference_steps=variant.num_inference_steps, guidance_scale=variant.guidance_scale,
+    )
+    imports = "from diffusers.utils import load_image, load_video\n" if call else ""
+    low = f" / {variant.guidance_scale_2} (low-noise expert)" if variant.guidance_scale_2 else ""
+    text = f"""---
+library_name: diffusers
+tags:
+- video-generation
+- wan
+- diffusers_wan_ext
+base_model: {variant.release}
+---
+
+# {variant.release} (Diffusers format)
+
+Converted with [diffusers_wan_ext](https://pypi.org/project/diffusers_wan_ext) from `{source}`.
+Variant `{variant.name}`; pipeline `{pipeline_class}`.
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+{imports}
+pipe = DiffusionPipeline.from_pretrained("<this repo>", dtype=torch.bfloat16, trust_remote_code=True)
+video = pipe({text_call}).frames[0]
+```
+{extra}
+Sampling defaults of the original release: flow shift {variant.flow_shift}, {variant.num_inference_steps} steps,
+guidance {variant.guidance_scale}{low},
+{variant.num_frames} frames{" per clip" if variant.audio_encoder else ""} at {variant.fps} fps.
+"""
+    (folder / "README.md").write_text(text)

@@ -1,0 +1,182 @@
+"""The Wan2.2-Animate family: character animation / replacement (stock ``WanAnimateTransformer3DModel``).
+
+The release's DiT file holds an I2V DiT with CLIP plus the Animate adapter (pose patch embedding, motion encoder,
+face encoder, face blocks), converted by rules in :mod:`diffusers_wan_ext.conversion.animate`; its
+``relighting_lora.ckpt`` becomes ``relighting_lora/`` (a Diffusers LoRA) in the converted folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import WanAnimateTransformer3DModel
+
+from ..conversion.animate import (
+    animate_config_from_state_dict,
+    convert_animate_state_dict,
+    convert_relighting_lora,
+    export_animate_state_dict,
+    find_relighting_lora,
+    is_animate_key,
+    save_relighting_lora,
+)
+from ..conversion.dit import DitExtension, DitInfo, DitShape
+from ..lora.loader import check_lora_state_dict
+from ..models import WanAnimateExtTransformer3DModel
+from ..pipelines import WanAnimateExtPipeline
+from ..utils.io import ConversionError
+from .base import GenerateInput, ModelFamily, TinyArch, WanVariant
+
+__all__ = ["AnimateFamily", "RELIGHTING_LORA_MODULES", "make_tiny_relighting_lora"]
+
+#: Modules of every DiT block that the relighting LoRA adapts (upstream ``get_loraconfig``: all Linears of
+#: ``blocks.*`` except face / modulation), in the original names.
+RELIGHTING_LORA_MODULES = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v",
+    "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
+)
+#: Tiny adapter widths (stock config names) and 5 DiT blocks, so that one face block exists (the original applies
+#: one after every 5th block).
+TINY_ANIMATE = dict(
+    num_layers=5, motion_encoder_size=16, motion_encoder_channel_sizes={"4": 32, "8": 16, "16": 8},
+    motion_style_dim=32, motion_dim=8, motion_encoder_dim=32, face_encoder_hidden_dim=16, face_encoder_num_heads=4,
+)
+
+
+def _has_adapter(sd) -> bool:
+    return any(is_animate_key(k) for k in sd)
+
+
+def _head_dim(sd) -> int | None:
+    face_norm = sd.get("face_adapter.fuser_blocks.0.q_norm.weight")  # face blocks: per-head RMSNorm
+    return int(face_norm.shape[0]) if face_norm is not None and face_norm.shape[0] else None
+
+
+def _config(shape: DitShape) -> dict[str, Any]:
+    if not _has_adapter(shape.sd):
+        return {}
+    return animate_config_from_state_dict(shape.sd, shape.cfg, dim=shape.dim, in_dim=shape.in_dim,
+                                          num_layers=shape.num_layers, num_heads=shape.num_heads)
+
+
+def _detect(shape: DitShape, ext: dict[str, Any]) -> str | None:
+    if not _has_adapter(shape.sd):
+        return None
+    if not shape.has_img:
+        raise ConversionError("Wan2.2-Animate adapter (pose_patch_embedding, motion_encoder, face_*) on a DiT "
+                              "without the CLIP image branch (img_emb.*): the Animate DiT is an I2V DiT with CLIP")
+    return "animate"
+
+
+def _model_class(info: DitInfo) -> type:
+    return WanAnimateExtTransformer3DModel if info.needs_text_len_processor else WanAnimateTransformer3DModel
+
+
+def make_tiny_relighting_lora(path: str | Path, dit_state_dict: dict, rank: int = 4, seed: int = 0) -> Path:
+    """Write a tiny ``relighting_lora.ckpt`` as the Animate release ships it: ``torch.save({"state_dict": sd})`` of
+    a PEFT state dict (``blocks.N.<module>.lora_A/B.weight``, original module names) for ``dit_state_dict``."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = sorted({int(k.split(".")[1]) for k in dit_state_dict if k.startswith("blocks.")})
+    sd = {}
+    for i in blocks:
+        for mod in RELIGHTING_LORA_MODULES:
+            out_f, in_f = dit_state_dict[f"blocks.{i}.{mod}.weight"].shape
+            sd[f"blocks.{i}.{mod}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.1
+            sd[f"blocks.{i}.{mod}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.1
+    path = Path(path)
+    torch.save({"state_dict": sd}, path)
+    return path
+
+
+class AnimateFamily(ModelFamily):
+    name = "animate"
+    title = "Wan2.2-Animate (character animation and replacement)"
+    variants = (
+        WanVariant(
+            "wan2.2-animate-14b", "animate", "Wan-AI/Wan2.2-Animate-14B", dim=5120, num_layers=40, image_encoder=True,
+            pipeline="WanAnimatePipeline", flow_shift=5.0, num_inference_steps=20, guidance_scale=1.0, height=720,
+            width=1280, num_frames=77, fps=30,
+            notes="num_frames = frames per segment (clip_len); relighting_lora.ckpt -> relighting_lora/ (Diffusers "
+                  "LoRA)",
+        ),
+    )
+    dit = DitExtension(
+        name="animate", arches=("animate",), layouts="Animate 36/16 + CLIP + pose_patch_embedding / motion_encoder / "
+        "face_*", adapter_keys=is_animate_key, convert_adapter=convert_animate_state_dict,
+        export_adapter=export_animate_state_dict, head_dim=_head_dim, config=_config, detect=_detect,
+        model_class=_model_class, priority=10,
+    )
+    model_classes = (WanAnimateExtTransformer3DModel,)
+    pipeline_classes = (WanAnimateExtPipeline,)
+    card_calls = {
+        "WanAnimatePipeline": (
+            'image=load_image("character.png"), pose_video=load_video("src_pose.mp4"),\n'
+            '             face_video=load_video("src_face.mp4"), prompt="a person dancing", mode="animate",\n'
+            "             height={height}, width={width}, segment_frame_length={num_frames}, "
+            "num_inference_steps={num_inference_steps},\n             guidance_scale={guidance_scale}"
+        ),
+    }
+    generate_inputs = (
+        GenerateInput("--pose-video", "pose_video", "Wan2.2-Animate: driving pose video (src_pose.mp4); --image = the "
+                      "character"),
+        GenerateInput("--face-video", "face_video", "Wan2.2-Animate: driving face crops (src_face.mp4)"),
+        GenerateInput("--background-video", "background_video", "Wan2.2-Animate replacement: background (src_bg.mp4)"),
+        GenerateInput("--mask-video", "mask_video", "Wan2.2-Animate replacement: person mask (src_mask.mp4)"),
+        GenerateInput("--relighting-lora", "relighting_lora", "Wan2.2-Animate: load the relighting LoRA (default: "
+                      "MODEL/relighting_lora)", kind="optional-path"),
+    )
+    generate_pipeline = {"WanAnimatePipeline": WanAnimateExtPipeline, "WanAnimateExtPipeline": WanAnimateExtPipeline}
+    tiny_arches = {"animate": TinyArch("animate", 36, 16, clip=True)}
+
+    def find_files(self, root: Path, given: dict[str, Any]) -> dict[str, Path | None]:
+        lora = given.get("relighting_lora")
+        return {"relighting_lora": Path(lora) if lora else find_relighting_lora(root),
+                "relighting_lora_given": lora is not None}
+
+    def check_extras(self, files: dict[str, Any], info: DitInfo, transformer_only: bool) -> Any:
+        """The converted relighting LoRA (``None`` without one), checked against the DiT's module names."""
+        path = files.get("relighting_lora")
+        if info.arch != "animate":
+            if files.get("relighting_lora_given"):
+                raise ConversionError(f"{path}: the relighting LoRA belongs to Wan2.2-Animate, not a {info.arch} DiT")
+            return None
+        if path is None or transformer_only:
+            return None
+        try:
+            return convert_relighting_lora(path)
+        except ConversionError as e:
+            raise ConversionError(f"{path}: {e}") from e
+
+    def verify_extras(self, extras: Any, transformer: torch.nn.Module, files: dict[str, Any]) -> None:
+        """The LoRA must load into the converted transformer (named keys otherwise)."""
+        if extras is None:
+            return
+        try:
+            check_lora_state_dict(transformer, extras)
+        except ValueError as e:
+            raise ConversionError(f"{files['relighting_lora']}: {e}") from e
+
+    def write_extras(self, folder: Path, extras: Any, torch_dtype: torch.dtype) -> str:
+        if extras is None:
+            return ""
+        save_relighting_lora(extras, folder / "relighting_lora", dtype=torch_dtype)
+        return ("\nThe release's relighting LoRA (for `mode=\"replace\"`) is in `relighting_lora/` as a Diffusers "
+                "LoRA:\n`pipe.load_lora_weights(\"<this repo>\", subfolder=\"relighting_lora\")`.\n")
+
+    def prepare_generate(self, pipe, model: str, given: dict[str, Any], kw: dict[str, Any]) -> None:
+        lora = given.pop("relighting_lora", None)
+        if lora:
+            pipe.load_relighting_lora(model if lora == "auto" else lora)
+        kw.update(given, segment_frame_length=kw.pop("num_frames"))  # frames per segment
+
+    def tiny_dit_model(self, arch: str, experts: int, kwargs: dict[str, Any]):
+        kwargs = dict(kwargs, **{k: v for k, v in TINY_ANIMATE.items()})
+        model = WanAnimateTransformer3DModel(**kwargs, latent_channels=16)
+        # upstream WanAnimateModel config.json fields
+        return model, dict(_class_name="WanAnimateModel", motion_encoder_dim=TINY_ANIMATE["motion_encoder_dim"],
+                           use_img_emb=True)
+
+    def tiny_release_files(self, folder: Path, dit_folder: Path, arch: str, dit_state_dict: dict, seed: int) -> None:
+        make_tiny_relighting_lora(dit_folder / "relighting_lora.ckpt", dit_state_dict, seed=seed)

@@ -1,0 +1,214 @@
+"""What a model family declares: :class:`ModelFamily` (one subclass per family module) and its data rows.
+
+A family is a small delta on the shared Wan core.  Its declaration module (``families/<name>.py``) states, in one
+place, everything the rest of the package needs to know about it:
+
+* how its DiT weights are recognised, how their config is read and their key tables
+  (:class:`~diffusers_wan_ext.conversion.dit.DitExtension`, registered with the DiT converter);
+* its release rows with the sampling defaults of the original code (:class:`WanVariant`);
+* its model and pipeline classes (registered with Diffusers on ``import diffusers_wan_ext``);
+* the release components it needs beyond the Wan core (audio encoder, motion controller, relighting LoRA), and how
+  a release that is not in the Wan DiT layout converts (LongCat-Video, Video-As-Prompt);
+* its model-card snippet, its tiny-release factory for the demo and tests, its context-parallel plan for stock
+  classes that lack one, and its training inputs (:class:`Conditioning`).
+
+The registry (:mod:`diffusers_wan_ext.families`) iterates the declarations; no code outside a family's module names
+the family.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..conversion.dit import DitExtension, DitInfo
+
+__all__ = ["Conditioning", "GenerateInput", "ModelFamily", "ReleaseOptions", "TinyArch", "WanVariant"]
+
+
+@dataclass(frozen=True)
+class WanVariant:
+    """One release: how it is recognised and what its converted folder contains."""
+
+    name: str
+    arch: str  # what the DiT keys say (an arch of its family's DitExtension), or the family's own (e.g. "longcat")
+    release: str  # Hub id of the original release
+    dim: int | None = None  # release width (None: any width, e.g. tiny test models)
+    num_layers: int | None = None
+    experts: int = 1  # 2 = high_noise_model/ + low_noise_model/
+    vae: str = "wan2.1"
+    image_encoder: bool = False
+    audio_encoder: bool = False  # an audio encoder + processor (read by the family's load_components)
+    pipeline: str = "WanPipeline"
+    boundary_ratio: float | None = None
+    expand_timesteps: bool = False
+    # sampling defaults of the original code (generate.py / configs)
+    flow_shift: float = 5.0
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    guidance_scale_2: float | None = None  # low-noise expert (Wan2.2 A14B)
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    fps: int = 16
+    notes: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+    #: fragments that must all occur in a single DiT file's (lower-cased) name for this row to be chosen when the
+    #: weights alone cannot name the release (e.g. krea's file, Fun-InP = I2V layout)
+    file_hints: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+
+    def record(self) -> dict[str, Any]:
+        """The row as written to a converted folder's ``wan_variant.json``."""
+        rec = asdict(self)
+        rec.pop("aliases", None)
+        rec.pop("file_hints", None)
+        return rec
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How training conditions one kind of model (see :mod:`diffusers_wan_ext.training.inputs`).
+
+    Attributes:
+        name: for messages.
+        pipeline: the pipeline class whose code builds the conditioning (built with the training components).
+        required / optional: extra inputs (``--extra_inputs``) it cannot do without / accepts.
+        encode: ``(builder, sample, inputs, num_frames, height, width) -> None`` fills the conditioning fields of
+            ``inputs`` (``None``: text only).
+    """
+
+    name: str
+    pipeline: type
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    encode: Callable[..., None] | None = None
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    """The original ``config.json`` fields of a tiny DiT of one architecture (demo and tests)."""
+
+    model_type: str
+    in_dim: int
+    out_dim: int
+    clip: bool = False
+    vae: str = "wan2.1"
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """A ``diffusers-wan generate`` option a family adds (``--pose-video`` ...): flag, call argument, help."""
+
+    flag: str
+    argument: str
+    help: str
+    kind: str = "path"  # "path" (passed as given), "int", or "optional-path" (a flag alone gives "auto")
+
+
+@dataclass
+class ReleaseOptions:
+    """The converter options a family's own release converter receives (:meth:`ModelFamily.convert_release`)."""
+
+    dtype: str = "bf16"
+    transformer: str | os.PathLike | None = None
+    text_encoder: str | os.PathLike | None = None
+    tokenizer: str | os.PathLike | None = None
+    vae: str | os.PathLike | None = None
+    transformer_only: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    max_shard_size: str = "5GB"
+
+
+class ModelFamily:
+    """A model family's declaration.  Subclass it once per family module and register one instance.
+
+    Class attributes are the family's data; methods are the few behaviours that are not data (each has a no-op
+    default, so a family overrides only what it adds).
+    """
+
+    #: registry key and short title
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    #: release rows (sampling defaults of the original code)
+    variants: ClassVar[tuple[WanVariant, ...]] = ()
+    #: DiT modules, detection and config (None: its DiT is not in the Wan layout)
+    dit: ClassVar[DitExtension | None] = None
+    #: classes this package ships for the family (registered with Diffusers)
+    model_classes: ClassVar[tuple[type, ...]] = ()
+    pipeline_classes: ClassVar[tuple[type, ...]] = ()
+    #: transformer block classes that behave like stock ``WanTransformerBlock`` for Diffusers' cache hooks
+    hook_blocks: ClassVar[tuple[type, ...]] = ()
+    #: model-card example call per pipeline class name (``str.format`` fields: the variant's sampling defaults)
+    card_calls: ClassVar[dict[str, str]] = {}
+    #: ``diffusers-wan generate`` options and the pipeline class a loaded folder is upgraded to for them
+    generate_inputs: ClassVar[tuple[GenerateInput, ...]] = ()
+    generate_pipeline: ClassVar[dict[str, type]] = {}
+    #: tiny original DiT configs per architecture (demo, tests)
+    tiny_arches: ClassVar[dict[str, TinyArch]] = {}
+    #: training conditionings of this family's models
+    conditionings: ClassVar[tuple[Conditioning, ...]] = ()
+
+    # ------------------------------------------------------------------------------------------- releases
+    def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
+        """Whether ``src`` is a release this family converts itself (not a Wan-layout DiT release)."""
+        return False
+
+    def convert_release(self, src: Path, dst: Path, options: ReleaseOptions) -> Path:
+        """Convert a release this family claims (see :meth:`claims_release`)."""
+        raise NotImplementedError(f"{self.name} releases convert through the Wan DiT converter")
+
+    def find_files(self, root: Path, given: dict[str, Any]) -> dict[str, Path | None]:
+        """Release files this family reads beyond the Wan core, found next to the DiT or given explicitly."""
+        return {}
+
+    def load_components(self, files: dict[str, Any], info: DitInfo, variant: WanVariant,
+                        torch_dtype: torch.dtype) -> dict[str, Any]:
+        """Extra pipeline components (``{"audio_encoder": ..., ...}``) for a release of this family, validated."""
+        return {}
+
+    def check_extras(self, files: dict[str, Any], info: DitInfo, transformer_only: bool) -> Any:
+        """Load and check extras written beside the components (relighting LoRA ...); the value goes to
+        :meth:`write_extras`."""
+        return None
+
+    def verify_extras(self, extras: Any, transformer: torch.nn.Module, files: dict[str, Any]) -> None:
+        """Check what :meth:`check_extras` returned against the converted transformer."""
+
+    def pipeline_override(self, components: dict[str, Any]) -> str | None:
+        """The pipeline class a release converts to when this family's extra components are present."""
+        return None
+
+    def write_extras(self, folder: Path, extras: Any, torch_dtype: torch.dtype) -> str:
+        """Write what :meth:`check_extras` returned into the converted folder; returns a model-card note."""
+        return ""
+
+    def prepare_generate(self, pipe, model: str, given: dict[str, Any], kw: dict[str, Any]) -> None:
+        """Turn this family's ``generate`` options (``given``) into call arguments in ``kw`` (default: as named)."""
+        kw.update(given)
+
+    # ----------------------------------------------------------------------------------------------- demo
+    def tiny_arch(self, arch: str, experts: int) -> TinyArch:
+        """The tiny DiT config of ``arch`` (``experts=2``: the Wan2.2 A14B layout where it differs)."""
+        return self.tiny_arches[arch]
+
+    def tiny_dit_model(self, arch: str, experts: int, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, dict]:
+        """A tiny Diffusers model of ``arch`` (for a release written in the original layout) and the extra original
+        ``config.json`` fields; ``kwargs`` are the shared Wan transformer arguments."""
+        raise NotImplementedError(f"{self.name} has no tiny DiT of arch {arch!r}")
+
+    def tiny_release_files(self, folder: Path, dit_folder: Path, arch: str, dit_state_dict: dict, seed: int) -> None:
+        """Extra files of a tiny release (relighting LoRA, audio encoder folder ...)."""
+
+    # ------------------------------------------------------------------------------------------ parallel
+    def register_parallel_plans(self) -> None:
+        """Context-parallel plans for STOCK classes this family uses that lack one (ours carry ``_cp_plan``)."""
+
+    # ----------------------------------------------------------------------------------------- training
+    def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
+        """The conditioning of a transformer with this ``config`` if it belongs to this family, else ``None``."""
+        return None

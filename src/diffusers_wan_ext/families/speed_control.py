@@ -1,0 +1,128 @@
+"""The speed-control family: ``DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1`` on a Wan2.1 text-to-video folder.
+
+A small MLP (:class:`~diffusers_wan_ext.WanMotionControllerModel`) turns ``motion_bucket_id`` into an offset of the
+block modulation; the converted folder gets a ``motion_controller`` component and loads as
+:class:`~diffusers_wan_ext.WanSpeedControlPipeline`.  It is added at conversion (``--motion-controller``) or to a
+converted folder (:func:`add_motion_controller`, ``diffusers-wan add-motion-controller``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple as fetch_class_library_tuple
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..conversion.dit import DitInfo
+from ..conversion.motion_controller import load_motion_controller_from_original
+from ..models import WanMotionControllerModel
+from ..pipelines import WanSpeedControlPipeline
+from ..utils.io import ConversionError
+from ..utils.shims import rewrite_model_index_for_shims
+from .base import ModelFamily, WanVariant
+
+__all__ = ["SpeedControlFamily", "add_motion_controller", "make_tiny_motion_controller"]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_motion_controller_for(path: str | os.PathLike, info: DitInfo, torch_dtype: torch.dtype):
+    """The speed-control module, checked against the DiT it is added to (a Wan2.1 T2V DiT of the same width)."""
+    if info.arch != "t2v":
+        raise ConversionError(
+            f"{path}: the speed-control motion controller belongs on a Wan2.1 text-to-video DiT, not a {info.arch} DiT"
+        )
+    try:
+        model = load_motion_controller_from_original(path, torch_dtype=torch_dtype)
+    except ConversionError as e:
+        raise ConversionError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
+    width = info.config["num_attention_heads"] * info.config["attention_head_dim"]
+    if model.config.dim != width or model.config.freq_dim != info.config["freq_dim"]:
+        raise ConversionError(
+            f"{path}: motion controller for dim {model.config.dim} / freq_dim {model.config.freq_dim}, but the DiT has "
+            f"dim {width} / freq_dim {info.config['freq_dim']} (the speed-control model fits Wan2.1-T2V-1.3B)"
+        )
+    return model
+
+
+def _stored_dtype(model_folder: Path) -> torch.dtype:
+    for f in sorted(model_folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                name = str(h.get_slice(k).get_dtype()).lower()
+                return {"bf16": torch.bfloat16, "f16": torch.float16}.get(name, torch.float32)
+    return torch.float32
+
+
+def add_motion_controller(folder: str | os.PathLike, motion_controller: str | os.PathLike, dtype: str | None = None) -> Path:
+    """Add the speed-control module to an already converted Wan2.1 T2V folder (it becomes a
+    :class:`~diffusers_wan_ext.WanSpeedControlPipeline`).  The folder is only changed once everything is written.
+
+    Example:
+        >>> add_motion_controller("Wan2.1-T2V-1.3B-diffusers", "Wan2.1-1.3b-speedcontrol-v1/model.safetensors")  # doctest: +SKIP
+    """
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ConversionError(f"{folder}: not a converted pipeline folder (no model_index.json)")
+    tcfg_path = folder / "transformer" / "config.json"
+    if not tcfg_path.is_file():
+        raise ConversionError(f"{folder}: no transformer/config.json")
+    tcfg = json.loads(tcfg_path.read_text())
+    is_t2v = (tcfg.get("in_channels") == tcfg.get("out_channels", 16) and not tcfg.get("image_dim")
+              and "vace_layers" not in tcfg)
+    info = DitInfo(arch="t2v" if is_t2v else "other", config=tcfg, text_len=512)
+    torch_dtype = DTYPES[dtype] if dtype else _stored_dtype(folder / "transformer")
+    model = load_motion_controller_for(motion_controller, info, torch_dtype)
+    index = json.loads(index_path.read_text())
+    tmp = folder / ".motion_controller.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        if (folder / "motion_controller").exists():
+            shutil.rmtree(folder / "motion_controller")
+        tmp.rename(folder / "motion_controller")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    index["_class_name"] = "WanSpeedControlPipeline"
+    index["motion_controller"] = list(fetch_class_library_tuple(model))
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    rewrite_model_index_for_shims(folder)
+    return folder
+
+
+def make_tiny_motion_controller(path: str | os.PathLike, seed: int = 0, freq_dim: int = 32, dim: int = 48) -> Path:
+    """Write a tiny speed-control ``model.safetensors`` (release layout ``linear.{0,2,4}.*``), by default for the
+    tiny T2V DiT of the demo."""
+    torch.manual_seed(seed)
+    mc = WanMotionControllerModel(freq_dim=freq_dim, dim=dim)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in mc.state_dict().items()}, str(path))
+    return path
+
+
+class SpeedControlFamily(ModelFamily):
+    name = "speed-control"
+    title = "Wan2.1 speed control (motion_bucket_id)"
+    variants: tuple[WanVariant, ...] = ()  # added to a Wan2.1-T2V folder, not a release of its own
+    model_classes = (WanMotionControllerModel,)
+    pipeline_classes = (WanSpeedControlPipeline,)
+
+    def find_files(self, root: Path, given: dict[str, Any]) -> dict[str, Path | None]:
+        path = given.get("motion_controller")
+        return {"motion_controller": Path(path) if path else None}
+
+    def load_components(self, files: dict[str, Any], info: DitInfo, variant: WanVariant,
+                        torch_dtype: torch.dtype) -> dict[str, Any]:
+        path = files.get("motion_controller")
+        return {} if path is None else {"motion_controller": load_motion_controller_for(path, info, torch_dtype)}
+
+    def pipeline_override(self, components: dict[str, Any]) -> str | None:
+        return "WanSpeedControlPipeline" if "motion_controller" in components else None

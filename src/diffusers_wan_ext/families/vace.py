@@ -1,0 +1,147 @@
+"""The VACE family (Wan2.1-VACE 1.3B / 14B, VACE-Wan2.1-1.3B-Preview, Wan2.2-VACE-Fun-A14B): stock Diffusers.
+
+The VACE DiT is a text-to-video DiT plus ``vace_blocks`` (full DiT blocks with hint projections) fed by a
+``vace_patch_embedding`` of the control video; stock ``WanVACETransformer3DModel`` / ``WanVACEPipeline`` hold it.
+Stock has no context-parallel plan for it: :data:`WAN_VACE_CP_PLAN` is registered for the stock class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+from ..conversion.dit import BLOCK_KEY_MAP, DitExtension, DitInfo, DitShape, block_indices
+from ..parallel.plans import register_cp_plan
+from ..utils.io import ConversionError, format_keys
+from .base import Conditioning, ModelFamily, TinyArch, WanVariant
+
+__all__ = ["VaceFamily", "WAN_VACE_CP_PLAN", "encode_vace_condition"]
+
+# Inside ``vace_blocks.N.``: a full DiT block plus the hint projections (stock ``WanVACETransformerBlock``).
+VACE_BLOCK_KEY_MAP = BLOCK_KEY_MAP + (("before_proj", "proj_in"), ("after_proj", "proj_out"))
+
+_TOKENS = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
+#: VACE: video tokens at ``blocks.0``, control tokens (and the video tokens block 0 adds to them) at
+#: ``vace_blocks.0``; the later VACE blocks take the already-local control stream.
+WAN_VACE_CP_PLAN = {
+    "rope": {
+        0: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+        1: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+    },
+    "vace_blocks.0": {"hidden_states": _TOKENS, "control_hidden_states": _TOKENS},
+    "blocks.0": {"hidden_states": _TOKENS},
+    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+}
+
+
+def _config(shape: DitShape) -> dict[str, Any]:
+    sd = shape.sd
+    if "vace_patch_embedding.weight" not in sd:
+        return {}
+    n = block_indices(sd, "vace_blocks")
+    if not n or n != list(range(len(n))):
+        raise ConversionError(f"VACE blocks are not contiguous (found vace_blocks indices {n})")
+    if "vace_blocks.0.before_proj.weight" not in sd:
+        raise ConversionError("missing key vace_blocks.0.before_proj.weight (the first VACE block's input projection)")
+    missing = [f"vace_blocks.{i}.after_proj.weight" for i in n if f"vace_blocks.{i}.after_proj.weight" not in sd]
+    if missing:
+        raise ConversionError(f"missing VACE hint projection(s): {format_keys(missing)}")
+    num_layers = shape.num_layers
+    if "vace_layers" in shape.cfg:
+        layers = [int(i) for i in shape.cfg["vace_layers"]]
+    else:  # releases: every 2nd (1.3B, 15 of 30) or every 5th block (14B, 8 of 40), starting at 0
+        step = math.ceil(num_layers / len(n))
+        layers = list(range(0, num_layers, step))
+    if len(layers) != len(n) or layers[0] != 0 or max(layers) >= num_layers:
+        raise ConversionError(
+            f"{len(n)} VACE blocks (vace_blocks.*) but vace_layers {layers} for {num_layers} DiT blocks: give "
+            "vace_layers in config.json (the DiT block indices after which each VACE hint is added, starting at 0)"
+        )
+    return {"vace_layers": layers, "vace_in_channels": int(sd["vace_patch_embedding.weight"].shape[1])}
+
+
+def _detect(shape: DitShape, ext: dict[str, Any]) -> str | None:
+    if "vace_layers" not in ext:
+        return None
+    if shape.has_img or shape.extra_channels:
+        raise ConversionError(
+            f"VACE weights (vace_blocks.*) on a DiT with in_dim {shape.in_dim} / img_emb "
+            f"{'present' if shape.has_img else 'absent'}: only text-to-video VACE DiTs (in_dim == out_dim, no CLIP "
+            "branch) exist"
+        )
+    return "vace"
+
+
+def _model_class(info: DitInfo) -> type:
+    return WanVACETransformer3DModel
+
+
+def encode_vace_condition(builder, sample: dict, inputs, num_frames: int, height: int, width: int) -> None:
+    """Training inputs of a VACE model through stock ``WanVACEPipeline``'s control encoding."""
+    pipe = builder.pipe
+    if "vace_video" in builder.extra_inputs:
+        control = builder.video(sample, "vace_video")
+    else:
+        control = torch.zeros(1, 3, num_frames, height, width)
+    if "vace_video_mask" in builder.extra_inputs:
+        mask = builder.video(sample, "vace_video_mask").add(1).div(2).clamp(0, 1)  # [-1, 1] -> [0, 1]
+    else:
+        mask = torch.ones(1, 3, num_frames, height, width)
+    references = None
+    if "vace_reference_image" in builder.extra_inputs:
+        references = [[builder.image(sample, "vace_reference_image")[0].to(builder.device)]]
+    control, mask = control.to(builder.device), mask.to(builder.device)
+    context = pipe.prepare_video_latents(control, mask, references, device=builder.device)
+    mask_latents = pipe.prepare_masks(mask, references)
+    inputs.transformer_kwargs = {"control_hidden_states": torch.cat([context, mask_latents.to(context)], dim=1)}
+    if references is not None:
+        # the references' latents come first in time, as in DiffSynth-Studio's training (and stock inference)
+        ref = builder.encode_latents(references[0][0][None, :, None])
+        inputs.latents = torch.cat([ref.to(inputs.latents), inputs.latents], dim=2)
+
+
+class VaceFamily(ModelFamily):
+    name = "vace"
+    title = "VACE (stock WanVACEPipeline)"
+    variants = (
+        WanVariant(
+            "wan2.1-vace-1.3b", "vace", "Wan-AI/Wan2.1-VACE-1.3B", dim=1536, num_layers=30,
+            pipeline="WanVACEPipeline", aliases=("vace-wan2.1-1.3b-preview",),
+            notes="iic/VACE-Wan2.1-1.3B-Preview has the same layout",
+        ),
+        WanVariant(
+            "wan2.1-vace-14b", "vace", "Wan-AI/Wan2.1-VACE-14B", dim=5120, num_layers=40, pipeline="WanVACEPipeline",
+            height=720, width=1280,
+        ),
+        WanVariant(
+            "wan2.2-vace-fun-a14b", "vace", "PAI/Wan2.2-VACE-Fun-A14B", dim=5120, num_layers=40, experts=2,
+            pipeline="WanVACEPipeline", boundary_ratio=0.875, flow_shift=5.0, guidance_scale=5.0,
+        ),
+    )
+    dit = DitExtension(
+        name="vace", arches=("vace",), layouts="VACE 16/16 + vace_blocks.*",
+        top_level_keys=(("vace_patch_embedding", "vace_patch_embedding"),),
+        block_tables={"vace_blocks": VACE_BLOCK_KEY_MAP}, config=_config, detect=_detect, model_class=_model_class,
+        priority=20,
+    )
+    tiny_arches = {"vace": TinyArch("vace", 16, 16)}
+    conditionings = (
+        Conditioning("VACE", WanVACEPipeline, optional=("vace_video", "vace_video_mask", "vace_reference_image"),
+                     encode=encode_vace_condition),
+    )
+
+    def tiny_dit_model(self, arch: str, experts: int, kwargs: dict[str, Any]):
+        layers = list(range(kwargs["num_layers"]))
+        model = WanVACETransformer3DModel(**kwargs, vace_layers=layers, vace_in_channels=96)
+        return model, {"vace_layers": layers, "vace_in_dim": 96}
+
+    def register_parallel_plans(self) -> None:
+        register_cp_plan(WanVACETransformer3DModel, WAN_VACE_CP_PLAN,
+                         self_attention_modules=("blocks.*.attn1", "vace_blocks.*.attn1"))
+
+    def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
+        return self.conditionings[0] if getattr(config, "vace_layers", None) else None
