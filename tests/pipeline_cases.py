@@ -102,7 +102,7 @@ def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def prepare_folders(folders: Path) -> Path:
     """Convert the tiny releases that :func:`speech_to_video` and :func:`animate` load, into ``folders``."""
-    from diffusers_wan_ext.conversion.pipeline import convert_release
+    from diffusers_wan_ext.release_converter import convert_release
     from diffusers_wan_ext.demo import TINY, make_tiny_release
 
     folders.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,8 @@ def longcat(folders: Path):
                                            freq_dim=32, time_embed_dim=32, ffn_dim=256)
     pipe = LongCatVideoPipeline(**_text(folders), vae=make_vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=12.0),
                                 transformer=_perturbed(model, 13))
-    return pipe, _common(height=H, width=W, num_frames=F, max_sequence_length=16)
+    # its self-attention takes no key mask: the tokens of one latent frame (2 x 2 at 32 x 32) divide by Ulysses 2
+    return pipe, _common(height=32, width=32, num_frames=F, max_sequence_length=16)
 
 
 def streaming(folders: Path):

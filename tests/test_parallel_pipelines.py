@@ -106,6 +106,7 @@ def check_forwards(case: PipelineCase, ref_calls: list, res: dict) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_pipeline_on_ranks_equals_single_process(case, world, reference, launched):
     ref = reference[case.name]
+    assert "error" not in ref, f"single process:\n{ref['error']}"
     for rank, results in enumerate(launched(world)):
         res = results[case.name]
         assert "error" not in res, f"rank {rank}:\n{res['error']}"
