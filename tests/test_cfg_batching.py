@@ -22,7 +22,7 @@ from diffusers_wan_ext import (
     WanSpeedControlPipeline,
 )
 from diffusers_wan_ext.hooks import teacache_log
-from diffusers_wan_ext.pipelines.fun_conditioning import load_image
+from diffusers_wan_ext.utils.media import load_image
 from diffusers_wan_ext.pipelines import runtime_options
 from diffusers_wan_ext.pipelines.denoising import WanDenoisingMixin
 from diffusers_wan_ext.pipelines.runtime_options import WanRuntimeOptionsMixin
@@ -250,16 +250,16 @@ def test_fun_control_batched_equals_unbatched(parts):  # noqa: F811
     pipe = build(WanFunControlPipeline, parts, make_transformer(48, ref_conv=True), clip=True)
     inputs = dict(control_video=control_frames(), reference_image=picture(2), image=picture(3),
                   prompt=["a", "b"], negative_prompt=["x", "y"], num_videos_per_prompt=2)
-    assert pipe.cfg_batching is False  # the Fun pipelines' default: two forwards per step
+    assert pipe.cfg_batching is True  # the default of every pipeline of ours: one batched forward per step
     calls = Calls(pipe.transformer)
-    plain = run_fun(pipe, generator=[torch.Generator().manual_seed(i) for i in range(4)], **inputs)
+    pipe.cfg_batching = False
+    try:
+        plain = run_fun(pipe, generator=[torch.Generator().manual_seed(i) for i in range(4)], **inputs)
+    finally:
+        pipe.cfg_batching = True
     assert calls.batches == [4] * 4
     calls.batches.clear()
-    pipe.cfg_batching = True
-    try:
-        batched = run_fun(pipe, generator=[torch.Generator().manual_seed(i) for i in range(4)], **inputs)
-    finally:
-        pipe.cfg_batching = False
+    batched = run_fun(pipe, generator=[torch.Generator().manual_seed(i) for i in range(4)], **inputs)
     assert calls.batches == [8] * 2 and calls.contexts[-2:] == ["cond_uncond"] * 2
     calls.remove()
     torch.testing.assert_close(batched, plain, **TOL)

@@ -8,14 +8,12 @@ import torch
 from PIL import Image
 
 from diffusers_wan_ext.pipelines.fun_conditioning import (
-    encode_video,
     fun_camera_condition,
     fun_control_condition,
     i2v_condition,
     i2v_mask,
-    load_image,
-    load_video_frames,
 )
+from diffusers_wan_ext.utils.media import encode_video, load_image, load_video_frames
 from diffusers_wan_ext.utils.camera import (
     CAMERA_DIRECTIONS,
     DEFAULT_CAMERA_ORIGIN,

@@ -21,14 +21,8 @@ from diffusers_wan_ext import (
     WanFunTransformer3DModel,
 )
 from diffusers_wan_ext.conversion.image_encoder import clip_image_features, wan_clip_preprocess
-from diffusers_wan_ext.pipelines.fun_conditioning import (
-    encode_video,
-    fun_camera_condition,
-    fun_control_condition,
-    i2v_condition,
-    load_image,
-    load_video_frames,
-)
+from diffusers_wan_ext.pipelines.fun_conditioning import fun_camera_condition, fun_control_condition, i2v_condition
+from diffusers_wan_ext.utils.media import encode_video, load_image, load_video_frames
 from diffusers_wan_ext.utils.camera import camera_control_latents, generate_camera_coordinates
 
 H = W = 32
@@ -122,14 +116,28 @@ def control_frames(n=F, h=H, w=W, seed=7):
 
 
 class Spy:
-    """Records the keyword arguments of every forward of a module."""
+    """Records the keyword arguments of every forward of a module.
 
-    def __init__(self, module):
+    With ``cfg_batch=B``, a batched cond + uncond forward (``hidden_states`` of batch ``2 x B``, CFG batching) is
+    recorded as its two passes, cond then uncond (tensors of batch ``2 x B`` split in halves, broadcast ones kept).
+    """
+
+    def __init__(self, module, cfg_batch=None):
         self.calls = []
+        self.cfg_batch = cfg_batch
         self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
-        self.calls.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+        kwargs = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+        b = self.cfg_batch
+        if b is None or kwargs["hidden_states"].shape[0] != 2 * b:
+            self.calls.append(kwargs)
+            return
+
+        def half(v, i):
+            return v[i * b:(i + 1) * b] if torch.is_tensor(v) and v.ndim and v.shape[0] == 2 * b else v
+
+        self.calls.extend({k: half(v, i) for k, v in kwargs.items()} for i in (0, 1))
 
     def remove(self):
         self.handle.remove()
@@ -152,7 +160,7 @@ def clip_of(parts, image):
 def test_inpaint_wan21_clip(parts, with_end):
     pipe = build(WanFunInpaintPipeline, parts, make_transformer(36), clip=True)
     first, last = picture(1), picture(2)
-    spy = Spy(pipe.transformer)
+    spy = Spy(pipe.transformer, cfg_batch=1)
     out = run(pipe, image=first, end_image=last if with_end else None)
     spy.remove()
     assert out.shape == (1, 16, T_LAT, H // 8, W // 8) and torch.isfinite(out).all()
@@ -179,7 +187,7 @@ def test_inpaint_end_image_changes_output(parts):
 def test_inpaint_wan22_two_experts_no_clip(parts):
     high, low = make_transformer(36, clip=False, seed=1), make_transformer(36, clip=False, seed=2)
     pipe = build(WanFunInpaintPipeline, parts, high, clip=False, transformer_2=low, boundary_ratio=0.875)
-    spy_h, spy_l = Spy(high), Spy(low)
+    spy_h, spy_l = Spy(high, cfg_batch=1), Spy(low, cfg_batch=1)
     out = run(pipe, image=picture(3), guidance_scale=3.0, guidance_scale_2=2.0, output_type="np")
     spy_h.remove(), spy_l.remove()
     assert out.shape == (1, F, H, W, 3) and np.isfinite(out).all()
@@ -193,7 +201,7 @@ def test_control_wan21_stock_transformer(parts, with_image):
     """Wan2.1 Fun-Control (48) converts to the stock transformer: the pipeline runs it as is."""
     pipe = build(WanFunControlPipeline, parts, make_transformer(48, stock=True), clip=True)
     frames, start = control_frames(), picture(4)
-    spy = Spy(pipe.transformer)
+    spy = Spy(pipe.transformer, cfg_batch=1)
     out = run(pipe, control_video=frames, image=start if with_image else None)
     spy.remove()
     assert out.shape == (1, 16, T_LAT, H // 8, W // 8)
@@ -213,7 +221,7 @@ def test_control_wan21_stock_transformer(parts, with_image):
 def test_control_v11_reference_image(parts):
     pipe = build(WanFunControlPipeline, parts, make_transformer(48, ref_conv=True), clip=True)
     frames, ref = control_frames(), picture(5, size=(64, 40))
-    spy = Spy(pipe.transformer)
+    spy = Spy(pipe.transformer, cfg_batch=1)
     with_ref = run(pipe, control_video=frames, reference_image=ref)
     spy.remove()
     want_ref = encode_video(parts["vae"], load_image(ref, H, W).unsqueeze(2))
@@ -231,7 +239,7 @@ def test_control_wan22_52_two_experts(parts):
     low = make_transformer(52, clip=False, ref_conv=True, seed=4)
     pipe = build(WanFunControlPipeline, parts, high, clip=False, transformer_2=low, boundary_ratio=0.875)
     frames, start, ref = control_frames(), picture(6), picture(8)
-    spy_h, spy_l = Spy(high), Spy(low)
+    spy_h, spy_l = Spy(high, cfg_batch=1), Spy(low, cfg_batch=1)
     out = run(pipe, control_video=frames, image=start, reference_image=ref)
     spy_h.remove(), spy_l.remove()
     assert out.shape == (1, 16, T_LAT, H // 8, W // 8)
@@ -251,7 +259,7 @@ def test_control_wan22_52_two_experts(parts):
 def test_camera_wan21_32_clip(parts):
     pipe = build(WanFunCameraControlPipeline, parts, make_transformer(32, camera=True), clip=True)
     img = picture(9)
-    spy = Spy(pipe.transformer)
+    spy = Spy(pipe.transformer, cfg_batch=1)
     out = run(pipe, image=img, camera_control_direction="LeftUp", camera_control_speed=0.05)
     spy.remove()
     assert out.shape == (1, 16, T_LAT, H // 8, W // 8)
@@ -271,7 +279,7 @@ def test_camera_wan21_32_clip(parts):
 def test_camera_wan22_36_no_clip(parts):
     pipe = build(WanFunCameraControlPipeline, parts, make_transformer(36, clip=False, camera=True), clip=False)
     img = picture(10)
-    spy = Spy(pipe.transformer)
+    spy = Spy(pipe.transformer, cfg_batch=1)
     out = run(pipe, image=img, camera_control_direction="Out")
     spy.remove()
     assert out.shape == (1, 16, T_LAT, H // 8, W // 8)
@@ -303,7 +311,7 @@ def test_short_text_context_is_padded_for_clip_models(parts):
     """A CLIP-branch transformer splits [image | last text_len tokens]: a short max_sequence_length is zero-padded,
     which equals encoding at 512 (umT5 embeddings are zero past the prompt)."""
     pipe = build(WanFunInpaintPipeline, parts, make_transformer(36), clip=True)
-    spy = Spy(pipe.transformer)
+    spy = Spy(pipe.transformer, cfg_batch=1)
     short = run(pipe, image=picture(1), max_sequence_length=16)
     spy.remove()
     assert spy.calls[0]["encoder_hidden_states"].shape[1] == 512

@@ -184,7 +184,7 @@ def test_conditioning_latents_stay_clean_and_kv_cache_is_exact(pipe):
     a = pipe("a fox", generator=torch.Generator().manual_seed(3), **kw).frames
     b = pipe("a fox", generator=torch.Generator().manual_seed(3), use_kv_cache=False, **kw).frames
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    from diffusers_wan_ext.pipelines.fun_conditioning import encode_video
+    from diffusers_wan_ext.utils.media import encode_video
 
     cond = encode_video(pipe.vae, torch.from_numpy(video[-5:]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)
     torch.testing.assert_close(a[:, :, :2], cond, rtol=1e-4, atol=1e-4)

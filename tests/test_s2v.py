@@ -316,11 +316,21 @@ def test_transformer_input_errors(pipe):
 
 
 # -------------------------------------------------------------------------------------------------- pipeline
-def _record_calls(transformer):
+def _record_calls(transformer, cfg_batch=None):
+    """The keyword arguments of every transformer forward; with ``cfg_batch=B`` a batched cond + uncond forward
+    (``hidden_states`` of batch ``2 x B``) is recorded as its two passes (tensors of batch ``2 x B`` halved)."""
     calls = []
 
+    def half(v, i):
+        batched = torch.is_tensor(v) and v.ndim and v.shape[0] == 2 * cfg_batch
+        return v[i * cfg_batch:(i + 1) * cfg_batch] if batched else v
+
     def hook(module, args, kwargs):
-        calls.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+        kwargs = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+        if cfg_batch is None or kwargs["hidden_states"].shape[0] != 2 * cfg_batch:
+            calls.append(kwargs)
+        else:
+            calls.extend({k: half(v, i) for k, v in kwargs.items()} for i in (0, 1))
 
     return calls, transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -330,7 +340,7 @@ def test_pipeline_multi_clip_from_files(pipe, tmp_path):
     wav, _ = write_wav(tmp_path / "speech.wav", 0.6)  # 0.6 s = 18 feature frames -> 2 clips of 8 frames
     png = write_png(tmp_path / "ref.png")
     pose = write_mp4(tmp_path / "pose.mp4", 12)  # shorter than 2 clips: the rest is black
-    calls, handle = _record_calls(pipe.transformer)
+    calls, handle = _record_calls(pipe.transformer, cfg_batch=1)
     try:
         frames = pipe(image=str(png), audio=str(wav), pose_video=str(pose), **call_kwargs()).frames[0]
     finally:

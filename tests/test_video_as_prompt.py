@@ -20,7 +20,8 @@ from diffusers_wan_ext.conversion.vap import (
     load_vap_transformer,
     vap_config_from_state_dict,
 )
-from diffusers_wan_ext.pipelines.fun_conditioning import encode_video, i2v_condition, load_image, load_video_frames
+from diffusers_wan_ext.pipelines.fun_conditioning import i2v_condition
+from diffusers_wan_ext.utils.media import encode_video, load_image, load_video_frames
 from diffusers_wan_ext.pipelines.pipeline_wan_video_as_prompt import select_reference_frames
 from diffusers_wan_ext.utils.io import ConversionError
 from test_fun_pipelines import CLIP_DIM, Spy, make_clip, make_text_parts, make_vae, picture
@@ -262,7 +263,7 @@ def test_pipeline_end_to_end_on_cpu(converted, media, tmp_path):
 
     image_path, video_path = media
     pipe = DiffusionPipeline.from_pretrained(converted)
-    spy = Spy(pipe.transformer)
+    spy = Spy(pipe.transformer, cfg_batch=1)
     frames = pipe(image=Image.open(image_path), prompt="a fox turns into a balloon", negative_prompt="blurry",
                   vap_video=str(video_path), vap_prompt="a shoe turns into a balloon", height=H, width=W,
                   num_frames=F, num_inference_steps=2, guidance_scale=4.0,
@@ -299,6 +300,7 @@ def test_cfg_batching_matches_two_forwards(converted, media):
               vap_prompt="a shoe", negative_vap_prompt="static", height=H, width=W, num_frames=F,
               num_inference_steps=2, guidance_scale=4.0, output_type="latent")
     spy = Spy(pipe.transformer)
+    pipe.cfg_batching = False
     two = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
     pipe.cfg_batching = True
     one = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames

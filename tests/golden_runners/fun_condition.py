@@ -14,14 +14,8 @@ from safetensors.torch import load_file
 
 from diffusers_wan_ext.conversion.vae import load_vae_from_original
 from diffusers_wan_ext.models.camera_adapter import WanCameraControlAdapter
-from diffusers_wan_ext.pipelines.fun_conditioning import (
-    encode_video,
-    fun_camera_condition,
-    fun_control_condition,
-    i2v_condition,
-    load_image,
-    load_video_frames,
-)
+from diffusers_wan_ext.pipelines.fun_conditioning import fun_camera_condition, fun_control_condition, i2v_condition
+from diffusers_wan_ext.utils.media import encode_video, load_image, load_video_frames
 from diffusers_wan_ext.utils.camera import (
     DEFAULT_CAMERA_SPEED,
     camera_control_latents,

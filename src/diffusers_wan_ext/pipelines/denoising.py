@@ -323,7 +323,9 @@ class WanDenoisingMixin:
         negative_prompt_embeds: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Run ``callback_on_step_end``; returns the (possibly replaced) latents and embeddings."""
-        available = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+        available = {
+            "latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds
+        }
         outputs = callback(self, i, t, {k: available[k] for k in tensor_inputs}) or {}
         return (
             outputs.pop("latents", latents),

@@ -54,7 +54,7 @@ from ..conversion.longcat import convert_longcat_lora_state_dict, is_longcat_lor
 from ..conversion.text_encoder import encode_prompt_context
 from ..models.transformer_longcat import LongCatVideoTransformer3DModel
 from ..utils.validation import validate_video_size
-from .fun_conditioning import _read_video_file, _video_to_tensor, encode_video, load_image
+from ..utils.media import encode_video, load_image, read_video_file, video_to_tensor
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
 
@@ -105,11 +105,11 @@ def _load_condition_video(video: Any, height: int, width: int) -> torch.Tensor:
     """``video`` -> ``[1, 3, F, H, W]`` in [-1, 1]; PIL frames and files are resized to ``height x width`` (LANCZOS,
     as the original's ``VideoProcessor``), arrays and tensors must already have that size."""
     if isinstance(video, (str, os.PathLike)):
-        video = _read_video_file(video, "video")
+        video = read_video_file(video, "video")
     if isinstance(video, (list, tuple)) and video and all(isinstance(f, PIL.Image.Image) for f in video):
         video = [f.convert("RGB") if f.size == (width, height) else f.convert("RGB").resize((width, height), PIL.Image.LANCZOS)
                  for f in video]
-    t = _video_to_tensor(video, "video")
+    t = video_to_tensor(video, "video")
     if tuple(t.shape[-2:]) != (height, width):
         raise ValueError(
             f"video frames are {t.shape[-2]}x{t.shape[-1]} (height x width) but height={height}, width={width}: resize "

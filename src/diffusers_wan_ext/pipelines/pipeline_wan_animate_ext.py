@@ -42,7 +42,7 @@ from diffusers.pipelines.wan.pipeline_wan_animate import WanAnimatePipeline
 from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..utils.validation import validate_video_size
-from .fun_conditioning import _read_video_file, _video_to_tensor
+from ..utils.media import read_video_file, video_to_tensor
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
 
@@ -54,10 +54,10 @@ MODES = ("animate", "replace")
 def _as_frames(video: Any, name: str) -> list[PIL.Image.Image]:
     """A video input (file path, PIL list, numpy ``[F, H, W, 3]``, torch in [-1, 1]) -> list of RGB PIL images."""
     if isinstance(video, (str, os.PathLike)):
-        return _read_video_file(video, name)
+        return read_video_file(video, name)
     if isinstance(video, (list, tuple)) and video and all(isinstance(f, PIL.Image.Image) for f in video):
         return [f.convert("RGB") for f in video]
-    t = _video_to_tensor(video, name)[0]  # [3, F, H, W] in [-1, 1]
+    t = video_to_tensor(video, name)[0]  # [3, F, H, W] in [-1, 1]
     arr = ((t.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     return [PIL.Image.fromarray(a) for a in arr]
 

@@ -4,9 +4,10 @@ Everything stock ``WanPipeline`` does is kept -- Wan2.2 A14B's two experts (``tr
 ``boundary_ratio``, ``guidance_scale_2``), TI2V-5B's ``expand_timesteps``, callbacks, ``attention_kwargs`` (LoRA
 scale), ``interrupt``, ``output_type`` / ``return_dict`` -- plus:
 
-* ``cfg_batching=True`` (call argument): with classifier-free guidance (``guidance_scale > 1``) the conditional and
-  the unconditional pass run as **one** transformer forward of batch ``2 x B`` (latents and timesteps repeated,
-  ``[prompt_embeds; negative_prompt_embeds]``), and the output is split.  The result equals the two-forward loop
+* ``cfg_batching`` (call argument; default :attr:`~WanExtPipeline.cfg_batching`, ``True``): with classifier-free
+  guidance (``guidance_scale > 1``) the conditional and the unconditional pass run as **one** transformer forward
+  of batch ``2 x B`` (latents and timesteps repeated, ``[prompt_embeds; negative_prompt_embeds]``), and the output
+  is split.  The result equals the two-forward loop
   within float rounding; on a GPU the larger batch usually runs faster, at the cost of the activation memory of the
   second half.  The forward runs under ``transformer.cache_context("cond_uncond")``: step-caching hooks (our
   TeaCache, Diffusers' FirstBlockCache) see one context and make one joint decision for both halves (for TeaCache
@@ -79,16 +80,17 @@ class WanExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMi
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
-        cfg_batching: bool = True,
+        cfg_batching: bool | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Text-to-video; the arguments of :meth:`diffusers.WanPipeline.__call__` plus:
 
         Args:
-            cfg_batching (`bool`, defaults to `True`):
+            cfg_batching (`bool`, *optional*):
                 With classifier-free guidance (``guidance_scale > 1``), run the conditional and the unconditional
                 pass as one transformer forward of batch ``2 x B`` under ``cache_context("cond_uncond")``.
                 ``False``: stock's two forwards per step.  Without guidance there is one forward either way.
+                ``None``: the pipeline's :attr:`cfg_batching` (``True`` unless set).
 
         Examples:
             >>> video = pipe(prompt="waves on a beach", num_frames=81).frames[0]  # doctest: +SKIP

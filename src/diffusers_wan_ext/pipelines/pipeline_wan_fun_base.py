@@ -11,7 +11,8 @@ for the camera ``control_adapter``).  This module holds what they share:
 * the noise latents, the stock two-expert (``boundary_ratio``) denoising loop with classifier-free guidance
   (``guidance_scale``, ``guidance_scale_2``), step-end callbacks, ``output_type`` / ``return_dict`` -- the loop is
   :meth:`~diffusers_wan_ext.pipelines.denoising.WanDenoisingMixin.denoise`, shared with
-  :class:`~diffusers_wan_ext.WanExtPipeline`, with optional CFG batching (``pipe.cfg_batching = True``);
+  :class:`~diffusers_wan_ext.WanExtPipeline`, with CFG batching (the ``cfg_batching`` call argument, default
+  ``pipe.cfg_batching``, ``True``);
 * the runtime options of :class:`~diffusers_wan_ext.pipelines.runtime_options.WanRuntimeOptionsMixin`
   (``set_attention_backend``, ``enable_vram_management``, ``enable_teacache``);
 * input validation: ``height`` / ``width`` multiples of 16, ``num_frames = 4n + 1``, and ``y`` channels equal to the
@@ -103,7 +104,9 @@ def _match_batch(t: torch.Tensor, batch_size: int, name: str, expand: bool = Tru
     raise ValueError(f"{name} has batch {t.shape[0]}, expected 1 or {batch_size}")
 
 
-class WanFunPipelineBase(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, WanImageToVideoPipeline):
+class WanFunPipelineBase(
+    ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, WanImageToVideoPipeline
+):
     r"""
     Shared core of the Wan-Fun pipelines (not used directly): stock Wan image-to-video sampling with a
     variant-specific conditioning ``y`` and optional extra transformer inputs.
@@ -139,10 +142,6 @@ class WanFunPipelineBase(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptio
     model_cpu_offload_seq = "text_encoder->image_encoder->transformer->transformer_2->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _optional_components = ["transformer", "transformer_2", "image_encoder", "image_processor"]
-
-    #: Run cond + uncond as one batched transformer forward (``pipe.cfg_batching = True``); see
-    #: :meth:`generate`.  Off by default here: the variants' ``__call__`` keep two forwards per step unless set.
-    cfg_batching: bool = False
 
     #: ``in_channels - 16`` values this pipeline builds ``y`` for (subclasses set it).
     _supported_y_channels: tuple[int, ...] = ()
@@ -462,8 +461,6 @@ class WanFunPipelineBase(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptio
             uncond_extra[name] = _match_batch(value.to(device=device, dtype=transformer_dtype), total, name)
 
         # 5. denoising loop (stock two-expert loop, shared with WanExtPipeline; extra inputs on both passes)
-        if cfg_batching is None:
-            cfg_batching = self.cfg_batching
         latents = self.denoise(
             latents,
             timesteps,

@@ -22,7 +22,8 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
 from ..utils.camera import CAMERA_DIRECTIONS, DEFAULT_CAMERA_SPEED, camera_control_latents
-from .fun_conditioning import fun_camera_condition, load_image
+from ..utils.media import load_image
+from .fun_conditioning import fun_camera_condition
 from .pipeline_wan_fun_base import WanFunCondition, WanFunPipelineBase
 
 __all__ = ["WanFunCameraControlPipeline"]
@@ -105,6 +106,7 @@ class WanFunCameraControlPipeline(WanFunPipelineBase):
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
+        cfg_batching: bool | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video from ``image`` with a camera move.
@@ -142,6 +144,10 @@ class WanFunCameraControlPipeline(WanFunPipelineBase):
             attention_kwargs (`dict`, *optional*): passed to the attention processors (e.g. LoRA ``scale``).
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in stock Diffusers pipelines.
             max_sequence_length (`int`, defaults to 512): umT5 context length.
+            cfg_batching (`bool`, *optional*):
+                Run the conditional and the unconditional pass as one transformer forward of batch ``2 x B``
+                (``False``: two forwards per step, as stock); ``None``: the pipeline's :attr:`cfg_batching`
+                (``True`` unless set).
 
         Examples:
             >>> video = pipe(image=img, camera_control_direction="In", prompt="a forest").frames[0]  # doctest: +SKIP
@@ -212,4 +218,5 @@ class WanFunCameraControlPipeline(WanFunPipelineBase):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
+            cfg_batching=cfg_batching,
         )

@@ -30,7 +30,8 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
-from .fun_conditioning import encode_video, fun_control_condition, i2v_condition, load_image, load_video_frames
+from ..utils.media import encode_video, load_image, load_video_frames
+from .fun_conditioning import fun_control_condition, i2v_condition
 from .pipeline_wan_fun_base import WanFunCondition, WanFunPipelineBase
 
 __all__ = ["WanFunControlPipeline"]
@@ -118,6 +119,7 @@ class WanFunControlPipeline(WanFunPipelineBase):
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
+        cfg_batching: bool | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video that follows ``control_video``.
@@ -154,6 +156,10 @@ class WanFunControlPipeline(WanFunPipelineBase):
             attention_kwargs (`dict`, *optional*): passed to the attention processors (e.g. LoRA ``scale``).
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in stock Diffusers pipelines.
             max_sequence_length (`int`, defaults to 512): umT5 context length.
+            cfg_batching (`bool`, *optional*):
+                Run the conditional and the unconditional pass as one transformer forward of batch ``2 x B``
+                (``False``: two forwards per step, as stock); ``None``: the pipeline's :attr:`cfg_batching`
+                (``True`` unless set).
 
         Examples:
             >>> video = pipe(control_video=frames, prompt="a robot", num_frames=len(frames)).frames[0]  # doctest: +SKIP
@@ -203,4 +209,5 @@ class WanFunControlPipeline(WanFunPipelineBase):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
+            cfg_batching=cfg_batching,
         )

@@ -16,7 +16,8 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
-from .fun_conditioning import i2v_condition, load_image
+from ..utils.media import load_image
+from .fun_conditioning import i2v_condition
 from .pipeline_wan_fun_base import WanFunCondition, WanFunPipelineBase
 
 __all__ = ["WanFunInpaintPipeline"]
@@ -88,6 +89,7 @@ class WanFunInpaintPipeline(WanFunPipelineBase):
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
+        cfg_batching: bool | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video that starts at ``image`` (and ends at ``end_image``).
@@ -118,6 +120,10 @@ class WanFunInpaintPipeline(WanFunPipelineBase):
             attention_kwargs (`dict`, *optional*): passed to the attention processors (e.g. LoRA ``scale``).
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in stock Diffusers pipelines.
             max_sequence_length (`int`, defaults to 512): umT5 context length.
+            cfg_batching (`bool`, *optional*):
+                Run the conditional and the unconditional pass as one transformer forward of batch ``2 x B``
+                (``False``: two forwards per step, as stock); ``None``: the pipeline's :attr:`cfg_batching`
+                (``True`` unless set).
 
         Examples:
             >>> video = pipe(image=first, prompt="a cat", height=480, width=832).frames[0]  # doctest: +SKIP
@@ -158,4 +164,5 @@ class WanFunInpaintPipeline(WanFunPipelineBase):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
+            cfg_batching=cfg_batching,
         )

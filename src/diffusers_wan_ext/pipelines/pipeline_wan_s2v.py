@@ -48,7 +48,7 @@ from transformers import (
 from ..utils.shims import ShimPipelineMixin
 from ..models.transformer_wan_s2v import WanS2VTransformer3DModel
 from ..schedulers import WanFlowMatchScheduler
-from .fun_conditioning import encode_video, load_image
+from ..utils.media import encode_video, load_image
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
 from .s2v_conditioning import (
@@ -98,9 +98,6 @@ class WanSpeechToVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDen
     model_cpu_offload_seq = "text_encoder->audio_encoder->transformer->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _optional_components = ["tokenizer", "text_encoder", "audio_encoder", "audio_processor"]
-
-    #: Run cond + uncond as one batched transformer forward (``pipe.cfg_batching = True`` or the call argument).
-    cfg_batching: bool = False
 
     # text encoding and the loop's state: stock WanPipeline's
     encode_prompt = WanPipeline.encode_prompt
@@ -394,8 +391,6 @@ class WanSpeechToVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDen
         drop_first = motion_video is None
 
         # 4. clip after clip
-        if cfg_batching is None:
-            cfg_batching = self.cfg_batching
         shape = (
             1,
             self.vae.config.z_dim,

@@ -8,8 +8,9 @@ the unconditional pass alike.
 
 The offset enters through a Diffusers hook on the transformer's ``condition_embedder``
 (:func:`~diffusers_wan_ext.models.motion_controller.apply_motion_control`), active only during the call, so the
-transformer stays stock ``WanTransformer3DModel`` and the stock denoising loop runs unchanged.  With
-``motion_bucket_id=None`` the pipeline is exactly stock ``WanPipeline``.
+transformer stays stock ``WanTransformer3DModel``; the call is :class:`~diffusers_wan_ext.WanExtPipeline`'s (the
+shared denoising loop, CFG batching).  With ``motion_bucket_id=None`` and ``cfg_batching=False`` the pipeline is
+exactly stock ``WanPipeline``.
 """
 
 from __future__ import annotations
@@ -21,25 +22,21 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
-from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from ..utils.shims import ShimPipelineMixin
-from ..lora.loader import WanLoraInteropMixin
 from ..models.motion_controller import WanMotionControllerModel, apply_motion_control
 from ..schedulers import WanFlowMatchScheduler
-from .denoising import WanDenoisingMixin
-from .runtime_options import WanRuntimeOptionsMixin
+from .pipeline_wan_ext import WanExtPipeline
 
 __all__ = ["WanSpeedControlPipeline"]
 
 
-class WanSpeedControlPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, WanPipeline):
+class WanSpeedControlPipeline(WanExtPipeline):
     r"""
-    Text-to-video with speed control (``motion_bucket_id``): stock :class:`diffusers.WanPipeline` plus the optional
-    ``motion_controller`` component, and the runtime options of
-    :class:`~diffusers_wan_ext.pipelines.runtime_options.WanRuntimeOptionsMixin` (``set_attention_backend``, ...).
+    Text-to-video with speed control (``motion_bucket_id``): :class:`~diffusers_wan_ext.WanExtPipeline` (stock
+    :class:`diffusers.WanPipeline` with CFG batching and the runtime options) plus the optional ``motion_controller``
+    component.
 
     Args:
         tokenizer ([`AutoTokenizer`]): umT5 tokenizer (may be ``None`` when only ``prompt_embeds`` are passed).
@@ -146,14 +143,17 @@ class WanSpeedControlPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntime
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
         motion_bucket_id: float | None = None,
+        cfg_batching: bool | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
-        Text-to-video; the arguments of :meth:`diffusers.WanPipeline.__call__` plus:
+        Text-to-video; the arguments of :meth:`diffusers_wan_ext.WanExtPipeline.__call__` plus:
 
         Args:
             motion_bucket_id (`float`, *optional*):
                 Amount of motion (DiffSynth-Studio's examples: 0 = slow, 100 = fast).  Needs the
-                ``motion_controller`` component.  ``None``: no offset, exactly stock ``WanPipeline``.
+                ``motion_controller`` component.  ``None``: no offset (with ``cfg_batching=False``, exactly stock
+                ``WanPipeline``).
+            cfg_batching (`bool`, *optional*): see :meth:`diffusers_wan_ext.WanExtPipeline.__call__`.
 
         Examples:
             >>> slow = pipe(prompt="waves on a beach", motion_bucket_id=0).frames[0]  # doctest: +SKIP
@@ -188,4 +188,5 @@ class WanSpeedControlPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntime
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                 max_sequence_length=max_sequence_length,
+                cfg_batching=cfg_batching,
             )

@@ -31,7 +31,8 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
-from .fun_conditioning import encode_video, i2v_condition, load_image, load_video_frames
+from ..utils.media import encode_video, load_image, load_video_frames
+from .fun_conditioning import i2v_condition
 from .pipeline_wan_fun_base import WanFunCondition, WanFunPipelineBase
 
 __all__ = ["WanVideoAsPromptPipeline", "select_reference_frames"]
@@ -215,6 +216,7 @@ class WanVideoAsPromptPipeline(WanFunPipelineBase):
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
+        cfg_batching: bool | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video that starts at ``image`` and follows the semantics of ``vap_video``.
@@ -245,6 +247,10 @@ class WanVideoAsPromptPipeline(WanFunPipelineBase):
             output_type (`str`, defaults to `"np"`): ``"np"``, ``"pil"``, ``"pt"`` or ``"latent"``.
             return_dict, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
             max_sequence_length: as in stock Diffusers pipelines.
+            cfg_batching (`bool`, *optional*):
+                Run the conditional and the unconditional pass as one transformer forward of batch ``2 x B``
+                (``False``: two forwards per step, as stock); ``None``: the pipeline's :attr:`cfg_batching`
+                (``True`` unless set).
 
         Examples:
             >>> video = pipe(image=img, prompt="...", vap_video=ref_frames, vap_prompt="...").frames[0]  # doctest: +SKIP
@@ -293,4 +299,5 @@ class WanVideoAsPromptPipeline(WanFunPipelineBase):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
+            cfg_batching=cfg_batching,
         )

@@ -36,7 +36,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .fun_conditioning import _video_to_tensor, encode_video
+from ..utils.media import encode_video, video_to_tensor
 
 __all__ = [
     "AUDIO_FEATURE_FPS",
@@ -284,7 +284,7 @@ def load_pose_video(
         video = _read_video_frames(os.fspath(video), fps, max_frames, name)
     if isinstance(video, (list, tuple)) and video and all(isinstance(f, PIL.Image.Image) for f in video):
         video = np.stack([_cover_crop(f, height, width) for f in video[:max_frames]])
-    t = _video_to_tensor(video, name)
+    t = video_to_tensor(video, name)
     if t.shape[2] == 0:
         raise ValueError(f"{name} has no frames")
     if tuple(t.shape[3:]) != (height, width):
