@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusers_wan_ext import WanS2VTransformer3DModel, WanSpeechToVideoPipeline
 from diffusers_wan_ext.conversion.dit import convert_dit_state_dict, export_dit_state_dict, load_dit_from_original
-from diffusers_wan_ext.conversion.pipeline import convert_release
+from diffusers_wan_ext.release_converter import convert_release
 from diffusers_wan_ext.demo import WAV2VEC_DIR, write_video
 from diffusers_wan_ext.models.transformer_wan_s2v import audio_injector_layout
 from diffusers_wan_ext.pipelines.s2v_conditioning import (

@@ -225,7 +225,7 @@ def release(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(release, tmp_path_factory):
-    from diffusers_wan_ext.conversion.pipeline import convert_release
+    from diffusers_wan_ext.release_converter import convert_release
 
     root, _ = release
     return convert_release(root, tmp_path_factory.mktemp("vap-out") / "converted", dtype="fp32", progress=False)
