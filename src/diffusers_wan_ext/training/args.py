@@ -17,6 +17,9 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from ..lora import LORA_FORMATS, map_lora_target_modules
+from .dataset import EXTRA_INPUTS
+
 __all__ = ["COMPONENT_ALIASES", "DTYPE_NAMES", "TASKS", "build_parser", "parse_args", "resolve_component"]
 
 #: DiffSynth-Studio component names -> ours (pipeline attribute names).
@@ -171,8 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the arguments; component names are normalized to ours, lists are split."""
-    from .dataset import EXTRA_INPUTS
-
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -213,8 +214,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         fail(f"--extra_inputs: unknown {unknown}; known: {', '.join(EXTRA_INPUTS)}")
     if args.data_file_keys is not None:
         args.data_file_keys = [s.strip() for s in args.data_file_keys.split(",") if s.strip()]
-
-    from ..lora import LORA_FORMATS, map_lora_target_modules
 
     try:
         args.lora_target_modules = map_lora_target_modules(args.lora_target_modules)

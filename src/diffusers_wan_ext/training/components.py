@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+
+from ..conversion.dit import load_dit_from_original
+from ..release_converter import load_release
 
 __all__ = ["DTYPES", "WanTrainingComponents", "load_training_components", "load_transformer"]
 
@@ -75,13 +79,7 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype):
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()) if path.is_dir() and config_file.is_file() else {}
     if config.get("_class_name", "WanModel") != "WanModel":  # a Diffusers model folder (originals say WanModel)
-        import diffusers
-
-        import diffusers_wan_ext  # noqa: F401  (registers our classes with AutoModel)
-
         return diffusers.AutoModel.from_pretrained(str(path), dtype=dtype)
-    from ..conversion.dit import load_dit_from_original
-
     return load_dit_from_original(path, torch_dtype=dtype)
 
 
@@ -105,10 +103,6 @@ def load_training_components(
         load_encoders: ``False`` skips text encoder, tokenizer, VAE and CLIP (training from a cache).
         transformer_path: load the expert from here instead (Diffusers transformer folder or original DiT).
     """
-    import diffusers
-
-    import diffusers_wan_ext  # noqa: F401  (registers our pipeline / model classes)
-
     model_path = Path(model_path)
     vae_dtype = vae_dtype or dtype
     other = "transformer_2" if expert == "transformer" else "transformer"
@@ -133,8 +127,6 @@ def load_training_components(
         boundary_ratio = pipe.config.get("boundary_ratio") if has_two else None
         expand = bool(pipe.config.get("expand_timesteps", False))
     elif model_path.exists():
-        from ..release_converter import load_release
-
         name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
         release = load_release(model_path, dtype=name, transformer_only=not load_encoders,
                                image_encoder_heads=image_encoder_heads, progress=progress)

@@ -24,6 +24,7 @@ import torch
 from ..utils.media import encode_video, load_image, load_video_frames
 from ..families import Conditioning, training_conditioning
 from .components import WanTrainingComponents
+from .dataset import DatasetRowError
 
 __all__ = ["ModelInputs", "WanInputBuilder", "conditioning_for"]
 
@@ -160,8 +161,6 @@ class WanInputBuilder:
         try:
             return self._encode(sample)
         except ValueError as e:
-            from .dataset import DatasetRowError
-
             if isinstance(e, DatasetRowError) or "label" not in sample:
                 raise
             raise DatasetRowError(f"{sample['label']}: {e}") from e

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..models.motion_controller import apply_motion_control
+
 from .flow_match import FlowMatchTrainingSchedule, TimestepSample
 from .inputs import ModelInputs
 
@@ -220,9 +222,7 @@ class WanTrainingModule(nn.Module):
     ) -> torch.Tensor:
         context = contextlib.nullcontext()
         if motion_bucket_id is not None:
-            from ..models.motion_controller import apply_motion_control
-
-            offset = self.motion_controller(motion_bucket_id)
+            offset = self.motion_controller(motion_bucket_id, return_dict=False)[0]
             context = apply_motion_control(self.transformer, offset)
         kwargs = dict(transformer_kwargs)
         if encoder_hidden_states_image is not None:

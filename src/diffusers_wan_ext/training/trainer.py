@@ -36,6 +36,11 @@ from typing import Any, Sequence
 
 import torch
 
+from ..conversion.dit import cast_state_dict
+from ..hooks.vram import fp8_skip_patterns
+from ..lora import convert_lora_state_dict, export_lora, load_lora_file
+from ..utils.io import atomic_output_dir
+
 from .args import parse_args
 from .components import DTYPES, WanTrainingComponents, load_training_components
 from .dataset import ResumableSampler, VideoDataset, collate_single
@@ -169,8 +174,6 @@ def _move_encoders(components: WanTrainingComponents, device: torch.device, fp8:
     casting, with the skip patterns the VRAM manager uses: norms, embeddings, ``_keep_in_fp32_modules``)."""
     from diffusers.hooks import apply_layerwise_casting
 
-    from ..hooks.vram import fp8_skip_patterns
-
     for name in ("vae", "text_encoder", "image_encoder"):
         module = getattr(components, name)
         if module is None:
@@ -194,8 +197,6 @@ def _timestep_schedule(args, components: WanTrainingComponents, accelerator) -> 
 def _load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A LoRA file (or folder) in any layout :mod:`diffusers_wan_ext.lora` reads, as Diffusers keys meaning
     ``W + B @ A`` (alpha folded in)."""
-    from ..lora import convert_lora_state_dict, load_lora_file
-
     return convert_lora_state_dict(load_lora_file(path), "diffusers")
 
 
@@ -303,8 +304,6 @@ class WanTrainer:
         ``pytorch_lora_weights.safetensors`` with ``<expert>.`` keys (for ``transformer_2`` also
         ``pytorch_lora_weights_transformer_2.safetensors`` under ``transformer.``, for stock
         ``load_lora_weights(..., load_into_transformer_2=True)``), plus the ``exports`` layouts."""
-        from ..lora import export_lora
-
         comp = self.components.expert
         sd = {f"{comp}.{k[len('transformer.'):].replace(f'.{ADAPTER}.', '.')}": v.detach().cpu().contiguous()
               for k, v in state.items() if k.startswith("transformer.") and "lora_" in k}
@@ -317,10 +316,6 @@ class WanTrainer:
         """A Diffusers model folder from ``state`` (``<name>.``-prefixed keys) in ``dtype`` (Diffusers' fp32 modules
         stay float32, as the converter stores them)."""
         from accelerate import init_empty_weights
-
-        from ..utils.io import atomic_output_dir
-
-        from ..conversion.dit import cast_state_dict
 
         model = getattr(self._unwrapped(), name)
         prefix = name + "."
