@@ -66,7 +66,7 @@ LAYERS: list[list[str]] = [
     ["hooks", "runtime", "lora", "parallel", "conversion"],
     ["pipelines"],
     ["families"],
-    ["training", "demo", "cli", "registration", "__init__"],
+    ["release_converter", "training", "demo", "cli", "registration", "__init__"],
 ]
 
 LONG_FUNCTION_LINES = (100, 50)
