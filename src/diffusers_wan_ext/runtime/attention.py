@@ -48,6 +48,7 @@ __all__ = [
     "reset_attention_backend",
     "select_attention_backend",
     "set_attention_backend",
+    "attention_models",
 ]
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -276,7 +277,7 @@ def _uses_dispatch(model: torch.nn.Module) -> bool:
     return False
 
 
-def _attention_models(pipe_or_model: Any) -> list[tuple[str, Any]]:
+def attention_models(pipe_or_model: Any) -> list[tuple[str, Any]]:
     """``[(name, model)]``: the model itself, or a pipeline's ModelMixin components that use the dispatch."""
     from diffusers import ModelMixin
 
@@ -402,7 +403,7 @@ def set_attention_backend(
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     name = _normalize(backend)
-    models = _attention_models(pipe_or_model)
+    models = attention_models(pipe_or_model)
     target, dtype = _target_device_and_dtype(pipe_or_model, models)
     if device is not None:
         target = torch.device(device)
@@ -455,5 +456,5 @@ def set_attention_backend(
 def reset_attention_backend(pipe_or_model: Any) -> None:
     """Undo :func:`set_attention_backend`: the processors use Diffusers' default again (``DIFFUSERS_ATTN_BACKEND``
     or the ``attention_backend`` context manager; ``native`` unless set)."""
-    for _, model in _attention_models(pipe_or_model):
+    for _, model in attention_models(pipe_or_model):
         model.reset_attention_backend()

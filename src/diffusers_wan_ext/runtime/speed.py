@@ -28,7 +28,8 @@ import torch
 from diffusers.utils import logging
 
 from ..hooks.vram import CASTING_HOOKS, GROUP_OFFLOAD_HOOKS
-from .attention import _attention_models, set_attention_backend
+from ..models.attention_processor import WanFusedQKRopeAttnProcessor
+from .attention import attention_models, set_attention_backend
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -114,7 +115,7 @@ def optimize_transformer(
     """
     backend = set_attention_backend(pipe_or_model, attention, verbose=verbose)
     compiled, n_fused_qk, n_norms = [], 0, 0
-    for name, model in _attention_models(pipe_or_model):
+    for name, model in attention_models(pipe_or_model):
         if fp8:
             _fp8_linears(model)
         elif fused_gelu:
@@ -184,8 +185,6 @@ def _use_fused_qk_rope(model: torch.nn.Module) -> int:
     """Swap stock ``WanAttnProcessor`` on self-attention layers for the fused q/k norm + RoPE processor (keeping
     the attention backend and context-parallel config); returns how many layers use it."""
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-    from ..models.attention_processor import WanFusedQKRopeAttnProcessor
 
     count = 0
     for m in model.modules():
