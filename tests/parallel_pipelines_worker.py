@@ -7,7 +7,7 @@ default); writes ``OUT/reference.pt`` with each output and its transformer forwa
 pipelines, enables parallelism (gloo; CFG parallel where the pipeline declares it, Ulysses over the rest) and runs
 them again; writes ``OUT/rank<r>.pt`` with, per pipeline, the layout, the output, the forwards, and the messages of
 the refusals (CFG parallel on a pipeline that does not support it; sequence parallel on a transformer that cannot
-be split).  A forward is recorded as ``(batch size, cache context)``: the batch of ``hidden_states`` before any
+be split or a pipeline that declares it cannot run it).  A forward is recorded as ``(batch size, cache context)``: the batch of ``hidden_states`` before any
 sequence split, and the ``cache_context`` the pipeline's loop opened around it.
 """
 
@@ -97,7 +97,7 @@ def parallel_case(case, folders: Path, world: int) -> dict:
             res["cfg_refused"] = None
         except ValueError as e:
             res["cfg_refused"] = str(e)
-        if world > 2:  # sequence parallel only: 4-way Ulysses needs 4 | heads (the tiny models have 2)
+        if world > 2 and case.sequence_parallel:  # 4-way Ulysses needs 4 | heads (the tiny models have 2)
             return res
     try:
         state = enable_parallelism(pipe)

@@ -8,7 +8,8 @@ convert than to build: S2V with its audio encoder, Animate with its adapters).
 
 :func:`pipeline_cases` lists them as :class:`PipelineCase` with what each declares: CFG parallel (the pipeline's
 ``supports_cfg_parallel``) and sequence parallel (the transformer has a context-parallel plan; Video-As-Prompt, S2V
-and Animate declare ``_cp_unsupported_reason`` instead).
+and Animate declare ``_cp_unsupported_reason`` instead, and streaming declares ``supports_sequence_parallel = False``
+for its block-causal attention).
 """
 
 from __future__ import annotations
@@ -58,7 +59,13 @@ class PipelineCase:
     name: str
     factory: Factory
     cfg_parallel: bool = True  # the pipeline declares supports_cfg_parallel
-    sequence_parallel: bool = True  # the transformer has a context-parallel plan
+    #: what refuses sequence parallel (a fragment of the error), None where it runs: the transformer's
+    #: ``_cp_unsupported_reason`` or the pipeline's ``supports_sequence_parallel = False``
+    refusal: str | None = None
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.refusal is None
 
 
 # ------------------------------------------------------------------------------------------------ shared parts
@@ -227,6 +234,9 @@ def streaming(folders: Path):
                       num_inference_steps=2)
 
 
+_TRANSFORMER_REFUSAL = "context (sequence) parallel is not supported for {}"
+
+
 def pipeline_cases() -> list[PipelineCase]:
     """Every pipeline class we ship, and stock ``WanPipeline``."""
     return [
@@ -235,12 +245,16 @@ def pipeline_cases() -> list[PipelineCase]:
         PipelineCase("WanFunControlPipeline", fun_control),
         PipelineCase("WanFunCameraControlPipeline", fun_camera),
         PipelineCase("WanSpeedControlPipeline", speed_control),
-        PipelineCase("WanVideoAsPromptPipeline", video_as_prompt, sequence_parallel=False),
-        PipelineCase("WanSpeechToVideoPipeline", speech_to_video, sequence_parallel=False),
-        PipelineCase("WanAnimateExtPipeline", animate, sequence_parallel=False),
+        PipelineCase("WanVideoAsPromptPipeline", video_as_prompt, refusal=_TRANSFORMER_REFUSAL.format(
+            "WanVideoAsPromptTransformer3DModel")),
+        PipelineCase("WanSpeechToVideoPipeline", speech_to_video, refusal=_TRANSFORMER_REFUSAL.format(
+            "WanS2VTransformer3DModel")),
+        PipelineCase("WanAnimateExtPipeline", animate, refusal=_TRANSFORMER_REFUSAL.format(
+            "WanAnimateExtTransformer3DModel")),
         PipelineCase("WanImageToVideoReferencePipeline", i2v_reference),
         PipelineCase("WanVideoToVideoReferencePipeline", v2v_reference),
         PipelineCase("LongCatVideoPipeline", longcat),
-        PipelineCase("WanStreamingPipeline", streaming, cfg_parallel=False),
+        PipelineCase("WanStreamingPipeline", streaming, cfg_parallel=False,
+                     refusal="sequence parallel is not supported by WanStreamingPipeline"),
         PipelineCase("WanPipeline", stock_wan, cfg_parallel=False),
     ]

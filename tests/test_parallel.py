@@ -25,6 +25,7 @@ from diffusers_wan_ext.parallel import (
     register_cp_plan,
     self_attention_patterns,
     supports_cfg_parallel,
+    supports_sequence_parallel,
 )
 from helpers import src_env
 
@@ -151,6 +152,9 @@ def test_cfg_parallel_is_what_the_pipeline_declares():
     assert not supports_cfg_parallel(WanStreamingPipeline.__new__(WanStreamingPipeline))
     assert not supports_cfg_parallel(WanPipeline.__new__(WanPipeline))  # stock: sequence parallel only
     assert not supports_cfg_parallel(torch.nn.Linear(2, 2))
+    assert supports_sequence_parallel(WanExtPipeline.__new__(WanExtPipeline))
+    assert supports_sequence_parallel(WanPipeline.__new__(WanPipeline))
+    assert not supports_sequence_parallel(WanStreamingPipeline.__new__(WanStreamingPipeline))  # block-causal cache
 
 
 def test_enable_parallelism_needs_distributed():

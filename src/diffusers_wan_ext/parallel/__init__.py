@@ -6,7 +6,14 @@ Example:
     >>> from diffusers_wan_ext.parallel import enable_parallelism, init_distributed  # doctest: +SKIP
 """
 
-from .context import ParallelState, choose_degrees, enable_parallelism, init_distributed, supports_cfg_parallel
+from .context import (
+    ParallelState,
+    choose_degrees,
+    enable_parallelism,
+    init_distributed,
+    supports_cfg_parallel,
+    supports_sequence_parallel,
+)
 from .padding import TokenPadState, apply_token_padding, remove_token_padding
 from .plans import (
     DEFAULT_SELF_ATTENTION_MODULES,
@@ -34,4 +41,5 @@ __all__ = [
     "remove_token_padding",
     "self_attention_patterns",
     "supports_cfg_parallel",
+    "supports_sequence_parallel",
 ]

@@ -39,7 +39,14 @@ from ..runtime.attention import available_attention_backends, set_attention_back
 from .padding import TokenPadState, apply_token_padding, forward_parameters
 from .plans import cp_plan_for, self_attention_patterns
 
-__all__ = ["ParallelState", "choose_degrees", "enable_parallelism", "init_distributed", "supports_cfg_parallel"]
+__all__ = [
+    "ParallelState",
+    "choose_degrees",
+    "enable_parallelism",
+    "init_distributed",
+    "supports_cfg_parallel",
+    "supports_sequence_parallel",
+]
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -214,6 +221,14 @@ def supports_cfg_parallel(pipe_or_model: Any) -> bool:
     return bool(getattr(type(pipe_or_model), "supports_cfg_parallel", False))
 
 
+def supports_sequence_parallel(pipe_or_model: Any) -> bool:
+    """Whether ``pipe_or_model`` can run sequence parallel: true unless its class declares
+    ``supports_sequence_parallel = False`` (a pipeline whose own attention cannot run under context parallelism, e.g.
+    streaming's block-causal KV cache).  Whether the transformer can be split is its class's own declaration
+    (:func:`~diffusers_wan_ext.parallel.plans.cp_plan_for`)."""
+    return bool(getattr(type(pipe_or_model), "supports_sequence_parallel", True))
+
+
 def enable_parallelism(
     pipe_or_model: Any,
     *,
@@ -261,13 +276,19 @@ def enable_parallelism(
         cfg_parallel = supported and world % 2 == 0
     elif cfg_parallel and not supported:
         raise ValueError(
-            f"CFG parallel is not supported by {type(pipe_or_model).__name__} (it does not declare "
-            "supports_cfg_parallel): pass cfg_parallel=False for sequence parallel only"
+            f"CFG parallel is not supported by {type(pipe_or_model).__name__} (its class does not declare "
+            "supports_cfg_parallel = True): pass cfg_parallel=False for sequence parallel only"
         )
     heads = models[0][1].config.num_attention_heads
     cfg, ulysses, ring = choose_degrees(
         world, heads, cfg_parallel=cfg_parallel, ulysses_degree=ulysses_degree, ring_degree=ring_degree
     )
+    if ulysses * ring > 1 and not supports_sequence_parallel(pipe_or_model):
+        raise ValueError(
+            f"sequence parallel is not supported by {type(pipe_or_model).__name__} (it declares "
+            f"supports_sequence_parallel = False): "
+            + ("use CFG parallel only (cfg_parallel=True on 2 ranks)" if supported else "run it on one rank")
+        )
     device = next(models[0][1].parameters()).device
     mesh = dist.device_mesh.init_device_mesh(
         device.type, (cfg, ring, ulysses), mesh_dim_names=("cfg", "ring", "ulysses")
