@@ -294,7 +294,7 @@ def test_v2v_denoising_strength_vs_stock_strength():
     model.register_forward_pre_hook(lambda m, a, kw: seen.append((kw["timestep"][0].item(), kw["hidden_states"])),
                                     with_kwargs=True)
     common = dict(prompt_embeds=ctx, negative_prompt_embeds=-ctx, height=32, width=32, num_inference_steps=4,
-                  output_type="latent", return_dict=False)
+                  output_type="latent", return_dict=False, cfg_batching=False)  # stock's two forwards per step
     for scheduler in (WanFlowMatchScheduler(shift=5.0), FlowMatchEulerDiscreteScheduler(shift=5.0)):
         pipe = WanVideoToVideoReferencePipeline(tokenizer=None, text_encoder=None, transformer=model, vae=None,
                                                 scheduler=scheduler)
@@ -346,7 +346,7 @@ def test_i2v_image_latents_equal_vae_path():
     inputs.clear()
     ours = WanImageToVideoReferencePipeline(tokenizer=None, text_encoder=None, vae=vae,
                                             scheduler=WanFlowMatchScheduler(), transformer=model)
-    out_ours, _ = _run_i2v(ours, image_latents=z, latents=noise)
+    out_ours, _ = _run_i2v(ours, image_latents=z, latents=noise, cfg_batching=False)
     for a, b in zip(inputs, stock_inputs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     torch.testing.assert_close(out_ours, out_stock, rtol=0, atol=1e-6)
@@ -366,7 +366,7 @@ def test_ti2v_pinning_and_stock_equivalence():
     ours = WanImageToVideoReferencePipeline(tokenizer=None, text_encoder=None, vae=vae,
                                             scheduler=WanFlowMatchScheduler(), transformer=model,
                                             expand_timesteps=True)
-    out_ours, steps_ours = _run_i2v(ours, image_latents=z, latents=noise)
+    out_ours, steps_ours = _run_i2v(ours, image_latents=z, latents=noise, cfg_batching=False)
     torch.testing.assert_close(out_ours, out_stock, rtol=0, atol=1e-6)
     for a, b in zip(steps_ours, steps_stock):
         torch.testing.assert_close(a[:, :, 1:], b[:, :, 1:], rtol=0, atol=1e-6)  # other frames: identical

@@ -219,7 +219,7 @@ def run_v2v(case: GoldenCase, tmp_path) -> dict:
     with LoopRecorder(pipe, {"dit": dit}, x["context_posi"], x["context_nega"]) as rec:
         final = pipe(video_latents=x["input_latents"], noise=x["noise"],
                      denoising_strength=float(case.value("denoising_strength")),
-                     callback_on_step_end=rec.callback, **_call_kwargs(case))[0]
+                     callback_on_step_end=rec.callback, cfg_batching=False, **_call_kwargs(case))[0]
     first_input = rec.cond(rec.steps[0]).hidden_states  # the start latents the pipeline built
     return _select(case, {**rec.schedule(pipe.scheduler), **rec.stacked(), "latents_final": final,
                           "latents_initial": first_input})
@@ -294,7 +294,7 @@ def run_ti2v(case: GoldenCase, tmp_path) -> dict:
     ))
     with LoopRecorder(pipe, {"dit": dit}, x["context_posi"], x["context_nega"]) as rec:
         final = pipe(image_latents=x["first_frame_latents"], latents=x["noise"], num_frames=int(call["num_frames"]),
-                     callback_on_step_end=rec.callback, **_call_kwargs(case))[0]
+                     callback_on_step_end=rec.callback, cfg_batching=False, **_call_kwargs(case))[0]
     per_token = torch.stack([rec.cond(s).timestep[0] for s in rec.steps])  # [N, L] as the DiT received it
     for s in rec.steps:  # both CFG branches see the same per-token timesteps
         if not torch.equal(rec.uncond(s).timestep, rec.cond(s).timestep):

@@ -14,9 +14,13 @@ This subclass
 
 * pins frame 0 after every step, before the user's callback runs, so per-step latents equal the references';
 * takes ``image_latents`` -- normalized VAE latents of the conditioning frames -- in place of ``image``, so a caller
-  that already has them (or a test that only has them) runs the stock denoising loop without the VAE encoder.
+  that already has them (or a test that only has them) runs without the VAE encoder;
+* denoises through the shared loop (:meth:`~diffusers_wan_ext.pipelines.denoising.WanDenoisingMixin.denoise`:
+  stock's steps and expert switch, plus CFG batching and CFG parallel; ``cfg_batching=False`` runs stock's two
+  forwards) and has our runtime options
+  (:class:`~diffusers_wan_ext.pipelines.runtime_options.WanRuntimeOptionsMixin`).
 
-Everything else is the stock pipeline and its denoising loop, unchanged.
+Everything else -- the preprocessing, the conditioning, the decoding -- is stock's.
 """
 
 from __future__ import annotations
@@ -30,17 +34,24 @@ from diffusers.models import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
 from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
+from .denoising import WanDenoisingMixin
+from .runtime_options import WanRuntimeOptionsMixin
 
 __all__ = ["WanImageToVideoReferencePipeline"]
 
+logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
-class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, WanImageToVideoPipeline):
+
+class WanImageToVideoReferencePipeline(
+    ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, WanImageToVideoPipeline
+):
     r"""
     Wan image-to-video (Wan2.1 I2V / FLF2V, Wan2.2 I2V-A14B, Wan2.2 TI2V-5B with ``expand_timesteps=True``) with
     reference first-frame pinning and optional pre-encoded image latents.
@@ -53,6 +64,7 @@ class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, W
       and the final latents are unchanged.
     * ``__call__`` accepts ``image_latents`` instead of ``image`` (see there); the VAE encoder is then not run.  The
       VAE must still be given: the pipeline reads its ``z_dim`` and scale factors.
+    * ``cfg_batching`` (class default and call argument): cond + uncond as one forward of batch ``2 x B``.
 
     Args:
         tokenizer ([`AutoTokenizer`]): umT5 tokenizer (may be ``None`` when only ``prompt_embeds`` are passed).
@@ -80,6 +92,10 @@ class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, W
         >>> # or with latents encoded beforehand ([1, 48, 1, 44, 80] for TI2V-5B at 704x1280):
         >>> video = pipe(image_latents=z, prompt="a cat surfing", height=704, width=1280).frames[0]  # doctest: +SKIP
     """
+
+    #: Classifier-free guidance through the shared loop: CFG parallel and CFG batching work.
+    supports_cfg_parallel = True
+    cfg_batching = True
 
     def __init__(
         self,
@@ -143,26 +159,18 @@ class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, W
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         last_image: torch.Tensor | None = None,
+        image_latents: torch.Tensor | None = None,
     ):
-        """Stock preparation, or -- with ``image_latents`` -- the same outputs from the given latents (no VAE).
-
-        Also records ``condition`` / ``first_frame_mask`` for the per-step pinning of ``expand_timesteps`` mode.
-        """
-        state = self._reference_call if self._reference_call is not None else {}
-        given = state.get("image_latents")
-        if given is None:
-            out = super().prepare_latents(
+        """Stock preparation, or -- with ``image_latents`` -- the same outputs from the given latents (no VAE)."""
+        if image_latents is None:
+            return super().prepare_latents(
                 image, batch_size, num_channels_latents, height, width, num_frames, dtype, device, generator,
                 latents, last_image,
             )
-        else:
-            out = self._prepare_from_image_latents(
-                given, batch_size, num_channels_latents, height, width, num_frames, dtype, device, generator, latents,
-                last_image is not None,
-            )
-        if self.config.expand_timesteps:
-            state["pin"] = (out[1], out[2])  # condition, first_frame_mask
-        return out
+        return self._prepare_from_image_latents(
+            image_latents, batch_size, num_channels_latents, height, width, num_frames, dtype, device, generator,
+            latents, last_image is not None,
+        )
 
     def _prepare_from_image_latents(
         self, image_latents, batch_size, num_channels_latents, height, width, num_frames, dtype, device, generator,
@@ -212,26 +220,50 @@ class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, W
         mask = mask.to(condition.device)
         return latents, torch.cat([mask, condition], dim=1)
 
-    def _pinning_callback(self, callback, tensor_inputs: list[str]):
-        """Wrap the user's step-end callback: pin frame 0 of ``latents`` first, then call it."""
-        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-            user_inputs = list(callback.tensor_inputs)
-        else:
-            user_inputs = list(tensor_inputs or [])
-        inputs = user_inputs + ([] if "latents" in user_inputs else ["latents"])
-        state = self._reference_call
+    def _any_transformer(self) -> torch.nn.Module:
+        return self.transformer if self.transformer is not None else self.transformer_2
 
-        def pin_then_callback(pipe, step_index, timestep, callback_kwargs):
-            condition, first_frame_mask = state["pin"]
-            latents = (1 - first_frame_mask) * condition + first_frame_mask * callback_kwargs["latents"]
-            callback_kwargs["latents"] = latents
-            outputs = {"latents": latents}
-            if callback is not None:
-                user_kwargs = {k: callback_kwargs[k] for k in user_inputs}
-                outputs.update(callback(pipe, step_index, timestep, user_kwargs) or {})
-            return outputs
+    def _image_embeds(self, image, last_image, image_embeds, batch_size: int, device, dtype) -> torch.Tensor | None:
+        """CLIP features of ``image`` (and ``last_image``) when the transformer has a CLIP branch (as stock)."""
+        if self.transformer is None or self.transformer.config.image_dim is None:
+            return image_embeds
+        if image_embeds is None:
+            image_embeds = self.encode_image(image if last_image is None else [image, last_image], device)
+        return image_embeds.repeat(batch_size, 1, 1).to(dtype)
 
-        return pin_then_callback, inputs
+    def _size_and_frames(self, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
+        """Stock's rounding: ``num_frames`` to ``4n + 1``, the size to whole patches (each with a warning)."""
+        t = self.vae_scale_factor_temporal
+        if num_frames % t != 1:
+            logger.warning(f"`num_frames - 1` has to be divisible by {t}. Rounding to the nearest number.")
+            num_frames = num_frames // t * t + 1
+        patch_size = self._any_transformer().config.patch_size
+        h_multiple_of = self.vae_scale_factor_spatial * patch_size[1]
+        w_multiple_of = self.vae_scale_factor_spatial * patch_size[2]
+        calc_height, calc_width = height // h_multiple_of * h_multiple_of, width // w_multiple_of * w_multiple_of
+        if height != calc_height or width != calc_width:
+            logger.warning(
+                f"`height` and `width` must be multiples of ({h_multiple_of}, {w_multiple_of}) for proper "
+                f"patchification. Adjusting ({height}, {width}) -> ({calc_height}, {calc_width})."
+            )
+        return calc_height, calc_width, max(num_frames, 1)
+
+    def _conditioning(self, prepared: tuple) -> dict[str, Callable]:
+        """The :meth:`denoise` functions of the conditioning: Wan2.1 / A14B I2V concatenate the mask + condition
+        channels; TI2V-5B (``expand_timesteps``) replaces latent frame 0 by the image latent in the model input, gives
+        its tokens timestep 0 and pins the state after every step (the references' state)."""
+        if not self.config.expand_timesteps:
+            condition = prepared[1]
+            return dict(model_input=lambda x: torch.cat([x, condition], dim=1))
+        _, condition, first_frame_mask = prepared
+
+        def pin(x: torch.Tensor) -> torch.Tensor:
+            return (1 - first_frame_mask) * condition + first_frame_mask * x
+
+        def per_token_timesteps(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return (first_frame_mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(x.shape[0], -1)
+
+        return dict(model_input=pin, timestep_of=per_token_timesteps, after_step=lambda x, i: pin(x))
 
     # ----------------------------------------------------------------------------------------------- call
     @torch.no_grad()
@@ -260,6 +292,7 @@ class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, W
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
         image_latents: torch.Tensor | None = None,
+        cfg_batching: bool | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Image-to-video generation; the arguments of :meth:`diffusers.WanImageToVideoPipeline.__call__` plus:
@@ -275,6 +308,9 @@ class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, W
 
                 ``image`` may then be omitted unless the transformer has a CLIP branch and no ``image_embeds`` are
                 given (CLIP still needs the pixels).
+            cfg_batching (`bool`, *optional*):
+                With guidance, run the conditional and unconditional pass as one transformer forward of batch
+                ``2 x B`` (default: :attr:`cfg_batching`, ``True``); ``False``: stock's two forwards.
 
         Examples:
             >>> out = pipe(image_latents=z, latents=noise, prompt_embeds=ctx,  # doctest: +SKIP
@@ -288,37 +324,77 @@ class WanImageToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, W
                 raise ValueError(
                     "this transformer has a CLIP branch: with `image_latents` pass `image` or `image_embeds`"
                 )
-            # stock preprocesses `image` unconditionally; its pixels are not used (no VAE encode, no CLIP)
-            image = torch.zeros(1, 3, height, width)
-        self._reference_call = {"image_latents": image_latents, "height": height, "width": width}
-        if self.config.expand_timesteps:
-            callback_on_step_end, callback_on_step_end_tensor_inputs = self._pinning_callback(
-                callback_on_step_end, callback_on_step_end_tensor_inputs
-            )
+            image = torch.zeros(1, 3, height, width)  # preprocessed as stock does; its pixels are not used
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(
+            prompt, negative_prompt, image, height, width, prompt_embeds, negative_prompt_embeds, image_embeds,
+            callback_on_step_end_tensor_inputs, guidance_scale_2,
+        )
+        height, width, num_frames = self._size_and_frames(height, width, num_frames)
+        if self.config.boundary_ratio is not None and guidance_scale_2 is None:
+            guidance_scale_2 = guidance_scale
+        self._guidance_scale, self._guidance_scale_2 = guidance_scale, guidance_scale_2
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+        device = self._execution_device
+        if prompt is not None:  # prompts (not videos), as stock counts them: its CLIP features repeat per prompt
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            num_videos_per_prompt=num_videos_per_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
+        transformer_dtype = self._any_transformer().dtype
+        prompt_embeds = prompt_embeds.to(transformer_dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+        self._reference_call = {"height": height, "width": width}  # encode_image resizes to the video size
         try:
-            return super().__call__(
-                image=image,
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                height=height,
-                width=width,
-                num_frames=num_frames,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                guidance_scale_2=guidance_scale_2,
-                num_videos_per_prompt=num_videos_per_prompt,
-                generator=generator,
-                latents=latents,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                image_embeds=image_embeds,
-                last_image=last_image,
-                output_type=output_type,
-                return_dict=return_dict,
-                attention_kwargs=attention_kwargs,
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                max_sequence_length=max_sequence_length,
-            )
+            image_embeds = self._image_embeds(image, last_image, image_embeds, batch_size, device, transformer_dtype)
         finally:
             self._reference_call = None
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        image = self.video_processor.preprocess(image, height=height, width=width).to(device, dtype=torch.float32)
+        if last_image is not None:
+            last_image = self.video_processor.preprocess(last_image, height=height, width=width)
+            last_image = last_image.to(device, dtype=torch.float32)
+        prepared = self.prepare_latents(
+            image, batch_size * num_videos_per_prompt, self.vae.config.z_dim, height, width, num_frames,
+            torch.float32, device, generator, latents, last_image, image_latents=image_latents,
+        )
+        conditioning = self._conditioning(prepared)
+        latents = self.denoise(
+            prepared[0],
+            timesteps,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2,
+            num_inference_steps=num_inference_steps,
+            transformer_dtype=transformer_dtype,
+            attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cfg_batching=cfg_batching,
+            transformer_kwargs=dict(encoder_hidden_states_image=image_embeds),
+            **conditioning,
+        )
+        if self.config.expand_timesteps:  # as stock: frame 0 is the image latent (also when interrupted)
+            latents = conditioning["model_input"](latents)
+        video = self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (video,)
+        return WanPipelineOutput(frames=video)

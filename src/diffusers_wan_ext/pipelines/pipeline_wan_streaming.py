@@ -9,7 +9,8 @@ How a video is made (krea's ``CausalInferencePipeline`` / realtime server, on st
    a. start from fresh Gaussian noise and run the few-step distilled schedule (:func:`self_forcing_schedule`;
       krea's realtime default: 4 steps of shift 5) -- at each step the transformer predicts the velocity ``v``,
       the clean block is ``x0 = x_t - sigma_t * v``, and unless it is the last step the block is re-noised to the
-      next step's ``sigma``: ``x = (1 - sigma') x0 + sigma' eps``.  Self-attention is *block-causal*: the block
+      next step's ``sigma``: ``x = (1 - sigma') x0 + sigma' eps`` (each block runs through the shared loop,
+      :meth:`~diffusers_wan_ext.pipelines.denoising.WanDenoisingMixin.denoise`, with this step).  Self-attention is *block-causal*: the block
       attends to itself and to the cached keys / values of the blocks before it
       (:mod:`diffusers_wan_ext.hooks.block_causal`);
    b. the clean block is decoded by :class:`~diffusers_wan_ext.vae.streaming.WanStreamingVAEDecoder`, which
@@ -134,6 +135,12 @@ class WanStreamingPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisi
         >>> export_to_video(frames, "stream.mp4", fps=16)  # doctest: +SKIP
     """
 
+    #: No classifier-free guidance (the distilled model runs one forward per step): nothing to split over ranks.
+    supports_cfg_parallel = False
+    supports_sequence_parallel = False  # its block-causal KV-cache attention does not run under context parallelism
+    #: The shared default; without guidance there is nothing to batch.
+    cfg_batching = True
+
     def __init__(
         self,
         tokenizer: AutoTokenizer,
@@ -241,6 +248,10 @@ class WanStreamingPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisi
         self.check_stream_inputs(prompt, prompt_embeds, num_blocks, num_frames_per_block, height, width, output_type,
                                  max_context_frames)
         start = time.perf_counter()
+        self._guidance_scale = 1.0  # no classifier-free guidance: one forward per step
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
         device = self._execution_device
         transformer = self.transformer
         dtype = transformer.dtype
@@ -293,20 +304,30 @@ class WanStreamingPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisi
             disable_block_causal_cache(transformer)
 
     def _denoise_block(self, shape, timesteps, sigmas, prompt_embeds, generator, device, dtype, attention_kwargs):
-        """Few-step x0 prediction with re-noising between steps (the Self-Forcing sampler) for one block."""
-        x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        x0 = x
-        for i, (t, s) in enumerate(zip(timesteps.tolist(), sigmas.tolist())):
-            timestep = torch.full((shape[0],), t, device=device)
-            velocity = self.transformer(hidden_states=x.to(dtype), timestep=timestep,
-                                        encoder_hidden_states=prompt_embeds, attention_kwargs=attention_kwargs,
-                                        return_dict=False)[0]
-            x0 = x - s * velocity.float()
-            if i + 1 < len(timesteps):
-                nxt = float(sigmas[i + 1])
-                noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-                x = (1 - nxt) * x0 + nxt * noise
-        return x0
+        """One block through the shared loop (:meth:`denoise`, one forward per step): the Self-Forcing sampler's x0
+        prediction, re-noised to the next step's sigma between steps."""
+
+        def self_forcing_step(velocity: torch.Tensor, t: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
+            x0 = x - float(sigmas[i]) * velocity.float()
+            if i + 1 == len(timesteps):
+                return x0
+            nxt = float(sigmas[i + 1])
+            return (1 - nxt) * x0 + nxt * randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+        return self.denoise(
+            randn_tensor(shape, generator=generator, device=device, dtype=torch.float32),
+            timesteps,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=None,
+            guidance_scale=1.0,
+            num_inference_steps=len(timesteps),
+            transformer_dtype=dtype,
+            attention_kwargs=attention_kwargs,
+            timestep_of=lambda t, x: torch.full((shape[0],), float(t), device=device),
+            step=self_forcing_step,
+            transformer=self.transformer,
+            progress=False,
+        )
 
     @torch.no_grad()
     def __call__(

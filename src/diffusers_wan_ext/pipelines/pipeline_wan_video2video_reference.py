@@ -13,8 +13,10 @@ For the same ``N`` and strength the two give different timesteps and a different
 0.6, shift 5: stock runs 2 steps, ``[833.3, 625.0]`` -- the tail of the Wan schedule ``[1000, 937.5, 833.3, 625]``
 --, DiffSynth runs 4 steps at ``[882.4, 803.6, 681.8, 468.8]``).  The stock pipeline asks the scheduler for the
 full ``N``-step schedule and then truncates it by ``strength``, so a scheduler alone cannot give DiffSynth's rule;
-this subclass reuses the stock denoising loop unchanged and only overrides how the timesteps and the start latents
-are prepared.
+this subclass overrides how the timesteps and the start latents are prepared (stock's ``get_timesteps`` /
+``prepare_latents`` with extra arguments) and denoises through the shared loop
+(:meth:`~diffusers_wan_ext.pipelines.denoising.WanDenoisingMixin.denoise`: stock's steps, plus CFG batching and CFG
+parallel; ``cfg_batching=False`` runs stock's two forwards and gives stock's result).
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
-from diffusers.pipelines.wan.pipeline_wan_video2video import WanVideoToVideoPipeline, retrieve_latents
+from diffusers.pipelines.wan.pipeline_wan_video2video import (
+    WanVideoToVideoPipeline,
+    retrieve_latents,
+    retrieve_timesteps,
+)
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.utils import is_torch_xla_available
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import AutoTokenizer, UMT5EncoderModel
@@ -36,16 +43,24 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
+from .denoising import WanDenoisingMixin
+from .runtime_options import WanRuntimeOptionsMixin
 
-__all__ = ["WanVideoToVideoReferencePipeline"]
+__all__ = ["WanVideoToVideoReferencePipeline", "set_strength_schedule"]
+
+XLA_AVAILABLE = is_torch_xla_available()
 
 
-class WanVideoToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, WanVideoToVideoPipeline):
+class WanVideoToVideoReferencePipeline(
+    ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, WanVideoToVideoPipeline
+):
     r"""
     Wan video-to-video with DiffSynth-Studio's ``denoising_strength`` and optional pre-encoded input latents.
 
     Everything of :class:`diffusers.WanVideoToVideoPipeline` is unchanged (components, ``strength``, callbacks,
-    offloading, LoRA loading); three call arguments are added:
+    offloading, LoRA loading), plus our runtime options
+    (:class:`~diffusers_wan_ext.pipelines.runtime_options.WanRuntimeOptionsMixin`) and ``cfg_batching``; three more
+    call arguments are added:
 
     * ``denoising_strength`` -- DiffSynth's rule: all ``num_inference_steps`` steps on the schedule that starts at
       ``shift(denoising_strength)``.  The scheduler must either take ``set_timesteps(..., denoising_strength=)``
@@ -87,17 +102,25 @@ class WanVideoToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, W
         super().__init__(
             tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
         )
-        self._reference_call: dict[str, Any] | None = None
+
+    #: Classifier-free guidance through the shared loop: CFG parallel and CFG batching work.
+    supports_cfg_parallel = True
+    cfg_batching = True
 
     # ------------------------------------------------------------------------------------------- overrides
-    def get_timesteps(self, num_inference_steps: int, timesteps: torch.Tensor, strength: float, device):
+    def get_timesteps(
+        self,
+        num_inference_steps: int,
+        timesteps: torch.Tensor,
+        strength: float,
+        device,
+        denoising_strength: float | None = None,
+    ) -> tuple[torch.Tensor, int]:
         """Stock truncation by ``strength``, or -- with ``denoising_strength`` -- DiffSynth's full ``N``-step schedule
-        starting at ``shift(denoising_strength)``."""
-        state = self._reference_call or {}
-        strength_ds = state.get("denoising_strength")
-        if strength_ds is None:
+        starting at ``shift(denoising_strength)`` (``timesteps`` is then rebuilt on the scheduler)."""
+        if denoising_strength is None:
             return super().get_timesteps(num_inference_steps, timesteps, strength, device)
-        set_strength_schedule(self.scheduler, num_inference_steps, strength_ds, device)
+        set_strength_schedule(self.scheduler, num_inference_steps, denoising_strength, device)
         return self.scheduler.timesteps, len(self.scheduler.timesteps)
 
     def prepare_latents(
@@ -112,16 +135,16 @@ class WanVideoToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, W
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         timestep: torch.Tensor | None = None,
+        video_latents: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Stock start latents, plus the ``video_latents`` / ``noise`` inputs of :meth:`__call__`."""
-        state = self._reference_call or {}
-        clean, noise = state.get("video_latents"), state.get("noise")
-        if clean is None and noise is None:
+        """Stock start latents, or the given clean ``video_latents`` (else ``video``, encoded as stock does) noised
+        with ``noise`` (else drawn with ``generator``) to ``timestep``."""
+        if video_latents is None and noise is None:
             return super().prepare_latents(
                 video, batch_size, num_channels_latents, height, width, dtype, device, generator, latents, timestep
             )
-        if clean is None:  # explicit noise with a pixel video: encode as stock does
-            clean = self.encode_video_latents(video, device=device, dtype=dtype)
+        clean = self.encode_video_latents(video, device=device, dtype=dtype) if video_latents is None else video_latents
         clean = clean.to(device=device, dtype=dtype)
         if clean.shape[0] != batch_size:
             if clean.shape[0] != 1:
@@ -148,6 +171,18 @@ class WanVideoToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, W
         mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(init.device, init.dtype)
         inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(init.device, init.dtype)
         return (init - mean) * inv_std
+
+    @staticmethod
+    def _check_reference_inputs(video, latents, timesteps, denoising_strength, video_latents, noise) -> None:
+        if video_latents is not None and (video is not None or latents is not None):
+            raise ValueError("pass only one of `video`, `video_latents` and `latents`")
+        if noise is not None and latents is not None:
+            raise ValueError("`latents` are already-noised start latents; `noise` applies to `video` / `video_latents`")
+        if denoising_strength is not None:
+            if not 0.0 <= float(denoising_strength) <= 1.0:
+                raise ValueError(f"`denoising_strength` must be in [0, 1], got {denoising_strength}")
+            if timesteps is not None:
+                raise ValueError("`denoising_strength` builds its own schedule; do not pass `timesteps`")
 
     # ----------------------------------------------------------------------------------------------- call
     @torch.no_grad()
@@ -176,6 +211,7 @@ class WanVideoToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, W
         denoising_strength: float | None = None,
         video_latents: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        cfg_batching: bool | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Video-to-video generation; the arguments of :meth:`diffusers.WanVideoToVideoPipeline.__call__` plus:
@@ -192,49 +228,75 @@ class WanVideoToVideoReferencePipeline(ShimPipelineMixin, WanLoraInteropMixin, W
                 Noise of the same shape as the input latents, mixed in as ``(1 - sigma_0) * x0 + sigma_0 * noise``
                 (default: drawn with ``generator``).  Not used together with ``latents`` (already noised start
                 latents, used as given as in stock).
+            cfg_batching (`bool`, *optional*):
+                With guidance, run the conditional and unconditional pass as one transformer forward of batch
+                ``2 x B`` (default: :attr:`cfg_batching`, ``True``); ``False``: stock's two forwards.
 
         Examples:
             >>> out = pipe(video_latents=x0, noise=eps, denoising_strength=0.6, num_inference_steps=4,  # doctest: +SKIP
             ...            prompt_embeds=ctx, negative_prompt_embeds=neg, height=480, width=832, output_type="latent")
         """
-        if video_latents is not None and (video is not None or latents is not None):
-            raise ValueError("pass only one of `video`, `video_latents` and `latents`")
-        if noise is not None and latents is not None:
-            raise ValueError("`latents` are already-noised start latents; `noise` applies to `video` / `video_latents`")
-        if denoising_strength is not None:
-            if not 0.0 <= float(denoising_strength) <= 1.0:
-                raise ValueError(f"`denoising_strength` must be in [0, 1], got {denoising_strength}")
-            if timesteps is not None:
-                raise ValueError("`denoising_strength` builds its own schedule; do not pass `timesteps`")
-        self._reference_call = {
-            "denoising_strength": denoising_strength, "video_latents": video_latents, "noise": noise
-        }
-        try:
-            return super().__call__(
-                video=video,
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                height=height,
-                width=width,
-                num_inference_steps=num_inference_steps,
-                timesteps=timesteps,
-                guidance_scale=guidance_scale,
-                strength=strength,
-                num_videos_per_prompt=num_videos_per_prompt,
-                generator=generator,
-                # stock skips the pixel preprocessing when `latents` is set; our prepare_latents noises them
-                latents=video_latents if video_latents is not None else latents,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                output_type=output_type,
-                return_dict=return_dict,
-                attention_kwargs=attention_kwargs,
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                max_sequence_length=max_sequence_length,
-            )
-        finally:
-            self._reference_call = None
+        self._check_reference_inputs(video, latents, timesteps, denoising_strength, video_latents, noise)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        height = height or self.transformer.config.sample_height * self.vae_scale_factor_spatial
+        width = width or self.transformer.config.sample_width * self.vae_scale_factor_spatial
+        self.check_inputs(
+            prompt, negative_prompt, height, width, video, latents if video_latents is None else video_latents,
+            prompt_embeds, negative_prompt_embeds, callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+        device = self._execution_device
+
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            num_videos_per_prompt=1,  # as stock: one video per prompt
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
+        transformer_dtype = self.transformer.dtype
+        prompt_embeds = prompt_embeds.to(transformer_dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, "cpu" if XLA_AVAILABLE else device, timesteps
+        )
+        timesteps, num_inference_steps = self.get_timesteps(
+            num_inference_steps, timesteps, strength, device, denoising_strength=denoising_strength
+        )
+        if latents is None and video_latents is None:
+            video = self.video_processor.preprocess_video(video, height=height, width=width).to(device, torch.float32)
+        latents = self.prepare_latents(
+            video, prompt_embeds.shape[0], self.transformer.config.in_channels, height, width, torch.float32, device,
+            generator, latents, timesteps[:1].repeat(prompt_embeds.shape[0]), video_latents=video_latents, noise=noise,
+        )
+
+        latents = self.denoise(
+            latents,
+            timesteps,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            transformer_dtype=transformer_dtype,
+            attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cfg_batching=cfg_batching,
+        )
+        video = self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (video,)
+        return WanPipelineOutput(frames=video)
 
 
 def set_strength_schedule(scheduler, num_inference_steps: int, denoising_strength: float, device=None) -> None:
