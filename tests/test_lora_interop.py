@@ -440,7 +440,7 @@ def test_motion_controller_lora(t2v_parts):
     assert {k.split(".")[0] for k in mc_sd} == {"motion_controller"}
     pipe.load_lora_weights({**mc_sd, **peft_lora_state_dict(transformer)}, adapter_name="speed")  # both at once
     with torch.no_grad():
-        assert torch.equal(pipe.motion_controller(torch.tensor([50.0])), mc(torch.tensor([50.0])))
+        assert torch.equal(pipe.motion_controller(torch.tensor([50.0])).offset, mc(torch.tensor([50.0])).offset)
     torch.testing.assert_close(forward(pipe.transformer), forward(transformer), rtol=0, atol=1e-6)
     diffsynth = convert_lora_state_dict(mc_sd, "diffsynth", transformer_name="motion_controller")
     assert "linear.4.lora_B.default.weight" in diffsynth

@@ -10,7 +10,7 @@ transformer's ``condition_embedder`` (its ``timestep_proj``, the input of every 
 from __future__ import annotations
 
 import contextlib
-import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,10 +19,17 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.utils import BaseOutput
 
 from ..utils.shims import ShimSaveMixin
 
-__all__ = ["WanMotionControllerModel", "MotionControlHook", "apply_motion_control", "motion_sinusoid"]
+__all__ = [
+    "MotionControlHook",
+    "WanMotionControllerModel",
+    "WanMotionControllerOutput",
+    "apply_motion_control",
+    "motion_sinusoid",
+]
 
 MOTION_CONTROL_HOOK = "wan_motion_control"
 
@@ -35,6 +42,17 @@ def motion_sinusoid(values: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
+@dataclass
+class WanMotionControllerOutput(BaseOutput):
+    """Output of :class:`WanMotionControllerModel`.
+
+    Args:
+        offset (`torch.Tensor` of shape `(B, 6 * dim)`): the offset added to the transformer's block modulation.
+    """
+
+    offset: torch.Tensor
+
+
 class WanMotionControllerModel(ShimSaveMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     Motion-bucket embedding of the Wan2.1 speed-control model.
@@ -45,16 +63,20 @@ class WanMotionControllerModel(ShimSaveMixin, ModelMixin, ConfigMixin, PeftAdapt
 
     Parameter names are the release's (``linear.0`` / ``linear.2`` / ``linear.4``).  LoRA adapters load as on the
     transformers (``PeftAdapterMixin``; ``motion_controller.*`` keys of ``WanSpeedControlPipeline.load_lora_weights``).
+    Under layerwise casting the input layer ``linear.0`` stays in the model's dtype (as stock Wan keeps its
+    embedders): the sinusoid enters in that dtype, the later layers compute in the compute dtype.
 
     Example:
         >>> import torch
         >>> from diffusers_wan_ext import WanMotionControllerModel
         >>> mc = WanMotionControllerModel(freq_dim=32, dim=48)
-        >>> tuple(mc(torch.tensor([100.0])).shape)
+        >>> tuple(mc(torch.tensor([100.0])).offset.shape)
         (1, 288)
     """
 
     _supports_gradient_checkpointing = False
+    _skip_layerwise_casting_patterns = [r"^linear\.0$"]
+    _no_split_modules: list[str] = []  # any split between its layers works (device_map="auto")
 
     @register_to_config
     def __init__(self, freq_dim: int = 256, dim: int = 1536) -> None:
@@ -63,14 +85,28 @@ class WanMotionControllerModel(ShimSaveMixin, ModelMixin, ConfigMixin, PeftAdapt
             nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim * 6)
         )
 
-    def forward(self, motion_bucket_id: torch.Tensor | float | int) -> torch.Tensor:
-        """``[B, 6 * dim]`` modulation offset for ``motion_bucket_id`` (a number or a ``[B]`` tensor)."""
-        weight = self.linear[0].weight
-        ids = torch.as_tensor(motion_bucket_id, device=weight.device).reshape(-1)
-        if not torch.isfinite(ids.to(torch.float64)).all():
+    def forward(
+        self, motion_bucket_id: torch.Tensor | float | int, return_dict: bool = True
+    ) -> WanMotionControllerOutput | tuple[torch.Tensor]:
+        """
+        Args:
+            motion_bucket_id (`torch.Tensor` of shape `(B,)`, or a number): the motion bucket (larger = more motion).
+            return_dict (`bool`, defaults to `True`): return a :class:`WanMotionControllerOutput` instead of a tuple.
+
+        Returns:
+            The ``[B, 6 * dim]`` modulation offset, as ``WanMotionControllerOutput.offset`` or ``(offset,)``.
+        """
+        first = self.linear[0]
+        ids = torch.as_tensor(motion_bucket_id).reshape(-1)
+        if first.weight.device.type != "meta":  # (offload hooks keep the weights on meta and move the input)
+            ids = ids.to(first.weight.device)
+        if not torch.compiler.is_compiling() and not torch.isfinite(ids.to(torch.float64)).all():
             raise ValueError(f"motion_bucket_id must be finite, got {motion_bucket_id!r}")
         emb = motion_sinusoid(ids.to(torch.float64) * 10, self.config.freq_dim)
-        return self.linear(emb.to(weight.dtype))
+        offset = self.linear(emb.to(first.weight.dtype))
+        if not return_dict:
+            return (offset,)
+        return WanMotionControllerOutput(offset=offset)
 
 
 class MotionControlHook(ModelHook):
@@ -94,8 +130,11 @@ class MotionControlHook(ModelHook):
 
 
 @contextlib.contextmanager
-def apply_motion_control(transformer: nn.Module, offset: torch.Tensor | None):
-    """Within the ``with`` block, every forward of ``transformer`` adds ``offset`` to its block modulation."""
+def apply_motion_control(transformer: nn.Module, offset: torch.Tensor | WanMotionControllerOutput | None):
+    """Within the ``with`` block, every forward of ``transformer`` adds ``offset`` (a tensor, or a motion controller's
+    output) to its block modulation."""
+    if isinstance(offset, WanMotionControllerOutput):
+        offset = offset.offset
     if offset is None:
         yield
         return

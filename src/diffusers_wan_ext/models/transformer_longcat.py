@@ -418,6 +418,8 @@ class LongCatVideoTransformer3DModel(
         },
         "proj_out": ContextParallelOutput(gather_dim=2, expected_dims=4),
     }
+    # its own _cp_plan splits the tokens within each frame; a padded frame is refused by its processor
+    _cp_self_attention_modules: tuple[str, ...] = ("blocks.*.attn1",)
 
     @register_to_config
     def __init__(

@@ -47,6 +47,13 @@ class WanAnimateExtTransformer3DModel(ShimSaveMixin, WanAnimateTransformer3DMode
         'WanTextLenAttnProcessor'
     """
 
+    _cp_plan = None
+    _cp_unsupported_reason = (
+        "its face adapter cross-attends each latent frame's video tokens to that frame's face features, so the "
+        "tokens cannot be split along the sequence"
+    )
+    _cp_self_attention_modules: tuple[str, ...] = ("blocks.*.attn1",)
+
     @register_to_config
     def __init__(
         self,

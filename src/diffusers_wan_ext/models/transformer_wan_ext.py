@@ -41,6 +41,8 @@ class WanExtTransformer3DModel(ShimSaveMixin, WanTransformer3DModel):
 
     _no_split_modules = ["WanTransformerBlock"]
     _repeated_blocks = ["WanTransformerBlock"]
+    _cp_plan = WanTransformer3DModel._cp_plan  # stock's: the extra ``text_len`` changes no token layout
+    _cp_self_attention_modules: tuple[str, ...] = ("blocks.*.attn1",)
 
     @register_to_config
     def __init__(

@@ -64,6 +64,10 @@ class WanFunTransformer3DModel(WanExtTransformer3DModel):
     _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm", "ref_conv", "control_adapter"]
     _no_split_modules = ["WanTransformerBlock"]
     _repeated_blocks = ["WanTransformerBlock"]
+    # stock Wan's plan (inherited) fits: reference tokens are prepended and camera features added before
+    # ``blocks.0``, whose tokens -- and the RoPE table built for the same F+1 frames -- are split; the reference
+    # tokens are dropped only after ``proj_out``, where the sequence is gathered back
+    _cp_plan = WanExtTransformer3DModel._cp_plan
 
     @register_to_config
     def __init__(
@@ -213,8 +217,10 @@ class WanFunTransformer3DModel(WanExtTransformer3DModel):
         hidden_states = hidden_states.contiguous()
 
         # reference tokens take RoPE frame 0 and the video frames shift to 1..F: one RoPE grid of F+1 frames
+        # (the rope module's input only gives the grid's shape: an expanded scalar on the input's device, so that
+        # offload hooks can move it; a meta tensor cannot be moved)
         rope_frames = num_frames + (p_t if num_ref_tokens else 0)
-        rotary_emb = self.rope(torch.empty((1, 1, rope_frames, height, width), device="meta"))
+        rotary_emb = self.rope(hidden_states.new_zeros(()).expand(1, 1, rope_frames, height, width))
 
         if timestep.ndim == 2:  # per-token timesteps (Wan2.2 TI2V layout)
             ts_seq_len = timestep.shape[1]

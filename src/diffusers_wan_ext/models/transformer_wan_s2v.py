@@ -137,7 +137,9 @@ class WanS2VRotaryPosEmbed(WanRotaryPosEmbed):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         split = [self.t_dim, self.h_dim, self.w_dim]
         positions = positions.to(self.freqs_cos.device)
-        if positions.numel() and int(positions.abs().max()) >= self.freqs_cos.shape[0]:
+        # a data-dependent check: eager only (a compiled graph indexes past the table as eager would have refused)
+        if (not torch.compiler.is_compiling() and positions.numel()
+                and int(positions.abs().max()) >= self.freqs_cos.shape[0]):
             raise ValueError(
                 f"RoPE position {int(positions.abs().max())} exceeds rope_max_seq_len={self.freqs_cos.shape[0]}: the "
                 "latent grid is too large for this transformer's rotary tables"
@@ -473,6 +475,9 @@ class WanS2VTransformer3DModel(
     ]
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
     _repeated_blocks = ["WanS2VTransformerBlock"]
+    _cp_plan = None
+    _cp_unsupported_reason = "its audio injection and FramePack motion tokens need the full token sequence"
+    _cp_self_attention_modules: tuple[str, ...] = ("blocks.*.attn1",)
 
     @register_to_config
     def __init__(

@@ -16,11 +16,12 @@ that runs next to the main stream:
   other layer is a plain Wan block on the main stream, and the reference stream passes through unchanged;
 * the output head uses the main stream only, modulated with the main timestep embedding.
 
-The forward is stock :class:`diffusers.WanTransformer3DModel`'s: the joint attention lives in the ``attn1``
-processors of the MoT layers (:class:`WanVideoAsPromptJointAttnProcessor`, which runs the reference block's stock
-forward, whose own ``attn1`` -- :class:`WanVideoAsPromptReferenceAttnProcessor` -- does the joint attention), so every
-block runs through its ``forward`` and block-level hooks (group offloading, step caches, regional compile) see both
-streams.  Everything of the main stream keeps stock names (LoRAs, hooks, offloading and attention backends apply).  The reference stream's modules are stock modules as well, under ``vap_`` names in
+The forward is stock :class:`diffusers.WanTransformer3DModel`'s, except that the MoT layers
+(:class:`WanVideoAsPromptMoTBlock`) also take the reference stream's inputs as an argument.  The joint attention
+lives in their ``attn1`` processors (:class:`WanVideoAsPromptJointAttnProcessor`, which runs the reference block's
+stock forward, whose own ``attn1`` -- :class:`WanVideoAsPromptReferenceAttnProcessor` -- does the joint attention),
+so every block runs through its ``forward`` and block-level hooks (group offloading, step caches, gradient
+checkpointing) see both streams.  Everything of the main stream keeps stock names (LoRAs, hooks, offloading and attention backends apply).  The reference stream's modules are stock modules as well, under ``vap_`` names in
 the style of stock ``WanVACETransformer3DModel`` (``vace_patch_embedding`` / ``vace_blocks``):
 ``vap_patch_embedding``, ``vap_condition_embedder`` (a stock ``WanTimeTextImageEmbedding``) and ``vap_blocks.k``
 (stock ``WanTransformerBlock``; ``k`` = position in ``vap_layers``).  The release's ``*_mot_ref`` key layout is
@@ -33,15 +34,15 @@ the output head (a variable-shadowing bug, see the ``dit_vap`` golden); we follo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers import ModelMixin  # noqa: F401  (Diffusers' loader looks up loadable bases in this module)
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.utils.peft_utils import apply_lora_scale
 from diffusers.models.transformers.transformer_wan import (
     WanAttnProcessor,
     WanTimeTextImageEmbedding,
@@ -55,7 +56,9 @@ from .transformer_wan_ext import WanExtTransformer3DModel
 __all__ = [
     "RELEASE_VAP_LAYERS",
     "WanVideoAsPromptJointAttnProcessor",
+    "WanVideoAsPromptMoTBlock",
     "WanVideoAsPromptReferenceAttnProcessor",
+    "WanVideoAsPromptReferenceBlock",
     "WanVideoAsPromptTransformer3DModel",
 ]
 
@@ -65,42 +68,36 @@ RELEASE_VAP_LAYERS: tuple[int, ...] = (0, 4, 8, 12, 16, 20, 24, 28, 32, 36)
 
 @dataclass(eq=False)
 class _ReferenceStream:
-    """The reference stream during one forward: its inputs (embedded on first use, inside the forward) and state."""
+    """One MoT layer's reference-stream state while its main block runs: set from the block's ``reference``
+    argument (so a gradient-checkpoint recomputation of the block sets it again), read by the two ``attn1``
+    processors, and holding the reference block's output afterwards."""
 
-    model: "WanVideoAsPromptTransformer3DModel" = field(repr=False)
-    hidden_states: torch.Tensor | None = None  # raw [B, C, F, H, W], then the stream's tokens [B, S, D]
+    hidden_states: torch.Tensor | None = None
     context: torch.Tensor | None = None
-    context_image: torch.Tensor | None = None
-    timestep: torch.Tensor | None = None
     temb: torch.Tensor | None = None
     rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None
     main_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     main_out: torch.Tensor | None = None
+    output: torch.Tensor | None = None
 
     @property
     def active(self) -> bool:
         return self.hidden_states is not None
 
-    def embed(self, batch_size: int) -> None:
-        """Patch / condition embeddings and RoPE of the reference (once per forward, on the first MoT layer)."""
-        if self.temb is not None:
-            return
-        m = self.model
-        x = _match_batch(self.hidden_states, batch_size, "vap_hidden_states")
-        self.rotary_emb = m.vap_rotary_emb(x)
-        x = m.vap_patch_embedding(x.to(m.vap_patch_embedding.weight.dtype))
-        self.hidden_states = x.flatten(2).transpose(1, 2).contiguous()
-        context = _match_batch(self.context, batch_size, "vap_encoder_hidden_states")
-        image = None if self.context_image is None else _match_batch(
-            self.context_image, batch_size, "vap_encoder_hidden_states_image")
-        _, proj, context, image = m.vap_condition_embedder(self.timestep.expand(batch_size), context, image)
-        self.temb = proj.unflatten(1, (6, -1))
-        self.context = context if image is None else torch.concat([image, context], dim=1)
+    def load(self, reference: tuple[torch.Tensor, ...]) -> None:
+        """Take the reference block's inputs ``(hidden_states, context, temb, rope_cos, rope_sin)``."""
+        self.hidden_states, self.context, self.temb, cos, sin = reference
+        self.rotary_emb = (cos, sin)
 
     def clear(self) -> None:
-        for name in ("hidden_states", "context", "context_image", "timestep", "temb", "rotary_emb", "main_qkv",
-                     "main_out"):
+        for name in ("hidden_states", "context", "temb", "rotary_emb", "main_qkv", "main_out"):
             setattr(self, name, None)
+
+    def take_output(self, default: torch.Tensor) -> torch.Tensor:
+        """The reference block's output of the last run (``default`` when the block did not run, e.g. skipped by a
+        step cache), and forget it."""
+        out, self.output = self.output, None
+        return default if out is None else out
 
 
 def _match_batch(t: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
@@ -126,11 +123,16 @@ class WanVideoAsPromptJointAttnProcessor(WanAttnProcessor):
         stream = self.stream
         if not stream.active:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        stream.embed(hidden_states.shape[0])
         query, key, value = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
         stream.main_qkv = (query, key, value)
         stream.hidden_states = self.vap_block(stream.hidden_states, stream.context, stream.temb, stream.rotary_emb)
         out, stream.main_qkv, stream.main_out = stream.main_out, None, None
+        if out is None:
+            raise RuntimeError(
+                "the reference block's self-attention did not run (a step cache served it), so the main stream's "
+                "share of the joint attention is missing: cache the main blocks only, e.g. "
+                "PyramidAttentionBroadcastConfig(spatial_attention_block_identifiers=('^blocks',), ...)"
+            )
         return wan_attention_output(attn, out, query)
 
 
@@ -158,6 +160,57 @@ class WanVideoAsPromptReferenceAttnProcessor(WanAttnProcessor):
         )
         stream.main_out, out = joint.split([q.shape[1], qv.shape[1]], dim=1)
         return wan_attention_output(attn, out, qv)
+
+
+class WanVideoAsPromptReferenceBlock(WanTransformerBlock):
+    """A reference-stream block (``vap_blocks.k``): stock ``WanTransformerBlock`` whose ``attn1`` is
+    :class:`WanVideoAsPromptReferenceAttnProcessor`.  A class of its own so that regional compilation of the
+    (uniform) plain ``WanTransformerBlock`` layers leaves it out."""
+
+
+class WanVideoAsPromptMoTBlock(WanTransformerBlock):
+    """The main-stream block of a MoT layer (its ``attn1`` is :class:`WanVideoAsPromptJointAttnProcessor`).
+
+    ``forward(..., reference)`` takes the reference stream's ``(hidden_states, context, temb, rope_cos, rope_sin)``
+    as an argument, so hooks, gradient checkpointing (whose recomputation runs the reference block again from the
+    same inputs) and compilation see the whole layer; the reference block's output is read back with
+    :meth:`reference_output`.  Without ``reference`` it is the stock block.
+    """
+
+    @property
+    def stream(self) -> _ReferenceStream:
+        processor = self.attn1.processor
+        if not isinstance(processor, WanVideoAsPromptJointAttnProcessor):
+            raise ValueError(
+                f"the self-attention processor of a MoT layer was replaced ({type(processor).__name__}); the joint "
+                "attention needs WanVideoAsPromptJointAttnProcessor there (use set_attention_backend to change the "
+                "kernel)"
+            )
+        return processor.stream
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        reference: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
+        if reference is None:
+            return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        stream = self.stream
+        stream.load(reference)
+        try:
+            hidden_states = super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+            # the reference block's output (its input when the joint attention was skipped, e.g. by a cache hook)
+            stream.output = stream.hidden_states
+        finally:
+            stream.clear()
+        return hidden_states
+
+    def reference_output(self, default: torch.Tensor) -> torch.Tensor:
+        """The reference stream after this layer's last run with a ``reference`` (``default`` if it did not run)."""
+        return self.stream.take_output(default)
 
 
 class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
@@ -190,8 +243,15 @@ class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
         (1, 16, 3, 8, 8)
     """
 
-    _no_split_modules = ["WanTransformerBlock"]
+    _no_split_modules = ["WanTransformerBlock", "WanVideoAsPromptMoTBlock", "WanVideoAsPromptReferenceBlock"]
+    # the plain layers only: MoT layers and reference blocks differ in their attention processors (and each MoT
+    # processor holds its own reference block), so compiling them with the plain ones would recompile per layer
     _repeated_blocks = ["WanTransformerBlock"]
+    _cp_plan = None
+    _cp_unsupported_reason = (
+        "its joint attention between the reference and the main stream needs both streams' full token sequences"
+    )
+    _cp_self_attention_modules: tuple[str, ...] = ("blocks.*.attn1", "vap_blocks.*.attn1")
 
     @register_to_config
     def __init__(
@@ -250,45 +310,51 @@ class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
             image_embed_dim=image_dim,
             pos_embed_seq_len=pos_embed_seq_len,
         )
-        self.vap_blocks = nn.ModuleList(
-            [
-                WanTransformerBlock(
-                    inner_dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim
-                )
-                for _ in layers
-            ]
-        )
-        if added_kv_proj_dim is not None:
-            for block in self.vap_blocks:
-                block.attn2.set_processor(WanTextLenAttnProcessor(text_len))
+        def block(cls: type[WanTransformerBlock]) -> WanTransformerBlock:
+            new = cls(inner_dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
+            if added_kv_proj_dim is not None:
+                new.attn2.set_processor(WanTextLenAttnProcessor(text_len))
+            return new
+
+        self.vap_blocks = nn.ModuleList([block(WanVideoAsPromptReferenceBlock) for _ in layers])
         # the joint attention lives in the processors: every block (main and reference) runs its stock forward
-        self._reference = _ReferenceStream(self)
         for layer, vap_block in zip(layers, self.vap_blocks):
-            self.blocks[layer].attn1.set_processor(WanVideoAsPromptJointAttnProcessor(self._reference, vap_block))
-            vap_block.attn1.set_processor(WanVideoAsPromptReferenceAttnProcessor(self._reference))
+            self.blocks[layer] = block(WanVideoAsPromptMoTBlock)
+            stream = _ReferenceStream()
+            self.blocks[layer].attn1.set_processor(WanVideoAsPromptJointAttnProcessor(stream, vap_block))
+            vap_block.attn1.set_processor(WanVideoAsPromptReferenceAttnProcessor(stream))
 
     # ------------------------------------------------------------------------------------------------ helpers
     def vap_rotary_emb(self, vap_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE of the reference tokens: frame positions ``-F .. -1``, height / width positions ``0 ..``."""
-        rope = self.rope
+        """RoPE of the reference tokens: frame positions ``-F .. -1``, height / width positions ``0 ..``.
+
+        Computed by the ``rope`` module's own forward (so offload hooks on it bring its tables in): the tables of
+        frames ``0 .. F``, frames ``F .. 1`` taken in that order, and the temporal ``sin`` negated
+        (``cos(-x) = cos(x)``, ``sin(-x) = -sin(x)``)."""
         _, _, f, h, w = vap_hidden_states.shape
-        p_t, p_h, p_w = self.config.patch_size
-        ppf, pph, ppw = f // p_t, h // p_h, w // p_w
-        device = rope.freqs_cos.device
-        positions = torch.arange(-ppf, 0, device=device, dtype=torch.float64)
-        cos_f, sin_f = get_1d_rotary_pos_embed(
-            rope.t_dim, positions, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64
-        )
-        split = [rope.t_dim, rope.h_dim, rope.w_dim]
-        out = []
-        for table, frames in ((rope.freqs_cos, cos_f), (rope.freqs_sin, sin_f)):
-            _, table_h, table_w = table.split(split, dim=1)
-            out.append(torch.cat([
-                frames.to(table.dtype).view(ppf, 1, 1, -1).expand(ppf, pph, ppw, -1),
-                table_h[:pph].view(1, pph, 1, -1).expand(ppf, pph, ppw, -1),
-                table_w[:ppw].view(1, 1, ppw, -1).expand(ppf, pph, ppw, -1),
-            ], dim=-1).reshape(1, ppf * pph * ppw, 1, -1))
-        return out[0], out[1]
+        p_t = self.config.patch_size[0]
+        ppf = f // p_t
+        grid = vap_hidden_states.new_zeros(()).expand(1, 1, (ppf + 1) * p_t, h, w)  # shape only, no memory
+        cos, sin = self.rope(grid)
+        cos = cos.unflatten(1, (ppf + 1, -1))[:, 1:].flip(1).flatten(1, 2)
+        sin = sin.unflatten(1, (ppf + 1, -1))[:, 1:].flip(1).flatten(1, 2)
+        t = self.rope.t_dim
+        return cos, torch.cat([-sin[..., :t], sin[..., t:]], dim=-1)
+
+    def _embed_reference(self, batch_size: int, vap_hidden_states: torch.Tensor, context: torch.Tensor,
+                         context_image: torch.Tensor | None, timestep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The reference stream's block inputs ``(tokens, context, temb, rope_cos, rope_sin)``."""
+        x = _match_batch(vap_hidden_states, batch_size, "vap_hidden_states")
+        cos, sin = self.vap_rotary_emb(x)
+        x = self.vap_patch_embedding(x.to(self.vap_patch_embedding.weight.dtype))
+        x = x.flatten(2).transpose(1, 2).contiguous()
+        context = _match_batch(context, batch_size, "vap_encoder_hidden_states")
+        image = None if context_image is None else _match_batch(
+            context_image, batch_size, "vap_encoder_hidden_states_image")
+        _, proj, context, image = self.vap_condition_embedder(timestep.expand(batch_size), context, image)
+        if image is not None:
+            context = torch.concat([image, context], dim=1)
+        return x, context, proj.unflatten(1, (6, -1)), cos, sin
 
     def _check_vap_inputs(self, hidden_states, timestep, vap_hidden_states, vap_encoder_hidden_states,
                           vap_encoder_hidden_states_image) -> None:
@@ -312,11 +378,6 @@ class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
             )
         if timestep.ndim != 1:
             raise ValueError("Video-As-Prompt takes one timestep per sample (shape [B]); per-token timesteps are TI2V's")
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            raise ValueError(
-                "gradient checkpointing is not supported with the reference stream (its state crosses the "
-                "checkpointed blocks); disable_gradient_checkpointing() or train without vap_hidden_states"
-            )
         foreign = [i for i in self.config.vap_layers
                    if not isinstance(self.blocks[i].attn1.processor, WanVideoAsPromptJointAttnProcessor)]
         if foreign:
@@ -327,6 +388,7 @@ class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
             )
 
     # ------------------------------------------------------------------------------------------------ forward
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -365,15 +427,49 @@ class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
                     "vap_encoder_hidden_states / vap_encoder_hidden_states_image given without vap_hidden_states: "
                     "pass the reference video's latents as vap_hidden_states"
                 )
+            reference = None
         else:
             self._check_vap_inputs(hidden_states, timestep, vap_hidden_states, vap_encoder_hidden_states,
                                    vap_encoder_hidden_states_image)
-            ref = self._reference
-            ref.hidden_states, ref.context, ref.context_image = (
-                vap_hidden_states, vap_encoder_hidden_states, vap_encoder_hidden_states_image)
-            ref.timestep = torch.ones_like(timestep) if vap_timestep is None else vap_timestep
-        try:
-            return super().forward(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
-                                   return_dict=return_dict, attention_kwargs=attention_kwargs)
-        finally:
-            self._reference.clear()
+            vap_timestep = torch.ones_like(timestep) if vap_timestep is None else vap_timestep
+            reference = self._embed_reference(hidden_states.shape[0], vap_hidden_states, vap_encoder_hidden_states,
+                                              vap_encoder_hidden_states_image, vap_timestep)
+        return self._forward_streams(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                                     reference, return_dict)
+
+    def _forward_streams(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                         reference, return_dict):
+        """Stock ``WanTransformer3DModel.forward``, with the reference stream passed through the MoT layers."""
+        batch_size, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        grid = (num_frames // p_t, height // p_h, width // p_w)
+        rotary_emb = self.rope(hidden_states)
+        hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
+
+        ts_seq_len = None
+        if timestep.ndim == 2:  # per-token timesteps (Wan2.2 TI2V layout), only without the reference
+            ts_seq_len = timestep.shape[1]
+            timestep = timestep.flatten()
+        temb, timestep_proj, encoder_hidden_states, encoder_hidden_states_image = self.condition_embedder(
+            timestep, encoder_hidden_states, encoder_hidden_states_image, timestep_seq_len=ts_seq_len
+        )
+        timestep_proj = timestep_proj.unflatten(2 if ts_seq_len is not None else 1, (6, -1))
+        if encoder_hidden_states_image is not None:
+            encoder_hidden_states = torch.concat([encoder_hidden_states_image, encoder_hidden_states], dim=1)
+
+        for block in self.blocks:
+            args = (hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
+            mot = reference is not None and isinstance(block, WanVideoAsPromptMoTBlock)
+            if mot:
+                args = (*args, reference)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, *args)
+            else:
+                hidden_states = block(*args)
+            if mot:
+                reference = (block.reference_output(reference[0]), *reference[1:])
+
+        output = self._output_projection(hidden_states, temb, batch_size, grid)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
