@@ -7,9 +7,11 @@ What is where (each module imports only the ones above it, and :mod:`diffusers_w
   :func:`causal_conv_count`);
 * :mod:`.norm_kernel` -- the fused channel RMS norm + SiLU as one Triton kernel (:func:`rms_norm_act`, with the
   PyTorch :func:`rms_norm_act_reference` off CUDA);
+* :mod:`.decode_session` -- :class:`WanDecodeSession`, the causal decode state of one video: one latent frame per
+  step through the stock decoder's modules, with per-conv input buffers and caches (the fast decode's engine);
 * :mod:`.fast_decode` -- the faster, leaner decode: :func:`optimize_vae` / :func:`restore_vae` install / remove it
-  behind ``vae.decode``; :class:`WanDecodeSession` is its per-video causal state (also exported by
-  :mod:`diffusers_wan_ext.runtime`);
+  behind ``vae.decode`` (re-exported by :mod:`diffusers_wan_ext.runtime`); its module docstring explains what
+  changes against stock and the memory it saves;
 * :mod:`.peak_memory` -- :func:`estimate_decode_peak`, a decode's peak memory counted on the meta device;
 * :mod:`.streaming` -- :class:`WanStreamingVAEDecoder`, latent blocks in, pixel frames out, one causal cache
   across calls (runs on a :class:`WanDecodeSession` when the fast decode is installed);
@@ -22,7 +24,8 @@ Example:
     >>> frames = WanStreamingVAEDecoder(pipe.vae).decode(latent_block)  # doctest: +SKIP
 """
 
-from .fast_decode import WanDecodeSession, fast_decode_session, fast_decode_unsupported, optimize_vae, restore_vae
+from .decode_session import WanDecodeSession
+from .fast_decode import fast_decode_session, fast_decode_unsupported, optimize_vae, restore_vae
 from .latents import causal_conv_count, denormalize_latents, latent_stats, normalize_latents, patch_size
 from .norm_kernel import rms_norm_act, rms_norm_act_reference, wan_norm_weight
 from .peak_memory import estimate_decode_peak

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops._triton import tl, triton, triton_available, uses_triton
+from ..ops import tl, triton, triton_available, uses_triton
 
 __all__ = ["rms_norm_act", "rms_norm_act_reference", "triton_available", "uses_triton", "wan_norm_weight"]
 

@@ -5,7 +5,9 @@ The Wan VAE decoder is causal in time: ``AutoencoderKLWan._decode`` runs one lat
 *feature cache* (the last frames each causal 3D convolution saw) from one frame to the next; latent frame 0 gives 1
 pixel frame, every later latent frame 4.  :class:`WanStreamingVAEDecoder` keeps that cache between calls, so decoding
 a video block by block gives exactly the frames of one decode of the whole latent, without re-decoding anything:
-a first block of ``n`` latent frames yields ``1 + 4 (n - 1)`` frames, every later block ``4 n``.
+a first block of ``n`` latent frames yields ``1 + 4 (n - 1)`` frames, every later block ``4 n``.  With the fast
+decode of :mod:`.fast_decode` installed, the cache is that of a :class:`~.decode_session.WanDecodeSession`; the
+untiled :func:`~.tiling.decode_unclamped` is this decoder run once over the whole latent.
 
 Example:
     >>> decoder = WanStreamingVAEDecoder(pipe.vae)  # doctest: +SKIP
@@ -35,7 +37,7 @@ class WanStreamingVAEDecoder:
 
     With the fast decode of :func:`~diffusers_wan_ext.vae.fast_decode.optimize_vae` installed when a video starts
     (first block after construction or :meth:`reset`), that video runs on a
-    :class:`~diffusers_wan_ext.vae.fast_decode.WanDecodeSession` (same frames, its own cache); otherwise on the stock
+    :class:`~diffusers_wan_ext.vae.decode_session.WanDecodeSession` (same frames, its own cache); otherwise on the stock
     ``vae.decoder`` with a stock feature-cache list. A video keeps the path it started on.
     """
 
