@@ -13,22 +13,22 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import AutoencoderKLWan, DiffusionPipeline
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from .conversion.audio_encoder import WAV2VEC_DIR
 from .conversion.dit import export_dit_state_dict
 from .conversion.image_encoder import export_clip_state_dict
-from .conversion.longcat import LORA_HYPHEN, LORA_PREFIX, export_longcat_state_dict
 from .conversion.text_encoder import export_t5_state_dict
 from .conversion.tokenizer import make_tiny_umt5_tokenizer
 from .conversion.vae import export_vae_state_dict
 from .families import family_of_arch
 from .families.animate import make_tiny_relighting_lora
+from .families.longcat import TINY_LONGCAT, make_tiny_longcat_lora, make_tiny_longcat_release
 from .families.s2v import make_tiny_wav2vec
 from .families.speed_control import make_tiny_motion_controller
-from .models.transformer_longcat import LongCatVideoTransformer3DModel, longcat_ffn_dim
+from .families.tiny import TINY, tiny_t5, tiny_vae21
 from .release_converter import convert_release
 
 __all__ = [
@@ -36,13 +36,6 @@ __all__ = [
     "make_tiny_motion_controller", "make_tiny_release", "make_tiny_relighting_lora", "make_tiny_wav2vec",
     "prepare_training_demo", "run_demo",
 ]
-
-# Widths of the tiny releases (structure is real: depths, patching, RoPE split, token counts).
-TINY = dict(
-    dim=48, num_heads=2, ffn_dim=96, num_layers=2, freq_dim=32, text_dim=32, clip_dim=32, clip_layers=3,
-    clip_heads=2, clip_image=224, t5_vocab=256, vae_dim=8,
-)
-
 
 def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator, experts: int = 1):
     """A tiny original-layout DiT of ``arch`` (its family builds the model), its original ``config.json`` and the
@@ -71,126 +64,6 @@ def _tiny_dit_state_dict(arch: str, text_len: int, generator: torch.Generator, e
     return export_dit_state_dict(sd), config, fam
 
 
-def _tiny_t5():
-    """A tiny umT5 encoder (width ``TINY["text_dim"]``, vocabulary ``TINY["t5_vocab"]``)."""
-    return UMT5EncoderModel(UMT5Config(
-        vocab_size=TINY["t5_vocab"], d_model=TINY["text_dim"], d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-        dense_act_fn="gelu_new", is_gated_act=True, tie_word_embeddings=False,
-    )).eval()
-
-
-def _tiny_vae21():
-    """A tiny Wan2.1 VAE (real structure and latent statistics, width ``TINY["vae_dim"]``)."""
-    return AutoencoderKLWan(base_dim=TINY["vae_dim"], z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                            temperal_downsample=[False, True, True]).eval()
-
-
-#: Original ``dit/config.json`` fields of the tiny LongCat-Video DiT (release: hidden 4096, depth 48, 32 heads,
-#: caption 4096, adaLN 512, frequency 256).
-TINY_LONGCAT = dict(
-    in_channels=16, out_channels=16, hidden_size=48, depth=2, num_heads=2, caption_channels=TINY["text_dim"],
-    mlp_ratio=4, adaln_tembed_dim=32, frequency_embedding_size=32, patch_size=[1, 2, 2], enable_flashattn3=False,
-    enable_flashattn2=True, enable_xformers=False, enable_bsa=False, cp_split_hw=None, text_tokens_zero_pad=True,
-)
-
-
-#: Modules of the tiny original-format LoRA (module, number of up blocks: the fused projections get one per part).
-TINY_LONGCAT_LORA_TARGETS = (
-    ("blocks.{i}.attn.qkv", 3), ("blocks.{i}.attn.proj", 1), ("blocks.{i}.cross_attn.kv_linear", 2),
-    ("blocks.{i}.cross_attn.q_linear", 1), ("blocks.{i}.ffn.w1", 1), ("blocks.{i}.ffn.w2", 1),
-    ("blocks.{i}.adaLN_modulation.1", 1), ("final_layer.linear", 1),
-)
-
-
-def make_tiny_longcat_lora(dit_state_dict: dict, rank: int = 4, seed: int = 0, alpha_scale: float = 0.5,
-                           fused_single_up: bool = False) -> dict:
-    """A LoRA in the original LongCat-Video format (``lora_utils.LoRANetwork`` state dict) for an original-layout
-    DiT state dict: ``lora_down`` / ``lora_up`` (or ``lora_up.blocks.N`` for fused projections) and
-    ``alpha_scale``.  ``fused_single_up`` gives fused projections one up matrix instead of one block per part."""
-    g = torch.Generator().manual_seed(seed)
-    depth = len({k.split(".")[1] for k in dit_state_dict if k.startswith("blocks.")})
-    out = {}
-    for template, parts in TINY_LONGCAT_LORA_TARGETS:
-        for i in range(depth) if "{i}" in template else [None]:
-            module = template.format(i=i)
-            w = dit_state_dict[module + ".weight"]
-            name = LORA_PREFIX + module.replace(".", LORA_HYPHEN)
-            n = 1 if fused_single_up else parts
-            out[f"{name}.lora_down.weight"] = torch.randn(n * rank, w.shape[1], generator=g) * 0.1
-            if n == 1:
-                out[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.1
-            else:
-                for b in range(n):
-                    out[f"{name}.lora_up.blocks.{b}.weight"] = torch.randn(w.shape[0] // n, rank, generator=g) * 0.1
-            out[f"{name}.alpha_scale"] = torch.tensor(alpha_scale)
-    return out
-
-
-def make_tiny_longcat_release(folder: str | os.PathLike, seed: int = 0, layout: str = "release",
-                              shards: int = 1) -> Path:
-    """Write a tiny meituan-longcat/LongCat-Video release (original ``dit/`` key layout) into ``folder``.
-
-    Args:
-        layout: ``"release"`` -- the Hub folders ``dit/``, ``vae/`` (Diffusers), ``text_encoder/`` (Transformers),
-            ``tokenizer/``, ``scheduler/``, ``lora/cfg_step_lora.safetensors`` (original LoRA format); ``"wan"`` --
-            ``dit/`` with the Wan2.1 files DiffSynth-Studio pairs it
-            with (``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.1_VAE.pth``, ``google/umt5-xxl/``).
-        shards: split the DiT into this many safetensors shards plus an index, as the release does.
-
-    Example:
-        >>> path = make_tiny_longcat_release("/tmp/tiny-longcat")  # doctest: +SKIP
-    """
-    if layout not in ("release", "wan"):
-        raise ValueError(f"layout must be 'release' or 'wan'; got {layout!r}")
-    folder = Path(folder)
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    c = TINY_LONGCAT
-    model = LongCatVideoTransformer3DModel(
-        patch_size=tuple(c["patch_size"]), num_attention_heads=c["num_heads"],
-        attention_head_dim=c["hidden_size"] // c["num_heads"], in_channels=c["in_channels"],
-        out_channels=c["out_channels"], num_layers=c["depth"], text_dim=c["caption_channels"],
-        freq_dim=c["frequency_embedding_size"], time_embed_dim=c["adaln_tembed_dim"],
-        ffn_dim=longcat_ffn_dim(c["hidden_size"], c["mlp_ratio"]),
-    )
-    sd = {}
-    for k, v in model.state_dict().items():
-        std = 0.05 if v.ndim > 1 else 0.02
-        sd[k] = torch.randn(v.shape, generator=g) * std + (1.0 if "norm" in k and k.endswith("weight") else 0.0)
-    sd = export_longcat_state_dict(sd)
-    dit = folder / "dit"
-    dit.mkdir(parents=True, exist_ok=True)
-    keys = sorted(sd)
-    if shards == 1:
-        save_file({k: sd[k].contiguous() for k in keys}, str(dit / "diffusion_pytorch_model.safetensors"))
-    else:
-        weight_map = {}
-        for i in range(shards):
-            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            part = keys[i::shards]
-            save_file({k: sd[k].contiguous() for k in part}, str(dit / name))
-            weight_map.update(dict.fromkeys(part, name))
-        index = {"metadata": {"total_size": sum(v.numel() * 4 for v in sd.values())}, "weight_map": weight_map}
-        (dit / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (dit / "config.json").write_text(json.dumps(
-        {"_class_name": "LongCatVideoTransformer3DModel", "_diffusers_version": "0.32.0", **c}, indent=2))
-
-    t5, vae = _tiny_t5(), _tiny_vae21()
-    if layout == "release":
-        t5.save_pretrained(folder / "text_encoder")
-        vae.save_pretrained(folder / "vae")
-        make_tiny_umt5_tokenizer(folder / "tokenizer", vocab_size=TINY["t5_vocab"])
-        FlowMatchEulerDiscreteScheduler(shift=12.0).save_pretrained(folder / "scheduler")
-        (folder / "lora").mkdir(exist_ok=True)
-        save_file(make_tiny_longcat_lora(sd, seed=seed + 1), str(folder / "lora" / "cfg_step_lora.safetensors"))
-    else:
-        torch.save(export_t5_state_dict(t5.state_dict()), folder / "models_t5_umt5-xxl-enc-bf16.pth")
-        torch.save(export_vae_state_dict(vae.state_dict()), folder / "Wan2.1_VAE.pth")
-        make_tiny_umt5_tokenizer(folder / "google" / "umt5-xxl", vocab_size=TINY["t5_vocab"])
-    return folder
-
-
 def make_tiny_release(
     folder: str | os.PathLike,
     arch: str = "t2v",
@@ -202,12 +75,10 @@ def make_tiny_release(
     """Write a tiny original-layout Wan release into ``folder`` and return it.
 
     Args:
-        arch: ``t2v``, ``i2v``, ``flf2v``, ``ti2v`` (Wan2.2 VAE), ``i2v-noclip`` (Wan2.2 I2V-A14B style), or a
-            conditioning variant: ``fun-control`` (Wan2.1 Fun-Control), ``fun-control-ref`` (Fun-V1.1-Control;
-            with ``experts=2`` Wan2.2-Fun-A14B-Control), ``fun-camera`` (Fun-V1.1-Control-Camera; with
-            ``experts=2`` Wan2.2-Fun-A14B-Control-Camera), ``vace`` (Wan2.1-VACE; ``experts=2``: Wan2.2-VACE-Fun),
-            ``animate`` (Wan2.2-Animate-14B: DiT + Animate adapter in one file, CLIP, ``relighting_lora.ckpt``),
-            ``s2v`` (Wan2.2-S2V-14B, with its ``wav2vec2-large-xlsr-53-english/`` audio encoder folder).
+        arch: an architecture some family declares a tiny DiT for (``FAMILIES[...].tiny_arches``: ``t2v``, ``i2v``,
+            ``flf2v``, ``ti2v`` (Wan2.2 VAE), ``i2v-noclip``, ``fun-control``, ``fun-control-ref``, ``fun-camera``,
+            ``vace``, ``animate``, ``s2v`` ...); the family adds its release's extra files (relighting LoRA, audio
+            encoder folder ...).
         experts: 2 writes ``high_noise_model/`` + ``low_noise_model/`` (Wan2.2 A14B layout).
         text_len: the DiT's ``text_len`` (releases: 512).
 
@@ -227,7 +98,7 @@ def make_tiny_release(
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
         fam.tiny_release_files(folder, d, arch, sd, seed)
 
-    t5 = _tiny_t5()
+    t5 = tiny_t5()
     torch.save(export_t5_state_dict(t5.state_dict()), folder / "models_t5_umt5-xxl-enc-bf16.pth")
     make_tiny_umt5_tokenizer(folder / "google" / "umt5-xxl", vocab_size=TINY["t5_vocab"])
 
@@ -240,7 +111,7 @@ def make_tiny_release(
         )
         vae_name = "Wan2.2_VAE.pth"
     else:
-        vae = _tiny_vae21()
+        vae = tiny_vae21()
         vae_name = "Wan2.1_VAE.pth"
     torch.save(export_vae_state_dict(vae.state_dict()), folder / vae_name)
 

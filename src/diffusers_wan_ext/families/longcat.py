@@ -21,22 +21,27 @@ from transformers import UMT5EncoderModel
 
 from ..conversion.dit import find_dit_files
 from ..conversion.longcat import (
+    LORA_HYPHEN,
+    LORA_PREFIX,
+    export_longcat_state_dict,
     convert_longcat_lora_state_dict,
     is_longcat_lora_state_dict,
     is_longcat_state_dict,
     load_longcat_transformer_from_original,
 )
 from ..conversion.release_io import DTYPES, progress_bar, with_path, write_model_card
-from ..conversion.text_encoder import load_t5_from_original
-from ..conversion.tokenizer import load_umt5_tokenizer
-from ..conversion.vae import detect_vae_version, load_vae_from_original
+from ..conversion.text_encoder import export_t5_state_dict, load_t5_from_original
+from ..conversion.tokenizer import load_umt5_tokenizer, make_tiny_umt5_tokenizer
+from ..conversion.vae import detect_vae_version, export_vae_state_dict, load_vae_from_original
 from ..models import LongCatVideoTransformer3DModel
-from ..models.transformer_longcat import LongCatVideoTransformerBlock
+from ..models.transformer_longcat import LongCatVideoTransformerBlock, longcat_ffn_dim
 from ..pipelines import LongCatVideoPipeline
 from ..utils.io import ConversionError, atomic_output_dir, load_state_dict
 from .base import GenerateInput, ModelFamily, ReleaseOptions, WanVariant
+from .tiny import TINY, tiny_t5, tiny_vae21
 
-__all__ = ["LongCatFamily", "convert_longcat_release", "find_longcat_dit"]
+__all__ = ["LongCatFamily", "TINY_LONGCAT", "convert_longcat_release", "find_longcat_dit", "make_tiny_longcat_lora",
+           "make_tiny_longcat_release"]
 
 #: The release's sampling scheduler (``scheduler/scheduler_config.json`` of meituan-longcat/LongCat-Video).
 RELEASE_SCHEDULER_SHIFT = 12.0
@@ -214,6 +219,111 @@ def convert_longcat_release(src: str | os.PathLike, dst: str | os.PathLike, opti
             (tmp / "wan_variant.json").write_text(json.dumps(VARIANT.record(), indent=2) + "\n")
         bar.close()
     return Path(dst)
+
+
+#: Original ``dit/config.json`` fields of the tiny LongCat-Video DiT (release: hidden 4096, depth 48, 32 heads,
+#: caption 4096, adaLN 512, frequency 256).
+TINY_LONGCAT = dict(
+    in_channels=16, out_channels=16, hidden_size=48, depth=2, num_heads=2, caption_channels=TINY["text_dim"],
+    mlp_ratio=4, adaln_tembed_dim=32, frequency_embedding_size=32, patch_size=[1, 2, 2], enable_flashattn3=False,
+    enable_flashattn2=True, enable_xformers=False, enable_bsa=False, cp_split_hw=None, text_tokens_zero_pad=True,
+)
+
+
+#: Modules of the tiny original-format LoRA (module, number of up blocks: the fused projections get one per part).
+TINY_LONGCAT_LORA_TARGETS = (
+    ("blocks.{i}.attn.qkv", 3), ("blocks.{i}.attn.proj", 1), ("blocks.{i}.cross_attn.kv_linear", 2),
+    ("blocks.{i}.cross_attn.q_linear", 1), ("blocks.{i}.ffn.w1", 1), ("blocks.{i}.ffn.w2", 1),
+    ("blocks.{i}.adaLN_modulation.1", 1), ("final_layer.linear", 1),
+)
+
+
+def make_tiny_longcat_lora(dit_state_dict: dict, rank: int = 4, seed: int = 0, alpha_scale: float = 0.5,
+                           fused_single_up: bool = False) -> dict:
+    """A LoRA in the original LongCat-Video format (``lora_utils.LoRANetwork`` state dict) for an original-layout
+    DiT state dict: ``lora_down`` / ``lora_up`` (or ``lora_up.blocks.N`` for fused projections) and
+    ``alpha_scale``.  ``fused_single_up`` gives fused projections one up matrix instead of one block per part."""
+    g = torch.Generator().manual_seed(seed)
+    depth = len({k.split(".")[1] for k in dit_state_dict if k.startswith("blocks.")})
+    out = {}
+    for template, parts in TINY_LONGCAT_LORA_TARGETS:
+        for i in range(depth) if "{i}" in template else [None]:
+            module = template.format(i=i)
+            w = dit_state_dict[module + ".weight"]
+            name = LORA_PREFIX + module.replace(".", LORA_HYPHEN)
+            n = 1 if fused_single_up else parts
+            out[f"{name}.lora_down.weight"] = torch.randn(n * rank, w.shape[1], generator=g) * 0.1
+            if n == 1:
+                out[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.1
+            else:
+                for b in range(n):
+                    out[f"{name}.lora_up.blocks.{b}.weight"] = torch.randn(w.shape[0] // n, rank, generator=g) * 0.1
+            out[f"{name}.alpha_scale"] = torch.tensor(alpha_scale)
+    return out
+
+
+def make_tiny_longcat_release(folder: str | os.PathLike, seed: int = 0, layout: str = "release",
+                              shards: int = 1) -> Path:
+    """Write a tiny meituan-longcat/LongCat-Video release (original ``dit/`` key layout) into ``folder``.
+
+    Args:
+        layout: ``"release"`` -- the Hub folders ``dit/``, ``vae/`` (Diffusers), ``text_encoder/`` (Transformers),
+            ``tokenizer/``, ``scheduler/``, ``lora/cfg_step_lora.safetensors`` (original LoRA format); ``"wan"`` --
+            ``dit/`` with the Wan2.1 files DiffSynth-Studio pairs it
+            with (``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.1_VAE.pth``, ``google/umt5-xxl/``).
+        shards: split the DiT into this many safetensors shards plus an index, as the release does.
+
+    Example:
+        >>> path = make_tiny_longcat_release("/tmp/tiny-longcat")  # doctest: +SKIP
+    """
+    if layout not in ("release", "wan"):
+        raise ValueError(f"layout must be 'release' or 'wan'; got {layout!r}")
+    folder = Path(folder)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    c = TINY_LONGCAT
+    model = LongCatVideoTransformer3DModel(
+        patch_size=tuple(c["patch_size"]), num_attention_heads=c["num_heads"],
+        attention_head_dim=c["hidden_size"] // c["num_heads"], in_channels=c["in_channels"],
+        out_channels=c["out_channels"], num_layers=c["depth"], text_dim=c["caption_channels"],
+        freq_dim=c["frequency_embedding_size"], time_embed_dim=c["adaln_tembed_dim"],
+        ffn_dim=longcat_ffn_dim(c["hidden_size"], c["mlp_ratio"]),
+    )
+    sd = {}
+    for k, v in model.state_dict().items():
+        std = 0.05 if v.ndim > 1 else 0.02
+        sd[k] = torch.randn(v.shape, generator=g) * std + (1.0 if "norm" in k and k.endswith("weight") else 0.0)
+    sd = export_longcat_state_dict(sd)
+    dit = folder / "dit"
+    dit.mkdir(parents=True, exist_ok=True)
+    keys = sorted(sd)
+    if shards == 1:
+        save_file({k: sd[k].contiguous() for k in keys}, str(dit / "diffusion_pytorch_model.safetensors"))
+    else:
+        weight_map = {}
+        for i in range(shards):
+            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = keys[i::shards]
+            save_file({k: sd[k].contiguous() for k in part}, str(dit / name))
+            weight_map.update(dict.fromkeys(part, name))
+        index = {"metadata": {"total_size": sum(v.numel() * 4 for v in sd.values())}, "weight_map": weight_map}
+        (dit / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (dit / "config.json").write_text(json.dumps(
+        {"_class_name": "LongCatVideoTransformer3DModel", "_diffusers_version": "0.32.0", **c}, indent=2))
+
+    t5, vae = tiny_t5(), tiny_vae21()
+    if layout == "release":
+        t5.save_pretrained(folder / "text_encoder")
+        vae.save_pretrained(folder / "vae")
+        make_tiny_umt5_tokenizer(folder / "tokenizer", vocab_size=TINY["t5_vocab"])
+        FlowMatchEulerDiscreteScheduler(shift=12.0).save_pretrained(folder / "scheduler")
+        (folder / "lora").mkdir(exist_ok=True)
+        save_file(make_tiny_longcat_lora(sd, seed=seed + 1), str(folder / "lora" / "cfg_step_lora.safetensors"))
+    else:
+        torch.save(export_t5_state_dict(t5.state_dict()), folder / "models_t5_umt5-xxl-enc-bf16.pth")
+        torch.save(export_vae_state_dict(vae.state_dict()), folder / "Wan2.1_VAE.pth")
+        make_tiny_umt5_tokenizer(folder / "google" / "umt5-xxl", vocab_size=TINY["t5_vocab"])
+    return folder
 
 
 class LongCatFamily(ModelFamily):
