@@ -34,7 +34,7 @@ from .conversion.dit import (
     locate_dit,
 )
 from .conversion.image_encoder import load_clip_from_original, make_clip_image_processor
-from .conversion.release_io import DTYPES, library_of, progress_bar, with_path, write_model_card
+from .conversion.release_io import DTYPES, first_existing, library_of, progress_bar, with_path, write_model_card
 from .conversion.text_encoder import load_t5_from_original
 from .conversion.tokenizer import load_umt5_tokenizer
 from .conversion.vae import detect_vae_version, load_vae_from_original
@@ -91,10 +91,6 @@ class ReleaseFiles:
     name_hints: list[str] = field(default_factory=list)
 
 
-def _first_existing(*paths: Path) -> Path | None:
-    return next((p for p in paths if p is not None and p.exists()), None)
-
-
 def _locate_dits(src: Path, explicit: list[Path], files: ReleaseFiles) -> list[tuple[Path, dict]]:
     if explicit:
         return [locate_dit(p) for p in explicit]
@@ -139,10 +135,10 @@ def find_release_files(
     entries = _locate_dits(src, [Path(t) for t in (transformer, transformer_2) if t is not None], files)
     files.dit = [e[0] for e in entries]
     files.dit_config = [e[1] for e in entries]
-    files.text_encoder = Path(text_encoder) if text_encoder else _first_existing(root / T5_FILE)
-    files.tokenizer = Path(tokenizer) if tokenizer else _first_existing(root / TOKENIZER_DIR, root / "tokenizer")
-    files.vae = Path(vae) if vae else _first_existing(*(root / f for f in VAE_FILES.values()))
-    files.image_encoder = Path(image_encoder) if image_encoder else _first_existing(root / CLIP_FILE)
+    files.text_encoder = Path(text_encoder) if text_encoder else first_existing(root / T5_FILE)
+    files.tokenizer = Path(tokenizer) if tokenizer else first_existing(root / TOKENIZER_DIR, root / "tokenizer")
+    files.vae = Path(vae) if vae else first_existing(*(root / f for f in VAE_FILES.values()))
+    files.image_encoder = Path(image_encoder) if image_encoder else first_existing(root / CLIP_FILE)
     for family in FAMILIES:
         files.extras.update(family.find_files(root, family_files))
     return files

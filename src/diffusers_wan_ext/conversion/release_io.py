@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..utils.io import ConversionError
 
-__all__ = ["DTYPES", "library_of", "progress_bar", "with_path", "write_model_card"]
+__all__ = ["DTYPES", "first_existing", "library_of", "progress_bar", "with_path", "write_model_card"]
 
 #: ``--dtype`` names -> torch dtypes
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -22,6 +22,11 @@ _DEFAULT_CARD_CALL = (
     "             num_frames={num_frames}, num_inference_steps={num_inference_steps},\n"
     "             guidance_scale={guidance_scale}"
 )
+
+
+def first_existing(*paths: Path | None) -> Path | None:
+    """The first of ``paths`` that exists (``None`` entries are skipped), else ``None``."""
+    return next((p for p in paths if p is not None and p.exists()), None)
 
 
 def progress_bar(total: int, enabled: bool):

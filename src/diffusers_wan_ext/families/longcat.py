@@ -29,7 +29,7 @@ from ..conversion.longcat import (
     is_longcat_state_dict,
     load_longcat_transformer_from_original,
 )
-from ..conversion.release_io import DTYPES, progress_bar, with_path, write_model_card
+from ..conversion.release_io import DTYPES, first_existing, progress_bar, with_path, write_model_card
 from ..conversion.text_encoder import export_t5_state_dict, load_t5_from_original
 from ..conversion.tokenizer import load_umt5_tokenizer, make_tiny_umt5_tokenizer
 from ..conversion.vae import detect_vae_version, export_vae_state_dict, load_vae_from_original
@@ -83,10 +83,6 @@ def find_longcat_dit(src: str | os.PathLike, transformer: str | os.PathLike | No
     return None
 
 
-def _first(*paths: Path) -> Path | None:
-    return next((p for p in paths if p is not None and p.exists()), None)
-
-
 def _load_text_encoder(path: Path, torch_dtype: torch.dtype):
     """umT5 encoder from a Transformers folder (the LongCat release's ``text_encoder/``) or the Wan ``.pth``."""
     if path.is_dir() and (path / "config.json").is_file():
@@ -122,9 +118,9 @@ def _load_scheduler(root: Path):
 
 def _component_paths(src: Path, root: Path, options: ReleaseOptions) -> dict[str, Path | None]:
     paths = {
-        "text_encoder": Path(options.text_encoder) if options.text_encoder else _first(root / "text_encoder", root / WAN_T5_FILE),
-        "tokenizer": Path(options.tokenizer) if options.tokenizer else _first(root / "tokenizer", root / WAN_TOKENIZER_DIR),
-        "vae": Path(options.vae) if options.vae else _first(root / "vae", root / WAN_VAE_FILE),
+        "text_encoder": Path(options.text_encoder) if options.text_encoder else first_existing(root / "text_encoder", root / WAN_T5_FILE),
+        "tokenizer": Path(options.tokenizer) if options.tokenizer else first_existing(root / "tokenizer", root / WAN_TOKENIZER_DIR),
+        "vae": Path(options.vae) if options.vae else first_existing(root / "vae", root / WAN_VAE_FILE),
     }
     missing = [] if options.transformer_only else [k for k, v in paths.items() if v is None]
     if missing:
