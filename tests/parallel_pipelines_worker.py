@@ -7,8 +7,9 @@ default); writes ``OUT/reference.pt`` with each output and its transformer forwa
 pipelines, enables parallelism (gloo; CFG parallel where the pipeline declares it, Ulysses over the rest) and runs
 them again; writes ``OUT/rank<r>.pt`` with, per pipeline, the layout, the output, the forwards, and the messages of
 the refusals (CFG parallel on a pipeline that does not support it; sequence parallel on a transformer that cannot
-be split or a pipeline that declares it cannot run it).  A forward is recorded as ``(batch size, cache context)``: the batch of ``hidden_states`` before any
-sequence split, and the ``cache_context`` the pipeline's loop opened around it.
+be split or a pipeline that declares it cannot run it).  A forward is recorded as ``(batch size, cache context)``:
+the batch of ``hidden_states`` before any sequence split, and the ``cache_context`` the pipeline's loop opened
+around it.
 """
 
 from __future__ import annotations

@@ -229,6 +229,48 @@ def supports_sequence_parallel(pipe_or_model: Any) -> bool:
     return bool(getattr(type(pipe_or_model), "supports_sequence_parallel", True))
 
 
+def _resolve_cfg_parallel(pipe_or_model: Any, cfg_parallel: bool | None, world: int) -> bool:
+    """``cfg_parallel`` as asked, defaulting to the class's declaration on an even world; refused where undeclared."""
+    supported = supports_cfg_parallel(pipe_or_model)
+    if cfg_parallel is None:
+        return supported and world % 2 == 0
+    if cfg_parallel and not supported:
+        raise ValueError(
+            f"CFG parallel is not supported by {type(pipe_or_model).__name__} (its class does not declare "
+            "supports_cfg_parallel = True): pass cfg_parallel=False for sequence parallel only"
+        )
+    return cfg_parallel
+
+
+def _sequence_plans(pipe_or_model: Any, models: list[tuple[str, torch.nn.Module]]) -> dict[str, dict]:
+    """Each transformer's context-parallel plan; raises where the pipeline or a transformer class refuses."""
+    if not supports_sequence_parallel(pipe_or_model):
+        raise ValueError(
+            f"sequence parallel is not supported by {type(pipe_or_model).__name__} (it declares "
+            "supports_sequence_parallel = False): "
+            + ("use CFG parallel only (cfg_parallel=True on 2 ranks)" if supports_cfg_parallel(pipe_or_model)
+               else "run it on one rank")
+        )
+    return {name: cp_plan_for(model) for name, model in models}
+
+
+def _apply_context_parallel(
+    name: str, model: torch.nn.Module, plan: dict, cp_config: ContextParallelConfig, device: torch.device
+) -> TokenPadState:
+    """Diffusers' context parallelism on ``model`` with our padding hooks around it; the padding state."""
+    backend = _cp_capable_backend(model, device)
+    if backend is not None:
+        logger.warning(f"diffusers_wan_ext: {name}'s attention backend cannot run context parallel; using {backend!r}")
+        set_attention_backend(model, backend, verbose=False)
+    pad = TokenPadState(cp_config, model, self_attention_patterns(model))
+    apply_token_padding(model, plan, pad, stage="inner")
+    with _cpu_device_count():
+        model.enable_parallelism(config=cp_config, cp_plan=plan)
+    apply_token_padding(model, plan, pad, stage="outer")
+    _prime_split_hooks(model)
+    return pad
+
+
 def enable_parallelism(
     pipe_or_model: Any,
     *,
@@ -271,24 +313,13 @@ def enable_parallelism(
     rank, world = dist.get_rank(), dist.get_world_size()
     models = _transformers(pipe_or_model)
     is_pipeline = not isinstance(pipe_or_model, torch.nn.Module)
-    supported = supports_cfg_parallel(pipe_or_model)
-    if cfg_parallel is None:
-        cfg_parallel = supported and world % 2 == 0
-    elif cfg_parallel and not supported:
-        raise ValueError(
-            f"CFG parallel is not supported by {type(pipe_or_model).__name__} (its class does not declare "
-            "supports_cfg_parallel = True): pass cfg_parallel=False for sequence parallel only"
-        )
+    cfg_parallel = _resolve_cfg_parallel(pipe_or_model, cfg_parallel, world)
     heads = models[0][1].config.num_attention_heads
     cfg, ulysses, ring = choose_degrees(
         world, heads, cfg_parallel=cfg_parallel, ulysses_degree=ulysses_degree, ring_degree=ring_degree
     )
-    if ulysses * ring > 1 and not supports_sequence_parallel(pipe_or_model):
-        raise ValueError(
-            f"sequence parallel is not supported by {type(pipe_or_model).__name__} (it declares "
-            f"supports_sequence_parallel = False): "
-            + ("use CFG parallel only (cfg_parallel=True on 2 ranks)" if supported else "run it on one rank")
-        )
+    # refusals before any collective: the pipeline's and each transformer class's declarations
+    plans = _sequence_plans(pipe_or_model, models) if ulysses * ring > 1 else {}
     device = next(models[0][1].parameters()).device
     mesh = dist.device_mesh.init_device_mesh(
         device.type, (cfg, ring, ulysses), mesh_dim_names=("cfg", "ring", "ulysses")
@@ -297,23 +328,10 @@ def enable_parallelism(
         rank=rank, world_size=world, device=device, cfg_degree=cfg, ulysses_degree=ulysses, ring_degree=ring,
         mesh=mesh, cfg_group=mesh.get_group("cfg") if cfg > 1 else None, decode_on_all_ranks=decode_on_all_ranks,
     )
-    if ulysses * ring > 1:
-        for name, model in models:
-            backend = _cp_capable_backend(model, device)
-            if backend is not None:
-                logger.warning(
-                    f"diffusers_wan_ext: {name}'s attention backend cannot run context parallel; using {backend!r}"
-                )
-                set_attention_backend(model, backend, verbose=False)
+    for name, model in models:
+        if name in plans:
             cp_config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, mesh=mesh["ring", "ulysses"])
-            plan = cp_plan_for(model)
-            pad = TokenPadState(cp_config, model, self_attention_patterns(model))
-            apply_token_padding(model, plan, pad, stage="inner")
-            with _cpu_device_count():
-                model.enable_parallelism(config=cp_config, cp_plan=plan)
-            apply_token_padding(model, plan, pad, stage="outer")
-            _prime_split_hooks(model)
-            state.pad_states[name] = pad
+            state.pad_states[name] = _apply_context_parallel(name, model, plans[name], cp_config, device)
     if is_pipeline:
         pipe_or_model._wan_parallel = state
     if rank == 0:
