@@ -282,6 +282,59 @@ def test_fun_two_experts_generate_argument(parts):  # noqa: F811
     torch.testing.assert_close(outs[0], outs[1], **TOL)
 
 
+# ------------------------------------------------------------------------------------------------ denoise()
+def _denoise_inputs(pipe, guidance_scale=4.0):
+    """Latents, timesteps and embeddings for calling ``pipe.denoise`` directly (2 steps)."""
+    g = torch.Generator().manual_seed(0)
+    pipe._guidance_scale, pipe._interrupt = guidance_scale, False
+    pipe.scheduler.set_timesteps(2)
+    latents = torch.randn(1, 16, 2, H // 8, W // 8, generator=g)
+    embeds = dict(prompt_embeds=torch.randn(1, 8, 32, generator=g),
+                  negative_prompt_embeds=torch.randn(1, 8, 32, generator=g))
+    return latents, pipe.scheduler.timesteps, dict(**embeds, guidance_scale=guidance_scale, num_inference_steps=2,
+                                                   transformer_dtype=torch.float32)
+
+
+def test_denoise_hooks(text):
+    """guide, step, after_step, transformer and progress=False do what denoise() declares."""
+    pipe = t2v(text)
+    latents, timesteps, common = _denoise_inputs(pipe)
+    # guide = the conditional prediction only: the no-guidance loop (one forward per step) on the same prompt
+    cond_only = pipe.denoise(latents, timesteps, **common, guide=lambda cond, uncond, scale: cond)
+    pipe._guidance_scale = 1.0
+    pipe.scheduler.set_timesteps(2)
+    torch.testing.assert_close(cond_only, pipe.denoise(latents, timesteps, **common), **TOL)
+
+    # step / after_step (in that order, per step), another transformer, no progress bar
+    pipe._guidance_scale = 4.0
+    other = make_transformer(16, clip=False, stock=True, seed=5)
+    calls, order = Calls(other), []
+
+    def step(pred, t, x, i):
+        order.append(("step", i))
+        return x - 0.1 * pred
+
+    def after_step(x, i):
+        order.append(("after_step", i))
+        return x * 0.5
+
+    def no_bar(*args, **kwargs):
+        raise AssertionError("progress=False must not open a progress bar")
+
+    pipe.progress_bar = no_bar
+    out = pipe.denoise(latents, timesteps, **common, step=step, after_step=after_step, transformer=other,
+                       progress=False)
+    calls.remove()
+    assert order == [("step", 0), ("after_step", 0), ("step", 1), ("after_step", 1)]
+    assert calls.batches == [2, 2] and calls.contexts == ["cond_uncond"] * 2
+    assert out.shape == latents.shape and torch.isfinite(out).all()
+
+
+def test_declared_capabilities():
+    for cls in (WanExtPipeline, WanSpeedControlPipeline, WanFunInpaintPipeline, WanFunControlPipeline):
+        assert cls.supports_cfg_parallel is True and cls.cfg_batching is True
+
+
 # ----------------------------------------------------------------------------------------- runtime mixin
 @pytest.mark.parametrize("cls", [WanExtPipeline, WanSpeedControlPipeline, WanFunInpaintPipeline])
 def test_mixin_on_our_pipelines(cls):
