@@ -1,10 +1,10 @@
 """Tiny pipelines of every class we ship (plus stock ``WanPipeline``), for tests that run each one the same way.
 
 One factory per pipeline class: ``factory(folders) -> (pipe, call_kwargs)``.  The pipe is fp32 on the CPU, built with
-fixed seeds (every process that calls a factory gets the same weights); ``call_kwargs`` run 2 denoising steps on a
-few frames with classifier-free guidance, returning decoded frames.  ``folders`` is the folder
-:func:`prepare_folders` filled once (converted tiny releases for the pipelines whose components are easier to
-convert than to build: S2V with its audio encoder, Animate with its adapters).
+fixed seeds (every process that calls a factory gets the same weights); ``call_kwargs`` run one denoising step (two
+where two experts take turns) on a few frames with classifier-free guidance, returning decoded frames.
+``folders`` is the folder :func:`prepare_folders` filled once (converted tiny releases for the pipelines whose
+components are easier to convert than to build: S2V with its audio encoder, Animate with its adapters).
 
 :func:`pipeline_cases` lists them as :class:`PipelineCase` with what each declares: CFG parallel (the pipeline's
 ``supports_cfg_parallel``) and sequence parallel (the transformer has a context-parallel plan; Video-As-Prompt, S2V
@@ -14,6 +14,7 @@ for its block-causal attention).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -73,9 +74,9 @@ _TEXT: dict[Path, tuple] = {}
 
 
 def text_parts(folders: Path) -> tuple:
-    """The tiny umT5 tokenizer + encoder (built once per process)."""
+    """The tiny umT5 tokenizer + encoder (built once per process, in a folder of its own: ranks run concurrently)."""
     if folders not in _TEXT:
-        _TEXT[folders] = make_text_parts(folders / f"umt5-{id(_TEXT)}")
+        _TEXT[folders] = make_text_parts(folders / f"umt5-{os.getpid()}")
     return _TEXT[folders]
 
 
