@@ -43,9 +43,10 @@ from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistep
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
-from ..utils.shims import ShimPipelineMixin
+from ..conversion.image_encoder import clip_image_features, wan_clip_preprocess
 from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
+from ..utils.shims import ShimPipelineMixin
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
 
@@ -295,8 +296,6 @@ class WanFunPipelineBase(
         encoder's input size and normalized (:func:`~diffusers_wan_ext.conversion.image_encoder.wan_clip_preprocess`);
         the feature is the penultimate block's output (``hidden_states[-2]``).
         """
-        from ..conversion.image_encoder import clip_image_features, wan_clip_preprocess
-
         if self.image_encoder is None:
             raise ValueError(
                 "this transformer has a CLIP image branch (Wan2.1 Fun), but the pipeline has no `image_encoder`: "
