@@ -55,10 +55,10 @@ from ..conversion.text_encoder import encode_prompt_context
 from ..models.transformer_longcat import LongCatVideoTransformer3DModel
 from ..utils.validation import validate_video_size
 from ..utils.media import encode_video, load_image, read_video_file, video_to_tensor
-from .denoising import WanDenoisingMixin
+from .denoising import WanDenoisingMixin, cfg_guide
 from .runtime_options import WanRuntimeOptionsMixin
 
-__all__ = ["LongCatVideoLoraLoaderMixin", "LongCatVideoPipeline", "longcat_sigmas"]
+__all__ = ["LongCatVideoLoraLoaderMixin", "LongCatVideoPipeline", "cfg_zero_star_guide", "longcat_sigmas"]
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -99,6 +99,14 @@ def longcat_sigmas(
         tail = np.linspace(start, 0, num, endpoint=False, dtype=np.float32)
         sigmas = np.concatenate([sigmas[sigmas * 1000 > start], tail / 1000]).astype(np.float32)
     return sigmas
+
+
+def cfg_zero_star_guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """CFG-Zero* (the original's ``optimized_scale``): the unconditional prediction rescaled per sample by
+    ``<cond, uncond> / |uncond|^2``, then classifier-free guidance."""
+    c, u = cond.flatten(1).float(), uncond.flatten(1).float()
+    st = ((c * u).sum(1) / (u.pow(2).sum(1) + 1e-8)).view(-1, *([1] * (cond.ndim - 1)))
+    return cfg_guide(cond, uncond * st.to(uncond.dtype), scale)
 
 
 def _load_condition_video(video: Any, height: int, width: int) -> torch.Tensor:
@@ -150,7 +158,9 @@ class LongCatVideoLoraLoaderMixin(LTXVideoLoraLoaderMixin):
         return super().load_lora_into_transformer(state_dict, transformer, *args, **kwargs)
 
 
-class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, LongCatVideoLoraLoaderMixin, DiffusionPipeline):
+class LongCatVideoPipeline(
+    ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, LongCatVideoLoraLoaderMixin, DiffusionPipeline
+):
     r"""
     LongCat-Video: text-to-video, video continuation (``video``) and image-to-video (``image``).
 
@@ -176,6 +186,9 @@ class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisi
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    #: Classifier-free guidance (CFG-Zero*) through the shared loop: CFG parallel and CFG batching work.
+    supports_cfg_parallel = True
+    cfg_batching = True
 
     def __init__(
         self,
@@ -353,15 +366,10 @@ class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisi
         )
         return self.scheduler.timesteps
 
-    @staticmethod
-    def _guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, zero_star: bool) -> torch.Tensor:
-        """CFG, with CFG-Zero*'s per-sample rescale of the unconditional prediction (the original's
-        ``optimized_scale``) when ``zero_star``."""
-        if zero_star:
-            c, u = cond.flatten(1).float(), uncond.flatten(1).float()
-            st = ((c * u).sum(1) / (u.pow(2).sum(1) + 1e-8)).view(-1, *([1] * (cond.ndim - 1)))
-            uncond = uncond * st.to(uncond.dtype)
-        return uncond + scale * (cond - uncond)
+    def _step_noisy_frames(self, velocity: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, k: int) -> torch.Tensor:
+        """A scheduler step of the generated frames; the ``k`` conditioning frames are kept as they are (clean)."""
+        stepped = self.scheduler.step(velocity, t, latents[:, :, k:], return_dict=False)[0]
+        return torch.cat([latents[:, :, :k], stepped], dim=2) if k else stepped
 
     # ---------------------------------------------------------------------------------------------- call
     @torch.no_grad()
@@ -394,6 +402,7 @@ class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisi
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
+        cfg_batching: bool | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video; with ``video`` continue it, with ``image`` start from it.
@@ -431,6 +440,9 @@ class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisi
             attention_kwargs (`dict`, *optional*): passed to the transformer (``{"scale": lora_scale}``).
             callback_on_step_end, callback_on_step_end_tensor_inputs: step-end callback, as in Diffusers.
             max_sequence_length (`int`): umT5 tokens (512 in the release).
+            cfg_batching (`bool`, *optional*): with guidance, run the conditional and unconditional pass as one
+                transformer forward of batch ``2 x B`` (default: :attr:`cfg_batching`, ``True``); ``False``: two
+                forwards.
 
         Examples:
             >>> video = pipe("a red fox runs through snow", num_frames=93).frames[0]  # doctest: +SKIP
@@ -488,55 +500,29 @@ class LongCatVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisi
         kv_cache = None
         if k and use_kv_cache:
             kv_cache = self.transformer.build_kv_cache(cond[:1].to(transformer_dtype), attention_kwargs=attention_kwargs)
-        cfg = self.do_classifier_free_guidance
-        parallel = getattr(self, "_wan_parallel", None)
-        context = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg else prompt_embeds
-        context_mask = torch.cat([prompt_mask, negative_mask]) if cfg else prompt_mask
 
-        # 5. denoising loop (the conditioning frames stay clean)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                self._current_timestep = t
-                x = latents[:, :, k:] if kv_cache is not None else latents
-                hidden = x.to(transformer_dtype)
-                timestep = t.expand(hidden.shape[0]).to(transformer_dtype)
-                if cfg:
-                    hidden, timestep = torch.cat([hidden, hidden]), torch.cat([timestep, timestep])
-                branch = None  # CFG parallel (enable_parallelism): this rank runs one branch, one all-gather
-                if cfg and parallel is not None and parallel.cfg_degree > 1:
-                    branch = parallel.cfg_rank
-                    hidden, timestep = hidden[: hidden.shape[0] // 2], timestep[: timestep.shape[0] // 2]
-                    enc, enc_mask = context.chunk(2)[branch], context_mask.chunk(2)[branch]
-                else:
-                    enc, enc_mask = context, context_mask
-                name = "cond_uncond" if cfg and branch is None else ("uncond" if branch == 1 else "cond")
-                with self.transformer.cache_context(name):
-                    out = self.transformer(
-                        hidden_states=hidden, timestep=timestep, encoder_hidden_states=enc,
-                        encoder_attention_mask=enc_mask, num_cond_latents=0 if kv_cache is not None else k,
-                        kv_cache=kv_cache, attention_kwargs=attention_kwargs, return_dict=False,
-                    )[0]
-                out = out[:, :, out.shape[2] - (latents.shape[2] - k):]  # the noisy frames' predictions
-                if cfg:
-                    out_cond, out_uncond = parallel.gather_cfg(out) if branch is not None else out.chunk(2)
-                    out = self._guide(out_cond, out_uncond, guidance_scale, cfg_zero_star)
-                velocity = -out  # LongCat predicts the negated flow velocity
-                stepped = self.scheduler.step(velocity, t, latents[:, :, k:], return_dict=False)[0]
-                latents = torch.cat([latents[:, :, :k], stepped], dim=2) if k else stepped
-
-                if callback_on_step_end is not None:
-                    available = {"latents": latents, "prompt_embeds": prompt_embeds,
-                                 "negative_prompt_embeds": negative_prompt_embeds}
-                    outputs = callback_on_step_end(self, i, t, {n: available[n] for n in callback_on_step_end_tensor_inputs}) or {}
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    context = torch.cat([prompt_embeds, negative_prompt_embeds]) if cfg else prompt_embeds
-                progress_bar.update()
-
-        self._current_timestep = None
+        # 5. denoising (the shared loop; the conditioning frames stay clean)
+        latents = self.denoise(
+            latents,
+            timesteps,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            guidance_scale=guidance_scale,
+            num_inference_steps=len(timesteps),
+            transformer_dtype=transformer_dtype,
+            attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cfg_batching=cfg_batching,
+            model_input=(lambda x: x[:, :, k:]) if kv_cache is not None else None,
+            timestep_of=lambda t, x: t.expand(x.shape[0]).to(transformer_dtype),  # bf16 rounds it, as the original
+            transformer_kwargs=dict(encoder_attention_mask=prompt_mask, kv_cache=kv_cache,
+                                    num_cond_latents=0 if kv_cache is not None else k),
+            uncond_transformer_kwargs=dict(encoder_attention_mask=negative_mask),
+            guide=cfg_zero_star_guide if cfg_zero_star else None,
+            prediction_of=lambda out, x: -out[:, :, out.shape[2] - (x.shape[2] - k):],
+            step=lambda velocity, t, x, i: self._step_noisy_frames(velocity, t, x, k),
+        )
         video_out = self.decode_latents(latents, output_type)  # (only the decoding ranks under enable_parallelism)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -20,10 +20,15 @@ unconditional branch with blanked faces.  This subclass only adds what stock lac
 * :meth:`WanAnimateExtPipeline.load_relighting_lora` -- the release's relighting LoRA (original ``.ckpt`` or a
   converted folder), recommended for replacement mode;
 * the runtime options of :class:`~diffusers_wan_ext.pipelines.runtime_options.WanRuntimeOptionsMixin`
-  (``set_attention_backend``, ``enable_vram_management``; TeaCache is refused: the face blocks sit between the DiT
-  blocks and the reference has no coefficients for this model).
+  (``set_attention_backend``, ``enable_vram_management``, ``enable_parallelism``; TeaCache is refused: the face blocks
+  sit between the DiT blocks and the reference has no coefficients for this model);
+* each segment denoises through the shared loop
+  (:meth:`~diffusers_wan_ext.pipelines.denoising.WanDenoisingMixin.denoise`): with guidance, the conditional and the
+  unconditional (blank face) pass run as one batched forward (``cfg_batching``, default on) or split over ranks (CFG
+  parallel).
 
-The denoising itself is stock's ``__call__``: with the same inputs the output is bit-identical to stock's.
+The call is stock's, step for step (segments, encodings through stock's ``prepare_*`` methods, decoding): with
+``cfg_batching=False`` (or without guidance, the default ``guidance_scale=1``) the output is bit-identical to stock's.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.pipelines.wan.pipeline_wan_animate import WanAnimatePipeline
+from diffusers.utils import logging
 
 from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
@@ -46,7 +52,9 @@ from ..utils.media import read_video_file, video_to_tensor
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
 
-__all__ = ["WanAnimateExtPipeline"]
+__all__ = ["WanAnimateExtPipeline", "plan_segments"]
+
+logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 MODES = ("animate", "replace")
 
@@ -107,7 +115,23 @@ def _as_image(image: Any, name: str = "image") -> PIL.Image.Image | torch.Tensor
     )
 
 
-class WanAnimateExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, WanAnimatePipeline):
+def plan_segments(num_frames: int, segment_frame_length: int, prev_frames: int) -> tuple[int, list[int]]:
+    """Stock's segments of a driving video of ``num_frames`` frames: the length it is reflect-padded to (whole
+    segments) and the first frame of each segment (each continues from the last ``prev_frames`` of the one before).
+
+    Example:
+        >>> plan_segments(9, 5, 1)  # two segments of 5 frames: 0..4 and 4..8
+        (9, [0, 4])
+    """
+    effective = segment_frame_length - prev_frames
+    remainder = (num_frames - prev_frames) % effective
+    num_target_frames = num_frames + (effective - remainder if remainder else 0)
+    return num_target_frames, [i * effective for i in range(num_target_frames // effective)]
+
+
+class WanAnimateExtPipeline(
+    ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, WanAnimatePipeline
+):
     r"""
     Wan2.2-Animate: character animation and replacement -- stock :class:`diffusers.WanAnimatePipeline` plus file /
     array inputs, strict input validation, the relighting LoRA and our runtime options (see the module docstring).
@@ -141,6 +165,10 @@ class WanAnimateExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOp
     """
 
     RELIGHTING_ADAPTER = "relighting"
+    #: Classifier-free guidance (blank face in the unconditional pass) through the shared loop: CFG parallel and CFG
+    #: batching work.
+    supports_cfg_parallel = True
+    cfg_batching = True
 
     # --------------------------------------------------------------------------------------------- relighting
     def load_relighting_lora(
@@ -249,6 +277,12 @@ class WanAnimateExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOp
                 f"segment_frame_length={segment_frame_length} (each segment continues from that many frames of the "
                 "previous one); upstream uses 1 or 5"
             )
+        if 2 * prev_segment_conditioning_frames >= segment_frame_length:
+            raise ValueError(
+                f"prev_segment_conditioning_frames={prev_segment_conditioning_frames} must be less than half of "
+                f"segment_frame_length={segment_frame_length}: each segment must add more new frames than it takes "
+                "from the previous one (stock's segment count assumes it)"
+            )
 
         image = _as_image(image)
         pose = _as_frames(pose_video, "pose_video")
@@ -269,6 +303,135 @@ class WanAnimateExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOp
                 f"{prev_segment_conditioning_frames}"
             )
         return image, pose, face, background, mask, mode
+
+    def _check_text_len(
+        self,
+        max_sequence_length: int | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+    ) -> int:
+        """``max_sequence_length`` (default: the transformer's ``text_len``), checked against the transformer and the
+        given embeddings."""
+        text_len = self._text_len()
+        if max_sequence_length is None:
+            max_sequence_length = text_len or 512
+        elif text_len is not None and max_sequence_length != text_len:
+            raise ValueError(
+                f"max_sequence_length={max_sequence_length} but the transformer was built for text_len={text_len} "
+                f"text tokens: leave max_sequence_length unset (or pass {text_len})"
+            )
+        for name, emb in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if emb is not None and emb.shape[1] != max_sequence_length:
+                raise ValueError(
+                    f"{name} has {emb.shape[1]} tokens but the transformer splits its context at "
+                    f"{max_sequence_length} text tokens: pad / cut the embeddings to {max_sequence_length} tokens "
+                    "(the pipeline's encode_prompt does this)"
+                )
+        return max_sequence_length
+
+    # ------------------------------------------------------------------------------------------- segments
+    def _driving_videos(
+        self, pose: list, face: list, background: list | None, mask: list | None, num_frames: int, height: int,
+        width: int, device: torch.device,
+    ) -> dict[str, torch.Tensor | None]:
+        """The driving videos reflect-padded to ``num_frames`` and preprocessed as stock does: pose, background and
+        mask at the video size, the face crops at the motion encoder's size."""
+        face_size = self.transformer.config.motion_encoder_size
+        for name, frames, size in (("pose", pose, (width, height)), ("face", face, (face_size, face_size))):
+            if frames[0].size != size:
+                logger.warning(f"Reshaping {name} video from {frames[0].size} to {size}")
+
+        def preprocess(frames: list, processor, h: int, w: int) -> torch.Tensor:
+            frames = self.pad_video_frames(frames, num_frames)
+            return processor.preprocess_video(frames, height=h, width=w).to(device, dtype=torch.float32)
+
+        videos = {
+            "pose": preprocess(pose, self.video_processor, height, width),
+            "face": preprocess(face, self.video_processor, face_size, face_size),
+            "background": None,
+            "mask": None,
+        }
+        if background is not None:  # replacement mode (validated: the mask comes with it)
+            videos["background"] = preprocess(background, self.video_processor, height, width)
+            videos["mask"] = preprocess(mask, self.video_processor_for_mask, height, width)
+        return videos
+
+    def _reference_image_inputs(
+        self, image: Any, image_embeds: torch.Tensor | None, batch_size: int, height: int, width: int,
+        device: torch.device, dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference (character) image as stock prepares it: its pixels for the VAE (resized to fill the video
+        size) and its CLIP features, one row per video."""
+        if self.video_processor.get_default_height_width(image) != (height, width):
+            logger.warning(f"Reshaping reference image to ({width}, {height})")
+        pixels = self.vae_image_processor.preprocess(image, height=height, width=width, resize_mode="fill")
+        if image_embeds is None:
+            image_embeds = self.encode_image(image, device)
+        return pixels.to(device, dtype=torch.float32), image_embeds.repeat(batch_size, 1, 1).to(dtype)
+
+    def _segment_inputs(
+        self,
+        start: int,
+        prev_frames: torch.Tensor | None,
+        videos: dict[str, torch.Tensor | None],
+        conditioning: dict[str, Any],
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> dict[str, Any]:
+        """The :meth:`denoise` inputs of the segment that starts at frame ``start`` (as stock builds them): the
+        reference latents (character image + the previous segment's last frames, or the background in replacement
+        mode) concatenated on channels, the pose latents, the face crops -- blanked (all pixels -1) in the
+        unconditional pass -- and the CLIP features.
+
+        ``conditioning`` holds what all segments share: ``reference_image_latents``, ``image_embeds``, ``mode``,
+        ``segment_frame_length``, ``prev_segment_conditioning_frames``, ``motion_encode_batch_size``."""
+        c = conditioning
+        reference_image_latents = c["reference_image_latents"]
+        batch_size, dtype, device = reference_image_latents.shape[0], c["image_embeds"].dtype, videos["pose"].device
+        height, width = videos["pose"].shape[-2:]
+        end = start + c["segment_frame_length"]
+
+        def segment(name: str) -> torch.Tensor:
+            return videos[name][:, :, start:end].expand(batch_size, -1, -1, -1, -1)
+
+        face = segment("face").to(dtype=dtype)
+        pose_latents = self.prepare_pose_latents(
+            videos["pose"][:, :, start:end], batch_size, generator=generator, device=device
+        ).to(dtype=dtype)
+        replace = c["mode"] == "replace"
+        prev_latents = self.prepare_prev_segment_cond_latents(
+            prev_frames[:, :, -c["prev_segment_conditioning_frames"]:].clone().detach() if start > 0 else None,
+            background_video=segment("background") if replace else None,
+            mask_video=segment("mask") if replace else None,
+            batch_size=batch_size,
+            segment_frame_length=c["segment_frame_length"],
+            start_frame=start,
+            height=height,
+            width=width,
+            prev_segment_cond_frames=c["prev_segment_conditioning_frames"],
+            task=c["mode"],
+            generator=generator,
+            device=device,
+        )
+        reference_latents = torch.cat([reference_image_latents, prev_latents], dim=2)  # on frames
+        return dict(
+            model_input=lambda latents: torch.cat([latents, reference_latents], dim=1),  # on channels
+            transformer_kwargs=dict(
+                encoder_hidden_states_image=c["image_embeds"],
+                pose_hidden_states=pose_latents,
+                face_pixel_values=face,
+                motion_encode_batch_size=c["motion_encode_batch_size"],
+            ),
+            uncond_transformer_kwargs=dict(face_pixel_values=face * 0 - 1),
+        )
+
+    def _decode_segment(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-normalized latents and decoded frames of a segment (its latent frame 0, the reference, not decoded)."""
+        latents = latents.to(self.vae.dtype)
+        z = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        latents = latents / inv_std + mean
+        return latents, self.vae.decode(latents[:, :, 1:], return_dict=False)[0]
 
     # ------------------------------------------------------------------------------------------------- call
     @torch.no_grad()
@@ -302,6 +465,7 @@ class WanAnimateExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOp
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int | None = None,
         inpaint_video: Any = None,
+        cfg_batching: bool | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video of the character in ``image`` driven by ``pose_video`` / ``face_video``.
@@ -316,6 +480,9 @@ class WanAnimateExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOp
             segment_frame_length: frames per segment (``4n + 1``; upstream: 77).
             prev_segment_conditioning_frames: frames of the previous segment that condition the next (1 or 5).
             max_sequence_length: umT5 context length; default the transformer's ``text_len`` (512).
+            cfg_batching: with guidance (``guidance_scale > 1``), run the conditional and the unconditional (blank
+                face) pass as one transformer forward of batch ``2 x B`` (default: :attr:`cfg_batching`, ``True``);
+                ``False``: stock's two forwards, bit for bit.
             Other arguments: as :meth:`diffusers.WanAnimatePipeline.__call__`.
 
         Videos may be video file paths, lists of PIL images, numpy arrays ``[F, H, W, 3]`` (uint8 or float in
@@ -330,47 +497,87 @@ class WanAnimateExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOp
             image, pose_video, face_video, background_video, mask_video, mode, height, width, segment_frame_length,
             prev_segment_conditioning_frames,
         )
-        text_len = self._text_len()
-        if max_sequence_length is None:
-            max_sequence_length = text_len or 512
-        elif text_len is not None and max_sequence_length != text_len:
-            raise ValueError(
-                f"max_sequence_length={max_sequence_length} but the transformer was built for text_len={text_len} "
-                f"text tokens: leave max_sequence_length unset (or pass {text_len})"
-            )
-        for name, emb in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if emb is not None and emb.shape[1] != max_sequence_length:
-                raise ValueError(
-                    f"{name} has {emb.shape[1]} tokens but the transformer splits its context at "
-                    f"{max_sequence_length} text tokens: pad / cut the embeddings to {max_sequence_length} tokens "
-                    "(the pipeline's encode_prompt does this)"
-                )
-        return super().__call__(
-            image=image,
-            pose_video=pose,
-            face_video=face,
-            background_video=background,
-            mask_video=mask,
+        max_sequence_length = self._check_text_len(max_sequence_length, prompt_embeds, negative_prompt_embeds)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(
+            prompt, negative_prompt, image, pose, face, background, mask, height, width, prompt_embeds,
+            negative_prompt_embeds, image_embeds, callback_on_step_end_tensor_inputs, mode,
+            prev_segment_conditioning_frames,
+        )
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+        device = self._execution_device
+        if prompt is not None:
+            batch_size = (1 if isinstance(prompt, str) else len(prompt)) * num_videos_per_prompt
+        else:
+            batch_size = prompt_embeds.shape[0] * num_videos_per_prompt
+
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt=prompt,
             negative_prompt=negative_prompt,
-            height=height,
-            width=width,
-            segment_frame_length=segment_frame_length,
-            num_inference_steps=num_inference_steps,
-            mode=mode,
-            prev_segment_conditioning_frames=prev_segment_conditioning_frames,
-            motion_encode_batch_size=motion_encode_batch_size,
-            guidance_scale=guidance_scale,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
             num_videos_per_prompt=num_videos_per_prompt,
-            generator=generator,
-            latents=latents,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
+        transformer_dtype = self.transformer.dtype
+        prompt_embeds = prompt_embeds.to(transformer_dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+
+        image_pixels, image_embeds = self._reference_image_inputs(
+            image, image_embeds, batch_size, height, width, device, transformer_dtype
+        )
+        num_target_frames, starts = plan_segments(len(pose), segment_frame_length, prev_segment_conditioning_frames)
+        videos = self._driving_videos(pose, face, background, mask, num_target_frames, height, width, device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        conditioning = dict(
+            reference_image_latents=self.prepare_reference_image_latents(
+                image_pixels, batch_size, generator=generator, device=device
+            ),
             image_embeds=image_embeds,
-            output_type=output_type,
-            return_dict=return_dict,
+            mode=mode,
+            segment_frame_length=segment_frame_length,
+            prev_segment_conditioning_frames=prev_segment_conditioning_frames,
+            motion_encode_batch_size=motion_encode_batch_size,
+        )
+        denoise_kwargs = dict(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            transformer_dtype=transformer_dtype,
             attention_kwargs=attention_kwargs,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            max_sequence_length=max_sequence_length,
+            cfg_batching=cfg_batching,
         )
+
+        out_frames, all_out_frames = None, []
+        for start in starts:
+            latents = self.prepare_latents(
+                batch_size, self.vae.config.z_dim, height, width, segment_frame_length, torch.float32, device,
+                generator, latents if start == 0 else None,  # the given latents: first segment only
+            )
+            inputs = self._segment_inputs(start, out_frames, videos, conditioning, generator)
+            latents = self.denoise(latents, self.scheduler.timesteps, **inputs, **denoise_kwargs)
+            latents, out_frames = self._decode_segment(latents)
+            if start > 0:  # the first frames repeat the previous segment's last ones
+                out_frames = out_frames[:, :, prev_segment_conditioning_frames:]
+            all_out_frames.append(out_frames)
+            self.scheduler.set_timesteps(num_inference_steps, device=device)  # fresh scheduler state per segment
+
+        if output_type == "latent":
+            video = latents  # as stock: the last segment's (un-normalized) latents
+        else:
+            video = torch.cat(all_out_frames, dim=2)[:, :, : len(pose)]
+            video = self.video_processor.postprocess_video(video, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (video,)
+        return WanPipelineOutput(frames=video)
