@@ -359,15 +359,10 @@ class WanStreamingPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisi
             [`WanPipelineOutput`] with ``frames`` (``[B, F, H, W, 3]`` for ``"np"``; latents ``[B, 16, T, h, w]`` for
             ``"latent"``), or a tuple ``(frames,)``.
         """
+        stream_arguments = {name: value for name, value in locals().items() if name not in ("self", "return_dict")}
         if num_blocks is None:
             raise ValueError("__call__ needs a finite num_blocks; iterate pipe.stream(..., num_blocks=None) instead")
-        chunks = list(self.stream(
-            prompt=prompt, num_blocks=num_blocks, num_frames_per_block=num_frames_per_block, height=height,
-            width=width, num_inference_steps=num_inference_steps, shift=shift, sigmas=sigmas,
-            context_timestep=context_timestep, max_context_frames=max_context_frames,
-            num_videos_per_prompt=num_videos_per_prompt, generator=generator, prompt_embeds=prompt_embeds,
-            output_type=output_type, max_sequence_length=max_sequence_length, attention_kwargs=attention_kwargs,
-        ))
+        chunks = list(self.stream(**stream_arguments))  # every argument but return_dict is stream()'s
         if output_type == "latent":
             video = torch.cat([c.latents for c in chunks], dim=2)
         elif output_type == "np":
