@@ -150,10 +150,6 @@ def _loss_and_grads(case, model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _all_blocks(model) -> list[torch.nn.Module]:
-    return list(model.blocks)
-
-
 def test_gradient_checkpointing_runs_through_every_block(case):
     if not case.model_class._supports_gradient_checkpointing:
         model = case.build()
@@ -172,20 +168,12 @@ def test_gradient_checkpointing_runs_through_every_block(case):
 
     model._gradient_checkpointing_func = counting
     ckpt = _loss_and_grads(case, model)
-    assert [id(b) for b in calls] == [id(b) for b in _all_blocks(model)]
-    assert plain.keys() == ckpt.keys() and len(plain) == len(list(model.parameters())) - _unused(case, model)
+    assert [id(b) for b in calls] == [id(b) for b in model.blocks]  # every block, once, through the function
+    # (the reference stream after the last MoT layer feeds nothing: only its attention inputs get gradients)
+    block_params = {n for n, _ in model.named_parameters() if n.startswith("blocks.")}
+    assert block_params <= plain.keys() and plain.keys() == ckpt.keys()
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-def _unused(case, model) -> int:
-    """Parameters the tiny inputs leave without a gradient (e.g. a CLIP projection when no image is given)."""
-    model.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        case.output(model(**case.make_inputs(1))).sum().backward()
-    n = sum(p.grad is None for p in model.parameters())
-    model.zero_grad(set_to_none=True)
-    return n
 
 
 # ------------------------------------------------------------------------------------------------ compile
@@ -201,9 +189,9 @@ def test_regional_compile_without_recompiles(case, model_and_ref, no_recompiles)
     model, ref = model_and_ref
     if not getattr(model, "_repeated_blocks", None):
         pytest.skip("no _repeated_blocks")
+    other = _run(case, model, seed=2)
     model.compile_repeated_blocks(backend="eager", fullgraph=True)
     torch.testing.assert_close(_run(case, model), ref, rtol=1e-5, atol=1e-5)
-    other = _run(case, case.build(), seed=2)
     torch.testing.assert_close(_run(case, model, seed=2), other, rtol=1e-5, atol=1e-5)
 
 
@@ -302,6 +290,20 @@ def test_step_caches_apply_and_skip_work(case, cache):
     assert any((c - f).abs().max() > 1e-6 for c, f in zip(cached[1:], full[1:])), "the cache never served a step"
     for c, f in zip(cached, full):
         _close(c, f, 1.0)
+
+
+def test_video_as_prompt_refuses_a_cached_reference_attention_clearly():
+    """PAB's default identifiers also catch ``vap_blocks``: a skipped reference attention is named, not a crash."""
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    case = next(c for c in CASES if c.name == "vap")
+    model = case.build()
+    model.enable_cache(PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                                       spatial_attention_timestep_skip_range=(-1, 1001),
+                                                       current_timestep_callback=lambda: 500))
+    with torch.no_grad(), model.cache_context("cond"), pytest.raises(RuntimeError, match="spatial_attention_block"):
+        for _ in range(3):
+            model(**case.make_inputs(1))
 
 
 # ------------------------------------------------------------------------------------------------ context parallel
