@@ -424,6 +424,22 @@ class WanAnimateExtPipeline(
             uncond_transformer_kwargs=dict(face_pixel_values=face * 0 - 1),
         )
 
+    @staticmethod
+    def _embeddings_persist(callback: Callable | None, denoise_kwargs: dict[str, Any]) -> Callable | None:
+        """The step-end callback, with the prompt embeddings it returns kept for the next segments (as in stock's
+        single loop over all segments)."""
+        if callback is None:
+            return None
+
+        def callback_and_keep(pipe, step_index: int, timestep, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            outputs = callback(pipe, step_index, timestep, callback_kwargs) or {}
+            for name in ("prompt_embeds", "negative_prompt_embeds"):
+                if name in outputs:
+                    denoise_kwargs[name] = outputs[name]
+            return outputs
+
+        return callback_and_keep
+
     def _decode_segment(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-normalized latents and decoded frames of a segment (its latent frame 0, the reference, not decoded)."""
         latents = latents.to(self.vae.dtype)
@@ -553,10 +569,10 @@ class WanAnimateExtPipeline(
             num_inference_steps=num_inference_steps,
             transformer_dtype=transformer_dtype,
             attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             cfg_batching=cfg_batching,
         )
+        denoise_kwargs["callback_on_step_end"] = self._embeddings_persist(callback_on_step_end, denoise_kwargs)
 
         out_frames, all_out_frames = None, []
         for start in starts:
