@@ -37,7 +37,7 @@ from .pipelines import (
     WanVideoAsPromptPipeline,
     WanVideoToVideoReferencePipeline,
 )
-from .families import FAMILIES, registered_classes
+from .families import hook_metadata, registered_classes
 from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
 
 __version__ = "0.1.0"
@@ -72,4 +72,5 @@ __all__ = [
 from .registration import register  # noqa: E402
 
 # every public class, and every class a family declares (the registry), is registered with Diffusers
-register({**{name: globals()[name] for name in __all__}, **{cls.__name__: cls for cls in registered_classes()}})
+register({**{name: globals()[name] for name in __all__}, **{cls.__name__: cls for cls in registered_classes()}},
+         hook_metadata())

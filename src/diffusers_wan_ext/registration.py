@@ -18,7 +18,7 @@ without executing any file from the folder.  Any other custom code still needs `
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 from .hooks.diffusers_registry import register_hook_metadata
 from .utils.shims import PACKAGE, SHIM_FILENAME, is_our_shim
@@ -28,8 +28,10 @@ __all__ = ["register"]
 _REGISTERED = False
 
 
-def register(classes: Mapping[str, type]) -> None:
-    """Register ``classes`` (the package's public classes by name) with Diffusers; idempotent."""
+def register(classes: Mapping[str, type], hook_metadata: Mapping[str, Any] | None = None) -> None:
+    """Register ``classes`` (the package's public classes by name) with Diffusers, and the families' blocks and
+    processors with its hook registries (``hook_metadata``: arguments of
+    :func:`~diffusers_wan_ext.hooks.diffusers_registry.register_hook_metadata`); idempotent."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -64,5 +66,5 @@ def register(classes: Mapping[str, type]) -> None:
         get_class_from_dynamic_module._dwe_wrapped = True  # type: ignore[attr-defined]
         plu.get_class_from_dynamic_module = get_class_from_dynamic_module
 
-    register_hook_metadata()
+    register_hook_metadata(**(hook_metadata or {}))
     _REGISTERED = True

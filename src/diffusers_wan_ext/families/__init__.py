@@ -43,7 +43,7 @@ __all__ = [
     "family",
     "family_of_arch",
     "get_variant",
-    "hook_blocks",
+    "hook_metadata",
     "registered_classes",
     "training_conditioning",
     "variants_for_arch",
@@ -101,9 +101,14 @@ def registered_classes() -> Iterator[type]:
         yield from f.pipeline_classes
 
 
-def hook_blocks() -> tuple[type, ...]:
-    """Block classes the families declare as stock-Wan-like for Diffusers' cache hooks."""
-    return tuple(b for f in FAMILIES for b in f.hook_blocks)
+def hook_metadata() -> dict[str, Any]:
+    """What the families declare for Diffusers' hook registries (arguments of
+    :func:`~diffusers_wan_ext.hooks.diffusers_registry.register_hook_metadata`)."""
+    return dict(
+        blocks=tuple(b for f in FAMILIES for b in f.hook_blocks),
+        block_metadata={b: m for f in FAMILIES for b, m in f.hook_block_metadata.items()},
+        processors=tuple(p for f in FAMILIES for p in f.hook_processors),
+    )
 
 
 def training_conditioning(config: Any, expand_timesteps: bool) -> Conditioning:

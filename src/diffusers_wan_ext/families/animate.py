@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 from diffusers import WanAnimateTransformer3DModel
+from diffusers.models.transformers.transformer_wan_animate import WanAttnProcessor as WanAnimateAttnProcessor
+from diffusers.models.transformers.transformer_wan_animate import WanTransformerBlock as WanAnimateBlock
 
 from ..conversion.animate import (
     animate_config_from_state_dict,
@@ -110,6 +112,10 @@ class AnimateFamily(ModelFamily):
     )
     model_classes = (WanAnimateExtTransformer3DModel,)
     pipeline_classes = (WanAnimateExtPipeline,)
+    # transformer_wan_animate defines its own block and processor classes (stock registers only transformer_wan's);
+    # the block takes hidden_states first and returns them alone (the face adapter runs between blocks)
+    hook_blocks = (WanAnimateBlock,)
+    hook_processors = (WanAnimateAttnProcessor,)
     card_calls = {
         "WanAnimatePipeline": (
             'image=load_image("character.png"), pose_video=load_video("src_pose.mp4"),\n'

@@ -141,8 +141,11 @@ class ModelFamily:
     #: classes this package ships for the family (registered with Diffusers)
     model_classes: ClassVar[tuple[type, ...]] = ()
     pipeline_classes: ClassVar[tuple[type, ...]] = ()
-    #: transformer block classes that behave like stock ``WanTransformerBlock`` for Diffusers' cache hooks
+    #: for Diffusers' cache / layer-skip hooks: blocks that behave like stock ``WanTransformerBlock``, other blocks
+    #: with their ``TransformerBlockMetadata`` arguments, attention processors
     hook_blocks: ClassVar[tuple[type, ...]] = ()
+    hook_block_metadata: ClassVar[dict[type, dict[str, Any]]] = {}
+    hook_processors: ClassVar[tuple[type, ...]] = ()
     #: model-card example call per pipeline class name (``str.format`` fields: the variant's sampling defaults)
     card_calls: ClassVar[dict[str, str]] = {}
     #: ``diffusers-wan generate`` options and the pipeline class a loaded folder is upgraded to for them

@@ -34,7 +34,7 @@ from ..conversion.text_encoder import export_t5_state_dict, load_t5_from_origina
 from ..conversion.tokenizer import load_umt5_tokenizer, make_tiny_umt5_tokenizer
 from ..conversion.vae import detect_vae_version, export_vae_state_dict, load_vae_from_original
 from ..models import LongCatVideoTransformer3DModel
-from ..models.transformer_longcat import LongCatVideoTransformerBlock, longcat_ffn_dim
+from ..models.transformer_longcat import LongCatVideoAttnProcessor, LongCatVideoTransformerBlock, longcat_ffn_dim
 from ..pipelines import LongCatVideoPipeline
 from ..utils.io import ConversionError, atomic_output_dir, load_state_dict
 from .base import GenerateInput, ModelFamily, ReleaseOptions, WanVariant
@@ -329,6 +329,7 @@ class LongCatFamily(ModelFamily):
     model_classes = (LongCatVideoTransformer3DModel,)
     pipeline_classes = (LongCatVideoPipeline,)
     hook_blocks = (LongCatVideoTransformerBlock,)
+    hook_processors = (LongCatVideoAttnProcessor,)
     generate_inputs = (
         GenerateInput("--video", "video", "video to continue (LongCat-Video); the output includes its conditioning "
                       "frames"),

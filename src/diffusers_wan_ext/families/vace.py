@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from diffusers import WanVACEPipeline, WanVACETransformer3DModel
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.transformers.transformer_wan_vace import WanVACETransformerBlock
 
 from ..conversion.dit import BLOCK_KEY_MAP, DitExtension, DitInfo, DitShape, block_indices
 from ..parallel.plans import register_cp_plan
@@ -128,6 +129,11 @@ class VaceFamily(ModelFamily):
         block_tables={"vace_blocks": VACE_BLOCK_KEY_MAP}, config=_config, detect=_detect, model_class=_model_class,
         priority=20,
     )
+    # stock has no entry: the VACE block returns (hint, control_hidden_states) and carries its stream in
+    # control_hidden_states
+    hook_block_metadata = {WanVACETransformerBlock: dict(return_hidden_states_index=1,
+                                                          return_encoder_hidden_states_index=None,
+                                                          hidden_states_argument_name="control_hidden_states")}
     tiny_arches = {"vace": TinyArch("vace", 16, 16)}
     conditionings = (
         Conditioning("VACE", WanVACEPipeline, optional=("vace_video", "vace_video_mask", "vace_reference_image"),

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..conversion.dit import DitExtension
 from ..conversion.vap import convert_vap_release, is_vap_release
 from ..models import WanVideoAsPromptTransformer3DModel
+from ..models.transformer_wan_vap import WanVideoAsPromptMoTBlock, WanVideoAsPromptReferenceBlock
 from ..pipelines import WanVideoAsPromptPipeline
 from .base import ModelFamily, ReleaseOptions, WanVariant
 
@@ -33,6 +34,7 @@ class VideoAsPromptFamily(ModelFamily):
     dit = DitExtension(name="video-as-prompt", foreign_keys=(("_mot_ref", "Video-As-Prompt reference stream"),))
     model_classes = (WanVideoAsPromptTransformer3DModel,)
     pipeline_classes = (WanVideoAsPromptPipeline,)
+    hook_blocks = (WanVideoAsPromptMoTBlock, WanVideoAsPromptReferenceBlock)  # return the hidden states alone
 
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
         return src.is_dir() and is_vap_release(src)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from ..conversion.dit import DitExtension, DitInfo, DitShape
-from ..models import WanExtTransformer3DModel
+from ..models import WanExtTransformer3DModel, WanTextLenAttnProcessor
 from ..pipelines import (
     WanExtPipeline,
     WanImageToVideoReferencePipeline,
@@ -99,6 +100,8 @@ class WanCoreFamily(ModelFamily):
         priority=90,
     )
     model_classes = (WanExtTransformer3DModel,)
+    # stock registers only the deprecated WanAttnProcessor2_0 alias
+    hook_processors = (WanAttnProcessor, WanTextLenAttnProcessor)
     pipeline_classes = (
         WanExtPipeline, WanImageToVideoReferencePipeline, WanVideoToVideoReferencePipeline, WanStreamingPipeline,
     )
