@@ -52,6 +52,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from ..utils.shims import ShimPipelineMixin
 from ..conversion.longcat import convert_longcat_lora_state_dict, is_longcat_lora_state_dict
 from ..conversion.text_encoder import encode_prompt_context
+from ..lora.loader import check_lora_state_dict
 from ..models.transformer_longcat import LongCatVideoTransformer3DModel
 from ..utils.validation import validate_video_size
 from ..utils.media import encode_video, load_image, read_video_file, video_to_tensor
@@ -152,8 +153,6 @@ class LongCatVideoLoraLoaderMixin(LTXVideoLoraLoaderMixin):
     def load_lora_into_transformer(cls, state_dict, transformer, *args, **kwargs):
         """Stock loading, after checking every key against the transformer: keys that match no layer, or whose
         shapes do not fit it, raise a ``ValueError`` naming them (stock would log and drop them)."""
-        from ..lora.loader import check_lora_state_dict
-
         state_dict = check_lora_state_dict(transformer, state_dict, prefix=cls.transformer_name)
         return super().load_lora_into_transformer(state_dict, transformer, *args, **kwargs)
 

@@ -44,7 +44,9 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.pipelines.wan.pipeline_wan_animate import WanAnimatePipeline
 from diffusers.utils import logging
+from safetensors.torch import load_file
 
+from ..conversion.animate import DIFFUSERS_LORA_FILE, convert_relighting_lora, find_relighting_lora
 from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..utils.validation import validate_video_size
@@ -184,10 +186,6 @@ class WanAnimateExtPipeline(
 
         Returns the adapter name.
         """
-        from safetensors.torch import load_file
-
-        from ..conversion.animate import DIFFUSERS_LORA_FILE, convert_relighting_lora, find_relighting_lora
-
         p = Path(path)
         if p.is_dir():  # a converted pipeline folder, a converted LoRA folder or an original release folder
             folder = p / "relighting_lora" if (p / "relighting_lora").is_dir() else p

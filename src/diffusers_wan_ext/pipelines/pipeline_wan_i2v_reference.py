@@ -38,6 +38,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
+from ..conversion.image_encoder import clip_image_features, wan_clip_preprocess
 from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
@@ -134,8 +135,6 @@ class WanImageToVideoReferencePipeline(
         the output of all blocks but the last (``hidden_states[-2]``).  FLF2V passes ``[image, last_image]`` and gets
         both images' tokens.  Stock uses ``CLIPImageProcessor`` (PIL resize of the shortest side + center crop).
         """
-        from ..conversion.image_encoder import clip_image_features, wan_clip_preprocess
-
         device = device or self._execution_device
         call = self._reference_call or {}
         images = image if isinstance(image, (list, tuple)) else [image]
