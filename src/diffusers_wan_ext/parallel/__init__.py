@@ -17,27 +17,21 @@ from .context import (
 from .padding import TokenPadState, apply_token_padding, remove_token_padding
 from .plans import (
     DEFAULT_SELF_ATTENTION_MODULES,
-    WAN_VACE_CP_PLAN,
     cp_plan_for,
     register_cp_plan,
-    register_stock_plans,
     self_attention_patterns,
 )
-
-register_stock_plans()
 
 __all__ = [
     "DEFAULT_SELF_ATTENTION_MODULES",
     "ParallelState",
     "TokenPadState",
-    "WAN_VACE_CP_PLAN",
     "apply_token_padding",
     "choose_degrees",
     "cp_plan_for",
     "enable_parallelism",
     "init_distributed",
     "register_cp_plan",
-    "register_stock_plans",
     "remove_token_padding",
     "self_attention_patterns",
     "supports_cfg_parallel",

@@ -24,36 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import WanVACETransformer3DModel
-from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
 __all__ = [
     "DEFAULT_SELF_ATTENTION_MODULES",
-    "WAN_VACE_CP_PLAN",
     "cp_plan_for",
     "register_cp_plan",
-    "register_stock_plans",
     "self_attention_patterns",
 ]
 
 #: Self-attention modules of a Wan DiT (every block's ``attn1``): the default of a class that declares none.
 DEFAULT_SELF_ATTENTION_MODULES: tuple[str, ...] = ("blocks.*.attn1",)
-
-_TOKENS = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
-_ROPE = {
-    0: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
-    1: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
-}
-_GATHER_TOKENS = ContextParallelOutput(gather_dim=1, expected_dims=3)
-
-#: VACE: video tokens at ``blocks.0``, control tokens (and the video tokens block 0 adds to them) at
-#: ``vace_blocks.0``; the later VACE blocks take the already-local control stream.
-WAN_VACE_CP_PLAN = {
-    "rope": _ROPE,
-    "vace_blocks.0": {"hidden_states": _TOKENS, "control_hidden_states": _TOKENS},
-    "blocks.0": {"hidden_states": _TOKENS},
-    "proj_out": _GATHER_TOKENS,
-}
 
 
 @dataclass(frozen=True)
@@ -72,28 +52,16 @@ def register_cp_plan(
     """Give a stock class without a ``_cp_plan`` (e.g. Diffusers' ``WanVACETransformer3DModel``) a context-parallel
     plan and its self-attention modules.  Our own classes declare ``_cp_plan`` instead.
 
+    A family declaration registers the plans of the stock classes it uses
+    (``ModelFamily.register_parallel_plans``; e.g. the VACE family's plan for ``WanVACETransformer3DModel``).
+
     Example:
-        >>> from diffusers import WanVACETransformer3DModel
-        >>> from diffusers_wan_ext.parallel import WAN_VACE_CP_PLAN, register_cp_plan
-        >>> register_cp_plan(WanVACETransformer3DModel, WAN_VACE_CP_PLAN,
-        ...                  self_attention_modules=("blocks.*.attn1", "vace_blocks.*.attn1"))
+        >>> from diffusers_wan_ext.parallel import register_cp_plan
+        >>> register_cp_plan(MyStockTransformer, {"blocks.0": ..., "proj_out": ...})  # doctest: +SKIP
     """
     if not isinstance(cls, type):
         raise TypeError(f"register_cp_plan takes a class, got {type(cls).__name__}")
     _REGISTERED[cls] = _Registered(dict(plan), tuple(self_attention_modules))
-
-
-def register_stock_plans() -> None:
-    """Plans of the stock Diffusers classes that have none (called when :mod:`diffusers_wan_ext.parallel` is
-    imported).
-
-    Stock ``WanVACETransformer3DModel``: :data:`WAN_VACE_CP_PLAN` adds the control tokens, which enter at
-    ``vace_blocks.0`` beside the video tokens, and whose hints are added back to the (then local) video tokens.
-    """
-    # --- VACE family (to move into the VACE family declaration) ---
-    register_cp_plan(
-        WanVACETransformer3DModel, WAN_VACE_CP_PLAN, self_attention_modules=("blocks.*.attn1", "vace_blocks.*.attn1")
-    )
 
 
 def _declaring_class(model: torch.nn.Module) -> type | None:
