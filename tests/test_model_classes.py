@@ -15,6 +15,12 @@ import os
 
 import pytest
 import torch
+from diffusers import (
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,
+)
 
 from model_cases import ModelCase, model_cases
 
@@ -244,13 +250,6 @@ def test_lora_hotswap(case, model_and_ref, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ step caches
 def _cache_configs():
-    from diffusers import (
-        FirstBlockCacheConfig,
-        MagCacheConfig,
-        PyramidAttentionBroadcastConfig,
-        TaylorSeerCacheConfig,
-    )
-
     return {
         "fbc": lambda **kw: FirstBlockCacheConfig(threshold=1e9, **kw),
         "mag": lambda **kw: MagCacheConfig(threshold=1e9, max_skip_steps=3, retention_ratio=0.0, num_inference_steps=4,
@@ -294,8 +293,6 @@ def test_step_caches_apply_and_skip_work(case, cache):
 
 def test_video_as_prompt_refuses_a_cached_reference_attention_clearly():
     """PAB's default identifiers also catch ``vap_blocks``: a skipped reference attention is named, not a crash."""
-    from diffusers import PyramidAttentionBroadcastConfig
-
     case = next(c for c in CASES if c.name == "vap")
     model = case.build()
     model.enable_cache(PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,

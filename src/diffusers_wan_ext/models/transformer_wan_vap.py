@@ -21,10 +21,11 @@ The forward is stock :class:`diffusers.WanTransformer3DModel`'s, except that the
 lives in their ``attn1`` processors (:class:`WanVideoAsPromptJointAttnProcessor`, which runs the reference block's
 stock forward, whose own ``attn1`` -- :class:`WanVideoAsPromptReferenceAttnProcessor` -- does the joint attention),
 so every block runs through its ``forward`` and block-level hooks (group offloading, step caches, gradient
-checkpointing) see both streams.  Everything of the main stream keeps stock names (LoRAs, hooks, offloading and attention backends apply).  The reference stream's modules are stock modules as well, under ``vap_`` names in
-the style of stock ``WanVACETransformer3DModel`` (``vace_patch_embedding`` / ``vace_blocks``):
-``vap_patch_embedding``, ``vap_condition_embedder`` (a stock ``WanTimeTextImageEmbedding``) and ``vap_blocks.k``
-(stock ``WanTransformerBlock``; ``k`` = position in ``vap_layers``).  The release's ``*_mot_ref`` key layout is
+checkpointing) see both streams.  Everything of the main stream keeps stock names (LoRAs, hooks, offloading and
+attention backends apply).  The reference stream's modules are stock modules as well, under ``vap_`` names in the
+style of stock ``WanVACETransformer3DModel`` (``vace_patch_embedding`` / ``vace_blocks``): ``vap_patch_embedding``,
+``vap_condition_embedder`` (a stock ``WanTimeTextImageEmbedding``) and ``vap_blocks.k`` (stock
+``WanTransformerBlock`` code as :class:`WanVideoAsPromptReferenceBlock`; ``k`` = position in ``vap_layers``).  The release's ``*_mot_ref`` key layout is
 converted by :mod:`diffusers_wan_ext.conversion.vap`.
 
 Reference behaviour: ByteDance's release code (``WanTransformer3DMOTModel``).  DiffSynth-Studio 2.1.12 computes the
