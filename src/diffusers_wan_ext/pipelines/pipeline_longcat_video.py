@@ -348,6 +348,33 @@ class LongCatVideoPipeline(
             )
         return encode_video(self.vae, frames)
 
+    def prepare_latents(
+        self,
+        cond: torch.Tensor | None,
+        batch_size: int,
+        num_frames: int,
+        height: int,
+        width: int,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The start latents ``[B, C, T_lat, H/8, W/8]`` (fp32): noise (``latents``, else drawn with ``generator``)
+        whose first latent frames are replaced by the conditioning latents ``cond``."""
+        shape = (
+            batch_size, self.transformer.config.in_channels, (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+            height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial,
+        )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for these settings; got {tuple(latents.shape)}")
+        latents = latents.to(device=device, dtype=torch.float32)
+        if cond is None:
+            return latents
+        cond = cond.to(device=device, dtype=torch.float32).expand(batch_size, -1, -1, -1, -1)
+        return torch.cat([cond, latents[:, :, cond.shape[2]:]], dim=2)
+
     # ---------------------------------------------------------------------------------------------- helpers
     def _set_schedule(self, sigmas: np.ndarray, device) -> torch.Tensor:
         """Give the scheduler these (already shifted) sigmas: the scheduler re-applies its ``shift``, so they are
@@ -474,18 +501,7 @@ class LongCatVideoPipeline(
         # 2. conditioning latents, noise
         cond = self.prepare_condition(video, image, num_cond_frames, num_frames, height, width)
         k = 0 if cond is None else cond.shape[2]
-        shape = (
-            batch, self.transformer.config.in_channels, (num_frames - 1) // self.vae_scale_factor_temporal + 1,
-            height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial,
-        )
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for these settings; got {tuple(latents.shape)}")
-        latents = latents.to(device=device, dtype=torch.float32)
-        if k:
-            cond = cond.to(device=device, dtype=torch.float32).expand(batch, -1, -1, -1, -1)
-            latents = torch.cat([cond, latents[:, :, k:]], dim=2)
+        latents = self.prepare_latents(cond, batch, num_frames, height, width, device, generator, latents)
 
         # 3. schedule
         if enhance_hf is None:
@@ -498,7 +514,8 @@ class LongCatVideoPipeline(
         # 4. conditioning frames once (KV cache), or in the sequence with num_cond_latents
         kv_cache = None
         if k and use_kv_cache:
-            kv_cache = self.transformer.build_kv_cache(cond[:1].to(transformer_dtype), attention_kwargs=attention_kwargs)
+            cond = cond[:1].to(device=device, dtype=transformer_dtype)
+            kv_cache = self.transformer.build_kv_cache(cond, attention_kwargs=attention_kwargs)
 
         # 5. denoising (the shared loop; the conditioning frames stay clean)
         latents = self.denoise(

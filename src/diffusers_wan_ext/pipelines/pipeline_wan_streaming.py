@@ -10,8 +10,8 @@ How a video is made (krea's ``CausalInferencePipeline`` / realtime server, on st
       krea's realtime default: 4 steps of shift 5) -- at each step the transformer predicts the velocity ``v``,
       the clean block is ``x0 = x_t - sigma_t * v``, and unless it is the last step the block is re-noised to the
       next step's ``sigma``: ``x = (1 - sigma') x0 + sigma' eps`` (each block runs through the shared loop,
-      :meth:`~diffusers_wan_ext.pipelines.denoising.WanDenoisingMixin.denoise`, with this step).  Self-attention is *block-causal*: the block
-      attends to itself and to the cached keys / values of the blocks before it
+      :meth:`~diffusers_wan_ext.pipelines.denoising.WanDenoisingMixin.denoise`, with this step).  Self-attention is
+      *block-causal*: the block attends to itself and to the cached keys / values of the blocks before it
       (:mod:`diffusers_wan_ext.hooks.block_causal`);
    b. the clean block is decoded by :class:`~diffusers_wan_ext.vae.streaming.WanStreamingVAEDecoder`, which
       keeps the VAE's causal feature cache across blocks (nothing is decoded twice) -- and yielded;
