@@ -10,13 +10,16 @@ hard-coded 512 text tokens (``image_context_length = S - 512``).  That is right 
 from __future__ import annotations
 
 import torch
-
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import (
     WanAttnProcessor,
     _get_added_kv_projections,
     _get_qkv_projections,
 )
+from torch import nn
+
+from ..ops import uses_triton
+from ..ops.qk_norm_rope import qk_norm_rope
 
 __all__ = [
     "WanFusedQKRopeAttnProcessor",
@@ -112,10 +115,6 @@ def wan_attention_output(attn, hidden_states, like):
 
 def _fused_qk_rope_ready(attn, hidden_states, rotary_emb) -> bool:
     """Whether :func:`~diffusers_wan_ext.ops.qk_norm_rope.qk_norm_rope` can replace the stock q/k norm + RoPE."""
-    from torch import nn
-
-    from ..ops._triton import uses_triton
-
     norm_q, norm_k = attn.norm_q, attn.norm_k
     return (
         uses_triton(hidden_states)
@@ -150,8 +149,6 @@ class WanFusedQKRopeAttnProcessor(WanAttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or not _fused_qk_rope_ready(attn, hidden_states, rotary_emb):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        from ..ops.qk_norm_rope import qk_norm_rope
-
         qkv = attn.to_qkv(hidden_states)
         eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(qkv.dtype).eps
         backend = getattr(self._attention_backend, "value", self._attention_backend)
