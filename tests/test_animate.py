@@ -169,7 +169,7 @@ def test_relighting_lora_equals_the_peft_update(tiny_release, folder):
 def test_relighting_lora_cli_and_errors(tiny_release, tmp_path):
     from diffusers_wan_ext.cli import main
     from diffusers_wan_ext.conversion.animate import convert_relighting_lora
-    from diffusers_wan_ext.conversion.pipeline import convert_release
+    from diffusers_wan_ext.release_converter import convert_release
 
     ckpt = tiny_release("animate", 1, 512) / "relighting_lora.ckpt"
     assert main(["relighting-lora", str(ckpt), str(tmp_path / "lora")]) == 0

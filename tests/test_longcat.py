@@ -13,13 +13,13 @@ from diffusers import DiffusionPipeline
 
 from diffusers_wan_ext import LongCatVideoPipeline, LongCatVideoTransformer3DModel
 from diffusers_wan_ext.conversion.longcat import (
-    convert_longcat_release,
     convert_longcat_state_dict,
     export_longcat_state_dict,
     load_longcat_transformer_from_original,
     longcat_config_from_state_dict,
 )
-from diffusers_wan_ext.conversion.pipeline import convert_release
+from diffusers_wan_ext.families.longcat import convert_longcat_release
+from diffusers_wan_ext.release_converter import convert_release
 from diffusers_wan_ext.demo import make_tiny_longcat_release, write_video
 from diffusers_wan_ext.utils import ConversionError, load_state_dict_files
 
