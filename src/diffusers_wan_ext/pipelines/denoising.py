@@ -85,6 +85,34 @@ class WanDenoisingMixin:
     cfg_batching: bool = True
     _cfg_batching_logged: bool = False
 
+    def encode_text(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        *,
+        num_videos_per_prompt: int,
+        max_sequence_length: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text step of a pipeline: stock ``encode_prompt`` (the negative prompt only with classifier-free
+        guidance) with both embeddings cast to the transformer's ``dtype``."""
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            num_videos_per_prompt=num_videos_per_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(dtype)
+        return prompt_embeds.to(dtype), negative_prompt_embeds
+
     def denoise(
         self,
         latents: torch.Tensor,

@@ -529,20 +529,12 @@ class WanAnimateExtPipeline(
         else:
             batch_size = prompt_embeds.shape[0] * num_videos_per_prompt
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            do_classifier_free_guidance=self.do_classifier_free_guidance,
-            num_videos_per_prompt=num_videos_per_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            max_sequence_length=max_sequence_length,
-            device=device,
-        )
         transformer_dtype = self.transformer.dtype
-        prompt_embeds = prompt_embeds.to(transformer_dtype)
-        if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+        prompt_embeds, negative_prompt_embeds = self.encode_text(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=max_sequence_length,
+            dtype=transformer_dtype, device=device,
+        )
 
         image_pixels, image_embeds = self._reference_image_inputs(
             image, image_embeds, batch_size, height, width, device, transformer_dtype

@@ -159,20 +159,12 @@ class WanExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMi
             batch_size = prompt_embeds.shape[0]
 
         # 3. text
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            do_classifier_free_guidance=self.do_classifier_free_guidance,
-            num_videos_per_prompt=num_videos_per_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            max_sequence_length=max_sequence_length,
-            device=device,
-        )
         transformer_dtype = self.transformer.dtype if self.transformer is not None else self.transformer_2.dtype
-        prompt_embeds = prompt_embeds.to(transformer_dtype)
-        if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+        prompt_embeds, negative_prompt_embeds = self.encode_text(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=max_sequence_length,
+            dtype=transformer_dtype, device=device,
+        )
 
         # 4. timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)

@@ -362,19 +362,10 @@ class WanSpeechToVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDen
         n_clips = len(clips_audio)
 
         # 2. text
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            do_classifier_free_guidance=self.do_classifier_free_guidance,
-            num_videos_per_prompt=1,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            max_sequence_length=max_sequence_length,
-            device=device,
+        prompt_embeds, negative_prompt_embeds = self.encode_text(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_videos_per_prompt=1,
+            max_sequence_length=max_sequence_length, dtype=transformer_dtype, device=device,
         )
-        prompt_embeds = prompt_embeds.to(transformer_dtype)
-        if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
 
         # 3. reference image, pose, motion history
         ref_pixels = load_image(image, height, width, name="image")

@@ -251,20 +251,12 @@ class WanVideoToVideoReferencePipeline(
         self._interrupt = False
         device = self._execution_device
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            do_classifier_free_guidance=self.do_classifier_free_guidance,
-            num_videos_per_prompt=1,  # as stock: one video per prompt
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            max_sequence_length=max_sequence_length,
-            device=device,
-        )
         transformer_dtype = self.transformer.dtype
-        prompt_embeds = prompt_embeds.to(transformer_dtype)
-        if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+        prompt_embeds, negative_prompt_embeds = self.encode_text(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            num_videos_per_prompt=1,  # as stock: one video per prompt
+            max_sequence_length=max_sequence_length, dtype=transformer_dtype, device=device,
+        )
 
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, "cpu" if XLA_AVAILABLE else device, timesteps
