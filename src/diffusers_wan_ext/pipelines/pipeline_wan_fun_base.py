@@ -389,20 +389,15 @@ class WanFunPipelineBase(
         device = self._execution_device
 
         # 1. text
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            do_classifier_free_guidance=self.do_classifier_free_guidance,
-            num_videos_per_prompt=num_videos_per_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            max_sequence_length=max_sequence_length,
-            device=device,
-        )
         transformer_dtype = self.transformer.dtype
-        prompt_embeds = self._pad_text_context(prompt_embeds).to(transformer_dtype)
+        prompt_embeds, negative_prompt_embeds = self.encode_text(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=max_sequence_length,
+            dtype=transformer_dtype, device=device,
+        )
+        prompt_embeds = self._pad_text_context(prompt_embeds)  # zero padding: the same before or after the cast
         if negative_prompt_embeds is not None:
-            negative_prompt_embeds = self._pad_text_context(negative_prompt_embeds).to(transformer_dtype)
+            negative_prompt_embeds = self._pad_text_context(negative_prompt_embeds)
         total = prompt_embeds.shape[0]  # prompts x num_videos_per_prompt
 
         # 2. conditioning of the variant
