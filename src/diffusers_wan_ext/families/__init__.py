@@ -61,6 +61,7 @@ for _family in FAMILIES:
     if _family.dit is not None:
         register_dit_extension(_family.dit)
     _family.register_parallel_plans()
+    _family.register_runtime_hooks()
 
 
 def family(name: str) -> ModelFamily:

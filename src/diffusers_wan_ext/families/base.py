@@ -211,6 +211,9 @@ class ModelFamily:
     def register_parallel_plans(self) -> None:
         """Context-parallel plans for STOCK classes this family uses that lack one (ours carry ``_cp_plan``)."""
 
+    def register_runtime_hooks(self) -> None:
+        """What the runtime hooks need to know about this family's models (e.g. TeaCache side blocks)."""
+
     # ----------------------------------------------------------------------------------------- training
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
         """The conditioning of a transformer with this ``config`` if it belongs to this family, else ``None``."""

@@ -13,14 +13,17 @@ from typing import Any
 import torch
 from diffusers import WanVACEPipeline, WanVACETransformer3DModel
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import StateManager
 from diffusers.models.transformers.transformer_wan_vace import WanVACETransformerBlock
 
 from ..conversion.dit import BLOCK_KEY_MAP, DitExtension, DitInfo, DitShape, block_indices
+from ..hooks.teacache import TeaCacheState, register_teacache_side_blocks
 from ..parallel.plans import register_cp_plan
 from ..utils.io import ConversionError, format_keys
 from .base import Conditioning, ModelFamily, TinyArch, WanVariant
 
-__all__ = ["VaceFamily", "WAN_VACE_CP_PLAN", "encode_vace_condition"]
+__all__ = ["TeaCacheVaceHook", "VaceFamily", "WAN_VACE_CP_PLAN", "encode_vace_condition"]
 
 # Inside ``vace_blocks.N.``: a full DiT block plus the hint projections (stock ``WanVACETransformerBlock``).
 VACE_BLOCK_KEY_MAP = BLOCK_KEY_MAP + (("before_proj", "proj_in"), ("after_proj", "proj_out"))
@@ -75,6 +78,31 @@ def _detect(shape: DitShape, ext: dict[str, Any]) -> str | None:
             "branch) exist"
         )
     return "vace"
+
+
+class TeaCacheVaceHook(ModelHook):
+    """On each VACE block: on skip steps the block is not run and its hint is zero, so the model's hint additions
+    between DiT blocks add nothing -- the cached residual (last block out - first block in) already holds them,
+    as the reference skips the hint additions with the blocks."""
+
+    _is_stateful = True
+
+    def __init__(self, state_manager: StateManager):
+        super().__init__()
+        self.state_manager = state_manager
+
+    def new_forward(self, module: torch.nn.Module, hidden_states, encoder_hidden_states, control_hidden_states, *args,
+                    **kwargs):
+        state: TeaCacheState = self.state_manager.get_state()
+        if state.skip:
+            hint = torch.zeros_like(hidden_states) if module.proj_out is not None else None
+            return hint, control_hidden_states
+        return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, control_hidden_states, *args,
+                                            **kwargs)
+
+    def reset_state(self, module):
+        self.state_manager.reset()
+        return module
 
 
 def _model_class(info: DitInfo) -> type:
@@ -148,6 +176,9 @@ class VaceFamily(ModelFamily):
     def register_parallel_plans(self) -> None:
         register_cp_plan(WanVACETransformer3DModel, WAN_VACE_CP_PLAN,
                          self_attention_modules=("blocks.*.attn1", "vace_blocks.*.attn1"))
+
+    def register_runtime_hooks(self) -> None:
+        register_teacache_side_blocks(WanVACETransformer3DModel, "vace_blocks", TeaCacheVaceHook)
 
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
         return self.conditionings[0] if getattr(config, "vace_layers", None) else None

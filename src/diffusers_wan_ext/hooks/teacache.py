@@ -26,8 +26,8 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -38,8 +38,10 @@ from diffusers.hooks.hooks import BaseState, StateManager
 __all__ = [
     "TEACACHE_COEFFICIENTS",
     "TeaCacheConfig",
+    "TeaCacheState",
     "apply_teacache",
     "enable_teacache",
+    "register_teacache_side_blocks",
     "remove_teacache",
     "teacache_log",
 ]
@@ -85,7 +87,7 @@ class TeaCacheConfig:
         return TEACACHE_COEFFICIENTS[self.model_id]
 
 
-class _TeaCacheState(BaseState):
+class TeaCacheState(BaseState):
     def __init__(self):
         self.reset()
 
@@ -120,7 +122,7 @@ class _TeaCacheIndicatorHook(ModelHook):
 
     def post_forward(self, module: nn.Module, output):
         indicator = output[1]
-        state: _TeaCacheState = self.state_manager.get_state()
+        state: TeaCacheState = self.state_manager.get_state()
         ctx = self.state_manager.context
         total = ctx.num_inference_steps or self.config.num_inference_steps
         step = ctx.step_index if ctx.step_index is not None else state.counter
@@ -172,7 +174,7 @@ class _TeaCacheBlockHook(ModelHook):
         self.first, self.last = first, last
 
     def new_forward(self, module: nn.Module, hidden_states, *args, **kwargs):
-        state: _TeaCacheState = self.state_manager.get_state()
+        state: TeaCacheState = self.state_manager.get_state()
         if state.skip:
             return hidden_states + state.residual.to(hidden_states) if self.first else hidden_states
         if self.first:
@@ -188,29 +190,23 @@ class _TeaCacheBlockHook(ModelHook):
         return module
 
 
-class _TeaCacheVaceHook(ModelHook):
-    """On each VACE block: on skip steps the block is not run and its hint is zero, so the model's hint additions
-    between DiT blocks add nothing -- the cached residual (last block out - first block in) already holds them,
-    as the reference skips the hint additions with the blocks."""
+#: transformer class -> (attribute holding its side blocks, factory of the hook that skips them with the main blocks)
+_SIDE_BLOCKS: dict[type, tuple[str, Callable[[StateManager], ModelHook]]] = {}
 
-    _is_stateful = True
 
-    def __init__(self, state_manager: StateManager):
-        super().__init__()
-        self.state_manager = state_manager
+def register_teacache_side_blocks(cls: type, attribute: str, hook_factory: Callable[[StateManager], ModelHook]) -> None:
+    """Declare blocks beside ``blocks`` that a TeaCache skip step must skip too (their outputs enter between the
+    DiT blocks, so the cached residual already holds them), e.g. the VACE family's ``vace_blocks``.  ``hook_factory``
+    builds the block hook from the TeaCache state manager (``state.skip`` tells a skip step)."""
+    _SIDE_BLOCKS[cls] = (attribute, hook_factory)
 
-    def new_forward(self, module: nn.Module, hidden_states, encoder_hidden_states, control_hidden_states, *args,
-                    **kwargs):
-        state: _TeaCacheState = self.state_manager.get_state()
-        if state.skip:
-            hint = torch.zeros_like(hidden_states) if module.proj_out is not None else None
-            return hint, control_hidden_states
-        return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, control_hidden_states, *args,
-                                            **kwargs)
 
-    def reset_state(self, module):
-        self.state_manager.reset()
-        return module
+def _side_blocks(transformer: nn.Module) -> tuple[list[nn.Module], Callable[[StateManager], ModelHook] | None]:
+    for cls in type(transformer).__mro__:
+        if cls in _SIDE_BLOCKS:
+            attribute, factory = _SIDE_BLOCKS[cls]
+            return list(getattr(transformer, attribute, [])), factory
+    return [], None
 
 
 def apply_teacache(transformer: nn.Module, config: TeaCacheConfig | None = None) -> None:
@@ -218,14 +214,15 @@ def apply_teacache(transformer: nn.Module, config: TeaCacheConfig | None = None)
     or ours).
 
     The denoiser calls must run inside ``transformer.cache_context(name, ...)`` (stock Wan pipelines and ours do).
-    On VACE transformers a skip step also skips the VACE blocks and their hints (:class:`_TeaCacheVaceHook`).
+    A skip step also skips the side blocks a family declares (:func:`register_teacache_side_blocks`; VACE's blocks
+    and their hints).
     """
     config = config or TeaCacheConfig()
     config.polynomial()  # validate early
     if not hasattr(transformer, "condition_embedder") or not hasattr(transformer, "blocks"):
         raise TypeError(f"{type(transformer).__name__} is not a Wan transformer (needs condition_embedder and blocks)")
     remove_teacache(transformer)
-    manager = StateManager(_TeaCacheState)
+    manager = StateManager(TeaCacheState)
     HookRegistry.check_if_exists_or_initialize(transformer.condition_embedder).register_hook(
         _TeaCacheIndicatorHook(manager, config), INDICATOR_HOOK
     )
@@ -234,8 +231,9 @@ def apply_teacache(transformer: nn.Module, config: TeaCacheConfig | None = None)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(
             _TeaCacheBlockHook(manager, first=i == 0, last=i == n - 1), BLOCK_HOOK
         )
-    for block in getattr(transformer, "vace_blocks", []):
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(_TeaCacheVaceHook(manager), BLOCK_HOOK)
+    side, hook_factory = _side_blocks(transformer)
+    for block in side:
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook_factory(manager), BLOCK_HOOK)
     transformer._teacache_state_manager = manager
     # cache_context() reaches stateful hooks through a cached list of child registries: refresh it
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
@@ -247,7 +245,7 @@ def apply_teacache(transformer: nn.Module, config: TeaCacheConfig | None = None)
 def remove_teacache(transformer: nn.Module) -> None:
     """Remove the TeaCache hooks of :func:`apply_teacache` (no-op if there are none)."""
     for module in [getattr(transformer, "condition_embedder", None), *getattr(transformer, "blocks", []),
-                   *getattr(transformer, "vace_blocks", [])]:
+                   *_side_blocks(transformer)[0]]:
         if module is None or not hasattr(module, "_diffusers_hook"):
             continue
         registry = HookRegistry.check_if_exists_or_initialize(module)
