@@ -1,4 +1,4 @@
-"""Golden parity harness: every case in ``$WAN_GOLDENS_DIR`` (default ``../shared/goldens``) through our code.
+"""Golden parity harness: every case in ``$WAN_GOLDENS_DIR`` (default ``tests/goldens``, the shipped copy of ``../shared/goldens``) through our code.
 
 A case is a folder with ``manifest.json``.  Each runs through our converter and our model / pipeline and is compared
 with the reference outputs at the manifest's tolerance.  Cases we do not support yet are *skipped with the reason*;
@@ -21,7 +21,7 @@ def _fp32_exact():
 
 
 def test_goldens_dir_has_cases():
-    assert CASES, "no golden cases found: set WAN_GOLDENS_DIR to a fixture set (default ../shared/goldens)"
+    assert CASES, "no golden cases found: set WAN_GOLDENS_DIR to a fixture set (default tests/goldens)"
 
 
 @pytest.mark.parametrize("name", CASES or ["<none>"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,8 +25,9 @@ from diffusers_wan_ext.vae import (
     tiled_encode,
 )
 from diffusers_wan_ext.utils import ConversionError
+from golden_runners.core import GOLDENS_DIR
 
-GOLDENS = Path(os.environ.get("WAN_GOLDENS_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "goldens"))
+GOLDENS = GOLDENS_DIR
 VERSION_OF_CASE = {"vae21": "wan2.1", "vae22": "wan2.2"}
 
 # Tiny Diffusers VAEs of both kinds, including a non-release structure (3 stages, 1 res block, other time flags).
