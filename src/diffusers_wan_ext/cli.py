@@ -111,10 +111,10 @@ def cmd_add_motion_controller(args) -> int:
 
 
 def cmd_export_dit(args) -> int:
-    import torch
     from safetensors.torch import save_file
 
     from .conversion.dit import export_dit_state_dict
+    from .conversion.release_io import DTYPES
     from .utils.io import load_state_dict
 
     src = Path(args.src)
@@ -129,7 +129,7 @@ def cmd_export_dit(args) -> int:
     if args.prefix:
         out = {args.prefix + k: v for k, v in out.items()}
     if args.dtype:
-        dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        dt = DTYPES[args.dtype]
         out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}
     Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(args.dst) + ".partial")
@@ -170,9 +170,10 @@ def cmd_generate(args) -> int:
 
     from .demo import write_video
 
+    from .conversion.release_io import DTYPES
     from .families import FAMILIES
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     upgrade = next((f.generate_pipeline[type(pipe).__name__] for f in FAMILIES
                     if type(pipe).__name__ in f.generate_pipeline), None)
@@ -240,9 +241,9 @@ def cmd_lora(args) -> int:
         raise SystemExit(f"lora convert: {dst} exists; pass --overwrite to replace it")
     out = convert_lora_state_dict(sd, args.to, source=args.from_format, transformer_name=args.component)
     if args.dtype:
-        import torch
+        from .conversion.release_io import DTYPES
 
-        dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        dt = DTYPES[args.dtype]
         out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}
     save_lora_file(out, dst)
     print(f"converted {len(sd)} -> {len(out)} tensors ({args.to}) -> {dst}")

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ..conversion.dit import DitInfo
 from ..conversion.motion_controller import load_motion_controller_from_original
+from ..conversion.release_io import DTYPES
 from ..models import WanMotionControllerModel
 from ..pipelines import WanSpeedControlPipeline
 from ..utils.io import ConversionError
@@ -28,9 +29,6 @@ from ..utils.shims import rewrite_model_index_for_shims
 from .base import ModelFamily, WanVariant
 
 __all__ = ["SpeedControlFamily", "add_motion_controller", "make_tiny_motion_controller"]
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def load_motion_controller_for(path: str | os.PathLike, info: DitInfo, torch_dtype: torch.dtype):
     """The speed-control module, checked against the DiT it is added to (a Wan2.1 T2V DiT of the same width)."""

@@ -21,11 +21,11 @@ import diffusers
 import torch
 
 from ..conversion.dit import load_dit_from_original
+from ..conversion.release_io import DTYPES
 from ..release_converter import load_release
 
 __all__ = ["DTYPES", "WanTrainingComponents", "load_training_components", "load_transformer"]
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ENCODERS = ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor")
 
 
