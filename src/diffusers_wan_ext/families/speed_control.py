@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from ..conversion.dit import DitInfo
 from ..conversion.motion_controller import load_motion_controller_from_original
-from ..conversion.release_io import DTYPES
+from ..conversion.release_io import DTYPES, with_path
 from ..models import WanMotionControllerModel
 from ..pipelines import WanSpeedControlPipeline
 from ..utils.io import ConversionError
@@ -36,10 +36,7 @@ def load_motion_controller_for(path: str | os.PathLike, info: DitInfo, torch_dty
         raise ConversionError(
             f"{path}: the speed-control motion controller belongs on a Wan2.1 text-to-video DiT, not a {info.arch} DiT"
         )
-    try:
-        model = load_motion_controller_from_original(path, torch_dtype=torch_dtype)
-    except ConversionError as e:
-        raise ConversionError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
+    model = with_path(path, lambda: load_motion_controller_from_original(path, torch_dtype=torch_dtype))
     width = info.config["num_attention_heads"] * info.config["attention_head_dim"]
     if model.config.dim != width or model.config.freq_dim != info.config["freq_dim"]:
         raise ConversionError(
