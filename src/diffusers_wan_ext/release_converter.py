@@ -26,7 +26,6 @@ from .conversion.audio_encoder import WAV2VEC_DIR
 from .conversion.dit import (
     DitInfo,
     build_transformer,
-    check_shapes,
     convert_dit_state_dict,
     dit_config_from_state_dict,
     find_dit_files,
@@ -234,8 +233,7 @@ def _load_transformers(files: ReleaseFiles, dit_sds, infos, torch_dtype, bar) ->
         bar.set_postfix_str(f"transformer {path.name}")
         converted = convert_dit_state_dict(sd)
         model = build_transformer(inf)
-        with_path(path, lambda: check_shapes(model, converted))
-        transformers_.append(load_converted_state_dict(model, converted, torch_dtype))
+        transformers_.append(with_path(path, lambda: load_converted_state_dict(model, converted, torch_dtype)))
         bar.update()
     return transformers_
 
