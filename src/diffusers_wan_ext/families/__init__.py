@@ -22,7 +22,19 @@ from typing import Any, Iterator
 
 from ..conversion.dit import register_dit_extension
 from .animate import AnimateFamily
-from .base import Conditioning, GenerateInput, ModelFamily, ReleaseOptions, TinyArch, WanVariant
+from .base import (
+    CommandArgument,
+    Conditioning,
+    ExtraInput,
+    FamilyCommand,
+    GenerateInput,
+    ModelFamily,
+    ReleaseOptions,
+    TinyArch,
+    TrainingComponent,
+    TrainingScope,
+    WanVariant,
+)
 from .fun import FunFamily
 from .longcat import LongCatFamily
 from .s2v import SpeechToVideoFamily
@@ -35,10 +47,15 @@ __all__ = [
     "FAMILIES",
     "VARIANTS",
     "Conditioning",
+    "ExtraInput",
+    "CommandArgument",
+    "FamilyCommand",
     "GenerateInput",
     "ModelFamily",
     "ReleaseOptions",
     "TinyArch",
+    "TrainingComponent",
+    "TrainingScope",
     "WanVariant",
     "family",
     "family_of_arch",
@@ -46,6 +63,7 @@ __all__ = [
     "hook_metadata",
     "registered_classes",
     "training_conditioning",
+    "training_declarations",
     "variants_for_arch",
 ]
 
@@ -62,6 +80,7 @@ for _family in FAMILIES:
         register_dit_extension(_family.dit)
     _family.register_parallel_plans()
     _family.register_runtime_hooks()
+    _family.register_lora_components()
 
 
 def family(name: str) -> ModelFamily:
@@ -122,3 +141,11 @@ def training_conditioning(config: Any, expand_timesteps: bool) -> Conditioning:
         f"the transformer takes {config.in_channels} input channels and {config.out_channels} output channels, a "
         "layout no family's training conditions"
     )
+
+
+def training_declarations() -> tuple[tuple[TrainingScope, ...], tuple[TrainingComponent, ...], dict[str, ExtraInput]]:
+    """What the families declare for training: the transformer scopes (``--trainable_models vace``), the extra
+    trainable components (``motion_controller``) and the dataset columns (``--extra_inputs``) they add."""
+    return (tuple(s for f in FAMILIES for s in f.training_scopes),
+            tuple(c for f in FAMILIES for c in f.training_components),
+            {name: spec for f in FAMILIES for name, spec in f.dataset_inputs.items()})

@@ -25,11 +25,12 @@ from ..conversion.animate import (
     save_relighting_lora,
 )
 from ..conversion.dit import DitExtension, DitInfo, DitShape
+from ..conversion.release_io import DTYPES
 from ..lora.loader import check_lora_state_dict
 from ..models import WanAnimateExtTransformer3DModel
 from ..pipelines import WanAnimateExtPipeline
 from ..utils.io import ConversionError
-from .base import GenerateInput, ModelFamily, TinyArch, WanVariant
+from .base import CommandArgument, FamilyCommand, GenerateInput, ModelFamily, TinyArch, WanVariant
 
 __all__ = ["AnimateFamily", "RELIGHTING_LORA_MODULES", "make_tiny_relighting_lora"]
 
@@ -92,6 +93,26 @@ def make_tiny_relighting_lora(path: str | Path, dit_state_dict: dict, rank: int 
     return path
 
 
+def run_relighting_lora(args: Any) -> int:
+    """``diffusers-wan relighting-lora SRC DST [--dtype]``: the release's relighting LoRA as a Diffusers LoRA folder."""
+    lora = convert_relighting_lora(args.src)
+    path = save_relighting_lora(lora, args.dst, dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(f"converted {len(lora) // 2} LoRA pairs -> {path} (pipe.load_lora_weights({str(args.dst)!r}))")
+    return 0
+
+
+RELIGHTING_LORA_COMMAND = FamilyCommand(
+    "relighting-lora",
+    "Wan2.2-Animate relighting_lora.ckpt -> Diffusers LoRA folder (load_lora_weights)",
+    (
+        CommandArgument(("src",), {"help": "relighting_lora.ckpt (PEFT state dict on the original module names)"}),
+        CommandArgument(("dst",), {"help": "output folder (pytorch_lora_weights.safetensors)"}),
+        CommandArgument(("--dtype",), {"choices": ["bf16", "fp16", "fp32"], "help": "default: as stored"}),
+    ),
+    run_relighting_lora,
+)
+
+
 class AnimateFamily(ModelFamily):
     name = "animate"
     title = "Wan2.2-Animate (character animation and replacement)"
@@ -134,6 +155,7 @@ class AnimateFamily(ModelFamily):
                       "MODEL/relighting_lora)", kind="optional-path"),
     )
     generate_pipeline = {"WanAnimatePipeline": WanAnimateExtPipeline, "WanAnimateExtPipeline": WanAnimateExtPipeline}
+    cli_commands = (RELIGHTING_LORA_COMMAND,)
     tiny_arches = {"animate": TinyArch("animate", 36, 16, clip=True)}
 
     def find_files(self, root: Path, given: dict[str, Any]) -> dict[str, Path | None]:

@@ -10,7 +10,8 @@ place, everything the rest of the package needs to know about it:
 * the release components it needs beyond the Wan core (audio encoder, motion controller, relighting LoRA), and how
   a release that is not in the Wan DiT layout converts (LongCat-Video, Video-As-Prompt);
 * its model-card snippet, its tiny-release factory for the demo and tests, its context-parallel plan for stock
-  classes that lack one, and its training inputs (:class:`Conditioning`).
+  classes that lack one, and its training inputs (:class:`Conditioning`, :class:`TrainingScope`,
+  :class:`TrainingComponent`, :class:`ExtraInput` dataset columns).
 
 The registry (:mod:`diffusers_wan_ext.families`) iterates the declarations; no code outside a family's module names
 the family.
@@ -21,13 +22,16 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, ContextManager, Mapping
 
 import torch
 
 from ..conversion.dit import DitExtension, DitInfo
 
-__all__ = ["Conditioning", "GenerateInput", "ModelFamily", "ReleaseOptions", "TinyArch", "WanVariant"]
+__all__ = [
+    "CommandArgument", "Conditioning", "FamilyCommand", "GenerateInput", "ModelFamily", "ReleaseOptions", "TinyArch",
+    "WanVariant",
+]
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,81 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
+class ExtraInput:
+    """How a training ``--extra_inputs`` name is read from a dataset row (:mod:`diffusers_wan_ext.training.dataset`).
+
+    Attributes:
+        kind: ``"frame"`` (a frame of the clip itself), ``"image"`` (first frame of a file column), ``"video"``
+            (a file column with as many frames as the clip), ``"float"``, ``"str"`` or ``"floats"`` (a JSON list in
+            the column).
+        frame: for ``"frame"``: which frame of the clip (0 first, -1 last).
+    """
+
+    kind: str
+    frame: int | None = None
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind in ("image", "video")
+
+    @property
+    def from_column(self) -> bool:
+        return self.kind != "frame"
+
+
+@dataclass(frozen=True)
+class TrainingScope:
+    """A part of a family's transformer that training treats as a model of its own (DiffSynth-Studio's
+    ``--trainable_models vace`` / ``--lora_base_model vace2``: only the VACE blocks).
+
+    Attributes:
+        name: the scope (``args.trainable_scope`` / ``args.lora_scope``).
+        aliases: the model names that select it -> the transformer component they belong to.
+        blocks: the transformer's module list of the scope's blocks (``vace_blocks``): a LoRA with this scope goes
+            on these blocks only, any other LoRA on the main ``blocks`` only; fp8 storage covers them too.
+        parameter_prefix: full fine-tuning with this scope trains the parameters whose names start with this.
+        help: the aliases as the ``--trainable_models`` / ``--lora_base_model`` help lists them.
+    """
+
+    name: str
+    aliases: Mapping[str, str]
+    blocks: str
+    parameter_prefix: str
+    help: str = ""
+
+
+def float_input(value: Any) -> torch.Tensor:
+    """A dataset value as a ``[1]`` float tensor (the default :attr:`TrainingComponent.make_input`)."""
+    return torch.tensor([float(value)])
+
+
+@dataclass(frozen=True)
+class TrainingComponent:
+    """A pipeline component besides the transformer that training runs (and can fully fine-tune) with it, driven by
+    one ``--extra_inputs`` column (speed control: ``motion_controller`` with ``motion_bucket_id``).
+
+    Its trainable weights are saved under ``<name>.`` in checkpoints and, fine-tuned, as the Diffusers model folder
+    ``<output_path>/<name>/``.
+
+    Attributes:
+        name: the pipeline component (also its ``--trainable_models`` name).
+        input_name: the ``--extra_inputs`` column; the component is used when it is given or the component trained.
+        apply: ``(component, transformer, value) -> context manager`` in which the transformer runs the forward.
+        help: how ``--trainable_models`` help lists it.
+        missing: the error when ``input_name`` is asked for and the model folder has no such component.
+        make_input: the dataset value -> the tensor ``apply`` receives (stored in the training cache as
+            ``input_name``).
+    """
+
+    name: str
+    input_name: str
+    apply: Callable[[torch.nn.Module, torch.nn.Module, torch.Tensor], ContextManager]
+    help: str = ""
+    missing: str = ""
+    make_input: Callable[[Any], torch.Tensor] = float_input
+
+
+@dataclass(frozen=True)
 class TinyArch:
     """The original ``config.json`` fields of a tiny DiT of one architecture (demo and tests)."""
 
@@ -107,6 +186,31 @@ class GenerateInput:
     argument: str
     help: str
     kind: str = "path"  # "path" (passed as given), "int", or "optional-path" (a flag alone gives "auto")
+
+
+@dataclass(frozen=True)
+class CommandArgument:
+    """One argument of a family's ``diffusers-wan`` verb: ``parser.add_argument(*flags, **options)``.
+
+    ``options`` holds only JSON values (``help``, ``choices``, ``metavar``, ``nargs``, ``default``, ``type`` as
+    ``"int"`` / ``"float"``), so the command-line manifest can list it without importing the family.
+    """
+
+    flags: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FamilyCommand:
+    """A ``diffusers-wan`` verb a family adds (e.g. ``add-motion-controller``): its arguments and what it runs.
+
+    ``run(args) -> int`` receives the parsed :class:`argparse.Namespace` and returns the exit status.
+    """
+
+    name: str
+    help: str
+    arguments: tuple[CommandArgument, ...]
+    run: Callable[[Any], int]
 
 
 @dataclass
@@ -151,10 +255,18 @@ class ModelFamily:
     #: ``diffusers-wan generate`` options and the pipeline class a loaded folder is upgraded to for them
     generate_inputs: ClassVar[tuple[GenerateInput, ...]] = ()
     generate_pipeline: ClassVar[dict[str, type]] = {}
+    #: ``diffusers-wan`` verbs of this family (listed in ``diffusers_wan_ext/cli/manifest.json``)
+    cli_commands: ClassVar[tuple[FamilyCommand, ...]] = ()
     #: tiny original DiT configs per architecture (demo, tests)
     tiny_arches: ClassVar[dict[str, TinyArch]] = {}
     #: training conditionings of this family's models
     conditionings: ClassVar[tuple[Conditioning, ...]] = ()
+    #: training: parts of its transformers trained as models of their own (``--trainable_models vace``)
+    training_scopes: ClassVar[tuple[TrainingScope, ...]] = ()
+    #: training: pipeline components besides the transformer that train / condition with it
+    training_components: ClassVar[tuple[TrainingComponent, ...]] = ()
+    #: training: the dataset columns (``--extra_inputs``) its conditionings and components read
+    dataset_inputs: ClassVar[dict[str, ExtraInput]] = {}
 
     # ------------------------------------------------------------------------------------------- releases
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
@@ -213,6 +325,10 @@ class ModelFamily:
 
     def register_runtime_hooks(self) -> None:
         """What the runtime hooks need to know about this family's models (e.g. TeaCache side blocks)."""
+
+    def register_lora_components(self) -> None:
+        """LoRA-capable pipeline components this family adds besides the transformers (their module names, through
+        :func:`~diffusers_wan_ext.lora.formats.register_lora_component`)."""
 
     # ----------------------------------------------------------------------------------------- training
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:

@@ -26,7 +26,7 @@ from ..models import WanMotionControllerModel
 from ..pipelines import WanSpeedControlPipeline
 from ..utils.io import ConversionError
 from ..utils.shims import rewrite_model_index_for_shims
-from .base import ModelFamily, WanVariant
+from .base import CommandArgument, FamilyCommand, ModelFamily, WanVariant
 
 __all__ = ["SpeedControlFamily", "add_motion_controller", "make_tiny_motion_controller"]
 
@@ -103,12 +103,33 @@ def make_tiny_motion_controller(path: str | os.PathLike, seed: int = 0, freq_dim
     return path
 
 
+def run_add_motion_controller(args: Any) -> int:
+    """``diffusers-wan add-motion-controller FOLDER FILE [--dtype]``."""
+    out = add_motion_controller(args.folder, args.motion_controller, dtype=args.dtype)
+    print(f"added motion_controller -> {out} (now a WanSpeedControlPipeline)")
+    return 0
+
+
+ADD_MOTION_CONTROLLER = FamilyCommand(
+    "add-motion-controller",
+    "add the speed-control module to a converted Wan2.1-T2V-1.3B folder",
+    (
+        CommandArgument(("folder",), {"help": "converted Diffusers folder (Wan2.1 T2V)"}),
+        CommandArgument(("motion_controller",), {"help": "speed-control model.safetensors"}),
+        CommandArgument(("--dtype",), {"choices": ["bf16", "fp16", "fp32"],
+                                       "help": "default: the transformer's storage dtype"}),
+    ),
+    run_add_motion_controller,
+)
+
+
 class SpeedControlFamily(ModelFamily):
     name = "speed-control"
     title = "Wan2.1 speed control (motion_bucket_id)"
     variants: tuple[WanVariant, ...] = ()  # added to a Wan2.1-T2V folder, not a release of its own
     model_classes = (WanMotionControllerModel,)
     pipeline_classes = (WanSpeedControlPipeline,)
+    cli_commands = (ADD_MOTION_CONTROLLER,)
 
     def find_files(self, root: Path, given: dict[str, Any]) -> dict[str, Path | None]:
         path = given.get("motion_controller")

@@ -1,0 +1,35 @@
+"""The verbs of ``diffusers-wan``: the core ones and those the families declare (``ModelFamily.cli_commands``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from ..families import FAMILIES
+from ..utils.io import ConversionError
+from .convert import cmd_convert
+from .export import cmd_export_dit
+from .generate import cmd_demo, cmd_generate, cmd_variants
+from .lora import cmd_lora
+
+__all__ = ["COMMANDS", "run_command"]
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "convert": cmd_convert,
+    "export-dit": cmd_export_dit,
+    "demo": cmd_demo,
+    "generate": cmd_generate,
+    "variants": cmd_variants,
+    "lora": cmd_lora,
+    **{c.name: c.run for f in FAMILIES for c in f.cli_commands},
+}
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``args.command``; a user mistake (``ConversionError`` / ``ValueError``) is one line and exit status 2."""
+    try:
+        return COMMANDS[args.command](args)
+    except (ConversionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

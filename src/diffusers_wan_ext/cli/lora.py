@@ -1,0 +1,49 @@
+"""``diffusers-wan lora convert | info | export``: LoRAs between the Diffusers, original/ComfyUI, Kohya and DiffSynth
+layouts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..conversion.release_io import DTYPES
+from ..lora import convert_lora_state_dict, export_lora, load_lora_file, lora_info, save_lora_file
+
+__all__ = ["cmd_lora"]
+
+
+def print_lora_info(file: str, source: str | None, as_json: bool) -> None:
+    info = lora_info(load_lora_file(file), source=source)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"format: {info['format']} ({info['tensors']} tensors)")
+    for comp, c in info["components"].items():
+        alphas = ", ".join(f"{a:g}" for a in c["alphas"]) or "none (scale 1)"
+        print(f"{comp}: {c['modules']} modules, rank {', '.join(map(str, c['ranks'])) or '-'}, alpha {alphas}, "
+              f"{c['bias']} bias deltas, {c['diff']} full-weight diffs, dtype {', '.join(c['dtypes'])}")
+        print("  targets: " + ", ".join(c["targets"]))
+
+
+def cmd_lora(args: argparse.Namespace) -> int:
+    if args.lora_command == "info":
+        print_lora_info(args.file, args.from_format, args.json)
+        return 0
+    sd = load_lora_file(args.src)
+    if args.lora_command == "export":
+        paths = export_lora(convert_lora_state_dict(sd, "diffusers", source=args.from_format), args.dst,
+                            formats=args.formats)
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return 0
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise ValueError(f"lora convert: {dst} exists; pass --overwrite to replace it")
+    out = convert_lora_state_dict(sd, args.to, source=args.from_format, transformer_name=args.component)
+    if args.dtype:
+        dt = DTYPES[args.dtype]
+        out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}
+    save_lora_file(out, dst)
+    print(f"converted {len(sd)} -> {len(out)} tensors ({args.to}) -> {dst}")
+    return 0

@@ -1,0 +1,55 @@
+"""Write (or ``--check``) ``cli/manifest.json`` from the family registry.
+
+Run ``python -m diffusers_wan_ext.cli.manifest_writer`` after changing a family's ``cli_commands`` or
+``generate_inputs``; the test suite runs it with ``--check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..families import FAMILIES
+from diffusers_wan_ext_cli.manifest import MANIFEST_PATH
+
+__all__ = ["build_manifest", "main"]
+
+
+def build_manifest() -> dict[str, Any]:
+    """What the families add to the command line, as JSON values."""
+    commands = [
+        {"family": f.name, "name": c.name, "help": c.help,
+         "arguments": [{"flags": list(a.flags), "options": a.options} for a in c.arguments]}
+        for f in FAMILIES for c in f.cli_commands
+    ]
+    inputs = [dict(asdict(i), family=f.name) for f in FAMILIES for i in f.generate_inputs]
+    return {"commands": commands, "generate_inputs": inputs}
+
+
+def render(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="fail when manifest.json is out of date")
+    parser.add_argument("--path", type=Path, default=MANIFEST_PATH)
+    args = parser.parse_args(argv)
+    text = render(build_manifest())
+    if args.check:
+        current = args.path.read_text(encoding="utf-8") if args.path.exists() else ""
+        if current != text:
+            print(f"{args.path} is out of date: run python -m diffusers_wan_ext.cli.manifest_writer", file=sys.stderr)
+            return 1
+        return 0
+    args.path.write_text(text, encoding="utf-8")
+    print(f"wrote {args.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The ``diffusers-wan`` argument parser: core verbs here, the families' verbs and options from the manifest."""
+
+from __future__ import annotations
+
+import argparse
+
+from .manifest import add_generate_inputs, add_manifest_arguments, read_manifest
+
+__all__ = ["DESCRIPTION", "DTYPE_CHOICES", "LORA_FORMATS", "build_parser"]
+
+DESCRIPTION = """\
+``diffusers-wan``: convert original Wan releases, export DiTs back, run the demo, generate videos.
+
+Examples::
+
+    diffusers-wan demo --output outputs/demo.mp4
+    diffusers-wan convert /ckpt/Wan2.1-T2V-1.3B /ckpt/Wan2.1-T2V-1.3B-diffusers --dtype bf16
+    diffusers-wan convert - /ckpt/Wan2.2-TI2V-5B-diffusers --model-id Wan-AI/Wan2.2-TI2V-5B
+    diffusers-wan export-dit /ckpt/Wan2.1-T2V-1.3B-diffusers/transformer wan_t2v_1.3b.safetensors
+    diffusers-wan generate --model /ckpt/Wan2.1-T2V-1.3B-diffusers --prompt "a cat surfing" --output cat.mp4
+    diffusers-wan lora convert comfyui_lora.safetensors pytorch_lora_weights.safetensors --to diffusers
+    diffusers-wan lora info my_lora.safetensors
+"""
+
+DTYPE_CHOICES = ["bf16", "fp16", "fp32"]
+#: the LoRA layouts of :mod:`diffusers_wan_ext.lora.formats` (``LORA_FORMATS``; a test keeps the two equal)
+LORA_FORMATS = ("diffusers", "original", "kohya", "diffsynth")
+
+
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="original Wan release (folder or files) -> Diffusers pipeline folder")
+    p.add_argument("src", help="release folder or DiT file ('-' with --model-id)")
+    p.add_argument("dst", help="output folder (written atomically)")
+    p.add_argument("--variant", help="release name (see `diffusers-wan variants`); detected when omitted")
+    p.add_argument("--dtype", default="bf16", choices=DTYPE_CHOICES)
+    p.add_argument("--scheduler", default="unipc", choices=["unipc", "euler", "diffsynth", "original-unipc"])
+    p.add_argument("--transformer", help="DiT file / folder (overrides what SRC contains)")
+    p.add_argument("--transformer-2", help="second expert (Wan2.2 A14B low-noise model)")
+    p.add_argument("--text-encoder", help="models_t5_umt5-xxl-enc-bf16.pth")
+    p.add_argument("--tokenizer", help="google/umt5-xxl tokenizer folder")
+    p.add_argument("--vae", help="Wan2.1_VAE.pth or Wan2.2_VAE.pth")
+    p.add_argument("--image-encoder", help="models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    p.add_argument("--image-encoder-heads", type=int, help="CLIP heads (only for non-release widths)")
+    p.add_argument("--audio-encoder", help="Wan2.2-S2V wav2vec2-large-xlsr-53-english folder (model + processor)")
+    p.add_argument("--motion-controller", metavar="FILE",
+                   help="speed-control model.safetensors (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1) to add as a "
+                        "component of a Wan2.1 T2V folder (-> WanSpeedControlPipeline)")
+    p.add_argument("--relighting-lora", metavar="FILE",
+                   help="Wan2.2-Animate relighting_lora.ckpt (found next to the DiT when omitted) -> relighting_lora/")
+    p.add_argument("--transformer-only", action="store_true", help="write only the transformer model folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--model-id", help="fetch the original release first (ModelScope if installed, else the Hub)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the converted folder with a model card")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
+
+
+def add_export_dit(sub) -> None:
+    p = sub.add_parser("export-dit", help="Diffusers transformer -> original Wan key layout (ComfyUI / LoRA interop)")
+    p.add_argument("src", help="transformer folder or safetensors file in the Diffusers layout")
+    p.add_argument("dst", help="output .safetensors")
+    p.add_argument("--prefix", default="", help="key prefix, e.g. 'model.diffusion_model.' for ComfyUI")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES)
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="tiny release -> converter -> DiffusionPipeline -> mp4 (no downloads)")
+    p.add_argument("--output", default="outputs/demo.mp4")
+    p.add_argument("--workdir", help="keep the tiny release and converted folder here")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_generate(sub, family_inputs: list) -> None:
+    p = sub.add_parser("generate", help="render a video with a converted model folder or Hub repo")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--image", help="first frame (I2V / FLF2V / TI2V)")
+    p.add_argument("--last-image", help="last frame (FLF2V)")
+    add_generate_inputs(p, family_inputs)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-frames", type=int, help="4n + 1 (Wan2.2-Animate: frames per segment)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--fps", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bf16", choices=DTYPE_CHOICES)
+    p.add_argument("--device")
+    p.add_argument("--offload", action="store_true", help="model CPU offload (CUDA)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--output", default="outputs/video.mp4")
+
+
+def add_lora(sub) -> None:
+    p = sub.add_parser("lora", help="convert / inspect / export Wan LoRAs (Diffusers, original/ComfyUI, Kohya, "
+                                     "DiffSynth)")
+    lsub = p.add_subparsers(dest="lora_command", required=True)
+    c = lsub.add_parser("convert", help="one LoRA file -> another format")
+    c.add_argument("src", help="LoRA file (.safetensors / .pt / .bin) or a folder with "
+                               "pytorch_lora_weights.safetensors")
+    c.add_argument("dst", help="output file (.safetensors), written atomically")
+    c.add_argument("--to", required=True, choices=LORA_FORMATS)
+    c.add_argument("--from", dest="from_format", choices=LORA_FORMATS, help="source format (detected when omitted)")
+    c.add_argument("--component", default="transformer", choices=["transformer", "transformer_2", "motion_controller"],
+                   help="the pipeline component a single-model file (original/kohya/diffsynth) stands for; "
+                        "transformer_2 = Wan2.2 A14B low-noise expert")
+    c.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast the tensors (default: keep)")
+    c.add_argument("--overwrite", action="store_true")
+    i = lsub.add_parser("info", help="detected format, components, ranks, alphas and target modules of a LoRA")
+    i.add_argument("file")
+    i.add_argument("--from", dest="from_format", choices=LORA_FORMATS)
+    i.add_argument("--json", action="store_true")
+    e = lsub.add_parser("export", help="one LoRA -> a folder with every format (one file per component)")
+    e.add_argument("src")
+    e.add_argument("dst", help="output folder")
+    e.add_argument("--from", dest="from_format", choices=LORA_FORMATS)
+    e.add_argument("--formats", nargs="+", default=list(LORA_FORMATS), choices=LORA_FORMATS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``diffusers-wan`` parser (imports nothing heavy: ``--help`` answers at once)."""
+    manifest = read_manifest()
+    parser = argparse.ArgumentParser(prog="diffusers-wan", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_convert(sub)
+    for command in manifest["commands"]:
+        add_manifest_arguments(sub.add_parser(command["name"], help=command["help"]), command["arguments"])
+    add_export_dit(sub)
+    add_demo(sub)
+    add_generate(sub, manifest["generate_inputs"])
+    sub.add_parser("variants", help="list the releases the converter knows")
+    add_lora(sub)
+    return parser
