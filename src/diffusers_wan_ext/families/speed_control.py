@@ -4,13 +4,16 @@ A small MLP (:class:`~diffusers_wan_ext.WanMotionControllerModel`) turns ``motio
 block modulation; the converted folder gets a ``motion_controller`` component and loads as
 :class:`~diffusers_wan_ext.WanSpeedControlPipeline`.  It is added at conversion (``--motion-controller``) or to a
 converted folder (:func:`add_motion_controller`, ``diffusers-wan add-motion-controller``).
+
+Training: ``--extra_inputs motion_bucket_id`` runs the module with the transformer, ``--trainable_models
+motion_controller`` fine-tunes it (:data:`MOTION_CONTROLLER_TRAINING`); LoRA files may target it
+(``motion_controller.*`` keys, :func:`rename_motion_controller_module`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +23,50 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..conversion.dit import DitInfo
-from ..conversion.motion_controller import load_motion_controller_from_original
+from ..conversion.motion_controller import MOTION_CONTROLLER_KEY_MAP, load_motion_controller_from_original
 from ..conversion.release_io import DTYPES, with_path
+from ..lora.formats import register_lora_component
 from ..models import WanMotionControllerModel
+from ..models.motion_controller import apply_motion_control
 from ..pipelines import WanSpeedControlPipeline
+from ..utils.atomic import atomic_output_dir, atomic_write_text, claim_destination
 from ..utils.io import ConversionError
 from ..utils.shims import rewrite_model_index_for_shims
-from .base import CommandArgument, FamilyCommand, ModelFamily, WanVariant
+from .base import CommandArgument, ExtraInput, FamilyCommand, ModelFamily, TrainingComponent, WanVariant
 
-__all__ = ["SpeedControlFamily", "add_motion_controller", "make_tiny_motion_controller"]
+__all__ = [
+    "MOTION_CONTROLLER_MODULES",
+    "MOTION_CONTROLLER_TRAINING",
+    "SpeedControlFamily",
+    "add_motion_controller",
+    "make_tiny_motion_controller",
+    "rename_motion_controller_module",
+]
+
+#: The motion controller's module names (the release's, in both LoRA layouts: ``linear.0``, ``linear.2``, ...).
+MOTION_CONTROLLER_MODULES = frozenset(k.rsplit(".", 1)[0] for k, _ in MOTION_CONTROLLER_KEY_MAP)
+
+
+def rename_motion_controller_module(path: str, reverse: bool = False) -> str | None:
+    """Motion-controller module names are the release's in both layouts (``linear.0``, ``linear.2``, ``linear.4``)."""
+    return path if path in MOTION_CONTROLLER_MODULES else None
+
+
+def apply_motion_controller(controller: torch.nn.Module, transformer: torch.nn.Module,
+                            motion_bucket_id: torch.Tensor):
+    """Training forward: the transformer runs inside this context with the offset of ``motion_bucket_id``."""
+    offset = controller(motion_bucket_id, return_dict=False)[0]
+    return apply_motion_control(transformer, offset)
+
+
+#: How training runs / fine-tunes the speed-control module.
+MOTION_CONTROLLER_TRAINING = TrainingComponent(
+    name="motion_controller", input_name="motion_bucket_id", apply=apply_motion_controller,
+    help="motion_controller (the speed-control module)",
+    missing="--extra_inputs motion_bucket_id needs the speed-control motion_controller component (a "
+            "WanSpeedControlPipeline folder: diffusers-wan add-motion-controller)",
+)
+
 
 def load_motion_controller_for(path: str | os.PathLike, info: DitInfo, torch_dtype: torch.dtype):
     """The speed-control module, checked against the DiT it is added to (a Wan2.1 T2V DiT of the same width)."""
@@ -76,19 +114,13 @@ def add_motion_controller(folder: str | os.PathLike, motion_controller: str | os
     torch_dtype = DTYPES[dtype] if dtype else _stored_dtype(folder / "transformer")
     model = load_motion_controller_for(motion_controller, info, torch_dtype)
     index = json.loads(index_path.read_text())
-    tmp = folder / ".motion_controller.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        if (folder / "motion_controller").exists():
-            shutil.rmtree(folder / "motion_controller")
-        tmp.rename(folder / "motion_controller")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    index["_class_name"] = "WanSpeedControlPipeline"
-    index["motion_controller"] = list(fetch_class_library_tuple(model))
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    rewrite_model_index_for_shims(folder)
+    with claim_destination(folder, overwrite=True):  # no conversion writes the folder meanwhile
+        with atomic_output_dir(folder / "motion_controller", overwrite=True) as tmp:  # old one kept until replaced
+            model.save_pretrained(tmp)
+        index["_class_name"] = "WanSpeedControlPipeline"
+        index["motion_controller"] = list(fetch_class_library_tuple(model))
+        atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        rewrite_model_index_for_shims(folder)
     return folder
 
 
@@ -129,6 +161,8 @@ class SpeedControlFamily(ModelFamily):
     variants: tuple[WanVariant, ...] = ()  # added to a Wan2.1-T2V folder, not a release of its own
     model_classes = (WanMotionControllerModel,)
     pipeline_classes = (WanSpeedControlPipeline,)
+    training_components = (MOTION_CONTROLLER_TRAINING,)
+    dataset_inputs = {"motion_bucket_id": ExtraInput("float")}
     cli_commands = (ADD_MOTION_CONTROLLER,)
 
     def find_files(self, root: Path, given: dict[str, Any]) -> dict[str, Path | None]:
@@ -142,3 +176,6 @@ class SpeedControlFamily(ModelFamily):
 
     def pipeline_override(self, components: dict[str, Any]) -> str | None:
         return "WanSpeedControlPipeline" if "motion_controller" in components else None
+
+    def register_lora_components(self) -> None:
+        register_lora_component("motion_controller", rename_motion_controller_module, MOTION_CONTROLLER_MODULES)

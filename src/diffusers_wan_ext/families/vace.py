@@ -21,9 +21,9 @@ from ..conversion.dit import BLOCK_KEY_MAP, DitExtension, DitInfo, DitShape, blo
 from ..hooks.teacache import TeaCacheState, register_teacache_side_blocks
 from ..parallel.plans import register_cp_plan
 from ..utils.io import ConversionError, format_keys
-from .base import Conditioning, ModelFamily, TinyArch, WanVariant
+from .base import Conditioning, ExtraInput, ModelFamily, TinyArch, TrainingScope, WanVariant
 
-__all__ = ["TeaCacheVaceHook", "VaceFamily", "WAN_VACE_CP_PLAN", "encode_vace_condition"]
+__all__ = ["TeaCacheVaceHook", "VACE_TRAINING_SCOPE", "VaceFamily", "WAN_VACE_CP_PLAN", "encode_vace_condition"]
 
 # Inside ``vace_blocks.N.``: a full DiT block plus the hint projections (stock ``WanVACETransformerBlock``).
 VACE_BLOCK_KEY_MAP = BLOCK_KEY_MAP + (("before_proj", "proj_in"), ("after_proj", "proj_out"))
@@ -133,6 +133,15 @@ def encode_vace_condition(builder, sample: dict, inputs, num_frames: int, height
         inputs.latents = torch.cat([ref.to(inputs.latents), inputs.latents], dim=2)
 
 
+#: DiffSynth-Studio's ``vace`` / ``vace2`` models are the VACE blocks of our (stock) VACE transformer /
+#: transformer_2: ``--trainable_models vace`` trains the ``vace_*`` parameters, ``--lora_base_model vace`` puts the LoRA
+#: on ``vace_blocks`` (its ``dit`` LoRA then goes on the main ``blocks``).
+VACE_TRAINING_SCOPE = TrainingScope(
+    name="vace", aliases={"vace": "transformer", "vace2": "transformer_2"}, blocks="vace_blocks",
+    parameter_prefix="vace_", help="vace / vace2 (only the VACE blocks of a VACE transformer / transformer_2)",
+)
+
+
 class VaceFamily(ModelFamily):
     name = "vace"
     title = "VACE (stock WanVACEPipeline)"
@@ -167,6 +176,9 @@ class VaceFamily(ModelFamily):
         Conditioning("VACE", WanVACEPipeline, optional=("vace_video", "vace_video_mask", "vace_reference_image"),
                      encode=encode_vace_condition),
     )
+    training_scopes = (VACE_TRAINING_SCOPE,)
+    dataset_inputs = {"vace_video": ExtraInput("video"), "vace_video_mask": ExtraInput("video"),
+                      "vace_reference_image": ExtraInput("image")}
 
     def tiny_dit_model(self, arch: str, experts: int, kwargs: dict[str, Any]):
         layers = list(range(kwargs["num_layers"]))

@@ -15,20 +15,20 @@ role           meaning                             Diffusers PEFT               
 =============  ==================================  ===================================  ================================
 
 Module names are never tabulated here: the original <-> Diffusers names of the DiT are the full-weight converter's
-tables (:data:`~diffusers_wan_ext.conversion.dit.TOP_LEVEL_KEY_MAP`, ``BLOCK_KEY_MAP``, ``VACE_BLOCK_KEY_MAP``, via
-:func:`~diffusers_wan_ext.conversion.dit.rename_dit_key`), and the speed-control motion controller's are
-:data:`~diffusers_wan_ext.conversion.motion_controller.MOTION_CONTROLLER_KEY_MAP`.  A module the full-weight
-converter knows (VACE blocks, Fun ``ref_conv`` / ``control_adapter``, ``img_emb``, ...) is therefore known here too.
+tables (:data:`~diffusers_wan_ext.conversion.dit.TOP_LEVEL_KEY_MAP`, ``BLOCK_KEY_MAP`` and the tables each family
+registers, via :func:`~diffusers_wan_ext.conversion.dit.rename_dit_key`).  A module the full-weight converter knows
+(VACE blocks, Fun ``ref_conv`` / ``control_adapter``, ``img_emb``, ...) is therefore known here too.  Pipeline
+components other than the transformers that a family adds are registered by the family with
+:func:`register_lora_component` (their renamer and module names).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from ..conversion.dit import dit_key_tables, rename_dit_key
-from ..conversion.motion_controller import MOTION_CONTROLLER_KEY_MAP
 
 __all__ = [
     "LORA_FORMATS",
@@ -37,6 +37,7 @@ __all__ = [
     "COMPONENT_RENAMERS",
     "NON_LORA_MODULE_RE",
     "kohya_compound_words",
+    "register_lora_component",
     "DIFFSYNTH_TARGET_MODULES",
     "DIFFUSERS_WEIGHT_NAME",
     "EXPORT_FILE_NAMES",
@@ -146,21 +147,29 @@ FORMATS: dict[str, LoraFormat] = {
 }
 
 # ------------------------------------------------------------------------------------------------ module names
-MOTION_CONTROLLER_MODULES = frozenset(k.rsplit(".", 1)[0] for k, _ in MOTION_CONTROLLER_KEY_MAP)
-
-
-def rename_motion_controller_module(path: str, reverse: bool = False) -> str | None:
-    """Motion-controller module names are the release's in both layouts (``linear.0``, ``linear.2``, ``linear.4``)."""
-    return path if path in MOTION_CONTROLLER_MODULES else None
-
-
 #: Pipeline components a LoRA can target -> ``rename(module_path, reverse)`` between the original layout and
-#: Diffusers' (``reverse=True``: Diffusers -> original); ``None`` for an unknown module.
+#: Diffusers' (``reverse=True``: Diffusers -> original); ``None`` for an unknown module.  The transformers here;
+#: components a family adds are registered with :func:`register_lora_component`.
 COMPONENT_RENAMERS: dict[str, Callable[[str, bool], str | None]] = {
     "transformer": rename_dit_key,
     "transformer_2": rename_dit_key,
-    "motion_controller": rename_motion_controller_module,
 }
+#: Original-layout module names of the registered components (for reading Kohya's ``_``-joined names back).
+COMPONENT_MODULE_NAMES: dict[str, frozenset[str]] = {}
+
+
+def register_lora_component(name: str, rename: Callable[[str, bool], str | None],
+                            module_names: Iterable[str] = ()) -> None:
+    """Let LoRA files target the pipeline component ``name`` (a family calls this when the registry imports it).
+
+    Args:
+        name: the pipeline component (key prefix ``<name>.`` in Diffusers LoRA files).
+        rename: ``rename(module_path, reverse)`` between the original layout and Diffusers'; ``None`` for a module
+            the component does not have.
+        module_names: the component's original-layout module paths (Kohya names are read back with them).
+    """
+    COMPONENT_RENAMERS[name] = rename
+    COMPONENT_MODULE_NAMES[name] = frozenset(module_names)
 
 #: Diffusers module paths that PEFT cannot wrap (norms, bare parameters such as ``scale_shift_table``): only
 #: original-layout ``diff`` / ``diff_b`` keys reach them.
@@ -175,7 +184,7 @@ def kohya_compound_words() -> tuple[str, ...]:
     """
     top, groups = dit_key_tables()
     names = ([src for src, _ in top] + [src for table in groups.values() for src, _ in table] + list(groups)
-             + sorted(MOTION_CONTROLLER_MODULES) + ["residual_blocks"])
+             + sorted(n for names in COMPONENT_MODULE_NAMES.values() for n in names) + ["residual_blocks"])
     return tuple(sorted({part for name in names for part in name.split(".") if "_" in part},
                         key=lambda w: (-w.count("_"), w)))
 

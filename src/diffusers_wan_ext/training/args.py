@@ -17,10 +17,16 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from ..families import training_declarations
 from ..lora import LORA_FORMATS, map_lora_target_modules
 from .dataset import EXTRA_INPUTS
 
 __all__ = ["COMPONENT_ALIASES", "DTYPE_NAMES", "TASKS", "build_parser", "parse_args", "resolve_component"]
+
+#: What the families add: transformer scopes (DiffSynth-Studio's ``vace`` / ``vace2``), trainable components.
+SCOPES, EXTRA_COMPONENTS, _ = training_declarations()
+#: scope model names (``vace2``) -> (the scope, the transformer component it belongs to)
+SCOPE_ALIASES = {alias: (scope, component) for scope in SCOPES for alias, component in scope.aliases.items()}
 
 #: DiffSynth-Studio component names -> ours (pipeline attribute names).
 COMPONENT_ALIASES: dict[str, str] = {
@@ -31,11 +37,9 @@ COMPONENT_ALIASES: dict[str, str] = {
     "vae": "vae",
     "text_encoder": "text_encoder",
     "image_encoder": "image_encoder",
-    "motion_controller": "motion_controller",
+    **{c.name: c.name for c in EXTRA_COMPONENTS},
 }
-#: DiffSynth-Studio's VACE models -> the transformer whose ``vace_blocks`` they are
-VACE_ALIASES = {"vace": "transformer", "vace2": "transformer_2"}
-TRAINABLE = ("transformer", "transformer_2", "motion_controller")
+TRAINABLE = ("transformer", "transformer_2", *(c.name for c in EXTRA_COMPONENTS))
 FP8_CAPABLE = ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder")
 #: ``--task``: one-stage training, or DiffSynth-Studio's split training (cache inputs, then train from the cache).
 TASKS = ("sft", "sft:data_process", "sft:train")
@@ -63,6 +67,10 @@ def _components(value: str | None, allowed: Sequence[str], option: str) -> list[
             if c not in out:
                 out.append(c)
     return out
+
+
+def _declared_help(items) -> str:
+    return "".join(f", {item.help}" for item in items if item.help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--transformer_path", default=None,
                    help="replace the trained transformer: a Diffusers transformer folder or original DiT file/folder")
     g.add_argument("--extra_inputs", default=None,
-                   help="comma-separated conditioning inputs: input_image, end_image, control_video, reference_image, "
-                        "vace_video, vace_video_mask, vace_reference_image, motion_bucket_id, camera_control_*")
+                   help=f"comma-separated conditioning inputs: {', '.join(EXTRA_INPUTS)}")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16", help="dtype of the frozen weights and compute")
     g.add_argument("--vae_dtype", choices=DTYPE_NAMES, default=None, help="VAE dtype (default --dtype)")
     g.add_argument("--trainable_dtype", choices=DTYPE_NAMES, default="fp32",
@@ -128,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--seed", type=int, default=0, help="data order, LoRA init, timesteps and noise")
     g.add_argument("--trainable_models", default=None,
-                   help="full fine-tuning of these components: transformer (dit), transformer_2 (dit2), "
-                        "motion_controller, or vace / vace2 (only the VACE blocks of a VACE transformer / transformer_2)")
+                   help="full fine-tuning of these components: transformer (dit), transformer_2 (dit2)"
+                        + _declared_help(EXTRA_COMPONENTS) + _declared_help(SCOPES))
     g.add_argument("--find_unused_parameters", action="store_true", help="DDP find_unused_parameters")
     g.add_argument("--use_gradient_checkpointing", action="store_true")
     g.add_argument("--use_gradient_checkpointing_offload", action="store_true",
@@ -143,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_base_model", default=None,
-                   help="component that gets the LoRA: transformer (dit), transformer_2 (dit2), or vace / vace2 (the "
-                        "VACE blocks of a VACE transformer / transformer_2; dit/dit2 then mean its main blocks)")
+                   help="component that gets the LoRA: transformer (dit), transformer_2 (dit2)" + _declared_help(SCOPES)
+                        + " (with a scope, dit/dit2 mean the transformer's main blocks)")
     g.add_argument("--lora_target_modules", default=DEFAULT_TARGETS,
                    help="comma-separated module names in our layout (to_q,...,ffn.net.2); DiffSynth names "
                         "q,k,v,o,ffn.0,ffn.2 are mapped")
@@ -180,15 +187,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     def fail(msg: str):
         parser.error(msg)
 
-    # VACE: DiffSynth-Studio's ``vace`` / ``vace2`` models are the VACE blocks of our (stock) VACE transformers
+    # a family's scope (DiffSynth-Studio's ``vace`` / ``vace2``): part of a transformer, trained as a model of its own
     names = [n.strip() for n in (args.trainable_models or "").split(",") if n.strip()]
-    args.trainable_scope = "vace" if {"vace", "vace2"} & set(names) else None
-    names = [VACE_ALIASES.get(n, n) for n in names]
+    scopes = {SCOPE_ALIASES[n][0].name for n in names if n in SCOPE_ALIASES}
+    if len(scopes) > 1:
+        fail(f"--trainable_models: one scope per run, got {sorted(scopes)}")
+    args.trainable_scope = next(iter(scopes), None)
+    names = [SCOPE_ALIASES[n][1] if n in SCOPE_ALIASES else n for n in names]
     args.trainable_models = _components(",".join(names), TRAINABLE, "--trainable_models")
     args.fp8_models = _components(args.fp8_models, FP8_CAPABLE, "--fp8_models")
-    # VACE: DiffSynth-Studio's ``vace`` LoRA covers the VACE blocks, its ``dit`` LoRA the main blocks
-    args.lora_scope = "vace" if args.lora_base_model in VACE_ALIASES else "dit"
-    args.lora_base_model = VACE_ALIASES.get(args.lora_base_model, args.lora_base_model)
+    # a scoped LoRA covers the scope's blocks only, an unscoped one ("dit") the main blocks
+    scoped = SCOPE_ALIASES.get(args.lora_base_model)
+    args.lora_scope = scoped[0].name if scoped else "dit"
+    if scoped:
+        args.lora_base_model = scoped[1]
     if args.lora_base_model is not None:
         args.lora_base_model = resolve_component(args.lora_base_model, ("transformer", "transformer_2"),
                                                  "--lora_base_model")

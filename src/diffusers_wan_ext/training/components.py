@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,16 @@ import torch
 
 from ..conversion.dit import load_dit_from_original
 from ..conversion.release_io import DTYPES
+from ..families import training_declarations
 from ..release_converter import load_release
 
 __all__ = ["DTYPES", "WanTrainingComponents", "load_training_components", "load_transformer"]
 
 ENCODERS = ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor")
+#: The pipeline components training reads besides the transformers.
+SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "image_encoder")
+#: The families' extra trainable components (``motion_controller`` ...).
+EXTRA_PARTS = tuple(c.name for c in training_declarations()[1])
 
 
 @dataclass
@@ -40,8 +45,9 @@ class WanTrainingComponents:
         transformer: that expert.
         boundary_ratio: the two-expert switch (``None`` for one expert).
         expand_timesteps: Wan2.2 TI2V-5B's per-token timesteps / first-frame mode.
-        vae, text_encoder, tokenizer, image_encoder, motion_controller: the other components (``None`` if absent
-            or not loaded).
+        vae, text_encoder, tokenizer, image_encoder: the other components (``None`` if absent or not loaded).
+        extra_components: the families' extra trainable components the folder has, by name
+            (:class:`~diffusers_wan_ext.families.TrainingComponent`).
     """
 
     pipeline_class: str
@@ -54,7 +60,7 @@ class WanTrainingComponents:
     text_encoder: Any = None
     tokenizer: Any = None
     image_encoder: Any = None
-    motion_controller: Any = None
+    extra_components: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spatial_multiple(self) -> int | None:
@@ -121,8 +127,8 @@ def load_training_components(
         pipe = diffusers.DiffusionPipeline.from_pretrained(
             str(model_path), dtype={"default": dtype, "vae": vae_dtype}, **overrides
         )
-        parts = {name: getattr(pipe, name, None) for name in
-                 ("vae", "text_encoder", "tokenizer", "image_encoder", "motion_controller")}
+        parts = {name: getattr(pipe, name, None) for name in SHARED_PARTS}
+        extras = {name: getattr(pipe, name, None) for name in EXTRA_PARTS}
         transformer = getattr(pipe, expert)
         boundary_ratio = pipe.config.get("boundary_ratio") if has_two else None
         expand = bool(pipe.config.get("expand_timesteps", False))
@@ -138,8 +144,8 @@ def load_training_components(
         transformer = release.transformers[1 if expert == "transformer_2" else 0]
         if transformer_path is not None:
             transformer = load_transformer(transformer_path, dtype)
-        parts = {name: release.components.get(name) for name in
-                 ("vae", "text_encoder", "tokenizer", "image_encoder", "motion_controller")}
+        parts = {name: release.components.get(name) for name in SHARED_PARTS}
+        extras = {name: release.components.get(name) for name in EXTRA_PARTS}
         if parts["vae"] is not None:
             parts["vae"] = parts["vae"].to(vae_dtype)
         boundary_ratio = release.variant.boundary_ratio if has_two else None
@@ -152,4 +158,5 @@ def load_training_components(
     return WanTrainingComponents(
         pipeline_class=pipeline_class, expert=expert, transformer=transformer, boundary_ratio=boundary_ratio,
         expand_timesteps=expand, has_two_experts=has_two, **parts,
+        extra_components={k: v for k, v in extras.items() if v is not None},
     )

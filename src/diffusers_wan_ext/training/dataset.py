@@ -3,7 +3,7 @@
 A dataset is a folder (``--dataset_base_path``) and a metadata file (``--dataset_metadata_path``: ``.csv``,
 ``.json`` -- a list of objects -- or ``.jsonl``) with one row per clip: a ``video`` column (a video file, or an image
 file, which is a one-frame video), a ``prompt`` column and the columns of the extra inputs
-(:data:`EXTRA_INPUTS`: ``control_video``, ``reference_image``, ``vace_video``, ``motion_bucket_id`` ...).  File
+(:data:`EXTRA_INPUTS`: ``control_video``, ``reference_image`` ... and the columns the families declare).  File
 columns (``--data_file_keys``) are paths relative to the base path.
 
 Frames are read from the start of the video (``--num_frames``, ``4n + 1``) and resized as the reference does
@@ -42,6 +42,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..families import ExtraInput, training_declarations
+
 __all__ = [
     "EXTRA_INPUTS",
     "DatasetRowError",
@@ -57,42 +59,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".wmv", ".mkv", ".flv", ".webm", ".gif")
 
 
-@dataclass(frozen=True)
-class ExtraInput:
-    """How an ``--extra_inputs`` name is read.
-
-    Attributes:
-        kind: ``"frame"`` (a frame of the clip itself), ``"image"`` (first frame of a file column), ``"video"``
-            (a file column with as many frames as the clip), ``"float"``, ``"str"`` or ``"floats"`` (a JSON list in
-            the column).
-        frame: for ``"frame"``: which frame of the clip (0 first, -1 last).
-    """
-
-    kind: str
-    frame: int | None = None
-
-    @property
-    def is_file(self) -> bool:
-        return self.kind in ("image", "video")
-
-    @property
-    def from_column(self) -> bool:
-        return self.kind != "frame"
-
-
-#: The extra inputs the trainer knows (DiffSynth-Studio names), and where they come from.
+#: The extra inputs the trainer knows (DiffSynth-Studio names), and where they come from: the shared ones, then
+#: the columns each family declares (:attr:`~diffusers_wan_ext.families.ModelFamily.dataset_inputs`).
 EXTRA_INPUTS: dict[str, ExtraInput] = {
     "input_image": ExtraInput("frame", 0),
     "end_image": ExtraInput("frame", -1),
     "reference_image": ExtraInput("image"),
     "control_video": ExtraInput("video"),
-    "vace_video": ExtraInput("video"),
-    "vace_video_mask": ExtraInput("video"),
-    "vace_reference_image": ExtraInput("image"),
-    "motion_bucket_id": ExtraInput("float"),
     "camera_control_direction": ExtraInput("str"),
     "camera_control_speed": ExtraInput("float"),
     "camera_control_origin": ExtraInput("floats"),
+    **training_declarations()[2],
 }
 
 

@@ -22,11 +22,16 @@ from typing import Any
 import torch
 
 from ..utils.media import encode_video, load_image, load_video_frames
-from ..families import Conditioning, training_conditioning
+from ..families import Conditioning, training_conditioning, training_declarations
 from .components import WanTrainingComponents
 from .dataset import DatasetRowError
 
 __all__ = ["ModelInputs", "WanInputBuilder", "conditioning_for"]
+
+#: The families' extra trainable components (each driven by one ``--extra_inputs`` column).
+EXTRA_COMPONENTS = training_declarations()[1]
+#: Their input columns: cache entries hold them under these names.
+COMPONENT_INPUTS = tuple(c.input_name for c in EXTRA_COMPONENTS)
 
 
 @dataclass
@@ -40,7 +45,8 @@ class ModelInputs:
         image_embeds: CLIP features (models with a CLIP branch), or ``None``.
         first_frame_latents: TI2V-5B with ``input_image``: the clean latent frame 0 (kept clean, timestep 0, not in
             the loss), or ``None``.
-        motion_bucket_id: speed control value ``[1]``, or ``None``.
+        component_inputs: the inputs of the families' extra components by column name (speed control:
+            ``motion_bucket_id`` ``[1]``).
         transformer_kwargs: extra transformer inputs (``reference_latents``, ``control_camera_latents``,
             ``control_hidden_states``).
         prompt: the prompt (for logs and the cache).
@@ -51,30 +57,36 @@ class ModelInputs:
     y: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     first_frame_latents: torch.Tensor | None = None
-    motion_bucket_id: torch.Tensor | None = None
+    component_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     transformer_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
     prompt: str = ""
 
-    _FIELDS = ("latents", "prompt_embeds", "y", "image_embeds", "first_frame_latents", "motion_bucket_id")
+    _FIELDS = ("latents", "prompt_embeds", "y", "image_embeds", "first_frame_latents")
 
     def to(self, device: torch.device | str) -> "ModelInputs":
         moved = {name: (None if getattr(self, name) is None else getattr(self, name).to(device)) for name in self._FIELDS}
+        components = {k: v.to(device) for k, v in self.component_inputs.items()}
         kwargs = {k: v.to(device) for k, v in self.transformer_kwargs.items()}
-        return ModelInputs(**moved, transformer_kwargs=kwargs, prompt=self.prompt)
+        return ModelInputs(**moved, component_inputs=components, transformer_kwargs=kwargs, prompt=self.prompt)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Flat CPU tensors for the cache (``kwargs.<name>`` for the transformer kwargs)."""
+        """Flat CPU tensors for the cache (component inputs under their column name, ``kwargs.<name>`` for the
+        transformer kwargs)."""
         out = {name: getattr(self, name) for name in self._FIELDS if getattr(self, name) is not None}
+        out.update(self.component_inputs)
         out.update({f"kwargs.{k}": v for k, v in self.transformer_kwargs.items()})
         return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prompt: str = "") -> "ModelInputs":
-        unknown = [k for k in tensors if k not in cls._FIELDS and not k.startswith("kwargs.")]
+        known = (*cls._FIELDS, *COMPONENT_INPUTS)
+        unknown = [k for k in tensors if k not in known and not k.startswith("kwargs.")]
         if unknown or "latents" not in tensors or "prompt_embeds" not in tensors:
             raise ValueError(f"not a training-cache entry: unknown {unknown}, keys {sorted(tensors)}")
         kwargs = {k[len("kwargs."):]: v for k, v in tensors.items() if k.startswith("kwargs.")}
-        return cls(**{k: tensors.get(k) for k in cls._FIELDS}, transformer_kwargs=kwargs, prompt=prompt)
+        components = {k: v for k, v in tensors.items() if k in COMPONENT_INPUTS}
+        return cls(**{k: tensors.get(k) for k in cls._FIELDS}, component_inputs=components,
+                   transformer_kwargs=kwargs, prompt=prompt)
 
 
 def conditioning_for(components: WanTrainingComponents) -> Conditioning:
@@ -111,8 +123,7 @@ class WanInputBuilder:
         cond = self.conditioning
         missing = [n for n in cond.required if n not in self.extra_inputs]
         accepted = set(cond.required) | set(cond.optional)
-        if components.motion_controller is not None:
-            accepted.add("motion_bucket_id")
+        accepted |= {c.input_name for c in EXTRA_COMPONENTS if components.extra_components.get(c.name) is not None}
         unused = [n for n in self.extra_inputs if n not in accepted]
         if missing or unused:
             problems = []
@@ -121,9 +132,9 @@ class WanInputBuilder:
             if unused:
                 problems.append(f"does not take {', '.join(unused)} (it takes: {', '.join(sorted(accepted)) or 'none'})")
             raise ValueError(f"this model is {cond.name} ({components.pipeline_class}): " + "; ".join(problems))
-        if "motion_bucket_id" in self.extra_inputs and components.motion_controller is None:
-            raise ValueError("--extra_inputs motion_bucket_id needs the speed-control motion_controller component "
-                             "(a WanSpeedControlPipeline folder: diffusers-wan add-motion-controller)")
+        for spec in EXTRA_COMPONENTS:
+            if spec.input_name in self.extra_inputs and components.extra_components.get(spec.name) is None:
+                raise ValueError(spec.missing or f"--extra_inputs {spec.input_name} needs the {spec.name} component")
         for name in ("vae", "text_encoder", "tokenizer"):
             if getattr(components, name) is None:
                 raise ValueError(f"the model folder has no {name}; encoding training inputs needs it")
@@ -176,6 +187,7 @@ class WanInputBuilder:
                              prompt=sample["prompt"])
         if self.conditioning.encode is not None:
             self.conditioning.encode(self, sample, inputs, num_frames, height, width)
-        if "motion_bucket_id" in self.extra_inputs:
-            inputs.motion_bucket_id = torch.tensor([float(sample["motion_bucket_id"])], device=self.device)
+        for spec in EXTRA_COMPONENTS:
+            if spec.input_name in self.extra_inputs:
+                inputs.component_inputs[spec.input_name] = spec.make_input(sample[spec.input_name]).to(self.device)
         return inputs

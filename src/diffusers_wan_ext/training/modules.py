@@ -20,8 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..models.motion_controller import apply_motion_control
-
+from ..families import TrainingComponent, training_declarations
 from .flow_match import FlowMatchTrainingSchedule, TimestepSample
 from .inputs import ModelInputs
 
@@ -32,24 +31,28 @@ __all__ = [
     "lora_state_dict",
     "load_lora_into",
     "store_frozen_weights_in_fp8",
+    "training_component",
     "training_loss",
 ]
 
 ADAPTER = "default"
 FP8 = torch.float8_e4m3fn
+#: The families' transformer scopes (``vace_blocks``) and extra trainable components (``motion_controller``).
+SCOPES, EXTRA_COMPONENTS, _ = training_declarations()
 
 
 # ------------------------------------------------------------------------------------------------------------- LoRA
 
 
 def _lora_target_regex(module: nn.Module, names: list[str], scope: str | None) -> str | list[str]:
-    """PEFT ``target_modules``: the suffixes as given, or (VACE) a regex limited to / excluding ``vace_blocks``."""
-    if scope is None or not hasattr(module, "vace_blocks"):
+    """PEFT ``target_modules``: the suffixes as given, or -- on a transformer with a family scope's blocks
+    (``vace_blocks``) -- a regex limited to the scope's blocks (``scope`` names it) or to the main ``blocks``."""
+    present = [s for s in SCOPES if hasattr(module, s.blocks)]
+    if scope is None or not present:
         return list(names)
     alternatives = "|".join(re.escape(n) for n in names)
-    if scope == "vace":
-        return rf"^vace_blocks\.\d+\.(?:.*\.)?(?:{alternatives})$"
-    return rf"^blocks\.\d+\.(?:.*\.)?(?:{alternatives})$"
+    blocks = next((s.blocks for s in present if s.name == scope), "blocks")
+    return rf"^{re.escape(blocks)}\.\d+\.(?:.*\.)?(?:{alternatives})$"
 
 
 def add_lora(
@@ -62,9 +65,10 @@ def add_lora(
 ) -> list[nn.Parameter]:
     """Add a trainable LoRA adapter (``default``) to ``transformer`` and freeze everything else.
 
-    ``target_modules`` are module-name suffixes in our (Diffusers) layout.  ``scope`` matters for VACE
-    transformers: ``"vace"`` limits the LoRA to ``vace_blocks`` (DiffSynth-Studio's ``--lora_base_model vace``),
-    anything else to the main ``blocks`` (its ``dit``).  LoRA weights are kept in ``dtype``.  Returns the trainable
+    ``target_modules`` are module-name suffixes in our (Diffusers) layout.  ``scope`` matters for transformers
+    with a family scope's blocks (:class:`~diffusers_wan_ext.families.TrainingScope`, e.g. VACE): the scope's name
+    limits the LoRA to its blocks (DiffSynth-Studio's ``--lora_base_model vace``), anything else to the main
+    ``blocks`` (its ``dit``).  LoRA weights are kept in ``dtype``.  Returns the trainable
     parameters.
 
     Example:
@@ -166,12 +170,13 @@ def store_frozen_weights_in_fp8(module: nn.Module, compute_dtype: torch.dtype) -
     are cast to ``compute_dtype`` on use (gradients still flow to the inputs and to LoRA layers).  Returns the
     number of layers converted.
 
-    Only linears under ``blocks`` / ``vace_blocks`` are converted (embedders, norms and the head stay as they are,
-    as Diffusers' layerwise casting skips them).
+    Only linears under ``blocks`` and the families' scope blocks (``vace_blocks``) are converted (embedders, norms
+    and the head stay as they are, as Diffusers' layerwise casting skips them).
     """
     count = 0
+    lists = "|".join(re.escape(b) for b in ("blocks", *(s.blocks for s in SCOPES)))
     for name, sub in module.named_modules():
-        if not isinstance(sub, nn.Linear) or "lora_" in name or not re.search(r"(^|\.)(vace_)?blocks\.\d+\.", name):
+        if not isinstance(sub, nn.Linear) or "lora_" in name or not re.search(rf"(^|\.)({lists})\.\d+\.", name):
             continue
         if parametrize.is_parametrized(sub, "weight") or sub.weight.requires_grad:
             continue
@@ -195,21 +200,34 @@ def enable_gradient_checkpointing(transformer: nn.Module, offload: bool = False)
 # ----------------------------------------------------------------------------------------------------- the module
 
 
+def training_component(name: str) -> TrainingComponent:
+    """The family declaration of the extra trainable component ``name``."""
+    for spec in EXTRA_COMPONENTS:
+        if spec.name == name:
+            return spec
+    raise ValueError(f"unknown training component {name!r}; the families declare: "
+                     f"{', '.join(c.name for c in EXTRA_COMPONENTS) or 'none'}")
+
+
 class WanTrainingModule(nn.Module):
     r"""
-    What ``accelerator.prepare`` wraps: the trained transformer (and the speed-control ``motion_controller``).
+    What ``accelerator.prepare`` wraps: the trained transformer and the extra components a family runs with it
+    (:class:`~diffusers_wan_ext.families.TrainingComponent`, each a submodule under its own name, so its weights
+    are ``<name>.*``).
 
     ``forward`` runs one prediction; :func:`training_loss` builds its inputs and the loss.
 
     Args:
         transformer: a Wan transformer (stock ``WanTransformer3DModel``, ``WanVACETransformer3DModel`` or ours).
-        motion_controller (*optional*): adds the speed-control offset to the block modulation.
+        components (*optional*): extra components by their declared name.
     """
 
-    def __init__(self, transformer: nn.Module, motion_controller: nn.Module | None = None) -> None:
+    def __init__(self, transformer: nn.Module, components: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.transformer = transformer
-        self.motion_controller = motion_controller
+        self.component_specs = {name: training_component(name) for name in components or {}}
+        for name, module in (components or {}).items():
+            self.add_module(name, module)
 
     def forward(
         self,
@@ -217,17 +235,17 @@ class WanTrainingModule(nn.Module):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         encoder_hidden_states_image: torch.Tensor | None = None,
-        motion_bucket_id: torch.Tensor | None = None,
+        component_inputs: dict[str, torch.Tensor] | None = None,
         **transformer_kwargs: torch.Tensor,
     ) -> torch.Tensor:
-        context = contextlib.nullcontext()
-        if motion_bucket_id is not None:
-            offset = self.motion_controller(motion_bucket_id, return_dict=False)[0]
-            context = apply_motion_control(self.transformer, offset)
         kwargs = dict(transformer_kwargs)
         if encoder_hidden_states_image is not None:
             kwargs["encoder_hidden_states_image"] = encoder_hidden_states_image
-        with context:
+        with contextlib.ExitStack() as stack:
+            for name, spec in self.component_specs.items():
+                value = (component_inputs or {}).get(spec.input_name)
+                if value is not None:
+                    stack.enter_context(spec.apply(getattr(self, name), self.transformer, value))
             return self.transformer(hidden_states, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
 
 
@@ -271,7 +289,7 @@ def training_loss(
         timestep,
         inputs.prompt_embeds.to(dtype),
         None if inputs.image_embeds is None else inputs.image_embeds.to(dtype),
-        motion_bucket_id=inputs.motion_bucket_id,
+        component_inputs=inputs.component_inputs or None,
         **kwargs,
     )
     if inputs.first_frame_latents is not None:

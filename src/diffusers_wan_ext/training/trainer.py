@@ -48,6 +48,8 @@ from .flow_match import FlowMatchTrainingSchedule, expert_timestep_boundaries
 from .inputs import ModelInputs, WanInputBuilder
 from .modules import (
     ADAPTER,
+    EXTRA_COMPONENTS,
+    SCOPES,
     WanTrainingModule,
     add_lora,
     enable_gradient_checkpointing,
@@ -244,23 +246,25 @@ class WanTrainer:
                 load_lora_into(transformer, _load_lora_file(args.lora_checkpoint), f"--lora_checkpoint "
                                                                                    f"{args.lora_checkpoint}")
         elif c.expert in args.trainable_models:
+            scope = next((s for s in SCOPES if s.name == args.trainable_scope), None)
             for name, p in transformer.named_parameters():
-                if args.trainable_scope != "vace" or name.startswith("vace_"):
+                if scope is None or name.startswith(scope.parameter_prefix):
                     p.data = p.data.to(self.trainable_dtype)
                     p.requires_grad_(True)
                     params.append(p)
             if not params:
-                raise ValueError("--trainable_models vace: this transformer has no VACE blocks")
-        motion_controller = None
-        if c.motion_controller is not None and ("motion_bucket_id" in args.extra_inputs
-                                                or "motion_controller" in args.trainable_models):
-            motion_controller = c.motion_controller
-            trainable = "motion_controller" in args.trainable_models
-            motion_controller.to(self.trainable_dtype if trainable else self.dtype).requires_grad_(trainable)
-            if trainable:
-                params += list(motion_controller.parameters())
-        elif "motion_controller" in args.trainable_models:
-            raise ValueError("--trainable_models motion_controller: the model folder has no motion_controller")
+                raise ValueError(f"--trainable_models {scope.name}: this transformer has no {scope.blocks}")
+        extras = {}
+        for spec in EXTRA_COMPONENTS:  # the families' components (speed control's motion_controller)
+            module = c.extra_components.get(spec.name)
+            trainable = spec.name in args.trainable_models
+            if module is not None and (spec.input_name in args.extra_inputs or trainable):
+                module.to(self.trainable_dtype if trainable else self.dtype).requires_grad_(trainable)
+                if trainable:
+                    params += list(module.parameters())
+                extras[spec.name] = module
+            elif trainable:
+                raise ValueError(f"--trainable_models {spec.name}: the model folder has no {spec.name}")
         if "transformer" in args.fp8_models or "transformer_2" in args.fp8_models:
             n = store_frozen_weights_in_fp8(transformer, self.dtype)
             self.accelerator.print(f"stored {n} frozen linear weights of {c.expert} in float8_e4m3fn")
@@ -269,7 +273,7 @@ class WanTrainer:
         transformer.train()
         if not params:
             raise ValueError("no trainable parameters")
-        return WanTrainingModule(transformer, motion_controller), params
+        return WanTrainingModule(transformer, extras), params
 
     def _optimizer(self, total_steps: int):
         from diffusers.optimization import get_scheduler
@@ -363,9 +367,9 @@ class WanTrainer:
                 self._save_lora(out, state, args.export_format)
             elif c.expert in args.trainable_models:
                 self._save_full(Path(args.output_path) / c.expert, "transformer", state, DTYPES[args.save_dtype])
-            if "motion_controller" in args.trainable_models:
-                self._save_full(Path(args.output_path) / "motion_controller", "motion_controller", state,
-                                DTYPES[args.save_dtype])
+            for spec in EXTRA_COMPONENTS:
+                if spec.name in args.trainable_models:
+                    self._save_full(Path(args.output_path) / spec.name, spec.name, state, DTYPES[args.save_dtype])
         acc.wait_for_everyone()
         return out
 
@@ -418,7 +422,8 @@ class WanTrainer:
         module = self._unwrapped()
         params = dict(module.named_parameters())
         trainable = {n for n, p in params.items() if p.requires_grad}
-        if not any(k.startswith("transformer.") or k.startswith("motion_controller.") for k in sd):
+        submodules = {n.split(".", 1)[0] for n in params}  # transformer + the families' components
+        if not any(k.split(".", 1)[0] in submodules for k in sd):
             sd = {"transformer." + k: v for k, v in sd.items()}  # a bare transformer state dict
         unexpected = sorted(set(sd) - set(params))
         missing = sorted(trainable - set(sd))
