@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 
 from .manifest import add_generate_inputs, add_manifest_arguments, read_manifest
 
-__all__ = ["DESCRIPTION", "DTYPE_CHOICES", "LORA_FORMATS", "build_parser"]
+__all__ = [
+    "CommandLineParser", "DESCRIPTION", "DTYPE_CHOICES", "LORA_FORMATS", "build_parser", "finite_positive_float", "lora_spec",
+    "non_negative_int", "positive_int",
+]
 
 DESCRIPTION = """\
 ``diffusers-wan``: convert original Wan releases, export DiTs back, run the demo, generate videos.
@@ -62,34 +67,109 @@ def add_export_dit(sub) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES)
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``error: PROG: MESSAGE (see 'PROG --help')``, exit status 2
+    (the verbs' own errors look the same: :func:`diffusers_wan_ext.cli.run_command`)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def positive_int(text: str) -> int:
+    """``type=`` for counts and sizes: an integer >= 1 (``0``, negatives and ``nan`` are errors, never defaults)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer (>= 1)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """``type=`` for seeds: an integer in ``[0, 2**64)`` (what ``torch.Generator.manual_seed`` accepts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{value} must be an integer from 0 to 2**64 - 1")
+    return value
+
+
+def finite_positive_float(text: str) -> float:
+    """``type=`` for scales: a finite number > 0 (``nan``, ``inf``, ``0`` and negatives are errors)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
+
+
+def lora_spec(text: str) -> tuple[str, float]:
+    """``--lora FILE[:SCALE]`` -> ``(FILE, SCALE)`` (scale 1.0 when omitted; finite, may be negative or 0).
+
+    A ``:`` followed by something that is not a number is part of the file name only when that file exists.
+    """
+    path, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            scale = float(tail)
+            path = head
+        except ValueError:
+            if not os.path.exists(text):
+                raise argparse.ArgumentTypeError(
+                    f"{text!r}: expected FILE or FILE:SCALE, and {tail!r} is not a number") from None
+    if not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FILE or FILE:SCALE")
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"{text!r}: the scale must be a finite number")
+    return path, scale
+
+
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="tiny release -> converter -> DiffusionPipeline -> mp4 (no downloads)")
     p.add_argument("--output", default="outputs/demo.mp4")
     p.add_argument("--workdir", help="keep the tiny release and converted folder here")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=4)
+    p.add_argument("--seed", type=non_negative_int, default=0)
 
 
 def add_generate(sub, family_inputs: list) -> None:
-    p = sub.add_parser("generate", help="render a video with a converted model folder or Hub repo")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("generate", help="render a video with a converted model folder or Hub repo",
+                       description="Render a video with a converted folder (or Hub repo). Every argument, the folder "
+                                   "and the input files are checked before any model loads; unset sizes, frames, "
+                                   "steps, guidance and fps come from the folder's wan_variant.json.")
+    p.add_argument("--model", required=True, help="converted Diffusers folder (model_index.json) or Hub repo id")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--image", help="first frame (I2V / FLF2V / TI2V)")
-    p.add_argument("--last-image", help="last frame (FLF2V)")
+    p.add_argument("--image", help="first frame (I2V / FLF2V / Fun-InP / Animate / S2V ...: models that take one)")
+    p.add_argument("--last-image", help="last frame (FLF2V; Fun-InP end image)")
     add_generate_inputs(p, family_inputs)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--num-frames", type=int, help="4n + 1 (Wan2.2-Animate: frames per segment)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--fps", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", action="append", type=lora_spec, default=[], metavar="FILE[:SCALE]",
+                   help="load a LoRA (any format: Diffusers, original/ComfyUI, Kohya, DiffSynth) with this weight "
+                        "(default 1.0); repeat for several")
+    p.add_argument("--height", type=positive_int)
+    p.add_argument("--width", type=positive_int)
+    p.add_argument("--num-frames", type=positive_int, help="4n + 1 (Wan2.2-Animate: frames per segment)")
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--guidance-scale", type=finite_positive_float)
+    p.add_argument("--fps", type=positive_int)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--dtype", default="bf16", choices=DTYPE_CHOICES)
     p.add_argument("--device")
     p.add_argument("--offload", action="store_true", help="model CPU offload (CUDA)")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--output", default="outputs/video.mp4")
+    p.add_argument("--output", default="outputs/video.mp4", help="mp4 path (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+
+
+def add_variants(sub) -> None:
+    p = sub.add_parser("variants", help="list the releases the converter knows (table, or --json)")
+    p.add_argument("--json", action="store_true", help="one JSON list of the release rows (machine-readable)")
 
 
 def add_lora(sub) -> None:
@@ -121,8 +201,8 @@ def add_lora(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``diffusers-wan`` parser (imports nothing heavy: ``--help`` answers at once)."""
     manifest = read_manifest()
-    parser = argparse.ArgumentParser(prog="diffusers-wan", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(prog="diffusers-wan", description=DESCRIPTION,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_convert(sub)
     for command in manifest["commands"]:
@@ -130,6 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_dit(sub)
     add_demo(sub)
     add_generate(sub, manifest["generate_inputs"])
-    sub.add_parser("variants", help="list the releases the converter knows")
+    add_variants(sub)
     add_lora(sub)
     return parser

@@ -27,9 +27,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``args.command``; a user mistake (``ConversionError`` / ``ValueError``) is one line and exit status 2."""
+    """Run ``args.command``; a user mistake (``ConversionError`` / ``ValueError``, or an ``OSError`` of a file: not
+    found, no permission, disk full) is one ``error: ...`` line on stderr and exit status 2, Ctrl-C exit status 130."""
     try:
         return COMMANDS[args.command](args)
-    except (ConversionError, ValueError) as e:
+    except (ConversionError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -1,74 +1,115 @@
-"""``diffusers-wan generate`` (a video from a converted folder), ``demo`` (the tiny end-to-end run) and ``variants``."""
+"""``diffusers-wan generate`` (a video from a converted folder), ``demo`` (the tiny end-to-end run) and ``variants``.
+
+``generate`` checks everything it can before loading a model (:mod:`.generate_checks`): the arguments, the folder's
+JSON files and pipeline class, the input images and videos, the LoRA files and that the output folder is writable.
+It then loads the pipeline (Diffusers' progress bar), loads the LoRAs, denoises (progress bar), says when it decodes
+and writes, and writes the video atomically, checked after writing (:func:`~diffusers_wan_ext.demo.write_video`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import sys
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import load_image
 
 from ..conversion.release_io import DTYPES
 from ..demo import run_demo, write_video
 from ..families import FAMILIES
-from ..utils.validation import validate_video_size
+from ..lora import WanLoraInteropMixin, check_lora_state_dict, split_lora_components
+from .generate_checks import FRAME_PARAMETERS, GeneratePlan, LoraRequest, call_inputs, check_generate
 
-__all__ = ["cmd_demo", "cmd_generate", "cmd_variants"]
-
-
-def add_family_inputs(args: argparse.Namespace, pipe, kw: dict) -> None:
-    """The families' own ``generate`` options, checked against the loaded pipeline (e.g. Wan2.2-Animate's videos)."""
-    for family in FAMILIES:
-        given = {i.argument: getattr(args, i.argument) for i in family.generate_inputs
-                 if getattr(args, i.argument, None) is not None}
-        ours = any(isinstance(pipe, cls) for cls in family.pipeline_classes)
-        if given and not ours:
-            flags = "/".join(i.flag for i in family.generate_inputs if i.argument in given)
-            raise ValueError(f"generate: {flags} is for {family.title} folders; {args.model} is a "
-                             f"{type(pipe).__name__}")
-        if ours:
-            family.prepare_generate(pipe, args.model, given, kw)
+__all__ = ["cmd_demo", "cmd_generate", "cmd_variants", "load_loras", "variants_table"]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    dtype = DTYPES[args.dtype]
-    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    upgrade = next((f.generate_pipeline[type(pipe).__name__] for f in FAMILIES
-                    if type(pipe).__name__ in f.generate_pipeline), None)
-    if upgrade is not None and not isinstance(pipe, upgrade):
-        pipe = upgrade(**pipe.components)  # the family's pipeline for file inputs and input checks
-    defaults = {}
-    rec = Path(args.model) / "wan_variant.json"
-    if rec.exists():
-        defaults = json.loads(rec.read_text())
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def note(message: str) -> None:
+    """A progress line on stderr (stdout carries only the result path)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def pick_device(name: str | None) -> str:
+    """``--device`` checked (``cuda`` needs a GPU); default: CUDA when there is one."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device: {name!r} is not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {name} asked for, but torch sees no CUDA GPU")
+    return name
+
+
+def load_loras(pipe, loras: list[LoraRequest]) -> None:
+    """Load each LoRA as an adapter and weight them (``set_adapters``).
+
+    Our pipelines (:class:`~diffusers_wan_ext.lora.WanLoraInteropMixin`) take every format and component at once;
+    a stock pipeline gets the Diffusers keys one component at a time, checked first (stock would drop keys that fit
+    no layer with a warning).
+    """
+    for lora in loras:
+        if isinstance(pipe, WanLoraInteropMixin):
+            pipe.load_lora_weights(dict(lora.state_dict), adapter_name=lora.adapter_name)
+            continue
+        for comp, part in split_lora_components(lora.state_dict).items():
+            model = getattr(pipe, comp, None)
+            if comp not in ("transformer", "transformer_2") or model is None:
+                raise ValueError(f"--lora {lora.file}: {type(pipe).__name__} has no {comp} to load its keys into")
+            sd = {"transformer." + k[len(comp) + 1:]: v for k, v in part.items()}
+            sd = check_lora_state_dict(model, sd, prefix="transformer", name=comp)
+            pipe.load_lora_weights(sd, adapter_name=lora.adapter_name, load_into_transformer_2=comp == "transformer_2")
+    if loras:
+        pipe.set_adapters([lora.adapter_name for lora in loras], [lora.scale for lora in loras])
+        note("loaded LoRA " + ", ".join(f"{lora.file} (x{lora.scale:g})" for lora in loras))
+
+
+def announce_decode(pipe) -> None:
+    """Print a line when the pipeline starts decoding with its VAE (the last long phase before writing)."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return
+    decode = vae.decode
+
+    def decode_with_note(*args, **kwargs):
+        if not getattr(decode_with_note, "announced", False):
+            decode_with_note.announced = True
+            note("decoding the latents with the VAE ...")
+        return decode(*args, **kwargs)
+
+    vae.decode = decode_with_note
+
+
+def load_pipeline(args: argparse.Namespace, plan: GeneratePlan, device: str):
+    """``DiffusionPipeline.from_pretrained``, upgraded to the family's class, placed on ``device``, LoRAs in."""
+    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype],
+                                             trust_remote_code=args.trust_remote_code)
+    if plan.pipeline_class is not None and not isinstance(pipe, plan.pipeline_class):
+        pipe = plan.pipeline_class(**pipe.components)  # the family's pipeline for file inputs and input checks
     if args.offload and device == "cuda":
         pipe.enable_model_cpu_offload()
     else:
         pipe.to(device)
-    kw = dict(
-        prompt=args.prompt, negative_prompt=args.negative_prompt,
-        height=args.height or defaults.get("height", 480), width=args.width or defaults.get("width", 832),
-        num_frames=args.num_frames or defaults.get("num_frames", 81),
-        num_inference_steps=args.steps or defaults.get("num_inference_steps", 50),
-        guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.get("guidance_scale", 5.0),
-        generator=torch.Generator(device="cpu").manual_seed(args.seed),
-    )
-    validate_video_size(
-        kw["height"], kw["width"], kw["num_frames"],
-        spatial_factor=getattr(pipe, "vae_scale_factor_spatial", 8),
-        temporal_factor=getattr(pipe, "vae_scale_factor_temporal", 4),
-        patch=pipe.transformer.config.patch_size[1] if getattr(pipe, "transformer", None) is not None else 2,
-    )
-    if args.image:
-        kw["image"] = load_image(args.image)
-    if args.last_image:
-        kw["last_image"] = load_image(args.last_image)
-    add_family_inputs(args, pipe, kw)
+    load_loras(pipe, plan.loras)
+    return pipe
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    plan = check_generate(args)
+    device = pick_device(args.device)
+    pipe = load_pipeline(args, plan, device)
+    kw = dict(plan.kwargs, generator=torch.Generator(device="cpu").manual_seed(args.seed))
+    for family, given in plan.family_options:
+        family.prepare_generate(pipe, args.model, dict(given), kw)
+    if "num_frames" in kw and plan.pipeline_class is not None:
+        takes = call_inputs(type(pipe))
+        param = next((p for p in FRAME_PARAMETERS if p in takes), "num_frames")
+        kw[param] = kw.pop("num_frames")
+    announce_decode(pipe)
     frames = pipe(**kw).frames[0]
-    out = write_video(frames, args.output, fps=args.fps or defaults.get("fps", 16))
+    note(f"writing {len(frames)} frames to {plan.output} ...")
+    out = write_video(frames, plan.output, fps=plan.fps)
     print(out.resolve())
     return 0
 
@@ -78,8 +119,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_variants(args: argparse.Namespace) -> int:
+VARIANT_COLUMNS = (("release id", "name"), ("arch", "arch"), ("pipeline", "pipeline"), ("size", None),
+                   ("frames", "num_frames"), ("steps", "num_inference_steps"), ("original release", "release"))
+
+
+def variant_cells(v) -> list[str]:
+    return [f"{v.height}x{v.width}" if key is None else str(getattr(v, key)) for _, key in VARIANT_COLUMNS]
+
+
+def variants_table() -> list[str]:
+    """``diffusers-wan variants``: one table, columns sized to their content, the rows grouped by family."""
+    header = [title for title, _ in VARIANT_COLUMNS]
+    rows = [header] + [variant_cells(v) for f in FAMILIES for v in f.variants]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])]
     for family in FAMILIES:
-        for v in family.variants:
-            print(f"{v.name:24s} {v.arch:10s} {v.pipeline:24s} {v.release}")
+        if family.variants:
+            out += ["", f"{family.title}:", *(line(variant_cells(v)) for v in family.variants)]
+    return out
+
+
+def cmd_variants(args: argparse.Namespace) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps([dict(v.record(), family=f.name) for f in FAMILIES for v in f.variants], indent=2))
+        return 0
+    print("\n".join(variants_table()))
     return 0

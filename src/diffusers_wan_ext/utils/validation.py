@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["validate_video_size"]
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["VIDEO_SUFFIXES", "check_input_file", "check_output_file", "validate_video_size"]
+
+#: containers the H.264 writer (:func:`diffusers_wan_ext.demo.write_video`) produces
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
 
 
 def validate_video_size(
@@ -35,3 +42,48 @@ def validate_video_size(
             f"{' and '.join(bad)} must be a multiple of {mult} (VAE factor {spatial_factor} x patch {patch}); "
             f"pass e.g. {fix}"
         )
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a :class:`~pathlib.Path` if it is a readable file, else ``ValueError`` naming ``what`` (the
+    option, e.g. ``"--image"``) and the path.
+
+    Example:
+        >>> check_input_file("/nonexistent.png", "--image")
+        Traceback (most recent call last):
+        ...
+        ValueError: --image: /nonexistent.png does not exist
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{what}: {p} does not exist")
+    if not p.is_file():
+        raise ValueError(f"{what}: {p} is not a file")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{what}: {p} is not readable (permissions)")
+    return p
+
+
+def check_output_file(
+    path: str | os.PathLike, overwrite: bool = False, what: str = "--output", suffixes: tuple[str, ...] = VIDEO_SUFFIXES
+) -> Path:
+    """Make sure a file can be written at ``path`` before any work is done; returns the path.
+
+    Refuses an existing file unless ``overwrite``, a folder at ``path`` and another suffix than ``suffixes``;
+    creates the parent folder and test-writes a temporary file in it, so a read-only or missing-permission folder is
+    a ``ValueError`` naming ``what`` now rather than a lost result after the work.
+    """
+    p = Path(path)
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise ValueError(f"{what}: {p} must end in {' / '.join(suffixes)}")
+    if p.is_dir():
+        raise ValueError(f"{what}: {p} is a folder; pass a file path")
+    if p.exists() and not overwrite:
+        raise ValueError(f"{what}: {p} exists; pass --overwrite to replace it")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write to the folder {p.parent} ({e.strerror or e})") from None
+    return p
