@@ -20,7 +20,10 @@ Outputs (``--output_path``):
   ``load_lora_weights(output_path, weight_name=..., load_into_transformer_2=True)``; ``--export_format`` adds the
   original/ComfyUI, kohya and DiffSynth layouts (:func:`diffusers_wan_ext.lora.export_lora` names).
 * full fine-tuning: a Diffusers model folder ``transformer/`` (or ``transformer_2/``) in ``--save_dtype``.
-* ``checkpoint-N/``: resumable training state (its ``pytorch_lora_weights.safetensors`` loads like the final one).
+* ``checkpoint-N/``: resumable training state, JSON and safetensors only (:mod:`.checkpoints`; its
+  ``pytorch_lora_weights.safetensors`` loads like the final one).  It is written into a temporary folder and renamed
+  into place when complete; ``--resume_from_checkpoint latest`` takes the newest complete one, and resuming refuses
+  pickle files and checkpoints of a run with other arguments.
 * ``logs/losses.jsonl``: one line per optimizer step (loss averaged over accumulation and ranks, learning rate).
 """
 
@@ -30,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,9 +43,25 @@ import torch
 from ..conversion.dit import cast_state_dict
 from ..hooks.vram import fp8_skip_patterns
 from ..lora import convert_lora_state_dict, export_lora, load_lora_file
-from ..utils.io import atomic_output_dir
+from ..utils.io import ConversionError, atomic_output_dir
 
 from .args import parse_args
+from .checkpoints import (
+    CHECKPOINT_FORMAT,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    TRAINABLE_WEIGHTS,
+    apply_umask,
+    check_checkpoint,
+    find_checkpoints,
+    load_optimizer_state,
+    load_rng_state,
+    replace_folder,
+    rng_state_file,
+    run_fingerprint,
+    save_optimizer_state,
+    save_rng_state,
+)
 from .components import DTYPES, WanTrainingComponents, load_training_components
 from .dataset import ResumableSampler, VideoDataset, collate_single
 from .flow_match import FlowMatchTrainingSchedule, expert_timestep_boundaries
@@ -64,15 +84,13 @@ __all__ = ["CACHE_FORMAT", "CachedDataset", "TrainingProgress", "main", "run_tra
 logger = logging.getLogger("diffusers_wan_ext.training")
 
 CACHE_FORMAT = "diffusers_wan_ext.training-cache.v1"
-TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
-STATE_FILE = "training_state.json"
 
 
 # ------------------------------------------------------------------------------------------------------ utilities
 
 
 class TrainingProgress:
-    """Where training stands; saved in every checkpoint (``accelerator.register_for_checkpointing``)."""
+    """Where training stands; saved in every checkpoint's ``training_state.json``."""
 
     def __init__(self) -> None:
         self.step = 0  # optimizer steps
@@ -218,6 +236,8 @@ class WanTrainer:
         set_seed(args.seed)
         self.is_lora = args.lora_base_model is not None
         acc = self.accelerator
+        # a checkpoint to resume from is found and checked before any model is loaded
+        self.resume_from, self.resume_record = self._find_resume()
         self.components = load_training_components(
             args.model_path, expert=args.expert, dtype=self.dtype, vae_dtype=DTYPES[args.vae_dtype],
             load_encoders=args.task != "sft:train", transformer_path=args.transformer_path,
@@ -314,7 +334,9 @@ class WanTrainer:
         if not sd:
             return
         meta = {f"{comp}.{k}": v for k, v in lora_metadata(self._unwrapped().transformer).items()}
-        export_lora(sd, folder, formats=("diffusers", *exports), adapter_config=meta)
+        written = export_lora(sd, folder, formats=("diffusers", *exports), adapter_config=meta)
+        for path in written.values():  # written through temporary files: the umask's mode, not 0600
+            apply_umask(path)
 
     def _save_full(self, folder: Path, name: str, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """A Diffusers model folder from ``state`` (``<name>.``-prefixed keys) in ``dtype`` (Diffusers' fp32 modules
@@ -330,22 +352,42 @@ class WanTrainer:
         fresh.load_state_dict(sd, strict=True, assign=True)
         with atomic_output_dir(folder, overwrite=True) as tmp:
             fresh.save_pretrained(tmp)
+        apply_umask(folder)  # a temporary folder is created 0700
 
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-<step>/`` (JSON + safetensors) through ``.checkpoint-<step>.partial/``, renamed into
+        place when every process has written its part."""
         acc, args = self.accelerator, self.args
-        path = Path(args.output_path) / f"checkpoint-{self.progress.step}"
-        acc.save_state(str(path))
+        root = Path(args.output_path)
+        path = root / f"checkpoint-{self.progress.step}"
+        tmp = root / f".{path.name}.partial"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
         state = self._trainable_state()
+        save_rng_state(tmp / rng_state_file(acc.process_index))
+        acc.wait_for_everyone()
         if acc.is_main_process:
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / TRAINABLE_WEIGHTS))
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / TRAINABLE_WEIGHTS))
             if self.is_lora:
-                self._save_lora(path, state)
-            record = {"progress": self.progress.state_dict(), "world_size": acc.num_processes,
-                      "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list,
-                                                                                      type(None)))}}
-            (path / STATE_FILE).write_text(json.dumps(record, indent=2))
+                self._save_lora(tmp, state)
+            deepspeed = acc.state.deepspeed_plugin is not None
+            record = {
+                "format": CHECKPOINT_FORMAT, "progress": self.progress.state_dict(), "world_size": acc.num_processes,
+                "deepspeed": deepspeed, "fingerprint": run_fingerprint(args),
+                "optimizer": None if deepspeed else save_optimizer_state(self.optimizer.state_dict(),
+                                                                         tmp / OPTIMIZER_FILE),
+                "scheduler": json.loads(json.dumps(self.scheduler.state_dict())),
+                "scaler": None if acc.scaler is None else acc.scaler.state_dict(),
+                "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list,
+                                                                                type(None)))},
+            }
+            (tmp / STATE_FILE).write_text(json.dumps(record, indent=2))  # last: marks the folder complete
+            apply_umask(tmp)
+            replace_folder(tmp, path)
             self._prune_checkpoints()
         acc.wait_for_everyone()
         return path
@@ -354,8 +396,7 @@ class WanTrainer:
         limit = self.args.checkpoints_total_limit
         if not limit:
             return
-        ckpts = sorted(Path(self.args.output_path).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in ckpts[:-limit]:
+        for old in find_checkpoints(self.args.output_path)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
     def save_final(self) -> Path:
@@ -373,44 +414,47 @@ class WanTrainer:
         acc.wait_for_everyone()
         return out
 
-    def _register_hooks(self) -> None:
-        def drop_model_weights(models, weights, output_dir):  # trainable weights are written by save_checkpoint
-            while weights:
-                weights.pop()
-
-        def skip_model_loading(models, input_dir):
-            while models:
-                models.pop()
-
-        self.accelerator.register_save_state_pre_hook(drop_model_weights)
-        self.accelerator.register_load_state_pre_hook(skip_model_loading)
-        self.accelerator.register_for_checkpointing(self.progress)
-
-    def resume(self, checkpoint: str) -> None:
+    def _find_resume(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """The ``--resume_from_checkpoint`` target, checked (:func:`~.checkpoints.check_checkpoint`): a checkpoint
+        folder and its state record, a weights file and ``None``, or nothing."""
         acc, args = self.accelerator, self.args
-        path = Path(checkpoint)
-        if checkpoint == "latest":
-            ckpts = sorted(Path(args.output_path).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            if not ckpts:
-                acc.print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_path}; starting fresh")
-                return
-            path = ckpts[-1]
+        given = args.resume_from_checkpoint
+        if not given:
+            return None, None
+        if given == "latest":
+            found = find_checkpoints(args.output_path)
+            if not found:
+                acc.print(f"--resume_from_checkpoint latest: no complete checkpoint in {args.output_path}; "
+                          f"starting fresh")
+                return None, None
+            path = found[-1]
+        else:
+            path = Path(given)
         if path.is_file():  # DiffSynth-Studio semantics: a weights file, nothing else
+            return path, None
+        if not path.is_dir():
+            raise ValueError(f"--resume_from_checkpoint {path}: no such checkpoint folder or weights file")
+        return path, check_checkpoint(path, args, acc.num_processes, acc.state.deepspeed_plugin is not None)
+
+    def resume(self) -> None:
+        """Load what :meth:`_find_resume` found (after ``accelerator.prepare``)."""
+        acc, path, record = self.accelerator, self.resume_from, self.resume_record
+        if path is None:
+            return
+        if record is None:  # a weights file
             if self.is_lora:
                 load_lora_into(self._unwrapped().transformer, _load_lora_file(path), str(path))
             else:
                 self._load_trainable_file(path)
             acc.print(f"loaded weights from {path} (weights only; optimizer and data position start fresh)")
             return
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no {STATE_FILE})")
-        record = json.loads((path / STATE_FILE).read_text())
-        if record["world_size"] != acc.num_processes:
-            raise ValueError(f"{path} was written by {record['world_size']} process(es), this run has "
-                             f"{acc.num_processes}: resume with the same number of processes for an exact resume")
-        acc.load_state(str(path))
-        if acc.state.deepspeed_plugin is None:
-            self._load_trainable_file(path / TRAINABLE_WEIGHTS)
+        self._load_trainable_file(path / TRAINABLE_WEIGHTS)
+        self.optimizer.load_state_dict(load_optimizer_state(path / OPTIMIZER_FILE, record["optimizer"]))
+        self.scheduler.load_state_dict(record["scheduler"])
+        if acc.scaler is not None and record.get("scaler"):
+            acc.scaler.load_state_dict(record["scaler"])
+        load_rng_state(path / rng_state_file(acc.process_index))
+        self.progress.load_state_dict(record["progress"])
         acc.step = self.progress.micro_step
         acc.print(f"resumed from {path} at step {self.progress.step} (epoch {self.progress.epoch}, "
                   f"position {self.progress.position})")
@@ -457,9 +501,8 @@ class WanTrainer:
         if acc.state.deepspeed_plugin is not None:
             acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         self.module, optimizer, scheduler = acc.prepare(self.module, optimizer, scheduler)
-        self._register_hooks()
-        if args.resume_from_checkpoint:
-            self.resume(args.resume_from_checkpoint)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.resume()
         if acc.is_main_process:
             Path(args.output_path).mkdir(parents=True, exist_ok=True)
             (Path(args.output_path) / "training_args.json").write_text(
@@ -584,7 +627,13 @@ def run_training(args) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``examples/training/train.py``."""
+    """Entry point of ``examples/training/train.py``; an error the user can fix (a bad file, folder, argument or
+    checkpoint) is one line ``error: ...`` and exit status 2."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_training(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        run_training(args)
+    except (ValueError, ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
