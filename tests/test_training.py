@@ -212,8 +212,8 @@ def test_arguments_accept_diffsynth_names_and_reject_bad_combinations():
 def test_accelerate_launch_trains_a_lora_that_stock_diffusers_loads(t2v, data, tmp_path):
     out = tmp_path / "lora"
     exports = ["--export_format", ",".join(f for f in LORA_FORMATS if f != "diffusers")]
-    cmd = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--cpu", str(TRAIN), "--dataset_base_path", str(data),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(TRAIN), "--dataset_base_path", str(data),
            "--dataset_metadata_path", str(data / "metadata.csv"), "--model_path", str(t2v), *COMMON,
            "--lora_base_model", "dit", "--learning_rate", "1e-3", "--max_train_steps", "2", "--output_path", str(out),
            *exports]

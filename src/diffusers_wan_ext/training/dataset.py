@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -87,42 +88,82 @@ class MetadataRow:
     values: dict[str, Any]
 
 
+def _metadata_text(path: Path) -> str:
+    """The metadata file as text; bytes that are not UTF-8 are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:start].count(b"\n") + 1
+        where = f"{path.name} row {line - 2} (line {line})" if path.suffix.lower() == ".csv" and line > 1 else \
+            f"{path.name} line {line}"
+        raise DatasetRowError(f"{where}: not UTF-8 text (byte 0x{data[start]:02x}); save {path} as UTF-8") from e
+
+
+def _jsonl_rows(name: str, text: str) -> list[MetadataRow]:
+    rows: list[MetadataRow] = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetRowError(f"{name} row {len(rows)} (line {line_no}): not valid JSON ({e})") from e
+        if not isinstance(obj, dict):
+            raise DatasetRowError(f"{name} row {len(rows)} (line {line_no}): expected a JSON object, got "
+                                  f"{type(obj).__name__}")
+        rows.append(MetadataRow(len(rows), f"{name} row {len(rows)} (line {line_no})", obj))
+    return rows
+
+
+def _json_rows(name: str, text: str) -> list[MetadataRow]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetRowError(f"{name} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from e
+    if not isinstance(data, list):
+        raise DatasetRowError(f"{name}: expected a JSON list of objects (one per clip), got {type(data).__name__}")
+    rows = []
+    for i, obj in enumerate(data):
+        if not isinstance(obj, dict):
+            raise DatasetRowError(f"{name} row {i}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(MetadataRow(i, f"{name} row {i}", obj))
+    return rows
+
+
+def _csv_rows(name: str, text: str) -> list[MetadataRow]:
+    rows: list[MetadataRow] = []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for i, rec in enumerate(reader):
+            label = f"{name} row {i} (line {reader.line_num})"
+            if None in rec:  # more fields than the header names
+                raise DatasetRowError(f"{label}: {len(reader.fieldnames or ()) + len(rec[None])} fields, but the "
+                                      f"header has {len(reader.fieldnames or ())} ({','.join(reader.fieldnames or ())})")
+            rows.append(MetadataRow(i, label, {k: (v if v != "" else None) for k, v in rec.items()}))
+    except csv.Error as e:
+        raise DatasetRowError(f"{name} row {len(rows)} (line {reader.line_num}): malformed CSV ({e})") from e
+    return rows
+
+
 def read_metadata(path: str | os.PathLike) -> list[MetadataRow]:
-    """Rows of a ``.csv`` / ``.json`` (list of objects) / ``.jsonl`` metadata file; empty CSV cells become ``None``."""
+    """Rows of a ``.csv`` / ``.json`` (list of objects) / ``.jsonl`` metadata file; empty CSV cells become ``None``.
+
+    A file that is not UTF-8, a malformed row (bad JSON, more CSV fields than the header) or no rows is a
+    :class:`DatasetRowError` naming the file and the row / line.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metadata file {path} not found; pass --dataset_metadata_path FILE (.csv/.json/.jsonl)")
     name = path.name
-    rows: list[MetadataRow] = []
+    text = _metadata_text(path)
     if name.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetRowError(f"{name} line {line_no}: not valid JSON ({e})") from e
-                if not isinstance(obj, dict):
-                    raise DatasetRowError(f"{name} line {line_no}: expected a JSON object, got {type(obj).__name__}")
-                rows.append(MetadataRow(len(rows), f"{name} row {len(rows)} (line {line_no})", obj))
+        rows = _jsonl_rows(name, text)
     elif name.endswith(".json"):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DatasetRowError(f"{name}: not valid JSON ({e})") from e
-        if not isinstance(data, list):
-            raise DatasetRowError(f"{name}: expected a JSON list of objects (one per clip), got {type(data).__name__}")
-        for i, obj in enumerate(data):
-            if not isinstance(obj, dict):
-                raise DatasetRowError(f"{name} row {i}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(MetadataRow(i, f"{name} row {i}", obj))
+        rows = _json_rows(name, text)
     else:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for i, rec in enumerate(reader):
-                values = {k: (v if v != "" else None) for k, v in rec.items() if k is not None}
-                rows.append(MetadataRow(i, f"{name} row {i} (line {reader.line_num})", values))
+        rows = _csv_rows(name, text)
     if not rows:
         raise DatasetRowError(f"{name}: no rows; the metadata must list at least one clip (columns video,prompt)")
     return rows

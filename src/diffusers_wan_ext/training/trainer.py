@@ -63,7 +63,7 @@ from .checkpoints import (
     save_rng_state,
 )
 from .components import DTYPES, WanTrainingComponents, load_training_components
-from .dataset import ResumableSampler, VideoDataset, collate_single
+from .dataset import ResumableSampler, VideoDataset, collate_single, read_metadata
 from .flow_match import FlowMatchTrainingSchedule, expert_timestep_boundaries
 from .inputs import ModelInputs, WanInputBuilder
 from .modules import (
@@ -236,7 +236,9 @@ class WanTrainer:
         set_seed(args.seed)
         self.is_lora = args.lora_base_model is not None
         acc = self.accelerator
-        # a checkpoint to resume from is found and checked before any model is loaded
+        # the metadata and a checkpoint to resume from are checked before any model is loaded
+        if args.task != "sft:train":
+            read_metadata(args.dataset_metadata_path)
         self.resume_from, self.resume_record = self._find_resume()
         self.components = load_training_components(
             args.model_path, expert=args.expert, dtype=self.dtype, vae_dtype=DTYPES[args.vae_dtype],
