@@ -11,7 +11,12 @@ Example:
 
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # loadable bases, looked up by Diffusers
 
-from .models import (
+from .utils.clip_processor import bind_clip_image_processor
+
+# before Diffusers' Wan I2V / Animate modules import CLIPImageProcessor: no torchvision warning on stderr
+bind_clip_image_processor()
+
+from .models import (  # noqa: E402
     LongCatKVCache,
     LongCatVideoTransformer3DModel,
     WanAnimateExtTransformer3DModel,
@@ -23,7 +28,7 @@ from .models import (
     WanTextLenAttnProcessor,
     WanVideoAsPromptTransformer3DModel,
 )
-from .pipelines import (
+from .pipelines import (  # noqa: E402
     LongCatVideoPipeline,
     WanAnimateExtPipeline,
     WanExtPipeline,
@@ -37,8 +42,8 @@ from .pipelines import (
     WanVideoAsPromptPipeline,
     WanVideoToVideoReferencePipeline,
 )
-from .families import hook_metadata, registered_classes
-from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
+from .families import hook_metadata, registered_classes  # noqa: E402
+from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils import ConversionError, strip_known_prefixes
+from ..utils.clip_processor import clip_image_processor_class
 from .text_encoder import KeyRule, as_state_dict, block_indices, empty_model, load_strict, require
 from .text_encoder import convert_with_rules, export_with_rules
 
@@ -273,9 +274,7 @@ def make_clip_image_processor(size: int = 224):
     original / DiffSynth.  (Transformers 5 without torchvision instantiates the PIL backend ``CLIPImageProcessorPil``;
     the saved ``preprocessor_config.json`` says ``CLIPImageProcessor`` either way.)
     """
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(
+    return clip_image_processor_class()(
         do_resize=True,
         size={"height": int(size), "width": int(size)},
         resample=3,  # PIL.Image.BICUBIC
