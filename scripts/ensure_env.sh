@@ -1,20 +1,61 @@
 #!/usr/bin/env bash
-# Install what diffusers_wan_ext needs into the current Python ($PYTHON, default python3).
-# torch is installed first and only as a CPU build when it is missing (the local CPU wheel where pip's
-# find-links has one, else PyTorch's CPU index), so nothing here ever pulls a CUDA torch by accident.
-# A CUDA user installs their torch first; it is kept as is.
+# Install what diffusers_wan_ext needs into the current Python ($PYTHON, default python3), one line per phase.
+#
+# torch: an installed torch (CPU or CUDA) is always kept.  Without one, torch comes from pip's own configuration
+# (its index and find-links: pip config list) and only as a CPU build: a torch wheel in pip's find-links is preferred,
+# and if what pip would install is a CUDA build, this stops and asks you to install torch first
+# (https://pytorch.org/get-started/locally/ gives the command for your platform, CPU or CUDA).
+# TORCH_INDEX_URL=<url>: take torch (any build: you chose it) from that package index instead.
+# DWE_EXTRAS (default test): the extras of the editable install; DWE_REINSTALL=1 reinstalls the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+say() { echo "ensure_env: $*"; }
+
+# resolve ARGS...: "<version> <cpu|gpu>" of the torch wheel pip would pick with ARGS (nothing when none is found)
+resolve() {
+  local report
+  report=$(mktemp)
+  if "$PY" -m pip install -q --dry-run --ignore-installed --no-deps --report "$report" "$@" torch >/dev/null 2>&1; then
+    "$PY" - "$report" <<'EOF'
+import json, sys
+for item in json.load(open(sys.argv[1]))["install"]:
+    meta = item["metadata"]
+    if meta["name"].lower() == "torch":
+        needs = [r.lower() for r in meta.get("requires_dist", [])]
+        gpu = any(r.startswith(("nvidia-", "cuda-")) for r in needs) or "+cu" in meta["version"] or "+rocm" in meta["version"]
+        print(meta["version"], "gpu" if gpu else "cpu")
+EOF
+  fi
+  rm -f "$report"
+}
+
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  if "$PY" -m pip download -q --no-deps --no-index -d "$(mktemp -d)" "torch==2.13.0+cpu" >/dev/null 2>&1; then
-    # the exact local build (a "+cpu" version exists only there); its dependencies come from the package index
-    "$PY" -m pip install -q "torch==2.13.0+cpu"
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    say "installing torch from TORCH_INDEX_URL=$TORCH_INDEX_URL"
+    "$PY" -m pip install -q torch --index-url "$TORCH_INDEX_URL"
   else
-    "$PY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+    read -r version build < <(resolve --no-index; echo) || true       # a wheel in pip's find-links
+    if [ -z "${version:-}" ] || [ "$build" != cpu ]; then
+      read -r version build < <(resolve; echo) || true                 # pip's configured indexes
+    fi
+    if [ -z "${version:-}" ]; then
+      say "error: pip finds no torch to install; install torch first (https://pytorch.org/get-started/locally/)" >&2
+      exit 1
+    fi
+    if [ "$build" != cpu ]; then
+      say "error: pip would install torch $version, a CUDA build (several GB). Install the torch you want first" \
+          "(CUDA or CPU: https://pytorch.org/get-started/locally/ ), or set TORCH_INDEX_URL to PyTorch's CPU index," \
+          "then run this again." >&2
+      exit 1
+    fi
+    say "installing torch $version (CPU build) from pip's configured sources"
+    "$PY" -m pip install -q "torch==$version"
   fi
 fi
 extras=${DWE_EXTRAS:-test}
-if ! "$PY" -c "import diffusers_wan_ext, pytest" >/dev/null 2>&1 || [ "${DWE_REINSTALL:-0}" = 1 ]; then
+if [ "${DWE_REINSTALL:-0}" = 1 ] || ! "$PY" -c "import diffusers_wan_ext, pytest" >/dev/null 2>&1; then
+  say "installing diffusers_wan_ext[$extras] (editable) and its dependencies (diffusers, transformers, ...)"
   "$PY" -m pip install -q -e ".[${extras}]"
+  say "ready: $("$PY" -c "import torch, diffusers_wan_ext; print('torch', torch.__version__, '| diffusers_wan_ext', diffusers_wan_ext.__version__)")"
 fi
