@@ -6,6 +6,7 @@
 * :mod:`.inputs` -- conditioning through the pipelines' own code;
 * :mod:`.flow_match` -- DiffSynth-Studio's timestep sampling and loss weighting;
 * :mod:`.modules` -- LoRA / full fine-tuning, fp8 storage, gradient checkpointing, the loss;
+* :mod:`.checkpoints` -- checkpoint folders without pickle, found / checked / written safely;
 * :mod:`.trainer` -- the accelerate loop, checkpoints and exact resume, the two-stage cache.
 """
 

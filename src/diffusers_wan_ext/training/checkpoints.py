@@ -275,7 +275,8 @@ def check_checkpoint(folder: Path, args, world_size: int, deepspeed: bool) -> di
     pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise ValueError(f"{where}: refusing to resume from a folder with pickle files ({', '.join(pickles[:5])}): "
-                         f"loading them could run code; checkpoints of this trainer hold only JSON and safetensors")
+                         f"loading them could run code; checkpoints of this trainer hold only JSON and safetensors "
+                         f"(to resume only the weights, pass the folder's {TRAINABLE_WEIGHTS} if it has one)")
     record = read_state(folder)
     if record is None:
         raise ValueError(f"{where}: not a complete checkpoint folder ({STATE_FILE} is missing or not a JSON object)")
