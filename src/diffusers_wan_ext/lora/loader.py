@@ -13,11 +13,17 @@
   it, raise a ``ValueError`` naming them (stock only logs a warning and drops them).  The loading itself is
   stock's (``load_lora_into_transformer`` -> ``load_lora_adapter``), so adapters, ``set_adapters``, ``fuse_lora``,
   hot-swapping and offloading behave as in Diffusers; ``load_into_transformer_2=True`` keeps its stock meaning.
+
+A local LoRA file is checked before Diffusers opens it (:func:`~diffusers_wan_ext.utils.io.check_weights_file`: a
+FIFO, device or folder is refused without opening it, an empty or truncated file is named as such), and a LoRA
+tensor holding NaN or inf is an error, not a warning: it would turn every output of the model into NaN.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -26,7 +32,14 @@ from diffusers.utils import require_peft_backend
 from huggingface_hub.utils import validate_hf_hub_args
 from torch import nn
 
-from ..utils.io import format_keys
+from ..utils.io import (
+    ConversionError,
+    check_weights_file,
+    format_keys,
+    load_state_dict,
+    one_line,
+    raise_for_non_finite,
+)
 from .convert import convert_lora_state_dict, detect_lora_format, split_lora_components
 
 __all__ = ["WanLoraInteropMixin", "check_lora_state_dict"]
@@ -54,6 +67,40 @@ def _fetch(pretrained_model_name_or_path_or_dict, **kwargs):
         user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
         allow_pickle=use_safetensors is None,
     )
+
+
+def local_lora_file(location, weight_name: str | None = None, subfolder: str | None = None) -> Path | None:
+    """The local file ``lora_state_dict`` will read for ``location`` (a file, or a folder with ``weight_name``), or
+    ``None`` for a state dict, a Hub repo id or a folder whose file Diffusers picks itself."""
+    if not isinstance(location, (str, os.PathLike)) or not os.path.lexists(location):
+        return None
+    path = Path(location)
+    if path.is_dir():
+        return path / (subfolder or "") / weight_name if weight_name else None
+    return path
+
+
+def _fetch_checked(location, **kwargs):
+    """:func:`_fetch`, with a local file checked before it is opened and its read errors as one line naming it."""
+    local = local_lora_file(location, kwargs.get("weight_name"), kwargs.get("subfolder"))
+    if local is not None:
+        check_weights_file(local)
+    try:
+        state_dict, metadata = _fetch(location, **kwargs)
+    except Exception as e:  # noqa: BLE001 - Diffusers, safetensors and torch raise many kinds for bad files
+        if isinstance(e, ValueError) or not isinstance(location, (str, os.PathLike)) or not os.path.lexists(location):
+            raise  # a Hub repo: Diffusers' own errors
+        if local is not None:
+            load_state_dict(local, check_finite=False)  # raises the precise reason (e.g. pickled Python objects)
+        raise ConversionError(
+            f"{local or location}: cannot be read as a LoRA {'file' if local else 'folder'} ({one_line(e)})"
+        ) from None
+    if isinstance(location, Mapping):
+        source = "the LoRA state dict"
+    else:
+        source = str(local if local is not None else location)
+    raise_for_non_finite(state_dict, source)
+    return state_dict, metadata
 
 
 def _expected_shapes(layer: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
@@ -160,9 +207,13 @@ class WanLoraInteropMixin(WanLoraLoaderMixin):
         Load a Wan LoRA in any supported format and return it with Diffusers keys (``transformer.*``,
         ``transformer_2.*``).  Arguments as stock ``WanLoraLoaderMixin.lora_state_dict``; the adapter metadata of a
         Diffusers file is kept (``return_lora_metadata=True``), other formats have none.
+
+        Raises:
+            ValueError: (``ConversionError``) a local file that is not a regular file (FIFO, device), is empty,
+                truncated or unreadable, or a LoRA whose tensors hold NaN or inf -- naming the file and the keys.
         """
         return_metadata = kwargs.pop("return_lora_metadata", False)
-        state_dict, metadata = _fetch(pretrained_model_name_or_path_or_dict, **kwargs)
+        state_dict, metadata = _fetch_checked(pretrained_model_name_or_path_or_dict, **kwargs)
         source = detect_lora_format(state_dict)
         state_dict = convert_lora_state_dict(state_dict, "diffusers", source=source)
         if source != "diffusers":

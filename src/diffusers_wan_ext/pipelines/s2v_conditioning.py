@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import wave
 from typing import Any
 
 import numpy as np
@@ -36,7 +34,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from ..utils.media import encode_video, video_to_tensor
+from ..utils.media import encode_video, read_audio_file, read_video_file, video_to_tensor
 
 __all__ = [
     "AUDIO_FEATURE_FPS",
@@ -54,51 +52,9 @@ __all__ = [
 WAV2VEC_FPS = 50
 #: Rate the original resamples the Wav2Vec2 features to (``AudioEncoder.video_rate``).
 AUDIO_FEATURE_FPS = 30
-_AUDIO_EXTS_STDLIB = (".wav", ".wave")
 
 
 # -------------------------------------------------------------------------------------------------------- audio
-
-
-def _read_wav_stdlib(path: str) -> tuple[np.ndarray, int] | None:
-    """PCM WAV via the standard library -> (mono float32 in [-1, 1], rate); ``None`` if ``wave`` cannot read it."""
-    try:
-        with wave.open(path, "rb") as w:
-            rate, channels, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
-            raw = w.readframes(n)
-    except (wave.Error, EOFError):
-        return None
-    if width == 1:
-        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
-    elif width == 2:
-        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / (1 << 23)
-    elif width == 4:
-        x = np.frombuffer(raw, "<i4").astype(np.float32) / 2**31
-    else:
-        return None
-    x = x.reshape(-1, channels).mean(axis=1) if channels > 1 else x
-    return x.astype(np.float32), rate
-
-
-def _decode_with_ffmpeg(path: str, rate: int) -> np.ndarray:
-    """Any audio (or video with sound) file -> mono float32 at ``rate`` via the ffmpeg of imageio-ffmpeg."""
-    try:
-        import imageio_ffmpeg
-    except ImportError as e:
-        raise ValueError(
-            f"reading {path!r} needs ffmpeg (pip install imageio-ffmpeg), or pass a 16-bit PCM .wav at {rate} Hz or a "
-            "numpy array with audio_sample_rate"
-        ) from e
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", path, "-f", "f32le", "-acodec", "pcm_f32le",
-           "-ac", "1", "-ar", str(rate), "-"]
-    proc = subprocess.run(cmd, capture_output=True)
-    if proc.returncode != 0:
-        raise ValueError(f"cannot decode audio from {path!r}: {proc.stderr.decode(errors='replace').strip()}")
-    return np.frombuffer(proc.stdout, "<f4").astype(np.float32)
 
 
 def load_audio(audio: Any, sample_rate: int = 16000, target_rate: int = 16000, name: str = "audio") -> np.ndarray:
@@ -117,17 +73,7 @@ def load_audio(audio: Any, sample_rate: int = 16000, target_rate: int = 16000, n
         (16000,)
     """
     if isinstance(audio, (str, os.PathLike)):
-        path = os.fspath(audio)
-        if not os.path.isfile(path):
-            raise ValueError(f"{name}: no audio file at {path!r}; pass an existing file or a numpy array of samples")
-        read = _read_wav_stdlib(path) if path.lower().endswith(_AUDIO_EXTS_STDLIB) else None
-        if read is not None and read[1] == target_rate:
-            x = read[0]
-        else:
-            x = _decode_with_ffmpeg(path, target_rate)
-        if x.size == 0:
-            raise ValueError(f"{name}: {path!r} contains no audio samples")
-        return x
+        return read_audio_file(audio, target_rate, name)
     if isinstance(audio, torch.Tensor):
         audio = audio.detach().cpu().numpy()
     if isinstance(audio, (list, tuple)):
@@ -250,27 +196,6 @@ def _cover_crop(image: PIL.Image.Image, height: int, width: int) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.uint8)
 
 
-def _read_video_frames(path: str, fps: int, max_frames: int | None, name: str) -> list[PIL.Image.Image]:
-    import imageio.v2 as imageio
-
-    if not os.path.isfile(path):
-        raise ValueError(f"{name}: no video file at {path!r}; pass an existing file or a list of PIL images")
-    reader = imageio.get_reader(path)
-    try:
-        src_fps = float(reader.get_meta_data().get("fps") or fps)
-        step = max(1, round(src_fps / fps))
-        frames = []
-        for i, frame in enumerate(reader):
-            if i % step:
-                continue
-            frames.append(PIL.Image.fromarray(frame))
-            if max_frames is not None and len(frames) >= max_frames:
-                break
-    finally:
-        reader.close()
-    return frames
-
-
 def load_pose_video(
     video: Any, height: int, width: int, fps: int = 16, max_frames: int | None = None, name: str = "pose_video"
 ) -> torch.Tensor:
@@ -281,7 +206,7 @@ def load_pose_video(
     videos must have that size already.  At most ``max_frames`` frames are kept.
     """
     if isinstance(video, (str, os.PathLike)):
-        video = _read_video_frames(os.fspath(video), fps, max_frames, name)
+        video = read_video_file(video, name, fps=fps, max_frames=max_frames)
     if isinstance(video, (list, tuple)) and video and all(isinstance(f, PIL.Image.Image) for f in video):
         video = np.stack([_cover_crop(f, height, width) for f in video[:max_frames]])
     t = video_to_tensor(video, name)

@@ -6,7 +6,11 @@ Used by the Wan-Fun, Video-As-Prompt, S2V, Animate and LongCat pipelines and by 
   0..1), a torch tensor in ``[-1, 1]`` or a file path -> float32 ``[1, 3, F, H, W]`` / ``[1, 3, H, W]`` in
   ``[-1, 1]`` with the reference's mapping ``x * (2/255) - 1``.  Videos are never resized silently: their frame
   count and size must match the request (PIL images are resized, as the references do);
-* :func:`video_to_tensor` / :func:`read_video_file` -- the same conversion without the size checks;
+* :func:`video_to_tensor` -- the same conversion without the size checks;
+* :func:`read_image_file`, :func:`read_video_file`, :func:`read_audio_file` -- the file readers: a FIFO, device or
+  folder is refused before it is opened, and an unreadable, truncated, empty or wrong-format file is one
+  ``ValueError`` naming the file; :func:`pil_to_rgb` turns any PIL image (16-bit grayscale scaled to 8 bits,
+  palette, alpha, CMYK) into 8-bit RGB;
 * :func:`encode_video` -- normalized VAE latents: posterior mode, then ``(z - latents_mean) / latents_std``;
 * :func:`check_positive_ints`, :func:`check_frame_count`, :func:`vae_scale_factors` -- the shared checks.
 
@@ -20,11 +24,18 @@ Example:
 from __future__ import annotations
 
 import os
+import struct
+import subprocess
+import wave
 from typing import Any, Sequence
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
+import PIL.ImageSequence
 import torch
+
+from .io import ConversionError, check_regular_file, one_line
 
 __all__ = [
     "check_frame_count",
@@ -32,6 +43,9 @@ __all__ = [
     "encode_video",
     "load_image",
     "load_video_frames",
+    "pil_to_rgb",
+    "read_audio_file",
+    "read_image_file",
     "read_video_file",
     "vae_scale_factors",
     "video_to_tensor",
@@ -95,7 +109,7 @@ def _frames_from_list(frames: Sequence[Any], name: str) -> torch.Tensor:
     arrays = []
     for i, fr in enumerate(frames):
         if isinstance(fr, PIL.Image.Image):
-            arrays.append(np.asarray(fr.convert("RGB"), dtype=np.uint8))
+            arrays.append(np.asarray(pil_to_rgb(fr, f"{name}[{i}]"), dtype=np.uint8))
         elif isinstance(fr, np.ndarray) and fr.ndim == 3 and fr.shape[-1] == 3:
             arrays.append(fr)
         else:
@@ -110,15 +124,187 @@ def _frames_from_list(frames: Sequence[Any], name: str) -> torch.Tensor:
     return _numpy_frames(np.stack(arrays), name)  # [F, H, W, 3]
 
 
-def read_video_file(path: str | os.PathLike, name: str) -> list[PIL.Image.Image]:
-    """The frames of the video file at ``path`` (``diffusers.utils.load_video``); ``name`` is the argument's name in
-    the error raised when there is no such file."""
+def existing_file(path: str | os.PathLike, name: str, kind: str, hint: str) -> str:
+    """``path`` as a string if it is a regular file; else a ``ValueError`` starting with ``name`` (``stat`` only: a
+    FIFO or device is refused before anything opens it)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{name}: no video file at {path!r}; pass an existing file, a list of PIL images or an array")
-    from diffusers.utils import load_video
+    if not os.path.lexists(path):
+        raise ValueError(f"{name}: no {kind} file at {path!r}; {hint}")
+    try:
+        check_regular_file(path, f"{kind} file")
+    except ConversionError as e:
+        raise ValueError(f"{name}: {e}") from None
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{name}: {path} is an empty file (0 bytes), not {kind} data")
+    return path
 
-    return load_video(path)
+
+_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def pil_to_rgb(image: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
+    """Any PIL image as 8-bit RGB: ``convert("RGB")`` as the references do (alpha is dropped, palette and CMYK
+    images mapped), except that 16-bit grayscale (modes ``I;16*``, and ``I`` read as 16-bit, e.g. a 16-bit PNG) is
+    scaled to 8 bits (``round(v * 255 / 65535)``) instead of clipped at 255, and a palette image with transparency
+    goes through RGBA.  Float images (mode ``F``) have no standard range and are refused."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _16BIT_MODES:
+        arr = np.asarray(image).astype(np.float64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"{name}: a 32-bit integer image with values {arr.min():.0f}..{arr.max():.0f}, outside "
+                             "the 16-bit range 0..65535; convert it to 8-bit RGB first")
+        return PIL.Image.fromarray(np.round(arr * (255 / 65535)).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        raise ValueError(f"{name}: a 32-bit float image (mode F) has no standard pixel range; convert it to 8-bit RGB "
+                         "first (e.g. scale to 0..255 and Image.fromarray(array.astype(np.uint8)))")
+    if mode == "PA" or (mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    try:
+        return image.convert("RGB")
+    except ValueError as e:
+        raise ValueError(f"{name}: cannot convert a mode-{mode} image to RGB ({one_line(e)})") from None
+
+
+def read_image_file(path: str | os.PathLike, name: str = "image") -> PIL.Image.Image:
+    """The image file at ``path`` as an 8-bit RGB PIL image, turned upright by its EXIF orientation (as
+    ``diffusers.utils.load_image``) and converted by :func:`pil_to_rgb`.
+
+    Raises ``ValueError`` naming the file for a missing, empty, non-regular (FIFO, device, folder), unreadable,
+    truncated or oversized (decompression bomb) file.
+    """
+    path = existing_file(path, name, "image", "pass an existing file, a PIL image or an array")
+    try:
+        with PIL.Image.open(path) as im:
+            im.load()
+            image = PIL.ImageOps.exif_transpose(im)
+    except PIL.Image.DecompressionBombError as e:
+        raise ValueError(f"{name}: {path} is too large to decode safely ({one_line(e)})") from None
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{name}: {path} is not an image file (PIL cannot identify its format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        raise ValueError(f"{name}: {path} cannot be decoded ({one_line(e)}); the file may be truncated or "
+                         "corrupt") from None
+    return pil_to_rgb(image, f"{name} ({path})")
+
+
+def read_video_file(
+    path: str | os.PathLike, name: str, fps: float | None = None, max_frames: int | None = None
+) -> list[PIL.Image.Image]:
+    """The frames of the video file at ``path`` as RGB PIL images (read with imageio / ffmpeg, as
+    ``diffusers.utils.load_video``; ``.gif`` with PIL); ``name`` is the argument's name in errors.
+
+    With ``fps``, a file at another rate is subsampled every ``round(file_fps / fps)``-th frame (the S2V
+    original's pose-video reading); at most ``max_frames`` frames are read.  Raises ``ValueError`` naming the file
+    for a missing, empty, non-regular (FIFO, device, folder), unreadable or wrong-format file and for a file
+    without frames.
+    """
+    path = existing_file(path, name, "video", "pass an existing file, a list of PIL images or an array")
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    still = next((kind for kind, sig in _STILL_IMAGE_MAGIC if magic.startswith(sig)), None)
+    if still is not None:
+        raise ValueError(f"{name}: {path} is a {still} image, not a video; pass a video file, or the image as a "
+                         "one-frame list [PIL.Image.open(path)]")
+    try:
+        frames = _decode_video(path, fps, max_frames)
+    except Exception as e:  # noqa: BLE001 - imageio / ffmpeg / PIL raise many kinds for bad files
+        raise ValueError(f"{name}: cannot read {path} as a video ({type(e).__name__}: {one_line(e)})") from None
+    if not frames:
+        raise ValueError(f"{name}: {path} has no video frames")
+    return frames
+
+
+_STILL_IMAGE_MAGIC = (("PNG", b"\x89PNG\r\n\x1a\n"), ("JPEG", b"\xff\xd8\xff"), ("BMP", b"BM"))
+
+
+def _decode_video(path: str, fps: float | None, max_frames: int | None) -> list[PIL.Image.Image]:
+    if path.lower().endswith(".gif"):
+        with PIL.Image.open(path) as gif:
+            src_fps = 1000 / gif.info["duration"] if gif.info.get("duration") else fps
+            frames_iter = [im.convert("RGB") for im in PIL.ImageSequence.Iterator(gif)]
+    else:
+        import imageio.v2 as imageio
+
+        reader = imageio.get_reader(path, format="ffmpeg")
+        src_fps = reader.get_meta_data().get("fps") or fps
+        frames_iter = reader
+    step = max(1, round(float(src_fps) / fps)) if fps and src_fps else 1
+    frames = []
+    try:
+        for i, frame in enumerate(frames_iter):
+            if i % step:
+                continue
+            frames.append(frame if isinstance(frame, PIL.Image.Image) else PIL.Image.fromarray(frame).convert("RGB"))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    finally:
+        if hasattr(frames_iter, "close"):
+            frames_iter.close()
+    return frames
+
+
+_WAV_EXTS = (".wav", ".wave")
+
+
+def _read_wav_stdlib(path: str) -> tuple[np.ndarray, int] | None:
+    """PCM WAV via the standard library -> (mono float32 in [-1, 1], rate); ``None`` if ``wave`` cannot read it."""
+    try:
+        with wave.open(path, "rb") as w:
+            rate, channels, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+            raw = w.readframes(n)
+    except (wave.Error, EOFError, struct.error):
+        return None
+    if channels < 1 or len(raw) % (channels * width):
+        return None
+    if width == 1:
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width == 2:
+        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768
+    elif width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / (1 << 23)
+    elif width == 4:
+        x = np.frombuffer(raw, "<i4").astype(np.float32) / 2**31
+    else:
+        return None
+    x = x.reshape(-1, channels).mean(axis=1) if channels > 1 else x
+    return x.astype(np.float32), rate
+
+
+def _decode_audio_with_ffmpeg(path: str, rate: int, name: str) -> np.ndarray:
+    """Any audio (or video with sound) file -> mono float32 at ``rate`` via the ffmpeg of imageio-ffmpeg."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise ValueError(
+            f"{name}: reading {path} needs ffmpeg (pip install imageio-ffmpeg), or pass a 16-bit PCM .wav at {rate} "
+            "Hz or a numpy array of samples"
+        ) from None
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", path, "-vn", "-f", "f32le",
+           "-acodec", "pcm_f32le", "-ac", "1", "-ar", str(rate), "-"]
+    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        detail = one_line(proc.stderr.decode(errors="replace")) if proc.stderr.strip() else f"exit {proc.returncode}"
+        raise ValueError(f"{name}: cannot decode audio from {path} (ffmpeg: {detail})")
+    return np.frombuffer(proc.stdout, "<f4").astype(np.float32)
+
+
+def read_audio_file(path: str | os.PathLike, rate: int, name: str = "audio") -> np.ndarray:
+    """The audio file at ``path`` as mono float32 samples in [-1, 1] at ``rate`` Hz.
+
+    PCM ``.wav`` at ``rate`` is read with the standard library; other formats and rates are decoded and resampled
+    with ffmpeg (imageio-ffmpeg).  Raises ``ValueError`` naming the file for a missing, empty, non-regular (FIFO,
+    device, folder) or undecodable file and for a file without audio samples.
+    """
+    path = existing_file(path, name, "audio", "pass an existing file or a numpy array of samples")
+    read = _read_wav_stdlib(path) if path.lower().endswith(_WAV_EXTS) else None
+    x = read[0] if read is not None and read[1] == rate else _decode_audio_with_ffmpeg(path, rate, name)
+    if x.size == 0:
+        raise ValueError(f"{name}: {path} contains no audio samples")
+    return x
 
 
 def video_to_tensor(video: Any, name: str) -> torch.Tensor:
@@ -181,6 +367,8 @@ def load_video_frames(
     check_positive_ints(height=height, width=width)
     check_frame_count(num_frames)
     t = video_to_tensor(video, name)
+    if isinstance(video, (str, os.PathLike)):
+        name = f"{name} ({os.fspath(video)})"  # the size errors name the file
     n, h, w = t.shape[2:]
     if n != num_frames:
         lo = (n - 1) // 4 * 4 + 1
@@ -200,8 +388,9 @@ def load_video_frames(
 def load_image(image: Any, height: int, width: int, name: str = "image") -> torch.Tensor:
     """Load one image as ``[1, 3, H, W]`` float32 in ``[-1, 1]`` (``x * (2/255) - 1`` for 8-bit pixels).
 
-    PIL images (and image file paths) are resized with ``image.convert("RGB").resize((width, height))`` like the
-    reference; numpy ``[H, W, 3]`` (uint8 0..255 or float 0..1) and torch ``[3, H, W]`` / ``[1, 3, H, W]`` (float in
+    PIL images (and image file paths, read by :func:`read_image_file`: EXIF orientation applied) are resized with
+    ``image.convert("RGB").resize((width, height))`` like the reference (:func:`pil_to_rgb`: 16-bit grayscale is
+    scaled to 8 bits, not clipped); numpy ``[H, W, 3]`` (uint8 0..255 or float 0..1) and torch ``[3, H, W]`` / ``[1, 3, H, W]`` (float in
     [-1, 1]) inputs must already be ``height x width``.
 
     Example:
@@ -211,13 +400,9 @@ def load_image(image: Any, height: int, width: int, name: str = "image") -> torc
     """
     check_positive_ints(height=height, width=width)
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise ValueError(f"{name}: no image file at {path!r}; pass an existing file, a PIL image or an array")
-        with PIL.Image.open(path) as im:
-            image = im.convert("RGB")
+        image = read_image_file(image, name)
     if isinstance(image, PIL.Image.Image):
-        arr = np.array(image.convert("RGB").resize((width, height)), dtype=np.uint8)
+        arr = np.array(pil_to_rgb(image, name).resize((width, height)), dtype=np.uint8)
         return _uint8_to_unit(torch.from_numpy(arr)).permute(2, 0, 1).unsqueeze(0).contiguous()
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:
