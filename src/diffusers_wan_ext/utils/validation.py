@@ -74,10 +74,10 @@ def check_output_file(
     a ``ValueError`` naming ``what`` now rather than a lost result after the work.
     """
     p = Path(path)
-    if suffixes and p.suffix.lower() not in suffixes:
-        raise ValueError(f"{what}: {p} must end in {' / '.join(suffixes)}")
     if p.is_dir():
         raise ValueError(f"{what}: {p} is a folder; pass a file path")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise ValueError(f"{what}: {p} must end in {' / '.join(suffixes)}")
     if p.exists() and not overwrite:
         raise ValueError(f"{what}: {p} exists; pass --overwrite to replace it")
     try:
