@@ -23,9 +23,6 @@ from helpers import ROOT, src_env
 #: ``sys.executable -m ...`` (accelerate: ``accelerate.commands.launch``; torchrun: ``torch.distributed.run``).
 BARE_TOOLS = {"accelerate", "torchrun", "diffusers-wan", "diffusers-wan-ext", "python", "python3", "pytest", "pip"}
 
-#: Known bare calls in files other sessions own, to be converted there (file -> tool).
-PENDING_BARE_CALLS = {("tests/test_training.py", "accelerate")}
-
 #: The only URL the install scripts may print: where PyTorch says how to install it (a page, not a package index).
 ALLOWED_URLS = {"https://pytorch.org/get-started/locally/"}
 
@@ -81,7 +78,7 @@ def _bare_calls(path: Path) -> set[str]:
 def test_no_command_depends_on_path():
     """Tests, scripts and examples run tools through the running interpreter, never a bare name from ``PATH``."""
     offenders = {(str(p.relative_to(ROOT)), tool) for p in _python_files("tests", "scripts", "examples")
-                 for tool in _bare_calls(p)} - PENDING_BARE_CALLS
+                 for tool in _bare_calls(p)}
     shell = re.compile(r"^\s*(?:exec\s+)?(" + "|".join(map(re.escape, sorted(BARE_TOOLS))) + r")\s", re.M)
     for script in sorted((ROOT / "scripts").glob("*.sh")) + [ROOT / ".ci" / "run"]:
         offenders |= {(str(script.relative_to(ROOT)), m.group(1)) for m in shell.finditer(script.read_text())}
