@@ -229,6 +229,22 @@ def test_non_utf8_json(tmp_path, name):
     assert_clear_error(lambda: read_json(fifo_json), fifo_json, fifo_json, "fifo")
 
 
+def test_non_utf8_config_of_release_folders(tmp_path):
+    """The converter's readers of a release's ``config.json`` (DiT, Wav2Vec2) name the file."""
+    from diffusers_wan_ext.conversion.audio_encoder import load_audio_encoder_from_release
+    from diffusers_wan_ext.conversion.dit import locate_dit
+
+    dit = tmp_path / "dit"
+    dit.mkdir()
+    safetensors_file(dit / "diffusion_pytorch_model.safetensors")
+    cfg = write(dit / "config.json", b'{"dim": 1536, "name": "caf\xe9"}')
+    assert_clear_error(lambda: locate_dit(dit), cfg, match="utf-8")
+    wav2vec = tmp_path / "wav2vec2-large-xlsr-53-english"
+    wav2vec.mkdir()
+    cfg = write(wav2vec / "config.json", b'{"model_type": "wav2vec2\xff"}')
+    assert_clear_error(lambda: load_audio_encoder_from_release(wav2vec), cfg, match="utf-8")
+
+
 # ----------------------------------------------------------------------------------------------------- images
 
 

@@ -34,7 +34,7 @@ def _check_folder(folder: Path) -> None:
         raise ConversionError(f"{folder}: no config.json (expected the Hugging Face layout of {WAV2VEC_DIR}/)")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # non-UTF-8 too: name the file
         raise ConversionError(f"{cfg_path}: invalid JSON ({e})") from e
     if cfg.get("model_type") != "wav2vec2":
         raise ConversionError(f"{cfg_path}: model_type {cfg.get('model_type')!r}, expected 'wav2vec2'")

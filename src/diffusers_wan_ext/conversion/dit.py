@@ -581,7 +581,7 @@ def locate_dit(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if cfg_path.exists():
         try:
             cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # non-UTF-8 too: name the file
             raise ConversionError(f"{cfg_path}: invalid JSON ({e})") from e
     return weights, cfg
 
