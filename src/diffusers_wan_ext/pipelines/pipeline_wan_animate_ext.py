@@ -50,7 +50,7 @@ from ..conversion.animate import DIFFUSERS_LORA_FILE, convert_relighting_lora, f
 from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..utils.validation import validate_video_size
-from ..utils.media import read_video_file, video_to_tensor
+from ..utils.media import read_image_file, read_video_file, video_to_tensor
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
 
@@ -100,11 +100,7 @@ def _as_mask_frames(mask: Any, name: str) -> list[PIL.Image.Image]:
 
 def _as_image(image: Any, name: str = "image") -> PIL.Image.Image | torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise ValueError(f"{name}: no image file at {path!r}; pass an existing file, a PIL image or an array")
-        with PIL.Image.open(path) as im:
-            return im.convert("RGB")
+        return read_image_file(image, name)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise ValueError(f"{name}: numpy images must be uint8 [H, W, 3]; got {image.dtype} {tuple(image.shape)}")
