@@ -56,6 +56,7 @@ from ..lora.loader import check_lora_state_dict
 from ..models.transformer_longcat import LongCatVideoTransformer3DModel
 from ..utils.validation import validate_video_size
 from ..utils.media import encode_video, load_image, read_video_file, video_to_tensor
+from .call_arguments import forwarded
 from .denoising import WanDenoisingMixin, cfg_guide
 from .runtime_options import WanRuntimeOptionsMixin
 
@@ -518,18 +519,10 @@ class LongCatVideoPipeline(
             kv_cache = self.transformer.build_kv_cache(cond, attention_kwargs=attention_kwargs)
 
         # 5. denoising (the shared loop; the conditioning frames stay clean)
-        latents = self.denoise(
-            latents,
-            timesteps,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            guidance_scale=guidance_scale,
+        latents = self.denoise(**forwarded(
+            locals(),
+            self.denoise,
             num_inference_steps=len(timesteps),
-            transformer_dtype=transformer_dtype,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            cfg_batching=cfg_batching,
             model_input=(lambda x: x[:, :, k:]) if kv_cache is not None else None,
             timestep_of=lambda t, x: t.expand(x.shape[0]).to(transformer_dtype),  # bf16 rounds it, as the original
             transformer_kwargs=dict(encoder_attention_mask=prompt_mask, kv_cache=kv_cache,
@@ -538,7 +531,7 @@ class LongCatVideoPipeline(
             guide=cfg_zero_star_guide if cfg_zero_star else None,
             prediction_of=lambda out, x: -out[:, :, out.shape[2] - (x.shape[2] - k):],
             step=lambda velocity, t, x, i: self._step_noisy_frames(velocity, t, x, k),
-        )
+        ))
         video_out = self.decode_latents(latents, output_type)  # (only the decoding ranks under enable_parallelism)
         self.maybe_free_model_hooks()
         if not return_dict:

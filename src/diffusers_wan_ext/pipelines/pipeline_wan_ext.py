@@ -32,6 +32,7 @@ from diffusers.utils import logging
 
 from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
+from .call_arguments import forwarded
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
 
@@ -201,21 +202,7 @@ class WanExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMi
 
         # 6. denoising loop (stock's, with optional CFG batching)
         self.scheduler.set_begin_index(0)  # as stock: no device-to-host sync for the step index
-        latents = self.denoise(
-            latents,
-            timesteps,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2,
-            num_inference_steps=num_inference_steps,
-            transformer_dtype=transformer_dtype,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            cfg_batching=cfg_batching,
-            timestep_of=timestep_of,
-        )
+        latents = self.denoise(**forwarded(locals(), self.denoise))
 
         # 7. decode (stock; only rank 0 under enable_parallelism)
         video = self.decode_latents(latents, output_type)

@@ -20,8 +20,9 @@ for the camera ``control_adapter``).  This module holds what they share:
 
 A variant implements :meth:`WanFunPipelineBase.prepare_condition` (its ``y``, the image CLIP should see, and the
 extra transformer inputs) and a ``__call__`` with its own arguments that validates them and calls
-:meth:`WanFunPipelineBase.generate`.  The extra transformer inputs go to the conditional and the unconditional
-pass alike (DiffSynth-Studio shares them between its positive and negative inputs).
+:meth:`WanFunPipelineBase.generate`, the shared arguments forwarded in one line by
+:func:`~diffusers_wan_ext.pipelines.call_arguments.forwarded`.  The extra transformer inputs go to the conditional
+and the unconditional pass alike (DiffSynth-Studio shares them between its positive and negative inputs).
 
 The transformer may be :class:`~diffusers_wan_ext.WanFunTransformer3DModel` or stock
 :class:`diffusers.WanTransformer3DModel` (the converters emit the stock class for Fun checkpoints it can
@@ -47,6 +48,7 @@ from ..conversion.image_encoder import clip_image_features, wan_clip_preprocess
 from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
 from ..utils.shims import ShimPipelineMixin
+from .call_arguments import forwarded
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
 
@@ -455,25 +457,15 @@ class WanFunPipelineBase(
             uncond_extra[name] = _match_batch(value.to(device=device, dtype=transformer_dtype), total, name)
 
         # 5. denoising loop (stock two-expert loop, shared with WanExtPipeline; extra inputs on both passes)
-        latents = self.denoise(
-            latents,
-            timesteps,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2,
-            num_inference_steps=num_inference_steps,
-            transformer_dtype=transformer_dtype,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            cfg_batching=cfg_batching,
+        latents = self.denoise(**forwarded(
+            locals(),
+            self.denoise,
             model_input=lambda x: torch.cat([x, y], dim=1),
             transformer_kwargs={"encoder_hidden_states_image": image_embeds, **extra},
             # WanFunTransformer3DModel repeats a batch-1 (or batch-B) reference / camera map to the latent batch
             broadcast_kwargs=tuple(k for k in extra if k not in uncond_extra),
             uncond_transformer_kwargs=uncond_extra,
-        )
+        ))
 
         # 6. decode (only rank 0 under enable_parallelism)
         video = self.decode_latents(latents, output_type)

@@ -24,6 +24,7 @@ from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from ..utils.camera import CAMERA_DIRECTIONS, DEFAULT_CAMERA_SPEED, camera_control_latents
 from ..utils.media import load_image
 from .fun_conditioning import fun_camera_condition
+from .call_arguments import forwarded
 from .pipeline_wan_fun_base import WanFunCondition, WanFunPipelineBase
 
 __all__ = ["WanFunCameraControlPipeline"]
@@ -196,27 +197,5 @@ class WanFunCameraControlPipeline(WanFunPipelineBase):
             origin=camera_control_origin,
             poses=camera_poses,
         )
-        return self.generate(
-            condition_inputs={"image": first, "control_camera_latents": camera},
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2,
-            num_videos_per_prompt=num_videos_per_prompt,
-            generator=generator,
-            latents=latents,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            image_embeds=image_embeds,
-            output_type=output_type,
-            return_dict=return_dict,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            max_sequence_length=max_sequence_length,
-            cfg_batching=cfg_batching,
-        )
+        condition_inputs = {"image": first, "control_camera_latents": camera}
+        return self.generate(**forwarded(locals(), self.generate))

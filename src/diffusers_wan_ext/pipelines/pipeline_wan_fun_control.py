@@ -32,6 +32,7 @@ from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
 from ..utils.media import encode_video, load_image, load_video_frames
 from .fun_conditioning import fun_control_condition, i2v_condition
+from .call_arguments import forwarded
 from .pipeline_wan_fun_base import WanFunCondition, WanFunPipelineBase
 
 __all__ = ["WanFunControlPipeline"]
@@ -187,27 +188,5 @@ class WanFunControlPipeline(WanFunPipelineBase):
         reference = None
         if reference_image is not None:
             reference = load_image(reference_image, height, width, name="reference_image")
-        return self.generate(
-            condition_inputs={"control_video": control, "image": first, "reference_image": reference},
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2,
-            num_videos_per_prompt=num_videos_per_prompt,
-            generator=generator,
-            latents=latents,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            image_embeds=image_embeds,
-            output_type=output_type,
-            return_dict=return_dict,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            max_sequence_length=max_sequence_length,
-            cfg_batching=cfg_batching,
-        )
+        condition_inputs = {"control_video": control, "image": first, "reference_image": reference}
+        return self.generate(**forwarded(locals(), self.generate))

@@ -18,6 +18,7 @@ from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
 from ..utils.media import load_image
 from .fun_conditioning import i2v_condition
+from .call_arguments import forwarded
 from .pipeline_wan_fun_base import WanFunCondition, WanFunPipelineBase
 
 __all__ = ["WanFunInpaintPipeline"]
@@ -142,27 +143,5 @@ class WanFunInpaintPipeline(WanFunPipelineBase):
         )
         first = load_image(image, height, width, name="image")
         last = load_image(end_image, height, width, name="end_image") if end_image is not None else None
-        return self.generate(
-            condition_inputs={"image": first, "end_image": last},
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2,
-            num_videos_per_prompt=num_videos_per_prompt,
-            generator=generator,
-            latents=latents,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            image_embeds=image_embeds,
-            output_type=output_type,
-            return_dict=return_dict,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            max_sequence_length=max_sequence_length,
-            cfg_batching=cfg_batching,
-        )
+        condition_inputs = {"image": first, "end_image": last}
+        return self.generate(**forwarded(locals(), self.generate))

@@ -42,6 +42,7 @@ from ..conversion.image_encoder import clip_image_features, wan_clip_preprocess
 from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
+from .call_arguments import forwarded
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
 
@@ -366,22 +367,13 @@ class WanImageToVideoReferencePipeline(
             torch.float32, device, generator, latents, last_image, image_latents=image_latents,
         )
         conditioning = self._conditioning(prepared)
-        latents = self.denoise(
-            prepared[0],
-            timesteps,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2,
-            num_inference_steps=num_inference_steps,
-            transformer_dtype=transformer_dtype,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            cfg_batching=cfg_batching,
+        latents = self.denoise(**forwarded(
+            locals(),
+            self.denoise,
+            latents=prepared[0],
             transformer_kwargs=dict(encoder_hidden_states_image=image_embeds),
             **conditioning,
-        )
+        ))
         if self.config.expand_timesteps:  # as stock: frame 0 is the image latent (also when interrupted)
             latents = conditioning["model_input"](latents)
         video = self.decode_latents(latents, output_type)

@@ -49,6 +49,7 @@ from ..utils.shims import ShimPipelineMixin
 from ..models.transformer_wan_s2v import WanS2VTransformer3DModel
 from ..schedulers import WanFlowMatchScheduler
 from ..utils.media import encode_video, load_image
+from .call_arguments import forwarded
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
 from .s2v_conditioning import (
@@ -348,9 +349,8 @@ class WanSpeechToVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDen
         self._current_timestep = None
         self._interrupt = False
         device = self._execution_device
-        transformer = self.transformer
-        transformer_dtype = transformer.dtype
-        cfg = transformer.config
+        transformer_dtype = self.transformer.dtype
+        cfg = self.transformer.config
 
         # 1. audio per clip (checked first: the cheapest input to get wrong)
         if audio is not None:
@@ -405,23 +405,14 @@ class WanSpeechToVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDen
                 motion_latents=motion_latents.to(transformer_dtype),
                 drop_motion_frames=drop,
             )
-            latents = self.denoise(
-                latents,
-                self.scheduler.timesteps,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                guidance_scale=guidance_scale,
-                guidance_scale_2=None,
-                num_inference_steps=num_inference_steps,
-                transformer_dtype=transformer_dtype,
-                attention_kwargs=attention_kwargs,
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                cfg_batching=cfg_batching,
+            latents = self.denoise(**forwarded(
+                locals(),
+                self.denoise,
+                timesteps=self.scheduler.timesteps,
                 transformer_kwargs=kwargs,
                 uncond_transformer_kwargs={"audio_embeds": torch.zeros_like(clip_audio)},
                 broadcast_kwargs=("image_latents", "pose_latents", "motion_latents"),
-            )
+            ))
             latents_out.append(latents)
             if output_type == "latent":
                 continue

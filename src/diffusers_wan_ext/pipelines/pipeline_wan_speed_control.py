@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..models.motion_controller import WanMotionControllerModel, apply_motion_control
 from ..schedulers import WanFlowMatchScheduler
+from .call_arguments import forwarded
 from .pipeline_wan_ext import WanExtPipeline
 
 __all__ = ["WanSpeedControlPipeline"]
@@ -168,25 +169,4 @@ class WanSpeedControlPipeline(WanExtPipeline):
                 for model in (self.transformer, self.transformer_2):
                     if model is not None:
                         stack.enter_context(apply_motion_control(model, offset))
-            return super().__call__(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                height=height,
-                width=width,
-                num_frames=num_frames,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                guidance_scale_2=guidance_scale_2,
-                num_videos_per_prompt=num_videos_per_prompt,
-                generator=generator,
-                latents=latents,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                output_type=output_type,
-                return_dict=return_dict,
-                attention_kwargs=attention_kwargs,
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                max_sequence_length=max_sequence_length,
-                cfg_batching=cfg_batching,
-            )
+            return super().__call__(**forwarded(locals(), super().__call__))

@@ -43,6 +43,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from ..utils.shims import ShimPipelineMixin
 from ..lora.loader import WanLoraInteropMixin
 from ..schedulers import WanFlowMatchScheduler
+from .call_arguments import forwarded
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
 
@@ -271,19 +272,7 @@ class WanVideoToVideoReferencePipeline(
             generator, latents, timesteps[:1].repeat(prompt_embeds.shape[0]), video_latents=video_latents, noise=noise,
         )
 
-        latents = self.denoise(
-            latents,
-            timesteps,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps,
-            transformer_dtype=transformer_dtype,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            cfg_batching=cfg_batching,
-        )
+        latents = self.denoise(**forwarded(locals(), self.denoise))
         video = self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -32,6 +32,7 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
 from ..utils.media import encode_video, load_image, load_video_frames
+from .call_arguments import forwarded
 from .fun_conditioning import i2v_condition
 from .pipeline_wan_fun_base import WanFunCondition, WanFunPipelineBase
 
@@ -275,29 +276,8 @@ class WanVideoAsPromptPipeline(WanFunPipelineBase):
             vap_prompt, negative_vap_prompt, vap_prompt_embeds, negative_vap_prompt_embeds, max_sequence_length,
             self._execution_device,
         )
-        return self.generate(
-            condition_inputs={
-                "image": first, "vap_video": reference, "vap_prompt_embeds": vap_embeds,
-                "negative_vap_prompt_embeds": negative_vap_embeds, "vap_image_embeds": vap_image_embeds,
-            },
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            num_videos_per_prompt=num_videos_per_prompt,
-            generator=generator,
-            latents=latents,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            image_embeds=image_embeds,
-            output_type=output_type,
-            return_dict=return_dict,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            max_sequence_length=max_sequence_length,
-            cfg_batching=cfg_batching,
-        )
+        condition_inputs = {
+            "image": first, "vap_video": reference, "vap_prompt_embeds": vap_embeds,
+            "negative_vap_prompt_embeds": negative_vap_embeds, "vap_image_embeds": vap_image_embeds,
+        }
+        return self.generate(**forwarded(locals(), self.generate))
