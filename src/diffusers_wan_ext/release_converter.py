@@ -6,8 +6,10 @@ keys (:func:`~diffusers_wan_ext.conversion.dit.dit_config_from_state_dict`), the
 families' rows, and each family adds the components it needs beyond the Wan core (audio encoder, motion controller,
 relighting LoRA).
 
-Nothing is written until every component has been found and validated; the result is assembled in a temporary
-folder next to the destination and moved into place only when complete (:func:`~diffusers_wan_ext.utils.atomic_output_dir`).
+The destination is claimed before anything is loaded (a second conversion into it fails at once); nothing is written
+until every component has been found and validated; the result is assembled in a temporary folder next to the
+destination and moved into place only when complete, never over something the converter did not create unless
+``overwrite`` (:mod:`diffusers_wan_ext.utils.atomic`).
 """
 
 from __future__ import annotations
@@ -33,17 +35,26 @@ from .conversion.dit import (
     locate_dit,
 )
 from .conversion.image_encoder import load_clip_from_original, make_clip_image_processor
-from .conversion.release_io import DTYPES, first_existing, library_of, progress_bar, with_path, write_model_card
+from .conversion.release_io import (
+    DTYPES,
+    first_existing,
+    library_of,
+    progress_bar,
+    progress_message,
+    with_path,
+    write_model_card,
+)
 from .conversion.text_encoder import load_t5_from_original
 from .conversion.tokenizer import load_umt5_tokenizer
 from .conversion.vae import detect_vae_version, load_vae_from_original
 from .families import FAMILIES, VARIANTS, ReleaseOptions, WanVariant, get_variant, variants_for_arch
 from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
-from .utils.io import ConversionError, atomic_output_dir, load_state_dict, strip_known_prefixes
+from .utils.atomic import atomic_output_dir, claim_destination
+from .utils.io import ConversionError, load_state_dict, strip_known_prefixes
 from .utils.shims import rewrite_model_index_for_shims
 
 __all__ = ["DTYPES", "LoadedRelease", "ReleaseFiles", "SCHEDULERS", "choose_variant", "convert_release",
-           "find_release_files", "load_release"]
+           "describe_release", "find_release_files", "load_release"]
 
 # Original release file names (Wan2.1 / Wan2.2 configs).
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -272,6 +283,20 @@ def _load_core_components(files: ReleaseFiles, var: WanVariant, info: DitInfo, t
     return components
 
 
+def describe_release(var: WanVariant, info: DitInfo, files: ReleaseFiles, transformer_only: bool = False) -> str:
+    """One line: the detected release row, architecture, width, layers and experts, and the files used."""
+    width = info.config["num_attention_heads"] * info.config["attention_head_dim"]
+    experts = len(files.dit)
+    used = {"DiT": ", ".join(str(p) for p in files.dit)}
+    if not transformer_only:
+        used.update({"text encoder": files.text_encoder, "tokenizer": files.tokenizer, "VAE": files.vae})
+        if var.image_encoder:
+            used["image encoder"] = files.image_encoder
+        used.update({k.replace("_", " "): v for k, v in files.extras.items() if isinstance(v, Path)})
+    return (f"detected {var.name} ({info.arch}, width {width}, {info.config['num_layers']} layers, {experts} "
+            f"expert{'s' if experts > 1 else ''}); " + "; ".join(f"{k}: {v}" for k, v in used.items() if v))
+
+
 def _claiming_family(src, transformer, variant):
     for family in FAMILIES:
         if family.claims_release(Path(src), Path(transformer) if transformer else None, variant):
@@ -329,6 +354,7 @@ def load_release(
     info = infos[0]
     var = choose_variant(info, len(infos), variant, files.name_hints)
     _check_complete(src, files, var, transformer_only)
+    progress_message(describe_release(var, info, files, transformer_only), progress)
     extras = {f.name: f.check_extras(files.extras, info, transformer_only) for f in FAMILIES}
     family_components: dict[str, Any] = {}
     for family in FAMILIES if not transformer_only else ():  # validated before the big components load
@@ -407,7 +433,11 @@ def convert_release(
             FLF2V, ``wav2vec2-large-xlsr-53-english/`` for S2V) or a single DiT file (e.g. krea's).  A release a
             family converts itself is recognised first (LongCat-Video: its DiT keys; Video-As-Prompt:
             ``transformer/config.json`` class ``WanTransformer3DMOTModel``).
-        dst: output folder; must not exist unless ``overwrite``.
+        dst: output folder; must not exist unless ``overwrite`` (an empty folder is fine).  It is claimed first
+            (``.<name>.lock`` beside it: a second conversion into it fails at once); the result is written to
+            ``.<name>.partial-<pid>`` and moved into place when complete; with ``overwrite`` the old folder is
+            deleted only once the new one is in place.  SIGTERM / Ctrl-C remove the partial output; leftovers of a
+            killed conversion are removed by the next one.
         variant: release name (``diffusers-wan variants`` lists them); detected from the weights when omitted.
         dtype: storage dtype of the transformer(s), text and image encoders (``bf16``, ``fp16``, ``fp32``); the VAE is
             kept in float32.
@@ -421,27 +451,31 @@ def convert_release(
         relighting_lora: Wan2.2-Animate's relighting LoRA (``relighting_lora.ckpt``; found next to the DiT when
             omitted); written as a Diffusers LoRA to ``relighting_lora/pytorch_lora_weights.safetensors``.
         transformer_only: write only a transformer model folder (no other component needed).
+        progress: the progress bar, and one line (stderr) with the detected release and the files used.
 
     Example:
         >>> convert_release("Wan2.1-T2V-1.3B", "Wan2.1-T2V-1.3B-diffusers")  # doctest: +SKIP
     """
-    claimed = _claiming_family(src, transformer, variant)
-    if claimed is not None:  # its own layout and pipeline; scheduler / CLIP / motion options do not apply
-        options = ReleaseOptions(dtype=dtype, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
-                                 vae=vae, transformer_only=transformer_only, overwrite=overwrite, progress=progress,
-                                 max_shard_size=max_shard_size)
-        return claimed.convert_release(Path(src), Path(dst), options)
-    release = load_release(
-        src, variant=variant, dtype=dtype, scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
-        text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, image_encoder=image_encoder,
-        image_encoder_heads=image_encoder_heads, audio_encoder=audio_encoder, motion_controller=motion_controller,
-        relighting_lora=relighting_lora, transformer_only=transformer_only, progress=progress,
-    )
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-        if transformer_only:
-            release.transformers[0].save_pretrained(tmp, max_shard_size=max_shard_size)
-            if len(release.transformers) == 2:
-                release.transformers[1].save_pretrained(tmp / "transformer_2", max_shard_size=max_shard_size)
-        else:
-            _write_pipeline_folder(tmp, release, src, DTYPES[dtype], max_shard_size)
+    with claim_destination(dst, overwrite=overwrite):  # before loading: a second writer of dst fails at once
+        claimed = _claiming_family(src, transformer, variant)
+        if claimed is not None:  # its own layout and pipeline; scheduler / CLIP / motion options do not apply
+            progress_message(f"detected a {claimed.title} release ({src}); its own converter runs", progress)
+            options = ReleaseOptions(dtype=dtype, transformer=transformer, text_encoder=text_encoder,
+                                     tokenizer=tokenizer, vae=vae, transformer_only=transformer_only,
+                                     overwrite=overwrite, progress=progress, max_shard_size=max_shard_size)
+            return claimed.convert_release(Path(src), Path(dst), options)
+        release = load_release(
+            src, variant=variant, dtype=dtype, scheduler=scheduler, transformer=transformer,
+            transformer_2=transformer_2, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
+            image_encoder=image_encoder, image_encoder_heads=image_encoder_heads, audio_encoder=audio_encoder,
+            motion_controller=motion_controller, relighting_lora=relighting_lora, transformer_only=transformer_only,
+            progress=progress,
+        )
+        with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+            if transformer_only:
+                release.transformers[0].save_pretrained(tmp, max_shard_size=max_shard_size)
+                if len(release.transformers) == 2:
+                    release.transformers[1].save_pretrained(tmp / "transformer_2", max_shard_size=max_shard_size)
+            else:
+                _write_pipeline_folder(tmp, release, src, DTYPES[dtype], max_shard_size)
     return Path(dst)

@@ -53,7 +53,8 @@ def add_convert(sub) -> None:
     p.add_argument("--relighting-lora", metavar="FILE",
                    help="Wan2.2-Animate relighting_lora.ckpt (found next to the DiT when omitted) -> relighting_lora/")
     p.add_argument("--transformer-only", action="store_true", help="write only the transformer model folder")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DST (deleted only once the new folder is in place)")
     p.add_argument("--model-id", help="fetch the original release first (ModelScope if installed, else the Hub)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the converted folder with a model card")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
@@ -62,9 +63,10 @@ def add_convert(sub) -> None:
 def add_export_dit(sub) -> None:
     p = sub.add_parser("export-dit", help="Diffusers transformer -> original Wan key layout (ComfyUI / LoRA interop)")
     p.add_argument("src", help="transformer folder or safetensors file in the Diffusers layout")
-    p.add_argument("dst", help="output .safetensors")
+    p.add_argument("dst", help="output .safetensors (written atomically)")
     p.add_argument("--prefix", default="", help="key prefix, e.g. 'model.diffusion_model.' for ComfyUI")
     p.add_argument("--dtype", choices=DTYPE_CHOICES)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
 
 
 class CommandLineParser(argparse.ArgumentParser):
@@ -186,7 +188,7 @@ def add_lora(sub) -> None:
                    help="the pipeline component a single-model file (original/kohya/diffsynth) stands for; "
                         "transformer_2 = Wan2.2 A14B low-noise expert")
     c.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast the tensors (default: keep)")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     i = lsub.add_parser("info", help="detected format, components, ranks, alphas and target modules of a LoRA")
     i.add_argument("file")
     i.add_argument("--from", dest="from_format", choices=LORA_FORMATS)
@@ -196,6 +198,7 @@ def add_lora(sub) -> None:
     e.add_argument("dst", help="output folder")
     e.add_argument("--from", dest="from_format", choices=LORA_FORMATS)
     e.add_argument("--formats", nargs="+", default=list(LORA_FORMATS), choices=LORA_FORMATS)
+    e.add_argument("--overwrite", action="store_true", help="replace files of the same names in DST")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ..release_converter import convert_release
+from ..utils.atomic import claim_destination
 
 __all__ = ["cmd_convert", "fetch_release", "push_folder"]
 
@@ -34,19 +35,19 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False) 
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    src = args.src
-    if args.model_id:
-        src = fetch_release(args.model_id)
-    elif src == "-":
+    """Convert (the detected release and the files used are printed to stderr before loading)."""
+    if args.src == "-" and not args.model_id:
         raise ValueError("convert: SRC '-' needs --model-id")
-    out = convert_release(
-        src, args.dst, variant=args.variant, dtype=args.dtype, scheduler=args.scheduler,
-        transformer=args.transformer, transformer_2=args.transformer_2, text_encoder=args.text_encoder,
-        tokenizer=args.tokenizer, vae=args.vae, image_encoder=args.image_encoder,
-        image_encoder_heads=args.image_encoder_heads, audio_encoder=args.audio_encoder,
-        motion_controller=args.motion_controller, relighting_lora=args.relighting_lora,
-        transformer_only=args.transformer_only, overwrite=args.overwrite,
-    )
+    with claim_destination(args.dst, overwrite=args.overwrite):  # before a download: DST is checked and claimed
+        src = fetch_release(args.model_id) if args.model_id else args.src
+        out = convert_release(
+            src, args.dst, variant=args.variant, dtype=args.dtype, scheduler=args.scheduler,
+            transformer=args.transformer, transformer_2=args.transformer_2, text_encoder=args.text_encoder,
+            tokenizer=args.tokenizer, vae=args.vae, image_encoder=args.image_encoder,
+            image_encoder_heads=args.image_encoder_heads, audio_encoder=args.audio_encoder,
+            motion_controller=args.motion_controller, relighting_lora=args.relighting_lora,
+            transformer_only=args.transformer_only, overwrite=args.overwrite, progress=True,
+        )
     print(f"converted -> {out}")
     if args.push_to_hub:
         print(f"uploaded -> {push_folder(out, args.push_to_hub, private=args.private)}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
@@ -11,27 +10,29 @@ from safetensors.torch import save_file
 
 from ..conversion.dit import export_dit_state_dict
 from ..conversion.release_io import DTYPES
+from ..utils.atomic import atomic_write_file, claim_destination
 from ..utils.io import load_state_dict
 
 __all__ = ["cmd_export_dit"]
 
 
 def cmd_export_dit(args: argparse.Namespace) -> int:
-    src = Path(args.src)
-    if src.is_dir():
-        index = src / (SAFETENSORS_WEIGHTS_NAME + ".index.json")
-        sd = load_state_dict(index if index.exists() else src / SAFETENSORS_WEIGHTS_NAME)
-    else:
-        sd = load_state_dict(src)
-    out = export_dit_state_dict(sd)
-    if args.prefix:
-        out = {args.prefix + k: v for k, v in out.items()}
-    if args.dtype:
-        dt = DTYPES[args.dtype]
-        out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}
-    Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(args.dst) + ".partial")
-    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
-    os.replace(tmp, args.dst)
-    print(f"exported {len(out)} tensors -> {args.dst}")
+    """Export the transformer; ``DST`` must not exist unless ``--overwrite`` (it is written atomically)."""
+    src, dst = Path(args.src), Path(args.dst)
+    overwrite = args.overwrite
+    with claim_destination(dst, overwrite=overwrite):  # before reading: an existing DST fails at once
+        if src.is_dir():
+            index = src / (SAFETENSORS_WEIGHTS_NAME + ".index.json")
+            sd = load_state_dict(index if index.exists() else src / SAFETENSORS_WEIGHTS_NAME)
+        else:
+            sd = load_state_dict(src)
+        out = export_dit_state_dict(sd)
+        if args.prefix:
+            out = {args.prefix + k: v for k, v in out.items()}
+        if args.dtype:
+            dt = DTYPES[args.dtype]
+            out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}
+        tensors = {k: v.contiguous() for k, v in out.items()}
+        atomic_write_file(dst, lambda tmp: save_file(tensors, str(tmp)), overwrite=overwrite)
+    print(f"exported {len(out)} tensors -> {dst}")
     return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..conversion.release_io import DTYPES
 from ..lora import convert_lora_state_dict, export_lora, load_lora_file, lora_info, save_lora_file
+from ..utils.atomic import claim_destination
 
 __all__ = ["cmd_lora"]
 
@@ -30,20 +31,20 @@ def cmd_lora(args: argparse.Namespace) -> int:
     if args.lora_command == "info":
         print_lora_info(args.file, args.from_format, args.json)
         return 0
-    sd = load_lora_file(args.src)
     if args.lora_command == "export":
+        sd = load_lora_file(args.src)
         paths = export_lora(convert_lora_state_dict(sd, "diffusers", source=args.from_format), args.dst,
-                            formats=args.formats)
+                            formats=args.formats, overwrite=args.overwrite)
         for name, path in paths.items():
             print(f"{name}: {path}")
         return 0
     dst = Path(args.dst)
-    if dst.exists() and not args.overwrite:
-        raise ValueError(f"lora convert: {dst} exists; pass --overwrite to replace it")
-    out = convert_lora_state_dict(sd, args.to, source=args.from_format, transformer_name=args.component)
-    if args.dtype:
-        dt = DTYPES[args.dtype]
-        out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}
-    save_lora_file(out, dst)
+    with claim_destination(dst, overwrite=args.overwrite):  # before reading: an existing DST fails at once
+        sd = load_lora_file(args.src)
+        out = convert_lora_state_dict(sd, args.to, source=args.from_format, transformer_name=args.component)
+        if args.dtype:
+            dt = DTYPES[args.dtype]
+            out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}
+        save_lora_file(out, dst, overwrite=args.overwrite)
     print(f"converted {len(sd)} -> {len(out)} tensors ({args.to}) -> {dst}")
     return 0

@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..lora.convert import convert_lora_state_dict
+from ..utils.atomic import atomic_write_file
 from ..utils.io import ConversionError, format_keys, load_state_dict
 from .dit import block_indices
 from .text_encoder import KeyRule, convert_with_rules, export_with_rules
@@ -363,12 +364,12 @@ def convert_relighting_lora(
     return out
 
 
-def save_relighting_lora(lora: Mapping[str, torch.Tensor], folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+def save_relighting_lora(lora: Mapping[str, torch.Tensor], folder: str | Path, dtype: torch.dtype | None = None,
+                         overwrite: bool = True) -> Path:
     """Write a converted relighting LoRA as ``folder/pytorch_lora_weights.safetensors`` (what
-    ``pipe.load_lora_weights(folder)`` reads); returns the file."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / DIFFUSERS_LORA_FILE
-    save_file({k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in lora.items()}, str(path))
-    return path
+    ``pipe.load_lora_weights(folder)`` reads), atomically (:func:`~diffusers_wan_ext.utils.atomic.atomic_write_file`;
+    with ``overwrite=False`` an existing file is an error); returns the file."""
+    tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in lora.items()}
+    return atomic_write_file(Path(folder) / DIFFUSERS_LORA_FILE, lambda tmp: save_file(tensors, str(tmp)),
+                             overwrite=overwrite)
 

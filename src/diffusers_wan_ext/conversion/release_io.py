@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,7 +13,8 @@ from tqdm.auto import tqdm
 
 from ..utils.io import ConversionError
 
-__all__ = ["DTYPES", "first_existing", "library_of", "progress_bar", "with_path", "write_model_card"]
+__all__ = ["DTYPES", "first_existing", "library_of", "progress_bar", "progress_message", "with_path",
+           "write_model_card"]
 
 #: ``--dtype`` names -> torch dtypes
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -32,6 +34,12 @@ def first_existing(*paths: Path | None) -> Path | None:
 def progress_bar(total: int, enabled: bool):
     """The converter's progress bar (one step per component)."""
     return tqdm(total=total, desc="converting", unit="component", disable=not enabled)
+
+
+def progress_message(text: str, enabled: bool) -> None:
+    """One line of the converter's progress output (stderr, kept clear of the bar); nothing when ``enabled`` is off."""
+    if enabled:
+        tqdm.write(text, file=sys.stderr)
 
 
 def with_path(path: str | os.PathLike | None, fn: Callable[[], Any]) -> Any:

@@ -36,7 +36,8 @@ from accelerate import init_empty_weights
 
 from ..models.transformer_wan_vap import WanVideoAsPromptTransformer3DModel
 from ..utils.shims import rewrite_model_index_for_shims
-from ..utils.io import ConversionError, format_keys, atomic_output_dir, load_state_dict, raise_for_key_problems
+from ..utils.atomic import atomic_output_dir
+from ..utils.io import ConversionError, format_keys, load_state_dict, raise_for_key_problems
 from .dit import cast_state_dict, dit_config_from_state_dict, export_dit_state_dict
 from .release_io import DTYPES
 

@@ -36,7 +36,8 @@ from ..conversion.vae import detect_vae_version, export_vae_state_dict, load_vae
 from ..models import LongCatVideoTransformer3DModel
 from ..models.transformer_longcat import LongCatVideoAttnProcessor, LongCatVideoTransformerBlock, longcat_ffn_dim
 from ..pipelines import LongCatVideoPipeline
-from ..utils.io import ConversionError, atomic_output_dir, load_state_dict
+from ..utils.atomic import atomic_output_dir
+from ..utils.io import ConversionError, load_state_dict
 from .base import GenerateInput, ModelFamily, ReleaseOptions, WanVariant
 from .tiny import TINY, tiny_t5, tiny_vae21
 

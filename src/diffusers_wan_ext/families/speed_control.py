@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from ..lora.formats import register_lora_component
 from ..models import WanMotionControllerModel
 from ..models.motion_controller import apply_motion_control
 from ..pipelines import WanSpeedControlPipeline
+from ..utils.atomic import atomic_output_dir, atomic_write_text, claim_destination
 from ..utils.io import ConversionError
 from ..utils.shims import rewrite_model_index_for_shims
 from .base import CommandArgument, ExtraInput, FamilyCommand, ModelFamily, TrainingComponent, WanVariant
@@ -114,19 +114,13 @@ def add_motion_controller(folder: str | os.PathLike, motion_controller: str | os
     torch_dtype = DTYPES[dtype] if dtype else _stored_dtype(folder / "transformer")
     model = load_motion_controller_for(motion_controller, info, torch_dtype)
     index = json.loads(index_path.read_text())
-    tmp = folder / ".motion_controller.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        if (folder / "motion_controller").exists():
-            shutil.rmtree(folder / "motion_controller")
-        tmp.rename(folder / "motion_controller")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    index["_class_name"] = "WanSpeedControlPipeline"
-    index["motion_controller"] = list(fetch_class_library_tuple(model))
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    rewrite_model_index_for_shims(folder)
+    with claim_destination(folder, overwrite=True):  # no conversion writes the folder meanwhile
+        with atomic_output_dir(folder / "motion_controller", overwrite=True) as tmp:  # old one kept until replaced
+            model.save_pretrained(tmp)
+        index["_class_name"] = "WanSpeedControlPipeline"
+        index["motion_controller"] = list(fetch_class_library_tuple(model))
+        atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        rewrite_model_index_for_shims(folder)
     return folder
 
 

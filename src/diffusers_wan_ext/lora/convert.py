@@ -31,13 +31,14 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
+from safetensors.torch import save_file
 
 from ..conversion.dit import BLOCK_KEY_MAP, TOP_LEVEL_KEY_MAP, rename_dit_key
+from ..utils.atomic import atomic_write_file
 from ..utils.io import ConversionError, format_keys, load_state_dict
 from .formats import (
     ALPHA,
@@ -527,28 +528,23 @@ def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def save_lora_file(
-    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
+    *, overwrite: bool = True,
 ) -> Path:
     """Write a LoRA state dict to ``path`` (``.safetensors``, else ``torch.save``) through a temporary file in the
-    same folder, moved into place when complete.  ``metadata`` (strings) goes into the safetensors header."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    same folder, moved into place when complete (:func:`~diffusers_wan_ext.utils.atomic.atomic_write_file`; the
+    mode follows the umask).  ``metadata`` (strings) goes into the safetensors header.  With ``overwrite=False`` an
+    existing ``path`` is an error (``diffusers-wan lora convert`` without ``--overwrite``)."""
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    header = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
 
-            header = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
-            save_file(tensors, tmp, metadata=header)
+    def write(tmp: Path) -> None:
+        if Path(path).suffix == ".safetensors":
+            save_file(tensors, str(tmp), metadata=header)
         else:
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write_file(path, write, overwrite=overwrite)
 
 
 def _component_file(name: str, component: str) -> str:
@@ -565,6 +561,7 @@ def export_lora(
     *,
     metadata: Mapping[str, str] | None = None,
     adapter_config: Mapping | None = None,
+    overwrite: bool = True,
 ) -> dict[str, Path]:
     """Write a Diffusers-format LoRA in several formats into ``out_dir``; return ``{name: path}``.
 
@@ -577,10 +574,11 @@ def export_lora(
       ``lora_<format>_<component>.safetensors`` (key ``<format>_<component>``) for each other component -- these
       formats hold one model each (ComfyUI / DiffSynth load Wan2.2's high- and low-noise LoRAs separately).
 
-    Every file is written atomically.  ``metadata`` goes into each safetensors header.  ``adapter_config``: the
-    PEFT config of raw ``get_peft_model_state_dict`` tensors (``LoraConfig.to_dict()``, or Diffusers' packed
-    ``{"transformer.lora_alpha": ...}`` metadata) whose ``lora_alpha / r`` (patterns, rsLoRA) is then folded into
-    the factors; not needed for :func:`peft_lora_state_dict` output, which is folded already.
+    Every file is written atomically; with ``overwrite=False`` nothing is written when one of them exists
+    (``diffusers-wan lora export`` without ``--overwrite``).  ``metadata`` goes into each safetensors header.
+    ``adapter_config``: the PEFT config of raw ``get_peft_model_state_dict`` tensors (``LoraConfig.to_dict()``, or
+    Diffusers' packed ``{"transformer.lora_alpha": ...}`` metadata) whose ``lora_alpha / r`` (patterns, rsLoRA) is
+    then folded into the factors; not needed for :func:`peft_lora_state_dict` output, which is folded already.
 
     Example:
         >>> from peft.utils import get_peft_model_state_dict  # doctest: +SKIP
@@ -595,21 +593,23 @@ def export_lora(
         sd = _fold_adapter_metadata(sd, adapter_config)
     parts = split_lora_components(sd)
     out_dir = Path(out_dir)
-    written: dict[str, Path] = {}
+    files: dict[str, tuple[Path, dict[str, torch.Tensor]]] = {}
     for fmt in formats:
         if fmt == "diffusers":
-            written[fmt] = save_lora_file(sd, out_dir / EXPORT_FILE_NAMES[fmt], metadata)
+            files[fmt] = (out_dir / EXPORT_FILE_NAMES[fmt], sd)
             if "transformer_2" in parts:
                 single = {"transformer." + k[len("transformer_2."):]: v for k, v in parts["transformer_2"].items()}
-                written["diffusers_transformer_2"] = save_lora_file(
-                    single, out_dir / _component_file(EXPORT_FILE_NAMES[fmt], "transformer_2"), metadata
-                )
+                files["diffusers_transformer_2"] = (out_dir / _component_file(EXPORT_FILE_NAMES[fmt], "transformer_2"),
+                                                    single)
             continue
         for comp, part in parts.items():
             converted = convert_lora_state_dict(part, fmt, source="diffusers", transformer_name=comp)
             key = fmt if comp == "transformer" else f"{fmt}_{comp}"
-            written[key] = save_lora_file(converted, out_dir / _component_file(EXPORT_FILE_NAMES[fmt], comp), metadata)
-    return written
+            files[key] = (out_dir / _component_file(EXPORT_FILE_NAMES[fmt], comp), converted)
+    existing = [str(path) for path, _ in files.values() if path.exists()]
+    if existing and not overwrite:
+        raise ConversionError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite) to replace")
+    return {key: save_lora_file(tensors, path, metadata, overwrite=overwrite) for key, (path, tensors) in files.items()}
 
 
 # ------------------------------------------------------------------------------------------------ training helpers

@@ -1,6 +1,6 @@
+from .atomic import atomic_output_dir, atomic_write_file
 from .io import (
     ConversionError,
-    atomic_output_dir,
     load_state_dict,
     load_state_dict_files,
     raise_for_key_problems,
@@ -10,6 +10,7 @@ from .io import (
 __all__ = [
     "ConversionError",
     "atomic_output_dir",
+    "atomic_write_file",
     "load_state_dict",
     "load_state_dict_files",
     "raise_for_key_problems",
