@@ -15,8 +15,10 @@ What is where (each module imports only the ones above it, and :mod:`diffusers_w
 * :mod:`.peak_memory` -- :func:`estimate_decode_peak`, a decode's peak memory counted on the meta device;
 * :mod:`.streaming` -- :class:`WanStreamingVAEDecoder`, latent blocks in, pixel frames out, one causal cache
   across calls (runs on a :class:`WanDecodeSession` when the fast decode is installed);
-* :mod:`.tiling` -- the DiffSynth-Studio tiled encode / decode (:func:`tiled_encode`, :func:`tiled_decode`,
-  :func:`tile_layout`) and the untiled :func:`encode_mean` / :func:`decode_unclamped` they run per tile.
+* :mod:`.tile_enumeration` -- DiffSynth-Studio's tile enumeration and blend masks as data (:func:`tile_grid`,
+  :func:`tile_layout`, :func:`blend_mask`; imports nothing of the package);
+* :mod:`.tiling` -- the DiffSynth-Studio tiled encode / decode (:func:`tiled_encode`, :func:`tiled_decode`) and the
+  untiled :func:`encode_mean` / :func:`decode_unclamped` they run per tile (:func:`check_encode_size` first).
 
 Example:
     >>> from diffusers_wan_ext.vae import WanStreamingVAEDecoder, optimize_vae
@@ -30,12 +32,18 @@ from .latents import causal_conv_count, denormalize_latents, latent_stats, norma
 from .norm_kernel import rms_norm_act, rms_norm_act_reference, wan_norm_weight
 from .peak_memory import estimate_decode_peak
 from .streaming import WanStreamingVAEDecoder
-from .tiling import decode_unclamped, encode_mean, tile_layout, tiled_decode, tiled_encode
+from .tile_enumeration import TileSpan, VAETile, blend_mask, blend_ramp, tile_grid, tile_layout, tile_starts
+from .tiling import check_encode_size, decode_unclamped, encode_mean, tiled_decode, tiled_encode
 
 __all__ = [
+    "TileSpan",
+    "VAETile",
     "WanDecodeSession",
     "WanStreamingVAEDecoder",
+    "blend_mask",
+    "blend_ramp",
     "causal_conv_count",
+    "check_encode_size",
     "decode_unclamped",
     "denormalize_latents",
     "encode_mean",
@@ -49,7 +57,9 @@ __all__ = [
     "restore_vae",
     "rms_norm_act",
     "rms_norm_act_reference",
+    "tile_grid",
     "tile_layout",
+    "tile_starts",
     "tiled_decode",
     "tiled_encode",
     "wan_norm_weight",

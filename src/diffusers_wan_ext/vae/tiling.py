@@ -12,16 +12,19 @@ blend each tile into its left / upper neighbour with the linear weights ``1 - y 
 ``tiled_decode``, ``diffsynth/models/wan_video_vae.py``), which our golden fixtures follow, do something different:
 
 * tile size and stride are given **in latent units** (pipeline default ``tile_size=(30, 52)``,
-  ``tile_stride=(15, 26)``); encode multiplies both by the spatial factor (8 for Wan2.1, 16 for Wan2.2);
-* a tile starts every ``stride``; a start is skipped when the previous tile already reaches the end
-  (``start - stride >= 0 and start - stride + size >= length``); tiles at the far edge may be shorter;
+  ``tile_stride=(15, 26)``); the tiles, the slices they run on, where their outputs land and their blend masks
+  are :func:`~.tile_enumeration.tile_grid` / :func:`~.tile_enumeration.blend_mask` (the exact enumeration,
+  border clamp and skip rule are described in :mod:`.tile_enumeration`);
 * every tile is encoded / decoded whole (encode: normalised latent ``(mu - mean) * (1 / std)``; decode:
   ``z / (1 / std) + mean`` then the decoder, *not* clamped);
-* each tile is weighted by a mask ``min(h_ramp, w_ramp)`` whose 1-D ramps are ``(arange(b) + 1) / b`` on the inner
-  edges (the edges not on the image border) and 1 elsewhere, with ``b = size - stride`` converted to output units
-  (``// factor`` for encode, ``* factor`` for decode);
 * the result is ``sum(mask * tile) / sum(mask)`` (accumulated on CPU by default, in tile order); decode clamps the
   blended video to ``[-1, 1]``.
+
+Shapes, as in the reference: encode gives ``[B, z, 1 + (T - 1) // 4, H // f, W // f]`` -- frames after the last
+full chunk of 4 are dropped when ``T`` is not ``4 n + 1``, and the Wan2.1 encoder floors a size that is not a
+multiple of 8 (so does each tile's slice); the Wan2.2 encoder (2x2 patchify, average-pool shortcuts) needs ``H`` and
+``W`` to be multiples of 16, checked up front by :func:`check_encode_size`.  Decode gives ``4 T - 3`` frames of
+``h f x w f`` pixels for any latent size.
 
 The stock code cannot be configured into this (different weights, cropping instead of normalised accumulation), so
 :func:`tiled_encode` / :func:`tiled_decode` implement it on top of the stock model's ``encoder`` / ``decoder`` /
@@ -43,11 +46,12 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
 
 from .latents import causal_conv_count, denormalize_latents, normalize_latents, patch_size
 from .streaming import WanStreamingVAEDecoder
+from .tile_enumeration import VAETile, blend_mask, tile_grid
 
 __all__ = [
+    "check_encode_size",
     "decode_unclamped",
     "encode_mean",
-    "tile_layout",
     "tiled_decode",
     "tiled_encode",
 ]
@@ -58,14 +62,30 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_encode_size(vae, video: torch.Tensor) -> None:
+    """Raise ``ValueError`` (naming the shape) for a video this VAE's encoder cannot take.
+
+    ``video`` must be ``[B, C, T, H, W]`` with ``T >= 1``; a VAE with average-pool shortcuts (``is_residual``, the
+    Wan2.2 layout) needs ``H`` and ``W`` to be multiples of ``scale_factor_spatial``.
+    """
+    if video.ndim != 5 or video.shape[2] < 1:
+        raise ValueError(f"video must be [B, C, frames >= 1, H, W], got shape {tuple(video.shape)}")
+    f = int(vae.config.scale_factor_spatial)
+    height, width = video.shape[-2:]
+    if vae.config.get("is_residual", False) and (height % f or width % f):
+        raise ValueError(f"video height {height} and width {width} must be multiples of {f} for this VAE "
+                         f"(Wan2.2 layout: 2x2 patchify and average-pool downsampling)")
+
+
 @torch.no_grad()
 def encode_mean(vae, video: torch.Tensor) -> torch.Tensor:
     """Raw (un-normalised) posterior mean of ``video`` ``[B, C, T, H, W]`` in ``[-1, 1]``; never tiled.
 
     Same computation as ``vae.encode(video).latent_dist.mode()`` with tiling off: (2x2 patchify for Wan2.2), frame 0
     alone then chunks of 4 frames through the encoder with a causal feature cache, ``quant_conv``, first ``z_dim``
-    channels.
+    channels.  Shape checked first (:func:`check_encode_size`).
     """
+    check_encode_size(vae, video)
     p = patch_size(vae)
     x = patchify(video, patch_size=p) if p else video
     cache = [None] * causal_conv_count(vae.encoder)
@@ -94,55 +114,25 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _starts(length: int, size: int, stride: int) -> list[int]:
-    if size <= 0 or stride <= 0:
-        raise ValueError(f"tile size and stride must be positive, got size {size}, stride {stride}")
-    return [s for s in range(0, length, stride) if not (s - stride >= 0 and s - stride + size >= length)]
-
-
-def tile_layout(height: int, width: int, tile_size: Sequence[int], tile_stride: Sequence[int]
-                ) -> list[tuple[int, int, int, int]]:
-    """Tiles ``(h0, h1, w0, w1)`` (row-major, ``h1`` / ``w1`` may pass the edge) over a ``height x width`` input."""
-    (size_h, size_w), (stride_h, stride_w) = tile_size, tile_stride
-    return [(h, h + size_h, w, w + size_w)
-            for h in _starts(height, size_h, stride_h) for w in _starts(width, size_w, stride_w)]
-
-
-def _ramp_1d(length: int, at_start: bool, at_end: bool, border: int) -> torch.Tensor:
-    x = torch.ones(length)
-    if border <= 0:  # no overlap (stride == size): nothing to blend
-        return x
-    ramp = (torch.arange(border) + 1) / border
-    n = min(border, length)
-    if not at_start:
-        x[:n] = ramp[:n]
-    if not at_end:
-        x[length - n:] = torch.flip(ramp, dims=(0,))[border - n:]
-    return x
-
-
-def _blend_mask(h: int, w: int, bounds: tuple[bool, bool, bool, bool], border: tuple[int, int]) -> torch.Tensor:
-    mh = _ramp_1d(h, bounds[0], bounds[1], border[0])[:, None].expand(h, w)
-    mw = _ramp_1d(w, bounds[2], bounds[3], border[1])[None, :].expand(h, w)
-    return torch.minimum(mh, mw).view(1, 1, 1, h, w)
-
-
-def _tiled(fn, x: torch.Tensor, size, stride, out_units, border, accumulate_device):
-    """Run ``fn`` on every tile of ``x`` and blend the results (see the module docstring)."""
-    _, _, _, H, W = x.shape
+def _tiled(fn, x: torch.Tensor, tiles: list[VAETile], out_size: tuple[int, int], accumulate_device) -> torch.Tensor:
+    """Run ``fn`` on every tile of ``x`` and blend the results (see :mod:`.tile_enumeration`)."""
     acc_dev = x.device if accumulate_device is None else torch.device(accumulate_device)
     values = weight = None
-    for h0, h1, w0, w1 in tile_layout(H, W, size, stride):
-        tile = fn(x[:, :, :, h0:h1, w0:w1]).to(acc_dev)
-        b, c, t, th, tw = tile.shape
-        mask = _blend_mask(th, tw, (h0 == 0, h1 >= H, w0 == 0, w1 >= W), border).to(dtype=x.dtype, device=acc_dev)
+    for tile in tiles:
+        in_h, in_w = tile.in_slice
+        out = fn(x[:, :, :, in_h, in_w]).to(acc_dev)
+        b, c, t, th, tw = out.shape
+        expected = (tile.h.out_stop - tile.h.out_start, tile.w.out_stop - tile.w.out_start)
+        if (th, tw) != expected:  # not a Wan VAE: its output does not scale with the factor
+            raise RuntimeError(f"tile at ({tile.h.start}, {tile.w.start}) gave {th}x{tw} values, expected "
+                               f"{expected[0]}x{expected[1]}")
+        mask = blend_mask(tile).to(dtype=x.dtype, device=acc_dev)
         if values is None:
-            out_h, out_w = out_units(H), out_units(W)
-            values = torch.zeros((b, c, t, out_h, out_w), dtype=x.dtype, device=acc_dev)
-            weight = torch.zeros((1, 1, t, out_h, out_w), dtype=x.dtype, device=acc_dev)
-        th0, tw0 = out_units(h0), out_units(w0)
-        values[:, :, :, th0: th0 + th, tw0: tw0 + tw] += tile * mask
-        weight[:, :, :, th0: th0 + th, tw0: tw0 + tw] += mask
+            values = torch.zeros((b, c, t, *out_size), dtype=x.dtype, device=acc_dev)
+            weight = torch.zeros((1, 1, t, *out_size), dtype=x.dtype, device=acc_dev)
+        out_h, out_w = tile.out_slice
+        values[:, :, :, out_h, out_w] += out * mask
+        weight[:, :, :, out_h, out_w] += mask
     return values / weight
 
 
@@ -152,20 +142,20 @@ def tiled_encode(vae, video: torch.Tensor, tile_size: Sequence[int], tile_stride
     """DiffSynth-Studio tiled encode of ``video`` ``[B, 3, T, H, W]``; ``tile_size`` / ``tile_stride`` in latent units.
 
     Returns the normalised latent (``(mu - mean) * (1 / std)`` per tile, then blended) or, with
-    ``normalize=False``, the blended raw mean.  Pixel tiles are ``tile_size * vae.config.scale_factor_spatial``;
-    the blend border is ``(size - stride) // factor`` latent pixels.  Output on ``accumulate_device`` (CPU like the
-    reference; ``None`` keeps the input's device).
+    ``normalize=False``, the blended raw mean, ``[B, z, 1 + (T - 1) // 4, H // f, W // f]``.  Tiles, output
+    positions and blend masks are :func:`~.tile_enumeration.tile_grid` ``(..., "encode")``.  Output on
+    ``accumulate_device`` (CPU like the reference; ``None`` keeps the input's device).
     """
+    check_encode_size(vae, video)
     f = int(vae.config.scale_factor_spatial)
-    size = (tile_size[0] * f, tile_size[1] * f)
-    stride = (tile_stride[0] * f, tile_stride[1] * f)
-    border = ((size[0] - stride[0]) // f, (size[1] - stride[1]) // f)
+    height, width = video.shape[-2:]
+    tiles = tile_grid(height, width, tile_size, tile_stride, f, "encode")
 
     def run(tile):
         mu = encode_mean(vae, tile)
         return normalize_latents(vae, mu, mean, std) if normalize else mu
 
-    return _tiled(run, video, size, stride, lambda v: v // f, border, accumulate_device)
+    return _tiled(run, video, tiles, (height // f, width // f), accumulate_device)
 
 
 @torch.no_grad()
@@ -174,15 +164,17 @@ def tiled_decode(vae, latents: torch.Tensor, tile_size: Sequence[int], tile_stri
                  ) -> torch.Tensor:
     """DiffSynth-Studio tiled decode of ``latents`` ``[B, z, T, h, w]``; ``tile_size`` / ``tile_stride`` in latent units.
 
-    ``normalized`` latents are de-normalised per tile (``z / (1 / std) + mean``); the blend border is
-    ``(size - stride) * factor`` pixels; the blended video is clamped to ``[-1, 1]`` unless ``clamp=False``.
+    ``normalized`` latents are de-normalised per tile (``z / (1 / std) + mean``); tiles, output positions and blend
+    masks are :func:`~.tile_enumeration.tile_grid` ``(..., "decode")``; the blended video
+    ``[B, 3, 4 T - 3, h f, w f]`` is clamped to ``[-1, 1]`` unless ``clamp=False``.
     """
     f = int(vae.config.scale_factor_spatial)
-    border = ((tile_size[0] - tile_stride[0]) * f, (tile_size[1] - tile_stride[1]) * f)
+    height, width = latents.shape[-2:]
+    tiles = tile_grid(height, width, tile_size, tile_stride, f, "decode")
 
     def run(tile):
         z = denormalize_latents(vae, tile, mean, std) if normalized else tile
         return decode_unclamped(vae, z)
 
-    out = _tiled(run, latents, tuple(tile_size), tuple(tile_stride), lambda v: v * f, border, accumulate_device)
+    out = _tiled(run, latents, tiles, (height * f, width * f), accumulate_device)
     return out.clamp_(-1, 1) if clamp else out
