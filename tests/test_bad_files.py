@@ -410,6 +410,12 @@ def test_good_video_file_reads(tmp_path):
     path = _tiny_video(tmp_path / "ok.mp4")
     frames = read_video_file(path, "video")
     assert len(frames) == 5 and frames[0].size == (16, 16) and frames[0].mode == "RGB"
+    assert len(read_video_file(path, "video", max_frames=2)) == 2
+    gif = tmp_path / "ok.gif"
+    images = [PIL.Image.new("RGB", (8, 8), (i * 60, 0, 0)) for i in range(4)]
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=1000 / 32)  # 32 fps
+    frames = read_video_file(gif, "video", fps=16)  # every 2nd frame
+    assert len(frames) == 2 and frames[0].mode == "RGB"
 
 
 # ----------------------------------------------------------------------------------------------------- audio

@@ -220,29 +220,33 @@ _STILL_IMAGE_MAGIC = (("PNG", b"\x89PNG\r\n\x1a\n"), ("JPEG", b"\xff\xd8\xff"), 
 
 
 def _decode_video(path: str, fps: float | None, max_frames: int | None) -> list[PIL.Image.Image]:
+    """RGB frames of a video file (GIFs with PIL, everything else with imageio's ffmpeg reader)."""
     if path.lower().endswith(".gif"):
         with PIL.Image.open(path) as gif:
             src_fps = 1000 / gif.info["duration"] if gif.info.get("duration") else fps
-            frames_iter = [im.convert("RGB") for im in PIL.ImageSequence.Iterator(gif)]
-    else:
-        import imageio.v2 as imageio
+            frames = [im.convert("RGB") for im in PIL.ImageSequence.Iterator(gif)]
+        return _pick_frames(frames, src_fps, fps, max_frames)
+    import imageio.v2 as imageio
 
-        reader = imageio.get_reader(path, format="ffmpeg")
-        src_fps = reader.get_meta_data().get("fps") or fps
-        frames_iter = reader
-    step = max(1, round(float(src_fps) / fps)) if fps and src_fps else 1
-    frames = []
+    reader = imageio.get_reader(path, format="ffmpeg")
     try:
-        for i, frame in enumerate(frames_iter):
-            if i % step:
-                continue
-            frames.append(frame if isinstance(frame, PIL.Image.Image) else PIL.Image.fromarray(frame).convert("RGB"))
-            if max_frames is not None and len(frames) >= max_frames:
-                break
+        src_fps = reader.get_meta_data().get("fps") or fps
+        return _pick_frames(reader, src_fps, fps, max_frames)
     finally:
-        if hasattr(frames_iter, "close"):
-            frames_iter.close()
-    return frames
+        reader.close()
+
+
+def _pick_frames(frames: Any, src_fps: float | None, fps: float | None, max_frames: int | None) -> list:
+    """Every ``round(src_fps / fps)``-th frame (all without ``fps``), at most ``max_frames``, as RGB PIL images."""
+    step = max(1, round(float(src_fps) / fps)) if fps and src_fps else 1
+    out = []
+    for i, frame in enumerate(frames):
+        if i % step:
+            continue
+        out.append(frame if isinstance(frame, PIL.Image.Image) else PIL.Image.fromarray(frame).convert("RGB"))
+        if max_frames is not None and len(out) >= max_frames:
+            break
+    return out
 
 
 _WAV_EXTS = (".wav", ".wave")
