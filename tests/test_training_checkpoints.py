@@ -215,3 +215,12 @@ def test_bad_metadata_fails_before_the_model_loads(data, tmp_path, capsys):
               str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and "metadata.csv row 1 (line 3)" in err[0]
+
+
+def test_a_pickled_weights_file_is_refused_for_full_finetuning(run_args, tmp_path):
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(pickle.dumps(Exploit()))
+    args = [a for a in run_args if a not in ("--lora_base_model", "dit")] + ["--trainable_models", "dit"]
+    with pytest.raises(ValueError, match=r"\.safetensors file"):
+        trainer(args, "--output_path", tmp_path / "o", "--resume_from_checkpoint", weights)
+    assert not MARKER.exists()

@@ -433,6 +433,9 @@ class WanTrainer:
         else:
             path = Path(given)
         if path.is_file():  # DiffSynth-Studio semantics: a weights file, nothing else
+            if not self.is_lora and path.suffix != ".safetensors":
+                raise ValueError(f"--resume_from_checkpoint {path}: weights of a full fine-tuning resume from a "
+                                 f".safetensors file (e.g. a checkpoint's {TRAINABLE_WEIGHTS})")
             return path, None
         if not path.is_dir():
             raise ValueError(f"--resume_from_checkpoint {path}: no such checkpoint folder or weights file")
