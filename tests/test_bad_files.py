@@ -68,9 +68,9 @@ def assert_clear_error(fn: Callable[[], Any], path: Path, unblock: Path | None =
 # ------------------------------------------------------------------------------------------------- file makers
 
 
-def png_bytes(arr: np.ndarray, color_type: int, bit_depth: int = 16) -> bytes:
+def png_bytes(arr: np.ndarray, color_type: int, bit_depth: int = 16, size: tuple[int, int] | None = None) -> bytes:
     """A PNG with ``bit_depth``-bit samples (which PIL cannot write for RGB / RGBA): 0 gray, 2 RGB, 4 gray+alpha,
-    6 RGBA."""
+    6 RGBA; ``size`` (width, height) overrides the size the header announces."""
     h, w = arr.shape[:2]
     dtype = ">u2" if bit_depth == 16 else "u1"
     raw = b"".join(b"\x00" + arr[y].astype(dtype).tobytes() for y in range(h))
@@ -78,7 +78,7 @@ def png_bytes(arr: np.ndarray, color_type: int, bit_depth: int = 16) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", *(size or (w, h)), bit_depth, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
@@ -262,18 +262,19 @@ def _image_cases(tmp: Path) -> dict[str, tuple[Path, Path | None]]:
     (tmp / "dir.png").mkdir()
     cases["dir.png"] = (tmp / "dir.png", None)
     # a PNG header announcing 60000 x 60000 pixels (a decompression bomb)
-    bomb = png_bytes(np.zeros((1, 1), np.uint8), 0, 8).replace(struct.pack(">II", 1, 1), struct.pack(">II", 60000, 60000), 1)
+    bomb = png_bytes(np.zeros((1, 1), np.uint8), 0, 8, size=(60000, 60000))
     cases["bomb.png"] = (write(tmp / "bomb.png", bomb), None)
     return cases
 
 
-IMAGE_CASES = ["text.png", "empty.png", "truncated.png", "truncated.jpg", "fifo.png", "dir.png", "bomb.png"]
+IMAGE_CASES = {"text.png": "not an image", "empty.png": "empty", "truncated.png": "truncated",
+               "truncated.jpg": "truncated", "fifo.png": "fifo", "dir.png": "directory", "bomb.png": "too large"}
 
 
-@pytest.mark.parametrize("case", IMAGE_CASES)
+@pytest.mark.parametrize("case", list(IMAGE_CASES))
 def test_bad_image_file(tmp_path, case):
     path, unblock = _image_cases(tmp_path)[case]
-    assert_clear_error(lambda: load_image(path, 16, 16), path, unblock)
+    assert_clear_error(lambda: load_image(path, 16, 16), path, unblock, IMAGE_CASES[case])
 
 
 def _to_u8(t: torch.Tensor) -> np.ndarray:
@@ -369,13 +370,13 @@ def _tiny_video(path: Path, frames: int = 5) -> Path:
     return path
 
 
-def _audio_only_mp4(path: Path) -> Path:
+def _ffmpeg_file(path: Path, *args: str) -> Path:
     import subprocess
 
     import imageio_ffmpeg
 
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono",
-                    "-t", "0.2", "-c:a", "aac", str(path)], check=True, capture_output=True)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", *args, str(path)], check=True,
+                   capture_output=True)
     return path
 
 
@@ -385,17 +386,22 @@ def _video_cases(tmp: Path) -> dict[str, tuple[Path, Path | None]]:
     cases["text.mp4"] = (write(tmp / "text.mp4", b"not a video\n" * 10), None)
     cases["png_named.mp4"] = (write(tmp / "png.mp4", png_bytes(np.zeros((4, 4), np.uint8), 0, 8)), None)
     cases["truncated.mp4"] = (truncated(_tiny_video(tmp / "t.mp4"), 0.3), None)
-    cases["no_video_stream.mp4"] = (_audio_only_mp4(tmp / "audio_only.mp4"), None)
+    cases["no_video_stream.mp4"] = (
+        _ffmpeg_file(tmp / "audio_only.mp4", "-i", "anullsrc=r=16000:cl=mono", "-t", "0.2", "-c:a", "aac"), None)
+    cases["zero_frames.mp4"] = (
+        _ffmpeg_file(tmp / "zero.mp4", "-i", "color=c=black:s=16x16:r=16", "-frames:v", "0", "-c:v", "libx264"), None)
     cases["fifo.mp4"] = (fifo(tmp / "fifo.mp4"), tmp / "fifo.mp4")
     (tmp / "dir.mp4").mkdir()
     cases["dir.mp4"] = (tmp / "dir.mp4", None)
     return cases
 
 
-VIDEO_CASES = ["empty.mp4", "text.mp4", "png_named.mp4", "truncated.mp4", "no_video_stream.mp4", "fifo.mp4", "dir.mp4"]
+VIDEO_CASES = {"empty.mp4": "empty", "text.mp4": "invalid data", "png_named.mp4": "png image",
+               "truncated.mp4": "moov atom not found", "no_video_stream.mp4": "no video stream",
+               "zero_frames.mp4": "no video stream", "fifo.mp4": "fifo", "dir.mp4": "directory"}
 
 
-@pytest.mark.parametrize("case", VIDEO_CASES)
+@pytest.mark.parametrize("case", list(VIDEO_CASES))
 @pytest.mark.parametrize("reader", ["load_video_frames", "load_pose_video"])
 def test_bad_video_file(tmp_path, case, reader):
     path, unblock = _video_cases(tmp_path)[case]
@@ -403,7 +409,7 @@ def test_bad_video_file(tmp_path, case, reader):
         fn = lambda: load_video_frames(path, 5, 16, 16)  # noqa: E731
     else:
         fn = lambda: load_pose_video(path, 16, 16)  # noqa: E731
-    assert_clear_error(fn, path, unblock)
+    assert_clear_error(fn, path, unblock, VIDEO_CASES[case])
 
 
 def test_good_video_file_reads(tmp_path):
@@ -435,14 +441,15 @@ def _audio_cases(tmp: Path) -> dict[str, tuple[Path, Path | None]]:
     return cases
 
 
-AUDIO_CASES = ["text.wav", "empty.wav", "no_samples.wav", "truncated_header.wav", "png_named.wav", "text.mp3",
-               "fifo.wav", "dir.wav"]
+AUDIO_CASES = {"text.wav": "invalid data", "empty.wav": "empty", "no_samples.wav": "no audio samples",
+               "truncated_header.wav": "invalid data", "png_named.wav": "no audio stream", "text.mp3": "cannot decode",
+               "fifo.wav": "fifo", "dir.wav": "directory"}
 
 
-@pytest.mark.parametrize("case", AUDIO_CASES)
+@pytest.mark.parametrize("case", list(AUDIO_CASES))
 def test_bad_audio_file(tmp_path, case):
     path, unblock = _audio_cases(tmp_path)[case]
-    assert_clear_error(lambda: load_audio(path), path, unblock)
+    assert_clear_error(lambda: load_audio(path), path, unblock, AUDIO_CASES[case])
 
 
 def test_good_wav_reads(tmp_path):

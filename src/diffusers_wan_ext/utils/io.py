@@ -100,7 +100,8 @@ def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     if stat.S_ISREG(mode):
         return path
     kind = next((k for test, k in _NOT_REGULAR if test(mode)), "not a regular file")
-    raise ConversionError(f"{path}: is {kind}, not a {what}; pass the {what} itself")
+    article = "an" if what[:1] in "aeiou" else "a"
+    raise ConversionError(f"{path}: is {kind}, not {article} {what}; pass the {what} itself")
 
 
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the limit of the safetensors reader

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import struct
 import subprocess
 import wave
@@ -210,10 +211,23 @@ def read_video_file(
     try:
         frames = _decode_video(path, fps, max_frames)
     except Exception as e:  # noqa: BLE001 - imageio / ffmpeg / PIL raise many kinds for bad files
-        raise ValueError(f"{name}: cannot read {path} as a video ({type(e).__name__}: {one_line(e)})") from None
+        raise ValueError(f"{name}: cannot read {path} as a video ({ffmpeg_reason(e, 'video')})") from None
     if not frames:
         raise ValueError(f"{name}: {path} has no video frames")
     return frames
+
+
+_FFMPEG_LOG_LINE = re.compile(r"^\[[^\]]*@[^\]]*\]\s*(.+?)\s*$", re.M)
+
+
+def ffmpeg_reason(error: BaseException | str, stream: str) -> str:
+    """What ffmpeg said about a file, in one line: its last two ``[demuxer @ 0x...] message`` log lines (imageio
+    puts them after a generic first line such as "Could not load meta information"), else the first line of
+    ``error``."""
+    found = list(dict.fromkeys(m.group(1) for m in _FFMPEG_LOG_LINE.finditer(str(error))))
+    if any("does not contain any stream" in line for line in found):
+        return f"the file has no {stream} stream"
+    return "; ".join(found[-2:]) if found else one_line(error)
 
 
 _STILL_IMAGE_MAGIC = (("PNG", b"\x89PNG\r\n\x1a\n"), ("JPEG", b"\xff\xd8\xff"), ("BMP", b"BM"))
@@ -291,7 +305,7 @@ def _decode_audio_with_ffmpeg(path: str, rate: int, name: str) -> np.ndarray:
            "-acodec", "pcm_f32le", "-ac", "1", "-ar", str(rate), "-"]
     proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
-        detail = one_line(proc.stderr.decode(errors="replace")) if proc.stderr.strip() else f"exit {proc.returncode}"
+        detail = ffmpeg_reason(proc.stderr.decode(errors="replace"), "audio") if proc.stderr.strip() else "no output"
         raise ValueError(f"{name}: cannot decode audio from {path} (ffmpeg: {detail})")
     return np.frombuffer(proc.stdout, "<f4").astype(np.float32)
 
