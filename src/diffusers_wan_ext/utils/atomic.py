@@ -110,6 +110,8 @@ def _owner_record() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: assume alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -157,7 +159,7 @@ def remove_stale(dst: str | os.PathLike) -> list[Path]:
         return cleaned
     for kind in (OLD, PARTIAL):
         prefix = f".{dst.name}.{kind}-"
-        for p in sorted(dst.parent.glob(f".{dst.name}.{kind}-*")):
+        for p in sorted(q for q in dst.parent.iterdir() if q.name.startswith(prefix)):
             pid = _name_pid(p.name, prefix)
             if pid is None or p in _OWN or (pid == os.getpid() and kind == OLD):
                 continue
