@@ -200,12 +200,12 @@ def convert_longcat_release(src: str | os.PathLike, dst: str | os.PathLike, opti
             "with x_embedder.* and blocks.N.attn.qkv.* keys, or pass --transformer)"
         )
     paths = _component_paths(src, root, options)
-    bar = progress_bar(1 if options.transformer_only else 5, options.progress)
-    bar.set_postfix_str("transformer")
-    model = with_path(dit, lambda: load_longcat_transformer_from_original(dit, torch_dtype=torch_dtype))
-    bar.update()
-    components = {} if options.transformer_only else _load_components(model, paths, root, torch_dtype, bar)
-    with atomic_output_dir(dst, overwrite=options.overwrite) as tmp:
+    with atomic_output_dir(dst, overwrite=options.overwrite) as tmp:  # claimed before loading
+        bar = progress_bar(1 if options.transformer_only else 5, options.progress)
+        bar.set_postfix_str("transformer")
+        model = with_path(dit, lambda: load_longcat_transformer_from_original(dit, torch_dtype=torch_dtype))
+        bar.update()
+        components = {} if options.transformer_only else _load_components(model, paths, root, torch_dtype, bar)
         if options.transformer_only:
             model.save_pretrained(tmp, max_shard_size=options.max_shard_size)
         else:
