@@ -81,7 +81,7 @@ def test_launcher_rejects_bad_values(flag, value, fragment, capsys, no_model_loa
 
 # --------------------------------------------------------------------------------- folder-level checks
 def test_catalogue_of_bad_invocations(converted, files, tmp_path, capsys, no_model_load):
-    t2v, i2v, ti2v = converted("t2v"), converted("i2v"), converted("ti2v")
+    t2v, i2v, ti2v, flf2v = converted("t2v"), converted("i2v"), converted("ti2v"), converted("flf2v")
     out = ["--output", str(tmp_path / "v.mp4")]
     no_index = tmp_path / "no_index"
     no_index.mkdir()
@@ -111,7 +111,8 @@ def test_catalogue_of_bad_invocations(converted, files, tmp_path, capsys, no_mod
         ([i2v, "--image", str(files / "missing.png")], "--image: " + str(files / "missing.png") + " does not exist"),
         ([i2v, "--image", str(files / "folder")], "is not a file"),
         ([i2v, "--image", txt], "--image: " + txt + " is not an image"),
-        ([i2v, "--image", png, "--last-image", str(files / "missing.png")], "--last-image:"),
+        ([flf2v, "--image", png, "--last-image", str(files / "missing.png")], "--last-image: "),
+        ([i2v, "--image", png, "--last-image", png], "--last-image: the transformer of"),  # I2V, not FLF2V
         ([t2v, "--pose-video", txt], "--pose-video: only for Wan2.2-Animate"),
         ([t2v, "--video", txt], "--video: only for LongCat-Video"),
         ([no_index], "has no model_index.json"),

@@ -103,13 +103,26 @@ def model_folder(model: str) -> Path:
     return path
 
 
+#: the libraries whose classes are resolved by name here (this package registers its classes with Diffusers)
+OWN_LIBRARIES = ("diffusers", "diffusers_wan_ext")
+
+
+def own_class(name: str) -> type | None:
+    """A Diffusers class or one of this package's, by name."""
+    cls = getattr(diffusers, name, None)
+    if isinstance(cls, type):
+        return cls
+    return next((c for c in registered_classes() if c.__name__ == name), None)
+
+
 def component_class_exists(library: str, name: str) -> bool:
-    """Whether ``library.name`` is installed (Diffusers classes include this package's registered ones)."""
-    if library == "diffusers":
-        return hasattr(diffusers, name) or any(c.__name__ == name for c in registered_classes())
+    """Whether ``library.name`` is installed (other libraries than Diffusers / this package / transformers are left
+    to ``from_pretrained``)."""
+    if library in OWN_LIBRARIES:
+        return own_class(name) is not None
     if library == "transformers":
         return hasattr(transformers, name)
-    return True  # another library: left to from_pretrained
+    return True
 
 
 def check_components(folder: Path, index: dict[str, Any], trust_remote_code: bool) -> None:
@@ -126,17 +139,25 @@ def check_components(folder: Path, index: dict[str, Any], trust_remote_code: boo
                              f"in {library} (upgrade it, or pass --trust-remote-code for the folder's own code)")
 
 
-def pipeline_class(name: Any, trust_remote_code: bool = False) -> type | None:
+def class_entry(entry: Any) -> tuple[str, str]:
+    """``(library, class name)`` of a ``_class_name`` entry: ``"WanPipeline"`` or ``["diffusers_wan_ext", "..."]``."""
+    if isinstance(entry, str):
+        return "diffusers", entry
+    if isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry):
+        return entry[0], entry[1]
+    raise ValueError(f"--model: model_index.json has no valid _class_name (found {entry!r})")
+
+
+def pipeline_class(entry: Any, trust_remote_code: bool = False) -> type | None:
     """The pipeline class ``model_index.json`` names (``_class_name``): Diffusers' or this package's; ``None`` for
     custom code allowed by ``trust_remote_code``."""
-    if isinstance(name, str):
-        ours = {c.__name__: c for c in registered_classes()}
-        cls = getattr(diffusers, name, None) or ours.get(name)
-        if isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline):
-            return cls
+    library, name = class_entry(entry)
+    cls = own_class(name) if library in OWN_LIBRARIES else None
+    if cls is not None and issubclass(cls, diffusers.DiffusionPipeline):
+        return cls
     if trust_remote_code:
         return None
-    raise ValueError(f"--model: model_index.json names the pipeline {name!r}, which neither diffusers "
+    raise ValueError(f"--model: model_index.json names the pipeline {library}.{name}, which neither diffusers "
                      f"{diffusers.__version__} nor diffusers_wan_ext provides (upgrade them, or pass "
                      "--trust-remote-code for custom pipeline code)")
 
@@ -157,16 +178,17 @@ def call_inputs(cls: type) -> dict[str, tuple[bool, Any]]:
     return out
 
 
-def size_factors(folder: Path, index: dict[str, Any]) -> tuple[int, int, int]:
+def component_config(folder: Path, index: dict[str, Any], name: str) -> dict[str, Any]:
+    """``NAME/config.json`` of a component ``model_index.json`` lists (``{}`` when it has none)."""
+    path = folder / name / "config.json"
+    return read_json(path, "--model") if name in index and path.is_file() else {}
+
+
+def size_factors(vae: dict[str, Any], transformer: dict[str, Any]) -> tuple[int, int, int]:
     """(VAE spatial factor, VAE temporal factor, transformer patch) from the component configs."""
-    spatial, temporal, patch = 8, 4, 2
-    if "vae" in index and (folder / "vae" / "config.json").is_file():
-        vae = read_json(folder / "vae" / "config.json", "--model")
-        spatial, temporal = vae.get("scale_factor_spatial", spatial), vae.get("scale_factor_temporal", temporal)
-    if "transformer" in index and (folder / "transformer" / "config.json").is_file():
-        p = read_json(folder / "transformer" / "config.json", "--model").get("patch_size", patch)
-        patch = p[-1] if isinstance(p, (list, tuple)) else p
-    return int(spatial), int(temporal), int(patch)
+    p = transformer.get("patch_size", 2)
+    patch = p[-1] if isinstance(p, (list, tuple)) else p
+    return int(vae.get("scale_factor_spatial", 8)), int(vae.get("scale_factor_temporal", 4)), int(patch)
 
 
 def upgraded_class(folder_class: str, cls: type) -> type:
@@ -229,8 +251,14 @@ def read_image(path: str, what: str):
         raise ValueError(f"{what}: {path} is not an image PIL can read ({type(e).__name__}: {e})") from None
 
 
-def image_arguments(args: argparse.Namespace, cls: type, inputs: dict, kw: dict, model: str) -> None:
-    """``--image`` / ``--last-image``: only for pipelines that take them; loaded now (a bad file fails early)."""
+def image_arguments(args: argparse.Namespace, cls: type, inputs: dict, kw: dict, model: str,
+                    transformer: dict[str, Any]) -> None:
+    """``--image`` / ``--last-image``: only for pipelines that take them; loaded now (a bad file fails early).
+
+    ``last_image`` (stock semantics: the CLIP features of both frames) also needs a transformer with the
+    first-last-frame position embedding (``pos_embed_seq_len``) when it has a CLIP branch (``image_dim``): an I2V
+    transformer would fail on the second frame's tokens after loading.
+    """
     if args.image is not None:
         if "image" not in inputs:
             raise ValueError(f"--image: {cls.__name__} (the pipeline of {model}) takes no image; it generates from "
@@ -240,6 +268,9 @@ def image_arguments(args: argparse.Namespace, cls: type, inputs: dict, kw: dict,
         param = next((p for p in LAST_IMAGE_PARAMETERS if p in inputs), None)
         if param is None:
             raise ValueError(f"--last-image: {cls.__name__} (the pipeline of {model}) takes no last frame")
+        if param == "last_image" and transformer.get("image_dim") and not transformer.get("pos_embed_seq_len"):
+            raise ValueError(f"--last-image: the transformer of {model} has no first-last-frame embedding "
+                             "(pos_embed_seq_len in transformer/config.json): an image-to-video model, not FLF2V")
         kw[param] = read_image(args.last_image, "--last-image")
 
 
@@ -308,8 +339,9 @@ def check_generate(args: argparse.Namespace) -> GeneratePlan:
     folder = model_folder(args.model)
     index = read_json(folder / "model_index.json", "--model")
     check_components(folder, index, args.trust_remote_code)
-    folder_class = index.get("_class_name")
-    cls = pipeline_class(folder_class, args.trust_remote_code)
+    entry = index.get("_class_name")
+    cls = pipeline_class(entry, args.trust_remote_code)
+    folder_class = class_entry(entry)[1]
     variant = folder / "wan_variant.json"
     defaults = read_json(variant, "--model") if variant.is_file() else {}
     kw: dict[str, Any] = {"prompt": args.prompt}
@@ -321,13 +353,15 @@ def check_generate(args: argparse.Namespace) -> GeneratePlan:
             kw["image"] = read_image(args.image, "--image")
     else:
         cls = upgraded_class(folder_class, cls)
-        inputs = merged_inputs(pipeline_class(folder_class), cls)
+        inputs = merged_inputs(pipeline_class(entry), cls)
         sampling_arguments(args, cls, inputs, defaults, kw)
-        frame_arguments(args, cls, inputs, defaults, kw, size_factors(folder, index))
-        image_arguments(args, cls, inputs, kw, args.model)
+        transformer = component_config(folder, index, "transformer")
+        factors = size_factors(component_config(folder, index, "vae"), transformer)
+        frame_arguments(args, cls, inputs, defaults, kw, factors)
+        image_arguments(args, cls, inputs, kw, args.model, transformer)
         options = family_options(args, folder_class, cls, args.model)
         check_required(cls, inputs, kw, options)
     loras = lora_requests(args, folder, index)
     output = check_output_file(args.output, args.overwrite)
     fps = args.fps if args.fps is not None else int(defaults.get("fps", 16))
-    return GeneratePlan(folder, str(folder_class), cls, kw, fps, output, options, loras)
+    return GeneratePlan(folder, folder_class, cls, kw, fps, output, options, loras)
