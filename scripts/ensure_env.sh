@@ -5,7 +5,7 @@
 # (its index and find-links: pip config list) and only as a CPU build: a torch wheel in pip's find-links is preferred,
 # and if what pip would install is a CUDA build, this stops and asks you to install torch first
 # (https://pytorch.org/get-started/locally/ gives the command for your platform, CPU or CUDA).
-# TORCH_INDEX_URL=<url>: take torch (any build: you chose it) from that package index instead.
+# TORCH_INDEX_URL=<url>: resolve torch with that package index instead (e.g. PyTorch's CPU index); still CPU only.
 # DWE_EXTRAS (default test): the extras of the editable install; DWE_REINSTALL=1 reinstalls the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,26 +32,31 @@ EOF
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
-    say "installing torch from TORCH_INDEX_URL=$TORCH_INDEX_URL"
-    "$PY" -m pip install -q torch --index-url "$TORCH_INDEX_URL"
+    where="TORCH_INDEX_URL=$TORCH_INDEX_URL"
+    source_args=(--index-url "$TORCH_INDEX_URL")
+    read -r version build < <(resolve "${source_args[@]}"; echo) || true
   else
+    where="pip's configured sources"
+    source_args=()
     read -r version build < <(resolve --no-index; echo) || true       # a wheel in pip's find-links
     if [ -z "${version:-}" ] || [ "$build" != cpu ]; then
       read -r version build < <(resolve; echo) || true                 # pip's configured indexes
     fi
-    if [ -z "${version:-}" ]; then
-      say "error: pip finds no torch to install; install torch first (https://pytorch.org/get-started/locally/)" >&2
-      exit 1
-    fi
-    if [ "$build" != cpu ]; then
-      say "error: pip would install torch $version, a CUDA build (several GB). Install the torch you want first" \
-          "(CUDA or CPU: https://pytorch.org/get-started/locally/ ), or set TORCH_INDEX_URL to PyTorch's CPU index," \
-          "then run this again." >&2
-      exit 1
-    fi
-    say "installing torch $version (CPU build) from pip's configured sources"
-    "$PY" -m pip install -q "torch==$version"
   fi
+  if [ -z "${version:-}" ]; then
+    say "error: pip finds no torch to install from $where; install torch first" \
+        "(https://pytorch.org/get-started/locally/ )" >&2
+    exit 1
+  fi
+  if [ "$build" != cpu ]; then
+    say "error: pip would install torch $version from $where, a CUDA build (several GB). Install the torch you want" \
+        "first (CUDA or CPU: https://pytorch.org/get-started/locally/ ), or set TORCH_INDEX_URL to PyTorch's CPU" \
+        "index, then run this again." >&2
+    exit 1
+  fi
+  say "installing torch $version (CPU build) from $where"
+  # the exact version (its "+cpu" label included), so that no other configured index swaps the build
+  "$PY" -m pip install -q "torch==$version" ${source_args[@]+"${source_args[@]}"}
 fi
 extras=${DWE_EXTRAS:-test}
 if [ "${DWE_REINSTALL:-0}" = 1 ] || ! "$PY" -c "import diffusers_wan_ext, pytest" >/dev/null 2>&1; then
