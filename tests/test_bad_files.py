@@ -2,8 +2,9 @@
 a ``ValueError`` or ``ConversionError``, never a traceback from deep inside a reader, a hang or a silently wrong
 result -- and the odd but valid images (16-bit, 1x1, grayscale, palette, alpha, EXIF-rotated) load correctly.
 
-Every case runs in a thread joined with a timeout, so a reader that blocks (a FIFO opened for reading) fails the test
-instead of hanging the suite; the FIFO is then opened for writing to release the thread.
+Every case runs in a thread joined with a timeout, so a reader that blocks fails the test instead of hanging the
+suite; for FIFO cases a watchdog process opens the FIFO for writing after the timeout, which releases a reader blocked
+in ``open()`` even when it holds the GIL (the old ``safetensors`` route did: the whole process hung).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import wave
 import zlib
@@ -33,8 +36,19 @@ from diffusers_wan_ext.utils.media import load_image, load_video_frames, read_im
 TIMEOUT_S = 30
 
 
+# Opens the FIFO for writing after a delay, from another process: a reader blocked in open() -- even one holding the
+# GIL, as a native reader can -- gets a writer and then EOF.  Exit status 3 means a reader was blocked.
+_FIFO_WATCHDOG = (
+    "import os, sys, time\n"
+    "time.sleep(float(sys.argv[2]))\n"
+    "try:\n    os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK))\nexcept OSError:\n    sys.exit(0)\n"
+    "sys.exit(3)\n"
+)
+
+
 def run_bounded(fn: Callable[[], Any], unblock: Path | None = None) -> tuple[Any, BaseException | None]:
-    """``fn()`` in a thread: ``(result, exception)``; fails the test if it has not returned after ``TIMEOUT_S``."""
+    """``fn()`` in a thread: ``(result, exception)``; fails the test if it has not returned after ``TIMEOUT_S`` or
+    if it blocked opening the FIFO ``unblock`` (released by a watchdog process)."""
     out: dict[str, Any] = {}
 
     def target():
@@ -43,12 +57,18 @@ def run_bounded(fn: Callable[[], Any], unblock: Path | None = None) -> tuple[Any
         except BaseException as e:  # noqa: BLE001 - the test inspects it
             out["error"] = e
 
+    watchdog = None
+    if unblock is not None:
+        watchdog = subprocess.Popen([sys.executable, "-c", _FIFO_WATCHDOG, str(unblock), str(TIMEOUT_S)])
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    thread.join(TIMEOUT_S)
-    if thread.is_alive():
-        if unblock is not None and unblock.exists():  # a reader blocked in open(): give it a writer, then EOF
-            os.close(os.open(unblock, os.O_WRONLY | os.O_NONBLOCK))
+    thread.join(TIMEOUT_S + 5)
+    blocked = False
+    if watchdog is not None:
+        if watchdog.poll() is None:
+            watchdog.kill()
+        blocked = watchdog.wait() == 3
+    if thread.is_alive() or blocked:
         pytest.fail(f"reading {unblock or 'the file'} did not return within {TIMEOUT_S} s (it blocks)")
     return out.get("value"), out.get("error")
 
@@ -128,8 +148,8 @@ def wav_file(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
 def _weights_cases(tmp: Path) -> dict[str, tuple[Path, str | None, Path | None]]:
     """name -> (file, expected word in the message, FIFO to release)."""
     cases = {}
-    cases["fifo.safetensors"] = (fifo(tmp / "fifo.safetensors"), "fifo", tmp / "fifo.safetensors")
-    cases["fifo.pth"] = (fifo(tmp / "fifo.pth"), "fifo", tmp / "fifo.pth")
+    cases["fifo.safetensors"] = (fifo(tmp / "p.safetensors"), "fifo", tmp / "p.safetensors")
+    cases["fifo.pth"] = (fifo(tmp / "p.pth"), "fifo", tmp / "p.pth")
     zero = tmp / "zero.safetensors"
     zero.symlink_to("/dev/zero")
     cases["dev_zero_link.safetensors"] = (zero, "device", None)
@@ -139,7 +159,7 @@ def _weights_cases(tmp: Path) -> dict[str, tuple[Path, str | None, Path | None]]
     (tmp / "dir.safetensors").mkdir()
     cases["dir.safetensors"] = (tmp / "dir.safetensors", "directory", None)
     cases["socket.safetensors"] = (unix_socket(tmp, "s.safetensors"), "socket", None)
-    cases["empty.safetensors"] = (write(tmp / "empty.safetensors", b""), "empty", None)
+    cases["empty.safetensors"] = (write(tmp / "e.safetensors", b""), "empty", None)
     cases["truncated_data.safetensors"] = (truncated(safetensors_file(tmp / "t1.safetensors"), 0.5), "truncated", None)
     cases["truncated_header.safetensors"] = (truncated(safetensors_file(tmp / "t2.safetensors"), 20), "truncated", None)
     cases["text.safetensors"] = (write(tmp / "text.safetensors", b"hello, this is not a weights file\n"), None, None)
@@ -164,7 +184,7 @@ def _weights_cases(tmp: Path) -> dict[str, tuple[Path, str | None, Path | None]]
     torch.save({"w": torch.ones(256)}, zip_trunc)
     cases["zip_truncated.pth"] = (truncated(zip_trunc, 0.5), None, None)
     cases["text.pth"] = (write(tmp / "text.pth", b"not a pickle at all\n"), None, None)
-    cases["empty.pth"] = (write(tmp / "empty.pth", b""), "empty", None)
+    cases["empty.pth"] = (write(tmp / "e.pth", b""), "empty", None)
     index = tmp / "model.safetensors.index.json"
     index.write_bytes(b'{"weight_map": {"caf\xe9": "a.safetensors"}}')
     cases["latin1.safetensors.index.json"] = (index, "utf-8", None)
@@ -225,7 +245,7 @@ def test_non_utf8_json(tmp_path, name):
     assert_clear_error(lambda: read_json(path), path, match="utf-8")
     bad = write(tmp_path / ("x" + name), b'{"a": 1,,}')
     assert_clear_error(lambda: read_json(bad), bad, match="json")
-    fifo_json = fifo(tmp_path / ("fifo_" + name))
+    fifo_json = fifo(tmp_path / ("p_" + name))
     assert_clear_error(lambda: read_json(fifo_json), fifo_json, fifo_json, "fifo")
 
 
@@ -251,14 +271,14 @@ def test_non_utf8_config_of_release_folders(tmp_path):
 def _image_cases(tmp: Path) -> dict[str, tuple[Path, Path | None]]:
     cases = {}
     cases["text.png"] = (write(tmp / "text.png", b"this is a text file, not a PNG\n"), None)
-    cases["empty.png"] = (write(tmp / "empty.png", b""), None)
+    cases["empty.png"] = (write(tmp / "e.png", b""), None)
     good = tmp / "good.png"
     PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
     cases["truncated.png"] = (truncated(good, 0.5), None)
     jpg = tmp / "good.jpg"
     PIL.Image.new("RGB", (64, 64), (10, 200, 30)).save(jpg, quality=95)
     cases["truncated.jpg"] = (truncated(jpg, 0.4), None)
-    cases["fifo.png"] = (fifo(tmp / "fifo.png"), tmp / "fifo.png")
+    cases["fifo.png"] = (fifo(tmp / "p.png"), tmp / "p.png")
     (tmp / "dir.png").mkdir()
     cases["dir.png"] = (tmp / "dir.png", None)
     # a PNG header announcing 60000 x 60000 pixels (a decompression bomb)
@@ -371,8 +391,6 @@ def _tiny_video(path: Path, frames: int = 5) -> Path:
 
 
 def _ffmpeg_file(path: Path, *args: str) -> Path:
-    import subprocess
-
     import imageio_ffmpeg
 
     subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", *args, str(path)], check=True,
@@ -382,7 +400,7 @@ def _ffmpeg_file(path: Path, *args: str) -> Path:
 
 def _video_cases(tmp: Path) -> dict[str, tuple[Path, Path | None]]:
     cases = {}
-    cases["empty.mp4"] = (write(tmp / "empty.mp4", b""), None)
+    cases["empty.mp4"] = (write(tmp / "e.mp4", b""), None)
     cases["text.mp4"] = (write(tmp / "text.mp4", b"not a video\n" * 10), None)
     cases["png_named.mp4"] = (write(tmp / "png.mp4", png_bytes(np.zeros((4, 4), np.uint8), 0, 8)), None)
     cases["truncated.mp4"] = (truncated(_tiny_video(tmp / "t.mp4"), 0.3), None)
@@ -390,7 +408,7 @@ def _video_cases(tmp: Path) -> dict[str, tuple[Path, Path | None]]:
         _ffmpeg_file(tmp / "audio_only.mp4", "-i", "anullsrc=r=16000:cl=mono", "-t", "0.2", "-c:a", "aac"), None)
     cases["zero_frames.mp4"] = (
         _ffmpeg_file(tmp / "zero.mp4", "-i", "color=c=black:s=16x16:r=16", "-frames:v", "0", "-c:v", "libx264"), None)
-    cases["fifo.mp4"] = (fifo(tmp / "fifo.mp4"), tmp / "fifo.mp4")
+    cases["fifo.mp4"] = (fifo(tmp / "p.mp4"), tmp / "p.mp4")
     (tmp / "dir.mp4").mkdir()
     cases["dir.mp4"] = (tmp / "dir.mp4", None)
     return cases
@@ -430,12 +448,12 @@ def test_good_video_file_reads(tmp_path):
 def _audio_cases(tmp: Path) -> dict[str, tuple[Path, Path | None]]:
     cases = {}
     cases["text.wav"] = (write(tmp / "text.wav", b"not audio at all\n" * 10), None)
-    cases["empty.wav"] = (write(tmp / "empty.wav", b""), None)
+    cases["empty.wav"] = (write(tmp / "e.wav", b""), None)
     cases["no_samples.wav"] = (wav_file(tmp / "silent.wav", np.zeros(0)), None)
     cases["truncated_header.wav"] = (truncated(wav_file(tmp / "th.wav", np.zeros(100)), 20), None)
     cases["png_named.wav"] = (write(tmp / "png.wav", png_bytes(np.zeros((4, 4), np.uint8), 0, 8)), None)
     cases["text.mp3"] = (write(tmp / "text.mp3", b"not audio at all\n" * 10), None)
-    cases["fifo.wav"] = (fifo(tmp / "fifo.wav"), tmp / "fifo.wav")
+    cases["fifo.wav"] = (fifo(tmp / "p.wav"), tmp / "p.wav")
     (tmp / "dir.wav").mkdir()
     cases["dir.wav"] = (tmp / "dir.wav", None)
     return cases
