@@ -163,7 +163,7 @@ def test_a_changed_dataset_is_named(run_args, data, converted, tmp_path):
             str(converted("t2v")), *COMMON, "--lora_base_model", "dit", "--max_train_steps", "1", "--save_steps", "1"]
     run_training(parse_args(args + ["--output_path", str(tmp_path / "a")]))
     with open(copy / "metadata.csv", "a") as f:
-        f.write("videos/clip_000.mp4,one more row\n")
+        f.write("videos/clip_0.mp4,one more row\n")
     with pytest.raises(ValueError, match="the dataset metadata content changed"):
         WanTrainer(parse_args(args + ["--output_path", str(tmp_path / "a"), "--resume_from_checkpoint", "latest"]))
 
@@ -189,11 +189,11 @@ def _rewrite(path: Path, payload: bytes) -> Path:
 
 
 @pytest.mark.parametrize("name,payload,label", [
-    ("m.csv", b"video,prompt\nvideos/clip_000.mp4,ok\nvideos/clip_001.mp4,caf\xe9\n", "m.csv row 1 (line 3)"),
-    ("m.csv", b"video,prompt\nvideos/clip_000.mp4,ok\nvideos/clip_001.mp4,a,b\n", "m.csv row 1 (line 3)"),
-    ("m.json", b'[{"video": "videos/clip_000.mp4", "prompt": "ok"},\n {"video": "x" "prompt": "y"}]', "m.json line 2"),
-    ("m.jsonl", b'{"video": "videos/clip_000.mp4", "prompt": "ok"}\n{"video": \n', "m.jsonl row 1 (line 2)"),
-    ("m.jsonl", b'{"video": "videos/clip_000.mp4", "prompt": "ok"}\n{"prompt": "\xff"}\n', "m.jsonl line 2"),
+    ("m.csv", b"video,prompt\nvideos/clip_0.mp4,ok\nvideos/clip_1.mp4,caf\xe9\n", "m.csv row 1 (line 3)"),
+    ("m.csv", b"video,prompt\nvideos/clip_0.mp4,ok\nvideos/clip_1.mp4,a,b\n", "m.csv row 1 (line 3)"),
+    ("m.json", b'[{"video": "videos/clip_0.mp4", "prompt": "ok"},\n {"video": "x" "prompt": "y"}]', "m.json line 2"),
+    ("m.jsonl", b'{"video": "videos/clip_0.mp4", "prompt": "ok"}\n{"video": \n', "m.jsonl row 1 (line 2)"),
+    ("m.jsonl", b'{"video": "videos/clip_0.mp4", "prompt": "ok"}\n{"prompt": "\xff"}\n', "m.jsonl line 2"),
 ])
 def test_bad_metadata_is_one_error_naming_the_file_and_row(data, tmp_path, name, payload, label):
     shutil.copytree(data, tmp_path / "d")
@@ -224,3 +224,15 @@ def test_a_pickled_weights_file_is_refused_for_full_finetuning(run_args, tmp_pat
     with pytest.raises(ValueError, match=r"\.safetensors file"):
         trainer(args, "--output_path", tmp_path / "o", "--resume_from_checkpoint", weights)
     assert not MARKER.exists()
+
+
+def test_a_missing_file_named_in_a_row_fails_before_the_model_loads(data, tmp_path, capsys):
+    shutil.copytree(data, tmp_path / "d")
+    meta = tmp_path / "d" / "metadata.csv"
+    meta.write_text(meta.read_text().replace("videos/clip_1.mp4", "videos/gone.mp4"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--dataset_base_path", str(tmp_path / "d"), "--dataset_metadata_path", str(meta), "--model_path",
+              str(tmp_path / "no-model"), *COMMON, "--lora_base_model", "dit", "--output_path", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert "metadata.csv row 1 (line 3)" in err[0] and "gone.mp4" in err[0]

@@ -63,7 +63,7 @@ from .checkpoints import (
     save_rng_state,
 )
 from .components import DTYPES, WanTrainingComponents, load_training_components
-from .dataset import ResumableSampler, VideoDataset, collate_single, read_metadata
+from .dataset import ResumableSampler, VideoDataset, collate_single
 from .flow_match import FlowMatchTrainingSchedule, expert_timestep_boundaries
 from .inputs import ModelInputs, WanInputBuilder
 from .modules import (
@@ -236,9 +236,8 @@ class WanTrainer:
         set_seed(args.seed)
         self.is_lora = args.lora_base_model is not None
         acc = self.accelerator
-        # the metadata and a checkpoint to resume from are checked before any model is loaded
-        if args.task != "sft:train":
-            read_metadata(args.dataset_metadata_path)
+        # the dataset (metadata, columns, files) and a checkpoint to resume from are checked before any model loads
+        _dataset(args, None, repeat=1)
         self.resume_from, self.resume_record = self._find_resume()
         self.components = load_training_components(
             args.model_path, expert=args.expert, dtype=self.dtype, vae_dtype=DTYPES[args.vae_dtype],
@@ -591,6 +590,7 @@ def run_data_process(args) -> Path:
 
     acc = _make_accelerator(args)
     dtype = DTYPES[args.dtype]
+    _dataset(args, None, repeat=1)  # a bad row fails before any model loads
     components = load_training_components(
         args.model_path, expert=args.expert, dtype=dtype, vae_dtype=DTYPES[args.vae_dtype], load_encoders=True,
         transformer_path=args.transformer_path, image_encoder_heads=args.image_encoder_heads,
