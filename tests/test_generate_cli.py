@@ -82,19 +82,24 @@ def test_launcher_rejects_bad_values(flag, value, fragment, capsys, no_model_loa
 # --------------------------------------------------------------------------------- folder-level checks
 def test_catalogue_of_bad_invocations(converted, files, tmp_path, capsys, no_model_load):
     t2v, i2v, ti2v, flf2v = converted("t2v"), converted("i2v"), converted("ti2v"), converted("flf2v")
+    configs_only = shutil.ignore_patterns("*.safetensors")  # the folder-level errors come before the weights check
     out = ["--output", str(tmp_path / "v.mp4")]
     no_index = tmp_path / "no_index"
     no_index.mkdir()
     no_vae = tmp_path / "no_vae"
-    shutil.copytree(t2v, no_vae, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copytree(t2v, no_vae, ignore=configs_only)
     shutil.rmtree(no_vae / "vae")
     unknown = tmp_path / "unknown_pipeline"
-    shutil.copytree(t2v, unknown, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copytree(t2v, unknown, ignore=configs_only)
     index = json.loads((t2v / "model_index.json").read_text())
     (unknown / "model_index.json").write_text(json.dumps(dict(index, _class_name="NoSuchWanPipeline")))
     unknown_model = tmp_path / "unknown_model"
-    shutil.copytree(t2v, unknown_model, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copytree(t2v, unknown_model, ignore=configs_only)
     (unknown_model / "model_index.json").write_text(json.dumps(dict(index, transformer=["diffusers", "NoSuchModel"])))
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(t2v, no_weights)
+    for f in (no_weights / "transformer").glob("*.safetensors"):
+        f.unlink()
     broken = tmp_path / "broken_index"
     broken.mkdir()
     (broken / "model_index.json").write_text("{not json")
@@ -121,6 +126,8 @@ def test_catalogue_of_bad_invocations(converted, files, tmp_path, capsys, no_mod
         ([unknown], "NoSuchWanPipeline"),
         ([unknown_model], "NoSuchModel"),
         ([broken], "model_index.json"),
+        ([no_weights], "transformer has a config.json but no weights file"),
+        (["someone/not-a-wan-repo"], "could not be fetched from the Hub"),  # HF_HUB_OFFLINE=1 in the tests
         ([t2v, "--lora", str(files / "missing.safetensors")], "--lora: "),
         ([t2v, "--lora", str(files / "bad_lora.safetensors")], "bad_lora.safetensors"),
         ([t2v, "--prompt", " "], "--prompt is empty"),

@@ -83,6 +83,7 @@ def announce_decode(pipe) -> None:
 
 def load_pipeline(args: argparse.Namespace, plan: GeneratePlan, device: str):
     """``DiffusionPipeline.from_pretrained``, upgraded to the family's class, placed on ``device``, LoRAs in."""
+    note(f"loading {args.model} ({plan.folder_class}, {args.dtype}) ...")
     pipe = DiffusionPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype],
                                              trust_remote_code=args.trust_remote_code)
     if plan.pipeline_class is not None and not isinstance(pipe, plan.pipeline_class):

@@ -125,18 +125,27 @@ def component_class_exists(library: str, name: str) -> bool:
     return True
 
 
-def check_components(folder: Path, index: dict[str, Any], trust_remote_code: bool) -> None:
-    """Every component ``model_index.json`` lists has its folder and an installed class."""
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or None in entry:
-            continue
-        library, cls = entry
+#: what a model component's weights are stored as (Diffusers and transformers, sharded or not)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def check_components(folder: Path, index: dict[str, Any], trust_remote_code: bool, weights: bool = True) -> None:
+    """Every component ``model_index.json`` lists has its folder and an installed class, and (``weights``: a local
+    folder, not the configs of a Hub repo) a model component (``config.json``) has a weights file."""
+    components = {name: entry for name, entry in index.items()
+                  if not name.startswith("_") and isinstance(entry, list) and len(entry) == 2 and None not in entry}
+    for name, (library, cls) in components.items():
         if not (folder / name).is_dir():
             raise ValueError(f"--model: {folder} lists the component {name} ({library}.{cls}) in model_index.json "
                              f"but has no {name}/ folder")
         if not trust_remote_code and not component_class_exists(library, cls):
             raise ValueError(f"--model: {folder / 'model_index.json'}: the class {cls} of {name} is not installed "
                              f"in {library} (upgrade it, or pass --trust-remote-code for the folder's own code)")
+    for name in components if weights else ():
+        if (folder / name / "config.json").is_file() and not any(
+                f.suffix in WEIGHT_SUFFIXES for f in (folder / name).iterdir()):
+            raise ValueError(f"--model: {folder / name} has a config.json but no weights file "
+                             f"({' / '.join(WEIGHT_SUFFIXES)}): an incomplete copy or conversion?")
 
 
 def class_entry(entry: Any) -> tuple[str, str]:
@@ -338,9 +347,9 @@ def check_generate(args: argparse.Namespace) -> GeneratePlan:
         raise ValueError("--prompt is empty")
     folder = model_folder(args.model)
     index = read_json(folder / "model_index.json", "--model")
-    check_components(folder, index, args.trust_remote_code)
     entry = index.get("_class_name")
     cls = pipeline_class(entry, args.trust_remote_code)
+    check_components(folder, index, args.trust_remote_code, weights=Path(args.model).exists())
     folder_class = class_entry(entry)[1]
     variant = folder / "wan_variant.json"
     defaults = read_json(variant, "--model") if variant.is_file() else {}
