@@ -282,3 +282,36 @@ def test_variants_table_and_json(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == [v.name for v in VARIANTS]
     assert {"family", "arch", "pipeline", "height", "width", "num_frames", "num_inference_steps"} <= set(rows[0])
+
+
+def folder_with_pipeline(src, dst, class_name):
+    """A copy of ``src`` (weights linked, not copied) whose model_index.json names another pipeline class."""
+    shutil.copytree(src, dst, copy_function=os.symlink)
+    index = json.loads((src / "model_index.json").read_text())
+    (dst / "model_index.json").unlink()
+    (dst / "model_index.json").write_text(json.dumps(dict(index, _class_name=class_name)))
+    return dst
+
+
+def test_inputs_come_from_the_pipeline_signature(converted, files, tmp_path, capsys, no_model_load):
+    """A pipeline class without a frame count (read from its ``__call__``) refuses --num-frames; custom code
+    (--trust-remote-code) gets the arguments as given, and no family options."""
+    from diffusers_wan_ext.cli.generate_checks import check_generate
+    from diffusers_wan_ext_cli import build_parser
+
+    t2v = converted("t2v")
+    streaming = folder_with_pipeline(t2v, tmp_path / "streaming", ["diffusers_wan_ext", "WanStreamingPipeline"])
+    out = str(tmp_path / "v.mp4")
+    rc, err = run(["generate", "--model", str(streaming), *BASE, "--output", out], capsys)
+    assert_one_line_error(rc, err, "--num-frames: WanStreamingPipeline takes no frame count")
+
+    custom = folder_with_pipeline(t2v, tmp_path / "custom", ["pipeline_mine", "MyWanPipeline"])
+    rc, err = run(["generate", "--model", str(custom), *BASE, "--output", out], capsys)
+    assert_one_line_error(rc, err, "pipeline_mine.MyWanPipeline")
+    args = build_parser().parse_args(["generate", "--model", str(custom), *BASE, "--output", out,
+                                      "--trust-remote-code", "--image", str(files / "first.png")])
+    plan = check_generate(args)
+    assert plan.pipeline_class is None and plan.kwargs["num_frames"] == 5 and plan.kwargs["image"].size == (32, 32)
+    rc, err = run(["generate", "--model", str(custom), *BASE, "--output", out, "--trust-remote-code",
+                   "--pose-video", str(files / "notes.txt")], capsys)
+    assert_one_line_error(rc, err, "--pose-video: only for")

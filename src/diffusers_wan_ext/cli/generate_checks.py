@@ -355,11 +355,14 @@ def check_generate(args: argparse.Namespace) -> GeneratePlan:
     defaults = read_json(variant, "--model") if variant.is_file() else {}
     kw: dict[str, Any] = {"prompt": args.prompt}
     options = []
-    if cls is None:  # custom pipeline code: passed as given
+    if cls is None:  # custom pipeline code: what was given, as given (family options belong to our pipelines)
         kw.update({p: getattr(args, a) for _, a, p in SAMPLING_OPTIONS if getattr(args, a) is not None})
-        kw.update({k: v for k, v in (("num_frames", args.num_frames),) if v is not None})
-        if args.image is not None:
-            kw["image"] = read_image(args.image, "--image")
+        if args.num_frames is not None:
+            kw["num_frames"] = args.num_frames
+        for flag, attr, param in (("--image", "image", "image"), ("--last-image", "last_image", "last_image")):
+            if getattr(args, attr) is not None:
+                kw[param] = read_image(getattr(args, attr), flag)
+        family_options(args, folder_class, object, args.model)
     else:
         cls = upgraded_class(folder_class, cls)
         inputs = merged_inputs(pipeline_class(entry), cls)
