@@ -516,8 +516,8 @@ def test_cli_convert_info_export(tmp_path, capsys):
     assert cli_main(["lora", "export", str(src), str(tmp_path / "all"), "--formats", "original", "diffsynth"]) == 0
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["lora_diffsynth.safetensors",
                                                                     "lora_original.safetensors"]
-    with pytest.raises(SystemExit):  # exists
-        cli_main(["lora", "convert", str(src), str(tmp_path / "c.safetensors"), "--to", "original"])
+    # exists: a one-line error (exit 2), the file untouched
+    assert cli_main(["lora", "convert", str(src), str(tmp_path / "c.safetensors"), "--to", "original"]) == 2
     bad = save_lora_file({"blocks.0.self_attn.q.lora_A.default.weight": torch.zeros(2, DIM)},
                          tmp_path / "bad.safetensors")
     assert cli_main(["lora", "convert", str(bad), str(tmp_path / "x.safetensors"), "--to", "original"]) == 2

@@ -132,8 +132,10 @@ def hook_metadata() -> dict[str, Any]:
 
 
 def training_conditioning(config: Any, expand_timesteps: bool) -> Conditioning:
-    """How training conditions a transformer with this ``config`` (the first family that claims it)."""
-    for f in FAMILIES:
+    """How training conditions a transformer with this ``config``: the family that claims the config specifically
+    (:meth:`ModelFamily.claims_config`), else the first family whose conditioning matches its channels."""
+    claiming = [f for f in FAMILIES if f.claims_config(config)]
+    for f in claiming or FAMILIES:
         found = f.training_conditioning(config, expand_timesteps)
         if found is not None:
             return found

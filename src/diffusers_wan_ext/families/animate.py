@@ -96,7 +96,8 @@ def make_tiny_relighting_lora(path: str | Path, dit_state_dict: dict, rank: int 
 def run_relighting_lora(args: Any) -> int:
     """``diffusers-wan relighting-lora SRC DST [--dtype]``: the release's relighting LoRA as a Diffusers LoRA folder."""
     lora = convert_relighting_lora(args.src)
-    path = save_relighting_lora(lora, args.dst, dtype=DTYPES[args.dtype] if args.dtype else None)
+    path = save_relighting_lora(lora, args.dst, dtype=DTYPES[args.dtype] if args.dtype else None,
+                                overwrite=args.overwrite)
     print(f"converted {len(lora) // 2} LoRA pairs -> {path} (pipe.load_lora_weights({str(args.dst)!r}))")
     return 0
 
@@ -108,6 +109,7 @@ RELIGHTING_LORA_COMMAND = FamilyCommand(
         CommandArgument(("src",), {"help": "relighting_lora.ckpt (PEFT state dict on the original module names)"}),
         CommandArgument(("dst",), {"help": "output folder (pytorch_lora_weights.safetensors)"}),
         CommandArgument(("--dtype",), {"choices": ["bf16", "fp16", "fp32"], "help": "default: as stored"}),
+        CommandArgument(("--overwrite",), {"action": "store_true", "help": "replace an existing LoRA file"}),
     ),
     run_relighting_lora,
 )

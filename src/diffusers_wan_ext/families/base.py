@@ -331,6 +331,11 @@ class ModelFamily:
         :func:`~diffusers_wan_ext.lora.formats.register_lora_component`)."""
 
     # ----------------------------------------------------------------------------------------- training
+    def claims_config(self, config: Any) -> bool:
+        """Whether a transformer ``config`` is specifically this family's (e.g. VACE: ``vace_layers``); a family that
+        claims it is asked first for its :meth:`training_conditioning`, before the families matching by channels."""
+        return False
+
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
         """The conditioning of a transformer with this ``config`` if it belongs to this family, else ``None``."""
         return None

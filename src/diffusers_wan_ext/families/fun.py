@@ -18,7 +18,7 @@ from ..models import WanFunTransformer3DModel
 from ..pipelines import WanFunCameraControlPipeline, WanFunControlPipeline, WanFunInpaintPipeline
 from ..utils.camera import DEFAULT_CAMERA_SPEED, camera_control_latents
 from ..utils.io import ConversionError
-from .base import Conditioning, ModelFamily, TinyArch, WanVariant
+from .base import Conditioning, ExtraInput, ModelFamily, TinyArch, WanVariant
 from .wan_core import core_model_class
 
 __all__ = ["FunFamily", "encode_fun_condition"]
@@ -195,6 +195,14 @@ class FunFamily(ModelFamily):
         "fun-camera": TinyArch("i2v", 36, 16),
     }
     conditionings = tuple(Y_CONDITIONING.values())
+    #: DiffSynth-Studio's dataset columns of the Fun models (Control, Control-Camera, V1.1 reference image)
+    dataset_inputs = {
+        "reference_image": ExtraInput("image"),
+        "control_video": ExtraInput("video"),
+        "camera_control_direction": ExtraInput("str"),
+        "camera_control_speed": ExtraInput("float"),
+        "camera_control_origin": ExtraInput("floats"),
+    }
 
     def tiny_arch(self, arch: str, experts: int) -> TinyArch:
         """The tiny DiT config of ``arch`` (the Wan2.2 A14B layout for two experts)."""
@@ -211,7 +219,7 @@ class FunFamily(ModelFamily):
 
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
         y_channels = config.in_channels - config.out_channels
-        if y_channels == 0 or expand_timesteps or getattr(config, "vace_layers", None):
+        if y_channels == 0 or expand_timesteps:
             return None
         key = (y_channels, bool(getattr(config, "control_adapter_in_channels", None)))
         if key not in Y_CONDITIONING:

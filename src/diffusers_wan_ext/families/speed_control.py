@@ -108,8 +108,8 @@ def add_motion_controller(folder: str | os.PathLike, motion_controller: str | os
     if not tcfg_path.is_file():
         raise ConversionError(f"{folder}: no transformer/config.json")
     tcfg = json.loads(tcfg_path.read_text())
-    is_t2v = (tcfg.get("in_channels") == tcfg.get("out_channels", 16) and not tcfg.get("image_dim")
-              and "vace_layers" not in tcfg)
+    is_t2v = (tcfg.get("_class_name", "WanTransformer3DModel") == "WanTransformer3DModel"
+              and tcfg.get("in_channels") == tcfg.get("out_channels", 16) and not tcfg.get("image_dim"))
     info = DitInfo(arch="t2v" if is_t2v else "other", config=tcfg, text_len=512)
     torch_dtype = DTYPES[dtype] if dtype else _stored_dtype(folder / "transformer")
     model = load_motion_controller_for(motion_controller, info, torch_dtype)

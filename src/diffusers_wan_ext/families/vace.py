@@ -192,5 +192,8 @@ class VaceFamily(ModelFamily):
     def register_runtime_hooks(self) -> None:
         register_teacache_side_blocks(WanVACETransformer3DModel, "vace_blocks", TeaCacheVaceHook)
 
+    def claims_config(self, config: Any) -> bool:
+        return bool(getattr(config, "vace_layers", None))
+
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
-        return self.conditionings[0] if getattr(config, "vace_layers", None) else None
+        return self.conditionings[0] if self.claims_config(config) else None

@@ -124,6 +124,6 @@ class WanCoreFamily(ModelFamily):
         return WanTransformer3DModel(**kwargs), {}
 
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
-        if config.in_channels != config.out_channels or getattr(config, "vace_layers", None):
+        if config.in_channels != config.out_channels:
             return None
         return self.conditionings[1] if expand_timesteps else self.conditionings[0]

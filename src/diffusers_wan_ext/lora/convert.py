@@ -442,7 +442,7 @@ def lora_info(state_dict: Mapping[str, torch.Tensor], source: str | None = None)
             c["alphas"].add(float(e[ALPHA].item()))
         c["bias"] += BIAS in e
         c["diff"] += DIFF in e
-        c["targets"].add(re.sub(r"(^|\.)(blocks|vace_blocks)\.\d+\.", r"\1\2.N.", module))
+        c["targets"].add(re.sub(r"(^|\.)(\w*blocks)\.\d+\.", r"\1\2.N.", module))
         c["dtypes"].update(str(t.dtype).replace("torch.", "") for t in e.values())
     for c in comps.values():
         for k in ("ranks", "alphas", "targets", "dtypes"):

@@ -3,7 +3,7 @@
 A dataset is a folder (``--dataset_base_path``) and a metadata file (``--dataset_metadata_path``: ``.csv``,
 ``.json`` -- a list of objects -- or ``.jsonl``) with one row per clip: a ``video`` column (a video file, or an image
 file, which is a one-frame video), a ``prompt`` column and the columns of the extra inputs
-(:data:`EXTRA_INPUTS`: ``control_video``, ``reference_image`` ... and the columns the families declare).  File
+(:data:`EXTRA_INPUTS`: ``input_image``, ``end_image`` and the columns the families declare, e.g. ``control_video``).  File
 columns (``--data_file_keys``) are paths relative to the base path.
 
 Frames are read from the start of the video (``--num_frames``, ``4n + 1``) and resized as the reference does
@@ -65,11 +65,6 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".wmv", ".mkv", ".flv", ".webm", ".g
 EXTRA_INPUTS: dict[str, ExtraInput] = {
     "input_image": ExtraInput("frame", 0),
     "end_image": ExtraInput("frame", -1),
-    "reference_image": ExtraInput("image"),
-    "control_video": ExtraInput("video"),
-    "camera_control_direction": ExtraInput("str"),
-    "camera_control_speed": ExtraInput("float"),
-    "camera_control_origin": ExtraInput("floats"),
     **training_declarations()[2],
 }
 

@@ -43,7 +43,8 @@ import torch
 from ..conversion.dit import cast_state_dict
 from ..hooks.vram import fp8_skip_patterns
 from ..lora import convert_lora_state_dict, export_lora, load_lora_file
-from ..utils.io import ConversionError, atomic_output_dir
+from ..utils.atomic import atomic_output_dir
+from ..utils.io import ConversionError
 
 from .args import parse_args
 from .checkpoints import (

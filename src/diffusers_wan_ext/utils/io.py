@@ -8,25 +8,25 @@ stack trace from deep inside ``torch``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import stat
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+
+from .fp8_files import comfy_fp8_tensors, is_fp8_file
+from .quantized_tensor import QuantizedFileError
+from .single_file import dequantize_state_dict, load_single_file
 
 __all__ = [
     "ConversionError",
-    "atomic_output_dir",
     "check_regular_file",
     "check_weights_file",
     "load_state_dict",
@@ -253,15 +253,20 @@ def load_state_dict(path: str | os.PathLike, check_finite: bool = True) -> dict[
     name = path.name
     if name.endswith(".index.json"):
         return _load_sharded(path, check_finite)
-    if not name.endswith((".safetensors", ".pth", ".pt", ".bin", ".ckpt")):
-        raise ConversionError(f"{path}: unsupported file type (expected .safetensors, .safetensors.index.json or .pth)")
+    if not name.endswith((".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf")):
+        raise ConversionError(f"{path}: unsupported file type (expected .safetensors, .safetensors.index.json, .gguf "
+                              "or .pth)")
     check_weights_file(path)
-    if name.endswith(".safetensors"):
+    if name.endswith(".gguf"):
+        sd = _single_file(path, None)
+    elif name.endswith(".safetensors"):
         try:
             sd = load_file(str(path))
         except (SafetensorError, OSError, RuntimeError) as e:  # corrupt in a way the header check does not see
             raise ConversionError(f"{path}: not a readable safetensors file ({one_line(e)}); the file may be corrupt: "
                                   "re-download it") from None
+        if is_fp8_file(sd, _safetensors_metadata(path)):  # ComfyUI / Kijai fp8 (plain or scaled)
+            sd = _single_file(path, sd)
     else:
         obj = _torch_load(path)
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -272,6 +277,22 @@ def load_state_dict(path: str | os.PathLike, check_finite: bool = True) -> dict[
     if check_finite:
         raise_for_non_finite(sd, str(path))
     return sd
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def _single_file(path: Path, loaded: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """A GGUF file, or the already loaded tensors of an fp8 safetensors file, dequantized
+    (:mod:`diffusers_wan_ext.utils.single_file`); errors as one line naming the file and the key."""
+    try:
+        if loaded is None:
+            return load_single_file(path)[0]
+        return dequantize_state_dict(comfy_fp8_tensors(loaded, _safetensors_metadata(path), str(path))[0])
+    except QuantizedFileError as e:
+        raise ConversionError(str(e)) from None
 
 
 def _load_sharded(index_path: Path, check_finite: bool = True) -> dict[str, torch.Tensor]:
@@ -314,36 +335,3 @@ def strip_known_prefixes(sd: dict[str, torch.Tensor], anchor: str) -> dict[str, 
         if sd and all(k.startswith(prefix) for k in sd) and any(k[len(prefix):].startswith(anchor) for k in sd):
             return {k[len(prefix):]: v for k, v in sd.items()}
     return sd
-
-
-@contextlib.contextmanager
-def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``dst``; move it to ``dst`` only if the block completes.
-
-    On any exception the temporary folder is removed and ``dst`` is left as it was (absent, or the previous content
-    when ``overwrite`` is set).
-
-    Example:
-        >>> with atomic_output_dir("out/model") as tmp:  # doctest: +SKIP
-        ...     pipe.save_pretrained(tmp)
-    """
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        if dst.is_dir() and not any(dst.iterdir()):
-            dst.rmdir()
-        else:
-            raise ConversionError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
