@@ -110,7 +110,7 @@ def _locate_dits(src: Path, explicit: list[Path], files: ReleaseFiles) -> list[t
         return [locate_dit(src / d) for d in EXPERT_DIRS]
     w = find_dit_files(src)
     if w is None:
-        singles = list(src.glob("*.safetensors"))
+        singles = list(src.glob("*.safetensors")) + list(src.glob("*.gguf"))  # also ComfyUI / GGUF single files
         if len(singles) != 1:
             raise ConversionError(
                 f"{src}: no DiT weights found (expected diffusion_pytorch_model*.safetensors, "

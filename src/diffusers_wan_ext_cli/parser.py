@@ -30,6 +30,10 @@ Examples::
 DTYPE_CHOICES = ["bf16", "fp16", "fp32"]
 #: the LoRA layouts of :mod:`diffusers_wan_ext.lora.formats` (``LORA_FORMATS``; a test keeps the two equal)
 LORA_FORMATS = ("diffusers", "original", "kohya", "diffsynth")
+#: the ``export-dit --format`` values of :data:`diffusers_wan_ext.utils.single_file.EXPORT_FORMATS` (a test keeps them
+#: equal)
+EXPORT_FORMATS = ("original", "comfy-fp8-scaled", "comfy-fp8", "gguf-q8_0", "gguf-q5_0", "gguf-q4_0", "gguf-f16",
+                  "gguf-bf16")
 
 
 def add_convert(sub) -> None:
@@ -66,6 +70,9 @@ def add_export_dit(sub) -> None:
     p.add_argument("dst", help="output .safetensors (written atomically)")
     p.add_argument("--prefix", default="", help="key prefix, e.g. 'model.diffusion_model.' for ComfyUI")
     p.add_argument("--dtype", choices=DTYPE_CHOICES)
+    p.add_argument("--format", default="original", choices=EXPORT_FORMATS,
+                   help="original safetensors (default), ComfyUI fp8 (scaled: scale_weight + scaled_fp8 marker) or "
+                        "GGUF (city96 ComfyUI-GGUF layout; DST *.gguf); see docs/single_file_checkpoints.md")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
 
 

@@ -1,4 +1,5 @@
-"""``diffusers-wan export-dit``: a Diffusers transformer -> one safetensors file in the original Wan key layout."""
+"""``diffusers-wan export-dit``: a Diffusers transformer -> one file in the original Wan key layout: plain
+safetensors, ComfyUI fp8 (scaled or not) or GGUF (``--format``, :mod:`diffusers_wan_ext.utils.single_file`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ..conversion.dit import export_dit_state_dict
 from ..conversion.release_io import DTYPES
 from ..utils.atomic import atomic_write_file, claim_destination
 from ..utils.io import load_state_dict
+from ..utils.single_file import check_export_path, write_single_file
 
 __all__ = ["cmd_export_dit"]
 
@@ -20,6 +22,8 @@ def cmd_export_dit(args: argparse.Namespace) -> int:
     """Export the transformer; ``DST`` must not exist unless ``--overwrite`` (it is written atomically)."""
     src, dst = Path(args.src), Path(args.dst)
     overwrite = args.overwrite
+    fmt = getattr(args, "format", None) or "original"
+    check_export_path(dst, fmt)  # before reading anything
     with claim_destination(dst, overwrite=overwrite):  # before reading: an existing DST fails at once
         if src.is_dir():
             index = src / (SAFETENSORS_WEIGHTS_NAME + ".index.json")
@@ -29,6 +33,12 @@ def cmd_export_dit(args: argparse.Namespace) -> int:
         out = export_dit_state_dict(sd)
         if args.prefix:
             out = {args.prefix + k: v for k, v in out.items()}
+        if fmt != "original":
+            dt = DTYPES[args.dtype] if args.dtype else None
+            atomic_write_file(dst, lambda tmp: write_single_file(tmp, out, fmt, prefix=args.prefix, dtype=dt),
+                              overwrite=overwrite)
+            print(f"exported {len(out)} tensors ({fmt}) -> {dst}")
+            return 0
         if args.dtype:
             dt = DTYPES[args.dtype]
             out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}

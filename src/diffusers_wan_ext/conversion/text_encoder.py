@@ -36,6 +36,7 @@ __all__ = [
     "load_t5_from_original",
     "prompt_lengths",
     "t5_config_from_state_dict",
+    "t5_state_dict_to_original",
 ]
 
 
@@ -350,8 +351,40 @@ def load_strict(model, sd: dict[str, torch.Tensor], torch_dtype: torch.dtype, as
     return model.eval()
 
 
+#: llama.cpp / GGUF umT5 names -> transformers names (the renaming city96's ComfyUI-GGUF ``loader.py`` T5_SD_MAP does)
+GGUF_T5_NAMES = (
+    ("enc.", "encoder."), (".blk.", ".block."), ("token_embd", "shared"), ("output_norm", "final_layer_norm"),
+    ("attn_q", "layer.0.SelfAttention.q"), ("attn_k", "layer.0.SelfAttention.k"), ("attn_v", "layer.0.SelfAttention.v"),
+    ("attn_o", "layer.0.SelfAttention.o"), ("attn_norm", "layer.0.layer_norm"),
+    ("attn_rel_b", "layer.0.SelfAttention.relative_attention_bias"), ("ffn_up", "layer.1.DenseReluDense.wi_1"),
+    ("ffn_down", "layer.1.DenseReluDense.wo"), ("ffn_gate", "layer.1.DenseReluDense.wi_0"),
+    ("ffn_norm", "layer.1.layer_norm"),
+)
+
+
+def t5_state_dict_to_original(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's ``umt5_xxl_*.safetensors`` (transformers ``UMT5EncoderModel`` names, ``comfy/text_encoders/t5.py``)
+    or a llama.cpp-named umT5 GGUF -> the original ``models_t5_umt5-xxl-enc-bf16.pth`` names; an original-layout
+    state dict is returned unchanged.  Comfy's extra ``spiece_model`` tokenizer blob is dropped."""
+    sd = {k: v for k, v in sd.items() if k != "spiece_model"}
+    if any(k.startswith("enc.blk.") for k in sd):
+        renamed = {}
+        for k, v in sd.items():
+            for old, new in GGUF_T5_NAMES:
+                k = k.replace(old, new)
+            renamed[k] = v
+        sd = renamed
+    if "encoder.block.0.layer.0.SelfAttention.q.weight" in sd:
+        sd = {k: v for k, v in sd.items() if not k.startswith("decoder.")}
+        return export_t5_state_dict(sd)
+    return sd
+
+
 def load_t5_from_original(sd_or_path, torch_dtype: torch.dtype = torch.float32, num_heads: int | None = None):
     """Load an original Wan umT5 encoder (state dict or ``.pth`` / ``.safetensors`` path) as ``UMT5EncoderModel``.
+
+    ComfyUI's ``umt5_xxl_{fp16,fp8_e4m3fn_scaled}.safetensors`` and umT5 GGUF files are accepted too
+    (:func:`t5_state_dict_to_original`; fp8 / GGUF weights are dequantized by the file reader).
 
     Strict: a missing or unexpected key raises :class:`ConversionError` naming it.  The model is returned in eval
     mode, in ``torch_dtype`` (Wan runs it in bf16; the release file is bf16).
@@ -359,6 +392,7 @@ def load_t5_from_original(sd_or_path, torch_dtype: torch.dtype = torch.float32, 
     from transformers import UMT5EncoderModel
 
     sd = as_state_dict(sd_or_path, _T5_ANCHOR)
+    sd = t5_state_dict_to_original(sd)
     config = t5_config_from_state_dict(sd, num_heads=num_heads)
     ours = convert_t5_state_dict(sd)
     model, assign = empty_model(UMT5EncoderModel, config, torch_dtype)
