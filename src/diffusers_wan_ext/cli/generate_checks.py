@@ -242,13 +242,17 @@ def frame_arguments(args: argparse.Namespace, cls: type, inputs: dict, defaults:
         frames = frames if frames is not None else defaults.get("num_frames", inputs[param][1])
         kw["num_frames"] = frames
     spatial, temporal, patch = factors
-    height, width = kw.get("height"), kw.get("width")
+    size = {"--height": kw.get("height"), "--width": kw.get("width")}
+    ok = spatial * patch
     try:
-        validate_video_size(height if height is not None else spatial * patch,
-                            width if width is not None else spatial * patch, frames if frames is not None else 1,
-                            spatial_factor=spatial, temporal_factor=temporal, patch=patch)
+        validate_video_size(ok, ok, frames if frames is not None else 1, spatial, temporal, patch)
     except ValueError as e:
-        raise ValueError(f"--num-frames / --height / --width: {e}") from None
+        raise ValueError(f"--num-frames: {e}") from None
+    try:
+        validate_video_size(*(ok if v is None else v for v in size.values()), 1, spatial, temporal, patch)
+    except ValueError as e:
+        flags = [flag for flag, v in size.items() if v is not None and (v <= 0 or v % ok)]
+        raise ValueError(f"{' / '.join(flags)}: {e}") from None
 
 
 def read_image(path: str, what: str):
