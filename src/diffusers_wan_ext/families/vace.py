@@ -18,6 +18,7 @@ from diffusers.hooks.hooks import StateManager
 from diffusers.models.transformers.transformer_wan_vace import WanVACETransformerBlock
 
 from ..conversion.dit import BLOCK_KEY_MAP, DitExtension, DitInfo, DitShape, block_indices
+from ..hooks.sliding_window import register_sliding_window_inputs
 from ..hooks.teacache import TeaCacheState, register_teacache_side_blocks
 from ..parallel.plans import register_cp_plan
 from ..utils.io import ConversionError, format_keys
@@ -191,6 +192,9 @@ class VaceFamily(ModelFamily):
 
     def register_runtime_hooks(self) -> None:
         register_teacache_side_blocks(WanVACETransformer3DModel, "vace_blocks", TeaCacheVaceHook)
+        # the control video (and its reference frames, prepended like the latents') is sliced with the latents;
+        # DiffSynth passes vace_context whole to every window instead (its hints then do not fit the window's tokens)
+        register_sliding_window_inputs(WanVACETransformer3DModel, {"control_hidden_states": 2})
 
     def claims_config(self, config: Any) -> bool:
         return bool(getattr(config, "vace_layers", None))

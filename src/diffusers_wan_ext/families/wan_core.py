@@ -13,6 +13,7 @@ from diffusers import WanPipeline, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from ..conversion.dit import DitExtension, DitInfo, DitShape
+from ..hooks.sliding_window import register_sliding_window_inputs
 from ..models import WanExtTransformer3DModel, WanTextLenAttnProcessor
 from ..pipelines import (
     WanExtPipeline,
@@ -122,6 +123,11 @@ class WanCoreFamily(ModelFamily):
         if arch == "flf2v":
             kwargs = dict(kwargs, pos_embed_seq_len=2 * 257)
         return WanTransformer3DModel(**kwargs), {}
+
+    def register_runtime_hooks(self) -> None:
+        # sliding windows: stock's only frame-carrying inputs are hidden_states (I2V: y in its channels) and TI2V's
+        # per-token timesteps, which the hook slices itself
+        register_sliding_window_inputs(WanTransformer3DModel, {})
 
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
         if config.in_channels != config.out_channels:

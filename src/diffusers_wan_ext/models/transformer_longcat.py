@@ -420,6 +420,10 @@ class LongCatVideoTransformer3DModel(
     }
     # its own _cp_plan splits the tokens within each frame; a padded frame is refused by its processor
     _cp_self_attention_modules: tuple[str, ...] = ("blocks.*.attn1",)
+    _sliding_window_unsupported_reason = (
+        "its first num_cond_latents latent frames are clean conditioning frames of every forward; long videos come "
+        "from LongCat's video continuation (video=, num_cond_frames=)"
+    )
 
     @register_to_config
     def __init__(

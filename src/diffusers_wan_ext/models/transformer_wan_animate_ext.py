@@ -53,6 +53,11 @@ class WanAnimateExtTransformer3DModel(ShimSaveMixin, WanAnimateTransformer3DMode
         "tokens cannot be split along the sequence"
     )
     _cp_self_attention_modules: tuple[str, ...] = ("blocks.*.attn1",)
+    _sliding_window_unsupported_reason = (
+        "its latents start with the reference-image frame and its face features come at the pixel frame rate, so "
+        "temporal windows cannot be cut faithfully; long videos come from the pipeline's segments "
+        "(segment_frame_length)"
+    )
 
     @register_to_config
     def __init__(

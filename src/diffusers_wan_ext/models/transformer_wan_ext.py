@@ -43,6 +43,8 @@ class WanExtTransformer3DModel(ShimSaveMixin, WanTransformer3DModel):
     _repeated_blocks = ["WanTransformerBlock"]
     _cp_plan = WanTransformer3DModel._cp_plan  # stock's: the extra ``text_len`` changes no token layout
     _cp_self_attention_modules: tuple[str, ...] = ("blocks.*.attn1",)
+    # sliding windows (hooks.sliding_window): only hidden_states (and per-token timesteps) carry latent frames
+    _sliding_window_inputs: dict[str, int] = {}
 
     @register_to_config
     def __init__(

@@ -68,6 +68,9 @@ class WanFunTransformer3DModel(WanExtTransformer3DModel):
     # ``blocks.0``, whose tokens -- and the RoPE table built for the same F+1 frames -- are split; the reference
     # tokens are dropped only after ``proj_out``, where the sequence is gathered back
     _cp_plan = WanExtTransformer3DModel._cp_plan
+    # sliding windows: the camera map has one entry per latent frame (axis 2) and is sliced with the latents; the
+    # reference image (reference_latents) goes whole to every window, as DiffSynth passes it
+    _sliding_window_inputs: dict[str, int] = {"control_camera_latents": 2}
 
     @register_to_config
     def __init__(

@@ -477,6 +477,10 @@ class WanS2VTransformer3DModel(
     _repeated_blocks = ["WanS2VTransformerBlock"]
     _cp_plan = None
     _cp_unsupported_reason = "its audio injection and FramePack motion tokens need the full token sequence"
+    _sliding_window_unsupported_reason = (
+        "its audio features and FramePack motion frames are tied to the whole clip; long videos come from the "
+        "pipeline's clip chaining (num_clips)"
+    )
     _cp_self_attention_modules: tuple[str, ...] = ("blocks.*.attn1",)
 
     @register_to_config

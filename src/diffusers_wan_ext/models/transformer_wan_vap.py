@@ -252,6 +252,9 @@ class WanVideoAsPromptTransformer3DModel(WanExtTransformer3DModel):
     _cp_unsupported_reason = (
         "its joint attention between the reference and the main stream needs both streams' full token sequences"
     )
+    # sliding windows: the reference video (at frame positions -F .. -1) goes whole to every window, just before
+    # the window's frames 0 ..; only the main stream's hidden_states are sliced
+    _sliding_window_inputs: dict[str, int] = {}
     _cp_self_attention_modules: tuple[str, ...] = ("blocks.*.attn1", "vap_blocks.*.attn1")
 
     @register_to_config
