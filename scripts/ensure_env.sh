@@ -23,7 +23,8 @@ for item in json.load(open(sys.argv[1]))["install"]:
     meta = item["metadata"]
     if meta["name"].lower() == "torch":
         needs = [r.lower() for r in meta.get("requires_dist", [])]
-        gpu = any(r.startswith(("nvidia-", "cuda-")) for r in needs) or "+cu" in meta["version"] or "+rocm" in meta["version"]
+        local = meta["version"].partition("+")[2]  # "cpu", "cu124", "rocm6.2", or "" (PyPI: its requirements tell)
+        gpu = any(r.startswith(("nvidia-", "cuda-")) for r in needs) or local.startswith(("cu", "rocm"))
         print(meta["version"], "gpu" if gpu else "cpu")
 EOF
   fi
@@ -62,5 +63,6 @@ extras=${DWE_EXTRAS:-test}
 if [ "${DWE_REINSTALL:-0}" = 1 ] || ! "$PY" -c "import diffusers_wan_ext, pytest" >/dev/null 2>&1; then
   say "installing diffusers_wan_ext[$extras] (editable) and its dependencies (diffusers, transformers, ...)"
   "$PY" -m pip install -q -e ".[${extras}]"
-  say "ready: $("$PY" -c "import torch, diffusers_wan_ext; print('torch', torch.__version__, '| diffusers_wan_ext', diffusers_wan_ext.__version__)")"
+  versions="import torch, diffusers_wan_ext as d; print('torch', torch.__version__, '|', d.__name__, d.__version__)"
+  say "ready: $("$PY" -c "$versions")"
 fi

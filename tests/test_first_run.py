@@ -55,7 +55,8 @@ def test_clip_image_processor_folder_loads_with_stock_classes(tmp_path):
     proc = make_clip_image_processor(56)
     assert isinstance(proc, clip_image_processor_class())
     proc.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["image_processor_type"] == "CLIPImageProcessor"
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "CLIPImageProcessor"
     loaded = transformers.AutoImageProcessor.from_pretrained(tmp_path)
     assert loaded.size == proc.size and loaded.image_mean == proc.image_mean
 
