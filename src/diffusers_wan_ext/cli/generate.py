@@ -97,8 +97,8 @@ def load_pipeline(args: argparse.Namespace, plan: GeneratePlan, device: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    plan = check_generate(args)
     device = pick_device(args.device)
+    plan = check_generate(args)
     pipe = load_pipeline(args, plan, device)
     kw = dict(plan.kwargs, generator=torch.Generator(device="cpu").manual_seed(args.seed))
     for family, given in plan.family_options:
