@@ -38,7 +38,7 @@ def _import_gguf():
     return gguf
 
 
-def _reader_class(gguf):
+def _reader_class(gguf, path: Path):
     class CheckedReader(gguf.GGUFReader):
         """``GGUFReader`` that names the tensor of an unknown type id or one whose data runs past the file end."""
 
@@ -50,12 +50,12 @@ def _reader_class(gguf):
                 try:
                     qtype = gguf.GGMLQuantizationType(int(raw_dtype[0]))
                 except ValueError:
-                    raise QuantizedFileError(f"{self.path}: tensor {key}: unknown GGML quant type id {int(raw_dtype[0])} "
+                    raise QuantizedFileError(f"{path}: tensor {key}: unknown GGML quant type id {int(raw_dtype[0])} "
                                              f"(gguf {_version(gguf)} does not know it)") from None
                 block, type_size = gguf.GGML_QUANT_SIZES[qtype]
                 end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
                 if end > size:
-                    raise QuantizedFileError(f"{self.path}: truncated GGUF file: tensor {key} needs {end} bytes but the "
+                    raise QuantizedFileError(f"{path}: truncated GGUF file: tensor {key} needs {end} bytes but the "
                                              f"file has {size}; re-download it")
             super()._build_tensors(start_offs, fields)
 
@@ -92,7 +92,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, QuantizedTensor], dict
     gguf = _import_gguf()
     path = Path(path)
     try:
-        reader = _reader_class(gguf)(str(path))
+        reader = _reader_class(gguf, path)(str(path))
     except QuantizedFileError:
         raise
     except Exception as e:  # noqa: BLE001 - the reader raises ValueError / struct errors / IndexError

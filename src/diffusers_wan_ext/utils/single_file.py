@@ -178,7 +178,8 @@ def write_single_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
     fp8 without scales; ``gguf-*``: :func:`~diffusers_wan_ext.utils.gguf_files.write_gguf`.  ``dtype`` casts the
     tensors that stay unquantized.
     """
-    check_export_path(path, fmt)
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"--format {fmt!r}: unknown export format (choose from {', '.join(EXPORT_FORMATS)})")
     if fmt.startswith("gguf-"):
         return write_gguf(path, state_dict, GGUF_EXPORT_TYPES[fmt[len("gguf-"):]])
     if fmt == "original":
