@@ -17,6 +17,12 @@ Pipelines declare what they support as class attributes, read by :mod:`diffusers
 :mod:`diffusers_wan_ext.hooks.vram`: :attr:`WanDenoisingMixin.supports_cfg_parallel` and
 :attr:`WanDenoisingMixin.cfg_batching` (the default of the ``cfg_batching`` call argument).
 
+Sliding windows (``sliding_window_size`` / ``sliding_window_stride``, DiffSynth-Studio's option): :meth:`denoise`
+puts :mod:`diffusers_wan_ext.hooks.sliding_window` on the transformer(s) -- both experts -- for the loop and removes
+it after, also on errors.  :meth:`WanDenoisingMixin.check_sliding_window_options` refuses them up front for a
+pipeline that declares :attr:`WanDenoisingMixin.sliding_window_unsupported_reason` or whose transformer's class
+declares ``_sliding_window_unsupported_reason``.
+
 The mixin holds methods and class attributes only (no ``__init__``, no config), so it goes before the Diffusers
 pipeline class in the bases without changing ``from_pretrained`` or the component signature.
 """
@@ -28,6 +34,9 @@ from typing import Any, Callable, ClassVar, Collection
 
 import torch
 from diffusers.utils import is_torch_xla_available, logging
+
+from ..hooks.sliding_window import check_sliding_window, sliding_window_unsupported_reason, windowed
+from .call_arguments import forwarded
 
 if is_torch_xla_available():
     import torch_xla.core.xla_model as xm
@@ -75,6 +84,8 @@ class WanDenoisingMixin:
             :func:`diffusers_wan_ext.parallel.enable_parallelism` (``False`` for pipelines without classifier-free
             guidance; a stock Diffusers pipeline lacks the attribute and counts as ``False``).
         cfg_batching: default of the ``cfg_batching`` call argument (``None`` there means this value).
+        sliding_window_unsupported_reason: why this pipeline refuses ``sliding_window_size`` (``None``: it takes it
+            when its transformers can be windowed).
 
     Example:
         >>> out = pipe(prompt="a cat surfing a wave", guidance_scale=5.0)  # doctest: +SKIP  (one 2B forward/step)
@@ -83,7 +94,25 @@ class WanDenoisingMixin:
 
     supports_cfg_parallel: ClassVar[bool] = True
     cfg_batching: bool = True
+    sliding_window_unsupported_reason: ClassVar[str | None] = None
     _cfg_batching_logged: bool = False
+
+    def check_sliding_window_options(self, sliding_window_size: int | None, sliding_window_stride: int | None) -> None:
+        """Validate the ``sliding_window_size`` / ``sliding_window_stride`` call arguments (latent frames; both
+        ``None`` = off) before any work: one-line ``ValueError`` for a bad pair, or when this pipeline or one of its
+        transformers cannot be windowed (the declared reason)."""
+        check_sliding_window(sliding_window_size, sliding_window_stride)
+        if sliding_window_size is None:
+            return
+        reason = self.sliding_window_unsupported_reason
+        for name in ("transformer", "transformer_2"):
+            model = getattr(self, name, None)
+            if reason is None and model is not None:
+                reason = sliding_window_unsupported_reason(model)
+        if reason:
+            raise ValueError(
+                f"{type(self).__name__} does not take sliding_window_size / sliding_window_stride: {reason}"
+            )
 
     def encode_text(
         self,
@@ -139,6 +168,8 @@ class WanDenoisingMixin:
         after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
         transformer: torch.nn.Module | None = None,
         progress: bool = True,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> torch.Tensor:
         """Denoise ``latents`` over ``timesteps``; returns the latents.
 
@@ -174,7 +205,44 @@ class WanDenoisingMixin:
             transformer: the model of every step (default: ``transformer`` / ``transformer_2`` at
                 ``boundary_ratio``).
             progress: show the progress bar (``False`` for inner loops).
+            sliding_window_size, sliding_window_stride: temporal sliding windows in latent frames (DiffSynth's
+                option; :mod:`diffusers_wan_ext.hooks.sliding_window`) on the step's transformer(s) for this loop;
+                ``None``: off.
         """
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
+        models = [transformer] if transformer is not None else [
+            getattr(self, "transformer", None), getattr(self, "transformer_2", None)]
+        with windowed(models, sliding_window_size, sliding_window_stride):
+            return self._denoise_loop(**forwarded(locals(), self._denoise_loop))
+
+    def _denoise_loop(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        *,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        guidance_scale: float,
+        guidance_scale_2: float | None,
+        num_inference_steps: int,
+        transformer_dtype: torch.dtype,
+        attention_kwargs: dict[str, Any] | None,
+        callback_on_step_end: Callable | None,
+        callback_on_step_end_tensor_inputs: Collection[str],
+        cfg_batching: bool | None,
+        model_input: Callable[[torch.Tensor], torch.Tensor] | None,
+        timestep_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+        transformer_kwargs: dict[str, Any] | None,
+        broadcast_kwargs: Collection[str],
+        uncond_transformer_kwargs: dict[str, Any] | None,
+        guide: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None,
+        prediction_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+        step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None,
+        after_step: Callable[[torch.Tensor, int], torch.Tensor] | None,
+        transformer: torch.nn.Module | None,
+        progress: bool,
+    ) -> torch.Tensor:
+        """The loop of :meth:`denoise` (same arguments)."""
         cfg_batching = self.cfg_batching if cfg_batching is None else cfg_batching
         transformer_kwargs = dict(transformer_kwargs or {})
         uncond_kwargs = {**transformer_kwargs, **(uncond_transformer_kwargs or {})}

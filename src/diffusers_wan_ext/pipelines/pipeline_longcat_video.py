@@ -430,6 +430,8 @@ class LongCatVideoPipeline(
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
         cfg_batching: bool | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video; with ``video`` continue it, with ``image`` start from it.
@@ -470,6 +472,8 @@ class LongCatVideoPipeline(
             cfg_batching (`bool`, *optional*): with guidance, run the conditional and unconditional pass as one
                 transformer forward of batch ``2 x B`` (default: :attr:`cfg_batching`, ``True``); ``False``: two
                 forwards.
+            sliding_window_size (`int`, *optional*), sliding_window_stride (`int`, *optional*):
+                Not supported by this model (a ``ValueError`` gives the reason); long videos come from video continuation (``video``, ``num_cond_frames``).
 
         Examples:
             >>> video = pipe("a red fox runs through snow", num_frames=93).frames[0]  # doctest: +SKIP
@@ -478,6 +482,7 @@ class LongCatVideoPipeline(
         Returns:
             [`WanPipelineOutput`] with ``frames`` (conditioning frames included), or ``(frames,)``.
         """
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(

@@ -476,6 +476,8 @@ class WanAnimateExtPipeline(
         max_sequence_length: int | None = None,
         inpaint_video: Any = None,
         cfg_batching: bool | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video of the character in ``image`` driven by ``pose_video`` / ``face_video``.
@@ -493,12 +495,15 @@ class WanAnimateExtPipeline(
             cfg_batching: with guidance (``guidance_scale > 1``), run the conditional and the unconditional (blank
                 face) pass as one transformer forward of batch ``2 x B`` (default: :attr:`cfg_batching`, ``True``);
                 ``False``: stock's two forwards, bit for bit.
+            sliding_window_size (`int`, *optional*), sliding_window_stride (`int`, *optional*):
+                Not supported by this model (a ``ValueError`` gives the reason); long videos come from ``segment_frame_length``.
             Other arguments: as :meth:`diffusers.WanAnimatePipeline.__call__`.
 
         Videos may be video file paths, lists of PIL images, numpy arrays ``[F, H, W, 3]`` (uint8 or float in
         [0, 1]) or torch tensors ``[F, 3, H, W]`` in [-1, 1]; masks also ``[F, H, W]`` arrays.  The pose, face,
         background and mask videos must have the same number of frames.
         """
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
         if inpaint_video is not None:
             if background_video is not None:
                 raise ValueError("pass the background either as background_video or as inpaint_video, not both")

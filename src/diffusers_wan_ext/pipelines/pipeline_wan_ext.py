@@ -82,6 +82,8 @@ class WanExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMi
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
         cfg_batching: bool | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Text-to-video; the arguments of :meth:`diffusers.WanPipeline.__call__` plus:
@@ -92,6 +94,10 @@ class WanExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMi
                 pass as one transformer forward of batch ``2 x B`` under ``cache_context("cond_uncond")``.
                 ``False``: stock's two forwards per step.  Without guidance there is one forward either way.
                 ``None``: the pipeline's :attr:`cfg_batching` (``True`` unless set).
+            sliding_window_size (`int`, *optional*), sliding_window_stride (`int`, *optional*):
+                Temporal sliding windows in latent frames (DiffSynth-Studio's option): each transformer forward runs per
+                window of ``sliding_window_size`` latent frames, ``sliding_window_stride`` apart, and the windows are
+                blended (:mod:`diffusers_wan_ext.hooks.sliding_window`, ``docs/long_video.md``).  ``None``: off.
 
         Examples:
             >>> video = pipe(prompt="waves on a beach", num_frames=81).frames[0]  # doctest: +SKIP
@@ -100,6 +106,7 @@ class WanExtPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMi
         Returns:
             [`WanPipelineOutput`] with ``frames``, or a tuple ``(frames,)`` when ``return_dict=False``.
         """
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
         # Steps 1-5 and the decode are stock WanPipeline.__call__ (diffusers 0.42); the loop is the shared one.
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs

@@ -371,6 +371,8 @@ class WanFunPipelineBase(
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
         cfg_batching: bool | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         """The shared routine; ``condition_inputs`` go to :meth:`prepare_condition`.  Inputs are checked already
         (the variant's ``__call__`` runs :meth:`check_fun_inputs` and its own checks first).

@@ -108,6 +108,8 @@ class WanFunCameraControlPipeline(WanFunPipelineBase):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
         cfg_batching: bool | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video from ``image`` with a camera move.
@@ -149,6 +151,10 @@ class WanFunCameraControlPipeline(WanFunPipelineBase):
                 Run the conditional and the unconditional pass as one transformer forward of batch ``2 x B``
                 (``False``: two forwards per step, as stock); ``None``: the pipeline's :attr:`cfg_batching`
                 (``True`` unless set).
+            sliding_window_size (`int`, *optional*), sliding_window_stride (`int`, *optional*):
+                Temporal sliding windows in latent frames (DiffSynth-Studio's option): each transformer forward runs per
+                window of ``sliding_window_size`` latent frames, ``sliding_window_stride`` apart, and the windows are
+                blended (:mod:`diffusers_wan_ext.hooks.sliding_window`, ``docs/long_video.md``).  ``None``: off.
 
         Examples:
             >>> video = pipe(image=img, camera_control_direction="In", prompt="a forest").frames[0]  # doctest: +SKIP
@@ -156,6 +162,7 @@ class WanFunCameraControlPipeline(WanFunPipelineBase):
         Returns:
             [`WanPipelineOutput`] with ``frames``, or a tuple ``(frames,)`` when ``return_dict=False``.
         """
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
         if image is None:
             raise ValueError(
                 "WanFunCameraControlPipeline needs `image`: Fun Control-Camera generates from a first frame "

@@ -121,6 +121,8 @@ class WanFunControlPipeline(WanFunPipelineBase):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
         cfg_batching: bool | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video that follows ``control_video``.
@@ -161,6 +163,10 @@ class WanFunControlPipeline(WanFunPipelineBase):
                 Run the conditional and the unconditional pass as one transformer forward of batch ``2 x B``
                 (``False``: two forwards per step, as stock); ``None``: the pipeline's :attr:`cfg_batching`
                 (``True`` unless set).
+            sliding_window_size (`int`, *optional*), sliding_window_stride (`int`, *optional*):
+                Temporal sliding windows in latent frames (DiffSynth-Studio's option): each transformer forward runs per
+                window of ``sliding_window_size`` latent frames, ``sliding_window_stride`` apart, and the windows are
+                blended (:mod:`diffusers_wan_ext.hooks.sliding_window`, ``docs/long_video.md``).  ``None``: off.
 
         Examples:
             >>> video = pipe(control_video=frames, prompt="a robot", num_frames=len(frames)).frames[0]  # doctest: +SKIP
@@ -168,6 +174,7 @@ class WanFunControlPipeline(WanFunPipelineBase):
         Returns:
             [`WanPipelineOutput`] with ``frames``, or a tuple ``(frames,)`` when ``return_dict=False``.
         """
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
         if control_video is None:
             raise ValueError(
                 "WanFunControlPipeline needs `control_video` (num_frames frames of height x width: a list of PIL "

@@ -91,6 +91,8 @@ class WanFunInpaintPipeline(WanFunPipelineBase):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
         cfg_batching: bool | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video that starts at ``image`` (and ends at ``end_image``).
@@ -125,6 +127,10 @@ class WanFunInpaintPipeline(WanFunPipelineBase):
                 Run the conditional and the unconditional pass as one transformer forward of batch ``2 x B``
                 (``False``: two forwards per step, as stock); ``None``: the pipeline's :attr:`cfg_batching`
                 (``True`` unless set).
+            sliding_window_size (`int`, *optional*), sliding_window_stride (`int`, *optional*):
+                Temporal sliding windows in latent frames (DiffSynth-Studio's option): each transformer forward runs per
+                window of ``sliding_window_size`` latent frames, ``sliding_window_stride`` apart, and the windows are
+                blended (:mod:`diffusers_wan_ext.hooks.sliding_window`, ``docs/long_video.md``).  ``None``: off.
 
         Examples:
             >>> video = pipe(image=first, prompt="a cat", height=480, width=832).frames[0]  # doctest: +SKIP
@@ -132,6 +138,7 @@ class WanFunInpaintPipeline(WanFunPipelineBase):
         Returns:
             [`WanPipelineOutput`] with ``frames``, or a tuple ``(frames,)`` when ``return_dict=False``.
         """
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
         if image is None:
             raise ValueError(
                 "WanFunInpaintPipeline needs `image`: Fun-InP generates from a first frame (pass a PIL image; "

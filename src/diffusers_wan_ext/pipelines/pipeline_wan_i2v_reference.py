@@ -293,6 +293,8 @@ class WanImageToVideoReferencePipeline(
         max_sequence_length: int = 512,
         image_latents: torch.Tensor | None = None,
         cfg_batching: bool | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Image-to-video generation; the arguments of :meth:`diffusers.WanImageToVideoPipeline.__call__` plus:
@@ -311,11 +313,16 @@ class WanImageToVideoReferencePipeline(
             cfg_batching (`bool`, *optional*):
                 With guidance, run the conditional and unconditional pass as one transformer forward of batch
                 ``2 x B`` (default: :attr:`cfg_batching`, ``True``); ``False``: stock's two forwards.
+            sliding_window_size (`int`, *optional*), sliding_window_stride (`int`, *optional*):
+                Temporal sliding windows in latent frames (DiffSynth-Studio's option): each transformer forward runs per
+                window of ``sliding_window_size`` latent frames, ``sliding_window_stride`` apart, and the windows are
+                blended (:mod:`diffusers_wan_ext.hooks.sliding_window`, ``docs/long_video.md``).  ``None``: off.
 
         Examples:
             >>> out = pipe(image_latents=z, latents=noise, prompt_embeds=ctx,  # doctest: +SKIP
             ...            negative_prompt_embeds=neg, height=704, width=1280, num_frames=121, output_type="latent")
         """
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
         if image is None and image_latents is None:
             raise ValueError("pass `image` or `image_latents`")
         if image_latents is not None and image is None:

@@ -293,6 +293,8 @@ class WanSpeechToVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDen
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
         cfg_batching: bool | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video of ``image`` driven by ``audio``, as long as the audio (whole clips).
@@ -332,10 +334,13 @@ class WanSpeechToVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDen
                 every step of every clip; the step index restarts with each clip).
             max_sequence_length (`int`, defaults to 512): umT5 context length.
             cfg_batching (`bool`, *optional*): cond + uncond in one forward (default: :attr:`cfg_batching`).
+            sliding_window_size (`int`, *optional*), sliding_window_stride (`int`, *optional*):
+                Not supported by this model (a ``ValueError`` gives the reason); long videos come from the clips.
 
         Returns:
             [`WanPipelineOutput`] with ``frames`` (one video), or ``(frames,)`` when ``return_dict=False``.
         """
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_s2v_inputs(

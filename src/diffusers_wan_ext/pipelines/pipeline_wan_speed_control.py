@@ -145,6 +145,8 @@ class WanSpeedControlPipeline(WanExtPipeline):
         max_sequence_length: int = 512,
         motion_bucket_id: float | None = None,
         cfg_batching: bool | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Text-to-video; the arguments of :meth:`diffusers_wan_ext.WanExtPipeline.__call__` plus:
@@ -155,6 +157,10 @@ class WanSpeedControlPipeline(WanExtPipeline):
                 ``motion_controller`` component.  ``None``: no offset (with ``cfg_batching=False``, exactly stock
                 ``WanPipeline``).
             cfg_batching (`bool`, *optional*): see :meth:`diffusers_wan_ext.WanExtPipeline.__call__`.
+            sliding_window_size (`int`, *optional*), sliding_window_stride (`int`, *optional*):
+                Temporal sliding windows in latent frames (DiffSynth-Studio's option): each transformer forward runs per
+                window of ``sliding_window_size`` latent frames, ``sliding_window_stride`` apart, and the windows are
+                blended (:mod:`diffusers_wan_ext.hooks.sliding_window`, ``docs/long_video.md``).  ``None``: off.
 
         Examples:
             >>> slow = pipe(prompt="waves on a beach", motion_bucket_id=0).frames[0]  # doctest: +SKIP
@@ -163,6 +169,7 @@ class WanSpeedControlPipeline(WanExtPipeline):
         Returns:
             [`WanPipelineOutput`] with ``frames``, or a tuple ``(frames,)`` when ``return_dict=False``.
         """
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
         offset = self.motion_offset(motion_bucket_id) if motion_bucket_id is not None else None
         with contextlib.ExitStack() as stack:
             if offset is not None:

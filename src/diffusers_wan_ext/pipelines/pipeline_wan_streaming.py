@@ -140,6 +140,10 @@ class WanStreamingPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisi
     supports_sequence_parallel = False  # its block-causal KV-cache attention does not run under context parallelism
     #: The shared default; without guidance there is nothing to batch.
     cfg_batching = True
+    sliding_window_unsupported_reason = (
+        "it generates block by block with a KV cache of the earlier blocks (num_blocks x num_frames_per_block "
+        "latent frames), so each forward already sees one block only"
+    )
 
     def __init__(
         self,
@@ -349,17 +353,23 @@ class WanStreamingPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisi
         return_dict: bool = True,
         max_sequence_length: int = 512,
         attention_kwargs: dict[str, Any] | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate the whole video (all ``num_blocks`` blocks of :meth:`stream`) and return it at once.
 
-        Arguments are those of :meth:`stream` (``num_blocks`` must be a number here) plus ``return_dict``.
+        Arguments are those of :meth:`stream` (``num_blocks`` must be a number here) plus ``return_dict``, and
+        ``sliding_window_size`` / ``sliding_window_stride``, which this pipeline refuses (a ``ValueError`` says why:
+        it already generates block by block).
 
         Returns:
             [`WanPipelineOutput`] with ``frames`` (``[B, F, H, W, 3]`` for ``"np"``; latents ``[B, 16, T, h, w]`` for
             ``"latent"``), or a tuple ``(frames,)``.
         """
-        stream_arguments = {name: value for name, value in locals().items() if name not in ("self", "return_dict")}
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
+        stream_arguments = {name: value for name, value in locals().items()
+                            if name not in ("self", "return_dict", "sliding_window_size", "sliding_window_stride")}
         if num_blocks is None:
             raise ValueError("__call__ needs a finite num_blocks; iterate pipe.stream(..., num_blocks=None) instead")
         chunks = list(self.stream(**stream_arguments))  # every argument but return_dict is stream()'s

@@ -213,6 +213,8 @@ class WanVideoToVideoReferencePipeline(
         video_latents: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         cfg_batching: bool | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Video-to-video generation; the arguments of :meth:`diffusers.WanVideoToVideoPipeline.__call__` plus:
@@ -232,11 +234,16 @@ class WanVideoToVideoReferencePipeline(
             cfg_batching (`bool`, *optional*):
                 With guidance, run the conditional and unconditional pass as one transformer forward of batch
                 ``2 x B`` (default: :attr:`cfg_batching`, ``True``); ``False``: stock's two forwards.
+            sliding_window_size (`int`, *optional*), sliding_window_stride (`int`, *optional*):
+                Temporal sliding windows in latent frames (DiffSynth-Studio's option): each transformer forward runs per
+                window of ``sliding_window_size`` latent frames, ``sliding_window_stride`` apart, and the windows are
+                blended (:mod:`diffusers_wan_ext.hooks.sliding_window`, ``docs/long_video.md``).  ``None``: off.
 
         Examples:
             >>> out = pipe(video_latents=x0, noise=eps, denoising_strength=0.6, num_inference_steps=4,  # doctest: +SKIP
             ...            prompt_embeds=ctx, negative_prompt_embeds=neg, height=480, width=832, output_type="latent")
         """
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
         self._check_reference_inputs(video, latents, timesteps, denoising_strength, video_latents, noise)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs

@@ -218,6 +218,8 @@ class WanVideoAsPromptPipeline(WanFunPipelineBase):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
         cfg_batching: bool | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ) -> WanPipelineOutput | tuple:
         r"""
         Generate a video that starts at ``image`` and follows the semantics of ``vap_video``.
@@ -252,6 +254,10 @@ class WanVideoAsPromptPipeline(WanFunPipelineBase):
                 Run the conditional and the unconditional pass as one transformer forward of batch ``2 x B``
                 (``False``: two forwards per step, as stock); ``None``: the pipeline's :attr:`cfg_batching`
                 (``True`` unless set).
+            sliding_window_size (`int`, *optional*), sliding_window_stride (`int`, *optional*):
+                Temporal sliding windows in latent frames (DiffSynth-Studio's option): each transformer forward runs per
+                window of ``sliding_window_size`` latent frames, ``sliding_window_stride`` apart, and the windows are
+                blended (:mod:`diffusers_wan_ext.hooks.sliding_window`, ``docs/long_video.md``).  ``None``: off.
 
         Examples:
             >>> video = pipe(image=img, prompt="...", vap_video=ref_frames, vap_prompt="...").frames[0]  # doctest: +SKIP
@@ -259,6 +265,7 @@ class WanVideoAsPromptPipeline(WanFunPipelineBase):
         Returns:
             [`WanPipelineOutput`] with ``frames``, or a tuple ``(frames,)`` when ``return_dict=False``.
         """
+        self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
         if image is None:
             raise ValueError("WanVideoAsPromptPipeline needs `image`: the first frame of the video to generate")
         self.check_fun_inputs(
