@@ -43,11 +43,13 @@ def add_convert(sub) -> None:
     p.add_argument("--variant", help="release name (see `diffusers-wan variants`); detected when omitted")
     p.add_argument("--dtype", default="bf16", choices=DTYPE_CHOICES)
     p.add_argument("--scheduler", default="unipc", choices=["unipc", "euler", "diffsynth", "original-unipc"])
-    p.add_argument("--transformer", help="DiT file / folder (overrides what SRC contains)")
+    p.add_argument("--transformer", help="DiT file / folder (overrides what SRC contains); ComfyUI / Kijai single "
+                                         "files (fp16, fp8, scaled fp8) and .gguf too")
     p.add_argument("--transformer-2", help="second expert (Wan2.2 A14B low-noise model)")
-    p.add_argument("--text-encoder", help="models_t5_umt5-xxl-enc-bf16.pth")
+    p.add_argument("--text-encoder", help="models_t5_umt5-xxl-enc-bf16.pth (or ComfyUI's umt5_xxl_*.safetensors)")
     p.add_argument("--tokenizer", help="google/umt5-xxl tokenizer folder")
-    p.add_argument("--vae", help="Wan2.1_VAE.pth or Wan2.2_VAE.pth")
+    p.add_argument("--vae", help="Wan2.1_VAE.pth or Wan2.2_VAE.pth (or ComfyUI's wan_2.1_vae / wan2.2_vae "
+                                 ".safetensors)")
     p.add_argument("--image-encoder", help="models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
     p.add_argument("--image-encoder-heads", type=int, help="CLIP heads (only for non-release widths)")
     p.add_argument("--audio-encoder", help="Wan2.2-S2V wav2vec2-large-xlsr-53-english folder (model + processor)")
