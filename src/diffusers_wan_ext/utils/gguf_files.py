@@ -10,6 +10,7 @@ shape, a tensor whose rows do not fit the quant type's block falls back to F16.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from .quantized_tensor import PLAIN_DTYPES, QuantizedFileError, QuantizedTensor
 
-__all__ = ["GGUF_EXPORT_TYPES", "ORIG_SHAPE_KEY", "read_gguf", "write_gguf"]
+__all__ = ["GGUF_EXPORT_TYPES", "ORIG_SHAPE_KEY", "can_dequantize", "read_gguf", "write_gguf"]
 
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 #: the GGUF types ``export-dit`` writes (``--format gguf-<name>``) and the file type recorded for each
@@ -71,6 +72,21 @@ def _version(gguf) -> str:
         return "?"
 
 
+@functools.lru_cache(maxsize=None)
+def can_dequantize(qtype: str) -> bool:
+    """Whether the installed ``gguf`` package can dequantize GGUF type ``qtype`` (tried on one zero block)."""
+    gguf = _import_gguf()
+    kind = gguf.GGMLQuantizationType[qtype]
+    if qtype in PLAIN_DTYPES:
+        return True
+    _, type_size = gguf.GGML_QUANT_SIZES[kind]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), kind)
+    except (NotImplementedError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
 def _orig_shape(reader, gguf, name: str, path: Path) -> tuple[int, ...] | None:
     field = reader.get_field(ORIG_SHAPE_KEY + name)
     if field is None:
@@ -98,17 +114,16 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, QuantizedTensor], dict
     except Exception as e:  # noqa: BLE001 - the reader raises ValueError / struct errors / IndexError
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise QuantizedFileError(f"{path}: not a readable GGUF file ({first})") from None
-    from gguf.quants import _type_traits as traits  # the quant types this gguf version can dequantize
-
     out: dict[str, QuantizedTensor] = {}
     for t in reader.tensors:
         name, qtype = t.name, t.tensor_type
         shape = _orig_shape(reader, gguf, name, path) or tuple(int(d) for d in reversed(t.shape.tolist()))
         if int(np.prod(shape)) != int(t.n_elements):
             raise QuantizedFileError(f"{path}: tensor {name}: {t.n_elements} values stored but its shape is {shape}")
-        if qtype.name not in PLAIN_DTYPES and qtype not in traits:
+        if qtype.name not in PLAIN_DTYPES and not can_dequantize(qtype.name):
+            supported = [q.name for q in gguf.GGMLQuantizationType if can_dequantize(q.name)]
             raise QuantizedFileError(f"{path}: tensor {name}: quant type {qtype.name} cannot be dequantized by gguf "
-                                     f"{_version(gguf)} (supported: {', '.join(sorted(q.name for q in traits))})")
+                                     f"{_version(gguf)} (supported: {', '.join(supported)})")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             data = torch.from_numpy(t.data)
