@@ -290,7 +290,9 @@ def _single_file(path: Path, loaded: dict[str, torch.Tensor] | None) -> dict[str
     try:
         if loaded is None:
             return load_single_file(path)[0]
-        return dequantize_state_dict(comfy_fp8_tensors(loaded, _safetensors_metadata(path), str(path))[0])
+        tensors = comfy_fp8_tensors(loaded, _safetensors_metadata(path), str(path))[0]
+        loaded.clear()  # the fp8 tensors now live only in `tensors`, freed one by one as they are dequantized
+        return dequantize_state_dict(tensors, consume=True)
     except QuantizedFileError as e:
         raise ConversionError(str(e)) from None
 

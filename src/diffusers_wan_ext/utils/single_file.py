@@ -127,12 +127,14 @@ def read_quantized(path: str | os.PathLike) -> tuple[dict[str, QuantizedTensor],
     return tensors, info
 
 
-def dequantize_state_dict(tensors: Mapping[str, QuantizedTensor],
-                          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def dequantize_state_dict(tensors: Mapping[str, QuantizedTensor], dtype: torch.dtype | None = None,
+                          consume: bool = False) -> dict[str, torch.Tensor]:
     """Dequantize every quantized tensor to ``dtype`` (``None``: :data:`DEQUANT_DTYPE`); plain tensors keep their
-    dtype unless ``dtype`` is given."""
+    dtype unless ``dtype`` is given.  ``consume`` empties ``tensors`` (a dict) as it goes, so each stored tensor can
+    be freed once its dequantized copy exists (peak memory: the output plus one tensor, not both state dicts)."""
     out = {}
-    for k, q in tensors.items():
+    for k in list(tensors):
+        q = tensors.pop(k) if consume else tensors[k]
         if q.is_quantized:
             out[k] = q.dequantize(dtype or DEQUANT_DTYPE)
         else:
