@@ -343,3 +343,19 @@ def test_continuation_on_tiny_i2v_pipeline(text_parts):
     np.testing.assert_array_equal(video[:5], outputs[0])
     np.testing.assert_array_equal(video[5:9], outputs[1][1:])
     np.testing.assert_array_equal(video[9:], outputs[2][1:])
+
+
+def test_long_video_example_tiny(tmp_path):
+    """examples/long_video.py t2v on the tiny default: 41 frames in windows of 5 latent frames, FreeNoise."""
+    import importlib.util
+
+    import imageio.v3 as iio
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("long_video_example", ROOT / "examples" / "long_video.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "long.mp4"
+    example.main(["t2v", "--tiny", "--output", str(out), "--schedule", "uniform_looped", "--fuse-method", "pyramid"])
+    assert iio.imread(out).shape[0] == 41
