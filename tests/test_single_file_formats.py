@@ -360,5 +360,10 @@ def test_bad_fp8_files(tmp_path):
               "blocks.0.ffn.0.scale_weight": torch.tensor(1.0)}
     save_file(orphan, str(tmp_path / "orphan.safetensors"))
     one_line_error(tmp_path / "orphan.safetensors", "blocks.0.ffn.2.weight")
+    unscaled_table = {"shared.weight": torch.randn(16, 8).to(torch.float8_e4m3fn),  # ComfyUI scales Linear only
+                      "patch_embedding.weight": torch.randn(8, 4, 1, 2, 2).to(torch.float8_e4m3fn),
+                      "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    save_file(unscaled_table, str(tmp_path / "table.safetensors"))
+    assert set(load_state_dict(tmp_path / "table.safetensors")) == {"shared.weight", "patch_embedding.weight"}
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "old.safetensors").read_bytes()[:-64])
     one_line_error(tmp_path / "cut.safetensors", "truncated")

@@ -10,7 +10,8 @@ Two scaled-fp8 conventions exist; both are read as ComfyUI's ``comfy/utils.py`` 
   ``<layer>.comfy_quant`` uint8 JSON tensors; ``comfy/quant_ops.py`` ``QUANT_ALGOS`` names the fp8 formats
   (``float8_e4m3fn`` / ``float8_e5m2``, parameters ``weight_scale`` / ``input_scale``).
 
-An fp8 weight of a file marked scaled without its scale tensor is an error (ComfyUI would silently use 1.0).
+An fp8 weight of a file marked scaled without its scale tensor is an error (ComfyUI would silently use 1.0), except
+for embedding tables (``shared.weight`` ...) and convolutions, which ComfyUI's older scaled-fp8 ops never scale.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ __all__ = ["SCALE_SUFFIXES", "comfy_fp8_tensors", "fp8_state_dict", "is_fp8_file
 #: per-layer tensors that are not weights: ``(older, newer)`` names of the weight and activation scales
 SCALE_SUFFIXES = {"scale_weight": "weight", "weight_scale": "weight", "scale_input": "input", "input_scale": "input"}
 _MARKER = "scaled_fp8"
+#: embedding tables: ComfyUI's older scaled-fp8 ops (comfy/ops.py ``scaled_fp8_ops``) scale only ``Linear`` layers and
+#: cast embeddings and convolutions, so an fp8 table or conv weight without a scale is valid there (scale 1) and is
+#: not an error here either (only 2-D weights other than these tables must carry ``scale_weight``)
+_EMBEDDING_TABLES = ("shared.weight", "token_embd.weight", "token_embedding.weight", "embed_tokens.weight")
 _FP8_NAMES = {v: k for k, v in FP8_DTYPES.items()}
 
 
@@ -82,8 +87,8 @@ def comfy_fp8_tensors(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     orphans = sorted(s for s in scales if s not in sd)
     if orphans:
         raise QuantizedFileError(f"{source}: scale tensor for {orphans[0]} but the file has no such weight")
-    marked = set(formats) | ({k.rpartition(".")[0] for k, v in sd.items() if v.dtype in _FP8_NAMES and v.ndim >= 2}
-                             if markers else set())
+    marked = set(formats) | ({k.rpartition(".")[0] for k, v in sd.items() if v.dtype in _FP8_NAMES and v.ndim == 2
+                              and not k.endswith(_EMBEDDING_TABLES)} if markers else set())
     out: dict[str, QuantizedTensor] = {}
     for k, v in sd.items():
         if k in skip:
