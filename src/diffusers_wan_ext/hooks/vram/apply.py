@@ -129,6 +129,7 @@ def enable_vram_management(
     offload_to_disk_path: str | os.PathLike | None = None,
     cpu_ram_limit: float | None = None,
     overrides: Mapping[str, str] | None = None,
+    sliding_window_size: int | None = None,
     verbose: bool = True,
 ) -> VramPlan:
     """Plan (:func:`plan_vram`) and apply VRAM management to a Wan pipeline; returns the plan.
@@ -143,7 +144,8 @@ def enable_vram_management(
         vram_limit: GiB, ``"8gb"`` / ``"24gb"`` / ``"80gb"`` (:data:`VRAM_PRESETS`) or ``"auto"`` (free CUDA memory).
         device: where to compute (default: the current CUDA device, else CPU).
         height, width, num_frames, batch_size, cfg_batched, dtype, allow_fp8, offload_to_disk_path, cpu_ram_limit,
-            overrides: see :func:`plan_vram`; plan for the largest generation you will run.
+            overrides, sliding_window_size: see :func:`plan_vram`; plan for the largest generation you will run
+            (``sliding_window_size``: the window of the calls, in latent frames -- activations follow the window).
         verbose: log the plan table as a warning (else at debug level).
 
     Example:
@@ -166,6 +168,7 @@ def enable_vram_management(
         pipe, limit, height=height, width=width, num_frames=num_frames, batch_size=batch_size,
         cfg_batched=cfg_batched, dtype=dtype, allow_fp8=allow_fp8, offload_to_disk_path=offload_to_disk_path,
         cpu_ram_limit=cpu_ram_limit, overrides=overrides, use_stream=use_stream,
+        sliding_window_size=sliding_window_size,
     )
     undo = _apply_plan(pipe, plan, modules, device, use_stream, low_cpu_mem_usage=cpu_ram_limit is not None)
     pipe._wan_vram_plan = plan

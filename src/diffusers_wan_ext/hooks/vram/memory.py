@@ -10,7 +10,8 @@ Activation model (documented estimates, calibrated on H100 bf16 measurements; se
   (H//(8*p_h)) * (W//(8*p_w))`` (VAE factors from its config), ``dim = heads * head_dim``; ``batch`` doubles with
   batched CFG.  The factor fits the 14B at 1280x720x81 exactly (27.5 GiB) and over-estimates the 1.3B at 480x832x81
   by a third (3.6 vs 2.7 GiB): a term in ``ffn_dim`` would get a negative coefficient from these two points, so it
-  is left out.
+  is left out.  With sliding windows the forward runs per window, so ``tokens`` counts the largest window's latent
+  frames instead of the video's (the full-video blend buffers, ``2 x`` the latents in float32, are negligible).
 * VAE decode: per-frame decoder working set ``4.10 GiB x (H*W) / (480*832)`` (bf16, Wan2.1 VAE: causal decoding
   keeps one latent frame in flight) plus two copies of the output video (``3*F*H*W``); scaled by the VAE's dtype and
   channel width.  With ``vae.enable_tiling()`` the per-frame part scales with the tile area instead and four output
@@ -142,10 +143,12 @@ class GenerationShape:
     spatial: int = 8
     vae_tiling: bool = False
     vae_tile: tuple[int, int] = (256, 256)
+    #: latent frames of the largest sliding window (:mod:`diffusers_wan_ext.hooks.sliding_window`), ``None``: off
+    window_frames: int | None = None
 
     @classmethod
     def for_vae(cls, vae: nn.Module | None, height: int, width: int, num_frames: int, batch_size: int,
-                cfg_batched: bool) -> "GenerationShape":
+                cfg_batched: bool, window_frames: int | None = None) -> "GenerationShape":
         """The shape with the compression factors and tiling read from ``vae`` (Wan defaults without one)."""
         return cls(
             height, width, num_frames, batch_size, cfg_batched,
@@ -153,13 +156,20 @@ class GenerationShape:
             spatial=config_value(vae, "scale_factor_spatial", default=8) if vae is not None else 8,
             vae_tiling=bool(getattr(vae, "use_tiling", False)),
             vae_tile=(getattr(vae, "tile_sample_min_height", 256), getattr(vae, "tile_sample_min_width", 256)),
+            window_frames=window_frames,
         )
 
+    @property
+    def latent_frames(self) -> int:
+        """Latent frames of the whole video."""
+        return (self.num_frames - 1) // self.temporal + 1
+
     def tokens(self, patch_size) -> int:
-        """Transformer tokens of one video for a ``patch_size`` of ``(t, h, w)`` (``None``: ``(1, 2, 2)``)."""
+        """Transformer tokens of one forward for one video and a ``patch_size`` of ``(t, h, w)`` (``None``:
+        ``(1, 2, 2)``): the whole video, or its largest sliding window when :attr:`window_frames` is set."""
         pt, ph, pw = (tuple(patch_size) + (1, 1, 1))[:3] if patch_size is not None else (1, 2, 2)
-        return ((self.num_frames - 1) // (self.temporal * pt) + 1) * (self.height // (self.spatial * ph)) * (
-            self.width // (self.spatial * pw))
+        frames = self.latent_frames if self.window_frames is None else min(self.latent_frames, self.window_frames)
+        return ((frames - 1) // pt + 1) * (self.height // (self.spatial * ph)) * (self.width // (self.spatial * pw))
 
 
 def _elem(dtype: torch.dtype) -> int:

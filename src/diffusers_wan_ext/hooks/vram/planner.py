@@ -17,12 +17,13 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from ..sliding_window import current_schedule, window_frames
 from .memory import (
     ComponentSizes,
     Evaluation,
@@ -49,7 +50,7 @@ from .strategies import (
 )
 
 __all__ = ["ComponentPlan", "VramPlan", "pipeline_components", "pipeline_cfg_batching", "plan_vram",
-           "resolve_vram_limit"]
+           "resolve_vram_limit", "sliding_window_frames"]
 
 
 # ================================================================================================ plan objects
@@ -115,6 +116,7 @@ class VramPlan:
     tokens: int | None
     offload_to_disk_path: str | None = None
     notes: list[str] = field(default_factory=list)
+    window_frames: int | None = None
 
     @property
     def peak_gib(self) -> float:
@@ -134,6 +136,8 @@ class VramPlan:
     def __str__(self) -> str:
         stream = "CUDA-stream prefetch" if self.use_stream else "no streams"
         tokens = f", {self.tokens} tokens" if self.tokens else ""
+        if self.window_frames is not None:
+            tokens += f" per {self.window_frames}-latent-frame sliding window"
         cfg = ", batched CFG" if self.cfg_batched else ""
         lines = [
             f"Wan VRAM plan: budget {self.vram_limit_gib:.2f} GiB (margin {self.margin_gib:.2f}), "
@@ -239,6 +243,20 @@ def pipeline_cfg_batching(pipe: Any) -> bool:
     return bool(getattr(pipe, "cfg_batching", False))
 
 
+def sliding_window_frames(pipe_or_components: Any, sliding_window_size: int | None, latent_frames: int) -> int | None:
+    """Latent frames of the largest window a transformer forward will see: ``sliding_window_size`` when given, else
+    the largest window of the sliding-window hook already on a transformer (``apply_sliding_window``; at step 0 for
+    schedules that change over the steps), else ``None`` (the whole video)."""
+    if sliding_window_size is not None:
+        _check_positive(sliding_window_size=sliding_window_size)
+        return sliding_window_size
+    for name, module in pipeline_components(pipe_or_components).items():
+        schedule = current_schedule(module) if COMPONENT_ROLES.get(name) == "transformer" else None
+        if schedule is not None:
+            return max(len(window_frames(w, latent_frames)) for w in schedule.windows(latent_frames, 0))
+    return None
+
+
 def _check_positive(**values: Any) -> None:
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -261,6 +279,7 @@ def plan_vram(
     cpu_ram_limit: float | None = None,
     overrides: Mapping[str, str] | None = None,
     use_stream: bool = True,
+    sliding_window_size: int | None = None,
 ) -> VramPlan:
     """Decide how each component of a Wan pipeline is placed to stay within ``vram_limit`` (pure: moves nothing).
 
@@ -281,6 +300,9 @@ def plan_vram(
         cpu_ram_limit: GiB of CPU RAM the offloaded weights may take (``None``: unlimited).
         overrides: ``{component: strategy}`` forcing strategies (e.g. ``{"text_encoder": "group_offload"}``).
         use_stream: plan for CUDA-stream prefetching (two groups in flight, one block per group).
+        sliding_window_size: the pipeline call's ``sliding_window_size`` (latent frames): the transformers run one
+            forward per window, so their activations are planned for the window's tokens, not the video's.
+            ``None``: the largest window of a sliding-window hook already on a transformer, else the whole video.
 
     Returns:
         :class:`VramPlan`.
@@ -306,6 +328,7 @@ def plan_vram(
     disk_path = os.fspath(offload_to_disk_path) if offload_to_disk_path is not None else None
 
     shape = GenerationShape.for_vae(comps_in.get("vae"), height, width, num_frames, batch_size, bool(cfg_batched))
+    shape = replace(shape, window_frames=sliding_window_frames(comps_in, sliding_window_size, shape.latent_frames))
     comps = {n: measure_component(n, COMPONENT_ROLES.get(n, "other"), m, shape, dtype) for n, m in comps_in.items()}
     order = sorted(comps, key=lambda n: (ROLE_PRIORITY.index(comps[n].role), n))
     margin = planning_margin_gib(limit) * GIB
@@ -322,7 +345,7 @@ def plan_vram(
         cpu_ram_limit_gib=cpu_ram_limit, use_stream=use_stream, height=height, width=width, num_frames=num_frames,
         batch_size=batch_size, cfg_batched=bool(cfg_batched),
         tokens=shape.tokens(config_value(comps_in[first], "patch_size")) if comps[first].role == "transformer"
-        else None, offload_to_disk_path=disk_path,
+        else None, offload_to_disk_path=disk_path, window_frames=shape.window_frames,
     )
     plan.notes = _notes(plan, shape)
     return plan
@@ -445,6 +468,11 @@ def _over_budget_message(comps, assignment, e: Evaluation, limit, margin, shape:
     vae = comps.get("vae")
     hints = (
         (True, f"lower height / width / num_frames (now {shape.height}x{shape.width}x{shape.num_frames})"),
+        (phase.startswith("denoise") and shape.window_frames is None and shape.latent_frames > 1,
+         "use sliding windows (sliding_window_size= / sliding_window_stride=, latent frames; plan with "
+         "sliding_window_size=)"),
+        (phase.startswith("denoise") and shape.window_frames is not None and shape.window_frames > 1,
+         f"a smaller sliding_window_size (now {shape.window_frames} latent frames)"),
         (shape.batch_size > 1 or shape.cfg_batched, "use batch_size 1 and two CFG forwards (cfg_batching=False)"),
         (phase == "decode" and vae is not None and not shape.vae_tiling,
          "enable VAE tiling (pipe.vae.enable_tiling())"),

@@ -1,0 +1,215 @@
+"""Sliding windows composed with the rest (issue 20, item 2), each against an explicit per-window reference on CPU.
+
+The reference is a hand loop: slice the inputs to each window of :func:`sliding_windows`, run the plain model (its own
+copy, with its own cache state where a cache is on) on the slice, blend with :func:`blend_weights`.  Combinations:
+
+* step caches -- TeaCache, Diffusers' FirstBlockCache and MagCache: the hook runs each window under its own
+  ``cache_context`` (``"cond/window0"``, ...), so each window and CFG branch keeps its own cache state; over a few
+  steps the windowed, cached model equals one cached model copy per window;
+* CFG batching: the pipeline's batched ``2B`` forward equals its two separate forwards, windows on;
+* VRAM plans: the transformer's activation estimate follows the window's latent frames;
+* sequence parallel and CFG parallel (2 gloo ranks): equal to the single process, windows on;
+* LoRA adapters: equal to the per-window reference;
+* ``torch.compile``: a fixed window shape compiles once, a shorter last window once more.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, FirstBlockCacheConfig, MagCacheConfig, WanTransformer3DModel
+from diffusers.hooks import apply_first_block_cache, apply_mag_cache
+
+from diffusers_wan_ext.hooks import TeaCacheConfig, apply_teacache, plan_vram, teacache_log
+from diffusers_wan_ext.hooks.sliding_window import (
+    apply_sliding_window,
+    blend_weights,
+    remove_sliding_window,
+    sliding_windows,
+)
+
+WAN = dict(num_attention_heads=2, attention_head_dim=24, text_dim=32, freq_dim=32, ffn_dim=96, num_layers=2)
+FRAMES, SIZE, STRIDE = 7, 4, 2  # windows (0, 4), (2, 6), (4, 7): the last one is shorter
+TIMESTEPS = (900.0, 800.0, 700.0, 600.0)
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_model(seed=0) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(in_channels=16, out_channels=16, **WAN).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        model.condition_embedder.time_proj.weight.mul_(0.05)  # consecutive t_mod differ by ~1 %, as in real models
+    return model
+
+
+def step_inputs(step: int, batch: int = 1) -> dict:
+    """Inputs of denoising step ``step`` (new latents every step; two prompts for the two CFG branches)."""
+    return dict(hidden_states=rand(batch, 16, FRAMES, 4, 4, seed=10 + step),
+                timestep=torch.full((batch,), TIMESTEPS[step]), encoder_hidden_states=rand(batch, 6, 32, seed=1))
+
+
+BRANCHES = {"cond": 1, "uncond": 2}  # cache context -> seed of its prompt
+
+
+def branch_inputs(step: int, branch: str) -> dict:
+    return {**step_inputs(step), "encoder_hidden_states": rand(1, 6, 32, seed=BRANCHES[branch])}
+
+
+def blend(outputs: list[torch.Tensor], windows, num_frames: int, size: int, stride: int) -> torch.Tensor:
+    """DiffSynth's blend of per-window outputs (the reference side)."""
+    value, weight = 0, torch.zeros(num_frames)
+    for out, (a, b) in zip(outputs, windows):
+        mask = blend_weights(num_frames, a, b, size - stride)
+        full = torch.zeros(*out.shape[:2], num_frames, *out.shape[3:])
+        full[:, :, a:b] = out * mask.view(1, 1, -1, 1, 1)
+        value = value + full
+        weight[a:b] += mask
+    return value / weight.view(1, 1, -1, 1, 1)
+
+
+def window_slice(kwargs: dict, a: int, b: int) -> dict:
+    return {**kwargs, "hidden_states": kwargs["hidden_states"][:, :, a:b]}
+
+
+# ------------------------------------------------------------------------------------------ step caches
+def _teacache(model):
+    # rescale = the raw distance; a huge threshold: every step but the first and the last skips
+    apply_teacache(model, TeaCacheConfig(threshold=1e9, coefficients=(1.0, 0.0), record=True))
+
+
+def _first_block_cache(model):
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=1e9))  # skip whenever a residual is cached
+
+
+def _mag_cache(model):
+    # a tiny calibration: magnitude ratios of 1 (residuals keep their size), so every step after the retention
+    # steps may skip, at most 2 in a row
+    apply_mag_cache(model, MagCacheConfig(threshold=1e9, max_skip_steps=2, retention_ratio=0.25,
+                                          num_inference_steps=len(TIMESTEPS), mag_ratios=[1.0] * len(TIMESTEPS)))
+
+
+CACHES = {"teacache": _teacache, "first_block_cache": _first_block_cache, "mag_cache": _mag_cache}
+
+
+def run_steps(model, inputs_of, contexts) -> list[torch.Tensor]:
+    """Every step, every context (CFG branch), as a pipeline's loop runs them."""
+    outs = []
+    for step in range(len(TIMESTEPS)):
+        for name in contexts:
+            with torch.no_grad(), model.cache_context(name, step_index=step, num_inference_steps=len(TIMESTEPS)):
+                outs.append(model(**inputs_of(step, name), return_dict=False)[0])
+    return outs
+
+
+def per_window_reference(base, cache, inputs_of, contexts) -> list[torch.Tensor]:
+    """One copy of the plain model per window, each with its own cache, fed that window's slices."""
+    windows = sliding_windows(FRAMES, SIZE, STRIDE)
+    per_window = []
+    for a, b in windows:
+        model = copy.deepcopy(base)
+        cache(model)
+        per_window.append(run_steps(model, lambda step, name: window_slice(inputs_of(step, name), a, b), contexts))
+    return [blend(list(outs), windows, FRAMES, SIZE, STRIDE) for outs in zip(*per_window)]
+
+
+@pytest.mark.parametrize("cache", sorted(CACHES))
+def test_step_caches_keep_one_state_per_window_and_cfg_branch(cache):
+    base = tiny_model()
+    model = copy.deepcopy(base)
+    CACHES[cache](model)
+    apply_sliding_window(model, SIZE, STRIDE)
+    got = run_steps(model, branch_inputs, BRANCHES)
+    expected = per_window_reference(base, CACHES[cache], branch_inputs, BRANCHES)
+    for step, (g, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(g, e, **TOL, msg=lambda m: f"output {step}: {m}")
+    apply_sliding_window(base, SIZE, STRIDE)  # the cache did skip: the uncached windowed model differs
+    plain = run_steps(base, branch_inputs, BRANCHES)
+    assert any((g - p).abs().max() > 1e-4 for g, p in zip(got, plain))
+    if cache == "teacache":
+        for name in BRANCHES:
+            for k in range(len(sliding_windows(FRAMES, SIZE, STRIDE))):
+                decisions = [r["decision"] for r in teacache_log(model, f"{name}/window{k}")]
+                assert decisions == ["compute", "skip", "skip", "compute"], (name, k, decisions)
+
+
+@pytest.mark.parametrize("cache", ["teacache", "first_block_cache"])
+def test_step_caches_under_batched_cfg(cache):
+    """One ``2B`` forward per step under ``cache_context("cond_uncond")``: one state per window for the batch."""
+    base = tiny_model()
+    model = copy.deepcopy(base)
+    CACHES[cache](model)
+    apply_sliding_window(model, SIZE, STRIDE)
+
+    def batched(step, name):
+        kwargs = step_inputs(step, batch=2)
+        kwargs["encoder_hidden_states"] = torch.cat([rand(1, 6, 32, seed=s) for s in BRANCHES.values()])
+        return kwargs
+
+    got = run_steps(model, batched, ["cond_uncond"])
+    for g, e in zip(got, per_window_reference(base, CACHES[cache], batched, ["cond_uncond"])):
+        torch.testing.assert_close(g, e, **TOL)
+
+
+# ------------------------------------------------------------------------------------------ VRAM plans
+WAN21_14B = dict(
+    num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, patch_size=(1, 2, 2), qk_norm="rms_norm_across_heads", cross_attn_norm=True,
+    eps=1e-6, rope_max_seq_len=1024,
+)
+
+
+@pytest.fixture(scope="module")
+def release_14b():
+    """A bf16 Wan2.1 14B transformer and a tiled VAE on the meta device (sizes only)."""
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel(**WAN21_14B).to(torch.bfloat16)
+        vae = AutoencoderKLWan().to(torch.bfloat16)
+    vae.enable_tiling()
+    return dict(transformer=transformer, vae=vae)
+
+
+def test_vram_plan_follows_the_window_token_count(release_14b):
+    shape = dict(height=720, width=1280, num_frames=161)  # 41 latent frames of 45 x 80 tokens
+    whole = plan_vram(release_14b, "80gb", **shape)
+    windowed = plan_vram(release_14b, "80gb", **shape, sliding_window_size=21)
+    assert whole.tokens == 41 * 45 * 80 and whole.window_frames is None
+    assert windowed.tokens == 21 * 45 * 80 and windowed.window_frames == 21
+    assert "per 21-latent-frame sliding window" in str(windowed)
+    act_whole, act_windowed = (p.components["transformer"].activations_gib for p in (whole, windowed))
+    assert act_windowed == pytest.approx(act_whole * 21 / 41, rel=1e-6)
+    # a window longer than the video is the whole video; the VAE (whole video) is planned the same either way
+    longer = plan_vram(release_14b, "80gb", **shape, sliding_window_size=64)
+    assert longer.tokens == whole.tokens
+    assert windowed.components["vae"].activations_gib == whole.components["vae"].activations_gib
+
+
+def test_vram_plan_under_24gb_fits_only_with_windows(release_14b):
+    shape = dict(height=720, width=1280, num_frames=161)
+    with pytest.raises(ValueError, match="use sliding windows"):
+        plan_vram(release_14b, "24gb", **shape)
+    with pytest.raises(ValueError, match="a smaller sliding_window_size .now 21"):
+        plan_vram(release_14b, "24gb", **shape, sliding_window_size=21)
+    plan = plan_vram(release_14b, "24gb", **shape, sliding_window_size=8)
+    assert plan.peak_gib + plan.margin_gib <= plan.vram_limit_gib and plan.tokens == 8 * 45 * 80
+    with pytest.raises(ValueError, match="sliding_window_size must be a positive integer"):
+        plan_vram(release_14b, "24gb", **shape, sliding_window_size=0)
+
+
+def test_vram_plan_reads_the_window_of_an_applied_hook(release_14b):
+    shape = dict(height=720, width=1280, num_frames=161)
+    apply_sliding_window(release_14b["transformer"], 12, 8)
+    try:
+        plan = plan_vram(release_14b, "80gb", **shape)
+    finally:
+        remove_sliding_window(release_14b["transformer"])
+    assert plan.window_frames == 12 and plan.tokens == 12 * 45 * 80
+    assert plan_vram(release_14b, "80gb", **shape).window_frames is None
