@@ -275,6 +275,12 @@ def test_convert_mixes_single_files_with_original_files(tiny_release, tmp_path):
     ref = load_dit_from_original(release, torch_dtype=torch.float32).state_dict()
     got = tr.state_dict()
     assert max(rel_rms(got[k], ref[k]) for k in ref if ref[k].numel() > 1) < QUANT_BOUNDS["Q8_0"] * 2
+    folder = tmp_path / "comfy-folder"  # a folder holding one GGUF DiT is found without --transformer
+    folder.mkdir()
+    (folder / "wan-t2v-Q8_0.gguf").symlink_to(tmp_path / "wan-t2v-Q8_0.gguf")
+    assert cli_main(["convert", str(folder), str(tmp_path / "out2"), "--transformer-only", "--dtype", "fp32"]) == 0
+    tr2 = WanTransformer3DModel.from_pretrained(tmp_path / "out2")  # --transformer-only: the model folder itself
+    assert all(torch.equal(tr2.state_dict()[k], got[k]) for k in got)
 
 
 # ------------------------------------------------------------------------------------------------------- export
