@@ -10,7 +10,7 @@ from .manifest import add_generate_inputs, add_manifest_arguments, read_manifest
 
 __all__ = [
     "CommandLineParser", "DESCRIPTION", "DTYPE_CHOICES", "LORA_FORMATS", "build_parser", "finite_positive_float", "lora_spec",
-    "non_negative_int", "positive_int",
+    "non_negative_int", "positive_int", "sliding_window_spec",
 ]
 
 DESCRIPTION = """\
@@ -119,6 +119,26 @@ def finite_positive_float(text: str) -> float:
     return value
 
 
+def sliding_window_spec(text: str) -> tuple[int, int]:
+    """``--sliding-window SIZE,STRIDE`` (latent frames) -> ``(SIZE, STRIDE)``: integers ``>= 1``, ``STRIDE <= SIZE``."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SIZE,STRIDE (latent frames, e.g. 8,4)")
+    values = []
+    for what, part in zip(("SIZE", "STRIDE"), parts):
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} {part.strip()!r} is not an integer") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} must be a positive integer (>= 1)")
+        values.append(value)
+    if values[1] > values[0]:
+        raise argparse.ArgumentTypeError(f"{text!r}: STRIDE must not exceed SIZE (frames between windows would be "
+                                         "skipped)")
+    return values[0], values[1]
+
+
 def lora_spec(text: str) -> tuple[str, float]:
     """``--lora FILE[:SCALE]`` -> ``(FILE, SCALE)`` (scale 1.0 when omitted; finite, may be negative or 0).
 
@@ -170,6 +190,9 @@ def add_generate(sub, family_inputs: list) -> None:
     p.add_argument("--guidance-scale", type=finite_positive_float)
     p.add_argument("--fps", type=positive_int)
     p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--sliding-window", type=sliding_window_spec, metavar="SIZE,STRIDE",
+                   help="temporal sliding windows of SIZE latent frames, STRIDE apart (DiffSynth-Studio's "
+                        "sliding_window_size / _stride): each DiT forward runs per window, the windows are blended")
     p.add_argument("--dtype", default="bf16", choices=DTYPE_CHOICES)
     p.add_argument("--device")
     p.add_argument("--offload", action="store_true", help="model CPU offload (CUDA)")

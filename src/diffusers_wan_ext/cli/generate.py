@@ -18,8 +18,18 @@ from diffusers import DiffusionPipeline
 from ..conversion.release_io import DTYPES
 from ..demo import run_demo, write_video
 from ..families import FAMILIES
+from ..hooks.sliding_window import apply_sliding_window, sliding_window_unsupported_reason
 from ..lora import WanLoraInteropMixin, check_lora_state_dict, split_lora_components
-from .generate_checks import FRAME_PARAMETERS, GeneratePlan, LoraRequest, call_inputs, check_generate
+from .generate_checks import (
+    FRAME_PARAMETERS,
+    GeneratePlan,
+    LoraRequest,
+    call_inputs,
+    check_generate,
+    class_entry,
+    own_class,
+    read_json,
+)
 
 __all__ = ["cmd_demo", "cmd_generate", "cmd_variants", "load_loras", "variants_table"]
 
@@ -96,10 +106,39 @@ def load_pipeline(args: argparse.Namespace, plan: GeneratePlan, device: str):
     return pipe
 
 
+def check_sliding_window_option(args: argparse.Namespace, plan: GeneratePlan) -> bool:
+    """``--sliding-window SIZE,STRIDE``, checked before loading: refused (one line) when the folder's pipeline or
+    transformer class declares why it cannot be windowed.  Puts ``sliding_window_size`` / ``_stride`` into the call
+    arguments of a pipeline that takes them; returns ``True`` when the hook must go on the loaded transformers
+    instead (stock or custom pipelines, e.g. ``WanVACEPipeline``)."""
+    if getattr(args, "sliding_window", None) is None:
+        return False
+    size, stride = args.sliding_window
+    index = read_json(plan.folder / "model_index.json", "--model")
+    classes = [plan.pipeline_class] if plan.pipeline_class is not None else []
+    for name in ("transformer", "transformer_2"):
+        if isinstance(index.get(name), list) and index[name][0] is not None:
+            classes.append(own_class(class_entry(index[name])[1]))
+    for cls in classes:
+        reason = None if cls is None else (
+            getattr(cls, "sliding_window_unsupported_reason", None) or sliding_window_unsupported_reason(cls))
+        if reason:
+            raise ValueError(f"--sliding-window: {cls.__name__} cannot use sliding windows: {reason}")
+    if plan.pipeline_class is not None and "sliding_window_size" in call_inputs(plan.pipeline_class):
+        plan.kwargs.update(sliding_window_size=size, sliding_window_stride=stride)
+        return False
+    return True
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     plan = check_generate(args)
+    hook_windows = check_sliding_window_option(args, plan)
     pipe = load_pipeline(args, plan, device)
+    if hook_windows:
+        for name in ("transformer", "transformer_2"):
+            if getattr(pipe, name, None) is not None:
+                apply_sliding_window(getattr(pipe, name), *args.sliding_window)
     kw = dict(plan.kwargs, generator=torch.Generator(device="cpu").manual_seed(args.seed))
     for family, given in plan.family_options:
         family.prepare_generate(pipe, args.model, dict(given), kw)

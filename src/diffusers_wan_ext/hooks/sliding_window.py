@@ -220,9 +220,10 @@ def register_sliding_window_inputs(cls: type, inputs: Mapping[str, int]) -> None
     _REGISTERED[cls] = {str(k): int(v) for k, v in inputs.items()}
 
 
-def sliding_window_unsupported_reason(model: nn.Module) -> str | None:
-    """Why ``model``'s class cannot be windowed (its ``_sliding_window_unsupported_reason``), or ``None``."""
-    for cls in type(model).__mro__:
+def sliding_window_unsupported_reason(model: nn.Module | type) -> str | None:
+    """Why ``model``'s class (or the class ``model``) cannot be windowed (its ``_sliding_window_unsupported_reason``),
+    or ``None``."""
+    for cls in (model if isinstance(model, type) else type(model)).__mro__:
         if cls in _REGISTERED or cls.__dict__.get("_sliding_window_inputs") is not None:
             return None
         reason = cls.__dict__.get("_sliding_window_unsupported_reason")
@@ -234,22 +235,29 @@ def sliding_window_unsupported_reason(model: nn.Module) -> str | None:
 def sliding_window_inputs(model: nn.Module) -> dict[str, int]:
     """The frame-carrying inputs of ``model`` besides ``hidden_states`` and per-token timesteps (name -> frame axis).
 
+    The first class along the MRO that declares something decides (a subclass inherits its parent's declaration),
+    unless a subclass below it overrides ``forward`` with new arguments: then, as for a class without any
+    declaration, only stock ``WanTransformer3DModel.forward``'s arguments are accepted.
+
     Raises:
-        ValueError: the class declares why it cannot be windowed, or it declares nothing and its ``forward`` takes
-            arguments stock ``WanTransformer3DModel`` does not (they might carry frames).
+        ValueError: the class declares why it cannot be windowed, or its ``forward`` takes undeclared arguments
+            that might carry frames.
     """
     name = type(model).__name__
-    for cls in type(model).__mro__:
-        if cls in _REGISTERED:
-            return dict(_REGISTERED[cls])
-        if cls.__dict__.get("_sliding_window_inputs") is not None:
-            return dict(cls.__dict__["_sliding_window_inputs"])
+    mro = type(model).__mro__
+    forward_owner = next((i for i, cls in enumerate(mro) if "forward" in cls.__dict__), len(mro))
+    for i, cls in enumerate(mro):
+        declared = _REGISTERED.get(cls, cls.__dict__.get("_sliding_window_inputs"))
         reason = cls.__dict__.get("_sliding_window_unsupported_reason")
-        if reason:
+        if declared is None and reason:
             raise ValueError(f"sliding windows are not supported for {name}: {reason}")
-    extra = sorted(set(inspect.signature(type(model).forward).parameters) - STOCK_FORWARD_ARGUMENTS)
-    extra = [p for p in extra if inspect.signature(type(model).forward).parameters[p].kind
-             not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        if declared is not None and i <= forward_owner:
+            return dict(declared)
+        if declared is not None:
+            break
+    parameters = inspect.signature(type(model).forward).parameters
+    extra = [p for p, v in parameters.items() if p not in STOCK_FORWARD_ARGUMENTS
+             and v.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
     if extra:
         raise ValueError(
             f"sliding windows: {name}.forward takes {', '.join(extra)}, which may carry latent frames; declare "
