@@ -16,6 +16,9 @@ copy, with its own cache state where a cache is on) on the slice, blend with :fu
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +33,10 @@ from diffusers_wan_ext.hooks.sliding_window import (
     sliding_windows,
 )
 
+from helpers import src_env
+from sliding_window_parallel_worker import CALL, build_pipe, frames_seen, generate
+
+HERE = Path(__file__).resolve().parent
 WAN = dict(num_attention_heads=2, attention_head_dim=24, text_dim=32, freq_dim=32, ffn_dim=96, num_layers=2)
 FRAMES, SIZE, STRIDE = 7, 4, 2  # windows (0, 4), (2, 6), (4, 7): the last one is shorter
 TIMESTEPS = (900.0, 800.0, 700.0, 600.0)
@@ -213,3 +220,32 @@ def test_vram_plan_reads_the_window_of_an_applied_hook(release_14b):
         remove_sliding_window(release_14b["transformer"])
     assert plan.window_frames == 12 and plan.tokens == 12 * 45 * 80
     assert plan_vram(release_14b, "80gb", **shape).window_frames is None
+
+
+# ------------------------------------------------------------------------------- sequence / CFG parallel
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_parallel_windows_equal_the_single_process(tmp_path):
+    """2 gloo ranks: CFG parallel (each rank windows its branch) and Ulysses 2 (each window's tokens split)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         str(HERE / "sliding_window_parallel_worker.py"), str(tmp_path)],
+        env=src_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    pipe = build_pipe(tmp_path)
+    seen = frames_seen(pipe)
+    reference, seen = generate(pipe), list(seen)
+    assert seen == [3, 3] * CALL["num_inference_steps"]  # one batched-CFG forward per window and step
+    assert not torch.allclose(reference, generate_unwindowed(pipe), atol=1e-4)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        assert results["cfg"]["layout"] == [2, 1, 1] and results["ulysses"]["layout"] == [1, 2, 1]
+        for name in ("cfg", "ulysses"):
+            assert results[name]["frames"] == seen, name
+            torch.testing.assert_close(results[name]["latents"], reference, rtol=2e-5, atol=2e-5,
+                                       msg=lambda m: f"rank {rank}, {name}: {m}")
+
+
+def generate_unwindowed(pipe) -> torch.Tensor:
+    with torch.no_grad():
+        kwargs = {k: v for k, v in CALL.items() if not k.startswith("sliding_window")}
+        return pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
