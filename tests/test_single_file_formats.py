@@ -315,6 +315,23 @@ def test_export_dit_formats_read_back_with_the_reference_rules(tiny_release, tmp
     assert len(err) == 1 and "x.safetensors" in err[0] and ".gguf" in err[0]
 
 
+def test_exported_gguf_loads_in_stock_diffusers(tiny_release, tmp_path):
+    """Stock Diffusers' GGUF path (from_single_file + GGUFQuantizationConfig) reads what export-dit writes."""
+    from diffusers import GGUFQuantizationConfig
+
+    model = load_dit_from_original(tiny_release("t2v"), torch_dtype=torch.float32)
+    model.save_pretrained(tmp_path / "repo" / "transformer")
+    assert cli_main(["export-dit", str(tmp_path / "repo" / "transformer"), str(tmp_path / "t2v-Q8_0.gguf"),
+                     "--format", "gguf-q8_0"]) == 0
+    stock = WanTransformer3DModel.from_single_file(
+        str(tmp_path / "t2v-Q8_0.gguf"), config=str(tmp_path / "repo"), subfolder="transformer",
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32), torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 7, 32, generator=g), torch.tensor([500.0])
+    with torch.no_grad():
+        assert rel_rms(stock(x, t, ctx, return_dict=False)[0], model(x, t, ctx, return_dict=False)[0]) < 1e-2
+
+
 # ---------------------------------------------------------------------------------------------------- bad files
 def one_line_error(path, *words):
     with pytest.raises(ConversionError) as e:
