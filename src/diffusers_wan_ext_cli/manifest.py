@@ -40,4 +40,4 @@ def add_generate_inputs(parser: argparse.ArgumentParser, inputs: list[dict[str, 
         if i["kind"] == "optional-path":  # a flag alone means the model folder's own file
             parser.add_argument(i["flag"], dest=i["argument"], nargs="?", const="auto", help=i["help"])
         else:
-            parser.add_argument(i["flag"], dest=i["argument"], type=int if i["kind"] == "int" else None, help=i["help"])
+            parser.add_argument(i["flag"], dest=i["argument"], type=_TYPES.get(i["kind"]), help=i["help"])

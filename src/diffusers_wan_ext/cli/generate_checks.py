@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,6 +309,8 @@ def family_options(args: argparse.Namespace, folder_class: str, cls: type, model
                 raise ValueError(f"{i.flag}: {value} does not exist")
             elif i.kind == "int" and int(value) < 1:
                 raise ValueError(f"{i.flag}: {value} must be a positive integer")
+            elif i.kind == "float" and not math.isfinite(float(value)):
+                raise ValueError(f"{i.flag}: {value} must be a finite number")
         if ours:
             out.append((family, given))
     return out

@@ -185,7 +185,8 @@ class GenerateInput:
     flag: str
     argument: str
     help: str
-    kind: str = "path"  # "path" (passed as given), "int", or "optional-path" (a flag alone gives "auto")
+    #: "path" (a file, passed as given), "optional-path" (a flag alone gives "auto"), "int", "float" or "text"
+    kind: str = "path"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from ..models import WanFunTransformer3DModel
 from ..pipelines import WanFunCameraControlPipeline, WanFunControlPipeline, WanFunInpaintPipeline
 from ..utils.camera import DEFAULT_CAMERA_SPEED, camera_control_latents
 from ..utils.io import ConversionError
-from .base import Conditioning, ExtraInput, ModelFamily, TinyArch, WanVariant
+from .base import Conditioning, ExtraInput, GenerateInput, ModelFamily, TinyArch, WanVariant
 from .wan_core import core_model_class
 
 __all__ = ["FunFamily", "encode_fun_condition"]
@@ -195,6 +195,14 @@ class FunFamily(ModelFamily):
         "fun-camera": TinyArch("i2v", 36, 16),
     }
     conditionings = tuple(Y_CONDITIONING.values())
+    generate_inputs = (
+        GenerateInput("--control-video", "control_video", "Wan-Fun Control: the control video (num_frames frames of "
+                      "height x width: depth, pose, canny ...)"),
+        GenerateInput("--reference-image", "reference_image", "Wan-Fun V1.1 / Wan2.2 Control: reference image"),
+        GenerateInput("--camera-direction", "camera_control_direction", "Wan-Fun Control-Camera: camera motion "
+                      "(Left, Right, Up, Down, LeftUp, LeftDown, RightUp, RightDown, In, Out)", kind="text"),
+        GenerateInput("--camera-speed", "camera_control_speed", "Wan-Fun Control-Camera: camera speed", kind="float"),
+    )
     #: DiffSynth-Studio's dataset columns of the Fun models (Control, Control-Camera, V1.1 reference image)
     dataset_inputs = {
         "reference_image": ExtraInput("image"),

@@ -295,6 +295,12 @@ class WanS2VFramePacker(nn.Module):
     def forward(self, motion_latents: torch.Tensor, add_last_motion: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         """``motion_latents [B, C, T_m, H, W]`` -> ``(tokens [B, L, D], RoPE positions [L, 3])``."""
         b, c, t, lat_h, lat_w = motion_latents.shape
+        need_h, need_w = (p * FRAMEPACK_BUCKETS[-1][1] for p in self.patch_size[1:])  # the 4x group's kernel
+        if lat_h < need_h or lat_w < need_w:
+            raise ValueError(
+                f"Wan2.2-S2V's motion-frame packer needs latents of at least {need_h}x{need_w} (height x width; "
+                f"{need_h * 8}x{need_w * 8} pixels with the Wan2.1 VAE), got {lat_h}x{lat_w}: generate a larger video"
+            )
         total = self.history_frames
         padded = motion_latents.new_zeros(b, c, total, lat_h, lat_w)
         n = min(total, t)
