@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -82,6 +82,7 @@ def optimize_transformer(
     fused_qk_rope: bool = True,
     fused_norms: bool = True,
     compile_options: dict | None = None,
+    compile_backend: str | Callable = "inductor",
     verbose: bool = True,
 ) -> dict:
     """Apply the fast defaults to every transformer of a pipeline (``transformer``, ``transformer_2``) or to one model.
@@ -106,6 +107,10 @@ def optimize_transformer(
             their forward.
         compile_options: Inductor options for the regional compile (``torch.compile(options=...)``); default
             :data:`COMPILE_OPTIONS`.
+        compile_backend: the ``torch.compile`` backend (default Inductor; the options are Inductor's and are passed
+            only to it).  Sliding windows (:mod:`diffusers_wan_ext.hooks.sliding_window`) need nothing more: every
+            window but a shorter last one has the same shape, so the blocks compile once for the window and once
+            more (with a dynamic token count) for the shorter last window, never per window or per step.
         verbose: log the attention choice.
 
     Returns:
@@ -137,7 +142,8 @@ def optimize_transformer(
             if not getattr(model, "_repeated_blocks", None):
                 raise ValueError(f"{type(model).__name__} declares no _repeated_blocks; use torch.compile(model)")
             options = COMPILE_OPTIONS if compile_options is None else compile_options
-            model.compile_repeated_blocks(fullgraph=fullgraph, **({"options": dict(options)} if options else {}))
+            extra = {"options": dict(options)} if options and compile_backend == "inductor" else {}
+            model.compile_repeated_blocks(fullgraph=fullgraph, backend=compile_backend, **extra)
             compiled.append(name)
     return {"attention_backend": backend, "compiled": compiled, "fp8": fp8, "fused_gelu": fused_gelu and not fp8,
             "fused_qkv": fuse_qkv, "fused_qk_rope": n_fused_qk, "fused_norms": n_norms}
