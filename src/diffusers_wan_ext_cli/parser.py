@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 from .manifest import add_generate_inputs, add_manifest_arguments, read_manifest
 
@@ -25,6 +26,7 @@ Examples::
     diffusers-wan generate --model /ckpt/Wan2.1-T2V-1.3B-diffusers --prompt "a cat surfing" --output cat.mp4
     diffusers-wan lora convert comfyui_lora.safetensors pytorch_lora_weights.safetensors --to diffusers
     diffusers-wan lora info my_lora.safetensors
+    diffusers-wan train --help          # the trainer's own options (docs/training.md)
 """
 
 DTYPE_CHOICES = ["bf16", "fp16", "fp32"]
@@ -80,7 +82,21 @@ def add_export_dit(sub) -> None:
 
 class CommandLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line, ``error: PROG: MESSAGE (see 'PROG --help')``, exit status 2
-    (the verbs' own errors look the same: :func:`diffusers_wan_ext.cli.run_command`)."""
+    (the verbs' own errors look the same: :func:`diffusers_wan_ext.cli.run_command`).
+
+    ``pass_through="name"`` makes a verb's parser keep every argument after the verb unparsed in ``name`` (a list),
+    for a verb with its own parser (``train``: its ``--help`` is the trainer's)."""
+
+    def __init__(self, *args, pass_through: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pass_through = pass_through
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.pass_through is None:
+            return super().parse_known_args(args, namespace)
+        namespace = argparse.Namespace() if namespace is None else namespace
+        setattr(namespace, self.pass_through, list(sys.argv[1:] if args is None else args))
+        return namespace, []
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
@@ -233,6 +249,13 @@ def add_lora(sub) -> None:
     e.add_argument("--overwrite", action="store_true", help="replace files of the same names in DST")
 
 
+def add_train(sub) -> None:
+    sub.add_parser("train", add_help=False, pass_through="train_args",
+                   usage="diffusers-wan train [--help] TRAINER_OPTIONS ...",
+                   help="train a LoRA or fine-tune a transformer (PEFT + accelerate; `diffusers-wan train --help` "
+                        "lists the trainer's options)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``diffusers-wan`` parser (imports nothing heavy: ``--help`` answers at once)."""
     manifest = read_manifest()
@@ -247,4 +270,5 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub, manifest["generate_inputs"])
     add_variants(sub)
     add_lora(sub)
+    add_train(sub)
     return parser

@@ -7,13 +7,27 @@ import sys
 from typing import Callable
 
 from ..families import FAMILIES
+from ..training import main as train_main
 from ..utils.io import ConversionError
 from .convert import cmd_convert
 from .export import cmd_export_dit
 from .generate import cmd_demo, cmd_generate, cmd_variants
 from .lora import cmd_lora
 
-__all__ = ["COMMANDS", "run_command"]
+__all__ = ["COMMANDS", "cmd_train", "run_command"]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``diffusers-wan train ARGS``: the trainer (:func:`diffusers_wan_ext.training.main`) with ``args.train_args``;
+    its exit status is returned (``--help`` and argument errors exit through argparse)."""
+    try:
+        train_main(args.train_args, prog="diffusers-wan train")
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(f"error: {e.code}", file=sys.stderr)
+        return 2
+    return 0
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert": cmd_convert,
@@ -22,6 +36,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate,
     "variants": cmd_variants,
     "lora": cmd_lora,
+    "train": cmd_train,
     **{c.name: c.run for f in FAMILIES for c in f.cli_commands},
 }
 

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Sequence
 
 from ..families import training_declarations
@@ -73,8 +74,10 @@ def _declared_help(items) -> str:
     return "".join(f", {item.help}" for item in items if item.help)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The trainer's parser; ``prog`` names the command in usage and errors (``diffusers-wan train``)."""
     p = argparse.ArgumentParser(
+        prog=prog,
         description="Train Wan LoRAs or full transformers (PEFT + accelerate); launch with `accelerate launch`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -116,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_sequence_length", type=int, default=512, help="umT5 context length")
     g.add_argument("--image_encoder_heads", type=int, default=None,
                    help="CLIP heads when loading an original release whose CLIP width is not a release width")
+    g.add_argument("--tokenizer_path", default=None,
+                   help="load the umT5 tokenizer from this folder instead of --model_path's")
+    g.add_argument("--audio_processor_path", default=None,
+                   help="load the Wav2Vec2 audio processor (S2V) from this folder instead of --model_path's")
 
     g = p.add_argument_group("training")
     g.add_argument("--task", choices=TASKS, default="sft",
@@ -159,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1, as DiffSynth-Studio)")
     g.add_argument("--lora_checkpoint", default=None,
                    help="initialize the LoRA from this file (any supported LoRA format) and continue training")
+    g.add_argument("--preset_lora_path", default=None,
+                   help="fuse this LoRA (any supported format, scale 1) into the base weights before training "
+                        "(differential LoRA: the trained LoRA / weights are learned on top of it)")
+    g.add_argument("--preset_lora_model", default=None,
+                   help="component the preset LoRA is fused into: transformer (dit), transformer_2 (dit2); "
+                        "default: the trained one")
     g.add_argument("--export_format", "--export-format", dest="export_format", default=None,
                    help="also write the final LoRA in these formats: original (ComfyUI, diffusion_model.), kohya, "
                         "diffsynth (comma-separated; diffusers is always written)")
@@ -172,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint-N folder (exact resume: weights, optimizer, scheduler, RNG, data position), "
                         "'latest' (newest in --output_path), or a weights file (weights only, as DiffSynth-Studio)")
     g.add_argument("--save_dtype", choices=DTYPE_NAMES, default="bf16", help="dtype of a fully fine-tuned folder")
+    g.add_argument("--remove_prefix_in_ckpt", default=None,
+                   help="strip this key prefix in the checkpoints' weights file (checkpoint-N/"
+                        "trainable_weights.safetensors), e.g. transformer. (DiffSynth-Studio's pipe.dit. means the "
+                        "same); resuming puts it back")
     g.add_argument("--report_to", default="auto",
                    help="tensorboard, none, or auto (TensorBoard when installed)")
     g.add_argument("--enable_tensorboard_log", action="store_true", help="DiffSynth-Studio name for --report_to tensorboard")
@@ -179,9 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def _checkpoint_prefix(value: str) -> str:
+    """``--remove_prefix_in_ckpt``: DiffSynth-Studio's ``pipe.<model>.`` names become ours (``pipe.dit.`` ->
+    ``transformer.``: the trained expert is ``transformer`` in the training module); others are kept."""
+    if value.startswith("pipe."):
+        name = value[len("pipe."):].rstrip(".")
+        name = SCOPE_ALIASES[name][1] if name in SCOPE_ALIASES else COMPONENT_ALIASES.get(name, name)
+        value = ("transformer" if name.startswith("transformer") else name) + "."
+    return value
+
+
+def _check_folders(args: argparse.Namespace, fail) -> None:
+    """The component overrides name existing folders (checked before any model loads)."""
+    for name in ("tokenizer_path", "audio_processor_path"):
+        value = getattr(args, name)
+        if value is not None and not Path(value).is_dir():
+            fail(f"--{name} {value}: no such folder")
+    if args.preset_lora_path is not None and not Path(args.preset_lora_path).exists():
+        fail(f"--preset_lora_path {args.preset_lora_path}: no such file or folder")
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     """Parse and check the arguments; component names are normalized to ours, lists are split."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
 
     def fail(msg: str):
@@ -219,6 +256,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if frozen_fp8:
         fail(f"--fp8_models {frozen_fp8}: fp8 storage is for frozen weights only, not for --trainable_models")
     args.expert = next(iter(experts), "transformer")
+    if args.preset_lora_path is None and args.preset_lora_model is not None:
+        fail("--preset_lora_model needs --preset_lora_path (the LoRA file to fuse)")
+    if args.preset_lora_path is not None:
+        preset = args.preset_lora_model or args.expert
+        preset = SCOPE_ALIASES[preset][1] if preset in SCOPE_ALIASES else preset
+        args.preset_lora_model = resolve_component(preset, ("transformer", "transformer_2"), "--preset_lora_model")
+        if args.preset_lora_model != args.expert:
+            fail(f"--preset_lora_model {args.preset_lora_model}: this run trains {args.expert} (only the trained "
+                 f"expert is loaded); fuse the preset into the model being trained")
+    _check_folders(args, fail)
+    if args.remove_prefix_in_ckpt is not None:
+        args.remove_prefix_in_ckpt = _checkpoint_prefix(args.remove_prefix_in_ckpt.strip()) or None
 
     args.extra_inputs = [s.strip() for s in (args.extra_inputs or "").split(",") if s.strip()]
     unknown = [n for n in args.extra_inputs if n not in EXTRA_INPUTS]

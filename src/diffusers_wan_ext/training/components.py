@@ -20,6 +20,7 @@ from typing import Any
 import diffusers
 import torch
 
+from ..conversion.audio_encoder import load_audio_processor_from_release
 from ..conversion.dit import load_dit_from_original
 from ..conversion.release_io import DTYPES
 from ..families import training_declarations
@@ -27,9 +28,9 @@ from ..release_converter import load_release
 
 __all__ = ["DTYPES", "WanTrainingComponents", "load_training_components", "load_transformer"]
 
-ENCODERS = ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor")
+ENCODERS = ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor", "audio_encoder", "audio_processor")
 #: The pipeline components training reads besides the transformers.
-SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "image_encoder")
+SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "image_encoder", "audio_processor")
 #: The families' extra trainable components (``motion_controller`` ...).
 EXTRA_PARTS = tuple(c.name for c in training_declarations()[1])
 
@@ -45,7 +46,8 @@ class WanTrainingComponents:
         transformer: that expert.
         boundary_ratio: the two-expert switch (``None`` for one expert).
         expand_timesteps: Wan2.2 TI2V-5B's per-token timesteps / first-frame mode.
-        vae, text_encoder, tokenizer, image_encoder: the other components (``None`` if absent or not loaded).
+        vae, text_encoder, tokenizer, image_encoder, audio_processor: the other components (``None`` if absent or
+            not loaded).
         extra_components: the families' extra trainable components the folder has, by name
             (:class:`~diffusers_wan_ext.families.TrainingComponent`).
     """
@@ -60,6 +62,7 @@ class WanTrainingComponents:
     text_encoder: Any = None
     tokenizer: Any = None
     image_encoder: Any = None
+    audio_processor: Any = None
     extra_components: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -89,6 +92,22 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype):
     return load_dit_from_original(path, torch_dtype=dtype)
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """``--tokenizer_path``: a tokenizer folder (``google/umt5-xxl``), one error line naming it when unreadable."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--tokenizer_path {path}: not a tokenizer folder ({str(e).splitlines()[0]})") from e
+
+
+def _check_audio_processor(model_path: Path, present: bool) -> None:
+    if not present:
+        raise ValueError(f"--audio_processor_path: {model_path} has no audio processor to replace (only Wan2.2-S2V "
+                         f"models take audio)")
+
+
 def load_training_components(
     model_path: str | os.PathLike,
     *,
@@ -98,6 +117,8 @@ def load_training_components(
     load_encoders: bool = True,
     transformer_path: str | os.PathLike | None = None,
     image_encoder_heads: int | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
+    audio_processor_path: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> WanTrainingComponents:
     """Load the trained expert (+ the encoders) from a Diffusers folder or an original release folder.
@@ -108,6 +129,8 @@ def load_training_components(
         dtype: dtype of the transformer and the text / image encoders; ``vae_dtype`` of the VAE (default ``dtype``).
         load_encoders: ``False`` skips text encoder, tokenizer, VAE and CLIP (training from a cache).
         transformer_path: load the expert from here instead (Diffusers transformer folder or original DiT).
+        tokenizer_path, audio_processor_path: load the tokenizer / the S2V audio processor from these folders
+            instead (DiffSynth-Studio's ``--tokenizer_path`` / ``--audio_processor_path``).
     """
     model_path = Path(model_path)
     vae_dtype = vae_dtype or dtype
@@ -124,6 +147,11 @@ def load_training_components(
             overrides.update({name: None for name in ENCODERS if name in index})
         if transformer_path is not None:
             overrides[expert] = load_transformer(transformer_path, dtype)
+        if load_encoders and tokenizer_path is not None:
+            overrides["tokenizer"] = load_tokenizer(tokenizer_path)
+        if load_encoders and audio_processor_path is not None:
+            _check_audio_processor(model_path, "audio_processor" in index)
+            overrides["audio_processor"] = load_audio_processor_from_release(audio_processor_path)
         pipe = diffusers.DiffusionPipeline.from_pretrained(
             str(model_path), dtype={"default": dtype, "vae": vae_dtype}, **overrides
         )
@@ -135,7 +163,8 @@ def load_training_components(
     elif model_path.exists():
         name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
         release = load_release(model_path, dtype=name, transformer_only=not load_encoders,
-                               image_encoder_heads=image_encoder_heads, progress=progress)
+                               image_encoder_heads=image_encoder_heads, progress=progress,
+                               tokenizer=tokenizer_path if load_encoders else None)
         pipeline_class = release.pipeline_class
         has_two = len(release.transformers) == 2
         if expert == "transformer_2" and not has_two:
@@ -148,6 +177,9 @@ def load_training_components(
         extras = {name: release.components.get(name) for name in EXTRA_PARTS}
         if parts["vae"] is not None:
             parts["vae"] = parts["vae"].to(vae_dtype)
+        if load_encoders and audio_processor_path is not None:
+            _check_audio_processor(model_path, parts["audio_processor"] is not None)
+            parts["audio_processor"] = load_audio_processor_from_release(audio_processor_path)
         boundary_ratio = release.variant.boundary_ratio if has_two else None
         expand = bool(release.variant.expand_timesteps)
     else:

@@ -28,6 +28,7 @@ __all__ = [
     "WanTrainingModule",
     "add_lora",
     "enable_gradient_checkpointing",
+    "fuse_lora_weights",
     "lora_state_dict",
     "load_lora_into",
     "store_frozen_weights_in_fp8",
@@ -149,6 +150,47 @@ def load_lora_into(transformer: nn.Module, state_dict: dict[str, torch.Tensor], 
     bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if bad:
         raise ValueError(f"{what}: PEFT did not load {bad[:4]}")
+
+
+@torch.no_grad()
+def fuse_lora_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> int:
+    """Add a LoRA's deltas to ``module``'s weights (``W += B @ A``, ``b += lora_B.bias``), computed in float32:
+    ``--preset_lora_path`` (DiffSynth-Studio fuses the preset at scale 1 before adding the trained LoRA).
+
+    ``state_dict``: Diffusers-layout keys without the component prefix meaning ``W + B @ A`` (alpha folded in, what
+    :mod:`diffusers_wan_ext.lora` returns).  Returns the number of fused modules; a key that fits no module or shape of
+    ``module`` is a ``ValueError`` naming ``what`` and the key (checked before any weight changes).
+    """
+    updates: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for key in sorted(state_dict):
+        if key.endswith(".lora_B.weight"):
+            continue  # read with its lora_A
+        name, sep, role = key.rpartition(".lora_")
+        target = module.get_submodule(name) if sep and _has_submodule(module, name) else None
+        if target is None or role not in ("A.weight", "B.bias"):
+            raise ValueError(f"{what}: {key} fits no module of the {type(module).__name__}")
+        if role == "B.bias":
+            delta, dst = state_dict[key], target.bias
+        else:
+            up = state_dict.get(f"{name}.lora_B.weight")
+            if up is None:
+                raise ValueError(f"{what}: {key} has no {name}.lora_B.weight")
+            delta, dst = up.float() @ state_dict[key].float(), target.weight
+        if dst is None or tuple(delta.shape) != tuple(dst.shape):
+            raise ValueError(f"{what}: {key} does not fit {name} (delta {tuple(delta.shape)}, module "
+                             f"{None if dst is None else tuple(dst.shape)}); a LoRA of another model?")
+        updates.append((dst, delta))
+    for dst, delta in updates:
+        dst.copy_((dst.float() + delta.to(dst.device).float()).to(dst.dtype))
+    return len({id(dst) for dst, _ in updates})
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 # -------------------------------------------------------------------------------------------------------- fp8 / ckpt

@@ -74,6 +74,7 @@ from .modules import (
     WanTrainingModule,
     add_lora,
     enable_gradient_checkpointing,
+    fuse_lora_weights,
     load_lora_into,
     lora_metadata,
     store_frozen_weights_in_fp8,
@@ -221,6 +222,18 @@ def _load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return convert_lora_state_dict(load_lora_file(path), "diffusers")
 
 
+def _preset_lora(path: str | os.PathLike, component: str) -> dict[str, torch.Tensor]:
+    """``--preset_lora_path``: the deltas for ``component`` without its prefix (a single-model file's
+    ``transformer.`` keys stand for whichever expert is named)."""
+    sd = _load_lora_file(path)
+    prefix = f"{component}." if any(k.startswith(f"{component}.") for k in sd) else "transformer."
+    picked = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not picked:
+        found = sorted({k.split(".", 1)[0] for k in sd})
+        raise ValueError(f"--preset_lora_path {path}: no LoRA weights for {component} (it has {found})")
+    return picked
+
+
 # ---------------------------------------------------------------------------------------------------- the trainer
 
 
@@ -243,7 +256,8 @@ class WanTrainer:
         self.components = load_training_components(
             args.model_path, expert=args.expert, dtype=self.dtype, vae_dtype=DTYPES[args.vae_dtype],
             load_encoders=args.task != "sft:train", transformer_path=args.transformer_path,
-            image_encoder_heads=args.image_encoder_heads, progress=acc.is_main_process,
+            image_encoder_heads=args.image_encoder_heads, tokenizer_path=args.tokenizer_path,
+            audio_processor_path=args.audio_processor_path, progress=acc.is_main_process,
         )
         self.dataset = _dataset(args, self.components, args.dataset_repeat)
         self.builder = None
@@ -259,6 +273,10 @@ class WanTrainer:
         args, c = self.args, self.components
         transformer = c.transformer
         transformer.requires_grad_(False)
+        if args.preset_lora_path:  # differential LoRA: the preset becomes part of the base weights
+            n = fuse_lora_weights(transformer, _preset_lora(args.preset_lora_path, c.expert),
+                                  f"--preset_lora_path {args.preset_lora_path}")
+            self.accelerator.print(f"fused the preset LoRA {args.preset_lora_path} into {n} modules of {c.expert}")
         params: list[torch.nn.Parameter] = []
         if self.is_lora:
             torch.manual_seed(args.seed)  # LoRA A init
@@ -373,13 +391,15 @@ class WanTrainer:
         if acc.is_main_process:
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / TRAINABLE_WEIGHTS))
+            prefix = args.remove_prefix_in_ckpt
+            save_file({(k[len(prefix):] if prefix and k.startswith(prefix) else k): v.detach().cpu().contiguous()
+                       for k, v in state.items()}, str(tmp / TRAINABLE_WEIGHTS))
             if self.is_lora:
                 self._save_lora(tmp, state)
             deepspeed = acc.state.deepspeed_plugin is not None
             record = {
                 "format": CHECKPOINT_FORMAT, "progress": self.progress.state_dict(), "world_size": acc.num_processes,
-                "deepspeed": deepspeed, "fingerprint": run_fingerprint(args),
+                "deepspeed": deepspeed, "fingerprint": run_fingerprint(args), "removed_prefix": prefix,
                 "optimizer": None if deepspeed else save_optimizer_state(self.optimizer.state_dict(),
                                                                          tmp / OPTIMIZER_FILE),
                 "scheduler": json.loads(json.dumps(self.scheduler.state_dict())),
@@ -450,10 +470,10 @@ class WanTrainer:
             if self.is_lora:
                 load_lora_into(self._unwrapped().transformer, _load_lora_file(path), str(path))
             else:
-                self._load_trainable_file(path)
+                self._load_trainable_file(path, self.args.remove_prefix_in_ckpt)
             acc.print(f"loaded weights from {path} (weights only; optimizer and data position start fresh)")
             return
-        self._load_trainable_file(path / TRAINABLE_WEIGHTS)
+        self._load_trainable_file(path / TRAINABLE_WEIGHTS, record.get("removed_prefix"))
         self.optimizer.load_state_dict(load_optimizer_state(path / OPTIMIZER_FILE, record["optimizer"]))
         self.scheduler.load_state_dict(record["scheduler"])
         if acc.scaler is not None and record.get("scaler"):
@@ -464,7 +484,9 @@ class WanTrainer:
         acc.print(f"resumed from {path} at step {self.progress.step} (epoch {self.progress.epoch}, "
                   f"position {self.progress.position})")
 
-    def _load_trainable_file(self, path: Path) -> None:
+    def _load_trainable_file(self, path: Path, removed_prefix: str | None = None) -> None:
+        """Trainable weights from ``path``; keys whose ``removed_prefix`` (``--remove_prefix_in_ckpt``) was stripped
+        get it back."""
         from safetensors.torch import load_file
 
         sd = load_file(str(path))
@@ -472,6 +494,8 @@ class WanTrainer:
         params = dict(module.named_parameters())
         trainable = {n for n, p in params.items() if p.requires_grad}
         submodules = {n.split(".", 1)[0] for n in params}  # transformer + the families' components
+        if removed_prefix:
+            sd = {k if k.split(".", 1)[0] in submodules else removed_prefix + k: v for k, v in sd.items()}
         if not any(k.split(".", 1)[0] in submodules for k in sd):
             sd = {"transformer." + k: v for k, v in sd.items()}  # a bare transformer state dict
         unexpected = sorted(set(sd) - set(params))
@@ -595,6 +619,7 @@ def run_data_process(args) -> Path:
     components = load_training_components(
         args.model_path, expert=args.expert, dtype=dtype, vae_dtype=DTYPES[args.vae_dtype], load_encoders=True,
         transformer_path=args.transformer_path, image_encoder_heads=args.image_encoder_heads,
+        tokenizer_path=args.tokenizer_path, audio_processor_path=args.audio_processor_path,
         progress=acc.is_main_process,
     )
     dataset = _dataset(args, components, repeat=1)
@@ -632,12 +657,13 @@ def run_training(args) -> Path:
     return WanTrainer(args).train()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``examples/training/train.py``; an error the user can fix (a bad file, folder, argument or
-    checkpoint) is one line ``error: ...`` and exit status 2."""
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Entry point of ``diffusers-wan train``, ``python -m diffusers_wan_ext.training`` and
+    ``examples/training/train.py`` (``prog`` names the command in usage lines); an error the user can fix (a bad
+    file, folder, argument or checkpoint) is one line ``error: ...`` and exit status 2."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         run_training(args)
     except (ValueError, ConversionError, FileNotFoundError) as e:
