@@ -2,6 +2,7 @@ from .attention_processor import WanFusedQKRopeAttnProcessor, WanTextLenAttnProc
 from .camera_adapter import WanCameraControlAdapter
 from .motion_controller import MotionControlHook, WanMotionControllerModel, apply_motion_control
 from .transformer_longcat import LongCatKVCache, LongCatVideoTransformer3DModel
+from .transformer_wan_animate2 import WanAnimate2ExtTransformer3DModel
 from .transformer_wan_animate_ext import WanAnimateExtTransformer3DModel
 from .transformer_wan_ext import WanExtTransformer3DModel
 from .transformer_wan_fun import WanFunTransformer3DModel
@@ -12,6 +13,7 @@ __all__ = [
     "LongCatKVCache",
     "LongCatVideoTransformer3DModel",
     "MotionControlHook",
+    "WanAnimate2ExtTransformer3DModel",
     "WanAnimateExtTransformer3DModel",
     "WanCameraControlAdapter",
     "WanExtTransformer3DModel",
