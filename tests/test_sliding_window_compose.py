@@ -25,7 +25,14 @@ import torch
 from diffusers import AutoencoderKLWan, FirstBlockCacheConfig, MagCacheConfig, WanTransformer3DModel
 from diffusers.hooks import apply_first_block_cache, apply_mag_cache
 
-from diffusers_wan_ext.hooks import TeaCacheConfig, apply_teacache, plan_vram, teacache_log
+from diffusers_wan_ext.hooks import (
+    TeaCacheConfig,
+    apply_teacache,
+    enable_teacache,
+    plan_vram,
+    remove_teacache,
+    teacache_log,
+)
 from diffusers_wan_ext.hooks.sliding_window import (
     apply_sliding_window,
     blend_weights,
@@ -86,6 +93,14 @@ def blend(outputs: list[torch.Tensor], windows, num_frames: int, size: int, stri
 
 def window_slice(kwargs: dict, a: int, b: int) -> dict:
     return {**kwargs, "hidden_states": kwargs["hidden_states"][:, :, a:b]}
+
+
+def reference_windows(model, kwargs, size, stride) -> torch.Tensor:
+    """The plain model per window of the sliced inputs, blended."""
+    t = kwargs["hidden_states"].shape[2]
+    windows = sliding_windows(t, size, stride)
+    outs = [model(**window_slice(kwargs, a, b), return_dict=False)[0] for a, b in windows]
+    return blend(outs, windows, t, size, stride)
 
 
 # ------------------------------------------------------------------------------------------ step caches
@@ -165,6 +180,72 @@ def test_step_caches_under_batched_cfg(cache):
     got = run_steps(model, batched, ["cond_uncond"])
     for g, e in zip(got, per_window_reference(base, CACHES[cache], batched, ["cond_uncond"])):
         torch.testing.assert_close(g, e, **TOL)
+
+
+def test_mag_cache_outside_a_cache_context_keeps_one_state_per_window():
+    """A direct model call without ``cache_context``: MagCache falls back to one state of its own, which the hook
+    replaces by one per window (``"window0"``, ...), so no window reuses another's residual."""
+    base = tiny_model()
+    model = copy.deepcopy(base)
+    _mag_cache(model)
+    apply_sliding_window(model, SIZE, STRIDE)
+
+    def run(model, inputs_of):
+        with torch.no_grad():
+            return [model(**inputs_of(step), return_dict=False)[0] for step in range(len(TIMESTEPS))]
+
+    got = run(model, step_inputs)
+    windows = sliding_windows(FRAMES, SIZE, STRIDE)
+    per_window = []
+    for a, b in windows:
+        own = copy.deepcopy(base)
+        _mag_cache(own)
+        per_window.append(run(own, lambda step: window_slice(step_inputs(step), a, b)))
+    for g, outs in zip(got, zip(*per_window)):
+        torch.testing.assert_close(g, blend(list(outs), windows, FRAMES, SIZE, STRIDE), **TOL)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return build_pipe(tmp_path_factory.mktemp("pipe"))
+
+
+def test_pipeline_teacache_windows_batched_cfg_equals_two_forwards(pipe):
+    """``enable_teacache`` + ``sliding_window_size``: the batched-CFG loop (one ``"cond_uncond"`` state per window)
+    gives the two-forward loop's result (``"cond"`` / ``"uncond"`` states per window); caching did skip."""
+    kwargs = {**CALL, "num_inference_steps": 4}
+    plain = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    enable_teacache(pipe, TeaCacheConfig(threshold=1e9, coefficients=(1.0, 0.0), record=True))
+    try:
+        with torch.no_grad():
+            batched = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+            assert [r["decision"] for r in teacache_log(pipe.transformer, "cond_uncond/window1")] == [
+                "compute", "skip", "skip", "compute"]
+            unbatched = pipe(**kwargs, cfg_batching=False, generator=torch.Generator().manual_seed(0)).frames
+            assert len(teacache_log(pipe.transformer, "uncond/window1")) == 4
+    finally:
+        remove_teacache(pipe.transformer)
+    torch.testing.assert_close(batched, unbatched, **TOL)
+    assert not torch.allclose(batched, plain, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+@torch.no_grad()
+def test_lora_adapters_are_windowed_like_the_reference():
+    from peft import LoraConfig
+
+    model = tiny_model()
+    torch.manual_seed(3)
+    for name, targets in (("a", ["to_q", "to_v"]), ("b", ["to_k", "ffn.net.2"])):
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=targets), name)
+    model.set_adapters(["a", "b"], weights=[0.5, 1.0])
+    kwargs = step_inputs(0)
+    apply_sliding_window(model, SIZE, STRIDE)
+    got = model(**kwargs, return_dict=False)[0]
+    remove_sliding_window(model)
+    torch.testing.assert_close(got, reference_windows(model, kwargs, SIZE, STRIDE), rtol=0, atol=0)
+    model.disable_adapters()
+    assert not torch.allclose(got, reference_windows(model, kwargs, SIZE, STRIDE), atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ VRAM plans
@@ -253,14 +334,6 @@ def generate_unwindowed(pipe) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------- optimize_transformer
-def reference_windows(model, kwargs, size, stride) -> torch.Tensor:
-    """The plain model per window of the sliced inputs, blended."""
-    t = kwargs["hidden_states"].shape[2]
-    windows = sliding_windows(t, size, stride)
-    outs = [model(**window_slice(kwargs, a, b), return_dict=False)[0] for a, b in windows]
-    return blend(outs, windows, t, size, stride)
-
-
 @pytest.mark.parametrize("frames, compilations", [(6, 1), (7, 2)])  # windows (0, 4), (2, 6) / + a shorter (4, 7)
 def test_compiled_windows_compile_once_per_window_shape(frames, compilations):
     """Regional compile (Dynamo tracing; a counting backend instead of Inductor): the window shape compiles once,

@@ -30,7 +30,8 @@ arguments beyond stock ``WanTransformer3DModel.forward``'s.
 Which windows run, and their weights, come from a :class:`WindowSchedule` (default :class:`SlidingWindowSchedule`);
 another schedule (context windows for very long videos) plugs into the same hook.  When the model runs inside
 ``cache_context(name, ...)`` (our pipelines, stock Wan pipelines), each window runs under its own cache context
-``f"{name}/window{k}"``, so step-caching hooks keep one state per window and per CFG branch.
+``f"{name}/window{k}"`` (outside one: ``f"window{k}"``), so step-caching hooks keep one state per window and per CFG
+branch.
 
 Example:
     >>> from diffusers_wan_ext.hooks.sliding_window import apply_sliding_window, remove_sliding_window
@@ -383,8 +384,10 @@ class SlidingWindowHook(ModelHook):
     @staticmethod
     def _window_context(module: nn.Module, context, k: int):
         """Window ``k`` under its own cache context (step caches keep one state per window and CFG branch)."""
-        if context is None or not hasattr(module, "cache_context"):
+        if not hasattr(module, "cache_context"):
             return contextlib.nullcontext()
+        if context is None:  # a call outside cache_context: still one state per window (MagCache's fallback)
+            return module.cache_context(f"window{k}")
         fields = {f.name: getattr(context, f.name) for f in dataclasses.fields(context) if f.name != "name"}
         return module.cache_context(f"{context.name}/window{k}", **fields)
 
