@@ -1,0 +1,223 @@
+"""Load a Wan DiT single file with its Linear weights kept quantized (GGUF blocks / fp8 + scale) in memory.
+
+:func:`load_quantized_dit` is :func:`~diffusers_wan_ext.conversion.dit.load_dit_from_original` for memory: the
+file is read raw (:func:`~diffusers_wan_ext.utils.single_file.read_quantized`), the family and config come from the
+logical shapes, keys are renamed by the same DiT key tables (every registered family), and
+
+* a GGUF ``Linear`` weight of a type Diffusers dequantizes in torch (``Q8_0``, ``Q4_0`` .. ``Q2_K``, ``IQ4_*``,
+  ``BF16``) stays in its packed bytes in a Diffusers ``GGUFLinear`` (the model carries Diffusers' ``GGUFQuantizer``,
+  as ``from_single_file(..., quantization_config=GGUFQuantizationConfig(...))`` gives it: ``save_pretrained`` is
+  refused, ``.to(dtype)`` too);
+* an fp8 ``Linear`` weight (plain or scaled) stays fp8 with its float32 scale in an
+  :class:`~diffusers_wan_ext.models.quantized_linear.Fp8Linear`;
+* everything else (norms, embeddings, the Conv3d patch embedding, modulation tables, Linears under Diffusers'
+  ``_keep_in_fp32_modules`` such as the time embedder, GGUF types without a torch kernel) is dequantized at load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..models.quantized_linear import Fp8Linear
+from ..utils.io import ConversionError, strip_known_prefixes
+from ..utils.quantized_tensor import FP8_DTYPES, QuantizedTensor
+from ..utils.single_file import read_quantized
+from .dit import (
+    DitInfo,
+    build_transformer,
+    check_shapes,
+    convert_dit_state_dict,
+    dit_config_from_state_dict,
+    dit_extensions,
+    load_dit_from_original,
+    locate_dit,
+    rename_dit_key,
+)
+
+__all__ = ["SINGLE_FILE_SUFFIXES", "is_single_file", "load_quantized_dit", "quantized_dit_from_tensors",
+           "read_quantized_dit"]
+
+#: files :func:`load_quantized_dit` keeps quantized (anything else loads dequantized as with load_dit_from_original)
+SINGLE_FILE_SUFFIXES = (".gguf", ".safetensors")
+
+
+def is_single_file(path: str | os.PathLike) -> bool:
+    """``True`` for a ``.gguf`` / ``.safetensors`` file (not a folder or a shard index)."""
+    return Path(path).is_file() and Path(path).name.endswith(SINGLE_FILE_SUFFIXES)
+
+
+def read_quantized_dit(path: str | os.PathLike) -> tuple[dict[str, QuantizedTensor], dict[str, Any]]:
+    """The stored tensors of a DiT single file (wrapper prefixes stripped, original key names, nothing dequantized)
+    and the release ``config.json`` beside it, if any."""
+    weights, cfg = locate_dit(path)
+    tensors, _ = read_quantized(weights)
+    return strip_known_prefixes(tensors, "blocks."), cfg
+
+
+def shape_state_dict(tensors: Mapping[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
+    """Meta tensors of the logical shapes (what config detection and key checks need, no memory)."""
+    return {k: torch.empty(q.shape, dtype=torch.float32, device="meta") for k, q in tensors.items()}
+
+
+def _adapter_keys(keys) -> set[str]:
+    """Keys a family converts by rules rather than tables (Animate's adapter): loaded dequantized."""
+    return {k for k in keys for e in dit_extensions() if e.adapter_keys is not None and e.adapter_keys(k)}
+
+
+def _keeps_fp32(name: str, keep_in_fp32: list[str] | None) -> bool:
+    return bool(keep_in_fp32) and bool(set(keep_in_fp32).intersection(name.split(".")))
+
+
+def _gguf_packed(q: QuantizedTensor) -> torch.Tensor | None:
+    """The ``[out, bytes]`` GGUF blocks of a 2-D weight Diffusers can dequantize in torch, else ``None``."""
+    import gguf  # optional dependency (the `gguf` extra)
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    qtype = gguf.GGMLQuantizationType[q.qtype]
+    if q.data.dtype != torch.uint8 or len(q.shape) != 2 or qtype not in SUPPORTED_GGUF_QUANT_TYPES:
+        return None
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if q.shape[1] % block:
+        return None
+    return q.data.reshape(q.shape[0], q.shape[1] // block * size)
+
+
+def _plain_value(q: QuantizedTensor, name: str, torch_dtype: torch.dtype | None, keep_in_fp32) -> torch.Tensor:
+    if not q.data.is_floating_point() and not q.is_quantized:
+        return q.dequantize()
+    value = q.dequantize(torch.float32 if q.is_quantized else q.data.dtype)
+    if torch_dtype is None:
+        return value.to(torch.float16) if q.is_quantized and value.dtype == torch.float32 else value
+    if _keeps_fp32(name, keep_in_fp32) and torch_dtype in (torch.float16, torch.bfloat16):
+        return value.to(torch.float32)
+    return value.to(torch_dtype)
+
+
+def _quantized_linears(model: nn.Module, tensors: Mapping[str, QuantizedTensor], renamed: Mapping[str, str],
+                       keep_in_fp32) -> tuple[dict[str, tuple[torch.Tensor, str]], dict[str, QuantizedTensor]]:
+    """``({diffusers weight key: (GGUF blocks, type)}, {diffusers weight key: fp8 tensor})``: the Linears kept
+    packed."""
+    gguf_weights, fp8_weights = {}, {}
+    for key, new in renamed.items():
+        q = tensors[key]
+        module_name, _, leaf = new.rpartition(".")
+        if leaf != "weight" or not q.is_quantized or _keeps_fp32(new, keep_in_fp32):
+            continue
+        if not isinstance(model.get_submodule(module_name), nn.Linear):
+            continue
+        if q.qtype in FP8_DTYPES:
+            fp8_weights[new] = q
+        elif (packed := _gguf_packed(q)) is not None:
+            gguf_weights[new] = (packed, q.qtype)
+    return gguf_weights, fp8_weights
+
+
+def _attach_gguf(model: nn.Module, gguf_weights: Mapping[str, tuple[torch.Tensor, str]], compute_dtype: torch.dtype,
+                 keep_in_fp32) -> None:
+    """Diffusers' GGUF quantizer swaps the Linears for ``GGUFLinear``; the packed blocks become their weights."""
+    import gguf  # optional dependency (the `gguf` extra)
+    from diffusers import GGUFQuantizationConfig
+    from diffusers.quantizers.gguf import GGUFQuantizer
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    params = {key: GGUFParameter(packed, quant_type=gguf.GGMLQuantizationType[qtype])
+              for key, (packed, qtype) in gguf_weights.items()}
+    quantizer = GGUFQuantizer(GGUFQuantizationConfig(compute_dtype=compute_dtype))
+    quantizer.preprocess_model(model, device_map=None, keep_in_fp32_modules=list(keep_in_fp32 or []),
+                               state_dict=params)
+    for key, param in params.items():
+        module_name, _, leaf = key.rpartition(".")
+        model.get_submodule(module_name)._parameters[leaf] = param
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
+
+
+def _attach_fp8(model: nn.Module, fp8_weights: Mapping[str, QuantizedTensor], plain: dict[str, torch.Tensor],
+                compute_dtype: torch.dtype) -> None:
+    """Swap each Linear for an :class:`Fp8Linear` holding the stored fp8 weight, its scale and the bias."""
+    for key, q in fp8_weights.items():
+        module_name = key.rpartition(".")[0]
+        parent, _, child = module_name.rpartition(".")
+        layer = Fp8Linear.from_quantized(q.data.reshape(q.shape), q.scale, plain.pop(f"{module_name}.bias", None),
+                                         compute_dtype=compute_dtype, input_scale=q.input_scale)
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    if fp8_weights:
+        model.is_quantized = True  # Diffusers' ModelMixin.to / half / float refuse dtype casts, as for GGUF
+
+
+def _plain_state_dict(tensors: Mapping[str, QuantizedTensor], renamed: Mapping[str, str], skip: set[str],
+                      torch_dtype: torch.dtype, keep_in_fp32) -> dict[str, torch.Tensor]:
+    """Every tensor not kept packed, dequantized and cast (adapter keys through their family's rules)."""
+    plain = {new: _plain_value(tensors[key], new, torch_dtype, keep_in_fp32)
+             for key, new in renamed.items() if new not in skip}
+    adapters = _adapter_keys(tensors)
+    for e in dit_extensions():
+        mine = {k: tensors[k].dequantize(torch.float32) for k in adapters if e.adapter_keys and e.adapter_keys(k)}
+        if mine:
+            for new, value in e.convert_adapter(mine).items():
+                plain[new] = value.to(torch.float32 if _keeps_fp32(new, keep_in_fp32) and torch_dtype in (
+                    torch.float16, torch.bfloat16) else torch_dtype) if value.is_floating_point() else value
+    return plain
+
+
+def quantized_dit_from_tensors(tensors: Mapping[str, QuantizedTensor], info: DitInfo,
+                               torch_dtype: torch.dtype = torch.bfloat16,
+                               device: torch.device | str | None = None) -> nn.Module:
+    """Build the Diffusers transformer of ``info`` from stored tensors (original names, prefixes stripped), keeping
+    the quantized Linear weights packed; ``torch_dtype`` is the compute dtype and the dtype of everything else."""
+    converted = convert_dit_state_dict(shape_state_dict(tensors))  # names checked (errors name the keys)
+    model = build_transformer(info)
+    check_shapes(model, converted)
+    adapters = _adapter_keys(tensors)
+    renamed = {k: rename_dit_key(k) for k in tensors if k not in adapters}
+    keep = getattr(model, "_keep_in_fp32_modules", None)
+    gguf_weights, fp8_weights = _quantized_linears(model, tensors, renamed, keep)
+    plain = _plain_state_dict(tensors, renamed, set(gguf_weights) | set(fp8_weights), torch_dtype, keep)
+    _attach_fp8(model, fp8_weights, plain, torch_dtype)
+    if gguf_weights:
+        _attach_gguf(model, gguf_weights, torch_dtype, keep)
+    model.load_state_dict(plain, strict=False, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ConversionError(f"{type(model).__name__}: no weights for {', '.join(left[:5])}")
+    model.requires_grad_(False)
+    return (model.to(device) if device is not None else model).eval()
+
+
+def load_quantized_dit(path: str | os.PathLike, original_config: Mapping[str, Any] | None = None,
+                       torch_dtype: torch.dtype = torch.bfloat16,
+                       device: torch.device | str | None = None) -> nn.Module:
+    """A Diffusers Wan transformer from a DiT single file with its Linear weights kept quantized in memory.
+
+    GGUF weights stay packed in Diffusers ``GGUFLinear`` layers (dequantized per layer at compute, as stock
+    ``from_single_file(..., quantization_config=GGUFQuantizationConfig(compute_dtype=torch_dtype))``); fp8 weights
+    (plain or scaled, either convention) stay fp8 with their scale in
+    :class:`~diffusers_wan_ext.models.quantized_linear.Fp8Linear` layers.  Every other tensor is dequantized to
+    ``torch_dtype`` (Diffusers' ``_keep_in_fp32_modules`` stay float32).  Any family the DiT converter knows works
+    (the key tables of :func:`~diffusers_wan_ext.conversion.dit.dit_key_tables`).  A folder, a shard index or a
+    ``.pth`` file holds nothing quantized: it loads as :func:`load_dit_from_original` would.
+
+    Args:
+        path: the ``.gguf`` / ``.safetensors`` file (any ComfyUI / Kijai prefix), or a release folder.
+        original_config: the release ``config.json`` values the keys cannot tell (``num_heads`` ...), if any.
+        torch_dtype: the compute dtype and the dtype of the unquantized tensors.
+        device: where to put the model (the packed weights move packed).
+
+    Example:
+        >>> dit = load_quantized_dit("wan2.1-t2v-14b-Q4_K_M.gguf", torch_dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
+        >>> quantized_weight_bytes(dit) / 2**30  # doctest: +SKIP
+    """
+    if torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"torch_dtype {torch_dtype}: the compute dtype must be float32, float16 or bfloat16")
+    weights, cfg = locate_dit(path)
+    if not is_single_file(weights):
+        model = load_dit_from_original(path, original_config, torch_dtype)
+        return (model.to(device) if device is not None else model).eval()
+    tensors, cfg = read_quantized_dit(weights)
+    info = dit_config_from_state_dict(shape_state_dict(tensors), original_config or cfg)
+    return quantized_dit_from_tensors(tensors, info, torch_dtype, device)
