@@ -35,6 +35,7 @@ from .conversion.dit import (
     locate_dit,
 )
 from .conversion.image_encoder import load_clip_from_original, make_clip_image_processor
+from .conversion.quantized_dit import is_single_file, quantized_dit_from_tensors, read_quantized_dit, shape_state_dict
 from .conversion.release_io import (
     DTYPES,
     first_existing,
@@ -51,6 +52,7 @@ from .families import FAMILIES, VARIANTS, ReleaseOptions, WanVariant, get_varian
 from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
 from .utils.atomic import atomic_output_dir, claim_destination
 from .utils.io import ConversionError, load_state_dict, strip_known_prefixes
+from .utils.quantized_tensor import QuantizedTensor
 from .utils.shims import rewrite_model_index_for_shims
 
 __all__ = ["DTYPES", "LoadedRelease", "ReleaseFiles", "SCHEDULERS", "choose_variant", "convert_release",
@@ -206,10 +208,35 @@ class LoadedRelease:
     def pipeline_class(self) -> str:
         return self.variant.pipeline
 
+    def build_pipeline(self):
+        """The pipeline (``variant.pipeline``, e.g. ``WanPipeline``) of these components, in memory; optional
+        components the release lacks are ``None``.  With ``load_release(..., keep_quantized=True)`` the DiT stays
+        quantized and the rest is in the release dtype."""
+        if not self.components:
+            raise ValueError("build_pipeline: this release was loaded with transformer_only=True (no text encoder, "
+                             "tokenizer, VAE or scheduler)")
+        pipe_cls = getattr(diffusers, self.variant.pipeline)
+        expected, _ = pipe_cls._get_signature_keys(pipe_cls)
+        kwargs: dict[str, Any] = {name: None for name in expected}
+        kwargs.update({name: comp for name, comp in self.components.items() if name in expected})
+        kwargs.update(zip(["transformer", "transformer_2"], self.transformers))
+        init_params = set(pipe_cls.__init__.__code__.co_varnames)
+        if "boundary_ratio" in init_params:
+            kwargs["boundary_ratio"] = self.variant.boundary_ratio
+        if "expand_timesteps" in init_params:
+            kwargs["expand_timesteps"] = self.variant.expand_timesteps
+        return pipe_cls(**kwargs)
 
-def _read_dits(files: ReleaseFiles) -> tuple[list[dict], list[DitInfo]]:
+
+def _read_dits(files: ReleaseFiles, keep_quantized: bool = False) -> tuple[list[dict], list[DitInfo]]:
+    """The DiT state dicts (``keep_quantized``: a single file's stored tensors, nothing dequantized) and infos."""
     dit_sds, infos = [], []
     for path, cfg in zip(files.dit, files.dit_config):
+        if keep_quantized and is_single_file(path):
+            sd = read_quantized_dit(path)[0]
+            infos.append(with_path(path, lambda: dit_config_from_state_dict(shape_state_dict(sd), cfg)))
+            dit_sds.append(sd)
+            continue
         sd = strip_known_prefixes(load_state_dict(path), "blocks.")
         infos.append(with_path(path, lambda: dit_config_from_state_dict(sd, cfg)))
         dit_sds.append(sd)
@@ -242,6 +269,10 @@ def _load_transformers(files: ReleaseFiles, dit_sds, infos, torch_dtype, bar) ->
     transformers_ = []
     for path, sd, inf in zip(files.dit, dit_sds, infos):
         bar.set_postfix_str(f"transformer {path.name}")
+        if any(isinstance(v, QuantizedTensor) for v in sd.values()):  # load_release(keep_quantized=True)
+            transformers_.append(with_path(path, lambda: quantized_dit_from_tensors(sd, inf, torch_dtype)))
+            bar.update()
+            continue
         converted = convert_dit_state_dict(sd)
         model = build_transformer(inf)
         transformers_.append(with_path(path, lambda: load_converted_state_dict(model, converted, torch_dtype)))
@@ -329,10 +360,14 @@ def load_release(
     relighting_lora: str | os.PathLike | None = None,
     transformer_only: bool = False,
     progress: bool = True,
+    keep_quantized: bool = False,
 ) -> LoadedRelease:
     """Load and validate every component of an original Wan release in memory (nothing is written).
 
     Arguments as :func:`convert_release`.  The trainer uses this to train from original files directly.
+    ``keep_quantized``: a GGUF / fp8 single-file DiT (``transformer=`` / ``transformer_2=``) keeps its Linear
+    weights quantized in memory (:func:`~diffusers_wan_ext.conversion.quantized_dit.load_quantized_dit`; ``dtype``
+    is the compute dtype), the other components load in ``dtype`` as usual.
 
     Example:
         >>> release = load_release("Wan2.1-T2V-1.3B", dtype="bf16")  # doctest: +SKIP
@@ -350,7 +385,7 @@ def load_release(
         vae=vae, image_encoder=image_encoder, audio_encoder=audio_encoder, motion_controller=motion_controller,
         relighting_lora=relighting_lora,
     )
-    dit_sds, infos = _read_dits(files)
+    dit_sds, infos = _read_dits(files, keep_quantized)
     info = infos[0]
     var = choose_variant(info, len(infos), variant, files.name_hints)
     _check_complete(src, files, var, transformer_only)
