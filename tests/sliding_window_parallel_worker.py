@@ -23,8 +23,9 @@ from diffusers_wan_ext import WanExtPipeline  # noqa: E402
 from diffusers_wan_ext.parallel import enable_parallelism, init_distributed  # noqa: E402
 from test_fun_pipelines import make_scheduler, make_text_parts, make_transformer, make_vae  # noqa: E402
 
-#: 17 frames = 5 latent frames of 4 x 4 latents (16 tokens each); windows [0, 3), [2, 5): 48 tokens per forward
-CALL = dict(prompt="a dog running", negative_prompt="blurry", height=32, width=32, num_frames=17,
+#: 21 frames = 6 latent frames of 2 x 2 latents (one token each); windows [0, 3), [2, 5), [4, 6): 3, 3 and 2 tokens
+#: per forward (Ulysses 2 pads the 3-token windows, not the shorter last one)
+CALL = dict(prompt="a dog running", negative_prompt="blurry", height=16, width=16, num_frames=21,
             num_inference_steps=2, guidance_scale=4.0, output_type="latent", sliding_window_size=3,
             sliding_window_stride=2)
 
