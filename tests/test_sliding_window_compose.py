@@ -182,6 +182,49 @@ def test_step_caches_under_batched_cfg(cache):
         torch.testing.assert_close(g, e, **TOL)
 
 
+class MovingSchedule:
+    """Windows that move at step 2: window 0 stays, windows 1 and 2 cover other frames (weights: ones)."""
+
+    def windows(self, num_frames, step_index=None):
+        return [(0, 4), (2, 6), (4, 7)] if (step_index or 0) < 2 else [(0, 4), (1, 5), (3, 7)]
+
+    def weights(self, num_frames, window, step_index=None):
+        return torch.ones(window[1] - window[0])
+
+
+@pytest.mark.parametrize("cache", sorted(CACHES))
+def test_a_window_that_moves_starts_a_fresh_cache_state(cache):
+    """Window ``k`` covering other frames than at the previous step gets a fresh state (never the residual of other
+    frames); a window that stays keeps its state."""
+    base = tiny_model()
+    model = copy.deepcopy(base)
+    CACHES[cache](model)
+    apply_sliding_window(model, schedule=MovingSchedule())
+    got = run_steps(model, branch_inputs, BRANCHES)
+    owners: dict[tuple, tuple] = {}  # (branch, k) -> (window, model copy with its own cache)
+    expected = []
+    for step in range(len(TIMESTEPS)):
+        for name in BRANCHES:
+            windows, outs = MovingSchedule().windows(FRAMES, step), []
+            for k, (a, b) in enumerate(windows):
+                if owners.get((name, k), ((a, b),))[0] != (a, b) or (name, k) not in owners:
+                    owners[name, k] = ((a, b), copy.deepcopy(base))
+                    CACHES[cache](owners[name, k][1])
+                own = owners[name, k][1]
+                with torch.no_grad(), own.cache_context(name, step_index=step, num_inference_steps=len(TIMESTEPS)):
+                    outs.append(own(**window_slice(branch_inputs(step, name), a, b), return_dict=False)[0])
+            value, weight = torch.zeros_like(got[0]), torch.zeros(FRAMES)
+            for out, (a, b) in zip(outs, windows):
+                value[:, :, a:b] += out
+                weight[a:b] += 1
+            expected.append(value / weight.view(1, 1, -1, 1, 1))
+    for step, (g, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(g, e, **TOL, msg=lambda m: f"output {step}: {m}")
+    if cache == "teacache":  # window 0 skipped through the move; window 1 computed again after it
+        assert [r["decision"] for r in teacache_log(model, "cond/window0")] == ["compute", "skip", "skip", "compute"]
+        assert [r["decision"] for r in teacache_log(model, "cond/window1")][-2:] == ["compute", "compute"]
+
+
 def test_mag_cache_outside_a_cache_context_keeps_one_state_per_window():
     """A direct model call without ``cache_context``: MagCache falls back to one state of its own, which the hook
     replaces by one per window (``"window0"``, ...), so no window reuses another's residual."""

@@ -31,7 +31,8 @@ Which windows run, and their weights, come from a :class:`WindowSchedule` (defau
 another schedule (context windows for very long videos) plugs into the same hook.  When the model runs inside
 ``cache_context(name, ...)`` (our pipelines, stock Wan pipelines), each window runs under its own cache context
 ``f"{name}/window{k}"`` (outside one: ``f"window{k}"``), so step-caching hooks keep one state per window and per CFG
-branch.
+branch; a window that covers other frames than at the previous step (schedules that move) starts a fresh state
+(:func:`drop_cache_state`).
 
 Example:
     >>> from diffusers_wan_ext.hooks.sliding_window import apply_sliding_window, remove_sliding_window
@@ -65,6 +66,7 @@ __all__ = [
     "blend_weights",
     "check_sliding_window",
     "current_schedule",
+    "drop_cache_state",
     "register_sliding_window_inputs",
     "remove_sliding_window",
     "skipped_window_starts",
@@ -318,6 +320,7 @@ class SlidingWindowHook(ModelHook):
         self.inputs = {"hidden_states": 2, **dict(inputs)}
         self.parameters = list(parameters)  # positional order of forward's arguments
         self.state_manager = StateManager(_WindowState)
+        self.frames_of_context: dict[str, tuple[int, ...]] = {}  # window cache context -> its frames last time
 
     def _context(self):
         try:
@@ -345,7 +348,7 @@ class SlidingWindowHook(ModelHook):
         value = weight = output = None
         for k, (window, frames) in enumerate(zip(windows, frames_of)):
             window_kwargs = self._window_inputs(kwargs, num_frames, frames)
-            with self._window_context(module, context, k):
+            with self._window_context(module, context, k, frames):
                 output = self.fn_ref.original_forward(**window_kwargs)
             sample = _sample_of(output)
             if sample.shape[2] != len(frames):
@@ -381,19 +384,36 @@ class SlidingWindowHook(ModelHook):
             window_kwargs["timestep"] = _take_tokens(timestep, num_frames, frames)
         return window_kwargs
 
-    @staticmethod
-    def _window_context(module: nn.Module, context, k: int):
-        """Window ``k`` under its own cache context (step caches keep one state per window and CFG branch)."""
+    def _window_context(self, module: nn.Module, context, k: int, frames: range | list[int]):
+        """Window ``k`` under its own cache context (step caches keep one state per window and CFG branch); when
+        window ``k`` covers other frames than last time (schedules that move with the step), its state starts over."""
         if not hasattr(module, "cache_context"):
             return contextlib.nullcontext()
-        if context is None:  # a call outside cache_context: still one state per window (MagCache's fallback)
-            return module.cache_context(f"window{k}")
+        # (a call outside cache_context still gets one state per window: MagCache's fallback state is shared)
+        name = f"window{k}" if context is None else f"{context.name}/window{k}"
+        if self.frames_of_context.get(name, tuple(frames)) != tuple(frames):
+            drop_cache_state(module, name)
+        self.frames_of_context[name] = tuple(frames)
+        if context is None:
+            return module.cache_context(name)
         fields = {f.name: getattr(context, f.name) for f in dataclasses.fields(context) if f.name != "name"}
-        return module.cache_context(f"{context.name}/window{k}", **fields)
+        return module.cache_context(name, **fields)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.state_manager.reset()
+        self.frames_of_context.clear()
         return module
+
+
+def drop_cache_state(module: nn.Module, name: str) -> None:
+    """Forget the state every stateful hook under ``module`` keeps for cache context ``name`` (a fresh one is made
+    on its next use)."""
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    for child in (registry, *registry._get_child_registries()):
+        for hook in child.hooks.values():
+            for attr in vars(hook).values() if hook._is_stateful else ():
+                if isinstance(attr, StateManager) and name in attr._state_cache:
+                    attr._state_cache.pop(name).reset()
 
 
 def _forward_parameters(model: nn.Module) -> list[str]:
