@@ -17,6 +17,8 @@ uncond branches have separate caches as in the reference.  Each transformer has 
 pipeline switches to ``transformer_2`` its cache starts empty and that step computes (no residual of the other
 expert is ever reused).  The step index comes from the cache context (``step_index`` / ``num_inference_steps``,
 which stock pipelines pass) or, if absent, from a per-context counter that wraps at ``num_inference_steps``.
+Under sliding windows (:mod:`diffusers_wan_ext.hooks.sliding_window`) each window runs in a cache context of its own
+(``"cond/window0"``, ...), so every window and CFG branch has its own cache (``teacache_log(model, "cond/window0")``).
 
 Example:
     >>> from diffusers_wan_ext.hooks import TeaCacheConfig, enable_teacache
