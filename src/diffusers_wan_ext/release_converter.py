@@ -156,6 +156,18 @@ def find_release_files(
     return files
 
 
+def _check_variant_size(v: WanVariant, info: DitInfo) -> None:
+    """``--variant`` of one release size for the weights of another (e.g. a 14B row for 1.3B weights) is refused;
+    weights of no release size (tiny or custom models) may take any row of their architecture."""
+    size = (info.config["num_attention_heads"] * info.config["attention_head_dim"], info.config["num_layers"])
+    if v.dim is None or (v.dim, v.num_layers) == size:
+        return
+    if any((r.dim, r.num_layers) == size for r in VARIANTS):
+        raise ConversionError(f"--variant {v.name} is a model of width {v.dim} with {v.num_layers} layers, but the "
+                              f"weights have width {size[0]} with {size[1]} layers: pick the matching --variant or "
+                              "leave it out (detected from the weights)")
+
+
 def choose_variant(info: DitInfo, experts: int, name: str | None, hint: str | Sequence[str] | None) -> WanVariant:
     """The release row for these weights: ``name`` (``--variant``) if given and consistent, else the first row that
     ``hint`` names (file-name hints) and the weights fit, else detected."""
@@ -167,6 +179,7 @@ def choose_variant(info: DitInfo, experts: int, name: str | None, hint: str | Se
                 f"{info.arch} with {experts} expert(s) (patch_embedding.weight in_dim {info.config['in_channels']}, "
                 f"img_emb.* {'present' if info.config.get('image_dim') else 'absent'})"
             )
+        _check_variant_size(v, info)
         return v
     width = info.config["num_attention_heads"] * info.config["attention_head_dim"]
     for h in [hint] if isinstance(hint, str) else (hint or []):
@@ -396,18 +409,17 @@ def load_release(
         family_components.update(family.load_components(files.extras, info, var, torch_dtype))
         var = replace(var, pipeline=family.pipeline_override(family_components) or var.pipeline)
     steps = len(infos) + (0 if transformer_only else 4 + int(var.image_encoder) + int(var.audio_encoder))
-    bar = progress_bar(steps, progress)
-    transformers_ = _load_transformers(files, dit_sds, infos, torch_dtype, bar)
-    for family in FAMILIES:
-        family.verify_extras(extras[family.name], transformers_[0], files.extras)
-    components: dict[str, Any] = {}
-    if not transformer_only:
-        components = _load_core_components(files, var, info, torch_dtype, image_encoder_heads, bar)
-        components.update(family_components)
-        bar.update(int(var.audio_encoder))
-        components["scheduler"] = make_scheduler(scheduler, var.flow_shift)
-        bar.update()
-    bar.close()
+    with progress_bar(steps, progress) as bar:  # closed before an error propagates: its message stays one line
+        transformers_ = _load_transformers(files, dit_sds, infos, torch_dtype, bar)
+        for family in FAMILIES:
+            family.verify_extras(extras[family.name], transformers_[0], files.extras)
+        components: dict[str, Any] = {}
+        if not transformer_only:
+            components = _load_core_components(files, var, info, torch_dtype, image_encoder_heads, bar)
+            components.update(family_components)
+            bar.update(int(var.audio_encoder))
+            components["scheduler"] = make_scheduler(scheduler, var.flow_shift)
+            bar.update()
     return LoadedRelease(var, transformers_, components, extras={k: v for k, v in extras.items() if v is not None})
 
 
@@ -497,7 +509,8 @@ def convert_release(
             progress_message(f"detected a {claimed.title} release ({src}); its own converter runs", progress)
             options = ReleaseOptions(dtype=dtype, transformer=transformer, text_encoder=text_encoder,
                                      tokenizer=tokenizer, vae=vae, transformer_only=transformer_only,
-                                     overwrite=overwrite, progress=progress, max_shard_size=max_shard_size)
+                                     overwrite=overwrite, progress=progress, max_shard_size=max_shard_size,
+                                     image_encoder_heads=image_encoder_heads)
             return claimed.convert_release(Path(src), Path(dst), options)
         release = load_release(
             src, variant=variant, dtype=dtype, scheduler=scheduler, transformer=transformer,

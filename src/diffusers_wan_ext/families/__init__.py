@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from ..conversion.dit import register_dit_extension
 from .animate import AnimateFamily
+from .animate2 import Animate2Family
 from .base import (
     CommandArgument,
     Conditioning,
@@ -70,7 +71,7 @@ __all__ = [
 #: Every family, in detection / listing order (the core first: its rows are the defaults of shared layouts).
 FAMILIES: tuple[ModelFamily, ...] = (
     WanCoreFamily(), FunFamily(), VaceFamily(), AnimateFamily(), SpeechToVideoFamily(), SpeedControlFamily(),
-    VideoAsPromptFamily(), LongCatFamily(),
+    VideoAsPromptFamily(), LongCatFamily(), Animate2Family(),
 )
 #: Every release row of every family.
 VARIANTS: tuple[WanVariant, ...] = tuple(v for f in FAMILIES for v in f.variants)

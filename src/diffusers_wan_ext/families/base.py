@@ -227,6 +227,7 @@ class ReleaseOptions:
     overwrite: bool = False
     progress: bool = True
     max_shard_size: str = "5GB"
+    image_encoder_heads: int | None = None  # CLIP heads of a non-release width (tiny models)
 
 
 class ModelFamily:

@@ -1,0 +1,283 @@
+"""The Wan2.2-Animate-2 family (Wan-AI/Wan2.2-Animate-2-14B and its distilled DiT): character animation with
+in-context attention to a cached reference (driving) video.
+
+The release folder holds ``wan_animate_2/wan_animate_2_bf16.safetensors`` (and the distilled
+``wan_animate_2/wan_animate_2_bf16_distillation.safetensors``) in DiffSynth-Studio's ``WanAnimate2Transformer`` layout
+(``blocks.N.block.*``), which is not the Wan DiT table layout: this family claims the release
+(:meth:`Animate2Family.claims_release`) and converts it with :mod:`diffusers_wan_ext.conversion.animate2` into
+``transformer/`` (stock ``WanAnimate2Transformer3DModel`` when the CLIP width is the release's 1280, else our
+:class:`~diffusers_wan_ext.models.WanAnimate2ExtTransformer3DModel`), plus the umT5 text encoder, tokenizer, Wan2.1
+VAE and CLIP image encoder as component sub-folders.  Its :class:`DitExtension` makes the Wan DiT converter name the
+layout when it meets these keys.  The pipeline is not written yet (see ``docs/animate2.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import WanAnimate2Transformer3DModel, WanTransformer3DModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..conversion.animate2 import (
+    ANIMATE2_RELEASE_FILE,
+    export_animate2_state_dict,
+    is_animate2_state_dict,
+    load_animate2_transformer_from_original,
+)
+from ..conversion.dit import DitExtension
+from ..conversion.image_encoder import load_clip_from_original, make_clip_image_processor
+from ..conversion.release_io import DTYPES, first_existing, progress_bar, with_path, write_model_card
+from ..conversion.text_encoder import load_t5_from_original
+from ..conversion.tokenizer import load_umt5_tokenizer
+from ..conversion.vae import detect_vae_version, load_vae_from_original
+from ..models import WanAnimate2ExtTransformer3DModel
+from ..models.transformer_wan_animate2 import RELEASE_CLIP_DIM
+from ..utils.atomic import atomic_output_dir
+from ..utils.io import ConversionError, load_state_dict
+from .base import ModelFamily, ReleaseOptions, TinyArch, WanVariant
+from .tiny import TINY
+
+__all__ = ["ANIMATE2", "ANIMATE2_DISTILLED", "Animate2Family", "convert_animate2_release", "find_animate2_dit",
+           "make_tiny_animate2_dit"]
+
+#: Where the release keeps the Wan2.1 components (DiffSynth's example); the root works too.
+RELEASE_COMPONENT_DIR = "videomodel/Wan-AI"
+T5_FILE, CLIP_FILE, VAE_FILE = ("models_t5_umt5-xxl-enc-bf16.pth",
+                                "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "Wan2.1_VAE.pth")
+TOKENIZER_DIRS = ("umt5-xxl", "google/umt5-xxl")
+DISTILLED_FILE = "wan_animate_2/wan_animate_2_bf16_distillation.safetensors"
+
+# Sampling defaults of DiffSynth-Studio's examples (Wan2.2-Animate-2-14B.py / -Distilled.py): 720x1280 portrait,
+# 81-frame clips at 24 fps, sigma shift 5 (the pipeline default); 40 steps at CFG 3 / 10 steps, CFG 1 and
+# animate2_log_scale -1.3 for the distilled DiT.
+ANIMATE2 = WanVariant(
+    "wan2.2-animate-2-14b", "animate2", "Wan-AI/Wan2.2-Animate-2-14B", dim=5120, num_layers=40, image_encoder=True,
+    pipeline="none yet (transformer + components)", flow_shift=5.0, num_inference_steps=40, guidance_scale=3.0,
+    height=1280, width=720, num_frames=81, fps=24,
+    notes="wan_animate_2/wan_animate_2_bf16.safetensors; reference image + driving video, reference-video K/V "
+          "cache; the CFG branch skips block 9",
+    file_hints=(("animate_2",),),
+)
+ANIMATE2_DISTILLED = WanVariant(
+    "wan2.2-animate-2-14b-distilled", "animate2", "Wan-AI/Wan2.2-Animate-2-14B", dim=5120, num_layers=40,
+    image_encoder=True, pipeline="none yet (transformer + components)", flow_shift=5.0, num_inference_steps=10,
+    guidance_scale=1.0, height=1280, width=720, num_frames=81, fps=24,
+    notes="wan_animate_2/wan_animate_2_bf16_distillation.safetensors; log_scale -1.3 (DiffSynth's "
+          "animate2_log_scale)",
+    aliases=("wan2.2-animate-2-14b-distillation",), file_hints=(("animate_2", "distill"),),
+)
+
+
+def _peek_keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the real loader
+        return []
+
+
+def find_animate2_dit(src: str | os.PathLike, transformer: str | os.PathLike | None = None,
+                      variant: str | None = None) -> Path | None:
+    """The Animate-2 DiT file of a release folder (``wan_animate_2/*.safetensors``; the distilled file when
+    ``variant`` names it), a ``wan_animate_2/`` folder, a file, or ``transformer``; ``None`` if there is none."""
+    distilled = variant is not None and variant.lower() in (ANIMATE2_DISTILLED.name, *ANIMATE2_DISTILLED.aliases)
+    preferred = DISTILLED_FILE if distilled else ANIMATE2_RELEASE_FILE
+    src = Path(src)
+    if transformer is not None:
+        candidates = [Path(transformer)]
+    elif src.is_file():
+        candidates = [src]
+    else:
+        folder = src / "wan_animate_2" if (src / "wan_animate_2").is_dir() else src
+        others = sorted(p for p in folder.glob("*.safetensors") if p.name != Path(preferred).name)
+        candidates = [folder / Path(preferred).name] + others
+    for cand in candidates:
+        if cand.is_file() and cand.suffix == ".safetensors" and is_animate2_state_dict(_peek_keys(cand)):
+            return cand
+    return None
+
+
+def _variant_for(dit: Path, variant: str | None) -> WanVariant:
+    if variant and variant.lower() in (ANIMATE2_DISTILLED.name, *ANIMATE2_DISTILLED.aliases):
+        return ANIMATE2_DISTILLED
+    return ANIMATE2_DISTILLED if "distill" in dit.name.lower() else ANIMATE2
+
+
+def _component_paths(src: Path, options: ReleaseOptions) -> dict[str, Path | None]:
+    root = src if src.is_dir() else src.parent
+    if root.name == "wan_animate_2":
+        root = root.parent
+    dirs = [root / RELEASE_COMPONENT_DIR, root]
+    paths = {
+        "text_encoder": Path(options.text_encoder) if options.text_encoder else first_existing(
+            *(d / T5_FILE for d in dirs)),
+        "tokenizer": Path(options.tokenizer) if options.tokenizer else first_existing(
+            *(d / t for d in dirs for t in TOKENIZER_DIRS)),
+        "vae": Path(options.vae) if options.vae else first_existing(*(d / VAE_FILE for d in dirs)),
+        "image_encoder": first_existing(*(d / CLIP_FILE for d in dirs)),
+    }
+    missing = [] if options.transformer_only else [k for k, v in paths.items() if v is None]
+    if missing:
+        raise ConversionError(
+            f"{src}: missing component(s) for Wan2.2-Animate-2: {', '.join(missing)}. Keep {T5_FILE}, {CLIP_FILE}, "
+            f"umt5-xxl/ in {RELEASE_COMPONENT_DIR}/ (as released) or next to wan_animate_2/, and {VAE_FILE} (from "
+            "Wan-AI/Wan2.1-T2V-14B) beside them, or pass --text-encoder / --tokenizer / --vae PATH (or "
+            "--transformer-only)."
+        )
+    return paths
+
+
+def _load_components(model, paths: dict[str, Path], torch_dtype: torch.dtype, image_encoder_heads: int | None,
+                     bar) -> dict[str, Any]:
+    """umT5, tokenizer, Wan2.1 VAE and CLIP, each checked against the DiT."""
+    out: dict[str, Any] = {}
+    bar.set_postfix_str("text encoder")
+    out["text_encoder"] = with_path(paths["text_encoder"],
+                                    lambda: load_t5_from_original(paths["text_encoder"], torch_dtype=torch_dtype))
+    if out["text_encoder"].config.d_model != model.config.text_dim:
+        raise ConversionError(f"{paths['text_encoder']}: text encoder width {out['text_encoder'].config.d_model} does "
+                              f"not match the DiT's text_embedding.0 width {model.config.text_dim}")
+    out["tokenizer"] = with_path(paths["tokenizer"], lambda: load_umt5_tokenizer(paths["tokenizer"]))
+    bar.update()
+    bar.set_postfix_str("vae")
+    vae_sd = with_path(paths["vae"], lambda: load_state_dict(paths["vae"]))
+    if with_path(paths["vae"], lambda: detect_vae_version(vae_sd)) != "wan2.1":
+        raise ConversionError(f"{paths['vae']}: Wan2.2-Animate-2 uses the Wan2.1 VAE ({VAE_FILE})")
+    out["vae"] = with_path(paths["vae"], lambda: load_vae_from_original(vae_sd, torch_dtype=torch.float32))
+    if out["vae"].config.z_dim != model.config.out_dim:
+        raise ConversionError(f"{paths['vae']}: VAE latent channels {out['vae'].config.z_dim} do not match the DiT's "
+                              f"out channels {model.config.out_dim} (head.head.weight)")
+    bar.update()
+    bar.set_postfix_str("image encoder")
+    clip = with_path(paths["image_encoder"], lambda: load_clip_from_original(
+        paths["image_encoder"], num_heads=image_encoder_heads, torch_dtype=torch_dtype))
+    if clip.config.hidden_size != model.config.clip_dim:
+        raise ConversionError(f"{paths['image_encoder']}: CLIP width {clip.config.hidden_size} does not match the "
+                              f"DiT's img_emb.proj.0 width {model.config.clip_dim}")
+    out.update(image_encoder=clip, image_processor=make_clip_image_processor(clip.config.image_size))
+    bar.update()
+    return out
+
+
+def _as_stock_if_possible(model: WanAnimate2ExtTransformer3DModel) -> torch.nn.Module:
+    """Stock ``WanAnimate2Transformer3DModel`` holding the same weights when it can (release CLIP width)."""
+    if model.config.clip_dim != RELEASE_CLIP_DIM:
+        return model
+    config = {k: v for k, v in model.config.items() if not k.startswith("_") and k != "clip_dim"}
+    with init_empty_weights():
+        stock = WanAnimate2Transformer3DModel(**config)
+    stock.load_state_dict(model.state_dict(), strict=True, assign=True)
+    return stock.eval()
+
+
+def _read_config(dit: Path) -> dict[str, Any]:
+    cfg_path = dit.parent / "config.json"
+    if not cfg_path.is_file():
+        return {}
+    try:
+        return json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{cfg_path}: invalid JSON ({e})") from e
+
+
+def convert_animate2_release(src: str | os.PathLike, dst: str | os.PathLike, options: ReleaseOptions | None = None,
+                             variant: str | None = None, **kwargs: Any) -> Path:
+    """Convert a Wan2.2-Animate-2-14B release (or its distilled DiT, ``variant="wan2.2-animate-2-14b-distilled"``)
+    into ``dst``: ``transformer/`` and, unless ``transformer_only``, ``text_encoder/``, ``tokenizer/``, ``vae/``,
+    ``image_encoder/``, ``image_processor/``, a model card and ``wan_variant.json``.  With ``transformer_only`` the
+    transformer folder is ``dst`` itself.  A ``config.json`` beside the DiT file (optional) supplies ``num_heads`` /
+    ``text_len`` / ``eps`` / the ``refer_*`` offsets; widths come from the shapes.
+
+    Example:
+        >>> convert_animate2_release("Wan2.2-Animate-2-14B", "Wan2.2-Animate-2-14B-diffusers")  # doctest: +SKIP
+    """
+    options = options or ReleaseOptions(**kwargs)
+    if options.dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype, src = DTYPES[options.dtype], Path(src)
+    if not src.exists():
+        raise ConversionError(f"{src}: no such file or folder")
+    dit = find_animate2_dit(src, options.transformer, variant)
+    if dit is None:
+        raise ConversionError(f"{options.transformer or src}: no Wan2.2-Animate-2 DiT found (expected "
+                              f"{ANIMATE2_RELEASE_FILE} with blocks.N.block.* keys, or pass --transformer FILE)")
+    var = _variant_for(dit, variant)
+    paths = _component_paths(src, options)
+    cfg = _read_config(dit)
+    with atomic_output_dir(dst, overwrite=options.overwrite) as tmp:
+        bar = progress_bar(1 if options.transformer_only else 4, options.progress)
+        bar.set_postfix_str("transformer")
+        model = with_path(dit, lambda: load_animate2_transformer_from_original(load_state_dict(dit), cfg,
+                                                                               torch_dtype=torch_dtype))
+        bar.update()
+        target = tmp if options.transformer_only else tmp / "transformer"
+        if not options.transformer_only:
+            for name, component in _load_components(model, paths, torch_dtype, options.image_encoder_heads, bar).items():
+                component.save_pretrained(tmp / name)
+            write_model_card(tmp, var, "WanAnimate2Transformer3DModel", str(src), extra=(
+                "\nOnly the components are converted so far: load the transformer with "
+                "`WanAnimate2Transformer3DModel.from_pretrained(\"<this repo>\", subfolder=\"transformer\")`.\n"))
+            (tmp / "wan_variant.json").write_text(json.dumps(var.record(), indent=2) + "\n")
+        _as_stock_if_possible(model).save_pretrained(target, max_shard_size=options.max_shard_size)
+        bar.close()
+    return Path(dst)
+
+
+def make_tiny_animate2_dit(seed: int = 0, num_layers: int = TINY["num_layers"], text_len: int = 512
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A tiny Animate-2 DiT in the release layout (``blocks.N.block.*``) and its ``config.json`` (the release has
+    none; the tiny head dim is not 128, so ``num_heads`` must be stated)."""
+    config = dict(patch_size=[1, 2, 2], text_len=text_len, in_dim=36, dim=TINY["dim"], ffn_dim=TINY["ffn_dim"],
+                  freq_dim=TINY["freq_dim"], text_dim=TINY["text_dim"], out_dim=16, num_heads=TINY["num_heads"],
+                  num_layers=num_layers, clip_dim=TINY["clip_dim"])
+    model = WanAnimate2ExtTransformer3DModel(**config)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in model.state_dict().items():
+        base = 1.0 if "norm" in k and k.endswith("weight") else 0.0
+        sd[k] = torch.randn(v.shape, generator=g) * (0.02 if v.ndim > 1 else 0.01) + base
+    original = dict(config, model_type="animate2", eps=1e-6)
+    original.pop("clip_dim")
+    return export_animate2_state_dict(sd), original
+
+
+class Animate2Family(ModelFamily):
+    name = "animate2"
+    title = "Wan2.2-Animate-2 (character animation with a cached reference video)"
+    variants = (ANIMATE2, ANIMATE2_DISTILLED)
+    dit = DitExtension(
+        name="animate2", arches=("animate2",),
+        layouts="Animate-2 blocks.N.block.* (converted by the animate2 family, not the Wan table converter)",
+        foreign_keys=((".block.self_attn.", "Wan2.2-Animate-2 (blocks.N.block.*): convert its release folder with "
+                       "`diffusers-wan convert` (the animate2 family) or diffusers_wan_ext.conversion.animate2"),),
+        model_class=lambda info: WanAnimate2ExtTransformer3DModel,
+    )
+    model_classes = (WanAnimate2ExtTransformer3DModel,)
+    tiny_arches = {"animate2": TinyArch("animate2", 36, 16, clip=True)}
+
+    def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
+        names = (ANIMATE2.name, ANIMATE2_DISTILLED.name, *ANIMATE2_DISTILLED.aliases)
+        return (variant or "").lower() in names or (src.exists() and find_animate2_dit(src, transformer) is not None)
+
+    def convert_release(self, src: Path, dst: Path, options: ReleaseOptions) -> Path:
+        return convert_animate2_release(src, dst, options)
+
+    def tiny_dit_model(self, arch: str, experts: int, kwargs: dict[str, Any]):
+        """A placeholder Wan I2V DiT for the shared tiny-release writer; :meth:`tiny_release_files` replaces its
+        files with the Animate-2 release layout."""
+        return WanTransformer3DModel(**kwargs), {"model_type": "i2v"}
+
+    def tiny_release_files(self, folder: Path, dit_folder: Path, arch: str, dit_state_dict: dict, seed: int) -> None:
+        (dit_folder / "diffusion_pytorch_model.safetensors").unlink(missing_ok=True)
+        (dit_folder / "config.json").unlink(missing_ok=True)
+        sd, config = make_tiny_animate2_dit(seed, text_len=512)
+        out = folder / ANIMATE2_RELEASE_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out))
+        (out.parent / "config.json").write_text(json.dumps(config, indent=2))

@@ -1,0 +1,265 @@
+"""Wan2.2-Animate-2: release-layout converter, ``WanAnimate2ExtTransformer3DModel`` (dense generation attention,
+``log_scale``, CLIP width from the config), the family's variants and the tiny release -> ``diffusers-wan convert`` ->
+``from_pretrained`` in a fresh interpreter.  Parity with DiffSynth is the ``dit_animate2`` golden
+(tests/golden_runners/animate2.py); here its reference-pass K/V cache is checked too."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import WanAnimate2Transformer3DModel
+from diffusers.models.transformers.transformer_wan_animate_2 import rope_apply
+from safetensors.torch import load_file, save_file
+
+from diffusers_wan_ext.cli import main
+from diffusers_wan_ext.conversion.animate2 import (
+    animate2_config_from_state_dict,
+    convert_animate2_state_dict,
+    export_animate2_state_dict,
+    load_animate2_transformer_from_original,
+)
+from diffusers_wan_ext.demo import make_tiny_release
+from diffusers_wan_ext.families import family, get_variant
+from diffusers_wan_ext.families.animate2 import convert_animate2_release, make_tiny_animate2_dit
+from diffusers_wan_ext.models import WanAnimate2ExtTransformer3DModel
+from diffusers_wan_ext.models.transformer_wan_animate2 import WanAnimate2DenseAttnProcessor
+from diffusers_wan_ext.utils.io import ConversionError
+
+TINY_CFG = dict(text_len=16, dim=48, ffn_dim=96, freq_dim=32, text_dim=32, num_heads=2, num_layers=2, clip_dim=40)
+
+
+def _inputs(model, frames=3, h=4, w=4, seed=0):
+    """Generation / reference inputs for a clip of ``frames`` reference latent frames of ``h x w`` latents."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(
+        latents=r(16, frames + 1, h, w), y=r(c.in_dim - 16, frames + 1, h, w), ref=r(16, frames, h, w),
+        ref_y=r(c.in_dim - 16, frames, h, w), context=r(c.text_len, c.text_dim), clip=r(1, 257, c.clip_dim),
+        t=torch.tensor([700.0]),
+    )
+
+
+def _run(model, x, origin_len, origin_area, **kw):
+    grid_ref = torch.tensor([[x["ref"].shape[1], x["ref"].shape[2] // 2, x["ref"].shape[3] // 2]])
+    grid = torch.tensor([[x["latents"].shape[1], x["latents"].shape[2] // 2, x["latents"].shape[3] // 2]])
+    cache = model.new_kv_cache()
+    with torch.no_grad():
+        model([x["ref"]], x["t"], [x["context"]], [x["ref_y"]], cache, "extract", seq_len=int(grid_ref.prod()),
+              encoder_hidden_states_image=x["clip"], offset_grid_sizes=grid_ref)
+        out = model([x["latents"]], x["t"], [x["context"]], [x["y"]], cache, "cached", seq_len=int(grid.prod()),
+                    encoder_hidden_states_image=x["clip"], reference_grid_sizes=grid_ref, origin_len=origin_len,
+                    origin_area=origin_area, return_dict=False, **kw)[0][0]
+    return out, cache
+
+
+def _tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = WanAnimate2ExtTransformer3DModel(**{**TINY_CFG, **overrides}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ converter
+def test_release_layout_round_trip_and_config():
+    model = _tiny_model()
+    release = export_animate2_state_dict(model.state_dict())
+    assert "blocks.1.block.cross_attn.k_img.weight" in release and "blocks.0.block.self_attn.o.bias" in release
+    assert convert_animate2_state_dict(release).keys() == model.state_dict().keys()
+    assert export_animate2_state_dict(convert_animate2_state_dict(release)).keys() == release.keys()
+    cfg = animate2_config_from_state_dict(release, {"num_heads": 2, "text_len": 16})
+    assert {k: cfg[k] for k in TINY_CFG} == TINY_CFG and cfg["in_dim"] == 36 and cfg["out_dim"] == 16
+    loaded = load_animate2_transformer_from_original(release, {"num_heads": 2, "text_len": 16})
+    x = _inputs(model)
+    assert torch.equal(_run(model, x, 9, [64, 64])[0], _run(loaded, x, 9, [64, 64])[0])
+
+
+def test_converter_errors_name_the_keys():
+    release = export_animate2_state_dict(_tiny_model().state_dict())
+    with pytest.raises(ConversionError, match="blocks.0.block.extra.weight"):
+        convert_animate2_state_dict({**release, "blocks.0.block.extra.weight": torch.zeros(1)})
+    with pytest.raises(ConversionError, match="missing key.*patch_embedding.weight"):
+        animate2_config_from_state_dict({k: v for k, v in release.items() if k != "patch_embedding.weight"})
+    with pytest.raises(ConversionError, match="config.json says dim=64"):
+        animate2_config_from_state_dict(release, {"dim": 64, "num_heads": 2})
+    with pytest.raises(ConversionError, match="num_heads 5"):
+        animate2_config_from_state_dict(release, {"num_heads": 5})
+    gap = {k: v for k, v in release.items() if not k.startswith("blocks.0.")}
+    with pytest.raises(ConversionError, match="blocks.0.block"):
+        animate2_config_from_state_dict(gap, {"num_heads": 2})
+
+
+# -------------------------------------------------------------------------------------------------- model
+def _reference_attention(q, k, v, k_ref, v_ref, frames, hw, ref_frames, ref_hw, of, ohw, log_scale):
+    """The reference's packed buffers and BlockMask logic, evaluated densely."""
+    def pack(x, n, per, total):
+        out = x.new_zeros(1, total, *x.shape[2:])
+        out[:, : n * ohw].view(1, n, ohw, *x.shape[2:])[:, :, :per] = x.view(1, n, per, *x.shape[2:])
+        return out
+
+    q_len, k_len = (of + 1) * ohw, of * ohw
+    q_tot, k_tot = math.ceil(q_len / 128) * 128, math.ceil(k_len / 128) * 128
+    qp = pack(q, frames, hw, q_tot)
+    kp = torch.cat([pack(k, frames, hw, q_tot), pack(k_ref, ref_frames, ref_hw, k_tot)], 1)
+    vp = torch.cat([pack(v, frames, hw, q_tot), pack(v_ref, ref_frames, ref_hw, k_tot)], 1)
+    qi, ki = torch.arange(q_tot)[:, None], torch.arange(q_tot + k_tot)[None]
+    first = ki < q_tot
+    kv_frame = torch.where(first, ki // ohw, (ki - q_tot) // ohw + 1)
+    kv_valid = torch.where(first, ki < q_len, (ki - q_tot) < k_len)
+    mask = (qi < q_len) & ((ki < q_len) | ((qi // ohw == kv_frame) & kv_valid))
+    scores = torch.einsum("bqhd,bkhd->bhqk", qp, kp) / math.sqrt(q.shape[-1])
+    scores = scores + ((ki >= ohw) & (ki < 2 * ohw)).float() * log_scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1).nan_to_num(), vp)
+    return out[:, : frames * ohw].view(1, frames, ohw, *q.shape[2:])[:, :, :hw].reshape(1, frames * hw, *q.shape[2:])
+
+
+@pytest.mark.parametrize("log_scale", [0.0, -1.3])
+def test_dense_processor_equals_the_block_mask(log_scale):
+    """A clip smaller than the video geometry (2x2 tokens per frame in 4x4 slots, fewer frames): the zero slots
+    count in the softmax exactly as in the reference's packed buffers."""
+    torch.manual_seed(0)
+    model = _tiny_model()
+    attn = model.blocks[0].self_attn
+    frames, h, w, ref_frames, of, ohw = 3, 2, 2, 2, 3, 16
+    hidden = torch.randn(1, frames * h * w, 48)
+    grid, grid_ref = torch.tensor([[frames, h, w]]), torch.tensor([[ref_frames, h, w]])
+    cache = model.new_kv_cache().get(0)
+    cache.store(torch.randn(1, ref_frames * h * w, 2, 24), torch.randn(1, ref_frames * h * w, 2, 24))
+    freqs, freqs_ref = model._rope_freqs((0, 0, 0), "cpu"), model._rope_freqs((1, 0, w), "cpu")
+    proc = attn.processor
+    assert isinstance(proc, WanAnimate2DenseAttnProcessor)
+    proc.log_scale = log_scale
+    with torch.no_grad():
+        ours = proc(attn, hidden, freqs, grid, cache, "cached", reference_rotary_emb=freqs_ref,
+                    reference_grid_sizes=grid_ref, origin_latent_frames=of, origin_latent_hw=ohw)
+        q, k, v = proc._project(attn, hidden)
+        q, k = rope_apply(q, grid, freqs), rope_apply(k, grid, freqs)
+        k_ref = rope_apply(cache.key, grid_ref, freqs_ref)
+        ref = _reference_attention(q, k, v, k_ref, cache.value, frames, h * w, ref_frames, h * w, of, ohw, log_scale)
+        ref = attn.to_out[0](ref.flatten(2))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_log_scale_and_uncond_change_the_output_and_reset():
+    model = _tiny_model(num_layers=10)
+    x = _inputs(model)
+    base, _ = _run(model, x, 9, [64, 64])
+    biased, _ = _run(model, x, 9, [64, 64], log_scale=0.7)
+    uncond, _ = _run(model, x, 9, [64, 64], is_uncondtion=True)
+    assert (biased - base).abs().max() > 1e-4 and (uncond - base).abs().max() > 1e-4
+    assert all(b.self_attn.processor.log_scale == 0.0 for b in model.blocks)
+    assert torch.equal(_run(model, x, 9, [64, 64])[0], base)
+
+
+def test_clip_geometry_mismatch_is_one_clear_error():
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="does not fit the video geometry"):
+        _run(model, _inputs(model, frames=3), 5, [64, 64])  # origin 5 frames -> 2 latent frames < 3
+
+
+def test_golden_reference_pass_fills_the_cache():
+    """``dit_animate2``'s informative ``variant.k_cache`` / ``v_cache``: our extract pass caches the same K/V."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from golden_runners import load_case
+    from golden_runners.core import GOLDENS_DIR
+
+    if not (GOLDENS_DIR / "dit_animate2").is_dir():
+        pytest.skip("no dit_animate2 golden in this fixture set")
+    case = load_case("dit_animate2")
+    if "k_cache" not in case.variants:
+        pytest.skip("this fixture set has no k_cache variant")
+    model = load_animate2_transformer_from_original(case.weights(), case.config)
+    x = case.inputs
+    f, h, w = x["condition_latents"].shape[2:]
+    grid_ref = torch.tensor([[f, h // 2, w // 2]])
+    cache = model.new_kv_cache()
+    with torch.no_grad():
+        model([x["condition_latents"][0]], x["timestep"], [x["context_ref"][0]], [x["condition_y"]], cache, "extract",
+              seq_len=int(grid_ref.prod()), encoder_hidden_states_image=x["clip_fea_ref"], offset_grid_sizes=grid_ref)
+    keys = torch.stack([c.key for c in cache.layer_caches])
+    values = torch.stack([c.value for c in cache.layer_caches])
+    torch.testing.assert_close(keys, case.variants["k_cache"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(values, case.variants["v_cache"], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ family / release
+def test_variants_rows():
+    a, d = get_variant("wan2.2-animate-2-14b"), get_variant("wan2.2-animate-2-14b-distilled")
+    assert a.release == d.release == "Wan-AI/Wan2.2-Animate-2-14B" and a.arch == d.arch == "animate2"
+    assert (a.num_inference_steps, a.guidance_scale, a.fps) == (40, 3.0, 24)
+    assert (d.num_inference_steps, d.guidance_scale) == (10, 1.0)
+    assert get_variant("wan2.2-animate-2-14b-distillation") is d
+    assert family("animate2").dit.arches == ("animate2",)
+
+
+def test_release_width_converts_to_the_stock_class(tmp_path):
+    """With the release's CLIP width (1280) the transformer folder is stock ``WanAnimate2Transformer3DModel``."""
+    sd, config = make_tiny_animate2_dit(seed=1)
+    sd = {k: v for k, v in sd.items() if not k.startswith("img_emb.")}
+    g = torch.Generator().manual_seed(0)
+    for name, shape in (("proj.0.weight", (1280,)), ("proj.0.bias", (1280,)), ("proj.1.weight", (1280, 1280)),
+                        ("proj.1.bias", (1280,)), ("proj.3.weight", (48, 1280)), ("proj.3.bias", (48,)),
+                        ("proj.4.weight", (48,)), ("proj.4.bias", (48,))):
+        sd[f"img_emb.{name}"] = torch.randn(shape, generator=g) * 0.02
+    (tmp_path / "wan_animate_2").mkdir()
+    save_file(sd, str(tmp_path / "wan_animate_2" / "wan_animate_2_bf16.safetensors"))
+    (tmp_path / "wan_animate_2" / "config.json").write_text(json.dumps(config))
+    out = convert_animate2_release(tmp_path, tmp_path / "out", transformer_only=True, dtype="fp32", progress=False)
+    assert json.loads((out / "config.json").read_text())["_class_name"] == "WanAnimate2Transformer3DModel"
+    stock = WanAnimate2Transformer3DModel.from_pretrained(out)
+    ours = load_animate2_transformer_from_original(sd, config)
+    assert stock.state_dict().keys() == ours.state_dict().keys()
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in stock.state_dict().items())
+    assert WanAnimate2ExtTransformer3DModel.from_pretrained(out).config.clip_dim == 1280
+
+
+def test_missing_components_are_one_line(tmp_path, capsys):
+    sd, config = make_tiny_animate2_dit()
+    (tmp_path / "rel" / "wan_animate_2").mkdir(parents=True)
+    save_file(sd, str(tmp_path / "rel" / "wan_animate_2" / "wan_animate_2_bf16.safetensors"))
+    (tmp_path / "rel" / "wan_animate_2" / "config.json").write_text(json.dumps(config))
+    rc = main(["convert", str(tmp_path / "rel"), str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "missing component(s) for Wan2.2-Animate-2: text_encoder, tokenizer, vae, image_encoder" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_tiny_release_converts_and_loads_in_a_fresh_interpreter(tmp_path):
+    release = make_tiny_release(tmp_path / "rel", arch="animate2")
+    assert (release / "wan_animate_2" / "wan_animate_2_bf16.safetensors").is_file()
+    assert not (release / "diffusion_pytorch_model.safetensors").exists()
+    dst = tmp_path / "out"
+    assert main(["convert", str(release), str(dst), "--image-encoder-heads", "2", "--dtype", "fp32"]) == 0
+    for sub in ("transformer", "text_encoder", "tokenizer", "vae", "image_encoder", "image_processor"):
+        assert (dst / sub).is_dir(), sub
+    assert json.loads((dst / "wan_variant.json").read_text())["name"] == "wan2.2-animate-2-14b"
+    sd = load_file(str(release / "wan_animate_2" / "wan_animate_2_bf16.safetensors"))
+    cfg = json.loads((release / "wan_animate_2" / "config.json").read_text())
+    expected = load_animate2_transformer_from_original(sd, cfg)
+    x = _inputs(expected)
+    ref, _ = _run(expected, x, 9, [64, 64])
+    torch.save({"x": x, "ref": ref}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from diffusers_wan_ext.models import WanAnimate2ExtTransformer3DModel
+        from test_animate2 import _run
+        model = WanAnimate2ExtTransformer3DModel.from_pretrained({str(dst / "transformer")!r}).eval()
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        out, _ = _run(model, io["x"], 9, [64, 64])
+        assert torch.equal(out, io["ref"]), (out - io["ref"]).abs().max()
+        print("ok", type(model).__name__)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok WanAnimate2ExtTransformer3DModel" in res.stdout, res.stderr[-2000:]
