@@ -186,9 +186,24 @@ def test_fp8_linears_stay_fp8_and_match(tiny_release, tmp_path, name, kw):
     x, t, ctx = core_inputs()
     assert torch.allclose(run(model, x, t, ctx), run(dequantized_reference(path), x, t, ctx), rtol=1e-5, atol=1e-5)
 
+    with pytest.raises(ValueError, match="not serializable"):  # Diffusers could not read the scales back
+        model.save_pretrained(tmp_path / "out")
+    with pytest.raises(ValueError, match="quantized model"):
+        model.to(torch.bfloat16)
     model.to("meta")  # device moves keep fp8 storage and the float32 scale
     layer = model.blocks[0].attn1.to_q
     assert layer.weight.dtype == fp8 and layer.weight.is_meta and layer.weight_scale.dtype == torch.float32
+
+
+def test_fp8_model_dequantizes_to_plain_linears(tiny_release, tmp_path):
+    sd = load_state_dict(tiny_release("t2v") / "diffusion_pytorch_model.safetensors")
+    model = load_quantized_dit(fp8_file(sd, tmp_path / "dit.safetensors"), torch_dtype=torch.float32)
+    x, t, ctx = core_inputs()
+    want = run(model, x, t, ctx)
+    model.dequantize()
+    assert not any(isinstance(m, Fp8Linear) for m in model.modules()) and quantized_weight_bytes(model) == 0
+    assert torch.allclose(run(model, x, t, ctx), want, rtol=1e-5, atol=1e-6)
+    model.save_pretrained(tmp_path / "plain")
 
 
 def test_fp8_layer_keeps_storage_on_dtype_casts():

@@ -9,7 +9,9 @@ logical shapes, keys are renamed by the same DiT key tables (every registered fa
   as ``from_single_file(..., quantization_config=GGUFQuantizationConfig(...))`` gives it: ``save_pretrained`` is
   refused, ``.to(dtype)`` too);
 * an fp8 ``Linear`` weight (plain or scaled) stays fp8 with its float32 scale in an
-  :class:`~diffusers_wan_ext.models.quantized_linear.Fp8Linear`;
+  :class:`~diffusers_wan_ext.models.quantized_linear.Fp8Linear` (the model's ``hf_quantizer`` is an
+  :class:`~diffusers_wan_ext.models.quantized_linear.Fp8Storage`: ``save_pretrained`` and ``.to(dtype)`` are refused
+  as for GGUF, ``model.dequantize()`` gives plain Linears);
 * everything else (norms, embeddings, the Conv3d patch embedding, modulation tables, Linears under Diffusers'
   ``_keep_in_fp32_modules`` such as the time embedder, GGUF types without a torch kernel) is dequantized at load.
 """
@@ -23,7 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..models.quantized_linear import Fp8Linear
+from ..models.quantized_linear import Fp8Linear, Fp8Storage
 from ..utils.io import ConversionError, strip_known_prefixes
 from ..utils.quantized_tensor import FP8_DTYPES, QuantizedTensor
 from ..utils.single_file import read_quantized
@@ -146,8 +148,9 @@ def _attach_fp8(model: nn.Module, fp8_weights: Mapping[str, QuantizedTensor], pl
         layer = Fp8Linear.from_quantized(q.data.reshape(q.shape), q.scale, plain.pop(f"{module_name}.bias", None),
                                          compute_dtype=compute_dtype, input_scale=q.input_scale)
         setattr(model.get_submodule(parent) if parent else model, child, layer)
-    if fp8_weights:
-        model.is_quantized = True  # Diffusers' ModelMixin.to / half / float refuse dtype casts, as for GGUF
+    if fp8_weights:  # Diffusers then refuses save_pretrained and dtype casts, as for a GGUF model
+        model.is_quantized = True
+        model.hf_quantizer = Fp8Storage()
 
 
 def _plain_state_dict(tensors: Mapping[str, QuantizedTensor], renamed: Mapping[str, str], skip: set[str],

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Fp8Linear", "is_gguf_parameter", "quantized_weight_bytes"]
+__all__ = ["Fp8Linear", "Fp8Storage", "is_gguf_parameter", "quantized_weight_bytes"]
 
 
 class Fp8Linear(nn.Linear):
@@ -84,6 +84,40 @@ class Fp8Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, storage={str(self.weight.dtype).replace('torch.', '')}"
+
+
+class Fp8StorageConfig:
+    """What :class:`Fp8Storage` reports as ``quantization_config`` (Diffusers reads ``quant_method``)."""
+
+    quant_method = "fp8 (single-file storage, Fp8Linear)"
+
+
+class Fp8Storage:
+    """Set as ``model.hf_quantizer`` of a model with :class:`Fp8Linear` layers, so Diffusers treats it as it treats a
+    GGUF model: ``save_pretrained`` is refused (Diffusers could not load fp8 weights with their scales back: export
+    with ``diffusers-wan export-dit --format comfy-fp8-scaled`` instead), ``.to(dtype)`` is refused, and
+    ``model.dequantize()`` swaps every :class:`Fp8Linear` for a plain ``nn.Linear``."""
+
+    is_serializable = False
+
+    def __init__(self) -> None:
+        self.quantization_config = Fp8StorageConfig()
+
+    def dequantize(self, model: nn.Module) -> nn.Module:
+        """Replace each :class:`Fp8Linear` by an ``nn.Linear`` holding its dequantized weight (compute dtype)."""
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, Fp8Linear):
+                continue
+            dtype = module.compute_dtype or (module.bias.dtype if module.bias is not None else torch.float32)
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            linear.weight = nn.Parameter(module.dequantized_weight(dtype), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+        del model.hf_quantizer
+        model.is_quantized = False
+        return model
 
 
 def is_gguf_parameter(tensor: torch.Tensor) -> bool:
