@@ -528,7 +528,9 @@ def load_dit_from_original(
     """Build a Diffusers Wan transformer from original-layout weights (a state dict, a file or a release folder).
 
     A file may be a ComfyUI / Kijai single file (any key prefix, fp16 / bf16 / fp8 / scaled fp8) or a GGUF file: it
-    is read dequantized (:mod:`diffusers_wan_ext.utils.single_file`) and the family comes from its keys.
+    is read dequantized (:mod:`diffusers_wan_ext.utils.single_file`) and the family comes from its keys.  To keep its
+    GGUF / fp8 Linear weights quantized in memory, use
+    :func:`~diffusers_wan_ext.conversion.quantized_dit.load_quantized_dit`.
 
     The class is stock ``WanTransformer3DModel`` whenever stock covers the weights; a DiT with a CLIP branch and a
     ``text_len`` other than 512 (tiny test models) uses :class:`WanExtTransformer3DModel`, whose image/text split

@@ -42,7 +42,7 @@ class Fp8Linear(nn.Linear):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=fp8_dtype, device=device),
                                    requires_grad=False)
         self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32, device=device))
-        self.input_scale: torch.Tensor | None = None
+        self.register_buffer("input_scale", None)
         self.compute_dtype = compute_dtype
 
     @classmethod
@@ -58,7 +58,8 @@ class Fp8Linear(nn.Linear):
         layer.weight_scale = scale.to(device=data.device, dtype=torch.float32)
         if bias is not None:
             layer.bias = nn.Parameter(bias, requires_grad=False)
-        layer.input_scale = input_scale
+        if input_scale is not None:
+            layer.input_scale = input_scale.to(device=data.device, dtype=torch.float32)
         return layer
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -80,6 +81,8 @@ class Fp8Linear(nn.Linear):
             self.weight.data = self.weight.data.to(storage)
         if self.weight_scale.dtype != scale_dtype:
             self.weight_scale = self.weight_scale.to(scale_dtype)
+        if self.input_scale is not None and self.input_scale.dtype != torch.float32:
+            self.input_scale = self.input_scale.to(torch.float32)
         return self
 
     def extra_repr(self) -> str:
