@@ -26,7 +26,7 @@ from test_fun_pipelines import make_scheduler, make_text_parts, make_transformer
 #: 21 frames = 6 latent frames of 2 x 2 latents (one token each); windows [0, 3), [2, 5), [4, 6): 3, 3 and 2 tokens
 #: per forward (Ulysses 2 pads the 3-token windows, not the shorter last one)
 CALL = dict(prompt="a dog running", negative_prompt="blurry", height=16, width=16, num_frames=21,
-            num_inference_steps=2, guidance_scale=4.0, output_type="latent", sliding_window_size=3,
+            num_inference_steps=1, guidance_scale=4.0, output_type="latent", sliding_window_size=3,
             sliding_window_stride=2)
 
 
