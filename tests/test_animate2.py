@@ -241,8 +241,11 @@ def test_tiny_release_converts_and_loads_in_a_fresh_interpreter(tmp_path):
     assert not (release / "diffusion_pytorch_model.safetensors").exists()
     dst = tmp_path / "out"
     assert main(["convert", str(release), str(dst), "--image-encoder-heads", "2", "--dtype", "fp32"]) == 0
-    for sub in ("transformer", "text_encoder", "tokenizer", "vae", "image_encoder", "image_processor"):
+    for sub in ("transformer", "text_encoder", "tokenizer", "vae", "image_encoder", "image_processor", "scheduler"):
         assert (dst / sub).is_dir(), sub
+    index = json.loads((dst / "model_index.json").read_text())
+    assert index["_class_name"] == "WanAnimate2ModularPipeline"
+    assert index["transformer"] == ["diffusers_wan_ext", "WanAnimate2ExtTransformer3DModel"]  # tiny CLIP width
     assert json.loads((dst / "wan_variant.json").read_text())["name"] == "wan2.2-animate-2-14b"
     sd = load_file(str(release / "wan_animate_2" / "wan_animate_2_bf16.safetensors"))
     cfg = json.loads((release / "wan_animate_2" / "config.json").read_text())
@@ -259,7 +262,13 @@ def test_tiny_release_converts_and_loads_in_a_fresh_interpreter(tmp_path):
         io = torch.load({str(tmp_path / "io.pt")!r})
         out, _ = _run(model, io["x"], 9, [64, 64])
         assert torch.equal(out, io["ref"]), (out - io["ref"]).abs().max()
-        print("ok", type(model).__name__)
+        from diffusers.modular_pipelines import WanAnimate2Blocks
+        import diffusers_wan_ext  # noqa: F401  (the folder's transformer class)
+        pipe = WanAnimate2Blocks().init_pipeline({str(dst)!r})
+        pipe.load_components()
+        names = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "image_encoder")
+        assert all(getattr(pipe, n, None) is not None for n in names), names
+        print("ok", type(model).__name__, type(pipe.transformer).__name__)
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "ok WanAnimate2ExtTransformer3DModel" in res.stdout, res.stderr[-2000:]
+    assert res.returncode == 0 and "ok WanAnimate2ExtTransformer3DModel WanAnimate2ExtTransformer3DModel" in res.stdout, res.stderr[-2000:]

@@ -19,6 +19,7 @@ bind_clip_image_processor()
 from .models import (  # noqa: E402
     LongCatKVCache,
     LongCatVideoTransformer3DModel,
+    WanAnimate2ExtTransformer3DModel,
     WanAnimateExtTransformer3DModel,
     WanExtTransformer3DModel,
     WanFunTransformer3DModel,
@@ -52,6 +53,7 @@ __all__ = [
     "LongCatVideoPipeline",
     "LongCatVideoTransformer3DModel",
     "WanAnimateExtPipeline",
+    "WanAnimate2ExtTransformer3DModel",
     "WanAnimateExtTransformer3DModel",
     "WanExtPipeline",
     "WanExtTransformer3DModel",

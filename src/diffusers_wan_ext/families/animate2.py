@@ -7,8 +7,11 @@ The release folder holds ``wan_animate_2/wan_animate_2_bf16.safetensors`` (and t
 (:meth:`Animate2Family.claims_release`) and converts it with :mod:`diffusers_wan_ext.conversion.animate2` into
 ``transformer/`` (stock ``WanAnimate2Transformer3DModel`` when the CLIP width is the release's 1280, else our
 :class:`~diffusers_wan_ext.models.WanAnimate2ExtTransformer3DModel`), plus the umT5 text encoder, tokenizer, Wan2.1
-VAE and CLIP image encoder as component sub-folders.  Its :class:`DitExtension` makes the Wan DiT converter name the
-layout when it meets these keys.  The pipeline is not written yet (see ``docs/animate2.md``).
+VAE, CLIP image encoder and a flow-match Euler scheduler (shift 5) as component sub-folders, with a
+``model_index.json`` naming stock Diffusers' ``WanAnimate2ModularPipeline`` (``WanAnimate2DistilledModularPipeline``
+for the distilled DiT): ``WanAnimate2Blocks().init_pipeline(folder)`` loads it.  Its :class:`DitExtension` makes the
+Wan DiT converter name the layout when it meets these keys.  No classic ``DiffusionPipeline`` yet (see
+``docs/animate2.md``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import WanAnimate2Transformer3DModel, WanTransformer3DModel
+from diffusers import __version__ as diffusers_version
+from diffusers import FlowMatchEulerDiscreteScheduler, WanAnimate2Transformer3DModel, WanTransformer3DModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -58,7 +62,7 @@ DISTILLED_FILE = "wan_animate_2/wan_animate_2_bf16_distillation.safetensors"
 # animate2_log_scale -1.3 for the distilled DiT.
 ANIMATE2 = WanVariant(
     "wan2.2-animate-2-14b", "animate2", "Wan-AI/Wan2.2-Animate-2-14B", dim=5120, num_layers=40, image_encoder=True,
-    pipeline="none yet (transformer + components)", flow_shift=5.0, num_inference_steps=40, guidance_scale=3.0,
+    pipeline="WanAnimate2ModularPipeline", flow_shift=5.0, num_inference_steps=40, guidance_scale=3.0,
     height=1280, width=720, num_frames=81, fps=24,
     notes="wan_animate_2/wan_animate_2_bf16.safetensors; reference image + driving video, reference-video K/V "
           "cache; the CFG branch skips block 9",
@@ -66,7 +70,7 @@ ANIMATE2 = WanVariant(
 )
 ANIMATE2_DISTILLED = WanVariant(
     "wan2.2-animate-2-14b-distilled", "animate2", "Wan-AI/Wan2.2-Animate-2-14B", dim=5120, num_layers=40,
-    image_encoder=True, pipeline="none yet (transformer + components)", flow_shift=5.0, num_inference_steps=10,
+    image_encoder=True, pipeline="WanAnimate2DistilledModularPipeline", flow_shift=5.0, num_inference_steps=10,
     guidance_scale=1.0, height=1280, width=720, num_frames=81, fps=24,
     notes="wan_animate_2/wan_animate_2_bf16_distillation.safetensors; log_scale -1.3 (DiffSynth's "
           "animate2_log_scale)",
@@ -176,6 +180,32 @@ def _as_stock_if_possible(model: WanAnimate2ExtTransformer3DModel) -> torch.nn.M
     return stock.eval()
 
 
+#: ``model_index.json`` entries of the converted folder (stock's modular Animate-2 pipelines read the components
+#: from it: ``WanAnimate2Blocks().init_pipeline(folder)``).
+COMPONENT_CLASSES = {
+    "transformer": ("diffusers", "WanAnimate2Transformer3DModel"), "vae": ("diffusers", "AutoencoderKLWan"),
+    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"), "text_encoder": ("transformers", "UMT5EncoderModel"),
+    "tokenizer": ("transformers", "T5TokenizerFast"), "image_encoder": ("transformers", "CLIPVisionModel"),
+    "image_processor": ("transformers", "CLIPImageProcessor"),
+}
+
+
+def _write_model_index(folder: Path, var: WanVariant, transformer: torch.nn.Module) -> None:
+    entries = dict(COMPONENT_CLASSES)
+    if type(transformer) is not WanAnimate2Transformer3DModel:  # our subclass (a CLIP width other than 1280)
+        entries["transformer"] = ("diffusers_wan_ext", type(transformer).__name__)
+    index = {"_class_name": var.pipeline, "_diffusers_version": diffusers_version,
+             **{k: list(v) for k, v in entries.items()}}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+_CARD_NOTE = (
+    "\nNo classic `DiffusionPipeline` yet: load the folder with stock Diffusers' modular pipeline,\n"
+    "`from diffusers.modular_pipelines import WanAnimate2Blocks` (`WanAnimate2DistilledBlocks` for the distilled DiT),\n"
+    "`pipe = WanAnimate2Blocks().init_pipeline(\"<this repo>\"); pipe.load_components(torch_dtype=torch.bfloat16)`.\n"
+)
+
+
 def _read_config(dit: Path) -> dict[str, Any]:
     cfg_path = dit.parent / "config.json"
     if not cfg_path.is_file():
@@ -217,14 +247,16 @@ def convert_animate2_release(src: str | os.PathLike, dst: str | os.PathLike, opt
                                                                                torch_dtype=torch_dtype))
         bar.update()
         target = tmp if options.transformer_only else tmp / "transformer"
+        transformer = _as_stock_if_possible(model)
         if not options.transformer_only:
-            for name, component in _load_components(model, paths, torch_dtype, options.image_encoder_heads, bar).items():
+            for name, component in _load_components(model, paths, torch_dtype, options.image_encoder_heads,
+                                                    bar).items():
                 component.save_pretrained(tmp / name)
-            write_model_card(tmp, var, "WanAnimate2Transformer3DModel", str(src), extra=(
-                "\nOnly the components are converted so far: load the transformer with "
-                "`WanAnimate2Transformer3DModel.from_pretrained(\"<this repo>\", subfolder=\"transformer\")`.\n"))
+            FlowMatchEulerDiscreteScheduler(shift=var.flow_shift).save_pretrained(tmp / "scheduler")
+            _write_model_index(tmp, var, transformer)
+            write_model_card(tmp, var, var.pipeline, str(src), extra=_CARD_NOTE)
             (tmp / "wan_variant.json").write_text(json.dumps(var.record(), indent=2) + "\n")
-        _as_stock_if_possible(model).save_pretrained(target, max_shard_size=options.max_shard_size)
+        transformer.save_pretrained(target, max_shard_size=options.max_shard_size)
         bar.close()
     return Path(dst)
 
