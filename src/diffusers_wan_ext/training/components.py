@@ -152,9 +152,13 @@ def load_training_components(
         if load_encoders and audio_processor_path is not None:
             _check_audio_processor(model_path, "audio_processor" in index)
             overrides["audio_processor"] = load_audio_processor_from_release(audio_processor_path)
-        pipe = diffusers.DiffusionPipeline.from_pretrained(
-            str(model_path), dtype={"default": dtype, "vae": vae_dtype}, **overrides
-        )
+        # the folder's own class: ``DiffusionPipeline.from_pretrained`` would take the passed ``transformer`` /
+        # ``transformer_2`` (optional components of the Wan pipelines, not of ``DiffusionPipeline``) for config
+        # values and load the folder's weights instead
+        pipeline_cls = getattr(diffusers, pipeline_class, None)
+        if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, diffusers.DiffusionPipeline)):
+            pipeline_cls = diffusers.DiffusionPipeline
+        pipe = pipeline_cls.from_pretrained(str(model_path), dtype={"default": dtype, "vae": vae_dtype}, **overrides)
         parts = {name: getattr(pipe, name, None) for name in SHARED_PARTS}
         extras = {name: getattr(pipe, name, None) for name in EXTRA_PARTS}
         transformer = getattr(pipe, expert)
