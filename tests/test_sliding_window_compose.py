@@ -390,9 +390,7 @@ def test_compiled_windows_compile_once_per_window_shape(frames, compilations):
 
     torch._dynamo.reset()
     try:
-        # (fused_norms' CPU fallback is not traceable: the GPU runs the fused kernels)
-        report = optimize_transformer(model, attention="native", compile_backend=counting_backend, fused_norms=False,
-                                      verbose=False)
+        report = optimize_transformer(model, attention="native", compile_backend=counting_backend, verbose=False)
         assert report["compiled"]
         apply_sliding_window(model, SIZE, STRIDE)
         kwargs = {**step_inputs(0), "hidden_states": rand(1, 16, frames, 4, 4, seed=3)}

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from diffusers.utils import logging
 
 from ..hooks.vram import CASTING_HOOKS, GROUP_OFFLOAD_HOOKS
@@ -253,6 +254,11 @@ def _fusable_norm(norm: torch.nn.Module, channels: int) -> bool:
             and (norm.weight is None) == (norm.bias is None))
 
 
+#: stock ``WanTransformerBlock.forward`` as a plain function: Dynamo traces a call of it, but not of
+#: ``type(self).forward`` (the block class is in its allowed-in-graph list once regional compile marks it)
+STOCK_BLOCK_FORWARD = WanTransformerBlock.forward
+
+
 def _fused_norm_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                               temb: torch.Tensor, rotary_emb: Any) -> torch.Tensor:
     """Stock ``WanTransformerBlock.forward`` with each residual add + LayerNorm + modulation as one kernel."""
@@ -262,7 +268,7 @@ def _fused_norm_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_
     if (torch.is_grad_enabled() or temb.ndim not in (3, 4) or not ln_modulate_supported(hidden_states)
             or not (_fusable_norm(self.norm1, channels) and _fusable_norm(self.norm3, channels)
                     and (_fusable_norm(self.norm2, channels) or isinstance(self.norm2, torch.nn.Identity)))):
-        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
+        return STOCK_BLOCK_FORWARD(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
     if temb.ndim == 4:  # per-token modulation (Wan2.2 TI2V): (B, N, 6, C)
         mods = [m.squeeze(2) for m in (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)]
     else:
@@ -293,8 +299,6 @@ def fuse_block_norms(model: torch.nn.Module) -> int:
     patched forward runs the stock one.
     """
     import types
-
-    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
     count = 0
     for m in model.modules():
