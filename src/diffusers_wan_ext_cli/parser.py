@@ -53,7 +53,7 @@ def add_convert(sub) -> None:
     p.add_argument("--vae", help="Wan2.1_VAE.pth or Wan2.2_VAE.pth (or ComfyUI's wan_2.1_vae / wan2.2_vae "
                                  ".safetensors)")
     p.add_argument("--image-encoder", help="models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
-    p.add_argument("--image-encoder-heads", type=int, help="CLIP heads (only for non-release widths)")
+    p.add_argument("--image-encoder-heads", type=positive_int, help="CLIP heads (only for non-release widths)")
     p.add_argument("--audio-encoder", help="Wan2.2-S2V wav2vec2-large-xlsr-53-english folder (model + processor)")
     p.add_argument("--motion-controller", metavar="FILE",
                    help="speed-control model.safetensors (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1) to add as a "

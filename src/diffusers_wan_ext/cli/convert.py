@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from ..release_converter import convert_release
 from ..utils.atomic import claim_destination
+from ..utils.io import ConversionError, one_line
 
 __all__ = ["cmd_convert", "fetch_release", "push_folder"]
 
@@ -14,13 +16,16 @@ __all__ = ["cmd_convert", "fetch_release", "push_folder"]
 def fetch_release(model_id: str, cache_dir: str | None = None) -> str:
     """Download an original release (ModelScope when installed, else the Hugging Face Hub); returns its folder."""
     try:
-        from modelscope import snapshot_download as ms_download  # type: ignore
+        try:
+            from modelscope import snapshot_download as ms_download  # type: ignore
 
-        return ms_download(model_id, cache_dir=cache_dir)
-    except ImportError:
-        from huggingface_hub import snapshot_download
+            return ms_download(model_id, cache_dir=cache_dir)
+        except ImportError:
+            from huggingface_hub import snapshot_download
 
-        return snapshot_download(model_id, cache_dir=cache_dir)
+            return snapshot_download(model_id, cache_dir=cache_dir)
+    except Exception as e:  # offline, unknown repo, no access: the id the user gave is the cause
+        raise ConversionError(f"--model-id {model_id}: cannot download it: {one_line(e)}") from e
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False) -> str:
@@ -34,10 +39,36 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False) 
     return str(url)
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    """Convert (the detected release and the files used are printed to stderr before loading)."""
+#: the component options of ``convert`` that name a file or folder
+PATH_OPTIONS = ("transformer", "transformer_2", "text_encoder", "tokenizer", "vae", "image_encoder", "audio_encoder",
+                "motion_controller", "relighting_lora")
+
+
+def check_convert_arguments(args: argparse.Namespace) -> None:
+    """The user's mistakes ``convert`` can see before reading a byte: each one raises naming its argument."""
     if args.src == "-" and not args.model_id:
         raise ValueError("convert: SRC '-' needs --model-id")
+    if args.model_id and args.src != "-":
+        raise ValueError(f"convert: --model-id {args.model_id} downloads the release, so SRC must be '-' "
+                         f"(got {args.src!r})")
+    if args.private and not args.push_to_hub:
+        raise ValueError("convert: --private applies to --push-to-hub REPO, which is not given")
+    if args.image_encoder_heads is not None and args.image_encoder_heads < 1:
+        raise ValueError(f"convert: --image-encoder-heads must be a positive integer, got {args.image_encoder_heads}")
+    for name in PATH_OPTIONS:
+        path = getattr(args, name, None)
+        if path is not None and not os.path.exists(path):
+            raise ConversionError(f"--{name.replace('_', '-')} {path}: no such file or folder")
+    if args.src != "-":
+        src, dst = Path(args.src).resolve(), Path(args.dst).resolve()
+        if src.is_dir() and (dst == src or src in dst.parents):
+            raise ValueError(f"convert: DST {args.dst} is inside SRC {args.src}; write the converted folder "
+                             "elsewhere (a later conversion of SRC would find its files)")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert (the detected release and the files used are printed to stderr before loading)."""
+    check_convert_arguments(args)
     with claim_destination(args.dst, overwrite=args.overwrite):  # before a download: DST is checked and claimed
         src = fetch_release(args.model_id) if args.model_id else args.src
         out = convert_release(

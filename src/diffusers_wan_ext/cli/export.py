@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from ..conversion.dit import export_dit_state_dict
 from ..conversion.release_io import DTYPES
 from ..utils.atomic import atomic_write_file, claim_destination
-from ..utils.io import load_state_dict
+from ..utils.io import ConversionError, load_state_dict, naming
 from ..utils.single_file import check_export_path, write_single_file
 
 __all__ = ["cmd_export_dit"]
@@ -27,10 +27,14 @@ def cmd_export_dit(args: argparse.Namespace) -> int:
     with claim_destination(dst, overwrite=overwrite):  # before reading: an existing DST fails at once
         if src.is_dir():
             index = src / (SAFETENSORS_WEIGHTS_NAME + ".index.json")
-            sd = load_state_dict(index if index.exists() else src / SAFETENSORS_WEIGHTS_NAME)
-        else:
-            sd = load_state_dict(src)
-        out = export_dit_state_dict(sd)
+            weights = index if index.exists() else src / SAFETENSORS_WEIGHTS_NAME
+            if not weights.exists():
+                raise ConversionError(f"{src}: no {SAFETENSORS_WEIGHTS_NAME} (or its .index.json) in this folder; "
+                                      "pass a Diffusers transformer folder or its safetensors file")
+            src = weights
+        sd = load_state_dict(src)
+        with naming(src):
+            out = export_dit_state_dict(sd)
         if args.prefix:
             out = {args.prefix + k: v for k, v in out.items()}
         if fmt != "original":

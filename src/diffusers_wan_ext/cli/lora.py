@@ -10,12 +10,14 @@ from pathlib import Path
 from ..conversion.release_io import DTYPES
 from ..lora import convert_lora_state_dict, export_lora, load_lora_file, lora_info, save_lora_file
 from ..utils.atomic import claim_destination
+from ..utils.io import naming
 
 __all__ = ["cmd_lora"]
 
 
 def print_lora_info(file: str, source: str | None, as_json: bool) -> None:
-    info = lora_info(load_lora_file(file), source=source)
+    with naming(file):
+        info = lora_info(load_lora_file(file), source=source)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -32,16 +34,17 @@ def cmd_lora(args: argparse.Namespace) -> int:
         print_lora_info(args.file, args.from_format, args.json)
         return 0
     if args.lora_command == "export":
-        sd = load_lora_file(args.src)
-        paths = export_lora(convert_lora_state_dict(sd, "diffusers", source=args.from_format), args.dst,
-                            formats=args.formats, overwrite=args.overwrite)
+        with naming(args.src):
+            sd = convert_lora_state_dict(load_lora_file(args.src), "diffusers", source=args.from_format)
+        paths = export_lora(sd, args.dst, formats=args.formats, overwrite=args.overwrite)
         for name, path in paths.items():
             print(f"{name}: {path}")
         return 0
     dst = Path(args.dst)
     with claim_destination(dst, overwrite=args.overwrite):  # before reading: an existing DST fails at once
-        sd = load_lora_file(args.src)
-        out = convert_lora_state_dict(sd, args.to, source=args.from_format, transformer_name=args.component)
+        with naming(args.src):
+            sd = load_lora_file(args.src)
+            out = convert_lora_state_dict(sd, args.to, source=args.from_format, transformer_name=args.component)
         if args.dtype:
             dt = DTYPES[args.dtype]
             out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}

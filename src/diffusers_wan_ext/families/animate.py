@@ -29,7 +29,7 @@ from ..conversion.release_io import DTYPES
 from ..lora.loader import check_lora_state_dict
 from ..models import WanAnimateExtTransformer3DModel
 from ..pipelines import WanAnimateExtPipeline
-from ..utils.io import ConversionError
+from ..utils.io import ConversionError, naming
 from .base import CommandArgument, FamilyCommand, GenerateInput, ModelFamily, TinyArch, WanVariant
 
 __all__ = ["AnimateFamily", "RELIGHTING_LORA_MODULES", "make_tiny_relighting_lora"]
@@ -95,7 +95,8 @@ def make_tiny_relighting_lora(path: str | Path, dit_state_dict: dict, rank: int 
 
 def run_relighting_lora(args: Any) -> int:
     """``diffusers-wan relighting-lora SRC DST [--dtype]``: the release's relighting LoRA as a Diffusers LoRA folder."""
-    lora = convert_relighting_lora(args.src)
+    with naming(args.src):
+        lora = convert_relighting_lora(args.src)
     path = save_relighting_lora(lora, args.dst, dtype=DTYPES[args.dtype] if args.dtype else None,
                                 overwrite=args.overwrite)
     print(f"converted {len(lora) // 2} LoRA pairs -> {path} (pipe.load_lora_weights({str(args.dst)!r}))")

@@ -30,7 +30,7 @@ from ..models import WanMotionControllerModel
 from ..models.motion_controller import apply_motion_control
 from ..pipelines import WanSpeedControlPipeline
 from ..utils.atomic import atomic_output_dir, atomic_write_text, claim_destination
-from ..utils.io import ConversionError
+from ..utils.io import ConversionError, read_json
 from ..utils.shims import rewrite_model_index_for_shims
 from .base import CommandArgument, ExtraInput, FamilyCommand, ModelFamily, TrainingComponent, WanVariant
 
@@ -107,13 +107,18 @@ def add_motion_controller(folder: str | os.PathLike, motion_controller: str | os
     tcfg_path = folder / "transformer" / "config.json"
     if not tcfg_path.is_file():
         raise ConversionError(f"{folder}: no transformer/config.json")
-    tcfg = json.loads(tcfg_path.read_text())
+    tcfg = read_json(tcfg_path, "transformer config")
     is_t2v = (tcfg.get("_class_name", "WanTransformer3DModel") == "WanTransformer3DModel"
               and tcfg.get("in_channels") == tcfg.get("out_channels", 16) and not tcfg.get("image_dim"))
-    info = DitInfo(arch="t2v" if is_t2v else "other", config=tcfg, text_len=512)
+    if not is_t2v:
+        raise ConversionError(
+            f"{folder}: a {read_json(index_path, 'model index').get('_class_name')} folder; the speed-control motion "
+            f"controller ({motion_controller}) belongs on a Wan2.1 text-to-video folder"
+        )
+    info = DitInfo(arch="t2v", config=tcfg, text_len=512)
     torch_dtype = DTYPES[dtype] if dtype else _stored_dtype(folder / "transformer")
     model = load_motion_controller_for(motion_controller, info, torch_dtype)
-    index = json.loads(index_path.read_text())
+    index = read_json(index_path, "model index")
     with claim_destination(folder, overwrite=True):  # no conversion writes the folder meanwhile
         with atomic_output_dir(folder / "motion_controller", overwrite=True) as tmp:  # old one kept until replaced
             model.save_pretrained(tmp)

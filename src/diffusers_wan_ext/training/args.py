@@ -15,8 +15,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Sequence
+
+from diffusers_wan_ext_cli.parser import CommandLineParser
 
 from ..families import training_declarations
 from ..lora import LORA_FORMATS, map_lora_target_modules
@@ -76,7 +79,7 @@ def _declared_help(items) -> str:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The trainer's parser; ``prog`` names the command in usage and errors (``diffusers-wan train``)."""
-    p = argparse.ArgumentParser(
+    p = CommandLineParser(  # errors are one line: error: PROG: MESSAGE
         prog=prog,
         description="Train Wan LoRAs or full transformers (PEFT + accelerate); launch with `accelerate launch`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -216,6 +219,25 @@ def _check_folders(args: argparse.Namespace, fail) -> None:
         fail(f"--preset_lora_path {args.preset_lora_path}: no such file or folder")
 
 
+def _check_numbers(args: argparse.Namespace, fail) -> None:
+    """Rates, betas and counts: NaN, inf, zero or negative values are errors (never defaults, never a NaN loss)."""
+    positive = {"learning_rate": args.learning_rate, "adam_epsilon": args.adam_epsilon,
+                "lora_alpha": args.lora_alpha, "max_grad_norm": args.max_grad_norm}
+    for name, v in positive.items():
+        if v is not None and not (math.isfinite(v) and v > 0):
+            fail(f"--{name} must be a finite number > 0, got {v}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        fail(f"--weight_decay must be a finite number >= 0, got {args.weight_decay}")
+    for name in ("adam_beta1", "adam_beta2"):
+        v = getattr(args, name)
+        if not 0.0 <= v < 1.0:
+            fail(f"--{name} must be in [0, 1), got {v}")
+    for name in ("dataset_repeat", "max_train_steps", "max_pixels"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            fail(f"--{name} must be >= 1, got {v}")
+
+
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     """Parse and check the arguments; component names are normalized to ours, lists are split."""
     parser = build_parser(prog)
@@ -313,6 +335,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
         fail("--gradient_accumulation_steps and --num_epochs must be >= 1")
     if args.save_steps is not None and args.save_steps < 1:
         fail("--save_steps must be >= 1")
+    _check_numbers(args, fail)
     if args.vae_dtype is None:
         args.vae_dtype = args.dtype
     if args.enable_tensorboard_log:

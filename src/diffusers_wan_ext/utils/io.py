@@ -14,8 +14,9 @@ import re
 import stat
 import struct
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,6 +32,7 @@ __all__ = [
     "check_weights_file",
     "load_state_dict",
     "load_state_dict_files",
+    "naming",
     "raise_for_key_problems",
     "raise_for_non_finite",
     "read_json",
@@ -72,6 +74,19 @@ def one_line(error: BaseException | str, limit: int = 300) -> str:
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "") or type(error).__name__
     line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # terminal colours
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """A ``ValueError`` raised in the block about the content of ``path`` (keys, format) becomes a
+    :class:`ConversionError` that names ``path`` (once), so the user knows which file is wrong."""
+    try:
+        yield
+    except ValueError as e:
+        msg = str(e)
+        if str(path) in msg:
+            raise
+        raise ConversionError(f"{path}: {msg}") from e
 
 
 _NOT_REGULAR = (
