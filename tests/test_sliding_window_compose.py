@@ -28,7 +28,9 @@ from diffusers.hooks import apply_first_block_cache, apply_mag_cache
 from diffusers_wan_ext.hooks import (
     TeaCacheConfig,
     apply_teacache,
+    disable_vram_management,
     enable_teacache,
+    enable_vram_management,
     plan_vram,
     remove_teacache,
     teacache_log,
@@ -269,6 +271,20 @@ def test_pipeline_teacache_windows_batched_cfg_equals_two_forwards(pipe):
     finally:
         remove_teacache(pipe.transformer)
     torch.testing.assert_close(batched, unbatched, **TOL)
+
+
+def test_pipeline_windows_under_a_vram_plan(pipe):
+    """``enable_vram_management(..., sliding_window_size=S)`` plans for the window; group-offloaded blocks run the
+    windows unchanged."""
+    expected = generate(pipe)
+    plan = enable_vram_management(pipe, 4, device="cpu", height=CALL["height"], width=CALL["width"],
+                                  num_frames=CALL["num_frames"], sliding_window_size=CALL["sliding_window_size"],
+                                  overrides={"transformer": "group_offload"}, verbose=False)
+    try:
+        assert plan.window_frames == 3 and plan.tokens == 3  # 3 latent frames of one 2 x 2-patch token
+        torch.testing.assert_close(generate(pipe), expected, rtol=0, atol=0)
+    finally:
+        disable_vram_management(pipe)
 
 
 # ------------------------------------------------------------------------------------------ LoRA
