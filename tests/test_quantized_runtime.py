@@ -12,6 +12,8 @@ time-embedder Linears, which stock dequantizes in float16 steps and this loader 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,7 @@ from safetensors.torch import save_file
 
 gguf = pytest.importorskip("gguf")
 
-from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter  # noqa: E402
+from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter, dequantize_gguf_tensor  # noqa: E402
 
 from diffusers_wan_ext.conversion.dit import export_dit_state_dict, load_dit_from_original  # noqa: E402
 from diffusers_wan_ext.conversion.quantized_dit import load_quantized_dit  # noqa: E402
@@ -230,6 +232,39 @@ def test_vace_keeps_gguf_and_fp8_linears(tiny_release, tmp_path):
         got = run(model, x, t, ctx, control_hidden_states=control)
         want = run(dequantized_reference(path), x, t, ctx, control_hidden_states=control)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), kind
+
+
+def effective_weights(model) -> dict[str, torch.Tensor]:
+    """The weights a model computes with: packed layers dequantized as their forward does."""
+    out = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, Fp8Linear):
+            out[f"{name}.weight"] = module.dequantized_weight(torch.float32)
+            del out[f"{name}.weight_scale"]
+            out.pop(f"{name}.input_scale", None)
+        elif isinstance(module, GGUFLinear):
+            out[f"{name}.weight"] = dequantize_gguf_tensor(module.weight).float()
+    return out
+
+
+@pytest.mark.parametrize("arch", ["i2v", "fun-control", "s2v", "animate"])
+def test_every_family_loads_kept_quantized(tiny_release, tmp_path, arch):
+    """The same key tables as the dequantized loader (Animate's adapter converted by its rules, dequantized)."""
+    release = tiny_release(arch)
+    sd = load_state_dict(release / "diffusion_pytorch_model.safetensors")
+    cfg = json.loads((release / "config.json").read_text())
+    gguf_path = tmp_path / f"{arch}-Q8_0.gguf"
+    write_gguf(gguf_path, sd, "Q8_0", shape_fix=True)  # rows of 256 + orig_shape (5-D patch embedding included)
+    fp8_path = fp8_file(sd, tmp_path / f"{arch}-fp8.safetensors", prefix="model.diffusion_model.",
+                        convention="scale_weight")
+    for path, cls in ((gguf_path, GGUFLinear), (fp8_path, Fp8Linear)):
+        model = load_quantized_dit(path, cfg, torch_dtype=torch.float32)
+        reference = dequantized_reference(path, cfg)
+        assert type(model) is type(reference) and isinstance(model.blocks[0].ffn.net[2], cls), (arch, path.name)
+        got, want = effective_weights(model), reference.state_dict()
+        assert set(got) == set(want)
+        for k in want:  # GGUF: Diffusers' float16 block products against the gguf package's float32
+            assert torch.allclose(got[k], want[k].float(), rtol=0, atol=1e-3 * float(want[k].abs().max())), (arch, k)
 
 
 # ----------------------------------------------------------------------------------------- pipeline helper

@@ -153,19 +153,22 @@ def _attach_fp8(model: nn.Module, fp8_weights: Mapping[str, QuantizedTensor], pl
         model.hf_quantizer = Fp8Storage()
 
 
-def _plain_state_dict(tensors: Mapping[str, QuantizedTensor], renamed: Mapping[str, str], skip: set[str],
-                      torch_dtype: torch.dtype, keep_in_fp32) -> dict[str, torch.Tensor]:
-    """Every tensor not kept packed, dequantized and cast (adapter keys through their family's rules)."""
-    plain = {new: _plain_value(tensors[key], new, torch_dtype, keep_in_fp32)
-             for key, new in renamed.items() if new not in skip}
+def _adapter_state_dict(tensors: Mapping[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
+    """The keys a family converts by rules (Animate's adapter), dequantized to float32 and converted."""
     adapters = _adapter_keys(tensors)
+    out: dict[str, torch.Tensor] = {}
     for e in dit_extensions():
         mine = {k: tensors[k].dequantize(torch.float32) for k in adapters if e.adapter_keys and e.adapter_keys(k)}
         if mine:
-            for new, value in e.convert_adapter(mine).items():
-                plain[new] = value.to(torch.float32 if _keeps_fp32(new, keep_in_fp32) and torch_dtype in (
-                    torch.float16, torch.bfloat16) else torch_dtype) if value.is_floating_point() else value
-    return plain
+            out.update(e.convert_adapter(mine))
+    return out
+
+
+def _cast(name: str, value: torch.Tensor, torch_dtype: torch.dtype, keep_in_fp32) -> torch.Tensor:
+    if not value.is_floating_point():
+        return value
+    keep = _keeps_fp32(name, keep_in_fp32) and torch_dtype in (torch.float16, torch.bfloat16)
+    return value.to(torch.float32 if keep else torch_dtype)
 
 
 def quantized_dit_from_tensors(tensors: Mapping[str, QuantizedTensor], info: DitInfo,
@@ -173,14 +176,18 @@ def quantized_dit_from_tensors(tensors: Mapping[str, QuantizedTensor], info: Dit
                                device: torch.device | str | None = None) -> nn.Module:
     """Build the Diffusers transformer of ``info`` from stored tensors (original names, prefixes stripped), keeping
     the quantized Linear weights packed; ``torch_dtype`` is the compute dtype and the dtype of everything else."""
-    converted = convert_dit_state_dict(shape_state_dict(tensors))  # names checked (errors name the keys)
-    model = build_transformer(info)
-    check_shapes(model, converted)
     adapters = _adapter_keys(tensors)
-    renamed = {k: rename_dit_key(k) for k in tensors if k not in adapters}
+    adapter_sd = _adapter_state_dict(tensors)
+    base = {k: q for k, q in tensors.items() if k not in adapters}
+    converted = convert_dit_state_dict(shape_state_dict(base))  # names checked (errors name the keys)
+    model = build_transformer(info)
+    check_shapes(model, {**converted, **adapter_sd})
+    renamed = {k: rename_dit_key(k) for k in base}
     keep = getattr(model, "_keep_in_fp32_modules", None)
-    gguf_weights, fp8_weights = _quantized_linears(model, tensors, renamed, keep)
-    plain = _plain_state_dict(tensors, renamed, set(gguf_weights) | set(fp8_weights), torch_dtype, keep)
+    gguf_weights, fp8_weights = _quantized_linears(model, base, renamed, keep)
+    packed = set(gguf_weights) | set(fp8_weights)
+    plain = {new: _plain_value(base[key], new, torch_dtype, keep) for key, new in renamed.items() if new not in packed}
+    plain.update({k: _cast(k, v, torch_dtype, keep) for k, v in adapter_sd.items()})
     _attach_fp8(model, fp8_weights, plain, torch_dtype)
     if gguf_weights:
         _attach_gguf(model, gguf_weights, torch_dtype, keep)
