@@ -288,6 +288,8 @@ def test_errors(tiny_release, tmp_path):
     path = fp8_file(sd, tmp_path / "dit.safetensors")
     with pytest.raises(ValueError, match="torch_dtype"):
         load_quantized_dit(path, torch_dtype=torch.int8)
+    with pytest.raises(ValueError, match="device 'gpu0'"):
+        load_quantized_dit(path, device="gpu0")
     bad = tmp_path / "not-a-dit.safetensors"
     save_file({"encoder.conv1.weight": torch.zeros(2, 2)}, str(bad))
     with pytest.raises(ConversionError, match="patch_embedding"):

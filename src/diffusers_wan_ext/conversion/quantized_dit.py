@@ -224,6 +224,11 @@ def load_quantized_dit(path: str | os.PathLike, original_config: Mapping[str, An
     """
     if torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"torch_dtype {torch_dtype}: the compute dtype must be float32, float16 or bfloat16")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device {device!r}: not a torch device ({str(e).splitlines()[0]})") from None
     weights, cfg = locate_dit(path)
     if not is_single_file(weights):
         model = load_dit_from_original(path, original_config, torch_dtype)
