@@ -35,7 +35,7 @@ from ..conversion.animate2 import (
     load_animate2_transformer_from_original,
 )
 from ..conversion.dit import DitExtension
-from ..conversion.image_encoder import load_clip_from_original, make_clip_image_processor
+from ..conversion.image_encoder import load_clip_from_original
 from ..conversion.release_io import DTYPES, first_existing, progress_bar, with_path, write_model_card
 from ..conversion.text_encoder import load_t5_from_original
 from ..conversion.tokenizer import load_umt5_tokenizer
@@ -164,7 +164,8 @@ def _load_components(model, paths: dict[str, Path], torch_dtype: torch.dtype, im
     if clip.config.hidden_size != model.config.clip_dim:
         raise ConversionError(f"{paths['image_encoder']}: CLIP width {clip.config.hidden_size} does not match the "
                               f"DiT's img_emb.proj.0 width {model.config.clip_dim}")
-    out.update(image_encoder=clip, image_processor=make_clip_image_processor(clip.config.image_size))
+    out["image_encoder"] = clip  # no image_processor: stock's pipeline preprocesses CLIP input itself and its
+    # "image_processor" component is its video processor (created from config)
     bar.update()
     return out
 
@@ -186,7 +187,6 @@ COMPONENT_CLASSES = {
     "transformer": ("diffusers", "WanAnimate2Transformer3DModel"), "vae": ("diffusers", "AutoencoderKLWan"),
     "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"), "text_encoder": ("transformers", "UMT5EncoderModel"),
     "tokenizer": ("transformers", "T5TokenizerFast"), "image_encoder": ("transformers", "CLIPVisionModel"),
-    "image_processor": ("transformers", "CLIPImageProcessor"),
 }
 
 
@@ -220,7 +220,7 @@ def convert_animate2_release(src: str | os.PathLike, dst: str | os.PathLike, opt
                              variant: str | None = None, **kwargs: Any) -> Path:
     """Convert a Wan2.2-Animate-2-14B release (or its distilled DiT, ``variant="wan2.2-animate-2-14b-distilled"``)
     into ``dst``: ``transformer/`` and, unless ``transformer_only``, ``text_encoder/``, ``tokenizer/``, ``vae/``,
-    ``image_encoder/``, ``image_processor/``, a model card and ``wan_variant.json``.  With ``transformer_only`` the
+    ``image_encoder/``, ``scheduler/``, ``model_index.json``, a model card and ``wan_variant.json``.  With ``transformer_only`` the
     transformer folder is ``dst`` itself.  A ``config.json`` beside the DiT file (optional) supplies ``num_heads`` /
     ``text_len`` / ``eps`` / the ``refer_*`` offsets; widths come from the shapes.
 
