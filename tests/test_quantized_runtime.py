@@ -151,14 +151,15 @@ def test_lora_on_a_gguf_model(wide_t2v_gguf):
         lora[f"{module}.lora_A.weight"] = torch.randn(4, in_f, generator=g) * 0.3
         lora[f"{module}.lora_B.weight"] = torch.randn(out_f, 4, generator=g) * 0.3
     x, t, ctx = core_inputs(text_dim=256)
-    outs = []
-    for model in (load_quantized_dit(path, torch_dtype=torch.float32), dequantized_reference(path)):
+    outs, models = [], (load_quantized_dit(path, torch_dtype=torch.float32), dequantized_reference(path))
+    for model in models:
         before = run(model, x, t, ctx)
         model.load_lora_adapter(dict(lora), adapter_name="test", prefix=None)
         after = run(model, x, t, ctx)
         assert rel_rms(after, before) > 1e-2  # the LoRA acts
         outs.append(after)
-    assert isinstance(model.blocks[0].ffn.net[0].proj.base_layer, torch.nn.Linear)
+    layer = models[0].blocks[0].ffn.net[0].proj
+    assert isinstance(layer.base_layer, GGUFLinear) and isinstance(layer.base_layer.weight, GGUFParameter)
     assert rel_rms(*outs) < 2e-3
 
 
@@ -206,6 +207,26 @@ def test_fp8_model_dequantizes_to_plain_linears(tiny_release, tmp_path):
     assert not any(isinstance(m, Fp8Linear) for m in model.modules()) and quantized_weight_bytes(model) == 0
     assert torch.allclose(run(model, x, t, ctx), want, rtol=1e-5, atol=1e-6)
     model.save_pretrained(tmp_path / "plain")
+
+
+def test_lora_on_an_fp8_model(tiny_release, tmp_path):
+    pytest.importorskip("peft")
+    sd = load_state_dict(tiny_release("t2v") / "diffusion_pytorch_model.safetensors")
+    path = fp8_file(sd, tmp_path / "dit.safetensors")
+    g = torch.Generator().manual_seed(1)
+    lora = {"blocks.0.ffn.net.0.proj.lora_A.weight": torch.randn(4, 48, generator=g) * 0.3,
+            "blocks.0.ffn.net.0.proj.lora_B.weight": torch.randn(96, 4, generator=g) * 0.3}
+    x, t, ctx = core_inputs()
+    outs, models = [], (load_quantized_dit(path, torch_dtype=torch.float32), dequantized_reference(path))
+    for model in models:
+        before = run(model, x, t, ctx)
+        model.load_lora_adapter(dict(lora), adapter_name="test", prefix=None)
+        outs.append(run(model, x, t, ctx))
+        assert rel_rms(outs[-1], before) > 1e-2
+    layer = models[0].blocks[0].ffn.net[0].proj
+    assert isinstance(layer.base_layer, Fp8Linear) and layer.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert layer.lora_A["test"].weight.dtype == torch.float32  # PEFT keeps the adapter out of fp8
+    assert torch.allclose(*outs, rtol=1e-5, atol=1e-5)
 
 
 def test_fp8_layer_keeps_storage_on_dtype_casts():
