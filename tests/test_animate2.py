@@ -280,3 +280,19 @@ def test_tiny_release_converts_and_loads_in_a_fresh_interpreter(tmp_path):
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok WanAnimate2ExtTransformer3DModel WanAnimate2ExtTransformer3DModel" in res.stdout, res.stderr[-2000:]
+
+
+def test_distilled_variant_picks_its_file(tmp_path, capsys):
+    release = make_tiny_release(tmp_path / "rel", arch="animate2")
+    common = ["--image-encoder-heads", "2", "--variant", "wan2.2-animate-2-14b-distilled"]
+    rc = main(["convert", str(release), str(tmp_path / "none"), *common])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "wan_animate_2_bf16_distillation.safetensors" in err, err
+    (release / "wan_animate_2" / "wan_animate_2_bf16.safetensors").rename(
+        release / "wan_animate_2" / "wan_animate_2_bf16_distillation.safetensors")
+    assert main(["convert", str(release), str(tmp_path / "d"), *common]) == 0
+    assert json.loads((tmp_path / "d" / "wan_variant.json").read_text())["guidance_scale"] == 1.0
+    assert json.loads((tmp_path / "d" / "model_index.json").read_text())["_class_name"] == (
+        "WanAnimate2DistilledModularPipeline")
+    assert main(["convert", str(release), str(tmp_path / "a"), "--image-encoder-heads", "2"]) == 0  # file name
+    assert json.loads((tmp_path / "a" / "wan_variant.json").read_text())["name"] == "wan2.2-animate-2-14b-distilled"

@@ -88,8 +88,9 @@ def _peek_keys(path: Path) -> list[str]:
 
 def find_animate2_dit(src: str | os.PathLike, transformer: str | os.PathLike | None = None,
                       variant: str | None = None) -> Path | None:
-    """The Animate-2 DiT file of a release folder (``wan_animate_2/*.safetensors``; the distilled file when
-    ``variant`` names it), a ``wan_animate_2/`` folder, a file, or ``transformer``; ``None`` if there is none."""
+    """The Animate-2 DiT file of a release folder (``wan_animate_2/wan_animate_2_bf16.safetensors``, else another
+    Animate-2 file there; only the distilled file when ``variant`` names it), a ``wan_animate_2/`` folder, a file, or
+    ``transformer``; ``None`` if there is none."""
     distilled = variant is not None and variant.lower() in (ANIMATE2_DISTILLED.name, *ANIMATE2_DISTILLED.aliases)
     preferred = DISTILLED_FILE if distilled else ANIMATE2_RELEASE_FILE
     src = Path(src)
@@ -99,7 +100,7 @@ def find_animate2_dit(src: str | os.PathLike, transformer: str | os.PathLike | N
         candidates = [src]
     else:
         folder = src / "wan_animate_2" if (src / "wan_animate_2").is_dir() else src
-        others = sorted(p for p in folder.glob("*.safetensors") if p.name != Path(preferred).name)
+        others = [] if distilled else sorted(p for p in folder.glob("*.safetensors") if p.name != Path(preferred).name)
         candidates = [folder / Path(preferred).name] + others
     for cand in candidates:
         if cand.is_file() and cand.suffix == ".safetensors" and is_animate2_state_dict(_peek_keys(cand)):
@@ -235,8 +236,9 @@ def convert_animate2_release(src: str | os.PathLike, dst: str | os.PathLike, opt
         raise ConversionError(f"{src}: no such file or folder")
     dit = find_animate2_dit(src, options.transformer, variant)
     if dit is None:
+        expected = DISTILLED_FILE if _variant_for(Path(), variant) is ANIMATE2_DISTILLED else ANIMATE2_RELEASE_FILE
         raise ConversionError(f"{options.transformer or src}: no Wan2.2-Animate-2 DiT found (expected "
-                              f"{ANIMATE2_RELEASE_FILE} with blocks.N.block.* keys, or pass --transformer FILE)")
+                              f"{expected} with blocks.N.block.* keys, or pass --transformer FILE)")
     var = _variant_for(dit, variant)
     paths = _component_paths(src, options)
     cfg = _read_config(dit)
@@ -293,12 +295,18 @@ class Animate2Family(ModelFamily):
     model_classes = (WanAnimate2ExtTransformer3DModel,)
     tiny_arches = {"animate2": TinyArch("animate2", 36, 16, clip=True)}
 
+    def __init__(self) -> None:
+        #: the ``--variant`` of the release being claimed (``convert_release`` receives no variant)
+        self.claimed_variant: str | None = None
+
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
         names = (ANIMATE2.name, ANIMATE2_DISTILLED.name, *ANIMATE2_DISTILLED.aliases)
-        return (variant or "").lower() in names or (src.exists() and find_animate2_dit(src, transformer) is not None)
+        claimed = (variant or "").lower() in names or (src.exists() and find_animate2_dit(src, transformer) is not None)
+        self.claimed_variant = variant if claimed else None
+        return claimed
 
     def convert_release(self, src: Path, dst: Path, options: ReleaseOptions) -> Path:
-        return convert_animate2_release(src, dst, options)
+        return convert_animate2_release(src, dst, options, variant=self.claimed_variant)
 
     def tiny_dit_model(self, arch: str, experts: int, kwargs: dict[str, Any]):
         """A placeholder Wan I2V DiT for the shared tiny-release writer; :meth:`tiny_release_files` replaces its
