@@ -20,6 +20,7 @@ from ..demo import run_demo, write_video
 from ..families import FAMILIES
 from ..hooks.sliding_window import apply_sliding_window, sliding_window_unsupported_reason
 from ..lora import WanLoraInteropMixin, check_lora_state_dict, split_lora_components
+from ..utils.validation import check_output_file
 from .generate_checks import (
     FRAME_PARAMETERS,
     GeneratePlan,
@@ -155,6 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    check_output_file(args.output, overwrite=True)  # before building and rendering anything
     print(run_demo(args.output, workdir=args.workdir, steps=args.steps, seed=args.seed))
     return 0
 

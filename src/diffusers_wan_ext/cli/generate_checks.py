@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,10 +21,11 @@ from typing import Any
 
 import diffusers
 import transformers
-from diffusers.utils import load_image
 
 from ..families import FAMILIES, ModelFamily, registered_classes
 from ..lora import convert_lora_state_dict, load_lora_file, split_lora_components
+from ..utils.io import ConversionError, read_json as read_json_file
+from ..utils.media import read_image_file
 from ..utils.validation import check_input_file, check_output_file, validate_video_size
 
 __all__ = [
@@ -74,8 +74,8 @@ class GeneratePlan:
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from ``path``; ``ValueError`` naming ``what`` and the file when it is unreadable."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = read_json_file(path)
+    except (OSError, ConversionError) as e:
         raise ValueError(f"{what}: cannot read {path}: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{what}: {path} does not hold a JSON object")
@@ -259,10 +259,7 @@ def frame_arguments(args: argparse.Namespace, cls: type, inputs: dict, defaults:
 def read_image(path: str, what: str):
     """A PIL image from ``path``; ``ValueError`` naming ``what`` when it is missing or not an image."""
     check_input_file(path, what)
-    try:
-        return load_image(str(path))
-    except Exception as e:  # noqa: BLE001 -- PIL raises many kinds for a file that is not an image
-        raise ValueError(f"{what}: {path} is not an image PIL can read ({type(e).__name__}: {e})") from None
+    return read_image_file(path, what)  # 16-bit scaled to 8-bit, EXIF orientation applied, one-line errors
 
 
 def image_arguments(args: argparse.Namespace, cls: type, inputs: dict, kw: dict, model: str,

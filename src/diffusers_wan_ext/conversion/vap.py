@@ -37,7 +37,7 @@ from accelerate import init_empty_weights
 from ..models.transformer_wan_vap import WanVideoAsPromptTransformer3DModel
 from ..utils.shims import rewrite_model_index_for_shims
 from ..utils.atomic import atomic_output_dir
-from ..utils.io import ConversionError, format_keys, load_state_dict, raise_for_key_problems
+from ..utils.io import ConversionError, format_keys, load_state_dict, raise_for_key_problems, read_json
 from .dit import cast_state_dict, dit_config_from_state_dict, export_dit_state_dict
 from .release_io import DTYPES
 
@@ -234,7 +234,7 @@ def read_vap_transformer(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     cfg: dict[str, Any] = {}
     if path.is_dir():
         if (path / "config.json").is_file():
-            cfg = json.loads((path / "config.json").read_text())
+            cfg = read_json(path / "config.json", "transformer config")
         index = path / "diffusion_pytorch_model.safetensors.index.json"
         single = path / "diffusion_pytorch_model.safetensors"
         weights = index if index.is_file() else single
@@ -251,9 +251,10 @@ def is_vap_release(src: str | os.PathLike) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("_class_name") == RELEASE_TRANSFORMER_CLASS
-    except json.JSONDecodeError:
+        config = read_json(cfg, "transformer config")
+    except ConversionError:  # not readable JSON: not a Video-As-Prompt release (the core converter reports it)
         return False
+    return isinstance(config, dict) and config.get("_class_name") == RELEASE_TRANSFORMER_CLASS
 
 
 #: Release component folders copied as they are (already Diffusers / Transformers format).
@@ -291,7 +292,7 @@ def convert_vap_release(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
         index: dict[str, Any] = {"_class_name": "WanVideoAsPromptPipeline", "_diffusers_version": diffusers.__version__}
         release_index = {}
         if (src / "model_index.json").is_file():
-            release_index = json.loads((src / "model_index.json").read_text())
+            release_index = read_json(src / "model_index.json", "model index")
         for name in COPIED_COMPONENTS:
             if (src / name).is_dir():
                 shutil.copytree(src / name, tmp / name)
@@ -312,7 +313,7 @@ def _library_from_config(folder: Path) -> list[str | None]:
         f = folder / name
         if not f.is_file():
             continue
-        cfg = json.loads(f.read_text())
+        cfg = read_json(f, "component config")
         if "_class_name" in cfg:
             return ["diffusers", cfg["_class_name"]]
         if "architectures" in cfg:

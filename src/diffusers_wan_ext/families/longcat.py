@@ -37,7 +37,7 @@ from ..models import LongCatVideoTransformer3DModel
 from ..models.transformer_longcat import LongCatVideoAttnProcessor, LongCatVideoTransformerBlock, longcat_ffn_dim
 from ..pipelines import LongCatVideoPipeline
 from ..utils.atomic import atomic_output_dir
-from ..utils.io import ConversionError, load_state_dict
+from ..utils.io import ConversionError, load_state_dict, read_json
 from .base import GenerateInput, ModelFamily, ReleaseOptions, WanVariant
 from .tiny import TINY, tiny_t5, tiny_vae21
 
@@ -62,7 +62,7 @@ def _peek_keys(path: Path) -> list[str]:
     """Key names of a safetensors file or shard index, without reading tensors ([] for anything else)."""
     try:
         if path.name.endswith(".index.json"):
-            return list(json.loads(path.read_text()).get("weight_map", {}))
+            return list(read_json(path, "shard index").get("weight_map", {}))
         if path.name.endswith(".safetensors"):
             with safe_open(str(path), "pt") as f:
                 return list(f.keys())

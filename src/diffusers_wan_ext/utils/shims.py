@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from .io import read_json
+
 __all__ = [
     "PACKAGE",
     "SHIM_FILENAME",
@@ -63,7 +65,7 @@ def rewrite_model_index_for_shims(folder: str | os.PathLike) -> None:
     """
     folder = Path(folder)
     index_path = folder / "model_index.json"
-    index = json.loads(index_path.read_text())
+    index = read_json(index_path, "model index")
     name = index.get("_class_name")
     if is_our_class_name(name):
         index["_class_name"] = [PACKAGE, name]
