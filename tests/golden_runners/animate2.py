@@ -3,8 +3,9 @@
 ``log_scale`` and a flex-free generation attention) -> the reference pass filling the K/V cache, then the
 generation pass for each output (``velocity``; ``velocity_uncond``: block 9 skipped; ``velocity_log_scale``).
 
-Every shape comes from the tensors: the token grids from the latents and the patch size, ``origin_len`` from the
-reference video's latent frames (``4 (F_ref - 1) + 1``), ``origin_area`` from the latent size (8x the VAE stride)."""
+Every shape comes from the tensors: the token grids from the latents and the patch size; the video geometry of the
+mask (``origin_len``, ``origin_area``) from ``animate2_call`` when the manifest states it, else from the reference
+video's latent frames (``4 (F_ref - 1) + 1``) and the latent size (x8, the VAE stride)."""
 
 from __future__ import annotations
 
@@ -29,13 +30,15 @@ def run_animate2_dit(case: GoldenCase, tmp_path) -> dict:
     patch = model.config.patch_size
     ref_latents = x["condition_latents"]
     grid, grid_ref = _grid(x["latents"], patch), _grid(ref_latents, patch)
-    origin_len = 4 * (ref_latents.shape[2] - 1) + 1
-    origin_area = [x["latents"].shape[-1] * VAE_STRIDE, x["latents"].shape[-2] * VAE_STRIDE]
+    # the video geometry the mask is built over: the manifest's call values, else the clip's own (single clip)
+    call = case.manifest.get("animate2_call", {})
+    origin_len = int(call.get("origin_len", 4 * (ref_latents.shape[2] - 1) + 1))
+    origin_area = call.get("origin_area", [x["latents"].shape[-1] * VAE_STRIDE, x["latents"].shape[-2] * VAE_STRIDE])
     cache = model.new_kv_cache()
     with torch.no_grad():
         model([ref_latents[0]], x["timestep"], [x["context_ref"][0]], [x["condition_y"]], cache, "extract",
               seq_len=int(grid_ref.prod()), encoder_hidden_states_image=x["clip_fea_ref"], offset_grid_sizes=grid_ref)
-        log_scale = float(case.manifest.get("animate2_call", {}).get("log_scale_for_velocity_log_scale", 0.7))
+        log_scale = float(call.get("log_scale_for_velocity_log_scale", 0.7))
         out = {}
         for name in case.manifest["outputs"]:
             pred = model(
