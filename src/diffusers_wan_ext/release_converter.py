@@ -259,6 +259,14 @@ def _read_dits(files: ReleaseFiles, keep_quantized: bool = False) -> tuple[list[
     return dit_sds, infos
 
 
+def _check_unused(var: WanVariant, **given: str | os.PathLike | None) -> None:
+    """A component file given for a release that has no such component is a mistake, not silently ignored."""
+    for name, path in given.items():
+        if path is not None and not getattr(var, name):
+            raise ConversionError(f"--{name.replace('_', '-')} {path}: {var.name} has no {name.replace('_', ' ')}; "
+                                  "leave it out")
+
+
 def _check_complete(src, files: ReleaseFiles, var: WanVariant, transformer_only: bool) -> None:
     needed = {"transformer": files.dit[0]}
     if not transformer_only:
@@ -401,6 +409,7 @@ def load_release(
     dit_sds, infos = _read_dits(files, keep_quantized)
     info = infos[0]
     var = choose_variant(info, len(infos), variant, files.name_hints)
+    _check_unused(var, image_encoder=image_encoder, audio_encoder=audio_encoder)
     _check_complete(src, files, var, transformer_only)
     progress_message(describe_release(var, info, files, transformer_only), progress)
     extras = {f.name: f.check_extras(files.extras, info, transformer_only) for f in FAMILIES}

@@ -41,13 +41,20 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def error_text(e: BaseException) -> str:
+    """The message of a user mistake; an ``OSError`` of a file reads ``PATH: reason`` (not ``[Errno 20] ...``)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run ``args.command``; a user mistake (``ConversionError`` / ``ValueError``, or an ``OSError`` of a file: not
     found, no permission, disk full) is one ``error: ...`` line on stderr and exit status 2, Ctrl-C exit status 130."""
     try:
         return COMMANDS[args.command](args)
     except (ConversionError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

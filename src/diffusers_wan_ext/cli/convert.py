@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..release_converter import convert_release
 from ..utils.atomic import claim_destination
-from ..utils.io import ConversionError, one_line
+from ..utils.io import ConversionError, check_weights_file, one_line
 
 __all__ = ["cmd_convert", "fetch_release", "push_folder"]
 
@@ -42,6 +42,9 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False) 
 #: the component options of ``convert`` that name a file or folder
 PATH_OPTIONS = ("transformer", "transformer_2", "text_encoder", "tokenizer", "vae", "image_encoder", "audio_encoder",
                 "motion_controller", "relighting_lora")
+#: those that name a folder, and those that name one file
+FOLDER_OPTIONS = ("tokenizer", "audio_encoder")
+FILE_OPTIONS = ("text_encoder", "vae", "image_encoder", "motion_controller")
 
 
 def check_convert_arguments(args: argparse.Namespace) -> None:
@@ -57,8 +60,13 @@ def check_convert_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"convert: --image-encoder-heads must be a positive integer, got {args.image_encoder_heads}")
     for name in PATH_OPTIONS:
         path = getattr(args, name, None)
+        flag = "--" + name.replace("_", "-")
         if path is not None and not os.path.exists(path):
-            raise ConversionError(f"--{name.replace('_', '-')} {path}: no such file or folder")
+            raise ConversionError(f"{flag} {path}: no such file or folder")
+        if path is not None and name in FOLDER_OPTIONS and not os.path.isdir(path):
+            raise ConversionError(f"{flag} {path}: not a folder (pass the folder itself)")
+        if path is not None and name in FILE_OPTIONS:
+            check_weights_file(path)  # a regular, complete weights file (header only; a FIFO never blocks)
     if args.src != "-":
         src, dst = Path(args.src).resolve(), Path(args.dst).resolve()
         if src.is_dir() and (dst == src or src in dst.parents):

@@ -41,6 +41,8 @@ def cmd_lora(args: argparse.Namespace) -> int:
             print(f"{name}: {path}")
         return 0
     dst = Path(args.dst)
+    if dst.is_dir():
+        raise ValueError(f"lora convert: DST {dst} is a folder; pass the output file (e.g. {dst}/lora.safetensors)")
     with claim_destination(dst, overwrite=args.overwrite):  # before reading: an existing DST fails at once
         with naming(args.src):
             sd = load_lora_file(args.src)
