@@ -20,7 +20,7 @@ import torch
 from diffusers.modular_pipelines import WanAnimate2Blocks, WanAnimate2DistilledBlocks
 from diffusers.utils import export_to_video, load_image, load_video
 
-import diffusers_wan_ext  # noqa: F401  (our transformer class, for folders of non-release widths)
+from diffusers_wan_ext import WanAnimate2ExtTransformer3DModel  # folders of non-release widths hold ours
 
 
 def main(argv=None):
@@ -43,6 +43,8 @@ def main(argv=None):
     pipe = blocks.init_pipeline(args.model)
     pipe.load_components(torch_dtype=torch.bfloat16)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    ours = isinstance(pipe.transformer, WanAnimate2ExtTransformer3DModel)
+    print(f"transformer: {type(pipe.transformer).__name__}{' (dense attention, log_scale)' if ours else ''}")
     video = pipe(
         prompt=args.prompt, image=load_image(args.image), driving_video=load_video(args.video), height=args.height,
         width=args.width, segment_frame_length=args.segment_frames,
