@@ -5,8 +5,12 @@ values. The tokenizer is a tiny offline one (ids fit the 256k vocabulary). Varia
   * stock            -- ``diffusers.WanPipeline`` as shipped, everything on the GPU
   * ours             -- ``WanExtPipeline``: fast defaults (optimize_transformer + optimize_vae), CFG batching
   * ours+teacache    -- + TeaCache (threshold 0.08, the reference's fast setting for 1.3B)
-  * ours@24gb / @8gb -- + ``enable_vram_management`` with the 24 / 8 GiB presets (components start on the CPU)
+  * ours@24gb / @8gb -- + ``enable_vram_management`` with the 24 / 8 GiB presets (components start on the CPU);
+                        ``ours@24gb/2cfg``: the 24 GiB plan with two CFG forwards per step (as @8gb always does)
 Reports wall seconds, peak allocated GiB over the whole call (text encoder included) and the speedup vs stock.
+Long video (issue 20): ``--model 14b --height 720 --width 1280 --frames 161 --sliding-window 8,6 --variants
+ours@24gb/2cfg --steps 2`` runs the 14B config under the 24 GiB plan with sliding windows (the plan is made for the
+window's tokens).
 """
 
 from __future__ import annotations
@@ -58,10 +62,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="stock,ours,ours+teacache,ours@24gb,ours@8gb")
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--model", default="1.3b", help="transformer config of benchmarks/_common.DIT_CONFIGS")
+    parser.add_argument("--height", type=int, default=H)
+    parser.add_argument("--width", type=int, default=W)
+    parser.add_argument("--frames", type=int, default=F)
+    parser.add_argument("--sliding-window", help="SIZE,STRIDE in latent frames (our variants)")
     args = parser.parse_args()
+    set_shape(args.height, args.width, args.frames)
+    if args.sliding_window:
+        size, stride = (int(v) for v in args.sliding_window.split(","))
+        WINDOW.update(sliding_window_size=size, sliding_window_stride=stride)
     env = env_info()
     print(env, flush=True)
-    comps = build_components()
+    comps = build_components(model=args.model)
     rows, ref, base = [], None, None
     for variant in args.variants.split(","):
         try:
@@ -83,8 +96,17 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     write_json("bench_pipeline.json", {"env": env, "rows": rows})
-    print(f"\n{env.get('gpu')} | torch {env['torch']} | {H}x{W}x{F}, {args.steps} steps, CFG 5")
+    window = f", sliding windows {args.sliding_window}" if args.sliding_window else ""
+    print(f"\n{env.get('gpu')} | torch {env['torch']} | {args.model} {H}x{W}x{F}, {args.steps} steps, CFG 5{window}")
     print(table(rows, ["variant", "s", "peak_gib", "speedup", "err_vs_stock"]))
+
+
+WINDOW: dict = {}  # sliding_window_size / sliding_window_stride of our variants (--sliding-window)
+
+
+def set_shape(height: int, width: int, frames: int) -> None:
+    global H, W, F
+    H, W, F = height, width, frames
 
 
 def one_variant(variant: str, comps: dict, steps: int) -> dict:
@@ -99,15 +121,18 @@ def one_variant(variant: str, comps: dict, steps: int) -> dict:
         pipe = WanPipeline(**comps)
     else:
         pipe = WanExtPipeline(**comps)
+        kw.update(WINDOW)
         if "@" in variant:
             pipe.to("cpu")
             torch.cuda.empty_cache()
             # tight budgets plan for two CFG forwards (batched CFG doubles the transformer's activations)
-            tight = variant.endswith("@8gb")
+            # ("ours@24gb/2cfg": the 24 GiB plan with two CFG forwards)
+            tight = variant.endswith("@8gb") or variant.endswith("/2cfg")
             if tight:
                 kw["cfg_batching"] = False
-            plan = pipe.enable_vram_management(variant.split("@")[1], device="cuda", verbose=False,
-                                               cfg_batched=not tight)
+            plan = pipe.enable_vram_management(variant.split("@")[1].split("/")[0], device="cuda", verbose=False,
+                                               cfg_batched=not tight, height=H, width=W, num_frames=F,
+                                               sliding_window_size=WINDOW.get("sliding_window_size"))
             print(plan, flush=True)
         if not getattr(comps["transformer"], "_bench_optimized", False):
             # under a VRAM plan, keep the unfused projections only (the fused copies would cost memory)
