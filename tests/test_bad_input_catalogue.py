@@ -346,10 +346,39 @@ TRAIN_CASES: list[tuple[str, Callable[[Path, Path, Path], tuple[list, str]]]] = 
                                             "--model_path", m, "--learning_rate", "nan"], "--learning_rate")),
     ("model-path-missing", lambda d, m, t: (["--dataset_base_path", d, "--dataset_metadata_path", d / "metadata.csv",
                                              "--model_path", t / "no-model"], "no-model")),
+    ("lr-scheduler-unknown", lambda d, m, t: ([*train_data_args(d), "--model_path", m, "--lr_scheduler", "cosin"],
+                                              "--lr_scheduler")),
+    ("timestep-shift-nan", lambda d, m, t: ([*train_data_args(d), "--model_path", m, "--timestep_shift", "nan"],
+                                            "--timestep_shift")),
+    ("max-sequence-length-0", lambda d, m, t: ([*train_data_args(d), "--model_path", m, "--max_sequence_length",
+                                                "0"], "--max_sequence_length")),
+    ("report-to-unknown", lambda d, m, t: ([*train_data_args(d), "--model_path", m, "--report_to", "wandbx"],
+                                           "--report_to")),
+    ("lr-warmup-negative", lambda d, m, t: ([*train_data_args(d), "--model_path", m, "--lr_warmup_steps", "-5"],
+                                            "--lr_warmup_steps")),
+    ("fp8-models-unknown", lambda d, m, t: ([*train_data_args(d), "--model_path", m, "--fp8_models", "foo"],
+                                            "--fp8_models")),
+    ("lora-checkpoint-missing", lambda d, m, t: ([*train_data_args(d), "--model_path", m, "--lora_checkpoint",
+                                                  t / "gone.safetensors"], "gone.safetensors")),
+    ("lora-checkpoint-not-a-lora", lambda d, m, t: ([*train_data_args(d), "--model_path", m, "--lora_checkpoint",
+                                                     not_a_lora(t)], "x.safetensors")),
     ("extra-inputs-unknown", lambda d, m, t: (["--dataset_base_path", d, "--dataset_metadata_path",
                                                d / "metadata.csv", "--model_path", m, "--extra_inputs", "bogus"],
                                               "--extra_inputs")),
 ]
+
+
+def train_data_args(data: Path) -> list:
+    return ["--dataset_base_path", data, "--dataset_metadata_path", data / "metadata.csv"]
+
+
+def not_a_lora(tmp: Path) -> Path:
+    save_file({"x": torch.ones(2)}, str(tmp / "x.safetensors"))
+    return tmp / "x.safetensors"
+
+
+#: training cases found only once the model is loaded (its progress lines come first)
+TRAIN_AFTER_LOADING = {"lora-checkpoint-not-a-lora"}
 
 
 def meta_without_video(data: Path, tmp: Path) -> Path:
@@ -358,17 +387,17 @@ def meta_without_video(data: Path, tmp: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", [c[1] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
-def test_train_mistake_is_one_line(case, train_data, converted, tmp_path, capsys):
+@pytest.mark.parametrize("name, case", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_train_mistake_is_one_line(name, case, train_data, converted, tmp_path, capsys):
     """In-process through the entry point of ``examples/training/train.py`` (``diffusers_wan_ext.training.main``)."""
     argv, named = case(train_data, converted("t2v"), tmp_path)
-    argv = [str(a) for a in [*argv, *TRAIN_COMMON, "--output_path", tmp_path / "out"]]
+    argv = [str(a) for a in [*TRAIN_COMMON, *argv, "--output_path", tmp_path / "out"]]  # the case's values last
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         train_main(argv)
     err = "\n".join(line for line in capsys.readouterr().err.splitlines()
                     if " INFO " not in line and " WARNING " not in line)  # the trainer's log lines
-    check_contract(exit_.value.code, err, named, argv)
+    check_contract(exit_.value.code, err, named, argv, before_loading=name not in TRAIN_AFTER_LOADING)
 
 
 def test_train_script_mistake_is_one_line(train_data, converted, tmp_path):

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from diffusers.optimization import SchedulerType
 from diffusers_wan_ext_cli.parser import CommandLineParser
 
 from ..families import training_declarations
@@ -50,6 +51,8 @@ TASKS = ("sft", "sft:data_process", "sft:train")
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 DEFAULT_TARGETS = "q,k,v,o,ffn.0,ffn.2"
+#: the ``--lr_scheduler`` names (Diffusers' ``get_scheduler``)
+LR_SCHEDULERS = tuple(s.value for s in SchedulerType)
 
 
 def resolve_component(name: str, allowed: Sequence[str], option: str) -> str:
@@ -232,10 +235,25 @@ def _check_numbers(args: argparse.Namespace, fail) -> None:
         v = getattr(args, name)
         if not 0.0 <= v < 1.0:
             fail(f"--{name} must be in [0, 1), got {v}")
-    for name in ("dataset_repeat", "max_train_steps", "max_pixels"):
+    if not (math.isfinite(args.timestep_shift) and args.timestep_shift > 0):
+        fail(f"--timestep_shift must be a finite number > 0, got {args.timestep_shift}")
+    for name in ("dataset_repeat", "max_train_steps", "max_pixels", "max_sequence_length", "checkpoints_total_limit"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             fail(f"--{name} must be >= 1, got {v}")
+    for name in ("dataset_num_workers", "lr_warmup_steps"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be an integer from 0 to 2**32 - 1, got {args.seed}")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        fail(f"--lr_scheduler: unknown {args.lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}")
+    for name in ("lora_checkpoint", "transformer_path"):
+        path = getattr(args, name, None)
+        if path and not Path(path).exists():
+            fail(f"--{name} {path}: no such file or folder")
+    if args.report_to not in ("auto", "none", "tensorboard"):
+        fail(f"--report_to: unknown {args.report_to!r}; choose tensorboard, none or auto")
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:

@@ -44,7 +44,7 @@ from ..conversion.dit import cast_state_dict
 from ..hooks.vram import fp8_skip_patterns
 from ..lora import convert_lora_state_dict, export_lora, load_lora_file
 from ..utils.atomic import atomic_output_dir
-from ..utils.io import ConversionError
+from ..utils.io import ConversionError, naming
 
 from .args import parse_args
 from .checkpoints import (
@@ -283,8 +283,9 @@ class WanTrainer:
             params += add_lora(transformer, args.lora_rank, args.lora_alpha, args.lora_target_modules,
                                dtype=self.trainable_dtype, scope=args.lora_scope)
             if args.lora_checkpoint:
-                load_lora_into(transformer, _load_lora_file(args.lora_checkpoint), f"--lora_checkpoint "
-                                                                                   f"{args.lora_checkpoint}")
+                with naming(args.lora_checkpoint):
+                    lora = _load_lora_file(args.lora_checkpoint)
+                load_lora_into(transformer, lora, f"--lora_checkpoint {args.lora_checkpoint}")
         elif c.expert in args.trainable_models:
             scope = next((s for s in SCOPES if s.name == args.trainable_scope), None)
             for name, p in transformer.named_parameters():
@@ -663,9 +664,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     file, folder, argument or checkpoint) is one line ``error: ...`` and exit status 2."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = parse_args(argv, prog)
     try:
-        run_training(args)
+        run_training(parse_args(argv, prog))
     except (ValueError, ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SystemExit as e:  # SystemExit("message") of a check: the same one line and exit status
+        if not isinstance(e.code, str):
+            raise
+        print(f"error: {e.code}", file=sys.stderr)
         raise SystemExit(2) from None
