@@ -31,6 +31,7 @@ from .families.s2v import make_tiny_wav2vec
 from .families.speed_control import make_tiny_motion_controller
 from .families.tiny import TINY, tiny_t5, tiny_vae21
 from .release_converter import convert_release
+from .utils.atomic import apply_umask
 from .utils.io import ConversionError
 
 __all__ = [
@@ -167,6 +168,7 @@ def write_video(frames, path: str | os.PathLike, fps: int = 16) -> Path:
             for a in arrs:
                 w.append_data(a)
         check_video_file(tmp, len(arrs), name=path)
+        apply_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     except Exception as e:  # noqa: BLE001 -- ffmpeg / OS errors of many kinds; the message names the file
         tmp.unlink(missing_ok=True)

@@ -52,8 +52,14 @@ def with_path(path: str | os.PathLike | None, fn: Callable[[], Any]) -> Any:
 
 
 def library_of(obj) -> list[str]:
-    """``[library, class]`` of a component, as ``model_index.json`` records it."""
+    """``[library, class]`` of a component, as ``model_index.json`` records it.
+
+    Transformers 5 without torchvision makes ``CLIPImageProcessor`` the PIL backend class ``CLIPImageProcessorPil``,
+    a name Transformers 4 cannot load; the folder names ``CLIPImageProcessor`` as the Wan-AI releases do (each
+    Transformers version then picks its backend)."""
     library, cls = fetch_class_library_tuple(obj)
+    if library == "transformers" and cls.endswith("ImageProcessorPil"):
+        cls = cls[: -len("Pil")]
     return [library, cls]
 
 
