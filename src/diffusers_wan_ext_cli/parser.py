@@ -102,12 +102,17 @@ class CommandLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
 
 
-def positive_int(text: str) -> int:
-    """``type=`` for counts and sizes: an integer >= 1 (``0``, negatives and ``nan`` are errors, never defaults)."""
+def integer(text: str) -> int:
+    """``text`` as an ``int``, or the argparse error ``'x' is not an integer``."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text: str) -> int:
+    """``type=`` for counts and sizes: an integer >= 1 (``0``, negatives and ``nan`` are errors, never defaults)."""
+    value = integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be a positive integer (>= 1)")
     return value
@@ -115,10 +120,7 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     """``type=`` for seeds: an integer in ``[0, 2**64)`` (what ``torch.Generator.manual_seed`` accepts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = integer(text)
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"{value} must be an integer from 0 to 2**64 - 1")
     return value
