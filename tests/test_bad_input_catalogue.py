@@ -362,6 +362,8 @@ TRAIN_CASES: list[tuple[str, Callable[[Path, Path, Path], tuple[list, str]]]] = 
                                                   t / "gone.safetensors"], "gone.safetensors")),
     ("lora-checkpoint-not-a-lora", lambda d, m, t: ([*train_data_args(d), "--model_path", m, "--lora_checkpoint",
                                                      not_a_lora(t)], "x.safetensors")),
+    ("model-index-not-utf8", lambda d, m, t: ([*train_data_args(d), "--model_path", bad_index(m, t)],
+                                              "model_index.json")),
     ("extra-inputs-unknown", lambda d, m, t: (["--dataset_base_path", d, "--dataset_metadata_path",
                                                d / "metadata.csv", "--model_path", m, "--extra_inputs", "bogus"],
                                               "--extra_inputs")),
@@ -379,6 +381,13 @@ def not_a_lora(tmp: Path) -> Path:
 
 #: training cases found only once the model is loaded (its progress lines come first)
 TRAIN_AFTER_LOADING = {"lora-checkpoint-not-a-lora"}
+
+
+def bad_index(model: Path, tmp: Path) -> Path:
+    """A copy of the converted folder whose model_index.json is not UTF-8."""
+    folder = Path(shutil.copytree(model, tmp / "model-bad-index"))
+    (folder / "model_index.json").write_bytes(b'{"_class_name": "\xff"}')
+    return folder
 
 
 def meta_without_video(data: Path, tmp: Path) -> Path:

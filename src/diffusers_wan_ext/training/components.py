@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from ..conversion.dit import load_dit_from_original
 from ..conversion.release_io import DTYPES
 from ..families import training_declarations
 from ..release_converter import load_release
+from ..utils.io import read_json
 
 __all__ = ["DTYPES", "WanTrainingComponents", "load_training_components", "load_transformer"]
 
@@ -76,17 +76,14 @@ class WanTrainingComponents:
 
 
 def _read_index(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "model_index.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / 'model_index.json'}: invalid JSON ({e})") from e
+    return read_json(folder / "model_index.json", "model index")  # bad content: one line naming the file
 
 
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype):
     """A transformer from a Diffusers model folder (``config.json`` + weights) or original DiT weights."""
     path = Path(path)
     config_file = path / "config.json"
-    config = json.loads(config_file.read_text()) if path.is_dir() and config_file.is_file() else {}
+    config = read_json(config_file, "transformer config") if path.is_dir() and config_file.is_file() else {}
     if config.get("_class_name", "WanModel") != "WanModel":  # a Diffusers model folder (originals say WanModel)
         return diffusers.AutoModel.from_pretrained(str(path), dtype=dtype)
     return load_dit_from_original(path, torch_dtype=dtype)
