@@ -38,7 +38,7 @@ EXPORT_FORMATS = ("original", "comfy-fp8-scaled", "comfy-fp8", "gguf-q8_0", "ggu
                   "gguf-bf16")
 
 
-def add_convert(sub) -> None:
+def add_convert(sub, family_inputs: list) -> None:
     p = sub.add_parser("convert", help="original Wan release (folder or files) -> Diffusers pipeline folder")
     p.add_argument("src", help="release folder or DiT file ('-' with --model-id)")
     p.add_argument("dst", help="output folder (written atomically)")
@@ -54,12 +54,9 @@ def add_convert(sub) -> None:
                                  ".safetensors)")
     p.add_argument("--image-encoder", help="models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
     p.add_argument("--image-encoder-heads", type=positive_int, help="CLIP heads (only for non-release widths)")
-    p.add_argument("--audio-encoder", help="Wan2.2-S2V wav2vec2-large-xlsr-53-english folder (model + processor)")
-    p.add_argument("--motion-controller", metavar="FILE",
-                   help="speed-control model.safetensors (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1) to add as a "
-                        "component of a Wan2.1 T2V folder (-> WanSpeedControlPipeline)")
-    p.add_argument("--relighting-lora", metavar="FILE",
-                   help="Wan2.2-Animate relighting_lora.ckpt (found next to the DiT when omitted) -> relighting_lora/")
+    for i in family_inputs:  # the families' extra release components
+        p.add_argument(i["flag"], dest=i["argument"], metavar="FOLDER" if i["kind"] == "folder" else "FILE",
+                       help=i["help"])
     p.add_argument("--transformer-only", action="store_true", help="write only the transformer model folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing DST (deleted only once the new folder is in place)")
@@ -224,7 +221,7 @@ def add_variants(sub) -> None:
     p.add_argument("--json", action="store_true", help="one JSON list of the release rows (machine-readable)")
 
 
-def add_lora(sub) -> None:
+def add_lora(sub, components: list[str]) -> None:
     p = sub.add_parser("lora", help="convert / inspect / export Wan LoRAs (Diffusers, original/ComfyUI, Kohya, "
                                      "DiffSynth)")
     lsub = p.add_subparsers(dest="lora_command", required=True)
@@ -234,7 +231,7 @@ def add_lora(sub) -> None:
     c.add_argument("dst", help="output file (.safetensors), written atomically")
     c.add_argument("--to", required=True, choices=LORA_FORMATS)
     c.add_argument("--from", dest="from_format", choices=LORA_FORMATS, help="source format (detected when omitted)")
-    c.add_argument("--component", default="transformer", choices=["transformer", "transformer_2", "motion_controller"],
+    c.add_argument("--component", default="transformer", choices=components,
                    help="the pipeline component a single-model file (original/kohya/diffsynth) stands for; "
                         "transformer_2 = Wan2.2 A14B low-noise expert")
     c.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast the tensors (default: keep)")
@@ -264,13 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(prog="diffusers-wan", description=DESCRIPTION,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_convert(sub)
+    add_convert(sub, manifest["convert_inputs"])
     for command in manifest["commands"]:
         add_manifest_arguments(sub.add_parser(command["name"], help=command["help"]), command["arguments"])
     add_export_dit(sub)
     add_demo(sub)
     add_generate(sub, manifest["generate_inputs"])
     add_variants(sub)
-    add_lora(sub)
+    add_lora(sub, manifest["lora_components"])
     add_train(sub)
     return parser

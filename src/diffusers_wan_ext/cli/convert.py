@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ..families import FAMILIES
 from ..release_converter import convert_release
 from ..utils.atomic import claim_destination
 from ..utils.io import ConversionError, check_weights_file, one_line
@@ -39,12 +40,14 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False) 
     return str(url)
 
 
+#: the families' extra component options (``ModelFamily.convert_inputs``: ``--audio-encoder`` ...)
+FAMILY_OPTIONS = tuple(i for f in FAMILIES for i in f.convert_inputs)
 #: the component options of ``convert`` that name a file or folder
-PATH_OPTIONS = ("transformer", "transformer_2", "text_encoder", "tokenizer", "vae", "image_encoder", "audio_encoder",
-                "motion_controller", "relighting_lora")
+PATH_OPTIONS = ("transformer", "transformer_2", "text_encoder", "tokenizer", "vae", "image_encoder",
+                *(i.argument for i in FAMILY_OPTIONS))
 #: those that name a folder, and those that name one file
-FOLDER_OPTIONS = ("tokenizer", "audio_encoder")
-FILE_OPTIONS = ("text_encoder", "vae", "image_encoder", "motion_controller")
+FOLDER_OPTIONS = ("tokenizer", *(i.argument for i in FAMILY_OPTIONS if i.kind == "folder"))
+FILE_OPTIONS = ("text_encoder", "vae", "image_encoder", *(i.argument for i in FAMILY_OPTIONS if i.kind == "file"))
 
 
 def check_convert_arguments(args: argparse.Namespace) -> None:
@@ -83,9 +86,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             src, args.dst, variant=args.variant, dtype=args.dtype, scheduler=args.scheduler,
             transformer=args.transformer, transformer_2=args.transformer_2, text_encoder=args.text_encoder,
             tokenizer=args.tokenizer, vae=args.vae, image_encoder=args.image_encoder,
-            image_encoder_heads=args.image_encoder_heads, audio_encoder=args.audio_encoder,
-            motion_controller=args.motion_controller, relighting_lora=args.relighting_lora,
-            transformer_only=args.transformer_only, overwrite=args.overwrite, progress=True,
+            image_encoder_heads=args.image_encoder_heads,
+            **{i.argument: getattr(args, i.argument) for i in FAMILY_OPTIONS}, transformer_only=args.transformer_only, overwrite=args.overwrite, progress=True,
         )
     print(f"converted -> {out}")
     if args.push_to_hub:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..families import FAMILIES
+from ..lora.formats import COMPONENT_RENAMERS
 from diffusers_wan_ext_cli.manifest import MANIFEST_PATH
 
 __all__ = ["build_manifest", "main"]
@@ -27,7 +28,9 @@ def build_manifest() -> dict[str, Any]:
         for f in FAMILIES for c in f.cli_commands
     ]
     inputs = [dict(asdict(i), family=f.name) for f in FAMILIES for i in f.generate_inputs]
-    return {"commands": commands, "generate_inputs": inputs}
+    convert = [dict(asdict(i), family=f.name) for f in FAMILIES for i in f.convert_inputs]
+    return {"commands": commands, "convert_inputs": convert, "generate_inputs": inputs,
+            "lora_components": list(COMPONENT_RENAMERS)}
 
 
 def render(manifest: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ from .animate2 import Animate2Family
 from .base import (
     CommandArgument,
     Conditioning,
+    ConvertInput,
     ExtraInput,
     FamilyCommand,
     GenerateInput,
@@ -50,6 +51,7 @@ __all__ = [
     "Conditioning",
     "ExtraInput",
     "CommandArgument",
+    "ConvertInput",
     "FamilyCommand",
     "GenerateInput",
     "ModelFamily",

@@ -30,7 +30,7 @@ from ..lora.loader import check_lora_state_dict
 from ..models import WanAnimateExtTransformer3DModel
 from ..pipelines import WanAnimateExtPipeline
 from ..utils.io import ConversionError, naming
-from .base import CommandArgument, FamilyCommand, GenerateInput, ModelFamily, TinyArch, WanVariant
+from .base import CommandArgument, ConvertInput, FamilyCommand, GenerateInput, ModelFamily, TinyArch, WanVariant
 
 __all__ = ["AnimateFamily", "RELIGHTING_LORA_MODULES", "make_tiny_relighting_lora"]
 
@@ -159,6 +159,10 @@ class AnimateFamily(ModelFamily):
     )
     generate_pipeline = {"WanAnimatePipeline": WanAnimateExtPipeline, "WanAnimateExtPipeline": WanAnimateExtPipeline}
     cli_commands = (RELIGHTING_LORA_COMMAND,)
+    convert_inputs = (
+        ConvertInput("--relighting-lora", "relighting_lora", "Wan2.2-Animate relighting_lora.ckpt (found next to the "
+                     "DiT when omitted) -> relighting_lora/", kind="path"),
+    )
     tiny_arches = {"animate": TinyArch("animate", 36, 16, clip=True)}
 
     def find_files(self, root: Path, given: dict[str, Any]) -> dict[str, Path | None]:

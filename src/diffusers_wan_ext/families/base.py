@@ -29,7 +29,7 @@ import torch
 from ..conversion.dit import DitExtension, DitInfo
 
 __all__ = [
-    "CommandArgument", "Conditioning", "FamilyCommand", "GenerateInput", "ModelFamily", "ReleaseOptions", "TinyArch",
+    "CommandArgument", "Conditioning", "ConvertInput", "FamilyCommand", "GenerateInput", "ModelFamily", "ReleaseOptions", "TinyArch",
     "WanVariant",
 ]
 
@@ -190,6 +190,18 @@ class GenerateInput:
 
 
 @dataclass(frozen=True)
+class ConvertInput:
+    """A ``diffusers-wan convert`` option a family adds (``--audio-encoder`` ...): flag, the ``convert_release``
+    keyword it fills, help, and ``kind``: ``"file"`` (one weights file, checked before loading), ``"folder"`` or
+    ``"path"`` (either)."""
+
+    flag: str
+    argument: str
+    help: str
+    kind: str = "file"
+
+
+@dataclass(frozen=True)
 class CommandArgument:
     """One argument of a family's ``diffusers-wan`` verb: ``parser.add_argument(*flags, **options)``.
 
@@ -257,6 +269,8 @@ class ModelFamily:
     #: ``diffusers-wan generate`` options and the pipeline class a loaded folder is upgraded to for them
     generate_inputs: ClassVar[tuple[GenerateInput, ...]] = ()
     generate_pipeline: ClassVar[dict[str, type]] = {}
+    #: ``diffusers-wan convert`` options for this family's extra release components
+    convert_inputs: ClassVar[tuple[ConvertInput, ...]] = ()
     #: ``diffusers-wan`` verbs of this family (listed in ``diffusers_wan_ext/cli/manifest.json``)
     cli_commands: ClassVar[tuple[FamilyCommand, ...]] = ()
     #: tiny original DiT configs per architecture (demo, tests)

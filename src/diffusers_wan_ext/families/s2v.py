@@ -22,7 +22,7 @@ from ..models import WanS2VTransformer3DModel
 from ..models.transformer_wan_s2v import RELEASE_AUDIO_INJECT_LAYERS, WanS2VTransformerBlock, audio_injector_layout
 from ..pipelines import WanSpeechToVideoPipeline
 from ..utils.io import ConversionError, format_keys
-from .base import GenerateInput, ModelFamily, TinyArch, WanVariant
+from .base import ConvertInput, GenerateInput, ModelFamily, TinyArch, WanVariant
 
 __all__ = ["S2V_RELEASE_OPTIONS", "SpeechToVideoFamily", "make_tiny_wav2vec"]
 
@@ -196,6 +196,10 @@ class SpeechToVideoFamily(ModelFamily):
     )
     model_classes = (WanS2VTransformer3DModel,)
     pipeline_classes = (WanSpeechToVideoPipeline,)
+    convert_inputs = (
+        ConvertInput("--audio-encoder", "audio_encoder", "Wan2.2-S2V wav2vec2-large-xlsr-53-english folder (model + "
+                     "processor)", kind="folder"),
+    )
     generate_inputs = (
         GenerateInput("--audio", "audio", "Wan2.2-S2V: the speech audio file (wav / mp3 / flac); --image = the speaker"),
     )

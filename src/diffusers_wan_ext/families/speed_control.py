@@ -32,7 +32,15 @@ from ..pipelines import WanSpeedControlPipeline
 from ..utils.atomic import atomic_output_dir, atomic_write_text, claim_destination
 from ..utils.io import ConversionError, read_json
 from ..utils.shims import rewrite_model_index_for_shims
-from .base import CommandArgument, ExtraInput, FamilyCommand, ModelFamily, TrainingComponent, WanVariant
+from .base import (
+    CommandArgument,
+    ConvertInput,
+    ExtraInput,
+    FamilyCommand,
+    ModelFamily,
+    TrainingComponent,
+    WanVariant,
+)
 
 __all__ = [
     "MOTION_CONTROLLER_MODULES",
@@ -169,6 +177,11 @@ class SpeedControlFamily(ModelFamily):
     training_components = (MOTION_CONTROLLER_TRAINING,)
     dataset_inputs = {"motion_bucket_id": ExtraInput("float")}
     cli_commands = (ADD_MOTION_CONTROLLER,)
+    convert_inputs = (
+        ConvertInput("--motion-controller", "motion_controller", "speed-control model.safetensors (DiffSynth-Studio/"
+                     "Wan2.1-1.3b-speedcontrol-v1) to add as a component of a Wan2.1 T2V folder (-> "
+                     "WanSpeedControlPipeline)"),
+    )
 
     def find_files(self, root: Path, given: dict[str, Any]) -> dict[str, Path | None]:
         path = given.get("motion_controller")
