@@ -6,6 +6,7 @@ bf16).  Nothing here offloads by itself."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 from diffusers.hooks import apply_group_offloading, apply_layerwise_casting
 from diffusers.utils import logging
 
-from .memory import fp8_skip_patterns, module_tensors, named_tensors
+from .memory import fp8_skip_patterns, module_tensors, named_tensors, quantized_layer_names
 from .planner import ComponentPlan, VramPlan, pipeline_components, plan_vram, resolve_vram_limit
 from .strategies import CASTING_HOOKS, FP8_DTYPE, GROUP_OFFLOAD_HOOKS
 from .undo import (
@@ -49,7 +50,15 @@ def _check_unmanaged(name: str, module: nn.Module) -> None:
 
 
 def _apply_fp8_storage(module: nn.Module, compute_dtype: torch.dtype) -> None:
-    if hasattr(module, "enable_layerwise_casting"):
+    """fp8 layerwise casting of ``module``; layers already quantized (GGUF / fp8) are skipped: casting their packed
+    weights would corrupt them, and they are already small."""
+    quantized = quantized_layer_names(module)
+    if quantized:
+        logger.info(f"fp8 storage: skipping {len(quantized)} layer(s) already quantized (GGUF / fp8), e.g. "
+                    f"{quantized[0]!r}: their weights stay as loaded")
+        patterns = fp8_skip_patterns(module) + tuple(f"^{re.escape(n)}$" for n in quantized)
+        apply_layerwise_casting(module, FP8_DTYPE, compute_dtype, skip_modules_pattern=patterns)
+    elif hasattr(module, "enable_layerwise_casting"):
         module.enable_layerwise_casting(storage_dtype=FP8_DTYPE, compute_dtype=compute_dtype)
     else:
         apply_layerwise_casting(module, FP8_DTYPE, compute_dtype, skip_modules_pattern=fp8_skip_patterns(module))

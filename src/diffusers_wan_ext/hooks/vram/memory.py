@@ -37,6 +37,7 @@ from torch import nn
 from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
+from ...models.quantized_linear import Fp8Linear, is_gguf_parameter, quantized_weight_bytes
 from .strategies import BLOCK_LISTS, FP8_ROLES, GIB, PHASES, Strategy, STRATEGIES
 
 __all__ = [
@@ -48,12 +49,15 @@ __all__ = [
     "evaluate",
     "footprint",
     "fp8_skip_patterns",
+    "is_quantized_layer",
     "main_dtype",
     "measure_component",
     "module_tensors",
     "named_tensors",
     "offload_type",
     "planning_margin_gib",
+    "quantized_compute_dtype",
+    "quantized_layer_names",
 ]
 
 # ---- calibration (see the module docstring and docs/vram.md)
@@ -90,11 +94,36 @@ def _stored_bytes(tensors: Mapping[int, torch.Tensor], fp8_ids: frozenset[int] =
     return sum(t.numel() * (1 if i in fp8_ids else t.element_size()) for i, t in tensors.items())
 
 
+def is_quantized_layer(module: nn.Module) -> bool:
+    """Whether ``module`` keeps its weight quantized (a Diffusers ``GGUFLinear`` with a packed ``GGUFParameter``, or
+    an :class:`~diffusers_wan_ext.models.quantized_linear.Fp8Linear`): stored as is, never cast to fp8 again."""
+    return isinstance(module, Fp8Linear) or any(is_gguf_parameter(p) for p in module.parameters(recurse=False))
+
+
+def quantized_layer_names(module: nn.Module) -> list[str]:
+    """Dotted names of the layers of ``module`` whose weights are already quantized (GGUF / fp8)."""
+    return [name for name, m in module.named_modules() if is_quantized_layer(m)]
+
+
+def quantized_compute_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype the quantized layers of ``module`` compute in (their ``compute_dtype``, else their bias's), weighted
+    by their bytes; ``None`` without quantized layers."""
+    counts = Counter()
+    for m in module.modules():
+        if is_quantized_layer(m):
+            dtype = getattr(m, "compute_dtype", None) or (m.bias.dtype if getattr(m, "bias", None) is not None
+                                                          else None)
+            if dtype is not None:
+                counts[dtype] += m.weight.numel()
+    return counts.most_common(1)[0][0] if counts else None
+
+
 def main_dtype(module: nn.Module) -> torch.dtype:
-    """The floating dtype holding most of the module's bytes."""
+    """The floating dtype holding most of the module's bytes (quantized fp8 / GGUF storage left out: the dtype the
+    rest of the module computes in)."""
     counts = Counter()
     for t in module_tensors(module).values():
-        if t.is_floating_point():
+        if t.is_floating_point() and t.element_size() > 1:
             counts[t.dtype] += t.numel() * t.element_size()
     return counts.most_common(1)[0][0] if counts else torch.float32
 
@@ -108,8 +137,9 @@ def fp8_skip_patterns(module: nn.Module) -> tuple[str, ...]:
 
 
 def _fp8_leaves(module: nn.Module, patterns: tuple[str, ...], prefix: str = "") -> Iterator[nn.Module]:
-    """The layers layerwise casting stores in fp8 (mirrors ``diffusers.hooks.layerwise_casting``)."""
-    if prefix and any(re.search(p, prefix) for p in patterns):
+    """The layers layerwise casting stores in fp8 (mirrors ``diffusers.hooks.layerwise_casting``; layers already
+    quantized, GGUF / fp8, are left as they are)."""
+    if (prefix and any(re.search(p, prefix) for p in patterns)) or is_quantized_layer(module):
         return
     if isinstance(module, _GO_LC_SUPPORTED_PYTORCH_LAYERS):
         yield module
@@ -239,7 +269,11 @@ _ACTIVATIONS = {
 # ================================================================================================ components
 @dataclass
 class ComponentSizes:
-    """Byte sizes of one component, measured once (works on meta tensors); pairs are (as stored, with fp8 storage)."""
+    """Byte sizes of one component, measured once (works on meta tensors); pairs are (as stored, with fp8 storage).
+
+    Sizes count every parameter and buffer once as stored: GGUF packed blocks in bytes, fp8 weights at one byte and
+    their float32 scales; ``quantized`` is the part of it in already quantized layers
+    (:func:`~diffusers_wan_ext.models.quantized_linear.quantized_weight_bytes`)."""
 
     name: str
     role: str
@@ -255,6 +289,7 @@ class ComponentSizes:
     leaf_max: int  # largest leaf-level group
     activations: int
     phases: tuple[str, ...]
+    quantized: int = 0  # bytes of weights already quantized (GGUF / fp8 layers)
 
 
 def _fp8_layout(module: nn.Module, role: str, compute: torch.dtype) -> tuple[frozenset[int], int]:
@@ -270,10 +305,10 @@ def _fp8_layout(module: nn.Module, role: str, compute: torch.dtype) -> tuple[fro
 
 def measure_component(name: str, role: str, module: nn.Module, shape: GenerationShape,
                       dtype: torch.dtype | None) -> ComponentSizes:
-    """Measure ``module`` (planned as ``name`` in ``role``) for ``shape``; ``dtype``: compute dtype (``None``: its
-    weights' dtype)."""
+    """Measure ``module`` (planned as ``name`` in ``role``) for ``shape``; ``dtype``: compute dtype (``None``: the
+    compute dtype of its quantized layers, else its weights' dtype)."""
     main = main_dtype(module)
-    compute = dtype or main
+    compute = dtype or quantized_compute_dtype(module) or main
     fp8_ids, fp8_upcast = _fp8_layout(module, role, compute)
 
     def sizes(tensors):
@@ -300,6 +335,7 @@ def measure_component(name: str, role: str, module: nn.Module, shape: Generation
         fp8_upcast=fp8_upcast, block_root=root_path, blocks=blocks, unmatched=unmatched, outside=outside,
         leaf_max=max(leaf_groups, default=0), phases=phases,
         activations=_ACTIVATIONS.get(role, _no_activations)(module, compute, shape, name),
+        quantized=quantized_weight_bytes(module),
     )
 
 

@@ -76,6 +76,8 @@ class ComponentPlan:
     storage_dtype: torch.dtype
     compute_dtype: torch.dtype
     phases: tuple[str, ...]
+    #: GiB of weights already quantized when loaded (GGUF / fp8 layers), part of ``weights_gib``
+    quantized_gib: float = 0.0
 
     @property
     def fp8(self) -> bool:
@@ -284,7 +286,8 @@ def plan_vram(
     """Decide how each component of a Wan pipeline is placed to stay within ``vram_limit`` (pure: moves nothing).
 
     Sizes are read from the modules' parameters and buffers as they are stored (meta-device modules work, so release
-    sizes can be planned without weights).
+    sizes can be planned without weights); a transformer loaded quantized (``load_quantized_dit``: GGUF / fp8
+    layers) counts its packed bytes, and the fp8 strategies are not offered for it.
 
     Args:
         pipe_or_components: a pipeline (its ``components``) or ``{name: module}``; known names are ``text_encoder``,
@@ -401,7 +404,7 @@ def _component_plans(comps: dict[str, ComponentSizes], order: list[str], assignm
             weights_gib=c.size[int(s.fp8)] / GIB, resident_gib=fp.resident / GIB,
             in_flight_gib=(fp.in_flight + fp.extra) / GIB, activations_gib=c.activations / GIB,
             cpu_ram_gib=fp.cpu / GIB, storage_dtype=FP8_DTYPE if s.fp8 else c.dtype,
-            compute_dtype=c.compute_dtype, phases=c.phases,
+            compute_dtype=c.compute_dtype, phases=c.phases, quantized_gib=c.quantized / GIB,
         )
     return plans
 
@@ -412,6 +415,9 @@ def _applicable(c: ComponentSizes, strategy: Strategy, allow_fp8: bool, disk_pat
         (strategy.fp8 and c.role not in FP8_ROLES,
          "fp8 storage is offered for transformers only (an fp8 encoder reports float8 as its dtype and the pipeline "
          "casts its embeddings to it)"),
+        (strategy.fp8 and c.quantized > 0,
+         "its weights are already quantized (GGUF / fp8 layers, counted as stored): fp8 layerwise casting would not "
+         "shrink them and must not wrap GGUFLinear / Fp8Linear"),
         (strategy.fp8 and not allow_fp8, "allow_fp8=False"),
         (strategy.disk and not disk_path, "disk offload needs offload_to_disk_path=..."),
         (offload_type(c, strategy) == "block_level" and c.block_root is None,
@@ -512,6 +518,9 @@ def _notes(plan: VramPlan, shape: GenerationShape) -> list[str]:
                 f"{str(c.compute_dtype).replace('torch.', '')}); "
                 "outputs change slightly -- allow_fp8=False keeps them exact"
             )
+        if c.quantized_gib > 0:
+            notes.append(f"{c.name}: {c.quantized_gib:.2f} GiB of weights already quantized (GGUF / fp8), planned "
+                         "as stored; no fp8 casting offered")
         if c.disk:
             notes.append(f"{c.name}: weights read back from {plan.offload_to_disk_path} on every use (slow)")
     if plan.use_stream and any(c.offload_type == "block_level" for c in plan.components.values()):

@@ -1,0 +1,137 @@
+"""The VRAM planner with a transformer loaded quantized (issue 21 item 4, CPU): ``load_quantized_dit`` keeps GGUF
+(Q8_0) / fp8 Linears packed, the memory model counts their stored bytes, the fp8 strategies are not offered for
+them, and an applied plan leaves the outputs unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from safetensors.torch import save_file
+from transformers import UMT5Config, UMT5EncoderModel
+
+pytest.importorskip("gguf")
+
+from diffusers.quantizers.gguf.utils import GGUFParameter  # noqa: E402
+
+from diffusers_wan_ext.conversion.dit import export_dit_state_dict  # noqa: E402
+from diffusers_wan_ext.conversion.quantized_dit import load_quantized_dit  # noqa: E402
+from diffusers_wan_ext.conversion.tokenizer import make_tiny_umt5_tokenizer  # noqa: E402
+from diffusers_wan_ext.hooks import disable_vram_management, enable_vram_management, plan_vram  # noqa: E402
+from diffusers_wan_ext.hooks.vram.memory import GenerationShape, measure_component  # noqa: E402
+from diffusers_wan_ext.models.quantized_linear import Fp8Linear, is_gguf_parameter, quantized_weight_bytes  # noqa: E402
+from diffusers_wan_ext.utils.fp8_files import fp8_state_dict  # noqa: E402
+from diffusers_wan_ext.utils.gguf_files import write_gguf  # noqa: E402
+
+H = W = 32
+F = 5
+ALL_RESIDENT = {"transformer": "resident", "text_encoder": "resident", "vae": "resident"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny DiT (width 64: every Linear fits Q8_0 blocks of 32) as a Q8_0 GGUF, a scaled fp8 and a bf16
+    safetensors file."""
+    torch.manual_seed(0)
+    dense = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2,
+                                  in_channels=16, out_channels=16, text_dim=32, freq_dim=32).eval()
+    sd = export_dit_state_dict(dense.state_dict())
+    folder = tmp_path_factory.mktemp("vram-quantized")
+    gguf_path = folder / "dit-Q8_0.gguf"
+    write_gguf(gguf_path, sd, "Q8_0")
+    fp8, meta = fp8_state_dict({"model.diffusion_model." + k: v for k, v in sd.items()},
+                               prefix="model.diffusion_model.")
+    fp8_path = folder / "dit-fp8.safetensors"
+    save_file({k: v.contiguous() for k, v in fp8.items()}, str(fp8_path), metadata=meta or None)
+    dense_path = folder / "dit-bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(dense_path))
+    tokenizer = make_tiny_umt5_tokenizer(folder / "umt5", vocab_size=256)
+    return {"bf16": dense_path, "gguf": gguf_path, "fp8": fp8_path, "tokenizer": tokenizer}
+
+
+def _pipe(files, transformer) -> WanPipeline:
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=256, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, feed_forward_proj="gated-gelu",
+    )).eval()
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    pipe = WanPipeline(tokenizer=files["tokenizer"], text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe) -> torch.Tensor:
+    return pipe("a cat on a mat", negative_prompt="blurry", height=H, width=W, num_frames=F, num_inference_steps=2,
+                guidance_scale=5.0, max_sequence_length=16, generator=torch.Generator().manual_seed(0),
+                output_type="pt").frames
+
+
+def _unquantized_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor outside the quantized weights (and fp8 scales), each counted once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            quantized = is_gguf_parameter(t) or (isinstance(module, Fp8Linear) and name in ("weight", "weight_scale"))
+            if id(t) not in seen and not quantized:
+                total += t.numel() * t.element_size()
+            seen.add(id(t))
+    return total
+
+
+@pytest.mark.parametrize("kind", ["gguf", "fp8"])
+def test_weight_estimate_counts_quantized_bytes(files, kind):
+    model = load_quantized_dit(files[kind], torch_dtype=torch.bfloat16)
+    layer = model.blocks[0].attn1.to_q
+    assert isinstance(layer.weight, GGUFParameter) if kind == "gguf" else isinstance(layer, Fp8Linear)
+    shape = GenerationShape(H, W, F, 1, False)
+    sizes = measure_component("transformer", "transformer", model, shape, None)
+    qbytes = quantized_weight_bytes(model)
+    assert qbytes > 0 and sizes.quantized == qbytes
+    assert sizes.size[0] == qbytes + _unquantized_bytes(model)
+    assert sizes.compute_dtype == torch.bfloat16  # the loader's dtype, not float8 / uint8 / the float32 rest
+    bf16 = load_quantized_dit(files["bf16"], torch_dtype=torch.bfloat16)
+    dense = measure_component("transformer", "transformer", bf16, shape, None)
+    assert dense.quantized == 0 and dense.size[0] - sizes.size[0] > 0.4 * qbytes  # 2 bytes a weight against ~1
+
+    plan = plan_vram({"transformer": model}, 4, height=H, width=W, num_frames=F)
+    c = plan.components["transformer"]
+    assert plan.strategies == {"transformer": "resident"} and not plan.fp8_components
+    assert c.weights_gib * 2**30 == pytest.approx(sizes.size[0]) and c.quantized_gib * 2**30 == qbytes
+    assert any("already quantized" in note for note in plan.notes)
+    for strategy in ("resident_fp8", "group_offload_fp8"):
+        with pytest.raises(ValueError, match="already quantized"):
+            plan_vram({"transformer": model}, 4, height=H, width=W, num_frames=F, overrides={"transformer": strategy})
+
+
+@pytest.mark.parametrize("kind", ["gguf", "fp8"])
+def test_quantized_transformer_fits_where_bf16_does_not(files, kind):
+    quantized = _pipe(files, load_quantized_dit(files[kind], torch_dtype=torch.bfloat16))
+    dense = _pipe(files, load_quantized_dit(files["bf16"], torch_dtype=torch.bfloat16))
+    kw = dict(height=480, width=832, num_frames=81, overrides=ALL_RESIDENT)
+    peaks = [plan_vram(p, 10, **kw).peak_gib for p in (quantized, dense)]
+    assert peaks[0] < peaks[1]
+    limit = (peaks[0] + peaks[1]) / 2 + 0.5  # margin 0.5 GiB below 10 GiB
+    assert plan_vram(quantized, limit, **kw).peak_gib == pytest.approx(peaks[0])
+    with pytest.raises(ValueError, match="no placement fits"):
+        plan_vram(dense, limit, **kw)
+
+
+@pytest.mark.parametrize("kind", ["gguf", "fp8"])
+def test_applied_plan_keeps_outputs(files, kind):
+    pipe = _pipe(files, load_quantized_dit(files[kind], torch_dtype=torch.float32))
+    baseline = _run(pipe)
+    plan = enable_vram_management(pipe, 4, device="cpu", height=H, width=W, num_frames=F, verbose=False,
+                                  overrides={"transformer": "group_offload", "vae": "leaf_offload"})
+    try:
+        assert plan.strategies["transformer"] == "group_offload"
+        assert torch.equal(_run(pipe), baseline)
+    finally:
+        disable_vram_management(pipe)
+    layer = pipe.transformer.blocks[1].ffn.net[2]
+    if kind == "gguf":
+        assert isinstance(layer.weight, GGUFParameter) and layer.weight.dtype == torch.uint8
+    else:
+        assert isinstance(layer, Fp8Linear) and layer.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(_run(pipe), baseline)
