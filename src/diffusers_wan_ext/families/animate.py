@@ -16,6 +16,7 @@ from diffusers.models.transformers.transformer_wan_animate import WanAttnProcess
 from diffusers.models.transformers.transformer_wan_animate import WanTransformerBlock as WanAnimateBlock
 
 from ..conversion.animate import (
+    DIFFUSERS_LORA_FILE,
     animate_config_from_state_dict,
     convert_animate_state_dict,
     convert_relighting_lora,
@@ -95,6 +96,9 @@ def make_tiny_relighting_lora(path: str | Path, dit_state_dict: dict, rank: int 
 
 def run_relighting_lora(args: Any) -> int:
     """``diffusers-wan relighting-lora SRC DST [--dtype]``: the release's relighting LoRA as a Diffusers LoRA folder."""
+    target = Path(args.dst) / DIFFUSERS_LORA_FILE
+    if target.exists() and not args.overwrite:  # checked before reading SRC
+        raise ValueError(f"relighting-lora: {target} exists; pass --overwrite to replace it")
     with naming(args.src):
         lora = convert_relighting_lora(args.src)
     path = save_relighting_lora(lora, args.dst, dtype=DTYPES[args.dtype] if args.dtype else None,
