@@ -135,3 +135,31 @@ def test_applied_plan_keeps_outputs(files, kind):
     else:
         assert isinstance(layer, Fp8Linear) and layer.weight.dtype == torch.float8_e4m3fn
     assert torch.equal(_run(pipe), baseline)
+
+
+def _meta_14b(fp8: bool) -> torch.nn.Module:
+    """The Wan2.1 14B DiT on the meta device in bf16, its block Linears swapped for :class:`Fp8Linear` if ``fp8``."""
+    with torch.device("meta"):
+        model = WanTransformer3DModel(
+            num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, in_channels=16,
+            out_channels=16, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2), qk_norm="rms_norm_across_heads",
+            cross_attn_norm=True, eps=1e-6, rope_max_seq_len=1024,
+        ).to(torch.bfloat16)
+    for name, layer in list(model.named_modules()):
+        if fp8 and name.startswith("blocks.") and type(layer) is torch.nn.Linear:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Fp8Linear(
+                layer.in_features, layer.out_features, layer.bias is not None, compute_dtype=torch.bfloat16,
+                device="meta"))
+    return model
+
+
+def test_release_size_fp8_14b_stays_resident_on_24gb():
+    quantized, dense = _meta_14b(fp8=True), _meta_14b(fp8=False)
+    kw = dict(sliding_window_size=8)
+    plan = plan_vram({"transformer": quantized}, "24gb", **kw)
+    assert plan.strategies == {"transformer": "resident"}  # no lossy casting needed
+    assert plan.components["transformer"].weights_gib == pytest.approx(13.5, abs=0.1)
+    assert plan_vram({"transformer": dense}, "24gb", **kw).strategies == {"transformer": "resident_fp8"}
+    assert plan_vram({"transformer": dense}, "24gb", allow_fp8=False, **kw).strategies == {
+        "transformer": "group_offload"}
