@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sp/site-packages \
-  .whl/diffusers*.whl .whl/ftfy*.whl .whl/wcwidth*.whl $(ls .whl/torchao*.whl 2>/dev/null) || exit 1
+  .whl/diffusers*.whl .whl/ftfy*.whl .whl/wcwidth*.whl $(ls .whl/torchao*.whl .whl/gguf*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/sp/site-packages:$PWD/src
 if [ -d .fa4b ] && [ -f /tmp/fa4/cu13part.aa ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/sp/site-packages .fa4b/*.whl &&
