@@ -167,3 +167,19 @@ def table(rows: list[dict], cols: list[str]) -> str:
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
     line = lambda vals: "| " + " | ".join(str(v).ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line([r.get(c, "") for c in cols]) for r in rows])
+
+
+@torch.no_grad()
+def time_forward(model, kw: dict, repeats: int) -> tuple[float, float, torch.Tensor]:
+    """One warm-up forward, then the median seconds of ``repeats`` forwards, the peak GiB allocated above what was
+    allocated before them, and the warm-up's output (float32)."""
+    out = model(**kw)[0]
+    times = []
+    with peak_memory() as mem:
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(**kw)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), mem["peak_gib"] - mem["base_gib"], out.float()

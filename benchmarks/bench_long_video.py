@@ -15,12 +15,10 @@ Prints a table and writes bench_long_video.json under $OUT.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from _common import DIT_CONFIGS, TEXT_LEN, env_info, peak_memory, table, write_json
+from _common import DIT_CONFIGS, TEXT_LEN, env_info, table, time_forward, write_json
 
 
 def build(name: str):
@@ -38,20 +36,6 @@ def inputs(latent_frames: int, height: int, width: int, seed: int = 0) -> dict:
     ctx = torch.randn(1, TEXT_LEN, 4096, generator=g).to("cuda", torch.bfloat16)
     return dict(hidden_states=x, timestep=torch.full((1,), 500.0, device="cuda"), encoder_hidden_states=ctx,
                 return_dict=False)
-
-
-@torch.no_grad()
-def measure(model, kw: dict, repeats: int) -> tuple[float, float]:
-    model(**kw)  # warm-up (kernel selection)
-    times = []
-    with peak_memory() as mem:
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(**kw)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), mem["peak_gib"] - mem["base_gib"]
 
 
 def main() -> None:
@@ -72,10 +56,10 @@ def main() -> None:
     for frames in (int(f) for f in args.frames.split(",")):
         t = (frames - 1) // 4 + 1
         kw = inputs(t, args.height, args.width)
-        full_s, full_gib = measure(model, kw, args.repeats)
+        full_s, full_gib, _ = time_forward(model, kw, args.repeats)
         apply_sliding_window(model, size, stride)
         try:
-            win_s, win_gib = measure(model, kw, args.repeats)
+            win_s, win_gib, _ = time_forward(model, kw, args.repeats)
         finally:
             remove_sliding_window(model)
         n = len(sliding_windows(t, size, stride))

@@ -15,28 +15,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from _common import DIT_CONFIGS, env_info, make_dit_inputs, peak_memory, table, write_json
-
-
-@torch.no_grad()
-def measure(model, kw: dict, repeats: int) -> tuple[float, float, torch.Tensor]:
-    out = model(**kw)[0]  # warm-up
-    times = []
-    with peak_memory() as mem:
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(**kw)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), mem["peak_gib"] - mem["base_gib"], out.float()
+from _common import DIT_CONFIGS, env_info, make_dit_inputs, table, time_forward, write_json
 
 
 def weight_gib(model) -> float:
@@ -73,7 +58,7 @@ def main() -> None:
     del original
     kw = make_dit_inputs(args.model)
     model.to("cuda")
-    ref_s, ref_peak, ref = measure(model, kw, args.repeats)
+    ref_s, ref_peak, ref = time_forward(model, kw, args.repeats)
     rows = [{"weights": "bf16", "s": f"{ref_s:.3f}", "weight GiB": f"{weight_gib(model):.2f}",
              "peak GiB": f"{ref_peak:.2f}", "rel err": "-", "time ratio": "1.00"}]
     model.to("cpu")
@@ -81,7 +66,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     for fmt, path in files.items():
         q = load_quantized_dit(path, torch_dtype=torch.bfloat16, device="cuda").eval()
-        s, peak, out = measure(q, kw, args.repeats)
+        s, peak, out = time_forward(q, kw, args.repeats)
         err = ((out - ref).norm() / ref.norm()).item()
         rows.append({"weights": fmt, "s": f"{s:.3f}", "weight GiB": f"{weight_gib(q):.2f}", "peak GiB": f"{peak:.2f}",
                      "rel err": f"{err:.2e}", "time ratio": f"{s / ref_s:.2f}"})

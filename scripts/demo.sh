@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure_env.sh
 PY=${PYTHON:-python3}
-exec "$PY" -m diffusers_wan_ext.cli demo --output "${1:-outputs/demo.mp4}"
+exec "$PY" -m diffusers_wan_ext_cli demo --output "${1:-outputs/demo.mp4}"

@@ -167,7 +167,7 @@ def test_relighting_lora_equals_the_peft_update(tiny_release, folder):
 
 
 def test_relighting_lora_cli_and_errors(tiny_release, tmp_path):
-    from diffusers_wan_ext.cli import main
+    from diffusers_wan_ext_cli import main
     from diffusers_wan_ext.conversion.animate import convert_relighting_lora
     from diffusers_wan_ext.release_converter import convert_release
 
@@ -322,7 +322,7 @@ def test_example_script_replaces_with_relighting(folder, media, tmp_path):
 def test_cli_generate_animates_from_files(folder, media, tmp_path):
     from diffusers.utils import load_video
 
-    from diffusers_wan_ext.cli import main
+    from diffusers_wan_ext_cli import main
 
     d, paths, _ = media
     out = tmp_path / "animate.mp4"

@@ -19,7 +19,7 @@ from diffusers import WanAnimate2Transformer3DModel
 from diffusers.models.transformers.transformer_wan_animate_2 import rope_apply
 from safetensors.torch import load_file, save_file
 
-from diffusers_wan_ext.cli import main
+from diffusers_wan_ext_cli import main
 from diffusers_wan_ext.conversion.animate2 import (
     animate2_config_from_state_dict,
     convert_animate2_state_dict,

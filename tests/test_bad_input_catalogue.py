@@ -1,6 +1,6 @@
 """A catalogue of user mistakes across the ``diffusers-wan`` verbs and the trainer (issue 19, item 2).
 
-Every case runs the command line in-process (``diffusers_wan_ext.cli.main([...])``; the trainer through
+Every case runs the command line in-process (``diffusers_wan_ext_cli.main([...])``; the trainer through
 ``examples/training/train.py``) and checks the contract: a non-zero exit status, exactly one line on stderr, starting
 with ``error:``, no traceback, naming the offending argument or file -- never a traceback, a hang or a silent success.
 
@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusers_wan_ext.cli import main
+from diffusers_wan_ext_cli import main
 from diffusers_wan_ext.conversion.dit import DitInfo
 from diffusers_wan_ext.release_converter import choose_variant
 from diffusers_wan_ext.training import main as train_main

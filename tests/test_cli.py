@@ -3,7 +3,7 @@
 import imageio.v3 as iio
 import pytest
 
-from diffusers_wan_ext.cli import main
+from diffusers_wan_ext_cli import main
 
 
 def test_demo_writes_a_real_mp4(tmp_path, capsys):

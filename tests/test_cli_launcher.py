@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from diffusers_wan_ext.cli.manifest_writer import main as manifest_main
+from diffusers_wan_ext_cli.manifest_writer import main as manifest_main
 from diffusers_wan_ext.families import FAMILIES
 from diffusers_wan_ext.lora.formats import LORA_FORMATS
 from diffusers_wan_ext_cli import build_parser

@@ -165,7 +165,7 @@ def test_sharded_dit_and_bf16(tiny_release, tmp_path):
 
 
 def test_cli_convert(tiny_release, tmp_path, capsys):
-    from diffusers_wan_ext.cli import main
+    from diffusers_wan_ext_cli import main
 
     assert main(["convert", str(tiny_release("t2v")), str(tmp_path / "out"), "--dtype", "fp32"]) == 0
     assert (tmp_path / "out" / "model_index.json").exists()

@@ -205,7 +205,7 @@ def test_vace_folders_run_in_stock_diffusers(converted, experts):
 def test_add_motion_controller_cli_turns_a_t2v_folder_into_speed_control(converted, tmp_path):
     import shutil
 
-    from diffusers_wan_ext.cli import main
+    from diffusers_wan_ext_cli import main
     from diffusers_wan_ext.demo import make_tiny_motion_controller
 
     folder = tmp_path / "t2v"

@@ -26,7 +26,7 @@ def test_round_trip_original_diffusers_original(tiny_release, arch):
 
 def test_round_trip_through_saved_model(tiny_release, tmp_path):
     """original file -> our converter -> save_pretrained -> export-dit -> same tensors as the original file."""
-    from diffusers_wan_ext.cli import main
+    from diffusers_wan_ext_cli import main
 
     rel = tiny_release("i2v")
     model = load_dit_from_original(rel)

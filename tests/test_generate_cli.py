@@ -13,7 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from diffusers_wan_ext.cli import main
+from diffusers_wan_ext_cli import main
 
 BASE = ["--prompt", "a fox", "--height", "32", "--width", "32", "--num-frames", "5", "--steps", "1", "--dtype", "fp32"]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusers_wan_ext.cli import main
+from diffusers_wan_ext_cli import main
 from diffusers_wan_ext.demo import TINY, write_video
 from diffusers_wan_ext.release_converter import convert_release
 

@@ -141,7 +141,7 @@ def test_converter_errors_write_nothing(release, tmp_path):
 def test_cli_convert_generate_and_continue(release, tmp_path, capsys):
     from diffusers.utils import load_video
 
-    from diffusers_wan_ext.cli import main
+    from diffusers_wan_ext_cli import main
 
     assert main(["convert", str(release), str(tmp_path / "cli"), "--dtype", "fp32"]) == 0
     assert "converted" in capsys.readouterr().out

@@ -31,7 +31,7 @@ from diffusers_wan_ext import (  # noqa: E402
     WanSpeedControlPipeline,
     WanVideoToVideoReferencePipeline,
 )
-from diffusers_wan_ext.cli import main as cli_main  # noqa: E402
+from diffusers_wan_ext_cli import main as cli_main  # noqa: E402
 from diffusers_wan_ext.conversion.dit import rename_dit_key  # noqa: E402
 from diffusers_wan_ext.lora import (  # noqa: E402
     LORA_FORMATS,

@@ -167,7 +167,7 @@ def test_converter_errors_name_the_problem(release, tmp_path):
 
 
 def test_cli_converts_with_an_explicit_audio_encoder(release, tmp_path):
-    from diffusers_wan_ext.cli import main
+    from diffusers_wan_ext_cli import main
 
     rel = _copy_release(release, tmp_path)
     moved = tmp_path / "w2v"

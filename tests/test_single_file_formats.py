@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 gguf = pytest.importorskip("gguf")
 
-from diffusers_wan_ext.cli import main as cli_main  # noqa: E402
+from diffusers_wan_ext_cli import main as cli_main  # noqa: E402
 from diffusers_wan_ext.conversion.dit import load_dit_from_original  # noqa: E402
 from diffusers_wan_ext.conversion.text_encoder import (  # noqa: E402
     GGUF_T5_NAMES, convert_t5_state_dict, load_t5_from_original)

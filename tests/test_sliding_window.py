@@ -428,7 +428,7 @@ def test_fun_control_pipeline_windows(parts):
 
 # -------------------------------------------------------------------------------------------------- CLI
 def cli(argv, capsys):
-    from diffusers_wan_ext.cli import main
+    from diffusers_wan_ext_cli import main
 
     try:
         rc = main(argv)

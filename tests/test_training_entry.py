@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusers_wan_ext.cli import main as cli_main
+from diffusers_wan_ext_cli import main as cli_main
 from diffusers_wan_ext.demo import make_tiny_dataset
 from diffusers_wan_ext.lora import convert_lora_state_dict, load_lora_file, save_lora_file
 from diffusers_wan_ext.training import parse_args, run_training

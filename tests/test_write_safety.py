@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_wan_ext.cli import main as cli_main
+from diffusers_wan_ext_cli import main as cli_main
 from diffusers_wan_ext.lora import save_lora_file
 from diffusers_wan_ext.release_converter import convert_release
 from diffusers_wan_ext.utils import ConversionError

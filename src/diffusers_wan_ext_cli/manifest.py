@@ -3,7 +3,7 @@
 ``diffusers-wan --help`` must answer without importing torch, Diffusers or the family declarations (importing
 ``diffusers_wan_ext`` registers every class with Diffusers, which takes seconds), so what the families add to the
 command line is listed in ``manifest.json`` next to this file.  The manifest is derived data:
-:mod:`diffusers_wan_ext.cli.manifest_writer` writes it from the family registry and ``--check`` (run by the test
+:mod:`diffusers_wan_ext_cli.manifest_writer` writes it from the family registry and ``--check`` (run by the test
 suite) fails when a declaration changed and the file was not rewritten.
 """
 

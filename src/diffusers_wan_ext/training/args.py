@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Sequence
 
 from diffusers.optimization import SchedulerType
-from diffusers_wan_ext_cli.parser import CommandLineParser
 
 from ..families import training_declarations
 from ..lora import LORA_FORMATS, map_lora_target_modules
@@ -80,9 +79,16 @@ def _declared_help(items) -> str:
     return "".join(f", {item.help}" for item in items if item.help)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Errors are one line, ``error: PROG: MESSAGE (see 'PROG --help')``, exit status 2 (as the launcher's parser)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The trainer's parser; ``prog`` names the command in usage and errors (``diffusers-wan train``)."""
-    p = CommandLineParser(  # errors are one line: error: PROG: MESSAGE
+    p = OneLineErrorParser(  # errors are one line: error: PROG: MESSAGE
         prog=prog,
         description="Train Wan LoRAs or full transformers (PEFT + accelerate); launch with `accelerate launch`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

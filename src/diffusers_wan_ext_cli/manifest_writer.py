@@ -1,6 +1,6 @@
 """Write (or ``--check``) ``cli/manifest.json`` from the family registry.
 
-Run ``python -m diffusers_wan_ext.cli.manifest_writer`` after changing a family's ``cli_commands`` or
+Run ``python -m diffusers_wan_ext_cli.manifest_writer`` after changing a family's ``cli_commands`` or
 ``generate_inputs``; the test suite runs it with ``--check``.
 """
 
@@ -13,9 +13,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..families import FAMILIES
-from ..lora.formats import COMPONENT_RENAMERS
-from diffusers_wan_ext_cli.manifest import MANIFEST_PATH
+from diffusers_wan_ext.families import FAMILIES
+from diffusers_wan_ext.lora.formats import COMPONENT_RENAMERS
+
+from .manifest import MANIFEST_PATH
 
 __all__ = ["build_manifest", "main"]
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = args.path.read_text(encoding="utf-8") if args.path.exists() else ""
         if current != text:
-            print(f"{args.path} is out of date: run python -m diffusers_wan_ext.cli.manifest_writer", file=sys.stderr)
+            print(f"{args.path} is out of date: run python -m diffusers_wan_ext_cli.manifest_writer", file=sys.stderr)
             return 1
         return 0
     args.path.write_text(text, encoding="utf-8")
