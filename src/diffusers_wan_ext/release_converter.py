@@ -42,7 +42,6 @@ from .conversion.release_io import (
     library_of,
     progress_bar,
     progress_message,
-    with_path,
     write_model_card,
 )
 from .conversion.text_encoder import load_t5_from_original
@@ -51,7 +50,7 @@ from .conversion.vae import detect_vae_version, load_vae_from_original
 from .families import FAMILIES, VARIANTS, ReleaseOptions, WanVariant, get_variant, variants_for_arch
 from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler
 from .utils.atomic import atomic_output_dir, claim_destination
-from .utils.io import ConversionError, load_state_dict, strip_known_prefixes
+from .utils.io import ConversionError, load_state_dict, strip_known_prefixes, with_path
 from .utils.quantized_tensor import QuantizedTensor
 from .utils.shims import rewrite_model_index_for_shims
 

@@ -1,20 +1,15 @@
-"""Helpers shared by the release converters: storage dtypes, progress, error context, model cards, class records."""
+"""Helpers shared by the release converters: storage dtypes, progress, model cards, class records."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple as fetch_class_library_tuple
 from tqdm.auto import tqdm
 
-from ..utils.io import ConversionError
-
-__all__ = ["DTYPES", "first_existing", "library_of", "progress_bar", "progress_message", "with_path",
-           "write_model_card"]
+__all__ = ["DTYPES", "first_existing", "library_of", "progress_bar", "progress_message", "write_model_card"]
 
 #: ``--dtype`` names -> torch dtypes
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,15 +35,6 @@ def progress_message(text: str, enabled: bool) -> None:
     """One line of the converter's progress output (stderr, kept clear of the bar); nothing when ``enabled`` is off."""
     if enabled:
         tqdm.write(text, file=sys.stderr)
-
-
-def with_path(path: str | os.PathLike | None, fn: Callable[[], Any]) -> Any:
-    """Run ``fn``; a :class:`ConversionError` it raises names ``path`` (once)."""
-    try:
-        return fn()
-    except ConversionError as e:
-        msg = str(e)
-        raise ConversionError(msg if str(path) in msg else f"{path}: {msg}") from e
 
 
 def library_of(obj) -> list[str]:

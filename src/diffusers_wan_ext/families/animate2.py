@@ -36,14 +36,14 @@ from ..conversion.animate2 import (
 )
 from ..conversion.dit import DitExtension
 from ..conversion.image_encoder import load_clip_from_original
-from ..conversion.release_io import DTYPES, first_existing, progress_bar, with_path, write_model_card
+from ..conversion.release_io import DTYPES, first_existing, progress_bar, write_model_card
 from ..conversion.text_encoder import load_t5_from_original
 from ..conversion.tokenizer import load_umt5_tokenizer
 from ..conversion.vae import detect_vae_version, load_vae_from_original
 from ..models import WanAnimate2ExtTransformer3DModel
 from ..models.transformer_wan_animate2 import RELEASE_CLIP_DIM
 from ..utils.atomic import atomic_output_dir
-from ..utils.io import ConversionError, load_state_dict
+from ..utils.io import ConversionError, load_state_dict, with_path
 from .base import ModelFamily, ReleaseOptions, TinyArch, WanVariant
 from .tiny import TINY
 

@@ -29,7 +29,7 @@ from ..conversion.longcat import (
     is_longcat_state_dict,
     load_longcat_transformer_from_original,
 )
-from ..conversion.release_io import DTYPES, first_existing, progress_bar, with_path, write_model_card
+from ..conversion.release_io import DTYPES, first_existing, progress_bar, write_model_card
 from ..conversion.text_encoder import export_t5_state_dict, load_t5_from_original
 from ..conversion.tokenizer import load_umt5_tokenizer, make_tiny_umt5_tokenizer
 from ..conversion.vae import detect_vae_version, export_vae_state_dict, load_vae_from_original
@@ -37,7 +37,7 @@ from ..models import LongCatVideoTransformer3DModel
 from ..models.transformer_longcat import LongCatVideoAttnProcessor, LongCatVideoTransformerBlock, longcat_ffn_dim
 from ..pipelines import LongCatVideoPipeline
 from ..utils.atomic import atomic_output_dir
-from ..utils.io import ConversionError, load_state_dict, read_json
+from ..utils.io import ConversionError, load_state_dict, read_json, with_path
 from .base import GenerateInput, ModelFamily, ReleaseOptions, WanVariant
 from .tiny import TINY, tiny_t5, tiny_vae21
 

@@ -24,13 +24,13 @@ from safetensors.torch import save_file
 
 from ..conversion.dit import DitInfo
 from ..conversion.motion_controller import MOTION_CONTROLLER_KEY_MAP, load_motion_controller_from_original
-from ..conversion.release_io import DTYPES, with_path
+from ..conversion.release_io import DTYPES
 from ..lora.formats import register_lora_component
 from ..models import WanMotionControllerModel
 from ..models.motion_controller import apply_motion_control
 from ..pipelines import WanSpeedControlPipeline
 from ..utils.atomic import atomic_output_dir, atomic_write_text, claim_destination
-from ..utils.io import ConversionError, read_json
+from ..utils.io import ConversionError, read_json, with_path
 from ..utils.shims import rewrite_model_index_for_shims
 from .base import (
     CommandArgument,

@@ -16,7 +16,7 @@ import struct
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,6 +37,7 @@ __all__ = [
     "raise_for_non_finite",
     "read_json",
     "strip_known_prefixes",
+    "with_path",
 ]
 
 
@@ -87,6 +88,12 @@ def naming(path: str | os.PathLike) -> Iterator[None]:
         if str(path) in msg:
             raise
         raise ConversionError(f"{path}: {msg}") from e
+
+
+def with_path(path: str | os.PathLike | None, fn: Callable[[], Any]) -> Any:
+    """``fn()`` under :func:`naming`: the call form, for one expression (``vae = with_path(p, lambda: load(p))``)."""
+    with naming(path):
+        return fn()
 
 
 _NOT_REGULAR = (
