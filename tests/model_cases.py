@@ -13,6 +13,8 @@ import torch
 
 from diffusers_wan_ext import (
     LongCatVideoTransformer3DModel,
+    MovaAudioTransformer1DModel,
+    MovaDualTowerBridge,
     WanAnimateExtTransformer3DModel,
     WanExtTransformer3DModel,
     WanFunTransformer3DModel,
@@ -119,6 +121,18 @@ def _longcat_inputs(seed: int) -> dict[str, Any]:
                 encoder_hidden_states=_rand(g, 1, 8, 32), num_cond_latents=1)
 
 
+def _mova_audio_inputs(seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_rand(g, 1, 128, 19), timestep=torch.tensor([700.0]),
+                encoder_hidden_states=_rand(g, 1, 8, 32))
+
+
+def _mova_bridge_inputs(seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return dict(visual_hidden_states=_rand(g, 1, 32, 48), audio_hidden_states=_rand(g, 1, 19, 36), layer_index=1,
+                video_grid_size=(2, 4, 4), frame_rate=24.0)
+
+
 def _motion_controller_inputs(seed: int) -> dict[str, Any]:
     return dict(motion_bucket_id=torch.tensor([10.0 + 7 * seed]))
 
@@ -149,6 +163,15 @@ def model_cases() -> list[ModelCase]:
         ModelCase("longcat", LongCatVideoTransformer3DModel,
                   dict(num_attention_heads=2, attention_head_dim=24, num_layers=2, text_dim=32, freq_dim=32,
                        time_embed_dim=32, ffn_dim=64), _longcat_inputs),
+        ModelCase("mova_audio", MovaAudioTransformer1DModel,
+                  dict(num_attention_heads=2, attention_head_dim=24, text_dim=32, freq_dim=32, ffn_dim=96,
+                       num_layers=2, rope_max_seq_len=64), _mova_audio_inputs),
+        ModelCase("mova_bridge", MovaDualTowerBridge,
+                  dict(visual_layers=3, audio_layers=2, visual_hidden_dim=48, audio_hidden_dim=36, head_dim=12),
+                  _mova_bridge_inputs, output_field="visual_hidden_states", is_transformer=False,
+                  skip={"gradient_checkpointing": "cross-attention pairs called per layer by the joint forward: no "
+                                                  "block loop of its own to checkpoint",
+                        "caches": "not a transformer: no blocks for step caches"}),
         ModelCase("motion_controller", WanMotionControllerModel, dict(freq_dim=32, dim=48),
                   _motion_controller_inputs, output_field="offset", is_transformer=False,
                   lora_targets=("linear.0", "linear.2", "linear.4"),

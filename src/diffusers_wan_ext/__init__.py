@@ -19,6 +19,8 @@ bind_clip_image_processor()
 from .models import (  # noqa: E402
     LongCatKVCache,
     LongCatVideoTransformer3DModel,
+    MovaAudioTransformer1DModel,
+    MovaDualTowerBridge,
     WanAnimate2ExtTransformer3DModel,
     WanAnimateExtTransformer3DModel,
     WanExtTransformer3DModel,
@@ -31,6 +33,7 @@ from .models import (  # noqa: E402
 )
 from .pipelines import (  # noqa: E402
     LongCatVideoPipeline,
+    WanAnimate2Pipeline,
     WanAnimateExtPipeline,
     WanExtPipeline,
     WanFunCameraControlPipeline,
@@ -52,8 +55,11 @@ __all__ = [
     "LongCatKVCache",
     "LongCatVideoPipeline",
     "LongCatVideoTransformer3DModel",
+    "MovaAudioTransformer1DModel",
+    "MovaDualTowerBridge",
     "WanAnimateExtPipeline",
     "WanAnimate2ExtTransformer3DModel",
+    "WanAnimate2Pipeline",
     "WanAnimateExtTransformer3DModel",
     "WanExtPipeline",
     "WanExtTransformer3DModel",

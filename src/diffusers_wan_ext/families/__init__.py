@@ -23,6 +23,7 @@ from typing import Any, Iterator
 from ..conversion.dit import register_dit_extension
 from .animate import AnimateFamily
 from .animate2 import Animate2Family
+from .dancer import DancerFamily
 from .base import (
     CommandArgument,
     Conditioning,
@@ -73,7 +74,7 @@ __all__ = [
 #: Every family, in detection / listing order (the core first: its rows are the defaults of shared layouts).
 FAMILIES: tuple[ModelFamily, ...] = (
     WanCoreFamily(), FunFamily(), VaceFamily(), AnimateFamily(), SpeechToVideoFamily(), SpeedControlFamily(),
-    VideoAsPromptFamily(), LongCatFamily(), Animate2Family(),
+    VideoAsPromptFamily(), LongCatFamily(), Animate2Family(), DancerFamily(),
 )
 #: Every release row of every family.
 VARIANTS: tuple[WanVariant, ...] = tuple(v for f in FAMILIES for v in f.variants)

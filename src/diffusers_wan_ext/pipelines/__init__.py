@@ -19,6 +19,8 @@
 * :class:`WanExtPipeline` -- ``WanPipeline`` with CFG batching (cond + uncond in one transformer forward).
 * :class:`WanAnimateExtPipeline` -- ``WanAnimatePipeline`` (Wan2.2-Animate) with video-file / array inputs, strict
   validation and the relighting LoRA.
+* :class:`WanDancerPipeline` -- Wan2.2-Dancer-14B: reference image + music -> global keyframes, then 30-fps local
+  segments.
 * :class:`WanSpeechToVideoPipeline` -- Wan2.2-S2V-14B: reference image + audio (+ pose video), multi-clip with
   motion history, as long as the audio.
 
@@ -40,6 +42,7 @@ continuation and image-to-video.
 
 from .pipeline_longcat_video import LongCatVideoPipeline
 from .pipeline_wan_animate_ext import WanAnimateExtPipeline
+from .pipeline_wan_dancer import WanDancerPipeline
 from .pipeline_wan_ext import WanExtPipeline
 from .pipeline_wan_fun_camera import WanFunCameraControlPipeline
 from .pipeline_wan_fun_control import WanFunControlPipeline
@@ -54,6 +57,7 @@ from .pipeline_wan_video_as_prompt import WanVideoAsPromptPipeline
 __all__ = [
     "LongCatVideoPipeline",
     "WanAnimateExtPipeline",
+    "WanDancerPipeline",
     "WanExtPipeline",
     "WanFunCameraControlPipeline",
     "WanFunControlPipeline",

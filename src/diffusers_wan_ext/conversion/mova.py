@@ -1,0 +1,271 @@
+"""MOVA release components (openmoss/MOVA-360p / MOVA-720p) -> our Diffusers classes.
+
+The release is a Diffusers-style folder, one sub-folder per component (``config.json`` + ``diffusion_pytorch_model*``
+safetensors): ``video_dit/`` (high-noise expert) and ``video_dit_2/`` (low-noise expert) in the original Wan key
+layout (Wan2.2-I2V without CLIP -> stock ``WanTransformer3DModel`` through :mod:`~diffusers_wan_ext.conversion.dit`),
+``audio_dit/`` (Wan keys with a ``Conv1d`` ``patch_embedding``), ``dual_tower_bridge/``
+(``audio_to_video_conditioners.N.*`` / ``video_to_audio_conditioners.N.*``) and ``audio_vae/`` (a DAC VAE;
+:mod:`~diffusers_wan_ext.conversion.mova_audio_vae`).  Every key map here is a table of module-path pairs; widths
+come from the shapes, what shapes cannot tell (heads, the bridge's head dim and depths) from the release
+``config.json`` (constructor-argument names), else the release values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from accelerate import init_empty_weights
+
+from ..models.mova_bridge import INTERACTION_STRATEGIES, MovaDualTowerBridge, interaction_layers
+from ..models.transformer_mova_audio import MovaAudioTransformer1DModel
+from ..utils.io import ConversionError, format_keys
+from .dit import (
+    BLOCK_KEY_MAP,
+    RELEASE_HEAD_DIM,
+    block_indices,
+    check_block_layout,
+    flip_table,
+    load_converted_state_dict,
+    read_original_dit,
+    rename_by_table,
+)
+
+__all__ = [
+    "AUDIO_DIT_TOP_LEVEL_KEY_MAP",
+    "BRIDGE_BLOCK_KEY_MAP",
+    "BRIDGE_GROUPS",
+    "MOVA_COMPONENT_FOLDERS",
+    "audio_dit_config_from_state_dict",
+    "bridge_config_from_state_dict",
+    "convert_mova_audio_dit_state_dict",
+    "convert_mova_bridge_state_dict",
+    "export_mova_audio_dit_state_dict",
+    "export_mova_bridge_state_dict",
+    "is_mova_audio_dit",
+    "is_mova_bridge",
+    "load_mova_audio_dit",
+    "load_mova_bridge",
+]
+
+#: Release sub-folder -> what it holds.
+MOVA_COMPONENT_FOLDERS = {
+    "video_dit": "high-noise video expert (Wan2.2-I2V DiT without CLIP, original Wan keys)",
+    "video_dit_2": "low-noise video expert (same layout)",
+    "audio_dit": "audio DiT (Wan keys, Conv1d patch_embedding)",
+    "dual_tower_bridge": "dual-tower bridge (audio_to_video_conditioners.N.* / video_to_audio_conditioners.N.*)",
+    "audio_vae": "DAC audio VAE (48 kHz, hop 960, 128 latent channels)",
+}
+
+# (release module path, ours) -- the audio DiT's top level; its blocks use the Wan block table.
+AUDIO_DIT_TOP_LEVEL_KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("patch_embedding", "patch_embedding"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("head.head", "proj_out"),
+    ("head.modulation", "scale_shift_table"),
+)
+
+#: The bridge's two conditioner groups: release prefix -> ours (then ``.N.`` and the block table).
+BRIDGE_GROUPS: tuple[tuple[str, str], ...] = (
+    ("audio_to_video_conditioners", "audio_to_video"),
+    ("video_to_audio_conditioners", "video_to_audio"),
+)
+BRIDGE_BLOCK_KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("y_norm", "norm_context"),
+    ("inner.q", "to_q"),
+    ("inner.k", "to_k"),
+    ("inner.v", "to_v"),
+    ("inner.o", "to_out.0"),
+    ("inner.norm_q", "norm_q"),
+    ("inner.norm_k", "norm_k"),
+)
+_AUDIO_REQUIRED = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
+                   "time_projection.1.weight", "head.head.weight", "head.modulation", "blocks.0.self_attn.q.weight",
+                   "blocks.0.ffn.0.weight")
+
+
+def _rename(sd: Mapping[str, torch.Tensor], top, groups, what: str) -> dict[str, torch.Tensor]:
+    """Rename by ``top`` (top-level pairs) and ``groups`` (prefix -> (new prefix, block table)); unknown keys raise."""
+    out, unknown = {}, []
+    for key, value in sd.items():
+        head, _, rest = key.partition(".")
+        new = None
+        if head in groups and rest.split(".", 1)[0].isdigit():
+            index, _, local = rest.partition(".")
+            prefix, table = groups[head]
+            renamed = rename_by_table(local, table)
+            new = None if renamed is None else f"{prefix}.{index}.{renamed}"
+        elif top:
+            new = rename_by_table(key, top)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise ConversionError(f"{len(unknown)} key(s) do not belong to {what}: {format_keys(unknown)}")
+    return out
+
+
+def _audio_tables(reverse: bool):
+    top = flip_table(AUDIO_DIT_TOP_LEVEL_KEY_MAP) if reverse else AUDIO_DIT_TOP_LEVEL_KEY_MAP
+    return top, {"blocks": ("blocks", flip_table(BLOCK_KEY_MAP) if reverse else BLOCK_KEY_MAP)}
+
+
+def _bridge_groups(reverse: bool):
+    table = flip_table(BRIDGE_BLOCK_KEY_MAP) if reverse else BRIDGE_BLOCK_KEY_MAP
+    return {(b if reverse else a): ((a if reverse else b), table) for a, b in BRIDGE_GROUPS}
+
+
+def convert_mova_audio_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Release ``audio_dit`` keys -> :class:`MovaAudioTransformer1DModel` names (no tensor changes)."""
+    return _rename(sd, *_audio_tables(False), "MOVA's audio DiT (release layout)")
+
+
+def export_mova_audio_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reverse of :func:`convert_mova_audio_dit_state_dict`."""
+    return _rename(sd, *_audio_tables(True), "MovaAudioTransformer1DModel")
+
+
+def convert_mova_bridge_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Release ``dual_tower_bridge`` keys -> :class:`MovaDualTowerBridge` names (no tensor changes)."""
+    return _rename(sd, (), _bridge_groups(False), "MOVA's dual-tower bridge (release layout)")
+
+
+def export_mova_bridge_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reverse of :func:`convert_mova_bridge_state_dict`."""
+    return _rename(sd, (), _bridge_groups(True), "MovaDualTowerBridge")
+
+
+def is_mova_audio_dit(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict is MOVA's audio DiT (a Wan DiT whose ``patch_embedding`` is a ``Conv1d``)."""
+    pe = sd.get("patch_embedding.weight")
+    return pe is not None and pe.ndim == 3 and "blocks.0.self_attn.q.weight" in sd
+
+
+def is_mova_bridge(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict is MOVA's dual-tower bridge."""
+    return any(k.startswith(BRIDGE_GROUPS[0][0] + ".") for k in sd)
+
+
+def _checked_int(cfg: Mapping[str, Any], key: str, value: int, source: str) -> int:
+    if key in cfg and cfg[key] is not None and int(cfg[key]) != int(value):
+        raise ConversionError(f"config.json says {key}={cfg[key]} but the weights have {key}={value} (from {source})")
+    return int(value)
+
+
+def audio_dit_config_from_state_dict(
+    sd: Mapping[str, torch.Tensor], original_config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """:class:`MovaAudioTransformer1DModel` config from release-layout weights (and the release ``config.json``:
+    ``num_heads``, ``eps``; other widths must agree with the shapes)."""
+    cfg = dict(original_config or {})
+    num_layers = len(check_block_layout(sd, _AUDIO_REQUIRED, "MOVA's audio DiT"))
+    pe = sd["patch_embedding.weight"]
+    if pe.ndim != 3 or pe.shape[2] != 1:
+        raise ConversionError(f"patch_embedding.weight must be a Conv1d weight [dim, in, 1], got {tuple(pe.shape)}")
+    dim = _checked_int(cfg, "dim", pe.shape[0], "patch_embedding.weight")
+    num_heads = int(cfg.get("num_heads") or max(1, dim // RELEASE_HEAD_DIM))
+    if dim % num_heads or (dim // num_heads) % 2:
+        raise ConversionError(f"audio DiT: dim {dim} with num_heads {num_heads} gives no even head dim")
+    return dict(
+        in_channels=_checked_int(cfg, "in_dim", pe.shape[1], "patch_embedding.weight"),
+        out_channels=_checked_int(cfg, "out_dim", sd["head.head.weight"].shape[0], "head.head.weight"),
+        num_attention_heads=num_heads,
+        attention_head_dim=dim // num_heads,
+        text_dim=_checked_int(cfg, "text_dim", sd["text_embedding.0.weight"].shape[1], "text_embedding.0.weight"),
+        freq_dim=_checked_int(cfg, "freq_dim", sd["time_embedding.0.weight"].shape[1], "time_embedding.0.weight"),
+        ffn_dim=_checked_int(cfg, "ffn_dim", sd["blocks.0.ffn.0.weight"].shape[0], "blocks.0.ffn.0.weight"),
+        num_layers=_checked_int(cfg, "num_layers", num_layers, "the blocks.N keys"),
+        cross_attn_norm="blocks.0.norm3.weight" in sd,
+        qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in sd else None,
+        eps=float(cfg.get("eps", 1e-6)),
+    )
+
+
+def bridge_config_from_state_dict(
+    sd: Mapping[str, torch.Tensor], original_config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """:class:`MovaDualTowerBridge` config from release-layout weights and the release ``config.json``
+    (``head_dim``, depths, strategy, RoPE flags; release values where absent)."""
+    cfg = dict(original_config or {})
+    for flag in ("pooled_adaln", "trainable_condition_scale"):
+        if cfg.get(flag):
+            raise ConversionError(f"dual_tower_bridge config.json: {flag}=true is not supported (MOVA releases use false)")
+    a2v, v2a = (block_indices(sd, prefix) for prefix, _ in BRIDGE_GROUPS)
+    if not a2v or a2v != v2a:
+        raise ConversionError(
+            f"not MOVA's dual-tower bridge: audio_to_video_conditioners layers {a2v} and "
+            f"video_to_audio_conditioners layers {v2a} must be the same, non-empty set"
+        )
+    for needed in (f"audio_to_video_conditioners.{a2v[0]}.inner.q.weight",
+                   f"video_to_audio_conditioners.{a2v[0]}.inner.q.weight"):
+        if needed not in sd:
+            raise ConversionError(f"dual_tower_bridge: missing key {needed}")
+    visual = _checked_int(cfg, "visual_hidden_dim", sd[f"audio_to_video_conditioners.{a2v[0]}.inner.q.weight"].shape[0],
+                          "audio_to_video_conditioners.*.inner.q.weight")
+    audio = _checked_int(cfg, "audio_hidden_dim", sd[f"video_to_audio_conditioners.{a2v[0]}.inner.q.weight"].shape[0],
+                         "video_to_audio_conditioners.*.inner.q.weight")
+    strategy = str(cfg.get("interaction_strategy", "full"))
+    if strategy not in INTERACTION_STRATEGIES:
+        raise ConversionError(f"dual_tower_bridge config.json: interaction_strategy {strategy!r} is not one of "
+                              f"{', '.join(INTERACTION_STRATEGIES)}")
+    visual_layers = int(cfg.get("visual_layers") or a2v[-1] + 1)
+    audio_layers = int(cfg.get("audio_layers") or a2v[-1] + 1)
+    expected = interaction_layers(strategy, visual_layers, audio_layers)
+    if expected != a2v:
+        raise ConversionError(
+            f"dual_tower_bridge: strategy {strategy!r} with {visual_layers} / {audio_layers} layers gives "
+            f"conditioners at {expected}, the weights have them at {a2v}"
+        )
+    head_dim = int(cfg.get("head_dim") or RELEASE_HEAD_DIM)
+    return dict(
+        visual_layers=visual_layers, audio_layers=audio_layers, visual_hidden_dim=visual, audio_hidden_dim=audio,
+        audio_fps=float(cfg.get("audio_fps", 50.0)), head_dim=head_dim, interaction_strategy=strategy,
+        apply_cross_rope=bool(cfg.get("apply_cross_rope", True)),
+        apply_first_frame_bias_in_rope=bool(cfg.get("apply_first_frame_bias_in_rope", False)),
+        eps=float(cfg.get("eps", 1e-6)),
+    )
+
+
+def _build(cls, config: dict[str, Any]):
+    try:
+        with init_empty_weights():
+            return cls(**config)
+    except ValueError as e:
+        raise ConversionError(f"{cls.__name__}: {e}") from e
+
+
+def load_mova_audio_dit(
+    sd_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
+    original_config: Mapping[str, Any] | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> MovaAudioTransformer1DModel:
+    """:class:`MovaAudioTransformer1DModel` from the release ``audio_dit`` (a state dict, file or folder)."""
+    sd, cfg = read_original_dit(sd_or_path, original_config)
+    if not is_mova_audio_dit(sd):
+        raise ConversionError(f"{_source(sd_or_path)}: not MOVA's audio DiT (no Conv1d patch_embedding.weight)")
+    model = _build(MovaAudioTransformer1DModel, audio_dit_config_from_state_dict(sd, cfg))
+    return load_converted_state_dict(model, convert_mova_audio_dit_state_dict(sd), torch_dtype)
+
+
+def load_mova_bridge(
+    sd_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
+    original_config: Mapping[str, Any] | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> MovaDualTowerBridge:
+    """:class:`MovaDualTowerBridge` from the release ``dual_tower_bridge`` (a state dict, file or folder)."""
+    sd, cfg = read_original_dit(sd_or_path, original_config)
+    if not is_mova_bridge(sd):
+        raise ConversionError(f"{_source(sd_or_path)}: not MOVA's dual-tower bridge (no audio_to_video_conditioners.*)")
+    model = _build(MovaDualTowerBridge, bridge_config_from_state_dict(sd, cfg))
+    return load_converted_state_dict(model, convert_mova_bridge_state_dict(sd), torch_dtype)
+
+
+def _source(sd_or_path) -> str:
+    return str(Path(sd_or_path)) if isinstance(sd_or_path, (str, os.PathLike)) else "state dict"
