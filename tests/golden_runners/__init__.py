@@ -13,7 +13,7 @@ from .core import RUNNERS, UNSUPPORTED, GoldenCase, compare_outputs, discover_ca
 from . import dit  # noqa: F401,E402
 
 for _optional in ("encoders", "vae", "loops", "conditioning", "fun_condition", "variants_dit", "teacache", "animate",
-                  "longcat", "vap", "s2v", "sliding_window", "animate2", "mova"):
+                  "longcat", "vap", "s2v", "sliding_window", "animate2", "dancer", "mova"):
     try:
         __import__(f"{__name__}.{_optional}")
     except ModuleNotFoundError as e:  # module not written yet

@@ -23,7 +23,6 @@ from typing import Any, Iterator
 from ..conversion.dit import register_dit_extension
 from .animate import AnimateFamily
 from .animate2 import Animate2Family
-from .dancer import DancerFamily
 from .base import (
     CommandArgument,
     Conditioning,
@@ -38,6 +37,7 @@ from .base import (
     TrainingScope,
     WanVariant,
 )
+from .dancer import DancerFamily
 from .fun import FunFamily
 from .longcat import LongCatFamily
 from .s2v import SpeechToVideoFamily

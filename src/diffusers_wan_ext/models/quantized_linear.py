@@ -4,7 +4,10 @@ GGUF weights use Diffusers' own machinery (``diffusers.quantizers.gguf``: ``GGUF
 ``GGUFLinear`` dequantizes them per layer at compute), so a DiT loaded this way behaves like one from
 ``from_single_file(..., quantization_config=GGUFQuantizationConfig(...))``.  fp8 weights (ComfyUI / Kijai files,
 plain or scaled) have no Diffusers counterpart that keeps the file's scale: :class:`Fp8Linear` stores the
-``float8_e4m3fn`` / ``float8_e5m2`` weight and its float32 scale and computes with ``weight.to(dtype) * scale``.
+``float8_e4m3fn`` / ``float8_e5m2`` weight and its float32 scale and computes with ``weight.to(dtype) * scale``,
+or, when asked (:meth:`Fp8Linear.set_fp8_gemm`, ``optimize_transformer(fp8=True)``), with an fp8 GEMM
+(``torch._scaled_mm`` on Ada / Hopper GPUs) that takes the file's weight scale as it is and a per-tensor or per-row
+activation scale computed at each call (:func:`quantize_fp8_input`).
 :func:`quantized_weight_bytes` counts what both occupy (for memory planning).
 """
 
@@ -14,7 +17,62 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Fp8Linear", "Fp8Storage", "is_gguf_parameter", "quantized_weight_bytes"]
+__all__ = ["FP8_GEMM_MODES", "Fp8Linear", "Fp8Storage", "fp8_scaled_linear", "is_gguf_parameter",
+           "quantize_fp8_input", "quantized_weight_bytes", "select_fp8_gemm"]
+
+#: ``Fp8Linear.fp8_gemm`` values: ``"upcast"`` (dequantize the weight, bf16 GEMM: any device), ``"tensorwise"``
+#: (fp8 GEMM, one activation scale per call) and ``"rowwise"`` (fp8 GEMM, one activation scale per token row).
+FP8_GEMM_MODES = ("upcast", "tensorwise", "rowwise")
+#: Largest finite ``float8_e4m3fn`` value: the dynamic activation scale maps each amax onto it.
+E4M3_MAX = 448.0
+
+
+def select_fp8_gemm(requested: str, weight_dtype: torch.dtype, per_row_weight_scale: bool, in_features: int,
+                    out_features: int, device_type: str, capability: tuple[int, int] | None,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> str:
+    """The path an :class:`Fp8Linear` takes: ``requested`` (one of :data:`FP8_GEMM_MODES`) where an fp8 GEMM can
+    run, else ``"upcast"``.
+
+    An fp8 GEMM needs a CUDA device of compute capability 8.9 or newer (Ada, Hopper), an ``float8_e4m3fn`` weight
+    (``float8_e5m2`` files stay on the upcast path), both dimensions divisible by 16 (``torch._scaled_mm``) and a
+    bfloat16 computation (the output dtype of the row-wise kernel).
+    A per-row weight scale (fused projections, per-channel files) needs per-row activation scales, so
+    ``"tensorwise"`` becomes ``"rowwise"`` there.
+    """
+    if requested not in FP8_GEMM_MODES:
+        raise ValueError(f"fp8_gemm: expected one of {', '.join(FP8_GEMM_MODES)}, got {requested!r}")
+    if requested == "upcast" or device_type != "cuda" or capability is None or capability < (8, 9):
+        return "upcast"
+    if weight_dtype != torch.float8_e4m3fn or in_features % 16 or out_features % 16:
+        return "upcast"
+    if compute_dtype != torch.bfloat16:
+        return "upcast"
+    return "rowwise" if per_row_weight_scale else requested
+
+
+def quantize_fp8_input(inputs: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``inputs`` (2-D) as ``float8_e4m3fn`` and its float32 scale (``inputs ~= q * scale``): one scale for the
+    tensor (shape ``()``) or one per row (shape ``[rows, 1]``), each mapping the absolute maximum onto 448."""
+    amax = inputs.abs().amax(dim=-1, keepdim=True) if rowwise else inputs.abs().amax()
+    scale = amax.float().clamp(min=1e-12) / E4M3_MAX
+    quantized = (inputs.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return quantized, scale
+
+
+def fp8_scaled_linear(inputs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None, mode: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """``inputs @ (weight * weight_scale).T + bias`` as one fp8 GEMM (``torch._scaled_mm``): the activations are
+    quantized per call (:func:`quantize_fp8_input`), the ``float8_e4m3fn`` weight is used as stored with its scale
+    (a scalar, or one per output row). ``mode``: ``"tensorwise"`` or ``"rowwise"`` (see :func:`select_fp8_gemm`)."""
+    rowwise = mode == "rowwise"
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    quantized, input_scale = quantize_fp8_input(flat, rowwise)
+    scale_b = weight_scale.float()
+    if rowwise:
+        scale_b = scale_b.reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+    out = torch._scaled_mm(quantized, weight.t(), scale_a=input_scale, scale_b=scale_b,
+                           bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+    return out.reshape(*inputs.shape[:-1], weight.shape[0])
 
 
 class Fp8Linear(nn.Linear):
@@ -25,11 +83,14 @@ class Fp8Linear(nn.Linear):
         fp8_dtype: the storage dtype, ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
         compute_dtype: dtype of the upcast weight; ``None`` computes in the input's dtype.
         device: where the (empty) parameters are created; ``"meta"`` while a loader assigns them.
+        fp8_gemm: ``"upcast"`` (default: dequantize per call) or an fp8 GEMM mode, ``"tensorwise"`` / ``"rowwise"``
+            activation scales (see :meth:`set_fp8_gemm`; layers and devices that cannot run one stay on upcast).
 
     Attributes:
         weight_scale: float32 scale (a scalar, or one per output row) of the stored weight; 1.0 for plain fp8 files.
-        input_scale: the file's activation scale (``scale_input`` / ``input_scale``) or ``None``; kept for fp8 GEMMs,
-            not used here.
+        input_scale: the file's activation scale (``scale_input`` / ``input_scale``) or ``None``; kept with the
+            weights, not used (the fp8 GEMM path computes the activation scale at each call instead: the files'
+            static scales are often 1.0).
 
     ``.to(device)`` moves the weight in fp8; a dtype cast (``.to(torch.bfloat16)``) leaves the fp8 weight and the
     float32 scale as they are (only the bias is cast).
@@ -37,13 +98,63 @@ class Fp8Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  fp8_dtype: torch.dtype = torch.float8_e4m3fn, compute_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, fp8_gemm: str = "upcast") -> None:
         super().__init__(in_features, out_features, bias=bias, device=device)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=fp8_dtype, device=device),
                                    requires_grad=False)
         self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("input_scale", None)
         self.compute_dtype = compute_dtype
+        self.fp8_gemm = "upcast"
+        self.set_fp8_gemm(fp8_gemm)
+
+    def set_fp8_gemm(self, mode: str) -> None:
+        """Compute with an fp8 GEMM (``"tensorwise"`` / ``"rowwise"`` dynamic activation scales, the stored weight
+        and its scale as they are) or by upcasting the weight (``"upcast"``). Where a GEMM cannot run (CPU, a GPU
+        older than Ada, ``float8_e5m2`` weights, dimensions not divisible by 16) the layer upcasts
+        (:func:`select_fp8_gemm`, decided per call from the input's device)."""
+        if mode not in FP8_GEMM_MODES:
+            raise ValueError(f"fp8_gemm: expected one of {', '.join(FP8_GEMM_MODES)}, got {mode!r}")
+        self.fp8_gemm = mode
+
+    def gemm_path(self, inputs: torch.Tensor) -> str:
+        """The path :meth:`forward` takes for ``inputs``: ``"upcast"``, ``"tensorwise"`` or ``"rowwise"``."""
+        if self.fp8_gemm == "upcast":
+            return "upcast"
+        capability = torch.cuda.get_device_capability(inputs.device) if inputs.is_cuda else None
+        return select_fp8_gemm(self.fp8_gemm, self.weight.dtype, self.weight_scale.ndim > 0, self.in_features,
+                               self.out_features, inputs.device.type, capability,
+                               self.compute_dtype or inputs.dtype)
+
+    @classmethod
+    def concatenated(cls, layers: list["Fp8Linear"]) -> "Fp8Linear":
+        """One layer computing ``layers`` side by side (fused q/k/v projections): weights stacked by rows as stored,
+        each layer's scale repeated over its rows (a per-row scale), biases concatenated."""
+        first = layers[0]
+        if any(layer.weight.dtype != first.weight.dtype or layer.in_features != first.in_features
+               or (layer.bias is None) != (first.bias is None) for layer in layers):
+            raise ValueError("Fp8Linear.concatenated: the layers differ in storage dtype, input width or bias")
+        weight = torch.cat([layer.weight.data for layer in layers])
+        scale = torch.cat([layer.weight_scale.reshape(-1).expand(layer.out_features) for layer in layers])
+        bias = torch.cat([layer.bias.data for layer in layers]) if first.bias is not None else None
+        fused = cls.from_quantized(weight, scale, bias, compute_dtype=first.compute_dtype)
+        fused.set_fp8_gemm(first.fp8_gemm)
+        return fused
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+                    fp8_gemm: str = "upcast") -> "Fp8Linear":
+        """``linear`` quantized the way scaled-fp8 files are: one float32 scale for the weight (its absolute maximum
+        mapped onto the fp8 dtype's largest value), the weight divided by it and rounded to ``fp8_dtype``; the bias
+        kept in its dtype."""
+        weight = linear.weight.detach()
+        scale = weight.abs().amax().float().clamp(min=1e-12) / torch.finfo(fp8_dtype).max
+        data = (weight.float() / scale).to(fp8_dtype)
+        bias = None if linear.bias is None else linear.bias.detach()
+        layer = cls.from_quantized(data, scale, bias, compute_dtype=None)
+        layer.set_fp8_gemm(fp8_gemm)
+        return layer
 
     @classmethod
     def from_quantized(cls, data: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None,
@@ -71,6 +182,9 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or inputs.dtype
+        path = self.gemm_path(inputs)
+        if path != "upcast":
+            return fp8_scaled_linear(inputs.to(dtype), self.weight, self.weight_scale, self.bias, path, dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
         return F.linear(inputs.to(dtype), self.dequantized_weight(dtype), bias)
 
@@ -86,7 +200,8 @@ class Fp8Linear(nn.Linear):
         return self
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, storage={str(self.weight.dtype).replace('torch.', '')}"
+        gemm = "" if self.fp8_gemm == "upcast" else f", fp8_gemm={self.fp8_gemm}"
+        return f"{super().extra_repr()}, storage={str(self.weight.dtype).replace('torch.', '')}{gemm}"
 
 
 class Fp8StorageConfig:

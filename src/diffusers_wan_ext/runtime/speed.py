@@ -4,8 +4,11 @@
 
 1. **attention** -- the fastest installed exact kernel through Diffusers' dispatch
    (:func:`~diffusers_wan_ext.runtime.attention.set_attention_backend`, ``"auto"``);
-2. **fp8** (opt-in) -- float8 GEMMs via torchao for the blocks' linear layers (dynamic per-row activation scales);
-   this changes numerics, so it is never a default; the benchmark reports its error against bf16;
+2. **fp8** (opt-in) -- float8 GEMMs for the blocks' linear layers: a model loaded from an fp8 / scaled-fp8 file
+   (:class:`~diffusers_wan_ext.models.quantized_linear.Fp8Linear` layers) computes with ``torch._scaled_mm`` on the
+   stored weight and the file's scale (dynamic activation scales, per row or per tensor); a bf16 model is quantized
+   the way scaled-fp8 files are (``fp8="rowwise"`` / ``"tensorwise"``) or through torchao (``fp8=True`` /
+   ``"torchao"``). This changes numerics, so it is never a default; the benchmark reports its error against bf16;
 3. **fusions** -- FFN GELU in the GEMM epilogue, fused QKV / KV projections (one copy of the weights), and the
    self-attention q/k RMSNorm + RoPE as one Triton kernel (:mod:`diffusers_wan_ext.ops.qk_norm_rope`);
 4. **compile** -- regional ``torch.compile`` of the repeated blocks (``compile_repeated_blocks(fullgraph=True)``
@@ -30,6 +33,7 @@ from diffusers.utils import logging
 
 from ..hooks.vram import CASTING_HOOKS, GROUP_OFFLOAD_HOOKS
 from ..models.attention_processor import WanFusedQKRopeAttnProcessor
+from ..models.quantized_linear import FP8_GEMM_MODES, Fp8Linear
 from .attention import attention_models, set_attention_backend
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -71,13 +75,87 @@ def _fp8_linears(model: torch.nn.Module) -> int:
     return sum(1 for m in blocks.modules() if isinstance(m, torch.nn.Linear))
 
 
+#: ``optimize_transformer(fp8=...)`` values besides ``True`` / ``False``
+FP8_CHOICES = ("torchao",) + tuple(mode for mode in FP8_GEMM_MODES if mode != "upcast")
+
+
+def apply_fp8(model: torch.nn.Module, fp8: bool | str) -> str:
+    """Switch ``model``'s blocks to fp8 GEMMs; returns how (``"rowwise"``, ``"tensorwise"`` or ``"torchao"``).
+
+    ``True``: a model holding :class:`Fp8Linear` layers (an fp8 / scaled-fp8 file) computes them with fp8 GEMMs on the
+    stored weights and the file's scales, per-row activation scales; any other model goes through torchao.
+    ``"rowwise"`` / ``"tensorwise"``: the same fp8 GEMM with that activation scaling, and the blocks' remaining
+    ``nn.Linear`` layers are first quantized to :class:`Fp8Linear` (one scale per weight, as scaled-fp8 files
+    store them). ``"torchao"``: torchao's float8 dynamic-activation layers (bf16 models only).
+    """
+    if fp8 is not True and fp8 not in FP8_CHOICES:
+        raise ValueError(f"fp8: expected True, False or one of {', '.join(FP8_CHOICES)}, got {fp8!r}")
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no `blocks`; fp8 applies to the transformer blocks")
+    has_fp8 = any(isinstance(m, Fp8Linear) for m in model.modules())
+    if fp8 == "torchao" or (fp8 is True and not has_fp8):
+        if has_fp8:
+            raise ValueError("fp8='torchao': the model already holds Fp8Linear layers (an fp8 file); use fp8=True")
+        _fp8_linears(model)
+        return "torchao"
+    mode = "rowwise" if fp8 is True else fp8
+    if fp8 is not True:
+        quantize_block_linears(blocks)
+    for m in model.modules():
+        if isinstance(m, Fp8Linear):
+            m.set_fp8_gemm(mode)
+    return mode
+
+
+@torch.no_grad()
+def quantize_block_linears(blocks: torch.nn.Module) -> int:
+    """Replace every plain ``nn.Linear`` inside ``blocks`` by :meth:`Fp8Linear.from_linear` (e4m3, one scale per
+    weight); returns how many. Layers wrapped by adapters or of other classes are left as they are."""
+    count = 0
+    for name, module in list(blocks.named_modules()):
+        if type(module) is not torch.nn.Linear:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(blocks.get_submodule(parent) if parent else blocks, child, Fp8Linear.from_linear(module))
+        count += 1
+    return count
+
+
+@torch.no_grad()
+def fuse_fp8_projections(attn: torch.nn.Module) -> bool:
+    """Diffusers' ``fuse_projections`` for an attention whose projections are :class:`Fp8Linear`: the fused layer
+    (:meth:`Fp8Linear.concatenated`) stacks the stored fp8 weights and carries each part's scale per row, and the
+    separate layers' weights become row views of it (one copy). Returns ``False`` (nothing done) for other layers."""
+    cross = getattr(attn, "is_cross_attention", None)
+    if cross is None:
+        return False
+    groups = {"to_kv": FUSED_PROJECTIONS["to_kv"]} if cross else {"to_qkv": FUSED_PROJECTIONS["to_qkv"]}
+    if getattr(attn, "added_kv_proj_dim", None) is not None:
+        groups["to_added_kv"] = FUSED_PROJECTIONS["to_added_kv"]
+    parts_of = {name: [getattr(attn, part) for part in names] for name, names in groups.items()}
+    if not all(isinstance(p, Fp8Linear) for parts in parts_of.values() for p in parts):
+        return False
+    for fused_name, parts in parts_of.items():
+        fused = Fp8Linear.concatenated(parts)
+        setattr(attn, fused_name, fused)
+        row = 0
+        for p in parts:
+            p.weight.data = fused.weight.data[row:row + p.out_features]
+            if p.bias is not None:
+                p.bias.data = fused.bias.data[row:row + p.out_features]
+            row += p.out_features
+    attn.fused_projections = True
+    return True
+
+
 def optimize_transformer(
     pipe_or_model: Any,
     *,
     attention: str = "auto",
     compile: bool = True,
     fullgraph: bool = True,
-    fp8: bool = False,
+    fp8: bool | str = False,
     fused_gelu: bool = True,
     fuse_qkv: bool = True,
     fused_qk_rope: bool = True,
@@ -93,7 +171,11 @@ def optimize_transformer(
         attention: ``"auto"`` or a Diffusers backend name (see :mod:`diffusers_wan_ext.runtime.attention`).
         compile: regional ``torch.compile`` of the repeated blocks (needs a working compiler; off on CPU tests).
         fullgraph: passed to ``compile_repeated_blocks``.
-        fp8: float8 GEMMs through torchao (Hopper/Ada); changes numerics.
+        fp8: float8 GEMMs (Hopper/Ada; changes numerics): ``True`` uses an fp8 file's weights and scales as stored
+            (:class:`~diffusers_wan_ext.models.quantized_linear.Fp8Linear`, ``torch._scaled_mm``, per-row activation
+            scales), or torchao for a bf16 model; ``"rowwise"`` / ``"tensorwise"`` quantize a bf16 model's block
+            linears like a scaled-fp8 file first; ``"torchao"``: torchao float8 (see :func:`apply_fp8`). Off CUDA
+            the fp8 layers upcast their weights (same results as without ``fp8``, up to the weights' rounding).
         fused_gelu: FFN first linear + tanh-GELU as one GEMM with a GELU epilogue (:func:`fuse_ffn_gelu`).
         fuse_qkv: Diffusers' ``fuse_projections`` on every attention (one QKV GEMM for self-attention, one KV GEMM
             for cross-attention); the separate layers' weights then become row views of the fused weight
@@ -115,22 +197,28 @@ def optimize_transformer(
         verbose: log the attention choice.
 
     Returns:
-        A report: ``attention_backend``, ``compiled`` (component names), ``fp8``, ``fused_gelu``, ``fused_qkv`` and
+        A report: ``attention_backend``, ``compiled`` (component names), ``fp8`` (``False`` or the path:
+        ``"rowwise"``, ``"tensorwise"``, ``"torchao"``), ``fused_gelu``, ``fused_qkv`` and
         ``fused_qk_rope`` (how many self-attention layers use the fused q/k kernel) and ``fused_norms`` (how many
         blocks use the fused norm kernels).
     """
+    if fp8 is not False and fp8 is not True and fp8 not in FP8_CHOICES:
+        raise ValueError(f"fp8: expected True, False or one of {', '.join(FP8_CHOICES)}, got {fp8!r}")
     backend = set_attention_backend(pipe_or_model, attention, verbose=verbose)
-    compiled, n_fused_qk, n_norms = [], 0, 0
+    compiled, n_fused_qk, n_norms, fp8_path = [], 0, 0, False
     for name, model in attention_models(pipe_or_model):
         if fp8:
-            _fp8_linears(model)
+            fp8_path = apply_fp8(model, fp8)
         elif fused_gelu:
             fuse_ffn_gelu(model)
         if fuse_qkv:
             for m in model.modules():
                 if hasattr(m, "fuse_projections") and not getattr(m, "fused_projections", False):
-                    m.fuse_projections()
-                    share_fused_storage(m)
+                    if any(isinstance(getattr(m, n, None), Fp8Linear) for n in ("to_q", "to_k", "to_v")):
+                        fuse_fp8_projections(m)  # all parts fp8, or left unfused (never cast into nn.Linear)
+                    else:
+                        m.fuse_projections()
+                        share_fused_storage(m)
         if fuse_qkv and fused_qk_rope:
             n_fused_qk += _use_fused_qk_rope(model)
         if fused_norms:
@@ -146,7 +234,7 @@ def optimize_transformer(
             extra = {"options": dict(options)} if options and compile_backend == "inductor" else {}
             model.compile_repeated_blocks(fullgraph=fullgraph, backend=compile_backend, **extra)
             compiled.append(name)
-    return {"attention_backend": backend, "compiled": compiled, "fp8": fp8, "fused_gelu": fused_gelu and not fp8,
+    return {"attention_backend": backend, "compiled": compiled, "fp8": fp8_path, "fused_gelu": fused_gelu and not fp8,
             "fused_qkv": fuse_qkv, "fused_qk_rope": n_fused_qk, "fused_norms": n_norms}
 
 
