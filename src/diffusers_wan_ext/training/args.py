@@ -24,6 +24,7 @@ from diffusers.optimization import SchedulerType
 from ..families import training_declarations
 from ..lora import LORA_FORMATS, map_lora_target_modules
 from .dataset import EXTRA_INPUTS
+from .distill import DISTILL_COLUMNS
 
 __all__ = ["COMPONENT_ALIASES", "DTYPE_NAMES", "TASKS", "build_parser", "parse_args", "resolve_component"]
 
@@ -45,8 +46,9 @@ COMPONENT_ALIASES: dict[str, str] = {
 }
 TRAINABLE = ("transformer", "transformer_2", *(c.name for c in EXTRA_COMPONENTS))
 FP8_CAPABLE = ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder")
-#: ``--task``: one-stage training, or DiffSynth-Studio's split training (cache inputs, then train from the cache).
-TASKS = ("sft", "sft:data_process", "sft:train")
+#: ``--task``: supervised fine-tuning or direct distillation, each in one stage or DiffSynth-Studio's split training
+#: (``:data_process`` caches the inputs, ``:train`` trains from the cache).
+TASKS = ("sft", "sft:data_process", "sft:train", "direct_distill", "direct_distill:data_process", "direct_distill:train")
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 DEFAULT_TARGETS = "q,k,v,o,ffn.0,ffn.2"
@@ -138,8 +140,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("training")
     g.add_argument("--task", choices=TASKS, default="sft",
-                   help="sft: train; sft:data_process: cache VAE latents / text embeddings into --output_path; "
-                        "sft:train: train from such a cache (--dataset_base_path = cache folder)")
+                   help="sft: flow-matching training; direct_distill: train the student's few-step sampling "
+                        "(num_inference_steps column, with seed / rand_device / cfg_scale in --extra_inputs) to "
+                        "reproduce the clips (a teacher's samples); TASK:data_process: cache VAE latents / text "
+                        "embeddings into --output_path; TASK:train: train from such a cache (--dataset_base_path = "
+                        "cache folder)")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--weight_decay", type=float, default=0.01)
     g.add_argument("--adam_beta1", type=float, default=0.9)
@@ -160,6 +165,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--use_gradient_checkpointing", action="store_true")
     g.add_argument("--use_gradient_checkpointing_offload", action="store_true",
                    help="gradient checkpointing with the saved activations offloaded to CPU memory")
+    g.add_argument("--enable_model_cpu_offload", action="store_true",
+                   help="layer offload training: the trained model's weights stay in CPU memory and each layer "
+                        "comes to the GPU while it runs (one process, no DeepSpeed)")
+    g.add_argument("--enable_optimizer_cpu_offload", action="store_true",
+                   help="with --enable_model_cpu_offload: the trainable parameters, their gradients and the "
+                        "optimizer states live in CPU memory and the optimizer steps there")
     g.add_argument("--min_timestep_boundary", type=float, default=None,
                    help="lower bound of the sampled timestep index, fraction of 1000 (0 = most noise); "
                         "default 0, or the expert's share of a two-expert model")
@@ -216,6 +227,21 @@ def _checkpoint_prefix(value: str) -> str:
         name = SCOPE_ALIASES[name][1] if name in SCOPE_ALIASES else COMPONENT_ALIASES.get(name, name)
         value = ("transformer" if name.startswith("transformer") else name) + "."
     return value
+
+
+def _split_distill_columns(args: argparse.Namespace, fail) -> None:
+    """DiffSynth-Studio passes the direct-distillation columns as extra inputs; they go to ``args.distill_inputs``
+    (``None`` when absent)."""
+    columns = [n for n in args.extra_inputs if n in DISTILL_COLUMNS]
+    args.extra_inputs = [n for n in args.extra_inputs if n not in DISTILL_COLUMNS]
+    args.distill_inputs = columns or None
+    distill = args.task.startswith("direct_distill")
+    if columns and not distill:
+        fail(f"--extra_inputs {','.join(columns)}: columns of --task direct_distill (the student's sampling), not of "
+             f"--task {args.task}")
+    if distill and not args.task.endswith(":train") and "num_inference_steps" not in columns:
+        fail(f"--task {args.task} needs the student's step count from the metadata: add num_inference_steps to "
+             f"--extra_inputs (DiffSynth-Studio: seed,rand_device,num_inference_steps,cfg_scale)")
 
 
 def _check_folders(args: argparse.Namespace, fail) -> None:
@@ -287,7 +313,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     if args.lora_base_model is not None:
         args.lora_base_model = resolve_component(args.lora_base_model, ("transformer", "transformer_2"),
                                                  "--lora_base_model")
-    if args.task != "sft:data_process" and not args.trainable_models and args.lora_base_model is None:
+    if not args.task.endswith(":data_process") and not args.trainable_models and args.lora_base_model is None:
         fail("nothing to train: pass --lora_base_model transformer (LoRA) or --trainable_models transformer "
              "(full fine-tuning)")
     experts = {c for c in args.trainable_models if c.startswith("transformer")}
@@ -302,6 +328,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     if frozen_fp8:
         fail(f"--fp8_models {frozen_fp8}: fp8 storage is for frozen weights only, not for --trainable_models")
     args.expert = next(iter(experts), "transformer")
+    if args.enable_optimizer_cpu_offload and not args.enable_model_cpu_offload:
+        fail("--enable_optimizer_cpu_offload works with --enable_model_cpu_offload (layer offload training); pass both")
     if args.preset_lora_path is None and args.preset_lora_model is not None:
         fail("--preset_lora_model needs --preset_lora_path (the LoRA file to fuse)")
     if args.preset_lora_path is not None:
@@ -316,6 +344,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
         args.remove_prefix_in_ckpt = _checkpoint_prefix(args.remove_prefix_in_ckpt.strip()) or None
 
     args.extra_inputs = [s.strip() for s in (args.extra_inputs or "").split(",") if s.strip()]
+    _split_distill_columns(args, fail)
     unknown = [n for n in args.extra_inputs if n not in EXTRA_INPUTS]
     if unknown:
         fail(f"--extra_inputs: unknown {unknown}; known: {', '.join(EXTRA_INPUTS)}")
@@ -345,12 +374,13 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     if args.num_frames < 1 or (args.num_frames - 1) % 4:
         lo = max(1, (args.num_frames - 1) // 4 * 4 + 1)
         fail(f"--num_frames {args.num_frames} is not 4n+1 (the Wan VAE encodes 1 + 4n frames); pass {lo} or {lo + 4}")
-    if args.task != "sft:train" and args.dataset_metadata_path is None:
-        fail("--dataset_metadata_path is required (omit it only with --task sft:train, which reads the cache in "
-             "--dataset_base_path)")
-    if args.task == "sft:train" and args.dataset_metadata_path is not None:
-        fail("--task sft:train reads the cache written by --task sft:data_process from --dataset_base_path; "
-             "leave --dataset_metadata_path out")
+    if not args.task.endswith(":train") and args.dataset_metadata_path is None:
+        fail(f"--dataset_metadata_path is required (omit it only with --task {args.task.split(':')[0]}:train, which "
+             f"reads the cache in --dataset_base_path)")
+    if args.task.endswith(":train") and args.dataset_metadata_path is not None:
+        stage = args.task.split(":")[0]
+        fail(f"--task {args.task} reads the cache written by --task {stage}:data_process from --dataset_base_path; "
+             f"leave --dataset_metadata_path out")
     for name in ("min_timestep_boundary", "max_timestep_boundary"):
         v = getattr(args, name)
         if v is not None and not 0.0 <= v <= 1.0:

@@ -6,6 +6,9 @@ Run it with ``accelerate launch examples/training/train.py ARGS`` (arguments: :m
 * ``--task sft:data_process``: encode every clip once and write ``<output_path>/<rank>/<row>.safetensors``.
 * ``--task sft:train``: train from such a cache (``--dataset_base_path`` = the cache folder); the encoders are not
   loaded.  With the same seed this gives the same losses as ``sft``.
+* ``--task direct_distill`` (``:data_process`` / ``:train`` as above): DiffSynth-Studio's direct distillation
+  (:mod:`.distill`): the student samples each clip's seeded noise in ``num_inference_steps`` steps and learns to
+  land on the clip (a teacher's sample); the cache stores each row's sampling settings.
 
 Per micro-step the timestep and noise come from a generator seeded by ``(seed, micro_step, rank)`` and the data
 order from ``(seed, epoch)``, so a run resumed from ``checkpoint-N`` (weights, optimizer, LR schedule, RNG states,
@@ -65,8 +68,10 @@ from .checkpoints import (
 )
 from .components import DTYPES, WanTrainingComponents, load_training_components
 from .dataset import ResumableSampler, VideoDataset, collate_single
+from .distill import DistillRows, DistillSettings, direct_distill_loss
 from .flow_match import FlowMatchTrainingSchedule, expert_timestep_boundaries
 from .inputs import ModelInputs, WanInputBuilder
+from .offload import LayerOffloadManager
 from .modules import (
     ADAPTER,
     EXTRA_COMPONENTS,
@@ -144,8 +149,32 @@ class CachedDataset(torch.utils.data.Dataset):
         path = self.files[index % len(self.files)]
         with safe_open(str(path), "pt") as h:
             meta = h.metadata()
-        return {"cached": load_file(str(path)), "prompt": meta.get("prompt", ""), "row": int(meta["row"]),
-                "skipped": []}
+        sample = {"cached": load_file(str(path)), "prompt": meta.get("prompt", ""), "row": int(meta["row"]),
+                  "skipped": []}
+        if "distill" in meta:
+            sample["distill"] = meta["distill"]
+        return sample
+
+    def check_distill(self) -> None:
+        """``--task direct_distill:train``: every entry must hold its row's sampling settings."""
+        from safetensors import safe_open
+
+        for path in self.files:
+            with safe_open(str(path), "pt") as h:
+                if "distill" not in (h.metadata() or {}):
+                    raise ValueError(f"{path}: a cache entry without direct-distillation settings; write the cache "
+                                     f"with --task direct_distill:data_process")
+
+
+def _distill_rows(args, dataset) -> DistillRows | None:
+    """The rows' direct-distillation settings (read before any model loads), or ``None`` for the other tasks; a cache
+    for ``direct_distill:train`` must hold them."""
+    if not args.task.startswith("direct_distill"):
+        return None
+    if isinstance(dataset, CachedDataset):
+        dataset.check_distill()
+        return None
+    return DistillRows(args.dataset_metadata_path, args.distill_inputs or [], skip_bad_rows=args.skip_bad_rows)
 
 
 def _report_to(args) -> str | None:
@@ -174,7 +203,7 @@ def _make_accelerator(args):
 
 
 def _dataset(args, components: WanTrainingComponents | None, repeat: int):
-    if args.task == "sft:train":
+    if args.task.endswith(":train"):
         return CachedDataset(args.dataset_base_path, repeat=repeat)
     return VideoDataset(
         args.dataset_base_path, args.dataset_metadata_path, num_frames=args.num_frames, height=args.height,
@@ -251,21 +280,23 @@ class WanTrainer:
         self.is_lora = args.lora_base_model is not None
         acc = self.accelerator
         # the dataset (metadata, columns, files) and a checkpoint to resume from are checked before any model loads
-        _dataset(args, None, repeat=1)
+        checked = _dataset(args, None, repeat=1)
+        self.distill = _distill_rows(args, checked)
         self.resume_from, self.resume_record = self._find_resume()
         self.components = load_training_components(
             args.model_path, expert=args.expert, dtype=self.dtype, vae_dtype=DTYPES[args.vae_dtype],
-            load_encoders=args.task != "sft:train", transformer_path=args.transformer_path,
+            load_encoders=not args.task.endswith(":train"), transformer_path=args.transformer_path,
             image_encoder_heads=args.image_encoder_heads, tokenizer_path=args.tokenizer_path,
             audio_processor_path=args.audio_processor_path, progress=acc.is_main_process,
         )
         self.dataset = _dataset(args, self.components, args.dataset_repeat)
         self.builder = None
-        if args.task != "sft:train":
+        if not args.task.endswith(":train"):
             _move_encoders(self.components, acc.device, args.fp8_models)
             self.builder = WanInputBuilder(self.components, args.extra_inputs, acc.device, args.max_sequence_length)
         self.schedule = _timestep_schedule(args, self.components, acc)
         self.module, self.params = self._trainable_module()
+        self.offload: LayerOffloadManager | None = None
         self.progress = TrainingProgress()
 
     # ---------------------------------------------------------------------------------------------- setup
@@ -515,6 +546,15 @@ class WanTrainer:
             return ModelInputs.from_tensors(sample["cached"], sample["prompt"]).to(device)
         return self.builder(sample).to(device)
 
+    def _loss(self, sample: dict[str, Any], inputs: ModelInputs, generator: torch.Generator, patch) -> torch.Tensor:
+        """The task's loss: flow matching (``sft``) or direct distillation with the row's sampling settings."""
+        if not self.args.task.startswith("direct_distill"):
+            return training_loss(self.module, inputs, self.schedule, generator, self.dtype, patch)[0]
+        settings = (DistillSettings.from_json(sample["distill"]) if "distill" in sample
+                    else self.distill[int(sample["row"])])
+        return direct_distill_loss(self.module, inputs, settings, generator, self.dtype, patch,
+                                   shift=self.args.timestep_shift)
+
     def train(self) -> Path:
         args, acc = self.args, self.accelerator
         sampler = ResumableSampler(len(self.dataset), shuffle=True, seed=args.seed, num_replicas=acc.num_processes,
@@ -530,7 +570,14 @@ class WanTrainer:
         optimizer, scheduler = self._optimizer(total_steps)
         if acc.state.deepspeed_plugin is not None:
             acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
-        self.module, optimizer, scheduler = acc.prepare(self.module, optimizer, scheduler)
+        if args.enable_model_cpu_offload:  # layer offload: the module stays unwrapped, its hooks place the weights
+            if acc.num_processes > 1 or acc.state.deepspeed_plugin is not None:
+                raise ValueError("--enable_model_cpu_offload trains in one process without DeepSpeed (as "
+                                 "DiffSynth-Studio's offload training); use ZeRO offload for several processes")
+            self.offload = LayerOffloadManager(self.module, acc.device, args.enable_optimizer_cpu_offload)
+            optimizer, scheduler = acc.prepare(optimizer, scheduler)
+        else:
+            self.module, optimizer, scheduler = acc.prepare(self.module, optimizer, scheduler)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.resume()
         if acc.is_main_process:
@@ -561,8 +608,10 @@ class WanTrainer:
                 generator = torch.Generator().manual_seed(step_seed(args.seed, self.progress.micro_step,
                                                                     acc.process_index))
                 with acc.accumulate(self.module):
-                    loss, _ = training_loss(self.module, inputs, self.schedule, generator, self.dtype, patch)
+                    loss = self._loss(sample, inputs, generator, patch)
                     acc.backward(loss)
+                    if self.offload is not None:
+                        self.offload.after_backward()
                     if acc.sync_gradients and args.max_grad_norm:
                         acc.clip_grad_norm_(self.params, args.max_grad_norm)
                     optimizer.step()
@@ -616,7 +665,7 @@ def run_data_process(args) -> Path:
 
     acc = _make_accelerator(args)
     dtype = DTYPES[args.dtype]
-    _dataset(args, None, repeat=1)  # a bad row fails before any model loads
+    distill = _distill_rows(args, _dataset(args, None, repeat=1))  # a bad row fails before any model loads
     components = load_training_components(
         args.model_path, expert=args.expert, dtype=dtype, vae_dtype=DTYPES[args.vae_dtype], load_encoders=True,
         transformer_path=args.transformer_path, image_encoder_heads=args.image_encoder_heads,
@@ -638,14 +687,16 @@ def run_data_process(args) -> Path:
         written.add(row)
         tensors = builder(sample).to_tensors()
         meta = {"format": CACHE_FORMAT, "row": str(row), "prompt": sample["prompt"]}
+        if distill is not None:
+            meta["distill"] = distill[row].to_json()
         save_file(tensors, str(out / f"{row:08d}.safetensors"), metadata=meta)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        info = {"format": CACHE_FORMAT, "model_path": str(args.model_path), "expert": args.expert,
+        info = {"format": CACHE_FORMAT, "task": args.task, "model_path": str(args.model_path), "expert": args.expert,
                 "pipeline_class": components.pipeline_class, "extra_inputs": args.extra_inputs,
                 "num_frames": args.num_frames, "height": args.height, "width": args.width}
         (Path(args.output_path) / "cache_info.json").write_text(json.dumps(info, indent=2))
-        acc.print(f"cached {len(dataset)} row(s) into {args.output_path}; train with --task sft:train "
+        acc.print(f"cached {len(dataset)} row(s) into {args.output_path}; train with --task {args.task.split(':')[0]}:train "
                   f"--dataset_base_path {args.output_path}")
     acc.end_training()
     return Path(args.output_path)
@@ -653,7 +704,7 @@ def run_data_process(args) -> Path:
 
 def run_training(args) -> Path:
     """Run the task of parsed ``args`` (:func:`~diffusers_wan_ext.training.args.parse_args`)."""
-    if args.task == "sft:data_process":
+    if args.task.endswith(":data_process"):
         return run_data_process(args)
     return WanTrainer(args).train()
 

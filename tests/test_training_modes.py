@@ -1,0 +1,204 @@
+"""DiffSynth-Studio's training modes in our trainer: direct distillation (``--task direct_distill`` and its split
+stages), layer-level CPU offload training, quantized frozen bases (bitsandbytes / torchao where installed, GGUF /
+fp8 single files) and ``--model_id_with_origin_paths``; each keeps resume exact."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from diffusers_wan_ext.demo import make_tiny_dataset
+from diffusers_wan_ext.training import parse_args, run_training
+from diffusers_wan_ext.training.dataset import ResumableSampler
+from diffusers_wan_ext.training.distill import DistillSettings, direct_distill_loss
+from diffusers_wan_ext.training.inputs import ModelInputs
+from diffusers_wan_ext.training.modules import WanTrainingModule
+from diffusers_wan_ext.training.trainer import CachedDataset, WanTrainer
+
+COMMON = ["--height", "32", "--width", "32", "--num_frames", "9", "--max_sequence_length", "32", "--dtype", "fp32",
+          "--report_to", "none", "--lora_rank", "4", "--learning_rate", "1e-3"]
+DISTILL_COLUMNS = "seed,rand_device,num_inference_steps,cfg_scale"
+
+
+@pytest.fixture(scope="module")
+def t2v(converted):
+    return converted("t2v")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("modes-data")
+    make_tiny_dataset(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def distill_data(tmp_path_factory) -> Path:
+    """The tiny clips as a teacher's samples: DiffSynth-Studio's distillation columns added (2 student steps)."""
+    folder = tmp_path_factory.mktemp("distill-data")
+    meta = make_tiny_dataset(folder)
+    rows = list(csv.DictReader(open(meta)))
+    for i, row in enumerate(rows):
+        row.update(seed=str(11 + i), rand_device="cpu", num_inference_steps="2", cfg_scale="5")
+    with open(meta, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def run_args(model: Path, data: Path, out: Path, *extra) -> list[str]:
+    return ["--dataset_base_path", str(data), "--dataset_metadata_path", str(data / "metadata.csv"),
+            "--model_path", str(model), *COMMON, "--lora_base_model", "dit", "--output_path", str(out),
+            *[str(a) for a in extra]]
+
+
+def distill_args(model: Path, data: Path, out: Path, *extra) -> list[str]:
+    return run_args(model, data, out, "--task", "direct_distill", "--extra_inputs", DISTILL_COLUMNS,
+                    "--dataset_repeat", "2", *extra)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "logs" / "losses.jsonl").read_text().splitlines()]
+
+
+def tiny_transformer(seed: int) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=4,
+                                 out_channels=4, text_dim=32, freq_dim=32, ffn_dim=96, num_layers=2).eval()
+
+
+def velocity(model, x, t, context):
+    return model(x, torch.tensor([t], dtype=torch.float32), context, return_dict=False)[0]
+
+
+# -------------------------------------------------------------------------------------------- direct distillation
+
+
+def test_direct_distill_loss_follows_the_reference_formula_on_a_tiny_teacher_student_pair():
+    """DiffSynth-Studio's ``DirectDistillLoss``: the student samples the row's seeded noise in N Euler steps on the
+    shifted Wan grid (gradients through every step) and is compared with the teacher's many-step CFG sample."""
+    teacher, student = tiny_transformer(1), tiny_transformer(2)
+    g = torch.Generator().manual_seed(0)
+    context, negative = torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g)
+    shape = (1, 4, 3, 4, 4)
+    seed = 7
+
+    def euler(model, x, steps, cfg):
+        sig = [5 * u / (1 + 4 * u) for u in (1 - i / steps for i in range(steps))] + [0.0]
+        for i in range(steps):
+            v = velocity(model, x, 1000 * sig[i], context)
+            if cfg != 1:
+                v = velocity(model, x, 1000 * sig[i], negative) + cfg * (v - velocity(model, x, 1000 * sig[i], negative))
+            x = x + v * (sig[i + 1] - sig[i])
+        return x
+
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # what the teacher produces: its 8-step, guided sample of the same noise
+        target = euler(teacher, noise, 8, 4.0)
+    inputs = ModelInputs(latents=target, prompt_embeds=context)
+    module = WanTrainingModule(student)
+    settings = DistillSettings(num_inference_steps=2, seed=seed, rand_device="cpu", cfg_scale=4.0)
+    loss = direct_distill_loss(module, inputs, settings, torch.Generator().manual_seed(99), torch.float32)
+    # independently: sigmas 1 and 5*0.5/(1+4*0.5) = 5/6, then 0; no guidance for the student, plain MSE
+    x1 = noise + velocity(student, noise, 1000.0, context) * (5 / 6 - 1)
+    x2 = x1 + velocity(student, x1, 1000 * 5 / 6, context) * (0 - 5 / 6)
+    expected = ((x2 - target) ** 2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert float(loss.detach()) > 0
+    # the gradient goes through both student steps: the same as the formula's
+    student.requires_grad_(True)
+    grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
+    loss2 = direct_distill_loss(module, inputs, settings, torch.Generator(), torch.float32)
+    x1 = noise + velocity(student, noise, 1000.0, context) * (5 / 6 - 1)
+    x2 = x1 + velocity(student, x1, 1000 * 5 / 6, context) * (0 - 5 / 6)
+    ref = torch.autograd.grad(((x2 - target) ** 2).mean(), list(student.parameters()), allow_unused=True)
+    assert float(loss2) == float(loss)
+    for a, b in zip(grads, ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    # a student that is the teacher, sampled as the teacher sampled (same steps, no guidance), has nothing to learn
+    with torch.no_grad():
+        own = euler(teacher, noise, 3, 1.0)
+    zero = direct_distill_loss(WanTrainingModule(teacher), ModelInputs(latents=own, prompt_embeds=context),
+                               DistillSettings(num_inference_steps=3, seed=seed), torch.Generator(), torch.float32)
+    assert float(zero) < 1e-10  # float32 vs float64 grid points only
+
+
+def test_direct_distill_trains_resumes_exactly_and_its_split_stages_give_the_same_losses(t2v, distill_data, tmp_path):
+    whole = tmp_path / "whole"
+    trainer = WanTrainer(parse_args(distill_args(t2v, distill_data, whole, "--max_train_steps", "4",
+                                                 "--save_steps", "2")))
+    base = trainer.module.transformer  # the LoRA starts at zero: step 1's loss is the base model's
+    trainer.train()
+    full = losses(whole)
+    assert len(full) == 4 and all(v > 0 for v in full)
+
+    # the split stages: cache (with each row's sampling settings), then train from the cache
+    cache = tmp_path / "cache"
+    run_training(parse_args(distill_args(t2v, distill_data, cache, "--task", "direct_distill:data_process")))
+    entries = CachedDataset(cache)
+    assert all("distill" in entries[i] for i in range(len(entries)))
+    split = tmp_path / "split"
+    run_training(parse_args(["--dataset_base_path", str(cache), "--model_path", str(t2v), *COMMON,
+                             "--lora_base_model", "dit", "--output_path", str(split), "--task", "direct_distill:train",
+                             "--max_train_steps", "4", "--dataset_repeat", "2"]))
+    assert losses(split) == pytest.approx(full, rel=1e-5, abs=1e-7)
+
+    # step 1 from the formula, on the cached inputs of the row the sampler draws first
+    first = ResumableSampler(2 * len(entries), shuffle=True, seed=0).epoch_indices(0)[0]
+    sample = entries[first % len(entries)]
+    settings = DistillSettings.from_json(sample["distill"])
+    assert settings == DistillSettings(num_inference_steps=2, seed=11 + sample["row"], rand_device="cpu",
+                                       cfg_scale=5.0)
+    x0 = sample["cached"]["latents"]
+    context = sample["cached"]["prompt_embeds"]
+    x = torch.randn(x0.shape, generator=torch.Generator().manual_seed(settings.seed))
+    base.disable_adapters()  # the base weights: what the zero-initialized LoRA computed at step 1
+    with torch.no_grad():
+        for s, s_next in ((1.0, 5 / 6), (5 / 6, 0.0)):
+            v = base(x, torch.tensor([1000 * s]), context, return_dict=False)[0]
+            x = x + v * (s_next - s)
+    assert full[0] == pytest.approx(float(((x - x0) ** 2).mean()), rel=1e-4)
+
+    # resume from checkpoint-2: the last two losses again, exactly
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    run_training(parse_args(distill_args(t2v, distill_data, resumed, "--max_train_steps", "4", "--save_steps", "2",
+                                         "--resume_from_checkpoint", "latest")))
+    assert losses(resumed) == full[2:]
+
+
+def test_direct_distill_arguments_and_rows_are_checked_before_loading(t2v, data, distill_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(run_args(t2v, distill_data, tmp_path / "o", "--task", "direct_distill", "--extra_inputs", "seed"))
+    assert "add num_inference_steps to --extra_inputs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(run_args(t2v, distill_data, tmp_path / "o", "--extra_inputs", DISTILL_COLUMNS))
+    assert "columns of --task direct_distill" in capsys.readouterr().err
+    # a bad value names the file's row and column, before any model loads (the model path does not exist)
+    bad = tmp_path / "bad"
+    shutil.copytree(distill_data, bad)
+    rows = list(csv.DictReader(open(bad / "metadata.csv")))
+    rows[1]["num_inference_steps"] = "two"
+    with open(bad / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    named = r"metadata.csv row 1 \(line 3\): column 'num_inference_steps' must be an integer"
+    with pytest.raises(ValueError, match=named):
+        WanTrainer(parse_args(distill_args(tmp_path / "no-model", bad, tmp_path / "o")))
+    # an sft cache has no sampling settings: direct_distill:train names an entry
+    cache = tmp_path / "sft-cache"
+    run_training(parse_args(run_args(t2v, data, cache, "--task", "sft:data_process")))
+    with pytest.raises(ValueError, match="without direct-distillation settings"):
+        WanTrainer(parse_args(["--dataset_base_path", str(cache), "--model_path", str(t2v), *COMMON,
+                               "--lora_base_model", "dit", "--output_path", str(tmp_path / "o"),
+                               "--task", "direct_distill:train"]))
