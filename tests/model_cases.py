@@ -16,6 +16,7 @@ from diffusers_wan_ext import (
     MovaAudioTransformer1DModel,
     MovaDualTowerBridge,
     WanAnimateExtTransformer3DModel,
+    WanDancerTransformer3DModel,
     WanExtTransformer3DModel,
     WanFunTransformer3DModel,
     WanMotionControllerModel,
@@ -133,6 +134,13 @@ def _mova_bridge_inputs(seed: int) -> dict[str, Any]:
                 video_grid_size=(2, 4, 4), frame_rate=24.0)
 
 
+def _dancer_inputs(seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_rand(g, 1, 36, 2, 8, 8), timestep=torch.tensor([700.0]),
+                encoder_hidden_states=_rand(g, 1, 8, 32), encoder_hidden_states_image=_rand(g, 1, 257, 40),
+                reference_image_embeds=_rand(g, 1, 257, 40), music_features=_rand(g, 24, 35), fps=7.5)
+
+
 def _motion_controller_inputs(seed: int) -> dict[str, Any]:
     return dict(motion_bucket_id=torch.tensor([10.0 + 7 * seed]))
 
@@ -172,6 +180,9 @@ def model_cases() -> list[ModelCase]:
                   skip={"gradient_checkpointing": "cross-attention pairs called per layer by the joint forward: no "
                                                   "block loop of its own to checkpoint",
                         "caches": "not a transformer: no blocks for step caches"}),
+        ModelCase("dancer", WanDancerTransformer3DModel,
+                  dict(WAN_TINY, num_layers=2, in_channels=36, image_dim=40, added_kv_proj_dim=48, text_len=8,
+                       music_latent_dim=16, music_ff_size=32, music_inject_layers=[1]), _dancer_inputs),
         ModelCase("motion_controller", WanMotionControllerModel, dict(freq_dim=32, dim=48),
                   _motion_controller_inputs, output_field="offset", is_transformer=False,
                   lora_targets=("linear.0", "linear.2", "linear.4"),

@@ -29,8 +29,8 @@ import torch
 from ..conversion.dit import DitExtension, DitInfo
 
 __all__ = [
-    "CommandArgument", "Conditioning", "ConvertInput", "FamilyCommand", "GenerateInput", "ModelFamily", "ReleaseOptions", "TinyArch",
-    "WanVariant",
+    "CommandArgument", "Conditioning", "ConvertInput", "FamilyCommand", "FamilyInput", "GenerateInput", "ModelFamily",
+    "ReleaseOptions", "TinyArch", "WanVariant",
 ]
 
 
@@ -179,25 +179,28 @@ class TinyArch:
 
 
 @dataclass(frozen=True)
-class GenerateInput:
-    """A ``diffusers-wan generate`` option a family adds (``--pose-video`` ...): flag, call argument, help."""
+class FamilyInput:
+    """A command-line option a family adds: ``flag``, the keyword ``argument`` it fills, ``help``."""
 
     flag: str
     argument: str
     help: str
+
+
+@dataclass(frozen=True)
+class GenerateInput(FamilyInput):
+    """A ``diffusers-wan generate`` option a family adds (``--pose-video`` ...): flag, call argument, help."""
+
     #: "path" (a file, passed as given), "optional-path" (a flag alone gives "auto"), "int", "float" or "text"
     kind: str = "path"
 
 
 @dataclass(frozen=True)
-class ConvertInput:
+class ConvertInput(FamilyInput):
     """A ``diffusers-wan convert`` option a family adds (``--audio-encoder`` ...): flag, the ``convert_release``
     keyword it fills, help, and ``kind``: ``"file"`` (one weights file, checked before loading), ``"folder"`` or
     ``"path"`` (either)."""
 
-    flag: str
-    argument: str
-    help: str
     kind: str = "file"
 
 
