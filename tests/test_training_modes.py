@@ -53,6 +53,18 @@ def distill_data(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def cache(t2v, data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("modes-cache") / "cache"
+    run_training(parse_args(run_args(t2v, data, out, "--task", "sft:data_process")))
+    return out
+
+
+def cached_args(model: Path, cache: Path, out: Path, *extra) -> list[str]:
+    return ["--dataset_base_path", str(cache), "--model_path", str(model), *COMMON, "--lora_base_model", "dit",
+            "--task", "sft:train", "--output_path", str(out), *[str(a) for a in extra]]
+
+
 def run_args(model: Path, data: Path, out: Path, *extra) -> list[str]:
     return ["--dataset_base_path", str(data), "--dataset_metadata_path", str(data / "metadata.csv"),
             "--model_path", str(model), *COMMON, "--lora_base_model", "dit", "--output_path", str(out),
@@ -202,3 +214,52 @@ def test_direct_distill_arguments_and_rows_are_checked_before_loading(t2v, data,
         WanTrainer(parse_args(["--dataset_base_path", str(cache), "--model_path", str(t2v), *COMMON,
                                "--lora_base_model", "dit", "--output_path", str(tmp_path / "o"),
                                "--task", "direct_distill:train"]))
+
+
+# ------------------------------------------------------------------------------------------------ layer offload
+
+
+@pytest.mark.parametrize("flags", [["--enable_model_cpu_offload"],
+                                   ["--enable_model_cpu_offload", "--enable_optimizer_cpu_offload"]],
+                         ids=["model", "model+optimizer"])
+def test_layer_offload_gives_the_plain_losses_and_resumes_exactly(t2v, cache, tmp_path, flags):
+    plain = tmp_path / "plain"
+    run_training(parse_args(cached_args(t2v, cache, plain, "--max_train_steps", "3", "--save_steps", "1")))
+    out = tmp_path / "offload"
+    trainer = WanTrainer(parse_args(cached_args(t2v, cache, out, "--max_train_steps", "3", "--save_steps", "1",
+                                                "--use_gradient_checkpointing", *flags)))
+    seen = []
+    probe = trainer.module.transformer.blocks[0].attn1.to_q.base_layer  # a frozen unit under a LoRA
+    forward = probe.forward
+
+    def during_forward(x):  # runs after the manager's pre-hook: a fresh copy, not the CPU weight
+        seen.append(probe.weight.data_ptr() != trainer.offload.frozen[id(probe.weight)].data_ptr())
+        return forward(x)
+
+    probe.forward = during_forward
+    trainer.train()
+    manager = trainer.offload
+    assert manager is not None and manager.optimizer_on_cpu == ("--enable_optimizer_cpu_offload" in flags)
+    assert probe in manager.units and all(unit._forward_pre_hooks for unit in manager.units)
+    assert all(unit._backward_pre_hooks for unit in manager.units)
+    assert seen and all(seen)
+    assert manager.onloads > 2 * 3 * len(manager.units) // 2  # forward and backward of most units, every step
+    module = trainer.module
+    assert module is trainer._unwrapped()  # not wrapped: the hooks place the weights
+    frozen = [p for p in module.parameters() if id(p) in manager.frozen]
+    assert frozen and all(p.data_ptr() == manager.frozen[id(p)].data_ptr() for p in frozen)  # back to the CPU copy
+    states = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+    assert states and all(t.device.type == "cpu" for t in states)
+    assert losses(out) == losses(plain)
+    # resuming the plain run's checkpoint with offload continues with its losses, exactly
+    resumed = tmp_path / "resumed"
+    shutil.copytree(plain / "checkpoint-1", resumed / "checkpoint-1")
+    run_training(parse_args(cached_args(t2v, cache, resumed, "--max_train_steps", "3", "--save_steps", "1",
+                                        "--resume_from_checkpoint", "latest", *flags)))
+    assert losses(resumed) == losses(plain)[1:]
+
+
+def test_optimizer_offload_needs_model_offload(t2v, data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(run_args(t2v, data, tmp_path / "o", "--enable_optimizer_cpu_offload"))
+    assert "pass both" in capsys.readouterr().err
