@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from diffusers_wan_ext import (
+    AutoencoderDac,
     LongCatVideoTransformer3DModel,
     MovaAudioTransformer1DModel,
     MovaDualTowerBridge,
@@ -141,6 +142,11 @@ def _dancer_inputs(seed: int) -> dict[str, Any]:
                 reference_image_embeds=_rand(g, 1, 257, 40), music_features=_rand(g, 24, 35), fps=7.5)
 
 
+def _dac_inputs(seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=_rand(g, 1, 1, 48))
+
+
 def _motion_controller_inputs(seed: int) -> dict[str, Any]:
     return dict(motion_bucket_id=torch.tensor([10.0 + 7 * seed]))
 
@@ -183,6 +189,10 @@ def model_cases() -> list[ModelCase]:
         ModelCase("dancer", WanDancerTransformer3DModel,
                   dict(WAN_TINY, num_layers=2, in_channels=36, image_dim=40, added_kv_proj_dim=48, text_len=8,
                        music_latent_dim=16, music_ff_size=32, music_inject_layers=[1]), _dancer_inputs),
+        ModelCase("audio_vae_dac", AutoencoderDac,
+                  dict(encoder_dim=4, encoder_rates=(2, 3), latent_dim=8, decoder_dim=16, decoder_rates=(3, 2),
+                       sample_rate=600), _dac_inputs, is_transformer=False, lora_targets=("post_quant_conv",),
+                  skip={"caches": "an audio VAE: no blocks for step caches"}),
         ModelCase("motion_controller", WanMotionControllerModel, dict(freq_dim=32, dim=48),
                   _motion_controller_inputs, output_field="offset", is_transformer=False,
                   lora_targets=("linear.0", "linear.2", "linear.4"),

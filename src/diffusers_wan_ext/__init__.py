@@ -17,6 +17,7 @@ from .utils.clip_processor import bind_clip_image_processor
 bind_clip_image_processor()
 
 from .models import (  # noqa: E402
+    AutoencoderDac,
     LongCatKVCache,
     LongCatVideoTransformer3DModel,
     MovaAudioTransformer1DModel,
@@ -54,6 +55,7 @@ from .schedulers import WanFlowMatchScheduler, WanFlowUniPCScheduler  # noqa: E4
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoencoderDac",
     "LongCatKVCache",
     "LongCatVideoPipeline",
     "LongCatVideoTransformer3DModel",

@@ -4,8 +4,9 @@ The release is a Diffusers-style folder, one sub-folder per component (``config.
 safetensors): ``video_dit/`` (high-noise expert) and ``video_dit_2/`` (low-noise expert) in the original Wan key
 layout (Wan2.2-I2V without CLIP -> stock ``WanTransformer3DModel`` through :mod:`~diffusers_wan_ext.conversion.dit`),
 ``audio_dit/`` (Wan keys with a ``Conv1d`` ``patch_embedding``), ``dual_tower_bridge/``
-(``audio_to_video_conditioners.N.*`` / ``video_to_audio_conditioners.N.*``) and ``audio_vae/`` (a DAC VAE;
-:mod:`~diffusers_wan_ext.conversion.mova_audio_vae`).  Every key map here is a table of module-path pairs; widths
+(``audio_to_video_conditioners.N.*`` / ``video_to_audio_conditioners.N.*``) and ``audio_vae/`` (a continuous DAC VAE
+whose keys are already :class:`~diffusers_wan_ext.models.autoencoder_dac.AutoencoderDac`'s; ``weight_g`` /
+``weight_v`` pairs of a file that still has weight norm are fused).  Every key map here is a table of module-path pairs; widths
 come from the shapes, what shapes cannot tell (heads, the bridge's head dim and depths) from the release
 ``config.json`` (constructor-argument names), else the release values.
 """
@@ -19,6 +20,7 @@ from typing import Any, Mapping
 import torch
 from accelerate import init_empty_weights
 
+from ..models.autoencoder_dac import AutoencoderDac
 from ..models.mova_bridge import INTERACTION_STRATEGIES, MovaDualTowerBridge, interaction_layers
 from ..models.transformer_mova_audio import MovaAudioTransformer1DModel
 from ..utils.io import ConversionError, format_keys
@@ -35,6 +37,10 @@ from .dit import (
 
 __all__ = [
     "AUDIO_DIT_TOP_LEVEL_KEY_MAP",
+    "audio_vae_config_from_state_dict",
+    "fuse_weight_norm",
+    "is_mova_audio_vae",
+    "load_mova_audio_vae",
     "BRIDGE_BLOCK_KEY_MAP",
     "BRIDGE_GROUPS",
     "MOVA_COMPONENT_FOLDERS",
@@ -269,3 +275,73 @@ def load_mova_bridge(
 
 def _source(sd_or_path) -> str:
     return str(Path(sd_or_path)) if isinstance(sd_or_path, (str, os.PathLike)) else "state dict"
+
+
+def fuse_weight_norm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace every ``X.weight_g`` / ``X.weight_v`` pair (``torch.nn.utils.weight_norm``, dim 0) by ``X.weight``."""
+    out = {k: v for k, v in sd.items() if not k.endswith((".weight_g", ".weight_v"))}
+    for key in (k for k in sd if k.endswith(".weight_v")):
+        base = key[: -len("_v")]
+        g = sd.get(base + "_g")
+        if g is None:
+            raise ConversionError(f"weight-norm pair incomplete: {key} without {base}_g")
+        v = sd[key].float()
+        norm = v.flatten(1).norm(dim=1).reshape(-1, *([1] * (v.ndim - 1)))
+        out[base] = (v * (g.float() / norm)).to(sd[key].dtype)
+    return out
+
+
+def is_mova_audio_vae(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict is MOVA's DAC audio VAE."""
+    return "quant_conv.weight" in sd and any(k.startswith("decoder.model.") for k in sd)
+
+
+def _stage_strides(sd: Mapping[str, torch.Tensor], pattern: str, first: int) -> list[int]:
+    strides, i = [], first
+    while pattern.format(i=i) in sd:
+        strides.append(int(sd[pattern.format(i=i)].shape[-1]) // 2)
+        i += 1
+    return strides
+
+
+def audio_vae_config_from_state_dict(
+    sd: Mapping[str, torch.Tensor], original_config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """:class:`AutoencoderDac` config from the (weight-norm fused) release ``audio_vae`` weights and its
+    ``config.json`` (``sample_rate``; the widths and strides must agree with the shapes)."""
+    cfg = dict(original_config or {})
+    needed = ("encoder.block.0.weight", "quant_conv.weight", "decoder.model.0.weight")
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise ConversionError(f"not MOVA's DAC audio VAE: missing key(s) {format_keys(missing)}")
+    if cfg.get("continuous") is False:
+        raise ConversionError("audio_vae config.json: continuous=false (vector-quantized DAC) is not supported; "
+                              "MOVA uses the continuous VAE")
+    encoder_rates = _stage_strides(sd, "encoder.block.{i}.block.4.weight", 1)
+    decoder_rates = _stage_strides(sd, "decoder.model.{i}.block.1.weight", 1)
+    config = dict(
+        encoder_dim=_checked_int(cfg, "encoder_dim", sd["encoder.block.0.weight"].shape[0], "encoder.block.0.weight"),
+        encoder_rates=encoder_rates,
+        latent_dim=_checked_int(cfg, "latent_dim", sd["quant_conv.weight"].shape[1], "quant_conv.weight"),
+        decoder_dim=_checked_int(cfg, "decoder_dim", sd["decoder.model.0.weight"].shape[0], "decoder.model.0.weight"),
+        decoder_rates=decoder_rates,
+        sample_rate=int(cfg.get("sample_rate", 48000)),
+    )
+    for key in ("encoder_rates", "decoder_rates"):
+        if key in cfg and list(cfg[key]) != config[key]:
+            raise ConversionError(f"audio_vae config.json says {key}={cfg[key]} but the weights have {config[key]}")
+    return config
+
+
+def load_mova_audio_vae(
+    sd_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
+    original_config: Mapping[str, Any] | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> AutoencoderDac:
+    """:class:`AutoencoderDac` from the release ``audio_vae`` (a state dict, file or folder)."""
+    sd, cfg = read_original_dit(sd_or_path, original_config)
+    if not is_mova_audio_vae(sd):
+        raise ConversionError(f"{_source(sd_or_path)}: not MOVA's DAC audio VAE (no quant_conv / decoder.model keys)")
+    sd = fuse_weight_norm(sd)
+    model = _build(AutoencoderDac, audio_vae_config_from_state_dict(sd, cfg))
+    return load_converted_state_dict(model, sd, torch_dtype)

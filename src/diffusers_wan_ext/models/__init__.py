@@ -1,3 +1,4 @@
+from .autoencoder_dac import AutoencoderDac
 from .attention_processor import WanFusedQKRopeAttnProcessor, WanTextLenAttnProcessor
 from .camera_adapter import WanCameraControlAdapter
 from .motion_controller import MotionControlHook, WanMotionControllerModel, apply_motion_control
@@ -13,6 +14,7 @@ from .transformer_wan_s2v import WanS2VTransformer3DModel
 from .transformer_wan_vap import WanVideoAsPromptTransformer3DModel
 
 __all__ = [
+    "AutoencoderDac",
     "LongCatKVCache",
     "LongCatVideoTransformer3DModel",
     "MotionControlHook",
