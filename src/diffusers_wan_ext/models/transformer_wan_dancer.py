@@ -59,6 +59,7 @@ __all__ = [
     "DANCER_UNCOND_SKIP_BLOCKS",
     "WanDancerCrossAttnProcessor",
     "WanDancerMusicEncoderLayer",
+    "WanDancerMusicSelfAttention",
     "WanDancerTransformer3DModel",
     "is_global_fps",
     "resampled_temporal_rope",
@@ -127,11 +128,39 @@ def rotate_interleaved(x: torch.Tensor, positions: int, theta: float = 10000.0) 
     return x * angles.cos() + rotated * angles.sin()
 
 
+class WanDancerMusicSelfAttention(nn.Module):
+    r"""
+    ``nn.MultiheadAttention``'s math and parameter names (``in_proj_weight`` / ``in_proj_bias`` packed q, k, v and
+    ``out_proj``), without its fused kernel, so that hooks which cast or offload per ``nn.Linear`` (layerwise casting,
+    group offloading) see ``out_proj`` called as a module.
+
+    Args:
+        width (`int`): model width.
+        num_heads (`int`): attention heads.
+    """
+
+    def __init__(self, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        w_q, w_k, w_v = self.in_proj_weight.to(query.dtype).chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.to(query.dtype).chunk(3)
+        q, k, v = (F.linear(x, w, b).unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)
+                   for x, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(-3, -2).flatten(-2)
+        return self.out_proj(out)
+
+
 class WanDancerMusicEncoderLayer(nn.Module):
     r"""
     One pre-norm transformer layer of the Wan-Dancer music encoder (release ``music_encoder.N``).
 
-    Self-attention is ``nn.MultiheadAttention`` with queries and keys ``rotary(norm1(x))`` and values ``norm1(x)``
+    Self-attention is ``nn.MultiheadAttention`` (:class:`WanDancerMusicSelfAttention`) with queries and keys ``rotary(norm1(x))`` and values ``norm1(x)``
     (the rotary embedding acts on the layer input, before the projections, as in the reference); the FFN is
     ``linear2(gelu(linear1(norm2(x))))`` with the exact GELU.  Dropout is off (inference semantics).
 
@@ -143,7 +172,7 @@ class WanDancerMusicEncoderLayer(nn.Module):
 
     def __init__(self, width: int, num_heads: int, ff_size: int) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(width, num_heads, dropout=0.0, batch_first=True)
+        self.self_attn = WanDancerMusicSelfAttention(width, num_heads)
         self.linear1 = nn.Linear(width, ff_size)
         self.linear2 = nn.Linear(ff_size, width)
         self.norm1 = nn.LayerNorm(width, eps=1e-5)
@@ -152,7 +181,7 @@ class WanDancerMusicEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
         qk = rotate_interleaved(h, h.shape[-2])
-        x = x + self.self_attn(qk, qk, h, need_weights=False)[0]
+        x = x + self.self_attn(qk, qk, h)
         return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
 
 
@@ -337,7 +366,7 @@ class WanDancerTransformer3DModel(WanExtTransformer3DModel):
                                       stride=tuple(patch_size[1:]))
 
     # ------------------------------------------------------------------------------------------------------------
-    def encode_music(self, music_features: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def encode_music(self, music_features: torch.Tensor, num_frames: int, dtype: torch.dtype) -> torch.Tensor:
         """Music tokens ``[B, music_tokens_per_frame * num_frames, dim]`` from features ``[L, 35]`` or
         ``[B, L, 35]``: projection, encoder layers, then the two bilinear resizes of the reference."""
         cfg = self.config
@@ -346,7 +375,7 @@ class WanDancerTransformer3DModel(WanExtTransformer3DModel):
         if music_features.ndim != 3 or music_features.shape[-1] != cfg.music_feature_dim:
             raise ValueError(f"music_features must be [L, {cfg.music_feature_dim}] or [B, L, "
                              f"{cfg.music_feature_dim}], got {tuple(music_features.shape)}")
-        x = self.music_projection(music_features.to(self.music_projection.weight.dtype))
+        x = self.music_projection(music_features.to(dtype))
         for layer in self.music_encoder:
             x = layer(x)
         x = F.interpolate(x.unsqueeze(1), size=tuple(cfg.music_resample_size), mode="bilinear", align_corners=False)
@@ -446,7 +475,7 @@ class WanDancerTransformer3DModel(WanExtTransformer3DModel):
             context.insert(0, self.reference_image_embedder(reference_image_embeds).type_as(encoder_hidden_states))
         encoder_hidden_states = torch.cat(context, dim=1)
 
-        music = self.encode_music(music_features, grid[0]).to(hidden_states.dtype)
+        music = self.encode_music(music_features, grid[0], hidden_states.dtype)
         if music.shape[0] != batch_size:
             music = music.expand(batch_size, -1, -1)
 
