@@ -36,7 +36,6 @@ import torch
 from diffusers.utils import is_torch_xla_available, logging
 
 from ..hooks.sliding_window import check_sliding_window, sliding_window_unsupported_reason, windowed
-from .call_arguments import forwarded
 
 if is_torch_xla_available():
     import torch_xla.core.xla_model as xm
@@ -212,37 +211,6 @@ class WanDenoisingMixin:
         self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
         models = [transformer] if transformer is not None else [
             getattr(self, "transformer", None), getattr(self, "transformer_2", None)]
-        with windowed(models, sliding_window_size, sliding_window_stride):
-            return self._denoise_loop(**forwarded(locals(), self._denoise_loop))
-
-    def _denoise_loop(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        *,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor | None,
-        guidance_scale: float,
-        guidance_scale_2: float | None,
-        num_inference_steps: int,
-        transformer_dtype: torch.dtype,
-        attention_kwargs: dict[str, Any] | None,
-        callback_on_step_end: Callable | None,
-        callback_on_step_end_tensor_inputs: Collection[str],
-        cfg_batching: bool | None,
-        model_input: Callable[[torch.Tensor], torch.Tensor] | None,
-        timestep_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
-        transformer_kwargs: dict[str, Any] | None,
-        broadcast_kwargs: Collection[str],
-        uncond_transformer_kwargs: dict[str, Any] | None,
-        guide: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None,
-        prediction_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
-        step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None,
-        after_step: Callable[[torch.Tensor, int], torch.Tensor] | None,
-        transformer: torch.nn.Module | None,
-        progress: bool,
-    ) -> torch.Tensor:
-        """The loop of :meth:`denoise` (same arguments)."""
         cfg_batching = self.cfg_batching if cfg_batching is None else cfg_batching
         transformer_kwargs = dict(transformer_kwargs or {})
         uncond_kwargs = {**transformer_kwargs, **(uncond_transformer_kwargs or {})}
@@ -253,8 +221,9 @@ class WanDenoisingMixin:
         if step is None:
             step = self._scheduler_step
 
-        bar = self.progress_bar(total=num_inference_steps) if progress else contextlib.nullcontext(_NoProgress())
-        with bar as progress_bar:
+        with windowed(models, sliding_window_size, sliding_window_stride), (
+            self.progress_bar(total=num_inference_steps) if progress else contextlib.nullcontext(_NoProgress())
+        ) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
