@@ -5,8 +5,13 @@
 # probes/). Usage: bash benchmarks/run_gpu_round.sh "python3 bench_dit.py" "python3 probes/probe_profile.py dit13" ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sp/site-packages \
-  .whl/diffusers*.whl .whl/ftfy*.whl .whl/wcwidth*.whl $(ls .whl/torchao*.whl .whl/gguf*.whl 2>/dev/null) || exit 1
+# every carried wheel (diffusers, ftfy, wcwidth; optional: torchao, gguf, sageattention, deepspeed and its small
+# pure dependencies, pytest); installed once per machine (a marker file), so a second call on a warm machine skips it
+if [ ! -f /tmp/sp/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sp/site-packages \
+    .whl/*.whl || exit 1
+  touch /tmp/sp/.installed
+fi
 export PYTHONPATH=/tmp/sp/site-packages:$PWD/src
 if [ -d .fa4b ] && [ -f /tmp/fa4/cu13part.aa ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/sp/site-packages .fa4b/*.whl &&

@@ -70,8 +70,13 @@ def fp8_scaled_linear(inputs: torch.Tensor, weight: torch.Tensor, weight_scale: 
     scale_b = weight_scale.float()
     if rowwise:
         scale_b = scale_b.reshape(1, -1).expand(1, weight.shape[0]).contiguous()
-    out = torch._scaled_mm(quantized, weight.t(), scale_a=input_scale, scale_b=scale_b,
-                           bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+    # the bias goes into the GEMM epilogue for per-tensor scales; added after the row-wise kernel (a compiled
+    # graph fuses the add into the next elementwise kernel)
+    fused_bias = None if bias is None or rowwise else bias.to(out_dtype)
+    out = torch._scaled_mm(quantized, weight.t(), scale_a=input_scale, scale_b=scale_b, bias=fused_bias,
+                           out_dtype=out_dtype)
+    if rowwise and bias is not None:
+        out = out + bias.to(out_dtype)
     return out.reshape(*inputs.shape[:-1], weight.shape[0])
 
 
