@@ -5,6 +5,7 @@ fp8 single files) and ``--model_id_with_origin_paths``; each keeps resume exact.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -57,6 +58,14 @@ def distill_data(tmp_path_factory) -> Path:
 def cache(t2v, data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("modes-cache") / "cache"
     run_training(parse_args(run_args(t2v, data, out, "--task", "sft:data_process")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain(t2v, cache, tmp_path_factory) -> Path:
+    """A plain 3-step LoRA run from the cache, a checkpoint per step."""
+    out = tmp_path_factory.mktemp("modes-plain") / "plain"
+    run_training(parse_args(cached_args(t2v, cache, out, "--max_train_steps", "3", "--save_steps", "1")))
     return out
 
 
@@ -222,9 +231,7 @@ def test_direct_distill_arguments_and_rows_are_checked_before_loading(t2v, data,
 @pytest.mark.parametrize("flags", [["--enable_model_cpu_offload"],
                                    ["--enable_model_cpu_offload", "--enable_optimizer_cpu_offload"]],
                          ids=["model", "model+optimizer"])
-def test_layer_offload_gives_the_plain_losses_and_resumes_exactly(t2v, cache, tmp_path, flags):
-    plain = tmp_path / "plain"
-    run_training(parse_args(cached_args(t2v, cache, plain, "--max_train_steps", "3", "--save_steps", "1")))
+def test_layer_offload_gives_the_plain_losses_and_resumes_exactly(t2v, cache, plain, tmp_path, flags):
     out = tmp_path / "offload"
     trainer = WanTrainer(parse_args(cached_args(t2v, cache, out, "--max_train_steps", "3", "--save_steps", "1",
                                                 "--use_gradient_checkpointing", *flags)))
@@ -263,3 +270,94 @@ def test_optimizer_offload_needs_model_offload(t2v, data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(run_args(t2v, data, tmp_path / "o", "--enable_optimizer_cpu_offload"))
     assert "pass both" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ quantized frozen bases
+
+
+@pytest.fixture(scope="module")
+def quantized_dits(tiny_release, tmp_path_factory) -> Path:
+    """The tiny release's DiT as a Q8_0 GGUF file (the real ``gguf`` writer) and as an fp8 safetensors file."""
+    from safetensors.torch import load_file, save_file
+
+    from diffusers_wan_ext.utils.gguf_files import write_gguf
+
+    folder = tmp_path_factory.mktemp("quantized-dits")
+    sd = load_file(str(Path(tiny_release("t2v")) / "diffusion_pytorch_model.safetensors"))
+    stored = write_gguf(folder / "dit-Q8_0.gguf", sd, "Q8_0")
+    assert stored["blocks.0.ffn.2.weight"] == "Q8_0"
+    save_file({k: v.to(torch.float8_e4m3fn) if k.startswith("blocks.") and v.ndim == 2 else v for k, v in sd.items()},
+              str(folder / "dit-fp8.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["gguf", "fp8"])
+def test_lora_trains_on_a_base_that_stays_quantized_and_resumes_exactly(t2v, cache, plain, quantized_dits, tmp_path,
+                                                                       kind):
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    from diffusers_wan_ext.models.quantized_linear import Fp8Linear
+
+    path = quantized_dits / ("dit-Q8_0.gguf" if kind == "gguf" else "dit-fp8.safetensors")
+    out = tmp_path / kind
+    trainer = WanTrainer(parse_args(cached_args(t2v, cache, out, "--transformer_path", path, "--max_train_steps", "3",
+                                                "--save_steps", "1")))
+    layer = trainer.module.transformer.blocks[0].ffn.net[2]
+    assert hasattr(layer, "lora_A")  # PEFT wrapped the quantized layer
+    base = layer.base_layer
+    if kind == "gguf":
+        assert isinstance(base, GGUFLinear) and base.weight.dtype == torch.uint8
+        assert base.weight.quant_type.name == "Q8_0"
+    else:
+        assert isinstance(base, Fp8Linear) and base.weight.dtype == torch.float8_e4m3fn
+    packed = base.weight.detach().clone()
+    trainer.train()
+    assert base.weight.dtype == packed.dtype and torch.equal(base.weight.detach(), packed)  # never dequantized
+    assert losses(out) == pytest.approx(losses(plain), rel=5e-2)  # 8-bit weights: about the plain run's losses
+    saved = load_file_keys(out / "pytorch_lora_weights.safetensors")
+    assert "transformer.blocks.0.ffn.net.2.lora_A.weight" in saved
+    resumed = tmp_path / f"{kind}-resumed"
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    run_training(parse_args(cached_args(t2v, cache, resumed, "--transformer_path", path, "--max_train_steps", "3",
+                                        "--save_steps", "1", "--resume_from_checkpoint", "latest")))
+    assert losses(resumed) == losses(out)[1:]
+
+
+def load_file_keys(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
+
+
+def test_a_quantized_base_refuses_fp8_storage_and_a_preset(t2v, cache, quantized_dits, tmp_path):
+    path = quantized_dits / "dit-Q8_0.gguf"
+    with pytest.raises(ValueError, match="quantized already; leave --fp8_models"):
+        WanTrainer(parse_args(cached_args(t2v, cache, tmp_path / "o", "--transformer_path", path, "--fp8_models",
+                                          "dit")))
+
+
+@pytest.mark.parametrize("method", ["bitsandbytes_nf4", "bitsandbytes_int8", "torchao_int8_w8a16"])
+def test_quant_options_quantize_the_frozen_block_linears(t2v, cache, plain, tmp_path, method, capsys):
+    package = method.split("_")[0]
+    args = cached_args(t2v, cache, tmp_path / method, "--quant_options", f"dit:{method}", "--max_train_steps", "3")
+    if importlib.util.find_spec(package) is None:
+        with pytest.raises(SystemExit):  # not installed: one line naming the package, before any model loads
+            parse_args(args)
+        assert f"{package} is not installed" in capsys.readouterr().err
+        pytest.skip(f"{package} is not installed: the {method} training path is not exercised here")
+    if package == "bitsandbytes" and not torch.cuda.is_available():
+        pytest.skip("bitsandbytes quantizes on a CUDA device; this machine has none")
+    trainer = WanTrainer(parse_args(args))
+    layer = trainer.module.transformer.blocks[0].attn1.to_q.base_layer
+    assert type(layer) is not torch.nn.Linear or type(layer.weight.detach()) is not torch.Tensor  # quantized
+    trainer.train()
+    assert losses(tmp_path / method) == pytest.approx(losses(plain), rel=0.2)
+
+
+def test_quant_options_syntax_is_checked(t2v, cache, tmp_path, capsys):
+    for value, message in (("dit", "expected <model>:<method>"), ("dit:gptq", "unknown method 'gptq'"),
+                           ("dit2:bitsandbytes_nf4", "LoRA training of the trained model")):
+        with pytest.raises(SystemExit):
+            parse_args(cached_args(t2v, cache, tmp_path / "o", "--quant_options", value))
+        assert message in capsys.readouterr().err

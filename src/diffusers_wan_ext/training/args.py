@@ -25,6 +25,7 @@ from ..families import training_declarations
 from ..lora import LORA_FORMATS, map_lora_target_modules
 from .dataset import EXTRA_INPUTS
 from .distill import DISTILL_COLUMNS
+from .quantized_base import QUANT_METHODS, parse_quant_options, quant_package_missing
 
 __all__ = ["COMPONENT_ALIASES", "DTYPE_NAMES", "TASKS", "build_parser", "parse_args", "resolve_component"]
 
@@ -130,6 +131,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--fp8_models", default=None,
                    help="frozen components stored in float8_e4m3fn (computed in --dtype): transformer (dit), vae, "
                         "text_encoder, image_encoder")
+    g.add_argument("--quant_options", default=None,
+                   help="quantize the trained transformer's frozen block Linears for LoRA training (DiffSynth-Studio "
+                        "syntax): dit:METHOD[/excluded,modules] with METHOD one of " + ", ".join(QUANT_METHODS)
+                        + " (needs bitsandbytes / torchao installed); a .gguf or fp8 --transformer_path is kept "
+                          "quantized without it")
     g.add_argument("--max_sequence_length", type=int, default=512, help="umT5 context length")
     g.add_argument("--image_encoder_heads", type=int, default=None,
                    help="CLIP heads when loading an original release whose CLIP width is not a release width")
@@ -244,6 +250,28 @@ def _split_distill_columns(args: argparse.Namespace, fail) -> None:
              f"--extra_inputs (DiffSynth-Studio: seed,rand_device,num_inference_steps,cfg_scale)")
 
 
+def _check_quant_options(args: argparse.Namespace, fail) -> None:
+    """``--quant_options``: one entry, for the LoRA-trained expert, with its package installed, no fp8 storage."""
+    if args.quant_options is None:
+        return
+    try:
+        options = parse_quant_options(args.quant_options)
+    except ValueError as e:
+        fail(str(e))
+    if len(options) != 1:
+        fail(f"--quant_options {args.quant_options!r}: give one entry, for the trained model (dit or dit2)")
+    option = options[0]
+    model = SCOPE_ALIASES[option.model][1] if option.model in SCOPE_ALIASES else option.model
+    if args.lora_base_model is None or COMPONENT_ALIASES.get(model) != args.expert:
+        fail(f"--quant_options {option.model}:{option.method}: quantized frozen weights are for LoRA training of "
+             f"the trained model ({args.expert}, --lora_base_model)")
+    if args.expert in args.fp8_models:
+        fail(f"--quant_options and --fp8_models {args.expert}: choose one storage for the frozen weights")
+    missing = quant_package_missing(option.method)
+    if missing:
+        fail(f"--quant_options {option.model}:{option.method}: {missing} is not installed (pip install {missing})")
+
+
 def _check_folders(args: argparse.Namespace, fail) -> None:
     """The component overrides name existing folders (checked before any model loads)."""
     for name in ("tokenizer_path", "audio_processor_path"):
@@ -340,6 +368,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
             fail(f"--preset_lora_model {args.preset_lora_model}: this run trains {args.expert} (only the trained "
                  f"expert is loaded); fuse the preset into the model being trained")
     _check_folders(args, fail)
+    _check_quant_options(args, fail)
     if args.remove_prefix_in_ckpt is not None:
         args.remove_prefix_in_ckpt = _checkpoint_prefix(args.remove_prefix_in_ckpt.strip()) or None
 

@@ -81,6 +81,8 @@ def _read_index(folder: Path) -> dict[str, Any]:
 
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype):
     """A transformer from a Diffusers model folder (``config.json`` + weights) or original DiT weights."""
+    if isinstance(path, torch.nn.Module):  # loaded already (the trainer's quantized base)
+        return path
     path = Path(path)
     config_file = path / "config.json"
     config = read_json(config_file, "transformer config") if path.is_dir() and config_file.is_file() else {}

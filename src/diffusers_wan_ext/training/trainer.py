@@ -44,6 +44,7 @@ from typing import Any, Sequence
 import torch
 
 from ..conversion.dit import cast_state_dict
+from ..conversion.quantized_dit import load_quantized_dit
 from ..hooks.vram import fp8_skip_patterns
 from ..lora import convert_lora_state_dict, export_lora, load_lora_file
 from ..utils.atomic import atomic_output_dir
@@ -72,6 +73,7 @@ from .distill import DistillRows, DistillSettings, direct_distill_loss
 from .flow_match import FlowMatchTrainingSchedule, expert_timestep_boundaries
 from .inputs import ModelInputs, WanInputBuilder
 from .offload import LayerOffloadManager
+from .quantized_base import is_quantized_single_file, parse_quant_options, quantize_frozen_linears
 from .modules import (
     ADAPTER,
     EXTRA_COMPONENTS,
@@ -285,7 +287,7 @@ class WanTrainer:
         self.resume_from, self.resume_record = self._find_resume()
         self.components = load_training_components(
             args.model_path, expert=args.expert, dtype=self.dtype, vae_dtype=DTYPES[args.vae_dtype],
-            load_encoders=not args.task.endswith(":train"), transformer_path=args.transformer_path,
+            load_encoders=not args.task.endswith(":train"), transformer_path=self._quantized_base(),
             image_encoder_heads=args.image_encoder_heads, tokenizer_path=args.tokenizer_path,
             audio_processor_path=args.audio_processor_path, progress=acc.is_main_process,
         )
@@ -300,6 +302,23 @@ class WanTrainer:
         self.progress = TrainingProgress()
 
     # ---------------------------------------------------------------------------------------------- setup
+    def _quantized_base(self):
+        """``--transformer_path``; for LoRA training a quantized single file (GGUF, fp8) loaded kept quantized."""
+        args = self.args
+        if not (self.is_lora and is_quantized_single_file(args.transformer_path)):
+            return args.transformer_path
+        what = f"--transformer_path {args.transformer_path} (a quantized base)"
+        if args.expert in args.fp8_models or args.quant_options:
+            raise ValueError(f"{what}: its weights are quantized already; leave --fp8_models {args.expert} / "
+                             f"--quant_options out")
+        if args.preset_lora_path:
+            raise ValueError(f"{what}: a preset LoRA cannot be fused into quantized weights; fuse it into the "
+                             f"unquantized DiT first, or train on that")
+        with naming(args.transformer_path):
+            transformer = load_quantized_dit(args.transformer_path, torch_dtype=self.dtype)
+        self.accelerator.print(f"LoRA training on the quantized base {args.transformer_path} (kept quantized)")
+        return transformer
+
     def _trainable_module(self) -> tuple[WanTrainingModule, list[torch.nn.Parameter]]:
         args, c = self.args, self.components
         transformer = c.transformer
@@ -308,6 +327,10 @@ class WanTrainer:
             n = fuse_lora_weights(transformer, _preset_lora(args.preset_lora_path, c.expert),
                                   f"--preset_lora_path {args.preset_lora_path}")
             self.accelerator.print(f"fused the preset LoRA {args.preset_lora_path} into {n} modules of {c.expert}")
+        if args.quant_options:  # DiffSynth-Studio's --quant_options: bitsandbytes / torchao frozen weights
+            option = parse_quant_options(args.quant_options)[0]
+            n = quantize_frozen_linears(transformer, option, self.dtype, self.accelerator.device)
+            self.accelerator.print(f"quantized {n} frozen linear layers of {c.expert} ({option.method})")
         params: list[torch.nn.Parameter] = []
         if self.is_lora:
             torch.manual_seed(args.seed)  # LoRA A init
