@@ -35,6 +35,7 @@ from .models import (  # noqa: E402
 )
 from .pipelines import (  # noqa: E402
     LongCatVideoPipeline,
+    MovaPipeline,
     WanAnimate2Pipeline,
     WanAnimateExtPipeline,
     WanDancerPipeline,
@@ -59,6 +60,7 @@ __all__ = [
     "LongCatKVCache",
     "LongCatVideoPipeline",
     "LongCatVideoTransformer3DModel",
+    "MovaPipeline",
     "MovaAudioTransformer1DModel",
     "MovaDualTowerBridge",
     "WanAnimateExtPipeline",

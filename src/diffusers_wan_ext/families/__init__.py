@@ -40,6 +40,7 @@ from .base import (
 from .dancer import DancerFamily
 from .fun import FunFamily
 from .longcat import LongCatFamily
+from .mova import MovaFamily
 from .s2v import SpeechToVideoFamily
 from .speed_control import SpeedControlFamily
 from .vace import VaceFamily
@@ -75,6 +76,7 @@ __all__ = [
 FAMILIES: tuple[ModelFamily, ...] = (
     WanCoreFamily(), FunFamily(), VaceFamily(), AnimateFamily(), SpeechToVideoFamily(), SpeedControlFamily(),
     VideoAsPromptFamily(), LongCatFamily(), Animate2Family(), DancerFamily(),
+    MovaFamily(),
 )
 #: Every release row of every family.
 VARIANTS: tuple[WanVariant, ...] = tuple(v for f in FAMILIES for v in f.variants)

@@ -41,6 +41,7 @@ continuation and image-to-video.
 """
 
 from .pipeline_longcat_video import LongCatVideoPipeline
+from .pipeline_mova import MovaPipeline
 from .pipeline_wan_animate_ext import WanAnimateExtPipeline
 from .pipeline_wan_dancer import WanDancerPipeline
 from .pipeline_wan_ext import WanExtPipeline
@@ -56,6 +57,7 @@ from .pipeline_wan_video_as_prompt import WanVideoAsPromptPipeline
 
 __all__ = [
     "LongCatVideoPipeline",
+    "MovaPipeline",
     "WanAnimateExtPipeline",
     "WanDancerPipeline",
     "WanExtPipeline",

@@ -1,0 +1,294 @@
+"""The MOVA family (openmoss/MOVA-360p, openmoss/MOVA-720p): image -> video with its sound track.
+
+A release is a Diffusers-style folder, one sub-folder per component: ``video_dit/`` and ``video_dit_2/`` (the
+high- / low-noise Wan2.2-I2V experts without CLIP, original Wan keys -> stock ``WanTransformer3DModel``),
+``audio_dit/`` (:class:`~diffusers_wan_ext.MovaAudioTransformer1DModel`), ``dual_tower_bridge/``
+(:class:`~diffusers_wan_ext.MovaDualTowerBridge`), ``audio_vae/`` (:class:`~diffusers_wan_ext.AutoencoderDac`),
+``video_vae/`` (Wan2.1 VAE), ``text_encoder/`` (umT5) and ``tokenizer/``.  :func:`convert_mova_release` turns it
+into a :class:`~diffusers_wan_ext.pipelines.pipeline_mova.MovaPipeline` folder (key maps:
+:mod:`diffusers_wan_ext.conversion.mova`).  The Wan2.1 files DiffSynth-Studio pairs with MOVA
+(``Wan2.1_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth``, ``google/umt5-xxl/``) work for the shared components.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from safetensors.torch import save_file
+from transformers import UMT5EncoderModel
+
+from ..conversion.dit import export_dit_state_dict, load_dit_from_original
+from ..conversion.mova import (
+    export_mova_audio_dit_state_dict,
+    export_mova_bridge_state_dict,
+    load_mova_audio_dit,
+    load_mova_audio_vae,
+    load_mova_bridge,
+)
+from ..conversion.release_io import DTYPES, first_existing, progress_bar, write_model_card
+from ..conversion.text_encoder import load_t5_from_original
+from ..conversion.tokenizer import load_umt5_tokenizer, make_tiny_umt5_tokenizer
+from ..conversion.vae import detect_vae_version, load_vae_from_original
+from ..models import AutoencoderDac, MovaAudioTransformer1DModel, MovaDualTowerBridge
+from ..pipelines import MovaPipeline
+from ..schedulers import WanFlowMatchScheduler
+from ..utils.atomic import atomic_output_dir
+from ..utils.io import ConversionError, load_state_dict, with_path
+from .base import ModelFamily, ReleaseOptions, WanVariant
+from .tiny import TINY, tiny_t5, tiny_vae21
+
+__all__ = ["MOVA_VARIANTS", "MovaFamily", "TINY_MOVA", "convert_mova_release", "is_mova_release",
+           "make_tiny_mova_release"]
+
+_COMMON = dict(
+    arch="mova", dim=5120, num_layers=40, experts=2, pipeline="MovaPipeline", boundary_ratio=0.9, flow_shift=5.0,
+    num_inference_steps=50, guidance_scale=5.0, num_frames=121, fps=24,
+)
+MOVA_VARIANTS = (
+    WanVariant("mova-360p", release="openmoss/MOVA-360p", height=352, width=640, file_hints=(("360p",),),
+               notes="image -> video + 48 kHz audio; video_dit/ + video_dit_2/ (stock WanTransformer3DModel), "
+                     "audio_dit/, dual_tower_bridge/, audio_vae/ converted", **_COMMON),
+    WanVariant("mova-720p", release="openmoss/MOVA-720p", height=720, width=1280, file_hints=(("720p",),),
+               notes="as mova-360p at 720 x 1280", **_COMMON),
+)
+WAN_T5_FILE, WAN_VAE_FILE, WAN_TOKENIZER_DIR = "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth", "google/umt5-xxl"
+CARD_CALL = ('image=load_image("first_frame.png"), prompt="...", height={height}, width={width}, '
+             'num_frames={num_frames}, frame_rate=24, num_inference_steps={num_inference_steps}, '
+             'guidance_scale={guidance_scale}')
+
+
+def is_mova_release(src: str | os.PathLike) -> bool:
+    """Whether ``src`` is a MOVA release folder (``dual_tower_bridge/`` and ``audio_dit/`` sub-folders)."""
+    src = Path(src)
+    return src.is_dir() and (src / "dual_tower_bridge").is_dir() and (src / "audio_dit").is_dir()
+
+
+def _pick_variant(src: Path, variant: str | None) -> WanVariant:
+    if variant:
+        for v in MOVA_VARIANTS:
+            if v.name == variant.lower():
+                return v
+        raise ConversionError(f"--variant {variant}: a MOVA release converts as one of "
+                              f"{', '.join(v.name for v in MOVA_VARIANTS)}")
+    name = src.resolve().name.lower()
+    return next((v for v in MOVA_VARIANTS if any(all(h in name for h in hint) for hint in v.file_hints)),
+                MOVA_VARIANTS[-1])
+
+
+def _load_text_encoder(path: Path, torch_dtype: torch.dtype):
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            return UMT5EncoderModel.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True).eval()
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"{path}: cannot load a UMT5EncoderModel ({type(e).__name__}: {e})") from e
+    return load_t5_from_original(path / WAN_T5_FILE if path.is_dir() else path, torch_dtype=torch_dtype)
+
+
+def _load_video_vae(path: Path):
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            return AutoencoderKLWan.from_pretrained(str(path), dtype=torch.float32).eval()
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"{path}: cannot load an AutoencoderKLWan ({type(e).__name__}: {e})") from e
+    sd = load_state_dict(path / WAN_VAE_FILE if path.is_dir() else path)
+    if detect_vae_version(sd) != "wan2.1":
+        raise ConversionError(f"{path}: a {detect_vae_version(sd)} VAE, but MOVA uses the Wan2.1 VAE ({WAN_VAE_FILE})")
+    return load_vae_from_original(sd, torch_dtype=torch.float32)
+
+
+def _component_paths(root: Path, options: ReleaseOptions) -> dict[str, Path | None]:
+    paths = {
+        "video_dit": first_existing(Path(options.transformer) if options.transformer else None, root / "video_dit"),
+        "video_dit_2": first_existing(root / "video_dit_2"),
+        "audio_dit": first_existing(root / "audio_dit"),
+        "dual_tower_bridge": first_existing(root / "dual_tower_bridge"),
+        "audio_vae": first_existing(root / "audio_vae"),
+        "text_encoder": Path(options.text_encoder) if options.text_encoder else first_existing(
+            root / "text_encoder", root / WAN_T5_FILE),
+        "tokenizer": Path(options.tokenizer) if options.tokenizer else first_existing(
+            root / "tokenizer", root / WAN_TOKENIZER_DIR),
+        "vae": Path(options.vae) if options.vae else first_existing(root / "video_vae", root / "vae",
+                                                                    root / WAN_VAE_FILE),
+    }
+    needed = ["video_dit", "audio_dit", "dual_tower_bridge"]
+    if not options.transformer_only:
+        needed += ["audio_vae", "text_encoder", "tokenizer", "vae"]
+    missing = [k for k in needed if paths[k] is None]
+    if missing:
+        raise ConversionError(
+            f"{root}: missing MOVA component(s): {', '.join(missing)}. Keep the release's video_dit/, video_dit_2/, "
+            f"audio_dit/, dual_tower_bridge/, audio_vae/ (MOVA-720p's for 360p too), video_vae/, text_encoder/, "
+            f"tokenizer/ sub-folders together (or the Wan2.1 {WAN_VAE_FILE}, {WAN_T5_FILE}, {WAN_TOKENIZER_DIR}/; "
+            f"--vae / --text-encoder / --tokenizer PATH)"
+        )
+    return paths
+
+
+def _check_towers(video, video_2, audio, bridge) -> None:
+    cfg_b, cfg_a, cfg_v = bridge.config, audio.config, video.config
+    dim_v = cfg_v.num_attention_heads * cfg_v.attention_head_dim
+    dim_a = cfg_a.num_attention_heads * cfg_a.attention_head_dim
+    if (cfg_b.visual_hidden_dim, cfg_b.audio_hidden_dim) != (dim_v, dim_a):
+        raise ConversionError(f"dual_tower_bridge widths {cfg_b.visual_hidden_dim} / {cfg_b.audio_hidden_dim} do not "
+                              f"match video_dit {dim_v} / audio_dit {dim_a}")
+    if cfg_a.num_layers > cfg_v.num_layers or max(bridge.interaction_layers) >= cfg_a.num_layers:
+        raise ConversionError(f"audio_dit has {cfg_a.num_layers} blocks and video_dit {cfg_v.num_layers}; the bridge "
+                              f"interacts at layers {bridge.interaction_layers}: they do not fit together")
+    if cfg_v.in_channels != 36 or cfg_v.image_dim is not None:
+        raise ConversionError(f"video_dit: in_dim {cfg_v.in_channels} {'with' if cfg_v.image_dim else 'without'} CLIP; "
+                              "MOVA's video tower is Wan2.2-I2V without CLIP (in_dim 36)")
+    if video_2 is not None and dict(video_2.config) != dict(cfg_v):
+        raise ConversionError("video_dit_2 has another architecture than video_dit (the two experts must match)")
+    if cfg_a.text_dim != cfg_v.text_dim:
+        raise ConversionError(f"audio_dit text_dim {cfg_a.text_dim} differs from video_dit's {cfg_v.text_dim}")
+
+
+def _load_towers(paths: dict[str, Path | None], torch_dtype: torch.dtype, bar) -> dict[str, Any]:
+    towers = {}
+    for name, key, loader in (("transformer", "video_dit", load_dit_from_original),
+                              ("transformer_2", "video_dit_2", load_dit_from_original),
+                              ("audio_transformer", "audio_dit", load_mova_audio_dit),
+                              ("bridge", "dual_tower_bridge", load_mova_bridge)):
+        bar.set_postfix_str(key)
+        path = paths[key]
+        towers[name] = None if path is None else with_path(path, lambda: loader(path, torch_dtype=torch_dtype))
+        bar.update()
+    _check_towers(towers["transformer"], towers["transformer_2"], towers["audio_transformer"], towers["bridge"])
+    return towers
+
+
+def _load_shared(paths: dict[str, Path | None], towers: dict[str, Any], torch_dtype: torch.dtype) -> dict[str, Any]:
+    te = with_path(paths["text_encoder"], lambda: _load_text_encoder(paths["text_encoder"], torch_dtype))
+    if te.config.d_model != towers["transformer"].config.text_dim:
+        raise ConversionError(f"{paths['text_encoder']}: text encoder width {te.config.d_model} does not match the "
+                              f"DiTs' text_dim {towers['transformer'].config.text_dim}")
+    vae = with_path(paths["vae"], lambda: _load_video_vae(paths["vae"]))
+    audio_vae = with_path(paths["audio_vae"], lambda: load_mova_audio_vae(paths["audio_vae"], torch_dtype=torch.float32))
+    if audio_vae.config.latent_dim != towers["audio_transformer"].config.in_channels:
+        raise ConversionError(f"{paths['audio_vae']}: {audio_vae.config.latent_dim} latent channels, the audio DiT "
+                              f"takes {towers['audio_transformer'].config.in_channels}")
+    return dict(text_encoder=te, tokenizer=with_path(paths["tokenizer"], lambda: load_umt5_tokenizer(paths["tokenizer"])),
+                vae=vae, audio_vae=audio_vae, scheduler=WanFlowMatchScheduler(shift=5.0))
+
+
+def convert_mova_release(src: str | os.PathLike, dst: str | os.PathLike, options: ReleaseOptions | None = None,
+                         variant: str | None = None, **kwargs: Any) -> Path:
+    """Convert openmoss/MOVA-360p or MOVA-720p into a :class:`~diffusers_wan_ext.pipelines.pipeline_mova.MovaPipeline`
+    folder (``transformer_only``: the four DiT components' folders only).
+
+    ``options`` (or the same names as keyword arguments): ``dtype`` (DiTs and text encoder; the VAEs stay float32),
+    ``vae`` / ``text_encoder`` / ``tokenizer`` paths, ``transformer_only``, ``overwrite``, ``progress``,
+    ``max_shard_size``.  Everything is checked before the destination is written.
+
+    Example:
+        >>> convert_mova_release("MOVA-360p", "MOVA-360p-diffusers")  # doctest: +SKIP
+    """
+    options = options or ReleaseOptions(**kwargs)
+    if options.dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[options.dtype]
+    src = Path(src)
+    if not is_mova_release(src):
+        raise ConversionError(f"{src}: not a MOVA release folder (expected audio_dit/ and dual_tower_bridge/ "
+                              "sub-folders next to video_dit/)")
+    row = _pick_variant(src, variant)
+    paths = _component_paths(src, options)
+    with atomic_output_dir(dst, overwrite=options.overwrite) as tmp:
+        bar = progress_bar(4, options.progress)
+        towers = _load_towers(paths, torch_dtype, bar)
+        bar.close()
+        if options.transformer_only:
+            for name, model in towers.items():
+                if model is not None:
+                    model.save_pretrained(tmp / name, max_shard_size=options.max_shard_size)
+        else:
+            shared = _load_shared(paths, towers, torch_dtype)
+            pipe = MovaPipeline(**towers, **shared, boundary_ratio=row.boundary_ratio)
+            pipe.save_pretrained(tmp, max_shard_size=options.max_shard_size)
+            write_model_card(tmp, row, "MovaPipeline", str(src), call=CARD_CALL,
+                             extra="The output has `frames` and `audio` (48 kHz mono); see `examples/mova.py` for an "
+                                   "mp4 with the audio muxed in.\n")
+        (tmp / "wan_variant.json").write_text(json.dumps(row.record(), indent=2) + "\n")
+    return Path(dst)
+
+
+#: Tiny widths of the MOVA test release (the release: video 5120 / 40 heads / 40 layers, audio 1536 / 12 / 30,
+#: bridge head dim 128, DAC 48 kHz with hop 960).
+TINY_MOVA = dict(
+    video=dict(dim=TINY["dim"], num_heads=TINY["num_heads"], ffn_dim=TINY["ffn_dim"], num_layers=3),
+    audio=dict(dim=36, num_heads=3, ffn_dim=60, num_layers=2, freq_dim=24),
+    bridge_head_dim=12,
+    audio_vae=dict(encoder_dim=4, encoder_rates=(2, 4, 4, 5), latent_dim=128, decoder_dim=32,
+                   decoder_rates=(5, 4, 4, 2), sample_rate=8000),
+)
+
+
+def _randomized(model: torch.nn.Module, g: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in model.state_dict().items():
+        scale = 0.05 if v.ndim > 1 else 0.02
+        base = 1.0 if (k.endswith("weight") and v.ndim == 1 and "norm" in k) or k.endswith("alpha") else 0.0
+        out[k] = (torch.randn(v.shape, generator=g) * scale + base).contiguous()
+    return out
+
+
+def _write_component(folder: Path, sd: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def make_tiny_mova_release(folder: str | os.PathLike, seed: int = 0, experts: int = 2) -> Path:
+    """Write a tiny MOVA release (the release's sub-folders and key layouts, tiny widths) into ``folder``.
+
+    Example:
+        >>> path = make_tiny_mova_release("/tmp/tiny-mova")  # doctest: +SKIP
+    """
+    folder, g = Path(folder), torch.Generator().manual_seed(seed)
+    v, a = TINY_MOVA["video"], TINY_MOVA["audio"]
+    for i in range(experts):
+        video = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=v["num_heads"], attention_head_dim=v["dim"] // v["num_heads"],
+            in_channels=36, out_channels=16, text_dim=TINY["text_dim"], freq_dim=TINY["freq_dim"],
+            ffn_dim=v["ffn_dim"], num_layers=v["num_layers"])
+        _write_component(folder / ("video_dit" if i == 0 else "video_dit_2"),
+                         export_dit_state_dict(_randomized(video, g)),
+                         dict(v, in_dim=36, out_dim=16, text_dim=TINY["text_dim"], freq_dim=TINY["freq_dim"],
+                              patch_size=[1, 2, 2], eps=1e-6, has_image_input=False))
+    audio = MovaAudioTransformer1DModel(num_attention_heads=a["num_heads"], attention_head_dim=a["dim"] // a["num_heads"],
+                                        text_dim=TINY["text_dim"], freq_dim=a["freq_dim"], ffn_dim=a["ffn_dim"],
+                                        num_layers=a["num_layers"], rope_max_seq_len=1024)
+    _write_component(folder / "audio_dit", export_mova_audio_dit_state_dict(_randomized(audio, g)),
+                     dict(a, in_dim=128, out_dim=128, text_dim=TINY["text_dim"], patch_size=[1], eps=1e-6))
+    bridge_cfg = dict(visual_layers=v["num_layers"], audio_layers=a["num_layers"], visual_hidden_dim=v["dim"],
+                      audio_hidden_dim=a["dim"], head_dim=TINY_MOVA["bridge_head_dim"], audio_fps=50.0,
+                      interaction_strategy="full")
+    _write_component(folder / "dual_tower_bridge",
+                     export_mova_bridge_state_dict(_randomized(MovaDualTowerBridge(**bridge_cfg), g)), bridge_cfg)
+    dac_cfg = TINY_MOVA["audio_vae"]
+    dac = AutoencoderDac(**dac_cfg)
+    _write_component(folder / "audio_vae", _randomized(dac, g), {k: list(x) if isinstance(x, tuple) else x
+                                                                 for k, x in dac_cfg.items()})
+    tiny_t5().save_pretrained(folder / "text_encoder")
+    tiny_vae21().save_pretrained(folder / "video_vae")
+    make_tiny_umt5_tokenizer(folder / "tokenizer", vocab_size=TINY["t5_vocab"])
+    return folder
+
+
+class MovaFamily(ModelFamily):
+    name = "mova"
+    title = "MOVA (image -> video + audio; Wan2.2-I2V video tower, audio DiT, dual-tower bridge, DAC audio VAE)"
+    variants = MOVA_VARIANTS
+    model_classes = (MovaAudioTransformer1DModel, MovaDualTowerBridge, AutoencoderDac)
+    pipeline_classes = (MovaPipeline,)
+
+    def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
+        return (variant or "").lower() in {v.name for v in MOVA_VARIANTS} or is_mova_release(src)
+
+    def convert_release(self, src: Path, dst: Path, options: ReleaseOptions) -> Path:
+        return convert_mova_release(src, dst, options)
