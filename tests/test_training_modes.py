@@ -5,7 +5,6 @@ fp8 single files) and ``--model_id_with_origin_paths``; each keeps resume exact.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ from diffusers_wan_ext.training.dataset import ResumableSampler
 from diffusers_wan_ext.training.distill import DistillSettings, direct_distill_loss
 from diffusers_wan_ext.training.inputs import ModelInputs
 from diffusers_wan_ext.training.modules import WanTrainingModule
+from diffusers_wan_ext.training.quantized_base import quant_package_missing
 from diffusers_wan_ext.training.trainer import CachedDataset, WanTrainer
 
 COMMON = ["--height", "32", "--width", "32", "--num_frames", "9", "--max_sequence_length", "32", "--dtype", "fp32",
@@ -341,7 +341,7 @@ def test_a_quantized_base_refuses_fp8_storage_and_a_preset(t2v, cache, quantized
 def test_quant_options_quantize_the_frozen_block_linears(t2v, cache, plain, tmp_path, method, capsys):
     package = method.split("_")[0]
     args = cached_args(t2v, cache, tmp_path / method, "--quant_options", f"dit:{method}", "--max_train_steps", "3")
-    if importlib.util.find_spec(package) is None:
+    if quant_package_missing(method):
         with pytest.raises(SystemExit):  # not installed: one line naming the package, before any model loads
             parse_args(args)
         assert f"{package} is not installed" in capsys.readouterr().err

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.utils import is_bitsandbytes_available, is_torchao_available
 from torch import nn
 
 __all__ = ["QUANT_METHODS", "QuantOption", "is_quantized_single_file", "parse_quant_options", "quantize_frozen_linears"]
@@ -71,7 +71,8 @@ def parse_quant_options(value: str) -> list[QuantOption]:
 def quant_package_missing(method: str) -> str | None:
     """The package ``method`` needs when it is not installed, else ``None``."""
     package = QUANT_METHODS[method]
-    return None if importlib.util.find_spec(package) is not None else package
+    available = is_bitsandbytes_available() if package == "bitsandbytes" else is_torchao_available()
+    return None if available else package
 
 
 def is_quantized_single_file(path: str | os.PathLike | None) -> bool:
