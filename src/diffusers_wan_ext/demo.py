@@ -31,8 +31,7 @@ from .families.s2v import make_tiny_wav2vec
 from .families.speed_control import make_tiny_motion_controller
 from .families.tiny import TINY, tiny_t5, tiny_vae21
 from .release_converter import convert_release
-from .utils.atomic import apply_umask
-from .utils.io import ConversionError
+from .utils.media import check_video_file, write_video
 
 __all__ = [
     "WAV2VEC_DIR", "TINY", "TINY_LONGCAT", "check_video_file", "make_tiny_dataset", "make_tiny_longcat_lora",
@@ -126,73 +125,6 @@ def make_tiny_release(
         ))
         torch.save(export_clip_state_dict(clip.state_dict()), folder / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
     return folder
-
-
-def write_video(frames, path: str | os.PathLike, fps: int = 16) -> Path:
-    """Write frames (list of PIL images, or a float array [F, H, W, 3] in [0, 1]) to an H.264 mp4 via imageio-ffmpeg.
-
-    The file is written next to ``path`` under a temporary name, read back (it must decode to as many frames as were
-    given) and only then moved onto ``path`` (``os.replace``), so a full disk or a failing encoder never leaves a
-    truncated video -- or replaces a good one.  Raises :class:`~diffusers_wan_ext.utils.io.ConversionError` naming
-    the file when writing or the check fails, and ``ValueError`` for frames with NaN / inf values (a black video
-    would hide them).
-    """
-    import imageio.v2 as imageio
-    import numpy as np
-
-    path = Path(path)
-    arrs = []
-    for i, f in enumerate(frames):
-        a = np.asarray(f)
-        if a.dtype != np.uint8:
-            if not np.isfinite(a).all():
-                raise ValueError(f"frame {i} of the video for {path} has NaN / inf values (numerical overflow, e.g. "
-                                 "in fp16); nothing was written")
-            a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
-        arrs.append(a)
-    if not arrs:
-        raise ValueError(f"no frames to write to {path}")
-    if arrs[0].shape[0] % 2 or arrs[0].shape[1] % 2:
-        raise ValueError(f"frames of {arrs[0].shape[1]}x{arrs[0].shape[0]} cannot be written to {path}: H.264 needs an "
-                         "even width and height")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".mp4")
-        os.close(fd)
-    except OSError as e:
-        raise ConversionError(f"cannot write the video {path}: {e.strerror or e}") from None
-    tmp = Path(tmp_name)
-    try:
-        with imageio.get_writer(str(tmp), fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                                ffmpeg_log_level="error") as w:
-            for a in arrs:
-                w.append_data(a)
-        check_video_file(tmp, len(arrs), name=path)
-        apply_umask(tmp)  # mkstemp made it 0600
-        os.replace(tmp, path)
-    except Exception as e:  # noqa: BLE001 -- ffmpeg / OS errors of many kinds; the message names the file
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, ConversionError):
-            raise
-        raise ConversionError(f"could not write the video {path}: {type(e).__name__}: {e}") from e
-    return path
-
-
-def check_video_file(path: str | os.PathLike, num_frames: int, name: str | os.PathLike | None = None) -> None:
-    """``ConversionError`` unless ``path`` exists, is not empty and decodes (imageio-ffmpeg) to ``num_frames``
-    frames; messages name ``name`` (default: ``path``)."""
-    import imageio_ffmpeg
-
-    path, name = Path(path), name or path
-    if not path.is_file() or path.stat().st_size == 0:
-        raise ConversionError(f"writing the video {name} failed: the file is missing or empty (disk full?)")
-    try:
-        found, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
-    except Exception as e:  # noqa: BLE001 -- ffmpeg reports unreadable files in several ways
-        raise ConversionError(f"writing the video {name} failed: it cannot be read back ({e})") from None
-    if found != num_frames:
-        raise ConversionError(f"writing the video {name} failed: it has {found} frames, {num_frames} were written "
-                              "(disk full?)")
 
 
 def make_tiny_dataset(

@@ -3,7 +3,7 @@
 ``generate`` checks everything it can before loading a model (:mod:`.generate_checks`): the arguments, the folder's
 JSON files and pipeline class, the input images and videos, the LoRA files and that the output folder is writable.
 It then loads the pipeline (Diffusers' progress bar), loads the LoRAs, denoises (progress bar), says when it decodes
-and writes, and writes the video atomically, checked after writing (:func:`~diffusers_wan_ext.demo.write_video`).
+and writes, and writes the video atomically, checked after writing (:func:`~diffusers_wan_ext.utils.media.write_video`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..conversion.release_io import DTYPES
-from ..demo import run_demo, write_video
+from ..demo import run_demo
 from ..families import FAMILIES
 from ..hooks.sliding_window import apply_sliding_window, sliding_window_unsupported_reason
 from ..lora import WanLoraInteropMixin, check_lora_state_dict, split_lora_components
+from ..utils.media import write_video
 from ..utils.validation import check_output_file
 from .generate_checks import (
     FRAME_PARAMETERS,

@@ -12,6 +12,7 @@ Used by the Wan-Fun, Video-As-Prompt, S2V, Animate and LongCat pipelines and by 
   ``ValueError`` naming the file; :func:`pil_to_rgb` turns any PIL image (16-bit grayscale scaled to 8 bits,
   palette, alpha, CMYK) into 8-bit RGB;
 * :func:`encode_video` -- normalized VAE latents: posterior mode, then ``(z - latents_mean) / latents_std``;
+* :func:`write_video` -- frames to an H.264 file, written atomically and read back (:func:`check_video_file`);
 * :func:`check_positive_ints`, :func:`check_frame_count`, :func:`vae_scale_factors` -- the shared checks.
 
 Example:
@@ -28,6 +29,7 @@ import re
 import struct
 import subprocess
 import wave
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,10 +38,12 @@ import PIL.ImageOps
 import PIL.ImageSequence
 import torch
 
+from .atomic import atomic_write_file
 from .io import ConversionError, check_regular_file, one_line
 
 __all__ = [
     "check_frame_count",
+    "check_video_file",
     "check_positive_ints",
     "encode_video",
     "load_image",
@@ -50,6 +54,7 @@ __all__ = [
     "read_video_file",
     "vae_scale_factors",
     "video_to_tensor",
+    "write_video",
 ]
 
 _RANGE_SLACK = 1e-3
@@ -484,3 +489,80 @@ def encode_video(vae, video: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(vae.config.latents_mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
     return (z - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------------------- writing
+#: ffmpeg's muxer of a video file suffix where the two names differ (other suffixes name their muxer)
+_MUXERS = {"": "mp4", ".mkv": "matroska"}
+
+
+def _uint8_frames(frames: Any, path: Path) -> list[np.ndarray]:
+    """The frames to write as uint8 arrays (floats in [0, 1] scaled); ``ValueError`` for NaN / inf, no frames or an
+    odd size."""
+    arrs = []
+    for i, f in enumerate(frames):
+        a = np.asarray(f)
+        if a.dtype != np.uint8:
+            if not np.isfinite(a).all():
+                raise ValueError(f"frame {i} of the video for {path} has NaN / inf values (numerical overflow, e.g. "
+                                 "in fp16); nothing was written")
+            a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+        arrs.append(a)
+    if not arrs:
+        raise ValueError(f"no frames to write to {path}")
+    if arrs[0].shape[0] % 2 or arrs[0].shape[1] % 2:
+        raise ValueError(f"frames of {arrs[0].shape[1]}x{arrs[0].shape[0]} cannot be written to {path}: H.264 needs an "
+                         "even width and height")
+    return arrs
+
+
+def write_video(frames: Any, path: str | os.PathLike, fps: int = 16) -> Path:
+    """Write frames (list of PIL images, or a float array [F, H, W, 3] in [0, 1]) to an H.264 mp4 via imageio-ffmpeg.
+
+    The file is written through :func:`~diffusers_wan_ext.utils.atomic.atomic_write_file` (a temporary file next to
+    ``path``, read back -- it must decode to as many frames as were given -- and only then moved onto ``path``), so a
+    full disk or a failing encoder never leaves a truncated video -- or replaces a good one.  An existing file at
+    ``path`` is replaced.  Raises :class:`~diffusers_wan_ext.utils.io.ConversionError` naming the file when writing or
+    the check fails, and ``ValueError`` for frames with NaN / inf values (a black video would hide them).
+    """
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    arrs = _uint8_frames(frames, path)
+    if path.is_dir():
+        raise ConversionError(f"could not write the video {path}: it is a folder; pass a file name")
+    suffix = path.suffix.lower()
+
+    def encode(tmp: Path) -> None:
+        # the temporary name has no video suffix: the container is named to imageio and ffmpeg
+        with imageio.get_writer(str(tmp), format=suffix or ".mp4", fps=fps, codec="libx264", quality=8,
+                                macro_block_size=1, ffmpeg_log_level="error",
+                                output_params=["-f", _MUXERS.get(suffix, suffix[1:])]) as w:
+            for a in arrs:
+                w.append_data(a)
+        check_video_file(tmp, len(arrs), name=path)
+
+    try:
+        atomic_write_file(path, encode, overwrite=True)
+    except ConversionError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- ffmpeg / OS errors of many kinds; the message names the file
+        raise ConversionError(f"could not write the video {path}: {type(e).__name__}: {e}") from e
+    return path
+
+
+def check_video_file(path: str | os.PathLike, num_frames: int, name: str | os.PathLike | None = None) -> None:
+    """``ConversionError`` unless ``path`` exists, is not empty and decodes (imageio-ffmpeg) to ``num_frames``
+    frames; messages name ``name`` (default: ``path``)."""
+    import imageio_ffmpeg
+
+    path, name = Path(path), name or path
+    if not path.is_file() or path.stat().st_size == 0:
+        raise ConversionError(f"writing the video {name} failed: the file is missing or empty (disk full?)")
+    try:
+        found, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    except Exception as e:  # noqa: BLE001 -- ffmpeg reports unreadable files in several ways
+        raise ConversionError(f"writing the video {name} failed: it cannot be read back ({e})") from None
+    if found != num_frames:
+        raise ConversionError(f"writing the video {name} failed: it has {found} frames, {num_frames} were written "
+                              "(disk full?)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 __all__ = ["VIDEO_SUFFIXES", "check_input_file", "check_output_file", "validate_video_size"]
 
-#: containers the H.264 writer (:func:`diffusers_wan_ext.demo.write_video`) produces
+#: containers the H.264 writer (:func:`diffusers_wan_ext.utils.media.write_video`) produces
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
 
 
