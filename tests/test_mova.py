@@ -1,0 +1,185 @@
+"""MOVA (image -> video + audio): key maps, converter errors, release conversion through the CLI, loading in a fresh
+interpreter (shim route), the tiny pipeline end to end with a real png and the mp4 with its audio read back, and the
+refusals.  The numerical parity of the towers and the bridge is the goldens' (``dit_mova``, ``dit_mova_audio``)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusers_wan_ext.conversion.mova import (
+    convert_mova_audio_dit_state_dict,
+    convert_mova_bridge_state_dict,
+    export_mova_audio_dit_state_dict,
+    export_mova_bridge_state_dict,
+    fuse_weight_norm,
+    load_mova_audio_dit,
+    load_mova_bridge,
+)
+from diffusers_wan_ext.families.mova import convert_mova_release, make_tiny_mova_release
+from diffusers_wan_ext.pipelines.pipeline_mova import MovaPipeline, mova_audio_length
+from diffusers_wan_ext.utils.io import ConversionError
+from diffusers_wan_ext_cli import main
+
+from golden_runners.core import GOLDENS_DIR
+from helpers import ROOT, run_python
+
+MOVA_CASE = GOLDENS_DIR / "dit_mova"
+needs_golden = pytest.mark.skipif(not (MOVA_CASE / "manifest.json").is_file(), reason="no dit_mova golden here")
+
+
+def _release_sd(component: str) -> dict[str, torch.Tensor]:
+    return load_file(str(MOVA_CASE / component / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    return make_tiny_mova_release(tmp_path_factory.mktemp("mova") / "MOVA-360p")
+
+
+@pytest.fixture(scope="module")
+def converted(release, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("mova-out") / "MOVA-360p-diffusers"
+    assert main(["convert", str(release), str(dst), "--dtype", "fp32"]) == 0
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------ key maps
+@needs_golden
+def test_key_maps_round_trip_on_the_release_layout():
+    for component, convert, export in (("audio_dit", convert_mova_audio_dit_state_dict, export_mova_audio_dit_state_dict),
+                                       ("dual_tower_bridge", convert_mova_bridge_state_dict,
+                                        export_mova_bridge_state_dict)):
+        sd = _release_sd(component)
+        ours = convert(sd)
+        assert set(ours) != set(sd)
+        back = export(ours)
+        assert back.keys() == sd.keys() and all(back[k] is sd[k] for k in sd), component
+
+
+@needs_golden
+def test_converter_errors_name_the_keys():
+    bridge = _release_sd("dual_tower_bridge")
+    broken = {k: v for k, v in bridge.items() if not k.startswith("video_to_audio_conditioners.1.")}
+    with pytest.raises(ConversionError, match="video_to_audio_conditioners layers"):
+        load_mova_bridge(broken)
+    with pytest.raises(ConversionError, match="head_dim|divisible"):
+        load_mova_bridge(bridge, {"head_dim": 7})
+    with pytest.raises(ConversionError, match="pooled_adaln"):
+        load_mova_bridge(bridge, {"pooled_adaln": True})
+    audio = _release_sd("audio_dit")
+    with pytest.raises(ConversionError, match="num_layers=5"):
+        load_mova_audio_dit(audio, {"num_layers": 5})
+    with pytest.raises(ConversionError, match="unknown.key"):
+        load_mova_audio_dit({**audio, "unknown.key.weight": torch.zeros(1)})
+    with pytest.raises(ConversionError, match="not MOVA's audio DiT"):
+        load_mova_audio_dit(_release_sd("video_dit_2"))
+
+
+def test_weight_norm_pairs_are_fused():
+    conv = torch.nn.utils.weight_norm(torch.nn.Conv1d(3, 4, 5))
+    sd = {f"m.{k}": v.detach() for k, v in conv.state_dict().items()}
+    fused = fuse_weight_norm(sd)
+    assert set(fused) == {"m.weight", "m.bias"}
+    torch.testing.assert_close(fused["m.weight"], conv.weight.detach())
+    with pytest.raises(ConversionError, match="weight_g"):
+        fuse_weight_norm({"m.weight_v": sd["m.weight_v"]})
+
+
+def test_audio_length_rule():
+    assert mova_audio_length(9, 24.0, 48000, 960) == 19  # dit_mova's mova_call
+    assert mova_audio_length(121, 24.0, 48000, 960) == (int(48000 * 121 / 24) - 1) // 960 + 1
+
+
+# ---------------------------------------------------------------------------------------------- releases
+def test_release_errors_are_one_line(release, tmp_path):
+    with pytest.raises(ConversionError, match="not a MOVA release"):
+        convert_mova_release(tmp_path, tmp_path / "out")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("audio_dit", "dual_tower_bridge", "video_dit"):
+        (partial / name).symlink_to(release / name)
+    with pytest.raises(ConversionError, match="audio_vae"):
+        convert_mova_release(partial, tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_converted_folder(converted):
+    index = json.loads((converted / "model_index.json").read_text())
+    assert index["_class_name"] == ["diffusers_wan_ext", "MovaPipeline"]
+    assert index["transformer"] == ["diffusers", "WanTransformer3DModel"]
+    assert index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
+    assert index["audio_transformer"] == ["diffusers_wan_ext", "MovaAudioTransformer1DModel"]
+    assert index["bridge"] == ["diffusers_wan_ext", "MovaDualTowerBridge"]
+    assert index["audio_vae"] == ["diffusers_wan_ext", "AutoencoderDac"]
+    assert json.loads((converted / "wan_variant.json").read_text())["name"] == "mova-360p"
+
+
+def test_variants_lists_mova(capsys):
+    assert main(["variants"]) == 0
+    out = capsys.readouterr().out
+    assert "mova-360p" in out and "mova-720p" in out
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def test_refusals_and_input_errors(converted):
+    pipe = MovaPipeline.from_pretrained(converted, torch_dtype=torch.float32)
+    for call, what in ((pipe.enable_teacache, "TeaCache"), (pipe.enable_parallelism, "parallelism")):
+        with pytest.raises(ValueError, match=what):
+            call()
+    assert "bridge" in pipe.sliding_window_unsupported_reason
+    img = Image.new("RGB", (32, 32))
+    kw = dict(image=img, prompt="a fox", height=32, width=32, num_frames=9, num_inference_steps=1,
+              max_sequence_length=16)
+    for bad, message in ((dict(image=None), "image is required"), (dict(height=40), "multiples of 16"),
+                         (dict(num_frames=8), "num_frames"), (dict(frame_rate=0), "frame_rate"),
+                         (dict(audio_latents=torch.zeros(1, 128, 3)), "audio_latents must have shape")):
+        with pytest.raises(ValueError, match=message):
+            pipe(**{**kw, **bad})
+    assert pipe.expert(torch.tensor(950.0), 0.9) is pipe.transformer
+    assert pipe.expert(torch.tensor(899.0), 0.9) is pipe.transformer_2
+
+
+RUN = r"""
+import json, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({folder!r}, dtype=torch.float32, trust_remote_code=True)
+assert type(pipe).__name__ == "MovaPipeline", type(pipe)
+out = pipe(image={png!r}, prompt="a fox barks", negative_prompt="blur", height=32, width=48, num_frames=9,
+           frame_rate=12.0, num_inference_steps=2, max_sequence_length=16, generator=torch.Generator().manual_seed(0))
+import importlib.util
+spec = importlib.util.spec_from_file_location("mova_example", {example!r})
+example = importlib.util.module_from_spec(spec); spec.loader.exec_module(example)
+example.write_mp4_with_audio(out.frames[0], out.audio[0], out.audio_sample_rate, 12.0, {mp4!r})
+print(json.dumps(dict(frames=list(out.frames.shape), audio=list(out.audio.shape), rate=out.audio_sample_rate,
+                      peak=float(np.abs(out.audio).max()), finite=bool(np.isfinite(out.frames).all()))))
+"""
+
+
+def test_tiny_pipeline_end_to_end_in_a_fresh_interpreter(converted, tmp_path):
+    """Loaded without importing the package first (the folder's shims, ``trust_remote_code``), a real png in, the
+    mp4 written by examples/mova.py carries the video frames and the generated audio."""
+    from diffusers_wan_ext.utils.media import read_audio_file, read_video_file
+
+    png, mp4 = tmp_path / "first.png", tmp_path / "mova.mp4"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(png)
+    proc = run_python(RUN.format(folder=str(converted), png=str(png), example=str(ROOT / "examples" / "mova.py"),
+                                 mp4=str(mp4)), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    latents = mova_audio_length(9, 12.0, 8000, 160)
+    assert result["frames"] == [1, 9, 32, 48, 3] and result["finite"]
+    assert result["audio"] == [1, latents * 160] and result["rate"] == 8000 and 0 < result["peak"] <= 1
+    frames = read_video_file(mp4, "video")
+    assert len(frames) == 9 and frames[0].size == (48, 32)
+    audio = read_audio_file(mp4, 8000)
+    assert math.isclose(len(audio) / 8000, latents * 160 / 8000, abs_tol=0.05)
+    assert np.abs(audio).max() > 0
