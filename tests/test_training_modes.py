@@ -361,3 +361,52 @@ def test_quant_options_syntax_is_checked(t2v, cache, tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse_args(cached_args(t2v, cache, tmp_path / "o", "--quant_options", value))
         assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- model_id_with_origin_paths
+
+WAN_IDS = ("Wan-AI/Wan2.1-T2V-1.3B:diffusion_pytorch_model*.safetensors,"
+           "Wan-AI/Wan2.1-T2V-1.3B:models_t5_umt5-xxl-enc-bf16.pth,Wan-AI/Wan2.1-T2V-1.3B:Wan2.1_VAE.pth")
+
+
+def id_args(cache: Path, out: Path, ids: str, *extra) -> list[str]:
+    return ["--dataset_base_path", str(cache), *COMMON, "--lora_base_model", "dit", "--task", "sft:train",
+            "--output_path", str(out), "--model_id_with_origin_paths", ids, *[str(a) for a in extra]]
+
+
+def test_model_id_with_origin_paths_resolves_local_folders_and_the_hub_cache(tiny_release, cache, plain, tmp_path,
+                                                                            monkeypatch, capsys):
+    import huggingface_hub
+
+    release = Path(tiny_release("t2v"))
+    base = tmp_path / "diffsynth-models"
+    shutil.copytree(release, base / "Wan-AI" / "Wan2.1-T2V-1.3B")
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
+    out = tmp_path / "ids"
+    args = parse_args(id_args(cache, out, WAN_IDS, "--max_train_steps", "1"))
+    assert Path(args.model_path) == base / "Wan-AI" / "Wan2.1-T2V-1.3B" and args.transformer_path is None
+    run_training(args)  # the release the ids name: the plain run's first loss (same weights, same cache)
+    assert losses(out) == pytest.approx(losses(plain)[:1], rel=1e-5)
+
+    # a DiT of another model id, found in the hub cache (a snapshot already there; nothing is downloaded)
+    hub = tmp_path / "hub"
+    repo = hub / "models--Org--Wan-FineTune"
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    shutil.copy(release / "diffusion_pytorch_model.safetensors", repo / "snapshots" / "0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    ids = WAN_IDS.replace("Wan-AI/Wan2.1-T2V-1.3B:diffusion", "Org/Wan-FineTune:diffusion")
+    args = parse_args(id_args(cache, tmp_path / "o", ids))
+    assert Path(args.model_path) == base / "Wan-AI" / "Wan2.1-T2V-1.3B"
+    assert Path(args.transformer_path) == repo / "snapshots" / "0123abcd" / "diffusion_pytorch_model.safetensors"
+
+    for bad, message in (("Nobody/Absent:Wan2.1_VAE.pth", "Nobody/Absent is not downloaded"),
+                         ("Wan-AI/Wan2.1-T2V-1.3B:Wan2.2_VAE.pth", "matches 'Wan2.2_VAE.pth'"),
+                         ("no-colon-and-no-path", "neither an existing path")):
+        with pytest.raises(SystemExit):
+            parse_args(id_args(cache, tmp_path / "o", bad))
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(id_args(cache, tmp_path / "o", WAN_IDS, "--model_path", str(release)))
+    assert "not both" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from ..families import training_declarations
 from ..lora import LORA_FORMATS, map_lora_target_modules
 from .dataset import EXTRA_INPUTS
 from .distill import DISTILL_COLUMNS
+from .model_ids import resolve_model_ids
 from .quantized_base import QUANT_METHODS, parse_quant_options, quant_package_missing
 
 __all__ = ["COMPONENT_ALIASES", "DTYPE_NAMES", "TASKS", "build_parser", "parse_args", "resolve_component"]
@@ -118,8 +119,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--video_column", default="video")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model_path", "--pretrained_model_name_or_path", dest="model_path", required=True,
-                   help="a converted Diffusers folder (model_index.json) or an original Wan release folder")
+    g.add_argument("--model_path", "--pretrained_model_name_or_path", dest="model_path", default=None,
+                   help="a converted Diffusers folder (model_index.json) or an original Wan release folder "
+                        "(required unless --model_id_with_origin_paths)")
+    g.add_argument("--model_id_with_origin_paths", default=None,
+                   help="DiffSynth-Studio's MODEL_ID:FILE_PATTERN,... resolved to local files, never downloaded "
+                        "($DIFFSYNTH_MODEL_BASE_PATH/MODEL_ID, ./models/MODEL_ID or the Hugging Face hub cache): "
+                        "the release folder becomes --model_path, a DiT of another model id --transformer_path")
     g.add_argument("--transformer_path", default=None,
                    help="replace the trained transformer: a Diffusers transformer folder or original DiT file/folder")
     g.add_argument("--extra_inputs", default=None,
@@ -235,6 +241,26 @@ def _checkpoint_prefix(value: str) -> str:
     return value
 
 
+def _resolve_model_ids(args: argparse.Namespace, fail) -> None:
+    """``--model_id_with_origin_paths`` -> ``--model_path`` (+ ``--transformer_path``); one of the two is needed."""
+    if args.model_id_with_origin_paths is None:
+        if args.model_path is None:
+            fail("--model_path is required (or DiffSynth-Studio's --model_id_with_origin_paths)")
+        return
+    if args.model_path is not None:
+        fail("pass --model_path or --model_id_with_origin_paths, not both")
+    try:
+        resolved = resolve_model_ids(args.model_id_with_origin_paths)
+    except ValueError as e:
+        fail(str(e))
+    args.model_path = str(resolved.model_path)
+    if resolved.transformer_path is not None:
+        if args.transformer_path is not None:
+            fail(f"--transformer_path and a DiT of another model id in --model_id_with_origin_paths "
+                 f"({resolved.transformer_path}): pass one")
+        args.transformer_path = str(resolved.transformer_path)
+
+
 def _split_distill_columns(args: argparse.Namespace, fail) -> None:
     """DiffSynth-Studio passes the direct-distillation columns as extra inputs; they go to ``args.distill_inputs``
     (``None`` when absent)."""
@@ -323,6 +349,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
 
     def fail(msg: str):
         parser.error(msg)
+
+    _resolve_model_ids(args, fail)
 
     # a family's scope (DiffSynth-Studio's ``vace`` / ``vace2``): part of a transformer, trained as a model of its own
     names = [n.strip() for n in (args.trainable_models or "").split(",") if n.strip()]
