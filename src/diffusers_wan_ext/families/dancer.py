@@ -6,30 +6,56 @@ Each DiT is a Wan I2V DiT with a music encoder, per-layer music injection, refer
 embedding / head (:class:`~diffusers_wan_ext.models.WanDancerTransformer3DModel`; key tables and detection in
 :mod:`diffusers_wan_ext.conversion.dancer`).
 
-Converted, the two-stage release is one pipeline folder: ``transformer`` = the global model, ``transformer_2`` = the
-local model (:class:`~diffusers_wan_ext.pipelines.WanDancerPipeline`)::
+The family claims a release folder holding ``global_model.safetensors`` / ``local_model.safetensors``
+(:meth:`DancerFamily.claims_release`) and converts it into one pipeline folder: ``transformer`` = the global model,
+``transformer_2`` = the local model (:class:`~diffusers_wan_ext.pipelines.WanDancerPipeline`), plus umT5, tokenizer
+(the release takes it from Wan-AI/Wan2.1-T2V-1.3B: ``google/umt5-xxl/`` beside the files or ``--tokenizer``), the
+Wan2.1 VAE, CLIP and DiffSynth's flow-match Euler scheduler (shift 5)::
 
-    diffusers-wan convert Wan-Dancer-14B Wan-Dancer-14B-diffusers \\
-        --transformer Wan-Dancer-14B/global_model.safetensors \\
-        --transformer-2 Wan-Dancer-14B/local_model.safetensors --tokenizer umt5-xxl
+    diffusers-wan convert Wan-Dancer-14B Wan-Dancer-14B-diffusers --tokenizer umt5-xxl
 
-Either DiT alone converts too (``--variant wan-dancer-14b-global`` / ``-local``).  TeaCache is refused (the music
+``--variant wan-dancer-14b-global`` / ``-local`` converts one DiT alone; a single DiT file given with
+``--transformer`` goes through the Wan DiT converter (``transformer`` only).  TeaCache is refused (the music
 injections between the blocks are not part of its cached residual), and so are context parallelism and sliding
 windows (the music tokens and the keyframe RoPE span the whole clip): see the model class.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
-from ..conversion.dancer import DANCER_BLOCK_TABLES, DANCER_TOP_LEVEL_KEYS, dancer_config, detect_dancer
-from ..conversion.dit import DitExtension, DitInfo
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import __version__ as diffusers_version
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..conversion.dancer import (
+    DANCER_BLOCK_TABLES,
+    DANCER_RELEASE_FILES,
+    DANCER_TOP_LEVEL_KEYS,
+    dancer_config,
+    detect_dancer,
+    is_dancer_state_dict,
+)
+from ..conversion.dit import DitExtension, DitInfo, load_dit_from_original
+from ..conversion.image_encoder import load_clip_from_original
+from ..conversion.release_io import DTYPES, first_existing, library_of, progress_bar, write_model_card
+from ..conversion.text_encoder import load_t5_from_original
+from ..conversion.tokenizer import load_umt5_tokenizer
+from ..conversion.vae import detect_vae_version, load_vae_from_original
+from ..utils.atomic import atomic_output_dir
+from ..utils.io import ConversionError, load_state_dict, with_path
+from ..utils.shims import rewrite_model_index_for_shims
 from ..models import WanDancerTransformer3DModel
 from ..models.transformer_wan_dancer import WanDancerCrossAttnProcessor
 from ..pipelines import WanDancerPipeline
-from .base import GenerateInput, ModelFamily, TinyArch, WanVariant
+from .base import GenerateInput, ModelFamily, ReleaseOptions, TinyArch, WanVariant
 
-__all__ = ["DancerFamily", "TINY_DANCER_CONFIG"]
+__all__ = ["DancerFamily", "TINY_DANCER_CONFIG", "convert_dancer_release", "find_dancer_dits"]
 
 _COMMON = dict(arch="dancer", release="Wan-AI/Wan-Dancer-14B", dim=5120, num_layers=40, image_encoder=True,
                pipeline="WanDancerPipeline", flow_shift=5.0, guidance_scale=5.0, height=1280, width=720,
@@ -63,6 +89,143 @@ def _model_class(info: DitInfo) -> type:
     return WanDancerTransformer3DModel
 
 
+#: Component files of the release (the tokenizer comes from Wan-AI/Wan2.1-T2V-1.3B's ``google/umt5-xxl``).
+T5_FILE, CLIP_FILE, VAE_FILE = ("models_t5_umt5-xxl-enc-bf16.pth",
+                                "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "Wan2.1_VAE.pth")
+TOKENIZER_DIRS = ("google/umt5-xxl", "umt5-xxl", "tokenizer")
+#: Pipeline component -> which release DiT (the global model first: it runs first).
+STAGE_COMPONENTS = (("transformer", "global"), ("transformer_2", "local"))
+
+
+def _has_dancer_keys(path: Path) -> bool:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return is_dancer_state_dict(dict.fromkeys(f.keys()))
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the real loader
+        return False
+
+
+def find_dancer_dits(src: str | os.PathLike, variant: str | None = None) -> dict[str, Path]:
+    """The Dancer DiTs of a release folder, ``{"global": path, "local": path}`` (those present, with Dancer keys);
+    ``variant`` ``wan-dancer-14b-global`` / ``-local`` keeps one."""
+    src = Path(src)
+    if not src.is_dir():
+        return {}
+    found = {stage: src / name for stage, name in DANCER_RELEASE_FILES.items()
+             if (src / name).is_file() and _has_dancer_keys(src / name)}
+    name = (variant or "").lower()
+    for row, stage in ((WAN_DANCER_GLOBAL, "global"), (WAN_DANCER_LOCAL, "local")):
+        if name in (row.name, *row.aliases):
+            return {stage: found[stage]} if stage in found else {}
+    return found
+
+
+def _variant_for(dits: dict[str, Path]) -> WanVariant:
+    if len(dits) == 2:
+        return WAN_DANCER
+    return WAN_DANCER_GLOBAL if "global" in dits else WAN_DANCER_LOCAL
+
+
+def _component_paths(root: Path, options: ReleaseOptions) -> dict[str, Path | None]:
+    paths = {
+        "text_encoder": Path(options.text_encoder) if options.text_encoder else first_existing(root / T5_FILE),
+        "tokenizer": Path(options.tokenizer) if options.tokenizer else first_existing(
+            *(root / t for t in TOKENIZER_DIRS)),
+        "vae": Path(options.vae) if options.vae else first_existing(root / VAE_FILE),
+        "image_encoder": first_existing(root / CLIP_FILE),
+    }
+    missing = [] if options.transformer_only else [k for k, v in paths.items() if v is None]
+    if missing:
+        raise ConversionError(
+            f"{root}: missing component(s) for Wan-Dancer: {', '.join(missing)}. Keep {T5_FILE}, {VAE_FILE} and "
+            f"{CLIP_FILE} beside the DiT files (as released) and the umT5 tokenizer (google/umt5-xxl/ of "
+            "Wan-AI/Wan2.1-T2V-1.3B) there too, or pass --text-encoder / --tokenizer / --vae PATH (or "
+            "--transformer-only)"
+        )
+    return paths
+
+
+def _load_components(paths: dict[str, Path], model, torch_dtype: torch.dtype, heads: int | None) -> dict[str, Any]:
+    """umT5, tokenizer, Wan2.1 VAE and CLIP, each checked against the DiT."""
+    t5 = with_path(paths["text_encoder"], lambda: load_t5_from_original(paths["text_encoder"], torch_dtype=torch_dtype))
+    if t5.config.d_model != model.config.text_dim:
+        raise ConversionError(f"{paths['text_encoder']}: text encoder width {t5.config.d_model} does not match the "
+                              f"DiT's text_embedding.0 width {model.config.text_dim}")
+    vae_sd = with_path(paths["vae"], lambda: load_state_dict(paths["vae"]))
+    if with_path(paths["vae"], lambda: detect_vae_version(vae_sd)) != "wan2.1":
+        raise ConversionError(f"{paths['vae']}: Wan-Dancer uses the Wan2.1 VAE ({VAE_FILE})")
+    vae = with_path(paths["vae"], lambda: load_vae_from_original(vae_sd, torch_dtype=torch.float32))
+    clip = with_path(paths["image_encoder"], lambda: load_clip_from_original(
+        paths["image_encoder"], num_heads=heads, torch_dtype=torch_dtype))
+    if clip.config.hidden_size != model.config.image_dim:
+        raise ConversionError(f"{paths['image_encoder']}: CLIP width {clip.config.hidden_size} does not match the "
+                              f"DiT's img_emb.proj.0 width {model.config.image_dim}")
+    return dict(text_encoder=t5, tokenizer=with_path(paths["tokenizer"], lambda: load_umt5_tokenizer(paths["tokenizer"])),
+                vae=vae, image_encoder=clip)
+
+
+def _load_dit(path: Path, torch_dtype: torch.dtype):
+    model = with_path(path, lambda: load_dit_from_original(path, torch_dtype=torch_dtype))
+    if not isinstance(model, WanDancerTransformer3DModel):
+        raise ConversionError(f"{path}: not a Wan-Dancer DiT (no music_* / img_emb_refimage.* keys)")
+    return model
+
+
+def _write_pipeline_index(folder: Path, components: dict[str, Any]) -> None:
+    index: dict[str, Any] = {"_class_name": "WanDancerPipeline", "_diffusers_version": diffusers_version}
+    expected, _ = WanDancerPipeline._get_signature_keys(WanDancerPipeline)
+    for name in sorted(expected):
+        index[name] = library_of(components[name]) if name in components else [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    rewrite_model_index_for_shims(folder)
+
+
+def convert_dancer_release(src: str | os.PathLike, dst: str | os.PathLike, options: ReleaseOptions | None = None,
+                           variant: str | None = None, **kwargs: Any) -> Path:
+    """Convert a Wan-AI/Wan-Dancer-14B release folder into ``dst``: ``transformer/`` (global model) and
+    ``transformer_2/`` (local model) -- or the one DiT ``variant`` names / the folder has -- and, unless
+    ``transformer_only``, ``text_encoder/``, ``tokenizer/``, ``vae/``, ``image_encoder/``, ``scheduler/`` (flow-match
+    Euler, shift 5), ``model_index.json`` (:class:`WanDancerPipeline`), a model card and ``wan_variant.json``.  A
+    ``config.json`` beside the DiT files (optional; the release has none) may give ``num_heads`` / ``text_len`` /
+    ``wantodance_music_inject_layers``.
+
+    Example:
+        >>> convert_dancer_release("Wan-Dancer-14B", "Wan-Dancer-14B-diffusers", tokenizer="umt5-xxl")  # doctest: +SKIP
+    """
+    options = options or ReleaseOptions(**kwargs)
+    if options.dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
+    src, torch_dtype = Path(src), DTYPES[options.dtype]
+    dits = find_dancer_dits(src, variant)
+    if not dits:
+        raise ConversionError(f"{src}: no Wan-Dancer DiT found (expected {' / '.join(DANCER_RELEASE_FILES.values())} "
+                              "with music_* keys)")
+    var = _variant_for(dits)
+    paths = _component_paths(src, options)
+    with atomic_output_dir(dst, overwrite=options.overwrite) as tmp:
+        bar = progress_bar(len(dits) + (0 if options.transformer_only else 5), options.progress)
+        models = {}
+        for component, stage in STAGE_COMPONENTS:
+            if stage in dits:
+                bar.set_postfix_str(dits[stage].name)
+                models["transformer" if not models else component] = _load_dit(dits[stage], torch_dtype)
+                bar.update()
+        for name, model in models.items():
+            model.save_pretrained(tmp if options.transformer_only and name == "transformer" else tmp / name,
+                                  max_shard_size=options.max_shard_size)
+        if not options.transformer_only:
+            components = _load_components(paths, models["transformer"], torch_dtype, options.image_encoder_heads)
+            components["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=var.flow_shift)
+            for name, component in components.items():
+                component.save_pretrained(tmp / name)
+                bar.update()
+            _write_pipeline_index(tmp, {**components, **models})
+            write_model_card(tmp, var, var.pipeline, str(src), call=DancerFamily.card_calls[var.pipeline])
+            (tmp / "wan_variant.json").write_text(json.dumps(var.record(), indent=2) + "\n")
+        bar.close()
+    return Path(dst)
+
+
 class DancerFamily(ModelFamily):
     name = "dancer"
     title = "Wan2.2-Dancer (music + reference image -> dance video)"
@@ -88,8 +251,31 @@ class DancerFamily(ModelFamily):
     }
     tiny_arches = {"dancer": TinyArch("i2v", 36, 16, clip=True)}
 
+    def __init__(self) -> None:
+        #: the ``--variant`` of the release being claimed (``convert_release`` receives no variant)
+        self.claimed_variant: str | None = None
+
+    def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
+        claimed = transformer is None and bool(find_dancer_dits(src, variant))
+        self.claimed_variant = variant if claimed else None
+        return claimed
+
+    def convert_release(self, src: Path, dst: Path, options: ReleaseOptions) -> Path:
+        return convert_dancer_release(src, dst, options, variant=self.claimed_variant)
+
     def tiny_dit_model(self, arch: str, experts: int, kwargs: dict[str, Any]):
         model = WanDancerTransformer3DModel(**kwargs, **TINY_DANCER_CONFIG, ref_conv_in_channels=16)
         extra = dict(wantodance_music_inject_layers=TINY_DANCER_CONFIG["music_inject_layers"],
                      music_num_heads=TINY_DANCER_CONFIG["music_num_heads"])
         return model, extra
+
+    def tiny_release_files(self, folder: Path, dit_folder: Path, arch: str, dit_state_dict: dict, seed: int) -> None:
+        """The release layout: the tiny DiT as ``global_model.safetensors`` and a second draw as
+        ``local_model.safetensors`` (one ``config.json`` for both: the tiny head dim is not 128)."""
+        weights = dit_folder / "diffusion_pytorch_model.safetensors"
+        if dit_folder != folder or not weights.is_file():  # two-expert sub-folders: not the release's layout
+            return
+        weights.rename(dit_folder / DANCER_RELEASE_FILES["global"])
+        g = torch.Generator().manual_seed(seed + 1)
+        local = {k: (v + torch.randn(v.shape, generator=g) * 0.01).contiguous() for k, v in dit_state_dict.items()}
+        save_file(local, str(dit_folder / DANCER_RELEASE_FILES["local"]))
