@@ -6,6 +6,7 @@ running the converted folder.  Parity with DiffSynth is the ``dit_animate2`` gol
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import subprocess
@@ -13,10 +14,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import imageio
+import numpy as np
 import pytest
 import torch
-from diffusers import WanAnimate2Transformer3DModel
+from diffusers import DiffusionPipeline, WanAnimate2Transformer3DModel
 from diffusers.models.transformers.transformer_wan_animate_2 import rope_apply
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from diffusers_wan_ext_cli import main
@@ -26,12 +30,16 @@ from diffusers_wan_ext.conversion.animate2 import (
     export_animate2_state_dict,
     load_animate2_transformer_from_original,
 )
-from diffusers_wan_ext.demo import make_tiny_release
+from diffusers_wan_ext.demo import make_tiny_dataset, make_tiny_release
 from diffusers_wan_ext.families import family, get_variant
 from diffusers_wan_ext.families.animate2 import convert_animate2_release, make_tiny_animate2_dit
 from diffusers_wan_ext.models import WanAnimate2ExtTransformer3DModel
 from diffusers_wan_ext.models.transformer_wan_animate2 import WanAnimate2DenseAttnProcessor
+from diffusers_wan_ext.pipelines.pipeline_wan_animate2 import plan_clips, zigzag_indices
+from diffusers_wan_ext.training import parse_args, run_training
+from diffusers_wan_ext.utils.media import encode_video
 from diffusers_wan_ext.utils.io import ConversionError
+from helpers import src_env
 
 TINY_CFG = dict(text_len=16, dim=48, ffn_dim=96, freq_dim=32, text_dim=32, num_heads=2, num_layers=2, clip_dim=40)
 
@@ -236,16 +244,27 @@ def test_missing_components_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_tiny_release_converts_and_loads_in_a_fresh_interpreter(tmp_path):
-    release = make_tiny_release(tmp_path / "rel", arch="animate2")
+@pytest.fixture(scope="module")
+def a2_release(tmp_path_factory) -> Path:
+    return make_tiny_release(tmp_path_factory.mktemp("a2") / "rel", arch="animate2")
+
+
+@pytest.fixture(scope="module")
+def a2_folder(a2_release, tmp_path_factory) -> Path:
+    """The tiny release converted by the CLI (fp32)."""
+    dst = tmp_path_factory.mktemp("a2-converted") / "out"
+    assert main(["convert", str(a2_release), str(dst), "--image-encoder-heads", "2", "--dtype", "fp32"]) == 0
+    return dst
+
+
+def test_tiny_release_converts_and_loads_in_a_fresh_interpreter(a2_release, a2_folder, tmp_path):
+    release, dst = a2_release, a2_folder
     assert (release / "wan_animate_2" / "wan_animate_2_bf16.safetensors").is_file()
     assert not (release / "diffusion_pytorch_model.safetensors").exists()
-    dst = tmp_path / "out"
-    assert main(["convert", str(release), str(dst), "--image-encoder-heads", "2", "--dtype", "fp32"]) == 0
     for sub in ("transformer", "text_encoder", "tokenizer", "vae", "image_encoder", "scheduler"):
         assert (dst / sub).is_dir(), sub
     index = json.loads((dst / "model_index.json").read_text())
-    assert index["_class_name"] == "WanAnimate2ModularPipeline"
+    assert index["_class_name"] == ["diffusers_wan_ext", "WanAnimate2Pipeline"] and index["log_scale"] == 0.0
     assert index["transformer"] == ["diffusers_wan_ext", "WanAnimate2ExtTransformer3DModel"]  # tiny CLIP width
     assert json.loads((dst / "wan_variant.json").read_text())["name"] == "wan2.2-animate-2-14b"
     sd = load_file(str(release / "wan_animate_2" / "wan_animate_2_bf16.safetensors"))
@@ -256,29 +275,35 @@ def test_tiny_release_converts_and_loads_in_a_fresh_interpreter(tmp_path):
     torch.save({"x": x, "ref": ref}, tmp_path / "io.pt")
     script = textwrap.dedent(f"""
         import sys, torch
+        import numpy as np
+        from PIL import Image
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from diffusers_wan_ext.models import WanAnimate2ExtTransformer3DModel
+        from diffusers import DiffusionPipeline
+        # our classic pipeline, without importing diffusers_wan_ext first (the folder's re-export shims)
+        classic = DiffusionPipeline.from_pretrained({str(dst)!r}, trust_remote_code=True)
+        assert "diffusers_wan_ext" in type(classic).__module__ and "WanAnimate2Pipeline" == type(classic).__name__
         from test_animate2 import _run
-        model = WanAnimate2ExtTransformer3DModel.from_pretrained({str(dst / "transformer")!r}).eval()
         io = torch.load({str(tmp_path / "io.pt")!r})
-        out, _ = _run(model, io["x"], 9, [64, 64])
+        out, _ = _run(classic.transformer.eval(), io["x"], 9, [64, 64])
         assert torch.equal(out, io["ref"]), (out - io["ref"]).abs().max()
+        frame = lambda i: Image.fromarray(np.random.RandomState(i).randint(0, 255, (32, 32, 3), np.uint8))
+        video = classic(image=frame(99), driving_video=[frame(i) for i in range(5)], prompt="a person dancing",
+                        height=32, width=32, num_frames=5, num_inference_steps=1, max_sequence_length=16).frames
+        assert video.shape == (1, 5, 32, 32, 3) and np.isfinite(video).all(), video.shape
+        # stock Diffusers' modular pipeline loads the same folder
         from diffusers.modular_pipelines import WanAnimate2Blocks
-        import diffusers_wan_ext  # noqa: F401  (the folder's transformer class)
         pipe = WanAnimate2Blocks().init_pipeline({str(dst)!r})
         pipe.load_components()
         names = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "image_encoder")
         assert all(getattr(pipe, n, None) is not None for n in names), names
-        import numpy as np
-        from PIL import Image
-        frame = lambda i: Image.fromarray(np.random.RandomState(i).randint(0, 255, (32, 32, 3), np.uint8))
         video = pipe(prompt="a person dancing", image=frame(99), driving_video=[frame(i) for i in range(9)],
                      height=32, width=32, segment_frame_length=9, num_inference_steps=2,
                      generator=torch.Generator().manual_seed(0), output="videos")
         assert video.shape == (1, 9, 32, 32, 3) and np.isfinite(video).all(), video.shape
-        print("ok", type(model).__name__, type(pipe.transformer).__name__)
+        print("ok", type(classic.transformer).__name__, type(pipe.transformer).__name__)
     """)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=src_env(HF_HUB_OFFLINE="1"))
     assert res.returncode == 0 and "ok WanAnimate2ExtTransformer3DModel WanAnimate2ExtTransformer3DModel" in res.stdout, res.stderr[-2000:]
 
 
@@ -292,7 +317,237 @@ def test_distilled_variant_picks_its_file(tmp_path, capsys):
         release / "wan_animate_2" / "wan_animate_2_bf16_distillation.safetensors")
     assert main(["convert", str(release), str(tmp_path / "d"), *common]) == 0
     assert json.loads((tmp_path / "d" / "wan_variant.json").read_text())["guidance_scale"] == 1.0
-    assert json.loads((tmp_path / "d" / "model_index.json").read_text())["_class_name"] == (
-        "WanAnimate2DistilledModularPipeline")
+    index = json.loads((tmp_path / "d" / "model_index.json").read_text())
+    assert index["_class_name"] == ["diffusers_wan_ext", "WanAnimate2Pipeline"] and index["log_scale"] == -1.3
     assert main(["convert", str(release), str(tmp_path / "a"), "--image-encoder-heads", "2"]) == 0  # file name
     assert json.loads((tmp_path / "a" / "wan_variant.json").read_text())["name"] == "wan2.2-animate-2-14b-distilled"
+
+
+# --------------------------------------------------------------------------------------------- the pipeline
+def _frames(n: int, size: int = 16, seed: int = 0) -> list:
+    rs = np.random.RandomState(seed)
+    return [Image.fromarray(rs.randint(0, 255, (size, size, 3), np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def a2_pipe(a2_folder):
+    pipe = DiffusionPipeline.from_pretrained(str(a2_folder))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _call(pipe, **kw):
+    args = dict(image=_frames(1, seed=99)[0], driving_video=_frames(5), prompt="a person dancing", height=16,
+                width=16, num_frames=5, num_inference_steps=2, max_sequence_length=16,
+                generator=torch.Generator().manual_seed(0))
+    args.update(kw)
+    return pipe(**args).frames
+
+
+def _diffsynth_mask(lat_t, lat_h, lat_w, mask_len):
+    """DiffSynth's ``animate2_get_i2v_mask``."""
+    msk = torch.zeros(1, (lat_t - 1) * 4 + 1, lat_h, lat_w)
+    msk[:, :mask_len] = 1
+    msk = torch.concat([torch.repeat_interleave(msk[:, 0:1], repeats=4, dim=1), msk[:, 1:]], dim=1)
+    return msk.view(1, msk.shape[1] // 4, 4, lat_h, lat_w).transpose(1, 2)[0]
+
+
+def _pixels(images, size=16):
+    """DiffSynth's ``preprocess_video`` of PIL frames resized to ``size``: ``[3, F, H, W]`` in [-1, 1]."""
+    arr = np.stack([np.array(f.resize((size, size)), dtype=np.float32) for f in images])
+    return torch.from_numpy(arr).permute(3, 0, 1, 2) * (2 / 255) - 1
+
+
+def test_pipeline_runs_the_reference_units(a2_pipe):
+    """One clip as DiffSynth's units build it (written here from wan_video.py): y = [ref image | zeros] with masks,
+    the driving clip's latents + all-ones mask into the reference pass, CLIP of the image / of the clip's frame 0,
+    block 9 skipped in the negative branch, log_scale in both, DiffSynth's shifted linspace(1, 0) Euler steps."""
+    pipe, image, video = a2_pipe, _frames(1, seed=99)[0], _frames(5)
+    steps, cfg, log_scale, shift = 2, 2.5, -1.3, 5.0
+    noise = torch.randn(1, 16, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    ours = _call(pipe, image=image, driving_video=video, negative_prompt="blurry", prompt_ref="moving",
+                 guidance_scale=cfg, log_scale=log_scale, num_inference_steps=steps, latents=noise,
+                 output_type="latent")
+    with torch.no_grad():
+        enc = lambda x: encode_video(pipe.vae, x[None])[0]  # noqa: E731  (normalized posterior mode)
+        ref_img, clip_px = _pixels([image]), _pixels(video)
+        y = torch.cat([torch.cat([_diffsynth_mask(1, 2, 2, 1), enc(ref_img)]),
+                       torch.cat([_diffsynth_mask(2, 2, 2, 0), enc(torch.zeros(3, 5, 16, 16))])], dim=1)
+        cond = enc(clip_px)
+        cond_y = torch.cat([_diffsynth_mask(2, 2, 2, 5), cond])
+        ctx = {n: pipe.encode_text(p, 16, "cpu") for n, p in (("pos", "a person dancing"), ("neg", "blurry"),
+                                                              ("ref", "moving"))}
+        model = pipe.transformer
+        cache = model.new_kv_cache()
+        grid_ref = torch.tensor([[2, 1, 1]])
+        model([cond], torch.tensor([1000.0]), [ctx["ref"][0]], [cond_y], cache, "extract", seq_len=2,
+              encoder_hidden_states_image=pipe.encode_clip(clip_px[:, 0][None], "cpu"), offset_grid_sizes=grid_ref)
+        sigmas = torch.linspace(1, 0, steps + 1)[:steps].double()
+        sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).tolist() + [0.0]
+        x = noise[0]
+        for i in range(steps):
+            kw = dict(kv_cache=cache, kv_cache_mode="cached", seq_len=3, reference_grid_sizes=grid_ref,
+                      encoder_hidden_states_image=pipe.encode_clip(ref_img[:, 0][None], "cpu"), origin_len=5,
+                      origin_area=[16, 16], log_scale=log_scale, return_dict=False)
+            t = torch.tensor([sigmas[i] * 1000], dtype=torch.float32)
+            pos = model([x], t, [ctx["pos"][0]], [y], **kw)[0][0]
+            neg = model([x], t, [ctx["neg"][0]], [y], is_uncondtion=True, **kw)[0][0]
+            x = x + (neg + cfg * (pos - neg)) * (sigmas[i + 1] - sigmas[i])
+    torch.testing.assert_close(ours[0], x[:, 1:], rtol=1e-4, atol=1e-5)
+
+
+def _diffsynth_long_video_plan(real_len, clip_len, first_num=1):
+    """DiffSynth's ``generate_long_video`` (examples/.../Wan2.2-Animate-2-14B.py): the padded frame indices and the
+    clip starts."""
+    def zigzag_padding(array, target_len):
+        if len(array) == 1:
+            return [array[0]] * target_len
+        idx, flip, out = 0, False, []
+        while len(out) < target_len:
+            out.append(array[idx])
+            idx += -1 if flip else 1
+            if idx == 0 or idx == len(array) - 1:
+                flip = not flip
+        return out[:target_len]
+
+    step = clip_len - first_num
+    num_clips = 1 if real_len <= clip_len else (real_len - clip_len + step - 1) // step + 1
+    target_len = clip_len + (num_clips - 1) * step
+    cond = list(range(real_len))
+    if real_len < target_len:
+        cond = zigzag_padding(cond, target_len)
+    return cond, [i * step for i in range(num_clips)]
+
+
+@pytest.mark.parametrize("real_len,clip_len,first", [(1, 5, 1), (3, 5, 1), (5, 5, 1), (6, 5, 1), (12, 5, 1),
+                                                     (13, 5, 1), (30, 9, 1), (30, 9, 5), (200, 81, 1)])
+def test_clip_plan_is_diffsynths(real_len, clip_len, first):
+    indices, starts = _diffsynth_long_video_plan(real_len, clip_len, first)
+    target, ours = plan_clips(real_len, clip_len, first)
+    assert ours == starts and target == max(len(indices), real_len)
+    assert zigzag_indices(real_len, target)[: len(indices)] == indices
+
+
+def test_long_video_chains_the_clips(a2_pipe, monkeypatch):
+    """7 driving frames in clips of 5: two clips (0..4 and 4..8 of the video zigzag-padded to 9 frames); the second
+    is conditioned on the 8-bit last frame of the first, and the output is 7 frames long."""
+    seen = []
+    real = a2_pipe.clip_condition
+
+    def spy(image_latents, clip_pixels, tail):
+        seen.append((clip_pixels.clone(), None if tail is None else tail.clone()))
+        return real(image_latents, clip_pixels, tail)
+
+    decoded = []
+    real_decode = a2_pipe.decode
+    monkeypatch.setattr(a2_pipe, "clip_condition", spy)
+    monkeypatch.setattr(a2_pipe, "decode", lambda lat: decoded.append(real_decode(lat)) or decoded[-1])
+    video = _frames(7)
+    out = _call(a2_pipe, driving_video=video, long_video=True, output_type="pt", num_inference_steps=1)
+    assert out.shape == (1, 7, 3, 16, 16) and len(seen) == 2 and seen[0][1] is None
+    px = _pixels(video)
+    for (clip, _), idx in zip(seen, ([0, 1, 2, 3, 4], [4, 5, 6, 5, 4])):
+        torch.testing.assert_close(clip, px[:, idx])
+    tail = seen[1][1]
+    expected = (((decoded[0][:, -1:] + 1) * 127.5).clamp(0, 255).to(torch.uint8).float() * (2 / 255) - 1)
+    assert tail.shape == (3, 1, 16, 16) and torch.equal(tail, expected)
+    # the output: clip 0 whole, then clip 1 without its first frame, trimmed to 7
+    stitched = torch.cat([decoded[0], decoded[1][:, 1:]], dim=1)[:, :7]
+    torch.testing.assert_close(out[0], ((stitched.permute(1, 0, 2, 3) + 1) / 2).clamp(0, 1))
+
+
+def test_bad_inputs_are_one_line_errors(a2_pipe, tmp_path):
+    cases = [
+        (dict(image=None), "image is required"),
+        (dict(driving_video=None), "driving_video is required"),
+        (dict(driving_video=_frames(3)), "driving_video has 3 frames but num_frames=5"),
+        (dict(num_frames=6), "num_frames"),
+        (dict(prompt=["a", "b"]), "prompt must be one string"),
+        (dict(prev_clip_frames=5), "prev_clip_frames must be an integer in \\[1, num_frames\\)"),
+        (dict(long_video=True, refert_images=_frames(1)), "refert_images continues one clip"),
+        (dict(driving_video=np.zeros((5, 8, 8, 3), np.uint8)), "driving_video frames are 8x8"),
+        (dict(driving_video=str(tmp_path / "none.mp4")), "none.mp4"),
+        (dict(max_sequence_length=10_000), "max_sequence_length=10000"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message) as e:
+            _call(a2_pipe, **kw)
+        assert "\n" not in str(e.value), str(e.value)
+
+
+def test_runtime_declarations(a2_folder):
+    """LoRA (a PEFT LoRA changes the output; a foreign key is named), VRAM plans and the offloaded K/V cache (same
+    output), TeaCache and parallelism refused with the reason."""
+    pipe = DiffusionPipeline.from_pretrained(str(a2_folder))
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda **kw: _call(pipe, output_type="latent", num_inference_steps=1, **kw)  # noqa: E731
+    base = run()
+    assert torch.equal(run(offload_kv=True), base)
+    pipe.enable_vram_management("8gb", device="cpu", height=16, width=16, num_frames=5,
+                                overrides={"transformer": "group_offload"}, verbose=False)
+    torch.testing.assert_close(run(), base)
+    pipe.disable_vram_management()
+    with pytest.raises(NotImplementedError, match="TeaCache is not supported for Wan2.2-Animate-2"):
+        pipe.enable_teacache(0.1)
+    with pytest.raises(NotImplementedError, match="frame-structured reference attention"):
+        pipe.enable_parallelism()
+    assert "frame-structured mask" in pipe.transformer._cp_unsupported_reason
+    g = torch.Generator().manual_seed(1)
+    lora = {}
+    for name in ("self_attn.to_q", "self_attn.to_v"):
+        lora[f"transformer.blocks.0.{name}.lora_A.weight"] = torch.randn(4, 48, generator=g)
+        lora[f"transformer.blocks.0.{name}.lora_B.weight"] = torch.randn(48, 4, generator=g)
+    with pytest.raises(ValueError, match="blocks.0.attn1.to_q"):
+        pipe.load_lora_weights({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 48),
+                                "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(48, 4)})
+    pipe.load_lora_weights(lora, adapter_name="test")
+    assert (run() - base).abs().max() > 1e-4
+    pipe.set_adapters("test", 0.0)
+    torch.testing.assert_close(run(), base)
+
+
+def test_generate_cli_on_real_files(a2_folder, tmp_path, capsys):
+    """``diffusers-wan generate`` on the converted folder with a png and an mp4 (the whole driving video, in clips
+    of --num-frames)."""
+    rs = np.random.RandomState(0)
+    Image.fromarray(rs.randint(0, 255, (16, 16, 3), np.uint8)).save(tmp_path / "ref.png")
+    imageio.mimwrite(tmp_path / "drive.mp4", [rs.randint(0, 255, (16, 16, 3), np.uint8) for _ in range(5)], fps=8)
+    out = tmp_path / "out.mp4"
+    common = ["generate", "--model", str(a2_folder), "--prompt", "a person", "--height", "16", "--width", "16",
+              "--num-frames", "5", "--steps", "1", "--dtype", "fp32", "--output", str(out)]
+    assert main([*common, "--image", str(tmp_path / "ref.png"), "--driving-video", str(tmp_path / "drive.mp4"),
+                 "--prompt-ref", "moving", "--log-scale", "-1.3"]) == 0
+    assert imageio.v3.imread(out).shape == (5, 16, 16, 3)
+    assert main([*common, "--image", str(tmp_path / "ref.png"), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "--driving-video" in err and "Traceback" not in err, err
+
+
+def test_lora_training_on_the_tiny_model(a2_folder, tmp_path):
+    """``diffusers_wan_ext.training`` LoRA-trains the tiny Animate-2 with DiffSynth's columns (reference image,
+    reference video, reference prompt); the LoRA loads into the pipeline and changes its output."""
+    rs = np.random.RandomState(0)
+    make_tiny_dataset(tmp_path / "data", num_videos=1, num_images=0, num_frames=5, size=(16, 16))
+    Image.fromarray(rs.randint(0, 255, (16, 16, 3), np.uint8)).save(tmp_path / "data" / "ref.png")
+    imageio.mimwrite(tmp_path / "data" / "drive.mp4", [rs.randint(0, 255, (16, 16, 3), np.uint8)] * 5, fps=8)
+    meta = tmp_path / "data" / "metadata.csv"
+    rows = list(csv.DictReader(open(meta)))
+    for r in rows:
+        r.update(animate2_reference_image="ref.png", animate2_reference_video="drive.mp4", animate2_prompt_ref="go")
+    with open(meta, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    argv = ["--dataset_base_path", tmp_path / "data", "--dataset_metadata_path", meta, "--model_path", a2_folder,
+            "--height", "16", "--width", "16", "--num_frames", "5", "--max_sequence_length", "16", "--dtype", "fp32",
+            "--report_to", "none", "--lora_base_model", "transformer", "--lora_rank", "4", "--lora_target_modules",
+            "to_q,to_k,to_v", "--extra_inputs", "animate2_prompt_ref,animate2_reference_image,animate2_reference_video",
+            "--learning_rate", "1e-1", "--max_train_steps", "1", "--output_path", tmp_path / "out"]
+    out = run_training(parse_args([str(a) for a in argv]))
+    loss = json.loads((out / "logs" / "losses.jsonl").read_text().splitlines()[0])["loss"]
+    assert math.isfinite(loss) and loss > 0
+    pipe = DiffusionPipeline.from_pretrained(str(a2_folder))
+    pipe.set_progress_bar_config(disable=True)
+    base = _call(pipe, output_type="latent", num_inference_steps=1)
+    pipe.load_lora_weights(str(out))
+    assert (_call(pipe, output_type="latent", num_inference_steps=1) - base).abs().max() > 0

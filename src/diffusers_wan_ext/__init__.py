@@ -36,6 +36,7 @@ from .models import (  # noqa: E402
 from .pipelines import (  # noqa: E402
     LongCatVideoPipeline,
     MovaPipeline,
+    WanAnimate2Pipeline,
     WanAnimateExtPipeline,
     WanDancerPipeline,
     WanExtPipeline,
@@ -64,6 +65,7 @@ __all__ = [
     "MovaDualTowerBridge",
     "WanAnimateExtPipeline",
     "WanAnimate2ExtTransformer3DModel",
+    "WanAnimate2Pipeline",
     "WanAnimateExtTransformer3DModel",
     "WanDancerPipeline",
     "WanDancerTransformer3DModel",

@@ -8,10 +8,17 @@ The release folder holds ``wan_animate_2/wan_animate_2_bf16.safetensors`` (and t
 ``transformer/`` (stock ``WanAnimate2Transformer3DModel`` when the CLIP width is the release's 1280, else our
 :class:`~diffusers_wan_ext.models.WanAnimate2ExtTransformer3DModel`), plus the umT5 text encoder, tokenizer, Wan2.1
 VAE, CLIP image encoder and a flow-match Euler scheduler (shift 5) as component sub-folders, with a
-``model_index.json`` naming stock Diffusers' ``WanAnimate2ModularPipeline`` (``WanAnimate2DistilledModularPipeline``
-for the distilled DiT): ``WanAnimate2Blocks().init_pipeline(folder)`` loads it.  Its :class:`DitExtension` makes the
-Wan DiT converter name the layout when it meets these keys.  No classic ``DiffusionPipeline`` yet (see
-``docs/animate2.md``).
+``model_index.json`` naming our classic :class:`~diffusers_wan_ext.pipelines.WanAnimate2Pipeline` (with
+``log_scale = -1.3`` for the distilled DiT): ``DiffusionPipeline.from_pretrained(folder)`` and ``diffusers-wan
+generate`` load it, and stock Diffusers' modular pipeline still does (``WanAnimate2Blocks().init_pipeline(folder)``:
+it reads only the component entries).  Its :class:`DitExtension` makes the Wan DiT converter name the layout when it
+meets these keys.
+
+Runtime declarations: LoRA through our loader (the pipeline's ``load_lora_weights``), VRAM plans (the generic
+planner: block-level offload of ``transformer.blocks``), TeaCache refused (no reference coefficients; the cached
+reference pass), sequence parallel refused by the transformer (``_cp_unsupported_reason``), and training (the
+dataset columns ``animate2_reference_image`` / ``animate2_reference_video``; the loss runs the reference pass and
+the generation pass in one forward, see :func:`encode_animate2_training_inputs`).
 """
 
 from __future__ import annotations
@@ -44,11 +51,14 @@ from ..models import WanAnimate2ExtTransformer3DModel
 from ..models.transformer_wan_animate2 import RELEASE_CLIP_DIM
 from ..utils.atomic import atomic_output_dir
 from ..utils.io import ConversionError, load_state_dict, with_path
-from .base import ModelFamily, ReleaseOptions, TinyArch, WanVariant
+from ..pipelines import WanAnimate2Pipeline
+from ..pipelines.pipeline_wan_animate2 import DEFAULT_PROMPT_REF
+from ..utils.shims import PACKAGE, write_shim
+from .base import Conditioning, ExtraInput, GenerateInput, ModelFamily, ReleaseOptions, TinyArch, WanVariant
 from .tiny import TINY
 
-__all__ = ["ANIMATE2", "ANIMATE2_DISTILLED", "Animate2Family", "convert_animate2_release", "find_animate2_dit",
-           "make_tiny_animate2_dit"]
+__all__ = ["ANIMATE2", "ANIMATE2_DISTILLED", "Animate2Family", "convert_animate2_release",
+           "encode_animate2_training_inputs", "find_animate2_dit", "make_tiny_animate2_dit"]
 
 #: Where the release keeps the Wan2.1 components (DiffSynth's example); the root works too.
 RELEASE_COMPONENT_DIR = "videomodel/Wan-AI"
@@ -62,7 +72,7 @@ DISTILLED_FILE = "wan_animate_2/wan_animate_2_bf16_distillation.safetensors"
 # animate2_log_scale -1.3 for the distilled DiT.
 ANIMATE2 = WanVariant(
     "wan2.2-animate-2-14b", "animate2", "Wan-AI/Wan2.2-Animate-2-14B", dim=5120, num_layers=40, image_encoder=True,
-    pipeline="WanAnimate2ModularPipeline", flow_shift=5.0, num_inference_steps=40, guidance_scale=3.0,
+    pipeline="WanAnimate2Pipeline", flow_shift=5.0, num_inference_steps=40, guidance_scale=3.0,
     height=1280, width=720, num_frames=81, fps=24,
     notes="wan_animate_2/wan_animate_2_bf16.safetensors; reference image + driving video, reference-video K/V "
           "cache; the CFG branch skips block 9",
@@ -70,7 +80,7 @@ ANIMATE2 = WanVariant(
 )
 ANIMATE2_DISTILLED = WanVariant(
     "wan2.2-animate-2-14b-distilled", "animate2", "Wan-AI/Wan2.2-Animate-2-14B", dim=5120, num_layers=40,
-    image_encoder=True, pipeline="WanAnimate2DistilledModularPipeline", flow_shift=5.0, num_inference_steps=10,
+    image_encoder=True, pipeline="WanAnimate2Pipeline", flow_shift=5.0, num_inference_steps=10,
     guidance_scale=1.0, height=1280, width=720, num_frames=81, fps=24,
     notes="wan_animate_2/wan_animate_2_bf16_distillation.safetensors; log_scale -1.3 (DiffSynth's "
           "animate2_log_scale)",
@@ -182,6 +192,13 @@ def _as_stock_if_possible(model: WanAnimate2ExtTransformer3DModel) -> torch.nn.M
     return stock.eval()
 
 
+#: The model card's example call (``str.format`` fields: the variant's sampling defaults).
+CARD_CALL = (
+    'image=load_image("refimage.jpg"), driving_video=load_video("refvideo.mp4"),\n'
+    '             prompt="a woman dancing", height={height}, width={width}, num_frames={num_frames},\n'
+    "             num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale}, long_video=True"
+)
+
 #: ``model_index.json`` entries of the converted folder (stock's modular Animate-2 pipelines read the components
 #: from it: ``WanAnimate2Blocks().init_pipeline(folder)``).
 COMPONENT_CLASSES = {
@@ -191,17 +208,24 @@ COMPONENT_CLASSES = {
 }
 
 
+#: ``log_scale`` of each variant's pipeline (``model_index.json``; DiffSynth's ``animate2_log_scale``).
+LOG_SCALES = {ANIMATE2.name: 0.0, ANIMATE2_DISTILLED.name: -1.3}
+
+
 def _write_model_index(folder: Path, var: WanVariant, transformer: torch.nn.Module) -> None:
+    """Our classic pipeline (with a root shim for a fresh interpreter) and the components; stock's modular pipeline
+    reads only the component entries."""
     entries = dict(COMPONENT_CLASSES)
     if type(transformer) is not WanAnimate2Transformer3DModel:  # our subclass (a CLIP width other than 1280)
-        entries["transformer"] = ("diffusers_wan_ext", type(transformer).__name__)
-    index = {"_class_name": var.pipeline, "_diffusers_version": diffusers_version,
-             **{k: list(v) for k, v in entries.items()}}
+        entries["transformer"] = (PACKAGE, type(transformer).__name__)
+    index = {"_class_name": [PACKAGE, WanAnimate2Pipeline.__name__], "_diffusers_version": diffusers_version,
+             **{k: list(v) for k, v in entries.items()}, "log_scale": LOG_SCALES[var.name]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_shim(folder)
 
 
 _CARD_NOTE = (
-    "\nNo classic `DiffusionPipeline` yet: load the folder with stock Diffusers' modular pipeline,\n"
+    "\nStock Diffusers' modular pipeline loads this folder too:\n"
     "`from diffusers.modular_pipelines import WanAnimate2Blocks` (`WanAnimate2DistilledBlocks` for the distilled DiT),\n"
     "`pipe = WanAnimate2Blocks().init_pipeline(\"<this repo>\"); pipe.load_components(torch_dtype=torch.bfloat16)`.\n"
 )
@@ -256,7 +280,7 @@ def convert_animate2_release(src: str | os.PathLike, dst: str | os.PathLike, opt
                 component.save_pretrained(tmp / name)
             FlowMatchEulerDiscreteScheduler(shift=var.flow_shift).save_pretrained(tmp / "scheduler")
             _write_model_index(tmp, var, transformer)
-            write_model_card(tmp, var, var.pipeline, str(src), extra=_CARD_NOTE)
+            write_model_card(tmp, var, var.pipeline, str(src), call=CARD_CALL, extra=_CARD_NOTE)
             (tmp / "wan_variant.json").write_text(json.dumps(var.record(), indent=2) + "\n")
         transformer.save_pretrained(target, max_shard_size=options.max_shard_size)
         bar.close()
@@ -281,6 +305,34 @@ def make_tiny_animate2_dit(seed: int = 0, num_layers: int = TINY["num_layers"], 
     return export_animate2_state_dict(sd), original
 
 
+def encode_animate2_training_inputs(builder, sample: dict[str, Any], inputs, num_frames: int, height: int,
+                                    width: int) -> None:
+    """Training conditioning of Animate-2 (DiffSynth's training units): the reference image's latent is prepended to
+    the clean latents (its slot is denoised and in the loss, as in DiffSynth), ``y`` / CLIP from the reference image,
+    and the driving video's latents + ``condition_y``, the reference prompt's context and the CLIP features of its
+    first frame as the one-call transformer kwargs (reference pass + generation pass in the training forward)."""
+    pipe = builder.pipe
+    image = builder.image(sample, "animate2_reference_image").to(builder.device)
+    video = builder.video(sample, "animate2_reference_video").to(builder.device)
+    image_latents = builder.encode_latents(image[:, :, None])
+    inputs.latents = torch.cat([image_latents.to(inputs.latents), inputs.latents], dim=2)
+    cond = pipe.clip_condition(image_latents[0], video[0], None)
+    inputs.y = cond["y"][None]
+    inputs.image_embeds = pipe.encode_clip(image, builder.device)
+    prompt_ref = sample.get("animate2_prompt_ref") or DEFAULT_PROMPT_REF
+    inputs.transformer_kwargs.update(
+        reference_hidden_states=torch.cat([cond["condition_latents"], cond["condition_y"]])[None],
+        reference_encoder_hidden_states=builder.encode_prompt(str(prompt_ref)),
+        reference_image_embeds=pipe.encode_clip(video[:, :, 0], builder.device),
+    )
+
+
+ANIMATE2_CONDITIONING = Conditioning(
+    "Wan2.2-Animate-2", WanAnimate2Pipeline, required=("animate2_reference_image", "animate2_reference_video"),
+    optional=("animate2_prompt_ref",), encode=encode_animate2_training_inputs,
+)
+
+
 class Animate2Family(ModelFamily):
     name = "animate2"
     title = "Wan2.2-Animate-2 (character animation with a cached reference video)"
@@ -293,7 +345,23 @@ class Animate2Family(ModelFamily):
         model_class=lambda info: WanAnimate2ExtTransformer3DModel,
     )
     model_classes = (WanAnimate2ExtTransformer3DModel,)
+    pipeline_classes = (WanAnimate2Pipeline,)
+    card_calls = {"WanAnimate2Pipeline": CARD_CALL}
+    generate_inputs = (
+        GenerateInput("--driving-video", "driving_video", "Wan2.2-Animate-2: the driving video (its motion; generated "
+                      "whole, in clips of --num-frames); --image = the character"),
+        GenerateInput("--prompt-ref", "prompt_ref", "Wan2.2-Animate-2: a description of the driving video (the "
+                      "reference pass's prompt)", kind="text"),
+        GenerateInput("--log-scale", "log_scale", "Wan2.2-Animate-2: attention bias on generated latent frame 1 "
+                      "(default: the folder's, -1.3 for the distilled DiT)", kind="float"),
+    )
+    generate_pipeline = {"WanAnimate2Pipeline": WanAnimate2Pipeline}
     tiny_arches = {"animate2": TinyArch("animate2", 36, 16, clip=True)}
+    dataset_inputs = {
+        "animate2_reference_image": ExtraInput("image"),
+        "animate2_reference_video": ExtraInput("video"),
+        "animate2_prompt_ref": ExtraInput("str"),
+    }
 
     def __init__(self) -> None:
         #: the ``--variant`` of the release being claimed (``convert_release`` receives no variant)
@@ -307,6 +375,18 @@ class Animate2Family(ModelFamily):
 
     def convert_release(self, src: Path, dst: Path, options: ReleaseOptions) -> Path:
         return convert_animate2_release(src, dst, options, variant=self.claimed_variant)
+
+    def prepare_generate(self, pipe, model: str, given: dict[str, Any], kw: dict[str, Any]) -> None:
+        """The whole driving video, in clips of ``--num-frames`` (DiffSynth's ``generate_long_video``)."""
+        if "log_scale" in given:
+            given["log_scale"] = float(given["log_scale"])
+        kw.update(given, long_video=True)
+
+    def claims_config(self, config: Any) -> bool:
+        return "refer_offset_t" in config
+
+    def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
+        return ANIMATE2_CONDITIONING if self.claims_config(config) else None
 
     def tiny_dit_model(self, arch: str, experts: int, kwargs: dict[str, Any]):
         """A placeholder Wan I2V DiT for the shared tiny-release writer; :meth:`tiny_release_files` replaces its

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from accelerate import init_empty_weights
 from diffusers import ModelMixin  # noqa: F401  (Diffusers' loader looks up loadable bases in this module)
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan_animate_2 import (
     MLPProj,
     WanAnimate2AttnProcessor,
@@ -33,7 +35,7 @@ from diffusers.models.transformers.transformer_wan_animate_2 import (
 from ..utils.shims import ShimSaveMixin
 
 __all__ = ["RELEASE_CLIP_DIM", "WanAnimate2DenseAttnProcessor", "WanAnimate2ExtTransformer3DModel",
-           "WanAnimate2KVCache"]
+           "WanAnimate2KVCache", "WanAnimate2OffloadedKVLayerCache"]
 
 #: CLIP feature width of the release (and the width stock hard-codes).
 RELEASE_CLIP_DIM = 1280
@@ -48,6 +50,26 @@ def pack_frames(x: torch.Tensor, frames: int, hw: int, stride: int, total: int) 
         b, frames, hw, heads, head_dim
     )
     return out
+
+
+class WanAnimate2OffloadedKVLayerCache(WanAnimate2KVLayerCache):
+    """A layer's reference K/V kept on ``offload_device`` (the release's cache is ~60 GB in bf16 at 720 x 1280 x 81);
+    :meth:`get` returns them on the device they were computed on."""
+
+    def __init__(self, offload_device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.offload_device = torch.device(offload_device)
+        self.device: torch.device | None = None
+
+    def store(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.device = key.device
+        pin = self.offload_device.type == "cpu" and key.is_cuda
+        key, value = (t.to(self.offload_device) for t in (key, value))
+        super().store(*((t.pin_memory() for t in (key, value)) if pin else (key, value)))
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key, value = super().get()
+        return key.to(self.device, non_blocking=True), value.to(self.device, non_blocking=True)
 
 
 class WanAnimate2DenseAttnProcessor(WanAnimate2AttnProcessor):
@@ -199,23 +221,43 @@ class WanAnimate2ExtTransformer3DModel(ShimSaveMixin, WanAnimate2Transformer3DMo
         for block in self.blocks:
             block.self_attn.set_processor(WanAnimate2DenseAttnProcessor())
 
+    @classmethod
+    def from_stock(cls, model: WanAnimate2Transformer3DModel) -> "WanAnimate2ExtTransformer3DModel":
+        """This class holding the weights of a stock ``WanAnimate2Transformer3DModel`` (shared, not copied; same
+        dtype and device); ``model`` itself is returned when it already is one."""
+        if isinstance(model, cls):
+            return model
+        if not isinstance(model, WanAnimate2Transformer3DModel):
+            raise ValueError(f"expected a WanAnimate2Transformer3DModel, got {type(model).__name__}")
+        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        clip = model.img_emb.proj[0].weight.shape[0] if getattr(model, "img_emb", None) is not None else None
+        with init_empty_weights():
+            ours = cls(**config, clip_dim=clip or RELEASE_CLIP_DIM)
+        ours.load_state_dict(model.state_dict(), strict=True, assign=True)
+        return ours.train(model.training)
+
     def create_mask(self, origin_latent_f: int, hw: int, device: torch.device) -> None:
         """No flex ``BlockMask``: :class:`WanAnimate2DenseAttnProcessor` applies the mask's structure directly."""
         return None
 
-    def new_kv_cache(self) -> WanAnimate2KVCache:
-        """An empty per-layer reference K/V cache for this model (filled by ``kv_cache_mode="extract"``)."""
-        return WanAnimate2KVCache(len(self.blocks))
+    def new_kv_cache(self, offload_device: torch.device | str | None = None) -> WanAnimate2KVCache:
+        """An empty per-layer reference K/V cache for this model (filled by ``kv_cache_mode="extract"``); with
+        ``offload_device`` (e.g. ``"cpu"``, DiffSynth's ``animate2_offload_kv``) every layer's K/V is kept there and
+        moved back to the compute device when its block reads it."""
+        cache = WanAnimate2KVCache(len(self.blocks))
+        if offload_device is not None:
+            cache.layer_caches = [WanAnimate2OffloadedKVLayerCache(offload_device) for _ in self.blocks]
+        return cache
 
     def forward(
         self,
-        hidden_states: list[torch.Tensor],
+        hidden_states: list[torch.Tensor] | torch.Tensor,
         timestep: torch.Tensor,
-        encoder_hidden_states: list[torch.Tensor],
-        condition_latents: list[torch.Tensor],
-        kv_cache: WanAnimate2KVCache,
-        kv_cache_mode: str,
-        seq_len: int,
+        encoder_hidden_states: list[torch.Tensor] | torch.Tensor,
+        condition_latents: list[torch.Tensor] | None = None,
+        kv_cache: WanAnimate2KVCache | None = None,
+        kv_cache_mode: str | None = None,
+        seq_len: int | None = None,
         encoder_hidden_states_image: torch.Tensor | None = None,
         offset_grid_sizes: torch.Tensor | None = None,
         reference_grid_sizes: torch.Tensor | None = None,
@@ -224,15 +266,31 @@ class WanAnimate2ExtTransformer3DModel(ShimSaveMixin, WanAnimate2Transformer3DMo
         is_uncondtion: bool = False,
         log_scale: float = 0.0,
         return_dict: bool = True,
+        reference_hidden_states: torch.Tensor | None = None,
+        reference_encoder_hidden_states: torch.Tensor | None = None,
+        reference_image_embeds: torch.Tensor | None = None,
     ):
         r"""
-        Stock's forward (see :meth:`diffusers.WanAnimate2Transformer3DModel.forward`) plus ``log_scale``.
+        Stock's forward (see :meth:`diffusers.WanAnimate2Transformer3DModel.forward`) plus ``log_scale``, and a
+        one-call form for training.
 
         Args:
             log_scale (`float`, defaults to 0):
                 Added to the generation-pass self-attention scores of the keys of generation latent frame 1
                 (DiffSynth's ``animate2_log_scale``); ignored by the reference pass.
+            reference_hidden_states, reference_encoder_hidden_states, reference_image_embeds:
+                The one-call form (DiffSynth's ``forward_origin``, what training runs): with ``hidden_states`` a
+                batch-1 tensor ``[1, in_dim, T + 1, h, w]`` (noisy latents with ``y`` on channels) and
+                ``encoder_hidden_states`` ``[1, L, C]``, the driving video's ``[1, in_dim, T, h, w]`` (latents with
+                ``condition_y``), its context ``[1, L, C]`` and CLIP features run the reference pass into a fresh
+                K/V cache, then the generation pass against it; returns ``[1, out_dim, T + 1, h, w]``.
         """
+        if isinstance(hidden_states, torch.Tensor):
+            return self.forward_with_reference(
+                hidden_states, timestep, encoder_hidden_states, reference_hidden_states,
+                reference_encoder_hidden_states, reference_image_embeds, encoder_hidden_states_image,
+                log_scale=log_scale, return_dict=return_dict,
+            )
         if log_scale and kv_cache_mode == "cached":
             processors = [b.self_attn.processor for b in self.blocks]
             if not all(isinstance(p, WanAnimate2DenseAttnProcessor) for p in processors):
@@ -251,3 +309,43 @@ class WanAnimate2ExtTransformer3DModel(ShimSaveMixin, WanAnimate2Transformer3DMo
                 if isinstance(block.self_attn.processor, WanAnimate2DenseAttnProcessor):
                     block.self_attn.processor.log_scale = 0.0
 
+
+    def forward_with_reference(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        reference_hidden_states: torch.Tensor,
+        reference_encoder_hidden_states: torch.Tensor,
+        reference_image_embeds: torch.Tensor | None = None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        log_scale: float = 0.0,
+        return_dict: bool = True,
+    ):
+        """Reference pass then generation pass in one call (batch 1; see :meth:`forward`).  The video geometry of the
+        mask is the clip's own: ``4 (T - 1) + 1`` frames of the latent grid's size."""
+        if reference_hidden_states is None or reference_encoder_hidden_states is None:
+            raise ValueError("the one-call form needs reference_hidden_states (the driving video's latents with "
+                             "condition_y) and reference_encoder_hidden_states (the reference prompt's context)")
+        if hidden_states.ndim != 5 or hidden_states.shape[0] != 1:
+            raise ValueError(f"hidden_states must be [1, C, T, h, w] (batch 1); got {tuple(hidden_states.shape)}")
+        out_dim, patch = self.config.out_dim, self.config.patch_size
+        ref, gen = reference_hidden_states[0], hidden_states[0]
+
+        def grid(x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([[x.shape[1] // patch[0], x.shape[2] // patch[1], x.shape[3] // patch[2]]])
+
+        grid_ref, grid_gen = grid(ref), grid(gen)
+        cache = self.new_kv_cache()
+        super().forward([ref[:out_dim]], timestep, [reference_encoder_hidden_states[0]], [ref[out_dim:]], cache,
+                        "extract", int(grid_ref.prod()), encoder_hidden_states_image=reference_image_embeds,
+                        offset_grid_sizes=grid_ref)
+        tokens_h, tokens_w = grid_gen[0, 1].item(), grid_gen[0, 2].item()
+        out = self.forward(
+            [gen[:out_dim]], timestep, [encoder_hidden_states[0]], [gen[out_dim:]], cache, "cached",
+            int(grid_gen.prod()), encoder_hidden_states_image=encoder_hidden_states_image,
+            reference_grid_sizes=grid_ref, origin_len=4 * (ref.shape[1] - 1) + 1,
+            origin_area=[tokens_w * 16, tokens_h * 16], log_scale=log_scale, return_dict=False,
+        )[0]
+        sample = torch.stack(out)
+        return (sample,) if not return_dict else Transformer2DModelOutput(sample=sample)

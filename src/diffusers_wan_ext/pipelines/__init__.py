@@ -19,6 +19,8 @@
 * :class:`WanExtPipeline` -- ``WanPipeline`` with CFG batching (cond + uncond in one transformer forward).
 * :class:`WanAnimateExtPipeline` -- ``WanAnimatePipeline`` (Wan2.2-Animate) with video-file / array inputs, strict
   validation and the relighting LoRA.
+* :class:`WanAnimate2Pipeline` -- Wan2.2-Animate-2-14B (and its distilled DiT): reference image + driving video,
+  reference-video K/V cache per clip, multi-clip long videos.
 * :class:`WanDancerPipeline` -- Wan2.2-Dancer-14B: reference image + music -> global keyframes, then 30-fps local
   segments.
 * :class:`WanSpeechToVideoPipeline` -- Wan2.2-S2V-14B: reference image + audio (+ pose video), multi-clip with
@@ -42,6 +44,7 @@ continuation and image-to-video.
 
 from .pipeline_longcat_video import LongCatVideoPipeline
 from .pipeline_mova import MovaPipeline
+from .pipeline_wan_animate2 import WanAnimate2Pipeline
 from .pipeline_wan_animate_ext import WanAnimateExtPipeline
 from .pipeline_wan_dancer import WanDancerPipeline
 from .pipeline_wan_ext import WanExtPipeline
@@ -58,6 +61,7 @@ from .pipeline_wan_video_as_prompt import WanVideoAsPromptPipeline
 __all__ = [
     "LongCatVideoPipeline",
     "MovaPipeline",
+    "WanAnimate2Pipeline",
     "WanAnimateExtPipeline",
     "WanDancerPipeline",
     "WanExtPipeline",

@@ -217,8 +217,9 @@ def config_value(module: nn.Module, *keys: str, default=None):
 
 
 def _dit_activations(module: nn.Module, dtype: torch.dtype, shape: GenerationShape, name: str) -> int:
-    heads = config_value(module, "num_attention_heads")
-    head_dim = config_value(module, "attention_head_dim")
+    heads = config_value(module, "num_attention_heads", "num_heads")  # num_heads / dim: Wan2.2-Animate-2's config
+    dim_per_head = config_value(module, "dim", default=0) // (heads or 1) or None
+    head_dim = config_value(module, "attention_head_dim", default=dim_per_head)
     if heads is None or head_dim is None:
         raise TypeError(
             f"{name} is a {type(module).__name__} without a Wan transformer config (num_attention_heads, "
