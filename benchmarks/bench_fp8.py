@@ -7,8 +7,12 @@ Per model (random weights, bf16, batch 1, 512 text tokens, the config's benchmar
                       one scale per weight), loaded with ``load_quantized_dit`` (fp8 weights stay fp8) and optimized
                       with ``optimize_transformer(fp8=True)``: ``torch._scaled_mm`` on the stored weights with the
                       file's scales, per-row dynamic activation scales, fused q/k/v as one fp8 GEMM
+  * ours fp8 tensorwise (--tensorwise) -- the same with one activation scale per call (``fp8="tensorwise"``; the
+                      fused q/k/v layers keep per-row weight scales, so they stay row-wise)
   * ours fp8+sage  -- ours fp8 with SageAttention 1.0.6 (INT8 Q.K^T, Triton) for every attention, if importable
-                      (a benchmark-only backend: Diffusers' ``sage`` backend wants sageattention >= 2.1.1)
+                      and faster than SDPA alone at the model's shape (a benchmark-only backend: Diffusers' ``sage``
+                      backend wants sageattention >= 2.1.1)
+Before the models, self-attention alone at the model's shape: SDPA against SageAttention 1.0.6.
 
 Phase 1 times stock compiled and ours alternately (one forward each per round); phase 2 drops ours and times
 stock compiled and the fp8 variants alternately, so each ratio comes from forwards interleaved with stock's.
@@ -144,6 +148,39 @@ def alternate(models: dict, kw: dict, device: str, iters: int, info: dict) -> No
         info[name]["median_s"] = statistics.median(runs[name])
 
 
+def attention_probe(name: str) -> dict:
+    """Self-attention alone at the model's benchmark shape: SDPA (cuDNN) against SageAttention 1.0.6."""
+    import torch.nn.functional as F
+
+    from _common import tokens
+
+    heads = DIT_CONFIGS[name]["num_attention_heads"]
+    q, k, v = (torch.randn(1, heads, tokens(name), 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = {}
+    fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    try:
+        from sageattention import sageattn
+
+        fns["sage 1.0.6"] = lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+    except ImportError:
+        pass
+    ref = fns["sdpa"]().float()
+    for label, fn in fns.items():
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            res = fn()
+        torch.cuda.synchronize()
+        sec = (time.perf_counter() - t0) / 5
+        flops = 4 * heads * tokens(name) ** 2 * 128
+        out[label] = dict(ms=round(sec * 1e3, 2), tflops=round(flops / sec / 1e12),
+                          rel_err=f"{((res.float() - ref).norm() / ref.norm()).item():.2e}")
+    print(f"{name} self-attention alone: {out}", flush=True)
+    return out
+
+
 def bench_model(name: str, args) -> list[dict]:
     from diffusers import WanTransformer3DModel
 
@@ -153,6 +190,7 @@ def bench_model(name: str, args) -> list[dict]:
     from diffusers_wan_ext.utils.single_file import write_single_file
 
     device = "cpu" if args.tiny else "cuda"
+    probe = {} if args.tiny else attention_probe(name)
     config, shape = (TINY, TINY_SHAPE) if args.tiny else (DIT_CONFIGS[name], DIT_SHAPES[name])
     compile_ = not args.tiny
     kw = inputs_for(shape, device, 16 if args.tiny else TEXT_LEN)
@@ -178,17 +216,26 @@ def bench_model(name: str, args) -> list[dict]:
     if device == "cuda":
         torch.cuda.empty_cache()
     variants = {}
-    sage_reason = register_sage_backend() if args.sage else "not asked (--no-sage)"
-    for variant in ("ours fp8", "ours fp8+sage"):
-        if variant.endswith("sage") and sage_reason:
+    sage_slower = bool(probe) and "sage 1.0.6" in probe and probe["sage 1.0.6"]["ms"] > probe["sdpa"]["ms"]
+    for variant in ("ours fp8", "ours fp8 tensorwise", "ours fp8+sage"):
+        # registered only now, so that "auto" attention of ours / ours fp8 never picks it
+        sage_reason = None
+        if variant.endswith("sage"):
+            sage_reason = ("not asked (--no-sage)" if not args.sage else "slower than SDPA alone (see the probe)"
+                           if sage_slower else register_sage_backend())
+        if variant.endswith("tensorwise") and not args.tensorwise:
+            sage_reason = "not asked (--tensorwise)"
+        if sage_reason:
             print(f"{name} {variant}: not run ({sage_reason})", flush=True)
             continue
         t0 = time.perf_counter()
         model = load_quantized_dit(path, torch_dtype=torch.bfloat16, device=device).eval().requires_grad_(False)
         load_s = time.perf_counter() - t0
-        reports[variant] = optimize_transformer(model, compile=False, verbose=False, fp8=True)
-        if variant.endswith("sage"):
-            model.set_attention_backend("sage")
+        attention = "sage" if variant.endswith("sage") else reports["ours"]["attention_backend"]
+        fp8 = "tensorwise" if variant.endswith("tensorwise") else True  # True: the file's weights, row-wise inputs
+        reports[variant] = optimize_transformer(model, compile=False, verbose=False, fp8=fp8, attention="native")
+        model.set_attention_backend(attention)
+        reports[variant]["attention_backend"] = attention
         if compile_:
             model.compile_repeated_blocks(fullgraph=True)
         variants[variant] = model
@@ -205,7 +252,7 @@ def bench_model(name: str, args) -> list[dict]:
                          weight_gib=round(r["weight_gib"], 2),
                          err_vs_ours_bf16="-" if r.get("err") is None else f"{r['err']:.2e}",
                          first_call_s=round(r["first_call_s"], 1), runs=[round(x, 4) for x in r["runs"]],
-                         report=reports.get(variant.split(" (")[0], "")))
+                         report=reports.get(variant.split(" (")[0], ""), attention_alone=probe))
         print({k: v for k, v in rows[-1].items() if k != "report"}, flush=True)
     del models, variants, stock
     path.unlink()
@@ -222,6 +269,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=0, help="timed rounds (default 5; 2 for 14b)")
     parser.add_argument("--no-sage", dest="sage", action="store_false", help="skip the SageAttention variant")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny config")
+    parser.add_argument("--tensorwise", action="store_true", help="also time per-tensor activation scales")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     env = env_info()
