@@ -124,13 +124,16 @@ def test_a_built_wheel_holds_the_entry_points_and_answers_train_help(tmp_path):
 
 
 def script_arguments(script: Path, tmp_path: Path) -> list[str]:
-    """What ``script`` hands to ``accelerate launch``: a fake ``accelerate`` on ``PATH`` records it."""
+    """What ``script`` hands to ``accelerate launch``: a fake ``$PYTHON`` records ``-m accelerate.commands.launch
+    ARGS`` as ``launch ARGS`` (and fails on any other call)."""
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
-    (fake / "accelerate").write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$ARGS_OUT"\n')
-    (fake / "accelerate").chmod(0o755)
+    (fake / "python").write_text('#!/bin/sh\n[ "$1 $2" = "-m accelerate.commands.launch" ] || '
+                                 '{ echo "not accelerate launch: $*" >&2; exit 9; }\n'
+                                 'shift 2\nprintf "%s\\0" launch "$@" > "$ARGS_OUT"\n')
+    (fake / "python").chmod(0o755)
     record = tmp_path / f"{script.parent.name}-{script.stem}.args"
-    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", ARGS_OUT=str(record))
+    env = dict(os.environ, PYTHON=str(fake / "python"), ARGS_OUT=str(record))
     out = subprocess.run(["bash", str(script), "--max_train_steps", "3"], env=env, capture_output=True, text=True,
                          timeout=60, cwd=tmp_path)
     assert out.returncode == 0, f"{script}: {out.stderr}"

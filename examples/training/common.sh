@@ -5,17 +5,20 @@
 #          the DiffSynth-Studio example dataset of the model:
 #          modelscope download --dataset DiffSynth-Studio/diffsynth_example_dataset --local_dir ./data/diffsynth_example_dataset
 #   OUT:   output root (default ./models/train).
+#   PYTHON: the interpreter whose accelerate runs the training (default python3; e.g. a venv's bin/python).
 # A script's own arguments come after these and win (argparse keeps the last value); so do the arguments given to the
 # script (e.g. --max_train_steps 10 --export_format original).
 set -euo pipefail
 TRAINING_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT=${OUT:-./models/train}
 
-# launch CONFIG ARGS...: accelerate launch train.py with accelerate_configs/CONFIG.yaml
+# launch CONFIG ARGS...: accelerate launch train.py with accelerate_configs/CONFIG.yaml (through $PYTHON -m, so
+# accelerate need not be on PATH)
 launch() {
   local config=$1
   shift
-  accelerate launch --config_file "$TRAINING_DIR/accelerate_configs/$config.yaml" "$TRAINING_DIR/train.py" "$@"
+  "${PYTHON:-python3}" -m accelerate.commands.launch --config_file "$TRAINING_DIR/accelerate_configs/$config.yaml" \
+    "$TRAINING_DIR/train.py" "$@"
 }
 
 # shared NAME: dataset, size and model arguments of model NAME
