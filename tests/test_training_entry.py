@@ -63,7 +63,9 @@ def test_diffusers_wan_train_help_is_the_trainers():
     assert out.returncode == 0, out.stderr
     assert "usage: diffusers-wan train" in out.stdout
     for flag in ("--dataset_base_path", "--lora_base_model", "--preset_lora_path", "--remove_prefix_in_ckpt",
-                 "--tokenizer_path", "--audio_processor_path", "--find_unused_parameters"):
+                 "--tokenizer_path", "--audio_processor_path", "--find_unused_parameters", "direct_distill:train",
+                 "--enable_model_cpu_offload", "--enable_optimizer_cpu_offload", "--quant_options",
+                 "--model_id_with_origin_paths"):
         assert flag in out.stdout
     top = subprocess.run([sys.executable, "-m", "diffusers_wan_ext_cli", "--help"], capture_output=True, text=True,
                          timeout=120, env=src_env(), cwd=ROOT)
@@ -118,6 +120,13 @@ def test_a_built_wheel_holds_the_entry_points_and_answers_train_help(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines()[0].startswith(str(site))
     assert "--preset_lora_path" in out.stdout
+    # python -m diffusers_wan_ext.training from the installed wheel (not the checkout: PYTHONPATH is the wheel's)
+    module = subprocess.run([sys.executable, "-m", "diffusers_wan_ext.training", "--help"], capture_output=True,
+                            text=True, timeout=300, env=env, cwd=tmp_path)
+    assert module.returncode == 0, module.stderr[-3000:]
+    assert "usage: python -m diffusers_wan_ext.training" in module.stdout
+    for flag in ("direct_distill", "--enable_model_cpu_offload", "--quant_options", "--model_id_with_origin_paths"):
+        assert flag in module.stdout
 
 
 # ------------------------------------------------------------------------------------------- example scripts
