@@ -35,7 +35,9 @@ from .conversion.dit import (
     locate_dit,
 )
 from .conversion.image_encoder import load_clip_from_original, make_clip_image_processor
-from .conversion.quantized_dit import is_single_file, quantized_dit_from_tensors, read_quantized_dit, shape_state_dict
+from .conversion.quantized_dit import (check_kept_quantized, is_single_file, kept_quantized_kind,
+                                       quantized_dit_from_tensors, read_quantized_dit, save_transformer,
+                                       shape_state_dict)
 from .conversion.release_io import (
     DTYPES,
     first_existing,
@@ -435,8 +437,10 @@ def _write_pipeline_folder(tmp: Path, release: LoadedRelease, src, torch_dtype, 
     var = release.variant
     index: dict[str, Any] = {"_class_name": var.pipeline}
     for name, model in zip(["transformer", "transformer_2"], release.transformers):
-        model.save_pretrained(tmp / name, max_shard_size=max_shard_size)
-        index[name] = library_of(model)
+        save_transformer(model, tmp / name, torch_dtype, max_shard_size)  # kept quantized: a folder Diffusers loads
+        # a GGUF folder loads through from_single_file only: the pipeline takes it as transformer=... (Diffusers
+        # would load a listed optional transformer from the folder even when one is passed)
+        index[name] = [None, None] if kept_quantized_kind(model) == "gguf" else library_of(model)
     for name, comp in release.components.items():
         comp.save_pretrained(tmp / name)
         index[name] = library_of(comp)
@@ -479,6 +483,7 @@ def convert_release(
     overwrite: bool = False,
     progress: bool = True,
     max_shard_size: str = "5GB",
+    keep_quantized: bool = False,
 ) -> Path:
     """Convert an original Wan release to a Diffusers pipeline folder and return its path.
 
@@ -506,6 +511,8 @@ def convert_release(
         relighting_lora: Wan2.2-Animate's relighting LoRA (``relighting_lora.ckpt``; found next to the DiT when
             omitted); written as a Diffusers LoRA to ``relighting_lora/pytorch_lora_weights.safetensors``.
         transformer_only: write only a transformer model folder (no other component needed).
+        keep_quantized: a GGUF / fp8 single-file DiT stays quantized in the folder
+            (:func:`~diffusers_wan_ext.conversion.quantized_dit.save_quantized_transformer`).
         progress: the progress bar, and one line (stderr) with the detected release and the files used.
 
     Example:
@@ -514,6 +521,9 @@ def convert_release(
     with claim_destination(dst, overwrite=overwrite):  # before loading: a second writer of dst fails at once
         claimed = _claiming_family(src, transformer, variant)
         if claimed is not None:  # its own layout and pipeline; scheduler / CLIP / motion options do not apply
+            if keep_quantized:
+                raise ConversionError(f"--keep-quantized: the {claimed.title} converter writes dequantized weights; "
+                                      "convert without --keep-quantized")
             progress_message(f"detected a {claimed.title} release ({src}); its own converter runs", progress)
             options = ReleaseOptions(dtype=dtype, transformer=transformer, text_encoder=text_encoder,
                                      tokenizer=tokenizer, vae=vae, transformer_only=transformer_only,
@@ -525,13 +535,15 @@ def convert_release(
             transformer_2=transformer_2, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
             image_encoder=image_encoder, image_encoder_heads=image_encoder_heads, audio_encoder=audio_encoder,
             motion_controller=motion_controller, relighting_lora=relighting_lora, transformer_only=transformer_only,
-            progress=progress,
+            progress=progress, keep_quantized=keep_quantized,
         )
+        if keep_quantized:
+            check_kept_quantized(release.transformers)
         with atomic_output_dir(dst, overwrite=overwrite) as tmp:
             if transformer_only:
-                release.transformers[0].save_pretrained(tmp, max_shard_size=max_shard_size)
+                save_transformer(release.transformers[0], tmp, DTYPES[dtype], max_shard_size)
                 if len(release.transformers) == 2:
-                    release.transformers[1].save_pretrained(tmp / "transformer_2", max_shard_size=max_shard_size)
+                    save_transformer(release.transformers[1], tmp / "transformer_2", DTYPES[dtype], max_shard_size)
             else:
                 _write_pipeline_folder(tmp, release, src, DTYPES[dtype], max_shard_size)
     return Path(dst)

@@ -58,6 +58,9 @@ def add_convert(sub, family_inputs: list) -> None:
         p.add_argument(i["flag"], dest=i["argument"], metavar="FOLDER" if i["kind"] == "folder" else "FILE",
                        help=i["help"])
     p.add_argument("--transformer-only", action="store_true", help="write only the transformer model folder")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="a GGUF / fp8 single-file DiT stays quantized in DST (GGUF: from_single_file + "
+                        "GGUFQuantizationConfig; fp8: layerwise casting); see docs/single_file_checkpoints.md")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing DST (deleted only once the new folder is in place)")
     p.add_argument("--model-id", help="fetch the original release first (ModelScope if installed, else the Hub)")

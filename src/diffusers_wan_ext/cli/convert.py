@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
+from ..conversion.quantized_dit import QUANTIZED_FOLDER_NOTE, is_single_file
 from ..families import FAMILIES
 from ..release_converter import convert_release
 from ..utils.atomic import claim_destination
 from ..utils.io import ConversionError, check_weights_file, one_line
+from ..utils.single_file import holds_quantized_weights
 
 __all__ = ["cmd_convert", "fetch_release", "push_folder"]
 
@@ -50,6 +53,20 @@ FOLDER_OPTIONS = ("tokenizer", *(i.argument for i in FAMILY_OPTIONS if i.kind ==
 FILE_OPTIONS = ("text_encoder", "vae", "image_encoder", *(i.argument for i in FAMILY_OPTIONS if i.kind == "file"))
 
 
+def check_keep_quantized_arguments(args: argparse.Namespace) -> None:
+    """``--keep-quantized`` needs the DiT(s) as GGUF / fp8 single files (``--transformer`` or SRC itself)."""
+    if args.model_id:
+        raise ValueError("convert: --keep-quantized keeps a GGUF / fp8 single-file DiT quantized; a downloaded "
+                         "release (--model-id) holds none")
+    for name in ("transformer", "transformer_2"):
+        path = getattr(args, name, None)
+        flag = f"--{name.replace('_', '-')}"
+        if path is not None and os.path.exists(path) and not is_single_file(path):
+            raise ValueError(f"convert: --keep-quantized needs {flag} as a .gguf / .safetensors single file, got {path}")
+        if path is not None and is_single_file(path) and not holds_quantized_weights(path):
+            raise ValueError(f"convert: --keep-quantized: {flag} {path} holds no GGUF / fp8 weights to keep")
+
+
 def check_convert_arguments(args: argparse.Namespace) -> None:
     """The user's mistakes ``convert`` can see before reading a byte: each one raises naming its argument."""
     if args.src == "-" and not args.model_id:
@@ -59,6 +76,8 @@ def check_convert_arguments(args: argparse.Namespace) -> None:
                          f"(got {args.src!r})")
     if args.private and not args.push_to_hub:
         raise ValueError("convert: --private applies to --push-to-hub REPO, which is not given")
+    if getattr(args, "keep_quantized", False):
+        check_keep_quantized_arguments(args)
     if args.image_encoder_heads is not None and args.image_encoder_heads < 1:
         raise ValueError(f"convert: --image-encoder-heads must be a positive integer, got {args.image_encoder_heads}")
     for name in PATH_OPTIONS:
@@ -88,8 +107,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
             tokenizer=args.tokenizer, vae=args.vae, image_encoder=args.image_encoder,
             image_encoder_heads=args.image_encoder_heads,
             **{i.argument: getattr(args, i.argument) for i in FAMILY_OPTIONS}, transformer_only=args.transformer_only, overwrite=args.overwrite, progress=True,
+            keep_quantized=getattr(args, "keep_quantized", False),
         )
     print(f"converted -> {out}")
+    for note in sorted(Path(out).glob(f"**/{QUANTIZED_FOLDER_NOTE}")):
+        print(f"kept quantized: {note.parent} (load: {json.loads(note.read_text())['load']})")
     if args.push_to_hub:
         print(f"uploaded -> {push_folder(out, args.push_to_hub, private=args.private)}")
     return 0

@@ -18,6 +18,7 @@ logical shapes, keys are renamed by the same DiT key tables (every registered fa
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,8 +26,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..models.quantized_linear import Fp8Linear, Fp8Storage
+from ..models.quantized_linear import Fp8Linear, Fp8Storage, is_gguf_parameter
 from ..utils.io import ConversionError, strip_known_prefixes
+from ..utils.gguf_files import write_gguf_stored
 from ..utils.quantized_tensor import FP8_DTYPES, QuantizedTensor
 from ..utils.single_file import read_quantized
 from .dit import (
@@ -41,8 +43,9 @@ from .dit import (
     rename_dit_key,
 )
 
-__all__ = ["SINGLE_FILE_SUFFIXES", "is_single_file", "load_quantized_dit", "quantized_dit_from_tensors",
-           "read_quantized_dit"]
+__all__ = ["GGUF_FOLDER_WEIGHTS", "QUANTIZED_FOLDER_NOTE", "SINGLE_FILE_SUFFIXES", "is_single_file",
+           "check_kept_quantized", "kept_quantized_kind", "load_quantized_dit", "load_quantized_folder", "quantized_dit_from_tensors",
+           "read_quantized_dit", "save_quantized_transformer", "save_transformer"]
 
 #: files :func:`load_quantized_dit` keeps quantized (anything else loads dequantized as with load_dit_from_original)
 SINGLE_FILE_SUFFIXES = (".gguf", ".safetensors")
@@ -236,3 +239,169 @@ def load_quantized_dit(path: str | os.PathLike, original_config: Mapping[str, An
     tensors, cfg = read_quantized_dit(weights)
     info = dit_config_from_state_dict(shape_state_dict(tensors), original_config or cfg)
     return quantized_dit_from_tensors(tensors, info, torch_dtype, device)
+
+
+# ------------------------------------------------------------------------------------ Diffusers folders, kept quantized
+#: the note written beside a transformer saved quantized: how stock Diffusers loads it back (read by
+#: :func:`load_quantized_folder`)
+QUANTIZED_FOLDER_NOTE = "quantized_weights.json"
+#: the weights file of a GGUF transformer folder (Diffusers key names; loaded by ``from_single_file``)
+GGUF_FOLDER_WEIGHTS = "diffusion_pytorch_model.gguf"
+
+
+def kept_quantized_kind(model: nn.Module) -> str | None:
+    """``"gguf"`` (Diffusers ``GGUFParameter`` weights), ``"fp8"`` (:class:`Fp8Linear` layers) or ``None``."""
+    if any(is_gguf_parameter(p) for p in model.parameters()):
+        return "gguf"
+    return "fp8" if any(isinstance(m, Fp8Linear) for m in model.modules()) else None
+
+
+def _gguf_loadable(model: nn.Module) -> bool:
+    """Whether Diffusers' ``from_single_file`` takes this class (a subclass of one of its single-file classes)."""
+    import diffusers
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    return any(isinstance(model, cls) for cls in (getattr(diffusers, n, None) for n in SINGLE_FILE_LOADABLE_CLASSES)
+               if isinstance(cls, type))
+
+
+def _gguf_folder_tensors(model: nn.Module, torch_dtype: torch.dtype) -> dict[str, torch.Tensor | tuple]:
+    """Packed blocks as they are; the rest float32 (float16 for an fp16 model; float32 where Diffusers keeps it)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None)
+    plain = torch.float16 if torch_dtype == torch.float16 else torch.float32
+    out: dict[str, torch.Tensor | tuple] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if is_gguf_parameter(t):
+            out[key] = (t.data.view(torch.uint8), t.quant_type.name)
+        elif not t.is_floating_point():
+            raise ConversionError(f"{type(model).__name__}: {key} is {t.dtype}; a GGUF folder holds float tensors")
+        else:
+            out[key] = t.detach().to(torch.float32 if _keeps_fp32(key, keep) else plain)
+    return out
+
+
+def unscaled_fp8_weight(layer: Fp8Linear) -> torch.Tensor:
+    """The weight in the layer's fp8 type without a scale (what layerwise casting stores): the stored values when
+    the scale is 1, else ``weight * scale`` rounded once more to fp8 (clamped to its range)."""
+    if bool((layer.weight_scale == 1).all()):
+        return layer.weight.detach()
+    fmax = torch.finfo(layer.weight.dtype).max
+    return layer.dequantized_weight(torch.float32).clamp(-fmax, fmax).to(layer.weight.dtype)
+
+
+def _fp8_folder_tensors(model: nn.Module, torch_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fp8Linear weights unscaled in fp8 (their scales dropped), the rest in ``torch_dtype``; and a summary."""
+    keep = getattr(model, "_keep_in_fp32_modules", None)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    fp8_types = sorted({str(m.weight.dtype).replace("torch.", "") for m in layers.values()})
+    if len(fp8_types) > 1:
+        raise ConversionError(f"{type(model).__name__}: fp8 weights of two types ({', '.join(fp8_types)}); "
+                              "layerwise casting stores one: convert without --keep-quantized")
+    out, rescaled = {}, 0
+    for key, t in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if module in layers and leaf in ("weight_scale", "input_scale"):
+            continue
+        if module in layers and leaf == "weight":
+            out[key] = unscaled_fp8_weight(layers[module])
+            rescaled += int(not bool((layers[module].weight_scale == 1).all()))
+        elif t.is_floating_point():
+            out[key] = t.to(torch.float32 if _keeps_fp32(key, keep) and torch_dtype != torch.float32 else torch_dtype)
+        else:
+            out[key] = t
+    return out, {"storage_dtype": fp8_types[0], "fp8_layers": len(layers), "rounded_again": rescaled}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def save_quantized_transformer(model: nn.Module, folder: str | os.PathLike, torch_dtype: torch.dtype,
+                               max_shard_size: str = "5GB") -> dict[str, Any]:
+    """Save a transformer loaded quantized (:func:`load_quantized_dit`) as a Diffusers model folder that stock
+    Diffusers loads back quantized; returns the note written to :data:`QUANTIZED_FOLDER_NOTE`.
+
+    * GGUF: ``config.json`` + :data:`GGUF_FOLDER_WEIGHTS`, the packed blocks copied byte for byte under the Diffusers
+      key names (the rest F32, F16 for fp16), loaded by ``cls.from_single_file(folder / GGUF_FOLDER_WEIGHTS,
+      config=folder, quantization_config=GGUFQuantizationConfig(compute_dtype=...))`` -- Diffusers 0.42's
+      ``from_pretrained`` has no GGUF route.  Only classes Diffusers' ``from_single_file`` takes (the Wan /
+      VACE / Animate transformers and their subclasses) are accepted.
+    * fp8: ``config.json`` + ``diffusion_pytorch_model*.safetensors`` holding each fp8 Linear weight in fp8 without
+      a scale (a scaled weight is rounded to fp8 once more: ``fp8(q * scale)``) and the rest in ``torch_dtype``,
+      loaded by ``cls.from_pretrained(folder, torch_dtype=...)`` + ``enable_layerwise_casting(storage_dtype=fp8,
+      compute_dtype=...)``, which stores those weights back in fp8 with the same values.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    check_kept_quantized([model])
+    kind = kept_quantized_kind(model)
+    cls = type(model).__name__
+    if kind == "gguf" and not _gguf_loadable(model):
+        raise ConversionError(f"--keep-quantized: Diffusers cannot load a {cls} from GGUF (its from_single_file "
+                              "takes the Wan / VACE / Animate transformers); convert without --keep-quantized, or "
+                              "load the file with load_quantized_dit")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    note: dict[str, Any] = {"storage": kind, "class": cls, "compute_dtype": _dtype_name(torch_dtype)}
+    if kind == "gguf":
+        stored = write_gguf_stored(folder / GGUF_FOLDER_WEIGHTS, _gguf_folder_tensors(model, torch_dtype))
+        note.update(weights=GGUF_FOLDER_WEIGHTS, types={t: list(stored.values()).count(t) for t in set(stored.values())},
+                    load=f"{cls}.from_single_file('<folder>/{GGUF_FOLDER_WEIGHTS}', config='<folder>', "
+                         f"quantization_config=GGUFQuantizationConfig(compute_dtype=torch.{note['compute_dtype']}), "
+                         f"torch_dtype=torch.{note['compute_dtype']})")
+    else:
+        tensors, summary = _fp8_folder_tensors(model, torch_dtype)
+        save_torch_state_dict(tensors, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                              max_shard_size=max_shard_size)
+        note.update(summary, load=f"{cls}.from_pretrained('<folder>', torch_dtype=torch.{note['compute_dtype']})"
+                                  f".enable_layerwise_casting(storage_dtype=torch.{summary['storage_dtype']}, "
+                                  f"compute_dtype=torch.{note['compute_dtype']})")
+    model.save_config(folder)
+    (folder / QUANTIZED_FOLDER_NOTE).write_text(json.dumps(note, indent=2) + "\n")
+    return note
+
+
+def check_kept_quantized(models: list[nn.Module]) -> None:
+    """``--keep-quantized`` with a DiT that holds nothing quantized is an error, never a silently dequantized
+    folder."""
+    for model in models:
+        if kept_quantized_kind(model) is None:
+            raise ConversionError(f"--keep-quantized: the {type(model).__name__} holds no GGUF / fp8 weights to keep "
+                                  "(give a GGUF or fp8 single-file DiT), or convert without --keep-quantized")
+
+
+def save_transformer(model: nn.Module, folder: str | os.PathLike, torch_dtype: torch.dtype,
+                     max_shard_size: str = "5GB") -> None:
+    """:func:`save_quantized_transformer` for a model holding GGUF / fp8 weights, else ``save_pretrained``."""
+    if kept_quantized_kind(model) is not None:
+        save_quantized_transformer(model, folder, torch_dtype, max_shard_size)
+    else:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+
+
+def load_quantized_folder(folder: str | os.PathLike, model_class: type | None = None,
+                          torch_dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a transformer folder :func:`save_quantized_transformer` wrote, with stock Diffusers calls only (what its
+    :data:`QUANTIZED_FOLDER_NOTE` says): GGUF through ``from_single_file`` + ``GGUFQuantizationConfig``, fp8 through
+    ``from_pretrained`` + ``enable_layerwise_casting``.  ``model_class``: default the Diffusers class named in
+    ``config.json``; ``torch_dtype``: default the compute dtype of the conversion."""
+    import diffusers
+
+    folder = Path(folder)
+    try:
+        note = json.loads((folder / QUANTIZED_FOLDER_NOTE).read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{folder}: no {QUANTIZED_FOLDER_NOTE}; not a folder written with --keep-quantized "
+                              "(load it with from_pretrained)") from None
+    config = json.loads((folder / "config.json").read_text())
+    cls = model_class or getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is None:
+        raise ValueError(f"{folder}: {config.get('_class_name')} is not a Diffusers class; pass model_class=")
+    dtype = torch_dtype or getattr(torch, note["compute_dtype"])
+    if note["storage"] == "gguf":
+        model = cls.from_single_file(str(folder / GGUF_FOLDER_WEIGHTS), config=str(folder), torch_dtype=dtype,
+                                     quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=dtype))
+    else:
+        model = cls.from_pretrained(str(folder), torch_dtype=dtype)
+        model.enable_layerwise_casting(storage_dtype=getattr(torch, note["storage_dtype"]), compute_dtype=dtype)
+    return model.eval()

@@ -21,7 +21,7 @@ import torch
 
 from .quantized_tensor import PLAIN_DTYPES, QuantizedFileError, QuantizedTensor
 
-__all__ = ["GGUF_EXPORT_TYPES", "ORIG_SHAPE_KEY", "can_dequantize", "read_gguf", "write_gguf"]
+__all__ = ["GGUF_EXPORT_TYPES", "ORIG_SHAPE_KEY", "can_dequantize", "read_gguf", "write_gguf", "write_gguf_stored"]
 
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 #: the GGUF types ``export-dit`` writes (``--format gguf-<name>``) and the file type recorded for each
@@ -181,6 +181,45 @@ def write_gguf(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], 
         data = gguf.quants.quantize(values, gguf.GGMLQuantizationType[kind])
         writer.add_tensor(key, data, raw_dtype=gguf.GGMLQuantizationType[kind])
         stored[key] = kind
+    writer.write_header_to_file(path=str(path))
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored
+
+
+def write_gguf_stored(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor | tuple[torch.Tensor, str]],
+                      arch: str = "wan", strings: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Write tensors as they are, nothing re-quantized; returns ``{key: stored type}``.
+
+    A value is either packed GGUF blocks with their type name, ``(uint8 tensor [rows, bytes], "Q4_K")`` (written
+    byte for byte: a copy of what a file held), or a plain float32 / float16 tensor (written F32 / F16 at its own
+    shape, 5-D included).  ``strings``: extra ``key: value`` metadata.  What Diffusers'
+    ``load_gguf_checkpoint`` reads back: the blocks as ``GGUFParameter`` of that type, the rest as tensors.
+    """
+    gguf = _import_gguf()
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in (strings or {}).items():
+        writer.add_string(key, value)
+    stored = {}
+    for key, value in tensors.items():
+        if isinstance(value, tuple):
+            blocks, qtype = value
+            try:
+                kind = gguf.GGMLQuantizationType[qtype]
+            except KeyError:
+                raise QuantizedFileError(f"{key}: unknown GGUF quant type {qtype!r}") from None
+            if blocks.dtype != torch.uint8 or blocks.ndim != 2:
+                raise QuantizedFileError(f"{key}: packed {qtype} blocks must be a 2-D uint8 tensor, got "
+                                         f"{blocks.dtype} {tuple(blocks.shape)}")
+            writer.add_tensor(key, blocks.detach().cpu().contiguous().numpy(), raw_dtype=kind)
+            stored[key] = qtype
+            continue
+        if value.dtype not in (torch.float32, torch.float16):
+            raise QuantizedFileError(f"{key}: a plain GGUF tensor must be float32 or float16, got {value.dtype}")
+        writer.add_tensor(key, value.detach().cpu().contiguous().numpy())
+        stored[key] = "F32" if value.dtype == torch.float32 else "F16"
     writer.write_header_to_file(path=str(path))
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -30,6 +30,7 @@ __all__ = [
     "SingleFileInfo",
     "check_export_path",
     "dequantize_state_dict",
+    "holds_quantized_weights",
     "load_single_file",
     "read_quantized",
     "write_single_file",
@@ -125,6 +126,23 @@ def read_quantized(path: str | os.PathLike) -> tuple[dict[str, QuantizedTensor],
     info.component = _component(set(tensors), info.prefix)
     info.qtypes = dict(Counter(q.qtype for q in tensors.values()))
     return tensors, info
+
+
+def holds_quantized_weights(path: str | os.PathLike) -> bool:
+    """Whether a ``.gguf`` / ``.safetensors`` file stores any quantized tensor (a GGUF type other than F32 / F16 /
+    BF16, or an fp8 safetensors tensor), from the headers alone (nothing is read into memory)."""
+    path = Path(path)
+    if path.name.endswith(".gguf"):
+        tensors, _ = read_gguf(path)  # memory-mapped
+        return any(q.is_quantized for q in tensors.values())
+    if not path.name.endswith(".safetensors"):
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(f.get_slice(k).get_dtype().startswith("F8") for k in f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for corrupt files
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise QuantizedFileError(f"{path}: not a readable safetensors file ({first}); re-download it") from None
 
 
 def dequantize_state_dict(tensors: Mapping[str, QuantizedTensor], dtype: torch.dtype | None = None,

@@ -1,0 +1,252 @@
+"""``diffusers-wan convert --keep-quantized`` (issue 21, "convert ... kept quantized where Diffusers can load it
+back"): a GGUF / fp8 single-file DiT becomes a Diffusers folder that a fresh interpreter loads with stock Diffusers
+calls only, still quantized.  CPU, tiny models, real files.
+
+Routes (Diffusers 0.42.1; its ``from_pretrained`` has no GGUF route -- ``GGUFQuantizationConfig`` cannot even be
+built from a saved config -- so the GGUF folder is read by ``from_single_file``):
+
+* GGUF: ``transformer/diffusion_pytorch_model.gguf`` (Diffusers key names, the packed blocks copied byte for byte)
+  + ``config.json``, loaded by ``Cls.from_single_file(gguf, config=folder, quantization_config=
+  GGUFQuantizationConfig(...))``; then ``DiffusionPipeline.from_pretrained(folder, transformer=...)``.
+  Expected error: the same blocks as the file, so the output equals ``load_quantized_dit``'s (Diffusers' own GGUF
+  kernels on both sides: rtol 1e-5) and is within 2e-3 (relative RMS) of the file dequantized in float32.
+* fp8: safetensors with each fp8 Linear weight stored in fp8 without a scale, loaded by ``from_pretrained`` +
+  ``enable_layerwise_casting(storage_dtype=fp8)``.  A plain fp8 file's weights come back bit for bit; a scaled
+  file's weights are rounded to fp8 once more (``fp8(q * scale)``).  Layerwise casting also stores the biases and
+  the other Linears / convolutions of the blocks and the head in fp8 (stock behaviour), so the output is within
+  0.1 (relative RMS, e4m3) of the file dequantized, against 4e-2 for the scaled file run by ``load_quantized_dit``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from safetensors.torch import load_file, save_file
+
+gguf = pytest.importorskip("gguf")
+
+from diffusers_wan_ext_cli import main as cli_main  # noqa: E402
+from diffusers_wan_ext.conversion.dit import export_dit_state_dict, load_dit_from_original, rename_dit_key  # noqa: E402
+from diffusers_wan_ext.conversion.quantized_dit import (  # noqa: E402
+    GGUF_FOLDER_WEIGHTS, QUANTIZED_FOLDER_NOTE, load_quantized_dit, load_quantized_folder)
+from diffusers_wan_ext.utils.fp8_files import fp8_state_dict  # noqa: E402
+from diffusers_wan_ext.utils.gguf_files import write_gguf  # noqa: E402
+from diffusers_wan_ext.utils.io import load_state_dict  # noqa: E402
+from diffusers_wan_ext.utils.single_file import read_quantized  # noqa: E402
+
+#: what a fresh interpreter runs: stock Diffusers calls only (no diffusers_wan_ext import), the transformer's
+#: output on fixed inputs and what its weights are saved for the test to check
+FRESH = r"""
+import json, sys, torch, diffusers
+from diffusers import DiffusionPipeline, GGUFQuantizationConfig
+folder, kind, out = sys.argv[1], sys.argv[2], sys.argv[3]
+cfg = json.load(open(f"{folder}/transformer/config.json"))
+cls = getattr(diffusers, cfg["_class_name"])
+if kind == "gguf":
+    tr = cls.from_single_file(f"{folder}/transformer/diffusion_pytorch_model.gguf", config=f"{folder}/transformer",
+                              quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+                              torch_dtype=torch.float32)
+else:
+    tr = cls.from_pretrained(f"{folder}/transformer", torch_dtype=torch.float32)
+    tr.enable_layerwise_casting(storage_dtype=getattr(torch, kind), compute_dtype=torch.float32)
+layers = {n: m.weight for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear)}
+g = torch.Generator().manual_seed(0)
+x = torch.randn(1, cfg["in_channels"], 2, 8, 8, generator=g)
+ctx = torch.randn(1, 7, cfg["text_dim"], generator=g)
+kw = {"control_hidden_states": torch.randn(1, cfg["vace_in_channels"], 2, 8, 8, generator=g)} if "vace_layers" in cfg else {}
+with torch.no_grad():
+    y = tr(x, torch.tensor([500.0]), ctx, return_dict=False, **kw)[0]
+info = {n: [type(w).__name__, str(w.dtype), getattr(getattr(w, "quant_type", None), "name", None)]
+        for n, w in layers.items()}
+saved = {"y": y, "x": x, "ctx": ctx, "kw": kw}
+saved.update({f"w:{n}": w.detach().as_subclass(torch.Tensor).view(torch.uint8).clone() for n, w in layers.items()
+              if w.dtype != torch.float32})
+if len(sys.argv) > 4:  # the whole pipeline, from_pretrained with the quantized transformer passed in
+    pipe = DiffusionPipeline.from_pretrained(folder, transformer=tr)
+    pipe.set_progress_bar_config(disable=True)
+    saved["frames"] = pipe("a cat", num_inference_steps=2, height=16, width=16, num_frames=5, output_type="pt",
+                           generator=torch.Generator().manual_seed(0)).frames
+    info["_pipeline"] = [type(pipe).__name__, type(pipe.transformer.blocks[0].ffn.net[2].weight).__name__]
+torch.save(saved, out)
+json.dump(info, open(out + ".json", "w"))
+"""
+
+
+def fresh_load(folder, kind: str, tmp_path, pipeline: bool = False) -> tuple[dict, dict]:
+    out = str(tmp_path / f"fresh-{kind}.pt")
+    args = [sys.executable, "-c", FRESH, str(folder), kind, out] + (["pipeline"] if pipeline else [])
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out), json.loads(open(out + ".json").read())
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-12))
+
+
+def dequantized_reference(path, cfg=None):
+    tensors, _ = read_quantized(path)
+    return load_dit_from_original({k: q.dequantize(torch.float32) for k, q in tensors.items()}, cfg, torch.float32)
+
+
+def forward(model, x, ctx, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x, torch.tensor([500.0]), ctx, return_dict=False, **kw)[0]
+
+
+def k_quant_blocks(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    raw = np.random.default_rng(seed).integers(0, 256, size=(rows, cols // block * size), dtype=np.uint8)
+    raw[:, 1::2] = (raw[:, 1::2] & 0x83) | 0x0C  # finite fp16 scales, |value| < 2^-11
+    return raw
+
+
+@pytest.fixture(scope="module")
+def wide_gguf(tmp_path_factory):
+    """A core DiT of width 256 as a GGUF of Q8_0 / Q4_K / Q6_K / Q5_K blocks (K-quants need rows of 256) + F32."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16,
+                                  out_channels=16, text_dim=256, freq_dim=256, ffn_dim=512, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+    sd = export_dit_state_dict(model.state_dict())
+    path = tmp_path_factory.mktemp("wide") / "wan-wide-mixed.gguf"
+    w = gguf.GGUFWriter(str(path), "wan")
+    blocks = {}
+    for i, (key, value) in enumerate(sorted(sd.items())):
+        v = value.float()
+        if v.ndim == 2 and v.shape[1] % 256 == 0 and "modulation" not in key:
+            qtype = ("Q8_0", "Q4_K", "Q6_K", "Q5_K")[i % 4]
+            data = (gguf.quants.quantize(v.numpy(), gguf.GGMLQuantizationType.Q8_0) if qtype == "Q8_0"
+                    else k_quant_blocks(qtype, v.shape[0], v.shape[1], i))
+            w.add_tensor(key, data, raw_dtype=gguf.GGMLQuantizationType[qtype])
+            blocks[key] = (data, qtype)
+        else:
+            w.add_tensor(key, v.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, blocks
+
+
+def test_gguf_folder_loads_back_packed_in_a_fresh_interpreter(wide_gguf, tmp_path):
+    path, blocks = wide_gguf
+    out = tmp_path / "wide-diffusers"
+    assert cli_main(["convert", str(path), str(out), "--transformer-only", "--keep-quantized", "--dtype", "fp32"]) == 0
+    note = json.loads((out / QUANTIZED_FOLDER_NOTE).read_text())
+    assert note["storage"] == "gguf" and note["weights"] == GGUF_FOLDER_WEIGHTS
+    assert not (out / "diffusion_pytorch_model.safetensors").exists()  # nothing dequantized written
+    # --transformer-only writes the model folder itself; the fresh loader reads <folder>/transformer
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "transformer").symlink_to(out)
+    saved, info = fresh_load(tmp_path / "repo", "gguf", tmp_path)
+    packed = {k: v for k, v in info.items() if v[0] == "GGUFParameter"}
+    assert {v[2] for v in packed.values()} == {"Q8_0", "Q4_K", "Q6_K", "Q5_K"}
+    for key, (data, qtype) in blocks.items():  # the file's blocks, byte for byte, under the Diffusers names
+        name = rename_dit_key(key).rpartition(".")[0]
+        if "time_embedder" in name:  # Diffusers' _keep_in_fp32_modules: dequantized at load, as stock does
+            assert info[name][1] == "torch.float32"
+            continue
+        assert info[name][2] == qtype and torch.equal(saved[f"w:{name}"].flatten(), torch.from_numpy(data).flatten())
+    ours = load_quantized_dit(path, torch_dtype=torch.float32)
+    assert torch.allclose(saved["y"], forward(ours, saved["x"], saved["ctx"]), rtol=1e-5, atol=1e-6)
+    assert rel_rms(saved["y"], forward(dequantized_reference(path), saved["x"], saved["ctx"])) < 2e-3
+    again = load_quantized_folder(out)  # the same stock calls, as a helper
+    assert torch.equal(forward(again, saved["x"], saved["ctx"]), saved["y"])
+
+
+def test_gguf_pipeline_folder_loads_with_diffusion_pipeline(tiny_release, tmp_path):
+    release = tiny_release("t2v")
+    sd = load_state_dict(release / "diffusion_pytorch_model.safetensors")
+    path = tmp_path / "dit-Q8_0.gguf"
+    write_gguf(path, sd, "Q8_0")  # width 48: rows of 96 (ffn.2) fit Q8_0 blocks, rows of 48 go F16
+    for keep, name in ((True, "kept"), (False, "dequantized")):
+        flags = ["--keep-quantized"] if keep else []
+        assert cli_main(["convert", str(release), str(tmp_path / name), "--dtype", "fp32", "--transformer", str(path),
+                         *flags]) == 0
+    assert (tmp_path / "kept" / "transformer" / GGUF_FOLDER_WEIGHTS).exists()
+    assert (tmp_path / "kept" / "vae" / "config.json").exists()  # every other component as usual
+    # listed as absent: Diffusers would try from_pretrained on it even with transformer= passed (an optional component)
+    assert json.loads((tmp_path / "kept" / "model_index.json").read_text())["transformer"] == [None, None]
+    saved, info = fresh_load(tmp_path / "kept", "gguf", tmp_path, pipeline=True)
+    assert info["blocks.0.ffn.net.2"][:3] == ["GGUFParameter", "torch.uint8", "Q8_0"]
+    assert info["_pipeline"] == ["WanPipeline", "GGUFParameter"]
+    from diffusers import DiffusionPipeline
+
+    dense = DiffusionPipeline.from_pretrained(tmp_path / "dequantized")
+    dense.set_progress_bar_config(disable=True)
+    frames = dense("a cat", num_inference_steps=2, height=16, width=16, num_frames=5, output_type="pt",
+                   generator=torch.Generator().manual_seed(0)).frames
+    assert torch.allclose(saved["frames"], frames, atol=1e-4)  # Q8_0 blocks: Diffusers' dequantization is exact
+
+
+@pytest.mark.parametrize("name,kw", [("e4m3-plain", dict(scaled=False)),
+                                     ("e4m3-scale_weight", dict(convention="scale_weight")),
+                                     ("e5m2-plain", dict(scaled=False, fp8_dtype=torch.float8_e5m2))])
+def test_fp8_folder_loads_back_in_fp8_with_layerwise_casting(tiny_release, tmp_path, name, kw):
+    sd = load_state_dict(tiny_release("vace") / "diffusion_pytorch_model.safetensors")
+    out, meta = fp8_state_dict({"model.diffusion_model." + k: v for k, v in sd.items()},
+                               prefix="model.diffusion_model.", **kw)
+    path = tmp_path / f"vace-{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path), metadata=meta or None)
+    folder = tmp_path / "repo" / "transformer"
+    assert cli_main(["convert", str(path), str(folder), "--transformer-only", "--keep-quantized", "--dtype", "fp32"]) == 0
+    fp8 = kw.get("fp8_dtype", torch.float8_e4m3fn)
+    note = json.loads((folder / QUANTIZED_FOLDER_NOTE).read_text())
+    assert note["storage"] == "fp8" and note["storage_dtype"] == str(fp8).replace("torch.", "")
+    assert note["rounded_again"] == (note["fp8_layers"] if "scale" in name else 0)
+    stored = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert not any(k.endswith(("weight_scale", "scale_weight")) for k in stored)
+    saved, info = fresh_load(tmp_path / "repo", note["storage_dtype"], tmp_path)
+    ours = load_quantized_dit(path, torch_dtype=torch.float32)
+    for module, layer in ours.named_modules():  # every fp8 Linear comes back in fp8 with the folder's values
+        if not hasattr(layer, "weight_scale"):
+            continue
+        assert info[module][1] == str(fp8), module
+        got = saved[f"w:{module}"].view(fp8).reshape(layer.weight.shape)
+        assert torch.equal(got.view(torch.uint8), stored[f"{module}.weight"].view(torch.uint8)), module
+        if "plain" in name:  # the file's own fp8 values, bit for bit
+            assert torch.equal(got.view(torch.uint8), layer.weight.view(torch.uint8)), module
+        else:
+            want = layer.dequantized_weight(torch.float32)
+            assert rel_rms(got.float(), want) < (4e-2 if fp8 == torch.float8_e4m3fn else 8e-2), module
+    assert info["vace_blocks.0.ffn.net.2"][1] == str(fp8)
+    reference = forward(dequantized_reference(path), saved["x"], saved["ctx"], **saved["kw"])
+    bound = 0.1 if fp8 == torch.float8_e4m3fn else 0.2
+    assert rel_rms(saved["y"], reference) < bound, (name, rel_rms(saved["y"], reference))
+
+
+def test_keep_quantized_errors(tiny_release, tmp_path, capsys):
+    release = tiny_release("t2v")
+
+    def one_line(*argv, words=()):
+        assert cli_main(["convert", *argv]) == 2
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and "--keep-quantized" in err[0], err
+        for w in words:
+            assert w in err[0], err
+        return err[0]
+
+    # a release in bf16: nothing to keep quantized -> refused, nothing written
+    one_line(str(release), str(tmp_path / "a"), "--keep-quantized", "--transformer-only", words=("no GGUF / fp8",))
+    assert not (tmp_path / "a").exists()
+    one_line(str(release), str(tmp_path / "a"), "--keep-quantized", "--transformer",
+             str(release / "diffusion_pytorch_model.safetensors"), words=("holds no GGUF / fp8",))  # headers only
+    one_line("-", str(tmp_path / "b"), "--model-id", "Wan-AI/x", "--keep-quantized", words=("--model-id",))
+    one_line(str(release), str(tmp_path / "c"), "--keep-quantized", "--transformer", str(release),
+             words=("--transformer", "single file"))
+    # a class Diffusers' from_single_file does not take: a GGUF folder could not be loaded back
+    s2v = tiny_release("s2v")
+    (tmp_path / "s2v").mkdir()  # the GGUF with the tiny release's config.json beside it (2 blocks, not 40)
+    (tmp_path / "s2v" / "config.json").write_text((s2v / "config.json").read_text())
+    write_gguf(tmp_path / "s2v" / "s2v-Q8_0.gguf", load_state_dict(s2v / "diffusion_pytorch_model.safetensors"), "Q8_0")
+    one_line(str(tmp_path / "s2v"), str(tmp_path / "d"), "--keep-quantized", "--transformer-only",
+             words=("WanS2VTransformer3DModel", "from_single_file"))
+    assert not (tmp_path / "d").exists()
