@@ -335,6 +335,9 @@ def test_a_quantized_base_refuses_fp8_storage_and_a_preset(t2v, cache, quantized
     with pytest.raises(ValueError, match="quantized already; leave --fp8_models"):
         WanTrainer(parse_args(cached_args(t2v, cache, tmp_path / "o", "--transformer_path", path, "--fp8_models",
                                           "dit")))
+    with pytest.raises(ValueError, match="a preset LoRA cannot be fused into quantized weights"):
+        WanTrainer(parse_args(cached_args(t2v, cache, tmp_path / "o", "--transformer_path", path,
+                                          "--preset_lora_path", path)))
 
 
 @pytest.mark.parametrize("method", ["bitsandbytes_nf4", "bitsandbytes_int8", "torchao_int8_w8a16"])
@@ -410,3 +413,24 @@ def test_model_id_with_origin_paths_resolves_local_folders_and_the_hub_cache(tin
     with pytest.raises(SystemExit):
         parse_args(id_args(cache, tmp_path / "o", WAN_IDS, "--model_path", str(release)))
     assert "not both" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ preset LoRA
+
+
+def test_preset_lora_runs_resume_exactly(t2v, cache, plain, tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    preset = tmp_path / "preset.safetensors"
+    save_file({f"transformer.blocks.{i}.attn1.to_q.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.3
+               for i in range(2) for ab, shape in (("A", (2, 48)), ("B", (48, 2)))}, str(preset))
+    out = tmp_path / "preset-run"
+    run_training(parse_args(cached_args(t2v, cache, out, "--preset_lora_path", preset, "--max_train_steps", "3",
+                                        "--save_steps", "1")))
+    assert losses(out) != losses(plain)  # the preset changed the base
+    resumed = tmp_path / "preset-resumed"
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    run_training(parse_args(cached_args(t2v, cache, resumed, "--preset_lora_path", preset, "--max_train_steps", "3",
+                                        "--save_steps", "1", "--resume_from_checkpoint", "latest")))
+    assert losses(resumed) == losses(out)[1:]
