@@ -53,8 +53,8 @@ def _tempo(librosa, samples: np.ndarray) -> float:
 
 def music_features(music: Any, name: str = "music") -> torch.Tensor:
     """The reference's 35 music features per 1/30 s of ``music`` (a file path) -> float32 ``[frames, 35]``."""
+    data = load_audio(music, target_rate=FEATURE_FPS * HOP_LENGTH, name=name)  # file errors first
     librosa = _librosa()
-    data = load_audio(music, target_rate=FEATURE_FPS * HOP_LENGTH, name=name)
     sr = LIBROSA_RATE
     envelope = librosa.onset.onset_strength(y=data, sr=sr)
     mfcc = librosa.feature.mfcc(y=data, sr=sr, n_mfcc=20).T
