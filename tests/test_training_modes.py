@@ -434,3 +434,12 @@ def test_preset_lora_runs_resume_exactly(t2v, cache, plain, tmp_path):
     run_training(parse_args(cached_args(t2v, cache, resumed, "--preset_lora_path", preset, "--max_train_steps", "3",
                                         "--save_steps", "1", "--resume_from_checkpoint", "latest")))
     assert losses(resumed) == losses(out)[1:]
+
+
+def test_layer_offload_keeps_the_encoders_in_cpu_memory_too(t2v, data, plain, tmp_path):
+    out = tmp_path / "online"
+    trainer = WanTrainer(parse_args(run_args(t2v, data, out, "--max_train_steps", "1", "--enable_model_cpu_offload")))
+    assert len(trainer.encoder_offload) == 2  # VAE and umT5 (a T2V model has no CLIP)
+    trainer.train()
+    assert all(m.onloads > 0 for m in trainer.encoder_offload)
+    assert losses(out) == losses(plain)[:1]  # online with offloaded encoders = from the cache, bit for bit

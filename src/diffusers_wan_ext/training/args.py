@@ -129,7 +129,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--transformer_path", default=None,
                    help="replace the trained transformer: a Diffusers transformer folder or original DiT file/folder")
     g.add_argument("--extra_inputs", default=None,
-                   help=f"comma-separated conditioning inputs: {', '.join(EXTRA_INPUTS)}")
+                   help=f"comma-separated conditioning inputs: {', '.join(EXTRA_INPUTS)}; with --task direct_distill "
+                        f"also the metadata columns {', '.join(DISTILL_COLUMNS)}")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16", help="dtype of the frozen weights and compute")
     g.add_argument("--vae_dtype", choices=DTYPE_NAMES, default=None, help="VAE dtype (default --dtype)")
     g.add_argument("--trainable_dtype", choices=DTYPE_NAMES, default="fp32",

@@ -29,7 +29,8 @@ import torch
 from diffusers.utils import is_bitsandbytes_available, is_torchao_available
 from torch import nn
 
-__all__ = ["QUANT_METHODS", "QuantOption", "is_quantized_single_file", "parse_quant_options", "quantize_frozen_linears"]
+__all__ = ["QUANT_METHODS", "QuantOption", "is_quantized_single_file", "parse_quant_options", "quant_package_missing",
+           "quantize_frozen_linears"]
 
 #: method -> the package it needs
 QUANT_METHODS = {

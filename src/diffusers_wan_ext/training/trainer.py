@@ -222,11 +222,15 @@ def _loader(dataset, sampler, num_workers: int):
                                        collate_fn=collate_single, persistent_workers=False)
 
 
-def _move_encoders(components: WanTrainingComponents, device: torch.device, fp8: list[str]):
+def _move_encoders(components: WanTrainingComponents, device: torch.device, fp8: list[str],
+                   offload: bool = False) -> list[LayerOffloadManager]:
     """Frozen encoders to ``device``; those in ``fp8`` with their weights stored in float8 (Diffusers' layerwise
-    casting, with the skip patterns the VRAM manager uses: norms, embeddings, ``_keep_in_fp32_modules``)."""
+    casting, with the skip patterns the VRAM manager uses: norms, embeddings, ``_keep_in_fp32_modules``).
+    ``offload`` (``--enable_model_cpu_offload``): their weights stay in CPU memory and come to ``device`` layer by
+    layer; returns those hooks."""
     from diffusers.hooks import apply_layerwise_casting
 
+    managers = []
     for name in ("vae", "text_encoder", "image_encoder"):
         module = getattr(components, name)
         if module is None:
@@ -235,7 +239,11 @@ def _move_encoders(components: WanTrainingComponents, device: torch.device, fp8:
         if name in fp8:
             apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=module.dtype,
                                     skip_modules_pattern=fp8_skip_patterns(module))
-        module.to(device)
+        if offload:
+            managers.append(LayerOffloadManager(module, device))
+        else:
+            module.to(device)
+    return managers
 
 
 def _timestep_schedule(args, components: WanTrainingComponents, accelerator) -> FlowMatchTrainingSchedule:
@@ -293,8 +301,10 @@ class WanTrainer:
         )
         self.dataset = _dataset(args, self.components, args.dataset_repeat)
         self.builder = None
+        self.encoder_offload: list[LayerOffloadManager] = []
         if not args.task.endswith(":train"):
-            _move_encoders(self.components, acc.device, args.fp8_models)
+            self.encoder_offload = _move_encoders(self.components, acc.device, args.fp8_models,
+                                                  offload=args.enable_model_cpu_offload)
             self.builder = WanInputBuilder(self.components, args.extra_inputs, acc.device, args.max_sequence_length)
         self.schedule = _timestep_schedule(args, self.components, acc)
         self.module, self.params = self._trainable_module()
@@ -421,6 +431,7 @@ class WanTrainer:
         model = getattr(self._unwrapped(), name)
         prefix = name + "."
         sd = {k[len(prefix):]: v.detach().to("cpu") for k, v in state.items() if k.startswith(prefix)}
+        sd = {**{k: v.detach().to("cpu") for k, v in model.state_dict().items()}, **sd}  # a scope: the frozen rest
         sd = cast_state_dict(sd, dtype, getattr(model, "_keep_in_fp32_modules", None))  # as the converter stores it
         with init_empty_weights():
             fresh = type(model).from_config(model.config)
@@ -696,7 +707,9 @@ def run_data_process(args) -> Path:
         progress=acc.is_main_process,
     )
     dataset = _dataset(args, components, repeat=1)
-    _move_encoders(components, acc.device, args.fp8_models)
+    offload = _move_encoders(components, acc.device, args.fp8_models, offload=args.enable_model_cpu_offload)
+    if offload:
+        acc.print(f"layer offload: {sum(len(m.units) for m in offload)} encoder layers stay in CPU memory")
     builder = WanInputBuilder(components, args.extra_inputs, acc.device, args.max_sequence_length)
     sampler = ResumableSampler(len(dataset), shuffle=False, num_replicas=acc.num_processes, rank=acc.process_index)
     out = Path(args.output_path) / str(acc.process_index)
