@@ -7,6 +7,10 @@
 * :mod:`.flow_match` -- DiffSynth-Studio's timestep sampling and loss weighting;
 * :mod:`.modules` -- LoRA / full fine-tuning, fp8 storage, gradient checkpointing, the loss;
 * :mod:`.checkpoints` -- checkpoint folders without pickle, found / checked / written safely;
+* :mod:`.distill` -- DiffSynth-Studio's direct distillation (``--task direct_distill``);
+* :mod:`.offload` -- layer-level CPU offload training (``--enable_model_cpu_offload``);
+* :mod:`.quantized_base` -- LoRA on quantized frozen weights (GGUF / fp8 files, ``--quant_options``);
+* :mod:`.model_ids` -- ``--model_id_with_origin_paths`` resolved to local files;
 * :mod:`.trainer` -- the accelerate loop, checkpoints and exact resume, the two-stage cache.
 """
 

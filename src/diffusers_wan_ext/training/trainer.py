@@ -10,6 +10,9 @@ Run it with ``accelerate launch examples/training/train.py ARGS`` (arguments: :m
   (:mod:`.distill`): the student samples each clip's seeded noise in ``num_inference_steps`` steps and learns to
   land on the clip (a teacher's sample); the cache stores each row's sampling settings.
 
+``--enable_model_cpu_offload`` (:mod:`.offload`) keeps the trained model's and the encoders' weights in CPU memory
+between their layers' uses; a quantized base (:mod:`.quantized_base`) stays quantized under the LoRA.
+
 Per micro-step the timestep and noise come from a generator seeded by ``(seed, micro_step, rank)`` and the data
 order from ``(seed, epoch)``, so a run resumed from ``checkpoint-N`` (weights, optimizer, LR schedule, RNG states,
 data position) continues with exactly the losses of the uninterrupted run.
