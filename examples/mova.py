@@ -10,22 +10,20 @@ then:
     python examples/mova.py MOVA-360p-diffusers cat.png "Two cute orange cats, wearing boxing gloves, fight." \
         --height 352 --width 640 --output mova.mp4
 
-The audio (48 kHz mono, from the DAC audio VAE) is muxed into the mp4 (ffmpeg of imageio-ffmpeg, AAC).
+The audio (48 kHz mono, from the DAC audio VAE) is muxed into the mp4 (ffmpeg of imageio-ffmpeg, AAC).  The
+command line does the same: ``diffusers-wan generate --model MOVA-360p-diffusers --image cat.png --prompt ...``
+(the sound is generated for ``--fps``, 24 by default).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import tempfile
-import wave
 
 import numpy as np
 import torch
-from diffusers.utils import export_to_video
 
 from diffusers_wan_ext import MovaPipeline
+from diffusers_wan_ext.utils.media import add_audio_track, write_video
 
 # DiffSynth-Studio's MOVA example negative prompt
 NEGATIVE_PROMPT = (
@@ -34,28 +32,10 @@ NEGATIVE_PROMPT = (
 )
 
 
-def write_wav(audio: np.ndarray, sample_rate: int, path: str) -> str:
-    """Write a mono float waveform in [-1, 1] as 16-bit PCM wav."""
-    pcm = (np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0) * 32767.0).astype("<i2")
-    with wave.open(path, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(int(sample_rate))
-        f.writeframes(pcm.tobytes())
-    return path
-
-
 def write_mp4_with_audio(frames, audio: np.ndarray, sample_rate: int, fps: float, output: str) -> str:
     """``frames`` (``[F, H, W, 3]`` in [0, 1] or PIL images) as H.264 and ``audio`` (mono) as AAC in one mp4."""
-    import imageio_ffmpeg
-
-    with tempfile.TemporaryDirectory() as tmp:
-        silent = export_to_video(list(frames), os.path.join(tmp, "video.mp4"), fps=fps)
-        wav = write_wav(audio, sample_rate, os.path.join(tmp, "audio.wav"))
-        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-i", silent, "-i", wav, "-map", "0:v",
-               "-map", "1:a", "-c:v", "copy", "-c:a", "aac", output]
-        subprocess.run(cmd, check=True)
-    return output
+    out = write_video(list(frames), output, fps=fps)
+    return str(add_audio_track(out, audio, sample_rate))
 
 
 def main(argv=None):

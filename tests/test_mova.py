@@ -183,3 +183,20 @@ def test_tiny_pipeline_end_to_end_in_a_fresh_interpreter(converted, tmp_path):
     audio = read_audio_file(mp4, 8000)
     assert math.isclose(len(audio) / 8000, latents * 160 / 8000, abs_tol=0.05)
     assert np.abs(audio).max() > 0
+
+
+def test_cli_generate_writes_the_sound_track(converted, tmp_path, capsys):
+    """``diffusers-wan generate`` on a MOVA folder: --image required (checked before loading), the sound generated
+    for --fps and muxed into the mp4."""
+    from diffusers_wan_ext.utils.media import read_audio_file, read_video_file
+
+    png, mp4 = tmp_path / "first.png", tmp_path / "gen.mp4"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(png)
+    args = ["generate", "--model", str(converted), "--prompt", "a fox", "--height", "32", "--width", "32",
+            "--num-frames", "5", "--steps", "1", "--dtype", "fp32", "--fps", "10", "--output", str(mp4)]
+    assert main(args) == 2
+    assert "--image is required" in capsys.readouterr().err
+    assert main(args + ["--image", str(png)]) == 0
+    assert len(read_video_file(mp4, "video")) == 5
+    audio = read_audio_file(mp4, 8000)
+    assert math.isclose(len(audio) / 8000, mova_audio_length(5, 10.0, 8000, 160) * 160 / 8000, abs_tol=0.05)

@@ -20,7 +20,7 @@ from ..demo import run_demo
 from ..families import FAMILIES
 from ..hooks.sliding_window import apply_sliding_window, sliding_window_unsupported_reason
 from ..lora import WanLoraInteropMixin, check_lora_state_dict, split_lora_components
-from ..utils.media import write_video
+from ..utils.media import add_audio_track, write_video
 from ..utils.validation import check_output_file
 from .generate_checks import (
     FRAME_PARAMETERS,
@@ -148,10 +148,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         takes = call_inputs(type(pipe))
         param = next((p for p in FRAME_PARAMETERS if p in takes), "num_frames")
         kw[param] = kw.pop("num_frames")
+    if "frame_rate" in call_inputs(type(pipe)) and "frame_rate" not in kw:
+        kw["frame_rate"] = float(plan.fps)  # sound generated for the written frame rate (MOVA)
     announce_decode(pipe)
-    frames = pipe(**kw).frames[0]
+    result = pipe(**kw)
+    frames = result.frames[0]
     note(f"writing {len(frames)} frames to {plan.output} ...")
     out = write_video(frames, plan.output, fps=plan.fps)
+    if getattr(result, "audio", None) is not None:  # a pipeline that generates the sound track too
+        add_audio_track(out, result.audio[0], result.audio_sample_rate)
     print(out.resolve())
     return 0
 

@@ -215,7 +215,7 @@ class MovaPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, DiffusionPipeline)
     @torch.no_grad()
     def __call__(
         self,
-        image: PipelineImageInput | str | None = None,
+        image: PipelineImageInput | str,
         prompt: str | None = None,
         negative_prompt: str | None = None,
         height: int = 352,

@@ -49,6 +49,7 @@ __all__ = [
     "load_image",
     "load_video_frames",
     "pil_to_rgb",
+    "add_audio_track",
     "read_audio_file",
     "read_image_file",
     "read_video_file",
@@ -566,3 +567,37 @@ def check_video_file(path: str | os.PathLike, num_frames: int, name: str | os.Pa
     if found != num_frames:
         raise ConversionError(f"writing the video {name} failed: it has {found} frames, {num_frames} were written "
                               "(disk full?)")
+
+
+def add_audio_track(video_path: str | os.PathLike, audio: Any, sample_rate: int) -> Path:
+    """Mux a mono waveform (float samples in [-1, 1], e.g. MOVA's generated sound track) into the video file at
+    ``video_path`` as AAC, the video stream copied, replacing the file atomically.  Raises ``ValueError`` for empty
+    or non-finite samples and :class:`~diffusers_wan_ext.utils.io.ConversionError` naming the file when ffmpeg fails.
+    """
+    import imageio_ffmpeg
+
+    path = Path(video_path)
+    samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+    if samples.size == 0 or not np.isfinite(samples).all():
+        raise ValueError(f"audio for {path}: the waveform is empty or has NaN / inf samples")
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+
+    def mux(tmp: Path) -> None:
+        wav_path = tmp.with_name(tmp.name + ".wav")
+        try:
+            with wave.open(str(wav_path), "wb") as f:
+                f.setnchannels(1)
+                f.setsampwidth(2)
+                f.setframerate(int(sample_rate))
+                f.writeframes(pcm.tobytes())
+            cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-y", "-v", "error", "-i", str(path), "-i",
+                   str(wav_path), "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", "aac", "-f",
+                   _MUXERS.get(path.suffix.lower(), path.suffix.lower()[1:]), str(tmp)]
+            proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
+            if proc.returncode != 0:
+                raise ConversionError(f"could not add the audio track to {path}: "
+                                      f"{ffmpeg_reason(proc.stderr.decode(errors='replace'), 'audio')}")
+        finally:
+            wav_path.unlink(missing_ok=True)
+
+    return atomic_write_file(path, mux, overwrite=True)
