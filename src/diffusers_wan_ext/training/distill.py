@@ -16,6 +16,9 @@ seeded noise, and the metadata names that noise and the student's step count in 
 
 TI2V-5B with ``input_image``: the clean first latent frame replaces frame 0 of the noise and the model sees
 timestep 0 there (as in the reference, the frame is not restored between steps and stays in the loss).
+VACE with reference images: the noise is drawn at the full latent length (references included) in one piece; the
+reference pipeline draws the same numbers but moves the last reference-length frames to the front, so with the same
+seed those rows start from a permuted noise here (same distribution, another sample).
 
 Example:
     >>> sigmas, timesteps = student_sampling_schedule(4)

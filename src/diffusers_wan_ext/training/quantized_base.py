@@ -13,7 +13,7 @@ Two ways, both leave the LoRA (and everything trained) in ``--trainable_dtype``:
 
 Example:
     >>> parse_quant_options("dit:bitsandbytes_nf4/proj_out")
-    QuantOption(model='dit', method='bitsandbytes_nf4', exclude=('proj_out',))
+    [QuantOption(model='dit', method='bitsandbytes_nf4', exclude=('proj_out',))]
 """
 
 from __future__ import annotations
