@@ -59,7 +59,9 @@ layers = {n: m.weight for n, m in tr.named_modules() if isinstance(m, torch.nn.L
 g = torch.Generator().manual_seed(0)
 x = torch.randn(1, cfg["in_channels"], 2, 8, 8, generator=g)
 ctx = torch.randn(1, 7, cfg["text_dim"], generator=g)
-kw = {"control_hidden_states": torch.randn(1, cfg["vace_in_channels"], 2, 8, 8, generator=g)} if "vace_layers" in cfg else {}
+kw = {}
+if "vace_layers" in cfg:
+    kw["control_hidden_states"] = torch.randn(1, cfg["vace_in_channels"], 2, 8, 8, generator=g)
 with torch.no_grad():
     y = tr(x, torch.tensor([500.0]), ctx, return_dict=False, **kw)[0]
 info = {n: [type(w).__name__, str(w.dtype), getattr(getattr(w, "quant_type", None), "name", None)]
@@ -197,7 +199,8 @@ def test_fp8_folder_loads_back_in_fp8_with_layerwise_casting(tiny_release, tmp_p
     path = tmp_path / f"vace-{name}.safetensors"
     save_file({k: v.contiguous() for k, v in out.items()}, str(path), metadata=meta or None)
     folder = tmp_path / "repo" / "transformer"
-    assert cli_main(["convert", str(path), str(folder), "--transformer-only", "--keep-quantized", "--dtype", "fp32"]) == 0
+    assert cli_main(["convert", str(path), str(folder), "--transformer-only", "--keep-quantized",
+                     "--dtype", "fp32"]) == 0
     fp8 = kw.get("fp8_dtype", torch.float8_e4m3fn)
     note = json.loads((folder / QUANTIZED_FOLDER_NOTE).read_text())
     assert note["storage"] == "fp8" and note["storage_dtype"] == str(fp8).replace("torch.", "")

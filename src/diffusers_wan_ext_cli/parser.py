@@ -34,8 +34,8 @@ DTYPE_CHOICES = ["bf16", "fp16", "fp32"]
 LORA_FORMATS = ("diffusers", "original", "kohya", "diffsynth")
 #: the ``export-dit --format`` values of :data:`diffusers_wan_ext.utils.single_file.EXPORT_FORMATS` (a test keeps them
 #: equal)
-EXPORT_FORMATS = ("original", "comfy-fp8-scaled", "comfy-fp8", "gguf-q8_0", "gguf-q5_0", "gguf-q4_0", "gguf-f16",
-                  "gguf-bf16")
+EXPORT_FORMATS = ("original", "comfy-fp8-scaled", "comfy-fp8", "comfy-fp8-e5m2", "gguf-q8_0", "gguf-q5_1",
+                  "gguf-q5_0", "gguf-q4_1", "gguf-q4_0", "gguf-f16", "gguf-bf16")
 
 
 def add_convert(sub, family_inputs: list) -> None:

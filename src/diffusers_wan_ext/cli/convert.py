@@ -62,7 +62,8 @@ def check_keep_quantized_arguments(args: argparse.Namespace) -> None:
         path = getattr(args, name, None)
         flag = f"--{name.replace('_', '-')}"
         if path is not None and os.path.exists(path) and not is_single_file(path):
-            raise ValueError(f"convert: --keep-quantized needs {flag} as a .gguf / .safetensors single file, got {path}")
+            raise ValueError(f"convert: --keep-quantized needs {flag} as a .gguf / .safetensors single file, "
+                             f"got {path}")
         if path is not None and is_single_file(path) and not holds_quantized_weights(path):
             raise ValueError(f"convert: --keep-quantized: {flag} {path} holds no GGUF / fp8 weights to keep")
 

@@ -43,9 +43,10 @@ from .dit import (
     rename_dit_key,
 )
 
-__all__ = ["GGUF_FOLDER_WEIGHTS", "QUANTIZED_FOLDER_NOTE", "SINGLE_FILE_SUFFIXES", "is_single_file",
-           "check_kept_quantized", "kept_quantized_kind", "load_quantized_dit", "load_quantized_folder", "quantized_dit_from_tensors",
-           "read_quantized_dit", "save_quantized_transformer", "save_transformer"]
+__all__ = ["GGUF_FOLDER_WEIGHTS", "QUANTIZED_FOLDER_NOTE", "SINGLE_FILE_SUFFIXES", "check_kept_quantized",
+           "is_single_file", "kept_quantized_kind", "load_quantized_dit", "load_quantized_folder",
+           "quantized_dit_from_tensors", "read_quantized_dit", "save_quantized_transformer", "save_transformer",
+           "unscaled_fp8_weight"]
 
 #: files :func:`load_quantized_dit` keeps quantized (anything else loads dequantized as with load_dit_from_original)
 SINGLE_FILE_SUFFIXES = (".gguf", ".safetensors")
@@ -345,7 +346,8 @@ def save_quantized_transformer(model: nn.Module, folder: str | os.PathLike, torc
     note: dict[str, Any] = {"storage": kind, "class": cls, "compute_dtype": _dtype_name(torch_dtype)}
     if kind == "gguf":
         stored = write_gguf_stored(folder / GGUF_FOLDER_WEIGHTS, _gguf_folder_tensors(model, torch_dtype))
-        note.update(weights=GGUF_FOLDER_WEIGHTS, types={t: list(stored.values()).count(t) for t in set(stored.values())},
+        types = list(stored.values())
+        note.update(weights=GGUF_FOLDER_WEIGHTS, types={t: types.count(t) for t in sorted(set(types))},
                     load=f"{cls}.from_single_file('<folder>/{GGUF_FOLDER_WEIGHTS}', config='<folder>', "
                          f"quantization_config=GGUFQuantizationConfig(compute_dtype=torch.{note['compute_dtype']}), "
                          f"torch_dtype=torch.{note['compute_dtype']})")

@@ -25,7 +25,9 @@ __all__ = ["GGUF_EXPORT_TYPES", "ORIG_SHAPE_KEY", "can_dequantize", "read_gguf",
 
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 #: the GGUF types ``export-dit`` writes (``--format gguf-<name>``) and the file type recorded for each
-GGUF_EXPORT_TYPES = {"q8_0": "Q8_0", "f16": "F16", "bf16": "BF16", "q4_0": "Q4_0", "q5_0": "Q5_0"}
+#: (the types ``gguf.quants.quantize`` implements that ComfyUI-GGUF's dequant.py also reads)
+GGUF_EXPORT_TYPES = {"q8_0": "Q8_0", "f16": "F16", "bf16": "BF16", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0",
+                     "q5_1": "Q5_1"}
 _SMALL = 1024  # tools/convert.py QUANTIZATION_THRESHOLD
 _KEEP_F32 = (".modulation",)  # tools/convert.py ModelWan.keys_hiprec
 

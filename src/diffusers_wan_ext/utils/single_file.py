@@ -175,8 +175,8 @@ def load_single_file(path: str | os.PathLike, dtype: torch.dtype | None = None
 
 
 #: ``diffusers-wan export-dit --format`` values (the launcher's parser lists the same; a test keeps them equal)
-EXPORT_FORMATS = ("original", "comfy-fp8-scaled", "comfy-fp8", "gguf-q8_0", "gguf-q5_0", "gguf-q4_0", "gguf-f16",
-                  "gguf-bf16")
+EXPORT_FORMATS = ("original", "comfy-fp8-scaled", "comfy-fp8", "comfy-fp8-e5m2", "gguf-q8_0", "gguf-q5_1",
+                  "gguf-q5_0", "gguf-q4_1", "gguf-q4_0", "gguf-f16", "gguf-bf16")
 
 
 def check_export_path(path: str | os.PathLike, fmt: str) -> None:
@@ -195,7 +195,8 @@ def write_single_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
 
     ``comfy-fp8-scaled``: the blocks' linear weights in ``float8_e4m3fn`` with per-tensor ``scale_weight`` and the
     ``scaled_fp8`` marker (read by ComfyUI and Kijai's WanVideoWrapper); ``comfy-fp8``: the same weights cast to
-    fp8 without scales; ``gguf-*``: :func:`~diffusers_wan_ext.utils.gguf_files.write_gguf`.  ``dtype`` casts the
+    fp8 without scales (``comfy-fp8-e5m2``: ``float8_e5m2``, as Kijai's ``*_fp8_e5m2`` files); ``gguf-*``:
+    :func:`~diffusers_wan_ext.utils.gguf_files.write_gguf`.  ``dtype`` casts the
     tensors that stay unquantized.
     """
     if fmt not in EXPORT_FORMATS:
@@ -206,7 +207,8 @@ def write_single_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
         tensors, metadata = {k: v.to(dtype) if dtype and v.is_floating_point() else v
                              for k, v in state_dict.items()}, {}
     else:
+        fp8 = torch.float8_e5m2 if fmt == "comfy-fp8-e5m2" else torch.float8_e4m3fn
         tensors, metadata = fp8_state_dict(state_dict, scaled=fmt == "comfy-fp8-scaled", prefix=prefix,
-                                           other_dtype=dtype)
+                                           fp8_dtype=fp8, other_dtype=dtype)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or None)
     return {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}
