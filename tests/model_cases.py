@@ -16,6 +16,7 @@ from diffusers_wan_ext import (
     LongCatVideoTransformer3DModel,
     MovaAudioTransformer1DModel,
     MovaDualTowerBridge,
+    WanAnimate2ExtTransformer3DModel,
     WanAnimateExtTransformer3DModel,
     WanDancerTransformer3DModel,
     WanExtTransformer3DModel,
@@ -45,6 +46,8 @@ class ModelCase:
         lora_targets: module-name suffixes a PEFT LoRA targets.
         cache_kwargs: step cache (``fbc``, ``mag``, ``taylorseer``, ``pab``) -> config keywords for this class.
         skip: test name -> why the test does not apply to this class.
+        block_passes: passes over ``blocks`` per forward (Animate-2's one-call form: the reference pass, then the
+            generation pass).
     """
 
     name: str
@@ -56,6 +59,7 @@ class ModelCase:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     cache_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     skip: dict[str, str] = field(default_factory=dict)
+    block_passes: int = 1
 
     def build(self, seed: int = 0) -> torch.nn.Module:
         """The model in eval mode, every parameter perturbed (stock inits leave some paths at zero)."""
@@ -117,6 +121,16 @@ def _animate_inputs(seed: int) -> dict[str, Any]:
                 pose_hidden_states=_rand(g, 1, 16, 2, 8, 8), face_pixel_values=_rand(g, 1, 3, 5, 16, 16))
 
 
+def _animate2_inputs(seed: int) -> dict[str, Any]:
+    """The one-call form: the driving video's latents + condition_y fill a fresh K/V cache (``extract``), then the
+    generation latents (one frame more: the reference image's slot) attend to it (``cached``)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_rand(g, 1, 36, 3, 8, 8), timestep=torch.tensor([700.0]),
+                encoder_hidden_states=_rand(g, 1, 8, 32), encoder_hidden_states_image=_rand(g, 1, 4, 40),
+                reference_hidden_states=_rand(g, 1, 36, 2, 8, 8), reference_encoder_hidden_states=_rand(g, 1, 8, 32),
+                reference_image_embeds=_rand(g, 1, 4, 40), log_scale=-1.3)
+
+
 def _longcat_inputs(seed: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     return dict(hidden_states=_rand(g, 1, 16, 2, 8, 8), timestep=torch.tensor([700.0]),
@@ -174,6 +188,15 @@ def model_cases() -> list[ModelCase]:
                        motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 8}, motion_encoder_size=16,
                        motion_style_dim=16, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16,
                        face_encoder_num_heads=2, inject_face_latents_blocks=2), _animate_inputs),
+        ModelCase("animate2", WanAnimate2ExtTransformer3DModel,
+                  dict(text_len=8, dim=48, ffn_dim=96, freq_dim=32, text_dim=32, num_heads=2, num_layers=2, clip_dim=40),
+                  _animate2_inputs, block_passes=2,
+                  skip={"caches": "one forward runs the reference pass and the generation pass through the same blocks "
+                                  "(a step cache would serve one from the other); TeaCache is refused for the same "
+                                  "reason",
+                        "compile": "the token grids are tensors read on the host (stock's forward and its per-frame "
+                                   "masks too): data-dependent shapes, no full graph; stock compiles only its flex "
+                                   "attention"}),
         ModelCase("longcat", LongCatVideoTransformer3DModel,
                   dict(num_attention_heads=2, attention_head_dim=24, num_layers=2, text_dim=32, freq_dim=32,
                        time_embed_dim=32, ffn_dim=64), _longcat_inputs),

@@ -17,6 +17,8 @@ to fp32 rounding on the outputs it can produce.  This subclass adds three things
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
@@ -183,6 +185,7 @@ class WanAnimate2ExtTransformer3DModel(ShimSaveMixin, WanAnimate2Transformer3DMo
     """
 
     _cp_plan = None
+    _cp_self_attention_modules: tuple[str, ...] = ("blocks.*.self_attn",)
     _cp_unsupported_reason = (
         "each generation latent frame attends to its own cached reference frame through a frame-structured mask "
         "over the whole clip, so the tokens cannot be split along the sequence"
@@ -235,6 +238,24 @@ class WanAnimate2ExtTransformer3DModel(ShimSaveMixin, WanAnimate2Transformer3DMo
             ours = cls(**config, clip_dim=clip or RELEASE_CLIP_DIM)
         ours.load_state_dict(model.state_dict(), strict=True, assign=True)
         return ours.train(model.training)
+
+    def _rope_freqs(self, offsets: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        """Stock's table, on the inputs' device when the weights are on ``meta`` (stock takes the patch embedding's
+        device, which sequential CPU offload leaves on ``meta``)."""
+        if torch.device(device).type == "meta":
+            device = getattr(self, "input_device", None) or device
+        return super()._rope_freqs(offsets, device)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+        """Diffusers' checkpoint function takes positional arguments only, but stock's block loop passes the layer
+        cache and the block arguments as keywords (``enable_gradient_checkpointing`` then fails): they are bound to
+        the block first."""
+        func = gradient_checkpointing_func or torch.utils.checkpoint.checkpoint
+
+        def checkpoint_block(block, *args, **kwargs):
+            return func(functools.partial(block, **kwargs) if kwargs else block, *args)
+
+        super()._set_gradient_checkpointing(enable, checkpoint_block)
 
     def create_mask(self, origin_latent_f: int, hw: int, device: torch.device) -> None:
         """No flex ``BlockMask``: :class:`WanAnimate2DenseAttnProcessor` applies the mask's structure directly."""
@@ -291,24 +312,37 @@ class WanAnimate2ExtTransformer3DModel(ShimSaveMixin, WanAnimate2Transformer3DMo
                 reference_encoder_hidden_states, reference_image_embeds, encoder_hidden_states_image,
                 log_scale=log_scale, return_dict=return_dict,
             )
-        if log_scale and kv_cache_mode == "cached":
-            processors = [b.self_attn.processor for b in self.blocks]
-            if not all(isinstance(p, WanAnimate2DenseAttnProcessor) for p in processors):
-                raise ValueError("log_scale needs WanAnimate2DenseAttnProcessor on every block's self_attn")
-            for p in processors:
-                p.log_scale = float(log_scale)
-        try:
-            return super().forward(
-                hidden_states, timestep, encoder_hidden_states, condition_latents, kv_cache, kv_cache_mode, seq_len,
-                encoder_hidden_states_image=encoder_hidden_states_image, offset_grid_sizes=offset_grid_sizes,
-                reference_grid_sizes=reference_grid_sizes, origin_len=origin_len, origin_area=origin_area,
-                is_uncondtion=is_uncondtion, return_dict=return_dict,
-            )
-        finally:
-            for block in self.blocks:
-                if isinstance(block.self_attn.processor, WanAnimate2DenseAttnProcessor):
-                    block.self_attn.processor.log_scale = 0.0
+        return self.forward_pass(
+            hidden_states, timestep, encoder_hidden_states, condition_latents, kv_cache, kv_cache_mode, seq_len,
+            encoder_hidden_states_image=encoder_hidden_states_image, offset_grid_sizes=offset_grid_sizes,
+            reference_grid_sizes=reference_grid_sizes, origin_len=origin_len, origin_area=origin_area,
+            is_uncondtion=is_uncondtion, log_scale=log_scale, return_dict=return_dict,
+        )
 
+    def forward_pass(
+        self,
+        hidden_states: list[torch.Tensor],
+        timestep: torch.Tensor,
+        encoder_hidden_states: list[torch.Tensor],
+        condition_latents: list[torch.Tensor],
+        kv_cache: WanAnimate2KVCache,
+        kv_cache_mode: str,
+        seq_len: int,
+        log_scale: float = 0.0,
+        **kwargs,
+    ):
+        """One pass of stock's forward (``kv_cache_mode`` ``"extract"`` or ``"cached"``, stock's other keywords in
+        ``kwargs``) with ``log_scale`` set on the dense processors.  The value stays set until the next pass, so that
+        a gradient-checkpointing recomputation in backward runs the same attention."""
+        processors = [b.self_attn.processor for b in self.blocks]
+        dense = [p for p in processors if isinstance(p, WanAnimate2DenseAttnProcessor)]
+        if log_scale and kv_cache_mode == "cached" and len(dense) != len(processors):
+            raise ValueError("log_scale needs WanAnimate2DenseAttnProcessor on every block's self_attn")
+        for p in dense:
+            p.log_scale = float(log_scale) if kv_cache_mode == "cached" else p.log_scale
+        self.input_device = hidden_states[0].device
+        return super().forward(hidden_states, timestep, encoder_hidden_states, condition_latents, kv_cache,
+                               kv_cache_mode, seq_len, **kwargs)
 
     def forward_with_reference(
         self,
@@ -337,11 +371,11 @@ class WanAnimate2ExtTransformer3DModel(ShimSaveMixin, WanAnimate2Transformer3DMo
 
         grid_ref, grid_gen = grid(ref), grid(gen)
         cache = self.new_kv_cache()
-        super().forward([ref[:out_dim]], timestep, [reference_encoder_hidden_states[0]], [ref[out_dim:]], cache,
-                        "extract", int(grid_ref.prod()), encoder_hidden_states_image=reference_image_embeds,
-                        offset_grid_sizes=grid_ref)
+        self.forward_pass([ref[:out_dim]], timestep, [reference_encoder_hidden_states[0]], [ref[out_dim:]], cache,
+                          "extract", int(grid_ref.prod()), encoder_hidden_states_image=reference_image_embeds,
+                          offset_grid_sizes=grid_ref)
         tokens_h, tokens_w = grid_gen[0, 1].item(), grid_gen[0, 2].item()
-        out = self.forward(
+        out = self.forward_pass(
             [gen[:out_dim]], timestep, [encoder_hidden_states[0]], [gen[out_dim:]], cache, "cached",
             int(grid_gen.prod()), encoder_hidden_states_image=encoder_hidden_states_image,
             reference_grid_sizes=grid_ref, origin_len=4 * (ref.shape[1] - 1) + 1,
