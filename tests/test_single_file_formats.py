@@ -237,6 +237,10 @@ def test_comfy_umt5_files(tiny_release, tmp_path):
     out = {k.replace("encoder.blocks.", "encoder.block."): v for k, v in out.items()}
     out["spiece_model"] = torch.zeros(5, dtype=torch.uint8)
     save_file(out, str(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"))
+    new, meta = fp8_state_dict(blocks, convention="weight_scale")  # the newer convention (comfy quant metadata)
+    new = {k.replace("encoder.blocks.", "encoder.block."): v for k, v in new.items()}
+    meta = {"_quantization_metadata": meta["_quantization_metadata"].replace("encoder.blocks.", "encoder.block.")}
+    save_file(new, str(tmp_path / "umt5_xxl_fp8_weight_scale.safetensors"), metadata=meta)
     gg = {}
     for k, v in hf.items():  # llama.cpp names, as a umT5 GGUF stores them
         for old, new in reversed(GGUF_T5_NAMES):
@@ -245,8 +249,10 @@ def test_comfy_umt5_files(tiny_release, tmp_path):
     write_gguf(tmp_path / "umt5-Q8_0.gguf", gg, "Q8_0", arch="t5encoder")
     q, _ = read_quantized(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors")
     assert q["encoder.block.0.layer.0.SelfAttention.q.weight"].scale is not None
+    q, info = read_quantized(tmp_path / "umt5_xxl_fp8_weight_scale.safetensors")
+    assert info.convention == "weight_scale" and q["encoder.block.1.layer.1.DenseReluDense.wo.weight"].scale is not None
     for name, bound in (("umt5_xxl_fp16.safetensors", 2e-3), ("umt5_xxl_fp8_e4m3fn_scaled.safetensors", 0.1),
-                        ("umt5-Q8_0.gguf", 3e-2)):
+                        ("umt5_xxl_fp8_weight_scale.safetensors", 0.1), ("umt5-Q8_0.gguf", 3e-2)):
         with torch.no_grad():
             got = load_t5_from_original(tmp_path / name)(ids).last_hidden_state
         assert rel_rms(got, want) < bound, (name, rel_rms(got, want))
@@ -363,6 +369,18 @@ def test_bad_gguf_files(tmp_path):
     one_line_error(tmp_path / "q8k.gguf", "blocks.0.x.weight", "Q8_K")
     (tmp_path / "text.gguf").write_bytes(b"this is not a gguf file at all" * 10)
     one_line_error(tmp_path / "text.gguf", "not a readable GGUF file")
+    q = gguf.quants.quantize(np.zeros((8, 256), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
+    write_raw_gguf(tmp_path / "shape.gguf", {"blocks.0.ffn.0.weight": (q, "Q8_0")},
+                   orig_shapes={"blocks.0.ffn.0.weight": (48, 96)})  # 4608 values recorded, 2048 stored
+    one_line_error(tmp_path / "shape.gguf", "blocks.0.ffn.0.weight", "2048 values stored", "(48, 96)")
+    w = gguf.GGUFWriter(str(tmp_path / "shape-str.gguf"), "wan")
+    w.add_string("comfy.gguf.orig_shape.blocks.0.ffn.0.weight", "8,256")  # not an INT32 array
+    w.add_tensor("blocks.0.ffn.0.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    one_line_error(tmp_path / "shape-str.gguf", "comfy.gguf.orig_shape.blocks.0.ffn.0.weight", "not an integer array")
 
 
 def test_bad_fp8_files(tmp_path):
@@ -390,4 +408,9 @@ def test_bad_fp8_files(tmp_path):
     save_file(unscaled_table, str(tmp_path / "table.safetensors"))
     assert set(load_state_dict(tmp_path / "table.safetensors")) == {"shared.weight", "patch_embedding.weight"}
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "old.safetensors").read_bytes()[:-64])
-    one_line_error(tmp_path / "cut.safetensors", "truncated")
+    raw = (tmp_path / "old.safetensors").read_bytes()
+    header = json.loads(raw[8: 8 + struct.unpack_from("<Q", raw)[0]])
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    one_line_error(tmp_path / "cut.safetensors", "truncated", f"tensor {last} runs past the end")
+    with pytest.raises(ValueError, match=f"tensor {last} runs past the end"):  # the raw reader names it too
+        read_quantized(tmp_path / "cut.safetensors")

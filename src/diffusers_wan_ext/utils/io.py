@@ -149,12 +149,13 @@ def _check_safetensors_layout(path: Path, size: int) -> None:
         raise ConversionError(f"{path}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{path}: not a safetensors file (its header is not a JSON object)")
-    ends = [v["data_offsets"][1] for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets") or ()) == 2]
-    need = 8 + n + max(ends, default=0)
+    ends = {k: v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets") or ()) == 2}
+    need = 8 + n + max(ends.values(), default=0)
     if need > size:
-        raise ConversionError(f"{path}: truncated safetensors file: its header describes {need} bytes but the file "
-                              f"has {size} ({need - size} missing); {truncated}")
+        cut = min((k for k, e in ends.items() if 8 + n + e > size), key=ends.get)  # the first tensor cut off
+        raise ConversionError(f"{path}: truncated safetensors file: tensor {cut} runs past the end; its header "
+                              f"describes {need} bytes but the file has {size} ({need - size} missing); {truncated}")
 
 
 def _check_torch_layout(path: Path) -> None:

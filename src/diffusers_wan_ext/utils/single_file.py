@@ -10,7 +10,9 @@ so ``diffusers-wan convert`` and ``load_dit_from_original`` take them as they ta
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,12 +94,29 @@ def _prefix(keys) -> str:
     return next((p for p in _PREFIXES if keys and all(k.startswith(p) for k in keys)), "")
 
 
+def _cut_tensor(path: Path) -> str | None:
+    """The first tensor whose data runs past the end of a safetensors file (from its header), else ``None``."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n).decode("utf-8"))
+        ends = {k: 8 + n + v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"}
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, MemoryError, OverflowError):
+        return None
+    size = path.stat().st_size
+    return min((k for k, e in ends.items() if e > size), key=ends.get, default=None)
+
+
 def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         return load_file(str(path)), metadata
     except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for corrupt files
+        cut = _cut_tensor(path)
+        if cut is not None:
+            raise QuantizedFileError(f"{path}: truncated safetensors file: tensor {cut} runs past the end; "
+                                     "re-download it") from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise QuantizedFileError(f"{path}: not a readable safetensors file ({first}); re-download it") from None
 
