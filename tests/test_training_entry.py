@@ -152,7 +152,8 @@ def script_arguments(script: Path, tmp_path: Path) -> list[str]:
 def test_every_example_script_parses_with_the_trainers_parser(tmp_path):
     scripts = sorted((ROOT / "examples" / "training").glob("*/*.sh"))
     names = {s.relative_to(ROOT / "examples" / "training").as_posix() for s in scripts}
-    for model in ("Wan2.1-VACE-1.3B-Preview", "Wan2.1-Fun-V1.1-14B-InP", "Wan2.1-T2V-1.3B"):
+    for model in ("Wan2.1-VACE-1.3B-Preview", "Wan2.1-Fun-V1.1-14B-InP", "Wan2.1-T2V-1.3B", "Wan2.2-S2V-14B",
+                  "Wan2.2-Animate-14B", "Video-As-Prompt-Wan2.1-14B", "LongCat-Video"):
         assert {f"lora/{model}.sh", f"full/{model}.sh"} <= names
     for script in scripts:
         argv = script_arguments(script, tmp_path)

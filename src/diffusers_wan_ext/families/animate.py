@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 import torch
 from diffusers import WanAnimateTransformer3DModel
 from diffusers.models.transformers.transformer_wan_animate import WanAttnProcessor as WanAnimateAttnProcessor
@@ -31,9 +32,21 @@ from ..lora.loader import check_lora_state_dict
 from ..models import WanAnimateExtTransformer3DModel
 from ..pipelines import WanAnimateExtPipeline
 from ..utils.io import ConversionError, naming
-from .base import CommandArgument, ConvertInput, FamilyCommand, GenerateInput, ModelFamily, TinyArch, WanVariant
+from .base import (
+    CommandArgument,
+    Conditioning,
+    ConvertInput,
+    ExtraInput,
+    FamilyCommand,
+    GenerateInput,
+    ModelFamily,
+    TinyArch,
+    TrainingScope,
+    WanVariant,
+)
 
-__all__ = ["AnimateFamily", "RELIGHTING_LORA_MODULES", "make_tiny_relighting_lora"]
+__all__ = ["ANIMATE_TRAINING_SCOPE", "AnimateFamily", "RELIGHTING_LORA_MODULES", "encode_animate_condition",
+           "make_tiny_relighting_lora"]
 
 #: Modules of every DiT block that the relighting LoRA adapts (upstream ``get_loraconfig``: all Linears of
 #: ``blocks.*`` except face / modulation), in the original names.
@@ -120,6 +133,66 @@ RELIGHTING_LORA_COMMAND = FamilyCommand(
 )
 
 
+#: Luma weights of the mask video (stock ``video_processor_for_mask`` converts to grayscale).
+LUMA = (0.299, 0.587, 0.114)
+
+
+def _replacement_videos(builder, sample: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Replacement mode: the background video ``[1, 3, F, H, W]`` in [-1, 1] and the person mask ``[1, 1, F, H, W]``
+    in [0, 1] (both columns, or neither)."""
+    given = [n for n in ("animate_inpaint_video", "animate_mask_video") if n in builder.extra_inputs]
+    if not given:
+        return None, None
+    if len(given) == 1:
+        raise ValueError("Wan2.2-Animate replacement mode needs both animate_inpaint_video (background) and "
+                         f"animate_mask_video (person mask); got only {given[0]}")
+    background = builder.video(sample, "animate_inpaint_video").to(builder.device)
+    rgb = builder.video(sample, "animate_mask_video").add(1).div(2)
+    weights = torch.tensor(LUMA).view(1, 3, 1, 1, 1)
+    return background, (rgb * weights).sum(1, keepdim=True).clamp(0, 1).to(builder.device)
+
+
+def encode_animate_condition(builder, sample: dict, inputs, num_frames: int, height: int, width: int) -> None:
+    """Wan2.2-Animate training inputs with the pipeline's own conditioning (stock ``WanAnimatePipeline``'s, first
+    segment): the clean latents are the reference image's latent frame followed by the clip's (as the pipeline's
+    latents, whose frame 0 is the character); ``y`` = reference-image latents + the segment condition (zeros, or in
+    replacement mode the background with the person mask); pose latents of ``animate_pose_video``; the face crops
+    of ``animate_face_video`` at the motion encoder's size; CLIP features of ``input_image``."""
+    pipe = builder.pipe
+    device = builder.device
+    image = builder.image(sample, "input_image").to(device)
+    background, mask = _replacement_videos(builder, sample)
+    mode = "animate" if background is None else "replace"
+    reference = pipe.prepare_reference_image_latents(image, 1, device=device, dtype=torch.float32)
+    segment = pipe.prepare_prev_segment_cond_latents(
+        None, background_video=background, mask_video=mask, batch_size=1, segment_frame_length=num_frames,
+        start_frame=0, height=height, width=width, prev_segment_cond_frames=1, task=mode, device=device,
+        dtype=torch.float32,
+    )
+    inputs.latents = torch.cat([reference[:, 4:].to(inputs.latents), inputs.latents], dim=2)
+    inputs.y = torch.cat([reference, segment], dim=2)
+    pose = builder.video(sample, "animate_pose_video").to(device)
+    face_size = int(pipe.transformer.config.motion_encoder_size)
+    inputs.transformer_kwargs = {
+        "pose_hidden_states": pipe.prepare_pose_latents(pose, 1, device=device, dtype=torch.float32),
+        "face_pixel_values": builder.video_at(sample, "animate_face_video", face_size, face_size).to(device),
+    }
+    inputs.image_embeds = pipe.encode_image(PIL.Image.fromarray(sample["input_image"].numpy()), device)
+
+
+ANIMATE_CONDITIONING = Conditioning(
+    "Wan2.2-Animate", WanAnimateExtPipeline, required=("input_image", "animate_pose_video", "animate_face_video"),
+    optional=("animate_inpaint_video", "animate_mask_video"), encode=encode_animate_condition,
+)
+#: DiffSynth-Studio's ``animate_adapter`` model is the Animate adapter of our (stock) transformer: pose patch
+#: embedding, motion encoder, face encoder and face blocks (``face_adapter``).
+ANIMATE_TRAINING_SCOPE = TrainingScope(
+    name="animate_adapter", aliases={"animate_adapter": "transformer"}, blocks="face_adapter",
+    parameter_prefix=("pose_patch_embedding.", "motion_encoder.", "face_encoder.", "face_adapter."),
+    help="animate_adapter (only the Animate adapter: pose embedding, motion / face encoders, face blocks)",
+)
+
+
 class AnimateFamily(ModelFamily):
     name = "animate"
     title = "Wan2.2-Animate (character animation and replacement)"
@@ -168,6 +241,12 @@ class AnimateFamily(ModelFamily):
                      "DiT when omitted) -> relighting_lora/", kind="path"),
     )
     tiny_arches = {"animate": TinyArch("animate", 36, 16, clip=True)}
+    conditionings = (ANIMATE_CONDITIONING,)
+    training_scopes = (ANIMATE_TRAINING_SCOPE,)
+    #: DiffSynth-Studio's Animate dataset columns (``input_image``: the character, the clip's first frame); the face
+    #: crops keep their own size (resized to the motion encoder's, 512, as DiffSynth-Studio loads them)
+    dataset_inputs = {"animate_pose_video": ExtraInput("video"), "animate_face_video": ExtraInput("video_native"),
+                      "animate_inpaint_video": ExtraInput("video"), "animate_mask_video": ExtraInput("video")}
 
     def find_files(self, root: Path, given: dict[str, Any]) -> dict[str, Path | None]:
         lora = given.get("relighting_lora")
@@ -209,6 +288,12 @@ class AnimateFamily(ModelFamily):
         if lora:
             pipe.load_relighting_lora(model if lora == "auto" else lora)
         kw.update(given, segment_frame_length=kw.pop("num_frames"))  # frames per segment
+
+    def claims_config(self, config: Any) -> bool:
+        return bool(getattr(config, "motion_encoder_size", None))
+
+    def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
+        return ANIMATE_CONDITIONING if self.claims_config(config) else None
 
     def tiny_dit_model(self, arch: str, experts: int, kwargs: dict[str, Any]):
         kwargs = dict(kwargs, **{k: v for k, v in TINY_ANIMATE.items()})

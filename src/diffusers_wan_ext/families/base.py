@@ -83,6 +83,7 @@ class Conditioning:
         required / optional: extra inputs (``--extra_inputs``) it cannot do without / accepts.
         encode: ``(builder, sample, inputs, num_frames, height, width) -> None`` fills the conditioning fields of
             ``inputs`` (``None``: text only).
+        output_sign: the transformer predicts ``output_sign`` x the flow-matching velocity (LongCat-Video: -1).
     """
 
     name: str
@@ -90,6 +91,7 @@ class Conditioning:
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
     encode: Callable[..., None] | None = None
+    output_sign: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,9 @@ class ExtraInput:
 
     Attributes:
         kind: ``"frame"`` (a frame of the clip itself), ``"image"`` (first frame of a file column), ``"video"``
-            (a file column with as many frames as the clip), ``"float"``, ``"str"`` or ``"floats"`` (a JSON list in
-            the column).
+            (a file column with as many frames as the clip), ``"video_native"`` (the same, frames at the file's own
+            size), ``"video_prefix"`` (a file column with 4n+1 frames, at most the clip's), ``"audio"`` (an audio
+            file, mono 16 kHz samples), ``"float"``, ``"str"`` or ``"floats"`` (a JSON list in the column).
         frame: for ``"frame"``: which frame of the clip (0 first, -1 last).
     """
 
@@ -108,7 +111,7 @@ class ExtraInput:
 
     @property
     def is_file(self) -> bool:
-        return self.kind in ("image", "video")
+        return self.kind in ("image", "video", "video_native", "video_prefix", "audio")
 
     @property
     def from_column(self) -> bool:
@@ -125,14 +128,15 @@ class TrainingScope:
         aliases: the model names that select it -> the transformer component they belong to.
         blocks: the transformer's module list of the scope's blocks (``vace_blocks``): a LoRA with this scope goes
             on these blocks only, any other LoRA on the main ``blocks`` only; fp8 storage covers them too.
-        parameter_prefix: full fine-tuning with this scope trains the parameters whose names start with this.
+        parameter_prefix: full fine-tuning with this scope trains the parameters whose names start with this (or one
+            of these).
         help: the aliases as the ``--trainable_models`` / ``--lora_base_model`` help lists them.
     """
 
     name: str
     aliases: Mapping[str, str]
     blocks: str
-    parameter_prefix: str
+    parameter_prefix: str | tuple[str, ...]
     help: str = ""
 
 

@@ -21,8 +21,11 @@ from transformers import UMT5EncoderModel
 
 from ..conversion.dit import find_dit_files
 from ..conversion.longcat import (
+    BLOCK_KEY_MAP,
+    BLOCK_SPLITS,
     LORA_HYPHEN,
     LORA_PREFIX,
+    TOP_LEVEL_KEY_MAP,
     export_longcat_state_dict,
     convert_longcat_lora_state_dict,
     is_longcat_lora_state_dict,
@@ -38,11 +41,11 @@ from ..models.transformer_longcat import LongCatVideoAttnProcessor, LongCatVideo
 from ..pipelines import LongCatVideoPipeline
 from ..utils.atomic import atomic_output_dir
 from ..utils.io import ConversionError, load_state_dict, read_json, with_path
-from .base import GenerateInput, ModelFamily, ReleaseOptions, WanVariant
+from .base import Conditioning, ExtraInput, GenerateInput, ModelFamily, ReleaseOptions, WanVariant
 from .tiny import TINY, tiny_t5, tiny_vae21
 
-__all__ = ["LongCatFamily", "TINY_LONGCAT", "convert_longcat_release", "find_longcat_dit", "make_tiny_longcat_lora",
-           "make_tiny_longcat_release"]
+__all__ = ["LongCatFamily", "TINY_LONGCAT", "convert_longcat_release", "encode_longcat_condition",
+           "export_longcat_lora", "find_longcat_dit", "make_tiny_longcat_lora", "make_tiny_longcat_release"]
 
 #: The release's sampling scheduler (``scheduler/scheduler_config.json`` of meituan-longcat/LongCat-Video).
 RELEASE_SCHEDULER_SHIFT = 12.0
@@ -323,6 +326,101 @@ def make_tiny_longcat_release(folder: str | os.PathLike, seed: int = 0, layout: 
     return folder
 
 
+# ------------------------------------------------------------------------------------------------------- training
+
+
+def encode_longcat_condition(builder, sample: dict, inputs, num_frames: int, height: int, width: int) -> None:
+    """LongCat-Video training inputs: the prompt's attention mask (rows past the prompt are zero, as DiffSynth-Studio
+    derives it) and, with ``longcat_video`` (continuation), its frames as clean conditioning latents that replace
+    the clip's first latent frames -- kept clean, passed as ``num_cond_latents`` and left out of the loss, as the
+    pipeline keeps them during sampling."""
+    kwargs = {"encoder_attention_mask": (inputs.prompt_embeds != 0).any(dim=-1).long()}
+    if "longcat_video" in builder.extra_inputs:
+        frames = builder.video(sample, "longcat_video").to(builder.device)
+        k = (frames.shape[2] - 1) // 4 + 1
+        if k >= inputs.latents.shape[2]:
+            raise ValueError(f"longcat_video has {frames.shape[2]} frame(s), which fill the clip's {num_frames}: the "
+                             f"clip must be longer than its conditioning frames by at least 4 frames")
+        cond = builder.encode_latents(frames).to(inputs.latents)
+        inputs.latents = torch.cat([cond, inputs.latents[:, :, k:]], dim=2)
+        inputs.clean_frames = k
+        kwargs["num_cond_latents"] = torch.tensor(k)
+    inputs.transformer_kwargs = kwargs
+
+
+LONGCAT_CONDITIONING = Conditioning("LongCat-Video (text-to-video, continuation)", LongCatVideoPipeline,
+                                    optional=("longcat_video",), encode=encode_longcat_condition, output_sign=-1.0)
+
+
+def _original_module(module: str) -> tuple[str, int, int] | None:
+    """Diffusers module -> (original module, part index, parts) of the LongCat DiT (``blocks.3.attn1.to_k`` ->
+    ``("blocks.3.attn.qkv", 1, 3)``)."""
+    for src, dst in TOP_LEVEL_KEY_MAP:
+        if module == dst:
+            return src, 0, 1
+    head, _, local = module.partition(".")
+    index, _, local = local.partition(".")
+    if head != "blocks" or not index.isdigit():
+        return None
+    for src, parts in BLOCK_SPLITS:
+        if local in parts:
+            return f"blocks.{index}.{src}", parts.index(local), len(parts)
+    for src, dst in BLOCK_KEY_MAP:
+        if local == dst:
+            return f"blocks.{index}.{src}", 0, 1
+    return None
+
+
+def export_longcat_lora(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Diffusers LoRA of the LongCat-Video transformer (``transformer.<module>.lora_A/B.weight``, scale folded in:
+    what training writes) in the original LongCat-Video format (``lora_utils.LoRANetwork``: ``lora_down``,
+    ``lora_up`` or ``lora_up.blocks.N`` for the fused ``qkv`` / ``kv_linear``, ``alpha_scale`` 1), which the
+    release's code and :class:`~diffusers_wan_ext.LongCatVideoPipeline` load.  A fused projection whose parts were
+    not all trained gets zero factors for the others.  A key of another module is a ``ValueError`` naming it.
+
+    Example:
+        >>> sd = {"transformer.blocks.0.ffn.w1.lora_A.weight": torch.ones(4, 8),
+        ...       "transformer.blocks.0.ffn.w1.lora_B.weight": torch.ones(16, 4)}
+        >>> sorted(export_longcat_lora(sd))[:2]
+        ['lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___ffn___lorahyphen___w1.alpha_scale', \
+'lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___ffn___lorahyphen___w1.lora_down.weight']
+    """
+    grouped: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    parts_of: dict[str, int] = {}
+    for key in sorted(state_dict):
+        if not key.endswith(".lora_A.weight"):
+            if not key.endswith(".lora_B.weight"):
+                raise ValueError(f"{key}: not a LoRA factor (lora_A / lora_B weight)")
+            continue
+        module = key[: -len(".lora_A.weight")].removeprefix("transformer.")
+        found = _original_module(module)
+        up = state_dict.get(key.replace(".lora_A.", ".lora_B."))
+        if found is None or up is None:
+            raise ValueError(f"{key}: {'no lora_B for it' if up is None else 'no LongCat-Video module ' + module}")
+        original, part, parts = found
+        grouped.setdefault(original, {})[part] = (state_dict[key], up)
+        parts_of[original] = parts
+    out: dict[str, torch.Tensor] = {}
+    for original, factors in grouped.items():
+        name = LORA_PREFIX + original.replace(".", LORA_HYPHEN)
+        down0, up0 = next(iter(factors.values()))
+        rank, parts = down0.shape[0], parts_of[original]
+        downs, ups = [], []
+        for i in range(parts):
+            down, up = factors.get(i, (torch.zeros_like(down0), torch.zeros_like(up0)))
+            if down.shape[0] != rank:
+                raise ValueError(f"{original}: its parts have LoRA ranks {down.shape[0]} and {rank}")
+            downs.append(down)
+            ups.append(up)
+        out[f"{name}.lora_down.weight"] = torch.cat(downs).contiguous()
+        if parts == 1:
+            out[f"{name}.lora_up.weight"] = ups[0].contiguous()
+        else:
+            out.update({f"{name}.lora_up.blocks.{i}.weight": u.contiguous() for i, u in enumerate(ups)})
+        out[f"{name}.alpha_scale"] = torch.tensor(1.0)
+    return out
+
+
 class LongCatFamily(ModelFamily):
     name = "longcat"
     title = "LongCat-Video (own DiT; Wan2.1 VAE and umT5)"
@@ -338,8 +436,18 @@ class LongCatFamily(ModelFamily):
                       kind="int"),
     )
 
+    conditionings = (LONGCAT_CONDITIONING,)
+    #: DiffSynth-Studio's LongCat-Video column: the conditioning frames of continuation (4n+1, the clip's first)
+    dataset_inputs = {"longcat_video": ExtraInput("video_prefix")}
+
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
         return (variant or "").lower() == VARIANT.name or find_longcat_dit(src, transformer) is not None
+
+    def claims_config(self, config: Any) -> bool:
+        return "text_tokens_zero_pad" in config
+
+    def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
+        return LONGCAT_CONDITIONING if self.claims_config(config) else None
 
     def convert_release(self, src: Path, dst: Path, options: ReleaseOptions) -> Path:
         return convert_longcat_release(src, dst, options)

@@ -21,10 +21,11 @@ from ..conversion.dit import DitExtension, DitInfo, DitShape, block_indices
 from ..models import WanS2VTransformer3DModel
 from ..models.transformer_wan_s2v import RELEASE_AUDIO_INJECT_LAYERS, WanS2VTransformerBlock, audio_injector_layout
 from ..pipelines import WanSpeechToVideoPipeline
+from ..pipelines.s2v_conditioning import audio_embeds_per_clip, motion_history, pose_latents_per_clip
 from ..utils.io import ConversionError, format_keys
-from .base import ConvertInput, GenerateInput, ModelFamily, TinyArch, WanVariant
+from .base import Conditioning, ConvertInput, ExtraInput, GenerateInput, ModelFamily, TinyArch, WanVariant
 
-__all__ = ["S2V_RELEASE_OPTIONS", "SpeechToVideoFamily", "make_tiny_wav2vec"]
+__all__ = ["S2V_RELEASE_OPTIONS", "SpeechToVideoFamily", "encode_s2v_condition", "make_tiny_wav2vec"]
 
 # Inside ``audio_injector.injector.N.`` (audio cross-attention; stock ``WanAttention`` names).
 AUDIO_INJECTOR_KEY_MAP = (
@@ -177,6 +178,52 @@ def make_tiny_wav2vec(folder: str | os.PathLike, seed: int = 0) -> Path:
     return folder
 
 
+#: Video frame rate the training audio is matched to (the release's, as DiffSynth-Studio's training).
+TRAINING_FPS = 16
+
+
+def encode_s2v_condition(builder, sample: dict, inputs, num_frames: int, height: int, width: int) -> None:
+    """Wan2.2-S2V training inputs, as DiffSynth-Studio's ``WanVideoUnit_S2V`` builds them for the first clip.
+
+    The clip's first frame is the reference: its latent frame is the transformer's ``image_latents`` (from
+    ``input_image``) and the target is the other ``(num_frames - 1) / 4`` latent frames; ``audio_embeds`` are the
+    Wav2Vec2 features of ``input_audio`` for ``num_frames - 1`` frames at 16 fps (the pipeline's
+    :func:`~diffusers_wan_ext.pipelines.s2v_conditioning.audio_embeds_per_clip`; the audio encoder is frozen), the
+    pose latents those of ``s2v_pose_video``'s first ``num_frames - 1`` frames, and the motion history is empty
+    (``drop_motion_frames``), as for the first clip of a video.
+    """
+    pipe = builder.pipe
+    if num_frames < 5:
+        raise ValueError(f"Wan2.2-S2V trains on clips of 4n+1 >= 5 frames (the first is the reference); this clip has "
+                         f"{num_frames}")
+    if pipe.audio_encoder is None or pipe.audio_processor is None:
+        raise ValueError("Wan2.2-S2V training needs the audio_encoder and audio_processor of the model folder")
+    if pipe.audio_sample_rate != 16000:
+        raise ValueError(f"the audio processor expects {pipe.audio_sample_rate} Hz; input_audio is read at 16000 Hz")
+    frames = num_frames - 1
+    inputs.latents = inputs.latents[:, :, 1:]
+    image = builder.image(sample, "input_image").to(builder.device)
+    audio = sample["input_audio"].numpy()
+    embeds = audio_embeds_per_clip(pipe.audio_encoder, pipe.audio_processor, audio, 16000, fps=TRAINING_FPS,
+                                   frames_per_clip=frames, device=builder.device)[0]
+    history = motion_history(None, pipe.transformer.config.motion_frames, height, width).to(builder.device)
+    kwargs = {
+        "audio_embeds": embeds,
+        "image_latents": builder.encode_latents(image.unsqueeze(2)),
+        "motion_latents": builder.encode_latents(history),
+        "drop_motion_frames": torch.tensor(True),
+    }
+    if "s2v_pose_video" in builder.extra_inputs:
+        pose = builder.video(sample, "s2v_pose_video").to(builder.device)
+        kwargs["pose_latents"] = pose_latents_per_clip(pipe.vae, pose, 1, frames)[0]
+    inputs.transformer_kwargs = kwargs
+
+
+S2V_CONDITIONING = Conditioning("Wan2.2-S2V (speech-to-video)", WanSpeechToVideoPipeline,
+                                required=("input_image", "input_audio"), optional=("s2v_pose_video",),
+                                encode=encode_s2v_condition)
+
+
 class SpeechToVideoFamily(ModelFamily):
     name = "s2v"
     title = "Wan2.2-S2V (speech-to-video)"
@@ -212,6 +259,9 @@ class SpeechToVideoFamily(ModelFamily):
         ),
     }
     tiny_arches = {"s2v": TinyArch("s2v", 16, 16)}
+    conditionings = (S2V_CONDITIONING,)
+    #: DiffSynth-Studio's S2V dataset columns (``input_image`` is the clip's first frame)
+    dataset_inputs = {"input_audio": ExtraInput("audio"), "s2v_pose_video": ExtraInput("video")}
 
     def find_files(self, root: Path, given: dict[str, Any]) -> dict[str, Path | None]:
         folder = given.get("audio_encoder")
@@ -245,3 +295,9 @@ class SpeechToVideoFamily(ModelFamily):
 
     def tiny_release_files(self, folder: Path, dit_folder: Path, arch: str, dit_state_dict: dict, seed: int) -> None:
         make_tiny_wav2vec(folder / WAV2VEC_DIR, seed=seed)
+
+    def claims_config(self, config: Any) -> bool:
+        return bool(getattr(config, "audio_inject_layers", None))
+
+    def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
+        return S2V_CONDITIONING if self.claims_config(config) else None

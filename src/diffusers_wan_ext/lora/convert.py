@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..conversion.dit import BLOCK_KEY_MAP, TOP_LEVEL_KEY_MAP, rename_dit_key
+from ..conversion.longcat import longcat_target_modules
 from ..utils.atomic import atomic_write_file
 from ..utils.io import ConversionError, format_keys, load_state_dict
 from .formats import (
@@ -643,7 +644,12 @@ def map_lora_target_modules(names: str | Iterable[str]) -> list[str]:
             mapped = name
         if mapped is None and rename_dit_key(name, reverse=True) is not None:
             mapped = name
-        if mapped is None:
+        # LongCat-Video's original block modules (attn.qkv, cross_attn.kv_linear, adaLN_modulation.1, ffn.w1 ...)
+        longcat = None if mapped is not None else (longcat_target_modules(f"blocks.0.{name}")
+                                                   or longcat_target_modules(name))
+        if longcat is not None:
+            out.extend(m.removeprefix("blocks.0.") for m in longcat if m.removeprefix("blocks.0.") not in out)
+        elif mapped is None:
             unknown.append(name)
         elif mapped not in out:
             out.append(mapped)

@@ -272,7 +272,7 @@ class WanLoraInteropMixin(WanLoraLoaderMixin):
                     + (" (a Wan2.1 pipeline has one transformer)" if comp == "transformer_2" else "")
                 )
             sd = _reprefix(part, source)
-            if comp in ("transformer", "transformer_2"):
+            if comp in ("transformer", "transformer_2") and "image_dim" in model.config:  # (S2V has no CLIP branch)
                 sd = self._maybe_expand_t2v_lora_for_i2v(transformer=model, state_dict=sd)
             sd = check_lora_state_dict(model, sd, prefix="transformer", name=comp)
             plan.append((model, sd, _reprefix(metadata, source)))

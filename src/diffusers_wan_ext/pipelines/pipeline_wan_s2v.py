@@ -45,6 +45,7 @@ from transformers import (
     Wav2Vec2Processor,
 )
 
+from ..lora.loader import WanLoraInteropMixin
 from ..utils.shims import ShimPipelineMixin
 from ..models.transformer_wan_s2v import WanS2VTransformer3DModel
 from ..schedulers import WanFlowMatchScheduler
@@ -66,7 +67,9 @@ __all__ = ["WanSpeechToVideoPipeline"]
 FIRST_CLIP_TRIM = 3
 
 
-class WanSpeechToVideoPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, DiffusionPipeline):
+class WanSpeechToVideoPipeline(
+    ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, WanDenoisingMixin, DiffusionPipeline
+):
     r"""
     Speech-to-video with Wan2.2-S2V-14B: a reference image speaks / sings an audio track, clip after clip.
 

@@ -30,7 +30,8 @@ __all__ = ["DTYPES", "WanTrainingComponents", "load_training_components", "load_
 
 ENCODERS = ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor", "audio_encoder", "audio_processor")
 #: The pipeline components training reads besides the transformers.
-SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "image_encoder", "audio_processor")
+SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor", "audio_encoder",
+                "audio_processor")
 #: The families' extra trainable components (``motion_controller`` ...).
 EXTRA_PARTS = tuple(c.name for c in training_declarations()[1])
 
@@ -46,8 +47,9 @@ class WanTrainingComponents:
         transformer: that expert.
         boundary_ratio: the two-expert switch (``None`` for one expert).
         expand_timesteps: Wan2.2 TI2V-5B's per-token timesteps / first-frame mode.
-        vae, text_encoder, tokenizer, image_encoder, audio_processor: the other components (``None`` if absent or
-            not loaded).
+        vae, text_encoder, tokenizer, image_encoder, image_processor, audio_encoder, audio_processor: the other
+            components (``None``
+            if absent or not loaded; the S2V audio encoder stays frozen).
         extra_components: the families' extra trainable components the folder has, by name
             (:class:`~diffusers_wan_ext.families.TrainingComponent`).
     """
@@ -62,6 +64,8 @@ class WanTrainingComponents:
     text_encoder: Any = None
     tokenizer: Any = None
     image_encoder: Any = None
+    image_processor: Any = None
+    audio_encoder: Any = None
     audio_processor: Any = None
     extra_components: dict[str, Any] = field(default_factory=dict)
 

@@ -44,8 +44,10 @@ import PIL.Image
 import torch
 
 from ..families import ExtraInput, training_declarations
+from ..utils.media import read_audio_file
 
 __all__ = [
+    "AUDIO_SAMPLE_RATE",
     "EXTRA_INPUTS",
     "DatasetRowError",
     "ExtraInput",
@@ -57,6 +59,8 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+#: Rate of ``"audio"`` columns (the Wav2Vec2 feature extractor's, as DiffSynth-Studio's ``LoadAudio(sr=16000)``).
+AUDIO_SAMPLE_RATE = 16000
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".wmv", ".mkv", ".flv", ".webm", ".gif")
 
 
@@ -242,8 +246,9 @@ class VideoDataset(torch.utils.data.Dataset):
     Clips of a DiffSynth-Studio style metadata file, as uint8 frames resized for training.
 
     Each item is a dict: ``row`` (metadata index), ``prompt``, ``video`` (``uint8 [F, H, W, 3]``) and one entry per
-    extra input -- images ``uint8 [H, W, 3]``, videos ``uint8 [F, H, W, 3]`` (same ``F``, ``H``, ``W`` as the clip),
-    numbers and strings as read -- plus ``skipped``: the rows replaced to produce this item (with ``skip_bad_rows``).
+    extra input -- images ``uint8 [H, W, 3]``, videos ``uint8 [F, H, W, 3]`` (same ``F``, ``H``, ``W`` as the clip;
+    ``"video_native"``: the file's own frame size; ``"video_prefix"``: ``4n + 1 <= F`` frames), audio ``float32
+    [samples]`` at 16 kHz, numbers and strings as read -- plus ``skipped``: the rows replaced to produce this item (with ``skip_bad_rows``).
 
     Args:
         base_path: folder the file columns are relative to.
@@ -410,15 +415,35 @@ class VideoDataset(torch.utils.data.Dataset):
             elif spec.kind == "image":
                 first = self._frames(row, name, 1)[0]
                 sample[name] = _to_uint8([crop_and_resize(first, height, width)])[0]
-            elif spec.kind == "video":
-                extra = self._frames(row, name, n)
-                if len(extra) < n:
-                    raise DatasetRowError(f"{row.label}: column {name!r}: {row.values[name]} has {len(extra)} "
-                                          f"frame(s) but the clip has {n}; it needs at least as many")
-                sample[name] = _to_uint8([crop_and_resize(f, height, width) for f in extra[:n]])
+            elif spec.kind in ("video", "video_native", "video_prefix"):
+                sample[name] = self._extra_video(row, name, spec.kind, n, height, width)
+            elif spec.kind == "audio":
+                sample[name] = self._audio(row, name)
             else:
                 sample[name] = self._scalar(row, name, spec.kind)
         return sample
+
+    def _extra_video(self, row: MetadataRow, name: str, kind: str, n: int, height: int, width: int) -> torch.Tensor:
+        """A video column: ``n`` frames (``"video_prefix"``: its first ``4k + 1 <= n``) resized as the clip
+        (``"video_native"``: at the file's own size)."""
+        extra = self._frames(row, name, n)
+        if kind == "video_prefix":
+            extra = extra[:_largest_4n1(len(extra))]
+        elif len(extra) < n:
+            raise DatasetRowError(f"{row.label}: column {name!r}: {row.values[name]} has {len(extra)} "
+                                  f"frame(s) but the clip has {n}; it needs at least as many")
+        if kind == "video_native":
+            return _to_uint8(extra[:n])
+        return _to_uint8([crop_and_resize(f, height, width) for f in extra[:n]])
+
+    def _audio(self, row: MetadataRow, name: str) -> torch.Tensor:
+        """An audio column as mono float32 samples at :data:`AUDIO_SAMPLE_RATE`."""
+        path = self.base_path / str(row.values[name])
+        try:
+            samples = read_audio_file(path, AUDIO_SAMPLE_RATE, name=name)
+        except ValueError as e:
+            raise DatasetRowError(f"{row.label}: column {name!r}: {e}") from e
+        return torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
 
     @staticmethod
     def _scalar(row: MetadataRow, name: str, kind: str) -> Any:

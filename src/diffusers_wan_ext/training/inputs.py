@@ -19,12 +19,14 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
 
 from ..utils.media import encode_video, load_image, load_video_frames
 from ..families import Conditioning, training_conditioning, training_declarations
 from .components import WanTrainingComponents
-from .dataset import DatasetRowError
+from .dataset import DatasetRowError, crop_and_resize
 
 __all__ = ["ModelInputs", "WanInputBuilder", "conditioning_for"]
 
@@ -45,6 +47,8 @@ class ModelInputs:
         image_embeds: CLIP features (models with a CLIP branch), or ``None``.
         first_frame_latents: TI2V-5B with ``input_image``: the clean latent frame 0 (kept clean, timestep 0, not in
             the loss), or ``None``.
+        clean_frames: leading latent frames that are clean conditioning (LongCat-Video continuation): kept clean in
+            the transformer input and left out of the loss (the transformer is told through its own kwargs).
         component_inputs: the inputs of the families' extra components by column name (speed control:
             ``motion_bucket_id`` ``[1]``).
         transformer_kwargs: extra transformer inputs (``reference_latents``, ``control_camera_latents``,
@@ -57,6 +61,7 @@ class ModelInputs:
     y: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     first_frame_latents: torch.Tensor | None = None
+    clean_frames: int = 0
     component_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     transformer_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
     prompt: str = ""
@@ -67,25 +72,29 @@ class ModelInputs:
         moved = {name: (None if getattr(self, name) is None else getattr(self, name).to(device)) for name in self._FIELDS}
         components = {k: v.to(device) for k, v in self.component_inputs.items()}
         kwargs = {k: v.to(device) for k, v in self.transformer_kwargs.items()}
-        return ModelInputs(**moved, component_inputs=components, transformer_kwargs=kwargs, prompt=self.prompt)
+        return ModelInputs(**moved, clean_frames=self.clean_frames, component_inputs=components,
+                           transformer_kwargs=kwargs, prompt=self.prompt)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat CPU tensors for the cache (component inputs under their column name, ``kwargs.<name>`` for the
         transformer kwargs)."""
         out = {name: getattr(self, name) for name in self._FIELDS if getattr(self, name) is not None}
+        if self.clean_frames:
+            out["clean_frames"] = torch.tensor(int(self.clean_frames))
         out.update(self.component_inputs)
         out.update({f"kwargs.{k}": v for k, v in self.transformer_kwargs.items()})
         return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prompt: str = "") -> "ModelInputs":
-        known = (*cls._FIELDS, *COMPONENT_INPUTS)
+        known = (*cls._FIELDS, "clean_frames", *COMPONENT_INPUTS)
         unknown = [k for k in tensors if k not in known and not k.startswith("kwargs.")]
         if unknown or "latents" not in tensors or "prompt_embeds" not in tensors:
             raise ValueError(f"not a training-cache entry: unknown {unknown}, keys {sorted(tensors)}")
         kwargs = {k[len("kwargs."):]: v for k, v in tensors.items() if k.startswith("kwargs.")}
         components = {k: v for k, v in tensors.items() if k in COMPONENT_INPUTS}
-        return cls(**{k: tensors.get(k) for k in cls._FIELDS}, component_inputs=components,
+        clean = int(tensors["clean_frames"]) if "clean_frames" in tensors else 0
+        return cls(**{k: tensors.get(k) for k in cls._FIELDS}, clean_frames=clean, component_inputs=components,
                    transformer_kwargs=kwargs, prompt=prompt)
 
 
@@ -140,15 +149,20 @@ class WanInputBuilder:
                 raise ValueError(f"the model folder has no {name}; encoding training inputs needs it")
         pipeline_cls = cond.pipeline
         params = inspect.signature(pipeline_cls.__init__).parameters
+        if components.audio_encoder is not None:  # frozen, used for conditioning only
+            components.audio_encoder.requires_grad_(False).eval().to(self.device)
         parts = dict(tokenizer=components.tokenizer, text_encoder=components.text_encoder, vae=components.vae,
-                     scheduler=None, image_encoder=components.image_encoder, transformer=components.transformer)
+                     scheduler=None, image_encoder=components.image_encoder, transformer=components.transformer,
+                     image_processor=components.image_processor, audio_encoder=components.audio_encoder,
+                     audio_processor=components.audio_processor)
         self.pipe = pipeline_cls(**{k: v for k, v in parts.items() if k in params})
 
     # ------------------------------------------------------------------------------------------------ helpers
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        embeds, _ = self.pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False,
-                                            max_sequence_length=self.max_sequence_length, device=self.device)
+        # (embeds, negative) for the Wan pipelines, (embeds, mask, negative, negative mask) for LongCat-Video
+        embeds = self.pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False,
+                                         max_sequence_length=self.max_sequence_length, device=self.device)[0]
         if hasattr(self.pipe, "_pad_text_context"):  # Fun / I2V with a CLIP branch: text part padded to text_len
             embeds = self.pipe._pad_text_context(embeds)
         return embeds
@@ -158,6 +172,13 @@ class WanInputBuilder:
         """A video column of a sample as ``[1, 3, F, H, W]`` in [-1, 1]."""
         frames = sample[name]
         return load_video_frames(frames.numpy(), frames.shape[0], frames.shape[1], frames.shape[2], name=name)
+
+    @staticmethod
+    def video_at(sample: dict[str, Any], name: str, height: int, width: int) -> torch.Tensor:
+        """A video column read at its own size (``"video_native"``) as ``[1, 3, F, height, width]`` in [-1, 1]:
+        each frame scaled to cover ``height x width`` and center-cropped."""
+        frames = [crop_and_resize(PIL.Image.fromarray(f), height, width) for f in sample[name].numpy()]
+        return load_video_frames(np.stack([np.asarray(f) for f in frames]), len(frames), height, width, name=name)
 
     @staticmethod
     def image(sample: dict[str, Any], name: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..families import TrainingComponent, training_declarations
+from ..families import TrainingComponent, training_conditioning, training_declarations
 from .flow_match import FlowMatchTrainingSchedule, TimestepSample
 from .inputs import ModelInputs
 
@@ -31,6 +31,7 @@ __all__ = [
     "fuse_lora_weights",
     "lora_state_dict",
     "load_lora_into",
+    "output_sign",
     "store_frozen_weights_in_fp8",
     "training_component",
     "training_loss",
@@ -257,7 +258,8 @@ class WanTrainingModule(nn.Module):
     (:class:`~diffusers_wan_ext.families.TrainingComponent`, each a submodule under its own name, so its weights
     are ``<name>.*``).
 
-    ``forward`` runs one prediction; :func:`training_loss` builds its inputs and the loss.
+    ``forward`` runs one prediction, as the flow-matching velocity (a family whose transformer predicts its
+    negative declares ``output_sign = -1``: LongCat-Video); :func:`training_loss` builds its inputs and the loss.
 
     Args:
         transformer: a Wan transformer (stock ``WanTransformer3DModel``, ``WanVACETransformer3DModel`` or ours).
@@ -270,6 +272,7 @@ class WanTrainingModule(nn.Module):
         self.component_specs = {name: training_component(name) for name in components or {}}
         for name, module in (components or {}).items():
             self.add_module(name, module)
+        self.output_sign = output_sign(transformer)
 
     def forward(
         self,
@@ -288,7 +291,28 @@ class WanTrainingModule(nn.Module):
                 value = (component_inputs or {}).get(spec.input_name)
                 if value is not None:
                     stack.enter_context(spec.apply(getattr(self, name), self.transformer, value))
-            return self.transformer(hidden_states, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+            out = self.transformer(hidden_states, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+        return out if self.output_sign == 1.0 else out * self.output_sign
+
+
+def output_sign(transformer: nn.Module) -> float:
+    """``1.0``, or ``-1.0`` for a transformer whose family declares that it predicts the negative velocity."""
+    try:
+        return float(training_conditioning(transformer.config, False).output_sign)
+    except ValueError:  # a layout no family conditions (only reachable when training from a cache)
+        return 1.0
+
+
+def _transformer_kwargs(inputs: ModelInputs, dtype: torch.dtype) -> dict[str, Any]:
+    """The transformer kwargs in the compute dtype; 0-dim integer / bool tensors (``num_cond_latents``,
+    ``drop_motion_frames``) as Python numbers."""
+    out: dict[str, Any] = {}
+    for k, v in inputs.transformer_kwargs.items():
+        if v.is_floating_point():
+            out[k] = v.to(dtype)
+        else:
+            out[k] = v.item() if v.ndim == 0 else v
+    return out
 
 
 def _per_token_timesteps(t: torch.Tensor, latents: torch.Tensor, patch_size) -> torch.Tensor:
@@ -324,8 +348,11 @@ def training_loss(
         timestep = _per_token_timesteps(t, noisy, patch_size)
     else:
         timestep = t.reshape(1)
+    clean = int(inputs.clean_frames)
+    if clean:  # clean conditioning frames (the transformer gets their count through its kwargs)
+        noisy[:, :, :clean] = x0[:, :, :clean]
     model_input = noisy if inputs.y is None else torch.cat([noisy, inputs.y.float()], dim=1)
-    kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.transformer_kwargs.items()}
+    kwargs = _transformer_kwargs(inputs, dtype)
     prediction = module(
         model_input.to(dtype),
         timestep,
@@ -336,4 +363,6 @@ def training_loss(
     )
     if inputs.first_frame_latents is not None:
         prediction, target = prediction[:, :, 1:], target[:, :, 1:]
+    if clean:
+        prediction, target = prediction[:, :, clean:], target[:, :, clean:]
     return schedule.loss(prediction, target, sample.weight), sample
