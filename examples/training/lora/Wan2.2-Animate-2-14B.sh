@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# LoRA of Wan2.2-Animate-2-14B: DiffSynth-Studio's model_training/lora/Wan2.2-Animate-2-14B.sh (one GPU, 640x352, 81 frames).
+# MODEL: diffusers-wan convert Wan2.2-Animate-2-14B ./models/Wan2.2-Animate-2-14B-diffusers (wan_animate_2_bf16.safetensors).
+# Columns: video, prompt, animate2_reference_image (the character), animate2_reference_video (the driving video, as
+# many frames as the clip), animate2_prompt_ref (optional). DiffSynth adapts self_attn.q,k,v only; its names map to
+# the Wan DiT's attn1, which this DiT does not have: to_q,to_k,to_v here also adapts the cross-attention q / k / v.
+source "$(dirname "$0")/../common.sh"
+data=${DATA:-./data/diffsynth_example_dataset/wanvideo/Wan2.2-Animate-2-14B}
+lora Wan2.2-Animate-2-14B "" --dataset_metadata_path "$data/metadata.json" --height 640 --width 352 \
+  --data_file_keys "video,animate2_reference_image,animate2_reference_video" \
+  --extra_inputs "animate2_prompt_ref,animate2_reference_image,animate2_reference_video" \
+  --lora_target_modules "to_q,to_k,to_v" "$@"
