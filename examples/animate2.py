@@ -4,23 +4,29 @@ Convert the release once (the distilled DiT with ``--variant wan2.2-animate-2-14
 
     diffusers-wan convert /ckpt/Wan2.2-Animate-2-14B /ckpt/Wan2.2-Animate-2-14B-diffusers
 
-The converted folder runs in stock Diffusers' modular Animate-2 pipeline (no classic ``DiffusionPipeline`` yet, see
-``docs/animate2.md``):
+then run our classic pipeline (``WanAnimate2Pipeline``; ``DiffusionPipeline.from_pretrained`` loads it):
 
     python examples/animate2.py /ckpt/Wan2.2-Animate-2-14B-diffusers refimage.jpg refvideo.mp4 --output out.mp4
-    python examples/animate2.py /ckpt/Wan2.2-Animate-2-14B-Distilled-diffusers refimage.jpg refvideo.mp4 --distilled
+    python examples/animate2.py /ckpt/Wan2.2-Animate-2-14B-Distilled-diffusers refimage.jpg refvideo.mp4 --steps 10 \
+        --guidance-scale 1
 
-Defaults follow DiffSynth-Studio's examples: 1280x720 (portrait), 81-frame clips, 40 steps at CFG 3 (distilled: 10
-steps; stock's distilled pipeline has no ``log_scale``).
+Defaults follow DiffSynth-Studio's examples: 1280x720 (portrait), 81-frame clips at 24 fps, 40 steps at CFG 3 (the
+distilled DiT: 10 steps, CFG 1; its folder sets ``log_scale = -1.3``).  The whole driving video is generated, clip
+after clip (``--single-clip``: its first ``--clip-frames`` frames only).  ``--vram 24gb`` plans offloading (the
+reference K/V cache then stays in CPU memory).
 """
 
 import argparse
 
 import torch
-from diffusers.modular_pipelines import WanAnimate2Blocks, WanAnimate2DistilledBlocks
-from diffusers.utils import export_to_video, load_image, load_video
+from diffusers import DiffusionPipeline
+from diffusers.utils import export_to_video
 
-from diffusers_wan_ext import WanAnimate2ExtTransformer3DModel  # folders of non-release widths hold ours
+import diffusers_wan_ext  # noqa: F401  (registers WanAnimate2Pipeline)
+
+# DiffSynth-Studio's example prompt for the driving video's reference pass ("the person in the video moves, the
+# background is still")
+PROMPT_REF = "视频中的人在做动作，背景静止"
 
 
 def main(argv=None):
@@ -28,31 +34,38 @@ def main(argv=None):
     parser.add_argument("model", help="converted Wan2.2-Animate-2 folder (diffusers-wan convert)")
     parser.add_argument("image", help="reference image: the character")
     parser.add_argument("video", help="driving video: the motion")
-    parser.add_argument("--distilled", action="store_true", help="the distilled DiT's pipeline (10 steps, no CFG)")
-    parser.add_argument("--prompt", default="")
+    parser.add_argument("--prompt", default="a person dancing")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--prompt-ref", default=PROMPT_REF, help="describes the driving video (reference pass)")
     parser.add_argument("--height", type=int, default=1280)
     parser.add_argument("--width", type=int, default=720)
-    parser.add_argument("--segment-frames", type=int, default=81)
-    parser.add_argument("--steps", type=int, default=None, help="default: 40 (distilled: 10)")
+    parser.add_argument("--clip-frames", type=int, default=81, help="frames per clip (4n + 1)")
+    parser.add_argument("--single-clip", action="store_true", help="only the first clip of the driving video")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--log-scale", type=float, default=None, help="default: the folder's (-1.3 distilled)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--vram", default=None, help="e.g. 24gb: plan offloading for this much GPU memory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=24)
     parser.add_argument("--output", default="animate2.mp4")
     args = parser.parse_args(argv)
 
-    blocks = WanAnimate2DistilledBlocks() if args.distilled else WanAnimate2Blocks()
-    pipe = blocks.init_pipeline(args.model)
-    pipe.load_components(torch_dtype=torch.bfloat16)
-    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-    ours = isinstance(pipe.transformer, WanAnimate2ExtTransformer3DModel)
-    print(f"transformer: {type(pipe.transformer).__name__}{' (dense attention, log_scale)' if ours else ''}")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.vram:
+        pipe.enable_vram_management(args.vram, height=args.height, width=args.width, num_frames=args.clip_frames)
+    else:
+        pipe.to(device)
     video = pipe(
-        prompt=args.prompt, image=load_image(args.image), driving_video=load_video(args.video), height=args.height,
-        width=args.width, segment_frame_length=args.segment_frames,
-        num_inference_steps=args.steps or (10 if args.distilled else 40),
-        generator=torch.Generator().manual_seed(args.seed), output="videos",
-    )
-    export_to_video(list(video[0]), args.output, fps=args.fps)
-    print(f"wrote {args.output}")
+        image=args.image, driving_video=args.video, prompt=args.prompt, negative_prompt=args.negative_prompt,
+        prompt_ref=args.prompt_ref, height=args.height, width=args.width, num_frames=args.clip_frames,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, log_scale=args.log_scale,
+        long_video=not args.single_clip, generator=torch.Generator().manual_seed(args.seed),
+    ).frames[0]
+    export_to_video(list(video), args.output, fps=args.fps)
+    print(f"wrote {args.output} ({len(video)} frames)")
 
 
 if __name__ == "__main__":

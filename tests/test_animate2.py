@@ -7,6 +7,7 @@ running the converted folder.  Parity with DiffSynth is the ``dit_animate2`` gol
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import subprocess
@@ -39,7 +40,7 @@ from diffusers_wan_ext.pipelines.pipeline_wan_animate2 import plan_clips, zigzag
 from diffusers_wan_ext.training import parse_args, run_training
 from diffusers_wan_ext.utils.media import encode_video
 from diffusers_wan_ext.utils.io import ConversionError
-from helpers import src_env
+from helpers import ROOT, src_env
 
 TINY_CFG = dict(text_len=16, dim=48, ffn_dim=96, freq_dim=32, text_dim=32, num_heads=2, num_layers=2, clip_dim=40)
 
@@ -508,7 +509,7 @@ def test_runtime_declarations(a2_folder):
 
 def test_generate_cli_on_real_files(a2_folder, tmp_path, capsys):
     """``diffusers-wan generate`` on the converted folder with a png and an mp4 (the whole driving video, in clips
-    of --num-frames)."""
+    of --num-frames), and examples/animate2.py."""
     rs = np.random.RandomState(0)
     Image.fromarray(rs.randint(0, 255, (16, 16, 3), np.uint8)).save(tmp_path / "ref.png")
     imageio.mimwrite(tmp_path / "drive.mp4", [rs.randint(0, 255, (16, 16, 3), np.uint8) for _ in range(5)], fps=8)
@@ -521,6 +522,14 @@ def test_generate_cli_on_real_files(a2_folder, tmp_path, capsys):
     assert main([*common, "--image", str(tmp_path / "ref.png"), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "--driving-video" in err and "Traceback" not in err, err
+    # examples/animate2.py on the same files
+    spec = importlib.util.spec_from_file_location("animate2_example", ROOT / "examples" / "animate2.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main([str(a2_folder), str(tmp_path / "ref.png"), str(tmp_path / "drive.mp4"), "--height", "16", "--width",
+                  "16", "--clip-frames", "5", "--steps", "1", "--guidance-scale", "1", "--dtype", "fp32", "--fps", "8",
+                  "--output", str(tmp_path / "example.mp4")])
+    assert imageio.v3.imread(tmp_path / "example.mp4").shape == (5, 16, 16, 3)
 
 
 def test_lora_training_on_the_tiny_model(a2_folder, tmp_path):
