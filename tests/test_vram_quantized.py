@@ -163,3 +163,53 @@ def test_release_size_fp8_14b_stays_resident_on_24gb():
     assert plan_vram({"transformer": dense}, "24gb", **kw).strategies == {"transformer": "resident_fp8"}
     assert plan_vram({"transformer": dense}, "24gb", allow_fp8=False, **kw).strategies == {
         "transformer": "group_offload"}
+
+
+def _storage(model: torch.nn.Module) -> dict[str, tuple[str, str, str]]:
+    """``{layer: (parameter class, storage dtype, GGUF type or fp8 scale dtype)}`` of every quantized Linear."""
+    out = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, Fp8Linear):
+            out[name] = (type(weight).__name__, str(weight.dtype), str(module.weight_scale.dtype))
+        elif weight is not None and is_gguf_parameter(weight):
+            out[name] = (type(weight).__name__, str(weight.dtype), weight.quant_type.name)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gguf", "fp8"])
+@pytest.mark.parametrize("offload", ["model_cpu_offload", "group_block", "group_leaf"])
+def test_diffusers_offload_keeps_packed_storage(files, kind, offload):
+    """Stock Diffusers offloading on a transformer loaded quantized: the hooks' device moves keep the GGUF blocks /
+    fp8 weights as they are (on CPU both devices are the CPU: the moves run, the values cannot change; the CUDA
+    run of the same hooks is the GPU check), and the outputs stay those of the resident pipeline."""
+    from diffusers.hooks import apply_group_offloading
+
+    pipe = _pipe(files, load_quantized_dit(files[kind], torch_dtype=torch.float32))
+    before, qbytes = _storage(pipe.transformer), quantized_weight_bytes(pipe.transformer)
+    assert before and qbytes > 0
+    baseline = _run(pipe)
+    cpu = torch.device("cpu")
+    if offload == "model_cpu_offload":
+        pipe.enable_model_cpu_offload(device="cpu")
+    else:
+        apply_group_offloading(pipe.transformer, onload_device=cpu, offload_device=cpu,
+                               offload_type="block_level" if offload == "group_block" else "leaf_level",
+                               num_blocks_per_group=1 if offload == "group_block" else None)
+    assert torch.equal(_run(pipe), baseline)
+    assert _storage(pipe.transformer) == before and quantized_weight_bytes(pipe.transformer) == qbytes
+
+
+@pytest.mark.parametrize("kind", ["gguf", "fp8"])
+def test_meta_moves_keep_packed_storage(files, kind):
+    """The device moves offloading makes (``module.to(device)`` for whole models and blocks, ``param.data =
+    param.data.to(device)`` for group offloading's streams) keep the packed storage; shown with the meta device."""
+    model = load_quantized_dit(files[kind], torch_dtype=torch.bfloat16)
+    before = _storage(model)
+    block = model.blocks[0].to("meta")
+    for module in block.modules():
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to("meta")
+    model.to("meta")
+    after = _storage(model)
+    assert after == before and all(p.is_meta for p in model.parameters())
