@@ -239,3 +239,29 @@ def test_example_script_writes_the_dance_with_its_music(folder, tmp_path, monkey
     assert len(load_video(str(out))) == 17  # 0.6 s -> 2 keyframes (0, 0.53 s) -> 30-fps frames 0 .. 16
     probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(out)], capture_output=True, text=True)
     assert "Audio:" in probe.stderr and "Video:" in probe.stderr
+
+
+# ------------------------------------------------------------------------------------------- runtime options
+def test_teacache_is_refused_with_the_reason(pipe):
+    with pytest.raises(NotImplementedError, match="music injections between the DiT blocks"):
+        pipe.enable_teacache(threshold=0.1)
+
+
+def test_release_size_vram_plan_covers_both_models():
+    """The VRAM planner reads the release-size Dancer DiTs (on the meta device): 14 B parameters each; the plans
+    fit 80 GB and 24 GB (where the DiTs are streamed or stored in fp8)."""
+    from diffusers import AutoencoderKLWan
+
+    from diffusers_wan_ext.hooks.vram import plan_vram
+
+    with torch.device("meta"):
+        models = [WanDancerTransformer3DModel(ref_conv_in_channels=16).to(torch.bfloat16) for _ in range(2)]
+        vae = AutoencoderKLWan().to(torch.bfloat16)
+    # Wan2.1-I2V-14B (16.4 B with the image K/V) + 8 music injectors (0.84 B) + music encoder, global modules
+    assert 17.0e9 < sum(p.numel() for p in models[0].parameters()) < 17.5e9
+    for limit in (80, 24):
+        plan = plan_vram(dict(transformer=models[0], transformer_2=models[1], vae=vae), f"{limit}gb")
+        assert {"transformer", "transformer_2", "vae"} <= set(plan.strategies)
+        assert plan.components["transformer"].weights_gib == pytest.approx(plan.components["transformer_2"].weights_gib)
+        assert plan.peak_gib + plan.margin_gib <= plan.vram_limit_gib + 1e-9
+    assert plan.strategies["transformer"] != "resident"  # 24 GB: streamed or fp8

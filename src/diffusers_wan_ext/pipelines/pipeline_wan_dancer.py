@@ -115,6 +115,14 @@ class WanDancerPipeline(
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
+    def enable_teacache(self, *args, **kwargs) -> None:
+        """Not available for Wan-Dancer: the music injections run between the DiT blocks (a cached block residual
+        would still add them on skipped steps) and no reference TeaCache coefficients exist for this model."""
+        raise NotImplementedError(
+            "TeaCache is not supported for Wan-Dancer (music injections between the DiT blocks; no reference "
+            "coefficients); use set_attention_backend() / enable_vram_management() for speed and memory instead"
+        )
+
     # ------------------------------------------------------------------------------------------------ parts
     def clip_features(self, images: torch.Tensor) -> torch.Tensor:
         """Wan CLIP features ``[B, 257, clip_dim]`` of images ``[B, 3, H, W]`` in [-1, 1]."""
