@@ -40,7 +40,7 @@ def _librosa():
         import librosa
     except ImportError:
         raise ValueError(
-            "music: computing Wan-Dancer's music features needs librosa (pip install librosa), as DiffSynth-Studio "
+            "music: computing Wan-Dancer's music features needs librosa (pip install librosa, or the dancer extra), as DiffSynth-Studio "
             "does; or pass precomputed music_features [frames, 35] at 30 frames per second"
         ) from None
     return librosa
