@@ -254,6 +254,13 @@ def test_family_trains_lora_and_full(family, models, data, tmp_path):
         fresh.set_progress_bar_config(disable=True)
         fresh.load_lora_weights(str(tmp_path), weight_name="longcat_lora.safetensors")
         np.testing.assert_allclose(_render(family, fresh, data), with_lora, atol=1e-5)
+        # ... and in: training continues from the original-format file (--lora_checkpoint)
+        again = train(*cached, "--lora_base_model", "dit", "--lora_target_modules", targets, "--lora_checkpoint",
+                      tmp_path / "longcat_lora.safetensors", "--learning_rate", "1e-12", "--max_train_steps", "1",
+                      "--output_path", tmp_path / "again")
+        first, second = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (out, again))
+        assert first.keys() == second.keys()
+        assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
 
     full = train(*cached, "--trainable_models", name, "--learning_rate", "1e-3", "--max_train_steps", "1",
                  "--save_steps", "1", "--output_path", tmp_path / "full")

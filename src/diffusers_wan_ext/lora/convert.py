@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..conversion.dit import BLOCK_KEY_MAP, TOP_LEVEL_KEY_MAP, rename_dit_key
-from ..conversion.longcat import longcat_target_modules
+from ..conversion.longcat import convert_longcat_lora_state_dict, is_longcat_lora_state_dict, longcat_target_modules
 from ..utils.atomic import atomic_write_file
 from ..utils.io import ConversionError, format_keys, load_state_dict
 from .formats import (
@@ -403,6 +403,8 @@ def convert_lora_state_dict(
          'diffusion_model.blocks.0.self_attn.q.lora_up.weight']
     """
     target_fmt = _check_format(target, "target format")
+    if source is None and is_longcat_lora_state_dict(state_dict):  # LongCat-Video's own layout, read as Diffusers
+        state_dict, source = convert_longcat_lora_state_dict(state_dict, f"{transformer_name}."), "diffusers"
     source = source or detect_lora_format(state_dict, transformer_name=transformer_name)
     source_fmt = _check_format(source, "source format")
     return _write(_parse(state_dict, source_fmt, transformer_name), target_fmt, transformer_name)
