@@ -200,3 +200,34 @@ def test_cli_generate_writes_the_sound_track(converted, tmp_path, capsys):
     assert len(read_video_file(mp4, "video")) == 5
     audio = read_audio_file(mp4, 8000)
     assert math.isclose(len(audio) / 8000, mova_audio_length(5, 10.0, 8000, 160) * 160 / 8000, abs_tol=0.05)
+
+
+def test_lora_loading(converted):
+    """A DiffSynth-Studio MOVA LoRA (one video expert, ``lora_A.default`` keys) goes into ``transformer_2`` with
+    ``load_into_transformer_2``; Diffusers keys of the audio tower and the bridge into theirs; keys that fit no layer
+    are refused, naming them."""
+    pipe = MovaPipeline.from_pretrained(converted, torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    layers = dict(pipe.transformer_2.named_modules())
+    video = {}
+    for i in range(pipe.transformer_2.config.num_layers):
+        for release, ours in (("self_attn.q", "attn1.to_q"), ("ffn.0", "ffn.net.0.proj")):
+            w = layers[f"blocks.{i}.{ours}"].weight
+            video[f"blocks.{i}.{release}.lora_A.default.weight"] = torch.randn(4, w.shape[1], generator=g) * 0.1
+            video[f"blocks.{i}.{release}.lora_B.default.weight"] = torch.randn(w.shape[0], 4, generator=g) * 0.1
+    before = pipe.transformer_2.blocks[0].attn1.to_q(torch.ones(1, 48))
+    pipe.load_lora_weights(video, adapter_name="low", load_into_transformer_2=True)
+    assert list(pipe.transformer_2.peft_config) == ["low"] and not hasattr(pipe.transformer, "peft_config")
+    assert (pipe.transformer_2.blocks[0].attn1.to_q(torch.ones(1, 48)) - before).abs().max() > 1e-4
+    towers = {}
+    for name in ("audio_transformer", "bridge"):
+        for path, module in getattr(pipe, name).named_modules():
+            if path.endswith("to_q") and isinstance(module, torch.nn.Linear):
+                towers[f"{name}.{path}.lora_A.weight"] = torch.randn(4, module.in_features, generator=g) * 0.1
+                towers[f"{name}.{path}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=g) * 0.1
+    pipe.load_lora_weights(towers, adapter_name="av")
+    assert list(pipe.audio_transformer.peft_config) == ["av"] and list(pipe.bridge.peft_config) == ["av"]
+    bad = {"bridge.audio_to_video.9.to_q.lora_A.weight": torch.zeros(4, 36),
+           "bridge.audio_to_video.9.to_q.lora_B.weight": torch.zeros(48, 4)}
+    with pytest.raises(ValueError, match="audio_to_video.9.to_q"):
+        pipe.load_lora_weights(bad, adapter_name="bad")

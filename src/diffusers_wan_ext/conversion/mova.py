@@ -43,7 +43,11 @@ __all__ = [
     "load_mova_audio_vae",
     "BRIDGE_BLOCK_KEY_MAP",
     "BRIDGE_GROUPS",
+    "MOVA_AUDIO_DIT_MODULES",
+    "MOVA_BRIDGE_MODULES",
     "MOVA_COMPONENT_FOLDERS",
+    "rename_mova_audio_dit_module",
+    "rename_mova_bridge_module",
     "audio_dit_config_from_state_dict",
     "bridge_config_from_state_dict",
     "convert_mova_audio_dit_state_dict",
@@ -96,19 +100,23 @@ _AUDIO_REQUIRED = ("patch_embedding.weight", "text_embedding.0.weight", "time_em
                    "blocks.0.ffn.0.weight")
 
 
+def _rename_path(path: str, top, groups) -> str | None:
+    """One key or module path renamed by ``top`` (top-level pairs) and ``groups`` (prefix -> (new prefix, block
+    table)); ``None`` when nothing matches."""
+    head, _, rest = path.partition(".")
+    if head in groups and rest.split(".", 1)[0].isdigit():
+        index, _, local = rest.partition(".")
+        prefix, table = groups[head]
+        renamed = rename_by_table(local, table)
+        return None if renamed is None else f"{prefix}.{index}.{renamed}"
+    return rename_by_table(path, top) if top else None
+
+
 def _rename(sd: Mapping[str, torch.Tensor], top, groups, what: str) -> dict[str, torch.Tensor]:
-    """Rename by ``top`` (top-level pairs) and ``groups`` (prefix -> (new prefix, block table)); unknown keys raise."""
+    """Rename every key (:func:`_rename_path`); unknown keys raise naming them."""
     out, unknown = {}, []
     for key, value in sd.items():
-        head, _, rest = key.partition(".")
-        new = None
-        if head in groups and rest.split(".", 1)[0].isdigit():
-            index, _, local = rest.partition(".")
-            prefix, table = groups[head]
-            renamed = rename_by_table(local, table)
-            new = None if renamed is None else f"{prefix}.{index}.{renamed}"
-        elif top:
-            new = rename_by_table(key, top)
+        new = _rename_path(key, top, groups)
         if new is None:
             unknown.append(key)
         else:
@@ -146,6 +154,23 @@ def convert_mova_bridge_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, 
 def export_mova_bridge_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The reverse of :func:`convert_mova_bridge_state_dict`."""
     return _rename(sd, (), _bridge_groups(True), "MovaDualTowerBridge")
+
+
+def rename_mova_audio_dit_module(path: str, reverse: bool = False) -> str | None:
+    """One audio-DiT module path, release -> ours (``reverse``: ours -> release); ``None`` if unknown (LoRA files)."""
+    return _rename_path(path, *_audio_tables(reverse))
+
+
+def rename_mova_bridge_module(path: str, reverse: bool = False) -> str | None:
+    """One bridge module path, release -> ours (``reverse``: ours -> release); ``None`` if unknown (LoRA files)."""
+    return _rename_path(path, (), _bridge_groups(reverse))
+
+
+#: Release module paths of the audio DiT and the bridge (``N`` for the layer index): what LoRA readers need to know
+#: about their names.
+MOVA_AUDIO_DIT_MODULES = frozenset([src for src, _ in AUDIO_DIT_TOP_LEVEL_KEY_MAP]
+                                   + [f"blocks.N.{src}" for src, _ in BLOCK_KEY_MAP])
+MOVA_BRIDGE_MODULES = frozenset(f"{group}.N.{src}" for group, _ in BRIDGE_GROUPS for src, _ in BRIDGE_BLOCK_KEY_MAP)
 
 
 def is_mova_audio_dit(sd: Mapping[str, torch.Tensor]) -> bool:

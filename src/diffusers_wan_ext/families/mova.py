@@ -24,16 +24,21 @@ from transformers import UMT5EncoderModel
 
 from ..conversion.dit import export_dit_state_dict, load_dit_from_original
 from ..conversion.mova import (
+    MOVA_AUDIO_DIT_MODULES,
+    MOVA_BRIDGE_MODULES,
     export_mova_audio_dit_state_dict,
     export_mova_bridge_state_dict,
     load_mova_audio_dit,
     load_mova_audio_vae,
     load_mova_bridge,
+    rename_mova_audio_dit_module,
+    rename_mova_bridge_module,
 )
 from ..conversion.release_io import DTYPES, first_existing, progress_bar, write_model_card
 from ..conversion.text_encoder import load_t5_from_original
 from ..conversion.tokenizer import load_umt5_tokenizer, make_tiny_umt5_tokenizer
 from ..conversion.vae import detect_vae_version, load_vae_from_original
+from ..lora.formats import register_lora_component
 from ..models import AutoencoderDac, MovaAudioTransformer1DModel, MovaDualTowerBridge
 from ..pipelines import MovaPipeline
 from ..schedulers import WanFlowMatchScheduler
@@ -292,3 +297,7 @@ class MovaFamily(ModelFamily):
 
     def convert_release(self, src: Path, dst: Path, options: ReleaseOptions) -> Path:
         return convert_mova_release(src, dst, options)
+
+    def register_lora_components(self) -> None:
+        register_lora_component("audio_transformer", rename_mova_audio_dit_module, MOVA_AUDIO_DIT_MODULES)
+        register_lora_component("bridge", rename_mova_bridge_module, MOVA_BRIDGE_MODULES)

@@ -13,7 +13,9 @@ One call turns an image and a prompt into video frames and a 48 kHz mono wavefor
    scale for video and audio; the scheduler steps both latents together;
 5. decode: the video VAE -> frames, the DAC audio VAE -> waveform.
 
-TeaCache, sliding windows and sequence parallelism are refused (see :attr:`MovaPipeline.unsupported`).
+LoRAs load with ``load_lora_weights`` (every Wan format for the video experts, Diffusers keys for the audio tower
+and the bridge).  TeaCache, sliding windows and sequence parallelism are refused (see
+:attr:`MovaPipeline.unsupported`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
+from ..lora.loader import WanLoraInteropMixin
 from ..models.autoencoder_dac import AutoencoderDac
 from ..models.mova_bridge import MovaDualTowerBridge
 from ..models.mova_joint_forward import mova_joint_forward
@@ -73,7 +76,7 @@ class MovaPipelineOutput(BaseOutput):
     audio_sample_rate: int = 48000
 
 
-class MovaPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, DiffusionPipeline):
+class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixin, DiffusionPipeline):
     r"""
     MOVA image-to-video-with-audio: a Wan2.2-I2V video tower (two experts) and a 1-D audio tower denoised together
     through the dual-tower bridge.
@@ -104,6 +107,9 @@ class MovaPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, DiffusionPipeline)
     model_cpu_offload_seq = "text_encoder->transformer->transformer_2->audio_transformer->bridge->vae->audio_vae"
     _optional_components = ["tokenizer", "text_encoder", "transformer_2"]
     supports_cfg_parallel: ClassVar[bool] = False
+    #: ``load_lora_weights``: DiffSynth-Studio's MOVA LoRAs are on one video expert (``load_into_transformer_2=True``
+    #: for the low-noise one); Diffusers-format files may also carry ``audio_transformer.*`` / ``bridge.*`` keys
+    _lora_loadable_modules = ["transformer", "transformer_2", "audio_transformer", "bridge"]
     #: runtime features this pipeline refuses, with the reason
     unsupported: ClassVar[dict[str, str]] = {
         "teacache": "TeaCache skips whole transformer forwards, but MOVA's video and audio towers exchange hidden "
