@@ -1,4 +1,5 @@
-"""Shared helpers for tests: tiny original-layout releases built once per session."""
+"""Shared helpers for tests: subprocesses that import this checkout, stand-in modules, the tiny text-to-video call, the
+command line's exit status, the reference blend of sliding windows."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +44,38 @@ def flash4_stand_in_modules(forward) -> dict[str, types.ModuleType]:
                                                                 "flash_attn.cute.interface"))
     interface._flash_attn_fwd, cute.interface, package.cute = forward, interface, cute
     return {"flash_attn": package, "flash_attn.cute": cute, "flash_attn.cute.interface": interface}
+
+
+def latents_of(pipe, **kwargs) -> torch.Tensor:
+    """The latents of the tests' tiny text-to-video call of ``pipe`` (32 x 32, 5 frames, 2 steps, guidance 4 with a
+    negative prompt, seed 0); ``kwargs`` replace or add call arguments."""
+    args = dict(prompt="a dog running", negative_prompt="blurry", height=32, width=32, num_frames=5,
+                num_inference_steps=2, guidance_scale=4.0, output_type="latent",
+                generator=torch.Generator().manual_seed(0))
+    return pipe(**{**args, **kwargs}).frames
+
+
+def run_main(argv: list[str], capsys) -> tuple[int | str | None, str]:
+    """``diffusers_wan_ext_cli.main(argv)`` -> (exit status, stderr); argparse's exit is an exit status too."""
+    from diffusers_wan_ext_cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def blend_windows(outputs: list[torch.Tensor], windows, num_frames: int, size: int, stride: int) -> torch.Tensor:
+    """DiffSynth's blend of per-window outputs ``[B, C, b - a, ...]`` of the frame windows ``(a, b)`` (the reference
+    side of the sliding-window tests)."""
+    from diffusers_wan_ext.hooks.sliding_window import blend_weights
+
+    value, weight = 0, torch.zeros(num_frames)
+    for out, (a, b) in zip(outputs, windows):
+        mask = blend_weights(num_frames, a, b, size - stride)
+        full = torch.zeros(*out.shape[:2], num_frames, *out.shape[3:])
+        full[:, :, a:b] = out * mask.view(1, 1, -1, 1, 1)
+        value = value + full
+        weight[a:b] += mask
+    return value / weight.view(1, 1, -1, 1, 1)

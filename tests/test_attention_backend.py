@@ -9,6 +9,7 @@ processors receive is checked by spying on ``dispatch_attention_fn`` in stock ``
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from diffusers_wan_ext.runtime import (
     select_attention_backend,
     set_attention_backend,
 )
+from helpers import latents_of
 from test_fun_pipelines import H, W, build, make_scheduler, make_text_parts, make_transformer, make_vae, picture
 from test_fun_pipelines import parts  # noqa: F401  (fixture)
 from test_fun_pipelines import run as run_fun
@@ -123,12 +125,7 @@ def t2v(tmp_path_factory):
     )
 
 
-def run_t2v(pipe, **kwargs):
-    args = dict(prompt="a dog running", negative_prompt="blurry", height=H, width=W, num_frames=F,
-                num_inference_steps=2, guidance_scale=4.0, output_type="latent",
-                generator=torch.Generator().manual_seed(0))
-    args.update(kwargs)
-    return pipe(**args).frames
+run_t2v = partial(latents_of, height=H, width=W, num_frames=F, num_inference_steps=2)
 
 
 def processor_backends(model):

@@ -9,6 +9,7 @@ guidance.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from diffusers_wan_ext.utils.media import load_image
 from diffusers_wan_ext.pipelines import runtime_options
 from diffusers_wan_ext.pipelines.denoising import WanDenoisingMixin
 from diffusers_wan_ext.pipelines.runtime_options import WanRuntimeOptionsMixin
+from helpers import latents_of
 from test_fun_pipelines import (
     H,
     W,
@@ -81,12 +83,7 @@ def t2v(text, cls=WanExtPipeline, experts=1, **config):
                **kwargs, **config)
 
 
-def run(pipe, **kwargs):
-    args = dict(prompt="a dog running", negative_prompt="blurry", height=H, width=W, num_frames=F,
-                num_inference_steps=STEPS, guidance_scale=4.0, output_type="latent",
-                generator=torch.Generator().manual_seed(0))
-    args.update(kwargs)
-    return pipe(**args).frames
+run = partial(latents_of, height=H, width=W, num_frames=F, num_inference_steps=STEPS)
 
 
 def stock_of(pipe):

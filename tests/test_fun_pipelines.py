@@ -8,6 +8,8 @@ and the input errors.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,7 @@ from diffusers_wan_ext.conversion.image_encoder import clip_image_features, wan_
 from diffusers_wan_ext.pipelines.fun_conditioning import fun_camera_condition, fun_control_condition, i2v_condition
 from diffusers_wan_ext.utils.media import encode_video, load_image, load_video_frames
 from diffusers_wan_ext.utils.camera import camera_control_latents, generate_camera_coordinates
+from helpers import latents_of
 
 H = W = 32
 F = 5
@@ -143,12 +146,7 @@ class Spy:
         self.handle.remove()
 
 
-def run(pipe, **kwargs):
-    args = dict(prompt="a red fox", negative_prompt="blurry", height=H, width=W, num_frames=F,
-                num_inference_steps=STEPS, guidance_scale=4.0, output_type="latent",
-                generator=torch.Generator().manual_seed(0))
-    args.update(kwargs)
-    return pipe(**args).frames
+run = partial(latents_of, prompt="a red fox", height=H, width=W, num_frames=F, num_inference_steps=STEPS)
 
 
 def clip_of(parts, image):

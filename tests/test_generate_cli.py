@@ -14,6 +14,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from diffusers_wan_ext_cli import main
+from helpers import run_main
 
 BASE = ["--prompt", "a fox", "--height", "32", "--width", "32", "--num-frames", "5", "--steps", "1", "--dtype", "fp32"]
 
@@ -37,15 +38,6 @@ def files(tmp_path_factory):
     (d / "folder").mkdir()
     (d / "bad_lora.safetensors").write_bytes(b"not a safetensors file")
     return d
-
-
-def run(argv, capsys):
-    """``main(argv)`` -> (exit status, stderr); argparse's exit is an exit status too."""
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    return rc, capsys.readouterr().err
 
 
 def assert_one_line_error(rc, err, fragment):
@@ -75,7 +67,7 @@ def assert_one_line_error(rc, err, fragment):
     ("--lora", "x.safetensors:abc", "'abc' is not a number"),
 ])
 def test_launcher_rejects_bad_values(flag, value, fragment, capsys, no_model_load):
-    rc, err = run(["generate", "--model", "m", *BASE, flag, value], capsys)
+    rc, err = run_main(["generate", "--model", "m", *BASE, flag, value], capsys)
     assert_one_line_error(rc, err, fragment)
 
 
@@ -134,13 +126,13 @@ def test_catalogue_of_bad_invocations(converted, files, tmp_path, capsys, no_mod
     ]
     for extra, fragment in catalogue:
         argv = ["generate", "--model", str(extra[0]), *BASE, *map(str, extra[1:]), *out]
-        rc, err = run(argv, capsys)
+        rc, err = run_main(argv, capsys)
         assert_one_line_error(rc, err, fragment)
         assert not (tmp_path / "v.mp4").exists()
 
     for output, fragment in [(tmp_path / "exists.mp4", "pass --overwrite"), (tmp_path / "v.gif", "must end in .mp4"),
                              (tmp_path, "is a folder")]:
-        rc, err = run(["generate", "--model", str(t2v), *BASE, "--output", str(output)], capsys)
+        rc, err = run_main(["generate", "--model", str(t2v), *BASE, "--output", str(output)], capsys)
         assert_one_line_error(rc, err, "--output: ")
         assert fragment in err
     assert (tmp_path / "exists.mp4").read_bytes() == b"old"
@@ -148,7 +140,7 @@ def test_catalogue_of_bad_invocations(converted, files, tmp_path, capsys, no_mod
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_device_without_gpu(converted, tmp_path, capsys, no_model_load):
-    rc, err = run(["generate", "--model", str(converted("t2v")), *BASE, "--device", "cuda",
+    rc, err = run_main(["generate", "--model", str(converted("t2v")), *BASE, "--device", "cuda",
                    "--output", str(tmp_path / "v.mp4")], capsys)
     assert_one_line_error(rc, err, "--device: cuda")
 
@@ -160,7 +152,7 @@ def test_read_only_output_folder(converted, tmp_path, capsys, no_model_load):
     try:
         if os.access(folder, os.W_OK):
             pytest.skip("running as root: chmod 0o555 does not stop writing")
-        rc, err = run(["generate", "--model", str(converted("t2v")), *BASE, "--output", str(folder / "v.mp4")],
+        rc, err = run_main(["generate", "--model", str(converted("t2v")), *BASE, "--output", str(folder / "v.mp4")],
                       capsys)
         assert_one_line_error(rc, err, f"--output: cannot write to the folder {folder}")
     finally:
@@ -175,7 +167,8 @@ def test_unwritable_output_folder_simulated(converted, tmp_path, capsys, monkeyp
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(validation.tempfile, "NamedTemporaryFile", denied)
-    rc, err = run(["generate", "--model", str(converted("t2v")), *BASE, "--output", str(tmp_path / "v.mp4")], capsys)
+    rc, err = run_main(["generate", "--model", str(converted("t2v")), *BASE, "--output", str(tmp_path / "v.mp4")],
+                       capsys)
     assert_one_line_error(rc, err, "cannot write to the folder")
     assert "Permission denied" in err
 
@@ -202,7 +195,8 @@ def test_failed_write_keeps_the_old_file_and_exits_2(converted, tmp_path, capsys
     monkeypatch.setattr(imageio.v2, "get_writer", FullDisk)
     out = tmp_path / "v.mp4"
     out.write_bytes(b"old video")
-    rc, err = run(["generate", "--model", str(converted("t2v")), *BASE, "--output", str(out), "--overwrite"], capsys)
+    rc, err = run_main(["generate", "--model", str(converted("t2v")), *BASE, "--output", str(out), "--overwrite"],
+                       capsys)
     assert_one_line_error(rc, err, f"could not write the video {out}")
     assert "No space left on device" in err
     assert out.read_bytes() == b"old video"
@@ -212,7 +206,8 @@ def test_failed_write_keeps_the_old_file_and_exits_2(converted, tmp_path, capsys
 def test_generate_overwrite_and_progress_lines(converted, tmp_path, capsys):
     out = tmp_path / "v.mp4"
     out.write_bytes(b"old")
-    rc, err = run(["generate", "--model", str(converted("t2v")), *BASE, "--output", str(out), "--overwrite"], capsys)
+    rc, err = run_main(["generate", "--model", str(converted("t2v")), *BASE, "--output", str(out), "--overwrite"],
+                       capsys)
     assert rc == 0, err
     assert "decoding" in err and f"writing 5 frames to {out}" in err
     assert iio.imread(out).shape[0] == 5
@@ -244,7 +239,7 @@ def test_lora_changes_the_output(converted, tmp_path, capsys):
     def generate(name, *lora):
         out = tmp_path / f"{name}.mp4"
         argv = ["generate", "--model", str(folder), *BASE, "--steps", "2", "--output", str(out), *lora]
-        rc, err = run(argv, capsys)
+        rc, err = run_main(argv, capsys)
         assert rc == 0, err
         return frames_of(out)
 
@@ -261,7 +256,7 @@ def test_lora_for_a_missing_component(converted, tmp_path, capsys, no_model_load
     lora = tmp_path / "expert2.safetensors"
     safetensors.torch.save_file({"transformer_2.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 48),
                                  "transformer_2.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(48, 4)}, str(lora))
-    rc, err = run(["generate", "--model", str(converted("t2v")), *BASE, "--lora", str(lora),
+    rc, err = run_main(["generate", "--model", str(converted("t2v")), *BASE, "--lora", str(lora),
                    "--output", str(tmp_path / "v.mp4")], capsys)
     assert_one_line_error(rc, err, "transformer_2")
 
@@ -302,16 +297,16 @@ def test_inputs_come_from_the_pipeline_signature(converted, files, tmp_path, cap
     t2v = converted("t2v")
     streaming = folder_with_pipeline(t2v, tmp_path / "streaming", ["diffusers_wan_ext", "WanStreamingPipeline"])
     out = str(tmp_path / "v.mp4")
-    rc, err = run(["generate", "--model", str(streaming), *BASE, "--output", out], capsys)
+    rc, err = run_main(["generate", "--model", str(streaming), *BASE, "--output", out], capsys)
     assert_one_line_error(rc, err, "--num-frames: WanStreamingPipeline takes no frame count")
 
     custom = folder_with_pipeline(t2v, tmp_path / "custom", ["pipeline_mine", "MyWanPipeline"])
-    rc, err = run(["generate", "--model", str(custom), *BASE, "--output", out], capsys)
+    rc, err = run_main(["generate", "--model", str(custom), *BASE, "--output", out], capsys)
     assert_one_line_error(rc, err, "pipeline_mine.MyWanPipeline")
     args = build_parser().parse_args(["generate", "--model", str(custom), *BASE, "--output", out,
                                       "--trust-remote-code", "--image", str(files / "first.png")])
     plan = check_generate(args)
     assert plan.pipeline_class is None and plan.kwargs["num_frames"] == 5 and plan.kwargs["image"].size == (32, 32)
-    rc, err = run(["generate", "--model", str(custom), *BASE, "--output", out, "--trust-remote-code",
+    rc, err = run_main(["generate", "--model", str(custom), *BASE, "--output", out, "--trust-remote-code",
                    "--pose-video", str(files / "notes.txt")], capsys)
     assert_one_line_error(rc, err, "--pose-video: only for")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import types
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -39,15 +40,9 @@ from diffusers_wan_ext.hooks.sliding_window import (
     sliding_windows,
 )
 from diffusers_wan_ext.pipelines.denoising import WanDenoisingMixin
-from test_fun_pipelines import (
-    build,
-    control_frames,
-    make_clip,
-    make_scheduler,
-    make_text_parts,
-    make_transformer,
-    make_vae,
-)
+from helpers import blend_windows, latents_of, run_main
+from test_fun_pipelines import build, control_frames, make_scheduler, make_transformer
+from test_fun_pipelines import parts  # noqa: F401  (fixture: tiny umT5, VAE and CLIP)
 
 GOLDENS = Path(__file__).parent / "goldens"
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -122,21 +117,16 @@ def explicit(model, kwargs, size, stride, sliced=("hidden_states",), axes=None, 
     """The reference: one forward per window of :func:`sliding_windows` on the sliced inputs, DiffSynth's blend."""
     axes = axes or {}
     t = kwargs["hidden_states"].shape[2]
-    value, weight = 0, torch.zeros(t)
-    for a, b in sliding_windows(t, size, stride):
+    windows, outputs = sliding_windows(t, size, stride), []
+    for a, b in windows:
         window = dict(kwargs)
         for name in sliced:
             window[name] = kwargs[name].narrow(axes.get(name, 2), a, b - a)
         if per_token:
             n = kwargs["timestep"].shape[1] // t
             window["timestep"] = kwargs["timestep"][:, a * n:b * n]
-        out = model(**window, return_dict=False)[0]
-        mask = blend_weights(t, a, b, size - stride)
-        full = torch.zeros(*out.shape[:2], t, *out.shape[3:])
-        full[:, :, a:b] = out * mask.view(1, 1, -1, 1, 1)
-        value = value + full
-        weight[a:b] += mask
-    return value / weight.view(1, 1, -1, 1, 1)
+        outputs.append(model(**window, return_dict=False)[0])
+    return blend_windows(outputs, windows, t, size, stride)
 
 
 def windowed_forward(model, kwargs, size, stride):
@@ -346,15 +336,6 @@ def test_pipeline_refusals():
 
 
 # -------------------------------------------------------------------------------------------- pipelines
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    """Tiny umT5, VAE and CLIP (those of tests/test_fun_pipelines.py)."""
-    tokenizer, text_encoder = make_text_parts(tmp_path_factory.mktemp("tok") / "umt5")
-    processor, clip = make_clip()
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=make_vae(), image_processor=processor,
-                image_encoder=clip)
-
-
 class FrameCounter:
     """Forward pre-hook on ``patch_embedding``: the latent frames of every (window) forward."""
 
@@ -373,11 +354,7 @@ def t2v_pipe(parts, experts=1):
                           scheduler=make_scheduler(), **kwargs)
 
 
-def run(pipe, **kwargs):
-    args = dict(prompt="a dog running", negative_prompt="blurry", height=32, width=32, num_frames=17,
-                num_inference_steps=2, guidance_scale=4.0, output_type="latent",
-                generator=torch.Generator().manual_seed(0))
-    return pipe(**{**args, **kwargs}).frames
+run = partial(latents_of, num_frames=17)
 
 
 @torch.no_grad()
@@ -427,22 +404,12 @@ def test_fun_control_pipeline_windows(parts):
 
 
 # -------------------------------------------------------------------------------------------------- CLI
-def cli(argv, capsys):
-    from diffusers_wan_ext_cli import main
-
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    return rc, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("value, fragment", [
     ("4", "expected SIZE,STRIDE"), ("a,2", "SIZE 'a' is not an integer"), ("0,1", "SIZE must be a positive"),
     ("2,3", "STRIDE must not exceed SIZE"), ("4,2,1", "expected SIZE,STRIDE"),
 ])
 def test_cli_rejects_bad_sliding_window(value, fragment, capsys):
-    rc, err = cli(["generate", "--model", "m", "--prompt", "a fox", "--sliding-window", value], capsys)
+    rc, err = run_main(["generate", "--model", "m", "--prompt", "a fox", "--sliding-window", value], capsys)
     assert rc == 2 and "Traceback" not in err and fragment in err.strip().splitlines()[-1], err
 
 
@@ -460,11 +427,11 @@ def test_cli_generate_with_sliding_window(converted, tmp_path, capsys, monkeypat
         return original(self, num_frames, step_index)
 
     monkeypatch.setattr(SlidingWindowSchedule, "windows", spy)
-    rc, err = cli([*base, "--sliding-window", "4,2", "--output", str(tmp_path / "w.mp4")], capsys)
+    rc, err = run_main([*base, "--sliding-window", "4,2", "--output", str(tmp_path / "w.mp4")], capsys)
     assert rc == 0, err
     # stock WanPipeline: the hook on pipe.transformer (cond and uncond forwards); 17 frames = 5 latent frames
     assert seen == [(4, 2, 5, 0)] * 2
-    rc, err = cli([*base, "--output", str(tmp_path / "plain.mp4")], capsys)
+    rc, err = run_main([*base, "--output", str(tmp_path / "plain.mp4")], capsys)
     assert rc == 0, err
     assert len(seen) == 2
     windowed_video, plain = iio.imread(tmp_path / "w.mp4"), iio.imread(tmp_path / "plain.mp4")

@@ -1,7 +1,8 @@
 """Sliding windows composed with the rest (issue 20, item 2), each against an explicit per-window reference on CPU.
 
 The reference is a hand loop: slice the inputs to each window of :func:`sliding_windows`, run the plain model (its own
-copy, with its own cache state where a cache is on) on the slice, blend with :func:`blend_weights`.  Combinations:
+copy, with its own cache state where a cache is on) on the slice, blend with :func:`blend_weights`
+(``helpers.blend_windows``).  Combinations:
 
 * step caches -- TeaCache, Diffusers' FirstBlockCache and MagCache: the hook runs each window under its own
   ``cache_context`` (``"cond/window0"``, ...), so each window and CFG branch keeps its own cache state; over a few
@@ -37,13 +38,12 @@ from diffusers_wan_ext.hooks import (
 )
 from diffusers_wan_ext.hooks.sliding_window import (
     apply_sliding_window,
-    blend_weights,
     remove_sliding_window,
     sliding_windows,
 )
 from diffusers_wan_ext.runtime import optimize_transformer
 
-from helpers import src_env
+from helpers import blend_windows, src_env
 from sliding_window_parallel_worker import CALL, build_pipe, frames_seen, generate
 
 HERE = Path(__file__).resolve().parent
@@ -81,18 +81,6 @@ def branch_inputs(step: int, branch: str) -> dict:
     return {**step_inputs(step), "encoder_hidden_states": rand(1, 6, 32, seed=BRANCHES[branch])}
 
 
-def blend(outputs: list[torch.Tensor], windows, num_frames: int, size: int, stride: int) -> torch.Tensor:
-    """DiffSynth's blend of per-window outputs (the reference side)."""
-    value, weight = 0, torch.zeros(num_frames)
-    for out, (a, b) in zip(outputs, windows):
-        mask = blend_weights(num_frames, a, b, size - stride)
-        full = torch.zeros(*out.shape[:2], num_frames, *out.shape[3:])
-        full[:, :, a:b] = out * mask.view(1, 1, -1, 1, 1)
-        value = value + full
-        weight[a:b] += mask
-    return value / weight.view(1, 1, -1, 1, 1)
-
-
 def window_slice(kwargs: dict, a: int, b: int) -> dict:
     return {**kwargs, "hidden_states": kwargs["hidden_states"][:, :, a:b]}
 
@@ -102,7 +90,7 @@ def reference_windows(model, kwargs, size, stride) -> torch.Tensor:
     t = kwargs["hidden_states"].shape[2]
     windows = sliding_windows(t, size, stride)
     outs = [model(**window_slice(kwargs, a, b), return_dict=False)[0] for a, b in windows]
-    return blend(outs, windows, t, size, stride)
+    return blend_windows(outs, windows, t, size, stride)
 
 
 # ------------------------------------------------------------------------------------------ step caches
@@ -143,7 +131,7 @@ def per_window_reference(base, cache, inputs_of, contexts) -> list[torch.Tensor]
         model = copy.deepcopy(base)
         cache(model)
         per_window.append(run_steps(model, lambda step, name: window_slice(inputs_of(step, name), a, b), contexts))
-    return [blend(list(outs), windows, FRAMES, SIZE, STRIDE) for outs in zip(*per_window)]
+    return [blend_windows(list(outs), windows, FRAMES, SIZE, STRIDE) for outs in zip(*per_window)]
 
 
 @pytest.mark.parametrize("cache", sorted(CACHES))
@@ -247,7 +235,7 @@ def test_mag_cache_outside_a_cache_context_keeps_one_state_per_window():
         _mag_cache(own)
         per_window.append(run(own, lambda step: window_slice(step_inputs(step), a, b)))
     for g, outs in zip(got, zip(*per_window)):
-        torch.testing.assert_close(g, blend(list(outs), windows, FRAMES, SIZE, STRIDE), **TOL)
+        torch.testing.assert_close(g, blend_windows(list(outs), windows, FRAMES, SIZE, STRIDE), **TOL)
 
 
 @pytest.fixture(scope="module")

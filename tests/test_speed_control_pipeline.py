@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline, WanPipeline
 
 from diffusers_wan_ext import WanMotionControllerModel, WanSpeedControlPipeline
-from helpers import run_python
+from helpers import latents_of, run_python
 from test_fun_pipelines import make_scheduler, make_text_parts, make_transformer, make_vae
 
 H = W = 32
@@ -40,12 +41,7 @@ def build(parts, motion_controller=None, **kwargs):
     )
 
 
-def run(pipe, **kwargs):
-    args = dict(prompt="a dog running", negative_prompt="blurry", height=H, width=W, num_frames=F,
-                num_inference_steps=2, guidance_scale=4.0, output_type="latent",
-                generator=torch.Generator().manual_seed(0))
-    args.update(kwargs)
-    return pipe(**args).frames
+run = partial(latents_of, height=H, width=W, num_frames=F, num_inference_steps=2)
 
 
 class Spy:
