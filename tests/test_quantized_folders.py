@@ -253,3 +253,25 @@ def test_keep_quantized_errors(tiny_release, tmp_path, capsys):
     one_line(str(tmp_path / "s2v"), str(tmp_path / "d"), "--keep-quantized", "--transformer-only",
              words=("WanS2VTransformer3DModel", "from_single_file"))
     assert not (tmp_path / "d").exists()
+
+
+def test_two_experts_kept_quantized(tiny_release, tmp_path):
+    """Wan2.2 A14B: both experts as GGUF files -> transformer/ and transformer_2/ kept quantized, both listed as
+    passed-in components; each loads back packed with the stock call."""
+    release = tiny_release("t2v", experts=2)
+    paths = []
+    for i, expert in enumerate(("high_noise_model", "low_noise_model")):
+        paths.append(tmp_path / f"expert{i}-Q8_0.gguf")
+        write_gguf(paths[-1], load_state_dict(release / expert / "diffusion_pytorch_model.safetensors"), "Q8_0")
+    out = tmp_path / "a14b"
+    assert cli_main(["convert", str(release), str(out), "--dtype", "fp32", "--keep-quantized",
+                     "--transformer", str(paths[0]), "--transformer-2", str(paths[1])]) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["transformer"] == index["transformer_2"] == [None, None]
+    for name, path in zip(("transformer", "transformer_2"), paths):
+        model = load_quantized_folder(out / name)
+        assert type(model.blocks[0].ffn.net[2].weight).__name__ == "GGUFParameter"
+        x = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+        ctx = torch.randn(1, 7, model.config.text_dim, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(forward(model, x, ctx), forward(load_quantized_dit(path, torch_dtype=torch.float32), x,
+                                                              ctx), rtol=1e-5, atol=1e-6), name
