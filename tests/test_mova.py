@@ -231,3 +231,40 @@ def test_lora_loading(converted):
            "bridge.audio_to_video.9.to_q.lora_B.weight": torch.zeros(48, 4)}
     with pytest.raises(ValueError, match="audio_to_video.9.to_q"):
         pipe.load_lora_weights(bad, adapter_name="bad")
+
+
+def test_pipeline_loop_follows_the_reference(converted):
+    """The denoising loop against a hand-written one with DiffSynth-Studio's rules: sigmas ``linspace(1, 0, N+1)[:N]``
+    shifted by 5, the high-noise expert while ``t >= 900`` (here steps 0 and 1, then the low-noise one), one guidance
+    scale for both outputs, Euler steps on video and audio latents."""
+    from diffusers_wan_ext.models.mova_joint_forward import mova_joint_forward
+    from diffusers_wan_ext.pipelines.fun_conditioning import i2v_condition
+    from diffusers_wan_ext.utils.media import load_image
+
+    pipe = MovaPipeline.from_pretrained(converted, torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    ctx, neg = torch.randn(1, 6, 32, generator=g), torch.randn(1, 6, 32, generator=g)
+    video, audio = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 128, mova_audio_length(5, 8.0, 8000, 160),
+                                                                         generator=g)
+    out = pipe(image=image, prompt_embeds=ctx, negative_prompt_embeds=neg, height=32, width=32, num_frames=5,
+               frame_rate=8.0, num_inference_steps=3, guidance_scale=4.0, latents=video, audio_latents=audio,
+               output_type="latent")
+    y = i2v_condition(pipe.vae, load_image(image, 32, 32), 5)
+    sigmas = torch.linspace(1, 0, 4)[:3]
+    sigmas = 5 * sigmas / (1 + 4 * sigmas)
+    experts = []
+    with torch.no_grad():
+        for i, sigma in enumerate(sigmas):
+            t = sigma * 1000
+            expert = pipe.transformer if t >= 900 else pipe.transformer_2
+            experts.append(expert is pipe.transformer)
+            run = [mova_joint_forward(expert, pipe.audio_transformer, pipe.bridge, video, audio, t.reshape(1), c, 8.0,
+                                      image_condition=y) for c in (ctx, neg)]
+            (v_c, a_c), (v_u, a_u) = run
+            step = (sigmas[i + 1] if i + 1 < len(sigmas) else 0.0) - sigma
+            video = video + (v_u + 4.0 * (v_c - v_u)) * step
+            audio = audio + (a_u + 4.0 * (a_c - a_u)) * step
+    assert experts == [True, True, False]
+    torch.testing.assert_close(out.frames, video, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.audio, audio, rtol=1e-4, atol=1e-5)

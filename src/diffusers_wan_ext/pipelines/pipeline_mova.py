@@ -249,8 +249,8 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
             height, width: multiples of 16 (the release: 352 x 640 for 360p, 720 x 1280 for 720p).
             num_frames: ``4k + 1`` frames.
             frame_rate: video frames per second (sets the audio length and the bridge's time alignment).
-            num_inference_steps, guidance_scale: sampling (one scale for video and audio; > 1 runs the negative
-                branch).
+            num_inference_steps, guidance_scale: sampling (one scale for video and audio; any value but 1 runs the
+                negative branch, as DiffSynth-Studio does).
             boundary_ratio: expert switch (default: the pipeline's config, 0.9).
             generator, latents, audio_latents: noise control (latents: ``[1, 16, F, H/8, W/8]``, ``[1, 128, L]``).
             max_sequence_length: umT5 tokens (512 as the release).
@@ -266,12 +266,12 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
         pixels = load_image(image, height, width)
 
         context, negative_context = self.encode_prompt(
-            prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=guidance_scale > 1.0,
+            prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=guidance_scale != 1.0,
             num_videos_per_prompt=1, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             max_sequence_length=max_sequence_length, device=device,
         )
         context = context.to(dtype)
-        negative_context = negative_context.to(dtype) if guidance_scale > 1.0 else None
+        negative_context = negative_context.to(dtype) if guidance_scale != 1.0 else None
         y = i2v_condition(self.vae, pixels, num_frames).to(device=device, dtype=dtype)
 
         video_shape = (1, self.vae.config.z_dim, y.shape[2], y.shape[3], y.shape[4])
