@@ -46,6 +46,7 @@ from ..utils.shims import ShimPipelineMixin
 from ..hooks.block_causal import disable_block_causal_cache, enable_block_causal_cache
 from ..vae import WanStreamingVAEDecoder
 from ..utils.validation import validate_video_size
+from .call_arguments import forwarded
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
 
@@ -368,11 +369,9 @@ class WanStreamingPipeline(ShimPipelineMixin, WanRuntimeOptionsMixin, WanDenoisi
             ``"latent"``), or a tuple ``(frames,)``.
         """
         self.check_sliding_window_options(sliding_window_size, sliding_window_stride)
-        stream_arguments = {name: value for name, value in locals().items()
-                            if name not in ("self", "return_dict", "sliding_window_size", "sliding_window_stride")}
         if num_blocks is None:
             raise ValueError("__call__ needs a finite num_blocks; iterate pipe.stream(..., num_blocks=None) instead")
-        chunks = list(self.stream(**stream_arguments))  # every argument but return_dict is stream()'s
+        chunks = list(self.stream(**forwarded(locals(), self.stream)))  # all but return_dict and the window pair
         if output_type == "latent":
             video = torch.cat([c.latents for c in chunks], dim=2)
         elif output_type == "np":
