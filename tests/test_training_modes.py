@@ -69,9 +69,10 @@ def plain(t2v, cache, tmp_path_factory) -> Path:
     return out
 
 
-def cached_args(model: Path, cache: Path, out: Path, *extra) -> list[str]:
-    return ["--dataset_base_path", str(cache), "--model_path", str(model), *COMMON, "--lora_base_model", "dit",
-            "--task", "sft:train", "--output_path", str(out), *[str(a) for a in extra]]
+def cached_args(model: Path, cache: Path, out: Path, *extra, lora: bool = True) -> list[str]:
+    return ["--dataset_base_path", str(cache), "--model_path", str(model), *COMMON,
+            *(["--lora_base_model", "dit"] if lora else []), "--task", "sft:train", "--output_path", str(out),
+            *[str(a) for a in extra]]
 
 
 def run_args(model: Path, data: Path, out: Path, *extra) -> list[str]:
@@ -443,3 +444,15 @@ def test_layer_offload_keeps_the_encoders_in_cpu_memory_too(t2v, data, plain, tm
     trainer.train()
     assert all(m.onloads > 0 for m in trainer.encoder_offload)
     assert losses(out) == losses(plain)[:1]  # online with offloaded encoders = from the cache, bit for bit
+
+
+@pytest.mark.parametrize("mode", [["--trainable_models", "dit"], ["--lora_base_model", "dit", "--fp8_models", "dit"]],
+                         ids=["full-finetuning", "fp8-base"])
+def test_layer_offload_of_full_finetuning_and_an_fp8_base_gives_the_plain_losses(t2v, cache, tmp_path, mode):
+    def run(name, *extra):
+        run_training(parse_args(cached_args(t2v, cache, tmp_path / name, "--max_train_steps", "2", *mode, *extra,
+                                            lora=False)))
+        return losses(tmp_path / name)
+
+    assert run("offload", "--enable_model_cpu_offload", "--enable_optimizer_cpu_offload",
+               "--use_gradient_checkpointing") == run("plain")
