@@ -13,6 +13,10 @@ re-implementation, written out below, of what the tool it targets does:
   format is e4m3fn whatever the marker's dtype), ``comfy/quant_ops.py`` ``TensorCoreFP8Layout`` (the weight must
   be stored in the format's dtype; value = ``q * weight_scale``) and ``comfy/ops.py`` (an fp8 weight without
   ``comfy_quant`` is cast as stored);
+* Kijai's ComfyUI-WanVideoWrapper ``nodes_model_loading.py`` (the quantization detected from the first fp8
+  tensor's dtype, ``_scaled`` for a root ``scaled_fp8`` key or any ``.scale_weight``; the prefix stripped when the
+  first key has it) + ``custom_linear.py`` (``weight * scale_weight``), and its ``gguf/gguf.py`` (no
+  ``orig_shape``: shapes from the stored arrays);
 * city96 ComfyUI-GGUF ``loader.py`` ``gguf_sd_loader`` (``general.architecture`` a STRING in ``IMG_ARCH_LIST``,
   ``model.diffusion_model.`` handled, shape = the INT32 array ``comfy.gguf.orig_shape.<name>`` or the GGUF dims
   reversed, F32 / F16 viewed at that shape) and ``dequant.py`` (the types it dequantizes).
@@ -161,6 +165,45 @@ def city96_read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return out, types
 
 
+# --------------------------------------------------------------------- Kijai's WanVideoWrapper rules, re-implemented
+def kijai_read(path) -> tuple[dict[str, torch.Tensor], str]:
+    """nodes_model_loading.py (WanVideoModelLoader) + custom_linear.py: the quantization it detects (from the first
+    fp8 tensor's dtype; '_scaled' with a root 'scaled_fp8' key or any '.scale_weight'), the prefix stripped when the
+    first key carries it, and the weights it computes with (``weight * scale_weight``)."""
+    sd = load_file(str(path))
+    quantization = "disabled"
+    for v in sd.values():
+        if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            quantization = "fp8_e4m3fn" if v.dtype == torch.float8_e4m3fn else "fp8_e5m2"
+            break
+    scaled = "scaled_fp8" in sd or any(k.endswith(".scale_weight") for k in sd)
+    if "fp8" in quantization and scaled:
+        quantization += "_scaled"
+    if next(iter(sd)).startswith(COMFY_PREFIX):
+        sd = {k[len(COMFY_PREFIX):]: v for k, v in sd.items()}
+    assert "patch_embedding.weight" in sd and "blocks.0.self_attn.k.weight" in sd  # what the loader reads dims from
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8":
+            continue
+        scale = sd.get(k[: -len("weight")] + "scale_weight") if k.endswith(".weight") else None
+        out[k] = v.float() * (scale.float() if scale is not None else 1.0)
+    return out, quantization
+
+
+def kijai_gguf_shapes(path) -> dict[str, tuple[int, ...]]:
+    """gguf/gguf.py load_gguf: no orig_shape; F32 / F16 at the reader's array shape, other types as Diffusers-style
+    GGUFParameters whose logical shape comes from the byte shape of the rows."""
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        shape = tuple(t.data.shape)
+        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+            shape = (*shape[:-1], shape[-1] // size * block)
+        out[t.name] = shape
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- tests
 def ours(path) -> dict[str, torch.Tensor]:
     """This package's reader, dequantized to float32, the ComfyUI prefix stripped."""
@@ -204,6 +247,7 @@ def test_export_reads_back_by_the_reference_rules(exported, arch, fmt):
         quantized = {t for t in types.values() if t not in ("F32", "F16")}
         assert quantized <= {fmt.split("-")[1].upper()}, quantized
         comfy_type = comfy_wan_config(ref)
+        assert kijai_gguf_shapes(dst) == {k: tuple(v.shape) for k, v in ref.items()}  # no orig_shape needed
     else:
         ref, comfy_type = comfy_read(dst)
         with safe_open(str(dst), "pt") as f:
@@ -214,6 +258,10 @@ def test_export_reads_back_by_the_reference_rules(exported, arch, fmt):
             assert fp8 and all(k[: -len("weight")] + "scale_weight" in keys for k in fp8 if k.endswith(".weight"))
         elif fmt.startswith("comfy-fp8"):
             assert fp8 and not any(k.endswith(("scale_weight", "weight_scale")) for k in keys)
+        kijai, quantization = kijai_read(dst)
+        assert quantization == {"comfy-fp8-scaled": "fp8_e4m3fn_scaled", "comfy-fp8": "fp8_e4m3fn",
+                                "comfy-fp8-e5m2": "fp8_e5m2", "original": "disabled"}[fmt]
+        assert set(kijai) == set(ref) and all(torch.equal(kijai[k], ref[k]) for k in ref)
     assert comfy_type["model_type"] == COMFY_TYPES[arch] and comfy_type["num_layers"] == model.config.num_layers
     assert comfy_type["dim"] == 48 and comfy_type["in_dim"] == sd["patch_embedding.weight"].shape[1]
     mine = ours(dst)
