@@ -268,3 +268,13 @@ def test_pipeline_loop_follows_the_reference(converted):
     assert experts == [True, True, False]
     torch.testing.assert_close(out.frames, video, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.audio, audio, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("component", ["audio_dit", "dual_tower_bridge", "audio_vae"])
+def test_cli_refuses_one_component_alone(release, tmp_path, capsys, component):
+    """A MOVA component given alone (folder or file) is recognised by its keys and refused in one line."""
+    for src in (release / component, release / component / "diffusion_pytorch_model.safetensors"):
+        assert main(["convert", str(src), str(tmp_path / "out"), "--dtype", "fp32"]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"MOVA's {component}" in errors[0] and "whole release" in errors[0], errors
+        assert not (tmp_path / "out").exists()

@@ -19,13 +19,15 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import UMT5EncoderModel
 
-from ..conversion.dit import export_dit_state_dict, load_dit_from_original
+from ..conversion.dit import export_dit_state_dict, find_dit_files, load_dit_from_original
 from ..conversion.mova import (
     MOVA_AUDIO_DIT_MODULES,
     MOVA_BRIDGE_MODULES,
+    MOVA_COMPONENT_FOLDERS,
     export_mova_audio_dit_state_dict,
     export_mova_bridge_state_dict,
     load_mova_audio_dit,
@@ -43,12 +45,12 @@ from ..models import AutoencoderDac, MovaAudioTransformer1DModel, MovaDualTowerB
 from ..pipelines import MovaPipeline
 from ..schedulers import WanFlowMatchScheduler
 from ..utils.atomic import atomic_output_dir
-from ..utils.io import ConversionError, load_state_dict, with_path
+from ..utils.io import ConversionError, load_state_dict, read_json, with_path
 from .base import ModelFamily, ReleaseOptions, WanVariant
 from .tiny import TINY, tiny_t5, tiny_vae21
 
 __all__ = ["MOVA_VARIANTS", "MovaFamily", "TINY_MOVA", "convert_mova_release", "is_mova_release",
-           "make_tiny_mova_release"]
+           "make_tiny_mova_release", "mova_component_of"]
 
 _COMMON = dict(
     arch="mova", dim=5120, num_layers=40, experts=2, pipeline="MovaPipeline", boundary_ratio=0.9, flow_shift=5.0,
@@ -71,6 +73,37 @@ def is_mova_release(src: str | os.PathLike) -> bool:
     """Whether ``src`` is a MOVA release folder (``dual_tower_bridge/`` and ``audio_dit/`` sub-folders)."""
     src = Path(src)
     return src.is_dir() and (src / "dual_tower_bridge").is_dir() and (src / "audio_dit").is_dir()
+
+
+def _peek_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a safetensors file (or the first shard of an index), without reading tensors; ``{}`` for
+    anything else."""
+    try:
+        weights = find_dit_files(path) if path.is_dir() else path
+        if weights is None:
+            return {}
+        if weights.name.endswith(".index.json"):
+            shards = sorted(set(read_json(weights, "shard index").get("weight_map", {}).values()))
+            weights = weights.parent / shards[0] if shards else weights
+        if not weights.name.endswith(".safetensors"):
+            return {}
+        with safe_open(str(weights), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the real loaders
+        return {}
+
+
+def mova_component_of(path: str | os.PathLike) -> str | None:
+    """Which MOVA component a single folder or weights file holds (``audio_dit``, ``dual_tower_bridge`` or
+    ``audio_vae``, told by its keys and shapes), else ``None``."""
+    shapes = _peek_shapes(Path(path))
+    if any(k.startswith("audio_to_video_conditioners.") for k in shapes):
+        return "dual_tower_bridge"
+    if len(shapes.get("patch_embedding.weight", ())) == 3 and "blocks.0.self_attn.q.weight" in shapes:
+        return "audio_dit"
+    if "quant_conv.weight" in shapes and any(k.startswith("decoder.model.") for k in shapes):
+        return "audio_vae"
+    return None
 
 
 def _pick_variant(src: Path, variant: str | None) -> WanVariant:
@@ -198,6 +231,12 @@ def convert_mova_release(src: str | os.PathLike, dst: str | os.PathLike, options
         raise ConversionError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[options.dtype]
     src = Path(src)
+    component = None if is_mova_release(src) else mova_component_of(src)
+    if component is not None:
+        raise ConversionError(
+            f"{src}: this is MOVA's {component} ({MOVA_COMPONENT_FOLDERS[component]}) alone; convert the whole release "
+            "folder (video_dit/, video_dit_2/, audio_dit/, dual_tower_bridge/, audio_vae/, ... side by side)"
+        )
     if not is_mova_release(src):
         raise ConversionError(f"{src}: not a MOVA release folder (expected audio_dit/ and dual_tower_bridge/ "
                               "sub-folders next to video_dit/)")
@@ -293,7 +332,9 @@ class MovaFamily(ModelFamily):
     pipeline_classes = (MovaPipeline,)
 
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
-        return (variant or "").lower() in {v.name for v in MOVA_VARIANTS} or is_mova_release(src)
+        """A MOVA release folder, a ``--variant mova-*``, or one MOVA component alone (refused with the reason)."""
+        return ((variant or "").lower() in {v.name for v in MOVA_VARIANTS} or is_mova_release(src)
+                or mova_component_of(src) is not None)
 
     def convert_release(self, src: Path, dst: Path, options: ReleaseOptions) -> Path:
         return convert_mova_release(src, dst, options)
