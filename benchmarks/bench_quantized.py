@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", action="store_true", help="--plan: one untimed 1-step run per variant first")
     parser.add_argument("--tiny", action="store_true", help="--plan on CPU with tiny components (smoke test)")
+    parser.add_argument("--overrides", default="", help="--plan: fixed strategies, e.g. transformer=group_offload,"
+                        "text_encoder=group_offload (enable_vram_management(overrides=...))")
     args = parser.parse_args()
     if args.plan:
         plan_main(args)
@@ -188,8 +190,10 @@ def plan_main(args) -> None:
     for fmt, path in files.items():
         dit = load_quantized_dit(path, torch_dtype=torch.bfloat16, device="cpu").eval()
         pipe = WanExtPipeline(**{**comps, "transformer": dit})
+        overrides = dict(item.split("=") for item in args.overrides.split(",")) if args.overrides else None
         plan = pipe.enable_vram_management(budget, device=device, verbose=False, cfg_batched=False,
-                                           height=args.height, width=args.width, num_frames=args.frames)
+                                           height=args.height, width=args.width, num_frames=args.frames,
+                                           overrides=overrides)
         print(plan, flush=True)
         if args.warmup:
             generate(pipe, args, device, 1)

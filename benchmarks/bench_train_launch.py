@@ -10,7 +10,8 @@ Built on the machine (random weights, nothing downloaded):
   * the cache of ``--task sft:data_process`` (VAE latents + prompt embeddings), then every run is
     ``--task sft:train`` at 480x832x81 (32 760 tokens), gradient checkpointing, ``--max_train_steps`` steps.
 Each run: ``accelerate launch --config_file <config> --num_processes N train_step_probe.py <trainer args>``;
-seconds per step = median time between consecutive ``Accelerator.backward`` calls, peak = the process's
+seconds per step = median time between consecutive ``Accelerator.backward`` calls after the first (which holds
+the first optimizer step's allocations; all gaps are in ``step_seconds``), peak = the process's
 ``torch.cuda.max_memory_allocated`` (rank 0).
 
 Runs (``--runs``, comma-separated names):
@@ -191,8 +192,10 @@ def main() -> None:
                    wall_s=round(time.perf_counter() - t1, 1))
         if probe.is_file():
             rec = json.loads(probe.read_text())
-            row.update(steps=rec["steps"], s_per_step=None if rec["median_step_s"] is None else round(
-                rec["median_step_s"], 3), step_seconds=[round(x, 3) for x in rec["step_seconds"]],
+            gaps = rec["step_seconds"]
+            steady = sorted(gaps[1:] or gaps)  # the first gap holds the first optimizer step's allocations
+            row.update(steps=rec["steps"], s_per_step=round(steady[len(steady) // 2], 3) if steady else None,
+                       step_seconds=[round(x, 3) for x in gaps],
                 peak_allocated_gib=round(rec.get("peak_allocated_gib", 0), 2),
                 peak_reserved_gib=round(rec.get("peak_reserved_gib", 0), 2))
         if code != 0:
