@@ -476,8 +476,9 @@ def test_bad_inputs_are_one_line_errors(a2_pipe, tmp_path):
         assert "\n" not in str(e.value), str(e.value)
 
 
-def test_runtime_declarations(a2_folder):
-    """LoRA (a PEFT LoRA changes the output; a foreign key is named), VRAM plans and the offloaded K/V cache (same
+def test_runtime_declarations(a2_folder, tmp_path):
+    """LoRA (a PEFT LoRA changes the output, the same LoRA in DiffSynth's Animate-2 layout gives the same output; a
+    foreign key is named), VRAM plans and the offloaded K/V cache (same
     output), TeaCache and parallelism refused with the reason."""
     pipe = DiffusionPipeline.from_pretrained(str(a2_folder))
     pipe.set_progress_bar_config(disable=True)
@@ -502,9 +503,20 @@ def test_runtime_declarations(a2_folder):
         pipe.load_lora_weights({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 48),
                                 "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(48, 4)})
     pipe.load_lora_weights(lora, adapter_name="test")
-    assert (run() - base).abs().max() > 1e-4
+    adapted = run()
+    assert (adapted - base).abs().max() > 1e-4
     pipe.set_adapters("test", 0.0)
     torch.testing.assert_close(run(), base)
+    # the same LoRA in DiffSynth-Studio's Animate-2 layout (release module names, ".default."), from a file
+    release_names = {"self_attn.to_q": "self_attn.q", "self_attn.to_v": "self_attn.v"}
+    diffsynth = {f"blocks.0.block.{release_names[mod]}.{ab}.default.weight": lora[f"transformer.blocks.0.{mod}.{ab}.weight"]
+                 for mod in release_names for ab in ("lora_A", "lora_B")}
+    save_file(diffsynth, str(tmp_path / "diffsynth_lora.safetensors"))
+    pipe.load_lora_weights(str(tmp_path / "diffsynth_lora.safetensors"), adapter_name="diffsynth")
+    pipe.set_adapters("diffsynth", 1.0)
+    torch.testing.assert_close(run(), adapted)
+    with pytest.raises(ValueError, match="blocks.0.block.self_attn.x.lora_A.weight"):
+        pipe.load_lora_weights({"blocks.0.block.self_attn.x.lora_A.weight": torch.zeros(4, 48)})
 
 
 def test_generate_cli_on_real_files(a2_folder, tmp_path, capsys):

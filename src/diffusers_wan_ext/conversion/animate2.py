@@ -29,8 +29,10 @@ __all__ = [
     "ANIMATE2_RELEASE_FILE",
     "BLOCK_KEY_MAP",
     "animate2_config_from_state_dict",
+    "convert_animate2_lora_state_dict",
     "convert_animate2_state_dict",
     "export_animate2_state_dict",
+    "is_animate2_lora_state_dict",
     "is_animate2_state_dict",
     "load_animate2_transformer_from_original",
 ]
@@ -109,6 +111,52 @@ def convert_animate2_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, tor
 def export_animate2_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The reverse of :func:`convert_animate2_state_dict`: Diffusers names back to the release layout."""
     return _convert(dict(sd), reverse=True)
+
+
+_LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<role>lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$")
+_LORA_PREFIXES = ("pipe.dit.", "dit.", "diffusion_model.", "model.")
+
+
+def is_animate2_lora_state_dict(sd: Mapping[str, Any]) -> bool:
+    """Whether a LoRA state dict (or its key names) is on the release layout's module names
+    (``blocks.N.block.self_attn.q.lora_A[.default].weight``: DiffSynth-Studio's Animate-2 LoRAs)."""
+    return any(".lora_" in k and _RELEASE_BLOCK.match(_strip_lora_prefix(k)) for k in sd)
+
+
+def _strip_lora_prefix(key: str) -> str:
+    for prefix in _LORA_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def convert_animate2_lora_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A release-layout Animate-2 LoRA (DiffSynth-Studio: ``blocks.N.block.self_attn.q.lora_A.default.weight``, also
+    ``lora_down`` / ``lora_up`` with ``.alpha``, prefixes ``pipe.dit.`` / ``dit.`` / ``diffusion_model.``) as a
+    Diffusers LoRA of the transformer (``transformer.blocks.N.self_attn.to_q.lora_A.weight``); an ``alpha`` is folded
+    into ``lora_B`` (``alpha / rank``).  Keys on no module of the layout raise :class:`ConversionError` naming them."""
+    stripped = {_strip_lora_prefix(k): v for k, v in sd.items()}
+    alphas = {k[: -len(".alpha")]: float(v) for k, v in stripped.items() if k.endswith(".alpha")}
+    out, unknown = {}, []
+    for key, value in stripped.items():
+        if key.endswith(".alpha"):
+            continue
+        m = _LORA_KEY.match(key)
+        block = _RELEASE_BLOCK.match(m.group("module")) if m else None
+        local = _rename(block.group(2), BLOCK_KEY_MAP) if block else None
+        module = f"blocks.{block.group(1)}.{local}" if local else (m.group("module") if m and _top_level(
+            m.group("module")) else None)
+        if module is None:
+            unknown.append(key)
+            continue
+        role = {"lora_down": "lora_A", "lora_up": "lora_B"}.get(m.group("role"), m.group("role"))
+        if role == "lora_B" and m.group("module") in alphas:
+            value = value * (alphas[m.group("module")] / value.shape[1])
+        out[f"transformer.{module}.{role}.weight"] = value
+    if unknown:
+        raise ConversionError(f"{len(unknown)} LoRA key(s) are on no module of the Wan2.2-Animate-2 DiT: "
+                              f"{format_keys(unknown)}")
+    return out
 
 
 def _block_count(sd: Mapping[str, torch.Tensor]) -> int:

@@ -52,8 +52,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
+from ..conversion.animate2 import convert_animate2_lora_state_dict, is_animate2_lora_state_dict
 from ..conversion.image_encoder import clip_image_features, wan_clip_preprocess
 from ..conversion.text_encoder import encode_prompt_context
+from ..lora.convert import load_lora_file
 from ..lora.loader import WanLoraInteropMixin
 from ..models.transformer_wan_animate2 import WanAnimate2ExtTransformer3DModel
 from ..utils.media import encode_video, load_image, read_video_file, video_to_tensor
@@ -184,6 +186,21 @@ class WanAnimate2Pipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOpti
         self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+                        **kwargs):
+        """Our loader's formats (:class:`~diffusers_wan_ext.lora.loader.WanLoraInteropMixin`) plus DiffSynth-Studio's
+        Animate-2 LoRAs on the release's module names (``blocks.N.block.self_attn.q.lora_A.default.weight``; a dict
+        or a local file), converted by
+        :func:`~diffusers_wan_ext.conversion.animate2.convert_animate2_lora_state_dict`."""
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, (str, os.PathLike)) and os.path.isfile(source) and not kwargs.get("weight_name"):
+            source = load_lora_file(source)
+        if isinstance(source, dict) and is_animate2_lora_state_dict(source):
+            state_dict = convert_animate2_lora_state_dict(source)
+            return (state_dict, None) if kwargs.get("return_lora_metadata") else state_dict
+        return super().lora_state_dict(source, **kwargs)
 
     def enable_teacache(self, *args, **kwargs) -> None:
         """Not available: there are no TeaCache coefficients for Animate-2, and its generation pass attends to a
