@@ -173,6 +173,13 @@ def test_direct_distill_trains_resumes_exactly_and_its_split_stages_give_the_sam
                              "--lora_base_model", "dit", "--output_path", str(split), "--task", "direct_distill:train",
                              "--max_train_steps", "4", "--dataset_repeat", "2"]))
     assert losses(split) == pytest.approx(full, rel=1e-5, abs=1e-7)
+    # the student's steps through offloaded layers and gradient checkpointing: the same losses
+    offload = tmp_path / "split-offload"
+    run_training(parse_args(["--dataset_base_path", str(cache), "--model_path", str(t2v), *COMMON,
+                             "--lora_base_model", "dit", "--output_path", str(offload), "--task", "direct_distill:train",
+                             "--max_train_steps", "2", "--dataset_repeat", "2", "--enable_model_cpu_offload",
+                             "--enable_optimizer_cpu_offload", "--use_gradient_checkpointing"]))
+    assert losses(offload) == losses(split)[:2]
 
     # step 1 from the formula, on the cached inputs of the row the sampler draws first
     first = ResumableSampler(2 * len(entries), shuffle=True, seed=0).epoch_indices(0)[0]
