@@ -20,6 +20,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import UMT5EncoderModel
 
 gguf = pytest.importorskip("gguf")
 
@@ -273,10 +274,22 @@ def test_convert_mixes_single_files_with_original_files(tiny_release, tmp_path):
     write_gguf(tmp_path / "wan-t2v-Q8_0.gguf", sd, "Q8_0", shape_fix=True)
     vae = load_state_dict(release / "Wan2.1_VAE.pth")
     save_file({k: v.contiguous() for k, v in vae.items()}, str(tmp_path / "wan_2.1_vae.safetensors"))
+    t5 = load_state_dict(release / "models_t5_umt5-xxl-enc-bf16.pth")  # ComfyUI's umt5_xxl_fp8_e4m3fn_scaled
+    hf = {k.replace("encoder.block.", "encoder.blocks."): v for k, v in convert_t5_state_dict(t5).items()
+          if k != "encoder.embed_tokens.weight"}
+    out, _ = fp8_state_dict(hf)
+    save_file({k.replace("encoder.blocks.", "encoder.block."): v for k, v in out.items()},
+              str(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"))
     rc = cli_main(["convert", str(release), str(tmp_path / "out"), "--dtype", "fp32",
                    "--transformer", str(tmp_path / "wan-t2v-Q8_0.gguf"),
+                   "--text-encoder", str(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
                    "--vae", str(tmp_path / "wan_2.1_vae.safetensors")])
     assert rc == 0
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = load_t5_from_original(t5)(ids).last_hidden_state
+        got = UMT5EncoderModel.from_pretrained(tmp_path / "out" / "text_encoder")(ids).last_hidden_state
+    assert rel_rms(got, want) < 0.1  # scaled fp8 e4m3 weights (bound as in test_comfy_umt5_files)
     tr = WanTransformer3DModel.from_pretrained(tmp_path / "out" / "transformer")
     ref = load_dit_from_original(release, torch_dtype=torch.float32).state_dict()
     got = tr.state_dict()
