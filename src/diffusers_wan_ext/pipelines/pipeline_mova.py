@@ -194,6 +194,21 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
         """Audio latents of a clip (:func:`mova_audio_length` with the audio VAE's rate and hop)."""
         return mova_audio_length(num_frames, frame_rate, self.audio_vae.config.sample_rate, self.audio_vae.hop_length)
 
+    def prepare_latents(self, y: torch.Tensor, num_frames: int, frame_rate: float, latents: torch.Tensor | None,
+                        audio_latents: torch.Tensor | None, generator: torch.Generator | None):
+        """Float32 video latents ``[1, z, F, h, w]`` (the grid of ``y``) and audio latents ``[1, C, L]``: the given
+        ones (shape checked) or noise, video first then audio from ``generator``."""
+        video_shape = (1, self.vae.config.z_dim, *y.shape[2:])
+        audio_shape = (1, self.audio_vae.config.latent_dim, self.audio_length(num_frames, frame_rate))
+        out = []
+        for name, given, shape in (("latents", latents, video_shape), ("audio_latents", audio_latents, audio_shape)):
+            if given is not None and tuple(given.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} for these inputs; got {tuple(given.shape)}")
+            noise = given if given is not None else randn_tensor(shape, generator=generator, device=y.device,
+                                                                 dtype=torch.float32)
+            out.append(noise.to(device=y.device, dtype=torch.float32))
+        return tuple(out)
+
     def decode_audio(self, audio_latents: torch.Tensor) -> torch.Tensor:
         """Waveform ``[B, samples]`` float32 of audio latents ``[B, C, L]``."""
         device = get_module_execution_device(self.audio_vae)
@@ -274,25 +289,13 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
         negative_context = negative_context.to(dtype) if guidance_scale != 1.0 else None
         y = i2v_condition(self.vae, pixels, num_frames).to(device=device, dtype=dtype)
 
-        video_shape = (1, self.vae.config.z_dim, y.shape[2], y.shape[3], y.shape[4])
-        audio_shape = (1, self.audio_vae.config.latent_dim, self.audio_length(num_frames, frame_rate))
-        for name, given, shape in (("latents", latents, video_shape), ("audio_latents", audio_latents, audio_shape)):
-            if given is not None and tuple(given.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape} for these inputs; got {tuple(given.shape)}")
-        video = latents if latents is not None else randn_tensor(video_shape, generator=generator, device=device,
-                                                                 dtype=torch.float32)
-        audio = audio_latents if audio_latents is not None else randn_tensor(
-            audio_shape, generator=generator, device=device, dtype=torch.float32)
-        video, audio = video.to(device=device, dtype=torch.float32), audio.to(device=device, dtype=torch.float32)
-
+        video, audio = self.prepare_latents(y, num_frames, frame_rate, latents, audio_latents, generator)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        with self.progress_bar(total=len(timesteps)) as bar:
-            for i, t in enumerate(timesteps):
-                expert = self.expert(t, boundary)
-                t_in = t.expand(1).to(device)
-                v_pred, a_pred = self._guided(expert, video.to(dtype), audio.to(dtype), t_in, context,
-                                              negative_context, y, float(frame_rate), guidance_scale)
+        with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
+            for i, t in enumerate(self.scheduler.timesteps):
+                v_pred, a_pred = self._guided(self.expert(t, boundary), video.to(dtype), audio.to(dtype),
+                                              t.expand(1).to(device), context, negative_context, y,
+                                              float(frame_rate), guidance_scale)
                 video, audio = self._step(v_pred, a_pred, t, video, audio)
                 if callback_on_step_end is not None:
                     out = callback_on_step_end(self, i, t, {"latents": video, "audio_latents": audio}) or {}
