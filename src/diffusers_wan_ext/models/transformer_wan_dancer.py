@@ -41,6 +41,7 @@ from diffusers import ModelMixin  # noqa: F401  (Diffusers' loader looks up load
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import (
     WanAttention,
     WanAttnProcessor,
@@ -162,7 +163,8 @@ class WanDancerMusicEncoderLayer(nn.Module):
 
     Self-attention is ``nn.MultiheadAttention`` (:class:`WanDancerMusicSelfAttention`) with queries and keys ``rotary(norm1(x))`` and values ``norm1(x)``
     (the rotary embedding acts on the layer input, before the projections, as in the reference); the FFN is
-    ``linear2(gelu(linear1(norm2(x))))`` with the exact GELU.  Dropout is off (inference semantics).
+    ``linear2(gelu(linear1(norm2(x))))`` with the exact GELU.  Dropout is off (inference semantics).  The norms run in
+    float32 (kept there by ``_keep_in_fp32_modules``, as stock Wan's norms).
 
     Args:
         width (`int`): the encoder width (release 256).
@@ -175,8 +177,8 @@ class WanDancerMusicEncoderLayer(nn.Module):
         self.self_attn = WanDancerMusicSelfAttention(width, num_heads)
         self.linear1 = nn.Linear(width, ff_size)
         self.linear2 = nn.Linear(ff_size, width)
-        self.norm1 = nn.LayerNorm(width, eps=1e-5)
-        self.norm2 = nn.LayerNorm(width, eps=1e-5)
+        self.norm1 = FP32LayerNorm(width, eps=1e-5)
+        self.norm2 = FP32LayerNorm(width, eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
@@ -285,6 +287,7 @@ class WanDancerTransformer3DModel(WanExtTransformer3DModel):
         (1, 16, 3, 8, 8)
     """
 
+    _keep_in_fp32_modules = [*WanExtTransformer3DModel._keep_in_fp32_modules, "scale_shift_table_global"]
     _cp_plan = None
     _cp_unsupported_reason = (
         "its music injection groups each latent frame's tokens with that frame's music tokens, and its music tokens "
