@@ -265,3 +265,25 @@ def test_release_size_vram_plan_covers_both_models():
         assert plan.components["transformer"].weights_gib == pytest.approx(plan.components["transformer_2"].weights_gib)
         assert plan.peak_gib + plan.margin_gib <= plan.vram_limit_gib + 1e-9
     assert plan.strategies["transformer"] != "resident"  # 24 GB: streamed or fp8
+
+
+def test_diffsynth_lora_reaches_the_music_injectors_and_either_model(folder, tmp_path):
+    """A DiffSynth-Studio LoRA (``--lora_target_modules q,k,v,o,ffn.0,ffn.2`` also matches the music injectors'
+    ``q`` / ``k`` / ``v`` / ``o``) loads into the global model, or into the local one with ``load_into_transformer_2``."""
+    from safetensors.torch import save_file
+
+    pipe = WanDancerPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for module, width in (("blocks.0.self_attn.q", 48), ("blocks.1.ffn.0", 96), ("music_injector.injector.1.o", 48)):
+        lora[f"{module}.lora_A.default.weight"] = torch.randn(4, 48, generator=g) * 0.1
+        lora[f"{module}.lora_B.default.weight"] = torch.randn(width, 4, generator=g) * 0.1
+    save_file(lora, str(tmp_path / "dancer_lora.safetensors"))
+    before = {name: getattr(pipe, name).music_injector.injector[1].to_out[0].weight.clone()
+              for name in ("transformer", "transformer_2")}
+    pipe.load_lora_weights(str(tmp_path / "dancer_lora.safetensors"), adapter_name="local",
+                           load_into_transformer_2=True)
+    pipe.fuse_lora(components=["transformer_2"])
+    after = {name: getattr(pipe, name).music_injector.injector[1].to_out[0].weight for name in before}
+    assert torch.equal(after["transformer"], before["transformer"])
+    assert (after["transformer_2"] - before["transformer_2"]).abs().max() > 1e-3
