@@ -20,4 +20,5 @@ if [ -d .fa4b ] && [ -f /tmp/fa4/cu13part.aa ]; then
 fi
 cd benchmarks
 for cmd in "$@"; do
-  echo "=== $cmd"; eval "$cmd" 2>&1 | grep -v -i -E "warn|float32: \[|experimental feature" ; done
+  # drop warning noise, but keep pytest's summary lines ("3 passed, 2 warnings")
+  echo "=== $cmd"; eval "$cmd" 2>&1 | awk 'tolower($0) ~ / passed| failed|error/ || tolower($0) !~ /warn|float32: \[|experimental feature/' ; done
