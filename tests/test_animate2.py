@@ -231,6 +231,12 @@ def test_release_width_converts_to_the_stock_class(tmp_path):
     assert stock.state_dict().keys() == ours.state_dict().keys()
     assert all(torch.equal(v, ours.state_dict()[k]) for k, v in stock.state_dict().items())
     assert WanAnimate2ExtTransformer3DModel.from_pretrained(out).config.clip_dim == 1280
+    # the classic pipeline wraps the stock model (weights shared) into ours
+    wrapped = WanAnimate2ExtTransformer3DModel.from_stock(stock.eval())
+    assert type(wrapped) is WanAnimate2ExtTransformer3DModel and wrapped.config.clip_dim == 1280
+    assert wrapped.blocks[0].self_attn.to_q.weight.data_ptr() == stock.blocks[0].self_attn.to_q.weight.data_ptr()
+    x = _inputs(ours)
+    assert torch.equal(_run(wrapped, x, 9, [64, 64])[0], _run(ours, x, 9, [64, 64])[0])
 
 
 def test_missing_components_are_one_line(tmp_path, capsys):
