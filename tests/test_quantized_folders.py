@@ -40,52 +40,57 @@ from diffusers_wan_ext.utils.gguf_files import write_gguf  # noqa: E402
 from diffusers_wan_ext.utils.io import load_state_dict  # noqa: E402
 from diffusers_wan_ext.utils.single_file import read_quantized  # noqa: E402
 
-#: what a fresh interpreter runs: stock Diffusers calls only (no diffusers_wan_ext import), the transformer's
-#: output on fixed inputs and what its weights are saved for the test to check
+#: what a fresh interpreter runs: stock Diffusers calls only (no diffusers_wan_ext import); for each job
+#: [folder, storage, out, pipeline] the transformer's output on fixed inputs and its Linear weights are saved
 FRESH = r"""
 import json, sys, torch, diffusers
 from diffusers import DiffusionPipeline, GGUFQuantizationConfig
-folder, kind, out = sys.argv[1], sys.argv[2], sys.argv[3]
-cfg = json.load(open(f"{folder}/transformer/config.json"))
-cls = getattr(diffusers, cfg["_class_name"])
-if kind == "gguf":
-    tr = cls.from_single_file(f"{folder}/transformer/diffusion_pytorch_model.gguf", config=f"{folder}/transformer",
-                              quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
-                              torch_dtype=torch.float32)
-else:
-    tr = cls.from_pretrained(f"{folder}/transformer", torch_dtype=torch.float32)
-    tr.enable_layerwise_casting(storage_dtype=getattr(torch, kind), compute_dtype=torch.float32)
-layers = {n: m.weight for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear)}
-g = torch.Generator().manual_seed(0)
-x = torch.randn(1, cfg["in_channels"], 2, 8, 8, generator=g)
-ctx = torch.randn(1, 7, cfg["text_dim"], generator=g)
-kw = {}
-if "vace_layers" in cfg:
-    kw["control_hidden_states"] = torch.randn(1, cfg["vace_in_channels"], 2, 8, 8, generator=g)
-with torch.no_grad():
-    y = tr(x, torch.tensor([500.0]), ctx, return_dict=False, **kw)[0]
-info = {n: [type(w).__name__, str(w.dtype), getattr(getattr(w, "quant_type", None), "name", None)]
-        for n, w in layers.items()}
-saved = {"y": y, "x": x, "ctx": ctx, "kw": kw}
-saved.update({f"w:{n}": w.detach().as_subclass(torch.Tensor).view(torch.uint8).clone() for n, w in layers.items()
-              if w.dtype != torch.float32})
-if len(sys.argv) > 4:  # the whole pipeline, from_pretrained with the quantized transformer passed in
-    pipe = DiffusionPipeline.from_pretrained(folder, transformer=tr)
-    pipe.set_progress_bar_config(disable=True)
-    saved["frames"] = pipe("a cat", num_inference_steps=2, height=16, width=16, num_frames=5, output_type="pt",
-                           generator=torch.Generator().manual_seed(0)).frames
-    info["_pipeline"] = [type(pipe).__name__, type(pipe.transformer.blocks[0].ffn.net[2].weight).__name__]
-torch.save(saved, out)
-json.dump(info, open(out + ".json", "w"))
+for folder, kind, out, pipeline in json.loads(sys.argv[1]):
+    cfg = json.load(open(f"{folder}/transformer/config.json"))
+    cls = getattr(diffusers, cfg["_class_name"])
+    if kind == "gguf":
+        tr = cls.from_single_file(f"{folder}/transformer/diffusion_pytorch_model.gguf", config=f"{folder}/transformer",
+                                  quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+                                  torch_dtype=torch.float32)
+    else:
+        tr = cls.from_pretrained(f"{folder}/transformer", torch_dtype=torch.float32)
+        tr.enable_layerwise_casting(storage_dtype=getattr(torch, kind), compute_dtype=torch.float32)
+    layers = {n: m.weight for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear)}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg["in_channels"], 2, 8, 8, generator=g)
+    ctx = torch.randn(1, 7, cfg["text_dim"], generator=g)
+    kw = {}
+    if "vace_layers" in cfg:
+        kw["control_hidden_states"] = torch.randn(1, cfg["vace_in_channels"], 2, 8, 8, generator=g)
+    with torch.no_grad():
+        y = tr(x, torch.tensor([500.0]), ctx, return_dict=False, **kw)[0]
+    info = {n: [type(w).__name__, str(w.dtype), getattr(getattr(w, "quant_type", None), "name", None)]
+            for n, w in layers.items()}
+    saved = {"y": y, "x": x, "ctx": ctx, "kw": kw}
+    saved.update({f"w:{n}": w.detach().as_subclass(torch.Tensor).view(torch.uint8).clone()
+                  for n, w in layers.items() if w.dtype != torch.float32})
+    if pipeline:  # the whole pipeline, from_pretrained with the quantized transformer passed in
+        pipe = DiffusionPipeline.from_pretrained(folder, transformer=tr)
+        pipe.set_progress_bar_config(disable=True)
+        saved["frames"] = pipe("a cat", num_inference_steps=2, height=16, width=16, num_frames=5, output_type="pt",
+                               generator=torch.Generator().manual_seed(0)).frames
+        info["_pipeline"] = [type(pipe).__name__, type(pipe.transformer.blocks[0].ffn.net[2].weight).__name__]
+    torch.save(saved, out)
+    json.dump(info, open(out + ".json", "w"))
 """
+FP8_CASES = {"e4m3-plain": dict(scaled=False), "e4m3-scale_weight": dict(convention="scale_weight"),
+             "e5m2-plain": dict(scaled=False, fp8_dtype=torch.float8_e5m2)}
 
 
-def fresh_load(folder, kind: str, tmp_path, pipeline: bool = False) -> tuple[dict, dict]:
-    out = str(tmp_path / f"fresh-{kind}.pt")
-    args = [sys.executable, "-c", FRESH, str(folder), kind, out] + (["pipeline"] if pipeline else [])
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+def fresh_load(jobs: list[list]) -> None:
+    """Run :data:`FRESH` once for every job (one interpreter start for the module)."""
+    done = subprocess.run([sys.executable, "-c", FRESH, json.dumps(jobs)], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out), json.loads(open(out + ".json").read())
+
+
+def fresh_result(out) -> tuple[dict, dict]:
+    return torch.load(out), json.loads(open(f"{out}.json").read())
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,17 +143,45 @@ def wide_gguf(tmp_path_factory):
     return path, blocks
 
 
-def test_gguf_folder_loads_back_packed_in_a_fresh_interpreter(wide_gguf, tmp_path):
-    path, blocks = wide_gguf
-    out = tmp_path / "wide-diffusers"
-    assert cli_main(["convert", str(path), str(out), "--transformer-only", "--keep-quantized", "--dtype", "fp32"]) == 0
+@pytest.fixture(scope="module")
+def folders(wide_gguf, tiny_release, tmp_path_factory):
+    """Every --keep-quantized folder of this module, converted with the CLI and loaded back in one fresh
+    interpreter: ``{name: (folder, source file, fresh output path)}``."""
+    root = tmp_path_factory.mktemp("kept")
+    out: dict[str, tuple] = {}
+    wide = root / "wide" / "transformer"  # --transformer-only writes the model folder itself
+    assert cli_main(["convert", str(wide_gguf[0]), str(wide), "--transformer-only", "--keep-quantized",
+                     "--dtype", "fp32"]) == 0
+    out["wide"] = (wide, wide_gguf[0], "gguf", False)
+    release = tiny_release("t2v")
+    path = root / "dit-Q8_0.gguf"
+    write_gguf(path, load_state_dict(release / "diffusion_pytorch_model.safetensors"), "Q8_0")  # width 48
+    for keep, name in ((True, "kept"), (False, "dequantized")):
+        assert cli_main(["convert", str(release), str(root / name), "--dtype", "fp32", "--transformer", str(path),
+                         *(["--keep-quantized"] if keep else [])]) == 0
+    out["pipeline"] = (root / "kept" / "transformer", path, "gguf", True)
+    sd = load_state_dict(tiny_release("vace") / "diffusion_pytorch_model.safetensors")
+    for name, kw in FP8_CASES.items():
+        tensors, meta = fp8_state_dict({"model.diffusion_model." + k: v for k, v in sd.items()},
+                                       prefix="model.diffusion_model.", **kw)
+        path = root / f"vace-{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta or None)
+        folder = root / name / "transformer"
+        assert cli_main(["convert", str(path), str(folder), "--transformer-only", "--keep-quantized",
+                         "--dtype", "fp32"]) == 0
+        storage = json.loads((folder / QUANTIZED_FOLDER_NOTE).read_text())["storage_dtype"]
+        out[name] = (folder, path, storage, False)
+    fresh_load([[str(f.parent), kind, str(root / f"fresh-{n}.pt"), pipe] for n, (f, _, kind, pipe) in out.items()])
+    return {n: (f, src, root / f"fresh-{n}.pt") for n, (f, src, _, _) in out.items()}
+
+
+def test_gguf_folder_loads_back_packed_in_a_fresh_interpreter(folders, wide_gguf):
+    out, path, fresh = folders["wide"]
+    blocks = wide_gguf[1]
     note = json.loads((out / QUANTIZED_FOLDER_NOTE).read_text())
     assert note["storage"] == "gguf" and note["weights"] == GGUF_FOLDER_WEIGHTS
     assert not (out / "diffusion_pytorch_model.safetensors").exists()  # nothing dequantized written
-    # --transformer-only writes the model folder itself; the fresh loader reads <folder>/transformer
-    (tmp_path / "repo").mkdir()
-    (tmp_path / "repo" / "transformer").symlink_to(out)
-    saved, info = fresh_load(tmp_path / "repo", "gguf", tmp_path)
+    saved, info = fresh_result(fresh)
     packed = {k: v for k, v in info.items() if v[0] == "GGUFParameter"}
     assert {v[2] for v in packed.values()} == {"Q8_0", "Q4_K", "Q6_K", "Q5_K"}
     for key, (data, qtype) in blocks.items():  # the file's blocks, byte for byte, under the Diffusers names
@@ -164,50 +197,34 @@ def test_gguf_folder_loads_back_packed_in_a_fresh_interpreter(wide_gguf, tmp_pat
     assert torch.equal(forward(again, saved["x"], saved["ctx"]), saved["y"])
 
 
-def test_gguf_pipeline_folder_loads_with_diffusion_pipeline(tiny_release, tmp_path):
-    release = tiny_release("t2v")
-    sd = load_state_dict(release / "diffusion_pytorch_model.safetensors")
-    path = tmp_path / "dit-Q8_0.gguf"
-    write_gguf(path, sd, "Q8_0")  # width 48: rows of 96 (ffn.2) fit Q8_0 blocks, rows of 48 go F16
-    for keep, name in ((True, "kept"), (False, "dequantized")):
-        flags = ["--keep-quantized"] if keep else []
-        assert cli_main(["convert", str(release), str(tmp_path / name), "--dtype", "fp32", "--transformer", str(path),
-                         *flags]) == 0
-    assert (tmp_path / "kept" / "transformer" / GGUF_FOLDER_WEIGHTS).exists()
-    assert (tmp_path / "kept" / "vae" / "config.json").exists()  # every other component as usual
+def test_gguf_pipeline_folder_loads_with_diffusion_pipeline(folders):
+    out, _, fresh = folders["pipeline"]
+    kept = out.parent
+    assert (out / GGUF_FOLDER_WEIGHTS).exists() and (kept / "vae" / "config.json").exists()  # the rest as usual
     # listed as absent: Diffusers would try from_pretrained on it even with transformer= passed (an optional component)
-    assert json.loads((tmp_path / "kept" / "model_index.json").read_text())["transformer"] == [None, None]
-    saved, info = fresh_load(tmp_path / "kept", "gguf", tmp_path, pipeline=True)
+    assert json.loads((kept / "model_index.json").read_text())["transformer"] == [None, None]
+    saved, info = fresh_result(fresh)
     assert info["blocks.0.ffn.net.2"][:3] == ["GGUFParameter", "torch.uint8", "Q8_0"]
     assert info["_pipeline"] == ["WanPipeline", "GGUFParameter"]
     from diffusers import DiffusionPipeline
 
-    dense = DiffusionPipeline.from_pretrained(tmp_path / "dequantized")
+    dense = DiffusionPipeline.from_pretrained(kept.parent / "dequantized")
     dense.set_progress_bar_config(disable=True)
     frames = dense("a cat", num_inference_steps=2, height=16, width=16, num_frames=5, output_type="pt",
                    generator=torch.Generator().manual_seed(0)).frames
     assert torch.allclose(saved["frames"], frames, atol=1e-4)  # Q8_0 blocks: Diffusers' dequantization is exact
 
 
-@pytest.mark.parametrize("name,kw", [("e4m3-plain", dict(scaled=False)),
-                                     ("e4m3-scale_weight", dict(convention="scale_weight")),
-                                     ("e5m2-plain", dict(scaled=False, fp8_dtype=torch.float8_e5m2))])
-def test_fp8_folder_loads_back_in_fp8_with_layerwise_casting(tiny_release, tmp_path, name, kw):
-    sd = load_state_dict(tiny_release("vace") / "diffusion_pytorch_model.safetensors")
-    out, meta = fp8_state_dict({"model.diffusion_model." + k: v for k, v in sd.items()},
-                               prefix="model.diffusion_model.", **kw)
-    path = tmp_path / f"vace-{name}.safetensors"
-    save_file({k: v.contiguous() for k, v in out.items()}, str(path), metadata=meta or None)
-    folder = tmp_path / "repo" / "transformer"
-    assert cli_main(["convert", str(path), str(folder), "--transformer-only", "--keep-quantized",
-                     "--dtype", "fp32"]) == 0
-    fp8 = kw.get("fp8_dtype", torch.float8_e4m3fn)
+@pytest.mark.parametrize("name", list(FP8_CASES))
+def test_fp8_folder_loads_back_in_fp8_with_layerwise_casting(folders, name):
+    folder, path, fresh = folders[name]
+    fp8 = FP8_CASES[name].get("fp8_dtype", torch.float8_e4m3fn)
     note = json.loads((folder / QUANTIZED_FOLDER_NOTE).read_text())
     assert note["storage"] == "fp8" and note["storage_dtype"] == str(fp8).replace("torch.", "")
     assert note["rounded_again"] == (note["fp8_layers"] if "scale" in name else 0)
     stored = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     assert not any(k.endswith(("weight_scale", "scale_weight")) for k in stored)
-    saved, info = fresh_load(tmp_path / "repo", note["storage_dtype"], tmp_path)
+    saved, info = fresh_result(fresh)
     ours = load_quantized_dit(path, torch_dtype=torch.float32)
     for module, layer in ours.named_modules():  # every fp8 Linear comes back in fp8 with the folder's values
         if not hasattr(layer, "weight_scale"):
