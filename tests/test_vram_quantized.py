@@ -178,26 +178,28 @@ def _storage(model: torch.nn.Module) -> dict[str, tuple[str, str, str]]:
 
 
 @pytest.mark.parametrize("kind", ["gguf", "fp8"])
-@pytest.mark.parametrize("offload", ["model_cpu_offload", "group_block", "group_leaf"])
-def test_diffusers_offload_keeps_packed_storage(files, kind, offload):
-    """Stock Diffusers offloading on a transformer loaded quantized: the hooks' device moves keep the GGUF blocks /
-    fp8 weights as they are (on CPU both devices are the CPU: the moves run, the values cannot change; the CUDA
-    run of the same hooks is the GPU check), and the outputs stay those of the resident pipeline."""
+def test_diffusers_offload_keeps_packed_storage(files, kind):
+    """Stock Diffusers offloading on a transformer loaded quantized (enable_model_cpu_offload, block- and leaf-level
+    group offloading): the hooks' device moves keep the GGUF blocks / fp8 weights as they are (on CPU both devices
+    are the CPU: the moves run, the values cannot change; the CUDA run of the same hooks is the GPU check), and the
+    outputs stay those of the resident pipeline."""
     from diffusers.hooks import apply_group_offloading
 
-    pipe = _pipe(files, load_quantized_dit(files[kind], torch_dtype=torch.float32))
-    before, qbytes = _storage(pipe.transformer), quantized_weight_bytes(pipe.transformer)
-    assert before and qbytes > 0
-    baseline = _run(pipe)
+    baseline = None
     cpu = torch.device("cpu")
-    if offload == "model_cpu_offload":
-        pipe.enable_model_cpu_offload(device="cpu")
-    else:
-        apply_group_offloading(pipe.transformer, onload_device=cpu, offload_device=cpu,
-                               offload_type="block_level" if offload == "group_block" else "leaf_level",
-                               num_blocks_per_group=1 if offload == "group_block" else None)
-    assert torch.equal(_run(pipe), baseline)
-    assert _storage(pipe.transformer) == before and quantized_weight_bytes(pipe.transformer) == qbytes
+    for offload in ("model_cpu_offload", "group_block", "group_leaf"):
+        pipe = _pipe(files, load_quantized_dit(files[kind], torch_dtype=torch.float32))
+        before, qbytes = _storage(pipe.transformer), quantized_weight_bytes(pipe.transformer)
+        assert before and qbytes > 0
+        baseline = _run(pipe) if baseline is None else baseline
+        if offload == "model_cpu_offload":
+            pipe.enable_model_cpu_offload(device="cpu")
+        else:
+            apply_group_offloading(pipe.transformer, onload_device=cpu, offload_device=cpu,
+                                   offload_type="block_level" if offload == "group_block" else "leaf_level",
+                                   num_blocks_per_group=1 if offload == "group_block" else None)
+        assert torch.equal(_run(pipe), baseline), offload
+        assert _storage(pipe.transformer) == before and quantized_weight_bytes(pipe.transformer) == qbytes, offload
 
 
 @pytest.mark.parametrize("kind", ["gguf", "fp8"])
