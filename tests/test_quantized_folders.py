@@ -292,3 +292,17 @@ def test_two_experts_kept_quantized(tiny_release, tmp_path):
         ctx = torch.randn(1, 7, model.config.text_dim, generator=torch.Generator().manual_seed(1))
         assert torch.allclose(forward(model, x, ctx), forward(load_quantized_dit(path, torch_dtype=torch.float32), x,
                                                               ctx), rtol=1e-5, atol=1e-6), name
+
+
+def test_kept_folders_export_back_to_the_original_layout(folders, tmp_path):
+    """export-dit reads a kept-quantized folder (GGUF: its .gguf; fp8: its fp8 safetensors) dequantized."""
+    for name in ("pipeline", "e4m3-plain"):
+        folder, path, _ = folders[name]
+        dst = tmp_path / f"{name}.safetensors"
+        assert cli_main(["export-dit", str(folder), str(dst), "--dtype", "fp32"]) == 0
+        exported = load_file(str(dst))
+        source = {k: q.dequantize(torch.float32) for k, q in read_quantized(path)[0].items()}
+        source = {k[len("model.diffusion_model."):] if k.startswith("model.") else k: v for k, v in source.items()}
+        assert set(exported) == set(source), name
+        for k, v in source.items():  # float16 dequantization of the GGUF blocks only
+            assert torch.allclose(exported[k], v, rtol=1e-3, atol=1e-6), (name, k)

@@ -1,5 +1,6 @@
 """``diffusers-wan export-dit``: a Diffusers transformer -> one file in the original Wan key layout: plain
-safetensors, ComfyUI fp8 (scaled or not) or GGUF (``--format``, :mod:`diffusers_wan_ext.utils.single_file`)."""
+safetensors, ComfyUI fp8 (scaled or not) or GGUF (``--format``, :mod:`diffusers_wan_ext.utils.single_file`).  A
+transformer folder written by ``convert --keep-quantized`` is read dequantized (GGUF or fp8)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
 from ..conversion.dit import export_dit_state_dict
+from ..conversion.quantized_dit import GGUF_FOLDER_WEIGHTS
 from ..conversion.release_io import DTYPES
 from ..utils.atomic import atomic_write_file, claim_destination
 from ..utils.io import ConversionError, load_state_dict, naming
@@ -28,6 +30,8 @@ def cmd_export_dit(args: argparse.Namespace) -> int:
         if src.is_dir():
             index = src / (SAFETENSORS_WEIGHTS_NAME + ".index.json")
             weights = index if index.exists() else src / SAFETENSORS_WEIGHTS_NAME
+            if not weights.exists() and (src / GGUF_FOLDER_WEIGHTS).exists():  # convert --keep-quantized (GGUF)
+                weights = src / GGUF_FOLDER_WEIGHTS
             if not weights.exists():
                 raise ConversionError(f"{src}: no {SAFETENSORS_WEIGHTS_NAME} (or its .index.json) in this folder; "
                                       "pass a Diffusers transformer folder or its safetensors file")
