@@ -8,9 +8,16 @@ One forward (DiffSynth's ``model_fn_mova_audio_video``):
 2. for ``i`` in ``0 .. audio_layers - 1``: the bridge updates both streams at its interaction layers, then video block
    ``i`` and audio block ``i`` run;
 3. the remaining video blocks run alone; both heads give the video and the audio velocity.
+
+Because the towers' parts are called one by one, the hooks that offloading puts on a tower's ``forward`` would never
+run; :func:`run_pre_forward_hooks` / :func:`run_post_forward_hooks` run them around the joint forward (accelerate's
+``enable_model_cpu_offload`` / sequential offload hooks, Diffusers' group offloading of the top-level layers), as
+Diffusers' ``apply_forward_hook`` does for VAE ``encode`` / ``decode``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
@@ -18,7 +25,35 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from .mova_bridge import MovaDualTowerBridge
 from .transformer_mova_audio import MovaAudioTransformer1DModel
 
-__all__ = ["mova_joint_forward", "wan_video_embed", "wan_video_project_out", "wan_video_run_block"]
+__all__ = ["mova_joint_forward", "run_post_forward_hooks", "run_pre_forward_hooks", "wan_video_embed",
+           "wan_video_project_out", "wan_video_run_block"]
+
+#: Diffusers' hook registry name of group offloading (``diffusers.hooks.group_offloading``).
+GROUP_OFFLOADING_HOOK = "group_offloading"
+
+
+def _forward_hooks(model: torch.nn.Module) -> list[Any]:
+    hooks = []
+    accelerate_hook = getattr(model, "_hf_hook", None)
+    if accelerate_hook is not None and hasattr(accelerate_hook, "pre_forward"):
+        hooks.append(accelerate_hook)
+    registry = getattr(model, "_diffusers_hook", None)
+    group = registry.get_hook(GROUP_OFFLOADING_HOOK) if registry is not None else None
+    if group is not None:
+        hooks.append(group)
+    return hooks
+
+
+def run_pre_forward_hooks(model: torch.nn.Module) -> None:
+    """What the offloading hooks on ``model.forward`` do before it runs (onload its top-level weights)."""
+    for hook in _forward_hooks(model):
+        hook.pre_forward(model)
+
+
+def run_post_forward_hooks(model: torch.nn.Module) -> None:
+    """What the offloading hooks on ``model.forward`` do after it ran (offload what they onloaded)."""
+    for hook in reversed(_forward_hooks(model)):
+        hook.post_forward(model, None)
 
 
 def wan_video_embed(transformer: WanTransformer3DModel, hidden_states: torch.Tensor, timestep: torch.Tensor,
@@ -79,6 +114,19 @@ def mova_joint_forward(
             video latents.
         condition_scale: multiplies the bridge's updates.
     """
+    towers = (video_transformer, audio_transformer)
+    for model in towers:
+        run_pre_forward_hooks(model)
+    try:
+        return _joint_blocks(video_transformer, audio_transformer, bridge, video_latents, audio_latents, timestep,
+                             encoder_hidden_states, frame_rate, image_condition, condition_scale)
+    finally:
+        for model in reversed(towers):
+            run_post_forward_hooks(model)
+
+
+def _joint_blocks(video_transformer, audio_transformer, bridge, video_latents, audio_latents, timestep,
+                  encoder_hidden_states, frame_rate, image_condition, condition_scale):
     video_in = video_latents if image_condition is None else torch.cat([video_latents, image_condition], dim=1)
     v, v_temb, v_mod, v_ctx, v_rope = wan_video_embed(video_transformer, video_in, timestep, encoder_hidden_states)
     a, a_temb, a_mod, a_ctx, a_rope = audio_transformer.embed(audio_latents, timestep, encoder_hidden_states)

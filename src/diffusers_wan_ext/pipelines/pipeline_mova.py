@@ -104,7 +104,8 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
         ((121, 352, 640, 3), (1, 242000), 48000)
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer->transformer_2->audio_transformer->bridge->vae->audio_vae"
+    # the audio tower and the bridge run interleaved with the video expert: outside the chain (onloaded once, kept)
+    model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae->audio_vae"
     _optional_components = ["tokenizer", "text_encoder", "transformer_2"]
     supports_cfg_parallel: ClassVar[bool] = False
     #: ``load_lora_weights``: DiffSynth-Studio's MOVA LoRAs are on one video expert (``load_into_transformer_2=True``
