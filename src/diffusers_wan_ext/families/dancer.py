@@ -10,7 +10,8 @@ The family claims a release folder holding ``global_model.safetensors`` / ``loca
 (:meth:`DancerFamily.claims_release`) and converts it into one pipeline folder: ``transformer`` = the global model,
 ``transformer_2`` = the local model (:class:`~diffusers_wan_ext.pipelines.WanDancerPipeline`), plus umT5, tokenizer
 (the release takes it from Wan-AI/Wan2.1-T2V-1.3B: ``google/umt5-xxl/`` beside the files or ``--tokenizer``), the
-Wan2.1 VAE, CLIP and DiffSynth's flow-match Euler scheduler (shift 5)::
+Wan2.1 VAE, CLIP and DiffSynth's flow-match Euler schedule (:class:`~diffusers_wan_ext.WanFlowMatchScheduler`, shift
+5)::
 
     diffusers-wan convert Wan-Dancer-14B Wan-Dancer-14B-diffusers --tokenizer umt5-xxl
 
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers import __version__ as diffusers_version
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -53,6 +53,7 @@ from ..utils.shims import rewrite_model_index_for_shims
 from ..models import WanDancerTransformer3DModel
 from ..models.transformer_wan_dancer import WanDancerCrossAttnProcessor
 from ..pipelines import WanDancerPipeline
+from ..schedulers import WanFlowMatchScheduler
 from .base import GenerateInput, ModelFamily, ReleaseOptions, TinyArch, WanVariant
 
 __all__ = ["DancerFamily", "TINY_DANCER_CONFIG", "convert_dancer_release", "find_dancer_dits"]
@@ -184,8 +185,8 @@ def convert_dancer_release(src: str | os.PathLike, dst: str | os.PathLike, optio
                            variant: str | None = None, **kwargs: Any) -> Path:
     """Convert a Wan-AI/Wan-Dancer-14B release folder into ``dst``: ``transformer/`` (global model) and
     ``transformer_2/`` (local model) -- or the one DiT ``variant`` names / the folder has -- and, unless
-    ``transformer_only``, ``text_encoder/``, ``tokenizer/``, ``vae/``, ``image_encoder/``, ``scheduler/`` (flow-match
-    Euler, shift 5), ``model_index.json`` (:class:`WanDancerPipeline`), a model card and ``wan_variant.json``.  A
+    ``transformer_only``, ``text_encoder/``, ``tokenizer/``, ``vae/``, ``image_encoder/``, ``scheduler/`` (DiffSynth's
+    flow-match Euler, shift 5), ``model_index.json`` (:class:`WanDancerPipeline`), a model card and ``wan_variant.json``.  A
     ``config.json`` beside the DiT files (optional; the release has none) may give ``num_heads`` / ``text_len`` /
     ``wantodance_music_inject_layers``.
 
@@ -215,7 +216,7 @@ def convert_dancer_release(src: str | os.PathLike, dst: str | os.PathLike, optio
                                   max_shard_size=options.max_shard_size)
         if not options.transformer_only:
             components = _load_components(paths, models["transformer"], torch_dtype, options.image_encoder_heads)
-            components["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=var.flow_shift)
+            components["scheduler"] = WanFlowMatchScheduler(shift=var.flow_shift)
             for name, component in components.items():
                 component.save_pretrained(tmp / name)
                 bar.update()
