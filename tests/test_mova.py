@@ -307,3 +307,13 @@ def test_offloading_hooks_run_for_the_joint_forward(converted, tmp_path, monkeyp
     out = pipe(**kw, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.frames, ref.frames, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.audio, ref.audio, rtol=1e-5, atol=1e-6)
+
+
+def test_variant_option(release, tmp_path):
+    """--variant picks the release row (the folder name is the default); a non-MOVA row is refused."""
+    dst = tmp_path / "as720"
+    assert main(["convert", str(release), str(dst), "--dtype", "fp32", "--transformer-only",
+                 "--variant", "mova-720p"]) == 0
+    assert json.loads((dst / "wan_variant.json").read_text())["height"] == 720
+    with pytest.raises(ConversionError, match="--variant wan2.1-t2v-1.3b"):
+        convert_mova_release(release, tmp_path / "bad", variant="wan2.1-t2v-1.3b")

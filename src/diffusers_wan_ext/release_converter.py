@@ -528,7 +528,7 @@ def convert_release(
             options = ReleaseOptions(dtype=dtype, transformer=transformer, text_encoder=text_encoder,
                                      tokenizer=tokenizer, vae=vae, transformer_only=transformer_only,
                                      overwrite=overwrite, progress=progress, max_shard_size=max_shard_size,
-                                     image_encoder_heads=image_encoder_heads)
+                                     image_encoder_heads=image_encoder_heads, variant=variant)
             return claimed.convert_release(Path(src), Path(dst), options)
         release = load_release(
             src, variant=variant, dtype=dtype, scheduler=scheduler, transformer=transformer,

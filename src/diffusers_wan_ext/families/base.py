@@ -247,6 +247,7 @@ class ReleaseOptions:
     progress: bool = True
     max_shard_size: str = "5GB"
     image_encoder_heads: int | None = None  # CLIP heads of a non-release width (tiny models)
+    variant: str | None = None  # --variant: the release row, where a family's release has several (MOVA)
 
 
 class ModelFamily:

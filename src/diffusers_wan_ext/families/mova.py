@@ -231,6 +231,7 @@ def convert_mova_release(src: str | os.PathLike, dst: str | os.PathLike, options
         raise ConversionError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[options.dtype]
     src = Path(src)
+    row = _pick_variant(src, variant or options.variant)  # a bad --variant fails before anything is read
     component = None if is_mova_release(src) else mova_component_of(src)
     if component is not None:
         raise ConversionError(
@@ -240,7 +241,6 @@ def convert_mova_release(src: str | os.PathLike, dst: str | os.PathLike, options
     if not is_mova_release(src):
         raise ConversionError(f"{src}: not a MOVA release folder (expected audio_dit/ and dual_tower_bridge/ "
                               "sub-folders next to video_dit/)")
-    row = _pick_variant(src, variant)
     paths = _component_paths(src, options)
     with atomic_output_dir(dst, overwrite=options.overwrite) as tmp:
         bar = progress_bar(4, options.progress)
