@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from diffusers_wan_ext.demo import make_tiny_dataset, make_tiny_longcat_release, write_video
+from diffusers_wan_ext.lora import EXPORT_FILE_NAMES, convert_lora_state_dict
 from diffusers_wan_ext.training import FlowMatchTrainingSchedule, VideoDataset, parse_args, run_training
 
 SIZE = ["--height", "32", "--width", "32", "--num_frames", "5"]
@@ -49,10 +50,10 @@ def write_wav(path: Path, seconds: float = 1.0, rate: int = 16000, freq: float =
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """2 mp4 clips (9 frames, 32x32) with every family's columns: wav audio, pose / face / background / mask videos
+    """1 mp4 clip (9 frames, 32x32) with every family's columns: wav audio, pose / face / background / mask videos
     (mp4), reference videos and prompts, LongCat conditioning frames (a 1-frame mp4)."""
     folder = tmp_path_factory.mktemp("family-data")
-    meta = make_tiny_dataset(folder, num_images=0, control=True)
+    meta = make_tiny_dataset(folder, num_videos=1, num_images=0, control=True)
     rows = list(csv.DictReader(open(meta)))
     rng = np.random.default_rng(3)
     for i, r in enumerate(rows):
@@ -155,7 +156,7 @@ def test_a_bad_audio_file_names_the_row_and_column(data, tmp_path):
         if (data / name).is_file():
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / name).write_bytes((data / name).read_bytes())
-    rows[1]["input_audio"] = "bad.wav"
+    rows.append(dict(rows[0], input_audio="bad.wav"))
     with open(tmp_path / "metadata.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -189,7 +190,7 @@ def _eval_loss(model: Path, cache: Path, lora: Path | None, targets: str) -> flo
     with torch.no_grad():
         for i in range(len(ds)):
             inputs = ModelInputs.from_tensors(ds[i]["cached"])
-            for seed in range(4):
+            for seed in range(6):
                 loss, smp = training_loss(module, inputs, schedule, torch.Generator().manual_seed(seed),
                                           torch.float32)
                 total.append(float(loss) / smp.weight)
@@ -199,7 +200,7 @@ def _eval_loss(model: Path, cache: Path, lora: Path | None, targets: str) -> flo
 def _render(family: str, pipe, data: Path) -> np.ndarray:
     """A tiny generation with the family's pipeline and its own inputs (from the dataset's files)."""
     g = torch.Generator().manual_seed(0)
-    common = dict(prompt="a red square", height=32, width=32, num_inference_steps=2, generator=g, output_type="np",
+    common = dict(prompt="a red square", height=32, width=32, num_inference_steps=1, generator=g, output_type="np",
                   max_sequence_length=16)
     image = Image.open(data / "reference.png")
     if family == "s2v":
@@ -229,11 +230,20 @@ def test_family_trains_lora_and_full(family, models, data, tmp_path):
         assert int(entry["clean_frames"]) == 1 and int(entry["kwargs.num_cond_latents"]) == 1
     cached = ["--task", "sft:train", "--dataset_base_path", cache, "--model_path", model, *COMMON, "--extra_inputs",
               extra]
+    exports = [] if family == "longcat" else ["--export_format", "original,kohya,diffsynth"]  # the Wan DiT layouts
+    steps = 16 if family == "longcat" else 10  # (its loss covers one latent frame: the other is the condition)
     out = train(*cached, "--lora_base_model", "dit", "--lora_target_modules", targets, "--learning_rate", "1e-2",
-                "--dataset_repeat", "6", "--output_path", tmp_path / "lora")
-    assert len(losses(out)) == 12 and all(np.isfinite(losses(out)))
-    keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
+                "--dataset_repeat", steps, *exports, "--output_path", tmp_path / "lora")
+    assert len(losses(out)) == steps and all(np.isfinite(losses(out)))
+    trained = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    keys = trained.keys()
     assert keys and all(k.startswith("transformer.") for k in keys)
+    for fmt, file in EXPORT_FILE_NAMES.items() if exports else ():  # each layout holds the same deltas
+        back = convert_lora_state_dict(load_file(str(out / file)), "diffusers")
+        assert back.keys() == keys, fmt
+        for a in (k for k in keys if ".lora_A." in k):
+            b = a.replace(".lora_A.", ".lora_B.")
+            torch.testing.assert_close(back[b] @ back[a], trained[b] @ trained[a], atol=1e-6, rtol=1e-4)
     if family in ("animate", "vap"):  # dit = the main blocks only (the adapter / reference stream is its own model)
         assert all(k.startswith("transformer.blocks.") for k in keys)
     before, after = _eval_loss(model, cache, None, targets), _eval_loss(model, cache, out, targets)
@@ -274,8 +284,9 @@ def test_family_trains_lora_and_full(family, models, data, tmp_path):
     assert all(k[len("transformer."):].startswith(prefixes) for k in ckpt)
 
 
-def test_s2v_conditioning_is_the_pipelines(models, data):
-    """The cached S2V inputs are what the pipeline's own code gives for the first clip of the clip's audio."""
+def test_s2v_conditioning_is_the_pipelines(models, data, tiny_release):
+    """The S2V inputs are what the pipeline's own code gives for the first clip of the clip's audio, and the original
+    release folder (wav2vec2 folder included) gives the same as the converted one."""
     from diffusers import DiffusionPipeline
 
     from diffusers_wan_ext.pipelines.s2v_conditioning import audio_embeds_per_clip, load_audio
@@ -295,6 +306,12 @@ def test_s2v_conditioning_is_the_pipelines(models, data):
     assert inputs.transformer_kwargs["pose_latents"].shape == inputs.latents.shape
     assert bool(inputs.transformer_kwargs["drop_motion_frames"])
     assert not any(p.requires_grad for p in components.audio_encoder.parameters())
+    original = load_training_components(tiny_release("s2v"), dtype=torch.float32)
+    same = WanInputBuilder(original, builder.extra_inputs, max_sequence_length=16)(ds[0])
+    torch.testing.assert_close(same.latents, inputs.latents)
+    assert same.transformer_kwargs.keys() == inputs.transformer_kwargs.keys()
+    for k, v in inputs.transformer_kwargs.items():
+        torch.testing.assert_close(same.transformer_kwargs[k], v)
 
 
 # ------------------------------------------------------------------------------------------- scripts and validation
@@ -338,12 +355,13 @@ def test_validate_has_an_entry_for_every_trained_model(models, data, tmp_path):
 
     validate = _validate_module()
     scripts = {p.stem for p in (ROOT / "examples" / "training" / "full").glob("*.sh")}
-    assert scripts == set(validate.MODELS) and len(scripts) == 30
+    assert scripts == set(validate.MODELS) and len(scripts) >= 30
     given = {"--input_image": data / "reference.png", "--end_image": data / "reference.png",
              "--control_video": data / "control" / "clip_0.mp4", "--camera_control_direction": "Left",
              "--motion_bucket_id": "50", "--input_audio": data / "audio_0.wav",
              "--animate_pose_video": data / "control" / "clip_0.mp4", "--animate_face_video": data / "face_0.mp4",
-             "--vap_video": data / "control" / "clip_0.mp4"}
+             "--vap_video": data / "control" / "clip_0.mp4", "--animate2_reference_image": data / "reference.png",
+             "--animate2_reference_video": data / "control" / "clip_0.mp4"}
     for name, (_, needed) in validate.MODELS.items():
         argv = ["--model", name, "--model_path", models["s2v"], "--prompt", "x"]
         args = validate.parse([str(a) for a in argv + [v for n in needed for v in (f"--{n}", given[f"--{n}"])]])
@@ -358,3 +376,18 @@ def test_validate_has_an_entry_for_every_trained_model(models, data, tmp_path):
         "--num_inference_steps", "1", "--guidance_scale", "1", "--max_sequence_length", "16", "--dtype", "fp32",
         "--device", "cpu", "--output", tmp_path / "longcat.mp4"]])
     assert video.stat().st_size > 0
+
+
+def test_longcat_dit_with_wan_release_files(tiny_release, longcat, data, tmp_path):
+    """DiffSynth-Studio's LongCat-Video line: the original ``dit/`` (--transformer_path) with Wan2.1's release files
+    (--model_path) trains LongCat: its conditioning is read from the transformer, the cache has the converted
+    folder's entries (the tiny Wan release has other encoder weights, so only their shapes agree)."""
+    release = make_tiny_longcat_release(tmp_path / "release")
+    args = ["--dataset_base_path", data, "--dataset_metadata_path", data / "metadata.csv", *COMMON, "--extra_inputs",
+            "longcat_video", "--task", "sft:data_process"]
+    mixed = train(*args, "--model_path", tiny_release("t2v"), "--transformer_path", release / "dit",
+                  "--output_path", tmp_path / "mixed")
+    ours = train(*args, "--model_path", longcat, "--output_path", tmp_path / "ours")
+    a, b = (load_file(str(sorted((c / "0").glob("*.safetensors"))[0])) for c in (mixed, ours))
+    assert a.keys() == b.keys() and {"kwargs.encoder_attention_mask", "kwargs.num_cond_latents"} <= a.keys()
+    assert all(a[k].shape == b[k].shape for k in a)

@@ -14,7 +14,8 @@
     # conditioning inputs, as in training: --input_image, --end_image, --control_video, --reference_image,
     # --vace_video, --vace_reference_image, --camera_control_direction, --motion_bucket_id, --input_audio,
     # --s2v_pose_video, --animate_pose_video, --animate_face_video, --animate_inpaint_video, --animate_mask_video,
-    # --vap_video, --vap_prompt, --longcat_video
+    # --vap_video, --vap_prompt, --longcat_video, --animate2_reference_image, --animate2_reference_video,
+    # --animate2_prompt_ref
     # --model NAME (a script name of examples/training/{lora,full}/): the release's sampling defaults (size, frames,
     # steps, guidance) and a check that the inputs the model needs are given, e.g.
     python examples/training/validate.py --model Wan2.2-S2V-14B --model_path ./models/Wan2.2-S2V-14B-diffusers \
@@ -52,17 +53,20 @@ PIPELINE_ARGUMENTS = {
     "vap_video": ("vap_video",),
     "vap_prompt": ("vap_prompt",),
     "longcat_video": ("video",),
+    "animate2_reference_image": ("image",),
+    "animate2_reference_video": ("driving_video",),
+    "animate2_prompt_ref": ("prompt_ref",),
 }
-IMAGES = ("input_image", "end_image", "reference_image", "vace_reference_image")
+IMAGES = ("input_image", "end_image", "reference_image", "vace_reference_image", "animate2_reference_image")
 VIDEOS = ("control_video", "vace_video", "s2v_pose_video", "animate_pose_video", "animate_inpaint_video",
-          "animate_mask_video", "vap_video", "longcat_video")
+          "animate_mask_video", "vap_video", "longcat_video", "animate2_reference_video")
 #: videos passed as their own frames (not resized to the video size)
 NATIVE_VIDEOS = ("animate_face_video",)
 #: the pipelines' name for the frame count (S2V: per clip, Animate: per segment)
 FRAME_ARGUMENTS = ("num_frames", "num_frames_per_clip", "segment_frame_length")
 
-#: The 30 models of the training table (the scripts in lora/ and full/): the release row whose sampling defaults
-#: ``--model`` applies (``diffusers-wan variants``) and the inputs the model needs.
+#: The 30 models of the training table and the families added since (the scripts in lora/ and full/): the release
+#: row whose sampling defaults ``--model`` applies (``diffusers-wan variants``) and the inputs the model needs.
 MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "Wan2.1-T2V-1.3B": ("wan2.1-t2v-1.3b", ()),
     "Wan2.1-T2V-14B": ("wan2.1-t2v-14b", ()),
@@ -96,6 +100,10 @@ MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "Wan2.2-Animate-14B": ("wan2.2-animate-14b", ("input_image", "animate_pose_video", "animate_face_video")),
     "Video-As-Prompt-Wan2.1-14B": ("video-as-prompt-wan2.1-14b", ("input_image", "vap_video")),
     "LongCat-Video": ("longcat-video", ()),
+    # added since: Wan2.2-Animate-2
+    "Wan2.2-Animate-2-14B": ("wan2.2-animate-2-14b", ("animate2_reference_image", "animate2_reference_video")),
+    "Wan2.2-Animate-2-14B-Distilled": ("wan2.2-animate-2-14b-distilled",
+                                       ("animate2_reference_image", "animate2_reference_video")),
 }
 SAMPLING = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps")
 

@@ -363,3 +363,8 @@ class ModelFamily:
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
         """The conditioning of a transformer with this ``config`` if it belongs to this family, else ``None``."""
         return None
+
+    def load_training_transformer(self, path: Path, torch_dtype: torch.dtype) -> torch.nn.Module | None:
+        """Training's ``--transformer_path``: this family's transformer from its own release layout at ``path``
+        (e.g. LongCat-Video's ``dit/``, which DiffSynth-Studio pairs with Wan2.1's files), else ``None``."""
+        return None

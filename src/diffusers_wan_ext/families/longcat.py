@@ -449,5 +449,9 @@ class LongCatFamily(ModelFamily):
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
         return LONGCAT_CONDITIONING if self.claims_config(config) else None
 
+    def load_training_transformer(self, path: Path, torch_dtype: torch.dtype) -> torch.nn.Module | None:
+        dit = find_longcat_dit(path)
+        return None if dit is None else load_longcat_transformer_from_original(dit, torch_dtype=torch_dtype)
+
     def convert_release(self, src: Path, dst: Path, options: ReleaseOptions) -> Path:
         return convert_longcat_release(src, dst, options)

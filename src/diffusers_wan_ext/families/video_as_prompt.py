@@ -10,14 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..conversion.dit import DitExtension
-from ..conversion.vap import convert_vap_release, is_vap_release
+from ..conversion.vap import convert_vap_release, is_vap_release, load_vap_transformer
 from ..models import WanVideoAsPromptTransformer3DModel
 from ..models.transformer_wan_vap import WanVideoAsPromptMoTBlock, WanVideoAsPromptReferenceBlock
 from ..pipelines import WanVideoAsPromptPipeline
+from ..utils.io import read_json
 from .base import Conditioning, ExtraInput, ModelFamily, ReleaseOptions, TrainingScope, WanVariant
 
 __all__ = ["VAP_TRAINING_SCOPE", "VideoAsPromptFamily", "encode_vap_condition"]
+
+#: The class name of the release's transformer (ByteDance's Diffusers fork).
+RELEASE_CLASS = "WanTransformer3DMOTModel"
 
 
 def encode_vap_condition(builder, sample: dict, inputs, num_frames: int, height: int, width: int) -> None:
@@ -81,3 +87,13 @@ class VideoAsPromptFamily(ModelFamily):
 
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
         return VAP_CONDITIONING if self.claims_config(config) else None
+
+    def load_training_transformer(self, path: Path, torch_dtype: torch.dtype) -> torch.nn.Module | None:
+        """The release's ``transformer/`` folder (``WanTransformer3DMOTModel``), as DiffSynth-Studio pairs it with
+        Wan2.1-I2V-14B's files."""
+        config = path / "config.json"
+        if not (path.is_dir() and config.is_file()):
+            return None
+        if read_json(config, "transformer config").get("_class_name") != RELEASE_CLASS:
+            return None
+        return load_vap_transformer(path, torch_dtype=torch_dtype)

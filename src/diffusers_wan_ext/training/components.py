@@ -22,7 +22,7 @@ import torch
 from ..conversion.audio_encoder import load_audio_processor_from_release
 from ..conversion.dit import load_dit_from_original
 from ..conversion.release_io import DTYPES
-from ..families import training_declarations
+from ..families import FAMILIES, training_declarations
 from ..release_converter import load_release
 from ..utils.io import read_json
 
@@ -84,10 +84,15 @@ def _read_index(folder: Path) -> dict[str, Any]:
 
 
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype):
-    """A transformer from a Diffusers model folder (``config.json`` + weights) or original DiT weights."""
+    """A transformer from a Diffusers model folder (``config.json`` + weights), original DiT weights, or a family's
+    own release layout (:meth:`~diffusers_wan_ext.families.ModelFamily.load_training_transformer`)."""
     if isinstance(path, torch.nn.Module):  # loaded already (the trainer's quantized base)
         return path
     path = Path(path)
+    for family in FAMILIES:  # a family's own release layout (LongCat-Video dit/, Video-As-Prompt transformer/)
+        model = family.load_training_transformer(path, dtype)
+        if model is not None:
+            return model
     config_file = path / "config.json"
     config = read_json(config_file, "transformer config") if path.is_dir() and config_file.is_file() else {}
     if config.get("_class_name", "WanModel") != "WanModel":  # a Diffusers model folder (originals say WanModel)
