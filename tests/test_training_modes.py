@@ -19,6 +19,7 @@ from diffusers_wan_ext.training.dataset import ResumableSampler
 from diffusers_wan_ext.training.distill import DistillSettings, direct_distill_loss
 from diffusers_wan_ext.training.inputs import ModelInputs
 from diffusers_wan_ext.training.modules import WanTrainingModule
+from diffusers_wan_ext.training.offload import LayerOffloadManager
 from diffusers_wan_ext.training.quantized_base import quant_package_missing
 from diffusers_wan_ext.training.trainer import CachedDataset, WanTrainer
 
@@ -463,3 +464,43 @@ def test_layer_offload_of_full_finetuning_and_an_fp8_base_gives_the_plain_losses
 
     assert run("offload", "--enable_model_cpu_offload", "--enable_optimizer_cpu_offload",
                "--use_gradient_checkpointing") == run("plain")
+
+
+class PlaceholderOffload(LayerOffloadManager):
+    """On the GPU an offloaded weight is on the wrong device; here it is an empty tensor: any use of a weight the
+    hooks have not brought back fails (and so does a checkpoint recompute that saw it change)."""
+
+    def resting(self, p):
+        return torch.empty(0, dtype=p.dtype)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_offload_hooks_bring_every_weight_back_for_the_backward_and_the_recompute(checkpointing):
+    from diffusers_wan_ext.training.modules import add_lora, enable_gradient_checkpointing
+
+    def model():
+        t = tiny_transformer(4)
+        params = add_lora(t, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"])
+        torch.manual_seed(5)
+        for p in params:  # non-zero B: the gradients reach every layer
+            p.data.normal_(0, 0.1)
+        if checkpointing:
+            enable_gradient_checkpointing(t)
+        return WanTrainingModule(t.train())
+
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 4, 3, 4, 4, generator=g), torch.randn(1, 8, 32, generator=g)
+    reference, offloaded = model(), model()
+    manager = PlaceholderOffload(offloaded, torch.device("cpu"), optimizer_on_cpu=True)
+    grads = []
+    for module in (reference, offloaded):
+        out = x
+        for step in range(2):  # two student steps through the same layers, as direct distillation runs them
+            out = module(out, torch.tensor([900.0 - 400 * step]), context)
+        out.pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
+    manager.after_backward()
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+    assert all(p.numel() == 0 for p in offloaded.parameters() if id(p) in manager.frozen)  # all resting again

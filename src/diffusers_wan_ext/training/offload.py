@@ -7,8 +7,9 @@ runs, by module hooks (as the reference's ``OffloadTrainingManager``):
 * the *units* are the leaf modules that hold parameters (a parametrized Linear -- fp8 storage -- counts as one unit
   with its stored weight);
 * forward pre-hook: the unit's frozen weights are copied to the device; forward hook: they are dropped again
-  (the CPU copy is the weight); backward pre-hook: copied in again (the backward, and a gradient-checkpointing
-  recompute before it, need them); backward hook: dropped;
+  (the CPU copy is the weight) -- except in a gradient-checkpointing recompute (a forward run by the backward): its
+  saved tensors hold the frozen parameters themselves, so they stay on the device until the unit's backward;
+  backward pre-hook: copied in again (the backward needs them); backward hook: dropped;
 * trainable parameters stay on the device (``--enable_model_cpu_offload`` alone: the optimizer runs there), or --
   with ``--enable_optimizer_cpu_offload`` -- live on the CPU with their gradients and optimizer states, come to the
   device with their unit and go back, gradients included, after the backward (:meth:`LayerOffloadManager.after_backward`,
@@ -84,7 +85,7 @@ class LayerOffloadManager:
                     cpu = p.data.to("cpu")
                     self.frozen[id(p)] = cpu.pin_memory() if self.pin else cpu
                     self._frozen_params.append(p)
-                    p.data = self.frozen[id(p)]
+                    p.data = self.resting(p)
             self._hook(unit)
         for p in module.parameters():  # held by non-leaf modules: small, kept on the device
             if id(p) not in in_units:
@@ -98,7 +99,7 @@ class LayerOffloadManager:
                                 "respect to module outputs")
         self._handles += [
             unit.register_forward_pre_hook(lambda m, args: self.onload(m)),
-            unit.register_forward_hook(lambda m, args, out: self.offload(m)),
+            unit.register_forward_hook(lambda m, args, out: self._after_forward(m)),
             unit.register_full_backward_pre_hook(lambda m, grad_out: self.onload(m)),
             unit.register_full_backward_hook(lambda m, grad_in, grad_out: self.offload(m)),
         ]
@@ -114,17 +115,27 @@ class LayerOffloadManager:
                 if p.grad is not None:
                     p.grad = p.grad.to(self.device)
 
+    def resting(self, p: nn.Parameter) -> torch.Tensor:
+        """What a frozen parameter holds while its unit is not running: its CPU copy."""
+        return self.frozen[id(p)]
+
     def offload(self, unit: nn.Module) -> None:
         """Drop the device copies of the unit's frozen weights (trainable ones wait for :meth:`after_backward`)."""
         for p in unit.parameters():
             if id(p) in self.frozen:
-                p.data = self.frozen[id(p)]
+                p.data = self.resting(p)
+
+    def _after_forward(self, unit: nn.Module) -> None:
+        # a forward inside the backward is a checkpoint recompute: torch.utils.checkpoint keeps a frozen (no-grad)
+        # tensor it saves by reference, so the weights must stay until the unit's backward hook drops them
+        if torch._C._current_graph_task_id() == -1:
+            self.offload(unit)
 
     def after_backward(self) -> None:
         """After ``backward`` and before ``optimizer.step``: every frozen weight back to its CPU copy and, with the
         optimizer on the CPU, the trainable parameters and their gradients to the CPU."""
         for p in self._frozen_params:
-            p.data = self.frozen[id(p)]
+            p.data = self.resting(p)
         if self.optimizer_on_cpu:
             for p in self.trainable:
                 p.data = p.data.to("cpu")
