@@ -21,6 +21,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from ..utils.shims import ShimSaveMixin
 
@@ -169,6 +170,7 @@ class AutoencoderDac(ShimSaveMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         """Waveform samples per latent."""
         return math.prod(self.config.encoder_rates)
 
+    @apply_forward_hook
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """Posterior of waveform ``x`` ``[B, 1, T]`` (``T`` right-padded with zeros to a multiple of the hop)."""
         pad = -x.shape[-1] % self.hop_length
@@ -179,6 +181,7 @@ class AutoencoderDac(ShimSaveMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
             return (posterior,)
         return AutoencoderKLOutput(latent_dist=posterior)
 
+    @apply_forward_hook
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         """Waveform ``[B, 1, L * hop]`` of latents ``z`` ``[B, latent_dim, L]``."""
         audio = self.decoder(self.post_quant_conv(z))
