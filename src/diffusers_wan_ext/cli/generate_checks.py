@@ -23,7 +23,7 @@ import diffusers
 import transformers
 
 from ..families import FAMILIES, ModelFamily, registered_classes
-from ..lora import convert_lora_state_dict, load_lora_file, split_lora_components
+from ..lora import WanLoraInteropMixin, convert_lora_state_dict, load_lora_file, split_lora_components
 from ..utils.io import ConversionError, read_json as read_json_file
 from ..utils.media import read_image_file
 from ..utils.validation import check_input_file, check_output_file, validate_video_size
@@ -326,16 +326,21 @@ def check_required(cls: type, inputs: dict, kw: dict, options: list) -> None:
                              "call the pipeline from Python")
 
 
-def lora_requests(args: argparse.Namespace, folder: Path, index: dict[str, Any]) -> list[LoraRequest]:
-    """``--lora FILE[:SCALE]``: each file read and converted to Diffusers keys now, its components checked against
-    the folder's."""
+def lora_requests(args: argparse.Namespace, folder: Path, index: dict[str, Any],
+                  cls: type | None = None) -> list[LoraRequest]:
+    """``--lora FILE[:SCALE]``: each file read and converted to Diffusers keys now (by the pipeline class's own
+    ``lora_state_dict`` when it is one of ours: Animate-2 reads DiffSynth's Animate-2 LoRAs), its components checked
+    against the folder's."""
     components = {n for n, e in index.items() if not n.startswith("_") and isinstance(e, list) and None not in e}
     out = []
     for i, (file, scale) in enumerate(args.lora):
         if not Path(file).exists():
             raise ValueError(f"--lora: {file} does not exist")
         try:
-            sd = convert_lora_state_dict(load_lora_file(file), "diffusers")
+            if cls is not None and issubclass(cls, WanLoraInteropMixin):
+                sd = cls.lora_state_dict(str(file))
+            else:
+                sd = convert_lora_state_dict(load_lora_file(file), "diffusers")
         except Exception as e:  # noqa: BLE001 -- unreadable or unknown layout: the user's file either way
             raise ValueError(f"--lora {file}: {e}") from None
         missing = sorted(set(split_lora_components(sd)) - components)
@@ -377,7 +382,7 @@ def check_generate(args: argparse.Namespace) -> GeneratePlan:
         image_arguments(args, cls, inputs, kw, args.model, transformer)
         options = family_options(args, folder_class, cls, args.model)
         check_required(cls, inputs, kw, options)
-    loras = lora_requests(args, folder, index)
+    loras = lora_requests(args, folder, index, cls)
     output = check_output_file(args.output, args.overwrite)
     fps = args.fps if args.fps is not None else int(defaults.get("fps", 16))
     return GeneratePlan(folder, folder_class, cls, kw, fps, output, options, loras)
