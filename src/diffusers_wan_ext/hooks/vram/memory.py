@@ -2,16 +2,23 @@
 estimated peak of every pipeline phase under a placement.
 
 The estimated peak of a phase is the bytes of every resident component plus, for the components of that phase, the
-streamed bytes in flight and the activation working set.
+streamed bytes in flight and the activation working set, plus a fixed per-phase overhead.
 
 Activation model (documented estimates, calibrated on H100 bf16 measurements; see ``docs/vram.md``):
 
-* transformer, one forward: ``tokens x batch x dim x elem_bytes x 38.2`` where ``tokens = ((F-1)//4+1) *
-  (H//(8*p_h)) * (W//(8*p_w))`` (VAE factors from its config), ``dim = heads * head_dim``; ``batch`` doubles with
-  batched CFG.  The factor fits the 14B at 1280x720x81 exactly (27.5 GiB) and over-estimates the 1.3B at 480x832x81
-  by a third (3.6 vs 2.7 GiB): a term in ``ffn_dim`` would get a negative coefficient from these two points, so it
-  is left out.  With sliding windows the forward runs per window, so ``tokens`` counts the largest window's latent
-  frames instead of the video's (the full-video blend buffers, ``2 x`` the latents in float32, are negligible).
+* transformer, one forward: ``tokens x batch x elem_bytes x (6.9 x dim + 1.55 x ffn_dim) x 1.10`` where ``tokens =
+  ((F-1)//4+1) * (H//(8*p_h)) * (W//(8*p_w))`` (VAE factors from its config), ``dim = heads * head_dim``; ``batch``
+  doubles with batched CFG.  The forward frees its working set block by block and SDPA keeps no score matrix, so the
+  peak is one block's working set, linear in ``tokens``: about seven ``dim``-wide copies (residual, fp32 norm /
+  modulation temporaries, q / k / v, the fp32 rotary temporaries, the attention output) and one and a half
+  ``ffn_dim``-wide ones (the FFN's up-projection and its GELU).  The two coefficients fit the stock forward measured
+  on an H100 (Diffusers 0.42.1, torch 2.11, SDPA): 1.49 GiB for the 1.3B at 32 760 tokens and 7.97 GiB for the 14B at
+  75 600 (also 2.90 / 4.31 GiB at 63 960 / 95 160 tokens and 15.56 GiB at 147 600: linear); ``1.10`` is the stated
+  safety factor over them (it covers the per-layer dequantized weight of GGUF / fp8 layers, +0.04 GiB at 14B, and the
+  pipeline's own tensors, 8.15 GiB in a whole H200 run).  An earlier single factor (``38.2 x dim``) was calibrated on
+  figures of 2.7 and 27.5 GiB that no run of this stack reproduced, and over-estimated the 14B 720p forward 3x.
+  With sliding windows the forward runs per window, so ``tokens`` counts the largest window's latent frames instead of
+  the video's (the full-video blend buffers, ``2 x`` the latents in float32, are negligible).
 * VAE decode: per-frame decoder working set ``4.10 GiB x (H*W) / (480*832)`` (bf16, Wan2.1 VAE: causal decoding
   keeps one latent frame in flight) plus two copies of the output video (``3*F*H*W``); scaled by the VAE's dtype and
   channel width.  With ``vae.enable_tiling()`` the per-frame part scales with the tile area instead and four output
@@ -21,6 +28,8 @@ Activation model (documented estimates, calibrated on H100 bf16 measurements; se
   conditioning) is assumed to need no more than decode.
 * encoders: ``seq x d_model x elem x 24 + 3 x heads x seq**2 x 4`` bytes (``seq`` 512 text tokens, 257 image
   tokens): 0.28 GiB for umt5-xxl (0.27 GiB measured).
+* every phase: ``0.125 GiB`` for the pipeline's own tensors and the library workspaces (cuBLAS / cuDNN) that torch
+  allocates through its caching allocator.
 """
 
 from __future__ import annotations
@@ -61,7 +70,10 @@ __all__ = [
 ]
 
 # ---- calibration (see the module docstring and docs/vram.md)
-_DIT_ACT_FACTOR = 38.2  # bytes per token per model channel per element byte, one transformer forward
+# one transformer forward, bytes per token per element byte: per model channel and per FFN channel, times a safety
+# factor over the H100 measurements they fit (1.3B 480x832x81: 1.49 GiB, 14B 1280x720x81: 7.97 GiB)
+_DIT_ACT_PER_DIM, _DIT_ACT_PER_FFN, _DIT_ACT_SAFETY = 6.9, 1.55, 1.10
+_DIT_DEFAULT_FFN_RATIO = 6  # ffn_dim / dim assumed without an ``ffn_dim`` in the config (Wan's largest is 5.83)
 _VAE_REF_PIXELS = 480 * 832
 _VAE_REF_CHANNELS = 96  # Wan2.1 VAE decoder base width
 _VAE_FRAME_GIB = 4.10  # per-frame decoder working set at 480x832, bf16, Wan2.1 VAE
@@ -71,6 +83,9 @@ _VAE_FAST_FRAME_GIB = 2.77
 _VAE_OUTPUT_COPIES = {False: 2, True: 4}  # untiled / tiled
 _ENCODER_SEQ = {"text_encoder": 512, "image_encoder": 257}
 _MIN_MARGIN_GIB, _MARGIN_FRACTION = 0.5, 0.05
+# every phase: the pipeline's own tensors (prompt embeddings, latents, masks) and the cuBLAS / cuDNN workspaces torch
+# takes from its caching allocator; without it the H200 runs of docs/vram.md measured up to 0.10 GiB above the estimate
+_PHASE_OVERHEAD_GIB = 0.125
 
 
 def planning_margin_gib(vram_limit_gib: float) -> float:
@@ -226,9 +241,12 @@ def _dit_activations(module: nn.Module, dtype: torch.dtype, shape: GenerationSha
             "attention_head_dim, patch_size): pass a WanTransformer3DModel-like model, or plan it under another "
             "component name"
         )
+    dim = heads * head_dim
+    ffn_dim = config_value(module, "ffn_dim", default=_DIT_DEFAULT_FFN_RATIO * dim)
     tokens = shape.tokens(config_value(module, "patch_size"))
     batch = shape.batch_size * (2 if shape.cfg_batched else 1)
-    return int(tokens * batch * heads * head_dim * _elem(dtype) * _DIT_ACT_FACTOR)
+    per_token = (_DIT_ACT_PER_DIM * dim + _DIT_ACT_PER_FFN * ffn_dim) * _DIT_ACT_SAFETY
+    return int(tokens * batch * _elem(dtype) * per_token)
 
 
 def _vae_activations(module: nn.Module, dtype: torch.dtype, shape: GenerationShape, name: str) -> int:
@@ -394,7 +412,7 @@ def evaluate(comps: dict[str, ComponentSizes], assignment: dict[str, str], per_g
              use_stream: bool) -> Evaluation:
     """Estimate the phase peaks of ``assignment`` (``{component: strategy name}``)."""
     fps = {n: footprint(c, STRATEGIES[assignment[n]], per_group.get(n, 1), use_stream) for n, c in comps.items()}
-    resident = sum(fp.resident for fp in fps.values())
+    resident = sum(fp.resident for fp in fps.values()) + int(_PHASE_OVERHEAD_GIB * GIB)
     peaks = {}
     for phase in PHASES:
         members = [n for n, c in comps.items() if phase in c.phases]
