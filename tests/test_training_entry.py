@@ -155,6 +155,7 @@ def test_every_example_script_parses_with_the_trainers_parser(tmp_path):
     for model in ("Wan2.1-VACE-1.3B-Preview", "Wan2.1-Fun-V1.1-14B-InP", "Wan2.1-T2V-1.3B", "Wan2.2-S2V-14B",
                   "Wan2.2-Animate-14B", "Video-As-Prompt-Wan2.1-14B", "LongCat-Video"):
         assert {f"lora/{model}.sh", f"full/{model}.sh"} <= names
+    assert "direct_distill/Wan2.1-T2V-1.3B.sh" in names
     for script in scripts:
         argv = script_arguments(script, tmp_path)
         assert argv[:2] == ["launch", "--config_file"], (script, argv[:3])
@@ -167,6 +168,10 @@ def test_every_example_script_parses_with_the_trainers_parser(tmp_path):
             assert args.lora_scope == "vace" or args.trainable_scope == "vace"
         if "Fun-V1.1-14B-InP" in script.name:
             assert args.extra_inputs == ["input_image", "end_image"]
+        if script.parent.name == "direct_distill":
+            assert args.task == "direct_distill" and args.trainable_models == ["transformer"], script
+            assert args.distill_inputs == ["seed", "rand_device", "num_inference_steps", "cfg_scale"], script
+            assert args.dataset_base_path.endswith("Wan2.1-T2V-1.3B_direct_distill"), args.dataset_base_path
 
 
 # ------------------------------------------------------------------------------------------- preset LoRA
