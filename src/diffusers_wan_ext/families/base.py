@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, ContextManager, Mapping
 
 import torch
 
-from ..conversion.dit import DitExtension, DitInfo
+from ..conversion.dit import DitExtension, DitInfo, rename_dit_key
 
 __all__ = [
     "CommandArgument", "Conditioning", "ConvertInput", "FamilyCommand", "FamilyInput", "GenerateInput", "ModelFamily",
@@ -102,7 +102,8 @@ class ExtraInput:
         kind: ``"frame"`` (a frame of the clip itself), ``"image"`` (first frame of a file column), ``"video"``
             (a file column with as many frames as the clip), ``"video_native"`` (the same, frames at the file's own
             size), ``"video_prefix"`` (a file column with 4n+1 frames, at most the clip's), ``"audio"`` (an audio
-            file, mono 16 kHz samples), ``"float"``, ``"str"`` or ``"floats"`` (a JSON list in the column).
+            file, mono 16 kHz samples), ``"file"`` (the path of a file, read by the conditioning), ``"float"``,
+            ``"str"`` or ``"floats"`` (a JSON list in the column).
         frame: for ``"frame"``: which frame of the clip (0 first, -1 last).
     """
 
@@ -111,7 +112,7 @@ class ExtraInput:
 
     @property
     def is_file(self) -> bool:
-        return self.kind in ("image", "video", "video_native", "video_prefix", "audio")
+        return self.kind in ("image", "video", "video_native", "video_prefix", "audio", "file")
 
     @property
     def from_column(self) -> bool:
@@ -161,6 +162,11 @@ class TrainingComponent:
         missing: the error when ``input_name`` is asked for and the model folder has no such component.
         make_input: the dataset value -> the tensor ``apply`` receives (stored in the training cache as
             ``input_name``).
+        encode: ``(component, builder, sample, inputs) -> None``: encodes more training inputs with the component
+            (MOVA's audio VAE: the audio latents into ``inputs.joint_latents``), or ``None``.
+        joint_forward: ``(module, hidden_states, timestep, encoder_hidden_states, joint_latents, **kwargs) ->
+            (prediction, {name: prediction})``: the forward of a model that denoises other latents together with
+            the video (MOVA: audio; ``module`` holds the transformer and the components), or ``None``.
     """
 
     name: str
@@ -169,6 +175,8 @@ class TrainingComponent:
     help: str = ""
     missing: str = ""
     make_input: Callable[[Any], torch.Tensor] = float_input
+    encode: Callable[..., None] | None = None
+    joint_forward: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -363,6 +371,17 @@ class ModelFamily:
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
         """The conditioning of a transformer with this ``config`` if it belongs to this family, else ``None``."""
         return None
+
+    def lora_target_modules(self, names: list[str]) -> list[str] | None:
+        """Training's ``--lora_target_modules`` (DiffSynth-Studio / original names) as PEFT targets on this family's
+        transformer when its modules are not named as the Wan DiT's (Animate-2: ``self_attn.q`` ->
+        ``self_attn.to_q``), else ``None`` (the Wan DiT mapping, ``map_lora_target_modules``)."""
+        return None
+
+    def training_module_path(self, path: str) -> str | None:
+        """DiffSynth-Studio's path of a module of this family's DiT (``--trainable_models dit.blocks.0.self_attn.q``)
+        as our module path (default: the Wan DiT tables, ``blocks.0.attn1.to_q``); ``None`` when none names it."""
+        return rename_dit_key(path)
 
     def load_training_transformer(self, path: Path, torch_dtype: torch.dtype) -> torch.nn.Module | None:
         """Training's ``--transformer_path``: this family's transformer from its own release layout at ``path``

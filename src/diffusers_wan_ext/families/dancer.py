@@ -28,9 +28,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import __version__ as diffusers_version
 from safetensors import safe_open
+from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file
 
 from ..conversion.dancer import (
@@ -51,12 +53,14 @@ from ..utils.atomic import atomic_output_dir
 from ..utils.io import ConversionError, load_state_dict, with_path
 from ..utils.shims import rewrite_model_index_for_shims
 from ..models import WanDancerTransformer3DModel
-from ..models.transformer_wan_dancer import WanDancerCrossAttnProcessor
+from ..models.transformer_wan_dancer import WanDancerCrossAttnProcessor, is_global_fps
 from ..pipelines import WanDancerPipeline
+from ..pipelines.dancer_conditioning import FEATURE_FPS, keyframe_condition, music_features, slice_music
 from ..schedulers import WanFlowMatchScheduler
-from .base import GenerateInput, ModelFamily, ReleaseOptions, TinyArch, WanVariant
+from .base import Conditioning, ExtraInput, GenerateInput, ModelFamily, ReleaseOptions, TinyArch, WanVariant
 
-__all__ = ["DancerFamily", "TINY_DANCER_CONFIG", "convert_dancer_release", "find_dancer_dits"]
+__all__ = ["DancerFamily", "TINY_DANCER_CONFIG", "convert_dancer_release", "encode_dancer_condition",
+           "find_dancer_dits", "read_music_features"]
 
 _COMMON = dict(arch="dancer", release="Wan-AI/Wan-Dancer-14B", dim=5120, num_layers=40, image_encoder=True,
                pipeline="WanDancerPipeline", flow_shift=5.0, guidance_scale=5.0, height=1280, width=720,
@@ -227,6 +231,103 @@ def convert_dancer_release(src: str | os.PathLike, dst: str | os.PathLike, optio
     return Path(dst)
 
 
+# ------------------------------------------------------------------------------------------------------- training
+#: Music features per frame (onset, 20 MFCC, 12 chroma, peak, beat).
+MUSIC_FEATURE_DIM = 35
+#: Frames between two default local keyframes: the pipeline's keyframe positions at 7.5 fps on the 30-fps axis.
+LOCAL_KEYFRAME_STRIDE = 16
+
+
+def read_music_features(path: str | os.PathLike, name: str = "wantodance_music_path") -> torch.Tensor:
+    """The music features ``[frames, 35]`` (30 per second) of a dataset's music column: an audio file through the
+    pipeline's own feature code (:func:`~diffusers_wan_ext.pipelines.dancer_conditioning.music_features`, needs
+    librosa), or precomputed features in a ``.npy`` file / a one-tensor ``.safetensors`` file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".safetensors"):
+        try:  # optional third-party dependency, checked before the audio is read
+            import librosa
+        except ImportError:
+            librosa = None
+        if librosa is None:
+            raise ValueError(f"{name}: {path}: Wan-Dancer's music features need librosa (pip install "
+                             "'diffusers_wan_ext[dancer]'), or give precomputed features [frames, 35] at 30 per "
+                             "second in a .npy / .safetensors file")
+        return music_features(str(path), name=name)
+    try:
+        if suffix == ".npy":
+            feats = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            tensors = load_safetensors(str(path))
+            if len(tensors) != 1:
+                raise ValueError(f"holds {len(tensors)} tensors; expected one [frames, {MUSIC_FEATURE_DIM}]")
+            feats = next(iter(tensors.values()))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name}: {path}: not readable music features ({str(e).splitlines()[0]})") from None
+    if feats.ndim != 2 or feats.shape[1] != MUSIC_FEATURE_DIM or feats.shape[0] == 0 or not torch.isfinite(
+            feats.float()).all():
+        raise ValueError(f"{name}: {path}: music features must be finite [frames, {MUSIC_FEATURE_DIM}] at "
+                         f"{FEATURE_FPS} per second, got shape {tuple(feats.shape)}")
+    return feats.float()
+
+
+def _keyframe_mask(sample: dict, frames: int, global_stage: bool) -> torch.Tensor:
+    """``wantodance_keyframes_mask`` (1 at the clip's keyframes) or the default: the first frame (global) / every
+    16th frame (local: the pipeline's keyframe positions)."""
+    values = sample.get("wantodance_keyframes_mask")
+    if values is None:
+        mask = torch.zeros(frames)
+        mask[:: frames if global_stage else LOCAL_KEYFRAME_STRIDE] = 1
+        return mask
+    if len(values) != frames or any(v not in (0.0, 1.0) for v in values) or values[0] != 1.0:
+        raise ValueError(f"wantodance_keyframes_mask must be {frames} values (one per frame of the clip) of 0 / 1 "
+                         f"starting with 1, got {len(values)} values")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def encode_dancer_condition(builder, sample: dict, inputs, num_frames: int, height: int, width: int) -> None:
+    """Wan-Dancer training inputs, as the pipeline's stages build them (DiffSynth-Studio's ``WanToDance`` units).
+
+    The clip is ``F = 4 k + 1`` frames at ``wantodance_fps``.  ``wantodance_fps`` picks the model's path as the DiT
+    does: 30 = the local model (target: the clip's VAE latents), any other rate = the global model (target: frames
+    ``0, 4, 8, ...`` each encoded alone -- the pipeline decodes the global latents frame by frame -- so ``k + 1``
+    latent frames).  The keyframe condition ``y`` is the clip (or ``wantodance_keyframes``) at the frames
+    ``wantodance_keyframes_mask`` marks, black elsewhere; CLIP of its first frame, CLIP of
+    ``wantodance_reference_image`` and the music features of ``F / fps`` seconds from ``wantodance_music_path``.
+    """
+    pipe = builder.pipe
+    if pipe.image_encoder is None:
+        raise ValueError("Wan-Dancer training needs the image_encoder (CLIP) of the model folder")
+    fps = float(sample["wantodance_fps"])
+    if not fps > 0:
+        raise ValueError(f"wantodance_fps must be positive, got {fps!r}")
+    global_stage = is_global_fps(fps)
+    video = builder.video(sample, "video")
+    if global_stage:  # each keyframe latent alone, as the pipeline's framewise decoding reads them
+        inputs.latents = torch.cat([builder.encode_latents(video[:, :, i : i + 1].to(builder.device))
+                                    for i in range(0, num_frames, 4)], dim=2)
+    source = builder.video(sample, "wantodance_keyframes") if "wantodance_keyframes" in sample else video
+    mask = _keyframe_mask(sample, num_frames, global_stage)
+    keyframes = torch.where(mask.view(1, 1, -1, 1, 1) > 0, source, torch.full_like(source, -1.0)).to(builder.device)
+    y = keyframe_condition(builder.encode_latents(keyframes).float(), mask, pipe.vae_scale_factor_temporal)
+    reference = builder.image(sample, "wantodance_reference_image").to(builder.device)
+    music = read_music_features(sample["wantodance_music_path"])
+    inputs.y = y
+    inputs.image_embeds = pipe.clip_features(keyframes[:, :, 0])
+    inputs.transformer_kwargs = {
+        "reference_image_embeds": pipe.clip_features(reference),
+        "music_features": slice_music(music, 0.0, num_frames / fps).to(builder.device),
+        "fps": torch.tensor(fps),
+    }
+
+
+DANCER_CONDITIONING = Conditioning(
+    "Wan-Dancer (music + reference image -> dance video)", WanDancerPipeline,
+    required=("wantodance_music_path", "wantodance_reference_image", "wantodance_fps"),
+    optional=("wantodance_keyframes", "wantodance_keyframes_mask"), encode=encode_dancer_condition,
+)
+
+
 class DancerFamily(ModelFamily):
     name = "dancer"
     title = "Wan2.2-Dancer (music + reference image -> dance video)"
@@ -251,6 +352,16 @@ class DancerFamily(ModelFamily):
         ),
     }
     tiny_arches = {"dancer": TinyArch("i2v", 36, 16, clip=True)}
+    conditionings = (DANCER_CONDITIONING,)
+    #: DiffSynth-Studio's Wan-Dancer dataset columns (``wantodance_music_path``: an audio file, or precomputed
+    #: features ``[frames, 35]`` in a .npy / .safetensors file)
+    dataset_inputs = {
+        "wantodance_music_path": ExtraInput("file"),
+        "wantodance_reference_image": ExtraInput("image"),
+        "wantodance_fps": ExtraInput("float"),
+        "wantodance_keyframes": ExtraInput("video"),
+        "wantodance_keyframes_mask": ExtraInput("floats"),
+    }
 
     def __init__(self) -> None:
         #: the ``--variant`` of the release being claimed (``convert_release`` receives no variant)
@@ -263,6 +374,12 @@ class DancerFamily(ModelFamily):
 
     def convert_release(self, src: Path, dst: Path, options: ReleaseOptions) -> Path:
         return convert_dancer_release(src, dst, options, variant=self.claimed_variant)
+
+    def claims_config(self, config: Any) -> bool:
+        return getattr(config, "music_inject_layers", None) is not None
+
+    def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
+        return DANCER_CONDITIONING if self.claims_config(config) else None
 
     def tiny_dit_model(self, arch: str, experts: int, kwargs: dict[str, Any]):
         model = WanDancerTransformer3DModel(**kwargs, **TINY_DANCER_CONFIG, ref_conv_in_channels=16)

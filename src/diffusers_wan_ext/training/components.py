@@ -147,9 +147,9 @@ def load_training_components(
         index = _read_index(model_path)
         pipeline_class = index["_class_name"] if isinstance(index["_class_name"], str) else index["_class_name"][1]
         has_two = bool(index.get("transformer_2", [None, None])[0]) and index.get("boundary_ratio") is not None
-        if expert == "transformer_2" and not has_two:
+        if expert == "transformer_2" and not index.get("transformer_2", [None, None])[0]:  # Wan-Dancer: no boundary
             raise ValueError(f"{model_path} has one transformer; transformer_2 exists only in two-expert (Wan2.2 "
-                             f"A14B) folders: train --lora_base_model transformer")
+                             f"A14B) and Wan-Dancer (local model) folders: train --lora_base_model transformer")
         overrides: dict[str, Any] = {other: None}
         if not load_encoders:
             overrides.update({name: None for name in ENCODERS if name in index})

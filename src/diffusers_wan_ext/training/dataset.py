@@ -419,6 +419,8 @@ class VideoDataset(torch.utils.data.Dataset):
                 sample[name] = self._extra_video(row, name, spec.kind, n, height, width)
             elif spec.kind == "audio":
                 sample[name] = self._audio(row, name)
+            elif spec.kind == "file":
+                sample[name] = str(self.base_path / str(row.values[name]))
             else:
                 sample[name] = self._scalar(row, name, spec.kind)
         return sample
