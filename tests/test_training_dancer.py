@@ -210,3 +210,19 @@ def test_lora_trains_and_changes_the_pipeline(stage, model, data, tmp_path):
     plain = render()
     pipe.load_lora_weights(str(out))
     assert float((render() - plain).abs().max()) > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------------- scripts
+
+
+@pytest.mark.parametrize("stage", ["global", "local"])
+def test_scripts_train_the_stages_dit(stage, tmp_path):
+    from test_training_entry import ROOT, script_arguments
+
+    expert = "transformer" if stage == "global" else "transformer_2"
+    folder = ROOT / "examples" / "training"
+    lora = parse_args(script_arguments(folder / "lora" / f"Wan-Dancer-14B-{stage}.sh", tmp_path)[4:])
+    full = parse_args(script_arguments(folder / "full" / f"Wan-Dancer-14B-{stage}.sh", tmp_path)[4:])
+    assert lora.extra_inputs == EXTRA.split(",") == full.extra_inputs
+    assert lora.lora_base_model == expert and full.trainable_models == [expert]
+    assert str(lora.model_path).endswith("Wan-Dancer-14B-diffusers") and lora.num_frames == 149

@@ -15,7 +15,7 @@
     # --vace_video, --vace_reference_image, --camera_control_direction, --motion_bucket_id, --input_audio,
     # --s2v_pose_video, --animate_pose_video, --animate_face_video, --animate_inpaint_video, --animate_mask_video,
     # --vap_video, --vap_prompt, --longcat_video, --animate2_reference_image, --animate2_reference_video,
-    # --animate2_prompt_ref
+    # --animate2_prompt_ref, --wantodance_reference_image, --wantodance_music_path
     # --model NAME (a script name of examples/training/{lora,full}/): the release's sampling defaults (size, frames,
     # steps, guidance) and a check that the inputs the model needs are given, e.g.
     python examples/training/validate.py --model Wan2.2-S2V-14B --model_path ./models/Wan2.2-S2V-14B-diffusers \
@@ -56,8 +56,11 @@ PIPELINE_ARGUMENTS = {
     "animate2_reference_image": ("image",),
     "animate2_reference_video": ("driving_video",),
     "animate2_prompt_ref": ("prompt_ref",),
+    "wantodance_reference_image": ("image",),
+    "wantodance_music_path": ("music",),
 }
-IMAGES = ("input_image", "end_image", "reference_image", "vace_reference_image", "animate2_reference_image")
+IMAGES = ("input_image", "end_image", "reference_image", "vace_reference_image", "animate2_reference_image",
+          "wantodance_reference_image")
 VIDEOS = ("control_video", "vace_video", "s2v_pose_video", "animate_pose_video", "animate_inpaint_video",
           "animate_mask_video", "vap_video", "longcat_video", "animate2_reference_video")
 #: videos passed as their own frames (not resized to the video size)
@@ -104,6 +107,9 @@ MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "Wan2.2-Animate-2-14B": ("wan2.2-animate-2-14b", ("animate2_reference_image", "animate2_reference_video")),
     "Wan2.2-Animate-2-14B-Distilled": ("wan2.2-animate-2-14b-distilled",
                                        ("animate2_reference_image", "animate2_reference_video")),
+    # Wan-Dancer: the converted folder runs both stages (--lora: the LoRA's transformer / transformer_2 keys)
+    "Wan-Dancer-14B-global": ("wan-dancer-14b", ("wantodance_reference_image", "wantodance_music_path")),
+    "Wan-Dancer-14B-local": ("wan-dancer-14b", ("wantodance_reference_image", "wantodance_music_path")),
 }
 SAMPLING = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps")
 
