@@ -62,6 +62,7 @@ __all__ = [
     "TrainingComponent",
     "TrainingScope",
     "WanVariant",
+    "claiming_family",
     "family",
     "family_of_arch",
     "get_variant",
@@ -149,6 +150,12 @@ def training_conditioning(config: Any, expand_timesteps: bool) -> Conditioning:
         f"the transformer takes {config.in_channels} input channels and {config.out_channels} output channels, a "
         "layout no family's training conditions"
     )
+
+
+def claiming_family(config: Any) -> ModelFamily | None:
+    """The family that claims a transformer ``config`` specifically (:meth:`ModelFamily.claims_config`), else
+    ``None`` (a Wan DiT)."""
+    return next((f for f in FAMILIES if f.claims_config(config)), None)
 
 
 def training_declarations() -> tuple[tuple[TrainingScope, ...], tuple[TrainingComponent, ...], dict[str, ExtraInput]]:

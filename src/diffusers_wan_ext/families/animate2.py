@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from safetensors.torch import save_file
 
 from ..conversion.animate2 import (
     ANIMATE2_RELEASE_FILE,
+    BLOCK_KEY_MAP,
+    TOP_LEVEL_MODULES,
     export_animate2_state_dict,
     is_animate2_state_dict,
     load_animate2_transformer_from_original,
@@ -47,6 +50,7 @@ from ..conversion.release_io import DTYPES, first_existing, progress_bar, write_
 from ..conversion.text_encoder import load_t5_from_original
 from ..conversion.tokenizer import load_umt5_tokenizer
 from ..conversion.vae import detect_vae_version, load_vae_from_original
+from ..lora import map_block_target_modules
 from ..models import WanAnimate2ExtTransformer3DModel
 from ..models.transformer_wan_animate2 import RELEASE_CLIP_DIM
 from ..utils.atomic import atomic_output_dir
@@ -387,6 +391,20 @@ class Animate2Family(ModelFamily):
 
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
         return ANIMATE2_CONDITIONING if self.claims_config(config) else None
+
+    def lora_target_modules(self, names: list[str]) -> list[str] | None:
+        """DiffSynth's names on the release's block modules (``self_attn.q`` -> ``self_attn.to_q``; ``q`` -> the
+        self- and cross-attention ``to_q``), as DiffSynth's PEFT suffixes match them on its Animate-2 DiT."""
+        return map_block_target_modules(names, BLOCK_KEY_MAP)
+
+    def training_module_path(self, path: str) -> str | None:
+        """The release's module path (``blocks.3.block.self_attn.q``; top-level modules keep their names) as ours
+        (``blocks.3.self_attn.to_q``)."""
+        m = re.match(r"^blocks\.(\d+)\.block\.(.+)$", path)
+        if m is None:
+            return path if path in TOP_LEVEL_MODULES else None
+        local = dict(BLOCK_KEY_MAP).get(m.group(2))
+        return None if local is None else f"blocks.{m.group(1)}.{local}"
 
     def tiny_dit_model(self, arch: str, experts: int, kwargs: dict[str, Any]):
         """A placeholder Wan I2V DiT for the shared tiny-release writer; :meth:`tiny_release_files` replaces its

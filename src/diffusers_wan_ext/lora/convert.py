@@ -67,6 +67,7 @@ __all__ = [
     "load_lora_file",
     "save_lora_file",
     "export_lora",
+    "map_block_target_modules",
     "map_lora_target_modules",
     "peft_lora_state_dict",
     "alpha_scale_split",
@@ -616,6 +617,40 @@ def export_lora(
 
 
 # ------------------------------------------------------------------------------------------------ training helpers
+def map_block_target_modules(names: Iterable[str], block_names: Sequence[tuple[str, str]]) -> list[str]:
+    """PEFT ``target_modules`` from DiffSynth-Studio / original names on a transformer whose block modules are named
+    by ``block_names`` (pairs ``(original, ours)`` inside one block, e.g. Wan2.2-Animate-2's ``self_attn.q`` ->
+    ``self_attn.to_q``), not by the Wan DiT tables.
+
+    As DiffSynth's PEFT suffixes: a name matches the original modules it is the path or a suffix of (``q`` ->
+    ``self_attn.to_q`` and ``cross_attn.to_q``; ``self_attn.q`` -> ``self_attn.to_q``); names that already are our
+    module names (or suffixes of them) are kept.  Unknown names raise ``ValueError``.
+
+    Example:
+        >>> map_block_target_modules(["q", "self_attn.k"], [("self_attn.q", "self_attn.to_q"),
+        ...                           ("self_attn.k", "self_attn.to_k"), ("cross_attn.q", "cross_attn.to_q")])
+        ['self_attn.to_q', 'cross_attn.to_q', 'self_attn.to_k']
+    """
+    out, unknown = [], []
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        mapped = [ours for original, ours in block_names if original == name or original.endswith("." + name)]
+        if not mapped and any(ours == name or ours.endswith("." + name) for _, ours in block_names):
+            mapped = [name]
+        if not mapped:
+            unknown.append(name)
+        out.extend(m for m in mapped if m not in out)
+    if unknown:
+        raise ValueError(
+            f"unknown LoRA target module name(s) {', '.join(unknown)} for this transformer: use its original module "
+            f"names ({', '.join(original for original, _ in block_names)}, or their suffixes) or ours "
+            f"({', '.join(ours for _, ours in block_names)})"
+        )
+    return out
+
+
 def map_lora_target_modules(names: str | Iterable[str]) -> list[str]:
     """PEFT ``target_modules`` for Diffusers' Wan transformer from DiffSynth-Studio / original names.
 

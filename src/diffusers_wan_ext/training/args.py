@@ -79,6 +79,22 @@ def _components(value: str | None, allowed: Sequence[str], option: str) -> list[
     return out
 
 
+def split_module_paths(names: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """DiffSynth-Studio's module-level ``--trainable_models dit.blocks.0.block.self_attn.q,...``: the entries that
+    are a transformer (``dit`` / ``dit2`` / ``transformer`` ...) followed by a module path are split into the
+    transformer's name and the path (only these modules train).  Returns the other entries, the transformers'
+    names and the paths."""
+    others, heads, paths = [], [], []
+    for name in names:
+        head, _, path = name.partition(".")
+        if path and COMPONENT_ALIASES.get(head) in ("transformer", "transformer_2"):
+            heads.append(head)
+            paths.append(path)
+        else:
+            others.append(name)
+    return others, heads, paths
+
+
 def _declared_help(items) -> str:
     return "".join(f", {item.help}" for item in items if item.help)
 
@@ -172,7 +188,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--seed", type=int, default=0, help="data order, LoRA init, timesteps and noise")
     g.add_argument("--trainable_models", default=None,
-                   help="full fine-tuning of these components: transformer (dit), transformer_2 (dit2)"
+                   help="full fine-tuning of these components: transformer (dit), transformer_2 (dit2), or "
+                        "modules of one (DiffSynth-Studio's dit.blocks.0.self_attn.q,...: only those modules)"
                         + _declared_help(EXTRA_COMPONENTS) + _declared_help(SCOPES))
     g.add_argument("--find_unused_parameters", action="store_true", help="DDP find_unused_parameters")
     g.add_argument("--use_gradient_checkpointing", action="store_true")
@@ -355,6 +372,12 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
 
     # a family's scope (DiffSynth-Studio's ``vace`` / ``vace2``): part of a transformer, trained as a model of its own
     names = [n.strip() for n in (args.trainable_models or "").split(",") if n.strip()]
+    names, heads, args.trainable_modules = split_module_paths(names)
+    if heads and (names or len({COMPONENT_ALIASES[h] for h in heads}) > 1):
+        fail(f"--trainable_models: module paths ({heads[0]}.{args.trainable_modules[0]}, ...) train modules of one "
+             f"transformer; give no other model with them (got {', '.join(sorted({*names, *heads}))})")
+    names += heads[:1]
+    args.trainable_modules = args.trainable_modules or None
     scopes = {SCOPE_ALIASES[n][0].name for n in names if n in SCOPE_ALIASES}
     if len(scopes) > 1:
         fail(f"--trainable_models: one scope per run, got {sorted(scopes)}")
@@ -409,6 +432,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     if args.data_file_keys is not None:
         args.data_file_keys = [s.strip() for s in args.data_file_keys.split(",") if s.strip()]
 
+    args.lora_target_names = [n.strip() for n in args.lora_target_modules.split(",") if n.strip()]
     try:
         args.lora_target_modules = map_lora_target_modules(args.lora_target_modules)
     except ValueError as e:

@@ -77,6 +77,7 @@ from .flow_match import FlowMatchTrainingSchedule, expert_timestep_boundaries
 from .inputs import ModelInputs, WanInputBuilder
 from .offload import LayerOffloadManager
 from .quantized_base import is_quantized_single_file, parse_quant_options, quantize_frozen_linears
+from .targets import lora_target_modules, trainable_module_parameters
 from .modules import (
     ADAPTER,
     EXTRA_COMPONENTS,
@@ -347,7 +348,7 @@ class WanTrainer:
         params: list[torch.nn.Parameter] = []
         if self.is_lora:
             torch.manual_seed(args.seed)  # LoRA A init
-            params += add_lora(transformer, args.lora_rank, args.lora_alpha, args.lora_target_modules,
+            params += add_lora(transformer, args.lora_rank, args.lora_alpha, lora_target_modules(transformer, args),
                                dtype=self.trainable_dtype, scope=args.lora_scope)
             if args.lora_checkpoint:
                 with naming(args.lora_checkpoint):
@@ -355,8 +356,10 @@ class WanTrainer:
                 load_lora_into(transformer, lora, f"--lora_checkpoint {args.lora_checkpoint}")
         elif c.expert in args.trainable_models:
             scope = next((s for s in SCOPES if s.name == args.trainable_scope), None)
+            modules = getattr(args, "trainable_modules", None)
+            chosen = set(trainable_module_parameters(transformer, modules)) if modules else None
             for name, p in transformer.named_parameters():
-                if scope is None or name.startswith(scope.parameter_prefix):
+                if (scope is None or name.startswith(scope.parameter_prefix)) and (chosen is None or name in chosen):
                     p.data = p.data.to(self.trainable_dtype)
                     p.requires_grad_(True)
                     params.append(p)
