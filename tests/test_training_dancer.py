@@ -132,6 +132,8 @@ def test_global_latents_are_the_keyframes_each_encoded_alone(model, data):
     bad = dict(sample, wantodance_keyframes_mask=[1, 0])
     with pytest.raises(ValueError, match="wantodance_keyframes_mask must be 9 values"):
         builder(bad)
+    with pytest.raises(ValueError, match="wantodance_fps must be positive"):
+        builder(dict(sample, wantodance_fps=0.0))
 
 
 def test_music_column_audio_file_and_bad_features(tmp_path, data):
@@ -180,16 +182,16 @@ def _eval_loss(model: Path, sub: str, cache: Path, lora: Path | None) -> float:
 
 @pytest.mark.parametrize("stage", ["global", "local"])
 def test_lora_trains_and_changes_the_pipeline(stage, model, data, tmp_path):
-    """A few dozen steps lower the loss on fixed draws; the LoRA loads into WanDancerPipeline (into the trained DiT)
+    """Sixteen steps lower the loss on fixed draws; the LoRA loads into WanDancerPipeline (into the trained DiT)
     and changes what that stage renders."""
     base_model, sub = ("dit", "transformer") if stage == "global" else ("dit2", "transformer_2")
     cache = train("--task", "sft:data_process", "--model_path", model, *COMMON, *dataset_args(data, stage),
                   "--lora_base_model", base_model, "--output_path", tmp_path / "cache")
     out = train("--task", "sft:train", "--dataset_base_path", cache, "--model_path", model, *COMMON,
                 "--extra_inputs", EXTRA, "--lora_base_model", base_model, "--learning_rate", "1e-2",
-                "--dataset_repeat", 24, "--output_path", tmp_path / "lora")
+                "--dataset_repeat", 16, "--output_path", tmp_path / "lora")
     lines = (out / "logs" / "losses.jsonl").read_text().splitlines()
-    assert len(lines) == 24 and all(np.isfinite(json.loads(line)["loss"]) for line in lines)
+    assert len(lines) == 16 and all(np.isfinite(json.loads(line)["loss"]) for line in lines)
     keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
     assert keys and all(k.startswith(f"{sub}.") for k in keys)
     before, after = _eval_loss(model, sub, cache, None), _eval_loss(model, sub, cache, out)
@@ -200,6 +202,8 @@ def test_lora_trains_and_changes_the_pipeline(stage, model, data, tmp_path):
     ref = Image.open(data / "reference.png")
     feats = torch.from_numpy(np.load(data / "music.npy"))
     keyframes = None if stage == "global" else torch.zeros(2, 3, H, W)
+    if stage == "global":  # the keyframe stage alone
+        pipe.register_modules(transformer_2=None)
 
     def render() -> torch.Tensor:
         return pipe(image=ref, music_features=feats, prompt="a person is dancing", height=H, width=W,
