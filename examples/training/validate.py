@@ -73,6 +73,7 @@ FRAME_ARGUMENTS = ("num_frames", "num_frames_per_clip", "segment_frame_length")
 MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "Wan2.1-T2V-1.3B": ("wan2.1-t2v-1.3b", ()),
     "Wan2.1-T2V-14B": ("wan2.1-t2v-14b", ()),
+    "krea-realtime-video": ("krea-realtime-video", ()),
     "Wan2.1-I2V-14B-480P": ("wan2.1-i2v-14b-480p", ("input_image",)),
     "Wan2.1-I2V-14B-720P": ("wan2.1-i2v-14b-720p", ("input_image",)),
     "Wan2.1-FLF2V-14B-720P": ("wan2.1-flf2v-14b-720p", ("input_image", "end_image")),
