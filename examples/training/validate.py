@@ -111,6 +111,9 @@ MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     # Wan-Dancer: the converted folder runs both stages (--lora: the LoRA's transformer / transformer_2 keys)
     "Wan-Dancer-14B-global": ("wan-dancer-14b", ("wantodance_reference_image", "wantodance_music_path")),
     "Wan-Dancer-14B-local": ("wan-dancer-14b", ("wantodance_reference_image", "wantodance_music_path")),
+    # MOVA: video + its sound track (muxed into --output); --lora: the high-noise expert, --lora_2: the low-noise one
+    "MOVA-360p": ("mova-360p", ("input_image",)),
+    "MOVA-720p": ("mova-720p", ("input_image",)),
 }
 SAMPLING = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps")
 
@@ -218,8 +221,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         elif name in NATIVE_VIDEOS:
             value = load_video(value)
         call[target] = value
-    frames = pipe(**call).frames[0]
-    out = write_video(frames, args.output, fps=args.fps)
+    result = pipe(**call)
+    out = write_video(result.frames[0], args.output, fps=args.fps)
+    if getattr(result, "audio", None) is not None:  # MOVA: the generated sound track
+        from diffusers_wan_ext.utils.media import add_audio_track
+
+        add_audio_track(out, result.audio[0], result.audio_sample_rate)
     print(f"wrote {out}")
     return out
 

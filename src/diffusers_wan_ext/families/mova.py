@@ -12,6 +12,7 @@ into a :class:`~diffusers_wan_ext.pipelines.pipeline_mova.MovaPipeline` folder (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -42,15 +43,18 @@ from ..conversion.tokenizer import load_umt5_tokenizer, make_tiny_umt5_tokenizer
 from ..conversion.vae import detect_vae_version, load_vae_from_original
 from ..lora.formats import register_lora_component
 from ..models import AutoencoderDac, MovaAudioTransformer1DModel, MovaDualTowerBridge
+from ..models.mova_joint_forward import mova_joint_forward
 from ..pipelines import MovaPipeline
+from ..pipelines.pipeline_mova import mova_audio_length
 from ..schedulers import WanFlowMatchScheduler
 from ..utils.atomic import atomic_output_dir
 from ..utils.io import ConversionError, load_state_dict, read_json, with_path
-from .base import ModelFamily, ReleaseOptions, WanVariant
+from .base import ExtraInput, ModelFamily, ReleaseOptions, TrainingComponent, WanVariant
 from .tiny import TINY, tiny_t5, tiny_vae21
 
-__all__ = ["MOVA_VARIANTS", "MovaFamily", "TINY_MOVA", "convert_mova_release", "is_mova_release",
-           "make_tiny_mova_release", "mova_component_of"]
+__all__ = ["MOVA_TRAINING_COMPONENTS", "MOVA_VARIANTS", "MovaFamily", "TINY_MOVA", "convert_mova_release",
+           "encode_mova_audio", "is_mova_release", "make_tiny_mova_release", "mova_component_of",
+           "mova_training_forward"]
 
 _COMMON = dict(
     arch="mova", dim=5120, num_layers=40, experts=2, pipeline="MovaPipeline", boundary_ratio=0.9, flow_shift=5.0,
@@ -324,12 +328,84 @@ def make_tiny_mova_release(folder: str | os.PathLike, seed: int = 0, experts: in
     return folder
 
 
+# --------------------------------------------------------------------------------------------------------- training
+#: Video frame rate of MOVA training (DiffSynth-Studio's ``--frame_rate`` default, the release's): sets the audio
+#: span of a clip and the bridge's time alignment.
+MOVA_TRAINING_FRAME_RATE = 24.0
+#: Rate of the ``input_audio`` column as the training dataset reads it (mono, shared with Wan2.2-S2V).
+MOVA_COLUMN_SAMPLE_RATE = 16000
+
+
+def _audio_samples(value: Any) -> torch.Tensor:
+    """The ``input_audio`` column (mono samples) as a float32 tensor (kept in the training cache)."""
+    return torch.as_tensor(value, dtype=torch.float32).flatten()
+
+
+@torch.no_grad()
+def encode_mova_audio(audio_vae: AutoencoderDac, builder, sample: dict[str, Any], inputs) -> None:
+    """MOVA's audio training latents (DiffSynth-Studio's ``MovaAudioVideoUnit_InputAudioEmbedder``): the clip's
+    ``input_audio`` cut / zero-padded to ``num_frames / 24`` seconds, resampled to the DAC rate, its posterior mean
+    -> ``inputs.joint_latents["audio"]`` ``[1, C, L]``."""
+    samples = _audio_samples(sample["input_audio"])
+    if samples.numel() == 0:
+        raise ValueError("column 'input_audio': the audio file holds no samples")
+    num_frames = int(sample["video"].shape[0])
+    rate = int(audio_vae.config.sample_rate)
+    length = int(rate * num_frames / MOVA_TRAINING_FRAME_RATE)
+    span = int(MOVA_COLUMN_SAMPLE_RATE * num_frames / MOVA_TRAINING_FRAME_RATE)
+    samples = torch.nn.functional.pad(samples[:span], (0, max(0, span - samples.numel())))
+    wav = torch.nn.functional.interpolate(samples[None, None], size=length, mode="linear", align_corners=False)
+    param = next(audio_vae.parameters())
+    latents = audio_vae.encode(wav.to(device=param.device, dtype=param.dtype)).latent_dist.mode()
+    expected = mova_audio_length(num_frames, MOVA_TRAINING_FRAME_RATE, rate, audio_vae.hop_length)
+    if latents.shape[-1] != expected:
+        raise ValueError(f"the audio VAE gave {latents.shape[-1]} latents for {num_frames} frames, not {expected}")
+    inputs.joint_latents["audio"] = latents.float().to(builder.device)
+
+
+def mova_training_forward(module: torch.nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                          encoder_hidden_states: torch.Tensor, joint_latents: dict[str, torch.Tensor],
+                          **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One joint MOVA forward for training: the trained video expert (``hidden_states`` carries the I2V ``y``), the
+    audio DiT and the bridge at the same timestep -> ``(video velocity, {"audio": audio velocity})``."""
+    if kwargs:
+        raise ValueError(f"MOVA training takes no transformer inputs besides the I2V condition; got {sorted(kwargs)}")
+    for name in ("audio_transformer", "bridge"):
+        if not hasattr(module, name):
+            raise ValueError(f"MOVA training needs the {name} component of the MovaPipeline folder")
+    video, audio = mova_joint_forward(module.transformer, module.audio_transformer, module.bridge, hidden_states,
+                                      joint_latents["audio"], timestep, encoder_hidden_states,
+                                      frame_rate=MOVA_TRAINING_FRAME_RATE)
+    return video, {"audio": audio}
+
+
+def _no_context(component: torch.nn.Module, transformer: torch.nn.Module, value: torch.Tensor):
+    return contextlib.nullcontext()
+
+
+_MISSING = ("--extra_inputs input_audio with this model: a MovaPipeline folder (audio_transformer/, bridge/, "
+            "audio_vae/) takes it; Wan2.2-S2V takes it through its own conditioning")
+#: MOVA's training components: with ``--extra_inputs input_audio`` the audio DiT and the bridge run with the
+#: trained video expert (one joint forward) and the audio VAE encodes the audio latents; the loss adds the audio
+#: flow-matching MSE (DiffSynth-Studio's ``FlowMatchSFTAudioVideoLoss``).
+MOVA_TRAINING_COMPONENTS = (
+    TrainingComponent("audio_transformer", "input_audio", _no_context, help="audio_transformer (MOVA's audio DiT)",
+                      missing=_MISSING, make_input=_audio_samples, joint_forward=mova_training_forward),
+    TrainingComponent("bridge", "input_audio", _no_context, help="bridge (MOVA's dual-tower bridge)",
+                      missing=_MISSING, make_input=_audio_samples),
+    TrainingComponent("audio_vae", "input_audio", _no_context, missing=_MISSING, make_input=_audio_samples,
+                      encode=encode_mova_audio),
+)
+
+
 class MovaFamily(ModelFamily):
     name = "mova"
     title = "MOVA (image -> video + audio; Wan2.2-I2V video tower, audio DiT, dual-tower bridge, DAC audio VAE)"
     variants = MOVA_VARIANTS
     model_classes = (MovaAudioTransformer1DModel, MovaDualTowerBridge, AutoencoderDac)
     pipeline_classes = (MovaPipeline,)
+    training_components = MOVA_TRAINING_COMPONENTS
+    dataset_inputs = {"input_audio": ExtraInput("audio")}
 
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
         """A MOVA release folder, a ``--variant mova-*``, or one MOVA component alone (refused with the reason)."""

@@ -172,6 +172,9 @@ def direct_distill_loss(
     """DiffSynth-Studio's ``DirectDistillLoss`` for batch-1 ``inputs`` (see the module docstring): the student
     samples ``settings.num_inference_steps`` Euler steps from the row's noise with gradients through all of them,
     and the loss is the mean squared error between the result and the clip's latents ``inputs.latents``."""
+    if inputs.joint_latents:
+        raise ValueError(f"direct distillation of a model that denoises {sorted(inputs.joint_latents)} latents with "
+                         f"the video is not supported; train it with --task sft")
     device = inputs.latents.device
     sigmas, timesteps = student_sampling_schedule(settings.num_inference_steps, shift)
     latents = distill_noise(inputs.latents.shape, settings, generator).to(device=device, dtype=dtype)

@@ -53,6 +53,8 @@ class ModelInputs:
             ``motion_bucket_id`` ``[1]``).
         transformer_kwargs: extra transformer inputs (``reference_latents``, ``control_camera_latents``,
             ``control_hidden_states``).
+        joint_latents: clean latents denoised together with the video at the same timestep, by name (MOVA:
+            ``audio``); noised and in the loss as the video latents (a component's ``joint_forward`` predicts them).
         prompt: the prompt (for logs and the cache).
     """
 
@@ -64,6 +66,7 @@ class ModelInputs:
     clean_frames: int = 0
     component_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     transformer_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+    joint_latents: dict[str, torch.Tensor] = field(default_factory=dict)
     prompt: str = ""
 
     _FIELDS = ("latents", "prompt_embeds", "y", "image_embeds", "first_frame_latents")
@@ -72,8 +75,9 @@ class ModelInputs:
         moved = {name: (None if getattr(self, name) is None else getattr(self, name).to(device)) for name in self._FIELDS}
         components = {k: v.to(device) for k, v in self.component_inputs.items()}
         kwargs = {k: v.to(device) for k, v in self.transformer_kwargs.items()}
+        joint = {k: v.to(device) for k, v in self.joint_latents.items()}
         return ModelInputs(**moved, clean_frames=self.clean_frames, component_inputs=components,
-                           transformer_kwargs=kwargs, prompt=self.prompt)
+                           transformer_kwargs=kwargs, joint_latents=joint, prompt=self.prompt)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat CPU tensors for the cache (component inputs under their column name, ``kwargs.<name>`` for the
@@ -83,19 +87,21 @@ class ModelInputs:
             out["clean_frames"] = torch.tensor(int(self.clean_frames))
         out.update(self.component_inputs)
         out.update({f"kwargs.{k}": v for k, v in self.transformer_kwargs.items()})
+        out.update({f"joint.{k}": v for k, v in self.joint_latents.items()})
         return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prompt: str = "") -> "ModelInputs":
         known = (*cls._FIELDS, "clean_frames", *COMPONENT_INPUTS)
-        unknown = [k for k in tensors if k not in known and not k.startswith("kwargs.")]
+        unknown = [k for k in tensors if k not in known and not k.startswith(("kwargs.", "joint."))]
         if unknown or "latents" not in tensors or "prompt_embeds" not in tensors:
             raise ValueError(f"not a training-cache entry: unknown {unknown}, keys {sorted(tensors)}")
         kwargs = {k[len("kwargs."):]: v for k, v in tensors.items() if k.startswith("kwargs.")}
         components = {k: v for k, v in tensors.items() if k in COMPONENT_INPUTS}
         clean = int(tensors["clean_frames"]) if "clean_frames" in tensors else 0
+        joint = {k[len("joint."):]: v for k, v in tensors.items() if k.startswith("joint.")}
         return cls(**{k: tensors.get(k) for k in cls._FIELDS}, clean_frames=clean, component_inputs=components,
-                   transformer_kwargs=kwargs, prompt=prompt)
+                   transformer_kwargs=kwargs, joint_latents=joint, prompt=prompt)
 
 
 def conditioning_for(components: WanTrainingComponents) -> Conditioning:
@@ -141,8 +147,9 @@ class WanInputBuilder:
             if unused:
                 problems.append(f"does not take {', '.join(unused)} (it takes: {', '.join(sorted(accepted)) or 'none'})")
             raise ValueError(f"this model is {cond.name} ({components.pipeline_class}): " + "; ".join(problems))
-        for spec in EXTRA_COMPONENTS:
-            if spec.input_name in self.extra_inputs and components.extra_components.get(spec.name) is None:
+        for spec in EXTRA_COMPONENTS:  # a column the conditioning takes itself needs no component
+            if (spec.input_name in self.extra_inputs and spec.input_name not in cond.required + cond.optional
+                    and components.extra_components.get(spec.name) is None):
                 raise ValueError(spec.missing or f"--extra_inputs {spec.input_name} needs the {spec.name} component")
         for name in ("vae", "text_encoder", "tokenizer"):
             if getattr(components, name) is None:
@@ -209,6 +216,9 @@ class WanInputBuilder:
         if self.conditioning.encode is not None:
             self.conditioning.encode(self, sample, inputs, num_frames, height, width)
         for spec in EXTRA_COMPONENTS:
-            if spec.input_name in self.extra_inputs:
+            component = self.components.extra_components.get(spec.name)
+            if spec.input_name in self.extra_inputs and component is not None:
                 inputs.component_inputs[spec.input_name] = spec.make_input(sample[spec.input_name]).to(self.device)
+                if spec.encode is not None:
+                    spec.encode(component, self, sample, inputs)
         return inputs

@@ -273,6 +273,8 @@ class WanTrainingModule(nn.Module):
         for name, module in (components or {}).items():
             self.add_module(name, module)
         self.output_sign = output_sign(transformer)
+        #: the components' joint forward (denoising ``joint_latents`` with the video: MOVA's audio), if any
+        self.joint_forward = next((s.joint_forward for s in self.component_specs.values() if s.joint_forward), None)
 
     def forward(
         self,
@@ -281,8 +283,13 @@ class WanTrainingModule(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_hidden_states_image: torch.Tensor | None = None,
         component_inputs: dict[str, torch.Tensor] | None = None,
+        joint_latents: dict[str, torch.Tensor] | None = None,
         **transformer_kwargs: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The prediction; with ``joint_latents`` (noisy), ``(prediction, {name: prediction})`` of the joint
+        forward."""
+        if joint_latents and self.joint_forward is None:
+            raise ValueError(f"joint latents {sorted(joint_latents)} but no component runs a joint forward")
         kwargs = dict(transformer_kwargs)
         if encoder_hidden_states_image is not None:
             kwargs["encoder_hidden_states_image"] = encoder_hidden_states_image
@@ -291,6 +298,8 @@ class WanTrainingModule(nn.Module):
                 value = (component_inputs or {}).get(spec.input_name)
                 if value is not None:
                     stack.enter_context(spec.apply(getattr(self, name), self.transformer, value))
+            if joint_latents:
+                return self.joint_forward(self, hidden_states, timestep, encoder_hidden_states, joint_latents, **kwargs)
             out = self.transformer(hidden_states, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
         return out if self.output_sign == 1.0 else out * self.output_sign
 
@@ -353,6 +362,13 @@ def training_loss(
         noisy[:, :, :clean] = x0[:, :, :clean]
     model_input = noisy if inputs.y is None else torch.cat([noisy, inputs.y.float()], dim=1)
     kwargs = _transformer_kwargs(inputs, dtype)
+    joint = {}  # latents denoised with the video (MOVA's audio): same timestep, noise drawn after the video's
+    for name in sorted(inputs.joint_latents):
+        j0 = inputs.joint_latents[name].float()
+        j_noise = torch.randn(j0.shape, generator=generator, dtype=torch.float32).to(device)
+        joint[name] = (schedule.add_noise(j0, j_noise, sample.sigma), schedule.target(j0, j_noise))
+    if joint:
+        kwargs["joint_latents"] = {name: noisy_j.to(dtype) for name, (noisy_j, _) in joint.items()}
     prediction = module(
         model_input.to(dtype),
         timestep,
@@ -361,8 +377,13 @@ def training_loss(
         component_inputs=inputs.component_inputs or None,
         **kwargs,
     )
+    joint_loss = 0.0
+    if joint:  # DiffSynth-Studio's FlowMatchSFTAudioVideoLoss: video mse + audio mse, same weight
+        prediction, joint_predictions = prediction
+        joint_loss = sum(schedule.loss(joint_predictions[name], target_j, sample.weight)
+                         for name, (_, target_j) in joint.items())
     if inputs.first_frame_latents is not None:
         prediction, target = prediction[:, :, 1:], target[:, :, 1:]
     if clean:
         prediction, target = prediction[:, :, clean:], target[:, :, clean:]
-    return schedule.loss(prediction, target, sample.weight), sample
+    return schedule.loss(prediction, target, sample.weight) + joint_loss, sample
