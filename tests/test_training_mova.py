@@ -89,6 +89,26 @@ def test_audio_latents_are_the_dac_posterior_mean(model, data):
     torch.testing.assert_close(audio.cpu(), dac.encode(wav).latent_dist.mode(), rtol=0, atol=0)
 
 
+def test_input_audio_may_be_the_clips_own_sound_track(model, tmp_path):
+    """``input_audio`` naming the clip's own mp4 reads its audio track (ffmpeg)."""
+    from diffusers_wan_ext.utils.media import add_audio_track, write_video
+
+    rng = np.random.default_rng(0)
+    clip = write_video([rng.random((32, 32, 3)) for _ in range(9)], tmp_path / "clip.mp4", fps=24)
+    t = np.arange(int(48000 * 9 / 24)) / 48000
+    add_audio_track(clip, 0.3 * np.sin(2 * np.pi * 440 * t), 48000)
+    (tmp_path / "metadata.csv").write_text("video,prompt,input_audio\nclip.mp4,a beep,clip.mp4\n")
+    ds = VideoDataset(tmp_path, tmp_path / "metadata.csv", num_frames=9, height=32, width=32,
+                      extra_inputs=["input_image", "input_audio"])
+    sample = ds[0]
+    assert sample["input_audio"].abs().max() > 0.1
+    components = load_training_components(model, dtype=torch.float32)
+    builder = WanInputBuilder(components, ["input_image", "input_audio"], max_sequence_length=16)
+    assert tuple(builder(sample).joint_latents["audio"].shape) == (1, 128, 19)
+    with pytest.raises(ValueError, match="--extra_inputs input_audio"):  # the video expert alone: refused
+        WanInputBuilder(components, ["input_image"], max_sequence_length=16)
+
+
 def fixed_noise_loss(model: Path, data: Path, lora: dict | None) -> float:
     """The joint loss of the clip at the trained timestep, averaged over 4 fixed noise draws (with ``lora`` loaded
     into the video expert)."""

@@ -151,6 +151,11 @@ class WanInputBuilder:
             if (spec.input_name in self.extra_inputs and spec.input_name not in cond.required + cond.optional
                     and components.extra_components.get(spec.name) is None):
                 raise ValueError(spec.missing or f"--extra_inputs {spec.input_name} needs the {spec.name} component")
+        for spec in EXTRA_COMPONENTS:  # a model that denoises other latents with the video cannot train without them
+            if (spec.joint_forward is not None and components.extra_components.get(spec.name) is not None
+                    and spec.input_name not in self.extra_inputs):
+                raise ValueError(f"this model denoises its {spec.name} latents together with the video: pass "
+                                 f"--extra_inputs {spec.input_name} (training the video alone is not its objective)")
         for name in ("vae", "text_encoder", "tokenizer"):
             if getattr(components, name) is None:
                 raise ValueError(f"the model folder has no {name}; encoding training inputs needs it")
