@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import UMT5EncoderModel
 
 from ..conversion.dit import find_dit_files
 from ..conversion.longcat import (
@@ -32,10 +31,11 @@ from ..conversion.longcat import (
     is_longcat_state_dict,
     load_longcat_transformer_from_original,
 )
+from ..conversion.release_components import load_umt5_component, load_wan21_vae_component
 from ..conversion.release_io import DTYPES, first_existing, progress_bar, write_model_card
-from ..conversion.text_encoder import export_t5_state_dict, load_t5_from_original
+from ..conversion.text_encoder import export_t5_state_dict
 from ..conversion.tokenizer import load_umt5_tokenizer, make_tiny_umt5_tokenizer
-from ..conversion.vae import detect_vae_version, export_vae_state_dict, load_vae_from_original
+from ..conversion.vae import export_vae_state_dict
 from ..models import LongCatVideoTransformer3DModel
 from ..models.transformer_longcat import LongCatVideoAttnProcessor, LongCatVideoTransformerBlock, longcat_ffn_dim
 from ..pipelines import LongCatVideoPipeline
@@ -87,29 +87,6 @@ def find_longcat_dit(src: str | os.PathLike, transformer: str | os.PathLike | No
     return None
 
 
-def _load_text_encoder(path: Path, torch_dtype: torch.dtype):
-    """umT5 encoder from a Transformers folder (the LongCat release's ``text_encoder/``) or the Wan ``.pth``."""
-    if path.is_dir() and (path / "config.json").is_file():
-        try:
-            return UMT5EncoderModel.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True).eval()
-        except Exception as e:  # noqa: BLE001
-            raise ConversionError(f"{path}: cannot load a UMT5EncoderModel ({type(e).__name__}: {e})") from e
-    return load_t5_from_original(path / WAN_T5_FILE if path.is_dir() else path, torch_dtype=torch_dtype)
-
-
-def _load_vae(path: Path):
-    """Wan2.1 VAE from a Diffusers folder (the LongCat release's ``vae/``) or ``Wan2.1_VAE.pth``, in float32."""
-    if path.is_dir() and (path / "config.json").is_file():
-        try:
-            return AutoencoderKLWan.from_pretrained(str(path), dtype=torch.float32).eval()
-        except Exception as e:  # noqa: BLE001
-            raise ConversionError(f"{path}: cannot load an AutoencoderKLWan ({type(e).__name__}: {e})") from e
-    sd = load_state_dict(path / WAN_VAE_FILE if path.is_dir() else path)
-    if detect_vae_version(sd) != "wan2.1":
-        raise ConversionError(f"{path}: a {detect_vae_version(sd)} VAE, but LongCat-Video uses the Wan2.1 VAE ({WAN_VAE_FILE})")
-    return load_vae_from_original(sd, torch_dtype=torch.float32)
-
-
 def _load_scheduler(root: Path):
     cfg = root / "scheduler" / "scheduler_config.json"
     if cfg.is_file():
@@ -140,7 +117,7 @@ def _component_paths(src: Path, root: Path, options: ReleaseOptions) -> dict[str
 def _load_components(model, paths: dict[str, Path], root: Path, torch_dtype: torch.dtype, bar) -> dict[str, Any]:
     """Text encoder, tokenizer, VAE and scheduler, each checked against the DiT."""
     bar.set_postfix_str("text encoder")
-    te = with_path(paths["text_encoder"], lambda: _load_text_encoder(paths["text_encoder"], torch_dtype))
+    te = with_path(paths["text_encoder"], lambda: load_umt5_component(paths["text_encoder"], torch_dtype))
     if te.config.d_model != model.config.text_dim:
         raise ConversionError(
             f"{paths['text_encoder']}: text encoder width {te.config.d_model} does not match the DiT's caption "
@@ -151,7 +128,7 @@ def _load_components(model, paths: dict[str, Path], root: Path, torch_dtype: tor
     tokenizer = with_path(paths["tokenizer"], lambda: load_umt5_tokenizer(paths["tokenizer"]))
     bar.update()
     bar.set_postfix_str("vae")
-    vae = with_path(paths["vae"], lambda: _load_vae(paths["vae"]))
+    vae = with_path(paths["vae"], lambda: load_wan21_vae_component(paths["vae"], "LongCat-Video"))
     if vae.config.z_dim != model.config.in_channels or vae.config.z_dim != model.config.out_channels:
         raise ConversionError(
             f"{paths['vae']}: VAE latent channels {vae.config.z_dim} do not match the DiT's "

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import UMT5EncoderModel
 
 from ..conversion.dit import export_dit_state_dict, find_dit_files, load_dit_from_original
 from ..conversion.mova import (
@@ -37,10 +36,9 @@ from ..conversion.mova import (
     rename_mova_audio_dit_module,
     rename_mova_bridge_module,
 )
+from ..conversion.release_components import load_umt5_component, load_wan21_vae_component
 from ..conversion.release_io import DTYPES, first_existing, progress_bar, write_model_card
-from ..conversion.text_encoder import load_t5_from_original
 from ..conversion.tokenizer import load_umt5_tokenizer, make_tiny_umt5_tokenizer
-from ..conversion.vae import detect_vae_version, load_vae_from_original
 from ..lora.formats import register_lora_component
 from ..models import AutoencoderDac, MovaAudioTransformer1DModel, MovaDualTowerBridge
 from ..models.mova_joint_forward import mova_joint_forward
@@ -48,7 +46,7 @@ from ..pipelines import MovaPipeline
 from ..pipelines.pipeline_mova import mova_audio_length
 from ..schedulers import WanFlowMatchScheduler
 from ..utils.atomic import atomic_output_dir
-from ..utils.io import ConversionError, load_state_dict, read_json, with_path
+from ..utils.io import ConversionError, read_json, with_path
 from .base import ExtraInput, ModelFamily, ReleaseOptions, TrainingComponent, WanVariant
 from .tiny import TINY, tiny_t5, tiny_vae21
 
@@ -122,27 +120,6 @@ def _pick_variant(src: Path, variant: str | None) -> WanVariant:
                 MOVA_VARIANTS[-1])
 
 
-def _load_text_encoder(path: Path, torch_dtype: torch.dtype):
-    if path.is_dir() and (path / "config.json").is_file():
-        try:
-            return UMT5EncoderModel.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True).eval()
-        except Exception as e:  # noqa: BLE001
-            raise ConversionError(f"{path}: cannot load a UMT5EncoderModel ({type(e).__name__}: {e})") from e
-    return load_t5_from_original(path / WAN_T5_FILE if path.is_dir() else path, torch_dtype=torch_dtype)
-
-
-def _load_video_vae(path: Path):
-    if path.is_dir() and (path / "config.json").is_file():
-        try:
-            return AutoencoderKLWan.from_pretrained(str(path), dtype=torch.float32).eval()
-        except Exception as e:  # noqa: BLE001
-            raise ConversionError(f"{path}: cannot load an AutoencoderKLWan ({type(e).__name__}: {e})") from e
-    sd = load_state_dict(path / WAN_VAE_FILE if path.is_dir() else path)
-    if detect_vae_version(sd) != "wan2.1":
-        raise ConversionError(f"{path}: a {detect_vae_version(sd)} VAE, but MOVA uses the Wan2.1 VAE ({WAN_VAE_FILE})")
-    return load_vae_from_original(sd, torch_dtype=torch.float32)
-
-
 def _component_paths(root: Path, options: ReleaseOptions) -> dict[str, Path | None]:
     paths = {
         "video_dit": first_existing(Path(options.transformer) if options.transformer else None, root / "video_dit"),
@@ -205,11 +182,11 @@ def _load_towers(paths: dict[str, Path | None], torch_dtype: torch.dtype, bar) -
 
 
 def _load_shared(paths: dict[str, Path | None], towers: dict[str, Any], torch_dtype: torch.dtype) -> dict[str, Any]:
-    te = with_path(paths["text_encoder"], lambda: _load_text_encoder(paths["text_encoder"], torch_dtype))
+    te = with_path(paths["text_encoder"], lambda: load_umt5_component(paths["text_encoder"], torch_dtype))
     if te.config.d_model != towers["transformer"].config.text_dim:
         raise ConversionError(f"{paths['text_encoder']}: text encoder width {te.config.d_model} does not match the "
                               f"DiTs' text_dim {towers['transformer'].config.text_dim}")
-    vae = with_path(paths["vae"], lambda: _load_video_vae(paths["vae"]))
+    vae = with_path(paths["vae"], lambda: load_wan21_vae_component(paths["vae"], "MOVA"))
     audio_vae = with_path(paths["audio_vae"], lambda: load_mova_audio_vae(paths["audio_vae"], torch_dtype=torch.float32))
     if audio_vae.config.latent_dim != towers["audio_transformer"].config.in_channels:
         raise ConversionError(f"{paths['audio_vae']}: {audio_vae.config.latent_dim} latent channels, the audio DiT "
