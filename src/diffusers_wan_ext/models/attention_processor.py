@@ -25,6 +25,7 @@ __all__ = [
     "WanFusedQKRopeAttnProcessor",
     "WanTextLenAttnProcessor",
     "apply_wan_rotary_emb",
+    "image_text_cross_attention",
     "wan_attention_output",
     "wan_self_attention_qkv",
 ]
@@ -57,25 +58,31 @@ class WanTextLenAttnProcessor(WanAttnProcessor):
         encoder_hidden_states_img = encoder_hidden_states[:, :image_len]
         encoder_hidden_states = encoder_hidden_states[:, image_len:]
 
-        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
+        return image_text_cross_attention(attn, hidden_states, encoder_hidden_states_img, encoder_hidden_states,
+                                          attention_mask, self._attention_backend)
 
-        key_img, value_img = _get_added_kv_projections(attn, encoder_hidden_states_img)
-        key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
-        value_img = value_img.unflatten(2, (attn.heads, -1))
 
-        out_img = dispatch_attention_fn(
-            query, key_img, value_img, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend
-        ).flatten(2, 3).type_as(query)
-        out = dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend,
-        ).flatten(2, 3).type_as(query)
-        hidden_states = out + out_img
-        hidden_states = attn.to_out[0](hidden_states)
-        return attn.to_out[1](hidden_states)
+def image_text_cross_attention(attn, hidden_states: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
+                               attention_mask: torch.Tensor | None, backend) -> torch.Tensor:
+    """Wan I2V cross-attention on an already split context: text through ``to_k`` / ``to_v``, image tokens through
+    the added K/V (``add_k_proj`` / ``add_v_proj``), the two attention outputs summed before ``to_out``."""
+    query, key, value = _get_qkv_projections(attn, hidden_states, text)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+
+    key_img, value_img = _get_added_kv_projections(attn, image)
+    key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
+    value_img = value_img.unflatten(2, (attn.heads, -1))
+
+    out_img = dispatch_attention_fn(
+        query, key_img, value_img, attn_mask=None, dropout_p=0.0, is_causal=False, backend=backend
+    ).flatten(2, 3).type_as(query)
+    out = dispatch_attention_fn(
+        query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, backend=backend,
+    ).flatten(2, 3).type_as(query)
+    hidden_states = attn.to_out[0](out + out_img)
+    return attn.to_out[1](hidden_states)
 
 
 def apply_wan_rotary_emb(hidden_states, freqs_cos, freqs_sin):

@@ -39,18 +39,16 @@ from torch import nn
 
 from diffusers import ModelMixin  # noqa: F401  (Diffusers' loader looks up loadable bases in this module)
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import (
     WanAttention,
     WanAttnProcessor,
     WanImageEmbedding,
-    _get_added_kv_projections,
-    _get_qkv_projections,
 )
 from diffusers.utils.peft_utils import apply_lora_scale
 
+from .attention_processor import image_text_cross_attention
 from .transformer_wan_ext import WanExtTransformer3DModel
 
 __all__ = [
@@ -205,22 +203,7 @@ class WanDancerCrossAttnProcessor(WanAttnProcessor):
         if attn.add_k_proj is None or encoder_hidden_states is None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         image, text = encoder_hidden_states[:, : self.image_tokens], encoder_hidden_states[:, self.image_tokens :]
-        query, key, value = _get_qkv_projections(attn, hidden_states, text)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        key_img, value_img = _get_added_kv_projections(attn, image)
-        key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
-        value_img = value_img.unflatten(2, (attn.heads, -1))
-        out_img = dispatch_attention_fn(
-            query, key_img, value_img, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend
-        ).flatten(2, 3).type_as(query)
-        out = dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend,
-        ).flatten(2, 3).type_as(query)
-        hidden_states = attn.to_out[0](out + out_img)
-        return attn.to_out[1](hidden_states)
+        return image_text_cross_attention(attn, hidden_states, image, text, attention_mask, self._attention_backend)
 
 
 class WanDancerMusicInjector(nn.Module):
