@@ -79,3 +79,47 @@ def blend_windows(outputs: list[torch.Tensor], windows, num_frames: int, size: i
         value = value + full
         weight[a:b] += mask
     return value / weight.view(1, 1, -1, 1, 1)
+
+
+def k_quant_blocks(qtype: str, rows: int, cols: int, seed: int):
+    """Pre-quantized blocks of a K type (the gguf package cannot quantize them) with small finite fp16 scales."""
+    import gguf
+    import numpy as np
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    raw = np.random.default_rng(seed).integers(0, 256, size=(rows, cols // block * size), dtype=np.uint8)
+    raw[:, 1::2] = (raw[:, 1::2] & 0x83) | 0x0C  # every fp16 in the block: |value| < 2^-11
+    return raw
+
+
+def write_wide_t2v_gguf(path) -> dict:
+    """A core T2V DiT of width 256 (K-quant blocks fit its rows) written to ``path`` as a GGUF whose Linears cycle
+    through Q8_0 / Q4_K / Q6_K / Q5_K (F32 elsewhere): ``{key: (stored blocks or None, type name)}``."""
+    import gguf
+    from diffusers import WanTransformer3DModel
+
+    from diffusers_wan_ext.conversion.dit import export_dit_state_dict
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16,
+                                  out_channels=16, text_dim=256, freq_dim=256, ffn_dim=512, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+    sd = export_dit_state_dict(model.state_dict())
+    w = gguf.GGUFWriter(str(path), "wan")
+    stored = {}
+    for i, (key, value) in enumerate(sorted(sd.items())):
+        v = value.float()
+        if v.ndim == 2 and v.shape[1] % 256 == 0 and "modulation" not in key:
+            qtype = ("Q8_0", "Q4_K", "Q6_K", "Q5_K")[i % 4]
+            data = (gguf.quants.quantize(v.numpy(), gguf.GGMLQuantizationType.Q8_0) if qtype == "Q8_0"
+                    else k_quant_blocks(qtype, v.shape[0], v.shape[1], i))
+            w.add_tensor(key, data, raw_dtype=gguf.GGMLQuantizationType[qtype])
+            stored[key] = (data, qtype)
+        else:
+            w.add_tensor(key, v.numpy())
+            stored[key] = (None, "F32")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stored

@@ -23,16 +23,15 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
 gguf = pytest.importorskip("gguf")
 
 from diffusers_wan_ext_cli import main as cli_main  # noqa: E402
-from diffusers_wan_ext.conversion.dit import export_dit_state_dict, load_dit_from_original, rename_dit_key  # noqa: E402
+from diffusers_wan_ext.conversion.dit import load_dit_from_original, rename_dit_key  # noqa: E402
+from helpers import write_wide_t2v_gguf  # noqa: E402
 from diffusers_wan_ext.conversion.quantized_dit import (  # noqa: E402
     GGUF_FOLDER_WEIGHTS, QUANTIZED_FOLDER_NOTE, load_quantized_dit, load_quantized_folder)
 from diffusers_wan_ext.utils.fp8_files import fp8_state_dict  # noqa: E402
@@ -108,39 +107,12 @@ def forward(model, x, ctx, **kw) -> torch.Tensor:
         return model(x, torch.tensor([500.0]), ctx, return_dict=False, **kw)[0]
 
 
-def k_quant_blocks(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
-    raw = np.random.default_rng(seed).integers(0, 256, size=(rows, cols // block * size), dtype=np.uint8)
-    raw[:, 1::2] = (raw[:, 1::2] & 0x83) | 0x0C  # finite fp16 scales, |value| < 2^-11
-    return raw
-
-
 @pytest.fixture(scope="module")
 def wide_gguf(tmp_path_factory):
     """A core DiT of width 256 as a GGUF of Q8_0 / Q4_K / Q6_K / Q5_K blocks (K-quants need rows of 256) + F32."""
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16,
-                                  out_channels=16, text_dim=256, freq_dim=256, ffn_dim=512, num_layers=2,
-                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads")
-    sd = export_dit_state_dict(model.state_dict())
     path = tmp_path_factory.mktemp("wide") / "wan-wide-mixed.gguf"
-    w = gguf.GGUFWriter(str(path), "wan")
-    blocks = {}
-    for i, (key, value) in enumerate(sorted(sd.items())):
-        v = value.float()
-        if v.ndim == 2 and v.shape[1] % 256 == 0 and "modulation" not in key:
-            qtype = ("Q8_0", "Q4_K", "Q6_K", "Q5_K")[i % 4]
-            data = (gguf.quants.quantize(v.numpy(), gguf.GGMLQuantizationType.Q8_0) if qtype == "Q8_0"
-                    else k_quant_blocks(qtype, v.shape[0], v.shape[1], i))
-            w.add_tensor(key, data, raw_dtype=gguf.GGMLQuantizationType[qtype])
-            blocks[key] = (data, qtype)
-        else:
-            w.add_tensor(key, v.numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path, blocks
+    stored = write_wide_t2v_gguf(path)
+    return path, {k: v for k, v in stored.items() if v[1] != "F32"}
 
 
 @pytest.fixture(scope="module")

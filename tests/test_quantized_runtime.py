@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
@@ -24,7 +23,8 @@ gguf = pytest.importorskip("gguf")
 
 from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter, dequantize_gguf_tensor  # noqa: E402
 
-from diffusers_wan_ext.conversion.dit import export_dit_state_dict, load_dit_from_original  # noqa: E402
+from diffusers_wan_ext.conversion.dit import load_dit_from_original  # noqa: E402
+from helpers import write_wide_t2v_gguf  # noqa: E402
 from diffusers_wan_ext.conversion.quantized_dit import load_quantized_dit  # noqa: E402
 from diffusers_wan_ext.models.quantized_linear import Fp8Linear, quantized_weight_bytes  # noqa: E402
 from diffusers_wan_ext.release_converter import load_release  # noqa: E402
@@ -59,42 +59,11 @@ def run(model, x, t, ctx, **kw) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------ GGUF
-def k_quant_blocks(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
-    """Pre-quantized blocks of a K type (the gguf package cannot quantize them) with small finite fp16 scales."""
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
-    raw = np.random.default_rng(seed).integers(0, 256, size=(rows, cols // block * size), dtype=np.uint8)
-    raw[:, 1::2] = (raw[:, 1::2] & 0x83) | 0x0C  # every fp16 in the block: |value| < 2^-11
-    return raw
-
-
 @pytest.fixture(scope="module")
 def wide_t2v_gguf(tmp_path_factory):
     """A core T2V DiT of width 256 (K-quant blocks fit its rows) as a GGUF of Q8_0 / Q4_K / Q6_K / Q5_K / F32."""
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16,
-                                  out_channels=16, text_dim=256, freq_dim=256, ffn_dim=512, num_layers=2,
-                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads")
-    sd = export_dit_state_dict(model.state_dict())
     path = tmp_path_factory.mktemp("wide") / "wan-wide-mixed.gguf"
-    w = gguf.GGUFWriter(str(path), "wan")
-    types = {}
-    for i, (key, value) in enumerate(sorted(sd.items())):
-        v = value.float()
-        if v.ndim == 2 and v.shape[1] % 256 == 0 and "modulation" not in key:
-            qtype = ("Q8_0",) + K_TYPES
-            qtype = qtype[i % len(qtype)]
-            data = (gguf.quants.quantize(v.numpy(), gguf.GGMLQuantizationType.Q8_0) if qtype == "Q8_0"
-                    else k_quant_blocks(qtype, v.shape[0], v.shape[1], i))
-            w.add_tensor(key, data, raw_dtype=gguf.GGMLQuantizationType[qtype])
-        else:
-            qtype = "F32"
-            w.add_tensor(key, v.numpy())
-        types[key] = qtype
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path, types
+    return path, {key: qtype for key, (_, qtype) in write_wide_t2v_gguf(path).items()}
 
 
 def test_gguf_linears_stay_packed_and_match(wide_t2v_gguf, tmp_path):
