@@ -211,7 +211,7 @@ def run(name: str, variant: str, shape: str, rank: int, steps: int, warmup: int,
                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
     if manager is not None:
         manager.remove()
-    del module, model, optimizer, params, inputs, manager
+    module = model = optimizer = params = inputs = manager = None  # free before the next row
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
