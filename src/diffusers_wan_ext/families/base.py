@@ -102,13 +102,15 @@ class ExtraInput:
         kind: ``"frame"`` (a frame of the clip itself), ``"image"`` (first frame of a file column), ``"video"``
             (a file column with as many frames as the clip), ``"video_native"`` (the same, frames at the file's own
             size), ``"video_prefix"`` (a file column with 4n+1 frames, at most the clip's), ``"audio"`` (an audio
-            file, mono 16 kHz samples), ``"file"`` (the path of a file, read by the conditioning), ``"float"``,
-            ``"str"`` or ``"floats"`` (a JSON list in the column).
+            file, mono samples at ``sample_rate``), ``"file"`` (the path of a file, read by the conditioning),
+            ``"float"``, ``"str"`` or ``"floats"`` (a JSON list in the column).
         frame: for ``"frame"``: which frame of the clip (0 first, -1 last).
+        sample_rate: for ``"audio"``: the rate the family's models take the samples at (Wav2Vec2: 16 kHz).
     """
 
     kind: str
     frame: int | None = None
+    sample_rate: int = 16000
 
     @property
     def is_file(self) -> bool:
@@ -299,6 +301,11 @@ class ModelFamily:
     training_components: ClassVar[tuple[TrainingComponent, ...]] = ()
     #: training: the dataset columns (``--extra_inputs``) its conditionings and components read
     dataset_inputs: ClassVar[dict[str, ExtraInput]] = {}
+    #: training: clips are resampled to this frame rate when read (DiffSynth-Studio's ``fix_frame_rate``; ``None``:
+    #: their frames are read as they are)
+    training_frame_rate: ClassVar[float | None] = None
+    #: training: the ``--export_format`` layouts its trained LoRAs can be written in (``None``: every layout)
+    lora_export_formats: ClassVar[tuple[str, ...] | None] = None
 
     # ------------------------------------------------------------------------------------------- releases
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:

@@ -416,6 +416,9 @@ class LongCatFamily(ModelFamily):
     conditionings = (LONGCAT_CONDITIONING,)
     #: DiffSynth-Studio's LongCat-Video column: the conditioning frames of continuation (4n+1, the clip's first)
     dataset_inputs = {"longcat_video": ExtraInput("video_prefix")}
+    #: its LoRAs name LongCat modules (``attn.qkv``, ``ffn.w1`` ...): the Wan DiT layouts of ``--export_format`` do
+    #: not hold them (:func:`export_longcat_lora` writes the original LongCat layout)
+    lora_export_formats = ()
 
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
         return (variant or "").lower() == VARIANT.name or find_longcat_dit(src, transformer) is not None

@@ -23,6 +23,7 @@ from diffusers.optimization import SchedulerType
 
 from ..families import training_declarations
 from ..lora import LORA_FORMATS, map_lora_target_modules
+from .components import model_family
 from .dataset import EXTRA_INPUTS
 from .distill import DISTILL_COLUMNS
 from .model_ids import resolve_model_ids
@@ -326,6 +327,18 @@ def _check_folders(args: argparse.Namespace, fail) -> None:
         fail(f"--preset_lora_path {args.preset_lora_path}: no such file or folder")
 
 
+def _check_family_exports(args: argparse.Namespace, fail) -> None:
+    """``--export_format``: only the layouts the trained model's family writes its LoRAs in (told from the folders,
+    before any model loads)."""
+    family = model_family(args.model_path, args.transformer_path)
+    allowed = None if family is None else family.lora_export_formats
+    refused = [f for f in args.export_format if allowed is not None and f not in allowed]
+    if refused:
+        layouts = ", ".join(("diffusers", *allowed))
+        fail(f"--export_format {','.join(refused)}: {family.title.split(' (')[0]} LoRAs are written in the "
+             f"{layouts} layout only (the other layouts name Wan DiT modules); leave --export_format out")
+
+
 def _check_numbers(args: argparse.Namespace, fail) -> None:
     """Rates, betas and counts: NaN, inf, zero or negative values are errors (never defaults, never a NaN loss)."""
     positive = {"learning_rate": args.learning_rate, "adam_epsilon": args.adam_epsilon,
@@ -450,6 +463,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
             fail(f"--export_format: unknown {bad}; choose from {', '.join(LORA_FORMATS)}")
         if args.lora_base_model is None:
             fail("--export_format applies to LoRA training (--lora_base_model)")
+        _check_family_exports(args, fail)
 
     if (args.height is None) != (args.width is None):
         fail("pass both --height and --width (fixed size) or neither (dynamic size from --max_pixels)")

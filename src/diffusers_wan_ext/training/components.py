@@ -22,11 +22,11 @@ import torch
 from ..conversion.audio_encoder import load_audio_processor_from_release
 from ..conversion.dit import load_dit_from_original
 from ..conversion.release_io import DTYPES
-from ..families import FAMILIES, training_declarations
+from ..families import FAMILIES, ModelFamily, training_declarations
 from ..release_converter import load_release
 from ..utils.io import read_json
 
-__all__ = ["DTYPES", "WanTrainingComponents", "load_training_components", "load_transformer"]
+__all__ = ["DTYPES", "WanTrainingComponents", "load_training_components", "load_transformer", "model_family"]
 
 ENCODERS = ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor", "audio_encoder", "audio_processor")
 #: The pipeline components training reads besides the transformers.
@@ -98,6 +98,26 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype):
     if config.get("_class_name", "WanModel") != "WanModel":  # a Diffusers model folder (originals say WanModel)
         return diffusers.AutoModel.from_pretrained(str(path), dtype=dtype)
     return load_dit_from_original(path, torch_dtype=dtype)
+
+
+def model_family(model_path: str | os.PathLike, transformer_path: Any = None) -> ModelFamily | None:
+    """The family of the model a run trains, told before any weights load: the one whose own release layout
+    ``transformer_path`` is (LongCat-Video ``dit/``), else the one shipping the pipeline class of ``model_path``'s
+    ``model_index.json``, else the one that claims the release folder ``model_path``; ``None`` when none does (a Wan
+    model of the core family, or an unreadable folder: the loaders report that)."""
+    if isinstance(transformer_path, (str, os.PathLike)) and Path(transformer_path).exists():
+        found = next((f for f in FAMILIES if f.claims_release(Path(transformer_path), None, None)), None)
+        if found is not None:
+            return found
+    model_path = Path(model_path)
+    index = model_path / "model_index.json"
+    if index.is_file():
+        name = _read_index(model_path).get("_class_name")
+        name = name[1] if isinstance(name, list) else name
+        return next((f for f in FAMILIES if any(c.__name__ == name for c in f.pipeline_classes)), None)
+    if model_path.is_dir():
+        return next((f for f in FAMILIES if f.claims_release(model_path, None, None)), None)
+    return None
 
 
 def load_tokenizer(path: str | os.PathLike):
