@@ -8,6 +8,7 @@ from diffusers_wan_ext.families import FAMILIES
 from diffusers_wan_ext.lora.formats import LORA_FORMATS
 from diffusers_wan_ext_cli import build_parser
 from diffusers_wan_ext_cli.parser import LORA_FORMATS as LAUNCHER_LORA_FORMATS
+from helpers import src_env
 
 PROBE = """
 import sys
@@ -22,7 +23,8 @@ print("HEAVY=" + ",".join(heavy))
 
 
 def _heavy_modules(*argv: str) -> str:
-    out = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120,
+                         env=src_env())
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("HEAVY=")]
     assert line, out.stdout + out.stderr
     return line[0][len("HEAVY="):]
