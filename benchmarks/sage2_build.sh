@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Build SageAttention 2 (thu-ml/SageAttention, Apache-2.0; an optional dependency, never vendored into the package)
+# on the GPU machine from the source tree carried in the ignored folder .sage2src/ (git archive of the upstream HEAD
+# without assets/examples; _build_wheels/ holds packaging / wheel / setuptools in case the machine lacks them).
+#
+# Usage (repo root):  bash benchmarks/sage2_build.sh [JOBS] [TARGET]
+#   JOBS    parallel compiles (default 16; use fewer, e.g. 6, when it runs in the background next to benchmarks)
+#   TARGET  where the wheel is installed (default /tmp/sage2/site: a separate folder, so benchmarks run from
+#           run_gpu_round.sh -- PYTHONPATH=/tmp/sp/site-packages -- keep sageattention 1.0.6 and their "auto"
+#           attention choice; bench_sage2.py puts /tmp/sage2/site first on sys.path). Pass /tmp/sp/site-packages to
+#           make it visible everywhere (then Diffusers' `sage` backend becomes available and "auto" picks it).
+# Background:  setsid nohup bash benchmarks/sage2_build.sh 6 > /tmp/sage2_build.out 2>&1 < /dev/null &
+# Result: /tmp/sage2/wheel/sageattention-*.whl, log /tmp/sage2/build.log, /tmp/sage2/DONE or /tmp/sage2/FAILED.
+#
+# Only TORCH_CUDA_ARCH_LIST=9.0 is built (sm_90a). setup.py then builds 4 extensions (_qattn_sm80, _qattn_sm89,
+# _qattn_sm90, _fused); it has no switch to drop the sm80/sm89 ones, and they are kept (the micro-bench times
+# their kernels on sm90 too). Patches, on the copy in /tmp/sage2/src only (the carried tree stays as upstream):
+#   * nvcc's "--threads=8" -> "--threads=1" (one arch: nothing for nvcc to run in parallel; the jobs are parallel)
+#   * "-std=c++17" -> "-std=c++20" only when the installed torch's cpp_extension no longer mentions C++17 (its
+#     default became C++20 in torch 2.12; newer headers need it); torch 2.11 keeps upstream's C++17.
+set -uo pipefail
+JOBS=${1:-16}
+TARGET=${2:-/tmp/sage2/site}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+W=/tmp/sage2
+rm -rf "$W/src" "$W/wheel" "$W/DONE" "$W/FAILED"
+mkdir -p "$W/wheel" "$TARGET"
+LOG=$W/build.log
+: > "$LOG"
+fail() { echo "sage2_build: FAILED: $1 (log: $LOG)" | tee -a "$LOG"; tail -40 "$LOG" | grep -iv "ptxas info\|bytes stack frame\|^$" | tail -25; touch "$W/FAILED"; exit 1; }
+[ -f "$ROOT/.sage2src/setup.py" ] || fail "no .sage2src/setup.py (carry .sage2src)"
+START=$(date +%s)
+cp -r "$ROOT/.sage2src" "$W/src"
+cd "$W/src" || fail "cd $W/src"
+
+# build dependencies: use the machine's, else the carried wheels (in a private folder, only for this build)
+export PYTHONPATH=${PYTHONPATH:-}
+if ! python3 -c "import packaging, setuptools, wheel" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target "$W/buildenv" _build_wheels/*.whl >> "$LOG" 2>&1 ||
+    fail "installing the carried build wheels"
+  export PYTHONPATH=$W/buildenv${PYTHONPATH:+:$PYTHONPATH}
+fi
+rm -rf _build_wheels
+
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+[ -x "$CUDA_HOME/bin/nvcc" ] || fail "nvcc not found (CUDA_HOME=$CUDA_HOME)"
+# _qattn_sm90 links -lcuda (cuTensorMapEncodeTiled): let the linker find the driver stub if libcuda.so has no dev link
+export LIBRARY_PATH=$CUDA_HOME/lib64/stubs:$CUDA_HOME/targets/x86_64-linux/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
+export TORCH_CUDA_ARCH_LIST=9.0
+# setup.py builds its 4 extensions at once (EXT_PARALLEL); _qattn_sm89 has 8 .cu files (ninja, MAX_JOBS), the others
+# one each: about MAX_JOBS + 3 compiles run at the same time
+export EXT_PARALLEL=$(( JOBS < 4 ? JOBS : 4 ))
+export MAX_JOBS=$(( JOBS > 4 ? JOBS - 3 : 1 ))
+sed -i 's/"--threads=8"/"--threads=1"/' setup.py
+CPP_EXT=$(python3 -c "import torch.utils.cpp_extension as c; print(c.__file__)") || fail "torch not importable"
+if ! grep -q "c++17" "$CPP_EXT"; then
+  sed -i 's/-std=c++17/-std=c++20/g' setup.py
+  echo "sage2_build: torch's cpp_extension uses C++20: setup.py patched to -std=c++20" | tee -a "$LOG"
+fi
+{ echo "torch $(python3 -c 'import torch; print(torch.__version__, torch.version.cuda)')"; "$CUDA_HOME/bin/nvcc" --version | tail -2;
+  echo "jobs $JOBS, target $TARGET"; } | tee -a "$LOG"
+
+nice -n 5 python3 -m pip wheel -v --no-build-isolation --no-deps --no-index -w "$W/wheel" . >> "$LOG" 2>&1 ||
+  fail "pip wheel"
+WHL=$(ls "$W"/wheel/sageattention-*.whl 2>/dev/null | head -1)
+[ -n "$WHL" ] || fail "no wheel written"
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$TARGET" "$WHL" >> "$LOG" 2>&1 ||
+  fail "installing $WHL into $TARGET"
+cd /tmp
+PYTHONPATH=$TARGET${PYTHONPATH:+:$PYTHONPATH} python3 -c "
+import importlib.metadata as m, sageattention.core as c
+print('sage2_build: import ok, version', m.version('sageattention'), 'SM90', c.SM90_ENABLED, 'SM89', c.SM89_ENABLED,
+      'SM80', c.SM80_ENABLED)" 2>&1 | tee -a "$LOG"
+touch "$W/DONE"
+echo "sage2_build: $(basename "$WHL") -> $TARGET in $(( $(date +%s) - START )) s" | tee -a "$LOG"
