@@ -317,3 +317,76 @@ def test_variant_option(release, tmp_path):
     assert json.loads((dst / "wan_variant.json").read_text())["height"] == 720
     with pytest.raises(ConversionError, match="--variant wan2.1-t2v-1.3b"):
         convert_mova_release(release, tmp_path / "bad", variant="wan2.1-t2v-1.3b")
+
+
+# ------------------------------------------------------------------------------ DiffSynth's noise and timestep
+def _diffsynth_noise(shape, seed):
+    """DiffSynth-Studio's ``BasePipeline.generate_noise(shape, seed=seed, rand_device="cpu")`` as its documentation and
+    ``MovaAudioVideoUnit_NoiseInitializer`` describe it: a new CPU generator seeded with ``seed`` for every tensor,
+    float32 ``torch.randn``."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), device="cpu", dtype=torch.float32)
+
+
+def _spy_joint_forward(monkeypatch):
+    """Record the latents and the timestep each joint forward of the pipeline gets."""
+    from diffusers_wan_ext.pipelines import pipeline_mova
+
+    seen, real = [], pipeline_mova.mova_joint_forward
+
+    def spy(video_transformer, audio_transformer, bridge, video, audio, timestep, *args, **kwargs):
+        seen.append((video.clone(), audio.clone(), timestep.clone()))
+        return real(video_transformer, audio_transformer, bridge, video, audio, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_mova, "mova_joint_forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noise_and_timestep_follow_diffsynth(converted, monkeypatch, dtype):
+    """Same seed, same noise: the video noise ``[1, 16, (F - 1) / 4 + 1, H / 8, W / 8]`` and the audio noise
+    ``[1, 128, L]`` are each drawn from a fresh CPU generator seeded with the seed (video first, then audio, both from
+    the same state), so ``generator=torch.Generator().manual_seed(seed)`` gives DiffSynth's tensors; the towers see
+    them in their dtype.  The timestep reaches both towers in the DiT dtype: bf16 rounds it as DiffSynth's
+    ``timestep.unsqueeze(0).to(dtype=torch_dtype)`` does, float32 keeps it."""
+    pipe = MovaPipeline.from_pretrained(converted, torch_dtype=torch.float32)
+    for name in ("transformer", "transformer_2", "audio_transformer", "bridge"):
+        getattr(pipe, name).to(dtype)
+    seen = _spy_joint_forward(monkeypatch)
+    seed, num_frames, frame_rate, steps = 11, 9, 12.0, 3
+    g = torch.Generator().manual_seed(0)
+    pipe(image=Image.new("RGB", (48, 32), (20, 160, 90)), prompt_embeds=torch.randn(1, 6, 32, generator=g),
+         height=32, width=48, num_frames=num_frames, frame_rate=frame_rate, num_inference_steps=steps,
+         guidance_scale=1.0, generator=torch.Generator().manual_seed(seed), output_type="latent")
+    audio_len = (int(8000 * num_frames / frame_rate) - 1) // 160 + 1  # the tiny DAC: 8 kHz, hop 160
+    video_noise = _diffsynth_noise((1, 16, (num_frames - 1) // 4 + 1, 32 // 8, 48 // 8), seed)
+    audio_noise = _diffsynth_noise((1, 128, audio_len), seed)
+    assert len(seen) == steps
+    video, audio, _ = seen[0]
+    assert video.dtype == audio.dtype == dtype
+    assert torch.equal(video, video_noise.to(dtype)) and torch.equal(audio, audio_noise.to(dtype))
+    # (the old rule -- audio continuing the generator after the video draw -- gives other audio noise)
+    continued = torch.Generator().manual_seed(seed)
+    torch.randn(video_noise.shape, generator=continued)
+    assert not torch.equal(audio.float(), torch.randn(audio_noise.shape, generator=continued).to(dtype).float())
+
+    timesteps = pipe.scheduler.timesteps
+    got = torch.stack([t for _, _, t in seen]).flatten()
+    assert got.dtype == dtype and torch.equal(got, timesteps.to(dtype))
+    rounded = timesteps.to(torch.bfloat16).float() != timesteps
+    assert rounded.any()  # these timesteps are not all bf16 numbers: the check above can tell the two rules apart
+    if dtype == torch.float32:
+        assert torch.equal(got, timesteps)
+
+
+def test_given_latents_skip_only_their_own_draw(converted, monkeypatch):
+    """Passing ``latents`` alone: the audio noise is still DiffSynth's for the seed (it does not depend on whether the
+    video noise was drawn)."""
+    pipe = MovaPipeline.from_pretrained(converted, torch_dtype=torch.float32)
+    seen = _spy_joint_forward(monkeypatch)
+    video = torch.zeros(1, 16, 2, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    pipe(image=Image.new("RGB", (32, 32)), prompt_embeds=torch.randn(1, 6, 32, generator=g), height=32, width=32,
+         num_frames=5, frame_rate=8.0, num_inference_steps=1, guidance_scale=1.0, latents=video,
+         generator=torch.Generator().manual_seed(4), output_type="latent")
+    assert torch.equal(seen[0][0], video)
+    assert torch.equal(seen[0][1], _diffsynth_noise((1, 128, mova_audio_length(5, 8.0, 8000, 160)), 4))

@@ -6,11 +6,17 @@ One call turns an image and a prompt into video frames and a 48 kHz mono wavefor
 1. the umT5 context of the prompt (and of the negative prompt for classifier-free guidance), shared by both towers;
 2. the I2V condition ``y``: the first-frame mask and the video VAE latents of ``[image, 0, ..., 0]`` (Wan I2V);
 3. noise for the video latents ``[1, 16, (num_frames - 1) / 4 + 1, H / 8, W / 8]`` and the audio latents
-   ``[1, 128, L]``, ``L = (int(sample_rate * num_frames / frame_rate) - 1) // hop + 1``;
+   ``[1, 128, L]``, ``L = (int(sample_rate * num_frames / frame_rate) - 1) // hop + 1``, as DiffSynth-Studio's
+   ``MovaAudioVideoUnit_NoiseInitializer`` draws them: float32, video first, then audio, **each from the generator's
+   state at the start of the call** (DiffSynth re-seeds ``torch.Generator(rand_device).manual_seed(seed)`` for each);
+   with a CPU ``generator=torch.Generator().manual_seed(seed)`` both equal DiffSynth's for ``seed``
+   (:mod:`~diffusers_wan_ext.pipelines.seeded_noise`);
 4. the flow-matching loop: each step is one joint forward per guidance branch
    (:func:`~diffusers_wan_ext.models.mova_joint_forward.mova_joint_forward`) with the high-noise video expert
-   (``transformer``) while ``t >= boundary_ratio * 1000``, then the low-noise one (``transformer_2``); one guidance
-   scale for video and audio; the scheduler steps both latents together;
+   (``transformer``) while ``t >= boundary_ratio * 1000``, then the low-noise one (``transformer_2``); the timestep
+   reaches both towers in the video expert's dtype (in bf16 it is rounded, as DiffSynth's ``timestep.to(torch_dtype)``
+   does; the expert switch and the scheduler use the float32 value); one guidance scale for video and audio; the
+   scheduler steps both latents together (float32 latents; DiffSynth keeps them in its dtype);
 5. decode: the video VAE -> frames, the DAC audio VAE -> waveform.
 
 LoRAs load with ``load_lora_weights`` (every Wan format for the video experts, Diffusers keys for the audio tower
@@ -31,7 +37,7 @@ from diffusers.models import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+from diffusers.utils.torch_utils import get_module_execution_device
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -45,6 +51,7 @@ from ..utils.media import check_frame_count, check_positive_ints, load_image
 from ..utils.shims import ShimPipelineMixin
 from .fun_conditioning import i2v_condition
 from .runtime_options import WanRuntimeOptionsMixin
+from .seeded_noise import copy_generator, seeded_noise
 
 __all__ = ["MovaPipeline", "MovaPipelineOutput", "mova_audio_length"]
 
@@ -198,15 +205,16 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
     def prepare_latents(self, y: torch.Tensor, num_frames: int, frame_rate: float, latents: torch.Tensor | None,
                         audio_latents: torch.Tensor | None, generator: torch.Generator | None):
         """Float32 video latents ``[1, z, F, h, w]`` (the grid of ``y``) and audio latents ``[1, C, L]``: the given
-        ones (shape checked) or noise, video first then audio from ``generator``."""
+        ones (shape checked) or noise, DiffSynth-Studio's rule: video then audio, each drawn from ``generator``'s
+        state at this call (a CPU generator draws on the CPU, as DiffSynth's ``rand_device="cpu"``)."""
         video_shape = (1, self.vae.config.z_dim, *y.shape[2:])
         audio_shape = (1, self.audio_vae.config.latent_dim, self.audio_length(num_frames, frame_rate))
+        start = copy_generator(generator)  # both draws begin here: DiffSynth re-seeds for each
         out = []
         for name, given, shape in (("latents", latents, video_shape), ("audio_latents", audio_latents, audio_shape)):
             if given is not None and tuple(given.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} for these inputs; got {tuple(given.shape)}")
-            noise = given if given is not None else randn_tensor(shape, generator=generator, device=y.device,
-                                                                 dtype=torch.float32)
+            noise = given if given is not None else seeded_noise(shape, start, y.device)
             out.append(noise.to(device=y.device, dtype=torch.float32))
         return tuple(out)
 
@@ -268,7 +276,9 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
             num_inference_steps, guidance_scale: sampling (one scale for video and audio; any value but 1 runs the
                 negative branch, as DiffSynth-Studio does).
             boundary_ratio: expert switch (default: the pipeline's config, 0.9).
-            generator, latents, audio_latents: noise control (latents: ``[1, 16, F, H/8, W/8]``, ``[1, 128, L]``).
+            generator, latents, audio_latents: noise control (latents: ``[1, 16, F, H/8, W/8]``, ``[1, 128, L]``);
+                the video and the audio noise are both drawn from ``generator``'s state at the call (DiffSynth's
+                rule: a CPU ``torch.Generator().manual_seed(seed)`` gives DiffSynth's noise for ``seed``).
             max_sequence_length: umT5 tokens (512 as the release).
             output_type: "np", "pt", "pil" or "latent".
             callback_on_step_end: ``fn(pipe, step, t, {"latents", "audio_latents"}) -> dict`` (may replace them).
@@ -294,8 +304,9 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
             for i, t in enumerate(self.scheduler.timesteps):
+                # the towers get the timestep in their dtype (bf16 rounds it, as DiffSynth's loop does)
                 v_pred, a_pred = self._guided(self.expert(t, boundary), video.to(dtype), audio.to(dtype),
-                                              t.expand(1).to(device), context, negative_context, y,
+                                              t.expand(1).to(device, dtype), context, negative_context, y,
                                               float(frame_rate), guidance_scale)
                 video, audio = self._step(v_pred, a_pred, t, video, audio)
                 if callback_on_step_end is not None:

@@ -14,7 +14,10 @@ The release's two DiTs run one after the other, as DiffSynth-Studio's Wan-Dancer
 
 Both stages sample with classifier-free guidance whose negative branch skips DiT block 9
 (:data:`~diffusers_wan_ext.models.transformer_wan_dancer.DANCER_UNCOND_SKIP_BLOCKS`), as the reference does for this
-model.  A folder with one DiT runs one stage: the keyframes (no ``keyframes`` given) or the 30-fps rendering of given
+model.  As in DiffSynth's examples (one ``pipe(seed=...)`` call per stage and per segment, each re-seeding a CPU
+generator): the global stage and every local segment draw their float32 noise from the generator's state at the
+start of the call (:mod:`~diffusers_wan_ext.pipelines.seeded_noise`), and the timestep reaches the DiT in its dtype
+(bf16 rounds it, as DiffSynth's ``timestep.to(torch_dtype)``).  A folder with one DiT runs one stage: the keyframes (no ``keyframes`` given) or the 30-fps rendering of given
 ``keyframes``.  Music features: :mod:`~diffusers_wan_ext.pipelines.dancer_conditioning` (librosa, as the reference).
 """
 
@@ -31,7 +34,7 @@ from diffusers.models import AutoencoderKLWan
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+from diffusers.utils.torch_utils import get_module_execution_device
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
@@ -44,6 +47,7 @@ from ..utils.shims import ShimPipelineMixin
 from .dancer_conditioning import FEATURE_FPS, keyframe_condition, music_features, slice_music
 from .denoising import WanDenoisingMixin
 from .runtime_options import WanRuntimeOptionsMixin
+from .seeded_noise import copy_generator, seeded_noise
 
 __all__ = ["WanDancerPipeline", "WanDancerPipelineOutput"]
 
@@ -149,13 +153,14 @@ class WanDancerPipeline(
         kwargs = dict(encoder_hidden_states_image=self.clip_features(keyframe_video[:, :, 0]).to(device, dtype),
                       reference_image_embeds=reference.to(device, dtype), music_features=music.to(device, dtype),
                       fps=float(fps))
-        latents = randn_tensor(tuple(vae_latents.shape), generator=generator, device=device, dtype=torch.float32)
+        latents = seeded_noise(tuple(vae_latents.shape), generator, device)  # from the call's starting state
         self.scheduler.set_timesteps(steps, device=device)
         return self.denoise(
             latents, self.scheduler.timesteps, prompt_embeds=text[0], negative_prompt_embeds=text[1],
             guidance_scale=self._guidance_scale, num_inference_steps=steps, transformer_dtype=dtype,
             attention_kwargs=self._attention_kwargs, cfg_batching=False, transformer=model,
             model_input=lambda x: torch.cat([x.to(dtype), y], dim=1), transformer_kwargs=kwargs,
+            timestep_of=lambda t, x: t.expand(x.shape[0]).to(dtype),  # bf16 rounds it, as DiffSynth does
             uncond_transformer_kwargs={"skip_blocks": DANCER_UNCOND_SKIP_BLOCKS},
         )
 
@@ -261,7 +266,9 @@ class WanDancerPipeline(
             num_inference_steps (`int`, defaults to 48), local_num_inference_steps (`int`, defaults to 24): steps of
                 the global / local stage (DiffSynth's examples).
             guidance_scale (`float`, defaults to 5.0): CFG of both stages (negative branch: block 9 skipped).
-            generator (`torch.Generator`, *optional*): draws every stage's noise in turn.
+            generator (`torch.Generator`, *optional*): the noise of the global stage and of every local segment is
+                drawn from its state at the start of the call (DiffSynth's examples: ``seed=`` per stage and segment;
+                a CPU ``torch.Generator().manual_seed(seed)`` gives DiffSynth's noise for ``seed``).
             music_features (`torch.Tensor`, *optional*): precomputed features ``[frames, 35]`` at 30 per second.
             keyframes (`torch.Tensor`, *optional*): keyframes ``[n, 3, H, W]`` in [-1, 1] (a previous output's
                 ``keyframes``): skip the global stage.
@@ -283,13 +290,14 @@ class WanDancerPipeline(
         ref_clip = self.clip_features(ref.to(device))
         local = self.transformer_2 if self.transformer_2 is not None else (
             self.transformer if keyframes is not None else None)
+        start = copy_generator(generator)  # every stage and segment starts from here (DiffSynth re-seeds per call)
         if keyframes is None:
             keyframes = self._keyframes(ref, feats, seconds, keyframe_fps, ref_clip, texts[0], num_inference_steps,
-                                        generator, device)
+                                        start, device)
         video = keyframes.transpose(0, 1)
         if local is not None:
             video = self._render(local, keyframes.cpu().float(), feats, keyframe_fps, segment_frames, ref_clip,
-                                 texts[1], local_num_inference_steps, generator, device)
+                                 texts[1], local_num_inference_steps, start, device)
         frames = video.unsqueeze(0) if output_type == "pt" else self.video_processor.postprocess_video(
             video.unsqueeze(0), output_type=output_type)
         self.maybe_free_model_hooks()
