@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_wan_ext.demo import make_tiny_dataset
-from diffusers_wan_ext.families.mova import convert_mova_release, make_tiny_mova_release
+from diffusers_wan_ext.families.mova import MovaFamily, convert_mova_release, make_tiny_mova_release
 from diffusers_wan_ext.pipelines import MovaPipeline
 from diffusers_wan_ext.training import parse_args, run_training
 from diffusers_wan_ext.training.components import load_training_components
@@ -61,6 +61,13 @@ def data(tmp_path_factory) -> Path:
     return folder
 
 
+def mova_dataset(folder: Path, metadata: str = "metadata.csv") -> VideoDataset:
+    """The clips as the trainer reads them for a MOVA folder: MOVA's own ``input_audio`` (48 kHz) and 24 fps."""
+    return VideoDataset(folder, folder / metadata, num_frames=9, height=32, width=32,
+                        extra_inputs=["input_image", "input_audio"], column_specs=MovaFamily.dataset_inputs,
+                        frame_rate=MovaFamily.training_frame_rate)
+
+
 def train(*argv) -> Path:
     return run_training(parse_args([str(a) for a in argv]))
 
@@ -73,8 +80,7 @@ def test_audio_latents_are_the_dac_posterior_mean(model, data):
     components = load_training_components(model, dtype=torch.float32)
     assert {"audio_transformer", "bridge", "audio_vae"} <= set(components.extra_components)
     builder = WanInputBuilder(components, ["input_image", "input_audio"], max_sequence_length=16)
-    ds = VideoDataset(data, data / "metadata.csv", num_frames=9, height=32, width=32,
-                      extra_inputs=["input_image", "input_audio"])
+    ds = mova_dataset(data)
     inputs = builder(ds[0])
     audio = inputs.joint_latents["audio"]
     assert tuple(audio.shape) == (1, 128, 19)  # (int(8000 * 9 / 24) - 1) // 160 + 1
@@ -82,8 +88,9 @@ def test_audio_latents_are_the_dac_posterior_mean(model, data):
     cached = inputs.to_tensors()  # the training cache carries the audio latents
     assert torch.equal(cached["joint.audio"], audio.cpu())
     assert torch.equal(type(inputs).from_tensors(cached).joint_latents["audio"], audio.cpu())
-    # the audio latents are the DAC posterior mean of the clip's first 9 / 24 s, resampled to the DAC's 8 kHz
-    wav = ds[0]["input_audio"][: int(16000 * 9 / 24)]
+    # the audio latents are the DAC posterior mean of the clip's first 9 / 24 s, read at the release's 48 kHz and
+    # resampled to the tiny DAC's 8 kHz
+    wav = ds[0]["input_audio"][: int(48000 * 9 / 24)]
     wav = torch.nn.functional.interpolate(wav[None, None], size=3000, mode="linear", align_corners=False)
     dac = components.extra_components["audio_vae"]
     torch.testing.assert_close(audio.cpu(), dac.encode(wav).latent_dist.mode(), rtol=0, atol=0)
@@ -98,9 +105,7 @@ def test_input_audio_may_be_the_clips_own_sound_track(model, tmp_path):
     t = np.arange(int(48000 * 9 / 24)) / 48000
     add_audio_track(clip, 0.3 * np.sin(2 * np.pi * 440 * t), 48000)
     (tmp_path / "metadata.csv").write_text("video,prompt,input_audio\nclip.mp4,a beep,clip.mp4\n")
-    ds = VideoDataset(tmp_path, tmp_path / "metadata.csv", num_frames=9, height=32, width=32,
-                      extra_inputs=["input_image", "input_audio"])
-    sample = ds[0]
+    sample = mova_dataset(tmp_path)[0]
     assert sample["input_audio"].abs().max() > 0.1
     components = load_training_components(model, dtype=torch.float32)
     builder = WanInputBuilder(components, ["input_image", "input_audio"], max_sequence_length=16)
@@ -114,9 +119,7 @@ def fixed_noise_loss(model: Path, data: Path, lora: dict | None) -> float:
     into the video expert)."""
     components = load_training_components(model, dtype=torch.float32)
     builder = WanInputBuilder(components, ["input_image", "input_audio"], max_sequence_length=16)
-    ds = VideoDataset(data, data / "metadata.csv", num_frames=9, height=32, width=32,
-                      extra_inputs=["input_image", "input_audio"])
-    inputs = builder(ds[0])
+    inputs = builder(mova_dataset(data)[0])
     if lora is not None:
         components.transformer.load_lora_adapter(lora, prefix="transformer")
     module = WanTrainingModule(components.transformer, {name: components.extra_components[name]
@@ -146,3 +149,50 @@ def test_lora_lowers_the_joint_loss_and_loads_into_the_pipeline(model, data, tmp
     after = pipe(**kw, generator=torch.Generator().manual_seed(0))
     assert np.abs(after.frames - before.frames).max() > 1e-4
     assert np.abs(after.audio - before.audio).max() > 1e-6  # the bridge carries the video change into the audio
+
+
+# ------------------------------------------------------------------------------- the family's audio rate and fps
+
+
+def test_input_audio_is_read_at_the_rate_the_model_family_declares(model, data):
+    """The trainer reads ``input_audio`` for a MOVA folder at 48 kHz (its DAC's rate) and resamples its clips to 24
+    fps; the shared reading (Wan2.2-S2V's Wav2Vec2) stays 16 kHz, frames as they are."""
+    from diffusers_wan_ext.training.dataset import EXTRA_INPUTS
+    from diffusers_wan_ext.training.trainer import _dataset
+
+    args = parse_args(["--dataset_base_path", str(data), "--dataset_metadata_path", str(data / "metadata.csv"),
+                       "--model_path", str(model), *COMMON, "--extra_inputs", "input_image,input_audio",
+                       "--lora_base_model", "dit"])
+    ds = _dataset(args, None, repeat=1)  # told from the folder, before any model loads
+    assert ds.frame_rate == 24.0 and ds.specs["input_audio"].sample_rate == 48000
+    assert ds[0]["input_audio"].numel() == 48000  # the 1 s wav (written at 16 kHz)
+    assert EXTRA_INPUTS["input_audio"].sample_rate == 16000
+    shared = VideoDataset(data, data / "metadata.csv", num_frames=9, height=32, width=32,
+                          extra_inputs=["input_audio"])
+    assert shared.frame_rate is None and shared[0]["input_audio"].numel() == 16000
+
+
+def test_clips_are_resampled_to_the_family_frame_rate(tmp_path):
+    """DiffSynth-Studio's ``fix_frame_rate``: frame i is source frame round(i / 24 * fps) (an 8 fps clip: each
+    frame three times), and a clip has floor(duration * 24) frames (then cut to 4n+1 with --min_num_frames)."""
+    from diffusers_wan_ext.utils.media import write_video
+
+    levels = [0.1, 0.3, 0.5, 0.7, 0.9, 0.2, 0.4, 0.6, 0.8]
+    write_video([np.full((32, 32, 3), v) for v in levels], tmp_path / "clip.mp4", fps=8)
+    write_video([np.full((32, 32, 3), v) for v in levels[:2]], tmp_path / "short.mp4", fps=8)
+    (tmp_path / "metadata.csv").write_text("video,prompt\nclip.mp4,a\n")
+    (tmp_path / "short.csv").write_text("video,prompt\nshort.mp4,b\n")
+    frames = VideoDataset(tmp_path, tmp_path / "metadata.csv", num_frames=9, height=32, width=32,
+                          frame_rate=24.0)[0]["video"].float().mean(dim=(1, 2, 3)) / 255
+    source = [min(round(i / 24 * 8), len(levels) - 1) for i in range(9)]
+    assert source == [0, 0, 1, 1, 1, 2, 2, 2, 3]
+    np.testing.assert_allclose(frames.numpy(), [levels[j] for j in source], atol=0.03)
+    plain = VideoDataset(tmp_path, tmp_path / "metadata.csv", num_frames=9, height=32, width=32)[0]["video"]
+    np.testing.assert_allclose(plain.float().mean(dim=(1, 2, 3)).numpy() / 255, levels, atol=0.03)
+    # 2 frames at 8 fps = 0.25 s -> 6 frames at 24 fps: too few for 9 ...
+    short = dict(num_frames=9, height=32, width=32, frame_rate=24.0)
+    with pytest.raises(ValueError, match="has 6 frame"):
+        VideoDataset(tmp_path, tmp_path / "short.csv", **short)[0]
+    # ... cut to 4n+1 = 5 when shorter clips are allowed
+    video = VideoDataset(tmp_path, tmp_path / "short.csv", min_num_frames=1, **short)[0]["video"]
+    np.testing.assert_allclose(video.float().mean(dim=(1, 2, 3)).numpy() / 255, [0.1, 0.1, 0.3, 0.3, 0.3], atol=0.03)

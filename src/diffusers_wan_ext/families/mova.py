@@ -33,6 +33,7 @@ from ..conversion.mova import (
     load_mova_audio_dit,
     load_mova_audio_vae,
     load_mova_bridge,
+    mova_release_config,
     rename_mova_audio_dit_module,
     rename_mova_bridge_module,
 )
@@ -283,22 +284,23 @@ def make_tiny_mova_release(folder: str | os.PathLike, seed: int = 0, experts: in
             ffn_dim=v["ffn_dim"], num_layers=v["num_layers"])
         _write_component(folder / ("video_dit" if i == 0 else "video_dit_2"),
                          export_dit_state_dict(_randomized(video, g)),
-                         dict(v, in_dim=36, out_dim=16, text_dim=TINY["text_dim"], freq_dim=TINY["freq_dim"],
-                              patch_size=[1, 2, 2], eps=1e-6, has_image_input=False))
+                         mova_release_config("video_dit" if i == 0 else "video_dit_2",
+                                             dict(v, text_dim=TINY["text_dim"], freq_dim=TINY["freq_dim"])))
     audio = MovaAudioTransformer1DModel(num_attention_heads=a["num_heads"], attention_head_dim=a["dim"] // a["num_heads"],
                                         text_dim=TINY["text_dim"], freq_dim=a["freq_dim"], ffn_dim=a["ffn_dim"],
                                         num_layers=a["num_layers"], rope_max_seq_len=1024)
     _write_component(folder / "audio_dit", export_mova_audio_dit_state_dict(_randomized(audio, g)),
-                     dict(a, in_dim=128, out_dim=128, text_dim=TINY["text_dim"], patch_size=[1], eps=1e-6))
+                     mova_release_config("audio_dit", dict(a, text_dim=TINY["text_dim"])))
     bridge_cfg = dict(visual_layers=v["num_layers"], audio_layers=a["num_layers"], visual_hidden_dim=v["dim"],
                       audio_hidden_dim=a["dim"], head_dim=TINY_MOVA["bridge_head_dim"], audio_fps=50.0,
                       interaction_strategy="full")
     _write_component(folder / "dual_tower_bridge",
-                     export_mova_bridge_state_dict(_randomized(MovaDualTowerBridge(**bridge_cfg), g)), bridge_cfg)
+                     export_mova_bridge_state_dict(_randomized(MovaDualTowerBridge(**bridge_cfg), g)),
+                     mova_release_config("dual_tower_bridge", bridge_cfg))
     dac_cfg = TINY_MOVA["audio_vae"]
     dac = AutoencoderDac(**dac_cfg)
-    _write_component(folder / "audio_vae", _randomized(dac, g), {k: list(x) if isinstance(x, tuple) else x
-                                                                 for k, x in dac_cfg.items()})
+    _write_component(folder / "audio_vae", _randomized(dac, g), mova_release_config(
+        "audio_vae", {k: list(x) if isinstance(x, tuple) else x for k, x in dac_cfg.items()}))
     tiny_t5().save_pretrained(folder / "text_encoder")
     tiny_vae21().save_pretrained(folder / "video_vae")
     make_tiny_umt5_tokenizer(folder / "tokenizer", vocab_size=TINY["t5_vocab"])
@@ -306,11 +308,12 @@ def make_tiny_mova_release(folder: str | os.PathLike, seed: int = 0, experts: in
 
 
 # --------------------------------------------------------------------------------------------------------- training
-#: Video frame rate of MOVA training (DiffSynth-Studio's ``--frame_rate`` default, the release's): sets the audio
-#: span of a clip and the bridge's time alignment.
+#: Video frame rate of MOVA training (DiffSynth-Studio's ``--frame_rate`` default, the release's): clips are resampled
+#: to it when read (its ``fix_frame_rate``); it sets the audio span of a clip and the bridge's time alignment.
 MOVA_TRAINING_FRAME_RATE = 24.0
-#: Rate of the ``input_audio`` column as the training dataset reads it (mono, shared with Wan2.2-S2V).
-MOVA_COLUMN_SAMPLE_RATE = 16000
+#: Rate of the ``input_audio`` column as the training dataset reads it (mono): the release's DAC rate
+#: (``audio_vae/config.json`` ``sample_rate``; DiffSynth-Studio resamples the file to ``audio_vae.sample_rate``).
+MOVA_COLUMN_SAMPLE_RATE = 48000
 
 
 def _audio_samples(value: Any) -> torch.Tensor:
@@ -321,8 +324,9 @@ def _audio_samples(value: Any) -> torch.Tensor:
 @torch.no_grad()
 def encode_mova_audio(audio_vae: AutoencoderDac, builder, sample: dict[str, Any], inputs) -> None:
     """MOVA's audio training latents (DiffSynth-Studio's ``MovaAudioVideoUnit_InputAudioEmbedder``): the clip's
-    ``input_audio`` cut / zero-padded to ``num_frames / 24`` seconds, resampled to the DAC rate, its posterior mean
-    -> ``inputs.joint_latents["audio"]`` ``[1, C, L]``."""
+    ``input_audio`` (read at :data:`MOVA_COLUMN_SAMPLE_RATE`) cut / zero-padded to ``num_frames / 24`` seconds,
+    linearly resampled to the DAC rate where that differs (a tiny test DAC), its posterior mean ->
+    ``inputs.joint_latents["audio"]`` ``[1, C, L]``."""
     samples = _audio_samples(sample["input_audio"])
     if samples.numel() == 0:
         raise ValueError("column 'input_audio': the audio file holds no samples")
@@ -331,7 +335,9 @@ def encode_mova_audio(audio_vae: AutoencoderDac, builder, sample: dict[str, Any]
     length = int(rate * num_frames / MOVA_TRAINING_FRAME_RATE)
     span = int(MOVA_COLUMN_SAMPLE_RATE * num_frames / MOVA_TRAINING_FRAME_RATE)
     samples = torch.nn.functional.pad(samples[:span], (0, max(0, span - samples.numel())))
-    wav = torch.nn.functional.interpolate(samples[None, None], size=length, mode="linear", align_corners=False)
+    wav = samples[None, None]
+    if wav.shape[-1] != length:
+        wav = torch.nn.functional.interpolate(wav, size=length, mode="linear", align_corners=False)
     param = next(audio_vae.parameters())
     latents = audio_vae.encode(wav.to(device=param.device, dtype=param.dtype)).latent_dist.mode()
     expected = mova_audio_length(num_frames, MOVA_TRAINING_FRAME_RATE, rate, audio_vae.hop_length)
@@ -382,7 +388,8 @@ class MovaFamily(ModelFamily):
     model_classes = (MovaAudioTransformer1DModel, MovaDualTowerBridge, AutoencoderDac)
     pipeline_classes = (MovaPipeline,)
     training_components = MOVA_TRAINING_COMPONENTS
-    dataset_inputs = {"input_audio": ExtraInput("audio")}
+    dataset_inputs = {"input_audio": ExtraInput("audio", sample_rate=MOVA_COLUMN_SAMPLE_RATE)}
+    training_frame_rate = MOVA_TRAINING_FRAME_RATE
 
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
         """A MOVA release folder, a ``--variant mova-*``, or one MOVA component alone (refused with the reason)."""

@@ -26,7 +26,8 @@ from ..families import FAMILIES, ModelFamily, training_declarations
 from ..release_converter import load_release
 from ..utils.io import read_json
 
-__all__ = ["DTYPES", "WanTrainingComponents", "load_training_components", "load_transformer", "model_family"]
+__all__ = ["DTYPES", "WanTrainingComponents", "family_of_pipeline", "load_training_components", "load_transformer",
+           "model_family"]
 
 ENCODERS = ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor", "audio_encoder", "audio_processor")
 #: The pipeline components training reads besides the transformers.
@@ -100,6 +101,11 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype):
     return load_dit_from_original(path, torch_dtype=dtype)
 
 
+def family_of_pipeline(pipeline_class: str) -> ModelFamily | None:
+    """The family shipping the pipeline class named ``pipeline_class`` (``None``: a stock Wan pipeline)."""
+    return next((f for f in FAMILIES if any(c.__name__ == pipeline_class for c in f.pipeline_classes)), None)
+
+
 def model_family(model_path: str | os.PathLike, transformer_path: Any = None) -> ModelFamily | None:
     """The family of the model a run trains, told before any weights load: the one whose own release layout
     ``transformer_path`` is (LongCat-Video ``dit/``), else the one shipping the pipeline class of ``model_path``'s
@@ -113,8 +119,7 @@ def model_family(model_path: str | os.PathLike, transformer_path: Any = None) ->
     index = model_path / "model_index.json"
     if index.is_file():
         name = _read_index(model_path).get("_class_name")
-        name = name[1] if isinstance(name, list) else name
-        return next((f for f in FAMILIES if any(c.__name__ == name for c in f.pipeline_classes)), None)
+        return family_of_pipeline(name[1] if isinstance(name, list) else name)
     if model_path.is_dir():
         return next((f for f in FAMILIES if f.claims_release(model_path, None, None)), None)
     return None

@@ -11,6 +11,11 @@ Frames are read from the start of the video (``--num_frames``, ``4n + 1``) and r
 (``--height`` / ``--width``) or, without them, per clip: the first frame scaled down to at most ``--max_pixels``
 pixels and floored to a multiple of the model's spatial factor (16 for the Wan2.1 VAE, 32 for the Wan2.2 VAE).
 
+A family may declare a training frame rate (MOVA: 24 fps, DiffSynth-Studio's ``fix_frame_rate``): its clips are then
+resampled in time when read -- frame ``i`` is the source frame nearest to ``i / rate`` seconds, and a clip has
+``floor(duration * rate)`` frames -- and its own column declarations (MOVA's ``input_audio`` at 48 kHz) replace the
+shared ones.
+
 A clip shorter than ``--num_frames`` is an error unless ``--min_num_frames`` allows it; it is then cut to the
 largest ``4n + 1`` frame count it has (DiffSynth-Studio always does this: ``--min_num_frames 1``).  Control videos
 must have at least as many frames as the clip and are cut to its length.
@@ -37,13 +42,13 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 
-from ..families import ExtraInput, training_declarations
+from ..families import FAMILIES, ExtraInput
 from ..utils.media import read_audio_file
 
 __all__ = [
@@ -59,9 +64,22 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-#: Rate of ``"audio"`` columns (the Wav2Vec2 feature extractor's, as DiffSynth-Studio's ``LoadAudio(sr=16000)``).
-AUDIO_SAMPLE_RATE = 16000
+#: Default rate of ``"audio"`` columns (the Wav2Vec2 feature extractor's, as DiffSynth-Studio's
+#: ``LoadAudio(sr=16000)``); a family declares its own (:attr:`ExtraInput.sample_rate`).
+AUDIO_SAMPLE_RATE = ExtraInput("audio").sample_rate
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".wmv", ".mkv", ".flv", ".webm", ".gif")
+
+
+
+
+def _declared_columns() -> dict[str, ExtraInput]:
+    """The columns the families declare; a name several declare (``input_audio``: Wan2.2-S2V, MOVA) is read as the
+    first in the registry declares it, unless the trained model's family reads it otherwise (``column_specs``)."""
+    out: dict[str, ExtraInput] = {}
+    for family in FAMILIES:
+        for name, spec in family.dataset_inputs.items():
+            out.setdefault(name, spec)
+    return out
 
 
 #: The extra inputs the trainer knows (DiffSynth-Studio names), and where they come from: the shared ones, then
@@ -69,7 +87,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".wmv", ".mkv", ".flv", ".webm", ".g
 EXTRA_INPUTS: dict[str, ExtraInput] = {
     "input_image": ExtraInput("frame", 0),
     "end_image": ExtraInput("frame", -1),
-    **training_declarations()[2],
+    **_declared_columns(),
 }
 
 
@@ -199,8 +217,9 @@ def dynamic_size(width: int, height: int, max_pixels: int, multiple: int) -> tup
     return height // multiple * multiple, width // multiple * multiple
 
 
-def _read_frames(path: str, max_frames: int) -> list[PIL.Image.Image]:
-    """Up to ``max_frames`` RGB frames from the start of a video or gif, or ``[image]`` for an image file."""
+def _read_frames(path: str, max_frames: int, frame_rate: float | None = None) -> list[PIL.Image.Image]:
+    """Up to ``max_frames`` RGB frames from the start of a video or gif, or ``[image]`` for an image file; with
+    ``frame_rate`` a video's frames are resampled to that rate (:func:`_read_frames_at_rate`)."""
     lower = path.lower()
     if lower.endswith(IMAGE_EXTENSIONS):
         with PIL.Image.open(path) as im:
@@ -212,6 +231,8 @@ def _read_frames(path: str, max_frames: int) -> list[PIL.Image.Image]:
         )
     import imageio.v2 as imageio
 
+    if frame_rate is not None and not lower.endswith(".gif"):
+        return _read_frames_at_rate(path, max_frames, frame_rate)
     frames = []
     reader = imageio.get_reader(path)
     try:
@@ -222,6 +243,35 @@ def _read_frames(path: str, max_frames: int) -> list[PIL.Image.Image]:
     finally:
         reader.close()
     return frames
+
+
+def _read_frames_at_rate(path: str, max_frames: int, rate: float) -> list[PIL.Image.Image]:
+    """DiffSynth-Studio's ``fix_frame_rate``: ``min(max_frames, floor(duration * rate))`` frames, frame ``i`` being
+    source frame ``round(i / rate * fps)`` (the last source frame when that is past the end)."""
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(path)
+    try:
+        meta = reader.get_meta_data()
+        fps = float(meta["fps"])
+        duration = meta.get("duration")
+        if not (isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0):
+            duration = reader.count_frames() / fps
+        wanted = [int(round(i / rate * fps)) for i in range(min(max_frames, math.floor(duration * rate)))]
+        kept: dict[int, PIL.Image.Image] = {}
+        last = None
+        for index, frame in enumerate(reader):
+            if not wanted or index > wanted[-1]:
+                break
+            last = frame
+            if index in wanted:
+                kept[index] = PIL.Image.fromarray(np.asarray(frame)[..., :3]).convert("RGB")
+    finally:
+        reader.close()
+    if last is None:
+        return []
+    tail = PIL.Image.fromarray(np.asarray(last)[..., :3]).convert("RGB")
+    return [kept.get(i, tail) for i in wanted]
 
 
 def _largest_4n1(n: int, temporal_factor: int = 4) -> int:
@@ -248,7 +298,8 @@ class VideoDataset(torch.utils.data.Dataset):
     Each item is a dict: ``row`` (metadata index), ``prompt``, ``video`` (``uint8 [F, H, W, 3]``) and one entry per
     extra input -- images ``uint8 [H, W, 3]``, videos ``uint8 [F, H, W, 3]`` (same ``F``, ``H``, ``W`` as the clip;
     ``"video_native"``: the file's own frame size; ``"video_prefix"``: ``4n + 1 <= F`` frames), audio ``float32
-    [samples]`` at 16 kHz, numbers and strings as read -- plus ``skipped``: the rows replaced to produce this item (with ``skip_bad_rows``).
+    [samples]`` at the column's declared rate (16 kHz unless the family declares another), numbers and strings as
+    read -- plus ``skipped``: the rows replaced to produce this item (with ``skip_bad_rows``).
 
     Args:
         base_path: folder the file columns are relative to.
@@ -264,6 +315,10 @@ class VideoDataset(torch.utils.data.Dataset):
         repeat (`int`, defaults to 1): the dataset is repeated this many times per epoch.
         skip_bad_rows (`bool`, defaults to `False`): skip and count bad rows instead of raising.
         prompt_column (`str`, defaults to ``"prompt"``), video_column (`str`, defaults to ``"video"``).
+        column_specs (mapping of `str` to `ExtraInput`, *optional*): the trained model's family's own column
+            declarations, replacing those of :data:`EXTRA_INPUTS` (MOVA's ``input_audio`` at 48 kHz).
+        frame_rate (`float`, *optional*): resample the videos to this frame rate when reading them (the family's
+            :attr:`~diffusers_wan_ext.families.ModelFamily.training_frame_rate`); ``None``: frames as they are.
 
     Example:
         >>> ds = VideoDataset("data", "data/metadata.csv", num_frames=9,
@@ -286,6 +341,8 @@ class VideoDataset(torch.utils.data.Dataset):
         skip_bad_rows: bool = False,
         prompt_column: str = "prompt",
         video_column: str = "video",
+        column_specs: Mapping[str, ExtraInput] | None = None,
+        frame_rate: float | None = None,
     ) -> None:
         if num_frames < 1 or (num_frames - 1) % 4:
             lo = _largest_4n1(max(num_frames, 1))
@@ -298,7 +355,11 @@ class VideoDataset(torch.utils.data.Dataset):
                              f"(VAE factor x patch size)")
         if repeat < 1:
             raise ValueError(f"dataset repeat must be >= 1, got {repeat}")
-        unknown = [n for n in extra_inputs if n not in EXTRA_INPUTS]
+        if frame_rate is not None and not (math.isfinite(frame_rate) and frame_rate > 0):
+            raise ValueError(f"frame_rate must be a finite number > 0, got {frame_rate}")
+        self.specs = {**EXTRA_INPUTS, **(column_specs or {})}
+        self.frame_rate = frame_rate
+        unknown = [n for n in extra_inputs if n not in self.specs]
         if unknown:
             raise ValueError(f"unknown extra input(s) {unknown}; known: {', '.join(EXTRA_INPUTS)}")
         self.min_num_frames = num_frames if min_num_frames is None else int(min_num_frames)
@@ -310,7 +371,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.max_pixels, self.size_multiple = int(max_pixels), int(size_multiple)
         self.extra_inputs = list(extra_inputs)
         self.prompt_column, self.video_column = prompt_column, video_column
-        file_extras = [n for n in self.extra_inputs if EXTRA_INPUTS[n].is_file]
+        file_extras = [n for n in self.extra_inputs if self.specs[n].is_file]
         if data_file_keys is None:
             data_file_keys = [video_column, *file_extras]
         missing_keys = [k for k in [video_column, *file_extras] if k not in data_file_keys]
@@ -345,7 +406,7 @@ class VideoDataset(torch.utils.data.Dataset):
 
     # ---------------------------------------------------------------------------------------------------- checks
     def _columns_needed(self) -> list[str]:
-        return [self.video_column, self.prompt_column] + [n for n in self.extra_inputs if EXTRA_INPUTS[n].from_column]
+        return [self.video_column, self.prompt_column] + [n for n in self.extra_inputs if self.specs[n].from_column]
 
     def _static_problem(self, row: MetadataRow) -> str | None:
         """Missing column / empty value / missing file (cheap, checked for every row up front)."""
@@ -369,7 +430,7 @@ class VideoDataset(torch.utils.data.Dataset):
     def _frames(self, row: MetadataRow, column: str, max_frames: int) -> list[PIL.Image.Image]:
         path = self.base_path / str(row.values[column])
         try:
-            frames = _read_frames(str(path), max_frames)
+            frames = _read_frames(str(path), max_frames, self.frame_rate)
         except Exception as e:  # noqa: BLE001 - any decoder error is a bad row
             raise DatasetRowError(f"{row.label}: column {column!r}: cannot read {path} ({type(e).__name__}: {e})") from e
         if not frames:
@@ -409,7 +470,7 @@ class VideoDataset(torch.utils.data.Dataset):
             raise DatasetRowError(f"{row.label}: column {self.prompt_column!r} must be text, got {prompt!r}")
         sample: dict[str, Any] = {"row": row.index, "label": row.label, "prompt": prompt, "video": _to_uint8(frames)}
         for name in self.extra_inputs:
-            spec = EXTRA_INPUTS[name]
+            spec = self.specs[name]
             if spec.kind == "frame":
                 sample[name] = _to_uint8([frames[spec.frame]])[0]
             elif spec.kind == "image":
@@ -418,7 +479,7 @@ class VideoDataset(torch.utils.data.Dataset):
             elif spec.kind in ("video", "video_native", "video_prefix"):
                 sample[name] = self._extra_video(row, name, spec.kind, n, height, width)
             elif spec.kind == "audio":
-                sample[name] = self._audio(row, name)
+                sample[name] = self._audio(row, name, spec.sample_rate)
             elif spec.kind == "file":
                 sample[name] = str(self.base_path / str(row.values[name]))
             else:
@@ -438,11 +499,11 @@ class VideoDataset(torch.utils.data.Dataset):
             return _to_uint8(extra[:n])
         return _to_uint8([crop_and_resize(f, height, width) for f in extra[:n]])
 
-    def _audio(self, row: MetadataRow, name: str) -> torch.Tensor:
-        """An audio column as mono float32 samples at :data:`AUDIO_SAMPLE_RATE`."""
+    def _audio(self, row: MetadataRow, name: str, rate: int) -> torch.Tensor:
+        """An audio column as mono float32 samples at ``rate`` Hz (the column's declared rate)."""
         path = self.base_path / str(row.values[name])
         try:
-            samples = read_audio_file(path, AUDIO_SAMPLE_RATE, name=name)
+            samples = read_audio_file(path, rate, name=name)
         except ValueError as e:
             raise DatasetRowError(f"{row.label}: column {name!r}: {e}") from e
         return torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))

@@ -70,7 +70,7 @@ from .checkpoints import (
     save_optimizer_state,
     save_rng_state,
 )
-from .components import DTYPES, WanTrainingComponents, load_training_components
+from .components import DTYPES, WanTrainingComponents, family_of_pipeline, load_training_components, model_family
 from .dataset import ResumableSampler, VideoDataset, collate_single
 from .distill import DistillRows, DistillSettings, direct_distill_loss
 from .flow_match import FlowMatchTrainingSchedule, expert_timestep_boundaries
@@ -209,15 +209,20 @@ def _make_accelerator(args):
 
 
 def _dataset(args, components: WanTrainingComponents | None, repeat: int):
+    """The clips (``--task *:train``: the cache); the trained model's family may declare its own columns and a
+    frame rate the clips are resampled to (MOVA)."""
     if args.task.endswith(":train"):
         return CachedDataset(args.dataset_base_path, repeat=repeat)
+    family = (family_of_pipeline(components.pipeline_class) if components is not None
+              else model_family(args.model_path, args.transformer_path))
     return VideoDataset(
         args.dataset_base_path, args.dataset_metadata_path, num_frames=args.num_frames, height=args.height,
         width=args.width, max_pixels=args.max_pixels,
         size_multiple=components.spatial_multiple if components is not None else 16,
         min_num_frames=args.min_num_frames, extra_inputs=args.extra_inputs, data_file_keys=args.data_file_keys,
         repeat=repeat, skip_bad_rows=args.skip_bad_rows, prompt_column=args.prompt_column,
-        video_column=args.video_column,
+        video_column=args.video_column, column_specs=family.dataset_inputs if family is not None else None,
+        frame_rate=family.training_frame_rate if family is not None else None,
     )
 
 
