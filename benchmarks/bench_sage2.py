@@ -191,8 +191,9 @@ def micro(shapes: list[str]) -> list[dict]:
 
 
 def probe_diffusers_sage() -> dict:
-    """Diffusers' own ``sage`` backend: eager vs ``torch.compile(fullgraph=True)``; our auto choice."""
-    out = {}
+    """Diffusers' own ``sage`` backend: eager vs ``torch.compile(fullgraph=True)``; our auto choice; our
+    registration (runtime/sage.py) under fullgraph compile."""
+    out, q, k, v, ref = {}, None, None, None, None
     try:
         from diffusers.models import attention_dispatch as ad
 
@@ -217,6 +218,17 @@ def probe_diffusers_sage() -> dict:
         out["our_report"] = attention_backend_report("cuda", torch.bfloat16)
     except Exception as exc:  # noqa: BLE001
         record_error("our attention report", exc)
+    try:  # our runtime's registration (runtime/sage.py): the same call behind a custom op
+        from diffusers.models import attention_dispatch as ad
+
+        from diffusers_wan_ext.runtime.sage import register_traceable_sage
+
+        register_traceable_sage()
+        fn = lambda q, k, v: ad.dispatch_attention_fn(q, k, v, backend=ad.AttentionBackendName.SAGE)  # noqa: E731
+        out["ours_fullgraph_rel_err"] = f"{rel_err(torch.compile(fn, fullgraph=True)(q, k, v), ref):.2e}"
+        torch._dynamo.reset()
+    except Exception as exc:  # noqa: BLE001
+        record_error("our traceable sage backend (runtime/sage.py) under fullgraph compile", exc)
     print(f"diffusers sage backend: {out}", flush=True)
     return out
 
@@ -337,11 +349,15 @@ def forward(args) -> list[dict]:
         stock = WanTransformer3DModel(**config).to(torch.bfloat16).eval().requires_grad_(False)
     path = None
     try:
-        path = os.path.join(tempfile.mkdtemp(), f"dit_{name}_fp8_scaled.safetensors")
+        path = Path(tempfile.mkdtemp()) / f"dit_{name}_fp8_scaled.safetensors"
+        t0 = time.perf_counter()
         write_single_file(path, export_dit_state_dict(stock.state_dict()), "comfy-fp8-scaled")
     except Exception as exc:  # noqa: BLE001
         record_error("writing the fp8 file", exc)
         path = None
+    else:
+        print(f"{name}: wrote {path.stat().st_size / 2**30:.2f} GiB scaled fp8 in {time.perf_counter() - t0:.0f} s",
+              flush=True)
     ours = sibling(stock, config)
     stock.compile_repeated_blocks(fullgraph=True)
     report = optimize_transformer(ours, compile=True, verbose=False, attention="_native_cudnn")
@@ -358,7 +374,7 @@ def forward(args) -> list[dict]:
     torch.cuda.empty_cache()
     if path is not None:
         try:
-            model = load_quantized_dit(Path(path), torch_dtype=torch.bfloat16, device="cuda").eval().requires_grad_(False)
+            model = load_quantized_dit(path, torch_dtype=torch.bfloat16, device="cuda").eval().requires_grad_(False)
             # cuDNN for cross-attention, set without touching Diffusers' global default (stock's backend)
             reports["ours fp8"] = optimize_transformer(model, compile=False, verbose=False, fp8=True,
                                                        attention="_native_cudnn")
@@ -373,7 +389,7 @@ def forward(args) -> list[dict]:
             del model, phase2
         except Exception as exc:  # noqa: BLE001
             record_error("fp8 phase", exc)
-        os.unlink(path)
+        path.unlink()
     rows = []
     for variant, r in ([("stock compiled (phase 1)", phase1_stock)] if phase1_stock else []) + list(info.items()):
         if not r or "median_s" not in r:

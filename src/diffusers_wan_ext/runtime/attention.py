@@ -39,6 +39,7 @@ import torch
 from diffusers.utils import logging
 
 from .flash4 import FLASH4_BACKEND, flash4_unavailable_reason, register_local_flash4
+from .sage import register_traceable_sage
 
 __all__ = [
     "ATTENTION_PREFERENCE",
@@ -441,6 +442,8 @@ def set_attention_backend(
             if name == FLASH4_BACKEND and _flash4_local(target, dtype) is None:
                 _set_local_flash4(model)
             else:
+                if name == "sage":
+                    register_traceable_sage()  # sageattention 2.x through a custom op: fullgraph compile traces it
                 model.set_attention_backend(name)
     finally:
         # ModelMixin.set_attention_backend also makes `name` Diffusers' global default; keep the choice per model
