@@ -234,14 +234,7 @@ def test_keep_quantized_errors(tiny_release, tmp_path, capsys):
     one_line("-", str(tmp_path / "b"), "--model-id", "Wan-AI/x", "--keep-quantized", words=("--model-id",))
     one_line(str(release), str(tmp_path / "c"), "--keep-quantized", "--transformer", str(release),
              words=("--transformer", "single file"))
-    # a class Diffusers' from_single_file does not take: a GGUF folder could not be loaded back
-    s2v = tiny_release("s2v")
-    (tmp_path / "s2v").mkdir()  # the GGUF with the tiny release's config.json beside it (2 blocks, not 40)
-    (tmp_path / "s2v" / "config.json").write_text((s2v / "config.json").read_text())
-    write_gguf(tmp_path / "s2v" / "s2v-Q8_0.gguf", load_state_dict(s2v / "diffusion_pytorch_model.safetensors"), "Q8_0")
-    one_line(str(tmp_path / "s2v"), str(tmp_path / "d"), "--keep-quantized", "--transformer-only",
-             words=("WanS2VTransformer3DModel", "from_single_file"))
-    assert not (tmp_path / "d").exists()
+    # (a GGUF of a class Diffusers' from_single_file does not take, S2V, is kept: test_quantized_folder_routes.py)
 
 
 def test_two_experts_kept_quantized(tiny_release, tmp_path):

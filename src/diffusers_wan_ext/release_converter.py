@@ -35,8 +35,8 @@ from .conversion.dit import (
     locate_dit,
 )
 from .conversion.image_encoder import load_clip_from_original, make_clip_image_processor
-from .conversion.quantized_dit import (check_kept_quantized, is_single_file, kept_quantized_kind,
-                                       quantized_dit_from_tensors, read_quantized_dit, save_transformer,
+from .conversion.quantized_dit import (check_fp8_storage, check_kept_quantized, is_single_file,
+                                       kept_quantized_kind, quantized_dit_from_tensors, read_quantized_dit, save_transformer,
                                        shape_state_dict)
 from .conversion.release_io import (
     DTYPES,
@@ -433,11 +433,13 @@ def load_release(
     return LoadedRelease(var, transformers_, components, extras={k: v for k, v in extras.items() if v is not None})
 
 
-def _write_pipeline_folder(tmp: Path, release: LoadedRelease, src, torch_dtype, max_shard_size: str) -> None:
+def _write_pipeline_folder(tmp: Path, release: LoadedRelease, src, torch_dtype, max_shard_size: str,
+                           fp8_storage: str = "layerwise") -> None:
     var = release.variant
     index: dict[str, Any] = {"_class_name": var.pipeline}
     for name, model in zip(["transformer", "transformer_2"], release.transformers):
-        save_transformer(model, tmp / name, torch_dtype, max_shard_size)  # kept quantized: a folder Diffusers loads
+        # kept quantized: a folder Diffusers loads
+        save_transformer(model, tmp / name, torch_dtype, max_shard_size, fp8_storage)
         # a GGUF folder loads through from_single_file only: the pipeline takes it as transformer=... (Diffusers
         # would load a listed optional transformer from the folder even when one is passed)
         index[name] = [None, None] if kept_quantized_kind(model) == "gguf" else library_of(model)
@@ -484,6 +486,7 @@ def convert_release(
     progress: bool = True,
     max_shard_size: str = "5GB",
     keep_quantized: bool = False,
+    fp8_storage: str = "layerwise",
 ) -> Path:
     """Convert an original Wan release to a Diffusers pipeline folder and return its path.
 
@@ -513,11 +516,14 @@ def convert_release(
         transformer_only: write only a transformer model folder (no other component needed).
         keep_quantized: a GGUF / fp8 single-file DiT stays quantized in the folder
             (:func:`~diffusers_wan_ext.conversion.quantized_dit.save_quantized_transformer`).
+        fp8_storage: with ``keep_quantized``, how fp8 weights are written: ``"layerwise"`` (fp8 without a scale, for
+            ``enable_layerwise_casting``) or ``"torchao"`` (torchao float8 weights keeping the file's scales).
         progress: the progress bar, and one line (stderr) with the detected release and the files used.
 
     Example:
         >>> convert_release("Wan2.1-T2V-1.3B", "Wan2.1-T2V-1.3B-diffusers")  # doctest: +SKIP
     """
+    check_fp8_storage(fp8_storage)
     with claim_destination(dst, overwrite=overwrite):  # before loading: a second writer of dst fails at once
         claimed = _claiming_family(src, transformer, variant)
         if claimed is not None:  # its own layout and pipeline; scheduler / CLIP / motion options do not apply
@@ -541,9 +547,10 @@ def convert_release(
             check_kept_quantized(release.transformers)
         with atomic_output_dir(dst, overwrite=overwrite) as tmp:
             if transformer_only:
-                save_transformer(release.transformers[0], tmp, DTYPES[dtype], max_shard_size)
+                save_transformer(release.transformers[0], tmp, DTYPES[dtype], max_shard_size, fp8_storage)
                 if len(release.transformers) == 2:
-                    save_transformer(release.transformers[1], tmp / "transformer_2", DTYPES[dtype], max_shard_size)
+                    save_transformer(release.transformers[1], tmp / "transformer_2", DTYPES[dtype], max_shard_size,
+                                     fp8_storage)
             else:
-                _write_pipeline_folder(tmp, release, src, DTYPES[dtype], max_shard_size)
+                _write_pipeline_folder(tmp, release, src, DTYPES[dtype], max_shard_size, fp8_storage)
     return Path(dst)

@@ -61,6 +61,9 @@ def add_convert(sub, family_inputs: list) -> None:
     p.add_argument("--keep-quantized", action="store_true",
                    help="a GGUF / fp8 single-file DiT stays quantized in DST (GGUF: from_single_file + "
                         "GGUFQuantizationConfig; fp8: layerwise casting); see docs/single_file_checkpoints.md")
+    p.add_argument("--fp8-storage", choices=["layerwise", "torchao"],
+                   help="with --keep-quantized, an fp8 DiT's storage: layerwise (default: fp8 without scales, "
+                        "enable_layerwise_casting) or torchao (float8 weights with the file's scales; needs torchao)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing DST (deleted only once the new folder is in place)")
     p.add_argument("--model-id", help="fetch the original release first (ModelScope if installed, else the Hub)")

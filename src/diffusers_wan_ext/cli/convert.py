@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..conversion.quantized_dit import QUANTIZED_FOLDER_NOTE, is_single_file
+from ..conversion.quantized_dit import QUANTIZED_FOLDER_NOTE, check_fp8_storage, is_single_file
 from ..families import FAMILIES
 from ..release_converter import convert_release
 from ..utils.atomic import claim_destination
@@ -77,8 +77,11 @@ def check_convert_arguments(args: argparse.Namespace) -> None:
                          f"(got {args.src!r})")
     if args.private and not args.push_to_hub:
         raise ValueError("convert: --private applies to --push-to-hub REPO, which is not given")
+    if getattr(args, "fp8_storage", None) and not getattr(args, "keep_quantized", False):
+        raise ValueError("convert: --fp8-storage applies to --keep-quantized, which is not given")
     if getattr(args, "keep_quantized", False):
         check_keep_quantized_arguments(args)
+        check_fp8_storage(getattr(args, "fp8_storage", None) or "layerwise")
     if args.image_encoder_heads is not None and args.image_encoder_heads < 1:
         raise ValueError(f"convert: --image-encoder-heads must be a positive integer, got {args.image_encoder_heads}")
     for name in PATH_OPTIONS:
@@ -109,6 +112,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             image_encoder_heads=args.image_encoder_heads,
             **{i.argument: getattr(args, i.argument) for i in FAMILY_OPTIONS}, transformer_only=args.transformer_only, overwrite=args.overwrite, progress=True,
             keep_quantized=getattr(args, "keep_quantized", False),
+            fp8_storage=getattr(args, "fp8_storage", None) or "layerwise",
         )
     print(f"converted -> {out}")
     for note in sorted(Path(out).glob(f"**/{QUANTIZED_FOLDER_NOTE}")):

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 
+from .. import models as package_models
 from ..models.quantized_linear import Fp8Linear, Fp8Storage, is_gguf_parameter
 from ..utils.io import ConversionError, strip_known_prefixes
-from ..utils.gguf_files import write_gguf_stored
+from ..utils.gguf_files import read_gguf, write_gguf_stored
 from ..utils.quantized_tensor import FP8_DTYPES, QuantizedTensor
 from ..utils.single_file import read_quantized
 from .dit import (
@@ -42,9 +44,10 @@ from .dit import (
     locate_dit,
     rename_dit_key,
 )
+from .quantized_torchao import load_torchao_fp8_folder, require_torchao, save_torchao_fp8_transformer
 
-__all__ = ["GGUF_FOLDER_WEIGHTS", "QUANTIZED_FOLDER_NOTE", "SINGLE_FILE_SUFFIXES", "check_kept_quantized",
-           "is_single_file", "kept_quantized_kind", "load_quantized_dit", "load_quantized_folder",
+__all__ = ["FP8_STORAGES", "GGUF_FOLDER_WEIGHTS", "PACKAGE_LOADER", "QUANTIZED_FOLDER_NOTE", "SINGLE_FILE_SUFFIXES",
+           "check_fp8_storage", "check_kept_quantized", "is_single_file", "kept_quantized_kind", "load_quantized_dit", "load_quantized_folder",
            "quantized_dit_from_tensors", "read_quantized_dit", "save_quantized_transformer", "save_transformer",
            "unscaled_fp8_weight"]
 
@@ -248,6 +251,13 @@ def load_quantized_dit(path: str | os.PathLike, original_config: Mapping[str, An
 QUANTIZED_FOLDER_NOTE = "quantized_weights.json"
 #: the weights file of a GGUF transformer folder (Diffusers key names; loaded by ``from_single_file``)
 GGUF_FOLDER_WEIGHTS = "diffusion_pytorch_model.gguf"
+#: how :func:`save_quantized_transformer` stores fp8 weights: ``"layerwise"`` (fp8 without a scale, for
+#: ``enable_layerwise_casting``) or ``"torchao"`` (torchao ``Float8Tensor`` weights with their scales, Diffusers'
+#: ``TorchAoConfig`` serialization)
+FP8_STORAGES = ("layerwise", "torchao")
+#: the note's ``loader`` for a folder stock Diffusers cannot load (a GGUF of a class its ``from_single_file`` does
+#: not take): only :func:`load_quantized_folder` reads it
+PACKAGE_LOADER = "diffusers_wan_ext"
 
 
 def kept_quantized_kind(model: nn.Module) -> str | None:
@@ -317,40 +327,56 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _gguf_note(model: nn.Module, folder: Path, torch_dtype: torch.dtype, note: dict[str, Any]) -> None:
+    cls, dtype = type(model).__name__, note["compute_dtype"]
+    stored = write_gguf_stored(folder / GGUF_FOLDER_WEIGHTS, _gguf_folder_tensors(model, torch_dtype))
+    types = list(stored.values())
+    note.update(weights=GGUF_FOLDER_WEIGHTS, types={t: types.count(t) for t in sorted(set(types))})
+    if _gguf_loadable(model):
+        note["load"] = (f"{cls}.from_single_file('<folder>/{GGUF_FOLDER_WEIGHTS}', config='<folder>', "
+                        f"quantization_config=GGUFQuantizationConfig(compute_dtype=torch.{dtype}), "
+                        f"torch_dtype=torch.{dtype})")
+    else:  # Diffusers' from_single_file does not take the class: this package's loader only
+        note.update(loader=PACKAGE_LOADER, load="diffusers_wan_ext.conversion.quantized_dit.load_quantized_folder("
+                                                "'<folder>')")
+
+
 def save_quantized_transformer(model: nn.Module, folder: str | os.PathLike, torch_dtype: torch.dtype,
-                               max_shard_size: str = "5GB") -> dict[str, Any]:
-    """Save a transformer loaded quantized (:func:`load_quantized_dit`) as a Diffusers model folder that stock
-    Diffusers loads back quantized; returns the note written to :data:`QUANTIZED_FOLDER_NOTE`.
+                               max_shard_size: str = "5GB", fp8_storage: str = "layerwise") -> dict[str, Any]:
+    """Save a transformer loaded quantized (:func:`load_quantized_dit`) as a Diffusers model folder that loads back
+    quantized; returns the note written to :data:`QUANTIZED_FOLDER_NOTE` (its ``load`` is the call to use).
 
     * GGUF: ``config.json`` + :data:`GGUF_FOLDER_WEIGHTS`, the packed blocks copied byte for byte under the Diffusers
-      key names (the rest F32, F16 for fp16), loaded by ``cls.from_single_file(folder / GGUF_FOLDER_WEIGHTS,
-      config=folder, quantization_config=GGUFQuantizationConfig(compute_dtype=...))`` -- Diffusers 0.42's
-      ``from_pretrained`` has no GGUF route.  Only classes Diffusers' ``from_single_file`` takes (the Wan /
-      VACE / Animate transformers and their subclasses) are accepted.
-    * fp8: ``config.json`` + ``diffusion_pytorch_model*.safetensors`` holding each fp8 Linear weight in fp8 without
-      a scale (a scaled weight is rounded to fp8 once more: ``fp8(q * scale)``) and the rest in ``torch_dtype``,
-      loaded by ``cls.from_pretrained(folder, torch_dtype=...)`` + ``enable_layerwise_casting(storage_dtype=fp8,
-      compute_dtype=...)``, which stores those weights back in fp8 with the same values.
+      key names (the rest F32, F16 for fp16).  For the classes Diffusers' ``from_single_file`` takes (the Wan / VACE /
+      Animate transformers and their subclasses) stock Diffusers loads it: ``cls.from_single_file(folder /
+      GGUF_FOLDER_WEIGHTS, config=folder, quantization_config=GGUFQuantizationConfig(compute_dtype=...))`` --
+      Diffusers 0.42's ``from_pretrained`` has no GGUF route.  Other classes (S2V, LongCat ...): the same folder,
+      read by :func:`load_quantized_folder` only (the note's ``loader`` says so), the blocks kept packed.
+    * fp8, ``fp8_storage="layerwise"``: ``config.json`` + ``diffusion_pytorch_model*.safetensors`` holding each fp8
+      Linear weight in fp8 without a scale (a scaled weight is rounded to fp8 once more: ``fp8(q * scale)``) and the
+      rest in ``torch_dtype``, loaded by ``cls.from_pretrained(folder, torch_dtype=...)`` +
+      ``enable_layerwise_casting(storage_dtype=fp8, compute_dtype=...)``, which stores those weights back in fp8 with
+      the same values.
+    * fp8, ``fp8_storage="torchao"``: Diffusers' ``TorchAoConfig`` folder of torchao ``Float8Tensor`` weights, each
+      the stored fp8 values with the file's scale (nothing rounded again), loaded by stock
+      ``cls.from_pretrained(folder, torch_dtype=...)`` where torchao >= 0.16 is installed
+      (:mod:`~diffusers_wan_ext.conversion.quantized_torchao`; writing it needs torchao too).
     """
     from huggingface_hub import save_torch_state_dict
 
+    check_fp8_storage(fp8_storage)
     check_kept_quantized([model])
     kind = kept_quantized_kind(model)
     cls = type(model).__name__
-    if kind == "gguf" and not _gguf_loadable(model):
-        raise ConversionError(f"--keep-quantized: Diffusers cannot load a {cls} from GGUF (its from_single_file "
-                              "takes the Wan / VACE / Animate transformers); convert without --keep-quantized, or "
-                              "load the file with load_quantized_dit")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     note: dict[str, Any] = {"storage": kind, "class": cls, "compute_dtype": _dtype_name(torch_dtype)}
     if kind == "gguf":
-        stored = write_gguf_stored(folder / GGUF_FOLDER_WEIGHTS, _gguf_folder_tensors(model, torch_dtype))
-        types = list(stored.values())
-        note.update(weights=GGUF_FOLDER_WEIGHTS, types={t: types.count(t) for t in sorted(set(types))},
-                    load=f"{cls}.from_single_file('<folder>/{GGUF_FOLDER_WEIGHTS}', config='<folder>', "
-                         f"quantization_config=GGUFQuantizationConfig(compute_dtype=torch.{note['compute_dtype']}), "
-                         f"torch_dtype=torch.{note['compute_dtype']})")
+        _gguf_note(model, folder, torch_dtype, note)
+    elif fp8_storage == "torchao":
+        summary = save_torchao_fp8_transformer(model, folder, torch_dtype, max_shard_size)
+        note.update(summary, storage="torchao",
+                    load=f"{cls}.from_pretrained('<folder>', torch_dtype=torch.{note['compute_dtype']})  # torchao")
     else:
         tensors, summary = _fp8_folder_tensors(model, torch_dtype)
         save_torch_state_dict(tensors, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
@@ -358,9 +384,18 @@ def save_quantized_transformer(model: nn.Module, folder: str | os.PathLike, torc
         note.update(summary, load=f"{cls}.from_pretrained('<folder>', torch_dtype=torch.{note['compute_dtype']})"
                                   f".enable_layerwise_casting(storage_dtype=torch.{summary['storage_dtype']}, "
                                   f"compute_dtype=torch.{note['compute_dtype']})")
-    model.save_config(folder)
+    if kind == "gguf" or fp8_storage != "torchao":  # the torchao folder's config.json is Diffusers' own
+        model.save_config(folder)
     (folder / QUANTIZED_FOLDER_NOTE).write_text(json.dumps(note, indent=2) + "\n")
     return note
+
+
+def check_fp8_storage(fp8_storage: str) -> None:
+    """An fp8 storage :func:`save_quantized_transformer` knows, with what it needs installed (before loading)."""
+    if fp8_storage not in FP8_STORAGES:
+        raise ValueError(f"fp8_storage {fp8_storage!r}: expected one of {', '.join(FP8_STORAGES)}")
+    if fp8_storage == "torchao":
+        require_torchao("--fp8-storage torchao")
 
 
 def check_kept_quantized(models: list[nn.Module]) -> None:
@@ -373,36 +408,76 @@ def check_kept_quantized(models: list[nn.Module]) -> None:
 
 
 def save_transformer(model: nn.Module, folder: str | os.PathLike, torch_dtype: torch.dtype,
-                     max_shard_size: str = "5GB") -> None:
+                     max_shard_size: str = "5GB", fp8_storage: str = "layerwise") -> None:
     """:func:`save_quantized_transformer` for a model holding GGUF / fp8 weights, else ``save_pretrained``."""
     if kept_quantized_kind(model) is not None:
-        save_quantized_transformer(model, folder, torch_dtype, max_shard_size)
+        save_quantized_transformer(model, folder, torch_dtype, max_shard_size, fp8_storage)
     else:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
 
 
+def _model_class(folder: Path, config: Mapping[str, Any]) -> type:
+    """The class ``config.json`` names: Diffusers' own, else this package's."""
+    import diffusers
+
+    name = config.get("_class_name", "")
+    name = name[-1] if isinstance(name, list) else name
+    cls = getattr(diffusers, name, None) or getattr(package_models, name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"{folder}: {name!r} is neither a Diffusers nor a diffusers_wan_ext class; pass model_class=")
+    return cls
+
+
+def _load_gguf_folder(folder: Path, cls: type, dtype: torch.dtype) -> nn.Module:
+    """A GGUF folder of a class Diffusers' ``from_single_file`` does not take: the model built from ``config.json``,
+    the folder's blocks (Diffusers key names) attached packed as :func:`load_quantized_dit` attaches them."""
+    tensors, _ = read_gguf(folder / GGUF_FOLDER_WEIGHTS)
+    with init_empty_weights():  # parameters on meta, buffers (RoPE tables) real
+        model = cls.from_config(cls.load_config(str(folder)))
+    keep = getattr(model, "_keep_in_fp32_modules", None)
+    names = dict(model.named_parameters())
+    names.update(model.named_buffers())
+    unknown = sorted(set(tensors) - set(names))
+    if unknown:
+        raise ConversionError(f"{folder / GGUF_FOLDER_WEIGHTS}: {unknown[0]} is not a tensor of {cls.__name__}")
+    gguf_weights, _ = _quantized_linears(model, tensors, {k: k for k in tensors}, keep)
+    plain = {k: _plain_value(q, k, dtype, keep) for k, q in tensors.items() if k not in gguf_weights}
+    if gguf_weights:
+        _attach_gguf(model, gguf_weights, dtype, keep)
+    model.load_state_dict(plain, strict=False, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ConversionError(f"{folder / GGUF_FOLDER_WEIGHTS}: no tensor for {left[0]} of {cls.__name__}")
+    return model.requires_grad_(False)
+
+
 def load_quantized_folder(folder: str | os.PathLike, model_class: type | None = None,
                           torch_dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a transformer folder :func:`save_quantized_transformer` wrote, with stock Diffusers calls only (what its
-    :data:`QUANTIZED_FOLDER_NOTE` says): GGUF through ``from_single_file`` + ``GGUFQuantizationConfig``, fp8 through
-    ``from_pretrained`` + ``enable_layerwise_casting``.  ``model_class``: default the Diffusers class named in
-    ``config.json``; ``torch_dtype``: default the compute dtype of the conversion."""
+    """Load a transformer folder :func:`save_quantized_transformer` wrote, as its :data:`QUANTIZED_FOLDER_NOTE`
+    says: GGUF through stock ``from_single_file`` + ``GGUFQuantizationConfig`` (a class that route does not take:
+    this package's reader, blocks kept packed in Diffusers ``GGUFLinear`` layers), fp8 through stock
+    ``from_pretrained`` + ``enable_layerwise_casting``, torchao fp8 through stock ``from_pretrained`` (without
+    torchao installed: into :class:`Fp8Linear` layers holding the same values and scales).  ``model_class``: default
+    the class named in ``config.json`` (Diffusers', else this package's); ``torch_dtype``: default the compute dtype
+    of the conversion."""
     import diffusers
 
     folder = Path(folder)
     try:
         note = json.loads((folder / QUANTIZED_FOLDER_NOTE).read_text())
-    except FileNotFoundError:
-        raise ConversionError(f"{folder}: no {QUANTIZED_FOLDER_NOTE}; not a folder written with --keep-quantized "
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError as e:
+        raise ConversionError(f"{folder}: no {Path(e.filename).name}; not a folder written with --keep-quantized "
                               "(load it with from_pretrained)") from None
-    config = json.loads((folder / "config.json").read_text())
-    cls = model_class or getattr(diffusers, config.get("_class_name", ""), None)
-    if cls is None:
-        raise ValueError(f"{folder}: {config.get('_class_name')} is not a Diffusers class; pass model_class=")
+    cls = model_class or _model_class(folder, config)
     dtype = torch_dtype or getattr(torch, note["compute_dtype"])
-    if note["storage"] == "gguf":
+    if note["storage"] == "gguf" and note.get("loader") == PACKAGE_LOADER:
+        model = _load_gguf_folder(folder, cls, dtype)
+    elif note["storage"] == "gguf":
         model = cls.from_single_file(str(folder / GGUF_FOLDER_WEIGHTS), config=str(folder), torch_dtype=dtype,
                                      quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=dtype))
+    elif note["storage"] == "torchao":
+        model = load_torchao_fp8_folder(folder, cls, dtype)
     else:
         model = cls.from_pretrained(str(folder), torch_dtype=dtype)
         model.enable_layerwise_casting(storage_dtype=getattr(torch, note["storage_dtype"]), compute_dtype=dtype)
