@@ -10,7 +10,11 @@
 #           attention choice; bench_sage2.py puts /tmp/sage2/site first on sys.path). Pass /tmp/sp/site-packages to
 #           make it visible everywhere (then Diffusers' `sage` backend becomes available and "auto" picks it).
 # Background:  setsid nohup bash benchmarks/sage2_build.sh 6 > /tmp/sage2_build.out 2>&1 < /dev/null &
+#              ... other benchmarks ...
+#              while [ ! -f /tmp/sage2/DONE ] && [ ! -f /tmp/sage2/FAILED ]; do sleep 5; done
 # Result: /tmp/sage2/wheel/sageattention-*.whl, log /tmp/sage2/build.log, /tmp/sage2/DONE or /tmp/sage2/FAILED.
+# Copy the wheel to $OUT and carry it later in the ignored folder .sage2whl/: a fresh machine then installs it
+# instead of building (this script checks .sage2whl/ first).
 #
 # Only TORCH_CUDA_ARCH_LIST=9.0 is built (sm_90a). setup.py then builds 4 extensions (_qattn_sm80, _qattn_sm89,
 # _qattn_sm90, _fused); it has no switch to drop the sm80/sm89 ones, and they are kept (the micro-bench times
@@ -28,8 +32,17 @@ mkdir -p "$W/wheel" "$TARGET"
 LOG=$W/build.log
 : > "$LOG"
 fail() { echo "sage2_build: FAILED: $1 (log: $LOG)" | tee -a "$LOG"; tail -40 "$LOG" | grep -iv "ptxas info\|bytes stack frame\|^$" | tail -25; touch "$W/FAILED"; exit 1; }
-[ -f "$ROOT/.sage2src/setup.py" ] || fail "no .sage2src/setup.py (carry .sage2src)"
 START=$(date +%s)
+# a wheel built earlier (copied back from $OUT and carried in the ignored folder .sage2whl/): install it, no build
+PREBUILT=$(ls "$ROOT"/.sage2whl/sageattention-*.whl 2>/dev/null | head -1)
+if [ -n "$PREBUILT" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$TARGET" "$PREBUILT" >> "$LOG" 2>&1 ||
+    fail "installing $PREBUILT"
+  touch "$W/DONE"
+  echo "sage2_build: installed the carried $(basename "$PREBUILT") into $TARGET (no build)" | tee -a "$LOG"
+  exit 0
+fi
+[ -f "$ROOT/.sage2src/setup.py" ] || fail "no .sage2src/setup.py (carry .sage2src)"
 cp -r "$ROOT/.sage2src" "$W/src"
 cd "$W/src" || fail "cd $W/src"
 
@@ -42,7 +55,9 @@ if ! python3 -c "import packaging, setuptools, wheel" 2>/dev/null; then
 fi
 rm -rf _build_wheels
 
-export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}
+export PATH=$CUDA_HOME/bin:$PATH
 [ -x "$CUDA_HOME/bin/nvcc" ] || fail "nvcc not found (CUDA_HOME=$CUDA_HOME)"
 # _qattn_sm90 links -lcuda (cuTensorMapEncodeTiled): let the linker find the driver stub if libcuda.so has no dev link
 export LIBRARY_PATH=$CUDA_HOME/lib64/stubs:$CUDA_HOME/targets/x86_64-linux/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
@@ -70,6 +85,6 @@ cd /tmp
 PYTHONPATH=$TARGET${PYTHONPATH:+:$PYTHONPATH} python3 -c "
 import importlib.metadata as m, sageattention.core as c
 print('sage2_build: import ok, version', m.version('sageattention'), 'SM90', c.SM90_ENABLED, 'SM89', c.SM89_ENABLED,
-      'SM80', c.SM80_ENABLED)" 2>&1 | tee -a "$LOG"
+      'SM80', c.SM80_ENABLED)" 2>&1 | tee -a "$LOG" || fail "importing the installed wheel"
 touch "$W/DONE"
 echo "sage2_build: $(basename "$WHL") -> $TARGET in $(( $(date +%s) - START )) s" | tee -a "$LOG"
