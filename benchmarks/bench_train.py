@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--attention", default="native",
                         help="Diffusers attention backend (native = SDPA; e.g. flash, _flash_3, _native_cudnn)")
+    parser.add_argument("--oom-fallback", default=None, metavar="VARIANT",
+                        help="a row that runs out of memory is run again with this variant (e.g. lora-offload)")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke test: tiny T2V / S2V / VAP models, every variant, one timed step")
     args = parser.parse_args(argv)
@@ -252,24 +254,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     print(json.dumps(env), flush=True)
-    unknown = [n for n in models if n not in MODELS] + [v for v in args.variants.split(",") if v not in VARIANTS]
+    unknown = [n for n in models if n not in MODELS] + [v for v in args.variants.split(",") + [args.oom_fallback or "lora"]
+                                                        if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown --models / --variants {unknown}; models: {', '.join(MODELS)}; "
                          f"variants: {', '.join(VARIANTS)}")
     rows = []
-    out = os.environ.get("OUT")
+    out = os.environ.get("OUT", "out")
     for name in models:
-        for variant in args.variants.split(","):
+        variants = args.variants.split(",")
+        while variants:
+            variant = variants.pop(0)
             try:
                 rows.append(run(name, variant, shape, args.rank, args.steps, args.warmup, device, dtype,
                                 args.attention))
             except Exception as e:  # noqa: BLE001  (OOM or a failure: report it and go on with the next one)
-                status = "OOM" if isinstance(e, torch.OutOfMemoryError) else f"error: {type(e).__name__}"
+                oom = isinstance(e, torch.OutOfMemoryError)
                 rows.append({"model": name, "variant": variant, "shape": shape, "rank": args.rank,
-                             "seconds_per_step": status, "error": (str(e).splitlines() or [""])[0][:300]})
+                             "seconds_per_step": "OOM" if oom else f"error: {type(e).__name__}",
+                             "error": (str(e).splitlines() or [""])[0][:300]})
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                if oom and args.oom_fallback and args.oom_fallback != variant and args.oom_fallback not in variants:
+                    variants.insert(0, args.oom_fallback)
             row = rows[-1]
             print(f"{name} {variant}: {row['seconds_per_step']} s/step, peak {row.get('peak_allocated_gib', '-')} "
                   f"GiB {row.get('error', '')}", flush=True)
