@@ -160,6 +160,7 @@ def kernel_breakdown(fn: Callable[[], object], top: int = 25) -> dict:
 def write_json(name: str, data) -> None:
     out = os.environ.get("OUT")
     if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, name).write_text(json.dumps(data, indent=1, default=str))
 
 
