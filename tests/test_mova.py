@@ -390,3 +390,87 @@ def test_given_latents_skip_only_their_own_draw(converted, monkeypatch):
          generator=torch.Generator().manual_seed(4), output_type="latent")
     assert torch.equal(seen[0][0], video)
     assert torch.equal(seen[0][1], _diffsynth_noise((1, 128, mova_audio_length(5, 8.0, 8000, 160)), 4))
+
+
+# ------------------------------------------------------------------------------------- release config.json fields
+def _component_copy(release, component, tmp_path, edit=None, with_config=True):
+    """``component``'s folder copied (weights linked), its ``config.json`` edited by ``edit(cfg)`` or left out."""
+    folder = tmp_path / component
+    folder.mkdir(parents=True)
+    (folder / "diffusion_pytorch_model.safetensors").symlink_to(
+        release / component / "diffusion_pytorch_model.safetensors")
+    if with_config:
+        cfg = json.loads((release / component / "config.json").read_text())
+        if edit is not None:
+            edit(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_release_configs_use_the_original_class_fields(release):
+    """The tiny release writes each ``config.json`` as the original classes' ``save_pretrained`` does: their
+    ``_class_name`` and constructor-argument names, with every field the converter requires."""
+    from diffusers_wan_ext.conversion.mova import MOVA_RELEASE_CLASSES, MOVA_REQUIRED_CONFIG_FIELDS
+
+    for component, name in MOVA_RELEASE_CLASSES.items():
+        cfg = json.loads((release / component / "config.json").read_text())
+        assert cfg["_class_name"] == name
+        assert all(cfg.get(k) is not None for k in MOVA_REQUIRED_CONFIG_FIELDS.get(component, ())), component
+    audio = json.loads((release / "audio_dit" / "config.json").read_text())
+    assert audio["vae_type"] == "dac" and audio["patch_size"] == [1] and audio["num_heads"] == 3
+    bridge = json.loads((release / "dual_tower_bridge" / "config.json").read_text())
+    assert (bridge["interaction_strategy"], bridge["apply_cross_rope"], bridge["audio_fps"]) == ("full", True, 50.0)
+
+
+@pytest.mark.parametrize("component,field", [("audio_dit", "num_heads"), ("audio_dit", "vae_type"),
+                                             ("dual_tower_bridge", "interaction_strategy"),
+                                             ("dual_tower_bridge", "apply_cross_rope"),
+                                             ("dual_tower_bridge", "audio_fps"), ("audio_vae", "sample_rate")])
+def test_release_config_missing_a_needed_field_is_one_line(release, tmp_path, component, field):
+    """A field the weights cannot tell and whose original-class default is not the release value: its absence is an
+    error naming the file and the field (not a silent guess)."""
+    from diffusers_wan_ext.conversion.mova import load_mova_audio_vae
+
+    loader = {"audio_dit": load_mova_audio_dit, "dual_tower_bridge": load_mova_bridge,
+              "audio_vae": load_mova_audio_vae}[component]
+    loader(_component_copy(release, component, tmp_path / "ok"))  # the whole config loads
+    folder = _component_copy(release, component, tmp_path / "bad", lambda cfg: cfg.pop(field))
+    with pytest.raises(ConversionError, match=f"{folder / 'config.json'}.*lacks {field}") as err:
+        loader(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_release_config_field_errors_through_the_cli(release, tmp_path, capsys):
+    """``convert`` of a release whose bridge config.json lacks ``apply_cross_rope``: exit 2, one line, nothing
+    written."""
+    src = tmp_path / "MOVA-360p"
+    src.mkdir()
+    for child in release.iterdir():
+        if child.name != "dual_tower_bridge":
+            (src / child.name).symlink_to(child)
+    _component_copy(release, "dual_tower_bridge", src, lambda cfg: cfg.pop("apply_cross_rope"))
+    assert main(["convert", str(src), str(tmp_path / "out"), "--dtype", "fp32", "--transformer-only"]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n")  # (the progress bar rewrites its line)
+    errors = [line for line in err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and "dual_tower_bridge/config.json" in errors[0] and "lacks apply_cross_rope" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_release_config_values_that_are_not_movas_are_refused(release, tmp_path):
+    cases = [("audio_dit", lambda c: c.update(vae_type="oobleck"), "vae_type 'oobleck'"),
+             ("audio_dit", lambda c: c.update(patch_size=[2]), "patch_size"),
+             ("audio_dit", lambda c: c.update(_class_name="WanModel"), "_class_name 'WanModel'"),
+             ("dual_tower_bridge", lambda c: c.update(pooled_adaln=True), "pooled_adaln")]
+    for i, (component, edit, message) in enumerate(cases):
+        loader = load_mova_audio_dit if component == "audio_dit" else load_mova_bridge
+        with pytest.raises(ConversionError, match=message):
+            loader(_component_copy(release, component, tmp_path / str(i), edit))
+
+
+def test_weights_without_config_take_diffsynths_release_values(release, tmp_path):
+    """DiffSynth-Studio loads the weights file alone with its hard-coded release values; so do we when no config.json
+    is there (and a config given as a dict may be partial)."""
+    bridge = load_mova_bridge(_component_copy(release, "dual_tower_bridge", tmp_path, with_config=False)
+                              / "diffusion_pytorch_model.safetensors", {"head_dim": 12})
+    cfg = bridge.config
+    assert (cfg.interaction_strategy, cfg.apply_cross_rope, cfg.audio_fps) == ("full", True, 50.0)

@@ -8,11 +8,26 @@ layout (Wan2.2-I2V without CLIP -> stock ``WanTransformer3DModel`` through :mod:
 whose keys are already :class:`~diffusers_wan_ext.models.autoencoder_dac.AutoencoderDac`'s; ``weight_g`` /
 ``weight_v`` pairs of a file that still has weight norm are fused).  Every key map here is a table of module-path pairs; widths
 come from the shapes, what shapes cannot tell (heads, the bridge's head dim and depths) from the release
-``config.json`` (constructor-argument names), else the release values.
+``config.json``, else the release values.
+
+Each ``config.json`` is what the original classes' ``save_pretrained`` writes (OpenMOSS/MOVA, ``mova/diffusion/models``:
+Diffusers ``ConfigMixin`` classes): ``_class_name`` (:data:`MOVA_RELEASE_CLASSES`) and the constructor arguments --
+``WanModel`` / ``WanAudioModel`` (``dim``, ``in_dim``, ``ffn_dim``, ``out_dim``, ``text_dim``, ``freq_dim``, ``eps``,
+``patch_size``, ``num_heads``, ``num_layers``, ``has_image_input``, ...; the audio DiT adds ``vae_type``),
+``DualTowerConditionalBridge`` (``visual_layers``, ``audio_layers``, ``visual_hidden_dim``, ``audio_hidden_dim``,
+``audio_fps``, ``head_dim``, ``interaction_strategy``, ``apply_cross_rope``, ``apply_first_frame_bias_in_rope``,
+``trainable_condition_scale``, ``pooled_adaln``) and ``DAC`` (``encoder_dim``, ``encoder_rates``, ``latent_dim``,
+``decoder_dim``, ``decoder_rates``, ``n_codebooks``, ``codebook_size``, ``codebook_dim``, ``quantizer_dropout``,
+``sample_rate``, ``continuous``, ``use_weight_norm``).  DiffSynth-Studio reads none of them: it hard-codes the release
+values (its ``model_configs.py`` ``extra_kwargs`` and class defaults), which are the values used here where a field
+is absent.  Where the original class's default differs from those values (:data:`MOVA_REQUIRED_CONFIG_FIELDS`), a
+release ``config.json`` without the field is ambiguous and refused, naming the file and the field; a weights file
+without any ``config.json`` (what DiffSynth loads) takes the release values.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,6 +52,11 @@ from .dit import (
 
 __all__ = [
     "AUDIO_DIT_TOP_LEVEL_KEY_MAP",
+    "MOVA_RELEASE_CLASSES",
+    "MOVA_RELEASE_FIXED_FIELDS",
+    "MOVA_REQUIRED_CONFIG_FIELDS",
+    "check_release_config",
+    "mova_release_config",
     "audio_vae_config_from_state_dict",
     "fuse_weight_norm",
     "is_mova_audio_vae",
@@ -59,6 +79,34 @@ __all__ = [
     "load_mova_audio_dit",
     "load_mova_bridge",
 ]
+
+#: Release sub-folder -> the ``_class_name`` of its ``config.json`` (the original OpenMOSS/MOVA class).
+MOVA_RELEASE_CLASSES = {
+    "video_dit": "WanModel",
+    "video_dit_2": "WanModel",
+    "audio_dit": "WanAudioModel",
+    "dual_tower_bridge": "DualTowerConditionalBridge",
+    "audio_vae": "DAC",
+}
+#: Fields a release ``config.json`` must carry, with the release values DiffSynth-Studio hard-codes: the weights
+#: cannot tell them and the original class's default is another value (``num_heads``: none; ``vae_type``: "oobleck",
+#: another RoPE; ``interaction_strategy`` "shallow_focus"; ``apply_cross_rope`` false; ``audio_fps`` 44100 / 2048;
+#: ``sample_rate`` 44100).
+MOVA_REQUIRED_CONFIG_FIELDS = {
+    "audio_dit": {"num_heads": 12, "vae_type": "dac"},
+    "dual_tower_bridge": {"interaction_strategy": "full", "apply_cross_rope": True, "audio_fps": 50.0},
+    "audio_vae": {"sample_rate": 48000},
+}
+#: The release values of the fields a tiny or hand-made release folder needs besides the widths (the ones the
+#: converter checks or requires; see :func:`mova_release_config`).
+MOVA_RELEASE_FIXED_FIELDS = {
+    "video_dit": dict(has_image_input=False, patch_size=[1, 2, 2], eps=1e-6, in_dim=36, out_dim=16),
+    "audio_dit": dict(vae_type="dac", has_image_input=False, patch_size=[1], eps=1e-6, in_dim=128, out_dim=128),
+    "dual_tower_bridge": dict(audio_fps=50.0, head_dim=128, interaction_strategy="full", apply_cross_rope=True,
+                              apply_first_frame_bias_in_rope=False, trainable_condition_scale=False,
+                              pooled_adaln=False),
+    "audio_vae": dict(sample_rate=48000, continuous=True, use_weight_norm=False),
+}
 
 #: Release sub-folder -> what it holds.
 MOVA_COMPONENT_FOLDERS = {
@@ -184,6 +232,47 @@ def is_mova_bridge(sd: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith(BRIDGE_GROUPS[0][0] + ".") for k in sd)
 
 
+def mova_release_config(component: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of the release sub-folder ``component`` as the original class writes it: ``_class_name``,
+    the release's fixed fields (:data:`MOVA_RELEASE_FIXED_FIELDS`) and ``values`` (the widths; they win).
+
+    Example:
+        >>> mova_release_config("audio_vae", {"latent_dim": 128})["_class_name"]
+        'DAC'
+    """
+    if component not in MOVA_RELEASE_CLASSES:
+        raise ValueError(f"unknown MOVA component {component!r}; one of {', '.join(MOVA_RELEASE_CLASSES)}")
+    fixed = MOVA_RELEASE_FIXED_FIELDS.get("video_dit" if component == "video_dit_2" else component, {})
+    return {"_class_name": MOVA_RELEASE_CLASSES[component], **fixed, **values}
+
+
+def check_release_config(component: str, cfg: Mapping[str, Any], source: str) -> None:
+    """Refuse a release ``config.json`` (``source``) of ``component`` that names another class or lacks a field of
+    :data:`MOVA_REQUIRED_CONFIG_FIELDS` (one line naming the file and the fields)."""
+    expected = MOVA_RELEASE_CLASSES[component]
+    name = cfg.get("_class_name")
+    if name is not None and name != expected:
+        raise ConversionError(f"{source}: _class_name {name!r}, but MOVA's {component}/config.json names {expected!r}")
+    required = MOVA_REQUIRED_CONFIG_FIELDS.get(component, {})
+    missing = [k for k in required if cfg.get(k) is None]
+    if missing:
+        values = ", ".join(f"{k}={json.dumps(required[k])}" for k in missing)
+        raise ConversionError(
+            f"{source}: MOVA's {component} config.json lacks {', '.join(missing)}, which the weights do not tell and "
+            f"whose {expected} default is not the release's; add the release's value(s) ({values} in "
+            "openmoss/MOVA-360p / 720p, as DiffSynth-Studio assumes)")
+
+
+def _read_component(sd_or_path, original_config: Mapping[str, Any] | None, component: str):
+    """Weights and config of one component; a ``config.json`` found beside the weights is checked
+    (:func:`check_release_config`), a config given as ``original_config`` may be partial."""
+    sd, cfg = read_original_dit(sd_or_path, original_config)
+    if original_config is None and cfg:
+        path = Path(sd_or_path)
+        check_release_config(component, cfg, str((path if path.is_dir() else path.parent) / "config.json"))
+    return sd, cfg
+
+
 def _checked_int(cfg: Mapping[str, Any], key: str, value: int, source: str) -> int:
     if key in cfg and cfg[key] is not None and int(cfg[key]) != int(value):
         raise ConversionError(f"config.json says {key}={cfg[key]} but the weights have {key}={value} (from {source})")
@@ -194,8 +283,18 @@ def audio_dit_config_from_state_dict(
     sd: Mapping[str, torch.Tensor], original_config: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """:class:`MovaAudioTransformer1DModel` config from release-layout weights (and the release ``config.json``:
-    ``num_heads``, ``eps``; other widths must agree with the shapes)."""
+    ``num_heads``, ``eps``; other widths must agree with the shapes; ``vae_type`` must be "dac", ``patch_size``
+    ``[1]``, ``has_image_input`` false)."""
     cfg = dict(original_config or {})
+    if cfg.get("vae_type", "dac") != "dac":
+        raise ConversionError(
+            f"audio_dit config.json: vae_type {cfg['vae_type']!r} is not supported: MOVA-360p / 720p's audio DiT is "
+            "the 'dac' one (48 kHz DAC latents, plain 1-D RoPE); 'oobleck' uses another RoPE scale")
+    if cfg.get("patch_size") is not None and list(cfg["patch_size"]) != [1]:
+        raise ConversionError(f"audio_dit config.json: patch_size {cfg['patch_size']} is not [1] (MOVA's audio DiT)")
+    if cfg.get("has_image_input"):
+        raise ConversionError("audio_dit config.json: has_image_input=true is not supported (MOVA's audio DiT has no "
+                              "image input)")
     num_layers = len(check_block_layout(sd, _AUDIO_REQUIRED, "MOVA's audio DiT"))
     pe = sd["patch_embedding.weight"]
     if pe.ndim != 3 or pe.shape[2] != 1:
@@ -278,7 +377,7 @@ def load_mova_audio_dit(
     torch_dtype: torch.dtype | None = None,
 ) -> MovaAudioTransformer1DModel:
     """:class:`MovaAudioTransformer1DModel` from the release ``audio_dit`` (a state dict, file or folder)."""
-    sd, cfg = read_original_dit(sd_or_path, original_config)
+    sd, cfg = _read_component(sd_or_path, original_config, "audio_dit")
     if not is_mova_audio_dit(sd):
         raise ConversionError(f"{_source(sd_or_path)}: not MOVA's audio DiT (no Conv1d patch_embedding.weight)")
     model = _build(MovaAudioTransformer1DModel, audio_dit_config_from_state_dict(sd, cfg))
@@ -291,7 +390,7 @@ def load_mova_bridge(
     torch_dtype: torch.dtype | None = None,
 ) -> MovaDualTowerBridge:
     """:class:`MovaDualTowerBridge` from the release ``dual_tower_bridge`` (a state dict, file or folder)."""
-    sd, cfg = read_original_dit(sd_or_path, original_config)
+    sd, cfg = _read_component(sd_or_path, original_config, "dual_tower_bridge")
     if not is_mova_bridge(sd):
         raise ConversionError(f"{_source(sd_or_path)}: not MOVA's dual-tower bridge (no audio_to_video_conditioners.*)")
     model = _build(MovaDualTowerBridge, bridge_config_from_state_dict(sd, cfg))
@@ -364,7 +463,7 @@ def load_mova_audio_vae(
     torch_dtype: torch.dtype | None = None,
 ) -> AutoencoderDac:
     """:class:`AutoencoderDac` from the release ``audio_vae`` (a state dict, file or folder)."""
-    sd, cfg = read_original_dit(sd_or_path, original_config)
+    sd, cfg = _read_component(sd_or_path, original_config, "audio_vae")
     if not is_mova_audio_vae(sd):
         raise ConversionError(f"{_source(sd_or_path)}: not MOVA's DAC audio VAE (no quant_conv / decoder.model keys)")
     sd = fuse_weight_norm(sd)
