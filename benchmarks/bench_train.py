@@ -35,7 +35,7 @@ offload training (docs, "Offload Training"): "speed drops about 2-10x (more for 
 moved the frozen weights to the CPU), ``peak`` = the largest allocation during the timed steps.
 
 Usage (GPU):  python benchmarks/bench_train.py                      # 1.3b and 14b, variant lora
-              python benchmarks/bench_train.py --models s2v-14b,vap-14b
+              python benchmarks/bench_train.py --models s2v-14b,vap-14b:lora-offload
               python benchmarks/bench_train.py --models 1.3b --variants lora,lora-model-offload,lora-model-optim-offload
 CPU smoke:    python benchmarks/bench_train.py --tiny     (tiny T2V, S2V and VAP models, every variant)
 Writes bench_train.json under $OUT when set.
@@ -226,8 +226,11 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="1.3b,14b")
-    parser.add_argument("--variants", default="lora", help=f"comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated: {', '.join(MODELS)} (default 1.3b,14b; --tiny: the tiny ones); "
+                             "NAME:V1+V2 gives that model its own variants")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated: {', '.join(VARIANTS)} (default lora; --tiny: all)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -239,12 +242,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="CPU smoke test: tiny T2V / S2V / VAP models, every variant, one timed step")
     args = parser.parse_args(argv)
     if args.tiny:
-        device, dtype, models, shape = torch.device("cpu"), torch.float32, ["tiny", "s2v-tiny", "vap-tiny"], "tiny"
-        args.steps, args.warmup, args.rank, args.variants = 1, 1, 4, ",".join(VARIANTS)
+        device, dtype, shape = torch.device("cpu"), torch.float32, "tiny"
+        tiny_of = {"1.3b": "tiny", "14b": "tiny", "s2v-14b": "s2v-tiny", "vap-14b": "vap-tiny"}  # same code paths
+        models = [tiny_of.get(m.split(":")[0], m.split(":")[0]) + m[len(m.split(":")[0]):]
+                  for m in (args.models or "tiny,s2v-tiny,vap-tiny").split(",")]
+        args.steps, args.warmup, args.rank, args.variants = 1, 1, 4, args.variants or ",".join(VARIANTS)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device; run with --tiny for the CPU smoke test")
-        device, dtype, models, shape = torch.device("cuda"), torch.bfloat16, args.models.split(","), "480x832x81"
+        device, dtype, shape = torch.device("cuda"), torch.bfloat16, "480x832x81"
+        models, args.variants = (args.models or "1.3b,14b").split(","), args.variants or "lora"
     import diffusers
     import peft
 
@@ -254,15 +261,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     print(json.dumps(env), flush=True)
-    unknown = [n for n in models if n not in MODELS] + [v for v in args.variants.split(",") + [args.oom_fallback or "lora"]
-                                                        if v not in VARIANTS]
+    # "name:variant" runs that model with that variant only (e.g. vap-14b:lora-offload), others get --variants
+    per_model = {m.split(":")[0]: (m.split(":")[1].split("+") if ":" in m else args.variants.split(",")) for m in models}
+    unknown = [n for n in per_model if n not in MODELS] + [
+        v for v in sum(per_model.values(), []) + [args.oom_fallback or "lora"] if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown --models / --variants {unknown}; models: {', '.join(MODELS)}; "
                          f"variants: {', '.join(VARIANTS)}")
     rows = []
     out = os.environ.get("OUT", "out")
-    for name in models:
-        variants = args.variants.split(",")
+    for name, variants in per_model.items():
+        variants = list(variants)
         while variants:
             variant = variants.pop(0)
             try:

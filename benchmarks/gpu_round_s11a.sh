@@ -4,15 +4,20 @@
 # from benchmarks/):
 #   bash benchmarks/run_gpu_round.sh "bash gpu_round_s11a.sh"
 # CPU smoke test of the runner (every bench with --tiny): cd benchmarks && TINY=1 OUT=/tmp/s11a bash gpu_round_s11a.sh
-# Each part has its own timeout (they sum to 545 s); a part that times out keeps the rows it wrote (every bench writes
-# its JSON after each row).  Logs and JSON go to $OUT.  Estimated H100 times (from 14B 720p forward = 11 s, 1.3B 480p
-# forward = 0.52 s, 14B LoRA 480p step = 16.5 s and 1.3B = 3.7 s in bench_train on 2026-11-21):
-#   animate2 480p (stock compiled / ours / ours compiled)                      ~120 s  (timeout 140)
-#   mova-360p eager (1 + 3 forwards of ~2.3 s) + compiled (compile ~60-80 s)   ~95 s   (timeout 110)
-#   dancer-global / dancer-local (136 800 tokens, ~32 s each), mova-720p
-#     (111 600 tokens, ~22 s): one timed forward each, no warm-up           ~110 s  (timeout 125)
-#   s2v-14b (~16 s/step) and vap-14b (~25 s/step) LoRA, 1 warm-up + 1 step    ~95 s   (timeout 110)
-#   1.3b lora / lora-model-offload / lora-model-optim-offload, 1 + 2 steps     ~50 s   (timeout 60)
+# Each part has its own timeout (they sum to 540 s); a part that times out keeps the rows it wrote (every bench writes
+# its JSON after each row).  Logs and JSON go to $OUT.  Estimated H100 times (from 14B 720p forward = 11 s, i.e.
+# ~590 TFLOP/s effective; 1.3B 480p forward = 0.52 s; bench_train on 2026-11-21: 14B LoRA 480p 16.5 s/step, 56.7 GiB
+# peak; 1.3B 3.7 s/step, 12.1 GiB):
+#   animate2 480p: 3 variants x 6 passes of ~3 s + compiles (stock flex ~60 s, ours ~45 s)   ~140 s (timeout 150)
+#   mova-360p (27 280 tokens, ~2.3 s): eager 1 + 3 forwards; compiled: both towers'
+#     compile_repeated_blocks (~60 s) + 3 forwards                                         ~90 s  (timeout 95)
+#   dancer-global / dancer-local (136 800 tokens, ~32 s each) and mova-720p (111 600 tokens,
+#     ~22 s): build ~6 s + one timed forward each, no warm-up (first-call overhead < 1 %)   ~110 s (timeout 120)
+#   s2v-14b lora (~17 s/step, ~60 GiB) and vap-14b lora-offload (20.7 B params = 38.5 GiB of
+#     weights: plain checkpointing would need ~85 GiB; ~28 s/step), 1 warm-up + 1 step each  ~110 s (timeout 120)
+#   1.3b lora / lora-model-offload / lora-model-optim-offload, 1 warm-up + 1 step each        ~50 s  (timeout 55)
+# Dancer has no compiled row here (compile + two 32 s forwards per model do not fit the round); run
+#   python3 bench_new_families.py --rows dancer-local --compile --no-eager --warmup 1 --iters 1   for it.
 set -uo pipefail
 OUT=${OUT:-out}
 export OUT
@@ -27,14 +32,13 @@ part() {  # part NAME TIMEOUT COMMAND...
   grep -E '^\||^\{|s/step|: [0-9.]+ s|OOM|Error|Traceback' "$OUT/$name.log" | grep -v -i warn | tail -n 30
   echo "--- $name: rc $rc, $((SECONDS - start)) s"
 }
-part animate2 140 python3 bench_animate2.py
-part families_mova360 110 python3 bench_new_families.py --rows mova-360p --compile --warmup 1 --iters 3 --tag mova360
-part families_big 125 python3 bench_new_families.py --rows dancer-global,dancer-local,mova-720p --warmup 0 --iters 1 \
+part animate2 150 python3 bench_animate2.py
+part families_mova360 95 python3 bench_new_families.py --rows mova-360p --compile --warmup 1 --iters 3 --tag mova360
+part families_big 120 python3 bench_new_families.py --rows dancer-global,dancer-local,mova-720p --warmup 0 --iters 1 \
   --tag big
-part train_14b 110 python3 bench_train.py --models s2v-14b,vap-14b --variants lora --warmup 1 --steps 1 \
-  --oom-fallback lora-offload
+part train_14b 120 python3 bench_train.py --models s2v-14b,vap-14b:lora-offload --variants lora --warmup 1 --steps 1
 mv "$OUT/bench_train.json" "$OUT/bench_train_14b.json" 2>/dev/null
-part train_13b_offload 60 python3 bench_train.py --models 1.3b --variants lora,lora-model-offload,lora-model-optim-offload \
-  --warmup 1 --steps 2
+part train_13b_offload 55 python3 bench_train.py --models 1.3b --variants lora,lora-model-offload,lora-model-optim-offload \
+  --warmup 1 --steps 1
 mv "$OUT/bench_train.json" "$OUT/bench_train_13b_offload.json" 2>/dev/null
 echo "total ${SECONDS} s"
