@@ -87,6 +87,15 @@ def dataset_args(data: Path, stage: str) -> list:
     return ["--dataset_base_path", data, "--dataset_metadata_path", data / f"{stage}.csv", "--extra_inputs", EXTRA]
 
 
+@pytest.fixture(scope="module")
+def caches(model, data, tmp_path_factory) -> dict[str, Path]:
+    """Each stage's training cache (``--task sft:data_process``; the same for LoRA and full fine-tuning runs)."""
+    root = tmp_path_factory.mktemp("dancer-caches")
+    return {stage: train("--task", "sft:data_process", "--model_path", model, *COMMON, *dataset_args(data, stage),
+                         "--lora_base_model", base, "--output_path", root / stage)
+            for stage, base in (("global", "dit"), ("local", "dit2"))}
+
+
 # --------------------------------------------------------------------------------------------------- conditioning
 
 
@@ -181,12 +190,11 @@ def _eval_loss(model: Path, sub: str, cache: Path, lora: Path | None) -> float:
 
 
 @pytest.mark.parametrize("stage", ["global", "local"])
-def test_lora_trains_and_changes_the_pipeline(stage, model, data, tmp_path):
+def test_lora_trains_and_changes_the_pipeline(stage, model, data, caches, tmp_path):
     """Sixteen steps lower the loss on fixed draws; the LoRA loads into WanDancerPipeline (into the trained DiT)
     and changes what that stage renders."""
     base_model, sub = ("dit", "transformer") if stage == "global" else ("dit2", "transformer_2")
-    cache = train("--task", "sft:data_process", "--model_path", model, *COMMON, *dataset_args(data, stage),
-                  "--lora_base_model", base_model, "--output_path", tmp_path / "cache")
+    cache = caches[stage]
     out = train("--task", "sft:train", "--dataset_base_path", cache, "--model_path", model, *COMMON,
                 "--extra_inputs", EXTRA, "--lora_base_model", base_model, "--learning_rate", "1e-2",
                 "--dataset_repeat", 16, "--output_path", tmp_path / "lora")
@@ -214,6 +222,29 @@ def test_lora_trains_and_changes_the_pipeline(stage, model, data, tmp_path):
     plain = render()
     pipe.load_lora_weights(str(out))
     assert float((render() - plain).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("stage", ["global", "local"])
+def test_full_fine_tuning_saves_a_dancer_folder(stage, model, caches, tmp_path):
+    """--trainable_models dit / dit2: two steps save the stage's DiT as a WanDancerTransformer3DModel folder (in
+    --save_dtype) that differs from the base and takes its place in WanDancerPipeline."""
+    from diffusers_wan_ext import WanDancerTransformer3DModel
+
+    name, sub = ("dit", "transformer") if stage == "global" else ("dit2", "transformer_2")
+    out = train("--task", "sft:train", "--dataset_base_path", caches[stage], "--model_path", model, *COMMON,
+                "--extra_inputs", EXTRA, "--trainable_models", name, "--learning_rate", "1e-3", "--dataset_repeat", 2,
+                "--save_dtype", "fp32", "--output_path", tmp_path / "full")
+    assert len((out / "logs" / "losses.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("checkpoint")) == ["logs", sub]
+    assert json.loads((out / sub / "config.json").read_text())["_class_name"] == "WanDancerTransformer3DModel"
+    tuned = WanDancerTransformer3DModel.from_pretrained(str(out / sub), torch_dtype=torch.float32)
+    base = WanDancerTransformer3DModel.from_pretrained(str(model), subfolder=sub, torch_dtype=torch.float32)
+    a, b = tuned.state_dict(), base.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == torch.float32 for k in a)
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert any(k.startswith("blocks.") for k in changed), "the fine-tuned DiT equals the base"
+    pipe = WanDancerPipeline.from_pretrained(str(model), torch_dtype=torch.float32, **{sub: tuned})
+    assert pipe.components[sub] is tuned and type(pipe.components["transformer"]) is WanDancerTransformer3DModel
 
 
 # ------------------------------------------------------------------------------------------------------- scripts
