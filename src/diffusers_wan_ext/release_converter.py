@@ -36,8 +36,8 @@ from .conversion.dit import (
 )
 from .conversion.image_encoder import load_clip_from_original, make_clip_image_processor
 from .conversion.quantized_dit import (check_fp8_storage, check_kept_quantized, is_single_file,
-                                       kept_quantized_kind, quantized_dit_from_tensors, read_quantized_dit, save_transformer,
-                                       shape_state_dict)
+                                       kept_quantized_kind, quantized_dit_from_tensors, read_quantized_dit,
+                                       save_transformer, shape_state_dict)
 from .conversion.release_io import (
     DTYPES,
     first_existing,
@@ -46,7 +46,7 @@ from .conversion.release_io import (
     progress_message,
     write_model_card,
 )
-from .conversion.text_encoder import load_t5_from_original
+from .conversion.quantized_text_encoder import load_text_encoder, save_component
 from .conversion.tokenizer import load_umt5_tokenizer
 from .conversion.vae import detect_vae_version, load_vae_from_original
 from .families import FAMILIES, VARIANTS, ReleaseOptions, WanVariant, get_variant, variants_for_arch
@@ -303,12 +303,12 @@ def _load_transformers(files: ReleaseFiles, dit_sds, infos, torch_dtype, bar) ->
 
 
 def _load_core_components(files: ReleaseFiles, var: WanVariant, info: DitInfo, torch_dtype, image_encoder_heads,
-                          bar) -> dict[str, Any]:
+                          bar, keep_quantized: bool = False) -> dict[str, Any]:
     """Text encoder, tokenizer, VAE (+ CLIP), each checked against the DiT."""
     components: dict[str, Any] = {}
     bar.set_postfix_str("text encoder")
     components["text_encoder"] = with_path(files.text_encoder,
-                                           lambda: load_t5_from_original(files.text_encoder, torch_dtype=torch_dtype))
+                                           lambda: load_text_encoder(files.text_encoder, torch_dtype, keep_quantized))
     bar.update()
     bar.set_postfix_str("tokenizer")
     components["tokenizer"] = with_path(files.tokenizer, lambda: load_umt5_tokenizer(files.tokenizer))
@@ -425,7 +425,8 @@ def load_release(
             family.verify_extras(extras[family.name], transformers_[0], files.extras)
         components: dict[str, Any] = {}
         if not transformer_only:
-            components = _load_core_components(files, var, info, torch_dtype, image_encoder_heads, bar)
+            components = _load_core_components(files, var, info, torch_dtype, image_encoder_heads, bar,
+                                               keep_quantized)
             components.update(family_components)
             bar.update(int(var.audio_encoder))
             components["scheduler"] = make_scheduler(scheduler, var.flow_shift)
@@ -444,7 +445,7 @@ def _write_pipeline_folder(tmp: Path, release: LoadedRelease, src, torch_dtype, 
         # would load a listed optional transformer from the folder even when one is passed)
         index[name] = [None, None] if kept_quantized_kind(model) == "gguf" else library_of(model)
     for name, comp in release.components.items():
-        comp.save_pretrained(tmp / name)
+        save_component(comp, tmp / name, torch_dtype)  # a kept-quantized text encoder: its own folder
         index[name] = library_of(comp)
     pipe_cls = getattr(diffusers, var.pipeline)
     expected, _ = pipe_cls._get_signature_keys(pipe_cls)

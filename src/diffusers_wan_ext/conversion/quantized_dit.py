@@ -44,11 +44,13 @@ from .dit import (
     locate_dit,
     rename_dit_key,
 )
+from .quantized_layers import gguf_packed, keeps_fp32
+from .quantized_text_encoder import load_quantized_text_encoder_folder
 from .quantized_torchao import load_torchao_fp8_folder, require_torchao, save_torchao_fp8_transformer
 
 __all__ = ["FP8_STORAGES", "GGUF_FOLDER_WEIGHTS", "PACKAGE_LOADER", "QUANTIZED_FOLDER_NOTE", "SINGLE_FILE_SUFFIXES",
-           "check_fp8_storage", "check_kept_quantized", "is_single_file", "kept_quantized_kind", "load_quantized_dit", "load_quantized_folder",
-           "quantized_dit_from_tensors", "read_quantized_dit", "save_quantized_transformer", "save_transformer",
+           "check_fp8_storage", "check_kept_quantized", "is_single_file", "kept_quantized_kind", "load_quantized_dit",
+           "load_quantized_folder", "quantized_dit_from_tensors", "read_quantized_dit", "save_quantized_transformer", "save_transformer",
            "unscaled_fp8_weight"]
 
 #: files :func:`load_quantized_dit` keeps quantized (anything else loads dequantized as with load_dit_from_original)
@@ -78,31 +80,13 @@ def _adapter_keys(keys) -> set[str]:
     return {k for k in keys for e in dit_extensions() if e.adapter_keys is not None and e.adapter_keys(k)}
 
 
-def _keeps_fp32(name: str, keep_in_fp32: list[str] | None) -> bool:
-    return bool(keep_in_fp32) and bool(set(keep_in_fp32).intersection(name.split(".")))
-
-
-def _gguf_packed(q: QuantizedTensor) -> torch.Tensor | None:
-    """The ``[out, bytes]`` GGUF blocks of a 2-D weight Diffusers can dequantize in torch, else ``None``."""
-    import gguf  # optional dependency (the `gguf` extra)
-    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
-
-    qtype = gguf.GGMLQuantizationType[q.qtype]
-    if q.data.dtype != torch.uint8 or len(q.shape) != 2 or qtype not in SUPPORTED_GGUF_QUANT_TYPES:
-        return None
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    if q.shape[1] % block:
-        return None
-    return q.data.reshape(q.shape[0], q.shape[1] // block * size)
-
-
 def _plain_value(q: QuantizedTensor, name: str, torch_dtype: torch.dtype | None, keep_in_fp32) -> torch.Tensor:
     if not q.data.is_floating_point() and not q.is_quantized:
         return q.dequantize()
     value = q.dequantize(torch.float32 if q.is_quantized else q.data.dtype)
     if torch_dtype is None:
         return value.to(torch.float16) if q.is_quantized and value.dtype == torch.float32 else value
-    if _keeps_fp32(name, keep_in_fp32) and torch_dtype in (torch.float16, torch.bfloat16):
+    if keeps_fp32(name, keep_in_fp32) and torch_dtype in (torch.float16, torch.bfloat16):
         return value.to(torch.float32)
     return value.to(torch_dtype)
 
@@ -115,13 +99,13 @@ def _quantized_linears(model: nn.Module, tensors: Mapping[str, QuantizedTensor],
     for key, new in renamed.items():
         q = tensors[key]
         module_name, _, leaf = new.rpartition(".")
-        if leaf != "weight" or not q.is_quantized or _keeps_fp32(new, keep_in_fp32):
+        if leaf != "weight" or not q.is_quantized or keeps_fp32(new, keep_in_fp32):
             continue
         if not isinstance(model.get_submodule(module_name), nn.Linear):
             continue
         if q.qtype in FP8_DTYPES:
             fp8_weights[new] = q
-        elif (packed := _gguf_packed(q)) is not None:
+        elif (packed := gguf_packed(q)) is not None:
             gguf_weights[new] = (packed, q.qtype)
     return gguf_weights, fp8_weights
 
@@ -174,7 +158,7 @@ def _adapter_state_dict(tensors: Mapping[str, QuantizedTensor]) -> dict[str, tor
 def _cast(name: str, value: torch.Tensor, torch_dtype: torch.dtype, keep_in_fp32) -> torch.Tensor:
     if not value.is_floating_point():
         return value
-    keep = _keeps_fp32(name, keep_in_fp32) and torch_dtype in (torch.float16, torch.bfloat16)
+    keep = keeps_fp32(name, keep_in_fp32) and torch_dtype in (torch.float16, torch.bfloat16)
     return value.to(torch.float32 if keep else torch_dtype)
 
 
@@ -287,7 +271,7 @@ def _gguf_folder_tensors(model: nn.Module, torch_dtype: torch.dtype) -> dict[str
         elif not t.is_floating_point():
             raise ConversionError(f"{type(model).__name__}: {key} is {t.dtype}; a GGUF folder holds float tensors")
         else:
-            out[key] = t.detach().to(torch.float32 if _keeps_fp32(key, keep) else plain)
+            out[key] = t.detach().to(torch.float32 if keeps_fp32(key, keep) else plain)
     return out
 
 
@@ -317,7 +301,7 @@ def _fp8_folder_tensors(model: nn.Module, torch_dtype: torch.dtype) -> tuple[dic
             out[key] = unscaled_fp8_weight(layers[module])
             rescaled += int(not bool((layers[module].weight_scale == 1).all()))
         elif t.is_floating_point():
-            out[key] = t.to(torch.float32 if _keeps_fp32(key, keep) and torch_dtype != torch.float32 else torch_dtype)
+            out[key] = t.to(torch.float32 if keeps_fp32(key, keep) and torch_dtype != torch.float32 else torch_dtype)
         else:
             out[key] = t
     return out, {"storage_dtype": fp8_types[0], "fp8_layers": len(layers), "rounded_again": rescaled}
@@ -457,9 +441,11 @@ def load_quantized_folder(folder: str | os.PathLike, model_class: type | None = 
     says: GGUF through stock ``from_single_file`` + ``GGUFQuantizationConfig`` (a class that route does not take:
     this package's reader, blocks kept packed in Diffusers ``GGUFLinear`` layers), fp8 through stock
     ``from_pretrained`` + ``enable_layerwise_casting``, torchao fp8 through stock ``from_pretrained`` (without
-    torchao installed: into :class:`Fp8Linear` layers holding the same values and scales).  ``model_class``: default
-    the class named in ``config.json`` (Diffusers', else this package's); ``torch_dtype``: default the compute dtype
-    of the conversion."""
+    torchao installed: into :class:`Fp8Linear` layers holding the same values and scales).  A kept-quantized umT5
+    text encoder folder (the note's ``library`` is ``transformers``) is read by
+    :func:`~diffusers_wan_ext.conversion.quantized_text_encoder.load_quantized_text_encoder_folder`.
+    ``model_class``: default the class named in ``config.json`` (Diffusers', else this package's); ``torch_dtype``:
+    default the compute dtype of the conversion."""
     import diffusers
 
     folder = Path(folder)
@@ -469,6 +455,8 @@ def load_quantized_folder(folder: str | os.PathLike, model_class: type | None = 
     except FileNotFoundError as e:
         raise ConversionError(f"{folder}: no {Path(e.filename).name}; not a folder written with --keep-quantized "
                               "(load it with from_pretrained)") from None
+    if note.get("library") == "transformers":  # a kept-quantized umT5 text encoder
+        return load_quantized_text_encoder_folder(folder, torch_dtype)
     cls = model_class or _model_class(folder, config)
     dtype = torch_dtype or getattr(torch, note["compute_dtype"])
     if note["storage"] == "gguf" and note.get("loader") == PACKAGE_LOADER:

@@ -25,8 +25,10 @@ from torch import nn
 
 from ..models.quantized_linear import Fp8Linear, Fp8Storage
 from ..utils.io import ConversionError
+from .quantized_layers import keeps_fp32
 
-__all__ = ["TORCHAO_MIN_VERSION", "load_torchao_fp8_folder", "require_torchao", "save_torchao_fp8_transformer", "torchao_version"]
+__all__ = ["TORCHAO_MIN_VERSION", "load_torchao_fp8_folder", "require_torchao", "save_torchao_fp8_transformer",
+           "torchao_state_dict", "torchao_version"]
 
 #: the torchao release from which Diffusers serializes its tensors to safetensors (``get_state_dict_and_metadata``)
 TORCHAO_MIN_VERSION = (0, 16)
@@ -62,10 +64,6 @@ def _float8_weight(layer: Fp8Linear, torch_dtype: torch.dtype):
     return Float8Tensor(layer.weight.detach(), scale, block_size=[1, in_features], dtype=torch_dtype)
 
 
-def _keeps_fp32(name: str, keep_in_fp32: list[str] | None) -> bool:
-    return bool(keep_in_fp32) and bool(set(keep_in_fp32).intersection(name.split(".")))
-
-
 def torchao_state_dict(model: nn.Module, torch_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model's tensors in Diffusers names: each :class:`Fp8Linear` weight a torchao ``Float8Tensor`` (its scale
     inside, the layer's ``input_scale`` dropped), everything else in ``torch_dtype`` (float32 where Diffusers keeps
@@ -80,7 +78,7 @@ def torchao_state_dict(model: nn.Module, torch_dtype: torch.dtype) -> dict[str, 
         if module in layers and leaf == "weight":
             out[key] = _float8_weight(layers[module], torch_dtype)
         elif t.is_floating_point():
-            out[key] = t.to(torch.float32 if _keeps_fp32(key, keep) and torch_dtype != torch.float32 else torch_dtype)
+            out[key] = t.to(torch.float32 if keeps_fp32(key, keep) and torch_dtype != torch.float32 else torch_dtype)
         else:
             out[key] = t
     return out
@@ -165,7 +163,7 @@ def load_torchao_fp8_folder(folder: str | os.PathLike, model_class: type, torch_
         except AttributeError:
             raise ConversionError(f"{folder}: {module}{QDATA} names no layer of {model_class.__name__}") from None
         setattr(target, child, _fp8_layer(module, tensors, torch_dtype, folder))
-    plain = {k: v.to(torch.float32 if _keeps_fp32(k, keep) and torch_dtype != torch.float32 else torch_dtype)
+    plain = {k: v.to(torch.float32 if keeps_fp32(k, keep) and torch_dtype != torch.float32 else torch_dtype)
              if v.is_floating_point() else v for k, v in tensors.items()}
     unexpected = model.load_state_dict(plain, strict=False, assign=True).unexpected_keys
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -1,0 +1,30 @@
+"""Small helpers the kept-quantized loaders share (DiT, umT5, torchao folders): which stored weights stay packed."""
+
+from __future__ import annotations
+
+import torch
+
+from ..utils.quantized_tensor import QuantizedTensor
+
+__all__ = ["gguf_packed", "keeps_fp32"]
+
+
+def keeps_fp32(name: str, keep_in_fp32: list[str] | None) -> bool:
+    """Whether ``name`` lies under one of the model's ``_keep_in_fp32_modules`` (a module name among its parts)."""
+    return bool(keep_in_fp32) and bool(set(keep_in_fp32).intersection(name.split(".")))
+
+
+def gguf_packed(q: QuantizedTensor) -> torch.Tensor | None:
+    """The ``[out, bytes]`` GGUF blocks of a 2-D weight Diffusers can dequantize in torch, else ``None``."""
+    import gguf  # optional dependency (the `gguf` extra)
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    if q.qtype not in gguf.GGMLQuantizationType.__members__:
+        return None
+    qtype = gguf.GGMLQuantizationType[q.qtype]
+    if q.data.dtype != torch.uint8 or len(q.shape) != 2 or qtype not in SUPPORTED_GGUF_QUANT_TYPES:
+        return None
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if q.shape[1] % block:
+        return None
+    return q.data.reshape(q.shape[0], q.shape[1] // block * size)
