@@ -37,7 +37,8 @@ moved the frozen weights to the CPU), ``peak`` = the largest allocation during t
 Usage (GPU):  python benchmarks/bench_train.py                      # 1.3b and 14b, variant lora
               python benchmarks/bench_train.py --models s2v-14b,vap-14b:lora-offload
               python benchmarks/bench_train.py --models 1.3b --variants lora,lora-model-offload,lora-model-optim-offload
-CPU smoke:    python benchmarks/bench_train.py --tiny     (tiny T2V, S2V and VAP models, every variant)
+CPU smoke:    python benchmarks/bench_train.py --tiny --models 1.3b,s2v-14b,vap-14b   (tiny models of each family,
+              every variant; plain --tiny: the tiny T2V model)
 Writes bench_train.json under $OUT when set.
 """
 
@@ -227,7 +228,7 @@ def table(rows: list[dict], cols: list[str]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=None,
-                        help=f"comma-separated: {', '.join(MODELS)} (default 1.3b,14b; --tiny: the tiny ones); "
+                        help=f"comma-separated: {', '.join(MODELS)} (default 1.3b,14b; --tiny: tiny); "
                              "NAME:V1+V2 gives that model its own variants")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated: {', '.join(VARIANTS)} (default lora; --tiny: all)")
@@ -239,13 +240,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--oom-fallback", default=None, metavar="VARIANT",
                         help="a row that runs out of memory is run again with this variant (e.g. lora-offload)")
     parser.add_argument("--tiny", action="store_true",
-                        help="CPU smoke test: tiny T2V / S2V / VAP models, every variant, one timed step")
+                        help="CPU smoke test: tiny models (release names map to tiny ones of the same family: "
+                             "--models 1.3b,s2v-14b,vap-14b), every variant unless --variants, one timed step")
     args = parser.parse_args(argv)
     if args.tiny:
         device, dtype, shape = torch.device("cpu"), torch.float32, "tiny"
         tiny_of = {"1.3b": "tiny", "14b": "tiny", "s2v-14b": "s2v-tiny", "vap-14b": "vap-tiny"}  # same code paths
         models = [tiny_of.get(m.split(":")[0], m.split(":")[0]) + m[len(m.split(":")[0]):]
-                  for m in (args.models or "tiny,s2v-tiny,vap-tiny").split(",")]
+                  for m in (args.models or "tiny").split(",")]
         args.steps, args.warmup, args.rank, args.variants = 1, 1, 4, args.variants or ",".join(VARIANTS)
     else:
         if not torch.cuda.is_available():
