@@ -56,6 +56,10 @@ torch.save({"y": y, "x": x, "ctx": ctx, "control": control, "qdata": w.qdata.vie
 """
 
 
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt().clamp_min(1e-12))
+
+
 def forward(model, x, ctx, **kw) -> torch.Tensor:
     with torch.no_grad():
         return model(x, torch.tensor([500.0]), ctx, return_dict=False, **kw)[0]
@@ -185,3 +189,73 @@ def test_s2v_gguf_folder_loads_through_the_package(tiny_release, tmp_path):
         assert torch.equal(got[key].detach(), want[key].detach()), key
     with pytest.raises(ConversionError, match="not a folder written with --keep-quantized"):
         load_quantized_folder(tmp_path / "s2v")
+
+
+def wide_longcat_file(folder) -> tuple[dict, dict]:
+    """An original-layout LongCat-Video DiT of width 64 (its fused qkv / kv rows fit Q8_0 blocks of 32): the state
+    dict and the release-style config."""
+    from diffusers_wan_ext.conversion.longcat import export_longcat_state_dict
+    from diffusers_wan_ext.models.transformer_longcat import LongCatVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = LongCatVideoTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
+                                           in_channels=16, out_channels=16, num_layers=2, text_dim=64, freq_dim=64,
+                                           time_embed_dim=64, ffn_dim=128)
+    sd = {k: torch.randn(v.shape) * 0.05 + (1.0 if "norm" in k and k.endswith("weight") else 0.0)
+          for k, v in model.state_dict().items()}
+    return export_longcat_state_dict(sd), {"hidden_size": 64, "depth": 2, "num_heads": 2}
+
+
+def longcat_forward(model, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return model(torch.randn(1, 16, 2, 8, 8, generator=g), torch.tensor([700.0]),
+                     torch.randn(1, 8, 64, generator=g), num_cond_latents=1, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("kind", ["gguf", "fp8"])
+def test_longcat_single_file_kept_quantized(tmp_path, kind):
+    """LongCat-Video: the fused projections are cut by rows on the stored data (Q8_0 blocks / fp8 values with their
+    scale), so the kept model equals the dequantized file's; --keep-quantized --transformer-only writes its folder."""
+    from diffusers_wan_ext.conversion.longcat import load_longcat_transformer_from_original
+    from diffusers_wan_ext.utils.single_file import read_quantized
+
+    sd, cfg = wide_longcat_file(tmp_path)
+    if kind == "gguf":
+        path = tmp_path / "longcat-Q8_0.gguf"
+        write_gguf(path, sd, "Q8_0")
+    else:
+        path = tmp_path / "longcat_fp8_scaled.safetensors"
+        tensors, meta = fp8_state_dict(sd, convention="scale_weight")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta or None)
+    model = load_quantized_dit(path, cfg, torch_dtype=torch.float32)
+    cls = "GGUFLinear" if kind == "gguf" else "Fp8Linear"
+    for name in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_k", "attn2.to_v", "ffn.w2"):
+        assert type(model.blocks[1].get_submodule(name)).__name__ == cls, name
+    stored = {k: q.dequantize(torch.float32) for k, q in read_quantized(path)[0].items()}
+    reference = load_longcat_transformer_from_original(stored, cfg, torch.float32)
+    got, want = longcat_forward(model), longcat_forward(reference)
+    if kind == "fp8":  # the stored values times their scale, as the dequantized reference
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:  # Diffusers dequantizes Q8_0 blocks in float16 steps, the gguf package in float32 (bound as for Wan)
+        assert rel_rms(got, want) < 2e-3
+    folder = tmp_path / "out"
+    assert cli_main(["convert", str(path), str(folder), "--keep-quantized", "--transformer-only",
+                     "--dtype", "fp32"]) == 0
+    note = json.loads((folder / QUANTIZED_FOLDER_NOTE).read_text())
+    assert note["class"] == "LongCatVideoTransformer3DModel"
+    assert note["storage"] == kind and (kind == "fp8" or note["loader"] == PACKAGE_LOADER)
+    again = load_quantized_folder(folder)
+    if kind == "gguf":  # the blocks as kept, so the output as load_quantized_dit's
+        assert type(again.blocks[1].attn1.to_q).__name__ == "GGUFLinear"
+        assert torch.equal(longcat_forward(again), got)
+    else:  # layerwise casting: rounded to fp8 once more, biases too (stock behaviour, as for the Wan DiTs)
+        assert rel_rms(longcat_forward(again), want) < 0.1
+
+
+def test_longcat_keep_quantized_needs_transformer_only(tmp_path, capsys):
+    sd, _ = wide_longcat_file(tmp_path)
+    write_gguf(tmp_path / "longcat-Q8_0.gguf", sd, "Q8_0")
+    assert cli_main(["convert", str(tmp_path / "longcat-Q8_0.gguf"), str(tmp_path / "d"), "--keep-quantized"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "--transformer-only" in err[0] and "LongCat" in err[0], err

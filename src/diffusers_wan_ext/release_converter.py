@@ -36,8 +36,8 @@ from .conversion.dit import (
 )
 from .conversion.image_encoder import load_clip_from_original, make_clip_image_processor
 from .conversion.quantized_dit import (check_fp8_storage, check_kept_quantized, is_single_file,
-                                       kept_quantized_kind, quantized_dit_from_tensors, read_quantized_dit,
-                                       save_transformer, shape_state_dict)
+                                       kept_quantized_kind, load_quantized_dit, quantized_dit_from_tensors,
+                                       read_quantized_dit, save_transformer, shape_state_dict)
 from .conversion.release_io import (
     DTYPES,
     first_existing,
@@ -528,9 +528,16 @@ def convert_release(
     with claim_destination(dst, overwrite=overwrite):  # before loading: a second writer of dst fails at once
         claimed = _claiming_family(src, transformer, variant)
         if claimed is not None:  # its own layout and pipeline; scheduler / CLIP / motion options do not apply
-            if keep_quantized:
+            if keep_quantized and not transformer_only:
                 raise ConversionError(f"--keep-quantized: the {claimed.title} converter writes dequantized weights; "
-                                      "convert without --keep-quantized")
+                                      "keep its DiT alone quantized with --transformer-only, or convert without "
+                                      "--keep-quantized")
+            if keep_quantized:  # the DiT alone (load_quantized_dit reads the LongCat layout too)
+                model = load_quantized_dit(transformer or src, torch_dtype=DTYPES[dtype])
+                check_kept_quantized([model])
+                with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+                    save_transformer(model, tmp, DTYPES[dtype], max_shard_size, fp8_storage)
+                return Path(dst)
             progress_message(f"detected a {claimed.title} release ({src}); its own converter runs", progress)
             options = ReleaseOptions(dtype=dtype, transformer=transformer, text_encoder=text_encoder,
                                      tokenizer=tokenizer, vae=vae, transformer_only=transformer_only,

@@ -44,7 +44,9 @@ from .dit import (
     locate_dit,
     rename_dit_key,
 )
-from .quantized_layers import gguf_packed, keeps_fp32
+from .quantized_layers import attach_gguf, gguf_packed, keeps_fp32
+from .longcat import is_longcat_state_dict
+from .quantized_longcat import quantized_longcat_from_tensors
 from .quantized_text_encoder import load_quantized_text_encoder_folder
 from .quantized_torchao import load_torchao_fp8_folder, require_torchao, save_torchao_fp8_transformer
 
@@ -110,26 +112,6 @@ def _quantized_linears(model: nn.Module, tensors: Mapping[str, QuantizedTensor],
     return gguf_weights, fp8_weights
 
 
-def _attach_gguf(model: nn.Module, gguf_weights: Mapping[str, tuple[torch.Tensor, str]], compute_dtype: torch.dtype,
-                 keep_in_fp32) -> None:
-    """Diffusers' GGUF quantizer swaps the Linears for ``GGUFLinear``; the packed blocks become their weights."""
-    import gguf  # optional dependency (the `gguf` extra)
-    from diffusers import GGUFQuantizationConfig
-    from diffusers.quantizers.gguf import GGUFQuantizer
-    from diffusers.quantizers.gguf.utils import GGUFParameter
-
-    params = {key: GGUFParameter(packed, quant_type=gguf.GGMLQuantizationType[qtype])
-              for key, (packed, qtype) in gguf_weights.items()}
-    quantizer = GGUFQuantizer(GGUFQuantizationConfig(compute_dtype=compute_dtype))
-    quantizer.preprocess_model(model, device_map=None, keep_in_fp32_modules=list(keep_in_fp32 or []),
-                               state_dict=params)
-    for key, param in params.items():
-        module_name, _, leaf = key.rpartition(".")
-        model.get_submodule(module_name)._parameters[leaf] = param
-    quantizer.postprocess_model(model)
-    model.hf_quantizer = quantizer
-
-
 def _attach_fp8(model: nn.Module, fp8_weights: Mapping[str, QuantizedTensor], plain: dict[str, torch.Tensor],
                 compute_dtype: torch.dtype) -> None:
     """Swap each Linear for an :class:`Fp8Linear` holding the stored fp8 weight, its scale and the bias."""
@@ -181,7 +163,7 @@ def quantized_dit_from_tensors(tensors: Mapping[str, QuantizedTensor], info: Dit
     plain.update({k: _cast(k, v, torch_dtype, keep) for k, v in adapter_sd.items()})
     _attach_fp8(model, fp8_weights, plain, torch_dtype)
     if gguf_weights:
-        _attach_gguf(model, gguf_weights, torch_dtype, keep)
+        attach_gguf(model, gguf_weights, torch_dtype, keep)
     model.load_state_dict(plain, strict=False, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -200,7 +182,8 @@ def load_quantized_dit(path: str | os.PathLike, original_config: Mapping[str, An
     (plain or scaled, either convention) stay fp8 with their scale in
     :class:`~diffusers_wan_ext.models.quantized_linear.Fp8Linear` layers.  Every other tensor is dequantized to
     ``torch_dtype`` (Diffusers' ``_keep_in_fp32_modules`` stay float32).  Any family the DiT converter knows works
-    (the key tables of :func:`~diffusers_wan_ext.conversion.dit.dit_key_tables`).  A folder, a shard index or a
+    (the key tables of :func:`~diffusers_wan_ext.conversion.dit.dit_key_tables`), and LongCat-Video
+    (:func:`~diffusers_wan_ext.conversion.quantized_longcat.quantized_longcat_from_tensors`).  A folder, a shard index or a
     ``.pth`` file holds nothing quantized: it loads as :func:`load_dit_from_original` would.
 
     Args:
@@ -225,6 +208,9 @@ def load_quantized_dit(path: str | os.PathLike, original_config: Mapping[str, An
         model = load_dit_from_original(path, original_config, torch_dtype)
         return (model.to(device) if device is not None else model).eval()
     tensors, cfg = read_quantized_dit(weights)
+    if is_longcat_state_dict(tensors):  # its own key map (fused projections cut by rows, stored data kept)
+        model = quantized_longcat_from_tensors(tensors, original_config or cfg, torch_dtype)
+        return model.to(device) if device is not None else model
     info = dit_config_from_state_dict(shape_state_dict(tensors), original_config or cfg)
     return quantized_dit_from_tensors(tensors, info, torch_dtype, device)
 
@@ -427,7 +413,7 @@ def _load_gguf_folder(folder: Path, cls: type, dtype: torch.dtype) -> nn.Module:
     gguf_weights, _ = _quantized_linears(model, tensors, {k: k for k in tensors}, keep)
     plain = {k: _plain_value(q, k, dtype, keep) for k, q in tensors.items() if k not in gguf_weights}
     if gguf_weights:
-        _attach_gguf(model, gguf_weights, dtype, keep)
+        attach_gguf(model, gguf_weights, dtype, keep)
     model.load_state_dict(plain, strict=False, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
+from torch import nn
 
 from ..utils.quantized_tensor import QuantizedTensor
 
-__all__ = ["gguf_packed", "keeps_fp32"]
+__all__ = ["attach_gguf", "gguf_packed", "keeps_fp32"]
 
 
 def keeps_fp32(name: str, keep_in_fp32: list[str] | None) -> bool:
@@ -28,3 +31,25 @@ def gguf_packed(q: QuantizedTensor) -> torch.Tensor | None:
     if q.shape[1] % block:
         return None
     return q.data.reshape(q.shape[0], q.shape[1] // block * size)
+
+
+def attach_gguf(model: nn.Module, gguf_weights: Mapping[str, tuple[torch.Tensor, str]], compute_dtype: torch.dtype,
+                keep_in_fp32: list[str] | None) -> None:
+    """Diffusers' GGUF quantizer swaps the model's Linears named in ``gguf_weights`` (``{weight key: (packed
+    blocks, type name)}``) for ``GGUFLinear`` layers holding those blocks; the model then carries the quantizer (as a
+    model from ``from_single_file(..., quantization_config=GGUFQuantizationConfig(...))`` does)."""
+    import gguf  # optional dependency (the `gguf` extra)
+    from diffusers import GGUFQuantizationConfig
+    from diffusers.quantizers.gguf import GGUFQuantizer
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    params = {key: GGUFParameter(packed, quant_type=gguf.GGMLQuantizationType[qtype])
+              for key, (packed, qtype) in gguf_weights.items()}
+    quantizer = GGUFQuantizer(GGUFQuantizationConfig(compute_dtype=compute_dtype))
+    quantizer.preprocess_model(model, device_map=None, keep_in_fp32_modules=list(keep_in_fp32 or []),
+                               state_dict=params)
+    for key, param in params.items():
+        module_name, _, leaf = key.rpartition(".")
+        model.get_submodule(module_name)._parameters[leaf] = param
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer

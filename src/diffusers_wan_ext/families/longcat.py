@@ -40,6 +40,7 @@ from ..models import LongCatVideoTransformer3DModel
 from ..models.transformer_longcat import LongCatVideoAttnProcessor, LongCatVideoTransformerBlock, longcat_ffn_dim
 from ..pipelines import LongCatVideoPipeline
 from ..utils.atomic import atomic_output_dir
+from ..utils.gguf_files import read_gguf
 from ..utils.io import ConversionError, load_state_dict, read_json, with_path
 from .base import Conditioning, ExtraInput, GenerateInput, ModelFamily, ReleaseOptions, WanVariant
 from .tiny import TINY, tiny_t5, tiny_vae21
@@ -69,6 +70,8 @@ def _peek_keys(path: Path) -> list[str]:
         if path.name.endswith(".safetensors"):
             with safe_open(str(path), "pt") as f:
                 return list(f.keys())
+        if path.name.endswith(".gguf"):  # a GGUF DiT (memory-mapped, nothing dequantized)
+            return list(read_gguf(path)[0])
     except Exception:  # noqa: BLE001 - unreadable files are reported by the real loader
         return []
     return []
