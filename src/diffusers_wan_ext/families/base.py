@@ -169,6 +169,10 @@ class TrainingComponent:
         joint_forward: ``(module, hidden_states, timestep, encoder_hidden_states, joint_latents, **kwargs) ->
             (prediction, {name: prediction})``: the forward of a model that denoises other latents together with
             the video (MOVA: audio; ``module`` holds the transformer and the components), or ``None``.
+        aliases: other names of the component in ``--trainable_models`` / ``--lora_base_model`` (DiffSynth-Studio's
+            pipeline attribute names, MOVA's ``audio_dit``).
+        lora: whether ``--lora_base_model`` may name it (a PEFT-capable Diffusers model; its LoRA is saved under
+            ``<name>.`` and loads with the pipeline's ``load_lora_weights``).
     """
 
     name: str
@@ -179,6 +183,8 @@ class TrainingComponent:
     make_input: Callable[[Any], torch.Tensor] = float_input
     encode: Callable[..., None] | None = None
     joint_forward: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+    aliases: tuple[str, ...] = ()
+    lora: bool = False
 
 
 @dataclass(frozen=True)

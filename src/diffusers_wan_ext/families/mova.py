@@ -370,12 +370,14 @@ _MISSING = ("--extra_inputs input_audio with this model: a MovaPipeline folder (
             "audio_vae/) takes it; Wan2.2-S2V takes it through its own conditioning")
 #: MOVA's training components: with ``--extra_inputs input_audio`` the audio DiT and the bridge run with the
 #: trained video expert (one joint forward) and the audio VAE encodes the audio latents; the loss adds the audio
-#: flow-matching MSE (DiffSynth-Studio's ``FlowMatchSFTAudioVideoLoss``).
+#: flow-matching MSE (DiffSynth-Studio's ``FlowMatchSFTAudioVideoLoss``).  The audio DiT and the bridge take a LoRA
+#: (``--lora_base_model audio_dit`` / ``dual_tower_bridge``, DiffSynth-Studio's pipeline names) or train fully.
 MOVA_TRAINING_COMPONENTS = (
-    TrainingComponent("audio_transformer", "input_audio", _no_context, help="audio_transformer (MOVA's audio DiT)",
-                      missing=_MISSING, make_input=_audio_samples, joint_forward=mova_training_forward),
-    TrainingComponent("bridge", "input_audio", _no_context, help="bridge (MOVA's dual-tower bridge)",
-                      missing=_MISSING, make_input=_audio_samples),
+    TrainingComponent("audio_transformer", "input_audio", _no_context,
+                      help="audio_transformer (audio_dit: MOVA's audio DiT)", missing=_MISSING,
+                      make_input=_audio_samples, joint_forward=mova_training_forward, aliases=("audio_dit",), lora=True),
+    TrainingComponent("bridge", "input_audio", _no_context, help="bridge (dual_tower_bridge: MOVA's dual-tower bridge)",
+                      missing=_MISSING, make_input=_audio_samples, aliases=("dual_tower_bridge",), lora=True),
     TrainingComponent("audio_vae", "input_audio", _no_context, missing=_MISSING, make_input=_audio_samples,
                       encode=encode_mova_audio),
 )

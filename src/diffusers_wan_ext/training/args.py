@@ -46,8 +46,11 @@ COMPONENT_ALIASES: dict[str, str] = {
     "text_encoder": "text_encoder",
     "image_encoder": "image_encoder",
     **{c.name: c.name for c in EXTRA_COMPONENTS},
+    **{alias: c.name for c in EXTRA_COMPONENTS for alias in c.aliases},
 }
 TRAINABLE = ("transformer", "transformer_2", *(c.name for c in EXTRA_COMPONENTS))
+#: ``--lora_base_model``: the transformers and the families' components declared for LoRA (MOVA's audio DiT, bridge)
+LORA_CAPABLE = ("transformer", "transformer_2", *(c.name for c in EXTRA_COMPONENTS if c.lora))
 FP8_CAPABLE = ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder")
 #: ``--task``: supervised fine-tuning or direct distillation, each in one stage or DiffSynth-Studio's split training
 #: (``:data_process`` caches the inputs, ``:train`` trains from the cache).
@@ -212,6 +215,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_base_model", default=None,
                    help="component that gets the LoRA: transformer (dit), transformer_2 (dit2)" + _declared_help(SCOPES)
+                        + _declared_help(c for c in EXTRA_COMPONENTS if c.lora)
                         + " (with a scope, dit/dit2 mean the transformer's main blocks)")
     g.add_argument("--lora_target_modules", default=DEFAULT_TARGETS,
                    help="comma-separated module names in our layout (to_q,...,ffn.net.2); DiffSynth names "
@@ -307,7 +311,7 @@ def _check_quant_options(args: argparse.Namespace, fail) -> None:
         fail(f"--quant_options {args.quant_options!r}: give one entry, for the trained model (dit or dit2)")
     option = options[0]
     model = SCOPE_ALIASES[option.model][1] if option.model in SCOPE_ALIASES else option.model
-    if args.lora_base_model is None or COMPONENT_ALIASES.get(model) != args.expert:
+    if args.lora_base_model is None or COMPONENT_ALIASES.get(model) != args.lora_base_model:
         fail(f"--quant_options {option.model}:{option.method}: quantized frozen weights are for LoRA training of "
              f"the trained model ({args.expert}, --lora_base_model)")
     if args.expert in args.fp8_models:
@@ -404,13 +408,12 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     if scoped:
         args.lora_base_model = scoped[1]
     if args.lora_base_model is not None:
-        args.lora_base_model = resolve_component(args.lora_base_model, ("transformer", "transformer_2"),
-                                                 "--lora_base_model")
+        args.lora_base_model = resolve_component(args.lora_base_model, LORA_CAPABLE, "--lora_base_model")
     if not args.task.endswith(":data_process") and not args.trainable_models and args.lora_base_model is None:
         fail("nothing to train: pass --lora_base_model transformer (LoRA) or --trainable_models transformer "
              "(full fine-tuning)")
     experts = {c for c in args.trainable_models if c.startswith("transformer")}
-    if args.lora_base_model:
+    if args.lora_base_model and args.lora_base_model.startswith("transformer"):
         experts.add(args.lora_base_model)
     if len(experts) > 1:
         fail(f"train one expert per run (got {sorted(experts)}); train transformer and transformer_2 separately "
@@ -463,6 +466,9 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
             fail(f"--export_format: unknown {bad}; choose from {', '.join(LORA_FORMATS)}")
         if args.lora_base_model is None:
             fail("--export_format applies to LoRA training (--lora_base_model)")
+        if not args.lora_base_model.startswith("transformer"):
+            fail(f"--export_format: a LoRA on {args.lora_base_model} is written in the Diffusers layout only (the "
+                 f"other layouts hold one DiT); leave --export_format out")
         _check_family_exports(args, fail)
 
     if (args.height is None) != (args.width is None):

@@ -270,6 +270,15 @@ def _load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return convert_lora_state_dict(load_lora_file(path), "diffusers")
 
 
+def _component_keys(lora: dict[str, torch.Tensor], component: str, path) -> dict[str, torch.Tensor]:
+    """The keys of a LoRA file for the pipeline component ``component`` (``audio_transformer.``), prefix removed."""
+    picked = {k[len(component) + 1:]: v for k, v in lora.items() if k.startswith(f"{component}.")}
+    if not picked:
+        found = sorted({k.split(".", 1)[0] for k in lora})
+        raise ValueError(f"{path}: no LoRA weights for {component} (it has {found})")
+    return picked
+
+
 def _preset_lora(path: str | os.PathLike, component: str) -> dict[str, torch.Tensor]:
     """``--preset_lora_path``: the deltas for ``component`` without its prefix (a single-model file's
     ``transformer.`` keys stand for whichever expert is named)."""
@@ -297,6 +306,10 @@ class WanTrainer:
         self.trainable_dtype = DTYPES[args.trainable_dtype]
         set_seed(args.seed)
         self.is_lora = args.lora_base_model is not None
+        #: the training module's submodule that gets the LoRA: ``transformer`` (the trained expert) or a family's
+        #: component (MOVA's ``audio_transformer`` / ``bridge``); ``None`` for full fine-tuning
+        self.lora_module = (None if not self.is_lora else "transformer" if args.lora_base_model.startswith(
+            "transformer") else args.lora_base_model)
         acc = self.accelerator
         # the dataset (metadata, columns, files) and a checkpoint to resume from are checked before any model loads
         checked = _dataset(args, None, repeat=1)
@@ -351,7 +364,7 @@ class WanTrainer:
             n = quantize_frozen_linears(transformer, option, self.dtype, self.accelerator.device)
             self.accelerator.print(f"quantized {n} frozen linear layers of {c.expert} ({option.method})")
         params: list[torch.nn.Parameter] = []
-        if self.is_lora:
+        if self.lora_module == "transformer":
             torch.manual_seed(args.seed)  # LoRA A init
             params += add_lora(transformer, args.lora_rank, args.lora_alpha, lora_target_modules(transformer, args),
                                dtype=self.trainable_dtype, scope=args.lora_scope)
@@ -373,14 +386,17 @@ class WanTrainer:
         extras = {}
         for spec in EXTRA_COMPONENTS:  # the families' components (speed control's motion_controller)
             module = c.extra_components.get(spec.name)
-            trainable = spec.name in args.trainable_models
-            if module is not None and (spec.input_name in args.extra_inputs or trainable):
+            trainable, lora = spec.name in args.trainable_models, spec.name == self.lora_module
+            if module is not None and (spec.input_name in args.extra_inputs or trainable or lora):
                 module.to(self.trainable_dtype if trainable else self.dtype).requires_grad_(trainable)
                 if trainable:
                     params += list(module.parameters())
+                if lora:
+                    params += self._component_lora(module)
                 extras[spec.name] = module
-            elif trainable:
-                raise ValueError(f"--trainable_models {spec.name}: the model folder has no {spec.name}")
+            elif trainable or lora:
+                option = "--trainable_models" if trainable else "--lora_base_model"
+                raise ValueError(f"{option} {spec.name}: the model folder has no {spec.name}")
         if "transformer" in args.fp8_models or "transformer_2" in args.fp8_models:
             n = store_frozen_weights_in_fp8(transformer, self.dtype)
             self.accelerator.print(f"stored {n} frozen linear weights of {c.expert} in float8_e4m3fn")
@@ -390,6 +406,20 @@ class WanTrainer:
         if not params:
             raise ValueError("no trainable parameters")
         return WanTrainingModule(transformer, extras), params
+
+    def _component_lora(self, module: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """A LoRA on a family's component (``--lora_base_model audio_dit``: MOVA's audio DiT), ``--lora_checkpoint``
+        loaded into it; the transformer stays frozen."""
+        args = self.args
+        torch.manual_seed(args.seed)  # LoRA A init
+        params = add_lora(module, args.lora_rank, args.lora_alpha, args.lora_target_modules,
+                          dtype=self.trainable_dtype)
+        if args.lora_checkpoint:
+            with naming(args.lora_checkpoint):
+                lora = _load_lora_file(args.lora_checkpoint)
+            load_lora_into(module, _component_keys(lora, self.lora_module, args.lora_checkpoint),
+                           f"--lora_checkpoint {args.lora_checkpoint}")
+        return params
 
     def _optimizer(self, total_steps: int):
         from diffusers.optimization import get_scheduler
@@ -424,12 +454,13 @@ class WanTrainer:
         ``pytorch_lora_weights.safetensors`` with ``<expert>.`` keys (for ``transformer_2`` also
         ``pytorch_lora_weights_transformer_2.safetensors`` under ``transformer.``, for stock
         ``load_lora_weights(..., load_into_transformer_2=True)``), plus the ``exports`` layouts."""
-        comp = self.components.expert
-        sd = {f"{comp}.{k[len('transformer.'):].replace(f'.{ADAPTER}.', '.')}": v.detach().cpu().contiguous()
-              for k, v in state.items() if k.startswith("transformer.") and "lora_" in k}
+        name = self.lora_module
+        comp = self.components.expert if name == "transformer" else name
+        sd = {f"{comp}.{k[len(name) + 1:].replace(f'.{ADAPTER}.', '.')}": v.detach().cpu().contiguous()
+              for k, v in state.items() if k.startswith(f"{name}.") and "lora_" in k}
         if not sd:
             return
-        meta = {f"{comp}.{k}": v for k, v in lora_metadata(self._unwrapped().transformer).items()}
+        meta = {f"{comp}.{k}": v for k, v in lora_metadata(getattr(self._unwrapped(), name)).items()}
         written = export_lora(sd, folder, formats=("diffusers", *exports), adapter_config=meta)
         for path in written.values():  # written through temporary files: the umask's mode, not 0600
             apply_umask(path)
@@ -544,8 +575,11 @@ class WanTrainer:
         if path is None:
             return
         if record is None:  # a weights file
-            if self.is_lora:
+            if self.lora_module == "transformer":
                 load_lora_into(self._unwrapped().transformer, _load_lora_file(path), str(path))
+            elif self.is_lora:
+                load_lora_into(getattr(self._unwrapped(), self.lora_module),
+                               _component_keys(_load_lora_file(path), self.lora_module, path), str(path))
             else:
                 self._load_trainable_file(path, self.args.remove_prefix_in_ckpt)
             acc.print(f"loaded weights from {path} (weights only; optimizer and data position start fresh)")
