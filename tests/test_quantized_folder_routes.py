@@ -259,3 +259,21 @@ def test_longcat_keep_quantized_needs_transformer_only(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "longcat-Q8_0.gguf"), str(tmp_path / "d"), "--keep-quantized"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "--transformer-only" in err[0] and "LongCat" in err[0], err
+
+
+@needs_torchao
+def test_torchao_folder_exports_back(torchao_folder, scaled_vace, tmp_path):
+    """export-dit reads a torchao folder dequantized (qdata * scale): the file's own values, original layout."""
+    from safetensors.torch import load_file
+
+    from diffusers_wan_ext.utils.single_file import read_quantized
+
+    dst = tmp_path / "vace.safetensors"
+    assert cli_main(["export-dit", str(torchao_folder), str(dst), "--dtype", "fp32"]) == 0
+    exported = load_file(str(dst))
+    source = {k.removeprefix("model.diffusion_model."): q.dequantize(torch.float32)
+              for k, q in read_quantized(scaled_vace)[0].items()}
+    source.pop("scaled_fp8", None)
+    assert set(exported) == set(source)
+    for k, v in source.items():  # float16 holds every e4m3 value; the bias / norms were written in fp32
+        assert torch.allclose(exported[k], v, rtol=1e-6, atol=0), k

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from ..conversion.dit import export_dit_state_dict
 from ..conversion.quantized_dit import GGUF_FOLDER_WEIGHTS
+from ..conversion.quantized_torchao import dequantize_torchao_tensors
 from ..conversion.release_io import DTYPES
 from ..utils.atomic import atomic_write_file, claim_destination
 from ..utils.io import ConversionError, load_state_dict, naming
@@ -36,7 +37,7 @@ def cmd_export_dit(args: argparse.Namespace) -> int:
                 raise ConversionError(f"{src}: no {SAFETENSORS_WEIGHTS_NAME} (or its .index.json) in this folder; "
                                       "pass a Diffusers transformer folder or its safetensors file")
             src = weights
-        sd = load_state_dict(src)
+        sd = dequantize_torchao_tensors(load_state_dict(src))  # convert --keep-quantized --fp8-storage torchao
         with naming(src):
             out = export_dit_state_dict(sd)
         if args.prefix:

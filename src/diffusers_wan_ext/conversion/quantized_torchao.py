@@ -27,7 +27,7 @@ from ..models.quantized_linear import Fp8Linear, Fp8Storage
 from ..utils.io import ConversionError
 from .quantized_layers import keeps_fp32
 
-__all__ = ["TORCHAO_MIN_VERSION", "load_torchao_fp8_folder", "require_torchao", "save_torchao_fp8_transformer",
+__all__ = ["TORCHAO_MIN_VERSION", "dequantize_torchao_tensors", "load_torchao_fp8_folder", "require_torchao", "save_torchao_fp8_transformer",
            "torchao_state_dict", "torchao_version"]
 
 #: the torchao release from which Diffusers serializes its tensors to safetensors (``get_state_dict_and_metadata``)
@@ -139,6 +139,20 @@ def _fp8_layer(module: str, tensors: dict[str, torch.Tensor], compute_dtype: tor
     bias = tensors.pop(module + ".bias", None)
     return Fp8Linear.from_quantized(qdata, scale.float(), None if bias is None else bias.to(compute_dtype),
                                     compute_dtype=compute_dtype)
+
+
+def dequantize_torchao_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchao folder's safetensors tensors with each ``<module>._weight_qdata`` / ``<module>._weight_scale`` pair
+    turned into ``<module>.weight`` (float32 ``qdata * scale``); any other state dict is returned as it is."""
+    if not any(k.endswith(QDATA) for k in tensors):
+        return tensors
+    out = {k: v for k, v in tensors.items() if not k.endswith((QDATA, SCALE))}
+    for key in (k for k in tensors if k.endswith(QDATA)):
+        module = key[: -len(QDATA)]
+        if module + SCALE not in tensors:
+            raise ConversionError(f"{key}: no {module}{SCALE} beside it")
+        out[module + ".weight"] = tensors[key].float() * tensors[module + SCALE].float().reshape(-1, 1)
+    return out
 
 
 def load_torchao_fp8_folder(folder: str | os.PathLike, model_class: type, torch_dtype: torch.dtype) -> nn.Module:
