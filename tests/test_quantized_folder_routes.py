@@ -189,6 +189,19 @@ def test_s2v_gguf_folder_loads_through_the_package(tiny_release, tmp_path):
         assert torch.equal(got[key].detach(), want[key].detach()), key
     with pytest.raises(ConversionError, match="not a folder written with --keep-quantized"):
         load_quantized_folder(tmp_path / "s2v")
+    from diffusers_wan_ext.utils.gguf_files import read_gguf, write_gguf_stored
+
+    stored, _ = read_gguf(folder / GGUF_FOLDER_WEIGHTS)  # a tensor the class does not have -> named
+    extra = {k: q.data.float() if q.qtype == "F32" else (q.data, q.qtype) for k, q in stored.items()}
+    extra["blocks.0.not_a_layer.weight"] = torch.zeros(4)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", QUANTIZED_FOLDER_NOTE):
+        (broken / name).write_text((folder / name).read_text())
+    write_gguf_stored(broken / GGUF_FOLDER_WEIGHTS, extra)
+    with pytest.raises(ConversionError, match=r"blocks\.0\.not_a_layer\.weight is not a tensor of "
+                                              "WanS2VTransformer3DModel"):
+        load_quantized_folder(broken)
 
 
 def wide_longcat_file(folder) -> tuple[dict, dict]:
@@ -277,3 +290,24 @@ def test_torchao_folder_exports_back(torchao_folder, scaled_vace, tmp_path):
     assert set(exported) == set(source)
     for k, v in source.items():  # float16 holds every e4m3 value; the bias / norms were written in fp32
         assert torch.allclose(exported[k], v, rtol=1e-6, atol=0), k
+
+
+def test_s2v_pipeline_folder_loads_with_load_quantized_pipeline(tiny_release, tmp_path):
+    """A whole S2V release with its DiT as a GGUF: the pipeline folder lists the transformer absent (Diffusers would
+    try its own loader on it) and load_quantized_pipeline passes the packed model in."""
+    from diffusers_wan_ext.conversion.quantized_pipeline import load_quantized_pipeline, quantized_components
+
+    release = tiny_release("s2v")
+    path = tmp_path / "s2v-Q8_0.gguf"
+    write_gguf(path, load_state_dict(release / "diffusion_pytorch_model.safetensors"), "Q8_0")
+    (tmp_path / "config.json").write_text((release / "config.json").read_text())  # the tiny depth beside the file
+    out = tmp_path / "out"
+    assert cli_main(["convert", str(release), str(out), "--transformer", str(path), "--keep-quantized",
+                     "--dtype", "fp32"]) == 0
+    assert json.loads((out / "model_index.json").read_text())["transformer"] == [None, None]
+    assert quantized_components(out) == ["transformer"]
+    pipe = load_quantized_pipeline(out)
+    assert type(pipe).__name__ == "WanSpeechToVideoPipeline"
+    assert type(pipe.transformer.blocks[0].ffn.net[2].weight).__name__ == "GGUFParameter"
+    with pytest.raises(ConversionError, match="model_index.json"):
+        quantized_components(tmp_path)
