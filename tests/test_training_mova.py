@@ -285,3 +285,22 @@ def test_full_fine_tuning_of_the_bridge_saves_its_folder(model, cache, tmp_path)
     base = MovaDualTowerBridge.from_pretrained(str(model), subfolder="bridge")
     a, b = tuned.state_dict(), base.state_dict()
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_component_lora_resumes_exactly_and_continues_from_its_file(model, cache, tmp_path):
+    """An audio-DiT LoRA resumed from checkpoint-2 gives the uninterrupted run's losses and weights; --lora_checkpoint
+    puts its saved file back into the component (a tiny learning rate keeps the weights)."""
+    args = ["--task", "sft:train", "--dataset_base_path", cache, "--model_path", model, *COMMON, "--extra_inputs",
+            "input_image,input_audio", "--lora_base_model", "audio_dit", "--learning_rate", "1e-2",
+            "--dataset_repeat", 4, "--save_steps", 2]
+    full = train(*args, "--output_path", tmp_path / "full")
+    resumed = train(*args, "--output_path", tmp_path / "resumed", "--resume_from_checkpoint", full / "checkpoint-2")
+    assert losses(resumed) == losses(full)[2:]
+    a = load_file(str(full / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == load_file(str(full / "checkpoint-2" / "pytorch_lora_weights.safetensors")).keys()
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = train(*args[:-2], "--lora_checkpoint", full / "pytorch_lora_weights.safetensors", "--learning_rate",
+                  "1e-12", "--max_train_steps", 1, "--output_path", tmp_path / "again")
+    c = load_file(str(again / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == c.keys() and all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
