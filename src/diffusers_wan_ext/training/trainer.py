@@ -453,7 +453,8 @@ class WanTrainer:
         """The LoRA as :func:`diffusers_wan_ext.lora.export_lora` writes it (PEFT scale folded into the factors):
         ``pytorch_lora_weights.safetensors`` with ``<expert>.`` keys (for ``transformer_2`` also
         ``pytorch_lora_weights_transformer_2.safetensors`` under ``transformer.``, for stock
-        ``load_lora_weights(..., load_into_transformer_2=True)``), plus the ``exports`` layouts."""
+        ``load_lora_weights(..., load_into_transformer_2=True)``; a family component's LoRA under its name,
+        ``audio_transformer.``), plus the ``exports`` layouts."""
         name = self.lora_module
         comp = self.components.expert if name == "transformer" else name
         sd = {f"{comp}.{k[len(name) + 1:].replace(f'.{ADAPTER}.', '.')}": v.detach().cpu().contiguous()
