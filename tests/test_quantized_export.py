@@ -50,6 +50,11 @@ CITY96_ARCH = "wan"
 BOUNDS = {"comfy-fp8-scaled": 4e-2, "comfy-fp8": 0.3, "comfy-fp8-e5m2": 0.5, "gguf-q8_0": 1e-2, "gguf-q5_1": 6e-2,
           "gguf-q5_0": 6e-2, "gguf-q4_1": 0.12, "gguf-q4_0": 0.12, "gguf-f16": 1e-3, "gguf-bf16": 4e-3,
           "original": 1e-6}
+#: K-quants (rel. RMS of N(0, s) weights: Q6_K 0.018, Q5_K 0.036, Q4_K 0.071, Q3_K 0.15); a mix by its main type
+KQUANT_BOUNDS = {"Q6_K": 2.5e-2, "Q5_K": 5e-2, "Q4_K": 0.1, "Q3_K": 0.2}
+BOUNDS.update({f"gguf-{m}": KQUANT_BOUNDS[m.upper()[:4]] for m in ("q6_k", "q5_k_m", "q5_k_s", "q5_k", "q4_k_m",
+                                                                    "q4_k_s", "q4_k", "q3_k_l", "q3_k_m", "q3_k_s",
+                                                                    "q3_k")})
 #: the ComfyUI model type each tiny family must be detected as
 COMFY_TYPES = {"t2v": "t2v", "i2v": "i2v", "vace": "vace", "s2v": "s2v", "animate": "animate"}
 
@@ -287,3 +292,54 @@ def test_city96_orig_shape_metadata_is_int32(tiny_release, tmp_path):
     assert rel_rms(ref["vace_like.weight"], sd["vace_like.weight"]) < BOUNDS["gguf-q8_0"]
     mine = ours(tmp_path / "fixed.gguf")
     assert all(torch.equal(mine[k], ref[k]) for k in ref)
+
+
+# ------------------------------------------------------------------------------------------- K-quant GGUF files
+@pytest.fixture(scope="module")
+def wide_dit(tmp_path_factory):
+    """A two-layer Wan DiT whose linear rows are 256 wide (K-quants need rows of QK_K = 256), as a Diffusers
+    folder, and its original-layout state dict."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=4,
+                                  out_channels=4, text_dim=32, freq_dim=32, ffn_dim=256, num_layers=2,
+                                  rope_max_seq_len=32).eval()
+    folder = tmp_path_factory.mktemp("wide") / "transformer"
+    model.save_pretrained(folder)
+    return model, folder, export_dit_state_dict(model.state_dict())
+
+
+#: (format, main type, type of the attention .v.weight s in file order, type of .ffn.2.weight): city96's lcpp.patch
+KQUANT_CASES = [("gguf-q6_k", "Q6_K", ["Q6_K"] * 4, "Q6_K"), ("gguf-q5_k_m", "Q5_K", ["Q6_K"] * 4, "Q6_K"),
+                ("gguf-q4_k_m", "Q4_K", ["Q6_K"] * 4, "Q6_K"), ("gguf-q4_k", "Q4_K", ["Q4_K"] * 4, "Q4_K"),
+                ("gguf-q3_k_m", "Q3_K", ["Q5_K", "Q5_K", "Q4_K", "Q4_K"], "Q4_K")]
+
+
+@pytest.mark.parametrize("fmt,main,v_types,ffn_down", KQUANT_CASES)
+def test_kquant_export_round_trip(wide_dit, tmp_path, fmt, main, v_types, ffn_down):
+    """export-dit --format gguf-<K-quant> -> city96's reading and ours agree exactly, each tensor within its type's
+    error, the types as city96's patched llama-quantize picks them, and the model loaded back from the file runs
+    within the main type's bound of the source model."""
+    model, folder, sd = wide_dit
+    dst = tmp_path / f"wide-{fmt}.gguf"
+    assert cli_main(["export-dit", str(folder), str(dst), "--format", fmt]) == 0
+    ref, types = city96_read(dst)
+    mine = ours(dst)
+    assert set(mine) == set(ref) == set(sd) and all(torch.equal(mine[k], ref[k]) for k in ref)
+    assert types["patch_embedding.weight"] == "F32" and ref["patch_embedding.weight"].ndim == 5
+    assert [types[k] for k in sd if k.endswith(".v.weight")] == v_types
+    assert {types[k] for k in sd if k.endswith(".ffn.2.weight")} == {ffn_down}
+    assert {types[k] for k in sd if k.endswith((".q.weight", ".k.weight", ".o.weight", ".ffn.0.weight"))} == {main}
+    assert all(types[k] == "F16" for k in sd if k.startswith(("text_embedding.", "time_embedding.", "head.head"))
+               and sd[k].ndim == 2)  # the tensors lcpp.patch never quantizes
+    for k in sd:
+        bound = KQUANT_BOUNDS.get(types[k], 1e-3 if types[k] == "F16" else 1e-6)
+        assert rel_rms(ref[k], sd[k]) < bound, (fmt, k, types[k], rel_rms(ref[k], sd[k]))
+    back = load_dit_from_original(dst, torch_dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=gen), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=gen), return_dict=False)
+    with torch.no_grad():
+        want, got = model(**inputs)[0], back(**inputs)[0]
+    assert rel_rms(got, want) < BOUNDS[fmt], (fmt, rel_rms(got, want))

@@ -35,7 +35,9 @@ LORA_FORMATS = ("diffusers", "original", "kohya", "diffsynth")
 #: the ``export-dit --format`` values of :data:`diffusers_wan_ext.utils.single_file.EXPORT_FORMATS` (a test keeps them
 #: equal)
 EXPORT_FORMATS = ("original", "comfy-fp8-scaled", "comfy-fp8", "comfy-fp8-e5m2", "gguf-q8_0", "gguf-q5_1",
-                  "gguf-q5_0", "gguf-q4_1", "gguf-q4_0", "gguf-f16", "gguf-bf16")
+                  "gguf-q5_0", "gguf-q4_1", "gguf-q4_0", "gguf-f16", "gguf-bf16", "gguf-q6_k", "gguf-q5_k_m",
+                  "gguf-q5_k_s", "gguf-q5_k", "gguf-q4_k_m", "gguf-q4_k_s", "gguf-q4_k", "gguf-q3_k_l", "gguf-q3_k_m",
+                  "gguf-q3_k_s", "gguf-q3_k")
 
 
 def add_convert(sub, family_inputs: list) -> None:

@@ -5,7 +5,9 @@ PyTorch shape is the GGUF dims reversed, or the ``comfy.gguf.orig_shape.<name>``
 (``tools/convert.py`` writes it for tensors it flattened to rows of 256; 5-D tensors that ``tools/fix_5d_tensors.py``
 adds back as F32 carry their 5 dims directly).  Writing follows ``tools/convert.py`` (``ModelWan``): architecture
 ``wan``, 1-D / small (<= 1024 values) / ``.modulation`` tensors in F32, tensors of more than 4 dims in F32 at full
-shape, a tensor whose rows do not fit the quant type's block falls back to F16.
+shape, a tensor whose rows do not fit the quant type's block falls back to F16.  The K-quant files (``Q6_K``,
+``Q5_K_M``, ``Q4_K_M`` ...) follow what city96's patched ``llama-quantize`` (``tools/lcpp.patch``, architecture
+``wan``) does with such an F16 file: see :data:`KQUANT_MIXES`.
 """
 
 from __future__ import annotations
@@ -19,15 +21,35 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .gguf_kquants import QK_K, TORCH_QUANT_TYPES, quantize_blocks
 from .quantized_tensor import PLAIN_DTYPES, QuantizedFileError, QuantizedTensor
 
-__all__ = ["GGUF_EXPORT_TYPES", "ORIG_SHAPE_KEY", "can_dequantize", "read_gguf", "write_gguf", "write_gguf_stored"]
+__all__ = ["GGUF_EXPORT_TYPES", "KQUANT_MIXES", "ORIG_SHAPE_KEY", "can_dequantize", "kquant_type", "read_gguf",
+           "write_gguf", "write_gguf_stored"]
 
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 #: the GGUF types ``export-dit`` writes (``--format gguf-<name>``) and the file type recorded for each
 #: (the types ``gguf.quants.quantize`` implements that ComfyUI-GGUF's dequant.py also reads)
 GGUF_EXPORT_TYPES = {"q8_0": "Q8_0", "f16": "F16", "bf16": "BF16", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0",
-                     "q5_1": "Q5_1"}
+                     "q5_1": "Q5_1", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q5_k_s": "Q5_K_S", "q5_k": "Q5_K",
+                     "q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q4_k": "Q4_K", "q3_k_l": "Q3_K_L", "q3_k_m": "Q3_K_M",
+                     "q3_k_s": "Q3_K_S", "q3_k": "Q3_K"}
+#: K-quant file types: (the type of most quantized tensors, the one of the attention ``.v.weight`` s -- a tuple
+#: for "the first n of them", and of ``.ffn.2.weight``), city96's ``img_tensor_get_type`` for each llama.cpp
+#: ftype; ``Q6_K`` / ``Q5_K_S`` / ``Q3_K_S`` have no special rules, and ``Q4_K`` / ``Q5_K`` / ``Q3_K`` (every
+#: quantized tensor one type) are written as those.  Every K-quant file keeps in F16 the 2-D tensors that patch
+#: never quantizes (``modulation.``, ``patch_embedding.``, ``text_embedding.``, ``time_projection.``,
+#: ``time_embedding.``, ``img_emb.``, ``head.``, and every tensor not 2-D) and those whose rows are not a
+#: multiple of ``QK_K = 256`` (its fallback); 1-D / small / ``.modulation`` / 5-D tensors stay F32 as
+#: ``tools/convert.py`` writes them.
+KQUANT_MIXES = {"Q6_K": ("Q6_K", "Q6_K", "Q6_K"), "Q5_K_M": ("Q5_K", "Q6_K", "Q6_K"),
+                "Q5_K_S": ("Q5_K", "Q5_K", "Q5_K"), "Q5_K": ("Q5_K", "Q5_K", "Q5_K"),
+                "Q4_K_M": ("Q4_K", "Q6_K", "Q6_K"), "Q4_K_S": ("Q4_K", ("Q5_K", 4), "Q5_K"),
+                "Q4_K": ("Q4_K", "Q4_K", "Q4_K"), "Q3_K_L": ("Q3_K", "Q5_K", "Q5_K"),
+                "Q3_K_M": ("Q3_K", ("Q5_K", 2, "Q4_K"), "Q4_K"), "Q3_K_S": ("Q3_K", "Q3_K", "Q3_K"),
+                "Q3_K": ("Q3_K", "Q3_K", "Q3_K")}
+_KQUANT_KEEP = ("modulation.", "patch_embedding.", "text_embedding.", "time_projection.", "time_embedding.",
+                "img_emb.", "head.")  # lcpp.patch: LLM_ARCH_WAN tensors left unquantized
 _SMALL = 1024  # tools/convert.py QUANTIZATION_THRESHOLD
 _KEEP_F32 = (".modulation",)  # tools/convert.py ModelWan.keys_hiprec
 
@@ -149,6 +171,37 @@ def _choose_type(gguf, key: str, t: torch.Tensor, qtype: str) -> str:
     return qtype if t.shape[-1] % block == 0 else "F16"
 
 
+def _kquant_candidate(key: str, t: torch.Tensor) -> bool:
+    """Whether city96's patch hands the tensor to its type rules (2-D, not F32 in the source, not kept)."""
+    return (t.ndim == 2 and t.numel() > _SMALL and not any(s in key for s in _KEEP_F32)
+            and not any(s in key for s in _KQUANT_KEEP))
+
+
+def kquant_type(key: str, t: torch.Tensor, mix: str, v_seen: int) -> str:
+    """The GGUF type of tensor ``key`` in a :data:`KQUANT_MIXES` file; ``v_seen``: how many ``.v.weight`` tensors
+    went through the rules before this one (city96's ``i_attention_wv``, for Q4_K_S / Q3_K_M)."""
+    if t.ndim <= 1 or t.numel() <= _SMALL or any(s in key for s in _KEEP_F32) or t.ndim > 4:
+        return "F32"
+    if not _kquant_candidate(key, t):
+        return "F16"
+    base, v_type, ffn_down = KQUANT_MIXES[mix]
+    if ".v.weight" in key:
+        if isinstance(v_type, tuple):
+            v_type = v_type[0] if v_seen < v_type[1] else (v_type[2] if len(v_type) > 2 else base)
+        base = v_type
+    elif ".ffn.2.weight" in key:
+        base = ffn_down
+    return base if t.shape[-1] % QK_K == 0 else "F16"
+
+
+def _quantize(gguf, values: torch.Tensor, kind: str) -> np.ndarray:
+    """Q8_0 and the K-quants with torch on the tensor's device (Q8_0 byte-identical to ``gguf.quants``), the
+    other types with ``gguf.quants.quantize``."""
+    if kind in TORCH_QUANT_TYPES:
+        return quantize_blocks(values, kind).cpu().numpy()
+    return gguf.quants.quantize(values.cpu().numpy(), gguf.GGMLQuantizationType[kind])
+
+
 def _rows_of_256(t: torch.Tensor) -> bool:
     """tools/convert.py ``shape_fix`` rule: flatten to rows of 256 (recording ``comfy.gguf.orig_shape``)."""
     return t.ndim > 1 and t.numel() >= 512 and t.numel() % 256 == 0 and t.shape[-1] % 256 != 0
@@ -158,30 +211,31 @@ def write_gguf(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], 
                arch: str = "wan", shape_fix: bool = False) -> dict[str, str]:
     """Write an original-layout state dict as a GGUF file ComfyUI-GGUF loads; returns ``{key: stored type}``.
 
-    ``qtype``: a GGUF type ``gguf.quants.quantize`` implements (``Q8_0``, ``Q4_0``, ``Q5_0``, ``F16``, ``BF16`` ...).
+    ``qtype``: a GGUF type ``gguf.quants.quantize`` implements (``Q8_0``, ``Q4_0``, ``Q5_0``, ``F16``, ``BF16`` ...)
+    or a K-quant file type of :data:`KQUANT_MIXES` (``Q6_K``, ``Q5_K_M``, ``Q4_K_M``, ``Q4_K`` ...; quantized
+    with torch on the tensors' device, :func:`~diffusers_wan_ext.utils.gguf_kquants.quantize_blocks`).
     ``shape_fix``: flatten tensors whose last dim does not fit a block into rows of 256 and store their shape in
     ``comfy.gguf.orig_shape.<key>`` (tools/convert.py does this for its UNet architectures, not for ``wan``).
     """
     gguf = _import_gguf()
-    try:
-        target = gguf.GGMLQuantizationType[qtype]
-    except KeyError:
-        raise QuantizedFileError(f"unknown GGUF quant type {qtype!r}") from None
+    mix = qtype if qtype in KQUANT_MIXES else None
+    if mix is None and qtype not in gguf.GGMLQuantizationType.__members__:
+        raise QuantizedFileError(f"unknown GGUF quant type {qtype!r}")
     writer = gguf.GGUFWriter(path=None, arch=arch)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    file_type = {"F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "F32": "ALL_F32"}.get(qtype, f"MOSTLY_{qtype}")
+    file_type = {"F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "F32": "ALL_F32", "Q3_K": "MOSTLY_Q3_K_S",
+                 "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}.get(qtype, f"MOSTLY_{qtype}")
     if hasattr(gguf.LlamaFileType, file_type):
         writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
-    stored = {}
+    stored, v_seen = {}, 0
     for key, t in state_dict.items():
         values = t.detach().to(torch.float32).contiguous()
-        if shape_fix and target.name not in PLAIN_DTYPES and _rows_of_256(values) and t.numel() > _SMALL:
+        if shape_fix and qtype not in PLAIN_DTYPES and _rows_of_256(values) and t.numel() > _SMALL:
             writer.add_array(ORIG_SHAPE_KEY + key, [int(d) for d in t.shape])
             values = values.reshape(-1, 256)
-        kind = _choose_type(gguf, key, values, target.name)
-        values = values.numpy()
-        data = gguf.quants.quantize(values, gguf.GGMLQuantizationType[kind])
-        writer.add_tensor(key, data, raw_dtype=gguf.GGMLQuantizationType[kind])
+        kind = _choose_type(gguf, key, values, qtype) if mix is None else kquant_type(key, values, mix, v_seen)
+        v_seen += mix is not None and ".v.weight" in key and _kquant_candidate(key, values)
+        writer.add_tensor(key, _quantize(gguf, values, kind), raw_dtype=gguf.GGMLQuantizationType[kind])
         stored[key] = kind
     writer.write_header_to_file(path=str(path))
     writer.write_kv_data_to_file()

@@ -195,7 +195,9 @@ def load_single_file(path: str | os.PathLike, dtype: torch.dtype | None = None
 
 #: ``diffusers-wan export-dit --format`` values (the launcher's parser lists the same; a test keeps them equal)
 EXPORT_FORMATS = ("original", "comfy-fp8-scaled", "comfy-fp8", "comfy-fp8-e5m2", "gguf-q8_0", "gguf-q5_1",
-                  "gguf-q5_0", "gguf-q4_1", "gguf-q4_0", "gguf-f16", "gguf-bf16")
+                  "gguf-q5_0", "gguf-q4_1", "gguf-q4_0", "gguf-f16", "gguf-bf16", "gguf-q6_k", "gguf-q5_k_m",
+                  "gguf-q5_k_s", "gguf-q5_k", "gguf-q4_k_m", "gguf-q4_k_s", "gguf-q4_k", "gguf-q3_k_l", "gguf-q3_k_m",
+                  "gguf-q3_k_s", "gguf-q3_k")
 
 
 def check_export_path(path: str | os.PathLike, fmt: str) -> None:
