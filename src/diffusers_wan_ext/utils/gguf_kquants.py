@@ -58,34 +58,40 @@ def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
 def _qkx2(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
     """ggml ``make_qkx2_quants`` for groups ``x`` [G, n] with weights ``rms(x) + |x|``: the scale and min of
     ``x ~ scale * L - min`` (min >= 0) that minimise the weighted squared error over a grid of ``nstep + 1``
-    candidate scales, and the levels ``L`` in ``[0, nmax]``."""
+    candidate scales, and the levels ``L`` in ``[0, nmax]``.  A candidate's error comes from its sums (in
+    float64), the levels of the winner are recomputed once at the end."""
     w = x.pow(2).mean(dim=1, keepdim=True).sqrt() + x.abs()
+    wx = w * x
     lo = lo0 = x.amin(dim=1, keepdim=True).clamp(max=0)
     hi = x.amax(dim=1, keepdim=True)
     flat = hi == lo
-    span = torch.where(flat, torch.ones_like(hi), hi - lo)
-    sum_w, sum_x = w.sum(dim=1, keepdim=True), (w * x).sum(dim=1, keepdim=True)
-    iscale = nmax / span
+    sums = [t.sum(dim=1, keepdim=True).double() for t in (w, wx, wx * x)]  # sum_w, sum_x, sum_xx
+    iscale = nmax / torch.where(flat, torch.ones_like(hi), hi - lo)
     scale = 1 / iscale
-    levels = (iscale * (x - lo)).round().clamp(0, nmax)
-    best = (w * (scale * levels + lo - x).pow(2)).sum(dim=1, keepdim=True)
+    gen_lo, gen_mult = lo, iscale  # the candidate the current levels come from
+    best = (w * (scale * (iscale * (x - lo)).round().clamp(0, nmax) + lo - x).pow(2)).sum(dim=1, keepdim=True)
+    best = best.double()
     for step in range(nstep + 1):
         span = torch.where(hi == lo, torch.ones_like(hi), hi - lo)  # ggml moves min (and the range) as it improves
-        cand = (_f32(rmin, rdelta, step, nmax) / span * (x - lo)).round().clamp(0, nmax)
-        sum_l, sum_l2 = (w * cand).sum(dim=1, keepdim=True), (w * cand * cand).sum(dim=1, keepdim=True)
-        sum_xl = (w * cand * x).sum(dim=1, keepdim=True)
-        det = sum_w * sum_l2 - sum_l * sum_l
+        mult = _f32(rmin, rdelta, step, nmax) / span
+        cand = (x - lo).mul_(mult).round_().clamp_(0, nmax)
+        wl = w * cand
+        s_l, s_l2, s_xl = (t.sum(dim=1, keepdim=True).double() for t in (wl, wl * cand, wx * cand))
+        s_w, s_x, s_xx = sums
+        det = s_w * s_l2 - s_l * s_l
         ok = det > 0
         det = torch.where(ok, det, torch.ones_like(det))
-        c_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        c_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        c_scale, c_min = (s_w * s_xl - s_x * s_l) / det, (s_l2 * s_x - s_l * s_xl) / det
         pos = c_min > 0
-        c_scale = torch.where(pos, sum_xl / sum_l2.clamp(min=1e-30), c_scale)
-        c_min = torch.where(pos, torch.zeros_like(c_min), c_min)
-        err = (w * (c_scale * cand + c_min - x).pow(2)).sum(dim=1, keepdim=True)
+        c_scale = torch.where(pos, s_xl / s_l2.clamp(min=1e-300), c_scale).float().double()
+        c_min = torch.where(pos, torch.zeros_like(c_min), c_min).float().double()
+        err = (c_scale * c_scale * s_l2 + c_min * c_min * s_w + s_xx + 2 * c_scale * c_min * s_l
+               - 2 * c_scale * s_xl - 2 * c_min * s_x)
         better = ok & (err < best)
-        levels = torch.where(better, cand, levels)
-        best, scale, lo = torch.where(better, err, best), torch.where(better, c_scale, scale), torch.where(better, c_min, lo)
+        gen_lo, gen_mult = torch.where(better, lo, gen_lo), torch.where(better, mult, gen_mult)
+        best = torch.where(better, err, best)
+        scale, lo = torch.where(better, c_scale.float(), scale), torch.where(better, c_min.float(), lo)
+    levels = (x - gen_lo).mul_(gen_mult).round_().clamp_(0, nmax)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     levels = torch.where(flat, torch.zeros_like(levels), levels)
     lo = torch.where(flat, lo0, lo)
@@ -100,19 +106,25 @@ def _qx(x: torch.Tensor, nmax: int):
     peak = torch.where(zero, torch.ones_like(peak), peak)
     w = x * x
 
-    def trial(iscale):
-        lv = (iscale * x).round().clamp(-nmax, nmax - 1)
-        return lv, (w * x * lv).sum(dim=1, keepdim=True), (w * lv * lv).sum(dim=1, keepdim=True)
+    wx = w * x
 
-    levels, sumlx, suml2 = trial(-nmax / peak)
+    def trial(iscale):
+        lv = (iscale * x).round_().clamp_(-nmax, nmax - 1)
+        wl = w * lv
+        return (wx * lv).sum(dim=1, keepdim=True), (wl * lv).sum(dim=1, keepdim=True)
+
+    chosen = -nmax / peak  # the candidate the levels come from; they are recomputed once at the end
+    sumlx, suml2 = trial(chosen)
     scale = torch.where(suml2 > 0, sumlx / suml2.clamp(min=1e-30), torch.zeros_like(sumlx))
     best = scale * sumlx
     for step in [s for s in range(-9, 10) if s != 0]:
-        lv, slx, sl2 = trial(-_f32(0, 0.1, step, nmax) / peak)
+        iscale = -_f32(0, 0.1, step, nmax) / peak
+        slx, sl2 = trial(iscale)
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        levels = torch.where(better, lv, levels)
+        chosen = torch.where(better, iscale, chosen)
         scale = torch.where(better, slx / sl2.clamp(min=1e-30), scale)
         best = torch.where(better, scale * slx, best)
+    levels = (chosen * x).round_().clamp_(-nmax, nmax - 1)
     levels = torch.where(zero, torch.full_like(levels, -nmax), levels)
     return torch.where(zero, torch.zeros_like(scale), scale).squeeze(1), levels + nmax
 
@@ -126,16 +138,18 @@ def _q3(x: torch.Tensor, nmax: int = 4):
     w = x * x
     levels = (-nmax / peak * x).round().clamp(-nmax, nmax - 1)
     sumlx, suml2 = (w * x * levels).sum(dim=1), (w * levels * levels).sum(dim=1)
+    xt, wt, levels = x.t().contiguous(), w.t().contiguous(), levels.t().contiguous()  # one value of every group
     for _ in range(5):  # a sweep that changes nothing changes nothing next time: ggml's early exit is implied
         for i in range(x.shape[1]):
-            xi, wi, li = x[:, i], w[:, i], levels[:, i]
+            xi, wi, li = xt[i], wt[i], levels[i]
             slx = sumlx - wi * xi * li
             sl2 = suml2 - wi * li * li
             new = (xi * sl2 / torch.where(slx > 0, slx, torch.ones_like(slx))).round().clamp(-nmax, nmax - 1)
             slx2, sl22 = slx + wi * xi * new, sl2 + wi * new * new
             take = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            levels[:, i] = torch.where(take, new, li)
+            levels[i] = torch.where(take, new, li)
             sumlx, suml2 = torch.where(take, slx2, sumlx), torch.where(take, sl22, suml2)
+    levels = levels.t()
     scale = torch.where(suml2 > 0, sumlx / suml2.clamp(min=1e-30), torch.zeros_like(sumlx))
     levels = torch.where(zero, torch.full_like(levels, -nmax), levels)
     return torch.where(zero.squeeze(1), torch.zeros_like(scale), scale), levels + nmax
