@@ -114,41 +114,36 @@ def test_input_audio_may_be_the_clips_own_sound_track(model, tmp_path):
         WanInputBuilder(components, ["input_image"], max_sequence_length=16)
 
 
-def fixed_noise_loss(model: Path, data: Path, lora: dict | None) -> float:
-    """The joint loss of the clip at the trained timestep, averaged over 4 fixed noise draws (with ``lora`` loaded
-    into the video expert)."""
-    components = load_training_components(model, dtype=torch.float32)
-    builder = WanInputBuilder(components, ["input_image", "input_audio"], max_sequence_length=16)
-    inputs = builder(mova_dataset(data)[0])
-    if lora is not None:
-        components.transformer.load_lora_adapter(lora, prefix="transformer")
-    module = WanTrainingModule(components.transformer, {name: components.extra_components[name]
-                                                        for name in ("audio_transformer", "bridge")})
-    schedule = FlowMatchTrainingSchedule(min_boundary=0.3, max_boundary=0.31)
-    with torch.no_grad():
-        return float(np.mean([training_loss(module, inputs, schedule, torch.Generator().manual_seed(s),
-                                            torch.float32)[0] for s in range(4)]))
-
-
-def test_lora_lowers_the_joint_loss_and_loads_into_the_pipeline(model, data, tmp_path):
-    out = train("--dataset_base_path", data, "--dataset_metadata_path", data / "metadata.csv", "--model_path", model,
-                *COMMON, "--extra_inputs", "input_image,input_audio", "--lora_base_model", "dit",
+def test_lora_lowers_the_joint_loss_and_loads_into_the_pipeline(model, cache, tmp_path):
+    out = train("--task", "sft:train", "--dataset_base_path", cache, "--model_path", model, *COMMON,
+                "--extra_inputs", "input_image,input_audio", "--lora_base_model", "dit",
                 "--learning_rate", "1e-2", "--max_train_steps", "24", "--dataset_repeat", "24",
                 "--min_timestep_boundary", "0.3", "--max_timestep_boundary", "0.31",  # one timestep: a clean signal
                 "--output_path", tmp_path / "lora")
     assert len(losses(out)) == 24
     lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert lora and all(k.startswith("transformer.") for k in lora)
-    before, after = fixed_noise_loss(model, data, None), fixed_noise_loss(model, data, lora)
+    before, after = cached_joint_losses(model, cache, "transformer", lora)
     assert after < 0.95 * before, (before, after)  # 24 steps: 1.248 -> 1.129 here
+    plain, tuned, _ = render_with_lora(model, out)
+    assert float((tuned.frames - plain.frames).abs().max()) > 1e-4  # the video latents
+    assert float((tuned.audio - plain.audio).abs().max()) > 1e-6  # the bridge carries the video change into the audio
+
+
+def render_with_lora(model: Path, out: Path):
+    """MovaPipeline's output (video latents, decoded audio) without and with the trained LoRA, and the pipeline."""
     pipe = MovaPipeline.from_pretrained(model, torch_dtype=torch.float32)
     kw = dict(image=np.full((32, 32, 3), 128, np.uint8), prompt="a tone", height=32, width=32, num_frames=9,
-              num_inference_steps=2, guidance_scale=1.0, output_type="np")
-    before = pipe(**kw, generator=torch.Generator().manual_seed(0))
-    pipe.load_lora_weights(str(out / "pytorch_lora_weights.safetensors"))
-    after = pipe(**kw, generator=torch.Generator().manual_seed(0))
-    assert np.abs(after.frames - before.frames).max() > 1e-4
-    assert np.abs(after.audio - before.audio).max() > 1e-6  # the bridge carries the video change into the audio
+              num_inference_steps=2, guidance_scale=1.0, output_type="latent")  # the audio: decoded below
+    results = []
+    for lora in (None, out / "pytorch_lora_weights.safetensors"):
+        if lora is not None:
+            pipe.load_lora_weights(str(lora))
+        result = pipe(**kw, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            result.audio = pipe.decode_audio(result.audio)
+        results.append(result)
+    return (*results, pipe)
 
 
 # ------------------------------------------------------------------------------- the family's audio rate and fps
@@ -211,7 +206,7 @@ def cache(model, data, tmp_path_factory) -> Path:
 
 def cached_joint_losses(model: Path, cache: Path, component: str, lora: dict) -> tuple[float, float]:
     """The joint loss of the cached clip at the trained timestep over 4 fixed noise draws, before and after ``lora``
-    is loaded into ``component``."""
+    is loaded into ``component`` (``transformer``: the video expert)."""
     from diffusers_wan_ext.training.inputs import ModelInputs
     from diffusers_wan_ext.training.trainer import CachedDataset
 
@@ -227,7 +222,8 @@ def cached_joint_losses(model: Path, cache: Path, component: str, lora: dict) ->
                                                 torch.float32)[0] for s in range(4)]))
 
     before = loss()
-    extras[component].load_lora_adapter(lora, prefix=component)
+    (module.transformer if component == "transformer" else extras[component]).load_lora_adapter(lora,
+                                                                                               prefix=component)
     return before, loss()
 
 
@@ -245,16 +241,9 @@ def test_lora_on_the_audio_tower_or_the_bridge(base, component, model, cache, tm
     assert any(".to_q.lora_A." in k for k in lora)
     before, after = cached_joint_losses(model, cache, component, lora)
     assert after < 0.97 * before, (before, after)  # 40 steps: 1.23 -> 1.17 (audio DiT), -> 1.08 (bridge) here
-    pipe = MovaPipeline.from_pretrained(model, torch_dtype=torch.float32)
-    kw = dict(image=np.full((32, 32, 3), 128, np.uint8), prompt="a tone", height=32, width=32, num_frames=9,
-              num_inference_steps=2, guidance_scale=1.0, output_type="latent")  # the audio: decoded below
-    plain = pipe(**kw, generator=torch.Generator().manual_seed(0))
-    pipe.load_lora_weights(str(out / "pytorch_lora_weights.safetensors"))
+    plain, tuned, pipe = render_with_lora(model, out)
     assert pipe.components[component].peft_config  # loaded into the component
-    tuned = pipe(**kw, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        wav_plain, wav_tuned = pipe.decode_audio(plain.audio), pipe.decode_audio(tuned.audio)
-    assert float((wav_tuned - wav_plain).abs().max()) > 1e-6
+    assert float((tuned.audio - plain.audio).abs().max()) > 1e-6
 
 
 def test_component_lora_arguments(model, cache, tmp_path):
