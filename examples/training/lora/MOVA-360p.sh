@@ -2,7 +2,9 @@
 # LoRA of MOVA-360p (openmoss/MOVA-360p): DiffSynth-Studio's examples/mova/model_training/lora/MOVA-360P-I2AV.sh
 # (one GPU). One run per video expert (dit = video_dit/, dit2 = video_dit_2/); the audio DiT and the dual-tower bridge
 # run frozen in the same joint forward and the loss adds the audio flow-matching MSE (--extra_inputs input_audio).
-# The clips should be 24 fps (MOVA's frame rate: the audio span of a clip is num_frames / 24 s).
+# The clips are resampled to 24 fps when read (MOVA's frame rate: the audio span of a clip is num_frames / 24 s);
+# input_audio is read at 48 kHz. --lora_base_model audio_dit / dual_tower_bridge put the LoRA on the audio DiT /
+# the bridge instead (the video expert frozen).
 DATA=${DATA:-./data/diffsynth_example_dataset/mova/MOVA-360P-I2AV}
 source "$(dirname "$0")/../common.sh"
 MOVA=(--extra_inputs "input_image,input_audio" --height 352 --width 640 --num_frames 121)
