@@ -9,7 +9,8 @@ Two ways, both leave the LoRA (and everything trained) in ``--trainable_dtype``:
 * DiffSynth-Studio's ``--quant_options "dit:<method>[/<excluded modules>]"``: the trained transformer's frozen
   Linear layers inside its blocks are quantized after loading by bitsandbytes (``bitsandbytes_nf4``,
   ``bitsandbytes_fp4``, ``bitsandbytes_int8``) or torchao (``torchao_int8_w8a16``), where that package is installed
-  (it is an optional dependency: an error names the package otherwise).
+  (it is an optional dependency: an error names the package otherwise).  Both run on CPU too: torchao's int8
+  weight-only tensors, and bitsandbytes from 0.47 (its CPU backend; 0.46 has no CPU fp4).
 
 Example:
     >>> parse_quant_options("dit:bitsandbytes_nf4/proj_out")
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.metadata import PackageNotFoundError, version
 import re
 import struct
 from dataclasses import dataclass
@@ -29,8 +31,8 @@ import torch
 from diffusers.utils import is_bitsandbytes_available, is_torchao_available
 from torch import nn
 
-__all__ = ["QUANT_METHODS", "QuantOption", "is_quantized_single_file", "parse_quant_options", "quant_package_missing",
-           "quantize_frozen_linears"]
+__all__ = ["BITSANDBYTES_CPU_MIN_VERSION", "QUANT_METHODS", "QuantOption", "is_quantized_single_file",
+           "parse_quant_options", "quant_package_missing", "quantize_frozen_linears"]
 
 #: method -> the package it needs
 QUANT_METHODS = {
@@ -39,6 +41,8 @@ QUANT_METHODS = {
     "bitsandbytes_int8": "bitsandbytes",
     "torchao_int8_w8a16": "torchao",
 }
+#: the bitsandbytes release whose CPU backend runs all three methods (0.46.1 quantizes nf4 / int8 on CPU, not fp4)
+BITSANDBYTES_CPU_MIN_VERSION = (0, 47)
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,20 @@ def parse_quant_options(value: str) -> list[QuantOption]:
 
 
 def quant_package_missing(method: str) -> str | None:
-    """The package ``method`` needs when it is not installed, else ``None``."""
+    """The package ``method`` needs when it is not installed, else ``None``; without CUDA, a bitsandbytes older than
+    :data:`BITSANDBYTES_CPU_MIN_VERSION` counts as missing (``"bitsandbytes>=0.47"``)."""
     package = QUANT_METHODS[method]
     available = is_bitsandbytes_available() if package == "bitsandbytes" else is_torchao_available()
-    return None if available else package
+    if not available:
+        return package
+    if package == "bitsandbytes" and not torch.cuda.is_available():
+        try:
+            found = tuple(int(p) for p in version("bitsandbytes").split(".")[:2] if p.isdigit())
+        except PackageNotFoundError:  # importable without metadata (a source checkout): trust it
+            return None
+        if found < BITSANDBYTES_CPU_MIN_VERSION:
+            return "bitsandbytes>=" + ".".join(map(str, BITSANDBYTES_CPU_MIN_VERSION))
+    return None
 
 
 def is_quantized_single_file(path: str | os.PathLike | None) -> bool:
@@ -103,10 +117,13 @@ def _frozen_block_linears(module: nn.Module, exclude: tuple[str, ...]) -> list[s
             and not any(name == e or name.endswith("." + e) or f".{e}." in f".{name}." for e in exclude)]
 
 
-def _bitsandbytes_layer(linear: nn.Linear, method: str, compute_dtype: torch.dtype) -> nn.Module:
+def _bitsandbytes_layer(linear: nn.Linear, method: str, compute_dtype: torch.dtype,
+                        device: torch.device | str) -> nn.Module:
+    """The bitsandbytes layer for ``linear``, quantized on ``device`` (bitsandbytes quantizes a weight when it moves
+    from the CPU to a device, that device the CPU included)."""
     import bitsandbytes as bnb  # optional dependency
 
-    weight = linear.weight.detach()
+    weight = linear.weight.detach().cpu()
     bias = linear.bias is not None
     if method == "bitsandbytes_int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False)
@@ -118,14 +135,18 @@ def _bitsandbytes_layer(linear: nn.Linear, method: str, compute_dtype: torch.dty
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=kind)
     if bias:
         layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+    layer = layer.to(device)
+    stored = layer.weight
+    if not (getattr(stored, "bnb_quantized", False) or stored.dtype == torch.int8):
+        raise RuntimeError(f"bitsandbytes left a {method} weight unquantized on {device} ({stored.dtype})")
     return layer
 
 
 def quantize_frozen_linears(module: nn.Module, option: QuantOption, compute_dtype: torch.dtype,
                             device: torch.device | str) -> int:
     """Quantize the frozen plain ``nn.Linear`` layers inside ``module``'s blocks with ``option.method`` (before the
-    LoRA goes in); bitsandbytes quantizes when the layer reaches ``device`` (a CUDA device).  Returns the number of
-    layers quantized."""
+    LoRA goes in); bitsandbytes layers are quantized on ``device`` (CUDA or CPU), torchao's where the layers are.
+    Returns the number of layers quantized."""
     missing = quant_package_missing(option.method)
     if missing:
         raise ValueError(f"--quant_options {option.model}:{option.method}: {missing} is not installed "
@@ -148,5 +169,5 @@ def quantize_frozen_linears(module: nn.Module, option: QuantOption, compute_dtyp
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = module.get_submodule(parent) if parent else module
-        setattr(owner, child, _bitsandbytes_layer(getattr(owner, child), option.method, compute_dtype).to(device))
+        setattr(owner, child, _bitsandbytes_layer(getattr(owner, child), option.method, compute_dtype, device))
     return len(names)
