@@ -49,3 +49,11 @@ def converted(tiny_release, tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def built_dists(tmp_path_factory):
+    """(sdist, wheel) built once from a copy of this checkout (``helpers.build_sdist_and_wheel``)."""
+    from helpers import build_sdist_and_wheel
+
+    return build_sdist_and_wheel(tmp_path_factory.mktemp("dists"))

@@ -1,11 +1,13 @@
 """Shared helpers for tests: subprocesses that import this checkout, stand-in modules, the tiny text-to-video call, the
-command line's exit status, the reference blend of sliding windows."""
+command line's exit status, the reference blend of sliding windows, the project's sdist and wheel."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import types
 from pathlib import Path
 
@@ -123,3 +125,50 @@ def write_wide_t2v_gguf(path) -> dict:
     w.write_tensors_to_file()
     w.close()
     return stored
+
+
+def checkout_files() -> list[str] | None:
+    """The checkout's files (tracked and untracked, ignored ones left out); None outside a git checkout."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        return None
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                         check=True).stdout.decode()
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
+BUILD = """
+import sys
+from setuptools import build_meta
+kind, out = sys.argv[1], sys.argv[2]
+print((build_meta.build_sdist if kind == "sdist" else build_meta.build_wheel)(out))
+"""
+
+
+def build_distribution(kind: str, source: Path, out: Path) -> Path:
+    """Build an ``sdist`` or a ``wheel`` of the project at ``source`` into ``out`` (setuptools' build backend)."""
+    proc = subprocess.run([sys.executable, "-c", BUILD, kind, str(out)], cwd=source, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / proc.stdout.strip().splitlines()[-1]
+
+
+def build_sdist_and_wheel(tmp: Path) -> tuple[Path | None, Path]:
+    """(sdist, wheel) of a copy of this checkout, the wheel built from the unpacked sdist (as pip does).  Outside a
+    git checkout (an unpacked sdist) there is no file list to make an sdist of: (None, a wheel of ``src``)."""
+    files = checkout_files()
+    if files is None:
+        project = tmp / "project"
+        shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        for name in ("setup.cfg", "pyproject.toml", "README.md", "MANIFEST.in"):
+            shutil.copy(ROOT / name, project / name)
+        return None, build_distribution("wheel", project, tmp)
+    source = tmp / "checkout"
+    for name in files:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    sdist = build_distribution("sdist", source, tmp)
+    with tarfile.open(sdist) as tar:
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12
+        tar.extractall(tmp / "unpacked", **safe)
+    (unpacked,) = (tmp / "unpacked").iterdir()
+    return sdist, build_distribution("wheel", unpacked, tmp)

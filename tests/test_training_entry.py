@@ -91,16 +91,10 @@ def test_train_verb_and_python_m_train_a_tiny_lora(t2v, data, tmp_path):
     assert losses(tmp_path / "module") == losses(tmp_path / "verb")
 
 
-def test_a_built_wheel_holds_the_entry_points_and_answers_train_help(tmp_path):
-    """A non-editable install: the wheel built from a copy of the sources, installed into a folder of its own."""
-    project = tmp_path / "project"
-    shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("setup.cfg", "pyproject.toml", "README.md", "MANIFEST.in"):
-        shutil.copy(ROOT / name, project / name)
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".",
-                            "-w", str(tmp_path / "dist")], cwd=project, capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-3000:]
-    (wheel,) = (tmp_path / "dist").glob("diffusers_wan_ext-*.whl")
+def test_a_built_wheel_holds_the_entry_points_and_answers_train_help(built_dists, tmp_path):
+    """A non-editable install: the wheel built from the sources (the sdist of a copy of the checkout, shared with
+    test_first_run), installed into a folder of its own."""
+    wheel = built_dists[1]
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("diffusers_wan_ext/training/__main__.py", "diffusers_wan_ext/training/args.py",
                  "diffusers_wan_ext_cli/__init__.py", "diffusers_wan_ext_cli/__main__.py",
