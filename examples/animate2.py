@@ -14,13 +14,22 @@ Defaults follow DiffSynth-Studio's examples: 1280x720 (portrait), 81-frame clips
 distilled DiT: 10 steps, CFG 1; its folder sets ``log_scale = -1.3``).  The whole driving video is generated, clip
 after clip (``--single-clip``: its first ``--clip-frames`` frames only).  ``--vram 24gb`` plans offloading (the
 reference K/V cache then stays in CPU memory).
+
+Without a model folder (or with --tiny) it builds a tiny random-weight release, converts it, writes a reference
+image and a driving video if none are given, and runs on the CPU, so the script itself can be checked anywhere:
+
+    python examples/animate2.py --tiny --output animate2_tiny.mp4
 """
 
 import argparse
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import export_to_video
+from PIL import Image
 
 import diffusers_wan_ext  # noqa: F401  (registers WanAnimate2Pipeline)
 
@@ -29,11 +38,31 @@ import diffusers_wan_ext  # noqa: F401  (registers WanAnimate2Pipeline)
 PROMPT_REF = "视频中的人在做动作，背景静止"
 
 
+def _tiny_inputs(args) -> None:
+    """A tiny converted Animate-2 folder, and a reference image / driving video (a moving square) when not given."""
+    from diffusers_wan_ext.demo import TINY, make_tiny_release
+    from diffusers_wan_ext.release_converter import convert_release
+
+    work = Path(tempfile.mkdtemp(prefix="animate2-tiny-"))
+    release = make_tiny_release(work / "Wan2.2-Animate-2-tiny", arch="animate2")
+    args.model = str(convert_release(release, work / "Wan2.2-Animate-2-tiny-diffusers", dtype="fp32", progress=False,
+                                     image_encoder_heads=TINY["clip_heads"]))
+    args.height, args.width, args.clip_frames, args.steps, args.dtype = 32, 32, 5, 1, "fp32"
+    if args.image is None:
+        args.image = str(work / "character.png")
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(args.image)
+    if args.video is None:
+        frames = np.zeros((9, 32, 32, 3), np.float32)
+        for i in range(9):
+            frames[i, 8:20, 2 + 2 * i:14 + 2 * i] = 1.0
+        args.video = export_to_video(list(frames), str(work / "driving.mp4"), fps=8)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Wan2.2-Animate-2: animate a character with a driving video.")
-    parser.add_argument("model", help="converted Wan2.2-Animate-2 folder (diffusers-wan convert)")
-    parser.add_argument("image", help="reference image: the character")
-    parser.add_argument("video", help="driving video: the motion")
+    parser.add_argument("model", nargs="?", help="converted Wan2.2-Animate-2 folder (diffusers-wan convert)")
+    parser.add_argument("image", nargs="?", help="reference image: the character")
+    parser.add_argument("video", nargs="?", help="driving video: the motion")
     parser.add_argument("--prompt", default="a person dancing")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--prompt-ref", default=PROMPT_REF, help="describes the driving video (reference pass)")
@@ -49,11 +78,17 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=24)
     parser.add_argument("--output", default="animate2.mp4")
+    parser.add_argument("--tiny", action="store_true", help="tiny random-weight model on the CPU (smoke test)")
     args = parser.parse_args(argv)
+    tiny = args.tiny or args.model is None
+    if tiny:
+        _tiny_inputs(args)
+    elif args.image is None or args.video is None:
+        parser.error("give the reference image and the driving video after the model folder")
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
     if args.vram:
         pipe.enable_vram_management(args.vram, height=args.height, width=args.width, num_frames=args.clip_frames)
     else:

@@ -13,14 +13,22 @@ then:
 The audio (48 kHz mono, from the DAC audio VAE) is muxed into the mp4 (ffmpeg of imageio-ffmpeg, AAC).  The
 command line does the same: ``diffusers-wan generate --model MOVA-360p-diffusers --image cat.png --prompt ...``
 (the sound is generated for ``--fps``, 24 by default).
+
+Without a model folder (or with --tiny) it builds a tiny random-weight release, converts it, writes a first frame if
+none is given, and runs on the CPU, so the script itself can be checked anywhere:
+
+    python examples/mova.py --tiny --output mova_tiny.mp4
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from diffusers_wan_ext import MovaPipeline
 from diffusers_wan_ext.utils.media import add_audio_track, write_video
@@ -38,11 +46,26 @@ def write_mp4_with_audio(frames, audio: np.ndarray, sample_rate: int, fps: float
     return str(add_audio_track(out, audio, sample_rate))
 
 
+def _tiny_inputs(args) -> None:
+    """A tiny converted MOVA folder and a first frame when none is given (32 x 48, 9 frames at 12 fps, 2 steps)."""
+    from diffusers_wan_ext.families.mova import make_tiny_mova_release
+    from diffusers_wan_ext.release_converter import convert_release
+
+    work = Path(tempfile.mkdtemp(prefix="mova-tiny-"))
+    release = make_tiny_mova_release(work / "MOVA-360p-tiny")
+    args.model = str(convert_release(release, work / "MOVA-360p-tiny-diffusers", dtype="fp32", progress=False))
+    args.height, args.width, args.num_frames, args.frame_rate, args.steps = 32, 48, 9, 12.0, 2
+    args.max_sequence_length, args.dtype = 16, "fp32"
+    if args.image is None:
+        args.image = str(work / "first_frame.png")
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(args.image)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="MOVA: image + prompt -> video with audio (mp4).")
-    parser.add_argument("model", help="converted MOVA folder (model_index.json: MovaPipeline)")
-    parser.add_argument("image", help="first frame (image file)")
-    parser.add_argument("prompt")
+    parser.add_argument("model", nargs="?", help="converted MOVA folder (model_index.json: MovaPipeline)")
+    parser.add_argument("image", nargs="?", help="first frame (image file)")
+    parser.add_argument("prompt", nargs="?", default="A fox barks in the snow.")
     parser.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)
     parser.add_argument("--output", default="mova.mp4")
     parser.add_argument("--height", type=int, default=352, help="352 for MOVA-360p, 720 for MOVA-720p")
@@ -54,13 +77,19 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-sequence-length", type=int, default=512)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--tiny", action="store_true", help="tiny random-weight model on the CPU (smoke test)")
     args = parser.parse_args(argv)
+    tiny = args.tiny or args.model is None
+    if tiny:
+        _tiny_inputs(args)
+    elif args.image is None:
+        parser.error("give the first frame (an image file) after the model folder")
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     pipe = MovaPipeline.from_pretrained(args.model, torch_dtype=dtype)
     pipe.vae.to(torch.float32)
     pipe.audio_vae.to(torch.float32)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not tiny:
         pipe.enable_model_cpu_offload()
     out = pipe(
         image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,

@@ -92,12 +92,13 @@ ANIMATE2_DISTILLED = WanVariant(
 )
 
 
-def _peek_keys(path: Path) -> list[str]:
+def _peek_keys(path: Path) -> list[str] | None:
+    """The keys of a safetensors file; ``None`` when it cannot be read (the loader reports why)."""
     try:
         with safe_open(str(path), "pt") as f:
             return list(f.keys())
     except Exception:  # noqa: BLE001 - unreadable files are reported by the real loader
-        return []
+        return None
 
 
 def find_animate2_dit(src: str | os.PathLike, transformer: str | os.PathLike | None = None,
@@ -116,8 +117,14 @@ def find_animate2_dit(src: str | os.PathLike, transformer: str | os.PathLike | N
         folder = src / "wan_animate_2" if (src / "wan_animate_2").is_dir() else src
         others = [] if distilled else sorted(p for p in folder.glob("*.safetensors") if p.name != Path(preferred).name)
         candidates = [folder / Path(preferred).name] + others
+    release_names = (Path(ANIMATE2_RELEASE_FILE).name, Path(DISTILLED_FILE).name)
     for cand in candidates:
-        if cand.is_file() and cand.suffix == ".safetensors" and is_animate2_state_dict(_peek_keys(cand)):
+        if not (cand.is_file() and cand.suffix == ".safetensors"):
+            continue
+        keys = _peek_keys(cand)
+        if keys is None and cand.name in release_names:  # a truncated release file: the loader names it
+            return cand
+        if keys is not None and is_animate2_state_dict(keys):
             return cand
     return None
 

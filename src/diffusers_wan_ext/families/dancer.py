@@ -102,22 +102,25 @@ TOKENIZER_DIRS = ("google/umt5-xxl", "umt5-xxl", "tokenizer")
 STAGE_COMPONENTS = (("transformer", "global"), ("transformer_2", "local"))
 
 
-def _has_dancer_keys(path: Path) -> bool:
+def _has_dancer_keys(path: Path) -> bool | None:
+    """Whether ``path`` holds Dancer keys; ``None`` when it cannot be read (the loader reports why)."""
     try:
         with safe_open(str(path), "pt") as f:
             return is_dancer_state_dict(dict.fromkeys(f.keys()))
     except Exception:  # noqa: BLE001 - unreadable files are reported by the real loader
-        return False
+        return None
 
 
 def find_dancer_dits(src: str | os.PathLike, variant: str | None = None) -> dict[str, Path]:
-    """The Dancer DiTs of a release folder, ``{"global": path, "local": path}`` (those present, with Dancer keys);
-    ``variant`` ``wan-dancer-14b-global`` / ``-local`` keeps one."""
+    """The Dancer DiTs of a release folder, ``{"global": path, "local": path}``: the release files present, when one
+    of them has Dancer keys or cannot be read (a truncated download); the converter's loader then names a file that is
+    unreadable or not a Dancer DiT, never skips it.  ``variant`` ``wan-dancer-14b-global`` / ``-local`` keeps one."""
     src = Path(src)
     if not src.is_dir():
         return {}
-    found = {stage: src / name for stage, name in DANCER_RELEASE_FILES.items()
-             if (src / name).is_file() and _has_dancer_keys(src / name)}
+    found = {stage: src / name for stage, name in DANCER_RELEASE_FILES.items() if (src / name).is_file()}
+    if not any(_has_dancer_keys(path) is not False for path in found.values()):
+        return {}
     name = (variant or "").lower()
     for row, stage in ((WAN_DANCER_GLOBAL, "global"), (WAN_DANCER_LOCAL, "local")):
         if name in (row.name, *row.aliases):

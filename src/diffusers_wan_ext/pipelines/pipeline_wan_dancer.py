@@ -127,6 +127,17 @@ class WanDancerPipeline(
             "coefficients); use set_attention_backend() / enable_vram_management() for speed and memory instead"
         )
 
+    def enable_parallelism(self, *args, **kwargs):
+        """Not available for Wan-Dancer: sequence parallel cannot split the tokens (the music injection groups each
+        latent frame's tokens with that frame's music tokens, resampled over the whole clip; see the transformer's
+        ``_cp_unsupported_reason``), and the two guidance branches run different blocks (block 9 is skipped in the
+        negative one), so there is no CFG-parallel split either."""
+        raise NotImplementedError(
+            "Wan-Dancer cannot run in parallel: sequence parallel would split the per-frame music injection (music "
+            "tokens resampled over the whole clip), and the guidance branches run different blocks (CFG parallel); "
+            "run it on one GPU (enable_vram_management() to fit it)"
+        )
+
     # ------------------------------------------------------------------------------------------------ parts
     def clip_features(self, images: torch.Tensor) -> torch.Tensor:
         """Wan CLIP features ``[B, 257, clip_dim]`` of images ``[B, 3, H, W]`` in [-1, 1]."""
