@@ -278,23 +278,22 @@ def convert_animate2_release(src: str | os.PathLike, dst: str | os.PathLike, opt
     paths = _component_paths(src, options)
     cfg = _read_config(dit)
     with atomic_output_dir(dst, overwrite=options.overwrite) as tmp:
-        bar = progress_bar(1 if options.transformer_only else 4, options.progress)
-        bar.set_postfix_str("transformer")
-        model = with_path(dit, lambda: load_animate2_transformer_from_original(load_state_dict(dit), cfg,
-                                                                               torch_dtype=torch_dtype))
-        bar.update()
-        target = tmp if options.transformer_only else tmp / "transformer"
-        transformer = _as_stock_if_possible(model)
-        if not options.transformer_only:
-            for name, component in _load_components(model, paths, torch_dtype, options.image_encoder_heads,
-                                                    bar).items():
-                component.save_pretrained(tmp / name)
-            FlowMatchEulerDiscreteScheduler(shift=var.flow_shift).save_pretrained(tmp / "scheduler")
-            _write_model_index(tmp, var, transformer)
-            write_model_card(tmp, var, var.pipeline, str(src), call=CARD_CALL, extra=_CARD_NOTE)
-            (tmp / "wan_variant.json").write_text(json.dumps(var.record(), indent=2) + "\n")
-        transformer.save_pretrained(target, max_shard_size=options.max_shard_size)
-        bar.close()
+        with progress_bar(1 if options.transformer_only else 4, options.progress) as bar:
+            bar.set_postfix_str("transformer")
+            model = with_path(dit, lambda: load_animate2_transformer_from_original(load_state_dict(dit), cfg,
+                                                                                   torch_dtype=torch_dtype))
+            bar.update()
+            target = tmp if options.transformer_only else tmp / "transformer"
+            transformer = _as_stock_if_possible(model)
+            if not options.transformer_only:
+                for name, component in _load_components(model, paths, torch_dtype, options.image_encoder_heads,
+                                                        bar).items():
+                    component.save_pretrained(tmp / name)
+                FlowMatchEulerDiscreteScheduler(shift=var.flow_shift).save_pretrained(tmp / "scheduler")
+                _write_model_index(tmp, var, transformer)
+                write_model_card(tmp, var, var.pipeline, str(src), call=CARD_CALL, extra=_CARD_NOTE)
+                (tmp / "wan_variant.json").write_text(json.dumps(var.record(), indent=2) + "\n")
+            transformer.save_pretrained(target, max_shard_size=options.max_shard_size)
     return Path(dst)
 
 

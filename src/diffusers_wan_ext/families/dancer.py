@@ -211,26 +211,27 @@ def convert_dancer_release(src: str | os.PathLike, dst: str | os.PathLike, optio
     var = _variant_for(dits)
     paths = _component_paths(src, options)
     with atomic_output_dir(dst, overwrite=options.overwrite) as tmp:
-        bar = progress_bar(len(dits) + (0 if options.transformer_only else 5), options.progress)
-        models = {}
-        for component, stage in STAGE_COMPONENTS:
-            if stage in dits:
-                bar.set_postfix_str(dits[stage].name)
-                models["transformer" if not models else component] = _load_dit(dits[stage], torch_dtype)
-                bar.update()
-        for name, model in models.items():
-            model.save_pretrained(tmp if options.transformer_only and name == "transformer" else tmp / name,
-                                  max_shard_size=options.max_shard_size)
-        if not options.transformer_only:
-            components = _load_components(paths, models["transformer"], torch_dtype, options.image_encoder_heads)
-            components["scheduler"] = WanFlowMatchScheduler(shift=var.flow_shift)
-            for name, component in components.items():
-                component.save_pretrained(tmp / name)
-                bar.update()
-            _write_pipeline_index(tmp, {**components, **models})
-            write_model_card(tmp, var, var.pipeline, str(src), call=DancerFamily.card_calls[var.pipeline])
-            (tmp / "wan_variant.json").write_text(json.dumps(var.record(), indent=2) + "\n")
-        bar.close()
+        steps = len(dits) + (0 if options.transformer_only else 5)
+        with progress_bar(steps, options.progress) as bar:  # closed before an error propagates
+            models = {}
+            for component, stage in STAGE_COMPONENTS:
+                if stage in dits:
+                    bar.set_postfix_str(dits[stage].name)
+                    models["transformer" if not models else component] = _load_dit(dits[stage], torch_dtype)
+                    bar.update()
+            for name, model in models.items():
+                model.save_pretrained(tmp if options.transformer_only and name == "transformer" else tmp / name,
+                                      max_shard_size=options.max_shard_size)
+            if not options.transformer_only:
+                components = _load_components(paths, models["transformer"], torch_dtype,
+                                              options.image_encoder_heads)
+                components["scheduler"] = WanFlowMatchScheduler(shift=var.flow_shift)
+                for name, component in components.items():
+                    component.save_pretrained(tmp / name)
+                    bar.update()
+                _write_pipeline_index(tmp, {**components, **models})
+                write_model_card(tmp, var, var.pipeline, str(src), call=DancerFamily.card_calls[var.pipeline])
+                (tmp / "wan_variant.json").write_text(json.dumps(var.record(), indent=2) + "\n")
     return Path(dst)
 
 

@@ -184,20 +184,20 @@ def convert_longcat_release(src: str | os.PathLike, dst: str | os.PathLike, opti
         )
     paths = _component_paths(src, root, options)
     with atomic_output_dir(dst, overwrite=options.overwrite) as tmp:  # claimed before loading
-        bar = progress_bar(1 if options.transformer_only else 5, options.progress)
-        bar.set_postfix_str("transformer")
-        model = with_path(dit, lambda: load_longcat_transformer_from_original(dit, torch_dtype=torch_dtype))
-        bar.update()
-        components = {} if options.transformer_only else _load_components(model, paths, root, torch_dtype, bar)
-        if options.transformer_only:
-            model.save_pretrained(tmp, max_shard_size=options.max_shard_size)
-        else:
-            LongCatVideoPipeline(transformer=model, **components).save_pretrained(
-                tmp, max_shard_size=options.max_shard_size)
-            _write_loras(root, tmp)
-            write_model_card(tmp, VARIANT, "LongCatVideoPipeline", str(src))
-            (tmp / "wan_variant.json").write_text(json.dumps(VARIANT.record(), indent=2) + "\n")
-        bar.close()
+        with progress_bar(1 if options.transformer_only else 5, options.progress) as bar:
+            bar.set_postfix_str("transformer")
+            model = with_path(dit, lambda: load_longcat_transformer_from_original(dit, torch_dtype=torch_dtype))
+            bar.update()
+            components = {} if options.transformer_only else _load_components(model, paths, root, torch_dtype,
+                                                                                bar)
+            if options.transformer_only:
+                model.save_pretrained(tmp, max_shard_size=options.max_shard_size)
+            else:
+                LongCatVideoPipeline(transformer=model, **components).save_pretrained(
+                    tmp, max_shard_size=options.max_shard_size)
+                _write_loras(root, tmp)
+                write_model_card(tmp, VARIANT, "LongCatVideoPipeline", str(src))
+                (tmp / "wan_variant.json").write_text(json.dumps(VARIANT.record(), indent=2) + "\n")
     return Path(dst)
 
 

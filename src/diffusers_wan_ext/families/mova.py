@@ -225,9 +225,8 @@ def convert_mova_release(src: str | os.PathLike, dst: str | os.PathLike, options
                               "sub-folders next to video_dit/)")
     paths = _component_paths(src, options)
     with atomic_output_dir(dst, overwrite=options.overwrite) as tmp:
-        bar = progress_bar(4, options.progress)
-        towers = _load_towers(paths, torch_dtype, bar)
-        bar.close()
+        with progress_bar(4, options.progress) as bar:  # closed before an error propagates
+            towers = _load_towers(paths, torch_dtype, bar)
         if options.transformer_only:
             for name, model in towers.items():
                 if model is not None:
