@@ -8,10 +8,24 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from safetensors.torch import load_file
+from types import SimpleNamespace
 
+from diffusers_wan_ext.demo import make_tiny_release
+from diffusers_wan_ext.families import FAMILIES
 from diffusers_wan_ext.families.longcat import make_tiny_longcat_release
+from diffusers_wan_ext.lora import LORA_FORMATS, detect_lora_format, export_lora, map_lora_target_modules
+from diffusers_wan_ext.lora.convert import peft_lora_state_dict
+from diffusers_wan_ext.pipelines import WanAnimate2Pipeline
 from diffusers_wan_ext.training import main
-from diffusers_wan_ext.training.components import model_family
+from diffusers_wan_ext.training.args import DEFAULT_TARGETS
+from diffusers_wan_ext.training.components import family_of_pipeline, model_family
+from diffusers_wan_ext.training.modules import add_lora
+from diffusers_wan_ext.training.targets import lora_target_modules
+from diffusers_wan_ext.utils.io import ConversionError
+from model_cases import WAN_TINY, model_cases
 
 
 @pytest.fixture(scope="module")
@@ -50,4 +64,90 @@ def test_export_format_of_a_wan_folder_passes_the_check(tmp_path, capsys):
     folder = _index(tmp_path / "wan", "WanPipeline")
     assert model_family(folder) is None or model_family(folder).lora_export_formats is None
     err = _run(capsys, ["--model_path", str(folder)], tmp_path)
+    assert "--export_format" not in err and "none.csv" in err, err
+
+
+# ------------------------------------------------------------------------------- the families' export declarations
+# Each family's ``lora_export_formats`` is what the LoRA exporter can write for a LoRA the trainer puts on its
+# transformer (default targets, main blocks): a declared layout round-trips through the pipeline's own loader (what
+# ``diffusers-wan generate --lora`` reads) to the same tensors; an undeclared one is refused at start-up and the
+# exporter indeed cannot write it.
+
+#: family -> (its pipeline class, the tiny transformer of tests/model_cases.py; MOVA's video DiT is stock Wan's)
+FAMILY_MODELS = {"animate": ("WanAnimateExtPipeline", "animate"), "animate2": ("WanAnimate2Pipeline", "animate2"),
+                 "dancer": ("WanDancerPipeline", "dancer"), "s2v": ("WanSpeechToVideoPipeline", "s2v"),
+                 "video-as-prompt": ("WanVideoAsPromptPipeline", "vap"), "mova": ("MovaPipeline", None)}
+
+
+def _tiny_transformer(case_name: str | None) -> torch.nn.Module:
+    if case_name is None:
+        return WanTransformer3DModel(**WAN_TINY, num_layers=2)
+    case = next(c for c in model_cases() if c.name == case_name)
+    return case.model_class(**case.init_kwargs)
+
+
+def _trained_lora(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA a ``--lora_base_model dit`` run with the default targets puts on ``transformer`` (random factors)."""
+    args = SimpleNamespace(lora_target_names=DEFAULT_TARGETS.split(","),
+                           lora_target_modules=map_lora_target_modules(DEFAULT_TARGETS))
+    add_lora(transformer, 4, 4, lora_target_modules(transformer, args), scope="dit")
+    g = torch.Generator().manual_seed(0)
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=g)
+    return peft_lora_state_dict(transformer)
+
+
+def test_every_family_declares_its_export_formats():
+    assert {f.name for f in FAMILIES} >= set(FAMILY_MODELS)
+    assert family_of_pipeline("WanAnimate2Pipeline").lora_export_formats == ()
+
+
+@pytest.mark.parametrize("family_name", sorted(FAMILY_MODELS))
+def test_declared_export_formats_round_trip_the_others_cannot_be_written(family_name, tmp_path):
+    pipeline_name, case_name = FAMILY_MODELS[family_name]
+    family = family_of_pipeline(pipeline_name)
+    assert family is not None and family.name == family_name
+    lora = _trained_lora(_tiny_transformer(case_name))
+    assert lora and all(k.startswith("transformer.") for k in lora)
+    allowed = LORA_FORMATS[1:] if family.lora_export_formats is None else family.lora_export_formats
+    loader = family.generate_pipeline.get(pipeline_name) or next(
+        c for c in family.pipeline_classes if c.__name__ == pipeline_name)
+    for fmt in LORA_FORMATS[1:]:
+        if fmt not in allowed:
+            with pytest.raises(ConversionError, match="no name in the"):
+                export_lora(lora, tmp_path / fmt, formats=(fmt,))
+            continue
+        path = export_lora(lora, tmp_path / fmt, formats=(fmt,))[fmt]
+        written = load_file(str(path))
+        assert detect_lora_format(written) == fmt, (fmt, sorted(written)[:4])
+        back = loader.lora_state_dict(str(path))
+        assert set(back) == set(lora), (fmt, sorted(set(back) ^ set(lora))[:6])
+        for k, v in lora.items():
+            torch.testing.assert_close(back[k], v, msg=f"{fmt}: {k}")
+
+
+def test_animate2_diffsynth_layout_is_read_not_written(tmp_path):
+    """The Animate-2 pipeline reads DiffSynth's ``blocks.N.block.*`` LoRAs (``generate --lora``); our Diffusers file
+    of the trained LoRA loads back through the same loader to the same tensors (the layout it is written in)."""
+    lora = _trained_lora(_tiny_transformer("animate2"))
+    path = export_lora(lora, tmp_path, formats=("diffusers",))["diffusers"]
+    back = WanAnimate2Pipeline.lora_state_dict(str(path))
+    assert set(back) == set(lora) and all(torch.equal(back[k], v) for k, v in lora.items())
+
+
+@pytest.mark.parametrize("where", ["converted", "release"])
+def test_animate2_export_format_is_refused_at_start_up(where, tmp_path, capsys):
+    """One line naming the flag and the family, exit status 2, before the (absent) metadata file is read."""
+    folder = (_index(tmp_path / "a2", "WanAnimate2Pipeline") if where == "converted"
+              else make_tiny_release(tmp_path / "a2-release", arch="animate2"))
+    err = _run(capsys, ["--model_path", str(folder)], tmp_path, "diffsynth")
+    assert err.count("\n") == 1 and "--export_format diffsynth" in err and "Wan2.2-Animate-2" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pipeline_name", ["WanDancerPipeline", "MovaPipeline", "WanSpeechToVideoPipeline"])
+def test_accepted_export_formats_pass_the_check(pipeline_name, tmp_path, capsys):
+    err = _run(capsys, ["--model_path", str(_index(tmp_path / "m", pipeline_name))], tmp_path,
+               "original,kohya,diffsynth")
     assert "--export_format" not in err and "none.csv" in err, err

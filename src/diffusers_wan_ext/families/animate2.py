@@ -372,6 +372,10 @@ class Animate2Family(ModelFamily):
         "animate2_reference_video": ExtraInput("video"),
         "animate2_prompt_ref": ExtraInput("str"),
     }
+    #: its LoRAs name Animate-2 modules (``blocks.N.self_attn.to_q``, ``ffn.0``): the LoRA exporter's Wan DiT tables
+    #: have no original / Kohya / DiffSynth name for them (DiffSynth's ``blocks.N.block.*`` layout is read by the
+    #: pipeline's loader, not written), so ``--export_format`` is refused at start-up
+    lora_export_formats = ()
 
     def __init__(self) -> None:
         #: the ``--variant`` of the release being claimed (``convert_release`` receives no variant)
