@@ -391,6 +391,21 @@ def skip_unless_installed(method: str, args: list[str], capsys) -> None:
         pytest.skip(f"{package} is not installed: the {method} path is not exercised here")
 
 
+def test_an_old_bitsandbytes_counts_as_missing_without_cuda(monkeypatch):
+    """bitsandbytes 0.46 has no CPU fp4: without CUDA the methods ask for 0.47 (named in the argument error)."""
+    from diffusers_wan_ext.training import quantized_base
+
+    monkeypatch.setattr(quantized_base, "is_bitsandbytes_available", lambda: True)
+    monkeypatch.setattr(quantized_base.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(quantized_base, "version", lambda name: "0.46.1")
+    assert quant_package_missing("bitsandbytes_fp4") == "bitsandbytes>=0.47"
+    monkeypatch.setattr(quantized_base, "version", lambda name: "0.47.0")
+    assert quant_package_missing("bitsandbytes_fp4") is None
+    monkeypatch.setattr(quantized_base.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(quantized_base, "version", lambda name: "0.43.0")
+    assert quant_package_missing("bitsandbytes_nf4") is None
+
+
 @pytest.mark.parametrize("method", QUANT_METHODS)
 def test_quantize_frozen_linears_keeps_the_forward(method):
     """The frozen block Linears (an excluded name left alone, nothing outside the blocks) are stored quantized on
