@@ -64,7 +64,7 @@ def _animate2_dit(seed: int) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _animate2_release(folder) -> tuple:
     """Wan2.2-Animate-2-14B as released (``wan_animate_2/`` with both DiTs, umT5, tokenizer, Wan2.1 VAE, CLIP), tiny;
-    the CLIP keeps the release's width (2 layers).  Returns the folder and the expected transformer state dicts."""
+    the CLIP keeps the release's width (one layer).  Returns the folder and the expected transformer state dicts."""
     release = make_tiny_release(folder, arch="animate2")
     expected = {}
     for variant, name, seed in (("animate2", ANIMATE2_RELEASE_FILE, 0), ("animate2-distilled", DISTILLED_FILE, 1)):
@@ -73,7 +73,7 @@ def _animate2_release(folder) -> tuple:
         expected[variant] = load_animate2_transformer_from_original(sd, config).state_dict()
     (release / ANIMATE2_RELEASE_FILE).with_name("config.json").write_text(json.dumps(config))
     clip = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=CLIP_WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=CLIP_HEADS,
+        hidden_size=CLIP_WIDTH, intermediate_size=64, num_hidden_layers=1, num_attention_heads=CLIP_HEADS,
         image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=16))
     torch.save(export_clip_state_dict(clip.state_dict()), release / CLIP_FILE)
     return release, expected
