@@ -309,6 +309,7 @@ def make_tiny_mova_release(folder: str | os.PathLike, seed: int = 0, experts: in
 # --------------------------------------------------------------------------------------------------------- training
 #: Video frame rate of MOVA training (DiffSynth-Studio's ``--frame_rate`` default, the release's): clips are resampled
 #: to it when read (its ``fix_frame_rate``); it sets the audio span of a clip and the bridge's time alignment.
+#: ``--frame_rate`` overrides the first two as in DiffSynth-Studio, whose bridge keeps 24 (its ``frame_rate`` input).
 MOVA_TRAINING_FRAME_RATE = 24.0
 #: Rate of the ``input_audio`` column as the training dataset reads it (mono): the release's DAC rate
 #: (``audio_vae/config.json`` ``sample_rate``; DiffSynth-Studio resamples the file to ``audio_vae.sample_rate``).
@@ -323,23 +324,25 @@ def _audio_samples(value: Any) -> torch.Tensor:
 @torch.no_grad()
 def encode_mova_audio(audio_vae: AutoencoderDac, builder, sample: dict[str, Any], inputs) -> None:
     """MOVA's audio training latents (DiffSynth-Studio's ``MovaAudioVideoUnit_InputAudioEmbedder``): the clip's
-    ``input_audio`` (read at :data:`MOVA_COLUMN_SAMPLE_RATE`) cut / zero-padded to ``num_frames / 24`` seconds,
+    ``input_audio`` (read at :data:`MOVA_COLUMN_SAMPLE_RATE`) cut / zero-padded to ``num_frames / frame_rate``
+    seconds (24, or the sample's ``frame_rate``: ``--frame_rate``, as DiffSynth-Studio's audio loader does),
     linearly resampled to the DAC rate where that differs (a tiny test DAC), its posterior mean ->
     ``inputs.joint_latents["audio"]`` ``[1, C, L]``."""
     samples = _audio_samples(sample["input_audio"])
     if samples.numel() == 0:
         raise ValueError("column 'input_audio': the audio file holds no samples")
     num_frames = int(sample["video"].shape[0])
+    fps = float(sample.get("frame_rate") or MOVA_TRAINING_FRAME_RATE)  # --frame_rate: the rate the clip was read at
     rate = int(audio_vae.config.sample_rate)
-    length = int(rate * num_frames / MOVA_TRAINING_FRAME_RATE)
-    span = int(MOVA_COLUMN_SAMPLE_RATE * num_frames / MOVA_TRAINING_FRAME_RATE)
+    length = int(rate * num_frames / fps)
+    span = int(MOVA_COLUMN_SAMPLE_RATE * num_frames / fps)
     samples = torch.nn.functional.pad(samples[:span], (0, max(0, span - samples.numel())))
     wav = samples[None, None]
     if wav.shape[-1] != length:
         wav = torch.nn.functional.interpolate(wav, size=length, mode="linear", align_corners=False)
     param = next(audio_vae.parameters())
     latents = audio_vae.encode(wav.to(device=param.device, dtype=param.dtype)).latent_dist.mode()
-    expected = mova_audio_length(num_frames, MOVA_TRAINING_FRAME_RATE, rate, audio_vae.hop_length)
+    expected = mova_audio_length(num_frames, fps, rate, audio_vae.hop_length)
     if latents.shape[-1] != expected:
         raise ValueError(f"the audio VAE gave {latents.shape[-1]} latents for {num_frames} frames, not {expected}")
     inputs.joint_latents["audio"] = latents.float().to(builder.device)

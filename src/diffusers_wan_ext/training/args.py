@@ -42,6 +42,8 @@ COMPONENT_ALIASES: dict[str, str] = {
     "dit2": "transformer_2",
     "transformer": "transformer",
     "transformer_2": "transformer_2",
+    "video_dit": "transformer",  # MOVA's video experts (DiffSynth-Studio's MovaAudioVideoPipeline: high, low noise)
+    "video_dit2": "transformer_2",
     "vae": "vae",
     "text_encoder": "text_encoder",
     "image_encoder": "image_encoder",
@@ -133,6 +135,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--num_frames", type=int, default=81, help="frames per clip (4n+1), from the start of the video")
     g.add_argument("--min_num_frames", type=int, default=None,
                    help="accept clips this short (cut to 4n+1 frames); default --num_frames (DiffSynth: 1)")
+    g.add_argument("--frame_rate", type=float, default=None,
+                   help="resample the clips to this frame rate (and cut the audio column to num_frames / frame_rate "
+                        "seconds); default: the family's declared rate (MOVA: 24); only for such families")
     g.add_argument("--skip_bad_rows", action="store_true",
                    help="skip and count bad rows (missing file/column, unreadable, too few frames) instead of failing")
     g.add_argument("--prompt_column", default="prompt")
@@ -343,6 +348,19 @@ def _check_family_exports(args: argparse.Namespace, fail) -> None:
              f"{layouts} layout only (the other layouts name Wan DiT modules); leave --export_format out")
 
 
+def _check_frame_rate(args: argparse.Namespace, fail) -> None:
+    """``--frame_rate`` (DiffSynth-Studio's MOVA option): overrides the rate a family resamples its clips to; a model
+    whose family reads clips as they are has none to override."""
+    if args.frame_rate is None:
+        return
+    if not (math.isfinite(args.frame_rate) and args.frame_rate > 0):
+        fail(f"--frame_rate must be a finite number > 0, got {args.frame_rate}")
+    family = model_family(args.model_path, args.transformer_path)
+    if family is None or family.training_frame_rate is None:
+        fail(f"--frame_rate {args.frame_rate:g}: this model's clips are read at their own frame rate (only a family "
+             f"that resamples its clips, MOVA, takes it); leave --frame_rate out")
+
+
 def _check_numbers(args: argparse.Namespace, fail) -> None:
     """Rates, betas and counts: NaN, inf, zero or negative values are errors (never defaults, never a NaN loss)."""
     positive = {"learning_rate": args.learning_rate, "adam_epsilon": args.adam_epsilon,
@@ -436,6 +454,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
             fail(f"--preset_lora_model {args.preset_lora_model}: this run trains {args.expert} (only the trained "
                  f"expert is loaded); fuse the preset into the model being trained")
     _check_folders(args, fail)
+    _check_frame_rate(args, fail)
     _check_quant_options(args, fail)
     if args.remove_prefix_in_ckpt is not None:
         args.remove_prefix_in_ckpt = _checkpoint_prefix(args.remove_prefix_in_ckpt.strip()) or None

@@ -469,6 +469,8 @@ class VideoDataset(torch.utils.data.Dataset):
         if not isinstance(prompt, str):
             raise DatasetRowError(f"{row.label}: column {self.prompt_column!r} must be text, got {prompt!r}")
         sample: dict[str, Any] = {"row": row.index, "label": row.label, "prompt": prompt, "video": _to_uint8(frames)}
+        if self.frame_rate is not None:  # the rate the clip was resampled to (a family cuts its audio to match)
+            sample["frame_rate"] = self.frame_rate
         for name in self.extra_inputs:
             spec = self.specs[name]
             if spec.kind == "frame":

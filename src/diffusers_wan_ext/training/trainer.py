@@ -222,7 +222,7 @@ def _dataset(args, components: WanTrainingComponents | None, repeat: int):
         min_num_frames=args.min_num_frames, extra_inputs=args.extra_inputs, data_file_keys=args.data_file_keys,
         repeat=repeat, skip_bad_rows=args.skip_bad_rows, prompt_column=args.prompt_column,
         video_column=args.video_column, column_specs=family.dataset_inputs if family is not None else None,
-        frame_rate=family.training_frame_rate if family is not None else None,
+        frame_rate=args.frame_rate or (family.training_frame_rate if family is not None else None),  # --frame_rate
     )
 
 
