@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 from safetensors.torch import load_file
 from types import SimpleNamespace
 
@@ -150,4 +150,73 @@ def test_animate2_export_format_is_refused_at_start_up(where, tmp_path, capsys):
 def test_accepted_export_formats_pass_the_check(pipeline_name, tmp_path, capsys):
     err = _run(capsys, ["--model_path", str(_index(tmp_path / "m", pipeline_name))], tmp_path,
                "original,kohya,diffsynth")
+    assert "--export_format" not in err and "none.csv" in err, err
+
+
+# ------------------------------------------------------------------------------- the scopes' export declarations
+# A scoped LoRA (``--lora_base_model vap`` / ``animate_adapter`` / ``vace``) sits on its scope's blocks only: its
+# ``TrainingScope.lora_export_formats`` (``None``: the family's) is what the exporter can write for it.
+
+#: scope -> its family and a tiny transformer with the scope's blocks
+SCOPE_MODELS = {
+    "vap": ("video-as-prompt", lambda: _tiny_transformer("vap")),
+    "animate_adapter": ("animate", lambda: _tiny_transformer("animate")),
+    "vace": ("vace", lambda: WanVACETransformer3DModel(**WAN_TINY, num_layers=2, vace_layers=[0, 1],
+                                                       vace_in_channels=8)),
+}
+
+
+def _scope(name: str):
+    family_name = SCOPE_MODELS[name][0]
+    family = next(f for f in FAMILIES if f.name == family_name)
+    return family, next(s for s in family.training_scopes if s.name == name)
+
+
+def _trained_scoped_lora(transformer: torch.nn.Module, scope: str) -> dict[str, torch.Tensor]:
+    args = SimpleNamespace(lora_target_names=DEFAULT_TARGETS.split(","),
+                           lora_target_modules=map_lora_target_modules(DEFAULT_TARGETS))
+    add_lora(transformer, 4, 4, lora_target_modules(transformer, args), scope=scope)
+    return peft_lora_state_dict(transformer)
+
+
+@pytest.mark.parametrize("scope_name", sorted(SCOPE_MODELS))
+def test_scope_export_formats_match_the_exporter(scope_name, tmp_path):
+    family, scope = _scope(scope_name)
+    lora = _trained_scoped_lora(SCOPE_MODELS[scope_name][1](), scope_name)
+    assert lora and all(".blocks." not in k for k in lora), sorted(lora)[:4]  # the scope's blocks only
+    declared = scope.lora_export_formats if scope.lora_export_formats is not None else family.lora_export_formats
+    allowed = LORA_FORMATS[1:] if declared is None else declared
+    assert (scope_name == "vace") == (len(allowed) == 3), (scope_name, allowed)
+    for fmt in LORA_FORMATS[1:]:
+        if fmt in allowed:
+            path = export_lora(lora, tmp_path / fmt, formats=(fmt,))[fmt]
+            assert detect_lora_format(load_file(str(path))) == fmt
+        else:
+            with pytest.raises(ConversionError, match="no name in the"):
+                export_lora(lora, tmp_path / fmt, formats=(fmt,))
+
+
+def _run_scoped(capsys, tmp_path: Path, pipeline_name: str, scope: str, exports: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset_base_path", str(tmp_path), "--dataset_metadata_path", str(tmp_path / "none.csv"),
+              "--model_path", str(_index(tmp_path / "m", pipeline_name)), "--lora_base_model", scope,
+              "--export_format", exports, "--output_path", str(tmp_path / "out")])
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pipeline_name,scope", [("WanVideoAsPromptPipeline", "vap"),
+                                                 ("WanAnimateExtPipeline", "animate_adapter")])
+def test_scoped_export_format_is_refused_at_start_up(pipeline_name, scope, tmp_path, capsys):
+    """One line naming the flag and the scope, exit status 2, before the (absent) metadata file is read (and
+    although the family itself writes every layout for a ``dit`` LoRA)."""
+    family = family_of_pipeline(pipeline_name)
+    assert family.lora_export_formats is None or "kohya" in family.lora_export_formats
+    err = _run_scoped(capsys, tmp_path, pipeline_name, scope, "kohya")
+    assert err.count("\n") == 1 and "--export_format kohya" in err and f"--lora_base_model {scope}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_vace_scoped_export_format_passes_the_check(tmp_path, capsys):
+    err = _run_scoped(capsys, tmp_path, "WanVACEPipeline", "vace", "original,kohya,diffsynth")
     assert "--export_format" not in err and "none.csv" in err, err

@@ -190,6 +190,7 @@ ANIMATE_TRAINING_SCOPE = TrainingScope(
     name="animate_adapter", aliases={"animate_adapter": "transformer"}, blocks="face_adapter",
     parameter_prefix=("pose_patch_embedding.", "motion_encoder.", "face_encoder.", "face_adapter."),
     help="animate_adapter (only the Animate adapter: pose embedding, motion / face encoders, face blocks)",
+    lora_export_formats=(),  # face_adapter blocks have no name in the original / Kohya / DiffSynth layouts
 )
 
 

@@ -134,6 +134,9 @@ class TrainingScope:
         parameter_prefix: full fine-tuning with this scope trains the parameters whose names start with this (or one
             of these).
         help: the aliases as the ``--trainable_models`` / ``--lora_base_model`` help lists them.
+        lora_export_formats: the ``--export_format`` layouts a LoRA with this scope can be written in (``None``: the
+            family's :attr:`ModelFamily.lora_export_formats`; ``()``: the Diffusers layout only, its blocks having no
+            name in the Wan DiT layouts).
     """
 
     name: str
@@ -141,6 +144,7 @@ class TrainingScope:
     blocks: str
     parameter_prefix: str | tuple[str, ...]
     help: str = ""
+    lora_export_formats: tuple[str, ...] | None = None
 
 
 def float_input(value: Any) -> torch.Tensor:

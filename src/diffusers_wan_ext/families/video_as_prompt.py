@@ -51,6 +51,7 @@ VAP_CONDITIONING = Conditioning("Video-As-Prompt", WanVideoAsPromptPipeline, req
 VAP_TRAINING_SCOPE = TrainingScope(
     name="vap", aliases={"vap": "transformer"}, blocks="vap_blocks", parameter_prefix="vap_",
     help="vap (only the Video-As-Prompt reference stream of its transformer)",
+    lora_export_formats=(),  # vap_blocks have no name in the original / Kohya / DiffSynth layouts
 )
 
 

@@ -338,7 +338,15 @@ def _check_folders(args: argparse.Namespace, fail) -> None:
 
 def _check_family_exports(args: argparse.Namespace, fail) -> None:
     """``--export_format``: only the layouts the trained model's family writes its LoRAs in (told from the folders,
-    before any model loads)."""
+    before any model loads); a scoped LoRA (``--lora_base_model vap``) only those its scope declares."""
+    scope = next((s for s in SCOPES if s.name == args.lora_scope), None)
+    if scope is not None and scope.lora_export_formats is not None:
+        refused = [f for f in args.export_format if f not in scope.lora_export_formats]
+        if refused:
+            layouts = ", ".join(("diffusers", *scope.lora_export_formats))
+            fail(f"--export_format {','.join(refused)}: a LoRA on the {scope.name} scope (--lora_base_model "
+                 f"{scope.name}) is written in the {layouts} layout only (its blocks have no name in the other "
+                 f"layouts); leave --export_format out")
     family = model_family(args.model_path, args.transformer_path)
     allowed = None if family is None else family.lora_export_formats
     refused = [f for f in args.export_format if allowed is not None and f not in allowed]
