@@ -1,6 +1,7 @@
 """Trainer arguments that depend on the model's family are checked before any model loads: ``--export_format``
 with a family whose LoRAs the Wan layouts cannot hold (LongCat-Video), told from a converted folder, an original
-release folder or a ``--transformer_path`` of its own layout."""
+release folder or a ``--transformer_path`` of its own layout, or a scoped LoRA whose blocks they cannot name
+(``--lora_base_model vap`` / ``animate_adapter``); and ``--frame_rate`` is a run setting a resume compares."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from diffusers_wan_ext.families.longcat import make_tiny_longcat_release
 from diffusers_wan_ext.lora import LORA_FORMATS, detect_lora_format, export_lora, map_lora_target_modules
 from diffusers_wan_ext.lora.convert import peft_lora_state_dict
 from diffusers_wan_ext.pipelines import WanAnimate2Pipeline
-from diffusers_wan_ext.training import main
+from diffusers_wan_ext.training import main, parse_args
 from diffusers_wan_ext.training.args import DEFAULT_TARGETS
+from diffusers_wan_ext.training.checkpoints import CHECKPOINT_FORMAT, STATE_FILE, check_checkpoint, run_fingerprint
 from diffusers_wan_ext.training.components import family_of_pipeline, model_family
 from diffusers_wan_ext.training.modules import add_lora
 from diffusers_wan_ext.training.targets import lora_target_modules
@@ -220,3 +222,35 @@ def test_scoped_export_format_is_refused_at_start_up(pipeline_name, scope, tmp_p
 def test_vace_scoped_export_format_passes_the_check(tmp_path, capsys):
     err = _run_scoped(capsys, tmp_path, "WanVACEPipeline", "vace", "original,kohya,diffsynth")
     assert "--export_format" not in err and "none.csv" in err, err
+
+
+# ------------------------------------------------------------------------------- --frame_rate is a run setting
+def test_resuming_with_another_frame_rate_is_refused(tmp_path):
+    """``--frame_rate`` (MOVA) is among the run arguments a checkpoint records: resuming with another rate is one
+    line naming it; the same rate gets past the comparison (to the checkpoint's absent weights)."""
+    folder = _index(tmp_path / "mova", "MovaPipeline")
+    (folder / "metadata.csv").write_text("video,prompt\n")
+
+    def args(*extra: str):
+        return parse_args(["--dataset_base_path", str(folder), "--dataset_metadata_path", str(folder / "metadata.csv"),
+                           "--model_path", str(folder), "--lora_base_model", "dit", "--output_path",
+                           str(tmp_path / "out"), *extra])
+
+    ckpt = tmp_path / "out" / "checkpoint-1"
+    ckpt.mkdir(parents=True)
+    (ckpt / STATE_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "world_size": 1, "deepspeed": False,
+                                               "fingerprint": run_fingerprint(args("--frame_rate", "24"))}))
+    with pytest.raises(ValueError) as err:
+        check_checkpoint(ckpt, args("--frame_rate", "30"), 1, False)
+    assert "--frame_rate 24.0 -> 30.0" in str(err.value) and "\n" not in str(err.value), err.value
+    with pytest.raises(ValueError, match="is missing; the checkpoint is incomplete"):
+        check_checkpoint(ckpt, args("--frame_rate", "24"), 1, False)
+    # a checkpoint of an earlier version (no frame_rate recorded) resumes without --frame_rate, not with one
+    old = run_fingerprint(args())
+    del old["frame_rate"]
+    (ckpt / STATE_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "world_size": 1, "deepspeed": False,
+                                               "fingerprint": old}))
+    with pytest.raises(ValueError, match="is missing; the checkpoint is incomplete"):
+        check_checkpoint(ckpt, args(), 1, False)
+    with pytest.raises(ValueError, match=r"--frame_rate None -> 30\.0"):
+        check_checkpoint(ckpt, args("--frame_rate", "30"), 1, False)

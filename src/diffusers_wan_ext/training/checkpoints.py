@@ -66,7 +66,7 @@ FINGERPRINT_ARGS = (
     "prompt_column", "video_column", "skip_bad_rows", "seed", "expert", "lora_base_model", "lora_scope",
     "lora_rank", "lora_alpha", "lora_target_modules", "trainable_models", "trainable_modules", "trainable_scope",
     "trainable_dtype", "gradient_accumulation_steps", "timestep_shift", "min_timestep_boundary",
-    "max_timestep_boundary", "preset_lora_path", "preset_lora_model", "distill_inputs", "quant_options",
+    "max_timestep_boundary", "preset_lora_path", "preset_lora_model", "distill_inputs", "quant_options", "frame_rate",
 )
 PATH_ARGS = ("model_path", "transformer_path", "dataset_base_path", "dataset_metadata_path", "preset_lora_path")
 
