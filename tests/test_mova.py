@@ -474,3 +474,22 @@ def test_weights_without_config_take_diffsynths_release_values(release, tmp_path
                               / "diffusion_pytorch_model.safetensors", {"head_dim": 12})
     cfg = bridge.config
     assert (cfg.interaction_strategy, cfg.apply_cross_rope, cfg.audio_fps) == ("full", True, 50.0)
+
+
+@pytest.mark.parametrize("extra", [[], ["--transformer-only"]])
+def test_a_release_without_its_low_noise_expert_is_refused(release, tmp_path, capsys, extra):
+    """MOVA-360p and 720p both ship two video experts (DiffSynth-Studio's model configs load video_dit/ and
+    video_dit_2/ of each): a folder without video_dit_2/ is refused in one line naming it (exit 2, nothing written),
+    not converted into a one-expert pipeline."""
+    for name in ("MOVA-360p", "MOVA-720p"):
+        src = tmp_path / name
+        src.mkdir()
+        for child in release.iterdir():
+            if child.name != "video_dit_2":
+                (src / child.name).symlink_to(child)
+        out = tmp_path / f"{name}-out"
+        assert main(["convert", str(src), str(out), "--dtype", "fp32", *extra]) == 2
+        err = capsys.readouterr().err.replace("\r", "\n")
+        errors = [line for line in err.splitlines() if "error: " in line]
+        assert len(errors) == 1 and "missing MOVA component(s): video_dit_2." in errors[0], errors
+        assert not out.exists()

@@ -121,7 +121,9 @@ def _pick_variant(src: Path, variant: str | None) -> WanVariant:
                 MOVA_VARIANTS[-1])
 
 
-def _component_paths(root: Path, options: ReleaseOptions) -> dict[str, Path | None]:
+def _component_paths(root: Path, options: ReleaseOptions, experts: int) -> dict[str, Path | None]:
+    """The release's component paths; the ones the conversion needs (both video experts where the variant has two,
+    as MOVA-360p and 720p do) must be there."""
     paths = {
         "video_dit": first_existing(Path(options.transformer) if options.transformer else None, root / "video_dit"),
         "video_dit_2": first_existing(root / "video_dit_2"),
@@ -135,7 +137,7 @@ def _component_paths(root: Path, options: ReleaseOptions) -> dict[str, Path | No
         "vae": Path(options.vae) if options.vae else first_existing(root / "video_vae", root / "vae",
                                                                     root / WAN_VAE_FILE),
     }
-    needed = ["video_dit", "audio_dit", "dual_tower_bridge"]
+    needed = ["video_dit", *(["video_dit_2"] if experts > 1 else []), "audio_dit", "dual_tower_bridge"]
     if not options.transformer_only:
         needed += ["audio_vae", "text_encoder", "tokenizer", "vae"]
     missing = [k for k in needed if paths[k] is None]
@@ -223,7 +225,7 @@ def convert_mova_release(src: str | os.PathLike, dst: str | os.PathLike, options
     if not is_mova_release(src):
         raise ConversionError(f"{src}: not a MOVA release folder (expected audio_dit/ and dual_tower_bridge/ "
                               "sub-folders next to video_dit/)")
-    paths = _component_paths(src, options)
+    paths = _component_paths(src, options, row.experts)
     with atomic_output_dir(dst, overwrite=options.overwrite) as tmp:
         with progress_bar(4, options.progress) as bar:  # closed before an error propagates
             towers = _load_towers(paths, torch_dtype, bar)
