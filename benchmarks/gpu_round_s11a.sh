@@ -33,8 +33,11 @@ part() {  # part NAME TIMEOUT COMMAND...
   echo "--- $name: rc $rc, $((SECONDS - start)) s"
 }
 part animate2 150 python3 bench_animate2.py
-# LEAN=1: no compiled MOVA-360p row (~35 s instead of ~90 s), for a round with little device time left
-if [ -n "${LEAN:-}" ]; then
+# LEAN=1: no compiled MOVA-360p row (~35 s instead of ~90 s); LEAN=2: no MOVA-360p row (MOVA-720p stays in
+# families_big), for a round with little device time left
+if [ "${LEAN:-}" = 2 ]; then
+  echo "--- families_mova360: skipped (LEAN=2)"
+elif [ -n "${LEAN:-}" ]; then
   part families_mova360 40 python3 bench_new_families.py --rows mova-360p --warmup 1 --iters 3 --tag mova360
 else
   part families_mova360 95 python3 bench_new_families.py --rows mova-360p --compile --warmup 1 --iters 3 --tag mova360
