@@ -44,7 +44,7 @@ from .dit import (
     locate_dit,
     rename_dit_key,
 )
-from .quantized_layers import attach_gguf, gguf_packed, keeps_fp32
+from .quantized_layers import assign_quantized_state, gguf_packed, keeps_fp32
 from .longcat import is_longcat_state_dict
 from .quantized_longcat import quantized_longcat_from_tensors
 from .quantized_text_encoder import load_quantized_text_encoder_folder
@@ -162,13 +162,7 @@ def quantized_dit_from_tensors(tensors: Mapping[str, QuantizedTensor], info: Dit
     plain = {new: _plain_value(base[key], new, torch_dtype, keep) for key, new in renamed.items() if new not in packed}
     plain.update({k: _cast(k, v, torch_dtype, keep) for k, v in adapter_sd.items()})
     _attach_fp8(model, fp8_weights, plain, torch_dtype)
-    if gguf_weights:
-        attach_gguf(model, gguf_weights, torch_dtype, keep)
-    model.load_state_dict(plain, strict=False, assign=True)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise ConversionError(f"{type(model).__name__}: no weights for {', '.join(left[:5])}")
-    model.requires_grad_(False)
+    assign_quantized_state(model, plain, gguf_weights, torch_dtype, keep, type(model).__name__)
     return (model.to(device) if device is not None else model).eval()
 
 
@@ -412,13 +406,8 @@ def _load_gguf_folder(folder: Path, cls: type, dtype: torch.dtype) -> nn.Module:
         raise ConversionError(f"{folder / GGUF_FOLDER_WEIGHTS}: {unknown[0]} is not a tensor of {cls.__name__}")
     gguf_weights, _ = _quantized_linears(model, tensors, {k: k for k in tensors}, keep)
     plain = {k: _plain_value(q, k, dtype, keep) for k, q in tensors.items() if k not in gguf_weights}
-    if gguf_weights:
-        attach_gguf(model, gguf_weights, dtype, keep)
-    model.load_state_dict(plain, strict=False, assign=True)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise ConversionError(f"{folder / GGUF_FOLDER_WEIGHTS}: no tensor for {left[0]} of {cls.__name__}")
-    return model.requires_grad_(False)
+    return assign_quantized_state(model, plain, gguf_weights, dtype, keep,
+                                  f"{folder / GGUF_FOLDER_WEIGHTS} ({cls.__name__})")
 
 
 def load_quantized_folder(folder: str | os.PathLike, model_class: type | None = None,

@@ -7,9 +7,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..utils.io import ConversionError
 from ..utils.quantized_tensor import QuantizedTensor
 
-__all__ = ["attach_gguf", "gguf_packed", "keeps_fp32"]
+__all__ = ["attach_gguf", "assign_quantized_state", "gguf_packed", "keeps_fp32"]
 
 
 def keeps_fp32(name: str, keep_in_fp32: list[str] | None) -> bool:
@@ -53,3 +54,18 @@ def attach_gguf(model: nn.Module, gguf_weights: Mapping[str, tuple[torch.Tensor,
         model.get_submodule(module_name)._parameters[leaf] = param
     quantizer.postprocess_model(model)
     model.hf_quantizer = quantizer
+
+
+def assign_quantized_state(model: nn.Module, plain: dict[str, torch.Tensor],
+                           gguf_weights: Mapping[str, tuple[torch.Tensor, str]], compute_dtype: torch.dtype,
+                           keep_in_fp32: list[str] | None, owner: str) -> nn.Module:
+    """Attach the packed GGUF weights (if any), assign the ``plain`` tensors to the meta-initialized ``model`` and
+    refuse a model left with tensors no file gave (one line naming ``owner`` and the first five); returns the model
+    frozen (``requires_grad_(False)``)."""
+    if gguf_weights:
+        attach_gguf(model, gguf_weights, compute_dtype, keep_in_fp32)
+    model.load_state_dict(plain, strict=False, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ConversionError(f"{owner}: no weights for {', '.join(left[:5])}")
+    return model.requires_grad_(False)

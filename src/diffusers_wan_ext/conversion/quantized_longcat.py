@@ -22,7 +22,7 @@ from ..models.transformer_longcat import LongCatVideoTransformer3DModel
 from ..utils.io import ConversionError, strip_known_prefixes
 from ..utils.quantized_tensor import FP8_DTYPES, QuantizedTensor
 from .longcat import convert_longcat_state_dict, longcat_config_from_state_dict, longcat_target_modules
-from .quantized_layers import attach_gguf, gguf_packed, keeps_fp32
+from .quantized_layers import assign_quantized_state, gguf_packed, keeps_fp32
 
 __all__ = ["quantized_longcat_from_tensors"]
 
@@ -108,10 +108,5 @@ def quantized_longcat_from_tensors(tensors: Mapping[str, QuantizedTensor],
     if fp8:
         model.is_quantized = True
         model.hf_quantizer = Fp8Storage()
-    if gguf_weights:
-        attach_gguf(model, gguf_weights, torch_dtype, keep)
-    model.load_state_dict(plain, strict=False, assign=True)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise ConversionError(f"LongCatVideoTransformer3DModel: no weights for {', '.join(left[:5])}")
-    return model.requires_grad_(False).eval()
+    return assign_quantized_state(model, plain, gguf_weights, torch_dtype, keep,
+                                  "LongCatVideoTransformer3DModel").eval()
