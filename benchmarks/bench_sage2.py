@@ -46,7 +46,7 @@ if os.path.isdir(SAGE2_SITE):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import DIT_CONFIGS, DIT_SHAPES, env_info, table, write_json  # noqa: E402
+from _common import DIT_CONFIGS, DIT_SHAPES, cuda_time, env_info, table, write_json  # noqa: E402
 
 RESULT: dict = {"errors": {}}
 HEAD_DIM = 128
@@ -130,17 +130,8 @@ def make_qkv(heads: int, n: int, kind: str, seed: int = 0):
 
 
 def time_ms(fn, warmup: int = 2, iters: int = 7) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median milliseconds of ``fn`` (CUDA events, ``_common.cuda_time``)."""
+    return cuda_time(fn, warmup=warmup, iters=iters)["median_s"] * 1000.0
 
 
 def rel_err(out, ref) -> float:

@@ -1,16 +1,21 @@
 """Shared helpers for tests: subprocesses that import this checkout, stand-in modules, the tiny text-to-video call, the
-command line's exit status, the reference blend of sliding windows, the project's sdist and wheel."""
+command line's exit status, the reference blend of sliding windows, the project's sdist and wheel, metadata rows and
+wav files of the training datasets."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import types
+import wave
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,3 +177,25 @@ def build_sdist_and_wheel(tmp: Path) -> tuple[Path | None, Path]:
         tar.extractall(tmp / "unpacked", **safe)
     (unpacked,) = (tmp / "unpacked").iterdir()
     return sdist, build_distribution("wheel", unpacked, tmp)
+
+
+def edit_metadata_rows(meta: Path, edit: Callable[[int, dict[str, str]], None]) -> None:
+    """Rewrite a dataset's ``metadata.csv`` after ``edit(index, row)`` changed each row (columns it adds are kept, in
+    the first row's order)."""
+    rows = list(csv.DictReader(open(meta)))
+    for i, row in enumerate(rows):
+        edit(i, row)
+    with open(meta, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_pcm16_wav(path: Path, pcm: np.ndarray, rate: int) -> Path:
+    """A mono wav file of 16-bit samples ``pcm`` (``int16``) at ``rate`` Hz; returns ``path``."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.asarray(pcm, dtype="<i2").tobytes())
+    return path

@@ -29,7 +29,7 @@ from diffusers_wan_ext.pipelines import pipeline_wan_dancer
 from diffusers_wan_ext.utils import ConversionError
 from diffusers_wan_ext_cli import main as cli_main
 
-from helpers import ROOT, run_python
+from helpers import ROOT, run_python, write_pcm16_wav
 
 H, W = 32, 64  # 2 x 4 = 8 tokens per latent frame: a multiple of the 8 music tokens per frame
 SEGMENT = 9  # 30-fps frames per local segment (3 latent frames)
@@ -40,12 +40,7 @@ HAS_LIBROSA = importlib.util.find_spec("librosa") is not None
 def write_wav(path, seconds: float, rate: int = 22050):
     t = np.arange(int(round(seconds * rate))) / rate
     x = 0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 2 * t) > 0) + 0.1 * np.sin(2 * np.pi * 660 * t)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(np.round(x * 32767).astype("<i2").tobytes())
-    return path
+    return write_pcm16_wav(path, np.round(x * 32767).astype("<i2"), rate)
 
 
 def write_png(path, seed: int = 0):

@@ -6,18 +6,16 @@ they are refuses it in one line before anything loads."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 
-from diffusers_wan_ext.demo import make_tiny_dataset
 from diffusers_wan_ext.families.mova import MOVA_TRAINING_FRAME_RATE, convert_mova_release, make_tiny_mova_release
 from diffusers_wan_ext.pipelines.pipeline_mova import mova_audio_length
 from diffusers_wan_ext.training import main, parse_args, run_training
 from diffusers_wan_ext.training.trainer import CachedDataset
-from test_training_mova import COMMON, write_wav
+from test_training_mova import COMMON, make_mova_dataset
 
 
 def _folder(path: Path, pipeline: str) -> Path:
@@ -62,16 +60,7 @@ def test_frame_rate_overrides_the_declaration_only_where_there_is_one(tmp_path, 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """One mp4 clip (9 frames, 32x32) with a 1 s wav in ``input_audio``."""
-    folder = tmp_path_factory.mktemp("mova-fps-data")
-    meta = make_tiny_dataset(folder, num_videos=1, num_images=0)
-    rows = list(csv.DictReader(open(meta)))
-    for i, row in enumerate(rows):
-        row["input_audio"] = write_wav(folder / f"audio_{i}.wav").name
-    with open(meta, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return folder
+    return make_mova_dataset(tmp_path_factory.mktemp("mova-fps-data"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,8 @@ from diffusers_wan_ext.training.components import load_training_components
 from diffusers_wan_ext.training.inputs import ModelInputs, WanInputBuilder
 from diffusers_wan_ext_cli import main as cli_main
 
+from helpers import write_pcm16_wav
+
 H, W, FRAMES = 32, 64, 9  # 2 x 4 tokens per latent frame: a multiple of the 8 music tokens per frame
 EXTRA = "wantodance_music_path,wantodance_reference_image,wantodance_fps,wantodance_keyframes,wantodance_keyframes_mask"
 COMMON = ["--height", H, "--width", W, "--num_frames", FRAMES, "--max_sequence_length", 16, "--dtype", "fp32",
@@ -42,12 +43,7 @@ def train(*argv) -> Path:
 def write_wav(path: Path, seconds: float = 1.0, rate: int = 22050) -> Path:
     t = np.arange(int(seconds * rate)) / rate
     pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 2 * t) > 0) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return path
+    return write_pcm16_wav(path, pcm, rate)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from diffusers_wan_ext.demo import make_tiny_dataset, make_tiny_longcat_release, write_video
 from diffusers_wan_ext.lora import EXPORT_FILE_NAMES, convert_lora_state_dict
 from diffusers_wan_ext.training import FlowMatchTrainingSchedule, VideoDataset, parse_args, run_training
+
+from helpers import write_pcm16_wav
 
 SIZE = ["--height", "32", "--width", "32", "--num_frames", "5"]
 COMMON = [*SIZE, "--max_sequence_length", "16", "--dtype", "fp32", "--report_to", "none", "--lora_rank", "4"]
@@ -37,12 +38,7 @@ def losses(out: Path) -> list[float]:
 def write_wav(path: Path, seconds: float = 1.0, rate: int = 16000, freq: float = 220.0) -> Path:
     t = np.arange(int(seconds * rate)) / rate
     pcm = (0.4 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return path
+    return write_pcm16_wav(path, pcm, rate)
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures

@@ -4,7 +4,6 @@ fp8 single files) and ``--model_id_with_origin_paths``; each keeps resume exact.
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +21,8 @@ from diffusers_wan_ext.training.modules import WanTrainingModule
 from diffusers_wan_ext.training.offload import LayerOffloadManager
 from diffusers_wan_ext.training.quantized_base import quant_package_missing
 from diffusers_wan_ext.training.trainer import CachedDataset, WanTrainer
+
+from helpers import edit_metadata_rows
 
 COMMON = ["--height", "32", "--width", "32", "--num_frames", "9", "--max_sequence_length", "32", "--dtype", "fp32",
           "--report_to", "none", "--lora_rank", "4", "--learning_rate", "1e-3"]
@@ -45,13 +46,8 @@ def distill_data(tmp_path_factory) -> Path:
     """The tiny clips as a teacher's samples: DiffSynth-Studio's distillation columns added (2 student steps)."""
     folder = tmp_path_factory.mktemp("distill-data")
     meta = make_tiny_dataset(folder)
-    rows = list(csv.DictReader(open(meta)))
-    for i, row in enumerate(rows):
-        row.update(seed=str(11 + i), rand_device="cpu", num_inference_steps="2", cfg_scale="5")
-    with open(meta, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    edit_metadata_rows(meta, lambda i, row: row.update(seed=str(11 + i), rand_device="cpu", num_inference_steps="2",
+                                                       cfg_scale="5"))
     return folder
 
 
@@ -216,12 +212,7 @@ def test_direct_distill_arguments_and_rows_are_checked_before_loading(t2v, data,
     # a bad value names the file's row and column, before any model loads (the model path does not exist)
     bad = tmp_path / "bad"
     shutil.copytree(distill_data, bad)
-    rows = list(csv.DictReader(open(bad / "metadata.csv")))
-    rows[1]["num_inference_steps"] = "two"
-    with open(bad / "metadata.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    edit_metadata_rows(bad / "metadata.csv", lambda i, row: row.update(num_inference_steps="two") if i == 1 else None)
     named = r"metadata.csv row 1 \(line 3\): column 'num_inference_steps' must be an integer"
     with pytest.raises(ValueError, match=named):
         WanTrainer(parse_args(distill_args(tmp_path / "no-model", bad, tmp_path / "o")))

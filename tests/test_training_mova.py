@@ -4,9 +4,7 @@ forward, loss = video flow-matching MSE + audio flow-matching MSE at one timeste
 
 from __future__ import annotations
 
-import csv
 import json
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,8 @@ from diffusers_wan_ext.training.flow_match import FlowMatchTrainingSchedule
 from diffusers_wan_ext.training.inputs import WanInputBuilder
 from diffusers_wan_ext.training.modules import WanTrainingModule, training_loss
 
+from helpers import edit_metadata_rows, write_pcm16_wav
+
 COMMON = ["--height", "32", "--width", "32", "--num_frames", "9", "--max_sequence_length", "16", "--dtype", "fp32",
           "--report_to", "none", "--lora_rank", "8", "--lora_target_modules", "q,k,v,o,ffn.0,ffn.2"]
 
@@ -31,12 +31,7 @@ COMMON = ["--height", "32", "--width", "32", "--num_frames", "9", "--max_sequenc
 def write_wav(path: Path, seconds: float = 1.0, rate: int = 16000) -> Path:
     t = np.arange(int(seconds * rate)) / rate
     x = 0.4 * np.sin(2 * np.pi * 330 * t) * (np.sin(2 * np.pi * 3 * t) > 0)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(np.round(x * 32767).astype("<i2").tobytes())
-    return path
+    return write_pcm16_wav(path, np.round(x * 32767).astype("<i2"), rate)
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +41,16 @@ def model(tmp_path_factory) -> Path:
     return convert_mova_release(release, root / "MOVA-360p-diffusers", dtype="fp32", progress=False)
 
 
+def make_mova_dataset(folder: Path) -> Path:
+    """One real mp4 clip (9 frames, 32x32) with a wav track in ``input_audio``."""
+    meta = make_tiny_dataset(folder, num_videos=1, num_images=0)
+    edit_metadata_rows(meta, lambda i, row: row.update(input_audio=write_wav(folder / f"audio_{i}.wav").name))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """One real mp4 clip (9 frames, 32x32) with a wav track in ``input_audio``."""
-    folder = tmp_path_factory.mktemp("mova-data")
-    meta = make_tiny_dataset(folder, num_videos=1, num_images=0)
-    rows = list(csv.DictReader(open(meta)))
-    for i, r in enumerate(rows):
-        r["input_audio"] = write_wav(folder / f"audio_{i}.wav").name
-    with open(meta, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return folder
+    return make_mova_dataset(tmp_path_factory.mktemp("mova-data"))
 
 
 def mova_dataset(folder: Path, metadata: str = "metadata.csv") -> VideoDataset:
