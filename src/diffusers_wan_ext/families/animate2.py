@@ -33,7 +33,6 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import __version__ as diffusers_version
 from diffusers import FlowMatchEulerDiscreteScheduler, WanAnimate2Transformer3DModel, WanTransformer3DModel
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..conversion.animate2 import (
@@ -54,7 +53,7 @@ from ..lora import map_block_target_modules
 from ..models import WanAnimate2ExtTransformer3DModel
 from ..models.transformer_wan_animate2 import RELEASE_CLIP_DIM
 from ..utils.atomic import atomic_output_dir
-from ..utils.io import ConversionError, load_state_dict, with_path
+from ..utils.io import ConversionError, load_state_dict, safetensors_keys, with_path
 from ..pipelines import WanAnimate2Pipeline
 from ..pipelines.pipeline_wan_animate2 import DEFAULT_PROMPT_REF
 from ..utils.shims import PACKAGE, write_shim
@@ -92,15 +91,6 @@ ANIMATE2_DISTILLED = WanVariant(
 )
 
 
-def _peek_keys(path: Path) -> list[str] | None:
-    """The keys of a safetensors file; ``None`` when it cannot be read (the loader reports why)."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            return list(f.keys())
-    except Exception:  # noqa: BLE001 - unreadable files are reported by the real loader
-        return None
-
-
 def find_animate2_dit(src: str | os.PathLike, transformer: str | os.PathLike | None = None,
                       variant: str | None = None) -> Path | None:
     """The Animate-2 DiT file of a release folder (``wan_animate_2/wan_animate_2_bf16.safetensors``, else another
@@ -121,7 +111,7 @@ def find_animate2_dit(src: str | os.PathLike, transformer: str | os.PathLike | N
     for cand in candidates:
         if not (cand.is_file() and cand.suffix == ".safetensors"):
             continue
-        keys = _peek_keys(cand)
+        keys = safetensors_keys(cand)
         if keys is None and cand.name in release_names:  # a truncated release file: the loader names it
             return cand
         if keys is not None and is_animate2_state_dict(keys):

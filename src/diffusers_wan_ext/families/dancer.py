@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import __version__ as diffusers_version
-from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file
 
@@ -50,7 +49,7 @@ from ..conversion.text_encoder import load_t5_from_original
 from ..conversion.tokenizer import load_umt5_tokenizer
 from ..conversion.vae import detect_vae_version, load_vae_from_original
 from ..utils.atomic import atomic_output_dir
-from ..utils.io import ConversionError, load_state_dict, with_path
+from ..utils.io import ConversionError, load_state_dict, safetensors_keys, with_path
 from ..utils.shims import rewrite_model_index_for_shims
 from ..models import WanDancerTransformer3DModel
 from ..models.transformer_wan_dancer import WanDancerCrossAttnProcessor, is_global_fps
@@ -104,11 +103,8 @@ STAGE_COMPONENTS = (("transformer", "global"), ("transformer_2", "local"))
 
 def _has_dancer_keys(path: Path) -> bool | None:
     """Whether ``path`` holds Dancer keys; ``None`` when it cannot be read (the loader reports why)."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            return is_dancer_state_dict(dict.fromkeys(f.keys()))
-    except Exception:  # noqa: BLE001 - unreadable files are reported by the real loader
-        return None
+    keys = safetensors_keys(path)
+    return None if keys is None else is_dancer_state_dict(dict.fromkeys(keys))
 
 
 def find_dancer_dits(src: str | os.PathLike, variant: str | None = None) -> dict[str, Path]:

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..conversion.dit import find_dit_files
@@ -41,7 +40,7 @@ from ..models.transformer_longcat import LongCatVideoAttnProcessor, LongCatVideo
 from ..pipelines import LongCatVideoPipeline
 from ..utils.atomic import atomic_output_dir
 from ..utils.gguf_files import read_gguf
-from ..utils.io import ConversionError, load_state_dict, read_json, with_path
+from ..utils.io import ConversionError, load_state_dict, read_json, safetensors_keys, with_path
 from .base import Conditioning, ExtraInput, GenerateInput, ModelFamily, ReleaseOptions, WanVariant
 from .tiny import TINY, tiny_t5, tiny_vae21
 
@@ -68,8 +67,7 @@ def _peek_keys(path: Path) -> list[str]:
         if path.name.endswith(".index.json"):
             return list(read_json(path, "shard index").get("weight_map", {}))
         if path.name.endswith(".safetensors"):
-            with safe_open(str(path), "pt") as f:
-                return list(f.keys())
+            return safetensors_keys(path) or []
         if path.name.endswith(".gguf"):  # a GGUF DiT (memory-mapped, nothing dequantized)
             return list(read_gguf(path)[0])
     except Exception:  # noqa: BLE001 - unreadable files are reported by the real loader

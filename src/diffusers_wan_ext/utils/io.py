@@ -36,6 +36,7 @@ __all__ = [
     "raise_for_key_problems",
     "raise_for_non_finite",
     "read_json",
+    "safetensors_keys",
     "strip_known_prefixes",
     "with_path",
 ]
@@ -300,6 +301,16 @@ def load_state_dict(path: str | os.PathLike, check_finite: bool = True) -> dict[
     if check_finite:
         raise_for_non_finite(sd, str(path))
     return sd
+
+
+def safetensors_keys(path: str | os.PathLike) -> list[str] | None:
+    """The tensor names of a safetensors file from its header (nothing read into memory); ``None`` when it cannot be
+    read (a truncated or foreign file: the caller's real loader then says why)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception:  # noqa: BLE001 - safetensors raises several kinds for unreadable files
+        return None
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
