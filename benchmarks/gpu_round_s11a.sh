@@ -18,20 +18,7 @@
 #   1.3b lora / lora-model-offload / lora-model-optim-offload, 1 warm-up + 1 step each        ~50 s  (timeout 55)
 # Dancer has no compiled row here (compile + two 32 s forwards per model do not fit the round); run
 #   python3 bench_new_families.py --rows dancer-local --compile --no-eager --warmup 1 --iters 1   for it.
-set -uo pipefail
-OUT=${OUT:-out}
-export OUT
-mkdir -p "$OUT"
-part() {  # part NAME TIMEOUT COMMAND...
-  local name=$1 limit=$2 start=$SECONDS
-  shift 2
-  echo "--- $name (timeout ${limit}s)"
-  timeout -k 5 "$limit" "$@" ${TINY:+--tiny} > "$OUT/$name.log" 2>&1
-  local rc=$?
-  # short output: the per-row lines and the table (the full log is in $OUT)
-  grep -E '^\||^\{|s/step|: [0-9.]+ s|OOM|Error|Traceback' "$OUT/$name.log" | grep -v -i warn | tail -n 30
-  echo "--- $name: rc $rc, $((SECONDS - start)) s"
-}
+source "$(dirname "$0")/gpu_part.sh"
 part animate2 150 python3 bench_animate2.py
 # LEAN=1: no compiled MOVA-360p row (~35 s instead of ~90 s); LEAN=2: no MOVA-360p row (MOVA-720p stays in
 # families_big), for a round with little device time left
