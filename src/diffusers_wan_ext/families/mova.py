@@ -13,6 +13,7 @@ into a :class:`~diffusers_wan_ext.pipelines.pipeline_mova.MovaPipeline` folder (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -20,7 +21,6 @@ from typing import Any
 
 import torch
 from diffusers import WanTransformer3DModel
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..conversion.dit import export_dit_state_dict, find_dit_files, load_dit_from_original
@@ -44,16 +44,16 @@ from ..lora.formats import register_lora_component
 from ..models import AutoencoderDac, MovaAudioTransformer1DModel, MovaDualTowerBridge
 from ..models.mova_joint_forward import mova_joint_forward
 from ..pipelines import MovaPipeline
-from ..pipelines.pipeline_mova import mova_audio_length
+from ..pipelines.pipeline_mova import check_mova_pipeline_fields, mova_audio_length
 from ..schedulers import WanFlowMatchScheduler
 from ..utils.atomic import atomic_output_dir
-from ..utils.io import ConversionError, read_json, with_path
+from ..utils.io import ConversionError, read_json, safetensors_shapes, with_path
 from .base import ExtraInput, ModelFamily, ReleaseOptions, TrainingComponent, WanVariant
 from .tiny import TINY, tiny_t5, tiny_vae21
 
 __all__ = ["MOVA_TRAINING_COMPONENTS", "MOVA_VARIANTS", "MovaFamily", "TINY_MOVA", "convert_mova_release",
            "encode_mova_audio", "is_mova_release", "make_tiny_mova_release", "mova_component_of",
-           "mova_training_forward"]
+           "mova_release_index_fields", "mova_training_forward"]
 
 _COMMON = dict(
     arch="mova", dim=5120, num_layers=40, experts=2, pipeline="MovaPipeline", boundary_ratio=0.9, flow_shift=5.0,
@@ -88,12 +88,11 @@ def _peek_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         if weights.name.endswith(".index.json"):
             shards = sorted(set(read_json(weights, "shard index").get("weight_map", {}).values()))
             weights = weights.parent / shards[0] if shards else weights
-        if not weights.name.endswith(".safetensors"):
-            return {}
-        with safe_open(str(weights), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception:  # noqa: BLE001 - unreadable files are reported by the real loaders
+    except Exception:  # noqa: BLE001 - an unreadable folder or index is reported by the real loaders
         return {}
+    if not weights.name.endswith(".safetensors"):
+        return {}
+    return safetensors_shapes(weights) or {}
 
 
 def mova_component_of(path: str | os.PathLike) -> str | None:
@@ -119,6 +118,26 @@ def _pick_variant(src: Path, variant: str | None) -> WanVariant:
     name = src.resolve().name.lower()
     return next((v for v in MOVA_VARIANTS if any(all(h in name for h in hint) for hint in v.file_hints)),
                 MOVA_VARIANTS[-1])
+
+
+def mova_release_index_fields(root: Path, row: WanVariant) -> dict[str, Any]:
+    """The pipeline fields of the release's ``model_index.json`` (what OpenMOSS ``MOVA.__init__`` registers):
+    ``boundary_ratio`` (the expert switch) and ``audio_vae_type``; the variant row's values (0.9, ``"dac"``) where
+    the file or the field is absent (a folder assembled from ModelScope files).  A value the pipeline cannot honour
+    is refused in one line naming the file and the field."""
+    fields: dict[str, Any] = {"boundary_ratio": row.boundary_ratio, "audio_vae_type": "dac"}
+    path = root / "model_index.json"
+    if not path.exists():
+        return fields
+    index = read_json(path, "model_index.json")
+    if not isinstance(index, dict):
+        raise ConversionError(f"{path}: expected a JSON object (the release's pipeline index)")
+    fields.update({k: index[k] for k in fields if k in index})
+    try:
+        check_mova_pipeline_fields(fields["boundary_ratio"], fields["audio_vae_type"], str(path))
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    return fields
 
 
 def _component_paths(root: Path, options: ReleaseOptions, experts: int) -> dict[str, Path | None]:
@@ -205,7 +224,9 @@ def convert_mova_release(src: str | os.PathLike, dst: str | os.PathLike, options
 
     ``options`` (or the same names as keyword arguments): ``dtype`` (DiTs and text encoder; the VAEs stay float32),
     ``vae`` / ``text_encoder`` / ``tokenizer`` paths, ``transformer_only``, ``overwrite``, ``progress``,
-    ``max_shard_size``.  Everything is checked before the destination is written.
+    ``max_shard_size``.  Everything is checked before the destination is written.  The release's
+    ``model_index.json`` fields ``boundary_ratio`` and ``audio_vae_type`` become the pipeline's config
+    (:func:`mova_release_index_fields`).
 
     Example:
         >>> convert_mova_release("MOVA-360p", "MOVA-360p-diffusers")  # doctest: +SKIP
@@ -225,6 +246,8 @@ def convert_mova_release(src: str | os.PathLike, dst: str | os.PathLike, options
     if not is_mova_release(src):
         raise ConversionError(f"{src}: not a MOVA release folder (expected audio_dit/ and dual_tower_bridge/ "
                               "sub-folders next to video_dit/)")
+    fields = mova_release_index_fields(src, row)
+    row = dataclasses.replace(row, boundary_ratio=fields["boundary_ratio"])
     paths = _component_paths(src, options, row.experts)
     with atomic_output_dir(dst, overwrite=options.overwrite) as tmp:
         with progress_bar(4, options.progress) as bar:  # closed before an error propagates
@@ -235,7 +258,7 @@ def convert_mova_release(src: str | os.PathLike, dst: str | os.PathLike, options
                     model.save_pretrained(tmp / name, max_shard_size=options.max_shard_size)
         else:
             shared = _load_shared(paths, towers, torch_dtype)
-            pipe = MovaPipeline(**towers, **shared, boundary_ratio=row.boundary_ratio)
+            pipe = MovaPipeline(**towers, **shared, **fields)
             pipe.save_pretrained(tmp, max_shard_size=options.max_shard_size)
             write_model_card(tmp, row, "MovaPipeline", str(src), call=CARD_CALL,
                              extra="The output has `frames` and `audio` (48 kHz mono); see `examples/mova.py` for an "
@@ -305,6 +328,9 @@ def make_tiny_mova_release(folder: str | os.PathLike, seed: int = 0, experts: in
     tiny_t5().save_pretrained(folder / "text_encoder")
     tiny_vae21().save_pretrained(folder / "video_vae")
     make_tiny_umt5_tokenizer(folder / "tokenizer", vocab_size=TINY["t5_vocab"])
+    # the pipeline fields of the release's index (OpenMOSS ``MOVA``'s registered config)
+    index = {"_class_name": "MOVA", "audio_vae_type": "dac", "boundary_ratio": 0.9}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
 
 

@@ -15,9 +15,14 @@ One call turns an image and a prompt into video frames and a 48 kHz mono wavefor
    (:func:`~diffusers_wan_ext.models.mova_joint_forward.mova_joint_forward`) with the high-noise video expert
    (``transformer``) while ``t >= boundary_ratio * 1000``, then the low-noise one (``transformer_2``); the timestep
    reaches both towers in the video expert's dtype (in bf16 it is rounded, as DiffSynth's ``timestep.to(torch_dtype)``
-   does; the expert switch and the scheduler use the float32 value); one guidance scale for video and audio; the
-   scheduler steps both latents together (float32 latents; DiffSynth keeps them in its dtype);
-5. decode: the video VAE -> frames, the DAC audio VAE -> waveform.
+   does; the expert switch and the scheduler use the float32 value); one guidance scale for video and audio;
+   **the latents stay in the video expert's dtype between steps**, as DiffSynth keeps them in its pipeline dtype
+   (:attr:`MovaPipeline.latents_dtype`): the noise is cast to it, the guidance runs in it and the Euler step is
+   DiffSynth's ``sample + model_output * (sigma_next - sigma)`` in that dtype;
+5. decode: the video VAE -> frames, the DAC audio VAE -> waveform (from the latents in that dtype).
+
+The release's ``model_index.json`` fields (OpenMOSS ``MOVA.__init__``) are the pipeline's config: ``boundary_ratio``
+(the expert switch) and ``audio_vae_type`` (only ``"dac"``: :func:`check_mova_pipeline_fields`).
 
 LoRAs load with ``load_lora_weights`` (every Wan format for the video experts, Diffusers keys for the audio tower
 and the bridge).  TeaCache, sliding windows and sequence parallelism are refused (see
@@ -53,7 +58,34 @@ from .fun_conditioning import i2v_condition
 from .runtime_options import WanRuntimeOptionsMixin
 from .seeded_noise import copy_generator, seeded_noise
 
-__all__ = ["MovaPipeline", "MovaPipelineOutput", "mova_audio_length"]
+__all__ = ["MOVA_AUDIO_VAE_TYPES", "MovaPipeline", "MovaPipelineOutput", "check_mova_pipeline_fields",
+           "mova_audio_length"]
+
+#: ``audio_vae_type`` values this pipeline takes: the DAC autoencoder (:class:`AutoencoderDac`).  The original
+#: ``MOVA`` pipeline also names ``"oobleck"`` (``Literal["oobleck", "dac"]``), which no class here implements.
+MOVA_AUDIO_VAE_TYPES = ("dac",)
+
+
+def check_mova_pipeline_fields(boundary_ratio: Any, audio_vae_type: Any, source: str = "MovaPipeline") -> None:
+    """One-line ``ValueError`` (starting with ``source``: the file or class they come from) for a ``boundary_ratio``
+    or ``audio_vae_type`` the pipeline cannot honour.
+
+    Example:
+        >>> check_mova_pipeline_fields(0.9, "dac")
+        >>> check_mova_pipeline_fields(0.9, "oobleck", "MOVA-360p/model_index.json")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: MOVA-360p/model_index.json: audio_vae_type 'oobleck' is not supported: ...
+    """
+    if isinstance(boundary_ratio, bool) or not isinstance(boundary_ratio, (int, float)) \
+            or not 0.0 <= boundary_ratio <= 1.0:
+        raise ValueError(f"{source}: boundary_ratio must be a number in [0, 1] (video_dit, the high-noise expert, "
+                         f"runs while t >= boundary_ratio * 1000, then video_dit_2); got {boundary_ratio!r}")
+    if audio_vae_type not in MOVA_AUDIO_VAE_TYPES:
+        known = ("an Oobleck audio VAE, which the original MOVA code names but this package does not implement"
+                 if audio_vae_type == "oobleck" else "unknown")
+        raise ValueError(f"{source}: audio_vae_type {audio_vae_type!r} is not supported: {known}; MOVA's audio VAE "
+                         f"is 'dac' (AutoencoderDac)")
 
 
 def mova_audio_length(num_frames: int, frame_rate: float, sample_rate: int, hop_length: int) -> int:
@@ -98,7 +130,9 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
         audio_transformer ([`~diffusers_wan_ext.MovaAudioTransformer1DModel`]): the audio DiT.
         bridge ([`~diffusers_wan_ext.MovaDualTowerBridge`]): the dual-tower bridge.
         transformer_2 ([`WanTransformer3DModel`], *optional*): the low-noise video expert (``video_dit_2/``).
-        boundary_ratio (`float`, defaults to 0.9): ``transformer`` runs while ``t >= boundary_ratio * 1000``.
+        boundary_ratio (`float`, defaults to 0.9): ``transformer`` runs while ``t >= boundary_ratio * 1000`` (the
+            release's ``model_index.json`` field, carried over by the converter).
+        audio_vae_type (`str`, defaults to ``"dac"``): the release's ``model_index.json`` field; only ``"dac"``.
 
     Example:
         >>> import torch
@@ -128,6 +162,11 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
                              "interaction layer",
     }
     sliding_window_unsupported_reason: ClassVar[str] = unsupported["sliding_window"]
+    #: dtype of the video and audio latents between steps; ``None``: the video expert's (bf16 for a bf16 pipeline),
+    #: as DiffSynth-Studio keeps them in its pipeline dtype (``generate_noise`` casts the float32 noise, the Euler
+    #: step runs in it).  ``torch.float32`` would keep them as stock Diffusers pipelines and the original OpenMOSS
+    #: code do (the towers then get them cast to their dtype).
+    latents_dtype: ClassVar[torch.dtype | None] = None
 
     encode_prompt = WanPipeline.encode_prompt
     _get_t5_prompt_embeds = WanPipeline._get_t5_prompt_embeds
@@ -144,13 +183,15 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
         bridge: MovaDualTowerBridge,
         transformer_2: WanTransformer3DModel | None = None,
         boundary_ratio: float = 0.9,
+        audio_vae_type: str = "dac",
     ) -> None:
+        check_mova_pipeline_fields(boundary_ratio, audio_vae_type, type(self).__name__)
         super().__init__()
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, audio_vae=audio_vae, scheduler=scheduler,
             transformer=transformer, audio_transformer=audio_transformer, bridge=bridge, transformer_2=transformer_2,
         )
-        self.register_to_config(boundary_ratio=boundary_ratio)
+        self.register_to_config(boundary_ratio=boundary_ratio, audio_vae_type=audio_vae_type)
         self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
@@ -203,10 +244,12 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
         return mova_audio_length(num_frames, frame_rate, self.audio_vae.config.sample_rate, self.audio_vae.hop_length)
 
     def prepare_latents(self, y: torch.Tensor, num_frames: int, frame_rate: float, latents: torch.Tensor | None,
-                        audio_latents: torch.Tensor | None, generator: torch.Generator | None):
-        """Float32 video latents ``[1, z, F, h, w]`` (the grid of ``y``) and audio latents ``[1, C, L]``: the given
-        ones (shape checked) or noise, DiffSynth-Studio's rule: video then audio, each drawn from ``generator``'s
-        state at this call (a CPU generator draws on the CPU, as DiffSynth's ``rand_device="cpu"``)."""
+                        audio_latents: torch.Tensor | None, generator: torch.Generator | None,
+                        dtype: torch.dtype = torch.float32):
+        """Video latents ``[1, z, F, h, w]`` (the grid of ``y``) and audio latents ``[1, C, L]`` in ``dtype``: the
+        given ones (shape checked) or noise, DiffSynth-Studio's rule: float32 ``randn``, video then audio, each drawn
+        from ``generator``'s state at this call (a CPU generator draws on the CPU, as DiffSynth's
+        ``rand_device="cpu"``), then cast."""
         video_shape = (1, self.vae.config.z_dim, *y.shape[2:])
         audio_shape = (1, self.audio_vae.config.latent_dim, self.audio_length(num_frames, frame_rate))
         start = copy_generator(generator)  # both draws begin here: DiffSynth re-seeds for each
@@ -215,7 +258,7 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
             if given is not None and tuple(given.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} for these inputs; got {tuple(given.shape)}")
             noise = given if given is not None else seeded_noise(shape, start, y.device)
-            out.append(noise.to(device=y.device, dtype=torch.float32))
+            out.append(noise.to(device=y.device, dtype=dtype))
         return tuple(out)
 
     def decode_audio(self, audio_latents: torch.Tensor) -> torch.Tensor:
@@ -233,8 +276,14 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
                                       **kwargs)
         return v_u + guidance_scale * (v - v_u), a_u + guidance_scale * (a - a_u)
 
-    def _step(self, v_pred, a_pred, t, video, audio):
-        """One scheduler step on both latents at once (flattened together: the step index advances once)."""
+    def _step(self, v_pred, a_pred, t, i, video, audio):
+        """One step of both latents, kept in their dtype.  With the release's :class:`WanFlowMatchScheduler` it is
+        DiffSynth-Studio's ``FlowMatchScheduler.step`` ``sample + model_output * (sigma_next - sigma)`` in the
+        latents' dtype (in bf16 the product is rounded before the sum, as there); another scheduler steps both at
+        once in float32 (flattened together: its step index advances once)."""
+        if isinstance(self.scheduler, WanFlowMatchScheduler):
+            dt = self.scheduler.sigmas[i + 1] - self.scheduler.sigmas[i]  # float32 on the CPU, as DiffSynth's
+            return video + v_pred.to(video.dtype) * dt, audio + a_pred.to(audio.dtype) * dt
         n = video.numel()
         pred = torch.cat([v_pred.flatten(), a_pred.flatten()]).float()
         sample = torch.cat([video.flatten(), audio.flatten()]).float()
@@ -300,7 +349,9 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
         negative_context = negative_context.to(dtype) if guidance_scale != 1.0 else None
         y = i2v_condition(self.vae, pixels, num_frames).to(device=device, dtype=dtype)
 
-        video, audio = self.prepare_latents(y, num_frames, frame_rate, latents, audio_latents, generator)
+        latents_dtype = self.latents_dtype or dtype
+        video, audio = self.prepare_latents(y, num_frames, frame_rate, latents, audio_latents, generator,
+                                            latents_dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
             for i, t in enumerate(self.scheduler.timesteps):
@@ -308,7 +359,7 @@ class MovaPipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOptionsMixi
                 v_pred, a_pred = self._guided(self.expert(t, boundary), video.to(dtype), audio.to(dtype),
                                               t.expand(1).to(device, dtype), context, negative_context, y,
                                               float(frame_rate), guidance_scale)
-                video, audio = self._step(v_pred, a_pred, t, video, audio)
+                video, audio = self._step(v_pred, a_pred, t, i, video, audio)
                 if callback_on_step_end is not None:
                     out = callback_on_step_end(self, i, t, {"latents": video, "audio_latents": audio}) or {}
                     video, audio = out.get("latents", video), out.get("audio_latents", audio)

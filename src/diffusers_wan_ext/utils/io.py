@@ -37,6 +37,7 @@ __all__ = [
     "raise_for_non_finite",
     "read_json",
     "safetensors_keys",
+    "safetensors_shapes",
     "strip_known_prefixes",
     "with_path",
 ]
@@ -309,6 +310,16 @@ def safetensors_keys(path: str | os.PathLike) -> list[str] | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
+    except Exception:  # noqa: BLE001 - safetensors raises several kinds for unreadable files
+        return None
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape of a safetensors file from its header (nothing read into memory); ``None`` when it cannot
+    be read (as :func:`safetensors_keys`)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception:  # noqa: BLE001 - safetensors raises several kinds for unreadable files
         return None
 
