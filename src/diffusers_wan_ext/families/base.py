@@ -311,6 +311,9 @@ class ModelFamily:
     training_components: ClassVar[tuple[TrainingComponent, ...]] = ()
     #: training: the dataset columns (``--extra_inputs``) its conditionings and components read
     dataset_inputs: ClassVar[dict[str, ExtraInput]] = {}
+    #: training: component spellings only this family's models take (DiffSynth-Studio's names in its pipeline for this
+    #: family, e.g. MOVA's ``video_dit`` -> ``transformer``), besides the shared ``dit`` / ``dit2`` / ``transformer`` ...
+    training_component_aliases: ClassVar[dict[str, str]] = {}
     #: training: clips are resampled to this frame rate when read (DiffSynth-Studio's ``fix_frame_rate``; ``None``:
     #: their frames are read as they are)
     training_frame_rate: ClassVar[float | None] = None

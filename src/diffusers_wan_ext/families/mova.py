@@ -422,6 +422,8 @@ class MovaFamily(ModelFamily):
     training_components = MOVA_TRAINING_COMPONENTS
     dataset_inputs = {"input_audio": ExtraInput("audio", sample_rate=MOVA_COLUMN_SAMPLE_RATE)}
     training_frame_rate = MOVA_TRAINING_FRAME_RATE
+    #: DiffSynth-Studio's MovaAudioVideoPipeline names its video experts (high, low noise) video_dit / video_dit2
+    training_component_aliases = {"video_dit": "transformer", "video_dit2": "transformer_2"}
 
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
         """A MOVA release folder, a ``--variant mova-*``, or one MOVA component alone (refused with the reason)."""
