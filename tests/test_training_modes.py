@@ -464,6 +464,29 @@ def test_quant_options_syntax_is_checked(t2v, cache, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------------------- component spellings
+
+def test_a_familys_component_spellings_are_its_own(t2v, data, tmp_path, capsys):
+    """MOVA declares DiffSynth-Studio's ``video_dit`` / ``video_dit2`` (``ModelFamily.training_component_aliases``);
+    a Wan model given one is refused in one line naming the accepted components, before anything is written."""
+    from diffusers_wan_ext.families import FAMILIES
+    from diffusers_wan_ext.training import main as train_main
+
+    declared = {f.name: f.training_component_aliases for f in FAMILIES if f.training_component_aliases}
+    assert declared == {"mova": {"video_dit": "transformer", "video_dit2": "transformer_2"}}
+    for option in ("--lora_base_model", "--trainable_models"):
+        out = tmp_path / option.strip("-")
+        with pytest.raises(SystemExit) as e:
+            train_main(run_args(t2v, data, out, option, "video_dit2"))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert (f"{option}: unknown or unsupported component 'video_dit2' ('video_dit2' is MOVA's name of "
+                f"transformer_2); accepted: ") in err, err
+        accepted = err.split("accepted: ")[1].strip().split(", ")
+        assert {"dit2", "transformer_2"} <= set(accepted) and not any("video" in a for a in accepted), err
+        assert not out.exists()
+
+
 # ----------------------------------------------------------------------------------- model_id_with_origin_paths
 
 WAN_IDS = ("Wan-AI/Wan2.1-T2V-1.3B:diffusion_pytorch_model*.safetensors,"

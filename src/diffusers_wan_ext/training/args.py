@@ -2,8 +2,10 @@
 
 The names follow DiffSynth-Studio's ``examples/wanvideo/model_training/train.py`` wherever it has the option, so its
 scripts translate one to one (see ``docs/training.md`` for the table); component names may be given in either
-layout (``dit`` = ``transformer``, ``dit2`` = ``transformer_2``).  Options DiffSynth-Studio does not have (exact
-resume, LoRA export formats, bad-row handling, learning-rate schedules) use Diffusers' training-script names.
+layout (``dit`` = ``transformer``, ``dit2`` = ``transformer_2``; a family may declare spellings of its own,
+:attr:`~diffusers_wan_ext.families.ModelFamily.training_component_aliases`: MOVA's ``video_dit``).  Options
+DiffSynth-Studio does not have (exact resume, LoRA export formats, bad-row handling, learning-rate schedules) use
+Diffusers' training-script names.
 
 Example:
     >>> args = parse_args(["--dataset_base_path", "data", "--dataset_metadata_path", "data/metadata.csv",
@@ -21,7 +23,7 @@ from typing import Sequence
 
 from diffusers.optimization import SchedulerType
 
-from ..families import training_declarations
+from ..families import FAMILIES, training_declarations
 from ..lora import LORA_FORMATS, map_lora_target_modules
 from .components import model_family
 from .dataset import EXTRA_INPUTS
@@ -29,21 +31,21 @@ from .distill import DISTILL_COLUMNS
 from .model_ids import resolve_model_ids
 from .quantized_base import QUANT_METHODS, parse_quant_options, quant_package_missing
 
-__all__ = ["COMPONENT_ALIASES", "DTYPE_NAMES", "TASKS", "build_parser", "parse_args", "resolve_component"]
+__all__ = ["COMPONENT_ALIASES", "DTYPE_NAMES", "TASKS", "ComponentNames", "build_parser", "parse_args",
+           "resolve_component"]
 
 #: What the families add: transformer scopes (DiffSynth-Studio's ``vace`` / ``vace2``), trainable components.
 SCOPES, EXTRA_COMPONENTS, _ = training_declarations()
 #: scope model names (``vace2``) -> (the scope, the transformer component it belongs to)
 SCOPE_ALIASES = {alias: (scope, component) for scope in SCOPES for alias, component in scope.aliases.items()}
 
-#: DiffSynth-Studio component names -> ours (pipeline attribute names).
+#: DiffSynth-Studio component names -> ours (pipeline attribute names), for every model; a family's own spellings
+#: (MOVA's ``video_dit``) come from its declaration (:class:`ComponentNames`).
 COMPONENT_ALIASES: dict[str, str] = {
     "dit": "transformer",
     "dit2": "transformer_2",
     "transformer": "transformer",
     "transformer_2": "transformer_2",
-    "video_dit": "transformer",  # MOVA's video experts (DiffSynth-Studio's MovaAudioVideoPipeline: high, low noise)
-    "video_dit2": "transformer_2",
     "vae": "vae",
     "text_encoder": "text_encoder",
     "image_encoder": "image_encoder",
@@ -64,28 +66,70 @@ DEFAULT_TARGETS = "q,k,v,o,ffn.0,ffn.2"
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType)
 
 
-def resolve_component(name: str, allowed: Sequence[str], option: str) -> str:
-    """Our component name for ``name`` (either layout); an error names the option and the accepted values."""
-    ours = COMPONENT_ALIASES.get(name.strip())
+class ComponentNames:
+    """The component names one run accepts -> ours: :data:`COMPONENT_ALIASES` (every model) and the spellings the
+    trained model's family declares (:attr:`~diffusers_wan_ext.families.ModelFamily.training_component_aliases`),
+    that family told from the model folder (before any weights load) only once a name outside the shared table
+    is given."""
+
+    def __init__(self, model_path: str | Path | None = None, transformer_path: str | Path | None = None) -> None:
+        self.model_path = model_path
+        self.transformer_path = transformer_path
+        self.declared: dict[str, str] | None = None
+
+    def family_aliases(self) -> dict[str, str]:
+        """The trained model's family's own spellings (``{}`` for a family without any, or no model folder)."""
+        if self.declared is None:
+            family = None if self.model_path is None else model_family(self.model_path, self.transformer_path)
+            self.declared = dict(family.training_component_aliases) if family is not None else {}
+        return self.declared
+
+    def get(self, name: str) -> str | None:
+        """Our name of component ``name``, ``None`` when this run's model has no component of that name."""
+        name = name.strip()
+        return COMPONENT_ALIASES[name] if name in COMPONENT_ALIASES else self.family_aliases().get(name)
+
+    def accepted(self, allowed: Sequence[str]) -> list[str]:
+        """The names this run accepts for the components in ``allowed``."""
+        return sorted(k for k, v in {**COMPONENT_ALIASES, **self.family_aliases()}.items() if v in allowed)
+
+
+def other_family_spelling(name: str) -> str:
+    """`` ('video_dit2' is MOVA's name of transformer_2)`` when ``name`` is a spelling some family declares, else
+    ``""`` (for the error of a model whose family does not take it)."""
+    for family in FAMILIES:
+        if name in family.training_component_aliases:
+            title = family.title.split(" (")[0]
+            return f" ({name!r} is {title}'s name of {family.training_component_aliases[name]})"
+    return ""
+
+
+def resolve_component(name: str, allowed: Sequence[str], option: str, names: ComponentNames | None = None) -> str:
+    """Our component name for ``name`` (either layout, or a spelling of the trained model's family given ``names``);
+    an error names the option and the accepted values."""
+    names = names or ComponentNames()
+    ours = names.get(name)
     if ours is None or ours not in allowed:
-        accepted = sorted({k for k, v in COMPONENT_ALIASES.items() if v in allowed})
-        raise SystemExit(f"{option}: unknown or unsupported component {name!r}; accepted: {', '.join(accepted)}")
+        hint = other_family_spelling(name.strip()) if ours is None else ""
+        raise SystemExit(f"{option}: unknown or unsupported component {name!r}{hint}; accepted: "
+                         f"{', '.join(names.accepted(allowed))}")
     return ours
 
 
-def _components(value: str | None, allowed: Sequence[str], option: str) -> list[str]:
+def _components(value: str | None, allowed: Sequence[str], option: str, names: ComponentNames) -> list[str]:
     if not value:
         return []
     out = []
     for part in value.split(","):
         if part.strip():
-            c = resolve_component(part, allowed, option)
+            c = resolve_component(part, allowed, option, names)
             if c not in out:
                 out.append(c)
     return out
 
 
-def split_module_paths(names: list[str]) -> tuple[list[str], list[str], list[str]]:
+def split_module_paths(names: list[str], components: ComponentNames | None = None,
+                       ) -> tuple[list[str], list[str], list[str]]:
     """DiffSynth-Studio's module-level ``--trainable_models dit.blocks.0.block.self_attn.q,...``: the entries that
     are a transformer (``dit`` / ``dit2`` / ``transformer`` ...) followed by a module path are split into the
     transformer's name and the path (only these modules train).  Returns the other entries, the transformers'
@@ -93,7 +137,7 @@ def split_module_paths(names: list[str]) -> tuple[list[str], list[str], list[str
     others, heads, paths = [], [], []
     for name in names:
         head, _, path = name.partition(".")
-        if path and COMPONENT_ALIASES.get(head) in ("transformer", "transformer_2"):
+        if path and (components or ComponentNames()).get(head) in ("transformer", "transformer_2"):
             heads.append(head)
             paths.append(path)
         else:
@@ -259,12 +303,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def _checkpoint_prefix(value: str) -> str:
+def _checkpoint_prefix(value: str, components: ComponentNames) -> str:
     """``--remove_prefix_in_ckpt``: DiffSynth-Studio's ``pipe.<model>.`` names become ours (``pipe.dit.`` ->
     ``transformer.``: the trained expert is ``transformer`` in the training module); others are kept."""
     if value.startswith("pipe."):
         name = value[len("pipe."):].rstrip(".")
-        name = SCOPE_ALIASES[name][1] if name in SCOPE_ALIASES else COMPONENT_ALIASES.get(name, name)
+        name = SCOPE_ALIASES[name][1] if name in SCOPE_ALIASES else components.get(name) or name
         value = ("transformer" if name.startswith("transformer") else name) + "."
     return value
 
@@ -304,7 +348,7 @@ def _split_distill_columns(args: argparse.Namespace, fail) -> None:
              f"--extra_inputs (DiffSynth-Studio: seed,rand_device,num_inference_steps,cfg_scale)")
 
 
-def _check_quant_options(args: argparse.Namespace, fail) -> None:
+def _check_quant_options(args: argparse.Namespace, fail, components: ComponentNames) -> None:
     """``--quant_options``: one entry, for the LoRA-trained expert, with its package installed, no fp8 storage."""
     if args.quant_options is None:
         return
@@ -316,7 +360,7 @@ def _check_quant_options(args: argparse.Namespace, fail) -> None:
         fail(f"--quant_options {args.quant_options!r}: give one entry, for the trained model (dit or dit2)")
     option = options[0]
     model = SCOPE_ALIASES[option.model][1] if option.model in SCOPE_ALIASES else option.model
-    if args.lora_base_model is None or COMPONENT_ALIASES.get(model) != args.lora_base_model:
+    if args.lora_base_model is None or components.get(model) != args.lora_base_model:
         fail(f"--quant_options {option.model}:{option.method}: quantized frozen weights are for LoRA training of "
              f"the trained model ({args.expert}, --lora_base_model)")
     if args.expert in args.fp8_models:
@@ -412,11 +456,12 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
         parser.error(msg)
 
     _resolve_model_ids(args, fail)
+    components = ComponentNames(args.model_path, args.transformer_path)
 
     # a family's scope (DiffSynth-Studio's ``vace`` / ``vace2``): part of a transformer, trained as a model of its own
     names = [n.strip() for n in (args.trainable_models or "").split(",") if n.strip()]
-    names, heads, args.trainable_modules = split_module_paths(names)
-    if heads and (names or len({COMPONENT_ALIASES[h] for h in heads}) > 1):
+    names, heads, args.trainable_modules = split_module_paths(names, components)
+    if heads and (names or len({components.get(h) for h in heads}) > 1):
         fail(f"--trainable_models: module paths ({heads[0]}.{args.trainable_modules[0]}, ...) train modules of one "
              f"transformer; give no other model with them (got {', '.join(sorted({*names, *heads}))})")
     names += heads[:1]
@@ -426,15 +471,16 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
         fail(f"--trainable_models: one scope per run, got {sorted(scopes)}")
     args.trainable_scope = next(iter(scopes), None)
     names = [SCOPE_ALIASES[n][1] if n in SCOPE_ALIASES else n for n in names]
-    args.trainable_models = _components(",".join(names), TRAINABLE, "--trainable_models")
-    args.fp8_models = _components(args.fp8_models, FP8_CAPABLE, "--fp8_models")
+    args.trainable_models = _components(",".join(names), TRAINABLE, "--trainable_models", components)
+    args.fp8_models = _components(args.fp8_models, FP8_CAPABLE, "--fp8_models", components)
     # a scoped LoRA covers the scope's blocks only, an unscoped one ("dit") the main blocks
     scoped = SCOPE_ALIASES.get(args.lora_base_model)
     args.lora_scope = scoped[0].name if scoped else "dit"
     if scoped:
         args.lora_base_model = scoped[1]
     if args.lora_base_model is not None:
-        args.lora_base_model = resolve_component(args.lora_base_model, LORA_CAPABLE, "--lora_base_model")
+        args.lora_base_model = resolve_component(args.lora_base_model, LORA_CAPABLE, "--lora_base_model",
+                                                 components)
     if not args.task.endswith(":data_process") and not args.trainable_models and args.lora_base_model is None:
         fail("nothing to train: pass --lora_base_model transformer (LoRA) or --trainable_models transformer "
              "(full fine-tuning)")
@@ -457,15 +503,16 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     if args.preset_lora_path is not None:
         preset = args.preset_lora_model or args.expert
         preset = SCOPE_ALIASES[preset][1] if preset in SCOPE_ALIASES else preset
-        args.preset_lora_model = resolve_component(preset, ("transformer", "transformer_2"), "--preset_lora_model")
+        args.preset_lora_model = resolve_component(preset, ("transformer", "transformer_2"), "--preset_lora_model",
+                                                   components)
         if args.preset_lora_model != args.expert:
             fail(f"--preset_lora_model {args.preset_lora_model}: this run trains {args.expert} (only the trained "
                  f"expert is loaded); fuse the preset into the model being trained")
     _check_folders(args, fail)
     _check_frame_rate(args, fail)
-    _check_quant_options(args, fail)
+    _check_quant_options(args, fail, components)
     if args.remove_prefix_in_ckpt is not None:
-        args.remove_prefix_in_ckpt = _checkpoint_prefix(args.remove_prefix_in_ckpt.strip()) or None
+        args.remove_prefix_in_ckpt = _checkpoint_prefix(args.remove_prefix_in_ckpt.strip(), components) or None
 
     args.extra_inputs = [s.strip() for s in (args.extra_inputs or "").split(",") if s.strip()]
     _split_distill_columns(args, fail)
