@@ -9,7 +9,12 @@ Example:
     >>> pipe = DiffusionPipeline.from_pretrained("converted/Wan2.1-T2V-1.3B")  # doctest: +SKIP
 """
 
-from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # loadable bases, looked up by Diffusers
+from .utils.import_noise import silence_quantizer_import_noise
+
+# before Diffusers imports bitsandbytes / torchao (when installed): none of their import-time log lines on stderr
+silence_quantizer_import_noise()
+
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: E402  (loadable bases for Diffusers)
 
 from .utils.clip_processor import bind_clip_image_processor
 
