@@ -154,6 +154,9 @@ def test_every_example_script_parses_with_the_trainers_parser(tmp_path):
     for model in ("Wan2.1-VACE-1.3B-Preview", "Wan2.1-Fun-V1.1-14B-InP", "Wan2.1-T2V-1.3B", "Wan2.2-S2V-14B",
                   "Wan2.2-Animate-14B", "Video-As-Prompt-Wan2.1-14B", "LongCat-Video"):
         assert {f"lora/{model}.sh", f"full/{model}.sh"} <= names
+    # every model of the table has both: a LoRA script and a full fine-tuning one
+    lora, full = ({n[len(kind) + 1:] for n in names if n.startswith(f"{kind}/")} for kind in ("lora", "full"))
+    assert lora == full and len(lora) >= 30, sorted(lora ^ full)
     assert "direct_distill/Wan2.1-T2V-1.3B.sh" in names
     for script in scripts:
         argv = script_arguments(script, tmp_path)
