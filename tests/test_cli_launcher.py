@@ -34,6 +34,7 @@ def test_help_imports_nothing_heavy():
     assert _heavy_modules("--help") == ""
     assert _heavy_modules("generate", "--help") == ""
     assert _heavy_modules("lora", "convert", "--help") == ""
+    assert _heavy_modules("train", "--help") == ""  # the trainer's help text is in the manifest
 
 
 def test_manifest_is_current():

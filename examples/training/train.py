@@ -9,10 +9,10 @@
         --use_gradient_checkpointing --output_path ./models/Wan2.1-T2V-1.3B_lora
 
 Arguments follow DiffSynth-Studio's examples/wanvideo/model_training/train.py; see docs/training.md and
-`python examples/training/train.py --help`.
+`python examples/training/train.py --help` (answered at once, from the command-line manifest).
 """
 
-from diffusers_wan_ext.training import main
+from diffusers_wan_ext_cli import train
 
 if __name__ == "__main__":
-    main()
+    train()

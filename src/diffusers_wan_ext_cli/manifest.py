@@ -1,4 +1,5 @@
-"""The command-line manifest: the families' ``diffusers-wan`` verbs and ``generate`` options as plain JSON.
+"""The command-line manifest: the families' ``diffusers-wan`` verbs and ``generate`` options, and the trainer's
+``--help`` text, as plain JSON.
 
 ``diffusers-wan --help`` must answer without importing torch, Diffusers or the family declarations (importing
 ``diffusers_wan_ext`` registers every class with Diffusers, which takes seconds), so what the families add to the
@@ -14,10 +15,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST_PATH", "add_manifest_arguments", "add_generate_inputs", "read_manifest"]
+__all__ = ["HELP_WIDTH", "MANIFEST_PATH", "TRAIN_PROGS", "add_manifest_arguments", "add_generate_inputs",
+           "read_manifest", "stored_train_help"]
 
 MANIFEST_PATH = Path(__file__).with_name("manifest.json")
 _TYPES = {"int": int, "float": float}
+#: the commands whose trainer ``--help`` the manifest holds (``examples/training/train.py`` is ``train.py``)
+TRAIN_PROGS = ("diffusers-wan train", "train.py")
+#: the width the stored help texts are wrapped at
+HELP_WIDTH = 100
 
 
 def read_manifest(path: Path = MANIFEST_PATH) -> dict[str, Any]:
@@ -41,3 +47,12 @@ def add_generate_inputs(parser: argparse.ArgumentParser, inputs: list[dict[str, 
             parser.add_argument(i["flag"], dest=i["argument"], nargs="?", const="auto", help=i["help"])
         else:
             parser.add_argument(i["flag"], dest=i["argument"], type=_TYPES.get(i["kind"]), help=i["help"])
+
+
+def stored_train_help(argv: list[str], prog: str) -> str | None:
+    """The trainer's help text for ``prog`` when ``argv`` asks for it (``-h`` / ``--help`` before any ``--``) and the
+    manifest holds it; ``None`` otherwise (the trainer's own parser then answers)."""
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    if not {"-h", "--help"} & set(options) or prog not in TRAIN_PROGS:
+        return None
+    return read_manifest().get("train_help", {}).get(prog)

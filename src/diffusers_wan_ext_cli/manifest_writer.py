@@ -1,12 +1,14 @@
-"""Write (or ``--check``) ``cli/manifest.json`` from the family registry.
+"""Write (or ``--check``) ``cli/manifest.json`` from the family registry and the trainer's parser.
 
 Run ``python -m diffusers_wan_ext_cli.manifest_writer`` after changing a family's ``cli_commands`` or
-``generate_inputs``; the test suite runs it with ``--check``.
+``generate_inputs``, or the trainer's options (:mod:`diffusers_wan_ext.training.args`: ``train --help`` answers from
+the manifest); the test suite runs it with ``--check``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import asdict
@@ -15,10 +17,18 @@ from typing import Any
 
 from diffusers_wan_ext.families import FAMILIES
 from diffusers_wan_ext.lora.formats import COMPONENT_RENAMERS
+from diffusers_wan_ext.training.args import build_parser as build_train_parser
 
-from .manifest import MANIFEST_PATH
+from .manifest import HELP_WIDTH, MANIFEST_PATH, TRAIN_PROGS
 
-__all__ = ["build_manifest", "main"]
+__all__ = ["build_manifest", "main", "train_help"]
+
+
+def train_help(prog: str) -> str:
+    """The trainer's ``--help`` text with ``prog`` in its usage line, at :data:`HELP_WIDTH` columns."""
+    parser = build_train_parser(prog)
+    parser.formatter_class = functools.partial(parser.formatter_class, width=HELP_WIDTH)
+    return parser.format_help()
 
 
 def build_manifest() -> dict[str, Any]:
@@ -31,7 +41,7 @@ def build_manifest() -> dict[str, Any]:
     inputs = [dict(asdict(i), family=f.name) for f in FAMILIES for i in f.generate_inputs]
     convert = [dict(asdict(i), family=f.name) for f in FAMILIES for i in f.convert_inputs]
     return {"commands": commands, "convert_inputs": convert, "generate_inputs": inputs,
-            "lora_components": list(COMPONENT_RENAMERS)}
+            "lora_components": list(COMPONENT_RENAMERS), "train_help": {p: train_help(p) for p in TRAIN_PROGS}}
 
 
 def render(manifest: dict[str, Any]) -> str:
