@@ -258,6 +258,23 @@ def test_converted_release_loads_and_keeps_the_weights(release, converted):
     assert all(torch.equal(theirs[k], v) for k, v in model.state_dict().items())
 
 
+def test_training_from_the_release_loads_the_converted_folders_components(release, converted):
+    """``--model_path`` the ByteDance release folder: the trainer converts it and trains the same MoT transformer
+    (class and weights) with the same encoders as from the converted folder."""
+    from diffusers_wan_ext.training.components import load_training_components
+
+    root, _ = release
+    from_release = load_training_components(root, dtype=torch.float32)
+    from_folder = load_training_components(converted, dtype=torch.float32)
+    assert from_release.pipeline_class == from_folder.pipeline_class == "WanVideoAsPromptPipeline"
+    for name in ("transformer", "text_encoder", "vae", "image_encoder"):
+        a, b = getattr(from_release, name), getattr(from_folder, name)
+        assert type(a) is type(b), name
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+    assert isinstance(from_release.transformer, WanVideoAsPromptTransformer3DModel)
+
+
 def test_pipeline_end_to_end_on_cpu(converted, media, tmp_path):
     from diffusers.utils import export_to_video, load_video
 
