@@ -19,7 +19,7 @@ from diffusers_wan_ext.families.mova import convert_mova_release, make_tiny_mova
 from diffusers_wan_ext.pipelines import MovaPipeline
 from diffusers_wan_ext.release_converter import convert_release
 from diffusers_wan_ext.training import main, parse_args, run_training
-from diffusers_wan_ext.training.components import model_family, model_folder
+from diffusers_wan_ext.training.components import load_training_components, model_family, model_folder
 
 from helpers import edit_metadata_rows, write_pcm16_wav
 
@@ -132,9 +132,16 @@ def test_each_family_release_takes_its_route(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["wan-t2v", "animate2", "dancer", "longcat"])
 def test_converted_folder_of_each_family_takes_the_converted_route(name, tmp_path):
+    """The converted folder is routed as converted, and the trainer loads the same pipeline and transformer from
+    the release as from it."""
     make, family = RELEASES[name]
-    converted = convert_release(make(tmp_path), tmp_path / "converted", dtype="fp32", image_encoder_heads=2,
-                                progress=False)
+    release = make(tmp_path)
+    converted = convert_release(release, tmp_path / "converted", dtype="fp32", image_encoder_heads=2, progress=False)
     routed = model_folder(converted)
     assert routed.kind == "converted" and routed.pipeline_class, routed
     assert (routed.family.name if routed.family else None) == family
+    a, b = (load_training_components(m, dtype=torch.float32, load_encoders=False, image_encoder_heads=2)
+            for m in (release, converted))
+    assert a.pipeline_class == b.pipeline_class == routed.pipeline_class
+    sd_a, sd_b = a.transformer.state_dict(), b.transformer.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
