@@ -113,7 +113,8 @@ def is_pipeline_class(name: Any) -> bool:
     if not isinstance(name, str):
         return False
     cls = getattr(diffusers, name, None)
-    return (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)) or family_of_pipeline(name) is not None
+    on_diffusers = isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)
+    return on_diffusers or family_of_pipeline(name) is not None
 
 
 def index_class_name(index: Any) -> Any:
