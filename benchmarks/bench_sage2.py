@@ -505,8 +505,9 @@ def timed_call(variant: Variant, kw: dict) -> float:
 
 
 def warm(variants: dict, kw: dict, ref, info: dict):
-    """Warm every variant (first call: compile; its error vs ``ref``; one more call for the peak). ``ref`` None: the
-    variant named "ours" gives it (warm it first). Failures are recorded and the variant dropped. Returns ``ref``."""
+    """Warm every variant (first call: compile; its error vs ``ref``; one more call, timed, for the peak). ``ref``
+    None: the variant named "ours" gives it (warm it first). Failures are recorded and the variant dropped. Returns
+    ``ref``."""
     cuda = torch.cuda.is_available()
     for name, variant in list(variants.items()):
         try:
@@ -520,7 +521,7 @@ def warm(variants: dict, kw: dict, ref, info: dict):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() if cuda else 0
-            timed_call(variant, kw)
+            info[name]["warm_s"] = round(timed_call(variant, kw), 4)  # a timing even if the rounds get cut short
             if cuda:
                 info[name]["peak_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)
             print(f"{name}: warm {info[name]} (at {time.time() - START:.0f} s)", flush=True)
@@ -626,6 +627,8 @@ def forward(args) -> list[dict]:
     ensure_kernels(args)
     later = kernel_variants(args, ours, fp8_model, n)
     warm(later, kw, ref, info)
+    RESULT["forward_warm"] = info  # written now: the timed rounds may not fit the part's time limit
+    write_json(args.json_name, RESULT)
     variants.update(later)
     time_rounds(variants, kw, args.iters, info)
     base = info.get("stock compiled", {}).get("median_s")
@@ -636,7 +639,8 @@ def forward(args) -> list[dict]:
         rows.append(dict(model=name, variant=variant, s=round(r["median_s"], 4),
                          vs_stock_compiled=round(base / r["median_s"], 3) if base else None,
                          err_vs_ours_bf16="-" if r.get("err") is None else f"{r['err']:.2e}",
-                         peak_gib=r.get("peak_gib"), first_call_s=r.get("first_call_s"), runs=r.get("runs"),
+                         peak_gib=r.get("peak_gib"), first_call_s=r.get("first_call_s"), warm_s=r.get("warm_s"),
+                         runs=r.get("runs"),
                          report=reports.get(variant, "")))
         print({k: v for k, v in rows[-1].items() if k != "report"}, flush=True)
     del stock, ours, fp8_model, variants, later
@@ -691,7 +695,7 @@ def main() -> None:
             setattr(dyn, attr, max(getattr(dyn, attr), 32))
             break
     torch.backends.cuda.matmul.allow_tf32 = False
-    json_name = f"bench_sage2{'_' + args.tag if args.tag else ''}.json"
+    args.json_name = json_name = f"bench_sage2{'_' + args.tag if args.tag else ''}.json"
     RESULT.update(env=env_info(), args=vars(args))
     print(RESULT["env"], flush=True)
     parts = args.parts.split(",")
