@@ -10,6 +10,8 @@ if str(ROOT / "src") not in sys.path and not os.environ.get("DWE_NO_SRC_PATH"):
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker (and its subprocesses), not N x cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -57,3 +59,13 @@ def built_dists(tmp_path_factory):
     from helpers import build_sdist_and_wheel
 
     return build_sdist_and_wheel(tmp_path_factory.mktemp("dists"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n N --dist loadgroup`` (``scripts/test.sh``): a test file runs on one worker, so its module
+    fixtures are built once; the tests of the session's built sdist + wheel (``built_dists``) share one worker too."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "built_dists" if "built_dists" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -258,8 +258,8 @@ def test_two_process_ddp_splits_the_data_and_resumes_exactly(t2v, cache, tmp_pat
     env = src_env(HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1")
 
     def run(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(TRAIN), *args,
-               "--output_path", str(out), *extra]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(TRAIN),
+               *args, "--output_path", str(out), *extra]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return out
