@@ -25,14 +25,14 @@ Parts (``--parts``, default both):
            (``compile_repeated_blocks(fullgraph=True)``), ours (bf16, cuDNN attention: the error reference), ours fp8
            (scaled-fp8 file, ``optimize_transformer(fp8=True)``, as in bench_fp8.py), then with the ``--kernel``
            (default sm90): ours+kernel (bf16 GEMMs), fp8+kernel, fp8+kernel in the middle blocks only (``--skip``
-           first/last blocks keep cuDNN; 0: no such row), fp8+each ``--extra-kernels`` and ours+each
-           ``--bf16-kernels``. Self-attention (attn1) of every block goes through one ``torch.library`` custom op
-           (Diffusers' ``sage`` backend slot is pointed at it), so fullgraph compile traces it as one node; which
-           kernel it runs, and in which blocks, is a Python setting read at run time, so all variants of one model
-           share its compiled blocks (the fp8 quantization inside the op is its own small compiled function,
-           ``--fp8-quant eager`` to skip that). Cross-attention keeps cuDNN. The variants without a sage / FA3 kernel
-           are warmed first, then ``--wait-builds`` (background builds' folders) is waited for: the builds overlap
-           the model set-up and the first compiles.
+           first/last blocks keep cuDNN, or ``--skip-fallback``; 0: no such row), fp8+each ``--extra-kernels``
+           and ours+each ``--bf16-kernels``. Self-attention (attn1) of every block goes through one
+           ``torch.library`` custom op (Diffusers' ``sage`` backend slot is pointed at it), so fullgraph compile
+           traces it as one node; which kernel it runs, and in which blocks, is a Python setting read at run time,
+           so all variants of one model share its compiled blocks (the fp8 quantization inside the op is its own
+           small compiled function, ``--fp8-quant eager`` to skip that). Cross-attention keeps cuDNN. The variants
+           without a sage / FA3 kernel are warmed first, then ``--wait-builds`` (background builds' folders) is
+           waited for: the builds overlap the model set-up and the first compiles.
 
 Every step is guarded: a failure prints one line and is recorded under "errors" in the JSON
 ($OUT/bench_sage2[_TAG].json). Usage (GPU machine, from benchmarks/ after run_gpu_round.sh's install):
@@ -355,6 +355,7 @@ def micro_shape(shape_name: str, kernels: list[str], device: str) -> list[dict]:
         for name in kernels:
             try:
                 errs[name][kind] = rel_err(run_kernel(name, q, k, v, "HND"), ref)
+                print(f"[micro {shape_name}] {name}: rel. error {errs[name][kind]:.2e} ({kind})", flush=True)
             except Exception as exc:  # noqa: BLE001
                 record_error(f"micro {shape_name} {name} ({kind})", exc)
         del ref
@@ -365,6 +366,8 @@ def micro_shape(shape_name: str, kernels: list[str], device: str) -> list[dict]:
                 try:
                     timed[name] = time_ms(functools.partial(run_kernel, name, q, k, v, "HND"))
                     quant_ms[name] = time_quantization(name, q, k, v)
+                    print(f"[micro {shape_name}] {name}: {timed[name]:.2f} ms (quantization {quant_ms[name]} ms)",
+                          flush=True)
                 except Exception as exc:  # noqa: BLE001
                     record_error(f"micro {shape_name} {name} timing", exc)
         del q, k, v
@@ -436,8 +439,8 @@ def probe_diffusers_sage() -> dict:
 
 # ------------------------------------------------------------------------------------------ whole forward
 #: what the self-attention op runs: a kernel name (one of ALL_KERNELS), the blocks that use it (None: all; the others
-#: use cuDNN), and a call counter (reset per forward: the op's n-th call is block n)
-SELF_ATTN = {"kernel": "cudnn", "layers": None, "num_layers": 40, "calls": 0}
+#: use the fallback kernel, cuDNN unless set), and a call counter (reset per forward: the op's n-th call is block n)
+SELF_ATTN = {"kernel": "cudnn", "layers": None, "fallback": "cudnn", "num_layers": 40, "calls": 0}
 
 
 @torch.library.custom_op("bench_sage2::self_attn", mutates_args=())
@@ -445,7 +448,7 @@ def self_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     layer = SELF_ATTN["calls"] % SELF_ATTN["num_layers"]
     SELF_ATTN["calls"] += 1
     layers = SELF_ATTN["layers"]
-    name = SELF_ATTN["kernel"] if layers is None or layer in layers else "cudnn"
+    name = SELF_ATTN["kernel"] if layers is None or layer in layers else SELF_ATTN["fallback"]
     out = run_kernel(name, q.contiguous(), k.contiguous(), v.contiguous(), "NHD")
     return out.contiguous()
 
@@ -479,14 +482,15 @@ def use_self_attn_op(model) -> int:
 
 
 class Variant:
-    """A model and the self-attention setting it runs with (``None``: the model does not use the op)."""
+    """A model and the self-attention setting it runs with (``None``: the model does not use the op; ``layers``: the
+    blocks that run ``kernel``, the others run ``fallback``)."""
 
-    def __init__(self, model, kernel: str | None = None, layers=None):
-        self.model, self.kernel, self.layers = model, kernel, layers
+    def __init__(self, model, kernel: str | None = None, layers=None, fallback: str = "cudnn"):
+        self.model, self.kernel, self.layers, self.fallback = model, kernel, layers, fallback
 
     def __call__(self, kw: dict) -> torch.Tensor:
         if self.kernel is not None:
-            SELF_ATTN.update(kernel=self.kernel, layers=self.layers, calls=0)
+            SELF_ATTN.update(kernel=self.kernel, layers=self.layers, fallback=self.fallback, calls=0)
         with torch.no_grad():
             return self.model(**kw)[0]
 
@@ -570,12 +574,14 @@ def kernel_variants(args, ours, fp8_model, n: int) -> dict:
     if fp8_model is not None:
         later[f"fp8+{kernel}"] = Variant(fp8_model, kernel)
         if args.skip > 0:
-            middle = set(range(args.skip, n - args.skip))
-            later[f"fp8+{kernel} blocks {args.skip}..{n - args.skip - 1}"] = Variant(fp8_model, kernel, middle)
+            middle, fallback = set(range(args.skip, n - args.skip)), args.skip_fallback
+            label = f"fp8+{kernel} blocks {args.skip}..{n - args.skip - 1}" + (
+                f" (others {fallback})" if fallback != "cudnn" else "")
+            later[label] = Variant(fp8_model, kernel, middle, fallback)
         for extra in split(args.extra_kernels):
             later[f"fp8+{extra}"] = Variant(fp8_model, extra)
     for name, variant in list(later.items()):
-        why = unavailable(variant.kernel)
+        why = unavailable(variant.kernel) or unavailable(variant.fallback)
         if why:
             RESULT["not_run"][f"forward {name}"] = why
             print(f"[forward] {name}: not run ({why})", flush=True)
@@ -666,6 +672,8 @@ def main() -> None:
     parser.add_argument("--bf16-kernels", default="", help="forward: more ours (bf16 GEMM) variants (kernels)")
     parser.add_argument("--skip", type=int, default=4,
                         help="forward: first/last blocks that keep cuDNN (subset row; 0: no subset row)")
+    parser.add_argument("--skip-fallback", default="cudnn",
+                        help="forward: the kernel of the first/last blocks in the subset row (default cudnn)")
     parser.add_argument("--iters", type=int, default=2, help="forward: timed rounds")
     parser.add_argument("--fp8-quant", choices=("compile", "eager"), default="compile",
                         help="FA3 fp8: the q / k / v quantization compiled (default) or eager")
@@ -680,7 +688,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke test: tiny micro shape and tiny model (also used when there is no GPU)")
     args = parser.parse_args()
-    for k in [args.kernel] + split(args.extra_kernels) + split(args.bf16_kernels) + split(args.kernels):
+    for k in [args.kernel, args.skip_fallback] + split(args.extra_kernels) + split(args.bf16_kernels) + split(
+            args.kernels):
         if k not in ALL_KERNELS:
             parser.error(f"--kernel / --kernels / --extra-kernels / --bf16-kernels: unknown kernel {k!r} "
                          f"(one of {', '.join(ALL_KERNELS)})")
