@@ -7,11 +7,11 @@ Convert the release once (the distilled DiT with ``--variant wan2.2-animate-2-14
 then run our classic pipeline (``WanAnimate2Pipeline``; ``DiffusionPipeline.from_pretrained`` loads it):
 
     python examples/animate2.py /ckpt/Wan2.2-Animate-2-14B-diffusers refimage.jpg refvideo.mp4 --output out.mp4
-    python examples/animate2.py /ckpt/Wan2.2-Animate-2-14B-Distilled-diffusers refimage.jpg refvideo.mp4 --steps 10 \
-        --guidance-scale 1
+    python examples/animate2.py /ckpt/Wan2.2-Animate-2-14B-Distilled-diffusers refimage.jpg refvideo.mp4
 
-Defaults follow DiffSynth-Studio's examples: 1280x720 (portrait), 81-frame clips at 24 fps, 40 steps at CFG 3 (the
-distilled DiT: 10 steps, CFG 1; its folder sets ``log_scale = -1.3``).  The whole driving video is generated, clip
+Defaults follow DiffSynth-Studio's examples: 1280x720 (portrait), 81-frame clips at 24 fps; steps, CFG and
+``log_scale`` come from the converted folder's ``model_index.json`` (40 steps at CFG 3; the distilled DiT: 10 steps,
+CFG 1, ``log_scale = -1.3``).  The whole driving video is generated, clip
 after clip (``--single-clip``: its first ``--clip-frames`` frames only).  ``--vram 24gb`` plans offloading (the
 reference K/V cache then stays in CPU memory).
 
@@ -70,8 +70,8 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--clip-frames", type=int, default=81, help="frames per clip (4n + 1)")
     parser.add_argument("--single-clip", action="store_true", help="only the first clip of the driving video")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=None, help="default: the folder's (40; 10 distilled)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the folder's (3; 1 distilled)")
     parser.add_argument("--log-scale", type=float, default=None, help="default: the folder's (-1.3 distilled)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--vram", default=None, help="e.g. 24gb: plan offloading for this much GPU memory")

@@ -220,7 +220,8 @@ def _write_model_index(folder: Path, var: WanVariant, transformer: torch.nn.Modu
     if type(transformer) is not WanAnimate2Transformer3DModel:  # our subclass (a CLIP width other than 1280)
         entries["transformer"] = (PACKAGE, type(transformer).__name__)
     index = {"_class_name": [PACKAGE, WanAnimate2Pipeline.__name__], "_diffusers_version": diffusers_version,
-             **{k: list(v) for k, v in entries.items()}, "log_scale": LOG_SCALES[var.name]}
+             **{k: list(v) for k, v in entries.items()}, "log_scale": LOG_SCALES[var.name],
+             "num_inference_steps": var.num_inference_steps, "guidance_scale": var.guidance_scale}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     write_shim(folder)
 

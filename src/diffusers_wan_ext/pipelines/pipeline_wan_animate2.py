@@ -148,6 +148,8 @@ class WanAnimate2Pipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOpti
             :class:`~diffusers_wan_ext.models.WanAnimate2ExtTransformer3DModel` (a stock one is wrapped).
         log_scale (`float`, defaults to 0): the default of the call's ``log_scale`` (``model_index.json`` of a
             converted distilled folder: -1.3).
+        num_inference_steps (`int`, defaults to 40), guidance_scale (`float`, defaults to 3.0): the defaults of the
+            call's sampling (``model_index.json`` of a converted distilled folder: 10 steps, guidance 1).
 
     Example:
         >>> import torch
@@ -176,13 +178,16 @@ class WanAnimate2Pipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOpti
         image_encoder: CLIPVisionModel,
         transformer: WanAnimate2Transformer3DModel,
         log_scale: float = 0.0,
+        num_inference_steps: int = 40,
+        guidance_scale: float = 3.0,
     ) -> None:
         super().__init__()
         if transformer is not None:
             transformer = WanAnimate2ExtTransformer3DModel.from_stock(transformer)
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                               image_encoder=image_encoder, transformer=transformer)
-        self.register_to_config(log_scale=float(log_scale))
+        self.register_to_config(log_scale=float(log_scale), num_inference_steps=int(num_inference_steps),
+                                guidance_scale=float(guidance_scale))
         self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
@@ -367,8 +372,8 @@ class WanAnimate2Pipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOpti
         height: int = 1280,
         width: int = 720,
         num_frames: int = 81,
-        num_inference_steps: int = 40,
-        guidance_scale: float = 3.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         log_scale: float | None = None,
         long_video: bool = False,
         prev_clip_frames: int = 1,
@@ -396,7 +401,8 @@ class WanAnimate2Pipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOpti
                 background is still", in Chinese).
             height, width: the video size (release: 1280 x 720, portrait).
             num_frames: frames per clip (``4n + 1``; release: 81).
-            num_inference_steps, guidance_scale: 40 and 3.0 for the release, 10 and 1.0 for the distilled DiT.
+            num_inference_steps, guidance_scale: default: the pipeline's config (``model_index.json``): 40 and
+                3.0 for the release, 10 and 1.0 for a converted distilled folder.
             log_scale: added to the attention scores of generation latent frame 1 (default: the pipeline's
                 ``log_scale`` config, -1.3 in a converted distilled folder, else 0).
             long_video: generate the whole driving video in clips (see the module docstring).
@@ -419,6 +425,8 @@ class WanAnimate2Pipeline(ShimPipelineMixin, WanLoraInteropMixin, WanRuntimeOpti
         """
         max_sequence_length = max_sequence_length or self.transformer.config.text_len
         log_scale = self.config.log_scale if log_scale is None else float(log_scale)
+        num_inference_steps = self.config.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
         offload_kv = getattr(self, "_wan_vram_plan", None) is not None if offload_kv is None else offload_kv
         self.check_inputs(image, driving_video, prompt, negative_prompt, prompt_ref, height, width, num_frames,
                           prev_clip_frames, long_video, refert_images, max_sequence_length)
