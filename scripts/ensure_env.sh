@@ -6,7 +6,8 @@
 # and if what pip would install is a CUDA build, this stops and asks you to install torch first
 # (https://pytorch.org/get-started/locally/ gives the command for your platform, CPU or CUDA).
 # TORCH_INDEX_URL=<url>: resolve torch with that package index instead (e.g. PyTorch's CPU index); still CPU only.
-# DWE_EXTRAS (default test): the extras of the editable install; DWE_REINSTALL=1 reinstalls the package.
+# DWE_EXTRAS (default test: pytest, gguf, triton, bitsandbytes, torchao -- none asks for another torch): the extras
+# of the editable install; DWE_REINSTALL=1 reinstalls the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
