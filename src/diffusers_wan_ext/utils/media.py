@@ -299,7 +299,8 @@ def _read_wav_stdlib(path: str) -> tuple[np.ndarray, int] | None:
 
 
 def _decode_audio_with_ffmpeg(path: str, rate: int, name: str) -> np.ndarray:
-    """Any audio (or video with sound) file -> mono float32 at ``rate`` via the ffmpeg of imageio-ffmpeg."""
+    """Any audio (or video with sound) file -> mono float32 at ``rate`` via the ffmpeg of imageio-ffmpeg, as
+    ``librosa.load(path, sr=rate)`` (the references' loader): channels averaged, SoX resampler at 20 bits."""
     try:
         import imageio_ffmpeg
     except ImportError:
@@ -307,13 +308,39 @@ def _decode_audio_with_ffmpeg(path: str, rate: int, name: str) -> np.ndarray:
             f"{name}: reading {path} needs ffmpeg (pip install imageio-ffmpeg), or pass a 16-bit PCM .wav at {rate} "
             "Hz or a numpy array of samples"
         ) from None
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", path, "-vn", "-f", "f32le",
-           "-acodec", "pcm_f32le", "-ac", "1", "-ar", str(rate), "-"]
-    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
+    # every channel, resampled by SoX's resampler at 20 bits (librosa.load's default soxr_hq; ffmpeg's own swr where
+    # this ffmpeg lacks libsoxr), as a float WAV whose header gives the channel count; the channels are averaged
+    # here, as librosa.load(mono=True) does (ffmpeg's -ac 1 downmix has another gain)
+    proc = None
+    for resampler in (f"aresample={rate}:resampler=soxr:precision=20", f"aresample={rate}"):
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", path, "-vn", "-map_metadata", "-1",
+               "-af", resampler, "-f", "wav", "-acodec", "pcm_f32le", "-"]
+        proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
+        if proc.returncode == 0:
+            break
     if proc.returncode != 0:
         detail = ffmpeg_reason(proc.stderr.decode(errors="replace"), "audio") if proc.stderr.strip() else "no output"
         raise ValueError(f"{name}: cannot decode audio from {path} (ffmpeg: {detail})")
-    return np.frombuffer(proc.stdout, "<f4").astype(np.float32)
+    channels, data = _float_wav_stream(proc.stdout)
+    if channels is None:
+        raise ValueError(f"{name}: cannot decode audio from {path} (ffmpeg wrote no WAV stream)")
+    x = np.frombuffer(data[: len(data) // (4 * channels) * 4 * channels], "<f4").astype(np.float32)
+    return x.reshape(-1, channels).mean(axis=1) if channels > 1 else x
+
+
+def _float_wav_stream(raw: bytes) -> tuple[int | None, bytes]:
+    """(channel count, sample bytes) of a streamed RIFF WAV (chunk sizes may be unset); ``(None, b"")`` if not one."""
+    if raw[:4] != b"RIFF" or raw[8:12] != b"WAVE":
+        return None, b""
+    pos, channels = 12, None
+    while pos + 8 <= len(raw):
+        chunk, size = raw[pos:pos + 4], struct.unpack("<I", raw[pos + 4:pos + 8])[0]
+        if chunk == b"fmt ":
+            channels = struct.unpack("<H", raw[pos + 10:pos + 12])[0]
+        elif chunk == b"data":
+            return (channels or None), raw[pos + 8:]
+        pos += 8 + size + (size & 1)
+    return None, b""
 
 
 def read_audio_file(path: str | os.PathLike, rate: int, name: str = "audio") -> np.ndarray:
