@@ -88,3 +88,27 @@ def test_stock_modular_pipeline_still_loads_the_distilled_folder(folders):
     pipe = WanAnimate2DistilledBlocks().init_pipeline(str(folders["wan2.2-animate-2-14b-distilled"]))
     pipe.load_components(torch_dtype=torch.float32)
     assert pipe.transformer is not None and pipe.image_encoder is not None
+
+
+def test_reference_cache_is_filled_once_per_clip(folders):
+    """A 7-frame driving video in 5-frame clips = 2 clips; 3 steps each: one ``extract`` pass per clip, then one
+    ``cached`` pass per step and guidance branch (CFG 2: two) against that clip's cache."""
+    pipe = DiffusionPipeline.from_pretrained(str(folders["wan2.2-animate-2-14b"]))
+    modes, caches = [], []
+    forward = pipe.transformer.forward
+
+    def spy(*args, **kwargs):
+        mode = kwargs.get("kv_cache_mode", args[5] if len(args) > 5 else None)
+        cache = kwargs.get("kv_cache", args[4] if len(args) > 4 else None)
+        modes.append(mode)
+        caches.append(id(cache))
+        return forward(*args, **kwargs)
+
+    pipe.transformer.forward = spy
+    frames = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)) for i in range(7)]
+    out = pipe(image=frames[0], driving_video=frames, prompt="a person dancing", height=32, width=32, num_frames=5,
+               num_inference_steps=3, guidance_scale=2.0, long_video=True, max_sequence_length=16).frames
+    assert out.shape[1] == 7
+    per_clip = ["extract"] + ["cached"] * 6
+    assert modes == per_clip * 2, modes
+    assert len(set(caches[:7])) == 1 and caches[0] is not None  # every step of clip 0 reads clip 0's cache
