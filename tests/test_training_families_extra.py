@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from diffusers_wan_ext.demo import make_tiny_dataset, make_tiny_longcat_release, write_video
 from diffusers_wan_ext.lora import EXPORT_FILE_NAMES, convert_lora_state_dict
@@ -226,7 +226,7 @@ def test_family_trains_lora_and_full(family, models, data, tmp_path):
         assert int(entry["clean_frames"]) == 1 and int(entry["kwargs.num_cond_latents"]) == 1
     cached = ["--task", "sft:train", "--dataset_base_path", cache, "--model_path", model, *COMMON, "--extra_inputs",
               extra]
-    exports = [] if family == "longcat" else ["--export_format", "original,kohya,diffsynth"]  # the Wan DiT layouts
+    exports = ["--export_format", "longcat" if family == "longcat" else "original,kohya,diffsynth"]  # its layouts
     steps = 16 if family == "longcat" else 10  # (its loss covers one latent frame: the other is the condition)
     out = train(*cached, "--lora_base_model", "dit", "--lora_target_modules", targets, "--learning_rate", "1e-2",
                 "--dataset_repeat", steps, *exports, "--output_path", tmp_path / "lora")
@@ -234,7 +234,7 @@ def test_family_trains_lora_and_full(family, models, data, tmp_path):
     trained = load_file(str(out / "pytorch_lora_weights.safetensors"))
     keys = trained.keys()
     assert keys and all(k.startswith("transformer.") for k in keys)
-    for fmt, file in EXPORT_FILE_NAMES.items() if exports else ():  # each layout holds the same deltas
+    for fmt, file in EXPORT_FILE_NAMES.items() if family != "longcat" else ():  # each layout: the same deltas
         back = convert_lora_state_dict(load_file(str(out / file)), "diffusers")
         assert back.keys() == keys, fmt
         for a in (k for k in keys if ".lora_A." in k):
@@ -251,18 +251,23 @@ def test_family_trains_lora_and_full(family, models, data, tmp_path):
     pipe.load_lora_weights(str(out))
     with_lora = _render(family, pipe, data)
     assert float(np.abs(with_lora - plain).max()) > 1e-4
-    if family == "longcat":  # its own LoRA layout out: the original format loads and renders the same
+    if family == "longcat":  # its own LoRA layout out (--export_format longcat): it loads and renders the same
+        from diffusers_wan_ext.conversion.longcat import LORA_PREFIX
         from diffusers_wan_ext.families.longcat import export_longcat_lora
 
-        original = export_longcat_lora(load_file(str(out / "pytorch_lora_weights.safetensors")))
-        save_file(original, str(tmp_path / "longcat_lora.safetensors"))
+        original = load_file(str(out / "lora_longcat.safetensors"))
+        assert original and all(k.startswith(LORA_PREFIX) for k in original), sorted(original)[:4]
+        assert {k.split(".", 1)[1] for k in original} >= {"lora_down.weight", "lora_up.weight", "alpha_scale",
+                                                          "lora_up.blocks.2.weight"}  # attn.qkv: 3 parts
+        want = export_longcat_lora(trained)
+        assert original.keys() == want.keys() and all(torch.equal(original[k], want[k]) for k in want)
         fresh = DiffusionPipeline.from_pretrained(str(model), dtype=torch.float32)
         fresh.set_progress_bar_config(disable=True)
-        fresh.load_lora_weights(str(tmp_path), weight_name="longcat_lora.safetensors")
+        fresh.load_lora_weights(str(out), weight_name="lora_longcat.safetensors")
         np.testing.assert_allclose(_render(family, fresh, data), with_lora, atol=1e-5)
         # ... and in: training continues from the original-format file (--lora_checkpoint)
         again = train(*cached, "--lora_base_model", "dit", "--lora_target_modules", targets, "--lora_checkpoint",
-                      tmp_path / "longcat_lora.safetensors", "--learning_rate", "1e-12", "--max_train_steps", "1",
+                      out / "lora_longcat.safetensors", "--learning_rate", "1e-12", "--max_train_steps", "1",
                       "--output_path", tmp_path / "again")
         first, second = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (out, again))
         assert first.keys() == second.keys()

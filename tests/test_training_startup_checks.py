@@ -61,6 +61,31 @@ def test_longcat_export_format_is_refused_at_start_up(where, release, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["converted", "release", "transformer_path"])
+def test_longcat_own_export_format_passes_the_check(where, release, tmp_path, capsys):
+    """``--export_format longcat`` (its own layout, ``lora_longcat.safetensors``) is LongCat-Video's: accepted."""
+    model = {"converted": ["--model_path", str(_index(tmp_path / "lc", "LongCatVideoPipeline"))],
+             "release": ["--model_path", str(release)],
+             "transformer_path": ["--model_path", str(_index(tmp_path / "wan", "WanPipeline")),
+                                  "--transformer_path", str(release / "dit")]}[where]
+    err = _run(capsys, model, tmp_path, "longcat")
+    assert "--export_format" not in err and "none.csv" in err, err
+
+
+@pytest.mark.parametrize("pipeline_name", ["WanPipeline", "WanAnimate2Pipeline", "WanSpeechToVideoPipeline",
+                                           "MovaPipeline"])
+def test_longcat_export_format_is_refused_for_other_families(pipeline_name, tmp_path, capsys):
+    """Another family's model (a Wan one included) refuses LongCat's layout in one line, before any weights load."""
+    err = _run(capsys, ["--model_path", str(_index(tmp_path / "m", pipeline_name))], tmp_path, "kohya,longcat")
+    assert err.count("\n") == 1 and "--export_format longcat" in err and "LongCat-Video" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_export_format_names_the_family_layouts(tmp_path, capsys):
+    err = _run(capsys, ["--model_path", str(_index(tmp_path / "m", "WanPipeline"))], tmp_path, "comfy")
+    assert err.count("\n") == 1 and "unknown ['comfy']" in err and "diffsynth, longcat" in err, err
+
+
 def test_export_format_of_a_wan_folder_passes_the_check(tmp_path, capsys):
     """A Wan model keeps every layout: the run gets past the check (and stops at the missing metadata file)."""
     folder = _index(tmp_path / "wan", "WanPipeline")

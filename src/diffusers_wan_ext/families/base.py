@@ -317,8 +317,11 @@ class ModelFamily:
     #: training: clips are resampled to this frame rate when read (DiffSynth-Studio's ``fix_frame_rate``; ``None``:
     #: their frames are read as they are)
     training_frame_rate: ClassVar[float | None] = None
-    #: training: the ``--export_format`` layouts its trained LoRAs can be written in (``None``: every layout)
+    #: training: the ``--export_format`` layouts its trained LoRAs can be written in (``None``: every Wan layout)
     lora_export_formats: ClassVar[tuple[str, ...] | None] = None
+    #: training: its own LoRA layouts among :attr:`lora_export_formats` -> the file each is written to (next to the
+    #: Diffusers LoRA, by :meth:`export_own_lora`); no other family's model takes them
+    own_lora_formats: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------------------------------- releases
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
@@ -391,6 +394,11 @@ class ModelFamily:
     def training_conditioning(self, config: Any, expand_timesteps: bool) -> Conditioning | None:
         """The conditioning of a transformer with this ``config`` if it belongs to this family, else ``None``."""
         return None
+
+    def export_own_lora(self, fmt: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A Diffusers LoRA of this family's transformer (``transformer.*``, scale folded in) in its own layout
+        ``fmt`` (one of :attr:`own_lora_formats`)."""
+        raise ValueError(f"{fmt}: not a LoRA layout of the {self.name} family")
 
     def lora_target_modules(self, names: list[str]) -> list[str] | None:
         """Training's ``--lora_target_modules`` (DiffSynth-Studio / original names) as PEFT targets on this family's

@@ -418,8 +418,14 @@ class LongCatFamily(ModelFamily):
     #: DiffSynth-Studio's LongCat-Video column: the conditioning frames of continuation (4n+1, the clip's first)
     dataset_inputs = {"longcat_video": ExtraInput("video_prefix")}
     #: its LoRAs name LongCat modules (``attn.qkv``, ``ffn.w1`` ...): the Wan DiT layouts of ``--export_format`` do
-    #: not hold them (:func:`export_longcat_lora` writes the original LongCat layout)
-    lora_export_formats = ()
+    #: not hold them; ``longcat`` is the original LongCat layout (:func:`export_longcat_lora`)
+    lora_export_formats = ("longcat",)
+    own_lora_formats = {"longcat": "lora_longcat.safetensors"}
+
+    def export_own_lora(self, fmt: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if fmt != "longcat":
+            return super().export_own_lora(fmt, state_dict)
+        return export_longcat_lora(state_dict)
 
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
         return (variant or "").lower() == VARIANT.name or find_longcat_dit(src, transformer) is not None

@@ -281,7 +281,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "default: the trained one")
     g.add_argument("--export_format", "--export-format", dest="export_format", default=None,
                    help="also write the final LoRA in these formats: original (ComfyUI, diffusion_model.), kohya, "
-                        "diffsynth (comma-separated; diffusers is always written)")
+                        "diffsynth; longcat (LongCat-Video models: the original LongCat layout) (comma-separated; "
+                        "diffusers is always written)")
 
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--output_path", default="./models")
@@ -392,6 +393,12 @@ def _check_family_exports(args: argparse.Namespace, fail) -> None:
                  f"{scope.name}) is written in the {layouts} layout only (its blocks have no name in the other "
                  f"layouts); leave --export_format out")
     family = model_family(args.model_path, args.transformer_path)
+    owners = {fmt: f for f in FAMILIES for fmt in f.own_lora_formats}
+    foreign = [f for f in args.export_format if f in owners and (family is None or f not in family.own_lora_formats)]
+    if foreign:
+        title = "a Wan model" if family is None else family.title.split(" (")[0]
+        fail(f"--export_format {','.join(foreign)}: the layout of {owners[foreign[0]].title.split(' (')[0]} LoRAs "
+             f"only (this is {title}, whose LoRAs name other modules); leave it out")
     allowed = None if family is None else family.lora_export_formats
     refused = [f for f in args.export_format if allowed is not None and f not in allowed]
     if refused:
@@ -535,9 +542,10 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     args.export_format = [s.strip() for s in (args.export_format or "").split(",") if s.strip() and
                           s.strip() != "diffusers"]
     if args.export_format:
-        bad = [f for f in args.export_format if f not in LORA_FORMATS]
+        known = (*LORA_FORMATS, *sorted({fmt for f in FAMILIES for fmt in f.own_lora_formats}))
+        bad = [f for f in args.export_format if f not in known]
         if bad:
-            fail(f"--export_format: unknown {bad}; choose from {', '.join(LORA_FORMATS)}")
+            fail(f"--export_format: unknown {bad}; choose from {', '.join(known)}")
         if args.lora_base_model is None:
             fail("--export_format applies to LoRA training (--lora_base_model)")
         if not args.lora_base_model.startswith("transformer"):

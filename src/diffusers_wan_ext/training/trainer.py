@@ -24,7 +24,8 @@ Outputs (``--output_path``):
   are ``transformer_2.`` (our pipelines load it into ``transformer_2``) and
   ``pytorch_lora_weights_transformer_2.safetensors`` holds the same under ``transformer.`` for stock
   ``load_lora_weights(output_path, weight_name=..., load_into_transformer_2=True)``; ``--export_format`` adds the
-  original/ComfyUI, kohya and DiffSynth layouts (:func:`diffusers_wan_ext.lora.export_lora` names).
+  original/ComfyUI, kohya and DiffSynth layouts (:func:`diffusers_wan_ext.lora.export_lora` names), or the trained
+  family's own layout (``longcat``: ``lora_longcat.safetensors``, ``ModelFamily.own_lora_formats``).
 * full fine-tuning: a Diffusers model folder ``transformer/`` (or ``transformer_2/``) in ``--save_dtype``.
 * ``checkpoint-N/``: resumable training state, JSON and safetensors only (:mod:`.checkpoints`; its
   ``pytorch_lora_weights.safetensors`` loads like the final one).  It is written into a temporary folder and renamed
@@ -49,7 +50,7 @@ import torch
 from ..conversion.dit import cast_state_dict
 from ..conversion.quantized_dit import load_quantized_dit
 from ..hooks.vram import fp8_skip_patterns
-from ..lora import convert_lora_state_dict, export_lora, load_lora_file
+from ..lora import convert_lora_state_dict, export_lora, load_lora_file, save_lora_file
 from ..utils.atomic import atomic_output_dir
 from ..utils.io import ConversionError, naming
 
@@ -462,7 +463,14 @@ class WanTrainer:
         if not sd:
             return
         meta = {f"{comp}.{k}": v for k, v in lora_metadata(getattr(self._unwrapped(), name)).items()}
-        written = export_lora(sd, folder, formats=("diffusers", *exports), adapter_config=meta)
+        family = (family_of_pipeline(self.components.pipeline_class)
+                  or model_family(self.args.model_path, self.args.transformer_path))  # as --export_format was checked
+        own = family.own_lora_formats if family is not None else {}
+        written = export_lora(sd, folder, formats=("diffusers", *(f for f in exports if f not in own)),
+                              adapter_config=meta)
+        for fmt in (f for f in exports if f in own):  # from the Diffusers file: the same folded factors
+            tensors = family.export_own_lora(fmt, load_lora_file(written["diffusers"]))
+            written[fmt] = save_lora_file(tensors, folder / own[fmt])
         for path in written.values():  # written through temporary files: the umask's mode, not 0600
             apply_umask(path)
 
