@@ -87,7 +87,7 @@ def main(argv=None):
         parser.error("give the reference image and the driving video after the model folder")
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype)
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
     if args.vram:
         pipe.enable_vram_management(args.vram, height=args.height, width=args.width, num_frames=args.clip_frames)

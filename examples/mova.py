@@ -86,7 +86,7 @@ def main(argv=None):
         parser.error("give the first frame (an image file) after the model folder")
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    pipe = MovaPipeline.from_pretrained(args.model, torch_dtype=dtype)
+    pipe = MovaPipeline.from_pretrained(args.model, dtype=dtype)
     pipe.vae.to(torch.float32)
     pipe.audio_vae.to(torch.float32)
     if torch.cuda.is_available() and not tiny:

@@ -117,7 +117,7 @@ def main(argv=None):
         parser.error("give the reference image and the music file after the model folder")
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    pipe = WanDancerPipeline.from_pretrained(args.model, torch_dtype=dtype)
+    pipe = WanDancerPipeline.from_pretrained(args.model, dtype=dtype)
     if torch.cuda.is_available() and not tiny:
         pipe.enable_model_cpu_offload()
     video = pipe(
