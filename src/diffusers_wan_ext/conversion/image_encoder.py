@@ -141,7 +141,7 @@ def clip_vision_config_from_state_dict(
         if num_heads is None:
             raise ConversionError(
                 f"{what}: the head count of a {hidden}-wide, {len(layers)}-block vision tower is not known; "
-                "pass num_heads (known release sizes: "
+                "pass num_heads (diffusers-wan convert: --image-encoder-heads N; known release sizes: "
                 + ", ".join(f"{w}x{d}: {h} heads" for (w, d), h in KNOWN_VISION_TOWERS.items())
                 + ")"
             )
