@@ -10,8 +10,8 @@ import sys
 from .manifest import add_generate_inputs, add_manifest_arguments, read_manifest
 
 __all__ = [
-    "CommandLineParser", "DESCRIPTION", "DTYPE_CHOICES", "LORA_FORMATS", "build_parser", "finite_positive_float", "lora_spec",
-    "non_negative_int", "positive_int", "sliding_window_spec",
+    "CommandLineParser", "DESCRIPTION", "DTYPE_CHOICES", "FAMILY_LORA_FORMATS", "LORA_FORMATS", "build_parser",
+    "finite_positive_float", "lora_spec", "non_negative_int", "positive_int", "sliding_window_spec",
 ]
 
 DESCRIPTION = """\
@@ -32,6 +32,9 @@ Examples::
 DTYPE_CHOICES = ["bf16", "fp16", "fp32"]
 #: the LoRA layouts of :mod:`diffusers_wan_ext.lora.formats` (``LORA_FORMATS``; a test keeps the two equal)
 LORA_FORMATS = ("diffusers", "original", "kohya", "diffsynth")
+#: the layouts of one family's LoRAs (``ModelFamily.own_lora_formats``, LongCat-Video's; a test keeps them equal):
+#: ``lora convert`` only
+FAMILY_LORA_FORMATS = ("longcat",)
 #: the ``export-dit --format`` values of :data:`diffusers_wan_ext.utils.single_file.EXPORT_FORMATS` (a test keeps them
 #: equal)
 EXPORT_FORMATS = ("original", "comfy-fp8-scaled", "comfy-fp8", "comfy-fp8-e5m2", "gguf-q8_0", "gguf-q5_1",
@@ -237,8 +240,10 @@ def add_lora(sub, components: list[str]) -> None:
     c.add_argument("src", help="LoRA file (.safetensors / .pt / .bin) or a folder with "
                                "pytorch_lora_weights.safetensors")
     c.add_argument("dst", help="output file (.safetensors), written atomically")
-    c.add_argument("--to", required=True, choices=LORA_FORMATS)
-    c.add_argument("--from", dest="from_format", choices=LORA_FORMATS, help="source format (detected when omitted)")
+    c.add_argument("--to", required=True, choices=LORA_FORMATS + FAMILY_LORA_FORMATS,
+                   help="longcat: LongCat-Video's original layout (of a LongCat-Video transformer's LoRA)")
+    c.add_argument("--from", dest="from_format", choices=LORA_FORMATS + FAMILY_LORA_FORMATS,
+                   help="source format (detected when omitted)")
     c.add_argument("--component", default="transformer", choices=components,
                    help="the pipeline component a single-model file (original/kohya/diffsynth) stands for; "
                         "transformer_2 = Wan2.2 A14B low-noise expert")

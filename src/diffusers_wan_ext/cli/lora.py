@@ -1,5 +1,6 @@
 """``diffusers-wan lora convert | info | export``: LoRAs between the Diffusers, original/ComfyUI, Kohya and DiffSynth
-layouts."""
+layouts; ``lora convert`` also to and from a family's own layout (``ModelFamily.own_lora_formats``: LongCat-Video's
+``longcat``)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
+from ..conversion.longcat import convert_longcat_lora_state_dict, is_longcat_lora_state_dict
 from ..conversion.release_io import DTYPES
+from ..families import FAMILIES
 from ..lora import convert_lora_state_dict, export_lora, load_lora_file, lora_info, save_lora_file
 from ..utils.atomic import claim_destination
 from ..utils.io import naming
 
-__all__ = ["cmd_lora"]
+__all__ = ["cmd_lora", "convert_lora_file"]
 
 
 def print_lora_info(file: str, source: str | None, as_json: bool) -> None:
@@ -27,6 +32,20 @@ def print_lora_info(file: str, source: str | None, as_json: bool) -> None:
         print(f"{comp}: {c['modules']} modules, rank {', '.join(map(str, c['ranks'])) or '-'}, alpha {alphas}, "
               f"{c['bias']} bias deltas, {c['diff']} full-weight diffs, dtype {', '.join(c['dtypes'])}")
         print("  targets: " + ", ".join(c["targets"]))
+
+
+def convert_lora_file(sd: dict[str, torch.Tensor], to: str, source: str | None,
+                      component: str) -> dict[str, torch.Tensor]:
+    """``lora convert``'s tensors: ``sd`` (in ``source``, detected when ``None``) in layout ``to``; a family's own
+    layout (LongCat-Video's ``longcat``) is read and written through the Diffusers layout of its transformer."""
+    if source == "longcat" or (source is None and is_longcat_lora_state_dict(sd)):
+        sd, source = convert_longcat_lora_state_dict(sd), "diffusers"
+    owner = next((f for f in FAMILIES if to in f.own_lora_formats), None)
+    if owner is None:
+        return convert_lora_state_dict(sd, to, source=source, transformer_name=component)
+    if component != "transformer":
+        raise ValueError(f"lora convert --to {to}: --component {component}; the layout holds the transformer only")
+    return owner.export_own_lora(to, convert_lora_state_dict(sd, "diffusers", source=source))
 
 
 def cmd_lora(args: argparse.Namespace) -> int:
@@ -46,7 +65,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
     with claim_destination(dst, overwrite=args.overwrite):  # before reading: an existing DST fails at once
         with naming(args.src):
             sd = load_lora_file(args.src)
-            out = convert_lora_state_dict(sd, args.to, source=args.from_format, transformer_name=args.component)
+            out = convert_lora_file(sd, args.to, args.from_format, args.component)
         if args.dtype:
             dt = DTYPES[args.dtype]
             out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}

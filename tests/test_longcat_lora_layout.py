@@ -1,0 +1,77 @@
+"""LongCat-Video's own LoRA layout (``longcat``: the original ``lora_down`` / ``lora_up.blocks.N`` keys) through
+``diffusers-wan lora convert``: a Diffusers LoRA of a LongCat transformer converts to it (what
+:func:`~diffusers_wan_ext.families.longcat.export_longcat_lora` writes, read back by the pipeline's own loader to the
+same tensors) and back (detected); a LoRA of another model is refused in one line.  The trainer's
+``--export_format longcat`` is tested in test_training_families_extra.py and test_training_startup_checks.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+from diffusers_wan_ext.conversion.longcat import LORA_PREFIX
+from diffusers_wan_ext.families import FAMILIES
+from diffusers_wan_ext.families.longcat import export_longcat_lora
+from diffusers_wan_ext.lora.convert import peft_lora_state_dict
+from diffusers_wan_ext.pipelines import LongCatVideoPipeline
+from diffusers_wan_ext_cli import main
+from diffusers_wan_ext_cli.parser import FAMILY_LORA_FORMATS
+from model_cases import model_cases
+
+#: a fused qkv (3 parts), a partly trained kv_linear (k only: v gets zero factors) and single projections
+TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "ffn.w1",
+           "ffn.w3", "norm1.linear"]
+
+
+@pytest.fixture(scope="module")
+def lora() -> dict[str, torch.Tensor]:
+    case = next(c for c in model_cases() if c.name == "longcat")
+    transformer = case.model_class(**case.init_kwargs)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
+    g = torch.Generator().manual_seed(0)
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=g)
+    return peft_lora_state_dict(transformer)
+
+
+def test_family_layouts_match_the_launcher():
+    assert tuple(FAMILY_LORA_FORMATS) == tuple(sorted({fmt for f in FAMILIES for fmt in f.own_lora_formats}))
+
+
+def test_lora_convert_to_longcat_and_back(lora, tmp_path, capsys):
+    assert lora and all(k.startswith("transformer.blocks.") for k in lora)
+    src = tmp_path / "diffusers.safetensors"
+    save_file(lora, str(src))
+    assert main(["lora", "convert", str(src), str(tmp_path / "lc.safetensors"), "--to", "longcat"]) == 0
+    written = load_file(str(tmp_path / "lc.safetensors"))
+    want = export_longcat_lora(lora)
+    assert written.keys() == want.keys() and all(torch.equal(written[k], want[k]) for k in want)
+    assert all(k.startswith(LORA_PREFIX) for k in written)
+    assert any(k.endswith(".lora_up.blocks.2.weight") for k in written)  # attn.qkv
+    back = LongCatVideoPipeline.lora_state_dict(str(tmp_path / "lc.safetensors"))  # what load_lora_weights reads
+    assert set(lora) <= set(back)
+    for k, v in lora.items():
+        torch.testing.assert_close(back[k], v, msg=k)
+    extra = set(back) - set(lora)  # the untrained v part of kv_linear: zero factors
+    assert extra and all(".attn2.to_v." in k for k in extra) and all(not back[k].any() for k in extra
+                                                                      if ".lora_B." in k)
+    # ... and back: the layout is detected (and named with --from)
+    for given in ([], ["--from", "longcat"]):
+        out = tmp_path / f"back{len(given)}.safetensors"
+        assert main(["lora", "convert", str(tmp_path / "lc.safetensors"), str(out), "--to", "diffusers", *given]) == 0
+        again = load_file(str(out))
+        for k, v in lora.items():
+            torch.testing.assert_close(again[k], v, msg=k)
+
+
+def test_lora_convert_to_longcat_refuses_another_models_lora(tmp_path, capsys):
+    src = tmp_path / "wan.safetensors"
+    save_file({"transformer.blocks.0.attn1.to_qq.lora_A.weight": torch.ones(4, 8),
+               "transformer.blocks.0.attn1.to_qq.lora_B.weight": torch.ones(8, 4)}, str(src))
+    assert main(["lora", "convert", str(src), str(tmp_path / "lc.safetensors"), "--to", "longcat"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "blocks.0.attn1.to_qq" in err, err
+    assert not (tmp_path / "lc.safetensors").exists()
