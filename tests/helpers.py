@@ -199,3 +199,24 @@ def write_pcm16_wav(path: Path, pcm: np.ndarray, rate: int) -> Path:
         w.setframerate(rate)
         w.writeframes(np.asarray(pcm, dtype="<i2").tobytes())
     return path
+
+
+def fixed_draws_loss(transformer, cache: Path) -> float:
+    """Mean training loss of ``transformer`` (a trained LoRA already loaded, or not) over fixed (entry, timestep,
+    noise) draws of the trainer's cached clips in ``cache``: the per-family "LoRA lowers the loss" measure."""
+    from diffusers_wan_ext.training import FlowMatchTrainingSchedule
+    from diffusers_wan_ext.training.inputs import ModelInputs
+    from diffusers_wan_ext.training.modules import WanTrainingModule, training_loss
+    from diffusers_wan_ext.training.trainer import CachedDataset
+
+    module = WanTrainingModule(transformer).eval()
+    schedule = FlowMatchTrainingSchedule(min_boundary=0.2, max_boundary=0.8)
+    ds = CachedDataset(cache)
+    total = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            inputs = ModelInputs.from_tensors(ds[i]["cached"])
+            for seed in range(4):
+                loss, smp = training_loss(module, inputs, schedule, torch.Generator().manual_seed(seed), torch.float32)
+                total.append(float(loss) / smp.weight)
+    return float(np.mean(total))

@@ -21,7 +21,7 @@ from diffusers_wan_ext.models import WanAnimate2ExtTransformer3DModel
 from diffusers_wan_ext.training import parse_args, run_training
 from diffusers_wan_ext.training.modules import add_lora
 from diffusers_wan_ext.training.targets import lora_target_modules, trainable_module_parameters
-from helpers import ROOT
+from helpers import ROOT, fixed_draws_loss
 from test_training_entry import script_arguments
 
 TINY_CFG = dict(text_len=16, dim=48, ffn_dim=96, freq_dim=32, text_dim=32, num_heads=2, num_layers=2, clip_dim=40)
@@ -167,10 +167,7 @@ def _a2_eval_loss(a2_folder: Path, cache: Path, lora: Path | None) -> float:
     """Mean training loss over fixed (entry, timestep, noise) draws of the cached clips, the base DiT (+ the LoRA)."""
     from diffusers import AutoModel
 
-    from diffusers_wan_ext.training import FlowMatchTrainingSchedule
-    from diffusers_wan_ext.training.inputs import ModelInputs
-    from diffusers_wan_ext.training.modules import WanTrainingModule, load_lora_into, training_loss
-    from diffusers_wan_ext.training.trainer import CachedDataset
+    from diffusers_wan_ext.training.modules import load_lora_into
 
     transformer = AutoModel.from_pretrained(str(a2_folder), subfolder="transformer").float()
     if lora is not None:
@@ -178,18 +175,7 @@ def _a2_eval_loss(a2_folder: Path, cache: Path, lora: Path | None) -> float:
         add_lora(transformer, 4, 4, sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in saved}),
                  scope="dit")
         load_lora_into(transformer, saved, "trained")
-    module = WanTrainingModule(transformer).eval()
-    schedule = FlowMatchTrainingSchedule(min_boundary=0.2, max_boundary=0.8)
-    ds = CachedDataset(cache)
-    total = []
-    with torch.no_grad():
-        for i in range(len(ds)):
-            inputs = ModelInputs.from_tensors(ds[i]["cached"])
-            for seed in range(4):
-                loss, smp = training_loss(module, inputs, schedule, torch.Generator().manual_seed(seed),
-                                          torch.float32)
-                total.append(float(loss) / smp.weight)
-    return float(np.mean(total))
+    return fixed_draws_loss(transformer, cache)
 
 
 def test_lora_lowers_the_loss_and_full_finetuning_saves_a_loadable_folder(a2_folder, a2_data, tmp_path):

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from diffusers_wan_ext.demo import make_tiny_dataset, make_tiny_longcat_release, write_video
 from diffusers_wan_ext.lora import EXPORT_FILE_NAMES, convert_lora_state_dict
-from diffusers_wan_ext.training import FlowMatchTrainingSchedule, VideoDataset, parse_args, run_training
+from diffusers_wan_ext.training import VideoDataset, parse_args, run_training
 
-from helpers import write_pcm16_wav
+from helpers import fixed_draws_loss, write_pcm16_wav
 
 SIZE = ["--height", "32", "--width", "32", "--num_frames", "5"]
 COMMON = [*SIZE, "--max_sequence_length", "16", "--dtype", "fp32", "--report_to", "none", "--lora_rank", "4"]
@@ -171,26 +171,13 @@ def _eval_loss(model: Path, cache: Path, lora: Path | None, targets: str) -> flo
     from diffusers import AutoModel
 
     from diffusers_wan_ext.lora import map_lora_target_modules
-    from diffusers_wan_ext.training.inputs import ModelInputs
-    from diffusers_wan_ext.training.modules import WanTrainingModule, add_lora, load_lora_into, training_loss
-    from diffusers_wan_ext.training.trainer import CachedDataset
+    from diffusers_wan_ext.training.modules import add_lora, load_lora_into
 
     transformer = AutoModel.from_pretrained(str(model), subfolder="transformer").float()
     if lora is not None:
         add_lora(transformer, 4, 4, map_lora_target_modules(targets), scope="dit")
         load_lora_into(transformer, load_file(str(lora / "pytorch_lora_weights.safetensors")), "trained")
-    module = WanTrainingModule(transformer).eval()
-    schedule = FlowMatchTrainingSchedule(min_boundary=0.2, max_boundary=0.8)
-    ds = CachedDataset(cache)
-    total = []
-    with torch.no_grad():
-        for i in range(len(ds)):
-            inputs = ModelInputs.from_tensors(ds[i]["cached"])
-            for seed in range(4):
-                loss, smp = training_loss(module, inputs, schedule, torch.Generator().manual_seed(seed),
-                                          torch.float32)
-                total.append(float(loss) / smp.weight)
-    return float(np.mean(total))
+    return fixed_draws_loss(transformer, cache)
 
 
 def _render(family: str, pipe, data: Path) -> np.ndarray:
