@@ -47,6 +47,7 @@ LOG=$W/build.log
 : > "$LOG"
 # the log's last lines first, then the one-line reason (also appended to the log)
 fail() { tail -60 "$LOG" | grep -iv "ptxas info\|bytes stack frame\|^$" | tail -25; echo "fa3_build: FAILED: $1 (log: $LOG)" | tee -a "$LOG"; touch "$W/FAILED"; exit 1; }
+source "$ROOT/benchmarks/ext_build_lib.sh"
 START=$(date +%s)
 # a wheel built earlier (copied back from $OUT and carried in the ignored folder .fa3whl/): install it, no build
 PREBUILT=$(ls "$ROOT"/.fa3whl/flash_attn_3-*.whl 2>/dev/null | head -1)
@@ -99,20 +100,9 @@ export LIBRARY_PATH=$CUDA_HOME/lib64/stubs:$CUDA_HOME/targets/x86_64-linux/lib/s
 grep -q 'subprocess.run(\["git", "submodule", "update", "--init", "../csrc/cutlass"\])' setup.py ||
   fail "setup.py changed: its git submodule call is not where fa3_build.sh expects it"
 sed -i 's|^\( *\)subprocess.run(\["git", "submodule", "update", "--init", "../csrc/cutlass"\])|\1pass  # fa3_build.sh: cutlass is carried|' setup.py
-CPP_EXT=$(python3 -c "import torch.utils.cpp_extension as c; print(c.__file__)") || fail "torch not importable"
-if ! grep -q "c++17" "$CPP_EXT"; then
-  sed -i 's/-std=c++17/-std=c++20/g' setup.py
-  echo "fa3_build: torch's cpp_extension uses C++20: setup.py patched to -std=c++20" | tee -a "$LOG"
-fi
-{ echo "torch $(python3 -c 'import torch; print(torch.__version__, torch.version.cuda)')"; "$CUDA_HOME/bin/nvcc" --version | tail -2;
-  echo "jobs $JOBS, target $TARGET"; } | tee -a "$LOG"
+cxx_std_and_versions fa3_build
 
-nice -n 5 python3 -m pip wheel -v --no-build-isolation --no-deps --no-index -w "$W/wheel" . >> "$LOG" 2>&1 ||
-  fail "pip wheel"
-WHL=$(ls "$W"/wheel/flash_attn_3-*.whl 2>/dev/null | head -1)
-[ -n "$WHL" ] || fail "no wheel written"
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$TARGET" "$WHL" >> "$LOG" 2>&1 ||
-  fail "installing $WHL into $TARGET"
+wheel_and_install fa3_build "flash_attn_3-*.whl"
 cd /tmp
 PYTHONPATH=$TARGET${PYTHONPATH:+:$PYTHONPATH} python3 -c "
 import torch, flash_attn_interface as f, flash_attn_config as c

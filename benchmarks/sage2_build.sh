@@ -32,6 +32,7 @@ mkdir -p "$W/wheel" "$TARGET"
 LOG=$W/build.log
 : > "$LOG"
 fail() { echo "sage2_build: FAILED: $1 (log: $LOG)" | tee -a "$LOG"; tail -40 "$LOG" | grep -iv "ptxas info\|bytes stack frame\|^$" | tail -25; touch "$W/FAILED"; exit 1; }
+source "$ROOT/benchmarks/ext_build_lib.sh"
 START=$(date +%s)
 # a wheel built earlier (copied back from $OUT and carried in the ignored folder .sage2whl/): install it, no build
 PREBUILT=$(ls "$ROOT"/.sage2whl/sageattention-*.whl 2>/dev/null | head -1)
@@ -67,20 +68,9 @@ export TORCH_CUDA_ARCH_LIST=9.0
 export EXT_PARALLEL=$(( JOBS < 4 ? JOBS : 4 ))
 export MAX_JOBS=$(( JOBS > 4 ? JOBS - 3 : 1 ))
 sed -i 's/"--threads=8"/"--threads=1"/' setup.py
-CPP_EXT=$(python3 -c "import torch.utils.cpp_extension as c; print(c.__file__)") || fail "torch not importable"
-if ! grep -q "c++17" "$CPP_EXT"; then
-  sed -i 's/-std=c++17/-std=c++20/g' setup.py
-  echo "sage2_build: torch's cpp_extension uses C++20: setup.py patched to -std=c++20" | tee -a "$LOG"
-fi
-{ echo "torch $(python3 -c 'import torch; print(torch.__version__, torch.version.cuda)')"; "$CUDA_HOME/bin/nvcc" --version | tail -2;
-  echo "jobs $JOBS, target $TARGET"; } | tee -a "$LOG"
+cxx_std_and_versions sage2_build
 
-nice -n 5 python3 -m pip wheel -v --no-build-isolation --no-deps --no-index -w "$W/wheel" . >> "$LOG" 2>&1 ||
-  fail "pip wheel"
-WHL=$(ls "$W"/wheel/sageattention-*.whl 2>/dev/null | head -1)
-[ -n "$WHL" ] || fail "no wheel written"
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$TARGET" "$WHL" >> "$LOG" 2>&1 ||
-  fail "installing $WHL into $TARGET"
+wheel_and_install sage2_build "sageattention-*.whl"
 cd /tmp
 PYTHONPATH=$TARGET${PYTHONPATH:+:$PYTHONPATH} python3 -c "
 import importlib.metadata as m, sageattention.core as c
