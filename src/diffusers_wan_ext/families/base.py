@@ -177,6 +177,8 @@ class TrainingComponent:
             pipeline attribute names, MOVA's ``audio_dit``).
         lora: whether ``--lora_base_model`` may name it (a PEFT-capable Diffusers model; its LoRA is saved under
             ``<name>.`` and loads with the pipeline's ``load_lora_weights``).
+        family_only: whether only the declaring family's models take its names (and aliases); otherwise every
+            model's ``--trainable_models`` accepts them and a model without the component is refused by ``missing``.
     """
 
     name: str
@@ -189,6 +191,7 @@ class TrainingComponent:
     joint_forward: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
     aliases: tuple[str, ...] = ()
     lora: bool = False
+    family_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -405,11 +405,13 @@ _MISSING = ("--extra_inputs input_audio with this model: a MovaPipeline folder (
 MOVA_TRAINING_COMPONENTS = (
     TrainingComponent("audio_transformer", "input_audio", _no_context,
                       help="audio_transformer (audio_dit: MOVA's audio DiT)", missing=_MISSING,
-                      make_input=_audio_samples, joint_forward=mova_training_forward, aliases=("audio_dit",), lora=True),
+                      make_input=_audio_samples, joint_forward=mova_training_forward, aliases=("audio_dit",), lora=True,
+                      family_only=True),
     TrainingComponent("bridge", "input_audio", _no_context, help="bridge (dual_tower_bridge: MOVA's dual-tower bridge)",
-                      missing=_MISSING, make_input=_audio_samples, aliases=("dual_tower_bridge",), lora=True),
+                      missing=_MISSING, make_input=_audio_samples, aliases=("dual_tower_bridge",), lora=True,
+                      family_only=True),
     TrainingComponent("audio_vae", "input_audio", _no_context, missing=_MISSING, make_input=_audio_samples,
-                      encode=encode_mova_audio),
+                      encode=encode_mova_audio, family_only=True),
 )
 
 
