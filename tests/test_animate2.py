@@ -191,7 +191,8 @@ def test_golden_reference_pass_fills_the_cache():
     model = load_animate2_transformer_from_original(case.weights(), case.config)
     x = case.inputs
     f, h, w = x["condition_latents"].shape[2:]
-    grid_ref = torch.tensor([[f, h // 2, w // 2]])
+    pf, ph, pw = model.config.patch_size  # the fixture's patch size, never this set's (1, 2, 2)
+    grid_ref = torch.tensor([[f // pf, h // ph, w // pw]])
     cache = model.new_kv_cache()
     with torch.no_grad():
         model([x["condition_latents"][0]], x["timestep"], [x["context_ref"][0]], [x["condition_y"]], cache, "extract",
