@@ -4,8 +4,10 @@
 generation pass for each output (``velocity``; ``velocity_uncond``: block 9 skipped; ``velocity_log_scale``).
 
 Every shape comes from the tensors: the token grids from the latents and the patch size; the video geometry of the
-mask (``origin_len``, ``origin_area``) from ``animate2_call`` when the manifest states it, else from the reference
-video's latent frames (``4 (F_ref - 1) + 1``) and the latent size (x8, the VAE stride)."""
+mask (``origin_len``, ``origin_area``) from ``animate2_call`` when the manifest states it, else the clip's own, as
+the model's one-call form derives it: ``4 (F_ref - 1) + 1`` frames (the model maps it back to ``F_ref`` latent frames)
+and an area of 16 px per token of the generation grid (the model maps ``W * H / 256`` back to the tokens per frame), so
+the fallback holds for any patch size or VAE stride."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from diffusers_wan_ext.conversion.animate2 import load_animate2_transformer_from
 
 from .core import GoldenCase, runner
 
-VAE_STRIDE = 8
+#: pixels per token side in the reference's ``origin_latent_hw = W * H / 256`` (a formula constant, not a size)
+PIXELS_PER_TOKEN = 16
 
 
 def _grid(latents: torch.Tensor, patch_size) -> torch.Tensor:
@@ -33,7 +36,7 @@ def run_animate2_dit(case: GoldenCase, tmp_path) -> dict:
     # the video geometry the mask is built over: the manifest's call values, else the clip's own (single clip)
     call = case.manifest.get("animate2_call", {})
     origin_len = int(call.get("origin_len", 4 * (ref_latents.shape[2] - 1) + 1))
-    origin_area = call.get("origin_area", [x["latents"].shape[-1] * VAE_STRIDE, x["latents"].shape[-2] * VAE_STRIDE])
+    origin_area = call.get("origin_area", [int(grid[0, 2]) * PIXELS_PER_TOKEN, int(grid[0, 1]) * PIXELS_PER_TOKEN])
     cache = model.new_kv_cache()
     with torch.no_grad():
         model([ref_latents[0]], x["timestep"], [x["context_ref"][0]], [x["condition_y"]], cache, "extract",
