@@ -265,6 +265,8 @@ def test_golden_kv_cache_matches_reference():
     if not (GOLDENS_DIR / "dit_longcat" / "manifest.json").is_file():
         pytest.skip("no dit_longcat fixture in WAN_GOLDENS_DIR")
     case = load_case("dit_longcat")
+    if "longcat_latents" not in case.inputs or "velocity" not in case.outputs:
+        pytest.skip("this fixture set's dit_longcat has no conditioning latents / velocity to check a K/V cache with")
     model = load_longcat_transformer_from_original(case.weights(), case.config)
     x = case.inputs
     k = x["longcat_latents"].shape[2]

@@ -124,17 +124,24 @@ def test_config_matches_manifest(case):
 
     sd = _golden_weights(case)
     m = json.loads((GOLDENS / case / "manifest.json").read_text())
-    oc, cfg = m["original_config"], vae_config_from_state_dict(sd)
-    assert cfg["base_dim"] == oc["dim"]
-    assert (cfg["decoder_base_dim"] or cfg["base_dim"]) == oc.get("dec_dim", oc["dim"])
-    for k in ("z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample"):
-        assert cfg[k] == oc[k], k
-    assert cfg["scale_factor_spatial"] == oc["spatial_factor"]
-    assert cfg["scale_factor_temporal"] == oc["temporal_factor"]
-    assert cfg["is_residual"] == (case == "vae22")
-    norm = m["latent_normalization"]
-    torch.testing.assert_close(torch.tensor(cfg["latents_mean"]), torch.tensor(norm["mean"]), rtol=0, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(cfg["latents_std"]), torch.tensor(norm["std"]), rtol=0, atol=1e-6)
+    oc, cfg = m.get("original_config", {}), vae_config_from_state_dict(sd)
+    # every field the manifest states must match the config inferred from the weights (a set may omit some)
+    stated = {"dim": "base_dim", "z_dim": "z_dim", "dim_mult": "dim_mult", "num_res_blocks": "num_res_blocks",
+              "attn_scales": "attn_scales", "temperal_downsample": "temperal_downsample",
+              "spatial_factor": "scale_factor_spatial", "temporal_factor": "scale_factor_temporal"}
+    checked = [k for k in stated if k in oc]
+    for k in checked:
+        assert cfg[stated[k]] == oc[k], k
+    if "dim" in oc or "dec_dim" in oc:
+        assert (cfg["decoder_base_dim"] or cfg["base_dim"]) == oc.get("dec_dim", oc.get("dim"))
+    assert cfg["is_residual"] == (VERSION_OF_CASE[case] == "wan2.2")
+    norm = m.get("latent_normalization", {})
+    if "mean" in norm:
+        torch.testing.assert_close(torch.tensor(cfg["latents_mean"]), torch.tensor(norm["mean"]), rtol=0, atol=1e-6)
+    if "std" in norm:
+        torch.testing.assert_close(torch.tensor(cfg["latents_std"]), torch.tensor(norm["std"]), rtol=0, atol=1e-6)
+    if not checked and not norm:
+        pytest.skip(f"{case}: the manifest states no VAE config or latent normalisation to check")
 
 
 def test_wan21_constants_are_stock_defaults():
