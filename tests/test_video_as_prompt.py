@@ -4,6 +4,7 @@ converted and run end to end on CPU (real PNG / MP4 inputs and output), CFG batc
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from diffusers_wan_ext.conversion.vap import (
     convert_vap_state_dict,
     export_vap_state_dict,
     load_vap_transformer,
+    release_vap_layers,
     vap_config_from_state_dict,
 )
 from diffusers_wan_ext.pipelines.fun_conditioning import i2v_condition
@@ -62,33 +64,52 @@ def inputs(seed=1, frames=3, ref_frames=3, text=16):
 
 
 # ------------------------------------------------------------------------------------------------- converter
+def _golden_layers(sd: dict) -> list[int]:
+    """The fixture's reference-stream layers (``blocks.N.*_mot_ref``), never this set's [0, 2]."""
+    layers = release_vap_layers(sd)
+    assert layers, "the dit_vap fixture has no blocks.N.*_mot_ref keys"
+    return layers
+
+
 def test_release_layout_round_trip_is_exact(goldens_dir):
     sd = load_file(str(goldens_dir / GOLDEN_WEIGHTS))
+    layers = _golden_layers(sd)
     ours = convert_vap_state_dict(sd)
     assert not any("_mot_ref" in k for k in ours)
-    assert "vap_blocks.1.attn1.to_q.weight" in ours and "vap_blocks.0.scale_shift_table" in ours
-    torch.testing.assert_close(ours["vap_blocks.1.ffn.net.2.weight"], sd["blocks.2.ffn_mot_ref.net.2.weight"])
-    back = export_vap_state_dict(ours, [0, 2])
+    last = len(layers) - 1  # vap_blocks.i is the reference block of release layer layers[i]
+    assert f"vap_blocks.{last}.attn1.to_q.weight" in ours and "vap_blocks.0.scale_shift_table" in ours
+    torch.testing.assert_close(ours[f"vap_blocks.{last}.ffn.net.2.weight"],
+                               sd[f"blocks.{layers[-1]}.ffn_mot_ref.net.2.weight"])
+    back = export_vap_state_dict(ours, layers)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 def test_converter_errors_name_the_problem(goldens_dir):
     sd = load_file(str(goldens_dir / GOLDEN_WEIGHTS))
+    layers = _golden_layers(sd)
+    heads = json.loads((goldens_dir / "dit_vap" / "manifest.json").read_text())["original_config"].get(
+        "num_attention_heads")
+    if heads is None:
+        pytest.skip("the dit_vap manifest states no num_attention_heads")
+    head_dim = sd["blocks.0.attn1.to_q.weight"].shape[0] // heads
     with pytest.raises(ConversionError, match="blocks.0.mystery_mot_ref.weight"):
         convert_vap_state_dict({**sd, "blocks.0.mystery_mot_ref.weight": torch.zeros(1)})
     with pytest.raises(ConversionError, match="reference_independent.*proj_out_mot_ref"):
         convert_vap_state_dict({**sd, "proj_out_mot_ref.weight": torch.zeros(1)})
-    with pytest.raises(ConversionError, match=r"block_idx_with_mot_ref \[0, 1\].*layers \[0, 2\]"):
-        vap_config_from_state_dict(sd, {"num_attention_heads": 2, "block_idx_with_mot_ref": [0, 1]})
+    wrong = [i for i in range(len(layers) + 1) if i not in layers][:1] + layers[1:]  # one layer that has none
+    with pytest.raises(ConversionError, match=re.escape(f"block_idx_with_mot_ref {wrong}") + ".*"
+                       + re.escape(f"layers {layers}")):
+        vap_config_from_state_dict(sd, {"num_attention_heads": heads, "block_idx_with_mot_ref": wrong})
     with pytest.raises(ConversionError, match="attention_head_dim_mot_ref"):
-        vap_config_from_state_dict(sd, {"num_attention_heads": 2, "attention_head_dim": 24,
-                                        "attention_head_dim_mot_ref": 12})
+        vap_config_from_state_dict(sd, {"num_attention_heads": heads, "attention_head_dim": head_dim,
+                                        "attention_head_dim_mot_ref": head_dim // 2})
     main_only = {k: v for k, v in sd.items() if "_mot_ref" not in k}
     with pytest.raises(ConversionError, match="no reference-stream weights"):
-        vap_config_from_state_dict(main_only, {"num_attention_heads": 2})
-    missing = {k: v for k, v in sd.items() if k != "blocks.2.attn1_mot_ref.to_q.weight"}
-    with pytest.raises(ConversionError, match="missing keys vap_blocks.1.attn1.to_q.weight"):
-        load_vap_transformer(missing, {"num_attention_heads": 2}, text_len=16)
+        vap_config_from_state_dict(main_only, {"num_attention_heads": heads})
+    gone = f"blocks.{layers[-1]}.attn1_mot_ref.to_q.weight"
+    missing = {k: v for k, v in sd.items() if k != gone}
+    with pytest.raises(ConversionError, match=f"missing keys vap_blocks.{len(layers) - 1}.attn1.to_q.weight"):
+        load_vap_transformer(missing, {"num_attention_heads": heads}, text_len=16)
 
 
 @pytest.fixture(scope="module")
