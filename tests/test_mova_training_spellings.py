@@ -40,6 +40,36 @@ def test_diffsynth_video_dit_names(tmp_path):
     assert _args(folder, "--trainable_models", "video_dit2").trainable_models == ["transformer_2"]
 
 
+MOVA_ONLY = {"audio_dit": "audio_transformer", "audio_transformer": "audio_transformer", "bridge": "bridge",
+             "dual_tower_bridge": "bridge"}
+
+
+def test_mova_components_are_mova_names_only(tmp_path, capsys):
+    """MOVA's own components (``family_only``) resolve for a MOVA folder; any other model refuses them in one line
+    naming MOVA and listing only its own components, before anything is written."""
+    mova = _folder(tmp_path / "mova", "MovaPipeline")
+    for name, ours in MOVA_ONLY.items():
+        assert _args(mova, "--lora_base_model", name).lora_base_model == ours
+        assert _args(mova, "--trainable_models", name).trainable_models == [ours]
+    assert _args(mova, "--trainable_models", "audio_vae").trainable_models == ["audio_vae"]
+    mova_names = {*MOVA_ONLY, "audio_vae", "video_dit", "video_dit2"}
+    for pipeline in ("WanPipeline", "WanSpeedControlPipeline"):
+        folder = _folder(tmp_path / pipeline, pipeline)
+        for option in ("--lora_base_model", "--trainable_models"):
+            for name, ours in (*MOVA_ONLY.items(), ("audio_vae", "audio_vae")):
+                with pytest.raises(SystemExit) as e:
+                    main(["--dataset_base_path", str(folder), "--dataset_metadata_path", str(folder / "metadata.csv"),
+                          "--model_path", str(folder), option, name, "--output_path", str(folder / "out")])
+                err = capsys.readouterr().err
+                assert e.value.code == 2 and err.count("\n") == 1, err
+                hint = (f"'{name}' is MOVA's name of {ours}" if name != ours else
+                        f"'{name}' is a component of MOVA models only")
+                assert f"{option}: unknown or unsupported component '{name}' ({hint}); accepted: " in err, err
+                accepted = set(err.split("accepted: ")[1].split(" (see")[0].strip().split(", "))
+                assert {"dit", "transformer"} <= accepted and not accepted & mova_names, err
+                assert not (folder / "out").exists()
+
+
 def test_frame_rate_overrides_the_declaration_only_where_there_is_one(tmp_path, capsys):
     mova = _folder(tmp_path / "mova", "MovaPipeline")
     assert _args(mova, "--lora_base_model", "dit").frame_rate is None  # the family's 24 fps

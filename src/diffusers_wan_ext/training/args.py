@@ -23,7 +23,7 @@ from typing import Sequence
 
 from diffusers.optimization import SchedulerType
 
-from ..families import FAMILIES, training_declarations
+from ..families import FAMILIES, ModelFamily, training_declarations
 from ..lora import LORA_FORMATS, map_lora_target_modules
 from .components import model_family
 from .dataset import EXTRA_INPUTS
@@ -40,7 +40,8 @@ SCOPES, EXTRA_COMPONENTS, _ = training_declarations()
 SCOPE_ALIASES = {alias: (scope, component) for scope in SCOPES for alias, component in scope.aliases.items()}
 
 #: DiffSynth-Studio component names -> ours (pipeline attribute names), for every model; a family's own spellings
-#: (MOVA's ``video_dit``) come from its declaration (:class:`ComponentNames`).
+#: (MOVA's ``video_dit``) and its own components (``family_only``: MOVA's ``audio_dit``) come from its declaration
+#: (:class:`ComponentNames`).  ``dit2`` / ``transformer_2`` are refused by the loader for a model of one expert.
 COMPONENT_ALIASES: dict[str, str] = {
     "dit": "transformer",
     "dit2": "transformer_2",
@@ -49,8 +50,8 @@ COMPONENT_ALIASES: dict[str, str] = {
     "vae": "vae",
     "text_encoder": "text_encoder",
     "image_encoder": "image_encoder",
-    **{c.name: c.name for c in EXTRA_COMPONENTS},
-    **{alias: c.name for c in EXTRA_COMPONENTS for alias in c.aliases},
+    **{c.name: c.name for c in EXTRA_COMPONENTS if not c.family_only},
+    **{alias: c.name for c in EXTRA_COMPONENTS if not c.family_only for alias in c.aliases},
 }
 TRAINABLE = ("transformer", "transformer_2", *(c.name for c in EXTRA_COMPONENTS))
 #: ``--lora_base_model``: the transformers and the families' components declared for LoRA (MOVA's audio DiT, bridge)
@@ -66,11 +67,19 @@ DEFAULT_TARGETS = "q,k,v,o,ffn.0,ffn.2"
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType)
 
 
+def family_component_names(family: ModelFamily) -> dict[str, str]:
+    """The component names only ``family``'s models take -> ours: its spellings
+    (:attr:`~diffusers_wan_ext.families.ModelFamily.training_component_aliases`, MOVA's ``video_dit``) and its
+    ``family_only`` components with their aliases (MOVA's ``audio_transformer`` / ``audio_dit``)."""
+    own = [c for c in family.training_components if c.family_only]
+    return {**family.training_component_aliases, **{c.name: c.name for c in own},
+            **{alias: c.name for c in own for alias in c.aliases}}
+
+
 class ComponentNames:
-    """The component names one run accepts -> ours: :data:`COMPONENT_ALIASES` (every model) and the spellings the
-    trained model's family declares (:attr:`~diffusers_wan_ext.families.ModelFamily.training_component_aliases`),
-    that family told from the model folder (before any weights load) only once a name outside the shared table
-    is given."""
+    """The component names one run accepts -> ours: :data:`COMPONENT_ALIASES` (every model) and the names only the
+    trained model's family takes (:func:`family_component_names`), that family told from the model folder (before
+    any weights load) only once a name outside the shared table is given."""
 
     def __init__(self, model_path: str | Path | None = None, transformer_path: str | Path | None = None) -> None:
         self.model_path = model_path
@@ -78,10 +87,10 @@ class ComponentNames:
         self.declared: dict[str, str] | None = None
 
     def family_aliases(self) -> dict[str, str]:
-        """The trained model's family's own spellings (``{}`` for a family without any, or no model folder)."""
+        """The names only the trained model's family takes (``{}`` for a family without any, or no model folder)."""
         if self.declared is None:
             family = None if self.model_path is None else model_family(self.model_path, self.transformer_path)
-            self.declared = dict(family.training_component_aliases) if family is not None else {}
+            self.declared = family_component_names(family) if family is not None else {}
         return self.declared
 
     def get(self, name: str) -> str | None:
@@ -95,12 +104,14 @@ class ComponentNames:
 
 
 def other_family_spelling(name: str) -> str:
-    """`` ('video_dit2' is MOVA's name of transformer_2)`` when ``name`` is a spelling some family declares, else
-    ``""`` (for the error of a model whose family does not take it)."""
+    """`` ('video_dit2' is MOVA's name of transformer_2)`` or `` ('bridge' is a component of MOVA models only)``
+    when ``name`` is a name only some family takes, else ``""`` (for the error of a model whose family does not)."""
     for family in FAMILIES:
-        if name in family.training_component_aliases:
+        ours = family_component_names(family).get(name)
+        if ours is not None:
             title = family.title.split(" (")[0]
-            return f" ({name!r} is {title}'s name of {family.training_component_aliases[name]})"
+            return f" ({name!r} is {title}'s name of {ours})" if ours != name else \
+                f" ({name!r} is a component of {title} models only)"
     return ""
 
 
