@@ -6,6 +6,8 @@ same tensors) and back (detected); a LoRA of another model is refused in one lin
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -75,3 +77,87 @@ def test_lora_convert_to_longcat_refuses_another_models_lora(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "blocks.0.attn1.to_qq" in err, err
     assert not (tmp_path / "lc.safetensors").exists()
+
+
+def test_lora_info_describes_a_longcat_file(lora, tmp_path, capsys):
+    """``lora info`` detects LongCat-Video's own layout (or is told it with --from) and describes the LoRA through the
+    Diffusers modules of its transformer; a file of another layout given --from longcat is refused in one line."""
+    src = tmp_path / "lc.safetensors"
+    original = export_longcat_lora(lora)
+    save_file(original, str(src))
+    for given in ([], ["--from", "longcat"]):
+        capsys.readouterr()
+        assert main(["lora", "info", str(src), *given]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == f"format: longcat ({len(original)} tensors; LongCat-Video's own layout, modules named as in " \
+                           f"Diffusers)", lines
+        assert lines[1].startswith("transformer: ") and "rank 4" in lines[1], lines
+    assert main(["lora", "info", str(src), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["format"], info["family"], info["tensors"], list(info["components"])) == (
+        "longcat", "longcat", len(original), ["transformer"])
+    targets = info["components"]["transformer"]["targets"]
+    assert {"blocks.N.attn1.to_q", "blocks.N.attn2.to_v", "blocks.N.ffn.w1"} <= set(targets), targets
+    wan = tmp_path / "wan.safetensors"
+    save_file(lora, str(wan))
+    assert main(["lora", "info", str(wan)]) == 0 and capsys.readouterr().out.startswith("format: diffusers (")
+    assert main(["lora", "info", str(wan), "--from", "longcat"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an original LongCat-Video LoRA" in err, err
+
+
+def test_lora_export_writes_the_longcat_layout(lora, tmp_path, capsys):
+    """``lora export --formats longcat`` writes lora_longcat.safetensors through the family's export_own_lora, from a
+    Diffusers LoRA of a LongCat-Video transformer or from a LongCat-layout file (whose default is diffusers +
+    longcat); --overwrite guards it as the other files."""
+    want = export_longcat_lora(lora)
+    src = tmp_path / "diffusers.safetensors"
+    save_file(lora, str(src))
+    assert main(["lora", "export", str(src), str(tmp_path / "a"), "--formats", "diffusers", "longcat"]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["lora_longcat.safetensors",
+                                                                  "pytorch_lora_weights.safetensors"]
+    written = load_file(str(tmp_path / "a" / "lora_longcat.safetensors"))
+    assert written.keys() == want.keys() and all(torch.equal(written[k], want[k]) for k in want)
+    original = tmp_path / "lc.safetensors"
+    save_file(want, str(original))
+    assert main(["lora", "export", str(original), str(tmp_path / "b")]) == 0
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["lora_longcat.safetensors",
+                                                                  "pytorch_lora_weights.safetensors"]
+    again = load_file(str(tmp_path / "b" / "lora_longcat.safetensors"))
+    for k, v in want.items():
+        torch.testing.assert_close(again[k], v, msg=k)
+    diffusers = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+    for k, v in lora.items():
+        torch.testing.assert_close(diffusers[k], v, msg=k)
+    capsys.readouterr()
+    assert main(["lora", "export", str(original), str(tmp_path / "b"), "--formats", "longcat"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lora_longcat.safetensors already exist" in err and "--overwrite" in err, err
+    assert main(["lora", "export", str(original), str(tmp_path / "b"), "--formats", "longcat", "--overwrite"]) == 0
+
+
+def test_lora_export_refuses_a_layout_of_another_family(lora, tmp_path, capsys):
+    """One error line, nothing written: a LongCat-Video LoRA in a Wan DiT layout, a Wan DiT LoRA (original layout)
+    or a Diffusers LoRA of modules LongCat-Video lacks in the longcat layout."""
+    original = tmp_path / "lc.safetensors"
+    save_file(export_longcat_lora(lora), str(original))
+    wan = tmp_path / "wan_original.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.ones(4, 8),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.ones(8, 4)}, str(wan))
+    other = tmp_path / "other.safetensors"
+    save_file({"transformer.blocks.0.ffn.net.0.proj.lora_A.weight": torch.ones(4, 8),
+               "transformer.blocks.0.ffn.net.0.proj.lora_B.weight": torch.ones(8, 4)}, str(other))
+    cases = [
+        (original, ["--formats", "original"], f"lora export --formats original: {original} is a LongCat-Video LoRA "
+                                              f"(longcat layout), written in the diffusers, longcat layouts only"),
+        (wan, ["--formats", "diffusers", "longcat"], f"lora export --formats longcat: the layout of LongCat-Video "
+                                                     f"LoRAs only; {wan} is a Wan DiT LoRA (original layout)"),
+        (other, ["--formats", "diffusers", "longcat"], f"lora export --formats longcat: {other} is not a LoRA of a "
+                                                       f"LongCat-Video transformer"),
+    ]
+    for i, (src, extra, message) in enumerate(cases):
+        dst = tmp_path / f"out{i}"
+        assert main(["lora", "export", str(src), str(dst), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert not dst.exists() or not any(dst.iterdir())

@@ -33,7 +33,7 @@ DTYPE_CHOICES = ["bf16", "fp16", "fp32"]
 #: the LoRA layouts of :mod:`diffusers_wan_ext.lora.formats` (``LORA_FORMATS``; a test keeps the two equal)
 LORA_FORMATS = ("diffusers", "original", "kohya", "diffsynth")
 #: the layouts of one family's LoRAs (``ModelFamily.own_lora_formats``, LongCat-Video's; a test keeps them equal):
-#: ``lora convert`` only
+#: ``lora convert``, ``lora info --from`` and ``lora export --from / --formats``
 FAMILY_LORA_FORMATS = ("longcat",)
 #: the ``export-dit --format`` values of :data:`diffusers_wan_ext.utils.single_file.EXPORT_FORMATS` (a test keeps them
 #: equal)
@@ -251,13 +251,18 @@ def add_lora(sub, components: list[str]) -> None:
     c.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     i = lsub.add_parser("info", help="detected format, components, ranks, alphas and target modules of a LoRA")
     i.add_argument("file")
-    i.add_argument("--from", dest="from_format", choices=LORA_FORMATS)
+    i.add_argument("--from", dest="from_format", choices=LORA_FORMATS + FAMILY_LORA_FORMATS,
+                   help="source format (detected when omitted; longcat: LongCat-Video's original layout)")
     i.add_argument("--json", action="store_true")
     e = lsub.add_parser("export", help="one LoRA -> a folder with every format (one file per component)")
     e.add_argument("src")
     e.add_argument("dst", help="output folder")
-    e.add_argument("--from", dest="from_format", choices=LORA_FORMATS)
-    e.add_argument("--formats", nargs="+", default=list(LORA_FORMATS), choices=LORA_FORMATS)
+    e.add_argument("--from", dest="from_format", choices=LORA_FORMATS + FAMILY_LORA_FORMATS,
+                   help="source format (detected when omitted)")
+    e.add_argument("--formats", nargs="+", default=None, choices=LORA_FORMATS + FAMILY_LORA_FORMATS,
+                   help="default: diffusers original kohya diffsynth; for a LongCat-Video LoRA (longcat layout) "
+                        "diffusers longcat. longcat: LongCat-Video's original layout (lora_longcat.safetensors) of a "
+                        "LongCat-Video transformer's LoRA")
     e.add_argument("--overwrite", action="store_true", help="replace files of the same names in DST")
 
 
