@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 #: ``$WAN_GOLDENS_DIR`` when set (other fixture sets), else the copy shipped in the repo (``tests/goldens``, kept equal
 #: to ``../shared/goldens`` by ``scripts/sync_goldens.py``), so a fresh clone anywhere runs the harness.
-GOLDENS_DIR = Path(os.environ.get("WAN_GOLDENS_DIR", Path(__file__).resolve().parents[1] / "goldens"))
+SHIPPED_GOLDENS_DIR = Path(__file__).resolve().parents[1] / "goldens"
+GOLDENS_DIR = Path(os.environ.get("WAN_GOLDENS_DIR", SHIPPED_GOLDENS_DIR))
 
 RUNNERS: dict[str, Callable[["GoldenCase", Path], dict[str, Any]]] = {}
 
@@ -31,6 +32,26 @@ def runner(*case_names: str):
     return deco
 
 
+class MissingFixtureField(KeyError):
+    """The fixture set lacks an entry a runner needs: ``tests/test_goldens.py`` reports the case as SKIPPED with this
+    message (a ``KeyError`` subclass, so code that handles missing keys behaves as before)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "missing fixture field"
+
+
+class FixtureDict(dict):
+    """A fixture mapping (tensors, ``original_config``) whose missing key raises :class:`MissingFixtureField`
+    naming the case and the key; ``get`` / ``in`` work as on a dict."""
+
+    def __init__(self, data=(), where: str = "fixture"):
+        super().__init__(data)
+        self.where = where
+
+    def __missing__(self, key):
+        raise MissingFixtureField(f"this fixture set has no {self.where}[{key!r}]")
+
+
 @dataclass
 class GoldenCase:
     name: str
@@ -40,13 +61,21 @@ class GoldenCase:
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     variants: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def __post_init__(self):
+        for kind in ("inputs", "outputs", "variants"):
+            setattr(self, kind, FixtureDict(getattr(self, kind), f"{self.name} tensor {kind}"))
+
     @property
     def config(self) -> dict:
-        return self.manifest.get("original_config", {})
+        """``original_config`` (a :class:`FixtureDict`: a missing field skips the case)."""
+        return FixtureDict(self.manifest.get("original_config", {}), f"{self.name} original_config")
 
     def value(self, name: str) -> Any:
         """A non-tensor input (``{"value": ...}``) from the manifest."""
-        return self.manifest["inputs"][name]["value"]
+        entry = self.manifest.get("inputs", {}).get(name)
+        if entry is None or "value" not in entry:
+            raise MissingFixtureField(f"this fixture set has no {self.name} manifest inputs[{name!r}] value")
+        return entry["value"]
 
     def weight_paths(self, role: str | None = None) -> list[Path]:
         """Release-layout weight files: for DiT cases those of ``role``; otherwise all files of ``weights``."""

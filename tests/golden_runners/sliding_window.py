@@ -13,14 +13,18 @@ from .dit import load_case_dit
 
 @runner("dit_sliding_window", "dit_sliding_window_i2v")
 def run_sliding_window(case: GoldenCase, tmp_path) -> dict:
-    spec = case.manifest["sliding_window"]
+    spec = case.manifest.get("sliding_window", {})
+    if not {"size", "stride"} <= set(spec):
+        return {"__skip__": "the manifest states no sliding_window size / stride"}
     size, stride = int(spec["size"]), int(spec["stride"])
     x = case.inputs
     latents, context = x["latents"], x["context"]
     num_frames = latents.shape[2]
     # the manifest's enumeration is the one the hook runs
-    assert [list(w) for w in sliding_windows(num_frames, size, stride)] == [list(w) for w in spec["windows"]]
-    assert skipped_window_starts(num_frames, size, stride) == list(spec["skipped_window_starts"])
+    if "windows" in spec:
+        assert [list(w) for w in sliding_windows(num_frames, size, stride)] == [list(w) for w in spec["windows"]]
+    if "skipped_window_starts" in spec:
+        assert skipped_window_starts(num_frames, size, stride) == list(spec["skipped_window_starts"])
     model = load_case_dit(case)
     apply_sliding_window(model, size, stride)
     kwargs = {}
