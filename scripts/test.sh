@@ -11,4 +11,6 @@ parallel=()
 if [ "$workers" != 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
   parallel=(-n "$workers" --dist loadgroup)
 fi
-exec "$PY" -m pytest -q -p no:cacheprovider ${parallel[@]+"${parallel[@]}"} "$@"
+# -p no:benchmark: pytest-benchmark (not ours, when installed) warns at every start that xdist disables it; pytest
+# accepts -p no:<name> for a plugin that is not installed
+exec "$PY" -m pytest -q -p no:cacheprovider -p no:benchmark ${parallel[@]+"${parallel[@]}"} "$@"
