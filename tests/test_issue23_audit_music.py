@@ -2,16 +2,20 @@
 sr=15360)`` reads it -- channels averaged (not ffmpeg's louder ``-ac 1`` downmix) and resampled by SoX's resampler
 at librosa's ``soxr_hq`` precision -- so the 35 features match DiffSynth's ``get_music_base_feature`` for any file
 rate, not only for a WAV at 15360 Hz.  (Checked outside the suite with librosa 0.11 against DiffSynth 2.1.12's
-function on mono / stereo WAVs at 15360, 16000, 22050 and 44100 Hz: equal up to float rounding, 2e-7 relative.)"""
+function on mono / stereo WAVs at 15360, 16000, 22050 and 44100 Hz: equal up to float rounding, 2e-7 relative.)
+librosa is in the test extra, so CI runs the feature comparison; the one-line error without librosa is checked here
+with the import blocked, whether or not it is installed."""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 import wave
 
 import numpy as np
 import pytest
 
+from diffusers_wan_ext.families.dancer import read_music_features
 from diffusers_wan_ext.pipelines.dancer_conditioning import music_features
 from diffusers_wan_ext.utils.media import read_audio_file
 
@@ -58,7 +62,8 @@ def test_resampling_is_band_limited_like_soxr_hq(tmp_path):
 def test_features_equal_the_reference_steps_at_any_rate(tmp_path):
     import librosa
 
-    x, y = _signal(44100, 3.0), _signal(44100, 3.0, seed=2)
+    # 5 s: the lowest octave of chroma_cens' CQT (the signal halved 6 times) is longer than its 1024-sample FFT
+    x, y = _signal(44100, 5.0), _signal(44100, 5.0, seed=2)
     path = _write(tmp_path / "music.wav", np.stack([x, y], 1), 44100)
     # DiffSynth's get_music_base_feature, step by step: load at 30 * 512 Hz, analyse as if at 22050 Hz, hop 512
     data, _ = librosa.load(str(path), sr=15360)
@@ -74,3 +79,14 @@ def test_features_equal_the_reference_steps_at_any_rate(tmp_path):
     ours = music_features(str(path)).numpy()
     assert ours.shape == ref.shape
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_without_librosa_the_feature_steps_fail_in_one_line(tmp_path, monkeypatch):
+    path = _write(tmp_path / "music.wav", _signal(15360)[:, None], 15360)
+    monkeypatch.setitem(sys.modules, "librosa", None)  # `import librosa` raises ImportError, as when not installed
+    with pytest.raises(ValueError, match=r"^music: .*needs librosa \(pip install librosa, or the dancer extra\)") as e:
+        music_features(str(path))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"^wantodance_music_path: .*music\.wav: .*librosa .*\[dancer\]") as e:
+        read_music_features(path)
+    assert "\n" not in str(e.value)
