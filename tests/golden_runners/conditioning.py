@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from diffusers_wan_ext.conversion.vae import load_vae_from_original
-
 from .core import GoldenCase, runner
+from .vae import load_case_vae
 
 
 @runner("i2v_condition")
@@ -16,7 +15,7 @@ def run_i2v_condition(case: GoldenCase, tmp_path) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
 
     (vae_file,) = case.weight_paths()
-    vae = load_vae_from_original(vae_file)
+    vae = load_case_vae(case, vae_file)
     pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae,
                                    scheduler=FlowMatchEulerDiscreteScheduler())
     cfg, outputs = case.config, case.manifest["outputs"]

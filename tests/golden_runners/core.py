@@ -100,8 +100,9 @@ def discover_cases() -> list[str]:
     return sorted(p.name for p in GOLDENS_DIR.iterdir() if (p / "manifest.json").is_file())
 
 
-def load_case(name: str) -> GoldenCase:
-    d = GOLDENS_DIR / name
+def load_case(name: str, root: Path | None = None) -> GoldenCase:
+    """Case ``name`` of the fixture set ``root`` (default ``$WAN_GOLDENS_DIR``)."""
+    d = (GOLDENS_DIR if root is None else Path(root)) / name
     m = json.loads((d / "manifest.json").read_text())
     t = load_file(str(d / "tensors.safetensors"))
     case = GoldenCase(name=name, dir=d, manifest=m)

@@ -12,7 +12,6 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffusers_wan_ext.conversion.vae import load_vae_from_original
 from diffusers_wan_ext.models.camera_adapter import WanCameraControlAdapter
 from diffusers_wan_ext.pipelines.fun_conditioning import fun_camera_condition, fun_control_condition, i2v_condition
 from diffusers_wan_ext.utils.media import encode_video, load_image, load_video_frames
@@ -25,6 +24,7 @@ from diffusers_wan_ext.utils.camera import (
 )
 
 from .core import GoldenCase, runner
+from .vae import load_case_vae
 
 _ADAPTER_PREFIX = "control_adapter."
 
@@ -71,7 +71,7 @@ def run_fun_condition(case: GoldenCase, tmp_path) -> dict:
     pixels = case.inputs["image_uint8"].shape
     h, w = int(cfg.get("height", pixels[0])), int(cfg.get("width", pixels[1]))
     adapter_file, vae_file = _split_weight_files(case)
-    vae = load_vae_from_original(vae_file).eval()
+    vae = load_case_vae(case, vae_file).eval()
     z_dim = int(vae.config.z_dim)  # noisy-latent channels = control-latent channels
 
     def in_dim(output: str) -> int:  # "y_fun_control_in48_..." -> 48

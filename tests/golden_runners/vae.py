@@ -8,6 +8,9 @@ tensors.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from diffusers_wan_ext.conversion.vae import load_vae_from_original
@@ -32,6 +35,20 @@ _CONFIG_FIELDS = (
     ("spatial_factor", "scale_factor_spatial"),
     ("temporal_factor", "scale_factor_temporal"),
 )
+
+
+def load_case_vae(case: GoldenCase, path=None):
+    """Our converter's VAE of the case (``path``: one of its weight files, default all of them) with the latent
+    statistics the fixture states -- the case's own ``latent_normalization``, else that of the case the shared weights
+    file belongs to (``../vae21/weights.safetensors`` -> ``vae21/manifest.json``).  The weights carry no statistics:
+    without this, a z_dim no release has would get the converter's mean 0 / std 1."""
+    norm = case.manifest.get("latent_normalization")
+    if norm is None and path is not None and (Path(path).parent / "manifest.json").is_file():
+        norm = json.loads((Path(path).parent / "manifest.json").read_text()).get("latent_normalization")
+    stats = {}
+    if norm and "mean" in norm and "std" in norm:
+        stats = {"latents_mean": [float(v) for v in norm["mean"]], "latents_std": [float(v) for v in norm["std"]]}
+    return load_vae_from_original(case.weights() if path is None else path, torch_dtype=torch.float32, **stats)
 
 
 def _check_config(case: GoldenCase, vae) -> None:
@@ -65,7 +82,7 @@ def _check_tiles(case: GoldenCase, video: torch.Tensor, latents: torch.Tensor, f
 
 @runner("vae21", "vae22")
 def run_vae(case: GoldenCase, tmp_path) -> dict:
-    vae = load_vae_from_original(case.weights(), torch_dtype=torch.float32)
+    vae = load_case_vae(case)
     _check_config(case, vae)
     video = case.inputs["video"].float()
     z_in = case.inputs["latent_for_decode"].float()
