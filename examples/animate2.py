@@ -27,11 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+# first: registers WanAnimate2Pipeline and, before Diffusers imports bitsandbytes / torchao, drops their import noise
+import diffusers_wan_ext  # noqa: F401
+
 from diffusers import DiffusionPipeline
 from diffusers.utils import export_to_video
 from PIL import Image
-
-import diffusers_wan_ext  # noqa: F401  (registers WanAnimate2Pipeline)
 
 # DiffSynth-Studio's example prompt for the driving video's reference pass ("the person in the video moves, the
 # background is still")

@@ -86,9 +86,9 @@ def main(argv=None):
         parser.error("give the first frame (an image file) after the model folder")
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    pipe = MovaPipeline.from_pretrained(args.model, dtype=dtype)
-    pipe.vae.to(torch.float32)
-    pipe.audio_vae.to(torch.float32)
+    # the two VAEs load in float32 (per-component dtype): a later ``.to(torch.float32)`` would make Diffusers warn
+    pipe = MovaPipeline.from_pretrained(args.model, dtype={"default": dtype, "vae": torch.float32,
+                                                           "audio_vae": torch.float32})
     if torch.cuda.is_available() and not tiny:
         pipe.enable_model_cpu_offload()
     out = pipe(
