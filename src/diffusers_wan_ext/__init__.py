@@ -14,7 +14,7 @@ from .utils.import_noise import silence_quantizer_import_noise
 # before Diffusers imports bitsandbytes / torchao (when installed): none of their import-time log lines on stderr
 silence_quantizer_import_noise()
 
-from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: E402  (loadable bases for Diffusers)
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: E402, F401  (loadable bases for Diffusers)
 
 from .utils.clip_processor import bind_clip_image_processor
 
