@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Shared by sage2_build.sh and fa3_build.sh (sourced after they set W, LOG, TARGET, JOBS, CUDA_HOME and fail()):
+# Shared by sage2_build.sh and fa3_build.sh (sourced after they set ROOT, W, LOG, TARGET, JOBS and fail(); CUDA_HOME
+# before cxx_std_and_versions):
+#   install_prebuilt TAG FOLDER PATTERN   a carried earlier wheel installed instead of a build (exits the script)
 #   cxx_std_and_versions TAG       -std=c++17 -> c++20 in setup.py when the installed torch's cpp_extension no longer
 #                                   mentions C++17 (its default since torch 2.12); logs torch / nvcc / jobs
 #   wheel_and_install TAG PATTERN   pip wheel of the current folder into $W/wheel, the wheel matching PATTERN
@@ -23,4 +25,17 @@ wheel_and_install() {
   [ -n "$WHL" ] || fail "no wheel written"
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$TARGET" "$WHL" >> "$LOG" 2>&1 ||
     fail "installing $WHL into $TARGET"
+}
+
+# install_prebuilt TAG FOLDER PATTERN: a wheel built earlier (copied back from $OUT, carried in the ignored FOLDER,
+# e.g. .sage2whl/): installed into $TARGET, DONE marked, and the script exits -- no build
+install_prebuilt() {
+  local prebuilt
+  prebuilt=$(ls "$ROOT/$2"/$3 2>/dev/null | head -1)
+  [ -n "$prebuilt" ] || return 0
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$TARGET" "$prebuilt" >> "$LOG" 2>&1 ||
+    fail "installing $prebuilt"
+  touch "$W/DONE"
+  echo "$1: installed the carried $(basename "$prebuilt") into $TARGET (no build)" | tee -a "$LOG"
+  exit 0
 }

@@ -49,15 +49,7 @@ LOG=$W/build.log
 fail() { tail -60 "$LOG" | grep -iv "ptxas info\|bytes stack frame\|^$" | tail -25; echo "fa3_build: FAILED: $1 (log: $LOG)" | tee -a "$LOG"; touch "$W/FAILED"; exit 1; }
 source "$ROOT/benchmarks/ext_build_lib.sh"
 START=$(date +%s)
-# a wheel built earlier (copied back from $OUT and carried in the ignored folder .fa3whl/): install it, no build
-PREBUILT=$(ls "$ROOT"/.fa3whl/flash_attn_3-*.whl 2>/dev/null | head -1)
-if [ -n "$PREBUILT" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$TARGET" "$PREBUILT" >> "$LOG" 2>&1 ||
-    fail "installing $PREBUILT"
-  touch "$W/DONE"
-  echo "fa3_build: installed the carried $(basename "$PREBUILT") into $TARGET (no build)" | tee -a "$LOG"
-  exit 0
-fi
+install_prebuilt fa3_build .fa3whl "flash_attn_3-*.whl"
 [ -f "$ROOT/.fa3src/fa3src.tar.xz" ] || fail "no .fa3src/fa3src.tar.xz (run scripts/make_fa3src.sh here, carry .fa3src)"
 mkdir -p "$W/src"
 tar -xJf "$ROOT/.fa3src/fa3src.tar.xz" -C "$W/src" >> "$LOG" 2>&1 || fail "unpacking .fa3src/fa3src.tar.xz"

@@ -34,15 +34,7 @@ LOG=$W/build.log
 fail() { echo "sage2_build: FAILED: $1 (log: $LOG)" | tee -a "$LOG"; tail -40 "$LOG" | grep -iv "ptxas info\|bytes stack frame\|^$" | tail -25; touch "$W/FAILED"; exit 1; }
 source "$ROOT/benchmarks/ext_build_lib.sh"
 START=$(date +%s)
-# a wheel built earlier (copied back from $OUT and carried in the ignored folder .sage2whl/): install it, no build
-PREBUILT=$(ls "$ROOT"/.sage2whl/sageattention-*.whl 2>/dev/null | head -1)
-if [ -n "$PREBUILT" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$TARGET" "$PREBUILT" >> "$LOG" 2>&1 ||
-    fail "installing $PREBUILT"
-  touch "$W/DONE"
-  echo "sage2_build: installed the carried $(basename "$PREBUILT") into $TARGET (no build)" | tee -a "$LOG"
-  exit 0
-fi
+install_prebuilt sage2_build .sage2whl "sageattention-*.whl"
 [ -f "$ROOT/.sage2src/setup.py" ] || fail "no .sage2src/setup.py (carry .sage2src)"
 cp -r "$ROOT/.sage2src" "$W/src"
 cd "$W/src" || fail "cd $W/src"
