@@ -201,7 +201,7 @@ def write_pcm16_wav(path: Path, pcm: np.ndarray, rate: int) -> Path:
     return path
 
 
-def fixed_draws_loss(transformer, cache: Path) -> float:
+def fixed_draws_loss(transformer, cache: Path, seeds: int = 4) -> float:
     """Mean training loss of ``transformer`` (a trained LoRA already loaded, or not) over fixed (entry, timestep,
     noise) draws of the trainer's cached clips in ``cache``: the per-family "LoRA lowers the loss" measure."""
     from diffusers_wan_ext.training import FlowMatchTrainingSchedule
@@ -216,7 +216,15 @@ def fixed_draws_loss(transformer, cache: Path) -> float:
     with torch.no_grad():
         for i in range(len(ds)):
             inputs = ModelInputs.from_tensors(ds[i]["cached"])
-            for seed in range(4):
+            for seed in range(seeds):
                 loss, smp = training_loss(module, inputs, schedule, torch.Generator().manual_seed(seed), torch.float32)
                 total.append(float(loss) / smp.weight)
     return float(np.mean(total))
+
+
+def randomize_lora(transformer, seed: int = 0) -> None:
+    """Fill every ``lora_*`` parameter of ``transformer`` with seeded normal values (a LoRA that changes outputs)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=g)

@@ -20,6 +20,7 @@ from diffusers_wan_ext.lora.convert import peft_lora_state_dict
 from diffusers_wan_ext.pipelines import LongCatVideoPipeline
 from diffusers_wan_ext_cli import main
 from diffusers_wan_ext_cli.parser import FAMILY_LORA_FORMATS
+from helpers import randomize_lora
 from model_cases import model_cases
 
 #: a fused qkv (3 parts), a partly trained kv_linear (k only: v gets zero factors) and single projections
@@ -32,10 +33,7 @@ def lora() -> dict[str, torch.Tensor]:
     case = next(c for c in model_cases() if c.name == "longcat")
     transformer = case.model_class(**case.init_kwargs)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
-    g = torch.Generator().manual_seed(0)
-    for name, p in transformer.named_parameters():
-        if "lora_" in name:
-            p.data = torch.randn(p.shape, generator=g)
+    randomize_lora(transformer)
     return peft_lora_state_dict(transformer)
 
 

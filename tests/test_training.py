@@ -34,7 +34,7 @@ SIZE = ["--height", "32", "--width", "32", "--num_frames", "9"]
 COMMON = [*SIZE, "--max_sequence_length", "32", "--dtype", "fp32", "--report_to", "none", "--lora_rank", "4"]
 
 from diffusers_wan_ext.lora import EXPORT_FILE_NAMES, LORA_FORMATS
-from helpers import src_env
+from helpers import fixed_draws_loss, src_env
 
 
 # ------------------------------------------------------------------------------------------------------- fixtures
@@ -276,26 +276,13 @@ def _eval_loss(t2v: Path, cache: Path, lora: Path | None) -> float:
     """Mean training loss over fixed (entry, timestep, noise) draws, base transformer (+ a trained LoRA)."""
     from diffusers import WanTransformer3DModel
 
-    from diffusers_wan_ext.training.inputs import ModelInputs
-    from diffusers_wan_ext.training.modules import WanTrainingModule, add_lora, load_lora_into, training_loss
-    from diffusers_wan_ext.training.trainer import CachedDataset
+    from diffusers_wan_ext.training.modules import add_lora, load_lora_into
 
     transformer = WanTransformer3DModel.from_pretrained(str(t2v), subfolder="transformer")
     if lora is not None:
         add_lora(transformer, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2", "proj_out"])
         load_lora_into(transformer, load_file(str(lora / "pytorch_lora_weights.safetensors")), "trained")
-    module = WanTrainingModule(transformer).eval()
-    schedule = FlowMatchTrainingSchedule(min_boundary=0.2, max_boundary=0.8)  # skip the ~0-weight ends
-    ds = CachedDataset(cache)
-    total = []
-    with torch.no_grad():
-        for i in range(len(ds)):
-            inputs = ModelInputs.from_tensors(ds[i]["cached"])
-            for seed in range(6):
-                loss, smp = training_loss(module, inputs, schedule, torch.Generator().manual_seed(seed),
-                                          torch.float32)
-                total.append(float(loss) / smp.weight)
-    return float(np.mean(total))
+    return fixed_draws_loss(transformer, cache, seeds=6)
 
 
 def test_lora_training_lowers_the_loss_and_the_lora_loads_into_stock_diffusers(t2v, cache, tmp_path):

@@ -29,6 +29,8 @@ from diffusers_wan_ext.training.targets import lora_target_modules
 from diffusers_wan_ext.utils.io import ConversionError
 from model_cases import WAN_TINY, model_cases
 
+from helpers import randomize_lora
+
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
@@ -118,10 +120,7 @@ def _trained_lora(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     args = SimpleNamespace(lora_target_names=DEFAULT_TARGETS.split(","),
                            lora_target_modules=map_lora_target_modules(DEFAULT_TARGETS))
     add_lora(transformer, 4, 4, lora_target_modules(transformer, args), scope="dit")
-    g = torch.Generator().manual_seed(0)
-    for name, p in transformer.named_parameters():
-        if "lora_" in name:
-            p.data = torch.randn(p.shape, generator=g)
+    randomize_lora(transformer)
     return peft_lora_state_dict(transformer)
 
 
