@@ -26,6 +26,7 @@ gguf = pytest.importorskip("gguf")
 
 from diffusers_wan_ext_cli import main as cli_main  # noqa: E402
 from diffusers_wan_ext.conversion.dit import load_dit_from_original  # noqa: E402
+from diffusers_wan_ext.conversion.quantized_dit import load_quantized_dit  # noqa: E402
 from diffusers_wan_ext.conversion.text_encoder import (  # noqa: E402
     GGUF_T5_NAMES, convert_t5_state_dict, load_t5_from_original)
 from diffusers_wan_ext.conversion.vae import load_vae_from_original  # noqa: E402
@@ -200,6 +201,49 @@ def test_family_dits_load_from_single_files(tiny_release, tmp_path, arch):
             assert torch.allclose(got[k], expect[k], rtol=2e-3, atol=1e-6), (arch, name, k)
         worst = max(rel_rms(got[k], ref[k]) for k in got if ref[k].numel() > 1)
         assert worst < {"gguf-q4_0": 0.12, "fp8-e5m2": 0.25}.get(name, 6e-2), (arch, name, worst)
+
+
+def llama_quantize_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape llama.cpp's ``llama-quantize`` writes (city96's GGUF workflow): the trailing GGML dims of size 1
+    dropped (``ggml_n_dims``: the leading PyTorch 1s), except the ``.modulation`` / ``img_emb.emb_pos`` tensors its
+    Wan patch (``tools/lcpp.patch``) sets back to 3 dims."""
+    ne = list(reversed(shape))
+    n = len(ne)
+    while n > 1 and ne[n - 1] == 1:
+        n -= 1
+    if (".modulation" in key or key == "img_emb.emb_pos") and len(ne) >= 3:
+        n = max(n, 3)
+    return tuple(reversed(ne[:n]))
+
+
+@pytest.mark.parametrize("arch", ["s2v", "animate"])
+def test_gguf_with_unit_dims_dropped_by_llama_quantize(tiny_release, tmp_path, arch):
+    """S2V's ``casual_audio_encoder.weights`` [1, L, 1, 1] / ``padding_tokens`` [1, 1, 1, dim] and Animate's
+    ``padding_tokens`` / motion-encoder biases [1, C, 1, 1] come back from llama-quantize without their leading 1s;
+    both loaders put them back (the 5-D tensors added F32 at full shape as fix_5d_tensors.py does)."""
+    release = tiny_release(arch)
+    sd = load_state_dict(release / "diffusion_pytorch_model.safetensors")
+    cfg = json.loads((release / "config.json").read_text())
+    tensors, dropped = {}, []
+    for k, v in sd.items():
+        shape = tuple(v.shape) if v.ndim > 4 else llama_quantize_shape(k, tuple(v.shape))
+        dropped += [k] if shape != tuple(v.shape) else []
+        arr = v.float().numpy().reshape(shape)
+        quantize = arr.ndim == 2 and arr.shape[-1] % 32 == 0 and arr.size > 1024 and k.endswith("weight")
+        tensors[k] = (gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0), "Q8_0") if quantize else (arr, "F32")
+    assert any("padding_tokens" in k for k in dropped), dropped
+    write_raw_gguf(tmp_path / "dit-Q8_0.gguf", tensors)
+    deq = {k: v.reshape(sd[k].shape) for k, v in reference_gguf(tmp_path / "dit-Q8_0.gguf").items()}
+    expect = load_dit_from_original(deq, cfg, torch.float32).state_dict()
+    got = load_dit_from_original(tmp_path / "dit-Q8_0.gguf", cfg, torch.float32).state_dict()
+    assert set(got) == set(expect)
+    for k in got:
+        assert torch.allclose(got[k], expect[k], rtol=2e-3, atol=1e-6), k
+    kept = load_quantized_dit(tmp_path / "dit-Q8_0.gguf", cfg, torch.float32)
+    assert any(hasattr(p, "quant_type") for p in kept.parameters())
+    for k, v in kept.state_dict().items():
+        if not hasattr(v, "quant_type"):
+            assert torch.allclose(v.float(), expect[k], rtol=2e-3, atol=1e-6), k
 
 
 def test_core_dit_output_matches_dequantized_reference(tiny_release, tmp_path):
@@ -394,6 +438,17 @@ def test_bad_gguf_files(tmp_path):
     w.write_tensors_to_file()
     w.close()
     one_line_error(tmp_path / "shape-str.gguf", "comfy.gguf.orig_shape.blocks.0.ffn.0.weight", "not an integer array")
+
+
+def test_dit_key_errors_name_the_file(tiny_release, tmp_path):
+    sd = load_state_dict(tiny_release("t2v") / "diffusion_pytorch_model.safetensors")
+    sd["blocks.1.ffn.0.weight"] = sd["blocks.1.ffn.0.weight"][:40]
+    write_gguf(tmp_path / "bad-Q8_0.gguf", sd, "Q8_0")
+    for load in (load_dit_from_original, load_quantized_dit):
+        with pytest.raises(ConversionError) as e:
+            load(tmp_path / "bad-Q8_0.gguf", torch_dtype=torch.float32)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(str(tmp_path / "bad-Q8_0.gguf")) and "ffn" in msg, msg
 
 
 def test_bad_fp8_files(tmp_path):

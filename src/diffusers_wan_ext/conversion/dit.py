@@ -22,14 +22,16 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from accelerate import init_empty_weights
 
-from ..utils.io import ConversionError, format_keys, load_state_dict, raise_for_key_problems, strip_known_prefixes
+from ..utils.io import (ConversionError, format_keys, load_state_dict, naming, raise_for_key_problems,
+                        strip_known_prefixes)
 
 __all__ = [
     "TOP_LEVEL_KEY_MAP",
@@ -45,6 +47,8 @@ __all__ = [
     "register_dit_extension",
     "rename_by_table",
     "rename_dit_key",
+    "restore_unit_dims",
+    "unit_dim_shape",
     "dit_config_from_state_dict",
     "load_dit_from_original",
     "find_dit_files",
@@ -103,6 +107,17 @@ REQUIRED_KEYS = (
     "blocks.0.self_attn.q.weight",
 )
 RELEASE_HEAD_DIM = 128
+#: original-layout tensors whose leading dims are 1, and their rank.  llama.cpp's ``llama-quantize`` (city96's GGUF
+#: workflow) writes a tensor with its trailing GGML dims of size 1 dropped -- the leading PyTorch dims -- and its
+#: Wan patch restores only ``.modulation`` and ``img_emb.emb_pos``: S2V's ``casual_audio_encoder.weights``
+#: ``[1, layers, 1, 1]`` comes back ``(layers, 1, 1)``, Animate's ``padding_tokens`` ``[1, 1, 1, dim]`` ``(dim,)``.
+UNIT_DIM_RANKS = (
+    (re.compile(r"(^|\.)modulation$"), 3),
+    (re.compile(r"^img_emb\.emb_pos$"), 3),
+    (re.compile(r"(^|\.)padding_tokens$"), 4),
+    (re.compile(r"^casual_audio_encoder\.weights$"), 4),
+    (re.compile(r"^motion_encoder\.enc\.net_app\.convs\..+\.bias$"), 4),
+)
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -244,6 +259,27 @@ def rename_dit_key(key: str, reverse: bool = False) -> str | None:
     return rename_by_table(key, top)
 
 
+def unit_dim_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with the leading 1s a GGUF writer dropped put back, for the keys of :data:`UNIT_DIM_RANKS`."""
+    rank = next((r for pattern, r in UNIT_DIM_RANKS if pattern.search(key)), 0)
+    return (1,) * (rank - len(shape)) + tuple(shape) if len(shape) < rank else tuple(shape)
+
+
+def restore_unit_dims(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """An original-layout state dict with the leading unit dims of :data:`UNIT_DIM_RANKS` restored (tensors are
+    viewed at the full shape; other values, e.g. stored quantized tensors, get ``shape`` replaced)."""
+    out = {}
+    for key, value in sd.items():
+        shape = unit_dim_shape(key, tuple(value.shape))
+        if shape == tuple(value.shape):
+            out[key] = value
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.reshape(shape)
+        else:
+            out[key] = replace(value, shape=shape)
+    return out
+
+
 def _convert(sd: Mapping[str, torch.Tensor], reverse: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     unknown = []
@@ -291,7 +327,7 @@ def convert_dit_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         >>> from safetensors.torch import load_file  # doctest: +SKIP
         >>> diffusers_sd = convert_dit_state_dict(load_file("diffusion_pytorch_model.safetensors"))  # doctest: +SKIP
     """
-    base, adapters = _split_adapters(strip_known_prefixes(dict(sd), "blocks."))
+    base, adapters = _split_adapters(restore_unit_dims(strip_known_prefixes(dict(sd), "blocks.")))
     out = _convert(base, reverse=False)
     for extension, keys in adapters:
         out.update(extension.convert_adapter(keys))
@@ -392,7 +428,7 @@ def _num_heads(sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], dim: int)
 def read_dit_shape(sd: Mapping[str, torch.Tensor], original_config: Mapping[str, Any] | None = None) -> DitShape:
     """The base Wan DiT widths of an ORIGINAL-layout state dict, checked against the release ``config.json``."""
     cfg = dict(original_config or {})
-    sd = strip_known_prefixes(dict(sd), "blocks.")
+    sd = restore_unit_dims(strip_known_prefixes(dict(sd), "blocks."))
     num_layers = len(check_block_layout(sd, REQUIRED_KEYS, "a Wan DiT"))
     pe = sd["patch_embedding.weight"]
     if pe.ndim != 5:
@@ -540,10 +576,12 @@ def load_dit_from_original(
     Example:
         >>> transformer = load_dit_from_original("Wan2.1-T2V-1.3B", torch_dtype=torch.bfloat16)  # doctest: +SKIP
     """
-    sd, original_config = read_original_dit(sd_or_path, original_config)
-    info = dit_config_from_state_dict(sd, original_config)
-    converted = convert_dit_state_dict(sd)
-    return load_converted_state_dict(build_transformer(info), converted, torch_dtype)
+    is_path = isinstance(sd_or_path, (str, os.PathLike))
+    with naming(Path(sd_or_path)) if is_path else nullcontext():  # a key / shape error names the file
+        sd, original_config = read_original_dit(sd_or_path, original_config)
+        info = dit_config_from_state_dict(sd, original_config)
+        converted = convert_dit_state_dict(sd)
+        return load_converted_state_dict(build_transformer(info), converted, torch_dtype)
 
 
 def load_converted_state_dict(model: torch.nn.Module, converted: dict[str, torch.Tensor], torch_dtype: torch.dtype | None):

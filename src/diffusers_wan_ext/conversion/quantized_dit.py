@@ -4,8 +4,8 @@
 file is read raw (:func:`~diffusers_wan_ext.utils.single_file.read_quantized`), the family and config come from the
 logical shapes, keys are renamed by the same DiT key tables (every registered family), and
 
-* a GGUF ``Linear`` weight of a type Diffusers dequantizes in torch (``Q8_0``, ``Q4_0`` .. ``Q2_K``, ``IQ4_*``,
-  ``BF16``) stays in its packed bytes in a Diffusers ``GGUFLinear`` (the model carries Diffusers' ``GGUFQuantizer``,
+* a GGUF ``Linear`` weight of a type Diffusers dequantizes in torch (``Q8_0``, ``Q4_0`` .. ``Q2_K``, ``IQ4_*``;
+  ``BF16`` loads as a plain tensor, as F16 / F32 do) stays in its packed bytes in a Diffusers ``GGUFLinear`` (the model carries Diffusers' ``GGUFQuantizer``,
   as ``from_single_file(..., quantization_config=GGUFQuantizationConfig(...))`` gives it: ``save_pretrained`` is
   refused, ``.to(dtype)`` too);
 * an fp8 ``Linear`` weight (plain or scaled) stays fp8 with its float32 scale in an
@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import models as package_models
 from ..models.quantized_linear import Fp8Linear, Fp8Storage, is_gguf_parameter
-from ..utils.io import ConversionError, strip_known_prefixes
+from ..utils.io import ConversionError, naming, strip_known_prefixes
 from ..utils.gguf_files import read_gguf, write_gguf_stored
 from ..utils.quantized_tensor import FP8_DTYPES, QuantizedTensor
 from ..utils.single_file import read_quantized
@@ -43,6 +43,7 @@ from .dit import (
     load_dit_from_original,
     locate_dit,
     rename_dit_key,
+    restore_unit_dims,
 )
 from .quantized_layers import assign_quantized_state, gguf_packed, keeps_fp32
 from .longcat import is_longcat_state_dict
@@ -69,7 +70,7 @@ def read_quantized_dit(path: str | os.PathLike) -> tuple[dict[str, QuantizedTens
     and the release ``config.json`` beside it, if any."""
     weights, cfg = locate_dit(path)
     tensors, _ = read_quantized(weights)
-    return strip_known_prefixes(tensors, "blocks."), cfg
+    return restore_unit_dims(strip_known_prefixes(tensors, "blocks.")), cfg
 
 
 def shape_state_dict(tensors: Mapping[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
@@ -201,12 +202,13 @@ def load_quantized_dit(path: str | os.PathLike, original_config: Mapping[str, An
     if not is_single_file(weights):
         model = load_dit_from_original(path, original_config, torch_dtype)
         return (model.to(device) if device is not None else model).eval()
-    tensors, cfg = read_quantized_dit(weights)
-    if is_longcat_state_dict(tensors):  # its own key map (fused projections cut by rows, stored data kept)
-        model = quantized_longcat_from_tensors(tensors, original_config or cfg, torch_dtype)
-        return model.to(device) if device is not None else model
-    info = dit_config_from_state_dict(shape_state_dict(tensors), original_config or cfg)
-    return quantized_dit_from_tensors(tensors, info, torch_dtype, device)
+    with naming(weights):  # a key / shape error names the file
+        tensors, cfg = read_quantized_dit(weights)
+        if is_longcat_state_dict(tensors):  # its own key map (fused projections cut by rows, stored data kept)
+            model = quantized_longcat_from_tensors(tensors, original_config or cfg, torch_dtype)
+            return model.to(device) if device is not None else model
+        info = dit_config_from_state_dict(shape_state_dict(tensors), original_config or cfg)
+        return quantized_dit_from_tensors(tensors, info, torch_dtype, device)
 
 
 # ------------------------------------------------------------------------------------ Diffusers folders, kept quantized
