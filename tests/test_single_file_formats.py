@@ -421,6 +421,9 @@ def test_bad_gguf_files(tmp_path):
     struct.pack_into("<I", patched, at + 4 + 8 * n_dims, 99)
     (tmp_path / "unknown.gguf").write_bytes(bytes(patched))
     one_line_error(tmp_path / "unknown.gguf", "blocks.0.ffn.0.weight", "unknown GGML quant type id 99")
+    struct.pack_into("<I", patched, at + 4 + 8 * n_dims, int(gguf.GGMLQuantizationType.Q8_K))  # rows of 64
+    (tmp_path / "rows.gguf").write_bytes(bytes(patched))
+    one_line_error(tmp_path / "rows.gguf", "blocks.0.ffn.0.weight", "rows of 64 values do not fit Q8_K blocks of 256")
     q8k = np.zeros((1, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K][1]), dtype=np.uint8)
     write_raw_gguf(tmp_path / "q8k.gguf", {"blocks.0.x.weight": (q8k, "Q8_K")})
     one_line_error(tmp_path / "q8k.gguf", "blocks.0.x.weight", "Q8_K")

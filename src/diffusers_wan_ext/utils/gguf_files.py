@@ -78,6 +78,9 @@ def _reader_class(gguf, path: Path):
                     raise QuantizedFileError(f"{path}: tensor {key}: unknown GGML quant type id {int(raw_dtype[0])} "
                                              f"(gguf {_version(gguf)} does not know it)") from None
                 block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+                if int(dims[0]) % block:
+                    raise QuantizedFileError(f"{path}: tensor {key}: rows of {int(dims[0])} values do not fit "
+                                             f"{qtype.name} blocks of {block}")
                 end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
                 if end > size:
                     raise QuantizedFileError(f"{path}: truncated GGUF file: tensor {key} needs {end} bytes but the "
