@@ -136,26 +136,35 @@ class WanAnimate2DenseAttnProcessor(WanAnimate2AttnProcessor):
                 "tokens)"
             )
         gen_len, ref_len = (origin_latent_frames + 1) * stride, origin_latent_frames * stride
-        key_gen = pack_frames(key, frames, hw, stride, gen_len)
-        value_gen = pack_frames(value, frames, hw, stride, gen_len)
+        # one buffer per K / V: the packed generation tokens, then a slot that frame j >= 1 fills with its reference
+        # frame j - 1 (no per-frame copy of the whole generation K / V, which eager and compiled runs paid per frame)
+        key_buf = pack_frames(key, frames, hw, stride, gen_len + stride)
+        value_buf = pack_frames(value, frames, hw, stride, gen_len + stride)
         key_ref = pack_frames(key_ref, ref_frames, ref_hw, stride, ref_len)
         value_ref = pack_frames(value_ref, ref_frames, ref_hw, stride, ref_len)
         bias = None
         if self.log_scale:
-            bias = key.new_zeros(gen_len)
+            bias = key.new_zeros(gen_len + stride)
             bias[stride : 2 * stride] = self.log_scale
 
+        differentiable = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (query, key, value, key_ref, value_ref))
         outputs = []
         for j in range(frames):
             q = query[:, j * hw : (j + 1) * hw]
-            k, v, mask = key_gen, value_gen, bias
+            keys = gen_len if j == 0 else gen_len + stride
             if j >= 1:
-                k = torch.cat([key_gen, key_ref[:, (j - 1) * stride : j * stride]], dim=1)
-                v = torch.cat([value_gen, value_ref[:, (j - 1) * stride : j * stride]], dim=1)
-                mask = None if bias is None else torch.cat([bias, bias.new_zeros(stride)])
+                slot = slice((j - 1) * stride, j * stride)
+                if differentiable:  # autograd keeps each frame's K / V: a fresh tensor per frame
+                    key_buf = torch.cat([key_buf[:, :gen_len], key_ref[:, slot]], dim=1)
+                    value_buf = torch.cat([value_buf[:, :gen_len], value_ref[:, slot]], dim=1)
+                else:
+                    key_buf[:, gen_len:] = key_ref[:, slot]
+                    value_buf[:, gen_len:] = value_ref[:, slot]
+            k, v = key_buf[:, :keys], value_buf[:, :keys]
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=None if mask is None else mask.view(1, 1, 1, -1),
+                attn_mask=None if bias is None else bias[:keys].view(1, 1, 1, -1),
             )
             outputs.append(out.transpose(1, 2))
         outputs.append(query[:, frames * hw :])  # padded query positions pass through, as in the reference
