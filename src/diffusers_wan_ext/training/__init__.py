@@ -3,6 +3,7 @@
 * :mod:`.args` -- the command line (DiffSynth-Studio's argument names);
 * :mod:`.dataset` -- metadata (csv / json / jsonl) datasets with row-naming errors;
 * :mod:`.components` -- loading a converted folder or an original release;
+* :mod:`.release_cache` -- family releases converted once and reused (``--conversion_cache_dir``);
 * :mod:`.inputs` -- conditioning through the pipelines' own code;
 * :mod:`.flow_match` -- DiffSynth-Studio's timestep sampling and loss weighting;
 * :mod:`.modules` -- LoRA / full fine-tuning, fp8 storage, gradient checkpointing, the loss;

@@ -30,6 +30,7 @@ from .dataset import EXTRA_INPUTS
 from .distill import DISTILL_COLUMNS
 from .model_ids import resolve_model_ids
 from .quantized_base import QUANT_METHODS, parse_quant_options, quant_package_missing
+from .release_cache import check_cache_dir
 
 __all__ = ["COMPONENT_ALIASES", "DTYPE_NAMES", "TASKS", "ComponentNames", "build_parser", "parse_args",
            "resolve_component"]
@@ -230,6 +231,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="load the umT5 tokenizer from this folder instead of --model_path's")
     g.add_argument("--audio_processor_path", default=None,
                    help="load the Wav2Vec2 audio processor (S2V) from this folder instead of --model_path's")
+    g.add_argument("--conversion_cache_dir", default=None,
+                   help="keep the converted folder of a release its family converts itself (MOVA, Animate-2, "
+                        "Wan-Dancer, LongCat-Video, Video-As-Prompt) in DIR/<release>-<digest>/ and reuse it while "
+                        "the release files (path, size, mtime), --dtype, --tokenizer_path, --image_encoder_heads and "
+                        "the package version are the same (one rank converts, the others wait); default: converted "
+                        "into a temporary folder under TMPDIR on every run and removed once loaded")
 
     g = p.add_argument_group("training")
     g.add_argument("--task", choices=TASKS, default="sft",
@@ -390,6 +397,11 @@ def _check_folders(args: argparse.Namespace, fail) -> None:
             fail(f"--{name} {value}: no such folder")
     if args.preset_lora_path is not None and not Path(args.preset_lora_path).exists():
         fail(f"--preset_lora_path {args.preset_lora_path}: no such file or folder")
+    if args.conversion_cache_dir is not None:
+        try:
+            check_cache_dir(args.conversion_cache_dir)
+        except ValueError as e:
+            fail(str(e))
 
 
 def _check_family_exports(args: argparse.Namespace, fail) -> None:

@@ -26,6 +26,7 @@ from ..conversion.release_io import DTYPES, progress_message
 from ..families import FAMILIES, ModelFamily, ReleaseOptions, training_declarations
 from ..release_converter import load_release
 from ..utils.io import read_json
+from .release_cache import CACHE_OPTION, cached_conversion, check_cache_dir
 
 __all__ = ["DTYPES", "ModelFolder", "WanTrainingComponents", "family_of_pipeline", "is_pipeline_class",
            "load_training_components", "load_transformer", "model_family", "model_folder", "release_family"]
@@ -219,6 +220,7 @@ class _LoadOptions:
     tokenizer_path: Any
     audio_processor_path: Any
     progress: bool
+    conversion_cache_dir: Path | None = None
 
     @property
     def dtype_name(self) -> str:
@@ -237,23 +239,27 @@ def load_training_components(
     tokenizer_path: str | os.PathLike | None = None,
     audio_processor_path: str | os.PathLike | None = None,
     progress: bool = False,
+    conversion_cache_dir: str | os.PathLike | None = None,
 ) -> WanTrainingComponents:
     """Load the trained expert (+ the encoders) from a Diffusers folder or an original release folder.
 
     Args:
         model_path: converted Diffusers pipeline folder (``model_index.json``) or original release folder: a Wan
             release read in memory, or a release a family converts itself (MOVA, Wan2.2-Animate-2, Wan-Dancer,
-            LongCat-Video, Video-As-Prompt), converted into a temporary folder that is removed once loaded
-            (:func:`model_folder` tells which).
+            LongCat-Video, Video-As-Prompt), converted into a temporary folder that is removed once loaded, or
+            kept in ``conversion_cache_dir`` (:func:`model_folder` tells which).
         expert: ``"transformer"`` or ``"transformer_2"``.
         dtype: dtype of the transformer and the text / image encoders; ``vae_dtype`` of the VAE (default ``dtype``).
         load_encoders: ``False`` skips text encoder, tokenizer, VAE and CLIP (training from a cache).
         transformer_path: load the expert from here instead (Diffusers transformer folder or original DiT).
         tokenizer_path, audio_processor_path: load the tokenizer / the S2V audio processor from these folders
             instead (DiffSynth-Studio's ``--tokenizer_path`` / ``--audio_processor_path``).
+        conversion_cache_dir: keep a family release's converted folder here for later runs
+            (:func:`~diffusers_wan_ext.training.release_cache.cached_conversion`); checked before anything loads.
     """
+    cache = check_cache_dir(conversion_cache_dir) if conversion_cache_dir is not None else None
     opts = _LoadOptions(expert, dtype, vae_dtype or dtype, load_encoders, transformer_path, image_encoder_heads,
-                        tokenizer_path, audio_processor_path, progress)
+                        tokenizer_path, audio_processor_path, progress, cache)
     folder = model_folder(model_path)
     if folder.kind == "converted":
         return _load_converted(folder.path, opts, folder.path)
@@ -264,12 +270,18 @@ def load_training_components(
 
 def _load_family_release(folder: ModelFolder, opts: _LoadOptions) -> WanTrainingComponents:
     """A release its family converts itself: converted (every component, the run's dtype) into a temporary folder
-    (under ``TMPDIR``), loaded from there as a converted folder, and the temporary folder removed."""
+    (under ``TMPDIR``), loaded from there as a converted folder, and the temporary folder removed; with
+    ``conversion_cache_dir`` the converted folder is kept there and reused while the release and options are the
+    same."""
     options = ReleaseOptions(dtype=opts.dtype_name, tokenizer=opts.tokenizer_path if opts.load_encoders else None,
                              progress=opts.progress, image_encoder_heads=opts.image_encoder_heads, overwrite=True)
+    if opts.conversion_cache_dir is not None:
+        converted = cached_conversion(opts.conversion_cache_dir, folder.path, folder.family, options, opts.progress)
+        return _load_converted(converted, opts, folder.path)
     with tempfile.TemporaryDirectory(prefix="diffusers-wan-train-", ignore_cleanup_errors=True) as tmp:
         progress_message(f"{folder.path}: a {folder.family.title.split(' (')[0]} release; converting it for training "
-                         f"into {tmp} (removed once loaded)", opts.progress)
+                         f"into {tmp} (removed once loaded; {CACHE_OPTION} DIR keeps it for later runs)",
+                         opts.progress)
         converted = folder.family.convert_release(folder.path, Path(tmp) / "model", options)
         return _load_converted(Path(converted), opts, folder.path)
 

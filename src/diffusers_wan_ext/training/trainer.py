@@ -321,6 +321,7 @@ class WanTrainer:
             load_encoders=not args.task.endswith(":train"), transformer_path=self._quantized_base(),
             image_encoder_heads=args.image_encoder_heads, tokenizer_path=args.tokenizer_path,
             audio_processor_path=args.audio_processor_path, progress=acc.is_main_process,
+            conversion_cache_dir=args.conversion_cache_dir,
         )
         self.dataset = _dataset(args, self.components, args.dataset_repeat)
         self.builder = None
@@ -758,7 +759,7 @@ def run_data_process(args) -> Path:
         args.model_path, expert=args.expert, dtype=dtype, vae_dtype=DTYPES[args.vae_dtype], load_encoders=True,
         transformer_path=args.transformer_path, image_encoder_heads=args.image_encoder_heads,
         tokenizer_path=args.tokenizer_path, audio_processor_path=args.audio_processor_path,
-        progress=acc.is_main_process,
+        progress=acc.is_main_process, conversion_cache_dir=args.conversion_cache_dir,
     )
     dataset = _dataset(args, components, repeat=1)
     offload = _move_encoders(components, acc.device, args.fp8_models, offload=args.enable_model_cpu_offload)
