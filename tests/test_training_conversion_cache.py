@@ -68,7 +68,7 @@ def test_second_run_loads_the_cached_conversion(release, calls, tmp_path, capsys
     info = json.loads((entry / CACHE_INFO).read_text())
     assert info["fingerprint"]["release"] == str(release.resolve()) and info["created"]
     assert info["fingerprint"]["options"] == {"dtype": "fp32", "tokenizer": None, "tokenizer_files": [],
-                                              "image_encoder_heads": 2}
+                                              "image_encoder_heads": 2, "variant": None, "transformer_only": False}
     assert (entry / info["model"] / "model_index.json").is_file()
     assert "converting it for training into" in capsys.readouterr().err
 

@@ -99,7 +99,8 @@ def release_fingerprint(release: str | os.PathLike, family: ModelFamily, options
                         cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """What determines the converted folder: the resolved release path and its files (relative path, size,
     ``mtime_ns``; a ``cache_dir`` inside the release is left out), the family, the options that change the result
-    (dtype, tokenizer folder and its files, CLIP heads) and the versions of this package and Diffusers."""
+    (dtype, tokenizer folder and its files, CLIP heads, release row, transformer only) and the versions of this
+    package and Diffusers."""
     release = Path(release).resolve()
     skip = Path(os.path.realpath(cache_dir)) if cache_dir is not None else None
     tokenizer = Path(options.tokenizer).resolve() if options.tokenizer is not None else None
@@ -110,7 +111,8 @@ def release_fingerprint(release: str | os.PathLike, family: ModelFamily, options
         "files": _stats(release, skip),
         "options": {"dtype": options.dtype, "tokenizer": None if tokenizer is None else str(tokenizer),
                     "tokenizer_files": _stats(tokenizer, None) if tokenizer is not None else [],
-                    "image_encoder_heads": options.image_encoder_heads},
+                    "image_encoder_heads": options.image_encoder_heads, "variant": options.variant,
+                    "transformer_only": options.transformer_only},
         "versions": {"diffusers_wan_ext": _package_version("diffusers_wan_ext"), "diffusers": diffusers.__version__},
     }
 
