@@ -271,3 +271,24 @@ def test_kept_folders_export_back_to_the_original_layout(folders, tmp_path):
         assert set(exported) == set(source), name
         for k, v in source.items():  # float16 dequantization of the GGUF blocks only
             assert torch.allclose(exported[k], v, rtol=1e-3, atol=1e-6), (name, k)
+
+
+def test_animate_fp8_kept_in_fp32(tiny_release, tmp_path):
+    """Animate's face-adapter ``to_k`` / ``to_v`` are cut from the file's fused ``linear1_kv`` (views of one
+    storage); kept fp8 with ``--dtype fp32`` they are saved as copies (safetensors refuses shared views)."""
+    release = tiny_release("animate")
+    sd = {f"model.diffusion_model.{k}": v for k, v in
+          load_state_dict(release / "diffusion_pytorch_model.safetensors").items()}
+    tensors, meta = fp8_state_dict(sd, prefix="model.diffusion_model.")
+    path = tmp_path / "animate_fp8_scaled.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta or None)
+    out = tmp_path / "kept"
+    assert cli_main(["convert", str(path), str(out), "--transformer-only", "--dtype", "fp32",
+                     "--keep-quantized"]) == 0
+    cfg = json.loads((release / "config.json").read_text())
+    stored, want = load_file(str(out / "diffusion_pytorch_model.safetensors")), \
+        load_quantized_dit(path, cfg, torch_dtype=torch.float32).state_dict()
+    for k in ("face_adapter.0.to_k.weight", "face_adapter.0.to_v.weight"):
+        assert torch.equal(stored[k], want[k]), k
+    kept = load_quantized_folder(out)  # layerwise casting stores them in fp8 again (stock behaviour)
+    assert rel_rms(kept.state_dict()["face_adapter.0.to_k.weight"].float(), want["face_adapter.0.to_k.weight"]) < 0.1

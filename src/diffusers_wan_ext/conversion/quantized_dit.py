@@ -283,10 +283,17 @@ def _fp8_folder_tensors(model: nn.Module, torch_dtype: torch.dtype) -> tuple[dic
             out[key] = unscaled_fp8_weight(layers[module])
             rescaled += int(not bool((layers[module].weight_scale == 1).all()))
         elif t.is_floating_point():
-            out[key] = t.to(torch.float32 if keeps_fp32(key, keep) and torch_dtype != torch.float32 else torch_dtype)
+            out[key] = _own_storage(t.to(torch.float32 if keeps_fp32(key, keep) and torch_dtype != torch.float32
+                                         else torch_dtype))
         else:
             out[key] = t
     return out, {"storage_dtype": fp8_types[0], "fp8_layers": len(layers), "rounded_again": rescaled}
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it is a view of part of a larger storage (Animate's ``to_k`` / ``to_v``, cut from the
+    file's fused ``linear1_kv``), which safetensors refuses to save."""
+    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
