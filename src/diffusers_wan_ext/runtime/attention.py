@@ -19,6 +19,10 @@ A package counts as installed only if Diffusers' own requirement check passes
 ``sage`` backend refuses sageattention 1.0.6.  Hub backends (``*_hub``, which download kernels) are never picked
 automatically; they can still be requested by name.
 
+FlashAttention-3 in fp8 (``flash_3_fp8``, :mod:`.flash3_fp8`) changes numerics, so it is no row of that table and
+never picked: :func:`~diffusers_wan_ext.runtime.optimize_transformer` runs it for self-attention only when asked
+(``self_attention="flash_3_fp8"``); :func:`attention_backend_report` lists its status last.
+
 The choice is per model: :func:`set_attention_backend` sets the processors of the pipeline's transformers
 (``transformer``, ``transformer_2``; VAE and text encoders do not use the dispatch) and leaves Diffusers' global
 active backend as it was, so another pipeline in the same process keeps its own setting.
@@ -38,6 +42,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from diffusers.utils import logging
 
+from .flash3_fp8 import FLASH3_FP8_BACKEND, flash3_fp8_unavailable_reason
 from .flash4 import FLASH4_BACKEND, flash4_unavailable_reason, register_local_flash4
 from .sage import register_traceable_sage
 
@@ -227,12 +232,20 @@ def _default_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cpu")
 
 
+def _preference_report(device: torch.device, dtype: torch.dtype | None) -> dict[str, str | None]:
+    return {choice.backend: choice.condition(device, dtype) for choice in ATTENTION_PREFERENCE}
+
+
 def attention_backend_report(
     device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> dict[str, str | None]:
-    """``{backend: None if it can run, else why not}`` for every row of :data:`ATTENTION_PREFERENCE`, in order."""
+    """``{backend: None if it can run, else why not}`` for every row of :data:`ATTENTION_PREFERENCE`, in order, then
+    ``flash_3_fp8`` (FlashAttention-3 fp8, self-attention only and opt-in: ``optimize_transformer(...,
+    self_attention="flash_3_fp8")``; never chosen by ``"auto"``)."""
     dev = _default_device(device)
-    return {choice.backend: choice.condition(dev, dtype) for choice in ATTENTION_PREFERENCE}
+    report = _preference_report(dev, dtype)
+    report[FLASH3_FP8_BACKEND] = flash3_fp8_unavailable_reason(dev, dtype)
+    return report
 
 
 def available_attention_backends(
@@ -240,7 +253,7 @@ def available_attention_backends(
 ) -> list[str]:
     """The backends of :data:`ATTENTION_PREFERENCE` that can run on ``device`` (default: the current CUDA device,
     else the CPU) with weights of ``dtype`` (default: any), fastest first.  ``"native"`` is always among them."""
-    return [name for name, reason in attention_backend_report(device, dtype).items() if reason is None]
+    return [name for name, reason in _preference_report(_default_device(device), dtype).items() if reason is None]
 
 
 def select_attention_backend(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> str:
@@ -409,7 +422,7 @@ def set_attention_backend(
     if device is not None:
         target = torch.device(device)
     if name == "auto":
-        report = attention_backend_report(target, dtype)
+        report = _preference_report(target, dtype)
         name = next(n for n, reason in report.items() if reason is None)
         skipped = _skipped_summary(report, name)
         detail = f" ({skipped})" if skipped else ""
@@ -422,7 +435,7 @@ def set_attention_backend(
                 reason = f"{_PACKAGES[key][0]} is not installed"
             status = "; ".join(
                 f"{c.label} ({c.backend!r}): {r or 'available'}"
-                for c, r in zip(ATTENTION_PREFERENCE, attention_backend_report(target, dtype).values())
+                for c, r in zip(ATTENTION_PREFERENCE, _preference_report(target, dtype).values())
             )
             raise ValueError(
                 f"attention backend {name!r} cannot be used here: {reason}. "

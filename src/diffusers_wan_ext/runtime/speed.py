@@ -15,6 +15,9 @@
    with :data:`COMPILE_OPTIONS`): one compiled block reused by every layer, so compile time stays short and hooks
    on the model (step caching, motion control, offloading) keep working around the compiled blocks.
 
+Opt-in, never automatic (changes numerics): ``self_attention="flash_3_fp8"`` runs the blocks' self-attention
+through FlashAttention-3 in fp8 (:mod:`diffusers_wan_ext.runtime.flash3_fp8`); cross-attention keeps ``attention``.
+
 Example:
     >>> from diffusers_wan_ext.runtime import optimize_transformer
     >>> optimize_transformer(pipe)  # doctest: +SKIP
@@ -35,6 +38,7 @@ from ..hooks.vram import CASTING_HOOKS, GROUP_OFFLOAD_HOOKS
 from ..models.attention_processor import WanFusedQKRopeAttnProcessor
 from ..models.quantized_linear import FP8_GEMM_MODES, Fp8Linear
 from .attention import attention_models, set_attention_backend
+from .flash3_fp8 import FLASH3_FP8_BACKEND, flash3_fp8_unavailable_reason, set_flash3_fp8_self_attention
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -163,6 +167,7 @@ def optimize_transformer(
     compile_options: dict | None = None,
     compile_backend: str | Callable = "inductor",
     verbose: bool = True,
+    self_attention: str | None = None,
 ) -> dict:
     """Apply the fast defaults to every transformer of a pipeline (``transformer``, ``transformer_2``) or to one model.
 
@@ -195,17 +200,25 @@ def optimize_transformer(
             window but a shorter last one has the same shape, so the blocks compile once for the window and once
             more (with a dynamic token count) for the shorter last window, never per window or per step.
         verbose: log the attention choice.
+        self_attention: ``None`` (default: self-attention uses ``attention`` like every layer) or
+            ``"flash_3_fp8"``: the blocks' self-attention (``attn1``) runs FlashAttention-3 in fp8 e4m3 with one
+            scale per head (:mod:`~diffusers_wan_ext.runtime.flash3_fp8`; Hopper, FlashAttention-3 built with FP8);
+            changes numerics (~1.5e-2 relative error on Wan 14B), so never chosen automatically. Refused with the
+            reason when it cannot run here.
 
     Returns:
         A report: ``attention_backend``, ``compiled`` (component names), ``fp8`` (``False`` or the path:
         ``"rowwise"``, ``"tensorwise"``, ``"torchao"``), ``fused_gelu``, ``fused_qkv`` and
         ``fused_qk_rope`` (how many self-attention layers use the fused q/k kernel) and ``fused_norms`` (how many
-        blocks use the fused norm kernels).
+        blocks use the fused norm kernels); with ``self_attention`` also ``self_attention`` (its name) and
+        ``self_attention_layers`` (how many layers use it).
     """
     if fp8 is not False and fp8 is not True and fp8 not in FP8_CHOICES:
         raise ValueError(f"fp8: expected True, False or one of {', '.join(FP8_CHOICES)}, got {fp8!r}")
+    if self_attention is not None:
+        _check_self_attention(pipe_or_model, self_attention)
     backend = set_attention_backend(pipe_or_model, attention, verbose=verbose)
-    compiled, n_fused_qk, n_norms, fp8_path = [], 0, 0, False
+    compiled, n_fused_qk, n_norms, fp8_path, n_self = [], 0, 0, False, 0
     for name, model in attention_models(pipe_or_model):
         if fp8:
             fp8_path = apply_fp8(model, fp8)
@@ -223,6 +236,8 @@ def optimize_transformer(
             n_fused_qk += _use_fused_qk_rope(model)
         if fused_norms:
             n_norms += fuse_block_norms(model)
+        if self_attention is not None:  # after the processor swaps above, which copy the backend
+            n_self += set_flash3_fp8_self_attention(model)
         hooks = _weight_moving_hooks(model) if compile else []
         if hooks:
             logger.warning(f"optimize_transformer: not compiling {name}: it carries {', '.join(hooks)} hooks "
@@ -234,8 +249,30 @@ def optimize_transformer(
             extra = {"options": dict(options)} if options and compile_backend == "inductor" else {}
             model.compile_repeated_blocks(fullgraph=fullgraph, backend=compile_backend, **extra)
             compiled.append(name)
-    return {"attention_backend": backend, "compiled": compiled, "fp8": fp8_path, "fused_gelu": fused_gelu and not fp8,
-            "fused_qkv": fuse_qkv, "fused_qk_rope": n_fused_qk, "fused_norms": n_norms}
+    report = {"attention_backend": backend, "compiled": compiled, "fp8": fp8_path,
+              "fused_gelu": fused_gelu and not fp8, "fused_qkv": fuse_qkv, "fused_qk_rope": n_fused_qk,
+              "fused_norms": n_norms}
+    if self_attention is not None:
+        report.update(self_attention=self_attention, self_attention_layers=n_self)
+    return report
+
+
+def _self_attention_head_dim(model: torch.nn.Module) -> int | None:
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "attn1" and getattr(module, "heads", None) and hasattr(module, "inner_dim"):
+            return module.inner_dim // module.heads
+    return None
+
+
+def _check_self_attention(pipe_or_model: Any, self_attention: str) -> None:
+    """Refuse ``self_attention`` (one line) unless it is ``"flash_3_fp8"`` and can run for every transformer."""
+    if self_attention != FLASH3_FP8_BACKEND:
+        raise ValueError(f"self_attention: expected None or {FLASH3_FP8_BACKEND!r}, got {self_attention!r}")
+    for name, model in attention_models(pipe_or_model):
+        device = model.device if model.device.type == "cuda" else None
+        reason = flash3_fp8_unavailable_reason(device, model.dtype, _self_attention_head_dim(model))
+        if reason is not None:
+            raise ValueError(f"self_attention={self_attention!r} cannot be used for {name}: {reason}")
 
 
 #: fused projection -> the layers it concatenates (Diffusers' ``WanAttention.fuse_projections``), in row order
