@@ -215,7 +215,14 @@ def cudnn_attention(q, k, v, layout: str):
 # ------------------------------------------------------------------------------------- FlashAttention-3 fp8
 def quantize_fp8(x: torch.Tensor, scales: str, smooth: bool):
     """``(batch, seq, heads, dim)`` -> (e4m3 tensor, fp32 descale ``(batch, heads)``, fp32 per-channel mean
-    ``(batch, 1, heads, dim)`` subtracted first, or None). ``scales``: "head" or "tensor" (then all equal)."""
+    ``(batch, 1, heads, dim)`` subtracted first, or None). ``scales``: "head" or "tensor" (then all equal).
+    Per-head scales without smoothing (``fa3_fp8``) are the package's quantizer
+    (``diffusers_wan_ext.runtime.flash3_fp8.quantize_fp8_heads``, what ``optimize_transformer(self_attention=
+    "flash_3_fp8")`` runs); the other variants are this benchmark's own."""
+    if scales == "head" and not smooth:
+        from diffusers_wan_ext.runtime.flash3_fp8 import quantize_fp8_heads
+
+        return (*quantize_fp8_heads(x), None)
     mean = x.mean(dim=1, keepdim=True, dtype=torch.float32) if smooth else None
     xs = x if mean is None else x - mean
     amax = xs.abs().amax(dim=(1, 3)).float()
@@ -253,15 +260,18 @@ def quantize_qkv(q, k, v, quant: dict):
 
 
 def fa3_attention(q, k, v, quant: dict | None):
-    """FlashAttention-3 on ``(batch, seq, heads, dim)`` tensors (any strides with a unit last one); bf16 out."""
-    from flash_attn_interface import flash_attn_func
-
+    """FlashAttention-3 on ``(batch, seq, heads, dim)`` tensors (any strides with a unit last one); bf16 out. The fp8
+    kernels call the package's op (``diffusers_wan_ext::flash3_fp8``) on the quantized tensors."""
     if quant is None:
+        from flash_attn_interface import flash_attn_func
+
         out = flash_attn_func(q, k, v)
+        out = out[0] if isinstance(out, tuple) else out
     else:
+        from diffusers_wan_ext.runtime.flash3_fp8 import flash3_fp8_op
+
         (q8, k8, v8), (qd, kd, vd), v_mean = quantize_qkv(q, k, v, quant)
-        out = flash_attn_func(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd)
-    out = out[0] if isinstance(out, tuple) else out
+        out = flash3_fp8_op(q8, k8, v8, qd, kd, vd)
     return out if quant is None or v_mean is None else out + v_mean.to(out.dtype)
 
 
