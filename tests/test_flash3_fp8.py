@@ -241,3 +241,20 @@ def test_optimize_transformer_refuses_fp32_and_unbuilt_head_dims(monkeypatch):
         optimize_transformer(_tiny_dit(torch.float32), compile=False, verbose=False, self_attention="flash_3_fp8")
     with pytest.raises(ValueError, match="no kernel for head dim 16"):
         optimize_transformer(_tiny_dit(), compile=False, verbose=False, self_attention="flash_3_fp8")
+
+
+def test_regional_compile_fullgraph_traces_the_backend(fake_fa3):
+    """The extra AttentionBackendName instance on the processors and the op trace under compile_repeated_blocks
+    (fullgraph=True); aot_eager keeps it fast on the CPU."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _tiny_dit()
+    x, t, e = _inputs()
+    report = optimize_transformer(model, verbose=False, self_attention="flash_3_fp8", compile_backend="aot_eager")
+    assert report["compiled"] == ["WanTransformer3DModel"]
+    with torch.no_grad():
+        out = model(x, t, e).sample
+    assert torch.isfinite(out).all() and len(fake_fa3.calls) == 2
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # the blocks ran compiled
