@@ -518,10 +518,10 @@ def timed_call(variant: Variant, kw: dict) -> float:
     return time.perf_counter() - t0
 
 
-def warm(variants: dict, kw: dict, ref, info: dict):
-    """Warm every variant (first call: compile; its error vs ``ref``; one more call, timed, for the peak). ``ref``
-    None: the variant named "ours" gives it (warm it first). Failures are recorded and the variant dropped. Returns
-    ``ref``."""
+def warm(variants: dict, kw: dict, ref, info: dict, file_ref=None):
+    """Warm every variant (first call: compile; its error vs ``ref`` and, when given, vs ``file_ref``; one more call,
+    timed, for the peak). ``ref`` None: the variant named "ours" gives it (warm it first). Failures are recorded and
+    the variant dropped. Returns ``ref``."""
     cuda = torch.cuda.is_available()
     for name, variant in list(variants.items()):
         try:
@@ -531,6 +531,8 @@ def warm(variants: dict, kw: dict, ref, info: dict):
             if ref is None and name == "ours":
                 ref = out
             info[name]["err"] = rel_err(out, ref) if ref is not None else None
+            if file_ref is not None:
+                info[name]["err_file"] = rel_err(out, file_ref)
             del out
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -599,6 +601,25 @@ def kernel_variants(args, ours, fp8_model, n: int) -> dict:
     return later
 
 
+def package_route_variant(path, device: str, attention: str, cuda: bool, reports: dict) -> dict:
+    """The fp8 file loaded once more and set up the way a user would: ``optimize_transformer(fp8=True,
+    self_attention="flash_3_fp8")`` (the package's backend, its quantization fused by the regional compile); empty
+    with a "not run" line when the package refuses it."""
+    from diffusers_wan_ext.conversion.quantized_dit import load_quantized_dit
+    from diffusers_wan_ext.runtime import flash3_fp8_unavailable_reason, optimize_transformer
+
+    name = "package: fp8 + flash_3_fp8"
+    why = flash3_fp8_unavailable_reason(device, torch.bfloat16, HEAD_DIM) if cuda else "needs CUDA"
+    if why:
+        RESULT["not_run"][f"forward {name}"] = why
+        print(f"[forward] {name}: not run ({why})", flush=True)
+        return {}
+    model = load_quantized_dit(path, torch_dtype=torch.bfloat16, device=device).eval().requires_grad_(False)
+    reports[name] = optimize_transformer(model, compile=True, verbose=False, fp8=True, attention=attention,
+                                         self_attention="flash_3_fp8")
+    return {name: Variant(model)}
+
+
 def forward(args) -> list[dict]:
     from bench_fp8 import TINY, TINY_SHAPE, inputs_for, sibling
     from diffusers import WanTransformer3DModel
@@ -620,10 +641,13 @@ def forward(args) -> list[dict]:
         stock.compile_repeated_blocks(fullgraph=True)
     reports = {"ours": optimize_transformer(ours, compile=cuda, verbose=False, attention=attention)}
     n = use_self_attn_op(ours)
-    fp8_model = None
+    fp8_model = file_ref = None
     if path is not None:
         try:
             fp8_model = load_quantized_dit(path, torch_dtype=torch.bfloat16, device=device).eval().requires_grad_(False)
+            if args.file_ref:  # the file's weights, upcast, bf16 GEMMs and SDPA: the reference without fast kernels
+                with torch.no_grad():
+                    file_ref = fp8_model(**kw)[0].float()
             # cuDNN for cross-attention, set without touching Diffusers' global default (stock's backend)
             reports["ours fp8"] = optimize_transformer(fp8_model, compile=False, verbose=False, fp8=True,
                                                        attention=attention)
@@ -633,16 +657,19 @@ def forward(args) -> list[dict]:
         except Exception as exc:  # noqa: BLE001
             record_error("fp8 model", exc)
             fp8_model = None
-        path.unlink()
     # the plain variants first ("ours", the error reference, before all): they overlap the background builds
     variants = {"ours": Variant(ours, "cudnn"), "stock compiled": Variant(stock)}
     if fp8_model is not None:
         variants["ours fp8"] = Variant(fp8_model, "cudnn")
     info = {}
-    ref = warm(variants, kw, None, info)
+    ref = warm(variants, kw, None, info, file_ref)
     ensure_kernels(args)
     later = kernel_variants(args, ours, fp8_model, n)
-    warm(later, kw, ref, info)
+    if args.package_route and path is not None:
+        later.update(package_route_variant(path, device, attention, cuda, reports))
+    if path is not None:
+        path.unlink()
+    warm(later, kw, ref, info, file_ref)
     RESULT["forward_warm"] = info  # written now: the timed rounds may not fit the part's time limit
     write_json(args.json_name, RESULT)
     variants.update(later)
@@ -655,6 +682,7 @@ def forward(args) -> list[dict]:
         rows.append(dict(model=name, variant=variant, s=round(r["median_s"], 4),
                          vs_stock_compiled=round(base / r["median_s"], 3) if base else None,
                          err_vs_ours_bf16="-" if r.get("err") is None else f"{r['err']:.2e}",
+                         err_vs_file_bf16="-" if r.get("err_file") is None else f"{r['err_file']:.2e}",
                          peak_gib=r.get("peak_gib"), first_call_s=r.get("first_call_s"), warm_s=r.get("warm_s"),
                          runs=r.get("runs"),
                          report=reports.get(variant, "")))
@@ -685,6 +713,11 @@ def main() -> None:
     parser.add_argument("--skip-fallback", default="cudnn",
                         help="forward: the kernel of the first/last blocks in the subset row (default cudnn)")
     parser.add_argument("--iters", type=int, default=2, help="forward: timed rounds")
+    parser.add_argument("--file-ref", action="store_true",
+                        help="forward: also the error vs the fp8 file's weights upcast (bf16 GEMMs, SDPA): what the "
+                             "fast kernels add, without the file's own rounding")
+    parser.add_argument("--package-route", action="store_true",
+                        help="forward: a row through optimize_transformer(fp8=True, self_attention='flash_3_fp8')")
     parser.add_argument("--fp8-quant", choices=("compile", "eager"), default="compile",
                         help="FA3 fp8: the q / k / v quantization compiled (default) or eager")
     parser.add_argument("--wait-builds", default="",
@@ -736,8 +769,8 @@ def main() -> None:
         print(table(RESULT["micro"], ["shape", "kernel", "ms", "tflops", "vs_cudnn", "quant_ms", "err_randn",
                                       "err_proj"]))
     if RESULT.get("forward"):
-        print(table(RESULT["forward"], ["model", "variant", "s", "vs_stock_compiled", "err_vs_ours_bf16", "peak_gib",
-                                        "first_call_s"]))
+        print(table(RESULT["forward"], ["model", "variant", "s", "vs_stock_compiled", "err_vs_ours_bf16",
+                                        "err_vs_file_bf16", "peak_gib", "first_call_s"]))
     if RESULT["not_run"]:
         print("not run:", RESULT["not_run"])
     if RESULT["errors"]:

@@ -19,12 +19,20 @@
 #   6. $OUT/builds.log: both builds' summaries (the full FA3 log, xz'd, when it failed).
 # Every part has its own timeout, computed from what is left of T_END (default 585 s after the start).
 #
-# The call (next GPU session; repo root):
+# Session 13 (H200) ran it once: FA3 built in 104 s, its wheel came back and is carried from now on (.fa3whl/).
+# Since then the forward part also reports each row's error vs the fp8 file's own weights upcast to bf16 (--file-ref:
+# what the fast kernels add without the file's rounding) and a row through the package route
+# (--package-route: optimize_transformer(fp8=True, self_attention="flash_3_fp8")); FWD_EXTRA now defaults to nothing
+# (smoothed K measured no better).
+# The call (next GPU session; repo root; name the H100 the issue's target is stated on):
+#   run(command="bash benchmarks/gpu_round_fa3.sh", carry=[".whl", ".sage2src", ".fa3whl"], timeout_s=600,
+#       kind="nvidia-h100-x1")
+# First run (no wheel yet):
 #   run(command="bash benchmarks/gpu_round_fa3.sh", carry=[".whl", ".sage2src", ".fa3src"], timeout_s=600)
 #   later, with the wheel that came back:  mkdir -p .fa3whl && cp <files_at>/flash_attn_3-*.whl .fa3whl/  and
 #   carry [".whl", ".sage2src", ".fa3whl"]  (the wheel should be ~1-3 MB: the two kernel objects are 0.87 and 0.76 MB;
 #   the tree + .whl + .sage2src + .fa3src travel as ~56 MiB of the 64 MiB limit, so check `du` before adding more).
-# Knobs (environment): ITERS (forward rounds, default 1), FWD_EXTRA (more fp8 kernels, default fa3_fp8_smoothk),
+# Knobs (environment): ITERS (forward rounds, default 1), FWD_EXTRA (more fp8 kernels, default none),
 #   SKIP (first/last blocks of the subset row, default 4; 0: no subset row), SKIP_FALLBACK (their kernel, sm90),
 #   FA3_JOBS (4), SAGE2_JOBS (10), MICRO_BUDGET (s kept for the micro part, default 100), T_END (585).
 # Estimates: builds ~250-300 s side by side (the e4m3 unit took 268 s on a loaded 2-core CPU box with nvcc 13.0);
@@ -64,8 +72,8 @@ FWD_LIMIT=$(left "$MICRO_BUDGET")
 WAIT=$(( FWD_LIMIT - 190 - 70 * (ITERS - 1) ))
 echo "forward: ${FWD_LIMIT} s, waits for the builds at most ${WAIT} s"
 part fa3_forward "$FWD_LIMIT" python3 bench_sage2.py --parts forward --model 14b --kernel fa3_fp8 \
-  --extra-kernels "sm90,${FWD_EXTRA:-fa3_fp8_smoothk}" --skip "${SKIP:-4}" --skip-fallback "${SKIP_FALLBACK:-sm90}" \
-  --iters "$ITERS" \
+  --extra-kernels "sm90,${FWD_EXTRA:-}" --skip "${SKIP:-4}" --skip-fallback "${SKIP_FALLBACK:-sm90}" \
+  --iters "$ITERS" --file-ref --package-route \
   --wait-builds "$BUILDS" --wait-timeout "$WAIT" --tag fa3_forward
 
 WHL=$(ls /tmp/fa3/wheel/flash_attn_3-*.whl 2>/dev/null | head -1)
