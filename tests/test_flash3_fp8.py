@@ -258,3 +258,27 @@ def test_regional_compile_fullgraph_traces_the_backend(fake_fa3):
         out = model(x, t, e).sample
     assert torch.isfinite(out).all() and len(fake_fa3.calls) == 2
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # the blocks ran compiled
+
+
+def test_scaled_fp8_file_with_fp8_gemms_and_flash3_fp8(fake_fa3, tmp_path):
+    """The combination the 14B benchmark runs: a ComfyUI scaled-fp8 file kept in fp8 (Fp8Linear layers, some
+    float32 modules), ``optimize_transformer(fp8=True, self_attention="flash_3_fp8")``: accepted (the model's dtype
+    is the activations' bf16), attn1 only on the kernel, output within the e4m3 error of the same file without it."""
+    from diffusers_wan_ext.conversion.dit import export_dit_state_dict
+    from diffusers_wan_ext.conversion.quantized_dit import load_quantized_dit
+    from diffusers_wan_ext.utils.single_file import write_single_file
+
+    tiny = _tiny_dit(torch.float32)
+    path = tmp_path / "dit_fp8_scaled.safetensors"
+    write_single_file(path, export_dit_state_dict(tiny.state_dict()), "comfy-fp8-scaled",
+                      prefix="model.diffusion_model.")
+    config = {"dim": 32, "num_heads": 2, "ffn_dim": 32, "freq_dim": 16, "text_dim": 16, "in_dim": 4, "out_dim": 4,
+              "num_layers": 2}
+    ref_model, model = (load_quantized_dit(path, config, torch_dtype=torch.bfloat16) for _ in range(2))
+    x, t, e = _inputs()
+    with torch.no_grad():
+        ref = ref_model(x, t, e).sample
+        report = optimize_transformer(model, compile=False, verbose=False, fp8=True, self_attention="flash_3_fp8")
+        out = model(x, t, e).sample
+    assert report["self_attention_layers"] == 2 and len(fake_fa3.calls) == 2
+    assert torch.isfinite(out).all() and 0 < _rel(out, ref) < E4M3_REL_BOUND
