@@ -107,16 +107,14 @@ REQUIRED_KEYS = (
     "blocks.0.self_attn.q.weight",
 )
 RELEASE_HEAD_DIM = 128
-#: original-layout tensors whose leading dims are 1, and their rank.  llama.cpp's ``llama-quantize`` (city96's GGUF
-#: workflow) writes a tensor with its trailing GGML dims of size 1 dropped -- the leading PyTorch dims -- and its
-#: Wan patch restores only ``.modulation`` and ``img_emb.emb_pos``: S2V's ``casual_audio_encoder.weights``
-#: ``[1, layers, 1, 1]`` comes back ``(layers, 1, 1)``, Animate's ``padding_tokens`` ``[1, 1, 1, dim]`` ``(dim,)``.
-UNIT_DIM_RANKS = (
-    (re.compile(r"(^|\.)modulation$"), 3),
-    (re.compile(r"^img_emb\.emb_pos$"), 3),
-    (re.compile(r"(^|\.)padding_tokens$"), 4),
-    (re.compile(r"^casual_audio_encoder\.weights$"), 4),
-    (re.compile(r"^motion_encoder\.enc\.net_app\.convs\..+\.bias$"), 4),
+#: original-layout tensors of the core DiT whose leading dims are 1 (a key regex, the rank); families add theirs
+#: (``DitExtension.unit_dim_keys``).  llama.cpp's ``llama-quantize`` (city96's GGUF workflow) writes a tensor with its
+#: trailing GGML dims of size 1 dropped -- the leading PyTorch dims -- and its Wan patch restores only
+#: ``.modulation`` and ``img_emb.emb_pos``: e.g. S2V's ``casual_audio_encoder.weights`` ``[1, layers, 1, 1]`` comes
+#: back ``(layers, 1, 1)``.
+UNIT_DIM_RANKS: tuple[tuple[str, int], ...] = (
+    (r"(^|\.)modulation$", 3),
+    (r"^img_emb\.emb_pos$", 3),
 )
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -162,6 +160,8 @@ class DitExtension:
         top_level_keys: extra ``(original, diffusers)`` module pairs outside the blocks.
         block_tables: repeated module groups ``{"vace_blocks": table}`` (``<group>.N.<local>``), renamed by ``table``.
         foreign_keys: ``(fragment, what)`` of keys a separate converter handles (named in errors).
+        unit_dim_keys: ``(key regex, rank)`` of its original-layout tensors whose leading dims are 1 (a GGUF writer
+            may drop them; :func:`unit_dim_shape` puts them back).
         adapter_keys / convert_adapter / export_adapter: modules converted by rules rather than tables (Animate).
         head_dim: head dim the family's own keys state (used when ``config.json`` gives no ``num_heads``).
         config: ``(shape) -> config entries`` of its modules ({} when the weights lack them).
@@ -177,6 +177,7 @@ class DitExtension:
     top_level_keys: KeyTable = ()
     block_tables: Mapping[str, KeyTable] = field(default_factory=dict)
     foreign_keys: KeyTable = ()
+    unit_dim_keys: tuple[tuple[str, int], ...] = ()
     adapter_keys: Callable[[str], bool] | None = None
     convert_adapter: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     export_adapter: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
@@ -190,12 +191,14 @@ class DitExtension:
 
 _EXTENSIONS: dict[str, DitExtension] = {}
 _TABLE_CACHE: dict[bool, tuple[KeyTable, dict[str, KeyTable], re.Pattern]] = {}
+_UNIT_DIM_CACHE: list[tuple[re.Pattern, int]] = []
 
 
 def register_dit_extension(extension: DitExtension) -> None:
     """Add (or replace, by name) a family's DiT modules; called by the family declaration modules."""
     _EXTENSIONS[extension.name] = extension
     _TABLE_CACHE.clear()
+    _UNIT_DIM_CACHE.clear()
 
 
 def dit_extensions() -> list[DitExtension]:
@@ -260,8 +263,12 @@ def rename_dit_key(key: str, reverse: bool = False) -> str | None:
 
 
 def unit_dim_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """``shape`` with the leading 1s a GGUF writer dropped put back, for the keys of :data:`UNIT_DIM_RANKS`."""
-    rank = next((r for pattern, r in UNIT_DIM_RANKS if pattern.search(key)), 0)
+    """``shape`` with the leading 1s a GGUF writer dropped put back, for the keys of :data:`UNIT_DIM_RANKS` and the
+    registered families' ``unit_dim_keys``."""
+    if not _UNIT_DIM_CACHE:
+        pairs = UNIT_DIM_RANKS + tuple(p for e in dit_extensions() for p in e.unit_dim_keys)
+        _UNIT_DIM_CACHE.extend((re.compile(pattern), rank) for pattern, rank in pairs)
+    rank = next((r for pattern, r in _UNIT_DIM_CACHE if pattern.search(key)), 0)
     return (1,) * (rank - len(shape)) + tuple(shape) if len(shape) < rank else tuple(shape)
 
 

@@ -211,6 +211,7 @@ class AnimateFamily(ModelFamily):
         "face_*", adapter_keys=is_animate_key, convert_adapter=convert_animate_state_dict,
         export_adapter=export_animate_state_dict, head_dim=_head_dim, config=_config, detect=_detect,
         model_class=_model_class, priority=10,
+        unit_dim_keys=((r"^face_encoder\.padding_tokens$", 4), (r"^motion_encoder\.enc\.net_app\.convs\..+\.bias$", 4)),
     )
     model_classes = (WanAnimateExtTransformer3DModel,)
     pipeline_classes = (WanAnimateExtPipeline,)

@@ -240,6 +240,7 @@ class SpeechToVideoFamily(ModelFamily):
         top_level_keys=S2V_TOP_LEVEL_KEYS, block_tables={"audio_injector.injector": AUDIO_INJECTOR_KEY_MAP},
         config=_config, detect=_detect, model_class=_model_class,
         drop_config_keys=("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"), priority=30,
+        unit_dim_keys=((r"^casual_audio_encoder\.weights$", 4), (r"^casual_audio_encoder\..*padding_tokens$", 4)),
     )
     model_classes = (WanS2VTransformer3DModel,)
     pipeline_classes = (WanSpeechToVideoPipeline,)
