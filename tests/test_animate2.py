@@ -35,7 +35,11 @@ from diffusers_wan_ext.demo import make_tiny_dataset, make_tiny_release
 from diffusers_wan_ext.families import family, get_variant
 from diffusers_wan_ext.families.animate2 import convert_animate2_release, make_tiny_animate2_dit
 from diffusers_wan_ext.models import WanAnimate2ExtTransformer3DModel
-from diffusers_wan_ext.models.transformer_wan_animate2 import WanAnimate2DenseAttnProcessor
+from diffusers_wan_ext.models.transformer_wan_animate2 import (
+    WanAnimate2DenseAttnProcessor,
+    frame_attention,
+    frame_attention_op,
+)
 from diffusers_wan_ext.pipelines.pipeline_wan_animate2 import plan_clips, zigzag_indices
 from diffusers_wan_ext.training import parse_args, run_training
 from diffusers_wan_ext.utils.media import encode_video
@@ -579,3 +583,21 @@ def test_lora_training_on_the_tiny_model(a2_folder, tmp_path):
     base = _call(pipe, output_type="latent", num_inference_steps=1)
     pipe.load_lora_weights(str(out))
     assert (_call(pipe, output_type="latent", num_inference_steps=1) - base).abs().max() > 0
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frame_attention_op_matches_the_differentiable_path(with_bias):
+    """The no-grad op (one K / V buffer refilled per frame, opaque to torch.compile) against the per-frame
+    concatenation the autograd path uses: same result, eager and traced."""
+    g = torch.Generator().manual_seed(0)
+    hw, stride, frames, ref_frames, heads, dim = 3, 5, 4, 3, 2, 8
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q = r(1, frames * hw, heads, dim)
+    k_gen, v_gen = r(1, (frames + 1) * stride, heads, dim), r(1, (frames + 1) * stride, heads, dim)
+    k_ref, v_ref = r(1, ref_frames * stride, heads, dim), r(1, ref_frames * stride, heads, dim)
+    bias = r((frames + 2) * stride) if with_bias else None
+    inputs = (q, k_gen, v_gen, k_ref, v_ref, bias, hw, stride)
+    ref = frame_attention(*inputs)
+    torch.testing.assert_close(frame_attention_op(*inputs), ref, rtol=0, atol=0)
+    traced = torch.compile(lambda *a: frame_attention_op(*a) * 1, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(traced(*inputs), ref, rtol=0, atol=0)

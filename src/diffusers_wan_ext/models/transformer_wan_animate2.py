@@ -37,7 +37,7 @@ from diffusers.models.transformers.transformer_wan_animate_2 import (
 from ..utils.shims import ShimSaveMixin
 
 __all__ = ["RELEASE_CLIP_DIM", "WanAnimate2DenseAttnProcessor", "WanAnimate2ExtTransformer3DModel",
-           "WanAnimate2KVCache", "WanAnimate2OffloadedKVLayerCache"]
+           "WanAnimate2KVCache", "WanAnimate2OffloadedKVLayerCache", "frame_attention", "frame_attention_op"]
 
 #: CLIP feature width of the release (and the width stock hard-codes).
 RELEASE_CLIP_DIM = 1280
@@ -52,6 +52,56 @@ def pack_frames(x: torch.Tensor, frames: int, hw: int, stride: int, total: int) 
         b, frames, hw, heads, head_dim
     )
     return out
+
+
+def frame_attention(query: torch.Tensor, key_gen: torch.Tensor, value_gen: torch.Tensor, key_ref: torch.Tensor,
+                    value_ref: torch.Tensor, bias: torch.Tensor | None, hw: int, stride: int) -> torch.Tensor:
+    """The generation pass's self-attention, frame by frame: query frame ``j`` (``hw`` tokens of ``query``
+    ``[B, frames * hw, H, D]``) attends over the packed generation keys ``key_gen`` ``[B, gen_len, H, D]`` plus, for
+    ``j >= 1``, the ``stride`` packed reference slots of frame ``j - 1`` (``bias``: an additive key bias over
+    ``gen_len + stride`` keys, or None).  Differentiable: each frame concatenates its own K / V."""
+    outputs = []
+    gen_len = key_gen.shape[1]
+    for j in range(query.shape[1] // hw):
+        k, v, keys = key_gen, value_gen, gen_len
+        if j >= 1:
+            slot = slice((j - 1) * stride, j * stride)
+            k, v, keys = torch.cat([key_gen, key_ref[:, slot]], 1), torch.cat([value_gen, value_ref[:, slot]], 1), None
+        outputs.append(_sdpa_frame(query[:, j * hw : (j + 1) * hw], k, v, bias, keys))
+    return torch.cat(outputs, dim=1)
+
+
+def _sdpa_frame(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                keys: int | None) -> torch.Tensor:
+    mask = None if bias is None else bias[: keys or k.shape[1]].view(1, 1, 1, -1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+@torch.library.custom_op("diffusers_wan_ext::animate2_frame_attention", mutates_args=())
+def frame_attention_op(query: torch.Tensor, key_gen: torch.Tensor, value_gen: torch.Tensor, key_ref: torch.Tensor,
+                       value_ref: torch.Tensor, bias: torch.Tensor | None, hw: int, stride: int) -> torch.Tensor:
+    """:func:`frame_attention` without autograd and without a copy of the generation K / V per frame: one buffer per
+    K / V holds them plus a slot that each frame refills with its reference frame.  An opaque op, so a compiled
+    block keeps one buffer too (traced, every refill would become a live copy)."""
+    gen_len, (b, _, heads, dim) = key_gen.shape[1], key_gen.shape
+    key_buf = key_gen.new_empty(b, gen_len + stride, heads, dim)
+    value_buf = value_gen.new_empty(b, gen_len + stride, heads, dim)
+    key_buf[:, :gen_len], value_buf[:, :gen_len] = key_gen, value_gen
+    outputs = []
+    for j in range(query.shape[1] // hw):
+        keys = gen_len if j == 0 else gen_len + stride
+        if j >= 1:
+            key_buf[:, gen_len:] = key_ref[:, (j - 1) * stride : j * stride]
+            value_buf[:, gen_len:] = value_ref[:, (j - 1) * stride : j * stride]
+        outputs.append(_sdpa_frame(query[:, j * hw : (j + 1) * hw], key_buf[:, :keys], value_buf[:, :keys], bias,
+                                   keys))
+    return torch.cat(outputs, dim=1).contiguous()
+
+
+@frame_attention_op.register_fake
+def _(query, key_gen, value_gen, key_ref, value_ref, bias, hw, stride):
+    return query.new_empty(query.shape)
 
 
 class WanAnimate2OffloadedKVLayerCache(WanAnimate2KVLayerCache):
@@ -136,37 +186,19 @@ class WanAnimate2DenseAttnProcessor(WanAnimate2AttnProcessor):
                 "tokens)"
             )
         gen_len, ref_len = (origin_latent_frames + 1) * stride, origin_latent_frames * stride
-        # one buffer per K / V: the packed generation tokens, then a slot that frame j >= 1 fills with its reference
-        # frame j - 1 (no per-frame copy of the whole generation K / V, which eager and compiled runs paid per frame)
-        key_buf = pack_frames(key, frames, hw, stride, gen_len + stride)
-        value_buf = pack_frames(value, frames, hw, stride, gen_len + stride)
+        key_gen = pack_frames(key, frames, hw, stride, gen_len)
+        value_gen = pack_frames(value, frames, hw, stride, gen_len)
         key_ref = pack_frames(key_ref, ref_frames, ref_hw, stride, ref_len)
         value_ref = pack_frames(value_ref, ref_frames, ref_hw, stride, ref_len)
         bias = None
         if self.log_scale:
             bias = key.new_zeros(gen_len + stride)
             bias[stride : 2 * stride] = self.log_scale
-
-        differentiable = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (query, key, value, key_ref, value_ref))
-        outputs = []
-        for j in range(frames):
-            q = query[:, j * hw : (j + 1) * hw]
-            keys = gen_len if j == 0 else gen_len + stride
-            if j >= 1:
-                slot = slice((j - 1) * stride, j * stride)
-                if differentiable:  # autograd keeps each frame's K / V: a fresh tensor per frame
-                    key_buf = torch.cat([key_buf[:, :gen_len], key_ref[:, slot]], dim=1)
-                    value_buf = torch.cat([value_buf[:, :gen_len], value_ref[:, slot]], dim=1)
-                else:
-                    key_buf[:, gen_len:] = key_ref[:, slot]
-                    value_buf[:, gen_len:] = value_ref[:, slot]
-            k, v = key_buf[:, :keys], value_buf[:, :keys]
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=None if bias is None else bias[:keys].view(1, 1, 1, -1),
-            )
-            outputs.append(out.transpose(1, 2))
+        inputs = (query[:, : frames * hw], key_gen, value_gen, key_ref, value_ref, bias, hw, stride)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, key_ref, value_ref)):
+            outputs = [frame_attention(*inputs)]
+        else:  # one opaque op: its K / V buffer is filled frame by frame, also under torch.compile
+            outputs = [frame_attention_op(*inputs)]
         outputs.append(query[:, frames * hw :])  # padded query positions pass through, as in the reference
         hidden_states = torch.cat(outputs, dim=1).flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
