@@ -38,10 +38,6 @@ def layout_owner(fmt: str) -> ModelFamily | None:
     return next((f for f in FAMILIES if fmt in f.own_lora_formats), None)
 
 
-def family_title(family: ModelFamily) -> str:
-    return family.title.split(" (")[0]
-
-
 def lora_file_info(sd: dict[str, torch.Tensor], source: str | None) -> dict:
     """:func:`~diffusers_wan_ext.lora.lora_info` of ``sd``; a family layout (``longcat``) is described through the
     Diffusers modules of its transformer, with ``format`` the layout and ``family`` the family's name."""
@@ -59,7 +55,7 @@ def print_lora_info(file: str, source: str | None, as_json: bool) -> None:
         print(json.dumps(info, indent=2))
         return
     owner = layout_owner(info["format"])
-    where = "" if owner is None else f"; {family_title(owner)}'s own layout, modules named as in Diffusers"
+    where = "" if owner is None else f"; {owner.short_title}'s own layout, modules named as in Diffusers"
     print(f"format: {info['format']} ({info['tensors']} tensors{where})")
     for comp, c in info["components"].items():
         alphas = ", ".join(f"{a:g}" for a in c["alphas"]) or "none (scale 1)"
@@ -92,11 +88,11 @@ def export_formats(layout: str | None, formats: list[str] | None, src: str, dete
     for fmt in formats:
         owner = layout_owner(fmt)
         if family is not None and fmt not in ("diffusers", *family.own_lora_formats):
-            raise ValueError(f"lora export --formats {fmt}: {src} is a {family_title(family)} LoRA ({layout} layout), "
+            raise ValueError(f"lora export --formats {fmt}: {src} is a {family.short_title} LoRA ({layout} layout), "
                              f"written in the {', '.join(('diffusers', *family.own_lora_formats))} layouts only (the "
                              f"others name Wan DiT modules)")
         if owner is not None and family is None and detected != "diffusers":
-            raise ValueError(f"lora export --formats {fmt}: the layout of {family_title(owner)} LoRAs only; {src} is "
+            raise ValueError(f"lora export --formats {fmt}: the layout of {owner.short_title} LoRAs only; {src} is "
                              f"a Wan DiT LoRA ({detected} layout)")
     return list(formats)
 
@@ -118,7 +114,7 @@ def export_lora_folder(src: str, dst: str, formats: list[str] | None, source: st
             try:
                 own[fmt] = (Path(dst) / owner.own_lora_formats[fmt], owner.export_own_lora(fmt, sd))
             except ValueError as e:
-                raise ValueError(f"lora export --formats {fmt}: {src} is not a LoRA of a {family_title(owner)} "
+                raise ValueError(f"lora export --formats {fmt}: {src} is not a LoRA of a {owner.short_title} "
                                  f"transformer ({e})") from None
     existing = [str(path) for path, _ in own.values() if path.exists()]
     if existing and not overwrite:

@@ -326,6 +326,11 @@ class ModelFamily:
     #: Diffusers LoRA, by :meth:`export_own_lora`); no other family's model takes them
     own_lora_formats: ClassVar[dict[str, str]] = {}
 
+    @property
+    def short_title(self) -> str:
+        """:attr:`title` without its parenthesised detail (``"MOVA"``), for messages."""
+        return self.title.split(" (")[0]
+
     # ------------------------------------------------------------------------------------------- releases
     def claims_release(self, src: Path, transformer: Path | None, variant: str | None) -> bool:
         """Whether ``src`` is a release this family converts itself (not a Wan-layout DiT release)."""

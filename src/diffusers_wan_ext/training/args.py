@@ -110,7 +110,7 @@ def other_family_spelling(name: str) -> str:
     for family in FAMILIES:
         ours = family_component_names(family).get(name)
         if ours is not None:
-            title = family.title.split(" (")[0]
+            title = family.short_title
             return f" ({name!r} is {title}'s name of {ours})" if ours != name else \
                 f" ({name!r} is a component of {title} models only)"
     return ""
@@ -419,14 +419,14 @@ def _check_family_exports(args: argparse.Namespace, fail) -> None:
     owners = {fmt: f for f in FAMILIES for fmt in f.own_lora_formats}
     foreign = [f for f in args.export_format if f in owners and (family is None or f not in family.own_lora_formats)]
     if foreign:
-        title = "a Wan model" if family is None else family.title.split(" (")[0]
-        fail(f"--export_format {','.join(foreign)}: the layout of {owners[foreign[0]].title.split(' (')[0]} LoRAs "
+        title = "a Wan model" if family is None else family.short_title
+        fail(f"--export_format {','.join(foreign)}: the layout of {owners[foreign[0]].short_title} LoRAs "
              f"only (this is {title}, whose LoRAs name other modules); leave it out")
     allowed = None if family is None else family.lora_export_formats
     refused = [f for f in args.export_format if allowed is not None and f not in allowed]
     if refused:
         layouts = ", ".join(("diffusers", *allowed))
-        fail(f"--export_format {','.join(refused)}: {family.title.split(' (')[0]} LoRAs are written in the "
+        fail(f"--export_format {','.join(refused)}: {family.short_title} LoRAs are written in the "
              f"{layouts} layout only (the other layouts name Wan DiT modules); leave --export_format out")
 
 

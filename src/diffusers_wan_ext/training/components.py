@@ -279,7 +279,7 @@ def _load_family_release(folder: ModelFolder, opts: _LoadOptions) -> WanTraining
         converted = cached_conversion(opts.conversion_cache_dir, folder.path, folder.family, options, opts.progress)
         return _load_converted(converted, opts, folder.path)
     with tempfile.TemporaryDirectory(prefix="diffusers-wan-train-", ignore_cleanup_errors=True) as tmp:
-        progress_message(f"{folder.path}: a {folder.family.title.split(' (')[0]} release; converting it for training "
+        progress_message(f"{folder.path}: a {folder.family.short_title} release; converting it for training "
                          f"into {tmp} (removed once loaded; {CACHE_OPTION} DIR keeps it for later runs)",
                          opts.progress)
         converted = folder.family.convert_release(folder.path, Path(tmp) / "model", options)

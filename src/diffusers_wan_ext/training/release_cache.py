@@ -185,7 +185,7 @@ def cached_conversion(cache_dir: str | os.PathLike, release: str | os.PathLike, 
     fingerprint = release_fingerprint(release, family, options, cache_dir)
     key = cache_key(fingerprint)
     entry = cache_dir / key
-    title = family.title.split(" (")[0]
+    title = family.short_title
     lock = FileLock(str(cache_dir / f".{key}.lock"))
     try:
         lock.acquire(timeout=0)
